@@ -1,0 +1,42 @@
+"""The client engines import: ``KVStore``, built by ``connect`` (a running cluster) or
+``local`` (master and daemon inside this process).
+
+Modules: ``store`` (the public class), ``writer``/``reader`` (the put and get flows of one
+batch), ``transfer`` (replica routing over transports, fallback, verification, stats),
+``replicas`` (decoding master replies into Targets), ``buffers`` (zero-copy views of values
+and outputs), ``keys``, ``checksum``, ``statuses``, ``config``, ``embedded`` (``local``).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from kvstore._errors import InvalidArgumentError
+from kvstore.client.config import make_config
+from kvstore.client.embedded import local
+from kvstore.client.store import KVStore
+
+__all__ = ["KVStore", "connect", "local"]
+
+
+def connect(address: str, token: str | None = None, transport: str = "auto",
+            **options: Any) -> KVStore:
+    """A KVStore client of the cluster whose master listens on ``address`` ("host:port").
+
+    ``token`` falls back to the KVSTORE_TOKEN environment variable. ``transport``: "auto"
+    (shm for replicas on this host, tcp otherwise), "shm" (same-host replicas only) or "tcp".
+    ``options`` are ClientConfig fields (timeout_s, lease_ttl_s, verify, rpc_timeout_s).
+
+    Checks the master answers before returning. Raises InvalidArgumentError (bad argument or
+    unknown option), AuthenticationError (token refused), MasterUnavailableError.
+    """
+    if not isinstance(address, str) or not address:
+        raise InvalidArgumentError(f"address must be a non-empty 'host:port' str, got {address!r}")
+    store = KVStore(address, make_config(token, transport, options))
+    try:
+        store.stats()
+    except BaseException:
+        store.close()
+        raise
+    return store
+

@@ -1,0 +1,59 @@
+"""``ClientConfig``: the options of ``kvstore.connect``/``kvstore.local`` (their ``**options``)."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass
+from typing import Any
+
+from kvstore._errors import InvalidArgumentError
+
+TRANSPORT_KINDS = ("auto", "shm", "tcp")
+TOKEN_ENV = "KVSTORE_TOKEN"
+
+
+@dataclass(frozen=True, slots=True)
+class ClientConfig:
+    """Settings of one KVStore client. Frozen; validated on construction.
+
+    Every method takes ``timeout_s``/``lease_ttl_s``/``verify`` per call too; these are the
+    defaults. Raises InvalidArgumentError for an invalid value.
+    """
+
+    token: str | None = None
+    transport: str = "auto"          # "auto": shm where the replica is on this host, else tcp
+    timeout_s: float = 30.0          # deadline of one call: RPCs and transfers together
+    lease_ttl_s: float | None = None  # read lease a get asks for; None: the master's default
+    verify: bool = False             # verify checksums of shm reads too (tcp always verifies)
+    rpc_timeout_s: float = 10.0      # deadline of one master RPC within a call
+
+    def __post_init__(self) -> None:
+        if self.transport not in TRANSPORT_KINDS:
+            raise InvalidArgumentError(
+                f"transport must be one of {TRANSPORT_KINDS}, got {self.transport!r}")
+        if self.token is not None and (not isinstance(self.token, str) or not self.token):
+            raise InvalidArgumentError("token must be a non-empty str or None")
+        check_timeout(self.timeout_s, "timeout_s")
+        check_timeout(self.rpc_timeout_s, "rpc_timeout_s")
+        if self.lease_ttl_s is not None:
+            check_timeout(self.lease_ttl_s, "lease_ttl_s")
+
+
+def check_timeout(value: Any, name: str) -> float:
+    """``value`` as a positive float of seconds; InvalidArgumentError otherwise."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+        raise InvalidArgumentError(f"{name} must be a number of seconds > 0, got {value!r}")
+    return float(value)
+
+
+def make_config(token: str | None, transport: str, options: dict[str, Any]) -> ClientConfig:
+    """Build a ClientConfig from ``connect``'s arguments; the token falls back to the
+    KVSTORE_TOKEN environment variable. Raises InvalidArgumentError naming unknown options."""
+    known = {f.name for f in dataclasses.fields(ClientConfig)} - {"token", "transport"}
+    unknown = sorted(set(options) - known)
+    if unknown:
+        raise InvalidArgumentError(f"unknown option(s) {unknown}; known: {sorted(known)}")
+    if token is None:
+        token = os.environ.get(TOKEN_ENV) or None
+    return ClientConfig(token=token, transport=transport, **options)

@@ -1,0 +1,277 @@
+"""``KVStore``: the client engines import. Thread-safe; one instance per process is enough.
+
+Guarantees, for every method:
+- Batch methods return one entry per key, in order; an item fails alone (its entry is the
+  KVStoreError), and the whole call raises only when nothing could be done for any item:
+  ClosedError (this store was closed), AuthenticationError (token refused),
+  MasterUnavailableError (master unreachable or past the deadline).
+- A get never yields bytes that are not the object's (see ``kvstore.client.transfer``).
+- Every call finishes or fails by its deadline (``timeout_s``, per call or from the config).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+import time
+import uuid
+from typing import Any, Callable, Iterator, Sequence
+
+from kvstore._errors import ClosedError, InvalidArgumentError, KVStoreError
+from kvstore.client import statuses
+from kvstore.client.buffers import finish_bytes, new_bytes
+from kvstore.client.config import ClientConfig, check_timeout
+from kvstore.client.keys import check_key, check_keys
+from kvstore.client.reader import GetSettings, get_batch
+from kvstore.client.transfer import Transfers
+from kvstore.client.writer import PutSettings, check_replicas, put_batch
+from kvstore.master.rpc_client import MasterClient
+from kvstore.transport import local_host_id, make_transports
+from kvstore.v1 import master_pb2
+
+
+def _raise_if_error(result: Any) -> Any:
+    if isinstance(result, KVStoreError):
+        raise result
+    return result
+
+
+def _check_lengths(keys: Sequence[Any], others: Sequence[Any], what: str) -> None:
+    if not isinstance(others, (list, tuple)):
+        raise InvalidArgumentError(f"{what} must be a list or tuple, got {type(others).__name__}")
+    if len(others) != len(keys):
+        raise InvalidArgumentError(f"{len(keys)} keys but {len(others)} {what}")
+
+
+class KVStore:
+    """A client of one kvstore cluster (see the module docstring for the guarantees).
+
+    Build it with ``kvstore.connect`` or ``kvstore.local``; close it with ``close()`` or a
+    ``with`` block. Methods of a closed store raise ClosedError.
+    """
+
+    def __init__(self, address: str, config: ClientConfig, *,
+                 on_close: Sequence[Callable[[], None]] = ()):
+        self.address = address
+        self.config = config
+        self.client_id = uuid.uuid4().hex
+        self.host_id = local_host_id()
+        self._on_close = list(on_close)
+        self._closed = False
+        self._close_lock = threading.Lock()
+        self._master = MasterClient(address, token=config.token,
+                                    timeout_s=config.rpc_timeout_s)
+        try:
+            self._transfers = Transfers(make_transports(kind=config.transport,
+                                                        token=config.token))
+        except BaseException:
+            self._master.close()
+            raise
+
+    # ---- put ----------------------------------------------------------------------------
+    def put(self, key: str, value: Any, *, replicas: int = 1, timeout_s: float | None = None,
+            soft_pin_ttl_s: float | None = None, hard_pin: bool = False) -> None:
+        """Store ``value`` (bytes, bytearray, memoryview, numpy array or CPU torch tensor,
+        read in place, never converted) under ``key`` on ``replicas`` distinct nodes.
+
+        Putting a key that exists is a success and writes nothing. An empty value is stored
+        (see ``kvstore.client.checksum``). Raises InvalidArgumentError (bad key/value),
+        CapacityError (no space even after eviction), TransferError (the write failed; the
+        space was given back), or the whole-call errors of the module docstring.
+        """
+        _raise_if_error(self.batch_put([key], [value], replicas=replicas, timeout_s=timeout_s,
+                                       soft_pin_ttl_s=soft_pin_ttl_s, hard_pin=hard_pin)[0])
+
+    def batch_put(self, keys: Sequence[str], values: Sequence[Any], *, replicas: int = 1,
+                  timeout_s: float | None = None, soft_pin_ttl_s: float | None = None,
+                  hard_pin: bool = False) -> list[KVStoreError | None]:
+        """``put`` of many keys with one PutStart and one PutEnd; None or the error per key."""
+        self._check_open()
+        keys = check_keys(keys)
+        _check_lengths(keys, values, "values")
+        settings = PutSettings(
+            replicas=check_replicas(replicas), deadline=self._deadline(timeout_s),
+            rpc_timeout_s=self.config.rpc_timeout_s, client_id=self.client_id,
+            host_id=self.host_id, soft_pin_ttl_s=soft_pin_ttl_s, hard_pin=hard_pin)
+        with self._closing_guard():
+            return put_batch(self._master, self._transfers, keys, values, settings)
+
+    # ---- get ----------------------------------------------------------------------------
+    def get(self, key: str, *, verify: bool | None = None, timeout_s: float | None = None,
+            lease_ttl_s: float | None = None) -> bytes:
+        """The bytes stored under ``key``.
+
+        Raises KeyNotFoundError (absent, removed, evicted or still being written),
+        ChecksumError (every replica's bytes were wrong), TransferError (no replica could be
+        read), InvalidArgumentError (bad key), or the whole-call errors.
+        """
+        return _raise_if_error(self.batch_get([key], verify=verify, timeout_s=timeout_s,
+                                              lease_ttl_s=lease_ttl_s)[0])
+
+    def batch_get(self, keys: Sequence[str], *, verify: bool | None = None,
+                  timeout_s: float | None = None,
+                  lease_ttl_s: float | None = None) -> list[bytes | KVStoreError]:
+        """``get`` of many keys with one GetReplicas; bytes or the error per key."""
+        results = self._get(keys, None, verify, timeout_s, lease_ttl_s)
+        return [r if isinstance(r, KVStoreError) else finish_bytes(r) for r in results]
+
+    def get_into(self, key: str, out: Any, *, verify: bool | None = None,
+                 timeout_s: float | None = None, lease_ttl_s: float | None = None) -> int:
+        """Read the object under ``key`` into the first bytes of ``out`` (a writable,
+        C-contiguous bytearray, memoryview, numpy array or CPU torch tensor; the caller owns
+        it) and return the number of bytes written.
+
+        Raises InvalidArgumentError when ``out`` is read-only, not contiguous or smaller than
+        the object (nothing is written then); otherwise as ``get``. After an error the
+        contents of ``out`` are unspecified.
+        """
+        return _raise_if_error(self.batch_get_into([key], [out], verify=verify,
+                                                   timeout_s=timeout_s,
+                                                   lease_ttl_s=lease_ttl_s)[0])
+
+    def batch_get_into(self, keys: Sequence[str], outs: Sequence[Any], *,
+                       verify: bool | None = None, timeout_s: float | None = None,
+                       lease_ttl_s: float | None = None) -> list[int | KVStoreError]:
+        """``get_into`` of many keys with one GetReplicas; bytes written or the error per key."""
+        _check_lengths(keys if isinstance(keys, (list, tuple)) else [], outs, "outs")
+        return self._get(keys, outs, verify, timeout_s, lease_ttl_s)
+
+    def _get(self, keys: Sequence[str], outs: Sequence[Any] | None, verify: bool | None,
+             timeout_s: float | None, lease_ttl_s: float | None) -> list[Any]:
+        self._check_open()
+        keys = check_keys(keys)
+        settings = GetSettings(
+            deadline=self._deadline(timeout_s), rpc_timeout_s=self.config.rpc_timeout_s,
+            host_id=self.host_id, verify=self.config.verify if verify is None else bool(verify),
+            lease_ttl_s=(self.config.lease_ttl_s if lease_ttl_s is None
+                         else check_timeout(lease_ttl_s, "lease_ttl_s")))
+        with self._closing_guard():
+            return get_batch(self._master, self._transfers, keys, outs,
+                             None if outs is not None else new_bytes, settings)
+
+    # ---- metadata -----------------------------------------------------------------------
+    def exists(self, key: str) -> bool:
+        """True if a complete object is stored under ``key``. Grants no lease."""
+        return self.batch_exists([key])[0]
+
+    def batch_exists(self, keys: Sequence[str]) -> list[bool]:
+        """``exists`` per key with one RPC. Raises InvalidArgumentError for any bad key."""
+        names = self._checked_names(keys)
+        reply = self._call("Exists", master_pb2.ExistsRequest(keys=names))
+        statuses.check_length(reply, "exists", len(names), "Exists")
+        return list(reply.exists)
+
+    def remove(self, key: str, *, force: bool = False) -> bool:
+        """Remove ``key``; False if it did not exist. Without ``force``, an object that is
+        leased by a reader, hard-pinned or still being written is kept and KVStoreError
+        raised. Idempotent."""
+        name = check_key(key)
+        reply = self._call("Remove", master_pb2.RemoveRequest(keys=[name], force=force))
+        statuses.check_length(reply, "statuses", 1, "Remove")
+        if reply.statuses[0] == statuses.OK:
+            return True
+        if reply.statuses[0] == statuses.NOT_FOUND:
+            return False
+        raise statuses.item_error(reply, 0, name, "remove")
+
+    def remove_prefix(self, prefix: str, *, force: bool = False) -> int:
+        """Remove every object whose key starts with ``prefix`` (non-empty); return how many.
+        Leased, pinned and pending objects are skipped unless ``force``."""
+        if not isinstance(prefix, str) or not prefix:
+            raise InvalidArgumentError("prefix must be a non-empty str")
+        reply = self._call("RemovePrefix",
+                           master_pb2.RemovePrefixRequest(prefix=prefix, force=force))
+        return reply.num_removed
+
+    def pin(self, key: str, *, ttl_s: float | None = None, hard: bool = False) -> None:
+        """Pin ``key`` against eviction: softly for ``ttl_s`` seconds, or hard (until unpin).
+        Raises KeyNotFoundError if it does not exist."""
+        if not hard:
+            check_timeout(ttl_s, "ttl_s")
+        request = master_pb2.PinRequest(keys=[check_key(key)], hard=hard,
+                                        ttl_ms=int((ttl_s or 0) * 1000))
+        self._single_status("Pin", request, key)
+
+    def unpin(self, key: str) -> None:
+        """Drop every pin of ``key``. Raises KeyNotFoundError if it does not exist."""
+        self._single_status("Unpin", master_pb2.UnpinRequest(keys=[check_key(key)]), key)
+
+    def match_prefix(self, keys: Sequence[str]) -> int:
+        """How many leading keys of the chain ``keys`` exist (complete). Grants no lease."""
+        names = self._checked_names(keys)
+        return self._call("MatchPrefix", master_pb2.MatchPrefixRequest(keys=names)).num_matched
+
+    def stats(self) -> dict[str, Any]:
+        """Cluster figures from the master plus this client's own: which transports it has
+        (preference order) and, per transport, reads/writes/bytes/errors it served."""
+        reply = self._call("Stats", master_pb2.StatsRequest())
+        master = {field.name: value for field, value in reply.ListFields() if field.name != "tiers"}
+        master["tiers"] = [{"tier": master_pb2.Tier.Name(t.tier), "capacity_bytes": t.capacity_bytes,
+                            "used_bytes": t.used_bytes, "num_objects": t.num_objects}
+                           for t in reply.tiers]
+        return {"address": self.address, "client_id": self.client_id, "host_id": self.host_id,
+                "transports": [t.name for t in self._transfers.transports],
+                "transfers": self._transfers.stats(), "master": master}
+
+    # ---- lifecycle ----------------------------------------------------------------------
+    def close(self) -> None:
+        """Close connections and mappings (and, for ``kvstore.local``, stop the embedded
+        servers). Idempotent. Calls in flight in other threads may fail."""
+        with self._close_lock:
+            if self._closed:
+                return
+            self._closed = True
+        self._transfers.close()
+        self._master.close()
+        for stop in reversed(self._on_close):
+            stop()
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def __enter__(self) -> "KVStore":
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        state = "closed" if self._closed else "open"
+        return f"<kvstore.KVStore {self.address} {state}>"
+
+    # ---- helpers ------------------------------------------------------------------------
+    def _check_open(self) -> None:
+        if self._closed:
+            raise ClosedError("this KVStore is closed")
+
+    def _deadline(self, timeout_s: float | None) -> float:
+        seconds = self.config.timeout_s if timeout_s is None else check_timeout(timeout_s,
+                                                                                "timeout_s")
+        return time.monotonic() + seconds
+
+    def _checked_names(self, keys: Sequence[str]) -> list[str]:
+        self._check_open()
+        return [check_key(key) for key in check_keys(keys)]
+
+    def _call(self, method: str, request: Any) -> Any:
+        self._check_open()
+        with self._closing_guard():
+            return self._master.call(method, request)
+
+    @contextlib.contextmanager
+    def _closing_guard(self) -> Iterator[None]:
+        """Report a call that failed because another thread closed the store as ClosedError
+        (a closed gRPC channel or transport raises its own, unrelated errors)."""
+        try:
+            yield
+        except Exception as exc:
+            if self._closed and not isinstance(exc, ClosedError):
+                raise ClosedError("this KVStore was closed during the call") from exc
+            raise
+
+    def _single_status(self, method: str, request: Any, key: str) -> None:
+        reply = self._call(method, request)
+        statuses.check_length(reply, "statuses", 1, method)
+        if reply.statuses[0] != statuses.OK:
+            raise statuses.item_error(reply, 0, key, method.lower())

@@ -1,0 +1,221 @@
+"""Move the bytes of a batch through the best transport for each replica, and count them.
+
+``Transfers`` is the client's only door to the transports. It picks, per replica, the first
+transport (in preference order: shm before tcp) that can reach it, orders a key's replicas so
+the ones reachable by the most preferred transport come first (same host first), and sends
+each transport one ``write_many``/``read_many`` per round, never one call per key.
+
+Reads fall back: a key whose read fails (or, when verified, whose bytes do not match the
+checksum) is retried on its next replica before it is reported. Verification is done when
+the caller asks and always for bytes that crossed a network (any transport but shm), so no
+reader ever gets bytes that are not the object's. Thread-safe.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import defaultdict
+from dataclasses import dataclass, field
+from typing import Sequence
+
+from kvstore._errors import ChecksumError, KVStoreError, TransferError, TransferTimeoutError
+from kvstore.client.checksum import checksum
+from kvstore.transport.base import Target, Transport
+
+logger = logging.getLogger("kvstore.client")
+
+# Transports whose bytes never leave this host's memory: verified only on request.
+_LOCAL_TRANSPORTS = frozenset({"shm"})
+
+
+@dataclass
+class _Counters:
+    num_reads: int = 0
+    read_bytes: int = 0
+    num_writes: int = 0
+    write_bytes: int = 0
+    num_errors: int = 0
+
+
+@dataclass
+class ReadJob:
+    """One key to read: its replicas (best first), its destination and expected checksum."""
+
+    index: int                      # position in the caller's batch
+    key: str
+    candidates: list[tuple[Target, Transport]]
+    dst: memoryview                 # exactly the object's size
+    expected_checksum: int
+    verify: bool
+    attempt: int = 0
+    errors: list[BaseException] = field(default_factory=list)
+
+
+def _remaining_s(deadline: float, keys: Sequence[str]) -> float:
+    remaining = deadline - time.monotonic()
+    if remaining <= 0:
+        raise TransferTimeoutError("deadline passed before the transfer started", keys=keys)
+    return remaining
+
+
+class Transfers:
+    """Routes a batch's transfers over ``transports`` (preference order) and keeps stats."""
+
+    def __init__(self, transports: Sequence[Transport]):
+        self.transports = list(transports)
+        self._lock = threading.Lock()
+        self._counters = {t.name: _Counters() for t in self.transports}
+
+    # ---- routing ------------------------------------------------------------------------
+    def route(self, targets: Sequence[Target]) -> list[tuple[Target, Transport]]:
+        """Reachable replicas with their transport, most preferred transport first (stable,
+        so the master's order breaks ties)."""
+        routed = []
+        for target in targets:
+            for rank, transport in enumerate(self.transports):
+                if transport.can_reach(target):
+                    routed.append((rank, target, transport))
+                    break
+        routed.sort(key=lambda item: item[0])
+        return [(target, transport) for _, target, transport in routed]
+
+    # ---- writes -------------------------------------------------------------------------
+    def write(self, items: Sequence[tuple[int, str, Target, memoryview]], *,
+              deadline: float) -> dict[int, KVStoreError]:
+        """Write every (index, key, target, src); return index -> error for failed items.
+
+        A key with several replicas appears once per replica; it fails if any replica fails.
+        """
+        failures: dict[int, KVStoreError] = {}
+        groups: dict[Transport, list[tuple[int, str, Target, memoryview]]] = defaultdict(list)
+        for item in items:
+            routed = self.route([item[2]])
+            if not routed:
+                failures[item[0]] = TransferError(
+                    f"no transport can reach node {item[2].node_id!r} at {item[2].data_addr}",
+                    keys=[item[1]])
+                continue
+            groups[routed[0][1]].append(item)
+        for transport, group in groups.items():
+            try:
+                timeout_s = _remaining_s(deadline, [key for _, key, _, _ in group])
+            except TransferTimeoutError as exc:
+                for index, _, _, _ in group:
+                    failures.setdefault(index, exc)
+                continue
+            results = transport.write_many([(target, src) for _, _, target, src in group],
+                                           timeout_s=timeout_s)
+            num_ok = num_bytes = 0
+            for (index, key, target, src), exc in zip(group, results):
+                if exc is None:
+                    num_ok += 1
+                    num_bytes += src.nbytes
+                else:
+                    logger.debug("write of %r to %s via %s failed: %s", key, target.node_id,
+                                 transport.name, exc)
+                    failures.setdefault(index, _as_transfer_error(exc, key, target))
+            self._count(transport.name, writes=num_ok, write_bytes=num_bytes,
+                        errors=len(group) - num_ok)
+            logger.debug("wrote %d/%d replicas (%d bytes) via %s", num_ok, len(group),
+                         num_bytes, transport.name)
+        return failures
+
+    # ---- reads --------------------------------------------------------------------------
+    def read(self, jobs: Sequence[ReadJob], *, deadline: float) -> dict[int, KVStoreError]:
+        """Read every job into its ``dst``, falling back replica by replica; return
+        index -> error for jobs that no replica could serve with the right bytes."""
+        failures: dict[int, KVStoreError] = {}
+        pending = []
+        for job in jobs:
+            if job.candidates:
+                pending.append(job)
+            else:
+                failures[job.index] = TransferError(
+                    f"no replica of {job.key!r} is reachable by the transports "
+                    f"{[t.name for t in self.transports]}", keys=[job.key])
+        while pending:
+            groups: dict[Transport, list[ReadJob]] = defaultdict(list)
+            for job in pending:
+                groups[job.candidates[job.attempt][1]].append(job)
+            retry: list[ReadJob] = []
+            for transport, group in groups.items():
+                self._read_group(transport, group, deadline, retry, failures)
+            pending = retry
+        return failures
+
+    def _read_group(self, transport: Transport, group: list[ReadJob], deadline: float,
+                    retry: list[ReadJob], failures: dict[int, KVStoreError]) -> None:
+        try:
+            timeout_s = _remaining_s(deadline, [job.key for job in group])
+        except TransferTimeoutError as exc:
+            for job in group:
+                failures[job.index] = _final_error(job, exc)
+            return
+        results = transport.read_many(
+            [(job.candidates[job.attempt][0], job.dst) for job in group], timeout_s=timeout_s)
+        always_verify = transport.name not in _LOCAL_TRANSPORTS
+        num_ok = num_bytes = 0
+        for job, exc in zip(group, results):
+            target = job.candidates[job.attempt][0]
+            if exc is None and (always_verify or job.verify):
+                if checksum(job.dst) != job.expected_checksum:
+                    exc = ChecksumError(
+                        f"bytes of {job.key!r} read from node {target.node_id!r} via "
+                        f"{transport.name} do not match the object's checksum", keys=[job.key])
+            if exc is None:
+                num_ok += 1
+                num_bytes += job.dst.nbytes
+                continue
+            logger.debug("read of %r from %s via %s failed: %s", job.key, target.node_id,
+                         transport.name, exc)
+            job.errors.append(_as_transfer_error(exc, job.key, target))
+            job.attempt += 1
+            if job.attempt < len(job.candidates):
+                retry.append(job)
+            else:
+                failures[job.index] = _final_error(job, job.errors[-1])
+        self._count(transport.name, reads=num_ok, read_bytes=num_bytes,
+                    errors=len(group) - num_ok)
+        logger.debug("read %d/%d objects (%d bytes) via %s", num_ok, len(group), num_bytes,
+                     transport.name)
+
+    # ---- stats --------------------------------------------------------------------------
+    def _count(self, name: str, *, reads: int = 0, read_bytes: int = 0, writes: int = 0,
+               write_bytes: int = 0, errors: int = 0) -> None:
+        with self._lock:
+            counters = self._counters[name]
+            counters.num_reads += reads
+            counters.read_bytes += read_bytes
+            counters.num_writes += writes
+            counters.write_bytes += write_bytes
+            counters.num_errors += errors
+
+    def stats(self) -> dict[str, dict[str, int]]:
+        """Per transport name: num_reads, read_bytes, num_writes, write_bytes, num_errors."""
+        with self._lock:
+            return {name: dict(vars(c)) for name, c in self._counters.items()}
+
+    def close(self) -> None:
+        for transport in self.transports:
+            transport.close()
+
+
+def _as_transfer_error(exc: BaseException, key: str, target: Target) -> KVStoreError:
+    if isinstance(exc, KVStoreError):
+        if not exc.keys:
+            exc.keys = [key]
+        return exc
+    error = TransferError(f"transfer of {key!r} with node {target.node_id!r} "
+                          f"({target.data_addr}) failed: {exc!r}", keys=[key])
+    error.__cause__ = exc
+    return error
+
+
+def _final_error(job: ReadJob, last: KVStoreError) -> KVStoreError:
+    """The error reported for a key no replica could serve: the last replica's error, which
+    names the key; the earlier ones are chained as its context."""
+    if len(job.errors) > 1 and last.__context__ is None:
+        last.__context__ = job.errors[-2]
+    return last
