@@ -1,0 +1,107 @@
+"""``kvstore master``: run the metadata master until SIGTERM/SIGINT.
+
+Prints ``listening on HOST:PORT`` on stdout (one flushed line) once bound, before serving;
+logs go to stderr.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import sys
+import threading
+
+import click
+
+from kvstore._errors import ConfigError
+from kvstore._units import parse_duration
+from kvstore.master.config import GRPC_MODES, MasterConfig
+from kvstore.master.server import MasterServer
+
+log = logging.getLogger("kvstore.master")
+
+
+def _duration(ctx, param, value):
+    try:
+        return parse_duration(value)
+    except ConfigError as exc:
+        raise click.BadParameter(str(exc)) from exc
+
+
+@click.command("master")
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to bind.")
+@click.option("--port", default=50051, show_default=True, type=int, help="0: pick a free port.")
+@click.option("--token", envvar="KVSTORE_TOKEN", default=None,
+              help="Require 'authorization: Bearer TOKEN' on every call [env KVSTORE_TOKEN].")
+@click.option("--metrics-port", type=int, default=None, help="Serve Prometheus metrics here.")
+@click.option("--lease-ttl", default="10s", show_default=True, callback=_duration,
+              help="Default read lease granted by get_replicas.")
+@click.option("--node-ttl", default="10s", show_default=True, callback=_duration,
+              help="Drop a node that has not heartbeated for this long.")
+@click.option("--heartbeat-interval", default="1s", show_default=True, callback=_duration,
+              help="Heartbeat interval the daemons are told to use.")
+@click.option("--pending-timeout", default="30s", show_default=True, callback=_duration,
+              help="Reclaim a put_start never ended by put_end/put_revoke after this long.")
+@click.option("--high-watermark", default=0.95, show_default=True, type=float,
+              help="Evict when a tier is fuller than this fraction...")
+@click.option("--low-watermark", default=0.85, show_default=True, type=float,
+              help="... down to this fraction.")
+@click.option("--max-batch", default=65536, show_default=True, type=int,
+              help="Most keys one request may carry.")
+@click.option("--grpc-mode", type=click.Choice(GRPC_MODES), default="aio", show_default=True,
+              help="grpc.aio event loop, or a gRPC thread pool.")
+@click.option("--num-threads", default=8, show_default=True, type=int,
+              help="Worker threads in --grpc-mode threads.")
+@click.option("--log-level", default="INFO", show_default=True,
+              type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"]))
+def command(host, port, token, metrics_port, lease_ttl, node_ttl, heartbeat_interval,
+            pending_timeout, high_watermark, low_watermark, max_batch, grpc_mode, num_threads,
+            log_level):
+    """Run the metadata master."""
+    logging.basicConfig(stream=sys.stderr, level=log_level,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        config = MasterConfig(
+            host=host, port=port, token=token, metrics_port=metrics_port,
+            lease_ttl_s=lease_ttl, node_ttl_s=node_ttl, heartbeat_interval_s=heartbeat_interval,
+            pending_timeout_s=pending_timeout, high_watermark=high_watermark,
+            low_watermark=low_watermark, max_batch=max_batch, grpc_mode=grpc_mode,
+            num_threads=num_threads)
+        server = MasterServer(config)
+        if grpc_mode == "aio":
+            asyncio.run(_serve_aio(server))
+        else:
+            _serve_threads(server)
+    except ConfigError as exc:
+        raise click.ClickException(str(exc)) from exc
+
+
+def _announce(server: MasterServer) -> None:
+    print(f"listening on {server.address}", flush=True)
+    log.info("master %s listening on %s (%s mode%s)", server.state.master_id, server.address,
+             server.config.grpc_mode, ", token required" if server.config.token else "")
+
+
+async def _serve_aio(server: MasterServer) -> None:
+    stopping = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stopping.set)
+    await server.start_aio()
+    _announce(server)
+    await stopping.wait()
+    log.info("stopping")
+    await server.stop_aio()
+
+
+def _serve_threads(server: MasterServer) -> None:
+    stopping = threading.Event()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda *_: stopping.set())
+    server.start_threads()
+    _announce(server)
+    while not stopping.wait(1.0):
+        pass
+    log.info("stopping")
+    server.stop_threads()

@@ -1,0 +1,64 @@
+"""``MasterConfig``: every setting of the master process, one field per CLI flag."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from kvstore._errors import ConfigError
+
+#: Longest key the master accepts, in UTF-8 bytes.
+MAX_KEY_BYTES = 1024
+#: Every allocation is rounded up to and aligned on this many bytes.
+ALIGNMENT_BYTES = 64
+GRPC_MODES = ("aio", "threads")
+
+
+@dataclass(frozen=True, slots=True)
+class MasterConfig:
+    """Settings of one master. Frozen; validated on construction (raises ``ConfigError``).
+
+    Fields map 1:1 to ``kvstore master`` flags (``lease_ttl_s`` is ``--lease-ttl``, ...).
+    Durations are seconds, ratios are fractions of a tier's capacity.
+    """
+
+    host: str = "127.0.0.1"
+    port: int = 50051
+    token: str | None = None
+    metrics_port: int | None = None
+    lease_ttl_s: float = 10.0            # default read lease granted by get_replicas
+    node_ttl_s: float = 10.0             # a node silent this long is dropped
+    heartbeat_interval_s: float = 1.0    # what daemons are told to heartbeat at
+    pending_timeout_s: float = 30.0      # a PENDING object older than this is reclaimed
+    high_watermark: float = 0.95         # eviction starts above this fraction of a tier
+    low_watermark: float = 0.85          # ... and stops at this fraction
+    max_batch: int = 65536               # most keys in one request
+    max_changes_per_heartbeat: int = 262144  # most changes one heartbeat reply carries
+    grpc_mode: str = "aio"               # "aio" (grpc.aio, one event loop) or "threads"
+    num_threads: int = 8                 # worker threads in "threads" mode
+
+    def __post_init__(self) -> None:
+        if not self.host:
+            raise ConfigError("host must not be empty")
+        if not 0 <= self.port <= 65535:
+            raise ConfigError(f"port must be in 0..65535, got {self.port}")
+        if self.metrics_port is not None and not 0 <= self.metrics_port <= 65535:
+            raise ConfigError(f"metrics port must be in 0..65535, got {self.metrics_port}")
+        if self.token is not None and (not self.token or any(c.isspace() for c in self.token)):
+            raise ConfigError("token must be non-empty and contain no whitespace")
+        for name in ("lease_ttl_s", "node_ttl_s", "heartbeat_interval_s", "pending_timeout_s"):
+            if not getattr(self, name) > 0:
+                raise ConfigError(f"{name} must be > 0, got {getattr(self, name)}")
+        if self.heartbeat_interval_s >= self.node_ttl_s:
+            raise ConfigError(f"heartbeat interval ({self.heartbeat_interval_s}s) must be "
+                              f"shorter than the node TTL ({self.node_ttl_s}s)")
+        if not 0 < self.low_watermark <= self.high_watermark <= 1:
+            raise ConfigError("watermarks must satisfy 0 < low <= high <= 1, got "
+                              f"low={self.low_watermark} high={self.high_watermark}")
+        if not 1 <= self.max_batch <= 1 << 24:
+            raise ConfigError(f"max batch must be in 1..{1 << 24}, got {self.max_batch}")
+        if self.max_changes_per_heartbeat < 1:
+            raise ConfigError("max changes per heartbeat must be >= 1")
+        if self.grpc_mode not in GRPC_MODES:
+            raise ConfigError(f"grpc mode must be one of {GRPC_MODES}, got {self.grpc_mode!r}")
+        if not 1 <= self.num_threads <= 256:
+            raise ConfigError(f"num threads must be in 1..256, got {self.num_threads}")

@@ -1,0 +1,83 @@
+"""Eviction: free space by dropping least recently used objects.
+
+Trigger: (1) after each put_start and each sweep, any tier whose used bytes exceed
+``high_watermark`` of its capacity; (2) a put_start that finds no room for a key, before it
+answers ITEM_NO_SPACE. Rule: walk the LRU order (oldest first) and drop COMPLETE objects that
+are not leased, not hard-pinned and not soft-pinned, and that hold a replica in a tier under
+pressure, until each such tier is at ``low_watermark``; for a put that still does not fit,
+keep dropping in growing rounds until it fits or nothing evictable is left. An evicted object
+loses all its replicas. Leased, pinned and PENDING objects are never evicted.
+"""
+
+from __future__ import annotations
+
+from kvstore.master.membership import Segment
+
+
+def tier_usage(state) -> dict[int, list[int]]:
+    """tier -> [used_bytes, capacity_bytes] over live segments."""
+    usage: dict[int, list[int]] = {}
+    for node in state.nodes.values():
+        for segment in node.segments.values():
+            entry = usage.setdefault(segment.tier, [0, 0])
+            entry[0] += segment.allocator.used_bytes
+            entry[1] += segment.allocator.capacity_bytes
+    return usage
+
+
+def relieve_pressure(state, now_s: float) -> int:
+    """Evict in every tier above the high watermark down to the low one; return the count."""
+    config = state.config
+    need = {tier: used - int(config.low_watermark * capacity)
+            for tier, (used, capacity) in tier_usage(state).items()
+            if used > config.high_watermark * capacity}
+    return _evict(state, need, now_s) if need else 0
+
+
+def make_room(state, classes: list[list[Segment]], size_bytes: int, num_replicas: int,
+              now_s: float) -> bool:
+    """Evict until ``num_replicas`` distinct nodes of ``classes`` can take ``size_bytes``.
+    Returns True if they now can, False if nothing more may be evicted."""
+    tiers = {segment.tier for segments in classes for segment in segments}
+    if not tiers:
+        return False
+    low = state.config.low_watermark
+    need = {tier: used - int(low * capacity) for tier, (used, capacity)
+            in tier_usage(state).items() if tier in tiers and used > low * capacity}
+    round_bytes = size_bytes * num_replicas
+    while True:
+        evicted = _evict(state, need, now_s) if need else 0
+        if _fits(classes, size_bytes, num_replicas):
+            return True
+        if not evicted and need:
+            return False
+        need = {tier: round_bytes for tier in tiers}
+        round_bytes *= 2
+
+
+def _fits(classes: list[list[Segment]], size_bytes: int, num_replicas: int) -> bool:
+    nodes = {segment.node for segments in classes for segment in segments
+             if segment.alive and segment.allocator.can_allocate(size_bytes)}
+    return len(nodes) >= num_replicas
+
+
+def _evict(state, need: dict[int, int], now_s: float) -> int:
+    """Drop LRU-first evictable objects with a replica in a tier of ``need`` until each
+    tier's need (bytes) is met. Returns how many objects were dropped."""
+    need = dict(need)
+    victims = []
+    for obj in state.objects.values():
+        if not obj.is_evictable(now_s):
+            continue
+        tiers = [segment.tier for segment, _ in obj.replicas if need.get(segment.tier, 0) > 0]
+        if not tiers:
+            continue
+        victims.append(obj)
+        for tier in tiers:
+            need[tier] -= obj.size_bytes
+        if all(v <= 0 for v in need.values()):
+            break
+    for obj in victims:
+        state.drop_object(obj, now_s)
+    state.evictions += len(victims)
+    return len(victims)

@@ -1,0 +1,111 @@
+"""Storage nodes, their segments, and each node's numbered log of object-table changes.
+
+A node's change log is how its daemon keeps a copy of the master's table of the replicas it
+holds (see the proto comment on HeartbeatRequest): every replica of the node committed by
+put_end (``added``) or freed by remove, eviction, revoke or reclaim (``removed``) gets the
+next per-node sequence number. A heartbeat acknowledges a sequence; the reply carries the
+changes after it, and the log forgets acknowledged entries. If the daemon is behind the
+oldest entry still kept (the log is bounded), or asks from 0 while the node holds objects,
+the reply is a full resync: the whole table.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+
+from kvstore.master.allocator import SegmentAllocator
+from kvstore.master.objects import COMPLETE
+
+#: Most change entries a node's log keeps unacknowledged; past that, the daemon resyncs.
+MAX_LOG_ENTRIES = 1 << 21
+
+
+class Segment:
+    """One region a node contributes in one tier, with its allocator."""
+
+    __slots__ = ("segment_id", "node", "tier", "capacity_bytes", "shm_name", "path",
+                 "allocator", "num_replicas", "alive")
+
+    def __init__(self, segment_id: str, node: "Node", tier: int, capacity_bytes: int,
+                 shm_name: str, path: str):
+        self.segment_id = segment_id
+        self.node = node
+        self.tier = tier
+        self.capacity_bytes = capacity_bytes
+        self.shm_name = shm_name
+        self.path = path
+        self.allocator = SegmentAllocator(capacity_bytes)
+        self.num_replicas = 0
+        self.alive = True    # False once the node is dropped: its space is gone with it
+
+
+class Node:
+    """A registered storage node. ``keys`` holds every key with a replica here (PENDING
+    or COMPLETE), so dropping the node touches only its own objects."""
+
+    __slots__ = ("node_id", "host_id", "data_addr", "segments", "last_heartbeat_s", "keys",
+                 "seq", "log", "ref")
+
+    def __init__(self, node_id: str, host_id: str, data_addr: str, now_s: float):
+        self.node_id = node_id
+        self.host_id = host_id
+        self.data_addr = data_addr
+        self.segments: dict[str, Segment] = {}
+        self.last_heartbeat_s = now_s
+        self.keys: set[str] = set()
+        self.seq = 0
+        # entries: (seq, key, segment_id, offset, length, checksum, codec); segment_id None
+        # marks a removal
+        self.log: deque[tuple] = deque()
+        self.ref = None       # the reply's NodeRef message, built once by the service
+
+    def log_added(self, key: str, segment: Segment, offset: int, size_bytes: int,
+                  checksum: int, codec: int) -> None:
+        self.seq += 1
+        self.log.append((self.seq, key, segment.segment_id, offset, size_bytes, checksum, codec))
+        if len(self.log) > MAX_LOG_ENTRIES:
+            self.log.popleft()
+
+    def log_removed(self, key: str) -> None:
+        self.seq += 1
+        self.log.append((self.seq, key, None, 0, 0, 0, 0))
+        if len(self.log) > MAX_LOG_ENTRIES:
+            self.log.popleft()
+
+    def changes_after(self, acked_seq: int, objects: dict, max_changes: int):
+        """What a heartbeat acknowledging ``acked_seq`` should carry.
+
+        Returns ``(full_resync, seq, added, removed_keys)`` where ``added`` is a list of
+        ``(key, segment_id, offset, length, checksum, codec)``. Forgets acknowledged entries.
+        """
+        log = self.log
+        while log and log[0][0] <= acked_seq:
+            log.popleft()
+        oldest_kept = log[0][0] if log else self.seq + 1
+        behind = acked_seq + 1 < oldest_kept and acked_seq < self.seq
+        if acked_seq > self.seq or behind or (acked_seq == 0 and self.seq > 0):
+            log.clear()    # the table reflects every change up to self.seq
+            return True, self.seq, self._whole_table(objects), []
+        added, removed = [], []
+        seq = acked_seq
+        for i, entry in enumerate(log):
+            if i == max_changes:
+                break
+            seq, key, segment_id = entry[0], entry[1], entry[2]
+            if segment_id is None:
+                removed.append(key)
+            else:
+                added.append(entry[1:])
+        return False, seq, added, removed
+
+    def _whole_table(self, objects: dict) -> list[tuple]:
+        table = []
+        for key in self.keys:
+            obj = objects.get(key)
+            if obj is None or obj.state is not COMPLETE:
+                continue
+            for segment, offset in obj.replicas:
+                if segment.node is self:
+                    table.append((key, segment.segment_id, offset, obj.size_bytes,
+                                  obj.checksum, obj.codec))
+        return table

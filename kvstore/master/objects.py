@@ -1,0 +1,65 @@
+"""Object metadata: what the master knows about one key.
+
+An object is PENDING from put_start until put_end (invisible to readers: get_replicas,
+exists and match_prefix treat it as absent), then COMPLETE until it is removed, evicted,
+revoked, reclaimed after the pending timeout, or loses its last replica to a dead node.
+Removal is not a state an object lingers in: its entry leaves the key table at once (space
+under a live lease is freed later, see ``MasterState``).
+"""
+
+from __future__ import annotations
+
+import enum
+
+from kvstore.v1 import master_pb2 as pb
+
+
+class ObjectState(enum.Enum):
+    PENDING = "pending"      # space allocated, bytes being written; invisible to readers
+    COMPLETE = "complete"    # visible; immutable until removed
+
+
+PENDING = ObjectState.PENDING
+COMPLETE = ObjectState.COMPLETE
+
+# Item statuses as plain ints (the reply arrays take ints; attribute lookups cost per key).
+ITEM_OK = pb.ITEM_OK
+ITEM_ALREADY_EXISTS = pb.ITEM_ALREADY_EXISTS
+ITEM_NOT_FOUND = pb.ITEM_NOT_FOUND
+ITEM_NO_SPACE = pb.ITEM_NO_SPACE
+ITEM_INVALID = pb.ITEM_INVALID
+ITEM_LEASED = pb.ITEM_LEASED
+ITEM_PINNED = pb.ITEM_PINNED
+ITEM_PENDING = pb.ITEM_PENDING
+
+TIERS = (pb.TIER_HBM, pb.TIER_DRAM, pb.TIER_SSD)   # fastest first
+CODECS = (pb.CODEC_RAW, pb.CODEC_LZ4, pb.CODEC_INT8)
+
+
+class ObjectMeta:
+    """One key's metadata. ``replicas`` is a list of ``(segment, offset)`` pairs; every
+    replica holds ``size_bytes`` bytes at ``offset`` of its segment. Times are the master
+    clock's seconds; ``0.0`` means "never" for leases and soft pins."""
+
+    __slots__ = ("key", "size_bytes", "state", "replicas", "checksum", "codec", "client_id",
+                 "lease_until_s", "soft_pin_until_s", "soft_pin_ttl_s", "hard_pin")
+
+    def __init__(self, key: str, size_bytes: int, replicas: list, codec: int, client_id: str,
+                 soft_pin_ttl_s: float, hard_pin: bool, state: ObjectState = PENDING,
+                 checksum: int = 0):
+        self.key = key
+        self.size_bytes = size_bytes
+        self.state = state
+        self.replicas = replicas
+        self.checksum = checksum
+        self.codec = codec
+        self.client_id = client_id
+        self.lease_until_s = 0.0
+        self.soft_pin_until_s = 0.0
+        self.soft_pin_ttl_s = soft_pin_ttl_s   # applied at put_end
+        self.hard_pin = hard_pin
+
+    def is_evictable(self, now_s: float) -> bool:
+        """COMPLETE, not leased, not pinned (hard, or soft and unexpired) at ``now_s``."""
+        return (self.state is COMPLETE and not self.hard_pin
+                and self.lease_until_s <= now_s and self.soft_pin_until_s <= now_s)

@@ -1,0 +1,62 @@
+"""Placement: which segments receive the replicas of a new object.
+
+Rule: segments are ranked once per put_start request into preference classes, best first:
+the preferred tier (when one is named), then the remaining tiers fastest first (HBM, DRAM,
+SSD); inside a tier, segments of nodes on ``near_host_id`` before the others. Each key takes
+its replicas from the best classes that have room, at most one replica per node; inside a
+class the starting segment rotates key by key, so equal nodes fill evenly.
+"""
+
+from __future__ import annotations
+
+from typing import Iterable
+
+from kvstore.master.membership import Node, Segment
+from kvstore.master.objects import TIERS
+
+
+def rank_segments(nodes: Iterable[Node], preferred_tier: int, near_host_id: str,
+                  ) -> list[list[Segment]]:
+    """The preference classes (lists of segments), best first; empty classes omitted."""
+    tier_order = list(TIERS)
+    if preferred_tier in tier_order:
+        tier_order.remove(preferred_tier)
+        tier_order.insert(0, preferred_tier)
+    rank_of_tier = {tier: i for i, tier in enumerate(tier_order)}
+    classes: dict[tuple[int, int], list[Segment]] = {}
+    for node in nodes:
+        far = 0 if near_host_id and node.host_id == near_host_id else 1
+        for segment in node.segments.values():
+            classes.setdefault((rank_of_tier[segment.tier], far), []).append(segment)
+    ranked = []
+    for rank in sorted(classes):
+        # most free space first: the rotation then starts from the emptiest node
+        ranked.append(sorted(classes[rank], key=lambda s: -s.allocator.free_bytes))
+    return ranked
+
+
+def place(classes: list[list[Segment]], size_bytes: int, num_replicas: int, turn: int,
+          ) -> list[tuple[Segment, int]] | None:
+    """Allocate ``num_replicas`` ranges of ``size_bytes`` on distinct nodes.
+
+    Returns ``[(segment, offset), ...]``, or None, with nothing left allocated, when fewer
+    than ``num_replicas`` nodes have room. ``turn`` rotates the starting segment.
+    """
+    picks: list[tuple[Segment, int]] = []
+    used_nodes: list[Node] = []
+    for segments in classes:
+        count = len(segments)
+        for j in range(count):
+            segment = segments[(turn + j) % count]
+            if segment.node in used_nodes:
+                continue
+            offset = segment.allocator.allocate(size_bytes)
+            if offset is None:
+                continue
+            picks.append((segment, offset))
+            if len(picks) == num_replicas:
+                return picks
+            used_nodes.append(segment.node)
+    for segment, offset in picks:
+        segment.allocator.free(offset, size_bytes)
+    return None

@@ -1,0 +1,154 @@
+"""Membership verbs of the master: register (with inventory adoption), heartbeat,
+unregister, and dropping a node.
+
+Adoption (how no stored block is lost to a master restart): a daemon that re-registers sends
+the replicas it holds. Each one is adopted as COMPLETE when its key is valid, its segment is
+one the node registers, its range is aligned, lies inside the segment and overlaps no other
+adopted range; the space is marked allocated. A key already known with the same size gains
+this node as one more replica; a key known with another size, or already on this node, is
+refused. Refused items are simply not adopted: the daemon's first heartbeat (acked_seq 0)
+gets a full resync that omits them, so it drops them too.
+"""
+
+from __future__ import annotations
+
+import grpc
+
+from kvstore.master.membership import Node, Segment
+from kvstore.master.objects import CODECS, COMPLETE, TIERS, ObjectMeta
+from kvstore.master.validation import (
+    MAX_ID_CHARS, Rejected, check_id, check_parallel, invalid, key_problem,
+)
+
+MAX_SEGMENTS_PER_NODE = 1024
+
+
+def register_node(state, info, inventory, now_s: float) -> int:
+    """Add a node and adopt its inventory; return the number of objects adopted.
+
+    Raises Rejected: ALREADY_EXISTS if a live node has this id (a node that expired or was
+    forgotten by a master restart may register again); INVALID_ARGUMENT for an empty or
+    over-long id, a bad data address, no segments, a duplicate or empty segment id, an
+    unknown tier, a zero capacity, or inventory arrays of different lengths.
+    """
+    check_id(info.node_id, "node_id")
+    check_id(info.host_id, "host_id")
+    _check_address(info.data_addr)
+    if not info.segments:
+        raise invalid("a node must register at least one segment")
+    if len(info.segments) > MAX_SEGMENTS_PER_NODE:
+        raise invalid(f"a node may register at most {MAX_SEGMENTS_PER_NODE} segments")
+    if info.node_id in state.nodes:
+        raise Rejected(grpc.StatusCode.ALREADY_EXISTS,
+                       f"node {info.node_id!r} is registered and alive; unregister it first "
+                       "or wait for its TTL to pass")
+    node = Node(info.node_id, info.host_id, info.data_addr, now_s)
+    for seg in info.segments:
+        check_id(seg.segment_id, "segment_id")
+        if seg.segment_id in node.segments:
+            raise invalid(f"duplicate segment_id {seg.segment_id!r}")
+        if seg.tier not in TIERS:
+            raise invalid(f"segment {seg.segment_id!r}: tier must be HBM, DRAM or SSD")
+        if seg.capacity_bytes == 0:
+            raise invalid(f"segment {seg.segment_id!r}: capacity_bytes must be > 0")
+        check_id(seg.shm_name, "shm_name", allow_empty=True)
+        if len(seg.path) > 4096:
+            raise invalid(f"segment {seg.segment_id!r}: path is longer than 4096 characters")
+        node.segments[seg.segment_id] = Segment(seg.segment_id, node, seg.tier,
+                                                seg.capacity_bytes, seg.shm_name, seg.path)
+    inv = inventory
+    check_parallel({"keys": len(inv.keys), "segment_ids": len(inv.segment_ids),
+                    "offsets": len(inv.offsets), "lengths": len(inv.lengths),
+                    "checksums": len(inv.checksums), "codecs": len(inv.codecs)},
+                   optional=("checksums", "codecs"))
+    num_adopted = _adopt(state, node, inv) if inv.keys else 0
+    state.nodes[node.node_id] = node
+    return num_adopted
+
+
+def _check_address(address: str) -> None:
+    host, sep, port = address.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536 \
+            or len(address) > MAX_ID_CHARS:
+        raise invalid(f"data_addr must be 'host:port', got {address!r}")
+
+
+def _adopt(state, node: Node, inv) -> int:
+    objects = state.objects
+    candidates: dict[Segment, list[int]] = {}
+    for i, (key, segment_id, length) in enumerate(zip(inv.keys, inv.segment_ids, inv.lengths)):
+        segment = node.segments.get(segment_id)
+        existing = objects.get(key)
+        if segment is None or length == 0 or key_problem(key) is not None:
+            continue
+        if existing is not None and (existing.state is not COMPLETE
+                                     or existing.size_bytes != length):
+            continue
+        candidates.setdefault(segment, []).append(i)
+    num_adopted = 0
+    for segment, indices in candidates.items():
+        accepted = segment.allocator.reserve_many(
+            [(inv.offsets[i], inv.lengths[i]) for i in indices])
+        for i, ok in zip(indices, accepted):
+            if not ok:
+                continue
+            key, offset, length = inv.keys[i], inv.offsets[i], inv.lengths[i]
+            existing = objects.get(key)
+            if existing is not None and (existing.size_bytes != length
+                                         or key in node.keys):
+                segment.allocator.free(offset, length)   # same key twice, or size conflict
+                continue
+            if existing is None:
+                codec = inv.codecs[i] if inv.codecs and inv.codecs[i] in CODECS else 0
+                checksum = inv.checksums[i] if inv.checksums else 0
+                objects[key] = ObjectMeta(key, length, [(segment, offset)], codec, "", 0.0,
+                                          False, state=COMPLETE, checksum=checksum)
+            else:
+                existing.replicas.append((segment, offset))
+            segment.num_replicas += 1
+            node.keys.add(key)
+            num_adopted += 1
+    # NOTE: a baseline sequence, so the daemon's first heartbeat (acked 0) is a full resync
+    # that tells it which items were refused.
+    node.seq = 1
+    return num_adopted
+
+
+def heartbeat(state, node_id: str, acked_seq: int, now_s: float):
+    """Record that the node is alive; return ``None`` if the node is unknown (the daemon
+    must re-register), else ``(full_resync, seq, added, removed_keys)``."""
+    check_id(node_id, "node_id")
+    node = state.nodes.get(node_id)
+    if node is None:
+        return None
+    node.last_heartbeat_s = now_s
+    return node.changes_after(acked_seq, state.objects, state.config.max_changes_per_heartbeat)
+
+
+def unregister_node(state, node_id: str) -> int:
+    """Drop a node at its own request; return how many objects lost their last replica.
+    Raises Rejected(NOT_FOUND) for an unknown node id."""
+    check_id(node_id, "node_id")
+    node = state.nodes.get(node_id)
+    if node is None:
+        raise Rejected(grpc.StatusCode.NOT_FOUND, f"unknown node {node_id!r}")
+    return drop_node(state, node)
+
+
+def drop_node(state, node: Node) -> int:
+    """Forget ``node``: its replicas vanish from every answer and its segments' space goes
+    with it. Objects left with no replica are dropped. Returns how many were dropped."""
+    del state.nodes[node.node_id]
+    for segment in node.segments.values():
+        segment.alive = False
+    num_dropped = 0
+    for key in node.keys:
+        obj = state.objects.get(key)
+        if obj is None:
+            continue
+        obj.replicas = [r for r in obj.replicas if r[0].node is not node]
+        if not obj.replicas:
+            del state.objects[key]
+            num_dropped += 1
+    node.keys.clear()
+    return num_dropped

@@ -1,0 +1,213 @@
+"""Running a master: the gRPC server (grpc.aio or a thread pool), the sweeper thread and the
+metrics endpoint around one ``MasterState``.
+
+Resource handling: ``MasterServer`` owns its gRPC server, sweeper thread and metrics HTTP
+server; ``stop`` closes all three. ``run_in_thread`` runs the same server in a background
+thread with its own event loop (embedded mode) and returns once it is listening.
+
+Error handling: a port that cannot be bound raises ``kvstore.ConfigError`` before anything
+is served (SO_REUSEPORT is off, so a port in use is an error, not a silent share).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
+import grpc
+
+from kvstore._errors import ConfigError
+from kvstore.master.auth import AsyncTokenInterceptor, TokenInterceptor
+from kvstore.master.clock import MonotonicClock
+from kvstore.master.config import MasterConfig
+from kvstore.master.metrics import MasterMetrics
+from kvstore.master.rpc_client import MAX_MESSAGE_BYTES
+from kvstore.master.service import MasterService, make_handlers
+from kvstore.master.state import MasterState
+
+log = logging.getLogger("kvstore.master")
+
+SERVER_OPTIONS = [
+    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.so_reuseport", 0),
+]
+#: How often the sweeper thread runs due sweeps while no request arrives.
+SWEEPER_PERIOD_S = 0.1
+STOP_GRACE_S = 1.0
+
+
+def format_address(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+class MasterServer:
+    """One master process's server. Start with ``start_threads()`` or ``await start_aio()``
+    according to ``config.grpc_mode``; then ``address`` is ``"host:port"``."""
+
+    def __init__(self, config: MasterConfig, clock=None):
+        self.config = config
+        self.clock = clock or MonotonicClock()
+        self.state = MasterState(config, self.clock.monotonic())
+        self.service = MasterService(self.state)
+        self.metrics = MasterMetrics(self.service)
+        self.address: str | None = None
+        self._grpc_server = None
+        self._metrics_server = None
+        self._stop_sweeper = threading.Event()
+        self._sweeper = threading.Thread(target=self._sweep_loop, name="kvstore-master-sweeper",
+                                         daemon=True)
+
+    def _bind(self, server) -> None:
+        target = format_address(self.config.host, self.config.port)
+        try:
+            port = server.add_insecure_port(target)
+        except RuntimeError as exc:
+            raise ConfigError(f"cannot bind the master to {target}: {exc}") from exc
+        if not port:
+            raise ConfigError(f"cannot bind the master to {target}")
+        self.address = format_address(self.config.host, port)
+
+    def _start_side_services(self) -> None:
+        if self.config.metrics_port is not None:
+            from prometheus_client import start_http_server
+            try:
+                self._metrics_server, _ = start_http_server(
+                    self.config.metrics_port, addr=self.config.host,
+                    registry=self.metrics.registry)
+            except OSError as exc:
+                raise ConfigError(f"cannot bind the metrics port {self.config.metrics_port} "
+                                  f"on {self.config.host}: {exc}") from exc
+            self.service.metrics_port = self._metrics_server.server_port
+            log.info("metrics on %s", format_address(self.config.host,
+                                                     self.service.metrics_port))
+        self._sweeper.start()
+
+    def _sweep_loop(self) -> None:
+        service, state, clock = self.service, self.state, self.clock
+        while not self._stop_sweeper.wait(SWEEPER_PERIOD_S):
+            try:
+                with service.lock:
+                    state.maybe_sweep(clock.monotonic())
+            except Exception:  # a bug here must not stop liveness checks for good
+                log.exception("sweep failed")
+
+    def _interceptors(self, asynchronous: bool):
+        if self.config.token is None:
+            return ()
+        return ((AsyncTokenInterceptor if asynchronous else TokenInterceptor)(self.config.token),)
+
+    def start_threads(self) -> str:
+        server = grpc.server(ThreadPoolExecutor(self.config.num_threads),
+                             interceptors=self._interceptors(False), options=SERVER_OPTIONS)
+        server.add_generic_rpc_handlers((make_handlers(
+            self.service, self.clock, self.metrics, asynchronous=False),))
+        self._bind(server)
+        self._start_side_services()
+        server.start()
+        self._grpc_server = server
+        return self.address
+
+    async def start_aio(self) -> str:
+        server = grpc.aio.server(interceptors=self._interceptors(True), options=SERVER_OPTIONS)
+        server.add_generic_rpc_handlers((make_handlers(
+            self.service, self.clock, self.metrics, asynchronous=True),))
+        self._bind(server)
+        self._start_side_services()
+        await server.start()
+        self._grpc_server = server
+        return self.address
+
+    def _stop_side_services(self) -> None:
+        self._stop_sweeper.set()
+        if self._sweeper.is_alive():
+            self._sweeper.join()
+        if self._metrics_server is not None:
+            self._metrics_server.shutdown()
+            self._metrics_server.server_close()
+
+    def stop_threads(self) -> None:
+        if self._grpc_server is not None:
+            self._grpc_server.stop(STOP_GRACE_S).wait()
+        self._stop_side_services()
+
+    async def stop_aio(self) -> None:
+        if self._grpc_server is not None:
+            await self._grpc_server.stop(STOP_GRACE_S)
+        self._stop_side_services()
+
+
+class RunningMaster:
+    """A master serving from a background thread. ``address`` is ``"host:port"``;
+    ``stop()`` shuts it down and joins the thread (idempotent)."""
+
+    def __init__(self, server: MasterServer):
+        self.server = server
+        self.address = ""
+        self._ready = threading.Event()
+        self._error: BaseException | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._stopping: asyncio.Event | None = None
+        self._thread: threading.Thread | None = None
+        self._stopped = False
+
+    @property
+    def state(self) -> MasterState:
+        return self.server.state
+
+    def _run_aio(self) -> None:
+        loop = self._loop = asyncio.new_event_loop()
+        try:
+            loop.run_until_complete(self._serve_aio())
+        finally:
+            loop.close()
+
+    async def _serve_aio(self) -> None:
+        self._stopping = asyncio.Event()
+        try:
+            self.address = await self.server.start_aio()
+        except BaseException as exc:
+            self._error = exc
+            self._ready.set()
+            return
+        self._ready.set()
+        await self._stopping.wait()
+        await self.server.stop_aio()
+
+    def stop(self) -> None:
+        if self._stopped:
+            return
+        self._stopped = True
+        if self._thread is None:
+            self.server.stop_threads()
+            return
+        self._loop.call_soon_threadsafe(self._stopping.set)
+        self._thread.join()
+
+    def __enter__(self) -> "RunningMaster":
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.stop()
+
+
+def run_in_thread(config: MasterConfig, clock=None) -> RunningMaster:
+    """Start a master in this process and return once it listens (embedded mode).
+
+    ``clock``: an object with ``monotonic()`` (default: the real clock); tests pass a
+    ``ManualClock``. Raises ``kvstore.ConfigError`` if the address cannot be bound.
+    """
+    running = RunningMaster(MasterServer(config, clock))
+    if config.grpc_mode == "threads":
+        running.address = running.server.start_threads()
+        return running
+    running._thread = threading.Thread(target=running._run_aio, name="kvstore-master",
+                                       daemon=True)
+    running._thread.start()
+    running._ready.wait()
+    if running._error is not None:
+        running._thread.join()
+        raise running._error
+    return running

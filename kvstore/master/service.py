@@ -1,0 +1,259 @@
+"""The gRPC face of the master: turns requests into ``MasterState`` calls and results into
+replies, one method per RPC of ``proto/kvstore/v1/master.proto``.
+
+Error handling: ``Rejected`` from the state becomes the gRPC status it names (set on the
+context; the reply body is dropped by gRPC). Anything else escaping a handler is a master
+bug: it is logged with its traceback and answered INTERNAL, and the master keeps serving.
+Every call runs under one lock (state is not thread-safe) after ``maybe_sweep`` with one
+clock read, so a request sees one instant.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+
+import grpc
+
+from kvstore.master.objects import PENDING
+from kvstore.master.state import MasterState
+from kvstore.master.validation import Rejected, check_id
+from kvstore.v1 import master_pb2 as pb
+
+log = logging.getLogger("kvstore.master")
+
+_MS = 1e-3
+
+
+def _segment_tables(segments):
+    """The reply's (nodes, segments) tables for segments in index order."""
+    node_to_index: dict = {}
+    node_refs, segment_refs = [], []
+    for segment in segments:
+        node = segment.node
+        index = node_to_index.get(node)
+        if index is None:
+            index = node_to_index[node] = len(node_refs)
+            node_refs.append(_node_ref(node))
+        segment_refs.append(pb.SegmentRef(
+            node_index=index, segment_id=segment.segment_id, tier=segment.tier,
+            shm_name=segment.shm_name, capacity_bytes=segment.capacity_bytes))
+    return node_refs, segment_refs
+
+
+def _node_ref(node):
+    if node.ref is None:
+        node.ref = pb.NodeRef(node_id=node.node_id, host_id=node.host_id,
+                              data_addr=node.data_addr)
+    return node.ref
+
+
+class MasterService:
+    """Implements every Master RPC as ``method(request, now_s) -> reply`` over ``state``."""
+
+    def __init__(self, state: MasterState, *, metrics_port: int | None = None):
+        self.state = state
+        self.metrics_port = metrics_port or 0
+        self.lock = threading.Lock()
+
+    # -- membership ---------------------------------------------------------------------------
+
+    def RegisterNode(self, request, now_s):
+        num_adopted = self.state.register_node(request.node, request.inventory, now_s)
+        config = self.state.config
+        log.info("node %s registered (%d segments, %d objects adopted)",
+                 request.node.node_id, len(request.node.segments), num_adopted)
+        return pb.RegisterNodeResponse(
+            heartbeat_interval_ms=int(config.heartbeat_interval_s * 1000),
+            node_ttl_ms=int(config.node_ttl_s * 1000), master_id=self.state.master_id,
+            num_objects_adopted=num_adopted)
+
+    def Heartbeat(self, request, now_s):
+        result = self.state.heartbeat(request.node_id, request.acked_seq, now_s)
+        if result is None:
+            return pb.HeartbeatResponse(known=False, master_id=self.state.master_id)
+        full_resync, seq, added, removed = result
+        if added:
+            keys, segment_ids, offsets, lengths, checksums, codecs = zip(*added)
+            inventory = pb.Inventory(keys=keys, segment_ids=segment_ids, offsets=offsets,
+                                     lengths=lengths, checksums=checksums, codecs=codecs)
+        else:
+            inventory = None
+        return pb.HeartbeatResponse(known=True, master_id=self.state.master_id, seq=seq,
+                                    full_resync=full_resync, added=inventory,
+                                    removed_keys=removed)
+
+    def UnregisterNode(self, request, now_s):
+        num_dropped = self.state.unregister_node(request.node_id)
+        log.info("node %s unregistered (%d objects dropped)", request.node_id, num_dropped)
+        return pb.UnregisterNodeResponse(num_objects_dropped=num_dropped)
+
+    # -- put ----------------------------------------------------------------------------------
+
+    def PutStart(self, request, now_s):
+        statuses, messages, all_picks = self.state.put_start(
+            request.keys, request.sizes, request.replicas, request.preferred_tier,
+            request.near_host_id, request.client_id, request.soft_pin_ttl_ms * _MS,
+            request.hard_pin, request.codec, now_s)
+        starts, counts, rep_segments, rep_offsets = [], [], [], []
+        segment_to_index: dict = {}
+        for picks in all_picks:
+            starts.append(len(rep_offsets))
+            counts.append(len(picks))
+            for segment, offset in picks:
+                index = segment_to_index.get(segment)
+                if index is None:
+                    index = segment_to_index[segment] = len(segment_to_index)
+                rep_segments.append(index)
+                rep_offsets.append(offset)
+        nodes, segments = _segment_tables(segment_to_index)
+        return pb.PutStartResponse(
+            statuses=statuses, error_messages=messages, replica_start=starts,
+            replica_count=counts, replica_segment=rep_segments, replica_offset=rep_offsets,
+            nodes=nodes, segments=segments)
+
+    def PutEnd(self, request, now_s):
+        return pb.PutEndResponse(statuses=self.state.put_end(
+            request.keys, request.client_id, request.checksums, now_s))
+
+    def PutRevoke(self, request, now_s):
+        return pb.PutRevokeResponse(statuses=self.state.put_revoke(request.keys,
+                                                                   request.client_id))
+
+    # -- get ----------------------------------------------------------------------------------
+
+    def _lease_ttl_s(self, lease_ttl_ms: int) -> float:
+        return lease_ttl_ms * _MS if lease_ttl_ms else self.state.config.lease_ttl_s
+
+    def GetReplicas(self, request, now_s):
+        check_id(request.client_host_id, "client_host_id", allow_empty=True)
+        lease_ttl_s = self._lease_ttl_s(request.lease_ttl_ms)
+        (statuses, sizes, checksums, codecs, starts, counts, rep_segments, rep_offsets,
+         segments, messages) = self.state.get_replicas(
+            request.keys, lease_ttl_s, request.client_host_id, now_s)
+        nodes, segment_refs = _segment_tables(segments)
+        return pb.GetReplicasResponse(
+            statuses=statuses, sizes=sizes, checksums=checksums, codecs=codecs,
+            replica_start=starts, replica_count=counts, replica_segment=rep_segments,
+            replica_offset=rep_offsets, nodes=nodes, segments=segment_refs,
+            lease_expires_in_s=lease_ttl_s, error_messages=messages)
+
+    def RenewLease(self, request, now_s):
+        return pb.RenewLeaseResponse(statuses=self.state.renew_lease(
+            request.keys, self._lease_ttl_s(request.lease_ttl_ms), now_s))
+
+    def Exists(self, request, now_s):
+        return pb.ExistsResponse(exists=self.state.exists(request.keys))
+
+    def Remove(self, request, now_s):
+        statuses, messages = self.state.remove(request.keys, request.force, now_s)
+        return pb.RemoveResponse(statuses=statuses, error_messages=messages)
+
+    def RemovePrefix(self, request, now_s):
+        num_removed, num_skipped = self.state.remove_prefix(request.prefix, request.force,
+                                                            now_s)
+        return pb.RemovePrefixResponse(num_removed=num_removed, num_skipped=num_skipped)
+
+    def Pin(self, request, now_s):
+        return pb.PinResponse(statuses=self.state.pin(request.keys, request.ttl_ms * _MS,
+                                                      request.hard, now_s))
+
+    def Unpin(self, request, now_s):
+        return pb.UnpinResponse(statuses=self.state.unpin(request.keys))
+
+    def MatchPrefix(self, request, now_s):
+        indices, nodes = self.state.match_prefix(request.keys)
+        return pb.MatchPrefixResponse(num_matched=len(indices), node_index=indices,
+                                      nodes=[_node_ref(n) for n in nodes])
+
+    # -- observability ------------------------------------------------------------------------
+
+    def Stats(self, request, now_s):
+        from kvstore.master.eviction import tier_usage
+        state = self.state
+        replicas_by_tier: dict[int, int] = {}
+        for node in state.nodes.values():
+            for segment in node.segments.values():
+                replicas_by_tier[segment.tier] = (replicas_by_tier.get(segment.tier, 0)
+                                                  + segment.num_replicas)
+        tiers = [pb.TierStats(tier=tier, capacity_bytes=capacity, used_bytes=used,
+                              num_objects=replicas_by_tier.get(tier, 0))
+                 for tier, (used, capacity) in sorted(tier_usage(state).items())]
+        num_pending = sum(1 for o in state.objects.values() if o.state is PENDING)
+        num_leased = sum(1 for o in state.objects.values() if o.lease_until_s > now_s)
+        return pb.StatsResponse(
+            master_id=state.master_id, num_nodes=len(state.nodes),
+            num_objects=len(state.objects) - num_pending, num_pending=num_pending,
+            tiers=tiers, hits=state.hits, misses=state.misses, evictions=state.evictions,
+            num_leased=num_leased, uptime_s=now_s - state.started_s,
+            metrics_port=self.metrics_port, max_batch=state.config.max_batch)
+
+    def ListNodes(self, request, now_s):
+        infos = []
+        for node in self.state.nodes.values():
+            segments = [pb.SegmentInfo(segment_id=s.segment_id, tier=s.tier,
+                                       capacity_bytes=s.capacity_bytes, shm_name=s.shm_name,
+                                       path=s.path) for s in node.segments.values()]
+            infos.append(pb.NodeInfo(
+                node_id=node.node_id, host_id=node.host_id, data_addr=node.data_addr,
+                segments=segments,
+                used_bytes=sum(s.allocator.used_bytes for s in node.segments.values()),
+                num_objects=len(node.keys),
+                last_heartbeat_age_s=now_s - node.last_heartbeat_s))
+        return pb.ListNodesResponse(nodes=infos)
+
+
+METHODS = ("RegisterNode", "Heartbeat", "UnregisterNode", "PutStart", "PutEnd", "PutRevoke",
+           "GetReplicas", "RenewLease", "Exists", "Remove", "RemovePrefix", "Pin", "Unpin",
+           "MatchPrefix", "Stats", "ListNodes")
+
+
+def make_handlers(service: MasterService, clock, metrics, *, asynchronous: bool):
+    """A ``grpc.GenericRpcHandler`` for every method, sync or async."""
+    handlers = {}
+    for name in METHODS:
+        request_class = getattr(pb, f"{name}Request")
+        response_class = getattr(pb, f"{name}Response")
+        fn = _bind(service, getattr(service, name), response_class, clock,
+                   metrics.for_method(name) if metrics else None)
+        if asynchronous:
+            fn = _make_async(fn)
+        handlers[name] = grpc.unary_unary_rpc_method_handler(
+            fn, request_deserializer=request_class.FromString,
+            response_serializer=response_class.SerializeToString)
+    return grpc.method_handlers_generic_handler("kvstore.v1.Master", handlers)
+
+
+def _bind(service, method, response_class, clock, method_metrics):
+    lock, state = service.lock, service.state
+    perf_counter = time.perf_counter
+
+    def handler(request, context):
+        started = perf_counter()
+        try:
+            with lock:
+                now_s = clock.monotonic()
+                if now_s >= state.next_sweep_s:
+                    state.sweep(now_s)
+                reply = method(request, now_s)
+        except Rejected as exc:
+            context.set_code(exc.code)
+            context.set_details(exc.message)
+            reply = response_class()
+        except Exception:
+            log.exception("internal error in %s", method.__name__)
+            context.set_code(grpc.StatusCode.INTERNAL)
+            context.set_details(f"internal error in {method.__name__}; see the master's log")
+            reply = response_class()
+        if method_metrics is not None:
+            method_metrics(perf_counter() - started)
+        return reply
+
+    return handler
+
+
+def _make_async(fn):
+    async def handler(request, context):
+        return fn(request, context)
+    return handler
