@@ -1,0 +1,92 @@
+"""``kvstore daemon``: run a storage node until SIGTERM/SIGINT.
+
+Prints ``listening on HOST:PORT`` (the data-plane address) on stdout, one flushed line, once
+it serves and has registered with the master; logs go to stderr. On SIGTERM it unregisters,
+stops serving and unlinks its shared memory, then exits 0. torch is imported only for --gpu.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import sys
+import threading
+
+import click
+
+from kvstore._errors import ConfigError, KVStoreError
+from kvstore._units import parse_size
+
+log = logging.getLogger("kvstore.daemon")
+
+
+def _size(ctx, param, value):
+    try:
+        return parse_size(value)
+    except ConfigError as exc:
+        raise click.BadParameter(str(exc)) from exc
+
+
+def _tier_spec(ctx, param, value):
+    if value is None:
+        return None, 0
+    from kvstore.daemon.config import split_tier_spec
+    try:
+        return split_tier_spec(value, f"--{param.name}")
+    except ConfigError as exc:
+        raise click.BadParameter(str(exc)) from exc
+
+
+@click.command("daemon")
+@click.option("--master", "master_addr", default=None, metavar="HOST:PORT",
+              help="Address of the metadata master (required unless --standalone).")
+@click.option("--host", default="127.0.0.1", show_default=True,
+              help="Address the data plane binds (exactly this one).")
+@click.option("--port", default=0, show_default=True, type=int, help="0: pick a free port.")
+@click.option("--dram", default="1GiB", show_default=True, callback=_size,
+              help="DRAM tier size, in POSIX shared memory (e.g. 4GiB; 0: no DRAM tier).")
+@click.option("--ssd", default=None, callback=_tier_spec, metavar="DIR:SIZE",
+              help="SSD tier: a file of SIZE in DIR, served over the data plane.")
+@click.option("--gpu", default=None, callback=_tier_spec, metavar="DEVICE:SIZE",
+              help="HBM tier on a CUDA device (e.g. cuda:0:8GiB); needs CUDA torch.")
+@click.option("--token", envvar="KVSTORE_TOKEN", default=None,
+              help="Shared token for the master and the data plane [env KVSTORE_TOKEN].")
+@click.option("--metrics-port", type=int, default=None, help="Serve Prometheus metrics here.")
+@click.option("--node-id", default=None, help="Node id (default: HOSTNAME-RANDOM).")
+@click.option("--standalone", is_flag=True,
+              help="Serve the data plane without a master (benchmarks, debugging).")
+@click.option("--rpc-timeout", default=5.0, show_default=True, type=float,
+              help="Seconds per master RPC.")
+@click.option("--log-level", default="INFO", show_default=True,
+              type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"]))
+def command(master_addr, host, port, dram, ssd, gpu, token, metrics_port, node_id, standalone,
+            rpc_timeout, log_level):
+    """Run a storage node: DRAM/SSD/HBM segments served over a data plane."""
+    logging.basicConfig(stream=sys.stderr, level=log_level,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if master_addr is None and not standalone:
+        raise click.UsageError("--master HOST:PORT is required (or --standalone)")
+    from kvstore.daemon.config import DaemonConfig
+    from kvstore.daemon.server import Daemon
+
+    stopping = threading.Event()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda *_: stopping.set())
+    try:
+        extra = {"node_id": node_id} if node_id else {}
+        config = DaemonConfig(
+            master_addr=None if standalone else master_addr, host=host, port=port,
+            dram_bytes=dram, ssd_dir=ssd[0], ssd_bytes=ssd[1], gpu_device=gpu[0],
+            gpu_bytes=gpu[1], token=token, metrics_port=metrics_port, rpc_timeout_s=rpc_timeout,
+            **extra)
+        daemon = Daemon(config)
+        daemon.start()
+    except KVStoreError as exc:
+        raise click.ClickException(str(exc)) from exc
+    print(f"listening on {daemon.address}", flush=True)
+    try:
+        while not stopping.wait(1.0):
+            pass
+    finally:
+        log.info("stopping node %s", daemon.node_id)
+        daemon.stop()

@@ -1,0 +1,146 @@
+"""The daemon's side of membership: register with the master, heartbeat, re-register.
+
+Trigger and rule: ``register`` runs once at start (before the daemon reports that it is
+listening) and again whenever a heartbeat reply says ``known=false`` (the master restarted
+or dropped this node past its TTL); each registration sends the local object table as the
+inventory, so the master adopts every object this node still holds. Heartbeats run every
+``heartbeat_interval_ms`` the master returned at registration and apply the change sets they
+carry to the local ``ObjectTable``.
+
+Error handling: an unreachable master is retried with capped exponential backoff
+(``RETRY_MIN_S`` .. ``RETRY_MAX_S``) and logged, never fatal; a heartbeat that fails is
+logged and retried at the next beat. A registration refused as ALREADY_EXISTS (a previous
+attempt of ours went through but its reply was lost) unregisters that stale entry and
+registers again with the inventory.
+
+Time is injected (``clock``, ``wait``), so a test can drive the loop without sleeping.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from typing import Callable
+
+from kvstore._errors import KVStoreError, MasterUnavailableError
+from kvstore.daemon.objects import ObjectTable
+from kvstore.master.rpc_client import MasterClient
+from kvstore.v1 import master_pb2
+
+log = logging.getLogger("kvstore.daemon.membership")
+
+RETRY_MIN_S = 0.2
+RETRY_MAX_S = 5.0
+
+
+class Membership:
+    """Keeps one node registered with one master. ``start_heartbeats`` runs a thread."""
+
+    def __init__(self, client: MasterClient, node: master_pb2.NodeInfo, table: ObjectTable, *,
+                 clock: Callable[[], float] = time.monotonic):
+        self._client = client
+        self._node = node
+        self._table = table
+        self._clock = clock
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self.heartbeat_interval_s = 1.0
+        self.master_id = ""
+        self.num_registrations = 0
+
+    def register(self, *, timeout_s: float | None = None) -> master_pb2.RegisterNodeResponse:
+        """Register (with the inventory), retrying until it succeeds or ``timeout_s`` passes.
+
+        Raises MasterUnavailableError past ``timeout_s`` (never when it is None) or when
+        stopped; AuthenticationError / InvalidArgumentError at once (retrying cannot help).
+        """
+        deadline_s = None if timeout_s is None else self._clock() + timeout_s
+        delay_s = RETRY_MIN_S
+        while True:
+            try:
+                return self._register_once()
+            except MasterUnavailableError as exc:
+                if self._stop.is_set() or (deadline_s is not None and
+                                           self._clock() + delay_s > deadline_s):
+                    raise
+                log.warning("master %s unavailable (%s); retrying registration in %.1fs",
+                            self._client.address, exc, delay_s)
+            if self._stop.wait(delay_s):
+                raise MasterUnavailableError("stopped while registering with the master")
+            delay_s = min(delay_s * 2, RETRY_MAX_S)
+
+    def _register_once(self) -> master_pb2.RegisterNodeResponse:
+        request = master_pb2.RegisterNodeRequest(node=self._node,
+                                                 inventory=self._table.to_inventory())
+        try:
+            reply = self._client.call("RegisterNode", request)
+        except KVStoreError as exc:
+            if "ALREADY_EXISTS" not in str(exc):
+                raise
+            log.warning("master still lists node %s; unregistering the stale entry",
+                        self._node.node_id)
+            self._client.call("UnregisterNode",
+                              master_pb2.UnregisterNodeRequest(node_id=self._node.node_id))
+            reply = self._client.call("RegisterNode", request)
+        self._table.reset_sequence()
+        self.heartbeat_interval_s = max(reply.heartbeat_interval_ms, 10) / 1000.0
+        self.master_id = reply.master_id
+        self.num_registrations += 1
+        log.info("registered node %s with master %s (%s): %d objects adopted, heartbeat %.3fs",
+                 self._node.node_id, self._client.address, reply.master_id,
+                 reply.num_objects_adopted, self.heartbeat_interval_s)
+        return reply
+
+    def heartbeat_once(self) -> None:
+        """One heartbeat: apply its change set, or re-register if the master forgot us.
+
+        Raises KVStoreError (e.g. MasterUnavailableError) when the call fails; the loop logs it.
+        """
+        request = master_pb2.HeartbeatRequest(node_id=self._node.node_id,
+                                              acked_seq=self._table.acked_seq)
+        reply = self._client.call("Heartbeat", request)
+        if not reply.known:
+            log.warning("master %s (%s) does not know node %s; re-registering with %d objects",
+                        self._client.address, reply.master_id, self._node.node_id,
+                        len(self._table))
+            self.register(timeout_s=self.heartbeat_interval_s * 10)
+            return
+        self._table.apply(reply)
+
+    def start_heartbeats(self) -> None:
+        self._thread = threading.Thread(target=self._heartbeat_loop, daemon=True,
+                                        name="kvstore-daemon-heartbeat")
+        self._thread.start()
+
+    def _heartbeat_loop(self) -> None:
+        num_failures = 0
+        while not self._stop.wait(self.heartbeat_interval_s):
+            try:
+                self.heartbeat_once()
+                if num_failures:
+                    log.info("master %s reachable again", self._client.address)
+                num_failures = 0
+            except KVStoreError as exc:
+                num_failures += 1
+                # NOTE: log the first failure and then every 10th, not one line per beat
+                if num_failures == 1 or num_failures % 10 == 0:
+                    log.warning("heartbeat to master %s failed (%d in a row): %s",
+                                self._client.address, num_failures, exc)
+            except Exception:  # noqa: BLE001 - the heartbeat thread must never die
+                num_failures += 1
+                log.exception("heartbeat failed unexpectedly")
+
+    def stop(self, *, unregister: bool = True) -> None:
+        """Stop heartbeating and (by default) unregister. Idempotent; never raises."""
+        already_stopped = self._stop.is_set()
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=10)
+        if unregister and not already_stopped and self.num_registrations:
+            try:
+                self._client.call("UnregisterNode",
+                                  master_pb2.UnregisterNodeRequest(node_id=self._node.node_id),
+                                  timeout_s=2.0)
+            except KVStoreError as exc:
+                log.warning("could not unregister node %s: %s", self._node.node_id, exc)

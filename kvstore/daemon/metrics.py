@@ -1,0 +1,60 @@
+"""Prometheus metrics of a daemon, served on ``--metrics-port`` (bound to the daemon's host).
+
+Exported, read at scrape time: ``kvstore_daemon_connections_total``,
+``kvstore_daemon_reads_total``, ``kvstore_daemon_writes_total``,
+``kvstore_daemon_errors_total`` (refused or malformed requests, wrong tokens),
+``kvstore_daemon_read_bytes_total``, ``kvstore_daemon_written_bytes_total``,
+``kvstore_daemon_segment_capacity_bytes{segment,tier}`` and ``kvstore_daemon_objects`` (size
+of the local object table). Each daemon has its own registry, so several embedded daemons in
+one process do not collide.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, start_http_server
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+from kvstore._errors import ConfigError
+
+
+class _DaemonCollector:
+    def __init__(self, daemon):
+        self._daemon = daemon
+
+    def describe(self):
+        return []
+
+    def collect(self):
+        daemon = self._daemon
+        stats = daemon.dataplane.stats if daemon.dataplane is not None else None
+        if stats is not None:
+            for name, value, text in (
+                    ("connections", stats.num_connections, "Data-plane connections accepted"),
+                    ("reads", stats.num_reads, "READ requests served"),
+                    ("writes", stats.num_writes, "WRITE requests served"),
+                    ("errors", stats.num_errors, "Requests refused or malformed"),
+                    ("read_bytes", stats.bytes_read, "Bytes sent to clients"),
+                    ("written_bytes", stats.bytes_written, "Bytes received from clients")):
+                yield CounterMetricFamily(f"kvstore_daemon_{name}", text, value=value)
+        capacity = GaugeMetricFamily("kvstore_daemon_segment_capacity_bytes",
+                                     "Capacity of each segment", labels=["segment", "tier"])
+        for segment in daemon.segments:
+            capacity.add_metric([segment.segment_id, segment.tier.lower()], segment.size_bytes)
+        yield capacity
+        objects = daemon.objects
+        yield GaugeMetricFamily("kvstore_daemon_objects", "Objects in the local table",
+                                value=len(objects) if objects is not None else 0)
+
+
+def start_metrics_server(daemon, host: str, port: int):
+    """Serve /metrics on host:port in a thread; return the server (``.shutdown()`` stops it).
+
+    Raises ConfigError when the port cannot be bound.
+    """
+    registry = CollectorRegistry(auto_describe=True)
+    registry.register(_DaemonCollector(daemon))
+    try:
+        server, _thread = start_http_server(port, addr=host, registry=registry)
+    except OSError as exc:
+        raise ConfigError(f"cannot serve metrics on {host}:{port}: {exc}") from exc
+    return server

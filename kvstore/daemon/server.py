@@ -1,0 +1,177 @@
+"""The storage daemon: its segments, data-plane server and membership, wired together.
+
+``Daemon.start`` creates the segments, binds the data plane, registers with the master and
+starts heartbeats, in that order, so that when it returns the node is serving and known.
+``Daemon.stop`` unregisters, stops the data plane and removes the segments (shm names
+unlinked, SSD files deleted). ``run_in_thread`` is the embedded mode (``kvstore.local()``):
+the same code as ``kvstore daemon``, inside the caller's process.
+
+Errors: ``start`` raises ConfigError for a configuration the host cannot satisfy (shm too
+small, unusable SSD directory, no CUDA for --gpu, port in use) and MasterUnavailableError
+when registration gives up (only with a ``register_timeout_s``); it cleans up whatever it
+created before raising.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from typing import Callable
+
+from kvstore._errors import ConfigError
+from kvstore.daemon.config import DaemonConfig
+from kvstore.daemon.dataplane import DataPlaneServer
+from kvstore.daemon.segments import TIER_DRAM, TIER_HBM, TIER_SSD, FileSegment, Segment, ShmSegment
+from kvstore.transport.hostid import local_host_id
+
+log = logging.getLogger("kvstore.daemon")
+
+
+class Daemon:
+    """One storage node. Not reusable: ``start`` once, ``stop`` once (idempotent)."""
+
+    def __init__(self, config: DaemonConfig, *, clock: Callable[[], float] = time.monotonic):
+        self.config = config
+        self.node_id = config.node_id
+        self.host_id = local_host_id()
+        self._clock = clock
+        self.segments: list[Segment] = []
+        self.dataplane: DataPlaneServer | None = None
+        self.membership = None
+        self.objects = None
+        self._master_client = None
+        self._metrics_server = None
+        self.address = ""
+
+    def start(self) -> str:
+        """Create segments, serve, register; return the data-plane "host:port"."""
+        try:
+            self.segments = self._create_segments()
+            self.dataplane = DataPlaneServer(
+                self.segments, node_id=self.node_id, host=self.config.host,
+                port=self.config.port, token=self.config.token,
+                max_connections=self.config.max_connections,
+                handshake_timeout_s=self.config.handshake_timeout_s)
+            try:
+                self.address = self.dataplane.start()
+            except OSError as exc:
+                raise ConfigError(f"cannot bind data plane to {self.config.host}:"
+                                  f"{self.config.port}: {exc}") from exc
+            if self.config.metrics_port is not None:
+                from kvstore.daemon.metrics import start_metrics_server
+                self._metrics_server = start_metrics_server(self, self.config.host,
+                                                            self.config.metrics_port)
+            if self.config.master_addr is not None:
+                self._register()
+        except BaseException:
+            self.stop()
+            raise
+        log.info("node %s serving %s (%s)", self.node_id, self.address,
+                 ", ".join(f"{s.segment_id}={s.tier}:{s.size_bytes}" for s in self.segments))
+        return self.address
+
+    def _register(self) -> None:
+        # NOTE: imported here so that a standalone data plane needs no gRPC at all
+        from kvstore.daemon.membership import Membership
+        from kvstore.daemon.objects import ObjectTable
+        from kvstore.master.rpc_client import MasterClient
+
+        self._master_client = MasterClient(self.config.master_addr, token=self.config.token,
+                                           timeout_s=self.config.rpc_timeout_s)
+        self.objects = ObjectTable()
+        self.membership = Membership(self._master_client, self.node_info(), self.objects,
+                                     clock=self._clock)
+        self.membership.register(timeout_s=self.config.register_timeout_s)
+        self.membership.start_heartbeats()
+
+    def node_info(self):
+        """This node as the master's NodeInfo message."""
+        from kvstore.v1 import master_pb2
+
+        tier_to_proto = {TIER_DRAM: master_pb2.TIER_DRAM, TIER_SSD: master_pb2.TIER_SSD,
+                         TIER_HBM: master_pb2.TIER_HBM}
+        return master_pb2.NodeInfo(
+            node_id=self.node_id, host_id=self.host_id, data_addr=self.address,
+            segments=[master_pb2.SegmentInfo(segment_id=s.segment_id, tier=tier_to_proto[s.tier],
+                                             capacity_bytes=s.size_bytes, shm_name=s.shm_name,
+                                             path=s.path)
+                      for s in self.segments])
+
+    def _create_segments(self) -> list[Segment]:
+        config = self.config
+        segments: list[Segment] = []
+        prefix = f"kvstore-{self.node_id}"
+        try:
+            if config.dram_bytes:
+                try:
+                    segments.append(ShmSegment("dram0", config.dram_bytes, name_prefix=prefix))
+                except OSError as exc:
+                    raise ConfigError(f"cannot create a {config.dram_bytes}-byte shared-memory "
+                                      f"segment (is /dev/shm large enough?): {exc}") from exc
+            if config.ssd_dir is not None:
+                try:
+                    segments.append(FileSegment("ssd0", config.ssd_bytes,
+                                                directory=config.ssd_dir, name_prefix=prefix))
+                except OSError as exc:
+                    raise ConfigError(f"cannot create the SSD segment in {config.ssd_dir!r}: "
+                                      f"{exc}") from exc
+            if config.gpu_device is not None:
+                from kvstore.daemon.gpu_segment import GpuSegment
+                segments.append(GpuSegment("hbm0", config.gpu_bytes, device=config.gpu_device))
+        except BaseException:
+            for segment in segments:
+                segment.close()
+            raise
+        return segments
+
+    def stop(self) -> None:
+        """Unregister, stop serving, release the segments. Idempotent; never raises."""
+        if self.membership is not None:
+            self.membership.stop(unregister=True)
+        if self._master_client is not None:
+            self._master_client.close()
+            self._master_client = None
+        if self._metrics_server is not None:
+            self._metrics_server.shutdown()
+            self._metrics_server = None
+        if self.dataplane is not None:
+            self.dataplane.stop()
+        for segment in self.segments:
+            segment.close()
+        self.segments = []
+
+
+class RunningDaemon:
+    """A daemon serving inside this process (embedded mode). ``stop()`` is idempotent."""
+
+    def __init__(self, daemon: Daemon):
+        self._daemon = daemon
+        self.address = daemon.address
+        self.node_id = daemon.node_id
+        self._lock = threading.Lock()
+
+    @property
+    def daemon(self) -> Daemon:
+        return self._daemon
+
+    def stop(self) -> None:
+        with self._lock:
+            self._daemon.stop()
+
+    def __enter__(self) -> "RunningDaemon":
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.stop()
+
+
+def run_in_thread(config: DaemonConfig) -> RunningDaemon:
+    """Start a daemon in this process; return once it serves (and is registered, if it has a
+    master). Its data plane and heartbeats run on background daemon threads.
+
+    Raises what ``Daemon.start`` raises, with everything it created released.
+    """
+    daemon = Daemon(config)
+    daemon.start()
+    return RunningDaemon(daemon)

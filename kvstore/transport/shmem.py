@@ -1,0 +1,90 @@
+"""POSIX shared-memory segments: created by a daemon, mapped by same-host clients.
+
+Resource handling: ``create_shm`` creates the object with ``O_EXCL`` and mode 0600 (readable
+and writable by the daemon's user only) and returns a ``SharedSegment`` whose ``close``
+unmaps it and ``unlink`` removes the name. ``open_shm`` maps an existing object; its owner
+(the daemon) decides when the name goes away, so a client only ever unmaps.
+
+NOTE: we call ``_posixshmem`` (what ``multiprocessing.shared_memory`` is built on) rather than
+``SharedMemory`` itself, because before Python 3.13 a ``SharedMemory`` opened by a client is
+registered with the resource tracker, which unlinks the daemon's segment when the client exits.
+"""
+
+from __future__ import annotations
+
+import mmap
+import os
+import secrets
+
+import _posixshmem
+
+SHM_MODE = 0o600
+
+
+class SharedSegment:
+    """One mapped shared-memory object. ``view`` is a writable byte memoryview of all of it."""
+
+    def __init__(self, name: str, mapping: mmap.mmap, *, owner: bool):
+        self.name = name
+        self.size_bytes = len(mapping)
+        self.owner = owner
+        self._mapping = mapping
+        self.view = memoryview(mapping)
+
+    def close(self) -> None:
+        """Unmap. Idempotent. Views handed out earlier must be released first (or the unmap
+        is deferred to garbage collection; the mapping stays valid until then)."""
+        if self._mapping is None:
+            return
+        try:
+            self.view.release()
+            self._mapping.close()
+        except BufferError:
+            # NOTE: a caller still holds a slice of the view; the kernel unmaps when the last
+            # reference goes away, which is safe (the memory stays valid until then).
+            pass
+        self._mapping = None
+
+    def unlink(self) -> None:
+        """Remove the name (owner only); mappings that exist stay valid. Idempotent."""
+        try:
+            _posixshmem.shm_unlink(self.name)
+        except FileNotFoundError:
+            pass
+
+
+def unique_shm_name(prefix: str) -> str:
+    """A fresh, hard-to-guess name: ``/{prefix}-{pid}-{random}`` (no fixed names, ever)."""
+    safe_prefix = "".join(ch if ch.isalnum() or ch in "-_" else "_" for ch in prefix)[:40]
+    return f"/{safe_prefix}-{os.getpid()}-{secrets.token_hex(8)}"
+
+
+def create_shm(name: str, size_bytes: int) -> SharedSegment:
+    """Create, size and map a new shared-memory object with mode 0600.
+
+    Raises FileExistsError if the name is taken and OSError if the system refuses (e.g. the
+    size exceeds /dev/shm); nothing is left behind on failure.
+    """
+    fd = _posixshmem.shm_open(name, os.O_CREAT | os.O_EXCL | os.O_RDWR, mode=SHM_MODE)
+    try:
+        # NOTE: the umask may have dropped bits but never adds any; fchmod makes 0600 exact.
+        os.fchmod(fd, SHM_MODE)
+        os.ftruncate(fd, size_bytes)
+        mapping = mmap.mmap(fd, size_bytes)
+    except BaseException:
+        os.close(fd)
+        _posixshmem.shm_unlink(name)
+        raise
+    os.close(fd)
+    return SharedSegment(name, mapping, owner=True)
+
+
+def open_shm(name: str) -> SharedSegment:
+    """Map an existing shared-memory object read-write (OSError if absent or not allowed)."""
+    fd = _posixshmem.shm_open(name, os.O_RDWR, mode=0)
+    try:
+        size_bytes = os.fstat(fd).st_size
+        mapping = mmap.mmap(fd, size_bytes)
+    finally:
+        os.close(fd)
+    return SharedSegment(name, mapping, owner=False)

@@ -1,0 +1,249 @@
+"""The dependency-free transport: byte ranges over TCP to the daemon's data-plane server.
+
+Payloads never pass through Python bytes objects: a write sends the caller's buffer with
+``sendmsg`` and a read ``recv_into``s the caller's buffer. A range of at least
+``stripe_min_bytes`` is split into ``num_streams`` stripes sent over as many connections in
+parallel; a batch is split into up to ``num_streams`` groups, each pipelined on one
+connection (several requests in flight before their replies are read).
+
+Retries: every operation is idempotent (a write stores the same bytes at the same place), so
+an operation that failed on a pooled connection that had gone stale (the daemon restarted or
+closed it) is retried once on a fresh connection. Errors: ``TransferError`` naming the node
+(``TransferTimeoutError`` past ``timeout_s``), ``AuthenticationError`` when the daemon refuses
+the token, ``InvalidArgumentError`` for a buffer whose size differs from the range.
+"""
+
+from __future__ import annotations
+
+import collections
+import concurrent.futures
+import time
+from typing import Sequence
+
+from kvstore._errors import InvalidArgumentError, TransferError
+from kvstore.transport import buffers
+from kvstore.transport.base import Target, Transport
+from kvstore.transport.frames import MAX_TOKEN_BYTES, Op, Status, recv_exact_into
+from kvstore.transport.tcp_conn import (
+    Connection,
+    ConnectionPool,
+    Deadline,
+    ReplyError,
+    map_os_error,
+)
+
+DEFAULT_NUM_STREAMS = 4
+DEFAULT_STRIPE_MIN_BYTES = 8 * 1024 * 1024
+# NOTE: requests in flight per connection in a batch: enough to hide a round trip, few
+# enough that the daemon's replies never fill its socket buffer while we are still sending.
+PIPELINE_DEPTH = 16
+
+
+class TcpTransport(Transport):
+    """Reads and writes segment ranges of any reachable daemon over its TCP data plane.
+
+    Thread-safe: connections are taken from a per-node pool, used by one thread, returned.
+    ``close()`` closes idle connections and refuses further use (idempotent).
+    """
+
+    name = "tcp"
+
+    def __init__(self, token: str | None = None, num_streams: int = DEFAULT_NUM_STREAMS, *,
+                 stripe_min_bytes: int = DEFAULT_STRIPE_MIN_BYTES,
+                 max_idle_per_node: int = 32):
+        if num_streams < 1:
+            raise InvalidArgumentError(f"num_streams must be >= 1, got {num_streams}")
+        if token is not None and len(token.encode()) > MAX_TOKEN_BYTES:
+            raise InvalidArgumentError(f"token longer than {MAX_TOKEN_BYTES} bytes")
+        self.num_streams = num_streams
+        self.stripe_min_bytes = stripe_min_bytes
+        self._pool = ConnectionPool(token=token, max_idle_per_node=max_idle_per_node)
+        self._executor = concurrent.futures.ThreadPoolExecutor(
+            max_workers=max(1, num_streams - 1), thread_name_prefix="kvstore-tcp")
+
+    def can_reach(self, target: Target) -> bool:
+        return bool(target.data_addr)
+
+    def write(self, target: Target, src: memoryview, *, timeout_s: float) -> None:
+        src = buffers.as_bytes_view(src, target.length)
+        self._transfer(Op.WRITE, target, src, Deadline(timeout_s, target.node_id))
+
+    def read_into(self, target: Target, dst: memoryview, *, timeout_s: float) -> None:
+        dst = buffers.as_bytes_view(dst, target.length, writable=True)
+        self._transfer(Op.READ, target, dst, Deadline(timeout_s, target.node_id))
+
+    def write_many(self, items: Sequence[tuple[Target, memoryview]], *,
+                   timeout_s: float) -> list[BaseException | None]:
+        return self._batch(Op.WRITE, items, timeout_s)
+
+    def read_many(self, items: Sequence[tuple[Target, memoryview]], *,
+                  timeout_s: float) -> list[BaseException | None]:
+        return self._batch(Op.READ, items, timeout_s)
+
+    def close(self) -> None:
+        self._pool.close()
+        self._executor.shutdown(wait=False)
+
+    # ---- single ranges -------------------------------------------------------------------
+
+    def _transfer(self, op: Op, target: Target, buffer: memoryview, deadline: Deadline) -> None:
+        if target.offset < 0:
+            raise InvalidArgumentError(f"negative offset {target.offset}")
+        if self.num_streams == 1 or target.length < self.stripe_min_bytes:
+            self._transfer_once(op, target, buffer, deadline)
+            return
+        stripe_bytes = -(-target.length // self.num_streams)
+        stripes = [(start, min(stripe_bytes, target.length - start))
+                   for start in range(0, target.length, stripe_bytes)]
+        futures = [self._executor.submit(self._transfer_stripe, op, target, buffer, start,
+                                         length, deadline) for start, length in stripes[1:]]
+        first_error: BaseException | None = None
+        try:
+            self._transfer_stripe(op, target, buffer, *stripes[0], deadline)
+        except BaseException as exc:  # noqa: BLE001 - the other stripes must be awaited
+            first_error = exc
+        for future in futures:
+            try:
+                future.result()
+            except BaseException as exc:  # noqa: BLE001
+                first_error = first_error or exc
+        if first_error is not None:
+            raise first_error
+
+    def _transfer_stripe(self, op: Op, target: Target, buffer: memoryview, start: int,
+                         length: int, deadline: Deadline) -> None:
+        stripe = Target(target.node_id, target.host_id, target.data_addr, target.segment_id,
+                        target.shm_name, target.offset + start, length)
+        self._transfer_once(op, stripe, buffer[start:start + length], deadline)
+
+    def _transfer_once(self, op: Op, target: Target, buffer: memoryview,
+                       deadline: Deadline) -> None:
+        """One request on one connection; retried once if a pooled connection was stale."""
+        for attempt in range(2):
+            conn, reused = self._pool.acquire(target.data_addr, target.node_id, deadline)
+            try:
+                self._exchange(conn, op, target, buffer, deadline)
+            except ReplyError as exc:
+                self._finish(conn, healthy=op == Op.READ and exc.status != Status.BAD_FRAME)
+                raise
+            except TransferError:
+                conn.close()
+                raise
+            except OSError as exc:
+                conn.close()
+                if reused and attempt == 0 and not isinstance(exc, TimeoutError):
+                    continue
+                raise map_os_error(exc, target.node_id, op.name.lower()) from exc
+            self._pool.release(conn)
+            return
+
+    def _finish(self, conn: Connection, *, healthy: bool) -> None:
+        # NOTE: after a refused WRITE the server closes: the connection is not reusable.
+        if healthy:
+            self._pool.release(conn)
+        else:
+            conn.close()
+
+    def _exchange(self, conn: Connection, op: Op, target: Target, buffer: memoryview,
+                  deadline: Deadline) -> None:
+        conn.set_deadline(deadline)
+        segment_id = target.segment_id.encode()
+        conn.send_request(op, segment_id, target.offset, target.length,
+                          buffer if op == Op.WRITE else None)
+        self._receive(conn, op, target, buffer)
+
+    def _receive(self, conn: Connection, op: Op, target: Target, buffer: memoryview) -> None:
+        status, message, length = conn.read_reply()
+        if status != Status.OK:
+            raise ReplyError(f"tcp {target.node_id}: {op.name.lower()} of segment "
+                             f"{target.segment_id!r} [{target.offset}, +{target.length}) "
+                             f"refused: {status.name}: {message}", status)
+        expected = target.length if op == Op.READ else 0
+        if length != expected:
+            raise TransferError(f"tcp {target.node_id}: reply carries {length} bytes, "
+                                f"expected {expected}")
+        if op == Op.READ and length:
+            recv_exact_into(conn.sock, buffer)
+
+    # ---- batches -------------------------------------------------------------------------
+
+    def _batch(self, op: Op, items: Sequence[tuple[Target, memoryview]],
+               timeout_s: float) -> list[BaseException | None]:
+        results: list[BaseException | None] = [None] * len(items)
+        views: list[memoryview | None] = [None] * len(items)
+        addr_to_indices: dict[str, list[int]] = collections.defaultdict(list)
+        for index, (target, buffer) in enumerate(items):
+            try:
+                views[index] = buffers.as_bytes_view(buffer, target.length,
+                                                     writable=op == Op.READ)
+                if target.offset < 0:
+                    raise InvalidArgumentError(f"negative offset {target.offset}")
+                addr_to_indices[target.data_addr].append(index)
+            except InvalidArgumentError as exc:
+                results[index] = exc
+        groups: list[list[int]] = []
+        for indices in addr_to_indices.values():
+            num_groups = min(self.num_streams, len(indices))
+            groups.extend(indices[g::num_groups] for g in range(num_groups))
+        futures = [self._executor.submit(self._run_group, op, items, views, group, results,
+                                         timeout_s) for group in groups[1:]]
+        if groups:
+            self._run_group(op, items, views, groups[0], results, timeout_s)
+        for future in futures:
+            future.result()
+        return results
+
+    def _run_group(self, op: Op, items: Sequence[tuple[Target, memoryview]],
+                   views: list[memoryview | None], group: list[int],
+                   results: list[BaseException | None], timeout_s: float) -> None:
+        """Pipeline ``group``'s requests on one connection; fill ``results`` for them.
+
+        Items left unanswered when the connection breaks are retried one by one on fresh
+        connections, so one bad item never fails its neighbours.
+        """
+        first = items[group[0]][0]
+        deadline = Deadline(timeout_s, first.node_id)
+        unresolved = list(group)
+        try:
+            conn, _ = self._pool.acquire(first.data_addr, first.node_id, deadline)
+        except Exception as exc:  # noqa: BLE001 - reported per item
+            for index in group:
+                results[index] = exc
+            return
+        in_flight: collections.deque[int] = collections.deque()
+        next_pos = 0
+        healthy = True
+        try:
+            conn.set_deadline(deadline)
+            while next_pos < len(group) or in_flight:
+                while next_pos < len(group) and len(in_flight) < PIPELINE_DEPTH:
+                    index = group[next_pos]
+                    target = items[index][0]
+                    conn.send_request(op, target.segment_id.encode(), target.offset,
+                                      target.length, views[index] if op == Op.WRITE else None)
+                    in_flight.append(index)
+                    next_pos += 1
+                index = in_flight.popleft()
+                try:
+                    self._receive(conn, op, items[index][0], views[index])
+                except ReplyError as exc:
+                    results[index] = exc
+                    unresolved.remove(index)
+                    if op == Op.WRITE or exc.status == Status.BAD_FRAME:
+                        healthy = False
+                        break
+                    continue
+                unresolved.remove(index)
+        except (OSError, TransferError):
+            healthy = False
+        if healthy:
+            self._pool.release(conn)
+        else:
+            conn.close()
+        for index in unresolved:
+            target = items[index][0]
+            try:
+                self._transfer_once(op, target, views[index],
+                                    Deadline(deadline.at_s - time.monotonic(), target.node_id))
+            except Exception as exc:  # noqa: BLE001 - reported per item
+                results[index] = exc

@@ -1,0 +1,176 @@
+"""One client connection to a daemon's data plane, and the per-node pool that reuses them.
+
+A ``Connection`` speaks the frames of ``kvstore.transport.frames``: it performs the
+handshake when opened, then sends requests and reads replies. It knows nothing about retries,
+striping or batches (that is ``tcp.TcpTransport``). OS errors are mapped into kvstore's error
+tree here, once, by ``map_os_error``.
+
+Resource handling: a connection whose stream state is uncertain (an OS error, a timeout, a
+refused WRITE after which the server closes) is closed, never returned to the pool.
+"""
+
+from __future__ import annotations
+
+import collections
+import socket
+import threading
+import time
+
+from kvstore._errors import AuthenticationError, TransferError, TransferTimeoutError
+from kvstore.transport import frames
+from kvstore.transport.frames import Op, Status
+
+
+class ReplyError(TransferError):
+    """The daemon answered a request with an error status (the range was refused)."""
+
+    def __init__(self, message: str, status: Status):
+        super().__init__(message)
+        self.status = status
+
+
+def split_address(data_addr: str) -> tuple[str, int]:
+    """``host:port`` (or ``[v6]:port``) -> (host, port); TransferError when malformed."""
+    host, _, port = data_addr.rpartition(":")
+    host = host.strip("[]")
+    if not host or not port.isdigit():
+        raise TransferError(f"tcp: malformed data-plane address {data_addr!r}")
+    return host, int(port)
+
+
+def map_os_error(exc: BaseException, node_id: str, what: str) -> TransferError:
+    """The kvstore error for an OS/socket failure while doing ``what`` with ``node_id``."""
+    if isinstance(exc, TransferError):
+        return exc
+    if isinstance(exc, (socket.timeout, TimeoutError)):
+        return TransferTimeoutError(f"tcp {node_id}: {what}: deadline exceeded")
+    return TransferError(f"tcp {node_id}: {what}: {exc}")
+
+
+class Deadline:
+    """An absolute deadline on the monotonic clock; ``remaining_s`` raises when past it."""
+
+    def __init__(self, timeout_s: float, node_id: str):
+        self.at_s = time.monotonic() + timeout_s
+        self.node_id = node_id
+
+    def remaining_s(self) -> float:
+        remaining = self.at_s - time.monotonic()
+        if remaining <= 0:
+            raise TransferTimeoutError(f"tcp {self.node_id}: deadline exceeded")
+        return remaining
+
+
+class Connection:
+    """An open, authenticated data-plane connection. Not thread-safe: one user at a time."""
+
+    def __init__(self, data_addr: str, *, token: str | None, deadline: Deadline):
+        host, port = split_address(data_addr)
+        self.data_addr = data_addr
+        self.sock = socket.create_connection((host, port), timeout=deadline.remaining_s())
+        self._next_request_id = 0
+        try:
+            frames.configure_socket(self.sock)
+            self.sock.sendall(frames.encode_hello(token))
+            status, message, _ = self.read_reply()
+        except BaseException:
+            self.sock.close()
+            raise
+        if status == Status.AUTH_FAILED:
+            self.sock.close()
+            raise AuthenticationError(f"tcp {data_addr}: data plane refused the token: {message}")
+        if status != Status.OK:
+            self.sock.close()
+            raise TransferError(f"tcp {data_addr}: handshake refused: {status.name} {message}")
+        self.node_id = message
+
+    def send_request(self, op: Op, segment_id: bytes, offset: int, length: int,
+                     payload: memoryview | None = None) -> None:
+        """Send one request (and, for WRITE, its payload) in as few syscalls as possible."""
+        self._next_request_id += 1
+        header = frames.encode_request(op, segment_id, self._next_request_id, offset, length)
+        if payload is None or len(payload) == 0:
+            self.sock.sendall(header)
+        else:
+            frames.sendmsg_all(self.sock, [header, payload])
+
+    def read_reply(self) -> tuple[Status, str, int]:
+        """Read one reply header and message: (status, message, payload length)."""
+        header = frames.recv_exact(self.sock, frames.REPLY.size)
+        status_code, _, msg_len, _, length = frames.REPLY.unpack(header)
+        message = frames.recv_exact(self.sock, msg_len).decode(errors="replace") if msg_len else ""
+        try:
+            status = Status(status_code)
+        except ValueError:
+            raise TransferError(f"tcp {self.data_addr}: reply with unknown status "
+                                f"{status_code}") from None
+        return status, message, length
+
+    def set_deadline(self, deadline: Deadline) -> None:
+        self.sock.settimeout(deadline.remaining_s())
+
+    def close(self) -> None:
+        try:
+            self.sock.close()
+        except OSError:
+            pass
+
+
+class ConnectionPool:
+    """Idle connections per data address, up to ``max_idle_per_node`` each. Thread-safe."""
+
+    def __init__(self, *, token: str | None, max_idle_per_node: int):
+        self.token = token
+        self.max_idle_per_node = max_idle_per_node
+        self._lock = threading.Lock()
+        self._addr_to_idle: dict[str, collections.deque[Connection]] = {}
+        self._closed = False
+
+    def acquire(self, data_addr: str, node_id: str, deadline: Deadline) -> tuple[Connection, bool]:
+        """An idle or new connection to ``data_addr``, checked to lead to ``node_id``.
+
+        Returns (connection, reused). Raises TransferError (ClosedError-like message after
+        ``close``), AuthenticationError on a refused token.
+        """
+        with self._lock:
+            if self._closed:
+                raise TransferError(f"tcp {node_id}: transport is closed")
+            idle = self._addr_to_idle.get(data_addr)
+            if idle and (not node_id or idle[-1].node_id == node_id):
+                return idle.pop(), True
+            stale = self._addr_to_idle.pop(data_addr, None) if idle else None
+        for conn in stale or ():
+            conn.close()  # they lead to another node than the one now at this address
+        try:
+            conn = Connection(data_addr, token=self.token, deadline=deadline)
+        except OSError as exc:
+            raise map_os_error(exc, node_id, f"connect {data_addr}") from exc
+        if node_id and conn.node_id != node_id:
+            conn.close()
+            self.discard_idle(data_addr)
+            raise TransferError(f"tcp {node_id}: {data_addr} is served by node "
+                                f"{conn.node_id!r} now (did the daemon restart?)")
+        return conn, False
+
+    def release(self, conn: Connection) -> None:
+        """Return a healthy connection for reuse (closed instead if the pool is full)."""
+        with self._lock:
+            if not self._closed:
+                idle = self._addr_to_idle.setdefault(conn.data_addr, collections.deque())
+                if len(idle) < self.max_idle_per_node:
+                    idle.append(conn)
+                    return
+        conn.close()
+
+    def discard_idle(self, data_addr: str) -> None:
+        with self._lock:
+            idle = self._addr_to_idle.pop(data_addr, None)
+        for conn in idle or ():
+            conn.close()
+
+    def close(self) -> None:
+        with self._lock:
+            self._closed = True
+            addrs = list(self._addr_to_idle)
+        for data_addr in addrs:
+            self.discard_idle(data_addr)
