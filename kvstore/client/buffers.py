@@ -81,6 +81,8 @@ def as_destination(out: Any) -> memoryview:
     """
     if isinstance(out, bytearray):
         return memoryview(out)
+    if isinstance(out, bytes):
+        raise InvalidArgumentError("out is read-only (bytes); pass a bytearray or an array")
     if isinstance(out, memoryview):
         view = out
     else:

@@ -14,6 +14,9 @@ from kvstore._units import parse_size
 from kvstore.client.config import make_config
 from kvstore.client.store import KVStore
 
+# The master runs in this process, so registration either works at once or never will.
+EMBEDDED_REGISTER_TIMEOUT_S = 10.0
+
 
 def local(dram: str | int = "1GiB", ssd: str | None = None, **options: Any) -> KVStore:
     """A KVStore over a master and a daemon with ``dram`` bytes of DRAM (and the optional SSD
@@ -22,7 +25,7 @@ def local(dram: str | int = "1GiB", ssd: str | None = None, **options: Any) -> K
     ``options`` are those of ``kvstore.connect`` (token, transport, timeout_s, ...). Raises
     ConfigError for a bad size or SSD spec; the servers are stopped if startup fails.
     """
-    from kvstore.daemon.config import DaemonConfig
+    from kvstore.daemon.config import DaemonConfig, split_tier_spec
     from kvstore.daemon.server import run_in_thread as run_daemon
     from kvstore.master.config import MasterConfig
     from kvstore.master.server import run_in_thread as run_master
@@ -31,14 +34,24 @@ def local(dram: str | int = "1GiB", ssd: str | None = None, **options: Any) -> K
     transport = options.pop("transport", "auto")
     config = make_config(token, transport, options)
     dram_bytes = parse_size(dram)
+    ssd_dir, ssd_bytes = split_tier_spec(ssd, "ssd") if ssd is not None else (None, 0)
     master = run_master(MasterConfig(host="127.0.0.1", port=0, token=config.token))
     stops = [master.stop]
     try:
-        daemon = run_daemon(DaemonConfig(master=master.address, host="127.0.0.1", port=0,
-                                         dram_bytes=dram_bytes, ssd=ssd, token=config.token))
+        daemon = run_daemon(DaemonConfig(
+            master_addr=master.address, host="127.0.0.1", port=0, dram_bytes=dram_bytes,
+            ssd_dir=ssd_dir, ssd_bytes=ssd_bytes, token=config.token,
+            register_timeout_s=EMBEDDED_REGISTER_TIMEOUT_S))
         stops.append(daemon.stop)
-        return KVStore(master.address, config, on_close=stops)
+        store = KVStore(master.address, config, on_close=stops)
     except BaseException:
         for stop in reversed(stops):
             stop()
         raise
+    try:
+        store.stats()  # the same readiness check as connect; learns the master's batch limit
+    except BaseException:
+        store.close()
+        raise
+    return store
+

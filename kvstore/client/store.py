@@ -30,6 +30,9 @@ from kvstore.transport import local_host_id, make_transports
 from kvstore.v1 import master_pb2
 
 
+DEFAULT_MAX_BATCH = 65536
+
+
 def _raise_if_error(result: Any) -> Any:
     if isinstance(result, KVStoreError):
         raise result
@@ -58,6 +61,8 @@ class KVStore:
         self.host_id = local_host_id()
         self._on_close = list(on_close)
         self._closed = False
+        # most keys the master takes in one request; learnt from Stats (connect asks)
+        self._max_batch = DEFAULT_MAX_BATCH
         self._close_lock = threading.Lock()
         self._master = MasterClient(address, token=config.token,
                                     timeout_s=config.rpc_timeout_s)
@@ -94,7 +99,8 @@ class KVStore:
             rpc_timeout_s=self.config.rpc_timeout_s, client_id=self.client_id,
             host_id=self.host_id, soft_pin_ttl_s=soft_pin_ttl_s, hard_pin=hard_pin)
         with self._closing_guard():
-            return put_batch(self._master, self._transfers, keys, values, settings)
+            return self._chunked(lambda lo, hi: put_batch(
+                self._master, self._transfers, keys[lo:hi], values[lo:hi], settings), len(keys))
 
     # ---- get ----------------------------------------------------------------------------
     def get(self, key: str, *, verify: bool | None = None, timeout_s: float | None = None,
@@ -145,9 +151,11 @@ class KVStore:
             host_id=self.host_id, verify=self.config.verify if verify is None else bool(verify),
             lease_ttl_s=(self.config.lease_ttl_s if lease_ttl_s is None
                          else check_timeout(lease_ttl_s, "lease_ttl_s")))
+        allocate = None if outs is not None else new_bytes
         with self._closing_guard():
-            return get_batch(self._master, self._transfers, keys, outs,
-                             None if outs is not None else new_bytes, settings)
+            return self._chunked(lambda lo, hi: get_batch(
+                self._master, self._transfers, keys[lo:hi],
+                outs[lo:hi] if outs is not None else None, allocate, settings), len(keys))
 
     # ---- metadata -----------------------------------------------------------------------
     def exists(self, key: str) -> bool:
@@ -205,10 +213,13 @@ class KVStore:
         """Cluster figures from the master plus this client's own: which transports it has
         (preference order) and, per transport, reads/writes/bytes/errors it served."""
         reply = self._call("Stats", master_pb2.StatsRequest())
-        master = {field.name: value for field, value in reply.ListFields() if field.name != "tiers"}
-        master["tiers"] = [{"tier": master_pb2.Tier.Name(t.tier), "capacity_bytes": t.capacity_bytes,
-                            "used_bytes": t.used_bytes, "num_objects": t.num_objects}
-                           for t in reply.tiers]
+        master = {field.name: getattr(reply, field.name) for field in reply.DESCRIPTOR.fields
+                  if field.name != "tiers"}
+        master["tiers"] = [{"tier": master_pb2.Tier.Name(t.tier),
+                            "capacity_bytes": t.capacity_bytes, "used_bytes": t.used_bytes,
+                            "num_objects": t.num_objects} for t in reply.tiers]
+        if reply.max_batch:
+            self._max_batch = reply.max_batch
         return {"address": self.address, "client_id": self.client_id, "host_id": self.host_id,
                 "transports": [t.name for t in self._transfers.transports],
                 "transfers": self._transfers.stats(), "master": master}
@@ -249,6 +260,15 @@ class KVStore:
         seconds = self.config.timeout_s if timeout_s is None else check_timeout(timeout_s,
                                                                                 "timeout_s")
         return time.monotonic() + seconds
+
+    def _chunked(self, run: Callable[[int, int], list[Any]], num_keys: int) -> list[Any]:
+        """Run a batch flow over slices of at most the master's ``max_batch`` keys."""
+        if num_keys <= self._max_batch:
+            return run(0, num_keys)
+        results: list[Any] = []
+        for lo in range(0, num_keys, self._max_batch):
+            results.extend(run(lo, min(num_keys, lo + self._max_batch)))
+        return results
 
     def _checked_names(self, keys: Sequence[str]) -> list[str]:
         self._check_open()
