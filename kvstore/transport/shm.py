@@ -13,7 +13,7 @@ import ctypes
 import threading
 import numpy as np
 
-from kvstore._errors import TransferError
+from kvstore._errors import ClosedError, TransferError
 from kvstore.transport import buffers
 from kvstore.transport.base import Target, Transport
 from kvstore.transport.hostid import local_host_id
@@ -104,7 +104,7 @@ class ShmTransport(Transport):
     def _mapping(self, target: Target) -> _Mapping:
         with self._lock:
             if self._closed:
-                raise TransferError(f"shm {target.node_id}: transport is closed")
+                raise ClosedError(f"shm {target.node_id}: transport is closed")
             mapping = self._name_to_mapping.get(target.shm_name)
             if mapping is not None:
                 return mapping

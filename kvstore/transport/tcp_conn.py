@@ -16,7 +16,9 @@ import socket
 import threading
 import time
 
-from kvstore._errors import AuthenticationError, TransferError, TransferTimeoutError
+from kvstore._errors import (
+    AuthenticationError, ClosedError, TransferError, TransferTimeoutError,
+)
 from kvstore.transport import frames
 from kvstore.transport.frames import Op, Status
 
@@ -129,12 +131,12 @@ class ConnectionPool:
     def acquire(self, data_addr: str, node_id: str, deadline: Deadline) -> tuple[Connection, bool]:
         """An idle or new connection to ``data_addr``, checked to lead to ``node_id``.
 
-        Returns (connection, reused). Raises TransferError (ClosedError-like message after
-        ``close``), AuthenticationError on a refused token.
+        Returns (connection, reused). Raises TransferError, ClosedError after
+        ``close``, AuthenticationError on a refused token.
         """
         with self._lock:
             if self._closed:
-                raise TransferError(f"tcp {node_id}: transport is closed")
+                raise ClosedError(f"tcp {node_id}: transport is closed")
             idle = self._addr_to_idle.get(data_addr)
             if idle and (not node_id or idle[-1].node_id == node_id):
                 return idle.pop(), True

@@ -1,0 +1,215 @@
+"""One conformance suite, run against every transport (shm, tcp): each must move the exact
+bytes of every size, refuse what lies outside a segment without touching neighbours, report
+per item in batches, and fail with kvstore's errors naming the node.
+
+The cluster is real: a `kvstore master` and a `kvstore daemon` process on loopback; the
+segments' shm names and addresses come from the master's ListNodes, as a client gets them.
+"""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+
+import numpy as np
+import pytest
+from servers import ServerProcess
+
+from kvstore import ClosedError, InvalidArgumentError, TransferError, TransferTimeoutError
+from kvstore.master.rpc_client import MasterClient
+from kvstore.transport import local_host_id, make_transports
+from kvstore.transport.base import Target
+from kvstore.transport.shm import ShmTransport
+from kvstore.transport.tcp import TcpTransport
+from kvstore.v1 import master_pb2
+
+SEGMENT_BYTES = 192 * 1024 * 1024
+SIZES = [0, 1, 4095, 64 * 1024, 1024 * 1024 + 1, 64 * 1024 * 1024]
+TIMEOUT_S = 20.0
+KINDS = ["shm", "tcp"]
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    with ServerProcess(["master", "--port", "0"]) as master:
+        with ServerProcess(["daemon", "--master", master.address, "--dram",
+                            str(SEGMENT_BYTES), "--node-id", "conformance-node"]) as daemon:
+            with MasterClient(master.address) as client:
+                nodes = client.call("ListNodes", master_pb2.ListNodesRequest()).nodes
+            yield daemon, nodes[0]
+
+
+def make_target(node: master_pb2.NodeInfo, offset: int, length: int) -> Target:
+    segment = node.segments[0]
+    return Target(node.node_id, node.host_id, node.data_addr, segment.segment_id,
+                  segment.shm_name, offset, length)
+
+
+@pytest.fixture(params=KINDS)
+def transport(request):
+    with make_transports(request.param)[0] as transport:
+        yield transport
+
+
+def random_bytes(size: int, seed: int) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, size, dtype=np.uint8)
+
+
+@pytest.mark.parametrize("size", SIZES)
+def test_roundtrip_is_byte_identical(cluster, transport, size):
+    _, node = cluster
+    data = random_bytes(size, size)
+    target = make_target(node, 4096 + size % 7, size)
+    transport.write(target, memoryview(data), timeout_s=TIMEOUT_S)
+    out = np.zeros(size, dtype=np.uint8)
+    transport.read_into(target, memoryview(out), timeout_s=TIMEOUT_S)
+    assert np.array_equal(out, data)
+
+
+@pytest.mark.parametrize("writer_kind, reader_kind", [("shm", "tcp"), ("tcp", "shm")])
+def test_transports_see_the_same_segment(cluster, writer_kind, reader_kind):
+    _, node = cluster
+    (writer,), (reader,) = make_transports(writer_kind), make_transports(reader_kind)
+    data = random_bytes(1024 * 1024 + 1, 7)
+    target = make_target(node, 80 * 1024 * 1024 + 3, len(data))
+    writer.write(target, memoryview(data), timeout_s=TIMEOUT_S)
+    out = np.zeros(len(data), dtype=np.uint8)
+    reader.read_into(target, memoryview(out), timeout_s=TIMEOUT_S)
+    assert np.array_equal(out, data)
+    writer.close()
+    reader.close()
+
+
+def test_last_bytes_of_segment_are_reachable(cluster, transport):
+    _, node = cluster
+    data = random_bytes(4096, 3)
+    target = make_target(node, SEGMENT_BYTES - 4096, 4096)
+    transport.write(target, memoryview(data), timeout_s=TIMEOUT_S)
+    out = np.zeros(4096, dtype=np.uint8)
+    transport.read_into(target, memoryview(out), timeout_s=TIMEOUT_S)
+    assert np.array_equal(out, data)
+
+
+def test_range_past_segment_end_is_refused_and_writes_nothing(cluster, transport):
+    _, node = cluster
+    guard = random_bytes(4096, 11)
+    guard_target = make_target(node, SEGMENT_BYTES - 4096, 4096)
+    transport.write(guard_target, memoryview(guard), timeout_s=TIMEOUT_S)
+    past_end = make_target(node, SEGMENT_BYTES - 100, 4096)
+    with pytest.raises(TransferError, match="conformance-node"):
+        transport.write(past_end, memoryview(np.zeros(4096, np.uint8)), timeout_s=TIMEOUT_S)
+    with pytest.raises(TransferError, match="conformance-node"):
+        transport.read_into(past_end, memoryview(np.zeros(4096, np.uint8)), timeout_s=TIMEOUT_S)
+    # the transport is still usable and the bytes next to the refused range are intact
+    out = np.zeros(4096, dtype=np.uint8)
+    transport.read_into(guard_target, memoryview(out), timeout_s=TIMEOUT_S)
+    assert np.array_equal(out, guard)
+
+
+def test_buffer_of_wrong_size_is_invalid_argument(cluster, transport):
+    _, node = cluster
+    target = make_target(node, 0, 100)
+    with pytest.raises(InvalidArgumentError):
+        transport.write(target, memoryview(bytes(99)), timeout_s=TIMEOUT_S)
+    with pytest.raises(InvalidArgumentError):
+        transport.read_into(target, memoryview(bytearray(101)), timeout_s=TIMEOUT_S)
+    with pytest.raises(InvalidArgumentError):
+        transport.read_into(target, memoryview(bytes(100)), timeout_s=TIMEOUT_S)  # read-only
+
+
+def test_batches_report_per_item_and_keep_order(cluster, transport):
+    _, node = cluster
+    num_items, item_bytes = 130, 64 * 1024
+    base = 96 * 1024 * 1024
+    sources = [random_bytes(item_bytes, 100 + i) for i in range(num_items)]
+    items = [(make_target(node, base + i * item_bytes, item_bytes), memoryview(src))
+             for i, src in enumerate(sources)]
+    items[5] = (make_target(node, SEGMENT_BYTES, item_bytes), items[5][1])  # out of range
+    results = transport.write_many(items, timeout_s=TIMEOUT_S)
+    assert isinstance(results[5], TransferError)
+    assert all(r is None for i, r in enumerate(results) if i != 5)
+    outs = [np.zeros(item_bytes, np.uint8) for _ in range(num_items)]
+    read_items = [(target, memoryview(out)) for (target, _), out in zip(items, outs)]
+    results = transport.read_many(read_items, timeout_s=TIMEOUT_S)
+    assert isinstance(results[5], TransferError)
+    for i in range(num_items):
+        if i != 5:
+            assert results[i] is None
+            assert np.array_equal(outs[i], sources[i]), i
+
+
+def test_concurrent_threads_write_disjoint_ranges(cluster, transport):
+    _, node = cluster
+    item_bytes = 3 * 1024 * 1024 + 5
+    base = 120 * 1024 * 1024
+    sources = [random_bytes(item_bytes, 200 + i) for i in range(6)]
+    errors: list[BaseException] = []
+
+    def work(i: int) -> None:
+        try:
+            transport.write(make_target(node, base + i * item_bytes, item_bytes),
+                            memoryview(sources[i]), timeout_s=TIMEOUT_S)
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(6)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert not errors
+    for i in range(6):
+        out = np.zeros(item_bytes, np.uint8)
+        transport.read_into(make_target(node, base + i * item_bytes, item_bytes),
+                            memoryview(out), timeout_s=TIMEOUT_S)
+        assert np.array_equal(out, sources[i])
+
+
+def test_closed_transport_refuses_use(cluster, transport):
+    _, node = cluster
+    transport.close()
+    transport.close()  # idempotent
+    with pytest.raises(ClosedError):
+        transport.read_into(make_target(node, 0, 1), memoryview(bytearray(1)),
+                            timeout_s=TIMEOUT_S)
+
+
+def test_unreachable_segment_names_the_node(transport):
+    target = Target("ghost-node", local_host_id(), "127.0.0.1:1", "dram0",
+                    "/kvstore-ghost-does-not-exist", 0, 10)
+    with pytest.raises(TransferError, match="ghost-node"):
+        transport.read_into(target, memoryview(bytearray(10)), timeout_s=TIMEOUT_S)
+
+
+def test_can_reach_follows_host_and_shm_name(cluster):
+    _, node = cluster
+    target = make_target(node, 0, 1)
+    assert ShmTransport().can_reach(target)
+    other_host = Target(target.node_id, "another-host", target.data_addr, target.segment_id,
+                        target.shm_name, 0, 1)
+    assert not ShmTransport().can_reach(other_host)
+    assert TcpTransport().can_reach(other_host)
+
+
+def test_tcp_times_out_on_a_silent_peer():
+    with socket.create_server(("127.0.0.1", 0)) as silent:
+        host, port = silent.getsockname()
+        target = Target("silent-node", "h", f"{host}:{port}", "dram0", "", 0, 10)
+        started_s = time.monotonic()
+        with pytest.raises(TransferTimeoutError, match="silent-node"):
+            TcpTransport().read_into(target, memoryview(bytearray(10)), timeout_s=0.3)
+        assert time.monotonic() - started_s < 5
+
+
+def test_make_transports_kinds():
+    assert [t.name for t in make_transports()] == ["shm", "tcp"]
+    assert [t.name for t in make_transports("shm")] == ["shm"]
+    assert [t.name for t in make_transports("tcp", token="t")] == ["tcp"]
+    with pytest.raises(InvalidArgumentError, match="auto, shm, tcp"):
+        make_transports("carrier-pigeon")
+
+
+def test_local_host_id_is_stable():
+    assert local_host_id() == local_host_id()
+    assert len(local_host_id()) >= 16
