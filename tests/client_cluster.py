@@ -19,6 +19,7 @@ import numpy as np
 from servers import ServerProcess
 
 import kvstore
+from kvstore.master.rpc_client import MasterClient
 from kvstore.v1 import master_pb2
 
 
@@ -50,7 +51,7 @@ class Cluster:
 
     def wait_nodes(self, num_nodes: int, timeout_s: float = 20.0) -> None:
         """Wait until the master lists ``num_nodes`` nodes (daemons register asynchronously)."""
-        master = kvstore.master.rpc_client.MasterClient(self.address, token=self.token)
+        master = MasterClient(self.address, token=self.token)
         try:
             deadline = time.monotonic() + timeout_s
             while True:
@@ -78,6 +79,7 @@ import json, sys
 import numpy as np
 import xxhash
 import kvstore
+from kvstore.master.rpc_client import MasterClient
 
 def payload(size, seed):
     return np.random.default_rng(seed).integers(0, 256, size, dtype=np.uint8).tobytes()
