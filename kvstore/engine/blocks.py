@@ -1,0 +1,180 @@
+"""The stored form of a KV block, and the copies between a paged cache and that form.
+
+One store object holds one block (page) of one tensor-parallel shard, all layers:
+
+    raw   payload ``[num_layers, 2, block_size, num_kv_heads, head_dim]`` in the cache dtype
+          (``[num_layers, block_size, latent_dim]`` for an MLA cache)
+    int8  the payload as int8, then its fp32 scales, one per group of ``head_dim`` values
+          (one symmetric scale per (layer, K/V, token, head)); scheme in ``kvstore.ops.int8``
+
+The payload is the one-page slice of what ``kvstore.ops.gather_pages`` produces, so the form
+does not depend on the cache layout (``[2, num_blocks, ...]``, ``[num_blocks, 2, ...]``): a
+block saved from one layout loads into the other. A batch of blocks sits in a staging tensor
+``[num_blocks, block_bytes]`` (uint8), one row per object, so one batched put or get moves a
+request's blocks. Pages to rows costs the gather (fused with INT8 quantization when asked)
+plus one copy that makes each block's rows contiguous; rows to pages the reverse.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Sequence
+
+import torch
+
+from kvstore._errors import InvalidArgumentError
+
+QUANTIZATIONS = (None, "int8")
+
+
+@dataclasses.dataclass(frozen=True)
+class BlockFormat:
+    """Shape of one stored block. ``block_shape`` is the payload shape (see module doc);
+    ``page_dim`` is where ``gather_pages`` puts the page index (2, or 1 for MLA)."""
+
+    block_shape: tuple[int, ...]
+    page_dim: int
+    dtype: torch.dtype
+    layout: str
+    quantize: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.quantize not in QUANTIZATIONS:
+            raise InvalidArgumentError(f"quantize must be None or 'int8', got {self.quantize!r}")
+
+    @property
+    def block_size(self) -> int:
+        return self.block_shape[self.page_dim]
+
+    @property
+    def head_dim(self) -> int:
+        return self.block_shape[-1]
+
+    @property
+    def num_kv_heads(self) -> int:
+        """KV heads per block (1 for MLA's single latent)."""
+        return self.block_shape[-2] if self.layout != "mla" else 1
+
+    @property
+    def tag(self) -> str:
+        """The stored form for key namespaces: ``L2BHD16`` (K/V blocks of 16 tokens),
+        ``LBD16`` (MLA)."""
+        return f"{'LBD' if self.layout == 'mla' else 'L2BHD'}{self.block_size}"
+
+    @property
+    def num_values(self) -> int:
+        return math.prod(self.block_shape)
+
+    @property
+    def num_groups(self) -> int:
+        """INT8 scale groups per block: one per ``head_dim`` values."""
+        return self.num_values // self.head_dim
+
+    @property
+    def raw_block_bytes(self) -> int:
+        """Bytes of one block in the cache dtype."""
+        return self.num_values * self.dtype.itemsize
+
+    @property
+    def block_bytes(self) -> int:
+        """Bytes of one stored object."""
+        if self.quantize == "int8":
+            return self.num_values + 4 * self.num_groups
+        return self.raw_block_bytes
+
+    def gathered_shape(self, num_blocks: int) -> tuple[int, ...]:
+        """The ``gather_pages`` shape of ``num_blocks`` pages."""
+        shape = list(self.block_shape)
+        shape.insert(self.page_dim, num_blocks)
+        return tuple(shape)
+
+    def with_heads(self, num_kv_heads: int) -> "BlockFormat":
+        """The same format for a shard with another number of KV heads (TP resharding)."""
+        shape = (*self.block_shape[:-2], num_kv_heads, self.head_dim)
+        return dataclasses.replace(self, block_shape=shape)
+
+    @staticmethod
+    def of_layers(layers: Sequence[torch.Tensor], quantize: str | None,
+                  layout: str | None = None) -> "BlockFormat":
+        """The format of a paged cache (validated by ``kvstore.ops``; InvalidArgumentError)."""
+        from kvstore import ops
+
+        gathered = tuple(ops.gathered_shape(list(layers), 1, layout=layout))
+        page_dim = 2 if len(gathered) == 6 else 1
+        block_shape = gathered[:page_dim] + gathered[page_dim + 1:]
+        detected = layout or ("mla" if page_dim == 1 else
+                              "kv_first" if layers[0].shape[0] == 2 else "block_first")
+        return BlockFormat(block_shape, page_dim, layers[0].dtype, detected, quantize)
+
+
+def _to_rows(gathered: torch.Tensor, fmt: BlockFormat, rows: torch.Tensor) -> None:
+    """Copy a gathered ``[..., n, ...]`` tensor into per-block rows ``[n, ...]`` (bytes)."""
+    num_blocks = gathered.shape[fmt.page_dim]
+    target = rows.view(gathered.dtype).view(num_blocks, *gathered.shape[:fmt.page_dim],
+                                            *gathered.shape[fmt.page_dim + 1:])
+    target.copy_(gathered.movedim(fmt.page_dim, 0))
+
+
+def _from_rows(rows: torch.Tensor, fmt: BlockFormat, dtype: torch.dtype,
+               shape: tuple[int, ...]) -> torch.Tensor:
+    """Per-block rows back to a contiguous gathered tensor of ``shape``."""
+    num_blocks = shape[fmt.page_dim]
+    per_block_shape = (num_blocks, *shape[:fmt.page_dim], *shape[fmt.page_dim + 1:])
+    try:  # a column slice of the staging rows views in place: one copy below, not two
+        per_block = rows.view(dtype).view(per_block_shape)
+    except RuntimeError:
+        per_block = rows.contiguous().view(dtype).view(per_block_shape)
+    return per_block.movedim(0, fmt.page_dim).contiguous()
+
+
+def gather_blocks(layers: Sequence[torch.Tensor], block_ids: torch.Tensor, fmt: BlockFormat,
+                  rows: torch.Tensor) -> torch.Tensor:
+    """Copy pages ``block_ids`` into ``rows`` (uint8 ``[n, block_bytes]``) in stored form."""
+    from kvstore import ops
+
+    if fmt.quantize == "int8":
+        q, scales = ops.gather_quantize(list(layers), block_ids, fmt.head_dim, layout=fmt.layout)
+        _to_rows(q, fmt, rows[:, :fmt.num_values])
+        _to_rows(scales, fmt, rows[:, fmt.num_values:])
+    else:
+        _to_rows(ops.gather_pages(list(layers), block_ids, layout=fmt.layout), fmt, rows)
+    return rows
+
+
+def scatter_blocks(rows: torch.Tensor, layers: Sequence[torch.Tensor], block_ids: torch.Tensor,
+                   fmt: BlockFormat) -> None:
+    """Copy ``rows`` (stored form) into pages ``block_ids`` of ``layers``."""
+    from kvstore import ops
+
+    shape = fmt.gathered_shape(rows.shape[0])
+    if fmt.quantize == "int8":
+        q = _from_rows(rows[:, :fmt.num_values], fmt, torch.int8, shape)
+        scales = _from_rows(rows[:, fmt.num_values:], fmt, torch.float32, shape[:-1] + (1,))
+        ops.dequantize_scatter(q, scales, list(layers), block_ids, layout=fmt.layout)
+    else:
+        ops.scatter_pages(_from_rows(rows, fmt, fmt.dtype, shape), list(layers), block_ids,
+                          layout=fmt.layout)
+
+
+def decode_rows(rows: torch.Tensor, fmt: BlockFormat) -> torch.Tensor:
+    """Rows to a per-block payload ``[n, *block_shape]`` in the cache dtype (TP resharding)."""
+    from kvstore import ops
+
+    num_blocks = rows.shape[0]
+    if fmt.quantize == "int8":
+        q = rows[:, :fmt.num_values].contiguous().view(torch.int8)
+        scales = rows[:, fmt.num_values:].contiguous().view(torch.float32)
+        q = q.view(num_blocks, *fmt.block_shape)
+        scales = scales.view(num_blocks, *fmt.block_shape[:-1], 1)
+        return ops.dequantize_int8(q, scales, fmt.dtype)
+    return rows.contiguous().view(fmt.dtype).view(num_blocks, *fmt.block_shape)
+
+
+def scatter_payload(payload: torch.Tensor, layers: Sequence[torch.Tensor],
+                    block_ids: torch.Tensor, fmt: BlockFormat) -> None:
+    """A per-block payload ``[n, *block_shape]`` (cache dtype) into pages ``block_ids``."""
+    from kvstore import ops
+
+    ops.scatter_pages(payload.movedim(0, fmt.page_dim).contiguous(), list(layers), block_ids,
+                      layout=fmt.layout)

@@ -1,0 +1,193 @@
+"""PagedKVConnector: save a request's KV pages to the store and load them back into pages.
+
+Save: the request's full blocks get prefix-chunk keys (``prefix_keys``); blocks already stored
+are skipped (one ``batch_exists``); the rest are gathered from the pages into one staging
+tensor (fused INT8 quantization when asked) and written with one ``batch_put``.
+
+Load: ``match_prefix`` finds the longest stored prefix of the request's block keys, one
+``batch_get_into`` reads those objects into staging rows, and the leading run of blocks that
+arrived is scattered into the given pages. The engine computes only the tokens after it.
+
+Failures: a block that cannot be written or read is named in the result's ``failed_keys``
+(the engine recomputes it); a failed batch never raises for the whole request. Only invalid
+arguments raise (InvalidArgumentError) and a closed store raises ClosedError.
+
+Tensor parallelism: the namespace's ``tp_rank``/``tp_size`` name this connector's shard. A
+decode side with another TP size passes ``source_tp_size`` to load from shards saved with that
+size: heads are split (fewer source ranks) or joined (more), see ``kvstore.engine.tp``.
+
+Thread safety: one connector per engine worker thread (the staging buffer is reused).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Sequence
+
+import torch
+
+from kvstore._errors import InvalidArgumentError, KVStoreError
+from kvstore.engine import tp
+from kvstore.engine.blocks import BlockFormat, gather_blocks, scatter_blocks
+from kvstore.engine.keys import KeyNamespace, prefix_keys
+
+
+@dataclasses.dataclass
+class SaveResult:
+    """``num_blocks_stored``: full blocks of the request now in the store (already present
+    ones included); ``num_bytes_written``: bytes this call put; ``failed_keys``: blocks whose
+    put failed."""
+
+    num_blocks_stored: int
+    num_bytes_written: int
+    failed_keys: list[str]
+
+
+@dataclasses.dataclass
+class LoadResult:
+    """``num_tokens_loaded``: leading tokens whose KV is now in the pages (a multiple of the
+    block size); ``num_bytes_read``: bytes read from the store; ``failed_keys``: blocks the
+    store reported but that could not be read (the engine recomputes from the first one)."""
+
+    num_tokens_loaded: int
+    num_bytes_read: int
+    failed_keys: list[str]
+
+
+class PagedKVConnector:
+    """Moves a request's KV blocks between a paged cache and a kvstore.
+
+    ``layers``: per-layer paged tensors of this shard's heads, ``[2, num_blocks, block_size,
+    num_kv_heads, head_dim]``, ``[num_blocks, 2, ...]`` or MLA ``[num_blocks, block_size,
+    latent_dim]`` (``layout`` as ``kvstore.ops`` names it; detected when None). ``namespace``: a KeyNamespace (its dtype, layout and quantization fields
+    are filled in from the cache when left at their defaults) or a rendered string. The store
+    is borrowed, not owned: closing it is the caller's job.
+    """
+
+    def __init__(self, store: Any, layers: Sequence[torch.Tensor], *, block_size: int,
+                 quantize: str | None = None, namespace: KeyNamespace | str,
+                 source_tp_size: int | None = None, layout: str | None = None):
+        self.store = store
+        self.layers = list(layers)
+        self.format = BlockFormat.of_layers(self.layers, quantize, layout)
+        if block_size != self.format.block_size:
+            raise InvalidArgumentError(f"block_size={block_size} but the pages hold "
+                                       f"{self.format.block_size} tokens per block")
+        self.block_size = block_size
+        self.quantize = quantize
+        self.namespace = _complete_namespace(namespace, self.format)
+        self.source_tp_size = source_tp_size
+        self._staging = torch.empty(0, dtype=torch.uint8)
+
+    # -- keys --------------------------------------------------------------------------------
+    def keys_for(self, token_ids: Any, namespace: KeyNamespace | str | None = None) -> list[str]:
+        """Keys of the request's full blocks under this connector's (or the given) namespace."""
+        return prefix_keys(token_ids, chunk_size=self.block_size,
+                           namespace=namespace or self.namespace)
+
+    def num_stored_tokens(self, token_ids: Any) -> int:
+        """Leading tokens of ``token_ids`` whose blocks are in the store (one RPC)."""
+        if self._is_heterogeneous():
+            return tp.num_stored_tokens(self, token_ids)
+        keys = self.keys_for(token_ids)
+        return self.store.match_prefix(keys) * self.block_size if keys else 0
+
+    # -- save --------------------------------------------------------------------------------
+    def save(self, token_ids: Any, block_ids: Sequence[int] | torch.Tensor) -> int:
+        """Store the request's full blocks; returns how many are now stored. See save_blocks."""
+        return self.save_blocks(token_ids, block_ids).num_blocks_stored
+
+    def save_blocks(self, token_ids: Any, block_ids: Sequence[int] | torch.Tensor) -> SaveResult:
+        """Store every full block of ``token_ids`` from pages ``block_ids`` (block ``i`` of
+        the request lives in page ``block_ids[i]``). Idempotent: stored blocks are skipped."""
+        keys = self.keys_for(token_ids)
+        block_index = self._block_index(block_ids, len(keys))
+        if not keys:
+            return SaveResult(0, 0, [])
+        present = self.store.batch_exists(keys)
+        missing = [i for i, exists in enumerate(present) if not exists]
+        if not missing:
+            return SaveResult(len(keys), 0, [])
+        rows = gather_blocks(self.layers, block_index[missing], self.format,
+                             self._staging_rows(len(missing)))
+        results = self.store.batch_put([keys[i] for i in missing], list(rows))
+        failed = [keys[i] for i, result in zip(missing, results) if result is not None]
+        num_written = len(missing) - len(failed)
+        return SaveResult(len(keys) - len(failed), num_written * self.format.block_bytes, failed)
+
+    # -- load --------------------------------------------------------------------------------
+    def load(self, token_ids: Any, block_ids: Sequence[int] | torch.Tensor) -> int:
+        """Load the longest stored prefix; returns leading tokens loaded. See load_blocks."""
+        return self.load_blocks(token_ids, block_ids).num_tokens_loaded
+
+    def load_blocks(self, token_ids: Any, block_ids: Sequence[int] | torch.Tensor,
+                    ) -> LoadResult:
+        """Load the longest stored run of leading full blocks of ``token_ids`` into pages
+        ``block_ids`` (at most ``len(block_ids)`` blocks). Pages past the loaded run are left
+        untouched."""
+        keys = self.keys_for(token_ids)
+        num_usable = min(len(keys), len(block_ids) if block_ids is not None else 0)
+        block_index = self._block_index(block_ids, 0)
+        if num_usable == 0:
+            return LoadResult(0, 0, [])
+        if self._is_heterogeneous():
+            return tp.load_resharded(self, token_ids, block_index[:num_usable])
+        num_hit = self.store.match_prefix(keys[:num_usable])
+        if num_hit == 0:
+            return LoadResult(0, 0, [])
+        rows = self._staging_rows(num_hit)
+        results = self.store.batch_get_into(keys[:num_hit], list(rows))
+        num_ok = _leading_ok(results, self.format.block_bytes)
+        failed = [keys[i] for i, r in enumerate(results) if not _ok(r, self.format.block_bytes)]
+        if num_ok:
+            scatter_blocks(rows[:num_ok], self.layers, block_index[:num_ok], self.format)
+        return LoadResult(num_ok * self.block_size, num_ok * self.format.block_bytes, failed)
+
+    # -- helpers -----------------------------------------------------------------------------
+    def _is_heterogeneous(self) -> bool:
+        if self.source_tp_size is None:
+            return False
+        if not isinstance(self.namespace, KeyNamespace):
+            raise InvalidArgumentError("source_tp_size needs a KeyNamespace (it names shards)")
+        return self.source_tp_size != self.namespace.tp_size
+
+    def _staging_rows(self, num_blocks: int) -> torch.Tensor:
+        """``[num_blocks, block_bytes]`` uint8 rows, reused across calls so a steady stream of
+        requests does not page-fault fresh memory for every transfer."""
+        needed = num_blocks * self.format.block_bytes
+        if self._staging.numel() < needed:
+            self._staging = torch.empty(needed, dtype=torch.uint8)
+        return self._staging[:needed].view(num_blocks, self.format.block_bytes)
+
+    def _block_index(self, block_ids: Any, num_needed: int) -> torch.Tensor:
+        index = torch.as_tensor(block_ids if block_ids is not None else [], dtype=torch.long)
+        if index.dim() != 1 or len(index) < num_needed:
+            raise InvalidArgumentError(f"block_ids must be 1-D with at least {num_needed} ids "
+                                       f"(one per full block), got shape {tuple(index.shape)}")
+        num_pages = self.layers[0].shape[1 if self.format.layout == "kv_first" else 0]
+        if len(index) and (int(index.min()) < 0 or int(index.max()) >= num_pages):
+            raise InvalidArgumentError(f"block ids must lie in [0, {num_pages})")
+        return index  # kvstore.ops wants the ids on the host
+
+
+def _ok(result: Any, block_bytes: int) -> bool:
+    return not isinstance(result, KVStoreError) and result == block_bytes
+
+
+def _leading_ok(results: Sequence[Any], block_bytes: int) -> int:
+    for i, result in enumerate(results):
+        if not _ok(result, block_bytes):
+            return i
+    return len(results)
+
+
+def _complete_namespace(namespace: KeyNamespace | str, fmt: BlockFormat) -> KeyNamespace | str:
+    """Fill the cache-derived fields of a KeyNamespace so keys never mix formats."""
+    if not isinstance(namespace, KeyNamespace):
+        if not isinstance(namespace, str):
+            raise InvalidArgumentError(f"namespace must be a KeyNamespace or str, got "
+                                       f"{type(namespace).__name__}")
+        return namespace
+    dtype = str(fmt.dtype).removeprefix("torch.")
+    return dataclasses.replace(namespace, layout=fmt.tag, dtype=dtype,
+                               quantization=fmt.quantize)

@@ -1,0 +1,167 @@
+"""The prefill and decode processes of the PD demo: ``python -m kvstore.engine.pd_worker JOB``.
+
+The two roles share nothing but the store. Each reads a job file (JSON: the master's address,
+the model, the key namespace, the block size and the requests' token ids), builds its own
+model, connects to the cluster, and writes a result file (JSON, plus first-step logits as a
+``.pt`` file beside it). Progress goes to stdout, one line per phase.
+
+prefill: for each request, load the longest stored prefix (a prefix hit), compute the rest of
+    the prompt on the demo's schedule, save its full blocks; then, untimed, decode on from its
+    own cache: that is the single-process generation the decode side is compared with
+    (requests with ``reference_prefix_tokens`` are recomputed from scratch for it instead).
+decode: for each request, load the stored blocks into its own pages (other block ids than the
+    prefill side's), rebuild a DynamicCache, compute the remaining prompt tokens, and decode.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+import kvstore
+from kvstore.engine.connector import PagedKVConnector
+from kvstore.engine.generate import (decode, extend, loadable_tokens, prefill_schedule,
+                                     reference_generate)
+from kvstore.engine.hf_cache import PagedCache, cache_to_pages, pages_to_cache
+from kvstore.engine.keys import KeyNamespace
+from kvstore.engine.model import ModelSpec, build_model, kv_shape_of, load_model
+
+
+def log(role: str, message: str) -> None:
+    print(f"[{role:7s}] {message}", flush=True)
+
+
+def _model(job: dict[str, Any]) -> torch.nn.Module:
+    if job.get("model_path"):
+        return load_model(job["model_path"], job.get("dtype", "float32"))
+    return build_model(ModelSpec(**job["model_spec"]))
+
+
+def _paged_cache(model: torch.nn.Module, job: dict[str, Any]) -> PagedCache:
+    num_layers, num_kv_heads, head_dim = kv_shape_of(model)
+    max_tokens = max(len(r["token_ids"]) for r in job["requests"])
+    num_blocks = -(-max_tokens // job["block_size"]) + 1
+    return PagedCache(num_layers=num_layers, num_blocks=num_blocks, block_size=job["block_size"],
+                      num_kv_heads=num_kv_heads, head_dim=head_dim,
+                      dtype=next(model.parameters()).dtype)
+
+
+def _block_ids(role: str, num_blocks: int, paged: PagedCache) -> list[int]:
+    """Prefill uses pages from the front, decode from the back, so a load must land in other
+    page ids than the save came from."""
+    if role == "prefill":
+        return list(range(num_blocks))
+    return list(range(paged.num_blocks - 1, paged.num_blocks - 1 - num_blocks, -1))
+
+
+def run_prefill(job: dict[str, Any], store: Any, model: torch.nn.Module,
+                connector: PagedKVConnector, paged: PagedCache, out_dir: Path) -> list[dict]:
+    from transformers import DynamicCache
+
+    block_size = job["block_size"]
+    results = []
+    for request in job["requests"]:
+        name, tokens = request["name"], request["token_ids"]
+        num_tokens = len(tokens)
+        block_ids = _block_ids("prefill", -(-num_tokens // block_size), paged)
+        started = time.perf_counter()
+        # prefix hit: a prompt sharing stored blocks only computes what follows them
+        hit = connector.load(tokens[:loadable_tokens(num_tokens, block_size)], block_ids)
+        cache = (pages_to_cache(paged.layers, block_ids, num_tokens=hit, config=model.config)
+                 if hit else DynamicCache(config=model.config))
+        load_s = time.perf_counter() - started
+        started = time.perf_counter()
+        logits = extend(model, cache, tokens, hit, prefill_schedule(num_tokens, block_size, hit))
+        prefill_s = time.perf_counter() - started
+        log("prefill", f"{name}: {num_tokens} prompt tokens, {hit} loaded from the store "
+                       f"({load_s:.3f} s), {num_tokens - hit} computed in {prefill_s:.2f} s")
+        started = time.perf_counter()
+        num_full = num_tokens // block_size
+        cache_to_pages(cache, paged.layers, block_ids, block_size=block_size,
+                       num_tokens=num_full * block_size)
+        saved = connector.save_blocks(tokens, block_ids)
+        save_s = time.perf_counter() - started
+        log("prefill", f"{name}: saved {saved.num_blocks_stored} blocks "
+                       f"({saved.num_bytes_written / 2**20:.1f} MiB written) in {save_s:.3f} s")
+        if request.get("reference_prefix_tokens"):
+            reference = reference_generate(model, tokens, block_size=block_size,
+                                           num_decode_tokens=request["decode_tokens"],
+                                           prefix_tokens=request["reference_prefix_tokens"])
+        else:
+            reference = decode(model, cache, logits, request["decode_tokens"])
+        log("prefill", f"{name}: single-process reference generated "
+                       f"{len(reference.tokens)} tokens")
+        torch.save(reference.first_logits, out_dir / f"{name}-reference-logits.pt")
+        results.append({
+            "name": name, "num_tokens": num_tokens, "prefix_hit_tokens": hit,
+            "prefix_load_s": load_s, "prefill_s": prefill_s, "save_s": save_s,
+            "num_blocks_saved": saved.num_blocks_stored,
+            "bytes_written": saved.num_bytes_written, "failed_keys": saved.failed_keys,
+            "reference_tokens": reference.tokens,
+            "raw_bytes": num_full * connector.format.raw_block_bytes,
+            "wire_bytes": num_full * connector.format.block_bytes,
+        })
+    return results
+
+
+def run_decode(job: dict[str, Any], store: Any, model: torch.nn.Module,
+               connector: PagedKVConnector, paged: PagedCache, out_dir: Path) -> list[dict]:
+    block_size = job["block_size"]
+    results = []
+    for request in job["requests"]:
+        name, tokens = request["name"], request["token_ids"]
+        num_tokens = len(tokens)
+        block_ids = _block_ids("decode", -(-num_tokens // block_size), paged)
+        started = time.perf_counter()
+        loaded = connector.load_blocks(tokens[:loadable_tokens(num_tokens, block_size)],
+                                       block_ids)
+        cache = pages_to_cache(paged.layers, block_ids, num_tokens=loaded.num_tokens_loaded,
+                               config=model.config)
+        load_s = time.perf_counter() - started
+        log("decode", f"{name}: loaded {loaded.num_tokens_loaded} tokens of KV "
+                      f"({loaded.num_bytes_read / 2**20:.1f} MiB) in {load_s:.3f} s")
+        started = time.perf_counter()
+        hit = loaded.num_tokens_loaded
+        logits = extend(model, cache, tokens, hit, prefill_schedule(num_tokens, block_size, hit))
+        first_step_s = time.perf_counter() - started
+        generation = decode(model, cache, logits, request["decode_tokens"])
+        num_steps = max(len(generation.tokens) - 1, 1)
+        log("decode", f"{name}: computed {num_tokens - hit} prompt tokens in "
+                      f"{first_step_s:.3f} s, then {len(generation.tokens)} tokens at "
+                      f"{num_steps / max(generation.decode_s, 1e-9):.1f} tokens/s")
+        torch.save(logits, out_dir / f"{name}-decode-logits.pt")
+        results.append({
+            "name": name, "num_tokens": num_tokens, "loaded_tokens": hit, "load_s": load_s,
+            "bytes_read": loaded.num_bytes_read, "failed_keys": loaded.failed_keys,
+            "first_step_s": first_step_s, "decode_s": generation.decode_s,
+            "num_decode_steps": num_steps, "tokens": generation.tokens,
+        })
+    return results
+
+
+def main(job_path: str) -> None:
+    job = json.loads(Path(job_path).read_text())
+    role = job["role"]
+    if job.get("num_threads"):
+        torch.set_num_threads(job["num_threads"])
+    out_dir = Path(job_path).parent
+    started = time.perf_counter()
+    model = _model(job)
+    log(role, f"model ready in {time.perf_counter() - started:.1f} s")
+    paged = _paged_cache(model, job)
+    namespace = KeyNamespace(**job["namespace"])
+    with kvstore.connect(job["master"]) as store:
+        connector = PagedKVConnector(store, paged.layers, block_size=job["block_size"],
+                                     quantize=job.get("quantize"), namespace=namespace)
+        runner = run_prefill if role == "prefill" else run_decode
+        results = runner(job, store, model, connector, paged, out_dir)
+    Path(job["result_path"]).write_text(json.dumps({"role": role, "requests": results}))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])
