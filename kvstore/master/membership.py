@@ -5,8 +5,10 @@ holds (see the proto comment on HeartbeatRequest): every replica of the node com
 put_end (``added``) or freed by remove, eviction, revoke or reclaim (``removed``) gets the
 next per-node sequence number. A heartbeat acknowledges a sequence; the reply carries the
 changes after it, and the log forgets acknowledged entries. If the daemon is behind the
-oldest entry still kept (the log is bounded), or asks from 0 while the node holds objects,
-the reply is a full resync: the whole table.
+oldest entry still kept (the log is bounded, and forgets what was acknowledged), or ahead of
+the master's sequence, the reply is a full resync: the whole table. Adoption of an inventory
+sets a baseline sequence 1 without a log entry, so the daemon's first heartbeat after
+registration (acked 0) is a full resync.
 """
 
 from __future__ import annotations
@@ -83,7 +85,7 @@ class Node:
             log.popleft()
         oldest_kept = log[0][0] if log else self.seq + 1
         behind = acked_seq + 1 < oldest_kept and acked_seq < self.seq
-        if acked_seq > self.seq or behind or (acked_seq == 0 and self.seq > 0):
+        if acked_seq > self.seq or behind:
             log.clear()    # the table reflects every change up to self.seq
             return True, self.seq, self._whole_table(objects), []
         added, removed = [], []

@@ -1,0 +1,84 @@
+"""``kvstore status``: what a master knows, as a table (default) or JSON (``--json``)."""
+
+from __future__ import annotations
+
+import json
+
+import click
+
+from kvstore._errors import KVStoreError
+from kvstore._units import format_size
+
+
+def _tier_name(tier: int) -> str:
+    from kvstore.v1 import master_pb2 as pb
+    return pb.Tier.Name(tier).removeprefix("TIER_")
+
+
+def fetch_status(address: str, token: str | None, timeout_s: float = 5.0) -> dict:
+    """Stats and node list of the master at ``address`` as plain data. Raises the
+    ``kvstore`` error mapped from the RPC failure (MasterUnavailableError, ...)."""
+    from kvstore.master.rpc_client import MasterClient
+    from kvstore.v1 import master_pb2 as pb
+    with MasterClient(address, token=token, timeout_s=timeout_s) as client:
+        stats = client.call("Stats", pb.StatsRequest())
+        nodes = client.call("ListNodes", pb.ListNodesRequest()).nodes
+    return {
+        "address": address, "master_id": stats.master_id, "uptime_s": stats.uptime_s,
+        "num_nodes": stats.num_nodes, "num_objects": stats.num_objects,
+        "num_pending": stats.num_pending, "num_leased": stats.num_leased,
+        "hits": stats.hits, "misses": stats.misses, "evictions": stats.evictions,
+        "metrics_port": stats.metrics_port or None, "max_batch": stats.max_batch,
+        "tiers": [{"tier": _tier_name(t.tier), "used_bytes": t.used_bytes,
+                   "capacity_bytes": t.capacity_bytes, "num_replicas": t.num_objects}
+                  for t in stats.tiers],
+        "nodes": [{"node_id": n.node_id, "host_id": n.host_id, "data_addr": n.data_addr,
+                   "used_bytes": n.used_bytes, "num_objects": n.num_objects,
+                   "last_heartbeat_age_s": round(n.last_heartbeat_age_s, 3),
+                   "segments": [{"segment_id": s.segment_id, "tier": _tier_name(s.tier),
+                                 "capacity_bytes": s.capacity_bytes} for s in n.segments]}
+                  for n in nodes],
+    }
+
+
+def render_table(status: dict) -> str:
+    lines = [f"master {status['master_id']} at {status['address']}, "
+             f"up {status['uptime_s']:.1f} s, {status['num_nodes']} node(s)",
+             f"objects {status['num_objects']} (pending {status['num_pending']}, leased "
+             f"{status['num_leased']})  hits {status['hits']}  misses {status['misses']}  "
+             f"evictions {status['evictions']}", ""]
+    rows = [("TIER", "USED", "CAPACITY", "USE%", "REPLICAS")]
+    for t in status["tiers"]:
+        use = 100.0 * t["used_bytes"] / t["capacity_bytes"] if t["capacity_bytes"] else 0.0
+        rows.append((t["tier"], format_size(t["used_bytes"]), format_size(t["capacity_bytes"]),
+                     f"{use:.1f}%", str(t["num_replicas"])))
+    lines += _columns(rows) + [""]
+    rows = [("NODE", "HOST", "DATA ADDR", "SEGMENTS", "USED", "OBJECTS", "LAST HEARTBEAT")]
+    for n in status["nodes"]:
+        segments = ",".join(f"{s['tier']}:{format_size(s['capacity_bytes'])}"
+                            for s in n["segments"])
+        rows.append((n["node_id"], n["host_id"], n["data_addr"], segments,
+                     format_size(n["used_bytes"]), str(n["num_objects"]),
+                     f"{n['last_heartbeat_age_s']:.1f} s ago"))
+    return "\n".join(lines + _columns(rows))
+
+
+def _columns(rows: list[tuple[str, ...]]) -> list[str]:
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    return ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows]
+
+
+@click.command("status")
+@click.option("--master", "address", required=True, help="HOST:PORT of the master.")
+@click.option("--token", envvar="KVSTORE_TOKEN", default=None,
+              help="The master's token [env KVSTORE_TOKEN].")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+@click.option("--timeout", "timeout_s", default=5.0, show_default=True, type=float,
+              help="Seconds to wait for the master.")
+def command(address: str, token: str | None, as_json: bool, timeout_s: float) -> None:
+    """Show a master's nodes, tiers and counters."""
+    try:
+        status = fetch_status(address, token, timeout_s)
+    except KVStoreError as exc:
+        raise click.ClickException(str(exc)) from exc
+    click.echo(json.dumps(status, indent=2) if as_json else render_table(status))

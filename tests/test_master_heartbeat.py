@@ -1,0 +1,156 @@
+"""Membership: registration rules, the heartbeat change log, and adoption of a daemon's
+inventory after a master restart (no stored block lost to a master failure)."""
+
+from __future__ import annotations
+
+import pytest
+
+import kvstore
+from kvstore.v1 import master_pb2 as pb
+from master_helpers import (  # noqa: F401
+    MiB, Embedded, embedded, exists, get, put, register, replicas_of,
+)
+
+
+class DaemonTable:
+    """What a daemon keeps: its replicas, updated from heartbeats (the proto's protocol)."""
+
+    def __init__(self):
+        self.acked_seq = 0
+        self.table: dict[str, tuple] = {}
+
+    def beat(self, m, node_id: str) -> pb.HeartbeatResponse:
+        reply = m.heartbeat(node_id, self.acked_seq)
+        assert reply.known
+        if reply.full_resync:
+            self.table.clear()
+        a = reply.added
+        for i, key in enumerate(a.keys):
+            self.table[key] = (a.segment_ids[i], a.offsets[i], a.lengths[i], a.checksums[i])
+        for key in reply.removed_keys:
+            self.table.pop(key, None)
+        self.acked_seq = reply.seq
+        return reply
+
+    def inventory(self) -> pb.Inventory:
+        keys = sorted(self.table)
+        rows = [self.table[k] for k in keys]
+        return pb.Inventory(keys=keys, segment_ids=[r[0] for r in rows],
+                            offsets=[r[1] for r in rows], lengths=[r[2] for r in rows],
+                            checksums=[r[3] for r in rows])
+
+
+def test_heartbeat_carries_each_change_once(embedded):
+    m = embedded()
+    register(m.client, "n1")
+    daemon = DaemonTable()
+    first = daemon.beat(m, "n1")
+    assert not first.full_resync and first.seq == 0 and not first.added.keys
+    put(m.client, ["a", "b"])
+    put(m.client, ["pending"], end=False)                       # not committed: not sent
+    reply = daemon.beat(m, "n1")
+    assert sorted(reply.added.keys) == ["a", "b"] and not reply.full_resync
+    assert daemon.beat(m, "n1").added.keys == []                # acknowledged: not resent
+    m.client.call("Remove", pb.RemoveRequest(keys=["a"]))
+    put(m.client, ["c"], [300])
+    reply = daemon.beat(m, "n1")
+    assert list(reply.removed_keys) == ["a"] and list(reply.added.keys) == ["c"]
+    assert sorted(daemon.table) == ["b", "c"]
+    got = get(m.client, ["c"])
+    assert daemon.table["c"][1:3] == (replicas_of(got, 0)[0][2], 300)
+
+
+def test_daemon_behind_or_ahead_gets_a_full_resync(embedded):
+    m = embedded()
+    register(m.client, "n1")
+    put(m.client, ["a"])
+    daemon = DaemonTable()
+    daemon.beat(m, "n1")
+    put(m.client, ["b"])
+    daemon.beat(m, "n1")
+    daemon.beat(m, "n1")                                        # acks seq 2: log forgets it
+    stale = m.heartbeat("n1", acked_seq=1)
+    assert stale.full_resync and sorted(stale.added.keys) == ["a", "b"]
+    ahead = m.heartbeat("n1", acked_seq=999)
+    assert ahead.full_resync and sorted(ahead.added.keys) == ["a", "b"]
+
+
+def test_reregistering_a_live_node_is_refused_until_it_leaves(embedded):
+    m = embedded()
+    register(m.client, "n1")
+    with pytest.raises(kvstore.KVStoreError, match="ALREADY_EXISTS"):
+        register(m.client, "n1")
+    gone = m.client.call("UnregisterNode", pb.UnregisterNodeRequest(node_id="n1"))
+    assert gone.num_objects_dropped == 0
+    assert register(m.client, "n1").node_ttl_ms == 10_000
+    with pytest.raises(kvstore.KeyNotFoundError, match="unknown node 'ghost'"):
+        m.client.call("UnregisterNode", pb.UnregisterNodeRequest(node_id="ghost"))
+
+
+def test_master_restart_adopts_the_daemons_inventories(embedded):
+    first = embedded()
+    register(first.client, "n1")
+    register(first.client, "n2")
+    reply = put(first.client, [f"k{i}" for i in range(10)], [5000] * 10, replicas=2)
+    tables = {"n1": DaemonTable(), "n2": DaemonTable()}
+    for node_id, table in tables.items():
+        table.beat(first, node_id)
+    before = {f"k{i}": sorted(replicas_of(reply, i)) for i in range(10)}
+    first.close()
+
+    second = embedded()                                         # the restarted master
+    for node_id, table in tables.items():
+        assert second.heartbeat(node_id, table.acked_seq).known is False
+        adopted = register(second.client, node_id, inventory=table.inventory())
+        assert adopted.num_objects_adopted == 10
+        table.acked_seq = 0                                     # a new master: start over
+    got = get(second.client, list(before))
+    assert list(got.statuses) == [pb.ITEM_OK] * 10
+    assert {k: sorted(replicas_of(got, i)) for i, k in enumerate(before)} == before
+    # adopted space is allocated: new objects never overlap adopted ones
+    new = put(second.client, [f"new{i}" for i in range(20)], [5000] * 20)
+    taken = {(n, o) for reps in before.values() for n, _, o in reps}
+    for i in range(20):
+        node_id, _, offset = replicas_of(new, i)[0]
+        assert all(not (o <= offset < o + 5056) and not (offset <= o < offset + 5056)
+                   for n, o in taken if n == node_id)
+    table = tables["n1"]
+    assert table.beat(second, "n1").full_resync
+    assert set(table.table) == set(before) | {f"new{i}" for i in range(20)
+                                              if replicas_of(new, i)[0][0] == "n1"}
+
+
+def test_bad_inventory_items_are_refused_and_resynced_away(embedded):
+    m = embedded()
+    inventory = pb.Inventory(
+        keys=["ok", "overlap", "unknown-seg", "", "outside", "ok2"],
+        segment_ids=["dram0", "dram0", "nope", "dram0", "dram0", "dram0"],
+        offsets=[0, 64, 0, 4096, 64 * MiB, 8192],
+        lengths=[1000, 100, 10, 10, 10, 64])
+    adopted = register(m.client, "n1", inventory=inventory)
+    assert adopted.num_objects_adopted == 2
+    assert exists(m.client, ["ok", "overlap", "unknown-seg", "outside", "ok2"]) == \
+        [True, False, False, False, True]
+    daemon = DaemonTable()
+    assert daemon.beat(m, "n1").full_resync
+    assert sorted(daemon.table) == ["ok", "ok2"]
+
+
+def test_inventory_arrays_must_have_one_length(embedded):
+    m = embedded()
+    bad = pb.Inventory(keys=["a", "b"], segment_ids=["dram0"], offsets=[0, 64],
+                       lengths=[1, 1])
+    with pytest.raises(kvstore.InvalidArgumentError, match="parallel arrays differ"):
+        register(m.client, "n1", inventory=bad)
+    assert m.client.call("ListNodes", pb.ListNodesRequest()).nodes == []
+
+
+def test_same_key_from_two_daemons_becomes_two_replicas(embedded):
+    m = embedded()
+    inv = pb.Inventory(keys=["shared"], segment_ids=["dram0"], offsets=[0], lengths=[100])
+    register(m.client, "n1", inventory=inv)
+    register(m.client, "n2", inventory=inv)
+    conflict = pb.Inventory(keys=["shared"], segment_ids=["dram0"], offsets=[0],
+                            lengths=[200])
+    assert register(m.client, "n3", inventory=conflict).num_objects_adopted == 0
+    assert sorted(r[0] for r in replicas_of(get(m.client, ["shared"]), 0)) == ["n1", "n2"]
