@@ -20,6 +20,10 @@ CHANNEL_OPTIONS = [
     ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
     ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
     ("grpc.enable_http_proxy", 0),
+    # NOTE: gRPC's default reconnect backoff grows to 120 s; a daemon must notice a restarted
+    # master within seconds to re-register its inventory, so cap it.
+    ("grpc.initial_reconnect_backoff_ms", 200),
+    ("grpc.max_reconnect_backoff_ms", 2000),
 ]
 
 _CODE_TO_ERROR: dict[grpc.StatusCode, type[errors.KVStoreError]] = {
