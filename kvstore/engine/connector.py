@@ -143,6 +143,17 @@ class PagedKVConnector:
             scatter_blocks(rows[:num_ok], self.layers, block_index[:num_ok], self.format)
         return LoadResult(num_ok * self.block_size, num_ok * self.format.block_bytes, failed)
 
+    def warm_up(self, num_blocks: int) -> None:
+        """Make the first real transfer as fast as later ones: size and touch the staging
+        buffer for ``num_blocks`` blocks, and run the copy kernels once on scratch pages (the
+        cache is only read). No store I/O. Engines call it once at start-up."""
+        self._staging_rows(num_blocks).fill_(0)
+        block_dim = 1 if self.format.layout == "kv_first" else 0
+        scratch = [torch.zeros_like(layer.narrow(block_dim, 0, 1)) for layer in self.layers]
+        first = torch.zeros(1, dtype=torch.long)
+        rows = gather_blocks(self.layers, first, self.format, self._staging_rows(1))
+        scatter_blocks(rows, scratch, first, self.format)
+
     # -- helpers -----------------------------------------------------------------------------
     def _is_heterogeneous(self) -> bool:
         if self.source_tp_size is None:

@@ -1,0 +1,272 @@
+"""A KV connector shaped like vLLM's KV connector v1 interface, on PagedKVConnector.
+
+vLLM creates one instance per role. The scheduler-side instance decides what to load and save;
+the worker-side instance (one per GPU worker) moves the bytes:
+
+    scheduler: get_num_new_matched_tokens -> update_state_after_alloc -> build_connector_meta
+               ... request_finished
+    worker:    register_kv_caches (once); per step: bind_connector_metadata -> start_load_kv ->
+               (wait_for_layer_load, forward, save_kv_layer) per layer -> wait_for_save ->
+               clear_connector_metadata; get_finished
+
+Rules:
+- Loads: only full blocks, and never the prompt's last token (the engine must compute at least
+  one token to get logits), matching vLLM's own connectors.
+- Saves: a request's full prompt blocks are saved in the step whose forward completes its
+  prompt (chunked prefill saves once, at the end).
+- Both run synchronously inside the step (``get_finished`` reports nothing pending). NOTE: the
+  gather kernel reads every layer in one pass, so ``save_kv_layer`` only marks progress and
+  the save happens in ``wait_for_save``; likewise the whole load happens in ``start_load_kv``.
+- A block that fails to load is reported by ``get_block_ids_with_load_errors`` and the
+  engine recomputes it; nothing raises for the whole step.
+
+When vLLM is importable the class subclasses ``KVConnectorBase_V1`` and reads its settings
+from ``kv_transfer_config.kv_connector_extra_config`` (``kvstore_master``, ``quantize``);
+without vLLM (as here) it is driven directly with a ``ConnectorConfig`` and a store.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+from typing import Any
+
+import torch
+
+from kvstore._errors import InvalidArgumentError
+from kvstore.engine.connector import PagedKVConnector
+from kvstore.engine.generate import loadable_tokens
+from kvstore.engine.keys import KeyNamespace, prefix_keys
+
+try:  # NOTE: vLLM moves these names between releases; any import failure means "no vLLM".
+    from vllm.distributed.kv_transfer.kv_connector.v1.base import (  # type: ignore
+        KVConnectorBase_V1 as _Base, KVConnectorMetadata as _MetaBase, KVConnectorRole)
+except Exception:  # noqa: BLE001 (ImportError, or a broken vLLM install)
+    _Base, _MetaBase = object, object
+
+    class KVConnectorRole(enum.Enum):  # type: ignore[no-redef]
+        """Which side an instance serves (mirror of vLLM's enum)."""
+
+        SCHEDULER = 0
+        WORKER = 1
+
+
+@dataclasses.dataclass(frozen=True)
+class ConnectorConfig:
+    """``namespace`` (model, TP rank/size), ``block_size`` (tokens per page), ``quantize``
+    (None or "int8"), ``kv_dtype`` (the cache dtype, e.g. "float16"). The scheduler has no
+    cache to look at, so it builds keys from these; the worker checks its cache agrees."""
+
+    namespace: KeyNamespace
+    block_size: int
+    quantize: str | None = None
+    kv_dtype: str = "float32"
+
+    def key_namespace(self) -> KeyNamespace:
+        """The namespace both sides key blocks under (layout, dtype, quantization filled)."""
+        return dataclasses.replace(self.namespace, layout=f"L2BHD{self.block_size}",
+                                   dtype=self.kv_dtype, quantization=self.quantize)
+
+
+@dataclasses.dataclass
+class ReqMeta:
+    """One request's transfer in a step: load ``num_tokens`` tokens into ``block_ids``, or
+    (``is_store``) save the full blocks of ``token_ids`` from ``block_ids``."""
+
+    request_id: str
+    token_ids: list[int]
+    block_ids: list[int]
+    num_tokens: int
+    is_store: bool
+
+
+@dataclasses.dataclass
+class KVStoreConnectorMetadata(_MetaBase):  # type: ignore[misc, valid-type]
+    """What the scheduler tells the workers for one step."""
+
+    requests: list[ReqMeta] = dataclasses.field(default_factory=list)
+
+
+@dataclasses.dataclass
+class _Tracked:
+    token_ids: list[int]
+    block_ids: list[int]
+    num_computed_tokens: int = 0
+
+
+def _block_id_list(blocks: Any) -> list[int]:
+    """vLLM's KVCacheBlocks (``get_block_ids()`` -> one list per KV-cache group), a tuple of
+    lists as in NewRequestData, or a plain list of ints."""
+    if hasattr(blocks, "get_block_ids"):
+        blocks = blocks.get_block_ids()
+    if isinstance(blocks, tuple):
+        blocks = blocks[0] if blocks else []
+    return [int(b) for b in blocks]
+
+
+class KVStoreConnectorV1(_Base):  # type: ignore[misc, valid-type]
+    """kvstore as a vLLM v1 KV connector (see the module docstring for the call order)."""
+
+    def __init__(self, vllm_config: Any = None, role: Any = KVConnectorRole.SCHEDULER,
+                 kv_cache_config: Any = None, *, store: Any = None,
+                 config: ConnectorConfig | None = None):
+        if _Base is not object:
+            super().__init__(vllm_config, role, kv_cache_config)
+        if config is None:
+            config, store = _from_vllm_config(vllm_config, store)
+        if store is None:
+            raise InvalidArgumentError("KVStoreConnectorV1 needs a store (or a vLLM config "
+                                       "naming kvstore_master)")
+        self.role = role
+        self.store = store
+        self.config = config
+        self._tracked: dict[str, _Tracked] = {}      # scheduler: requests being prefilled
+        self._pending_loads: dict[str, ReqMeta] = {}
+        self._meta: KVStoreConnectorMetadata | None = None
+        self._paged: PagedKVConnector | None = None  # worker: set by register_kv_caches
+        self._load_error_block_ids: set[int] = set()
+
+    # == scheduler side =======================================================================
+    def get_num_new_matched_tokens(self, request: Any, num_computed_tokens: int,
+                                   ) -> tuple[int | None, bool]:
+        """Tokens beyond ``num_computed_tokens`` that can be loaded from the store, and
+        whether the load is asynchronous (never, here). One ``match_prefix`` RPC."""
+        tokens = list(request.prompt_token_ids)
+        limit = loadable_tokens(len(tokens), self.config.block_size)
+        keys = prefix_keys(tokens[:limit], chunk_size=self.config.block_size,
+                           namespace=self.config.key_namespace())
+        num_hit = self.store.match_prefix(keys) * self.config.block_size if keys else 0
+        return max(num_hit - num_computed_tokens, 0), False
+
+    def update_state_after_alloc(self, request: Any, blocks: Any, num_external_tokens: int) -> None:
+        """Remember the request's pages; schedule a load when external tokens were granted."""
+        block_ids = _block_id_list(blocks)
+        tokens = list(request.prompt_token_ids)
+        self._tracked[request.request_id] = _Tracked(tokens, block_ids)
+        if num_external_tokens > 0:
+            num_tokens = getattr(request, "num_computed_tokens", 0) + num_external_tokens
+            self._pending_loads[request.request_id] = ReqMeta(
+                request.request_id, tokens[:num_tokens], block_ids, num_tokens, False)
+
+    def build_connector_meta(self, scheduler_output: Any) -> KVStoreConnectorMetadata:
+        """Loads granted since the last step, plus saves of prompts this step completes."""
+        meta = KVStoreConnectorMetadata(list(self._pending_loads.values()))
+        self._pending_loads.clear()
+        for new in getattr(scheduler_output, "scheduled_new_reqs", []):
+            tracked = self._tracked.setdefault(
+                new.req_id, _Tracked(list(new.prompt_token_ids), []))
+            tracked.block_ids = _block_id_list(new.block_ids)
+            tracked.num_computed_tokens = new.num_computed_tokens
+        cached = getattr(scheduler_output, "scheduled_cached_reqs", None)
+        for req_id, new_blocks in _cached_new_blocks(cached):
+            if req_id in self._tracked:
+                self._tracked[req_id].block_ids += _block_id_list(new_blocks)
+        num_scheduled = getattr(scheduler_output, "num_scheduled_tokens", {})
+        for req_id, tracked in list(self._tracked.items()):
+            if req_id not in num_scheduled:
+                continue
+            tracked.num_computed_tokens += num_scheduled[req_id]
+            if tracked.num_computed_tokens >= len(tracked.token_ids):
+                meta.requests.append(ReqMeta(req_id, tracked.token_ids, tracked.block_ids,
+                                             len(tracked.token_ids), True))
+                del self._tracked[req_id]  # prompt done: decode steps save nothing
+        return meta
+
+    def update_connector_output(self, connector_output: Any) -> None:
+        """Nothing to track: every transfer finishes inside its step."""
+
+    def request_finished(self, request: Any, block_ids: list[int]) -> tuple[bool, dict | None]:
+        """Saves are synchronous, so the pages may be freed at once (False), no params."""
+        self._tracked.pop(request.request_id, None)
+        self._pending_loads.pop(request.request_id, None)
+        return False, None
+
+    # == worker side ==========================================================================
+    def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
+        """The worker's per-layer paged caches, in layer order."""
+        paged = PagedKVConnector(self.store, list(kv_caches.values()),
+                                 block_size=self.config.block_size,
+                                 quantize=self.config.quantize, namespace=self.config.namespace)
+        if paged.namespace != self.config.key_namespace():
+            raise InvalidArgumentError(
+                f"the KV caches key as {paged.namespace} but the scheduler side keys as "
+                f"{self.config.key_namespace()}: set ConnectorConfig.kv_dtype to the cache dtype")
+        self._paged = paged
+
+    def bind_connector_metadata(self, connector_metadata: KVStoreConnectorMetadata) -> None:
+        self._meta = connector_metadata
+
+    def clear_connector_metadata(self) -> None:
+        self._meta = None
+
+    def start_load_kv(self, forward_context: Any = None, **kwargs: Any) -> None:
+        """Load every granted request's blocks (synchronously, all layers)."""
+        for req in self._step_requests(is_store=False):
+            result = self._worker().load_blocks(req.token_ids[:req.num_tokens], req.block_ids)
+            loaded_blocks = result.num_tokens_loaded // self.config.block_size
+            wanted_blocks = req.num_tokens // self.config.block_size
+            self._load_error_block_ids.update(req.block_ids[loaded_blocks:wanted_blocks])
+
+    def wait_for_layer_load(self, layer_name: str) -> None:
+        """Nothing to wait for: start_load_kv loaded every layer."""
+
+    def save_kv_layer(self, layer_name: str, kv_layer: torch.Tensor, attn_metadata: Any,
+                      **kwargs: Any) -> None:
+        """Nothing per layer: wait_for_save gathers all layers in one pass."""
+
+    def wait_for_save(self) -> None:
+        """Save the full prompt blocks of every request this step completed."""
+        for req in self._step_requests(is_store=True):
+            self._worker().save_blocks(req.token_ids, req.block_ids)
+
+    def get_finished(self, finished_req_ids: set[str]) -> tuple[set[str] | None, set[str] | None]:
+        """No asynchronous sends or receives are ever pending."""
+        return None, None
+
+    def get_block_ids_with_load_errors(self) -> set[int]:
+        """Pages whose load failed since the last call (the engine recomputes them)."""
+        failed, self._load_error_block_ids = self._load_error_block_ids, set()
+        return failed
+
+    # == helpers ==============================================================================
+    def _step_requests(self, *, is_store: bool) -> list[ReqMeta]:
+        if self._meta is None:
+            return []
+        return [req for req in self._meta.requests if req.is_store == is_store]
+
+    def _worker(self) -> PagedKVConnector:
+        if self._paged is None:
+            raise InvalidArgumentError("register_kv_caches must be called before transfers")
+        return self._paged
+
+
+def _cached_new_blocks(cached: Any) -> list[tuple[str, Any]]:
+    """(req_id, new block ids) of continuing requests: vLLM's CachedRequestData holds parallel
+    lists ``req_ids`` / ``new_block_ids`` (older releases: a list of per-request objects)."""
+    if cached is None:
+        return []
+    if hasattr(cached, "req_ids"):
+        return [(r, b) for r, b in zip(cached.req_ids, cached.new_block_ids) if b is not None]
+    return [(c.req_id, c.new_block_ids) for c in cached if c.new_block_ids is not None]
+
+
+def _from_vllm_config(vllm_config: Any, store: Any) -> tuple[ConnectorConfig, Any]:
+    """Settings from a vLLM config: model name, block size, TP rank/size, and the extra config
+    keys ``kvstore_master`` (HOST:PORT) and ``quantize``."""
+    if vllm_config is None:
+        raise InvalidArgumentError("pass config= (ConnectorConfig) or a vLLM config")
+    extra = dict(getattr(vllm_config.kv_transfer_config, "kv_connector_extra_config", {}) or {})
+    parallel = vllm_config.parallel_config
+    tp_size = parallel.tensor_parallel_size
+    tp_rank = getattr(parallel, "rank", 0) % tp_size
+    model = "".join(c if c.isalnum() or c in "._-" else "_"
+                    for c in str(vllm_config.model_config.model))
+    namespace = KeyNamespace(model=model, tp_rank=tp_rank, tp_size=tp_size)
+    kv_dtype = str(vllm_config.model_config.dtype).removeprefix("torch.")
+    config = ConnectorConfig(namespace, vllm_config.cache_config.block_size,
+                             extra.get("quantize"), kv_dtype)
+    if store is None:
+        import kvstore
+
+        store = kvstore.connect(extra.get("kvstore_master", "127.0.0.1:50051"))
+    return config, store
