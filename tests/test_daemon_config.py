@@ -1,0 +1,136 @@
+"""DaemonConfig validation, the object table's change-set rules, shm segment creation, and the
+daemon's import discipline (no torch unless --gpu)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from kvstore import ConfigError
+from kvstore.daemon.config import DaemonConfig, split_tier_spec
+from kvstore.daemon.objects import ObjectTable
+from kvstore.daemon.server import run_in_thread
+from kvstore.transport.shmem import create_shm, open_shm, unique_shm_name
+from kvstore.v1 import master_pb2
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"host": ""}, "host"),
+    ({"port": 70000}, "port"),
+    ({"port": -1}, "port"),
+    ({"metrics_port": 65536}, "metrics_port"),
+    ({"dram_bytes": "lots"}, "invalid size"),
+    ({"dram_bytes": 0}, "at least one tier"),
+    ({"ssd_dir": "/tmp/x"}, "ssd needs both"),
+    ({"ssd_bytes": 1024}, "ssd needs both"),
+    ({"gpu_device": "cuda:0"}, "gpu needs both"),
+    ({"node_id": "bad id/with slash"}, "node_id"),
+    ({"node_id": ""}, "node_id"),
+    ({"token": "x" * 2000}, "token"),
+    ({"master_addr": "no-port"}, "HOST:PORT"),
+    ({"rpc_timeout_s": 0}, "rpc_timeout_s"),
+    ({"register_timeout_s": -1}, "register_timeout_s"),
+    ({"max_connections": 0}, "max_connections"),
+])
+def test_invalid_config_is_a_config_error(kwargs, message):
+    with pytest.raises(ConfigError, match=message):
+        DaemonConfig(**kwargs)
+
+
+def test_config_parses_sizes_and_generates_distinct_node_ids():
+    a, b = DaemonConfig(dram_bytes="4MiB"), DaemonConfig()
+    assert a.dram_bytes == 4 * 1024**2
+    assert a.node_id != b.node_id
+    with pytest.raises(AttributeError):
+        a.port = 5  # frozen
+
+
+def test_split_tier_spec_takes_the_size_after_the_last_colon():
+    assert split_tier_spec("/data/kv:1GiB", "--ssd") == ("/data/kv", 1024**3)
+    assert split_tier_spec("cuda:1:2GiB", "--gpu") == ("cuda:1", 2 * 1024**3)
+    for bad in ("1GiB", ":1GiB", "/data/kv:big"):
+        with pytest.raises(ConfigError):
+            split_tier_spec(bad, "--ssd")
+
+
+def heartbeat(seq, added=(), removed=(), full=False):
+    inventory = master_pb2.Inventory(
+        keys=[k for k, _ in added], segment_ids=["dram0"] * len(added),
+        offsets=[o for _, o in added], lengths=[10] * len(added),
+        checksums=[7] * len(added), codecs=[master_pb2.CODEC_RAW] * len(added))
+    return master_pb2.HeartbeatResponse(known=True, seq=seq, full_resync=full, added=inventory,
+                                        removed_keys=list(removed))
+
+
+def test_object_table_applies_change_sets_in_sequence():
+    table = ObjectTable()
+    assert table.apply(heartbeat(2, added=[("a", 0), ("b", 64)])) == 2
+    assert table.acked_seq == 2 and len(table) == 2
+    assert table.apply(heartbeat(2, added=[("c", 128)])) == 0  # a replayed reply is ignored
+    assert table.get("c") is None
+    table.apply(heartbeat(3, removed=["a"]))
+    assert table.get("a") is None and table.get("b").offset == 64
+    table.apply(heartbeat(5, added=[("z", 0)], full=True))
+    assert len(table) == 1 and table.get("z").segment_id == "dram0"
+    inventory = table.to_inventory()
+    assert (list(inventory.keys), list(inventory.offsets), list(inventory.lengths),
+            list(inventory.checksums)) == (["z"], [0], [10], [7])
+    table.reset_sequence()
+    assert table.acked_seq == 0 and len(table) == 1
+
+
+def test_key_both_added_and_removed_in_one_change_set_is_dropped():
+    """The safe reading: never keep an entry whose space may hold other bytes by now."""
+    table = ObjectTable()
+    table.apply(heartbeat(2, added=[("k", 0)], removed=["k"]))
+    assert table.get("k") is None
+
+
+def test_shm_segment_is_owner_only_and_unique():
+    old_umask = os.umask(0)  # even a permissive umask must not widen the mode
+    try:
+        segment = create_shm(unique_shm_name("kvstore-test"), 4096)
+    finally:
+        os.umask(old_umask)
+    try:
+        assert os.stat(f"/dev/shm{segment.name}").st_mode & 0o777 == 0o600
+        with pytest.raises(FileExistsError):
+            create_shm(segment.name, 4096)
+        other = open_shm(segment.name)
+        segment.view[:5] = b"hello"
+        assert bytes(other.view[:5]) == b"hello"
+        other.close()
+    finally:
+        segment.unlink()
+        segment.close()
+    assert not os.path.exists(f"/dev/shm{segment.name}")
+    assert unique_shm_name("p") != unique_shm_name("p")
+
+
+def test_embedded_daemon_serves_and_cleans_up():
+    running = run_in_thread(DaemonConfig(dram_bytes=1024 * 1024))
+    shm_name = running.daemon.segments[0].shm_name
+    assert running.address.startswith("127.0.0.1:")
+    assert os.path.exists(f"/dev/shm{shm_name}")
+    running.stop()
+    running.stop()  # idempotent
+    assert not os.path.exists(f"/dev/shm{shm_name}")
+
+
+def test_port_in_use_is_a_config_error_and_leaves_no_shm():
+    with run_in_thread(DaemonConfig(dram_bytes=1024 * 1024)) as first:
+        port = int(first.address.rsplit(":", 1)[1])
+        before = set(os.listdir("/dev/shm"))
+        with pytest.raises(ConfigError, match="cannot bind"):
+            run_in_thread(DaemonConfig(dram_bytes=1024 * 1024, port=port))
+        assert set(os.listdir("/dev/shm")) - before == set()
+
+
+def test_daemon_startup_does_not_import_torch():
+    code = ("import sys, kvstore, kvstore.daemon.cli, kvstore.daemon.server, "
+            "kvstore.daemon.membership, kvstore.transport; "
+            "assert 'torch' not in sys.modules, 'torch imported'")
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
