@@ -50,6 +50,8 @@ def _numpy_view(value: Any, what: str) -> memoryview | None:
         return None
     if not value.flags.c_contiguous:
         raise InvalidArgumentError(f"{what} numpy array must be C-contiguous")
+    if value.ndim == 1 and value.dtype == numpy.uint8:
+        return memoryview(value)  # the common transfer-buffer case, without two new arrays
     return memoryview(value.reshape(-1).view(numpy.uint8))
 
 

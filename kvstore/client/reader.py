@@ -66,17 +66,19 @@ def get_batch(master: MasterClient, transfers: Transfers, keys: Sequence[Any],
     reply = master.call("GetReplicas", request, timeout_s=timeout_s)
     for field in ("statuses", "sizes", "checksums", "codecs"):
         statuses.check_length(reply, field, len(names), "GetReplicas")
+    # NOTE: plain lists: indexing protobuf repeated fields per key costs more than copying
+    sizes, sums, codecs = list(reply.sizes), list(reply.checksums), list(reply.codecs)
     ok = [status == statuses.OK for status in reply.statuses]
-    targets = decode_targets(reply, reply.sizes, ok)
+    targets = decode_targets(reply, sizes, ok)
     jobs = []
     for j, key in enumerate(names):
         i = indices[j]
         if not ok[j]:
             results[i] = statuses.item_error(reply, j, key, "get")
             continue
-        size, expected = reply.sizes[j], reply.checksums[j]
-        if reply.codecs[j] != master_pb2.CODEC_RAW:
-            results[i] = KVStoreError(f"get {key!r}: stored with codec {reply.codecs[j]}, "
+        size, expected = sizes[j], sums[j]
+        if codecs[j] != master_pb2.CODEC_RAW:
+            results[i] = KVStoreError(f"get {key!r}: stored with codec {codecs[j]}, "
                                       "which this client cannot decode", keys=[key])
             continue
         if is_empty_marker(size, expected):

@@ -36,8 +36,8 @@ def decode_targets(reply: Any, sizes: Sequence[int], ok: Sequence[bool]) -> list
     ``ok[i]`` False get an empty list. Raises KVStoreError on out-of-range indices.
     """
     prefixes = _segment_prefixes(reply)
-    starts, counts = reply.replica_start, reply.replica_count
-    segment_indices, offsets = reply.replica_segment, reply.replica_offset
+    starts, counts = list(reply.replica_start), list(reply.replica_count)
+    segment_indices, offsets = list(reply.replica_segment), list(reply.replica_offset)
     num_replicas = len(segment_indices)
     if len(offsets) != num_replicas:
         raise KVStoreError("malformed master reply: replica arrays differ in length")

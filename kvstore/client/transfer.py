@@ -67,19 +67,29 @@ class Transfers:
         self.transports = list(transports)
         self._lock = threading.Lock()
         self._counters = {t.name: _Counters() for t in self.transports}
+        # (host_id, shm_name, data_addr) -> rank of the first transport that reaches it.
+        # NOTE: can_reach depends only on these fields, and a batch repeats a few segments
+        # many times, so asking each transport once per segment saves most of the routing.
+        self._reach_to_rank: dict[tuple[str, str, str], int | None] = {}
 
     # ---- routing ------------------------------------------------------------------------
     def route(self, targets: Sequence[Target]) -> list[tuple[Target, Transport]]:
         """Reachable replicas with their transport, most preferred transport first (stable,
         so the master's order breaks ties)."""
+        ranks = self._reach_to_rank
         routed = []
         for target in targets:
-            for rank, transport in enumerate(self.transports):
-                if transport.can_reach(target):
-                    routed.append((rank, target, transport))
-                    break
-        routed.sort(key=lambda item: item[0])
-        return [(target, transport) for _, target, transport in routed]
+            where = (target.host_id, target.shm_name, target.data_addr)
+            rank = ranks.get(where, -1)
+            if rank == -1:
+                rank = ranks[where] = next((r for r, t in enumerate(self.transports)
+                                            if t.can_reach(target)), None)
+            if rank is not None:
+                routed.append((rank, target))
+        if len(routed) > 1:
+            routed.sort(key=lambda item: item[0])
+        transports = self.transports
+        return [(target, transports[rank]) for rank, target in routed]
 
     # ---- writes -------------------------------------------------------------------------
     def write(self, items: Sequence[tuple[int, str, Target, memoryview]], *,
