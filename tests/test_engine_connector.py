@@ -1,0 +1,165 @@
+"""PagedKVConnector against a real embedded store: bytes exact across block ids and layouts,
+prefix hits, INT8 error bound, failures named per block, bad input."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import kvstore
+from kvstore import InvalidArgumentError
+from kvstore.engine import KeyNamespace, PagedKVConnector
+
+NUM_LAYERS, BLOCK_SIZE, NUM_HEADS, HEAD_DIM = 3, 16, 2, 32
+
+
+@pytest.fixture(scope="module")
+def store():
+    with kvstore.local(dram="256MiB") as s:
+        yield s
+
+
+def _pages(layout: str, num_blocks: int, dtype: torch.dtype, *, fill: bool,
+           seed: int = 0) -> list[torch.Tensor]:
+    shape = {"kv_first": (2, num_blocks, BLOCK_SIZE, NUM_HEADS, HEAD_DIM),
+             "block_first": (num_blocks, 2, BLOCK_SIZE, NUM_HEADS, HEAD_DIM),
+             "mla": (num_blocks, BLOCK_SIZE, HEAD_DIM)}[layout]
+    gen = torch.Generator().manual_seed(seed)
+    return [torch.randn(shape, generator=gen).to(dtype) if fill else torch.zeros(shape, dtype=dtype)
+            for _ in range(NUM_LAYERS)]
+
+
+def _page(layer: torch.Tensor, layout: str, block_id: int) -> torch.Tensor:
+    return layer[:, block_id] if layout == "kv_first" else layer[block_id]
+
+
+def _tokens(n: int, offset: int = 0) -> list[int]:
+    return [(7 * i + offset) % 5000 for i in range(n)]
+
+
+@pytest.mark.parametrize("layout", ["kv_first", "block_first", "mla"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_saved_blocks_load_bytes_exact_into_other_block_ids(store, layout, dtype) -> None:
+    ns = KeyNamespace(model=f"exact-{layout}-{str(dtype)[6:]}")
+    src, dst = _pages(layout, 12, dtype, fill=True), _pages(layout, 9, dtype, fill=False)
+    tokens = _tokens(5 * BLOCK_SIZE + 3)  # 5 full blocks and a partial one
+    src_ids, dst_ids = [11, 0, 7, 3, 5, 9], [8, 2, 6, 1, 4, 0]
+    saver = PagedKVConnector(store, src, block_size=BLOCK_SIZE, namespace=ns)
+    result = saver.save_blocks(tokens, src_ids)
+    assert (result.num_blocks_stored, result.failed_keys) == (5, [])
+    assert result.num_bytes_written == 5 * saver.format.block_bytes
+    loader = PagedKVConnector(store, dst, block_size=BLOCK_SIZE, namespace=ns)
+    assert loader.load(tokens, dst_ids) == 5 * BLOCK_SIZE
+    for s_layer, d_layer in zip(src, dst):
+        for s_id, d_id in zip(src_ids[:5], dst_ids[:5]):
+            assert torch.equal(_page(s_layer, layout, s_id), _page(d_layer, layout, d_id))
+        assert not _page(d_layer, layout, dst_ids[5]).any()  # the partial block is not stored
+
+
+def test_a_block_saved_from_one_layout_loads_into_the_other(store) -> None:
+    ns = KeyNamespace(model="cross-layout")
+    src, dst = _pages("kv_first", 4, torch.float32, fill=True), _pages("block_first", 4,
+                                                                       torch.float32, fill=False)
+    tokens = _tokens(2 * BLOCK_SIZE)
+    PagedKVConnector(store, src, block_size=BLOCK_SIZE, namespace=ns).save(tokens, [1, 2])
+    assert PagedKVConnector(store, dst, block_size=BLOCK_SIZE, namespace=ns).load(
+        tokens, [3, 0]) == 2 * BLOCK_SIZE
+    assert torch.equal(src[2][:, 2], dst[2][0])
+
+
+def test_prefix_hit_loads_only_the_shared_leading_blocks(store) -> None:
+    ns = KeyNamespace(model="prefix")
+    src, dst = _pages("kv_first", 8, torch.float32, fill=True), _pages("kv_first", 8,
+                                                                       torch.float32, fill=False)
+    first = _tokens(4 * BLOCK_SIZE)
+    saver = PagedKVConnector(store, src, block_size=BLOCK_SIZE, namespace=ns)
+    assert saver.save(first, [0, 1, 2, 3]) == 4
+    second = first[:2 * BLOCK_SIZE + 5] + _tokens(3 * BLOCK_SIZE, offset=1)
+    loader = PagedKVConnector(store, dst, block_size=BLOCK_SIZE, namespace=ns)
+    assert loader.num_stored_tokens(second) == 2 * BLOCK_SIZE
+    assert loader.load(second, [4, 5, 6, 7, 0]) == 2 * BLOCK_SIZE
+    assert torch.equal(dst[0][:, 4], src[0][:, 0]) and torch.equal(dst[0][:, 5], src[0][:, 1])
+    assert not dst[0][:, 6].any()
+    # nothing stored under another namespace
+    other = PagedKVConnector(store, dst, block_size=BLOCK_SIZE, namespace=KeyNamespace(model="x"))
+    assert other.load(first, [0, 1, 2, 3]) == 0
+
+
+def test_save_is_idempotent_and_skips_stored_blocks(store) -> None:
+    ns = KeyNamespace(model="idempotent")
+    src = _pages("kv_first", 4, torch.float32, fill=True)
+    connector = PagedKVConnector(store, src, block_size=BLOCK_SIZE, namespace=ns)
+    tokens = _tokens(3 * BLOCK_SIZE)
+    assert connector.save_blocks(tokens[:2 * BLOCK_SIZE], [0, 1]).num_bytes_written > 0
+    again = connector.save_blocks(tokens, [0, 1, 2])
+    assert (again.num_blocks_stored, again.num_bytes_written) == (3, connector.format.block_bytes)
+
+
+def test_load_stops_at_the_first_missing_block(store) -> None:
+    ns = KeyNamespace(model="missing")
+    src, dst = _pages("kv_first", 4, torch.float32, fill=True), _pages("kv_first", 4,
+                                                                       torch.float32, fill=False)
+    tokens = _tokens(4 * BLOCK_SIZE)
+    saver = PagedKVConnector(store, src, block_size=BLOCK_SIZE, namespace=ns)
+    saver.save(tokens, [0, 1, 2, 3])
+    assert store.remove(saver.keys_for(tokens)[2])
+    loader = PagedKVConnector(store, dst, block_size=BLOCK_SIZE, namespace=ns)
+    assert loader.load(tokens, [0, 1, 2, 3]) == 2 * BLOCK_SIZE
+    assert not dst[1][:, 2].any() and not dst[1][:, 3].any()
+
+
+def test_int8_roundtrip_is_within_the_stated_bound_and_smaller(store) -> None:
+    ns = KeyNamespace(model="int8")
+    src, dst = _pages("kv_first", 4, torch.float16, fill=True), _pages("kv_first", 4,
+                                                                       torch.float16, fill=False)
+    tokens = _tokens(3 * BLOCK_SIZE)
+    saver = PagedKVConnector(store, src, block_size=BLOCK_SIZE, namespace=ns, quantize="int8")
+    assert saver.save(tokens, [0, 1, 2]) == 3
+    # int8 payload + one fp32 scale per head_dim values, vs 2 bytes per fp16 value
+    assert saver.format.block_bytes / saver.format.raw_block_bytes == pytest.approx(
+        (HEAD_DIM + 4) / (2 * HEAD_DIM))
+    loader = PagedKVConnector(store, dst, block_size=BLOCK_SIZE, namespace=ns, quantize="int8")
+    assert loader.load(tokens, [3, 2, 1]) == 3 * BLOCK_SIZE
+    for s_id, d_id in zip([0, 1, 2], [3, 2, 1]):
+        original, restored = src[1][:, s_id].float(), dst[1][:, d_id].float()
+        amax = original.abs().amax(-1, keepdim=True)
+        # |x - q*scale| <= amax/254 per (token, head) group, plus fp16 rounding of the result
+        assert ((original - restored).abs() <= amax / 254 + original.abs() * 2**-10 + 1e-6).all()
+    # raw and int8 never share keys
+    raw = PagedKVConnector(store, dst, block_size=BLOCK_SIZE, namespace=ns)
+    assert raw.load(tokens, [0, 1, 2]) == 0
+
+
+def test_a_full_store_names_the_blocks_it_could_not_save() -> None:
+    src = _pages("kv_first", 16, torch.float32, fill=True)
+    with kvstore.local(dram="64KiB") as small:
+        connector = PagedKVConnector(small, src, block_size=BLOCK_SIZE,
+                                     namespace=KeyNamespace(model="full"))
+        tokens = _tokens(16 * BLOCK_SIZE)
+        result = connector.save_blocks(tokens, list(range(16)))  # 12 KiB per block: 5 fit
+        keys = connector.keys_for(tokens)
+        assert 0 < result.num_blocks_stored < 16
+        assert result.failed_keys == [k for k in keys if not small.exists(k)]
+        assert len(result.failed_keys) == 16 - result.num_blocks_stored
+
+
+def test_bad_arguments_raise_before_anything_moves(store) -> None:
+    pages = _pages("kv_first", 4, torch.float32, fill=True)
+    ns = KeyNamespace(model="bad")
+    with pytest.raises(InvalidArgumentError):
+        PagedKVConnector(store, pages, block_size=8, namespace=ns)  # pages hold 16
+    with pytest.raises(InvalidArgumentError):
+        PagedKVConnector(store, pages, block_size=BLOCK_SIZE, namespace=ns, quantize="fp4")
+    with pytest.raises(InvalidArgumentError):
+        PagedKVConnector(store, [], block_size=BLOCK_SIZE, namespace=ns)
+    with pytest.raises(InvalidArgumentError):
+        PagedKVConnector(store, pages, block_size=BLOCK_SIZE, namespace=3)  # type: ignore[arg-type]
+    connector = PagedKVConnector(store, pages, block_size=BLOCK_SIZE, namespace=ns)
+    tokens = _tokens(2 * BLOCK_SIZE)
+    with pytest.raises(InvalidArgumentError):
+        connector.save(tokens, [0])  # two full blocks, one id
+    with pytest.raises(InvalidArgumentError):
+        connector.save(tokens, [0, 4])  # out of range
+    with pytest.raises(InvalidArgumentError):
+        connector.load(tokens, [[0, 1]])
+    assert not store.exists(connector.keys_for(tokens)[0])
