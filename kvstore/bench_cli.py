@@ -5,7 +5,9 @@ of the daemon's segment: the data path alone) and ``client`` (``kvstore.connect`
 master round trips, allocation and checksums included). For each (level, transport, size,
 single|batched, put|get) it reports GB/s (1 GB = 1e9 bytes); for 64 KiB single it also reports
 p50/p99 latency. A single-thread memcpy of the same size, measured in the same run, is printed
-beside each figure as the ceiling (``% memcpy``).
+beside each figure as the ceiling (``% memcpy``); for tcp rows, raw Python TCP over loopback
+to another process (one stream) is printed too (``loopbk``). The 1-minute load average at
+the end is recorded, since the machine may be shared.
 
 Without ``--master`` it starts its own ``kvstore master`` and ``kvstore daemon`` processes on
 127.0.0.1 (port 0) and stops them at the end; with ``--master`` it measures an existing
@@ -39,6 +41,55 @@ def memcpy_gbps(size_bytes: int, min_time_s: float) -> float:
     dst = np.empty(size_bytes, np.uint8)
     np.copyto(dst, src)  # fault the pages in
     return _rate(lambda: np.copyto(dst, src), size_bytes, min_time_s)
+
+
+_SINK_CODE = """
+import socket, struct, sys
+server = socket.create_server(("127.0.0.1", 0))
+print(server.getsockname()[1], flush=True)
+conn, _ = server.accept()
+conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+buffer = memoryview(bytearray(int(sys.argv[1])))
+while True:
+    header = conn.recv(8, socket.MSG_WAITALL)
+    if len(header) < 8:
+        break
+    (length,) = struct.unpack("<Q", header)
+    received = 0
+    while received < length:
+        received += conn.recv_into(buffer[received:length])
+    conn.sendall(b"k")
+"""
+
+
+def loopback_gbps(sizes: list[int], min_time_s: float) -> dict[int, float]:
+    """Raw Python TCP over loopback to another process (sendall / recv_into, one stream):
+    the ceiling a single tcp stream of ours can approach, in GB/s per size."""
+    import socket
+    import struct
+    import subprocess
+    import sys
+
+    sink = subprocess.Popen([sys.executable, "-c", _SINK_CODE, str(max(sizes))],
+                            stdout=subprocess.PIPE, text=True)
+    try:
+        port = int(sink.stdout.readline())
+        with socket.create_connection(("127.0.0.1", port)) as sock:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            result = {}
+            for size_bytes in sizes:
+                payload = memoryview(bytearray(size_bytes))
+                header = struct.pack("<Q", size_bytes)
+
+                def send_one():
+                    sock.sendall(header)
+                    sock.sendall(payload)
+                    sock.recv(1)
+                result[size_bytes] = _rate(send_one, size_bytes, min_time_s)
+            return result
+    finally:
+        sink.kill()
+        sink.wait()
 
 
 def _rate(fn, bytes_per_call: int, min_time_s: float, min_calls: int = 3) -> float:
@@ -173,16 +224,14 @@ def client_cases(master_addr, kinds, sizes, token, min_time_s, progress):
             keys = [f"{prefix}/fixed/{i}" for i in range(num_items)]
             store.batch_put(keys, [src] * num_items)
 
+            # NOTE: fresh keys per put (a second put of a key is a no-op); they are removed
+            # after the case, and the master evicts old ones if a case outgrows the pool.
             def put_one():
-                key = f"{prefix}/{next(counter)}"
-                store.put(key, src)
-                store.remove(key, force=True)
+                store.put(f"{prefix}/{next(counter)}", src)
 
             def put_many():
                 batch = [f"{prefix}/{next(counter)}" for _ in range(num_items)]
                 _check(store.batch_put(batch, [src] * num_items))
-                for key in batch:
-                    store.remove(key, force=True)
 
             get_one = lambda: store.get_into(keys[0], outs[0])  # noqa: E731
             get_many = lambda: _check_sizes(store.batch_get_into(keys, outs))  # noqa: E731
@@ -224,18 +273,30 @@ def _measure(level, kind, size_bytes, num_items, put_one, get_one, put_many, get
     return rows
 
 
-def print_table(rows, memcpy_by_size) -> None:
+def print_table(rows, memcpy_by_size, loopback_by_size) -> None:
     header = (f"{'level':<9} {'transport':<9} {'size':>10} {'mode':<6} {'items':>5} {'op':<4}"
-              f" {'GB/s':>7} {'memcpy':>7} {'%memcpy':>7} {'p50 us':>8} {'p99 us':>8}")
+              f" {'GB/s':>7} {'memcpy':>7} {'%memcpy':>7} {'loopbk':>7} {'p50 us':>8} "
+              f"{'p99 us':>8}")
     print(header)
     print("-" * len(header))
     for row in rows:
         ceiling = memcpy_by_size[row["size_bytes"]]
         p50 = f"{row['p50_us']:.0f}" if "p50_us" in row else ""
         p99 = f"{row['p99_us']:.0f}" if "p99_us" in row else ""
+        loopback = loopback_by_size.get(row["size_bytes"])
+        loopback_text = f"{loopback:.2f}" if loopback is not None and row["transport"] == "tcp" \
+            else ""
         print(f"{row['level']:<9} {row['transport']:<9} {format_size(row['size_bytes']):>10} "
               f"{row['mode']:<6} {row['batch_items']:>5} {row['op']:<4} {row['gbps']:>7.2f} "
-              f"{ceiling:>7.2f} {100 * row['gbps'] / ceiling:>6.0f}% {p50:>8} {p99:>8}")
+              f"{ceiling:>7.2f} {100 * row['gbps'] / ceiling:>6.0f}% {loopback_text:>7} "
+              f"{p50:>8} {p99:>8}")
+
+
+def _loadavg() -> float | None:
+    try:
+        return float(Path("/proc/loadavg").read_text().split()[0])
+    except (OSError, ValueError):
+        return None
 
 
 @click.command("bench")
@@ -266,10 +327,11 @@ def command(master_addr, token, transports, levels, sizes, min_time_s, json_path
     cluster = None
     if master_addr is None:
         largest_batch = max(s * batch_items(s) for s in size_list)
-        cluster = _Cluster(dram_bytes=max(2 * largest_batch + 256 * 1024 * 1024, 1024**3))
+        cluster = _Cluster(dram_bytes=max(4 * largest_batch, 2 * 1024**3))
         master_addr = cluster.master.address
     try:
         memcpy_by_size = {s: memcpy_gbps(s, min_time_s) for s in size_list}
+        loopback_by_size = loopback_gbps(size_list, min_time_s) if "tcp" in kinds else {}
         node = _first_node(master_addr, token)
         total = 4 * len(kinds) * len(size_list) * len(level_list)
         rows = []
@@ -281,9 +343,11 @@ def command(master_addr, token, transports, levels, sizes, min_time_s, json_path
     finally:
         if cluster is not None:
             cluster.close()
-    print_table(rows, memcpy_by_size)
+    print_table(rows, memcpy_by_size, loopback_by_size)
     result = {"date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
               "host": platform.node(), "memcpy_gbps": {str(k): v for k, v in memcpy_by_size.items()},
+              "loopback_gbps": {str(k): v for k, v in loopback_by_size.items()},
+              "loadavg_1m": _loadavg(),
               "rows": rows}
     Path(json_path).parent.mkdir(parents=True, exist_ok=True)
     Path(json_path).write_text(json.dumps(result, indent=2))

@@ -213,3 +213,14 @@ def test_make_transports_kinds():
 def test_local_host_id_is_stable():
     assert local_host_id() == local_host_id()
     assert len(local_host_id()) >= 16
+
+
+def test_batch_of_one_large_range(cluster, transport):
+    _, node = cluster
+    data = random_bytes(9 * 1024 * 1024 + 3, 5)
+    target = make_target(node, 140 * 1024 * 1024, len(data))
+    assert transport.write_many([(target, memoryview(data))], timeout_s=TIMEOUT_S) == [None]
+    out = np.zeros_like(data)
+    assert transport.read_many([(target, memoryview(out))], timeout_s=TIMEOUT_S) == [None]
+    assert np.array_equal(out, data)
+    assert transport.read_many([], timeout_s=TIMEOUT_S) == []

@@ -185,6 +185,16 @@ class TcpTransport(Transport):
                 addr_to_indices[target.data_addr].append(index)
             except InvalidArgumentError as exc:
                 results[index] = exc
+        valid = [index for indices in addr_to_indices.values() for index in indices]
+        if len(valid) == 1:
+            # NOTE: a batch of one large range is striped like a single transfer would be
+            index = valid[0]
+            target = items[index][0]
+            try:
+                self._transfer(op, target, views[index], Deadline(timeout_s, target.node_id))
+            except Exception as exc:  # noqa: BLE001 - reported per item
+                results[index] = exc
+            return results
         groups: list[list[int]] = []
         for indices in addr_to_indices.values():
             num_groups = min(self.num_streams, len(indices))
