@@ -9,6 +9,7 @@ command, so tests can put from one process and get from another.
 
 from __future__ import annotations
 
+import _posixshmem
 import json
 import subprocess
 import sys
@@ -64,6 +65,26 @@ class Cluster:
                 time.sleep(0.05)  # polling another process's readiness: no clock to advance
         finally:
             master.close()
+
+    def kill_daemon(self, index: int) -> None:
+        """SIGKILL daemon ``index`` (a crash) and unlink the shm segments it can no longer
+        unlink itself, so killed daemons leave nothing behind in /dev/shm. Mappings that
+        clients hold stay valid until they unmap."""
+        daemon = self.daemons[index]
+        master = MasterClient(self.address, token=self.token)
+        try:
+            nodes = master.call("ListNodes", master_pb2.ListNodesRequest()).nodes
+        finally:
+            master.close()
+        names = [segment.shm_name for node in nodes
+                 if node.data_addr == daemon.address for segment in node.segments
+                 if segment.shm_name]
+        daemon.kill()
+        for name in names:
+            try:
+                _posixshmem.shm_unlink(name)
+            except FileNotFoundError:
+                pass
 
     def connect(self, **options) -> "kvstore.KVStore":
         return kvstore.connect(self.address, token=self.token, **options)

@@ -44,7 +44,7 @@ def test_sigkill_of_one_replica_holder_during_gets(transport):
         reader = threading.Thread(target=stream)
         reader.start()
         assert started.wait(30)
-        cluster.daemons[0].kill()
+        cluster.kill_daemon(0)
         killed.set()
         reader.join(60)
         assert not reader.is_alive()
