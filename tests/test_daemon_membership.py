@@ -16,7 +16,7 @@ import pytest
 import xxhash
 from servers import KVSTORE_BIN, ServerProcess
 
-from kvstore import MasterUnavailableError
+from kvstore import MasterUnavailableError, TransferError
 from kvstore.daemon.config import DaemonConfig
 from kvstore.daemon.server import run_in_thread
 from kvstore.master.rpc_client import MasterClient
@@ -226,3 +226,25 @@ def test_gpu_tier_without_cuda_is_a_clear_error():
     assert result.returncode != 0
     assert "not supported on this build" in result.stderr
     assert "listening on" not in result.stdout
+
+
+def test_metrics_count_data_plane_traffic():
+    import urllib.request
+
+    port = free_port()
+    with ServerProcess(["daemon", "--standalone", "--dram", "4MiB", "--node-id", "metrics-node",
+                        "--metrics-port", str(port)]) as daemon, TcpTransport() as transport:
+        target = Target("metrics-node", "h", daemon.address, "dram0", "", 0, 1000)
+        transport.write(target, memoryview(bytes(1000)), timeout_s=10)
+        transport.read_into(target, memoryview(bytearray(1000)), timeout_s=10)
+        with pytest.raises(TransferError):
+            transport.read_into(Target("metrics-node", "h", daemon.address, "dram0", "",
+                                       4 * 1024**2, 1), memoryview(bytearray(1)), timeout_s=10)
+        text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read()
+        lines = set(text.decode().splitlines())
+        assert "kvstore_daemon_writes_total 1.0" in lines
+        assert "kvstore_daemon_reads_total 1.0" in lines
+        assert "kvstore_daemon_written_bytes_total 1000.0" in lines
+        assert "kvstore_daemon_errors_total 1.0" in lines
+        assert 'kvstore_daemon_segment_capacity_bytes{segment="dram0",tier="dram"} 4.194304e+06' \
+            in lines
