@@ -17,6 +17,8 @@ import functools
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable
 
+from kvstore._errors import ClosedError
+
 __all__ = ["AsyncKVStore", "connect", "local"]
 
 DEFAULT_MAX_WORKERS = 4
@@ -36,7 +38,11 @@ def _coroutine(name: str) -> Callable[..., Any]:
     @functools.wraps(sync_method)
     async def method(self: "AsyncKVStore", *args: Any, **kwargs: Any) -> Any:
         call = functools.partial(getattr(self.sync, name), *args, **kwargs)
-        return await asyncio.get_running_loop().run_in_executor(self._executor, call)
+        try:
+            future = asyncio.get_running_loop().run_in_executor(self._executor, call)
+        except RuntimeError as exc:  # the executor was shut down by close()
+            raise ClosedError("this AsyncKVStore is closed") from exc
+        return await future
 
     return method
 

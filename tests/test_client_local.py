@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import kvstore
-from kvstore import ChecksumError, KeyNotFoundError, MasterUnavailableError
+from kvstore import ChecksumError, ClosedError, KeyNotFoundError, MasterUnavailableError
 from kvstore.client.replicas import decode_targets
 from kvstore.master.rpc_client import MasterClient
 from kvstore.transport.shm import ShmTransport
@@ -169,5 +169,8 @@ def test_asyncio_variant_round_trip():
             assert await other.get("aio/3") == values[3]
             await other.close()
         assert store.closed
+        with pytest.raises(ClosedError):
+            await store.get("aio/a")
+        await store.close()  # idempotent
 
     asyncio.run(main())
