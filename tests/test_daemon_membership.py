@@ -248,3 +248,24 @@ def test_metrics_count_data_plane_traffic():
         assert "kvstore_daemon_errors_total 1.0" in lines
         assert 'kvstore_daemon_segment_capacity_bytes{segment="dram0",tier="dram"} 4.194304e+06' \
             in lines
+
+
+def test_sigterm_while_waiting_for_the_master_exits_cleanly():
+    port = free_port()
+    proc = subprocess.Popen([str(KVSTORE_BIN), "daemon", "--master", f"127.0.0.1:{port}",
+                             "--dram", "4MiB", "--node-id", "impatient"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        # wait until it is retrying (its log says so), then ask it to stop
+        assert wait_until(lambda: any(n.startswith("kvstore-impatient-")
+                                      for n in os.listdir("/dev/shm")), timeout_s=30)
+        time.sleep(0.3)
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=15)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 0, err
+    assert "listening on" not in out
+    assert not any(n.startswith("kvstore-impatient-") for n in os.listdir("/dev/shm"))

@@ -69,9 +69,6 @@ def command(master_addr, host, port, dram, ssd, gpu, token, metrics_port, node_i
     from kvstore.daemon.config import DaemonConfig
     from kvstore.daemon.server import Daemon
 
-    stopping = threading.Event()
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(signum, lambda *_: stopping.set())
     try:
         extra = {"node_id": node_id} if node_id else {}
         config = DaemonConfig(
@@ -79,9 +76,23 @@ def command(master_addr, host, port, dram, ssd, gpu, token, metrics_port, node_i
             dram_bytes=dram, ssd_dir=ssd[0], ssd_bytes=ssd[1], gpu_device=gpu[0],
             gpu_bytes=gpu[1], token=token, metrics_port=metrics_port, rpc_timeout_s=rpc_timeout,
             **extra)
-        daemon = Daemon(config)
+    except KVStoreError as exc:
+        raise click.ClickException(str(exc)) from exc
+    daemon = Daemon(config)
+    stopping = threading.Event()
+
+    def on_signal(*_: object) -> None:
+        stopping.set()
+        daemon.interrupt()  # a registration still waiting for the master gives up
+
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, on_signal)
+    try:
         daemon.start()
     except KVStoreError as exc:
+        if stopping.is_set():
+            log.info("stopped before the master answered")
+            return
         raise click.ClickException(str(exc)) from exc
     print(f"listening on {daemon.address}", flush=True)
     try:

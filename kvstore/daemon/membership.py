@@ -38,16 +38,19 @@ class Membership:
     """Keeps one node registered with one master. ``start_heartbeats`` runs a thread."""
 
     def __init__(self, client: MasterClient, node: master_pb2.NodeInfo, table: ObjectTable, *,
-                 clock: Callable[[], float] = time.monotonic):
+                 clock: Callable[[], float] = time.monotonic,
+                 stop_event: threading.Event | None = None):
         self._client = client
         self._node = node
         self._table = table
         self._clock = clock
-        self._stop = threading.Event()
+        # NOTE: shared with the owner, so a signal can end a registration still retrying
+        self._stop = stop_event or threading.Event()
         self._thread: threading.Thread | None = None
         self.heartbeat_interval_s = 1.0
         self.master_id = ""
         self.num_registrations = 0
+        self._unregistered = False
 
     def register(self, *, timeout_s: float | None = None) -> master_pb2.RegisterNodeResponse:
         """Register (with the inventory), retrying until it succeeds or ``timeout_s`` passes.
@@ -133,11 +136,11 @@ class Membership:
 
     def stop(self, *, unregister: bool = True) -> None:
         """Stop heartbeating and (by default) unregister. Idempotent; never raises."""
-        already_stopped = self._stop.is_set()
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout=10)
-        if unregister and not already_stopped and self.num_registrations:
+        if unregister and self.num_registrations and not self._unregistered:
+            self._unregistered = True
             try:
                 self._client.call("UnregisterNode",
                                   master_pb2.UnregisterNodeRequest(node_id=self._node.node_id),

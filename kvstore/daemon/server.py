@@ -42,7 +42,12 @@ class Daemon:
         self.objects = None
         self._master_client = None
         self._metrics_server = None
+        self._interrupted = threading.Event()
         self.address = ""
+
+    def interrupt(self) -> None:
+        """Make a ``start`` that is still retrying registration give up (signal-safe)."""
+        self._interrupted.set()
 
     def start(self) -> str:
         """Create segments, serve, register; return the data-plane "host:port"."""
@@ -81,7 +86,7 @@ class Daemon:
                                            timeout_s=self.config.rpc_timeout_s)
         self.objects = ObjectTable()
         self.membership = Membership(self._master_client, self.node_info(), self.objects,
-                                     clock=self._clock)
+                                     clock=self._clock, stop_event=self._interrupted)
         self.membership.register(timeout_s=self.config.register_timeout_s)
         self.membership.start_heartbeats()
 
