@@ -85,6 +85,22 @@ def test_prefix_hit_loads_only_the_shared_leading_blocks(store) -> None:
     assert other.load(first, [0, 1, 2, 3]) == 0
 
 
+def test_locally_computed_blocks_are_neither_read_nor_written(store) -> None:
+    ns = KeyNamespace(model="skip")
+    src, dst = _pages("kv_first", 4, torch.float32, fill=True), _pages("kv_first", 4,
+                                                                       torch.float32, fill=False)
+    tokens = _tokens(3 * BLOCK_SIZE)
+    PagedKVConnector(store, src, block_size=BLOCK_SIZE, namespace=ns).save(tokens, [0, 1, 2])
+    loader = PagedKVConnector(store, dst, block_size=BLOCK_SIZE, namespace=ns)
+    result = loader.load_blocks(tokens, [3, 2, 1], num_computed_tokens=BLOCK_SIZE + 3)
+    assert result.num_tokens_loaded == 3 * BLOCK_SIZE
+    assert result.num_bytes_read == 2 * loader.format.block_bytes
+    assert not dst[0][:, 3].any()
+    assert torch.equal(dst[0][:, 2], src[0][:, 1]) and torch.equal(dst[0][:, 1], src[0][:, 2])
+    with pytest.raises(InvalidArgumentError):
+        loader.load_blocks(tokens, [3, 2, 1], num_computed_tokens=-1)
+
+
 def test_save_is_idempotent_and_skips_stored_blocks(store) -> None:
     ns = KeyNamespace(model="idempotent")
     src = _pages("kv_first", 4, torch.float32, fill=True)

@@ -120,28 +120,37 @@ class PagedKVConnector:
         """Load the longest stored prefix; returns leading tokens loaded. See load_blocks."""
         return self.load_blocks(token_ids, block_ids).num_tokens_loaded
 
-    def load_blocks(self, token_ids: Any, block_ids: Sequence[int] | torch.Tensor,
-                    ) -> LoadResult:
+    def load_blocks(self, token_ids: Any, block_ids: Sequence[int] | torch.Tensor, *,
+                    num_computed_tokens: int = 0) -> LoadResult:
         """Load the longest stored run of leading full blocks of ``token_ids`` into pages
-        ``block_ids`` (at most ``len(block_ids)`` blocks). Pages past the loaded run are left
-        untouched."""
+        ``block_ids`` (at most ``len(block_ids)`` blocks). The first ``num_computed_tokens //
+        block_size`` blocks are already in the pages (a local prefix-cache hit): they are
+        neither read nor written. Pages past the loaded run are left untouched.
+        ``num_tokens_loaded`` counts from token 0 (local blocks included)."""
         keys = self.keys_for(token_ids)
         num_usable = min(len(keys), len(block_ids) if block_ids is not None else 0)
         block_index = self._block_index(block_ids, 0)
+        if not isinstance(num_computed_tokens, int) or num_computed_tokens < 0:
+            raise InvalidArgumentError(f"num_computed_tokens must be an int >= 0, got "
+                                       f"{num_computed_tokens!r}")
+        num_skip = min(num_computed_tokens // self.block_size, num_usable)
         if num_usable == 0:
             return LoadResult(0, 0, [])
         if self._is_heterogeneous():
-            return tp.load_resharded(self, token_ids, block_index[:num_usable])
+            return tp.load_resharded(self, token_ids, block_index[:num_usable], num_skip)
         num_hit = self.store.match_prefix(keys[:num_usable])
-        if num_hit == 0:
-            return LoadResult(0, 0, [])
-        rows = self._staging_rows(num_hit)
-        results = self.store.batch_get_into(keys[:num_hit], list(rows))
+        if num_hit <= num_skip:
+            return LoadResult(num_hit * self.block_size, 0, [])
+        wanted = keys[num_skip:num_hit]
+        rows = self._staging_rows(len(wanted))
+        results = self.store.batch_get_into(wanted, list(rows))
         num_ok = _leading_ok(results, self.format.block_bytes)
-        failed = [keys[i] for i, r in enumerate(results) if not _ok(r, self.format.block_bytes)]
+        failed = [k for k, r in zip(wanted, results) if not _ok(r, self.format.block_bytes)]
         if num_ok:
-            scatter_blocks(rows[:num_ok], self.layers, block_index[:num_ok], self.format)
-        return LoadResult(num_ok * self.block_size, num_ok * self.format.block_bytes, failed)
+            scatter_blocks(rows[:num_ok], self.layers, block_index[num_skip:num_skip + num_ok],
+                           self.format)
+        return LoadResult((num_skip + num_ok) * self.block_size,
+                          num_ok * self.format.block_bytes, failed)
 
     def warm_up(self, num_blocks: int) -> None:
         """Make the first real transfer as fast as later ones: size and touch the staging

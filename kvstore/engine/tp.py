@@ -72,9 +72,10 @@ def num_stored_tokens(connector: "PagedKVConnector", token_ids: Any) -> int:
     return min(connector.store.match_prefix(k) for k in keys) * connector.block_size
 
 
-def load_resharded(connector: "PagedKVConnector", token_ids: Any,
-                   block_index: torch.Tensor) -> "LoadResult":
-    """Load the leading blocks stored by all needed source shards into ``block_index``."""
+def load_resharded(connector: "PagedKVConnector", token_ids: Any, block_index: torch.Tensor,
+                   num_skip: int = 0) -> "LoadResult":
+    """Load the leading blocks stored by all needed source shards into ``block_index``; the
+    first ``num_skip`` blocks are already in the pages and are not moved."""
     from kvstore.engine.blocks import decode_rows, scatter_payload
     from kvstore.engine.connector import LoadResult, _leading_ok, _ok
 
@@ -82,25 +83,26 @@ def load_resharded(connector: "PagedKVConnector", token_ids: Any,
     slices, keys = _source_keys(connector, token_ids)
     num_blocks = min(len(block_index), len(keys[0]))
     num_hit = min(connector.store.match_prefix(k[:num_blocks]) for k in keys)
-    if num_hit == 0:
-        return LoadResult(0, 0, [])
+    if num_hit <= num_skip:
+        return LoadResult(num_hit * connector.block_size, 0, [])
+    num_wanted = num_hit - num_skip
     source_heads = fmt.num_kv_heads * connector.namespace.tp_size // connector.source_tp_size
     source_fmt = fmt.with_heads(source_heads)
-    rows = torch.empty(len(slices) * num_hit, source_fmt.block_bytes, dtype=torch.uint8)
-    all_keys = [key for shard_keys in keys for key in shard_keys[:num_hit]]
+    rows = torch.empty(len(slices) * num_wanted, source_fmt.block_bytes, dtype=torch.uint8)
+    all_keys = [key for shard_keys in keys for key in shard_keys[num_skip:num_hit]]
     results = connector.store.batch_get_into(all_keys, list(rows))
     # a block is usable only when every shard's copy of it arrived
-    num_ok = min(_leading_ok(results[i * num_hit:(i + 1) * num_hit], source_fmt.block_bytes)
-                 for i in range(len(slices)))
+    num_ok = min(_leading_ok(results[i * num_wanted:(i + 1) * num_wanted],
+                             source_fmt.block_bytes) for i in range(len(slices)))
     failed = [k for k, r in zip(all_keys, results) if not _ok(r, source_fmt.block_bytes)]
     if num_ok == 0:
-        return LoadResult(0, 0, failed)
+        return LoadResult(num_skip * connector.block_size, 0, failed)
     joined = torch.empty(num_ok, *fmt.block_shape, dtype=fmt.dtype)
     for i, piece in enumerate(slices):
-        source = decode_rows(rows[i * num_hit:i * num_hit + num_ok], source_fmt)
+        source = decode_rows(rows[i * num_wanted:i * num_wanted + num_ok], source_fmt)
         width = piece.src_head_end - piece.src_head_start
         joined[..., piece.dst_head_start:piece.dst_head_start + width, :].copy_(
             source[..., piece.src_head_start:piece.src_head_end, :])
-    scatter_payload(joined, connector.layers, block_index[:num_ok], fmt)
-    return LoadResult(num_ok * connector.block_size, len(slices) * num_ok *
-                      source_fmt.block_bytes, failed)
+    scatter_payload(joined, connector.layers, block_index[num_skip:num_skip + num_ok], fmt)
+    return LoadResult((num_skip + num_ok) * connector.block_size,
+                      len(slices) * num_ok * source_fmt.block_bytes, failed)

@@ -70,7 +70,8 @@ class ConnectorConfig:
 
 @dataclasses.dataclass
 class ReqMeta:
-    """One request's transfer in a step: load ``num_tokens`` tokens into ``block_ids``, or
+    """One request's transfer in a step: load tokens ``[num_local_tokens, num_tokens)`` into
+    ``block_ids`` (the first ``num_local_tokens`` are already in the local prefix cache), or
     (``is_store``) save the full blocks of ``token_ids`` from ``block_ids``."""
 
     request_id: str
@@ -78,6 +79,7 @@ class ReqMeta:
     block_ids: list[int]
     num_tokens: int
     is_store: bool
+    num_local_tokens: int = 0
 
 
 @dataclasses.dataclass
@@ -122,6 +124,7 @@ class KVStoreConnectorV1(_Base):  # type: ignore[misc, valid-type]
         self.config = config
         self._tracked: dict[str, _Tracked] = {}      # scheduler: requests being prefilled
         self._pending_loads: dict[str, ReqMeta] = {}
+        self._num_hit_tokens: dict[str, int] = {}   # scheduler: store hits being allocated
         self._meta: KVStoreConnectorMetadata | None = None
         self._paged: PagedKVConnector | None = None  # worker: set by register_kv_caches
         self._load_error_block_ids: set[int] = set()
@@ -136,6 +139,7 @@ class KVStoreConnectorV1(_Base):  # type: ignore[misc, valid-type]
         keys = prefix_keys(tokens[:limit], chunk_size=self.config.block_size,
                            namespace=self.config.key_namespace())
         num_hit = self.store.match_prefix(keys) * self.config.block_size if keys else 0
+        self._num_hit_tokens[request.request_id] = num_hit
         return max(num_hit - num_computed_tokens, 0), False
 
     def update_state_after_alloc(self, request: Any, blocks: Any, num_external_tokens: int) -> None:
@@ -143,10 +147,12 @@ class KVStoreConnectorV1(_Base):  # type: ignore[misc, valid-type]
         block_ids = _block_id_list(blocks)
         tokens = list(request.prompt_token_ids)
         self._tracked[request.request_id] = _Tracked(tokens, block_ids)
+        # get_num_new_matched_tokens ran first (vLLM's order); without it, trust the caller
+        num_hit = self._num_hit_tokens.pop(request.request_id, num_external_tokens)
         if num_external_tokens > 0:
-            num_tokens = getattr(request, "num_computed_tokens", 0) + num_external_tokens
+            num_local = max(num_hit - num_external_tokens, 0)
             self._pending_loads[request.request_id] = ReqMeta(
-                request.request_id, tokens[:num_tokens], block_ids, num_tokens, False)
+                request.request_id, tokens[:num_hit], block_ids, num_hit, False, num_local)
 
     def build_connector_meta(self, scheduler_output: Any) -> KVStoreConnectorMetadata:
         """Loads granted since the last step, plus saves of prompts this step completes."""
@@ -177,8 +183,8 @@ class KVStoreConnectorV1(_Base):  # type: ignore[misc, valid-type]
 
     def request_finished(self, request: Any, block_ids: list[int]) -> tuple[bool, dict | None]:
         """Saves are synchronous, so the pages may be freed at once (False), no params."""
-        self._tracked.pop(request.request_id, None)
-        self._pending_loads.pop(request.request_id, None)
+        for state in (self._tracked, self._pending_loads, self._num_hit_tokens):
+            state.pop(request.request_id, None)
         return False, None
 
     # == worker side ==========================================================================
@@ -202,7 +208,8 @@ class KVStoreConnectorV1(_Base):  # type: ignore[misc, valid-type]
     def start_load_kv(self, forward_context: Any = None, **kwargs: Any) -> None:
         """Load every granted request's blocks (synchronously, all layers)."""
         for req in self._step_requests(is_store=False):
-            result = self._worker().load_blocks(req.token_ids[:req.num_tokens], req.block_ids)
+            result = self._worker().load_blocks(req.token_ids[:req.num_tokens], req.block_ids,
+                                                num_computed_tokens=req.num_local_tokens)
             loaded_blocks = result.num_tokens_loaded // self.config.block_size
             wanted_blocks = req.num_tokens // self.config.block_size
             self._load_error_block_ids.update(req.block_ids[loaded_blocks:wanted_blocks])
