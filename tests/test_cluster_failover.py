@@ -8,7 +8,7 @@ import threading
 import pytest
 
 from client_cluster import Cluster, payload
-from kvstore import KVStoreError
+from kvstore import KVStoreError, TransferError
 
 NUM_KEYS = 16
 VALUE_BYTES = 256 * 1024
@@ -17,7 +17,8 @@ VALUE_BYTES = 256 * 1024
 @pytest.mark.slow
 @pytest.mark.parametrize("transport", ["tcp", "auto"])
 def test_sigkill_of_one_replica_holder_during_gets(transport):
-    cluster = Cluster(num_daemons=2, dram="64MiB")
+    # a long node TTL: the dead daemon stays listed for the whole test (see the put below)
+    cluster = Cluster(num_daemons=2, dram="64MiB", master_args=("--node-ttl", "60s"))
     try:
         store = cluster.connect(transport=transport, timeout_s=10)
         values = {f"fail/{i}": payload(VALUE_BYTES, seed=i) for i in range(NUM_KEYS)}
@@ -60,6 +61,13 @@ def test_sigkill_of_one_replica_holder_during_gets(transport):
             [r for r in after_kill if not isinstance(r, bytes)][:3]
         if transport == "tcp":
             assert store.stats()["transfers"]["tcp"]["num_errors"] >= 1
+            # the master still lists the dead node (its TTL has not run out): a put that
+            # needs it fails on the write, names the key and leaves nothing behind
+            with pytest.raises(TransferError) as info:
+                store.put("fail/new", payload(1000, seed=99), replicas=2)
+            assert info.value.keys == ["fail/new"]
+            assert not store.exists("fail/new")
+            assert store.stats()["master"]["num_pending"] == 0  # revoked, not left pending
         store.close()
     finally:
         cluster.close()
