@@ -1,4 +1,5 @@
-"""The put flow of one batch: PutStart -> write every replica -> PutEnd (or PutRevoke).
+"""The put flow of one batch: PutStart -> write every replica -> checksum -> PutEnd (or
+PutRevoke).
 
 One PutStart and at most one PutEnd and one PutRevoke per batch, whatever its size; bytes go
 through ``Transfers.write`` (one ``write_many`` per transport). A key whose write fails on any
@@ -57,7 +58,7 @@ def put_batch(master: MasterClient, transfers: Transfers, keys: Sequence[Any],
     results: list[KVStoreError | None] = [None] * len(keys)
     first_index: dict[str, int] = {}
     duplicate_of: dict[int, int] = {}
-    indices, names, sizes, sources, sums = [], [], [], [], []
+    indices, names, sizes, sources = [], [], [], []
     for i, (key, value) in enumerate(zip(keys, values)):
         try:
             check_key(key)
@@ -71,23 +72,20 @@ def put_batch(master: MasterClient, transfers: Transfers, keys: Sequence[Any],
             continue
         first_index[key] = i
         if src.nbytes == 0:
-            src, digest = EMPTY_PLACEHOLDER, EMPTY_CHECKSUM
-        else:
-            digest = checksum(src)
+            src = EMPTY_PLACEHOLDER
         indices.append(i)
         names.append(key)
         sizes.append(src.nbytes)
         sources.append(src)
-        sums.append(digest)
     if names:
-        _put_valid(master, transfers, indices, names, sizes, sources, sums, settings, results)
+        _put_valid(master, transfers, indices, names, sizes, sources, settings, results)
     for i, first in duplicate_of.items():
         results[i] = results[first]
     return results
 
 
 def _put_valid(master: MasterClient, transfers: Transfers, indices: list[int],
-               names: list[str], sizes: list[int], sources: list[memoryview], sums: list[int],
+               names: list[str], sizes: list[int], sources: list[memoryview],
                settings: PutSettings, results: list[KVStoreError | None]) -> None:
     request = master_pb2.PutStartRequest(
         keys=names, sizes=sizes, replicas=settings.replicas, near_host_id=settings.host_id,
@@ -122,11 +120,15 @@ def _put_valid(master: MasterClient, transfers: Transfers, indices: list[int],
         _revoke(master, settings, [names[j] for j in failures])
     committed = [j for j in started if j not in failures]
     if committed:
+        # NOTE: hashed after the write, not before: the copy just pulled each value into the
+        # cache, so hashing reads it from there instead of from DRAM a second time.
+        sums = {j: EMPTY_CHECKSUM if sources[j] is EMPTY_PLACEHOLDER else checksum(sources[j])
+                for j in committed}
         _end(master, settings, committed, indices, names, sums, results)
 
 
 def _end(master: MasterClient, settings: PutSettings, committed: list[int],
-         indices: list[int], names: list[str], sums: list[int],
+         indices: list[int], names: list[str], sums: dict[int, int],
          results: list[KVStoreError | None]) -> None:
     end_names = [names[j] for j in committed]
     request = master_pb2.PutEndRequest(keys=end_names, client_id=settings.client_id,
