@@ -162,3 +162,13 @@ def test_closed_store_raises_closed_error_everywhere(store, kept):
                  lambda: other.stats()):
         with pytest.raises(ClosedError):
             call()
+
+
+@pytest.mark.parametrize("options", [{"soft_pin_ttl_s": -1}, {"timeout_s": -2},
+                                     {"timeout_s": "soon"}])
+def test_bad_per_call_options_raise_before_anything_is_stored(store, options):
+    with pytest.raises(InvalidArgumentError):
+        store.put("options/bad", b"v", **options)
+    assert not store.exists("options/bad")
+    with pytest.raises(InvalidArgumentError):
+        store.get("options/bad", lease_ttl_s=0)

@@ -94,6 +94,8 @@ class KVStore:
         self._check_open()
         keys = check_keys(keys)
         _check_lengths(keys, values, "values")
+        if soft_pin_ttl_s is not None:
+            check_timeout(soft_pin_ttl_s, "soft_pin_ttl_s")
         settings = PutSettings(
             replicas=check_replicas(replicas), deadline=self._deadline(timeout_s),
             rpc_timeout_s=self.config.rpc_timeout_s, client_id=self.client_id,
@@ -165,9 +167,13 @@ class KVStore:
     def batch_exists(self, keys: Sequence[str]) -> list[bool]:
         """``exists`` per key with one RPC. Raises InvalidArgumentError for any bad key."""
         names = self._checked_names(keys)
-        reply = self._call("Exists", master_pb2.ExistsRequest(keys=names))
-        statuses.check_length(reply, "exists", len(names), "Exists")
-        return list(reply.exists)
+
+        def exists(lo: int, hi: int) -> list[bool]:
+            reply = self._call("Exists", master_pb2.ExistsRequest(keys=names[lo:hi]))
+            statuses.check_length(reply, "exists", hi - lo, "Exists")
+            return list(reply.exists)
+
+        return self._chunked(exists, len(names))
 
     def remove(self, key: str, *, force: bool = False) -> bool:
         """Remove ``key``; False if it did not exist. Without ``force``, an object that is
@@ -207,7 +213,15 @@ class KVStore:
     def match_prefix(self, keys: Sequence[str]) -> int:
         """How many leading keys of the chain ``keys`` exist (complete). Grants no lease."""
         names = self._checked_names(keys)
-        return self._call("MatchPrefix", master_pb2.MatchPrefixRequest(keys=names)).num_matched
+        num_matched = 0
+        for lo in range(0, len(names), self._max_batch):
+            chunk = names[lo:lo + self._max_batch]
+            matched = self._call("MatchPrefix",
+                                 master_pb2.MatchPrefixRequest(keys=chunk)).num_matched
+            num_matched += matched
+            if matched < len(chunk):
+                break
+        return num_matched
 
     def stats(self) -> dict[str, Any]:
         """Cluster figures from the master plus this client's own: which transports it has
