@@ -224,3 +224,23 @@ def test_batch_of_one_large_range(cluster, transport):
     assert transport.read_many([(target, memoryview(out))], timeout_s=TIMEOUT_S) == [None]
     assert np.array_equal(out, data)
     assert transport.read_many([], timeout_s=TIMEOUT_S) == []
+
+
+def test_shm_drops_mappings_of_segments_whose_daemon_left():
+    from kvstore.transport.shmem import create_shm, unique_shm_name
+
+    transport = ShmTransport()
+    segments = [create_shm(unique_shm_name("kvstore-conf"), 4096) for _ in range(2)]
+    targets = [Target("n", local_host_id(), "", "dram0", s.name, 0, 5) for s in segments]
+    try:
+        transport.write(targets[0], memoryview(b"first"), timeout_s=TIMEOUT_S)
+        assert bytes(segments[0].view[:5]) == b"first"
+        segments[0].unlink()  # its daemon exits: the cached mapping must not be used again
+        transport.write(targets[1], memoryview(b"other"), timeout_s=TIMEOUT_S)
+        with pytest.raises(TransferError, match="cannot map"):
+            transport.write(targets[0], memoryview(b"again"), timeout_s=TIMEOUT_S)
+    finally:
+        for segment in segments:
+            segment.unlink()
+            segment.close()
+        transport.close()

@@ -1,0 +1,1 @@
+"""The storage daemon: segments, data-plane server, membership (see docs/ARCHITECTURE.md)."""

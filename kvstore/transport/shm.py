@@ -1,7 +1,9 @@
 """Same-host transport: map the daemon's shared-memory segment, copy with one memcpy.
 
 No daemon round-trip: the first access to a segment maps it (by its POSIX shm name) and the
-mapping is cached for the life of the transport; every later read or write is one memcpy
+mapping is cached until ``close()``, or until mapping another segment finds this one's name
+gone (its daemon exited; only our mapping would keep its memory alive); every later read or
+write is one memcpy
 between the caller's buffer and the mapping. Copies of at least ``GIL_FREE_COPY_BYTES`` go
 through ``ctypes.memmove``, which releases the GIL, so other threads (the engine, a parallel
 batch) keep running during a large copy.
@@ -10,6 +12,7 @@ batch) keep running during a large copy.
 from __future__ import annotations
 
 import ctypes
+import os
 import threading
 import numpy as np
 
@@ -21,6 +24,7 @@ from kvstore.transport.shmem import SharedSegment, open_shm
 
 # NOTE: below this, the call overhead of ctypes (~1 us) outweighs letting other threads run.
 GIL_FREE_COPY_BYTES = 256 * 1024
+SHM_DIR = "/dev/shm"  # where Linux keeps POSIX shm names
 
 
 class _Mapping:
@@ -79,10 +83,10 @@ class ShmTransport(Transport):
     def forget(self, shm_name: str) -> None:
         """Drop the cached mapping of one segment (e.g. its daemon left). Idempotent."""
         with self._lock:
-            mapping = self._name_to_mapping.pop(shm_name, None)
-        if mapping is not None:
-            del mapping.array
-            mapping.segment.close()
+            self._name_to_mapping.pop(shm_name, None)
+        # NOTE: no explicit unmap: a thread may be copying through this mapping right now
+        # (memmove on its raw address). The mapping is unmapped when its last reference goes,
+        # which is after every copy that holds it has finished.
 
     def close(self) -> None:
         with self._lock:
@@ -108,10 +112,19 @@ class ShmTransport(Transport):
             mapping = self._name_to_mapping.get(target.shm_name)
             if mapping is not None:
                 return mapping
+            stale = self._pop_unlinked()
             try:
                 mapping = _Mapping(open_shm(target.shm_name))
             except OSError as exc:
                 raise TransferError(f"shm {target.node_id}: cannot map segment "
                                     f"{target.segment_id!r} ({target.shm_name}): {exc}") from exc
             self._name_to_mapping[target.shm_name] = mapping
-            return mapping
+        del stale  # NOTE: see forget(): dropping the last reference unmaps
+        return mapping
+
+    def _pop_unlinked(self) -> list[_Mapping]:
+        """Remove (under the lock) mappings of segments whose name is gone: their daemon
+        exited, and our mapping is all that keeps their memory allocated."""
+        gone = [name for name in self._name_to_mapping
+                if not os.path.exists(f"{SHM_DIR}{name}")]
+        return [self._name_to_mapping.pop(name) for name in gone]
