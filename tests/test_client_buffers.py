@@ -99,3 +99,20 @@ def test_new_bytes_gives_filled_bytes(num_bytes):
     result = finish_bytes(holder)
     assert type(result) is bytes and len(result) == num_bytes
     assert result == bytes(range(256)) * (num_bytes // 256) + bytes(range(num_bytes % 256))
+
+
+def test_a_torch_view_keeps_its_tensor_alive():
+    import gc
+    import weakref
+
+    tensor = torch.arange(8, dtype=torch.float32)
+    alive = weakref.ref(tensor)
+    view = as_destination(tensor)
+    del tensor
+    gc.collect()
+    assert alive() is not None  # the view still owns the memory it points at
+    view[:4] = b"\x00\x00\x80\x3f"
+    assert alive()[0].item() == 1.0
+    del view
+    gc.collect()
+    assert alive() is None

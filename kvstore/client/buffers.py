@@ -37,11 +37,15 @@ def _torch_view(value: Any, what: str) -> memoryview | None:
             "(copy device tensors through kvstore.engine)")
     if not value.is_contiguous():
         raise InvalidArgumentError(f"{what} torch tensor must be contiguous")
-    flat = value.detach().reshape(-1)
-    if flat.dtype != torch.uint8:
-        flat = flat.view(torch.uint8)
-    # NOTE: the numpy array shares the tensor's storage and keeps the tensor alive.
-    return memoryview(flat.numpy())
+    num_bytes = value.numel() * value.element_size()
+    if num_bytes == 0:
+        return memoryview(bytearray(0))
+    # NOTE: a ctypes array over the tensor's memory, rather than detach/reshape/view/numpy,
+    # which costs three times as long per tensor (it matters for batches of 128 rows). The
+    # array holds the tensor, and the memoryview the array, so the memory outlives the view.
+    array = (ctypes.c_char * num_bytes).from_address(value.data_ptr())
+    array._kvstore_owner = value
+    return memoryview(array).cast("B")
 
 
 def _numpy_view(value: Any, what: str) -> memoryview | None:
