@@ -14,7 +14,6 @@ NUM_KEYS = 16
 VALUE_BYTES = 256 * 1024
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("transport", ["tcp", "auto"])
 def test_sigkill_of_one_replica_holder_during_gets(transport):
     # a long node TTL: the dead daemon stays listed for the whole test (see the put below)
