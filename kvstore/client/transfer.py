@@ -117,6 +117,7 @@ class Transfers:
                 continue
             results = transport.write_many([(target, src) for _, _, target, src in group],
                                            timeout_s=timeout_s)
+            _check_results(transport, results, len(group))
             num_ok = num_bytes = 0
             for (index, key, target, src), exc in zip(group, results):
                 if exc is None:
@@ -165,6 +166,7 @@ class Transfers:
             return
         results = transport.read_many(
             [(job.candidates[job.attempt][0], job.dst) for job in group], timeout_s=timeout_s)
+        _check_results(transport, results, len(group))
         always_verify = transport.name not in _LOCAL_TRANSPORTS
         num_ok = num_bytes = 0
         for job, exc in zip(group, results):
@@ -210,6 +212,13 @@ class Transfers:
     def close(self) -> None:
         for transport in self.transports:
             transport.close()
+
+
+def _check_results(transport: Transport, results: Sequence[object], num_items: int) -> None:
+    # NOTE: an item without a result must never pass for a success (its bytes may be unread).
+    if len(results) != num_items:
+        raise KVStoreError(f"transport {transport.name} returned {len(results)} results for "
+                           f"{num_items} items")
 
 
 def _as_transfer_error(exc: BaseException, key: str, target: Target) -> KVStoreError:
