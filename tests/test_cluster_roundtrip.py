@@ -7,6 +7,11 @@ import pytest
 import xxhash
 
 from client_cluster import Cluster, Peer, payload
+from kvstore import ChecksumError
+from kvstore.client.replicas import decode_targets
+from kvstore.master.rpc_client import MasterClient
+from kvstore.transport.shm import ShmTransport
+from kvstore.v1 import master_pb2
 
 SIZES = [0, 1, 4095, 64 * 1024, (1 << 20) + 1, 64 << 20]
 
@@ -78,3 +83,37 @@ def test_replicas_land_on_both_daemons_and_each_serves_reads(cluster):
         assert store.get("replicated/key") == data
         store.put("replicated/key", b"other bytes", replicas=2)  # content-addressed: no-op
         assert store.get("replicated/key") == data
+
+
+def _replica_targets(cluster, key):
+    master = MasterClient(cluster.address)
+    try:
+        reply = master.call("GetReplicas", master_pb2.GetReplicasRequest(keys=[key]))
+    finally:
+        master.close()
+    return decode_targets(reply, reply.sizes, [True])[0]
+
+
+def _flip_first_byte(target):
+    with ShmTransport() as shm:
+        data = bytearray(target.length)
+        shm.read_into(target, memoryview(data), timeout_s=5)
+        data[0] ^= 0xFF
+        shm.write(target, memoryview(data), timeout_s=5)
+
+
+@pytest.mark.parametrize("transport", ["shm", "tcp"])
+def test_a_corrupt_replica_is_skipped_for_the_next_one(cluster, transport):
+    key, data = f"corrupt/{transport}", payload(200_000, seed=21)
+    with cluster.connect(transport=transport, verify=True) as store:
+        store.put(key, data, replicas=2)
+        targets = _replica_targets(cluster, key)
+        assert len({t.node_id for t in targets}) == 2
+        _flip_first_byte(targets[0])
+        for _ in range(3):  # whichever replica is tried first, the right bytes come back
+            assert store.get(key) == data
+        _flip_first_byte(targets[1])
+        with pytest.raises(ChecksumError) as info:
+            store.get(key)
+        assert info.value.keys == [key]
+        assert store.stats()["transfers"][transport]["num_errors"] >= 2
