@@ -4,6 +4,7 @@ pins, stats), checksum verification against corrupted bytes, concurrency, and kv
 from __future__ import annotations
 
 import asyncio
+import logging
 import threading
 
 import numpy as np
@@ -174,3 +175,32 @@ def test_asyncio_variant_round_trip():
         await store.close()  # idempotent
 
     asyncio.run(main())
+
+
+def test_debug_log_names_the_transport_that_served(store, caplog):
+    store.put("log/key", b"logged")
+    with caplog.at_level(logging.DEBUG, logger="kvstore.client"):
+        assert store.get("log/key") == b"logged"
+    assert any("via shm" in record.getMessage() and record.name == "kvstore.client"
+               for record in caplog.records)
+
+
+def test_local_with_an_ssd_tier(tmp_path):
+    with kvstore.local(dram="8MiB", ssd=f"{tmp_path}:16MiB") as store:
+        store.put("ssd/key", bytes(range(256)) * 10)
+        assert store.get("ssd/key") == bytes(range(256)) * 10
+        tiers = {t["tier"] for t in store.stats()["master"]["tiers"]}
+        assert tiers == {"TIER_DRAM", "TIER_SSD"}
+
+
+def test_put_on_the_ssd_tier_reads_back_through_the_data_plane(tmp_path):
+    with kvstore.local(dram="8MiB", ssd=f"{tmp_path}:16MiB") as store:
+        data = np.random.default_rng(5).integers(0, 256, 300_000, dtype=np.uint8)
+        store.put("ssd/placed", data, tier="ssd")
+        assert store.get("ssd/placed") == data.tobytes()
+        ssd = [t for t in store.stats()["master"]["tiers"] if t["tier"] == "TIER_SSD"][0]
+        assert ssd["num_objects"] == 1
+        transfers = store.stats()["transfers"]
+        assert transfers["tcp"]["num_reads"] == 1 and transfers["shm"]["num_reads"] == 0
+        with pytest.raises(kvstore.InvalidArgumentError, match="tier"):
+            store.put("ssd/bad", b"v", tier="tape")

@@ -24,7 +24,7 @@ from kvstore.client.config import ClientConfig, check_timeout
 from kvstore.client.keys import check_key, check_keys
 from kvstore.client.reader import GetSettings, get_batch
 from kvstore.client.transfer import Transfers
-from kvstore.client.writer import PutSettings, check_replicas, put_batch
+from kvstore.client.writer import PutSettings, check_replicas, check_tier, put_batch
 from kvstore.master.rpc_client import MasterClient
 from kvstore.transport import local_host_id, make_transports
 from kvstore.v1 import master_pb2
@@ -75,21 +75,24 @@ class KVStore:
 
     # ---- put ----------------------------------------------------------------------------
     def put(self, key: str, value: Any, *, replicas: int = 1, timeout_s: float | None = None,
-            soft_pin_ttl_s: float | None = None, hard_pin: bool = False) -> None:
+            soft_pin_ttl_s: float | None = None, hard_pin: bool = False,
+            tier: str | None = None) -> None:
         """Store ``value`` (bytes, bytearray, memoryview, numpy array or CPU torch tensor,
         read in place, never converted) under ``key`` on ``replicas`` distinct nodes.
 
         Putting a key that exists is a success and writes nothing. An empty value is stored
-        (see ``kvstore.client.checksum``). Raises InvalidArgumentError (bad key/value),
+        (see ``kvstore.client.checksum``). ``tier`` ("hbm", "dram", "ssd") is tried first by
+        placement; ``soft_pin_ttl_s``/``hard_pin`` pin the object once stored. Raises InvalidArgumentError (bad key/value),
         CapacityError (no space even after eviction), TransferError (the write failed; the
         space was given back), or the whole-call errors of the module docstring.
         """
         _raise_if_error(self.batch_put([key], [value], replicas=replicas, timeout_s=timeout_s,
-                                       soft_pin_ttl_s=soft_pin_ttl_s, hard_pin=hard_pin)[0])
+                                       soft_pin_ttl_s=soft_pin_ttl_s, hard_pin=hard_pin,
+                                       tier=tier)[0])
 
     def batch_put(self, keys: Sequence[str], values: Sequence[Any], *, replicas: int = 1,
                   timeout_s: float | None = None, soft_pin_ttl_s: float | None = None,
-                  hard_pin: bool = False) -> list[KVStoreError | None]:
+                  hard_pin: bool = False, tier: str | None = None) -> list[KVStoreError | None]:
         """``put`` of many keys with one PutStart and one PutEnd; None or the error per key."""
         self._check_open()
         keys = check_keys(keys)
@@ -99,7 +102,8 @@ class KVStore:
         settings = PutSettings(
             replicas=check_replicas(replicas), deadline=self._deadline(timeout_s),
             rpc_timeout_s=self.config.rpc_timeout_s, client_id=self.client_id,
-            host_id=self.host_id, soft_pin_ttl_s=soft_pin_ttl_s, hard_pin=hard_pin)
+            host_id=self.host_id, soft_pin_ttl_s=soft_pin_ttl_s, hard_pin=bool(hard_pin),
+            tier=check_tier(tier))
         with self._closing_guard():
             return self._chunked(lambda lo, hi: put_batch(
                 self._master, self._transfers, keys[lo:hi], values[lo:hi], settings), len(keys))

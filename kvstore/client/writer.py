@@ -37,6 +37,22 @@ class PutSettings:
     host_id: str
     soft_pin_ttl_s: float | None = None
     hard_pin: bool = False
+    tier: int = master_pb2.TIER_UNSPECIFIED
+
+
+#: ``tier=`` names a put accepts -> the master's Tier (placement tries it first)
+TIER_NAMES = {None: master_pb2.TIER_UNSPECIFIED, "hbm": master_pb2.TIER_HBM,
+              "dram": master_pb2.TIER_DRAM, "ssd": master_pb2.TIER_SSD}
+
+
+def check_tier(tier: Any) -> int:
+    """The master's Tier for ``tier`` (None, "hbm", "dram" or "ssd"); InvalidArgumentError
+    otherwise."""
+    try:
+        return TIER_NAMES[tier]
+    except (KeyError, TypeError):
+        raise InvalidArgumentError(
+            f"tier must be None, 'hbm', 'dram' or 'ssd', got {tier!r}") from None
 
 
 def check_replicas(replicas: Any) -> int:
@@ -90,6 +106,7 @@ def _put_valid(master: MasterClient, transfers: Transfers, indices: list[int],
     request = master_pb2.PutStartRequest(
         keys=names, sizes=sizes, replicas=settings.replicas, near_host_id=settings.host_id,
         client_id=settings.client_id, hard_pin=settings.hard_pin,
+        preferred_tier=settings.tier,
         soft_pin_ttl_ms=int((settings.soft_pin_ttl_s or 0) * 1000))
     reply = master.call("PutStart", request, timeout_s=_rpc_timeout(settings))
     statuses.check_length(reply, "statuses", len(names), "PutStart")
