@@ -84,8 +84,9 @@ def pages_to_cache(layers: Sequence[torch.Tensor], block_ids: Sequence[int], *,
                    num_tokens: int, config: Any = None) -> Any:
     """A new DynamicCache holding ``num_tokens`` tokens read from pages ``block_ids``.
 
-    ``block_ids`` must cover ``ceil(num_tokens / block_size)`` blocks. The returned tensors are
-    fresh copies (the pages may be reused afterwards). ``config`` is passed to DynamicCache.
+    ``block_ids`` must cover ``ceil(num_tokens / block_size)`` blocks. The cache's tensors are
+    fresh copies (the pages may be reused afterwards), ``[1, H, S, D]`` views that are not
+    contiguous until the next forward. ``config`` is passed to DynamicCache.
     """
     from transformers import DynamicCache
 
@@ -99,10 +100,14 @@ def pages_to_cache(layers: Sequence[torch.Tensor], block_ids: Sequence[int], *,
     for layer_idx, layer in enumerate(layers):
         tensors = []
         for kv in (0, 1):
+            # One copy: pages gathered as [n*B, H, D] and handed over as a [1, H, S, D]
+            # strided view. transformers concatenates the cache on the next forward, which
+            # makes it contiguous before attention reads it; a permute copy here would be a
+            # second pass over every byte.
             pages = layer[kv].index_select(0, index)  # [n, B, H, D]
             heads, dim = pages.shape[2], pages.shape[3]
-            flat = pages.permute(2, 0, 1, 3).reshape(1, heads, num_blocks * block_size, dim)
-            tensors.append(flat[:, :, :num_tokens].contiguous())
+            flat = pages.view(num_blocks * block_size, heads, dim)[:num_tokens]
+            tensors.append(flat.permute(1, 0, 2).unsqueeze(0))
         cache.update(tensors[0], tensors[1], layer_idx)
     return cache
 
