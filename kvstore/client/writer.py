@@ -139,8 +139,12 @@ def _put_valid(master: MasterClient, transfers: Transfers, indices: list[int],
     if committed:
         # NOTE: hashed after the write, not before: the copy just pulled each value into the
         # cache, so hashing reads it from there instead of from DRAM a second time.
-        sums = {j: EMPTY_CHECKSUM if sources[j] is EMPTY_PLACEHOLDER else checksum(sources[j])
-                for j in committed}
+        try:
+            sums = {j: EMPTY_CHECKSUM if sources[j] is EMPTY_PLACEHOLDER
+                    else checksum(sources[j]) for j in committed}
+        except BaseException:
+            _revoke(master, settings, [names[j] for j in committed])
+            raise
         _end(master, settings, committed, indices, names, sums, results)
 
 
