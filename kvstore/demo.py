@@ -42,7 +42,7 @@ class DemoConfig:
 
     prompt_tokens: int = 2048
     decode_tokens: int = 64
-    prefix_tokens: int = 1536
+    prefix_tokens: int | None = None  # None: min(1536, 3/4 of the prompt), block-aligned
     block_size: int = 16
     quantize: str | None = None
     model_path: str | None = None
@@ -57,10 +57,13 @@ class DemoConfig:
             raise ConfigError("--prompt-tokens must be >= 2")
         if self.decode_tokens < 1:
             raise ConfigError("--decode-tokens must be >= 1")
-        if not 0 <= self.prefix_tokens < self.prompt_tokens:
-            raise ConfigError("--prefix-tokens must be >= 0 and below --prompt-tokens")
         if self.block_size < 1:
             raise ConfigError("--block-size must be >= 1")
+        if self.prefix_tokens is None:
+            shared = min(1536, self.prompt_tokens * 3 // 4)
+            object.__setattr__(self, "prefix_tokens", shared - shared % self.block_size)
+        if not 0 <= self.prefix_tokens < self.prompt_tokens:
+            raise ConfigError("--prefix-tokens must be >= 0 and below --prompt-tokens")
         if self.model_size not in MODEL_SIZES:
             raise ConfigError(f"--model-size must be one of {sorted(MODEL_SIZES)}")
 
@@ -206,8 +209,9 @@ def report(rows: list[dict[str, Any]], config: DemoConfig) -> str:
 @click.command("demo")
 @click.option("--prompt-tokens", default=2048, show_default=True, help="Prompt length.")
 @click.option("--decode-tokens", default=64, show_default=True, help="Tokens to generate.")
-@click.option("--prefix-tokens", default=1536, show_default=True,
-              help="Leading tokens request 2 shares with request 1 (0: no second request).")
+@click.option("--prefix-tokens", type=int, default=None,
+              help="Leading tokens request 2 shares with request 1 (0: no second request; "
+                   "default: 1536, or 3/4 of a shorter prompt).")
 @click.option("--block-size", default=16, show_default=True, help="Tokens per KV block.")
 @click.option("--quantize", type=click.Choice(["none", "int8"]), default="none",
               show_default=True, help="Store KV as INT8 (with fp32 scales).")
@@ -217,7 +221,7 @@ def report(rows: list[dict[str, Any]], config: DemoConfig) -> str:
               show_default=True, help="Shape of the random Llama.")
 @click.option("--dram", default="2GiB", show_default=True, help="DRAM of the demo daemon.")
 @click.option("--seed", default=0, show_default=True, help="Seed of the weights and prompts.")
-def command(prompt_tokens: int, decode_tokens: int, prefix_tokens: int, block_size: int,
+def command(prompt_tokens: int, decode_tokens: int, prefix_tokens: int | None, block_size: int,
             quantize: str, model_path: str | None, model_size: str, dram: str, seed: int) -> None:
     """Prefill/decode disaggregation demo on this machine (cluster, prefill, decode, table)."""
     try:
