@@ -127,3 +127,12 @@ def test_shared_prefix_means_shared_keys(head: list[int], tail: list[int], chunk
     num_shared = len(head) // chunk_size
     assert a[:num_shared] == b[:num_shared]
     assert all(x != y for x, y in zip(a[num_shared:], b[num_shared:]))
+
+
+def test_engine_public_names_resolve() -> None:
+    import kvstore.engine
+
+    for name in kvstore.engine.__all__:
+        assert getattr(kvstore.engine, name) is not None
+    assert kvstore.engine.__all__ == sorted(kvstore.engine.__all__)
+    assert kvstore.engine.PagedKVConnector.__module__ == "kvstore.engine.connector"

@@ -100,10 +100,12 @@ def run_prefill(job: dict[str, Any], store: Any, model: torch.nn.Module,
         num_full = num_tokens // block_size
         cache_to_pages(cache, paged.layers, block_ids, block_size=block_size,
                        num_tokens=num_full * block_size)
+        pages_s = time.perf_counter() - started
         saved = connector.save_blocks(tokens, block_ids)
         save_s = time.perf_counter() - started
         log("prefill", f"{name}: saved {saved.num_blocks_stored} blocks "
-                       f"({saved.num_bytes_written / 2**20:.1f} MiB written) in {save_s:.3f} s")
+                       f"({saved.num_bytes_written / 2**20:.1f} MiB written) in {save_s:.3f} s "
+                       f"(cache to pages {pages_s:.3f} s)")
         if request.get("reference_prefix_tokens"):
             reference = reference_generate(model, tokens, block_size=block_size,
                                            num_decode_tokens=request["decode_tokens"],
@@ -136,11 +138,13 @@ def run_decode(job: dict[str, Any], store: Any, model: torch.nn.Module,
         started = time.perf_counter()
         loaded = connector.load_blocks(tokens[:loadable_tokens(num_tokens, block_size)],
                                        block_ids)
+        store_s = time.perf_counter() - started
         cache = pages_to_cache(paged.layers, block_ids, num_tokens=loaded.num_tokens_loaded,
                                config=model.config)
         load_s = time.perf_counter() - started
         log("decode", f"{name}: loaded {loaded.num_tokens_loaded} tokens of KV "
-                      f"({loaded.num_bytes_read / 2**20:.1f} MiB) in {load_s:.3f} s")
+                      f"({loaded.num_bytes_read / 2**20:.1f} MiB) in {load_s:.3f} s "
+                      f"(store to pages {store_s:.3f} s)")
         started = time.perf_counter()
         hit = loaded.num_tokens_loaded
         logits = extend(model, cache, tokens, hit, prefill_schedule(num_tokens, block_size, hit))
