@@ -5,9 +5,11 @@ from __future__ import annotations
 import json
 import subprocess
 
+import pytest
 from servers import KVSTORE_BIN
 
 
+@pytest.mark.slow
 def test_bench_cli_writes_a_row_per_case(tmp_path):
     out_path = tmp_path / "transfer.json"
     result = subprocess.run(
