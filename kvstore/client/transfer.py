@@ -17,7 +17,7 @@ import logging
 import threading
 import time
 from collections import defaultdict
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Sequence
 
 from kvstore._errors import ChecksumError, KVStoreError, TransferError, TransferTimeoutError
@@ -39,7 +39,7 @@ class _Counters:
     num_errors: int = 0
 
 
-@dataclass
+@dataclass(slots=True)
 class ReadJob:
     """One key to read: its replicas (best first), its destination and expected checksum."""
 
@@ -49,8 +49,8 @@ class ReadJob:
     dst: memoryview                 # exactly the object's size
     expected_checksum: int
     verify: bool
-    attempt: int = 0
-    errors: list[BaseException] = field(default_factory=list)
+    attempt: int = 0                # index into candidates of the replica to try next
+    errors: list[KVStoreError] | None = None  # one per failed attempt (made on the first)
 
 
 def _remaining_s(deadline: float, keys: Sequence[str]) -> float:
@@ -182,6 +182,8 @@ class Transfers:
                 continue
             logger.debug("read of %r from %s via %s failed: %s", job.key, target.node_id,
                          transport.name, exc)
+            if job.errors is None:
+                job.errors = []
             job.errors.append(_as_transfer_error(exc, job.key, target))
             job.attempt += 1
             if job.attempt < len(job.candidates):
@@ -235,6 +237,6 @@ def _as_transfer_error(exc: BaseException, key: str, target: Target) -> KVStoreE
 def _final_error(job: ReadJob, last: KVStoreError) -> KVStoreError:
     """The error reported for a key no replica could serve: the last replica's error, which
     names the key; the earlier ones are chained as its context."""
-    if len(job.errors) > 1 and last.__context__ is None:
+    if job.errors and len(job.errors) > 1 and last.__context__ is None:
         last.__context__ = job.errors[-2]
     return last
