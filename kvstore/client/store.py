@@ -82,9 +82,11 @@ class KVStore:
 
         Putting a key that exists is a success and writes nothing. An empty value is stored
         (see ``kvstore.client.checksum``). ``tier`` ("hbm", "dram", "ssd") is tried first by
-        placement; ``soft_pin_ttl_s``/``hard_pin`` pin the object once stored. Raises InvalidArgumentError (bad key/value),
-        CapacityError (no space even after eviction), TransferError (the write failed; the
-        space was given back), or the whole-call errors of the module docstring.
+        placement; ``soft_pin_ttl_s``/``hard_pin`` pin the object once stored.
+
+        Raises InvalidArgumentError (bad key/value/option), CapacityError (no space even
+        after eviction), TransferError (the write failed; the space was given back), or the
+        whole-call errors of the module docstring.
         """
         _raise_if_error(self.batch_put([key], [value], replicas=replicas, timeout_s=timeout_s,
                                        soft_pin_ttl_s=soft_pin_ttl_s, hard_pin=hard_pin,
