@@ -2,7 +2,7 @@
 
 Trigger: (1) after each put_start and each sweep, any tier whose used bytes exceed
 ``high_watermark`` of its capacity; (2) a put_start that finds no room for a key, before it
-answers ITEM_NO_SPACE. Rule: walk the LRU order (oldest first) and drop COMPLETE objects that
+answers ITEM_NO_SPACE. Rule: walk the objects in LRU order (``last_used`` oldest first) and drop COMPLETE objects that
 are not leased, not hard-pinned and not soft-pinned, and that hold a replica in a tier under
 pressure, until each such tier is at ``low_watermark``; for a put that still does not fit,
 keep dropping in growing rounds until it fits or nothing evictable is left. An evicted object
@@ -61,12 +61,18 @@ def _fits(classes: list[list[Segment]], size_bytes: int, num_replicas: int) -> b
     return len(nodes) >= num_replicas
 
 
+def _last_used(obj) -> int:
+    return obj.last_used
+
+
 def _evict(state, need: dict[int, int], now_s: float) -> int:
     """Drop LRU-first evictable objects with a replica in a tier of ``need`` until each
     tier's need (bytes) is met. Returns how many objects were dropped."""
     need = dict(need)
     victims = []
-    for obj in state.objects.values():
+    # NOTE: sorting on demand keeps the read path free of LRU list updates; eviction runs
+    # in rounds that free down to the low watermark, so the sort is amortized over many puts.
+    for obj in sorted(state.objects.values(), key=_last_used):
         if not obj.is_evictable(now_s):
             continue
         tiers = [segment.tier for segment, _ in obj.replicas if need.get(segment.tier, 0) > 0]

@@ -14,7 +14,6 @@ from __future__ import annotations
 from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
-from kvstore.master.objects import PENDING
 from kvstore.v1 import master_pb2 as pb
 
 _LATENCY_BUCKETS_S = (50e-6, 100e-6, 200e-6, 500e-6, 1e-3, 2e-3, 5e-3, 10e-3, 50e-3, 0.1, 1.0)
@@ -60,8 +59,7 @@ class _StateCollector:
                     entry[0] += segment.num_replicas
                     entry[1] += segment.allocator.used_bytes
                     entry[2] += segment.allocator.capacity_bytes
-            num_pending = sum(1 for o in state.objects.values() if o.state is PENDING)
-            values = (len(state.objects) - num_pending, num_pending, len(state.nodes),
+            values = (len(state.objects), len(state.pending), len(state.nodes),
                       state.hits, state.misses, state.evictions)
         objects, pending, nodes, hits, misses, evictions = values
         yield GaugeMetricFamily("kvstore_master_objects", "COMPLETE objects", value=objects)

@@ -3,6 +3,7 @@
 An object is PENDING from put_start until put_end (invisible to readers: get_replicas,
 exists and match_prefix treat it as absent), then COMPLETE until it is removed, evicted,
 revoked, reclaimed after the pending timeout, or loses its last replica to a dead node.
+The master keeps the two states in two tables (``MasterState.objects`` and ``.pending``).
 Removal is not a state an object lingers in: its entry leaves the key table at once (space
 under a live lease is freed later, see ``MasterState``).
 """
@@ -42,7 +43,7 @@ class ObjectMeta:
     clock's seconds; ``0.0`` means "never" for leases and soft pins."""
 
     __slots__ = ("key", "size_bytes", "state", "replicas", "checksum", "codec", "client_id",
-                 "lease_until_s", "soft_pin_until_s", "soft_pin_ttl_s", "hard_pin")
+                 "lease_until_s", "soft_pin_until_s", "soft_pin_ttl_s", "hard_pin", "last_used")
 
     def __init__(self, key: str, size_bytes: int, replicas: list, codec: int, client_id: str,
                  soft_pin_ttl_s: float, hard_pin: bool, state: ObjectState = PENDING,
@@ -58,6 +59,7 @@ class ObjectMeta:
         self.soft_pin_until_s = 0.0
         self.soft_pin_ttl_s = soft_pin_ttl_s   # applied at put_end
         self.hard_pin = hard_pin
+        self.last_used = 0     # the master's use counter at the last put_end/get (LRU order)
 
     def is_evictable(self, now_s: float) -> bool:
         """COMPLETE, not leased, not pinned (hard, or soft and unexpired) at ``now_s``."""

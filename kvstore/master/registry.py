@@ -6,7 +6,7 @@ the replicas it holds. Each one is adopted as COMPLETE when its key is valid, it
 one the node registers, its range is aligned, lies inside the segment and overlaps no other
 adopted range; the space is marked allocated. A key already known with the same size gains
 this node as one more replica; a key known with another size, or already on this node, is
-refused. Refused items are simply not adopted: the daemon's first heartbeat (acked_seq 0)
+refused, and so is one that is PENDING on the new master. Refused items are simply not adopted: the daemon's first heartbeat (acked_seq 0)
 gets a full resync that omits them, so it drops them too.
 """
 
@@ -81,8 +81,7 @@ def _adopt(state, node: Node, inv) -> int:
         existing = objects.get(key)
         if segment is None or length == 0 or key_problem(key) is not None:
             continue
-        if existing is not None and (existing.state is not COMPLETE
-                                     or existing.size_bytes != length):
+        if key in state.pending or (existing is not None and existing.size_bytes != length):
             continue
         candidates.setdefault(segment, []).append(i)
     num_adopted = 0
@@ -103,6 +102,7 @@ def _adopt(state, node: Node, inv) -> int:
                 checksum = inv.checksums[i] if inv.checksums else 0
                 objects[key] = ObjectMeta(key, length, [(segment, offset)], codec, "", 0.0,
                                           False, state=COMPLETE, checksum=checksum)
+                objects[key].last_used = state.use_count
             else:
                 existing.replicas.append((segment, offset))
             segment.num_replicas += 1
@@ -143,12 +143,13 @@ def drop_node(state, node: Node) -> int:
         segment.alive = False
     num_dropped = 0
     for key in node.keys:
-        obj = state.objects.get(key)
+        table = state.objects if key in state.objects else state.pending
+        obj = table.get(key)
         if obj is None:
             continue
         obj.replicas = [r for r in obj.replicas if r[0].node is not node]
         if not obj.replicas:
-            del state.objects[key]
+            del table[key]
             num_dropped += 1
     node.keys.clear()
     return num_dropped

@@ -16,7 +16,6 @@ import time
 
 import grpc
 
-from kvstore.master.objects import PENDING
 from kvstore.master.state import MasterState
 from kvstore.master.validation import Rejected, check_id
 from kvstore.v1 import master_pb2 as pb
@@ -180,11 +179,11 @@ class MasterService:
         tiers = [pb.TierStats(tier=tier, capacity_bytes=capacity, used_bytes=used,
                               num_objects=replicas_by_tier.get(tier, 0))
                  for tier, (used, capacity) in sorted(tier_usage(state).items())]
-        num_pending = sum(1 for o in state.objects.values() if o.state is PENDING)
+        num_pending = len(state.pending)
         num_leased = sum(1 for o in state.objects.values() if o.lease_until_s > now_s)
         return pb.StatsResponse(
             master_id=state.master_id, num_nodes=len(state.nodes),
-            num_objects=len(state.objects) - num_pending, num_pending=num_pending,
+            num_objects=len(state.objects), num_pending=num_pending,
             tiers=tiers, hits=state.hits, misses=state.misses, evictions=state.evictions,
             num_leased=num_leased, uptime_s=now_s - state.started_s,
             metrics_port=self.metrics_port, max_batch=state.config.max_batch)

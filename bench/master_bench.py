@@ -1,0 +1,214 @@
+"""Master benchmark: metadata RPC throughput and latency against a real ``kvstore master``.
+
+For get_replicas, exists and put_start+put_end, at batch sizes 1, 32 and 1024, from 1 and
+from 4 client processes, it reports keys/s and p50/p99 call latency. Two ceilings are measured
+in the same run: the gRPC floor (an empty Exists round trip from one client: no call can be
+faster) and the master's in-process key rate (MasterState.get_replicas / exists / put_start +
+put_end with no gRPC: no RPC can move more keys/s). Runs each gRPC mode of the master
+(grpc.aio and the thread pool). Prints a table, writes bench/out/master_bench.json and says
+PASS/MISS against the targets of issue 2 (get_replicas batch 1024 >= 400k keys/s with
+p50 < 2.5 ms; exists >= 1M keys/s; single-key p50 < 300 us).
+
+    .venv/bin/python bench/master_bench.py [--quick] [--modes aio,threads] [--seconds S]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing as mp
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+OUT_DIR = Path(__file__).resolve().parent / "out"
+KVSTORE_BIN = Path(sys.executable).with_name("kvstore")
+NUM_KEYS = 200_000
+VALUE_BYTES = 64 * 1024
+BATCHES = (1, 32, 1024)
+CLIENTS = (1, 4)
+
+
+def start_master(mode: str) -> tuple[subprocess.Popen, str]:
+    proc = subprocess.Popen([str(KVSTORE_BIN), "master", "--port", "0", "--grpc-mode", mode,
+                             "--log-level", "WARNING", "--pending-timeout", "1h",
+                             "--node-ttl", "1h", "--heartbeat-interval", "10s"],
+                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    for line in proc.stdout:
+        match = re.match(r"^listening on (\S+:\d+)", line.strip())
+        if match:
+            return proc, match.group(1)
+    raise RuntimeError("kvstore master exited before listening")
+
+
+def populate(address: str) -> list[str]:
+    from kvstore.master.rpc_client import MasterClient
+    from kvstore.v1 import master_pb2 as pb
+    keys = [f"bench/model-x/L32/xxh64v1/{i:016x}" for i in range(NUM_KEYS)]
+    with MasterClient(address) as client:
+        for n in range(4):
+            client.call("RegisterNode", pb.RegisterNodeRequest(node=pb.NodeInfo(
+                node_id=f"node{n}", host_id=f"host{n}", data_addr=f"127.0.0.1:{7000 + n}",
+                segments=[pb.SegmentInfo(segment_id="dram0", tier=pb.TIER_DRAM,
+                                         capacity_bytes=1 << 40, shm_name=f"/kv{n}")])))
+        for i in range(0, NUM_KEYS, 8192):
+            chunk = keys[i:i + 8192]
+            client.call("PutStart", pb.PutStartRequest(keys=chunk, sizes=[VALUE_BYTES] * len(chunk),
+                                                       client_id="bench"))
+            client.call("PutEnd", pb.PutEndRequest(keys=chunk, client_id="bench"))
+    return keys
+
+
+def client_worker(address: str, op: str, batch: int, worker: int, seconds: float,
+                  start_at: float, out: mp.Queue) -> None:
+    """Call ``op`` in a loop for ``seconds`` (starting at wall time ``start_at``); put the
+    per-call latencies (seconds) on ``out``."""
+    import random
+    from kvstore.master.rpc_client import MasterClient
+    from kvstore.v1 import master_pb2 as pb
+    rng = random.Random(worker)
+    keys = [f"bench/model-x/L32/xxh64v1/{i:016x}" for i in range(NUM_KEYS)]
+    if op == "get_replicas":
+        requests = [pb.GetReplicasRequest(keys=rng.sample(keys, batch)) for _ in range(32)]
+    elif op == "exists":
+        requests = [pb.ExistsRequest(keys=rng.sample(keys, batch)) for _ in range(32)]
+    else:                                      # "empty" (the gRPC floor) and "put"
+        requests = [pb.ExistsRequest()]
+    method = {"get_replicas": "GetReplicas", "exists": "Exists", "empty": "Exists"}.get(op)
+    latencies = []
+    with MasterClient(address) as client:
+        call = client.call
+        for request in requests[:4]:                       # warm up the channel
+            call(method or "Exists", request)
+        while time.time() < start_at:
+            time.sleep(0.001)
+        deadline = time.perf_counter() + seconds
+        n = 0
+        if op == "put":
+            tag = f"put/{worker}/{time.time_ns()}/"
+            sizes = [VALUE_BYTES] * batch
+            while (now := time.perf_counter()) < deadline:
+                chunk = [f"{tag}{n * batch + j}" for j in range(batch)]
+                n += 1
+                call("PutStart", pb.PutStartRequest(keys=chunk, sizes=sizes, client_id=tag))
+                call("PutEnd", pb.PutEndRequest(keys=chunk, client_id=tag))
+                latencies.append(time.perf_counter() - now)
+        else:
+            while (now := time.perf_counter()) < deadline:
+                call(method, requests[n % len(requests)])
+                n += 1
+                latencies.append(time.perf_counter() - now)
+    out.put(latencies)
+
+
+def run_cell(address: str, op: str, batch: int, num_clients: int, seconds: float) -> dict:
+    ctx = mp.get_context("spawn")
+    out = ctx.Queue()
+    start_at = time.time() + 1.5 + 0.3 * num_clients       # lets every process import first
+    procs = [ctx.Process(target=client_worker,
+                         args=(address, op, batch, w, seconds, start_at, out))
+             for w in range(num_clients)]
+    for p in procs:
+        p.start()
+    all_latencies = [out.get(timeout=seconds + 120) for _ in procs]
+    for p in procs:
+        p.join()
+    merged = sorted(x for lat in all_latencies for x in lat)
+    num_calls = len(merged)
+    return {"op": op, "batch": batch, "clients": num_clients, "calls": num_calls,
+            "keys_per_s": num_calls * batch / seconds,
+            "p50_us": merged[num_calls // 2] * 1e6 if merged else None,
+            "p99_us": merged[min(num_calls - 1, int(num_calls * 0.99))] * 1e6 if merged else None}
+
+
+def in_process_ceiling() -> dict:
+    """Keys/s of the master's own per-key work for batches of 1024, no gRPC."""
+    import random
+    from kvstore.master.config import MasterConfig
+    from kvstore.master.state import MasterState
+    from kvstore.v1 import master_pb2 as pb
+    state = MasterState(MasterConfig(), 0.0)
+    state.register_node(pb.NodeInfo(node_id="n", host_id="h", data_addr="127.0.0.1:1",
+                                    segments=[pb.SegmentInfo(segment_id="d", tier=pb.TIER_DRAM,
+                                                             capacity_bytes=1 << 40)]),
+                        pb.Inventory(), 0.0)
+    keys = [f"bench/model-x/L32/xxh64v1/{i:016x}" for i in range(NUM_KEYS)]
+    started = time.perf_counter()
+    for i in range(0, NUM_KEYS, 1024):
+        chunk = keys[i:i + 1024]
+        state.put_start(chunk, [VALUE_BYTES] * len(chunk), 1, 0, "", "c", 0.0, False, 0, 0.0)
+        state.put_end(chunk, "c", [], 0.0)
+    put_rate = NUM_KEYS / (time.perf_counter() - started)
+    batches = [random.Random(1).sample(keys, 1024) for _ in range(50)]
+    started = time.perf_counter()
+    for batch in batches:
+        state.get_replicas(batch, 10.0, "", 1.0)
+    get_rate = 1024 * len(batches) / (time.perf_counter() - started)
+    started = time.perf_counter()
+    for batch in batches:
+        state.exists(batch)
+    exists_rate = 1024 * len(batches) / (time.perf_counter() - started)
+    return {"get_replicas_keys_per_s": get_rate, "exists_keys_per_s": exists_rate,
+            "put_keys_per_s": put_rate}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="fewer cells, shorter runs")
+    parser.add_argument("--modes", default="aio,threads")
+    parser.add_argument("--seconds", type=float, default=2.0)
+    args = parser.parse_args()
+    seconds = 0.5 if args.quick else args.seconds
+    batches = (1, 1024) if args.quick else BATCHES
+    clients = (1,) if args.quick else CLIENTS
+    ceiling = in_process_ceiling()
+    results = {"ceiling_in_process": ceiling, "modes": {}}
+    print(f"in-process ceiling (no gRPC, batch 1024): get_replicas "
+          f"{ceiling['get_replicas_keys_per_s']:,.0f} keys/s, exists "
+          f"{ceiling['exists_keys_per_s']:,.0f} keys/s, put_start+put_end "
+          f"{ceiling['put_keys_per_s']:,.0f} keys/s")
+    for mode in args.modes.split(","):
+        proc, address = start_master(mode)
+        try:
+            populate(address)
+            floor = run_cell(address, "empty", 0, 1, seconds)
+            rows = [run_cell(address, op, batch, n, seconds)
+                    for op in ("get_replicas", "exists", "put") for batch in batches
+                    for n in clients]
+        finally:
+            proc.terminate()
+            proc.wait(timeout=10)
+        results["modes"][mode] = {"grpc_floor_p50_us": floor["p50_us"], "rows": rows}
+        print(f"\nmode {mode}: gRPC floor (empty Exists, 1 client) p50 {floor['p50_us']:.0f} us")
+        print(f"{'op':<14}{'batch':>6}{'clients':>8}{'keys/s':>14}{'p50 us':>10}{'p99 us':>10}")
+        for r in rows:
+            print(f"{r['op']:<14}{r['batch']:>6}{r['clients']:>8}{r['keys_per_s']:>14,.0f}"
+                  f"{r['p50_us']:>10.0f}{r['p99_us']:>10.0f}")
+    checks = []
+    for mode, data in results["modes"].items():
+        by = {(r["op"], r["batch"], r["clients"]): r for r in data["rows"]}
+        best_get = max((r for k, r in by.items() if k[0] == "get_replicas" and k[1] == 1024),
+                       key=lambda r: r["keys_per_s"])
+        best_exists = max((r for k, r in by.items() if k[0] == "exists" and k[1] == 1024),
+                          key=lambda r: r["keys_per_s"])
+        single = by[("get_replicas", 1, 1)]
+        checks += [
+            (mode, "get_replicas x1024 >= 400k keys/s, p50 < 2.5 ms",
+             best_get["keys_per_s"] >= 400_000 and by[("get_replicas", 1024, 1)]["p50_us"] < 2500),
+            (mode, "exists x1024 >= 1M keys/s", best_exists["keys_per_s"] >= 1_000_000),
+            (mode, "single-key get_replicas p50 < 300 us", single["p50_us"] < 300),
+        ]
+    print()
+    for mode, what, ok in checks:
+        print(f"{'PASS' if ok else 'MISS'}  [{mode}] {what}")
+    results["checks"] = [{"mode": m, "target": w, "pass": ok} for m, w, ok in checks]
+    OUT_DIR.mkdir(exist_ok=True)
+    (OUT_DIR / "master_bench.json").write_text(json.dumps(results, indent=2))
+    print(f"\nwrote {OUT_DIR / 'master_bench.json'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
