@@ -164,3 +164,20 @@ def test_remove_prefix_and_match_prefix(embedded):
         [False, True, False, True]
     with pytest.raises(Exception, match="prefix must not be empty"):
         m.client.call("RemovePrefix", pb.RemovePrefixRequest(prefix=""))
+
+
+def test_same_host_replica_is_listed_first_for_the_reader(embedded):
+    m = embedded()
+    register(m.client, "n1", host_id="h1")
+    register(m.client, "n2", host_id="h2")
+    put(m.client, ["k", "single"], replicas=2)
+    for host, first in (("h1", "n1"), ("h2", "n2")):
+        reply = get(m.client, ["k", "missing"], client_host_id=host)
+        assert [r[0] for r in replicas_of(reply, 0)][0] == first
+        assert list(reply.statuses) == [pb.ITEM_OK, pb.ITEM_NOT_FOUND]
+    # the all-found fast path and the general path agree on a single-replica batch
+    put(m.client, ["one"], near_host_id="h2")
+    fast = get(m.client, ["one"])
+    slow = get(m.client, ["one", "missing"])
+    assert replicas_of(fast, 0) == replicas_of(slow, 0)
+    assert fast.sizes[0] == slow.sizes[0] == 1000
