@@ -134,3 +134,49 @@ def test_daemon_startup_does_not_import_torch():
             "kvstore.daemon.membership, kvstore.transport; "
             "assert 'torch' not in sys.modules, 'torch imported'")
     subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
+
+
+def dead_pid() -> int:
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    return proc.pid
+
+
+def test_daemon_start_reaps_segments_of_dead_daemons_only(tmp_path):
+    from kvstore.transport.shmem import host_tag
+
+    tag, pid = host_tag(), dead_pid()
+    other_tag = "0" * 8 if tag != "0" * 8 else "1" * 8
+    names = {
+        "orphan": f"/kvstore-gone-{tag}-{pid}-{'a' * 16}",
+        "other_host": f"/kvstore-gone-{other_tag}-{pid}-{'b' * 16}",
+        "live": f"/kvstore-live-{tag}-{os.getpid()}-{'c' * 16}",
+        "not_ours": f"/something-else-{tag}-{pid}-{'d' * 16}",
+    }
+    segments = {key: create_shm(name, 4096) for key, name in names.items()}
+    ssd_orphan = tmp_path / f"kvstore-gone-{tag}-{pid}-{'e' * 16}.seg"
+    ssd_orphan.write_bytes(b"x")
+    try:
+        with run_in_thread(DaemonConfig(dram_bytes=1024 * 1024, ssd_dir=str(tmp_path),
+                                        ssd_bytes=1024 * 1024)):
+            present = {key: os.path.exists(f"/dev/shm{name}") for key, name in names.items()}
+            assert present == {"orphan": False, "other_host": True, "live": True,
+                               "not_ours": True}
+            assert not ssd_orphan.exists()
+    finally:
+        for segment in segments.values():
+            segment.unlink()
+            segment.close()
+
+
+def test_reaping_can_be_turned_off():
+    from kvstore.transport.shmem import host_tag
+
+    name = f"/kvstore-gone-{host_tag()}-{dead_pid()}-{'f' * 16}"
+    segment = create_shm(name, 4096)
+    try:
+        with run_in_thread(DaemonConfig(dram_bytes=1024 * 1024, reap_orphans=False)):
+            assert os.path.exists(f"/dev/shm{name}")
+    finally:
+        segment.unlink()
+        segment.close()

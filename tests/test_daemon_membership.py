@@ -110,10 +110,10 @@ def test_killed_daemon_is_dropped_after_node_ttl():
         daemon.kill()
         assert wait_until(lambda: list_nodes(master.address) == [], timeout_s=5)
         daemon.close()
-        # NOTE: a SIGKILLed daemon cannot unlink its shm; the name is unguessable and the
-        # operator's cleanup is documented. Remove it here so the test leaves nothing.
-        if os.path.exists(f"/dev/shm{shm_name}"):
-            os.unlink(f"/dev/shm{shm_name}")
+        # a SIGKILLed daemon cannot unlink its shm; the next daemon on this host reaps it
+        assert os.path.exists(f"/dev/shm{shm_name}")
+        with ServerProcess(["daemon", "--master", master.address, "--dram", "4MiB"]):
+            assert not os.path.exists(f"/dev/shm{shm_name}")
 
 
 def put_objects(master_addr: str, num_objects: int, size_bytes: int) -> dict[str, bytes]:

@@ -61,6 +61,7 @@ class DaemonConfig:
     register_timeout_s: float | None = None
     max_connections: int = 1024
     handshake_timeout_s: float = 10.0
+    reap_orphans: bool = True
 
     def __post_init__(self) -> None:
         if not self.host:

@@ -52,6 +52,9 @@ class Daemon:
     def start(self) -> str:
         """Create segments, serve, register; return the data-plane "host:port"."""
         try:
+            if self.config.reap_orphans:
+                from kvstore.daemon.orphans import reap_orphans
+                reap_orphans(self.config.ssd_dir)
             self.segments = self._create_segments()
             self.dataplane = DataPlaneServer(
                 self.segments, node_id=self.node_id, host=self.config.host,

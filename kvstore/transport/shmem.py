@@ -14,9 +14,12 @@ from __future__ import annotations
 
 import mmap
 import os
+import re
 import secrets
 
 import _posixshmem
+
+from kvstore.transport.hostid import local_host_id
 
 SHM_MODE = 0o600
 
@@ -53,10 +56,23 @@ class SharedSegment:
             pass
 
 
+#: ``{prefix}-{host tag}-{pid}-{16 hex}``: what ``unique_shm_name`` makes (without the "/")
+SHM_NAME_RE = re.compile(r"^(?P<prefix>.+)-(?P<host>[0-9a-f]{8})-(?P<pid>[0-9]+)-[0-9a-f]{16}$")
+
+
+def host_tag() -> str:
+    """8 hex characters of this machine's host id, embedded in every name we create."""
+    return local_host_id()[:8]
+
+
 def unique_shm_name(prefix: str) -> str:
-    """A fresh, hard-to-guess name: ``/{prefix}-{pid}-{random}`` (no fixed names, ever)."""
-    safe_prefix = "".join(ch if ch.isalnum() or ch in "-_" else "_" for ch in prefix)[:40]
-    return f"/{safe_prefix}-{os.getpid()}-{secrets.token_hex(8)}"
+    """A fresh, hard-to-guess name: ``/{prefix}-{host tag}-{pid}-{random}`` (never fixed).
+
+    The host tag and pid say which process on which machine created it, so a later daemon can
+    tell an orphan (creator dead, same machine) from a live segment (see SHM_NAME_RE).
+    """
+    safe_prefix = "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in prefix)[:64]
+    return f"/{safe_prefix}-{host_tag()}-{os.getpid()}-{secrets.token_hex(8)}"
 
 
 def create_shm(name: str, size_bytes: int) -> SharedSegment:
