@@ -49,6 +49,7 @@ class DemoConfig:
     model_size: str = "small"
     dram: str = "2GiB"
     seed: int = 0
+    num_threads: int | None = None  # torch threads per engine process; None: torch's default
 
     def __post_init__(self) -> None:
         from kvstore._errors import ConfigError
@@ -64,6 +65,8 @@ class DemoConfig:
             object.__setattr__(self, "prefix_tokens", shared - shared % self.block_size)
         if not 0 <= self.prefix_tokens < self.prompt_tokens:
             raise ConfigError("--prefix-tokens must be >= 0 and below --prompt-tokens")
+        if self.num_threads is not None and self.num_threads < 1:
+            raise ConfigError("--threads must be >= 1")
         if self.model_size not in MODEL_SIZES:
             raise ConfigError(f"--model-size must be one of {sorted(MODEL_SIZES)}")
 
@@ -126,9 +129,12 @@ def run_demo(config: DemoConfig, *, echo: Any = print) -> list[dict[str, Any]]:
     with LocalCluster(dram=config.dram) as cluster, \
             tempfile.TemporaryDirectory(prefix="kvstore-demo-") as tmp:
         echo(f"[demo   ] cluster up in {cluster.start_s:.1f} s; master at {cluster.address}")
+        echo(f"[demo   ] {len(requests)} request(s) of {config.prompt_tokens} tokens; key "
+             f"namespace demo/{fields['tag']}; prefill and decode share only the store")
         job = {
             "master": cluster.address, "block_size": config.block_size,
             "quantize": config.quantize, "requests": requests,
+            "num_threads": config.num_threads,
             "namespace": {"model": fields["tag"], "prefix": "demo"},
             **{k: fields[k] for k in ("model_spec", "model_path") if k in fields},
         }
@@ -221,13 +227,16 @@ def report(rows: list[dict[str, Any]], config: DemoConfig) -> str:
               show_default=True, help="Shape of the random Llama.")
 @click.option("--dram", default="2GiB", show_default=True, help="DRAM of the demo daemon.")
 @click.option("--seed", default=0, show_default=True, help="Seed of the weights and prompts.")
+@click.option("--threads", "num_threads", type=int, default=None,
+              help="torch threads in each engine process (default: torch's choice).")
 def command(prompt_tokens: int, decode_tokens: int, prefix_tokens: int | None, block_size: int,
-            quantize: str, model_path: str | None, model_size: str, dram: str, seed: int) -> None:
+            quantize: str, model_path: str | None, model_size: str, dram: str, seed: int,
+            num_threads: int | None) -> None:
     """Prefill/decode disaggregation demo on this machine (cluster, prefill, decode, table)."""
     try:
         config = DemoConfig(prompt_tokens, decode_tokens, prefix_tokens, block_size,
                             None if quantize == "none" else quantize, model_path, model_size,
-                            dram, seed)
+                            dram, seed, num_threads)
         started = time.perf_counter()
         rows = run_demo(config, echo=lambda m: click.echo(m))
     except KVStoreError as exc:

@@ -48,8 +48,12 @@ def test_demo_lossless_tokens_match_and_prefix_hit_shows() -> None:
 
 
 @pytest.mark.slow
-def test_demo_int8_reports_logit_error_and_agreement() -> None:
-    result = _run(*TINY, "--quantize", "int8")
+def test_demo_int8_with_a_local_checkpoint_reports_logit_error(tmp_path) -> None:
+    from kvstore.demo import MODEL_SIZES
+    from kvstore.engine.model import ModelSpec, build_model
+
+    build_model(ModelSpec(**MODEL_SIZES["tiny"])).save_pretrained(tmp_path / "ckpt")
+    result = _run(*TINY, "--quantize", "int8", "--model", str(tmp_path / "ckpt"))
     assert result.returncode == 0, result.stderr + result.stdout
     errors = [float(v) for v in _row(result.stdout, "first-step logit rel. error")]
     assert all(0 < e < 0.05 for e in errors)
@@ -57,6 +61,7 @@ def test_demo_int8_reports_logit_error_and_agreement() -> None:
     assert all(a.endswith("%") for a in agreement)
     raw, wire = _row(result.stdout, "KV bytes raw"), _row(result.stdout, "KV bytes on the wire")
     assert raw != wire  # INT8 moves fewer bytes
+    assert "local-ckpt" in result.stdout  # the checkpoint's tag names the key namespace
     _assert_cluster_gone(result.stdout)
 
 
