@@ -6,8 +6,9 @@ master round trips, allocation and checksums included). For each (level, transpo
 single|batched, put|get) it reports GB/s (1 GB = 1e9 bytes); for 64 KiB single it also reports
 p50/p99 latency. A single-thread memcpy of the same size, measured in the same run, is printed
 beside each figure as the ceiling (``% memcpy``); for tcp rows, raw Python TCP over loopback
-to another process (one stream) is printed too (``loopbk``). The 1-minute load average at
-the end is recorded, since the machine may be shared.
+to another process (one stream) is printed too (``loopbk``). ``cpu s/GB`` is the CPU time
+of this process plus our master and daemon per GB moved: unlike GB/s it hardly depends on
+what else runs, so it compares busy runs. The 1-minute load average at the end is recorded.
 
 Without ``--master`` it starts its own ``kvstore master`` and ``kvstore daemon`` processes on
 127.0.0.1 (port 0) and stops them at the end; with ``--master`` it measures an existing
@@ -121,6 +122,28 @@ def _latencies_us(fn, num_calls: int) -> tuple[float, float]:
     return statistics.median(samples), samples[int(len(samples) * 0.99) - 1]
 
 
+def make_cpu_probe(pids: list[int]):
+    """A function returning CPU seconds (user + system) used so far by this process and by
+    ``pids`` (our master and daemon). NOTE: CPU per GB barely depends on what else runs on
+    the machine, unlike GB/s, so it is the figure to compare across busy runs."""
+    import os
+    import resource
+
+    ticks_per_s = os.sysconf("SC_CLK_TCK")
+
+    def probe() -> float:
+        usage = resource.getrusage(resource.RUSAGE_SELF)
+        total_s = usage.ru_utime + usage.ru_stime
+        for pid in pids:
+            try:
+                fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+                total_s += (int(fields[11]) + int(fields[12])) / ticks_per_s
+            except (OSError, IndexError, ValueError):
+                pass
+        return total_s
+    return probe
+
+
 def batch_items(size_bytes: int) -> int:
     return max(1, min(MAX_BATCH_ITEMS, BATCH_BYTES // size_bytes))
 
@@ -179,7 +202,7 @@ def _first_node(master_addr: str, token: str | None):
     return nodes[0]
 
 
-def transport_cases(node, kinds, sizes, token, min_time_s, progress):
+def transport_cases(node, kinds, sizes, token, min_time_s, progress, cpu_probe):
     """Rows for the transport level: fixed ranges at the start of the node's first segment."""
     import numpy as np
 
@@ -205,14 +228,14 @@ def transport_cases(node, kinds, sizes, token, min_time_s, progress):
             put_many = lambda: _check(transport.write_many(list(zip(targets, srcs)), timeout_s=60))  # noqa: E731,E501
             get_many = lambda: _check(transport.read_many(list(zip(targets, dsts)), timeout_s=60))  # noqa: E731,E501
             rows += _measure("transport", kind, size_bytes, num_items, put_one, get_one,
-                             put_many, get_many, min_time_s, progress)
+                             put_many, get_many, min_time_s, progress, cpu_probe)
             if not np.array_equal(src, dst):
                 raise click.ClickException(f"{kind}: bytes read differ from bytes written")
         transport.close()
     return rows
 
 
-def client_cases(master_addr, kinds, sizes, token, min_time_s, progress):
+def client_cases(master_addr, kinds, sizes, token, min_time_s, progress, cpu_probe):
     """Rows for the client level: kvstore.connect put/get with fresh keys per put."""
     import itertools
 
@@ -242,9 +265,9 @@ def client_cases(master_addr, kinds, sizes, token, min_time_s, progress):
                 _check(store.batch_put(batch, [src] * num_items))
 
             get_one = lambda: store.get_into(keys[0], outs[0])  # noqa: E731
-            get_many = lambda: _check_sizes(store.batch_get_into(keys, outs))  # noqa: E731
+            get_many = lambda: _check(store.batch_get_into(keys, outs))  # noqa: E731
             rows += _measure("client", kind, size_bytes, num_items, put_one, get_one,
-                             put_many, get_many, min_time_s, progress)
+                             put_many, get_many, min_time_s, progress, cpu_probe)
             if not np.array_equal(outs[-1], src):
                 raise click.ClickException(f"client {kind}: bytes read differ from bytes put")
             store.remove_prefix(prefix, force=True)
@@ -253,19 +276,14 @@ def client_cases(master_addr, kinds, sizes, token, min_time_s, progress):
 
 
 def _check(results) -> None:
-    for result in results:
-        if result is not None:
-            raise result
-
-
-def _check_sizes(results) -> None:
+    """Raise the first per-item error of a batch (items are None or a count on success)."""
     for result in results:
         if isinstance(result, BaseException):
             raise result
 
 
 def _measure(level, kind, size_bytes, num_items, put_one, get_one, put_many, get_many,
-             min_time_s, progress):
+             min_time_s, progress, cpu_probe):
     rows = []
     # NOTE: gets run first: at the client level the puts may fill the pool and make the
     # master evict the objects the gets read
@@ -273,9 +291,18 @@ def _measure(level, kind, size_bytes, num_items, put_one, get_one, put_many, get
                                     ("batch", "get", get_many, size_bytes * num_items),
                                     ("single", "put", put_one, size_bytes),
                                     ("batch", "put", put_many, size_bytes * num_items)):
+        num_calls = [0]
+
+        def counted(fn=fn) -> None:
+            fn()
+            num_calls[0] += 1
+
+        cpu_before_s = cpu_probe()
+        gbps = _rate(counted, num_bytes, min_time_s)
+        cpu_s_per_gb = (cpu_probe() - cpu_before_s) / (num_calls[0] * num_bytes / 1e9)
         row = {"level": level, "transport": kind, "size_bytes": size_bytes, "mode": mode,
-               "batch_items": num_items if mode == "batch" else 1, "op": op,
-               "gbps": _rate(fn, num_bytes, min_time_s)}
+               "batch_items": num_items if mode == "batch" else 1, "op": op, "gbps": gbps,
+               "cpu_s_per_gb": cpu_s_per_gb}
         if size_bytes == LATENCY_SIZE_BYTES and mode == "single":
             row["p50_us"], row["p99_us"] = _latencies_us(fn, 300)
         rows.append(row)
@@ -285,8 +312,8 @@ def _measure(level, kind, size_bytes, num_items, put_one, get_one, put_many, get
 
 def print_table(rows, memcpy_by_size, loopback_by_size) -> None:
     header = (f"{'level':<9} {'transport':<9} {'size':>10} {'mode':<6} {'items':>5} {'op':<4}"
-              f" {'GB/s':>7} {'memcpy':>7} {'%memcpy':>7} {'loopbk':>7} {'p50 us':>8} "
-              f"{'p99 us':>8}")
+              f" {'GB/s':>7} {'memcpy':>7} {'%memcpy':>7} {'loopbk':>7} {'cpu s/GB':>8} "
+              f"{'p50 us':>8} {'p99 us':>8}")
     print(header)
     print("-" * len(header))
     for row in rows:
@@ -299,7 +326,7 @@ def print_table(rows, memcpy_by_size, loopback_by_size) -> None:
         print(f"{row['level']:<9} {row['transport']:<9} {format_size(row['size_bytes']):>10} "
               f"{row['mode']:<6} {row['batch_items']:>5} {row['op']:<4} {row['gbps']:>7.2f} "
               f"{ceiling:>7.2f} {100 * row['gbps'] / ceiling:>6.0f}% {loopback_text:>7} "
-              f"{p50:>8} {p99:>8}")
+              f"{row['cpu_s_per_gb']:>8.3f} {p50:>8} {p99:>8}")
 
 
 def _loadavg() -> float | None:
@@ -343,13 +370,17 @@ def command(master_addr, token, transports, levels, sizes, min_time_s, json_path
         memcpy_by_size = {s: memcpy_gbps(s, min_time_s) for s in size_list}
         loopback_by_size = loopback_gbps(size_list, min_time_s) if "tcp" in kinds else {}
         node = _first_node(master_addr, token)
+        cpu_probe = make_cpu_probe([] if cluster is None else
+                                   [cluster.master.proc.pid, cluster.daemon.proc.pid])
         total = 4 * len(kinds) * len(size_list) * len(level_list)
         rows = []
         with tqdm(total=total, desc="bench", unit="case", leave=False) as progress:
             if "transport" in level_list:
-                rows += transport_cases(node, kinds, size_list, token, min_time_s, progress)
+                rows += transport_cases(node, kinds, size_list, token, min_time_s, progress,
+                                        cpu_probe)
             if "client" in level_list:
-                rows += client_cases(master_addr, kinds, size_list, token, min_time_s, progress)
+                rows += client_cases(master_addr, kinds, size_list, token, min_time_s, progress,
+                                     cpu_probe)
         # NOTE: measured again after the cases and the best kept: on a shared machine a
         # ceiling taken in one busy moment would flatter every figure compared with it
         memcpy_by_size = {size: max(gbps, memcpy_gbps(size, min_time_s))
