@@ -130,7 +130,8 @@ def _from_rows(rows: torch.Tensor, fmt: BlockFormat, dtype: torch.dtype,
 
 def gather_blocks(layers: Sequence[torch.Tensor], block_ids: torch.Tensor, fmt: BlockFormat,
                   rows: torch.Tensor) -> torch.Tensor:
-    """Copy pages ``block_ids`` into ``rows`` (uint8 ``[n, block_bytes]``) in stored form."""
+    """Copy pages ``block_ids`` into ``rows`` (uint8 ``[n, block_bytes]``, host memory) in
+    stored form. A GPU cache is gathered (and quantized) on the GPU, then downloaded once."""
     from kvstore import ops
 
     if fmt.quantize == "int8":
@@ -148,13 +149,15 @@ def scatter_blocks(rows: torch.Tensor, layers: Sequence[torch.Tensor], block_ids
     from kvstore import ops
 
     shape = fmt.gathered_shape(rows.shape[0])
+    device = layers[0].device  # staging rows live on the host; a GPU cache gets one upload
     if fmt.quantize == "int8":
-        q = _from_rows(rows[:, :fmt.num_values], fmt, torch.int8, shape)
-        scales = _from_rows(rows[:, fmt.num_values:], fmt, torch.float32, shape[:-1] + (1,))
+        q = _from_rows(rows[:, :fmt.num_values], fmt, torch.int8, shape).to(device)
+        scales = _from_rows(rows[:, fmt.num_values:], fmt, torch.float32,
+                            shape[:-1] + (1,)).to(device)
         ops.dequantize_scatter(q, scales, list(layers), block_ids, layout=fmt.layout)
     else:
-        ops.scatter_pages(_from_rows(rows, fmt, fmt.dtype, shape), list(layers), block_ids,
-                          layout=fmt.layout)
+        ops.scatter_pages(_from_rows(rows, fmt, fmt.dtype, shape).to(device), list(layers),
+                          block_ids, layout=fmt.layout)
 
 
 def decode_rows(rows: torch.Tensor, fmt: BlockFormat) -> torch.Tensor:
@@ -176,5 +179,5 @@ def scatter_payload(payload: torch.Tensor, layers: Sequence[torch.Tensor],
     """A per-block payload ``[n, *block_shape]`` (cache dtype) into pages ``block_ids``."""
     from kvstore import ops
 
-    ops.scatter_pages(payload.movedim(0, fmt.page_dim).contiguous(), list(layers), block_ids,
-                      layout=fmt.layout)
+    buf = payload.movedim(0, fmt.page_dim).contiguous().to(layers[0].device)
+    ops.scatter_pages(buf, list(layers), block_ids, layout=fmt.layout)

@@ -176,7 +176,9 @@ class PagedKVConnector:
         requests does not page-fault fresh memory for every transfer."""
         needed = num_blocks * self.format.block_bytes
         if self._staging.numel() < needed:
-            self._staging = torch.empty(needed, dtype=torch.uint8)
+            # pinned for a GPU cache, so its uploads and downloads are direct DMA
+            pinned = self.layers[0].device.type == "cuda"
+            self._staging = torch.empty(needed, dtype=torch.uint8, pin_memory=pinned)
         return self._staging[:needed].view(num_blocks, self.format.block_bytes)
 
     def _block_index(self, block_ids: Any, num_needed: int) -> torch.Tensor:
