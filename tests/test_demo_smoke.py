@@ -71,3 +71,20 @@ def test_demo_rejects_bad_flags(args: list[str]) -> None:
     result = _run("--model-size", "tiny", "--prompt-tokens", "64", *args)
     assert result.returncode != 0
     assert "Error" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_local_cluster_stops_both_servers_on_error() -> None:
+    from kvstore.engine.cluster import LocalCluster
+
+    with pytest.raises(RuntimeError, match="engine failed"):
+        with LocalCluster(dram="16MiB") as cluster:
+            procs = [cluster.master.proc, cluster.daemon.proc]
+            address = cluster.address
+            import kvstore
+
+            with kvstore.connect(address) as store:  # the cluster really serves
+                store.put("k", b"v")
+                assert store.get("k") == b"v"
+            raise RuntimeError("engine failed")
+    assert all(proc.poll() is not None for proc in procs)
+    _assert_cluster_gone(f"master at {address}")
