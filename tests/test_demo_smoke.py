@@ -57,7 +57,7 @@ def test_demo_int8_with_a_local_checkpoint_reports_logit_error(tmp_path) -> None
     assert result.returncode == 0, result.stderr + result.stdout
     errors = [float(v) for v in _row(result.stdout, "first-step logit rel. error")]
     assert all(0 < e < 0.05 for e in errors)
-    agreement = _row(result.stdout, "token agreement")
+    agreement = _row(result.stdout, "token agreement (common prefix)")
     assert all(a.endswith("%") for a in agreement)
     raw, wire = _row(result.stdout, "KV bytes raw"), _row(result.stdout, "KV bytes on the wire")
     assert raw != wire  # INT8 moves fewer bytes
