@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import statistics
 import subprocess
@@ -56,14 +57,38 @@ def memcpy_gbps(num_bytes: int, num_buffers: int, repeats: int) -> float:
     return num_bytes * repeats / (time.perf_counter() - started) / 1e9
 
 
+# pids of the master and daemon processes, whose CPU time counts with the client's
+SERVER_PIDS: list[int] = []
+_CLOCK_TICKS_PER_S = os.sysconf("SC_CLK_TCK")
+
+
+def cpu_s() -> float:
+    """CPU seconds used so far by this process and the servers in SERVER_PIDS.
+
+    NOTE: on a shared machine wall-clock figures move with other people's load; CPU seconds
+    per operation (client + master + daemon) move much less, so they are reported beside them.
+    """
+    total = time.process_time()
+    for pid in SERVER_PIDS:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        total += (int(fields[11]) + int(fields[12])) / _CLOCK_TICKS_PER_S  # utime + stime
+    return total
+
+
+LAST_CPU_US: list[float] = [0.0]  # CPU microseconds per call of the last ``timed`` run
+
+
 def timed(fn, repeats: int) -> list[float]:
-    """Seconds of each of ``repeats`` calls ``fn(i)``, after one warm-up call."""
+    """Seconds of each of ``repeats`` calls ``fn(i)``, after one warm-up call. Leaves the
+    CPU microseconds per call (all three processes) in LAST_CPU_US[0]."""
     fn(-1)
     samples = []
+    cpu_started = cpu_s()
     for i in range(repeats):
         started = time.perf_counter()
         fn(i)
         samples.append(time.perf_counter() - started)
+    LAST_CPU_US[0] = (cpu_s() - cpu_started) / repeats * 1e6
     return samples
 
 
@@ -100,13 +125,15 @@ def bench_transport(store, transport: str, repeats: int) -> dict[str, float]:
     # one master round trip with nothing else: the floor under every latency below
     r["exists_rpc_p50_us"] = statistics.median(
         timed(lambda i: store.exists(f"{tag}/small/none"), num_small)) * 1e6
-    put = timed(lambda i: store.put(f"{tag}/small/{i}", small), num_small)
-    get = timed(lambda i: store.get(f"{tag}/small/{i % num_small}"), num_small)
+    r["exists_rpc_cpu_us"] = LAST_CPU_US[0]
+    put = timed(lambda i: store.put(f"{tag}/small/{i}", small), num_small), LAST_CPU_US[0]
+    get = timed(lambda i: store.get(f"{tag}/small/{i % num_small}"), num_small), LAST_CPU_US[0]
     get_into = timed(lambda i: store.get_into(f"{tag}/small/{i % num_small}", small_out),
-                     num_small)
-    for name, samples in (("put", put), ("get", get), ("get_into", get_into)):
+                     num_small), LAST_CPU_US[0]
+    for name, (samples, cpu_us) in (("put", put), ("get", get), ("get_into", get_into)):
         r[f"{name}_64KiB_p50_us"] = statistics.median(samples) * 1e6
         r[f"{name}_64KiB_p99_us"] = float(np.percentile(samples, 99)) * 1e6
+        r[f"{name}_64KiB_cpu_us"] = cpu_us
     store.remove_prefix(f"{tag}/small/", force=True)
 
     batch = 128
@@ -114,9 +141,11 @@ def bench_transport(store, transport: str, repeats: int) -> dict[str, float]:
     outs = [np.empty_like(small) for _ in range(batch)]
     keys_of = lambda i: [f"{tag}/batch/{i}/{j}" for j in range(batch)]  # noqa: E731
     put = timed(lambda i: store.batch_put(keys_of(i), values), repeats)
-    get = timed(lambda i: store.batch_get_into(keys_of(i % repeats), outs), repeats)
     r["batch128_put_64KiB_GBps"] = batch * small.nbytes / statistics.median(put) / 1e9
+    r["batch128_put_cpu_us_per_key"] = LAST_CPU_US[0] / batch
+    get = timed(lambda i: store.batch_get_into(keys_of(i % repeats), outs), repeats)
     r["batch128_get_into_64KiB_GBps"] = batch * small.nbytes / statistics.median(get) / 1e9
+    r["batch128_get_into_cpu_us_per_key"] = LAST_CPU_US[0] / batch
     store.remove_prefix(f"{tag}/batch/", force=True)
     return r
 
@@ -129,6 +158,7 @@ def main() -> int:
     master, address = start(["master", "--host", "127.0.0.1", "--port", "0"])
     daemon, _ = start(["daemon", "--master", address, "--host", "127.0.0.1", "--port", "0",
                        "--dram", str(POOL_BYTES)])
+    SERVER_PIDS[:] = [master.pid, daemon.pid]
     try:
         hot = memcpy_gbps(4 * MiB, 1, 64)
         ceiling = memcpy_gbps(4 * MiB, 64, 128)  # 512 MiB working set: cold, like real gets
