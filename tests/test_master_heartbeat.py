@@ -154,3 +154,14 @@ def test_same_key_from_two_daemons_becomes_two_replicas(embedded):
                             lengths=[200])
     assert register(m.client, "n3", inventory=conflict).num_objects_adopted == 0
     assert sorted(r[0] for r in replicas_of(get(m.client, ["shared"]), 0)) == ["n1", "n2"]
+
+
+def test_a_heartbeat_carries_at_most_the_configured_changes(embedded):
+    m = embedded(max_changes_per_heartbeat=3)
+    register(m.client, "n1")
+    daemon = DaemonTable()
+    daemon.beat(m, "n1")
+    put(m.client, [f"k{i}" for i in range(7)], [100] * 7)
+    sizes = [len(daemon.beat(m, "n1").added.keys) for _ in range(4)]
+    assert sizes == [3, 3, 1, 0]
+    assert sorted(daemon.table) == [f"k{i}" for i in range(7)]

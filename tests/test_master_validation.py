@@ -113,3 +113,12 @@ def test_unknown_node_heartbeat_says_unknown(embedded):
 def test_config_validation(fields, message):
     with pytest.raises(kvstore.ConfigError, match=message):
         MasterConfig(**fields)
+
+
+def test_every_config_field_has_its_cli_flag():
+    import dataclasses
+    from kvstore.master.cli import command
+    flags = {opt for param in command.params for opt in param.opts}
+    for field in dataclasses.fields(MasterConfig):
+        name = field.name[:-2] if field.name.endswith("_s") else field.name
+        assert f"--{name.replace('_', '-')}" in flags, field.name

@@ -7,6 +7,7 @@ logs go to stderr.
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import signal
 import sys
@@ -49,6 +50,8 @@ def _duration(ctx, param, value):
               help="... down to this fraction.")
 @click.option("--max-batch", default=65536, show_default=True, type=int,
               help="Most keys one request may carry.")
+@click.option("--max-changes-per-heartbeat", default=262144, show_default=True, type=int,
+              help="Most object-table changes one heartbeat reply carries.")
 @click.option("--grpc-mode", type=click.Choice(GRPC_MODES), default="aio", show_default=True,
               help="grpc.aio event loop, or a gRPC thread pool.")
 @click.option("--num-threads", default=8, show_default=True, type=int,
@@ -56,8 +59,8 @@ def _duration(ctx, param, value):
 @click.option("--log-level", default="INFO", show_default=True,
               type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"]))
 def command(host, port, token, metrics_port, lease_ttl, node_ttl, heartbeat_interval,
-            pending_timeout, high_watermark, low_watermark, max_batch, grpc_mode, num_threads,
-            log_level):
+            pending_timeout, high_watermark, low_watermark, max_batch, max_changes_per_heartbeat,
+            grpc_mode, num_threads, log_level):
     """Run the metadata master."""
     logging.basicConfig(stream=sys.stderr, level=log_level,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -66,8 +69,16 @@ def command(host, port, token, metrics_port, lease_ttl, node_ttl, heartbeat_inte
             host=host, port=port, token=token, metrics_port=metrics_port,
             lease_ttl_s=lease_ttl, node_ttl_s=node_ttl, heartbeat_interval_s=heartbeat_interval,
             pending_timeout_s=pending_timeout, high_watermark=high_watermark,
-            low_watermark=low_watermark, max_batch=max_batch, grpc_mode=grpc_mode,
+            low_watermark=low_watermark, max_batch=max_batch,
+            max_changes_per_heartbeat=max_changes_per_heartbeat, grpc_mode=grpc_mode,
             num_threads=num_threads)
+        # NOTE: the master holds millions of long-lived metadata objects and makes no
+        # reference cycles per key (dropped objects are freed by reference counting). The
+        # default thresholds make the cycle collector rescan them all every few batches
+        # (hundreds of ms of pause at 200k keys); rarer collections keep p99 latency flat.
+        # Only the dedicated process does this, never the embedded mode inside a user's app.
+        gc.set_threshold(100_000, 50, 100)
+        gc.freeze()
         server = MasterServer(config)
         if grpc_mode == "aio":
             asyncio.run(_serve_aio(server))
