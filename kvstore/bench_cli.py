@@ -4,11 +4,13 @@ Two levels, both across processes: ``transport`` (the shm/tcp transports against
 of the daemon's segment: the data path alone) and ``client`` (``kvstore.connect`` put/get:
 master round trips, allocation and checksums included). For each (level, transport, size,
 single|batched, put|get) it reports GB/s (1 GB = 1e9 bytes); for 64 KiB single it also reports
-p50/p99 latency. A single-thread memcpy of the same size, measured in the same run, is printed
-beside each figure as the ceiling (``% memcpy``); for tcp rows, raw Python TCP over loopback
-to another process (one stream) is printed too (``loopbk``). ``cpu s/GB`` is the CPU time
-of this process plus our master and daemon per GB moved: unlike GB/s it hardly depends on
-what else runs, so it compares busy runs. The 1-minute load average at the end is recorded.
+p50/p99 latency. A single-thread memcpy of the bytes each call moves, measured in rounds
+interleaved with the figure's own (same moments, same load), is printed beside it as the
+ceiling (``% memcpy``); for tcp rows, raw Python TCP over loopback to another process (one
+stream) is printed too (``loopbk``). ``cpu s/GB`` is the CPU time of this process plus our
+master and daemon per GB moved: unlike GB/s it hardly depends on what else runs, so it
+compares busy runs. The 1-minute load average at the end is recorded. The measuring
+primitives live in ``kvstore.transport.measure``.
 
 Without ``--master`` it starts its own ``kvstore master`` and ``kvstore daemon`` processes on
 127.0.0.1 (port 0) and stops them at the end; with ``--master`` it measures an existing
@@ -20,128 +22,23 @@ from __future__ import annotations
 
 import json
 import platform
-import statistics
 import time
 from pathlib import Path
 
 import click
 
 from kvstore._units import format_size, parse_size
+from kvstore.transport.measure import (
+    latencies_us,
+    loopback_gbps,
+    make_cpu_probe,
+    rate_beside_memcpy,
+)
 
 DEFAULT_SIZES = ("64KiB", "1MiB", "4MiB", "16MiB", "64MiB")
 BATCH_BYTES = 64 * 1024 * 1024        # a batch moves about this much (at most 128 items)
 MAX_BATCH_ITEMS = 128
 LATENCY_SIZE_BYTES = 64 * 1024
-
-
-def memcpy_gbps(size_bytes: int, min_time_s: float) -> float:
-    """Single-thread memcpy bandwidth for ``size_bytes`` copies (numpy.copyto), in GB/s."""
-    import numpy as np
-
-    src = np.ones(size_bytes, np.uint8)
-    dst = np.empty(size_bytes, np.uint8)
-    np.copyto(dst, src)  # fault the pages in
-    return _rate(lambda: np.copyto(dst, src), size_bytes, min_time_s)
-
-
-_SINK_CODE = """
-import socket, struct, sys
-server = socket.create_server(("127.0.0.1", 0))
-print(server.getsockname()[1], flush=True)
-conn, _ = server.accept()
-conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-buffer = memoryview(bytearray(int(sys.argv[1])))
-while True:
-    header = conn.recv(8, socket.MSG_WAITALL)
-    if len(header) < 8:
-        break
-    (length,) = struct.unpack("<Q", header)
-    received = 0
-    while received < length:
-        received += conn.recv_into(buffer[received:length])
-    conn.sendall(b"k")
-"""
-
-
-def loopback_gbps(sizes: list[int], min_time_s: float) -> dict[int, float]:
-    """Raw Python TCP over loopback to another process (sendall / recv_into, one stream):
-    the ceiling a single tcp stream of ours can approach, in GB/s per size."""
-    import socket
-    import struct
-    import subprocess
-    import sys
-
-    sink = subprocess.Popen([sys.executable, "-c", _SINK_CODE, str(max(sizes))],
-                            stdout=subprocess.PIPE, text=True)
-    try:
-        port = int(sink.stdout.readline())
-        with socket.create_connection(("127.0.0.1", port)) as sock:
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            result = {}
-            for size_bytes in sizes:
-                payload = memoryview(bytearray(size_bytes))
-                header = struct.pack("<Q", size_bytes)
-
-                def send_one():
-                    sock.sendall(header)
-                    sock.sendall(payload)
-                    sock.recv(1)
-                result[size_bytes] = _rate(send_one, size_bytes, min_time_s)
-            return result
-    finally:
-        sink.kill()
-        sink.wait()
-
-
-def _rate(fn, bytes_per_call: int, min_time_s: float, num_rounds: int = 3) -> float:
-    """GB/s of ``fn``: the best of ``num_rounds`` rounds of at least ``min_time_s / num_rounds``
-    (and 2 calls) each. NOTE: best-of-rounds, for the ceilings too, because the machine may be
-    shared: a round that another process interrupted says nothing about our code."""
-    fn()  # warm-up
-    best_gbps = 0.0
-    for _ in range(num_rounds):
-        num_calls, started_s = 0, time.perf_counter()
-        while True:
-            fn()
-            num_calls += 1
-            elapsed_s = time.perf_counter() - started_s
-            if num_calls >= 2 and elapsed_s >= min_time_s / num_rounds:
-                break
-        best_gbps = max(best_gbps, bytes_per_call * num_calls / elapsed_s / 1e9)
-    return best_gbps
-
-
-def _latencies_us(fn, num_calls: int) -> tuple[float, float]:
-    fn()
-    samples = []
-    for _ in range(num_calls):
-        started_s = time.perf_counter()
-        fn()
-        samples.append((time.perf_counter() - started_s) * 1e6)
-    samples.sort()
-    return statistics.median(samples), samples[int(len(samples) * 0.99) - 1]
-
-
-def make_cpu_probe(pids: list[int]):
-    """A function returning CPU seconds (user + system) used so far by this process and by
-    ``pids`` (our master and daemon). NOTE: CPU per GB barely depends on what else runs on
-    the machine, unlike GB/s, so it is the figure to compare across busy runs."""
-    import os
-    import resource
-
-    ticks_per_s = os.sysconf("SC_CLK_TCK")
-
-    def probe() -> float:
-        usage = resource.getrusage(resource.RUSAGE_SELF)
-        total_s = usage.ru_utime + usage.ru_stime
-        for pid in pids:
-            try:
-                fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-                total_s += (int(fields[11]) + int(fields[12])) / ticks_per_s
-            except (OSError, IndexError, ValueError):
-                pass
-        return total_s
-    return probe
 
 
 def batch_items(size_bytes: int) -> int:
@@ -291,33 +188,26 @@ def _measure(level, kind, size_bytes, num_items, put_one, get_one, put_many, get
                                     ("batch", "get", get_many, size_bytes * num_items),
                                     ("single", "put", put_one, size_bytes),
                                     ("batch", "put", put_many, size_bytes * num_items)):
-        num_calls = [0]
-
-        def counted(fn=fn) -> None:
-            fn()
-            num_calls[0] += 1
-
-        cpu_before_s = cpu_probe()
-        gbps = _rate(counted, num_bytes, min_time_s)
-        cpu_s_per_gb = (cpu_probe() - cpu_before_s) / (num_calls[0] * num_bytes / 1e9)
+        gbps, memcpy_gbps, cpu_s_per_gb = rate_beside_memcpy(fn, num_bytes, min_time_s,
+                                                              cpu_probe)
         row = {"level": level, "transport": kind, "size_bytes": size_bytes, "mode": mode,
                "batch_items": num_items if mode == "batch" else 1, "op": op, "gbps": gbps,
-               "cpu_s_per_gb": cpu_s_per_gb}
+               "memcpy_gbps": memcpy_gbps, "cpu_s_per_gb": cpu_s_per_gb}
         if size_bytes == LATENCY_SIZE_BYTES and mode == "single":
-            row["p50_us"], row["p99_us"] = _latencies_us(fn, 300)
+            row["p50_us"], row["p99_us"] = latencies_us(fn, 300)
         rows.append(row)
         progress.update(1)
     return [rows[2], rows[0], rows[3], rows[1]]  # table order: put/get single, put/get batch
 
 
-def print_table(rows, memcpy_by_size, loopback_by_size) -> None:
+def print_table(rows, loopback_by_size) -> None:
     header = (f"{'level':<9} {'transport':<9} {'size':>10} {'mode':<6} {'items':>5} {'op':<4}"
               f" {'GB/s':>7} {'memcpy':>7} {'%memcpy':>7} {'loopbk':>7} {'cpu s/GB':>8} "
               f"{'p50 us':>8} {'p99 us':>8}")
     print(header)
     print("-" * len(header))
     for row in rows:
-        ceiling = memcpy_by_size[row["size_bytes"]]
+        ceiling = row["memcpy_gbps"]
         p50 = f"{row['p50_us']:.0f}" if "p50_us" in row else ""
         p99 = f"{row['p99_us']:.0f}" if "p99_us" in row else ""
         loopback = loopback_by_size.get(row["size_bytes"])
@@ -367,7 +257,6 @@ def command(master_addr, token, transports, levels, sizes, min_time_s, json_path
         cluster = _Cluster(dram_bytes=max(4 * largest_batch, 2 * 1024**3))
         master_addr = cluster.master.address
     try:
-        memcpy_by_size = {s: memcpy_gbps(s, min_time_s) for s in size_list}
         loopback_by_size = loopback_gbps(size_list, min_time_s) if "tcp" in kinds else {}
         node = _first_node(master_addr, token)
         cpu_probe = make_cpu_probe([] if cluster is None else
@@ -381,16 +270,12 @@ def command(master_addr, token, transports, levels, sizes, min_time_s, json_path
             if "client" in level_list:
                 rows += client_cases(master_addr, kinds, size_list, token, min_time_s, progress,
                                      cpu_probe)
-        # NOTE: measured again after the cases and the best kept: on a shared machine a
-        # ceiling taken in one busy moment would flatter every figure compared with it
-        memcpy_by_size = {size: max(gbps, memcpy_gbps(size, min_time_s))
-                          for size, gbps in memcpy_by_size.items()}
     finally:
         if cluster is not None:
             cluster.close()
-    print_table(rows, memcpy_by_size, loopback_by_size)
+    print_table(rows, loopback_by_size)
     result = {"date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-              "host": platform.node(), "memcpy_gbps": {str(k): v for k, v in memcpy_by_size.items()},
+              "host": platform.node(),
               "loopback_gbps": {str(k): v for k, v in loopback_by_size.items()},
               "loadavg_1m": _loadavg(),
               "rows": rows}

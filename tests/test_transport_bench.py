@@ -23,7 +23,7 @@ def test_bench_cli_writes_a_row_per_case(tmp_path):
     assert all(r["gbps"] > 0 for r in data["rows"])
     assert all("p50_us" in r for r in data["rows"] if r["size_bytes"] == 65536
                and r["mode"] == "single")
-    assert set(data["memcpy_gbps"]) == {"65536", "1048576"}
+    assert all(r["memcpy_gbps"] > 0 and r["cpu_s_per_gb"] > 0 for r in data["rows"])
     assert "GB/s" in result.stdout and "%memcpy" in result.stdout
 
 
