@@ -68,12 +68,18 @@ def test_strided_view_of_block_first_allocation():
     assert torch.equal(got, ref_gather(base, [4, 1], "block_first"))
 
 
-def test_large_copy_uses_threads_and_stays_exact():
+def test_large_copy_uses_threads_and_streaming_stores():
     layers = make_layers("block_first", 8, 40, 16, 128, torch.bfloat16, num_heads=8)
     ids = torch.randperm(40, generator=torch.Generator().manual_seed(4))[:33]
     out = gather_pages(layers, ids)
-    assert out.nbytes > 4 << 20  # several MiB: more than one thread's share
+    assert out.nbytes > 8 << 20  # several threads' share, and past the non-temporal threshold
     assert torch.equal(out, ref_gather(layers, ids.tolist(), "block_first"))
+    dst = [torch.full_like(t, POISON) for t in layers]
+    dst_ids = list(range(40))[::-1][:33]
+    scatter_pages(out, dst, dst_ids)
+    expected = [torch.full_like(t, POISON) for t in layers]
+    ref_scatter(out, expected, dst_ids, "block_first")
+    assert all(torch.equal(a, b) for a, b in zip(dst, expected))
 
 
 def test_out_may_be_a_larger_byte_buffer():

@@ -53,7 +53,8 @@ __attribute__((always_inline)) inline int32_t quantize_groups_impl(
       memset(qg, 0, group_size);
       continue;
     }
-    for (int64_t i = 0; i < group_size; ++i) qg[i] = quantize_one(to_float(xg[i]), scale);
+    const float inv_scale = group_inv_scale(bits_float(static_cast<uint32_t>(amax_bits)));
+    for (int64_t i = 0; i < group_size; ++i) qg[i] = quantize_one(to_float(xg[i]), inv_scale);
   }
   return num_nonfinite;
 }

@@ -6,6 +6,7 @@
 #include "kvops/abi.h"
 #include "kvops/index.h"
 #include "parallel.h"
+#include "stream_copy.h"
 
 namespace kvops {
 namespace {
@@ -16,6 +17,7 @@ int copy_pages(const kvops_pages* pages, int64_t elem_bytes, char* buf,  // [run
   if (pages == nullptr || exec == nullptr || elem_bytes <= 0) return kBadArgument;
   const PagedGeom g = geom_of(*pages);
   const int64_t run_bytes = g.page_elems * elem_bytes;
+  const bool streaming = num_runs(g) * run_bytes >= kStreamingMinBytes;
   parallel_for(num_runs(g), exec->num_threads, [&](int64_t begin, int64_t end) {
     for (int64_t run = begin; run < end; ++run) {
       int64_t layer, kv, page;
@@ -23,12 +25,15 @@ int copy_pages(const kvops_pages* pages, int64_t elem_bytes, char* buf,  // [run
       char* cache = static_cast<char*>(pages->layer_ptrs[layer]) +  // [blocks, ...] of layer
                     cache_run_offset(g, pages->block_ids[page], kv) * elem_bytes;
       char* flat = buf + gathered_run_offset(g, layer, kv, page) * elem_bytes;
-      if (kGather) {
-        memcpy(flat, cache, run_bytes);
+      char* dst = kGather ? flat : cache;
+      const char* src = kGather ? cache : flat;
+      if (streaming) {
+        copy_streaming(dst, src, run_bytes);
       } else {
-        memcpy(cache, flat, run_bytes);
+        memcpy(dst, src, run_bytes);
       }
     }
+    if (streaming) store_fence();
   });
   return kOk;
 }

@@ -48,11 +48,12 @@ __device__ __forceinline__ void quantize_group(const T* x,      // [group_size]
     if (nonfinite) atomicAdd(num_nonfinite, 1);
   }
   const bool zero = nonfinite || s == 0.0f;
+  const float inv_scale = zero ? 0.0f : group_inv_scale(bits_float(static_cast<uint32_t>(amax_bits)));
   for (int64_t i = lane * VEC; i < group_size; i += 32 * VEC) {
     const P p = *reinterpret_cast<const P*>(x + i);
     QP out;
 #pragma unroll
-    for (int j = 0; j < VEC; ++j) out.v[j] = zero ? int8_t{0} : quantize_one(to_float(p.v[j]), s);
+    for (int j = 0; j < VEC; ++j) out.v[j] = zero ? int8_t{0} : quantize_one(to_float(p.v[j]), inv_scale);
     *reinterpret_cast<QP*>(q + i) = out;
   }
 }
