@@ -28,6 +28,10 @@ def _check(state: MasterState) -> None:
             nodes = [seg.node for seg, _ in obj.replicas]
             assert len(nodes) == len(set(nodes)), "replicas must be on distinct nodes"
             assert obj.replicas, "an object without replicas must be gone"
+            if obj.state.value == "complete":
+                single = len(obj.replicas) == 1
+                assert obj.row == ((obj.size_bytes, obj.checksum, obj.codec, *obj.replicas[0])
+                                   if single else None), "stale reply row"
             for seg, offset in obj.replicas:
                 assert seg.alive and key in seg.node.keys
                 ranges.setdefault(seg, []).append((offset, aligned_size(obj.size_bytes)))

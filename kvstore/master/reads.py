@@ -1,9 +1,9 @@
 """Read verbs: get_replicas, renew_lease, exists, match_prefix.
 
 These are the hot path (a decode engine asks for a request's blocks in one batch), so the
-common case (every key found, one replica each) is a handful of list comprehensions over the
-batch instead of one Python loop with many appends per key; anything else takes the general
-loop. Both produce the same reply.
+common case (every key found, one replica each) transposes the objects' cached reply rows
+(``ObjectMeta.row``) in one step instead of running a Python loop with many appends per key;
+anything else takes the general loop. Both produce the same reply.
 """
 
 from __future__ import annotations
@@ -29,16 +29,15 @@ def get_replicas(state, keys, lease_ttl_s: float, client_host_id: str, now_s: fl
     lease_until_s = now_s + lease_ttl_s
     if None in objs:
         return _general(state, keys, objs, lease_until_s, client_host_id, use)
-    replica_lists = [o.replicas for o in objs]
+    rows = [o.row for o in objs]
     num = len(objs)
-    if sum(map(len, replica_lists)) != num:                   # some key has 2+ replicas
+    if None in rows or not num:                               # some key has 2+ replicas
         return _general(state, keys, objs, lease_until_s, client_host_id, use)
     for o in objs:
         o.last_used = use
         if o.lease_until_s < lease_until_s:
             o.lease_until_s = lease_until_s
-    firsts = [r[0] for r in replica_lists]
-    segment_of = [f[0] for f in firsts]
+    sizes, checksums, codecs, segment_of, offsets = zip(*rows)
     segments = list(dict.fromkeys(segment_of))
     if len(segments) == 1:
         rep_segments = [0] * num
@@ -46,9 +45,8 @@ def get_replicas(state, keys, lease_ttl_s: float, client_host_id: str, now_s: fl
         index = {s: i for i, s in enumerate(segments)}
         rep_segments = [index[s] for s in segment_of]
     state.hits += num
-    return ([ITEM_OK] * num, [o.size_bytes for o in objs], [o.checksum for o in objs],
-            [o.codec for o in objs], list(range(num)), [1] * num, rep_segments,
-            [f[1] for f in firsts], segments, None)
+    return ([ITEM_OK] * num, sizes, checksums, codecs, range(num), [1] * num, rep_segments,
+            offsets, segments, None)
 
 
 def _general(state, keys, objs, lease_until_s, client_host_id, use):

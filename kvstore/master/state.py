@@ -170,6 +170,7 @@ class MasterState:
                     obj.checksum = checksums[i]
                 if obj.soft_pin_ttl_s:
                     obj.soft_pin_until_s = now_s + obj.soft_pin_ttl_s
+                obj.refresh_row()
                 for segment, offset in obj.replicas:
                     segment.node.log_added(key, segment, offset, obj.size_bytes, obj.checksum,
                                            obj.codec)
