@@ -244,3 +244,14 @@ def test_shm_drops_mappings_of_segments_whose_daemon_left():
             segment.unlink()
             segment.close()
         transport.close()
+
+
+def test_tcp_batch_to_a_silent_peer_times_out_per_item():
+    with socket.create_server(("127.0.0.1", 0)) as silent:
+        host, port = silent.getsockname()
+        items = [(Target("silent-node", "h", f"{host}:{port}", "dram0", "", i * 10, 10),
+                  memoryview(bytearray(10))) for i in range(6)]
+        started_s = time.monotonic()
+        results = TcpTransport(num_streams=2).read_many(items, timeout_s=0.3)
+        assert time.monotonic() - started_s < 5
+        assert all(isinstance(r, TransferTimeoutError) for r in results), results

@@ -228,8 +228,9 @@ class TcpTransport(Transport):
         next_pos = 0
         healthy = True
         try:
-            conn.set_deadline(deadline)
             while next_pos < len(group) or in_flight:
+                # NOTE: re-armed per reply, so no single wait outlives the batch's deadline
+                conn.set_deadline(deadline)
                 while next_pos < len(group) and len(in_flight) < PIPELINE_DEPTH:
                     index = group[next_pos]
                     target = items[index][0]
