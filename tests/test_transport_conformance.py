@@ -255,3 +255,15 @@ def test_tcp_batch_to_a_silent_peer_times_out_per_item():
         results = TcpTransport(num_streams=2).read_many(items, timeout_s=0.3)
         assert time.monotonic() - started_s < 5
         assert all(isinstance(r, TransferTimeoutError) for r in results), results
+
+
+def test_closed_transport_refuses_large_and_batched_use(cluster, transport):
+    _, node = cluster
+    transport.close()
+    big = make_target(node, 0, 8 * 1024 * 1024)
+    with pytest.raises(ClosedError):
+        transport.write(big, memoryview(bytes(big.length)), timeout_s=TIMEOUT_S)
+    # a batch never fails whole: one error per item
+    results = transport.read_many([(big, memoryview(bytearray(big.length)))] * 2,
+                                  timeout_s=TIMEOUT_S)
+    assert len(results) == 2 and all(isinstance(r, ClosedError) for r in results)

@@ -21,7 +21,7 @@ import concurrent.futures
 import time
 from typing import Sequence
 
-from kvstore._errors import InvalidArgumentError, TransferError
+from kvstore._errors import ClosedError, InvalidArgumentError, TransferError
 from kvstore.transport import buffers
 from kvstore.transport.base import Target, Transport
 from kvstore.transport.frames import MAX_TOKEN_BYTES, Op, Status, recv_exact_into
@@ -63,6 +63,7 @@ class TcpTransport(Transport):
         self._pool = ConnectionPool(token=token, max_idle_per_node=max_idle_per_node)
         self._executor = concurrent.futures.ThreadPoolExecutor(
             max_workers=max(1, num_streams - 1), thread_name_prefix="kvstore-tcp")
+        self._closed = False
 
     def can_reach(self, target: Target) -> bool:
         return bool(target.data_addr)
@@ -84,12 +85,15 @@ class TcpTransport(Transport):
         return self._batch(Op.READ, items, timeout_s)
 
     def close(self) -> None:
+        self._closed = True
         self._pool.close()
         self._executor.shutdown(wait=False)
 
     # ---- single ranges -------------------------------------------------------------------
 
     def _transfer(self, op: Op, target: Target, buffer: memoryview, deadline: Deadline) -> None:
+        if self._closed:
+            raise ClosedError(f"tcp {target.node_id}: transport is closed")
         if target.offset < 0:
             raise InvalidArgumentError(f"negative offset {target.offset}")
         num_stripes = min(self.num_streams, target.length // self.stripe_min_bytes)
@@ -173,6 +177,9 @@ class TcpTransport(Transport):
 
     def _batch(self, op: Op, items: Sequence[tuple[Target, memoryview]],
                timeout_s: float) -> list[BaseException | None]:
+        if self._closed:
+            return [ClosedError(f"tcp {target.node_id}: transport is closed")
+                    for target, _ in items]
         results: list[BaseException | None] = [None] * len(items)
         views: list[memoryview | None] = [None] * len(items)
         addr_to_indices: dict[str, list[int]] = collections.defaultdict(list)
