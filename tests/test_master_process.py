@@ -63,8 +63,9 @@ def test_bad_flags_exit_with_a_message(flags, message):
     assert result.returncode != 0 and message in result.stderr
 
 
-def test_token_is_required_when_set():
-    with _master(env={"KVSTORE_TOKEN": "s3cret"}) as server:
+@pytest.mark.parametrize("mode", ["threads", "aio"])
+def test_token_is_required_when_set(mode):
+    with _master("--grpc-mode", mode, env={"KVSTORE_TOKEN": "s3cret"}) as server:
         for token in (None, "wrong"):
             with MasterClient(server.address, token=token) as client:
                 with pytest.raises(kvstore.AuthenticationError, match="UNAUTHENTICATED"):

@@ -13,8 +13,9 @@ def _used(client) -> int:
     return sum(t.used_bytes for t in client.call("Stats", pb.StatsRequest()).tiers)
 
 
-def test_pending_is_invisible_until_put_end(embedded):
-    m = embedded()
+@pytest.mark.parametrize("mode", ["threads", "aio"])
+def test_pending_is_invisible_until_put_end(embedded, mode):
+    m = embedded(grpc_mode=mode)
     register(m.client, "n1")
     reply = put(m.client, ["k1", "k2"], [100, 5000], end=False)
     assert list(reply.statuses) == [pb.ITEM_OK, pb.ITEM_OK]

@@ -10,7 +10,7 @@ from kvstore._errors import ConfigError
 MAX_KEY_BYTES = 1024
 #: Every allocation is rounded up to and aligned on this many bytes.
 ALIGNMENT_BYTES = 64
-GRPC_MODES = ("aio", "threads")
+GRPC_MODES = ("threads", "aio")
 
 
 @dataclass(frozen=True, slots=True)
@@ -33,7 +33,7 @@ class MasterConfig:
     low_watermark: float = 0.85          # ... and stops at this fraction
     max_batch: int = 65536               # most keys in one request
     max_changes_per_heartbeat: int = 262144  # most changes one heartbeat reply carries
-    grpc_mode: str = "aio"               # "aio" (grpc.aio, one event loop) or "threads"
+    grpc_mode: str = "threads"           # "threads" (gRPC thread pool) or "aio" (grpc.aio)
     num_threads: int = 8                 # worker threads in "threads" mode
 
     def __post_init__(self) -> None:

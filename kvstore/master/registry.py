@@ -6,8 +6,9 @@ the replicas it holds. Each one is adopted as COMPLETE when its key is valid, it
 one the node registers, its range is aligned, lies inside the segment and overlaps no other
 adopted range; the space is marked allocated. A key already known with the same size gains
 this node as one more replica; a key known with another size, or already on this node, is
-refused, and so is one that is PENDING on the new master. Refused items are simply not adopted: the daemon's first heartbeat (acked_seq 0)
-gets a full resync that omits them, so it drops them too.
+refused, and so is one that is PENDING on the new master. Refused items are simply not
+adopted: the daemon's first heartbeat (acked_seq 0) gets a full resync that omits them, so
+it drops them too.
 """
 
 from __future__ import annotations
