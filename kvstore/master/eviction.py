@@ -5,8 +5,9 @@ Trigger: (1) after each put_start and each sweep, any tier whose used bytes exce
 answers ITEM_NO_SPACE. Rule: walk the objects in LRU order (``last_used`` oldest first)
 and drop COMPLETE objects that are not leased, not hard-pinned and not soft-pinned, and that
 hold a replica in a tier under pressure, until each such tier is at ``low_watermark``; for a
-put that still does not fit, keep dropping in growing rounds until it fits or nothing evictable is left. An evicted object
-loses all its replicas. Leased, pinned and PENDING objects are never evicted.
+put that still does not fit, keep dropping in growing rounds until it fits or nothing
+evictable is left. An evicted object loses all its replicas. Leased, pinned and PENDING
+objects are never evicted.
 """
 
 from __future__ import annotations
