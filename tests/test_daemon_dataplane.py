@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import socket
+import time
 
 import numpy as np
 import pytest
@@ -200,3 +201,43 @@ def test_daemon_refuses_transfer_error_has_node(daemon):
         transport.read_into(Target(NODE_ID, "h", daemon.address, "dram1", "", 0, 1),
                             memoryview(bytearray(1)), timeout_s=TIMEOUT_S)
     transport.close()
+
+
+def test_silent_client_is_dropped_after_the_handshake_timeout():
+    from kvstore.daemon.config import DaemonConfig
+    from kvstore.daemon.server import run_in_thread
+
+    with run_in_thread(DaemonConfig(dram_bytes=1024 * 1024, handshake_timeout_s=0.3)) as daemon:
+        host, port = daemon.address.rsplit(":", 1)
+        with socket.create_connection((host, int(port)), timeout=TIMEOUT_S) as sock:
+            assert is_closed(sock)  # no hello within 0.3 s: the server hangs up
+
+
+def test_connections_beyond_the_limit_are_refused_and_the_rest_served():
+    from kvstore.daemon.config import DaemonConfig
+    from kvstore.daemon.server import run_in_thread
+
+    with run_in_thread(DaemonConfig(dram_bytes=1024 * 1024, max_connections=2)) as daemon:
+        host, port = daemon.address.rsplit(":", 1)
+        target = Target(daemon.node_id, "h", daemon.address, "dram0", "", 0, 4)
+        held = [socket.create_connection((host, int(port)), timeout=TIMEOUT_S)
+                for _ in range(2)]
+        for sock in held:
+            sock.sendall(frames.encode_hello(None))
+            assert read_reply(sock)[0] == Status.OK
+        with socket.create_connection((host, int(port)), timeout=TIMEOUT_S) as extra:
+            assert is_closed(extra)
+        held[0].close()
+        # a slot frees up: a client is served again
+        transport = TcpTransport(num_streams=1)
+        for _ in range(50):
+            try:
+                transport.write(target, memoryview(b"abcd"), timeout_s=TIMEOUT_S)
+                break
+            except TransferError:
+                time.sleep(0.02)  # the server notices the close asynchronously
+        out = bytearray(4)
+        transport.read_into(target, memoryview(out), timeout_s=TIMEOUT_S)
+        assert out == b"abcd"
+        transport.close()
+        held[1].close()
