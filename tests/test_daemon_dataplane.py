@@ -169,6 +169,7 @@ def test_truncated_frames_at_every_cut(daemon, good_client):
     frames.REQUEST.pack(b"KQ", 99, 0, 5, 1, 0, 1) + b"dram0",      # unknown op
     frames.REQUEST.pack(b"KQ", Op.READ, 0, 0, 1, 0, 1),             # empty segment id
     frames.REQUEST.pack(b"KQ", Op.READ, 0, 60000, 1, 0, 1),         # segment id too long
+    frames.REQUEST.pack(b"KQ", Op.PING, 0, 5, 1, 0, 0) + b"dram0",  # PING with a segment id
 ])
 def test_malformed_headers_get_bad_frame(daemon, good_client, bad_header):
     with connect(daemon) as sock:

@@ -177,6 +177,8 @@ class DataPlaneServer:
         if magic != frames.REQUEST_MAGIC:
             raise _BadFrame(f"bad request magic {bytes(magic)!r}")
         if op_code == Op.PING:
+            if seg_len:
+                raise _BadFrame("PING carries no segment id")
             conn.sendall(frames.encode_reply(Status.OK, request_id))
             return True
         if op_code not in (Op.READ, Op.WRITE):

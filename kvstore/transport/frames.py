@@ -33,9 +33,10 @@ Error handling: every (offset, length) is checked against its segment before a b
 READ that names an unknown segment or a range past its end gets an error reply and the
 connection stays usable. A WRITE that is refused gets an error reply and then the server
 closes the connection, because the payload that follows can no longer be trusted to be
-``length`` bytes long. A malformed header (bad magic, unknown op, seg_len out of 0..255,
-non-UTF-8 segment id) gets a BAD_FRAME reply and a close. Lengths are capped only by the
-segment (never allocated by the server: payloads go straight into the mapped segment).
+``length`` bytes long. A malformed header (bad magic, unknown op, seg_len out of 1..255, or
+not 0 for PING) gets a BAD_FRAME reply and a close; a segment id the daemon does not have
+(whatever its bytes) gets NO_SEGMENT. Lengths are capped only by the segment (the server
+never allocates for a payload: it goes straight into the mapped segment).
 """
 
 from __future__ import annotations
