@@ -69,9 +69,25 @@ class SegmentAllocator:
         length = lens[i]
         starts = self._len_to_starts[length]
         start = min(starts) if len(starts) < 8 else starts.pop()
-        self._remove_free(start, length)
-        if length > need:
-            self._add_free(start + need, length - need)
+        if length == need:
+            self._remove_free(start, length)
+        else:
+            # NOTE: split in place (the hot path of a put): the hole keeps its end, so only
+            # its start and its length class change.
+            starts.discard(start)
+            if not starts:
+                del self._len_to_starts[length]
+                del lens[i]
+            del self._start_to_len[start]
+            rest_start, rest = start + need, length - need
+            self._start_to_len[rest_start] = rest
+            self._end_to_start[start + length] = rest_start
+            rest_starts = self._len_to_starts.get(rest)
+            if rest_starts is None:
+                self._len_to_starts[rest] = {rest_start}
+                insort(lens, rest)
+            else:
+                rest_starts.add(rest_start)
         self.used_bytes += need
         return start
 
@@ -131,7 +147,7 @@ class SegmentAllocator:
         """The free ``(offset, length)`` extents in offset order (for checks and stats)."""
         return sorted(self._start_to_len.items())
 
-    # -- the only two methods that touch the free structures ---------------------------------
+    # -- the free structures are touched only here and in allocate's in-place split ----------
 
     def _add_free(self, start: int, length: int) -> None:
         self._start_to_len[start] = length

@@ -42,6 +42,15 @@ def place(classes: list[list[Segment]], size_bytes: int, num_replicas: int, turn
     Returns ``[(segment, offset), ...]``, or None, with nothing left allocated, when fewer
     than ``num_replicas`` nodes have room. ``turn`` rotates the starting segment.
     """
+    if num_replicas == 1:                                   # the common case, no node checks
+        for segments in classes:
+            count = len(segments)
+            for j in range(count):
+                segment = segments[(turn + j) % count]
+                offset = segment.allocator.allocate(size_bytes)
+                if offset is not None:
+                    return [(segment, offset)]
+        return None
     picks: list[tuple[Segment, int]] = []
     used_nodes: list[Node] = []
     for segments in classes:
