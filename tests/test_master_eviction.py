@@ -137,3 +137,16 @@ def test_node_expiry_runs_without_any_request(embedded):
     while m.state.nodes and time.monotonic() < deadline:
         time.sleep(0.02)      # waits for the real sweeper thread, not for the master's clock
     assert not m.state.nodes
+
+
+def test_full_tier_of_pinned_objects_fails_fast_and_recovers(embedded):
+    m = embedded(high_watermark=0.5, low_watermark=0.25)
+    register(m.client, "n1", segments=[("d", pb.TIER_DRAM, 4 * BLOCK)])
+    put(m.client, [f"p{i}" for i in range(4)], [BLOCK] * 4, hard_pin=True)
+    keys = [f"x{i}" for i in range(200)]
+    reply = put(m.client, keys, [BLOCK] * 200, end=False)
+    assert list(reply.statuses) == [pb.ITEM_NO_SPACE] * 200
+    assert m.client.call("Stats", pb.StatsRequest()).evictions == 0
+    m.client.call("Unpin", pb.UnpinRequest(keys=["p0", "p1", "p2", "p3"]))
+    m.tick(1.5, "n1")                        # the paused watermark pass runs again
+    assert exists(m.client, [f"p{i}" for i in range(4)]).count(True) == 1   # down to 25%

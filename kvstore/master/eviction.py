@@ -14,6 +14,9 @@ from __future__ import annotations
 
 from kvstore.master.membership import Segment
 
+#: After a watermark pass that could evict nothing, wait this long before the next one.
+PRESSURE_RETRY_S = 1.0
+
 
 def tier_usage(state) -> dict[int, list[int]]:
     """tier -> [used_bytes, capacity_bytes] over live segments."""
@@ -27,12 +30,23 @@ def tier_usage(state) -> dict[int, list[int]]:
 
 
 def relieve_pressure(state, now_s: float) -> int:
-    """Evict in every tier above the high watermark down to the low one; return the count."""
+    """Evict in every tier above the high watermark down to the low one; return the count.
+
+    A pass that finds nothing evictable (everything leased or pinned) pauses these passes for
+    ``PRESSURE_RETRY_S``, so a full tier does not cost every put_start a scan of all objects.
+    """
+    if now_s < state.pressure_idle_until_s:
+        return 0
     config = state.config
     need = {tier: used - int(config.low_watermark * capacity)
             for tier, (used, capacity) in tier_usage(state).items()
             if used > config.high_watermark * capacity}
-    return _evict(state, need, now_s) if need else 0
+    if not need:
+        return 0
+    num_evicted = _evict(state, need, now_s)
+    if not num_evicted:
+        state.pressure_idle_until_s = now_s + PRESSURE_RETRY_S
+    return num_evicted
 
 
 def make_room(state, classes: list[list[Segment]], size_bytes: int, num_replicas: int,

@@ -57,6 +57,7 @@ class MasterState:
         self.hits = 0
         self.misses = 0
         self.evictions = 0
+        self.pressure_idle_until_s = now_s   # see eviction.relieve_pressure
 
     # -- membership, reads, remove/pin: see their modules ------------------------------------
 
@@ -119,6 +120,9 @@ class MasterState:
         objects, pending = self.objects, self.pending
         statuses, messages, all_picks = [], None, []
         deadline_s = now_s + self.config.pending_timeout_s
+        # NOTE: once eviction could not make room for some size, it cannot for a larger one
+        # in this same call either (nothing is freed meanwhile): skip the futile rescans.
+        hopeless_size = None
         for i, (key, size) in enumerate(zip(keys, sizes)):
             problem = key_problem(key) if size > 0 else "size must be > 0"
             if problem is None and (key in objects or key in pending):
@@ -129,9 +133,11 @@ class MasterState:
             if problem is None:
                 self._turn += 1
                 picks = place(classes, size, num_replicas, self._turn)
-                if picks is None and eviction.make_room(self, classes, size, num_replicas,
-                                                        now_s):
-                    picks = place(classes, size, num_replicas, self._turn)
+                if picks is None and (hopeless_size is None or size < hopeless_size):
+                    if eviction.make_room(self, classes, size, num_replicas, now_s):
+                        picks = place(classes, size, num_replicas, self._turn)
+                    else:
+                        hopeless_size = size
             if picks is None:
                 statuses.append(ITEM_INVALID if problem else ITEM_NO_SPACE)
                 if messages is None:
