@@ -60,8 +60,9 @@ def test_structural_errors_fail_the_call_with_invalid_argument(embedded, method,
     assert m.client.call("Stats", pb.StatsRequest()).num_pending == 0
 
 
-def test_batch_over_the_limit_names_the_limit(embedded):
-    m = embedded(max_batch=100)
+@pytest.mark.parametrize("mode", ["threads", "aio"])
+def test_batch_over_the_limit_names_the_limit(embedded, mode):
+    m = embedded(max_batch=100, grpc_mode=mode)
     register(m.client, "n1")
     for method, request_ in [("PutStart", pb.PutStartRequest(keys=["k"] * 101, sizes=[1] * 101)),
                              ("GetReplicas", pb.GetReplicasRequest(keys=["k"] * 101)),
