@@ -52,13 +52,15 @@ def ref_scatter(buf: torch.Tensor, layers: list[torch.Tensor], ids: list[int], l
 
 
 def ref_quantize(x: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """scale = amax / 127, q = round-half-even(x * (127 / amax)), zero groups: scale 0, q 0."""
+    """scale = amax / 127, q = round-half-even(x * (127 / amax)); groups with amax < 2^-120
+    (zeros): scale 0, q 0."""
     xf = x.float().reshape(-1, group_size)
     amax = xf.abs().amax(dim=1)
-    scale = amax / 127.0
+    nonzero = amax >= 2.0 ** -120
+    scale = torch.where(nonzero, amax / 127.0, 0.0)
     # NOTE: not `127.0 / amax`: Tensor.__rtruediv__ multiplies by a reciprocal (two roundings)
-    inv_scale = torch.full_like(amax, 127.0) / torch.where(scale > 0, amax, torch.ones_like(amax))
-    q = torch.where(scale[:, None] > 0, torch.round(xf * inv_scale[:, None]), 0.0).clamp(-127, 127)
+    inv_scale = torch.full_like(amax, 127.0) / torch.where(nonzero, amax, torch.ones_like(amax))
+    q = torch.where(nonzero[:, None], torch.round(xf * inv_scale[:, None]), 0.0).clamp(-127, 127)
     scales_shape = (*x.shape[:-1], x.shape[-1] // group_size)
     return q.to(torch.int8).reshape(x.shape), scale.reshape(scales_shape)
 

@@ -102,3 +102,14 @@ def test_cuda_errors():
     bad[0, 1, 0, 0, 0] = float("nan")
     with pytest.raises(InvalidArgumentError, match="inf or NaN"):
         gather_quantize([bad, gpu[1]], [1])
+
+
+@needs_gpu
+@pytest.mark.cuda
+def test_cuda_opcheck():
+    gpu = [t.cuda() for t in make_layers("block_first", 2, 5, 4, 64, torch.bfloat16)]
+    ids = torch.tensor([3, 0])
+    out = gather_pages(gpu, ids).reshape(-1)
+    torch.library.opcheck(torch.ops.kvstore.gather_pages.default, (gpu, ids, out, None))
+    q, s = gather_quantize(gpu, ids)
+    torch.library.opcheck(torch.ops.kvstore.dequantize_scatter.default, (q, s, gpu, ids, None))

@@ -74,6 +74,16 @@ def test_zero_groups_and_ties():
     assert torch.all(dequantize_int8(q, scales, torch.float32)[0] == 0)
 
 
+def test_tiny_groups_are_zeros_without_overflow():
+    """127 / amax overflows for amax near the float minimum: such groups are stored as zeros."""
+    x = torch.tensor([[1e-38, -2e-38, 0.0, 3e-39], [1e-36, 0.0, -4e-37, 1e-37]])
+    q, scales = quantize_int8(x, 4)
+    want_q, want_scales = ref_quantize(x, 4)
+    assert scales[0].item() == 0.0 and torch.all(q[0] == 0)
+    assert scales[1].item() > 0 and q[1].tolist() == [127, 0, -51, 13]
+    assert torch.equal(q, want_q) and torch.equal(bits(scales), bits(want_scales))
+
+
 @pytest.mark.parametrize("bad", [float("inf"), float("-inf"), float("nan")])
 def test_nonfinite_input_is_rejected(bad):
     x = _random((4, 64), torch.bfloat16)

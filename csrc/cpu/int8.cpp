@@ -47,13 +47,14 @@ __attribute__((always_inline)) inline int32_t quantize_groups_impl(
       memset(qg, 0, group_size);
       continue;
     }
-    const float scale = group_scale(bits_float(static_cast<uint32_t>(amax_bits)));
-    scales[g] = scale;
-    if (scale == 0.0f) {  // all zeros (or values too small to give a normal scale)
+    const float amax = bits_float(static_cast<uint32_t>(amax_bits));
+    if (group_is_zero(amax)) {
+      scales[g] = 0.0f;
       memset(qg, 0, group_size);
       continue;
     }
-    const float inv_scale = group_inv_scale(bits_float(static_cast<uint32_t>(amax_bits)));
+    scales[g] = group_scale(amax);
+    const float inv_scale = group_inv_scale(amax);
     for (int64_t i = 0; i < group_size; ++i) qg[i] = quantize_one(to_float(xg[i]), inv_scale);
   }
   return num_nonfinite;

@@ -41,14 +41,13 @@ __device__ __forceinline__ void quantize_group(const T* x,      // [group_size]
   }
   amax_bits = warp_max(amax_bits);
   const bool nonfinite = amax_bits > static_cast<int32_t>(float_bits(kFloatMax));
-  const float s = nonfinite ? bits_float(0x7FC00000u)
-                            : group_scale(bits_float(static_cast<uint32_t>(amax_bits)));
+  const float amax = bits_float(static_cast<uint32_t>(amax_bits));
+  const bool zero = nonfinite || group_is_zero(amax);
   if (lane == 0) {
-    *scale = s;
+    *scale = nonfinite ? bits_float(0x7FC00000u) : (zero ? 0.0f : group_scale(amax));
     if (nonfinite) atomicAdd(num_nonfinite, 1);
   }
-  const bool zero = nonfinite || s == 0.0f;
-  const float inv_scale = zero ? 0.0f : group_inv_scale(bits_float(static_cast<uint32_t>(amax_bits)));
+  const float inv_scale = zero ? 0.0f : group_inv_scale(amax);
   for (int64_t i = lane * VEC; i < group_size; i += 32 * VEC) {
     const P p = *reinterpret_cast<const P*>(x + i);
     QP out;

@@ -47,7 +47,10 @@ def _call_pages(fn_name: str, geom: PagedGeometry, layers: list[_Tensor], ids: _
                 num_bytes: int, *args) -> None:
     """Run a paged kernel on geom's device; KVStoreError if the kernel reports a failure."""
     lib = _lib.lib_for(geom.device)
-    ids = ids.to(geom.device)  # the CUDA kernels read ids on the device
+    if geom.device.type == "cuda":
+        # NOTE: through pinned memory, so the upload is asynchronous on the current stream; a
+        # copy from pageable memory would synchronize that stream on every call.
+        ids = ids.pin_memory().to(geom.device, non_blocking=True)
     pages, _keep = _lib.pages_arg(layers, ids, geom.num_kv, geom.page_elems, geom.block_stride,
                                   geom.kv_stride)
     status = getattr(lib, fn_name)(pages, *args, _lib.exec_for(geom.device, num_bytes))

@@ -6,9 +6,10 @@ head_dim of one head: the default group). Per group, scale = amax / 127 as fp32 
 q = round(x * (127 / amax)) to nearest even, in [-127, 127]; dequantization is q * scale
 rounded to the cache dtype. Error bound: |x - q * scale| <= scale / 2 = amax / 254 per
 element, plus fp32 rounding (below 127 * 2^-22 * scale + |x| * 2^-23) and the final rounding
-to fp16/bf16; the relative Frobenius error of Gaussian-like KV is about 0.6%. A group of zeros gets scale 0
-and q 0. Input holding inf or NaN is rejected with InvalidArgumentError (INT8 cannot carry it);
-the outputs are then unspecified. CPU and CUDA compute the same bytes.
+to fp16/bf16; the relative Frobenius error of Gaussian-like KV is about 0.6%. A group of
+zeros (amax below 2^-120) gets scale 0 and q 0. Input holding inf or NaN is rejected with
+InvalidArgumentError (INT8 cannot carry it); the outputs are then unspecified. CPU and CUDA
+compute the same bytes.
 """
 
 from __future__ import annotations

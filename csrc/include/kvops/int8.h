@@ -5,7 +5,7 @@
 // q = round(x * (127 / amax)) to nearest even, in [-127, 127] (a multiply by the fp32 inverse
 // rather than a divide by scale: 30% faster on the CPU, and the same on both devices). Error
 // bound: |x - q * scale| <= scale / 2 plus fp32 rounding (about 127 * 2^-22 * scale), i.e.
-// about amax / 254 per element. A group of zeros gets
+// about amax / 254 per element. A group of zeros (amax < 2^-120) gets
 // scale 0 and q 0 (no division). A group holding inf or NaN gets scale NaN and q 0, and is
 // counted so that the caller can reject the input.
 #pragma once
@@ -23,16 +23,22 @@ constexpr float kFloatMax = 3.40282347e+38f;
 
 KVOPS_HD float abs_f(float x) { return x < 0.0f ? -x : x; }
 
-// scale of a group from its largest magnitude (amax >= 0, finite).
+// Groups whose largest magnitude is below this are stored as zeros with scale 0: 127 / amax
+// would overflow near the bottom of the float range. The error this adds is below 2^-120.
+constexpr float kMinAmax = 0x1.0p-120f;
+
+KVOPS_HD bool group_is_zero(float amax) { return amax < kMinAmax; }
+
+// scale of a group from its largest magnitude (amax >= kMinAmax, finite).
 KVOPS_HD float group_scale(float amax) { return amax / kInt8Max; }
 
-// what x is multiplied by before rounding (amax > 0, finite).
+// what x is multiplied by before rounding (amax >= kMinAmax, finite).
 KVOPS_HD float group_inv_scale(float amax) { return kInt8Max / amax; }
 
 // NOTE: every build compiles this without FMA contraction (-ffp-contract=off, --fmad=false):
 // fusing x * inv_scale into the add below would round once instead of twice.
-// round(x * inv_scale) to nearest even, for inv_scale = group_inv_scale(amax), amax > 0 and
-// finite (callers write 0 for zero and non-finite groups, outside their inner loops). NOTE: 1.5 * 2^23 added and subtracted rounds any |r| <
+// round(x * inv_scale) to nearest even, for inv_scale = group_inv_scale(amax) (callers write 0
+// for zero and non-finite groups, outside their inner loops). NOTE: 1.5 * 2^23 added and subtracted rounds any |r| <
 // 2^22 to an integer under the default rounding mode; unlike rintf it vectorizes with plain
 // SSE2 and gives the same result on host and device (|r| <= 127 here).
 KVOPS_HD int8_t quantize_one(float x, float inv_scale) {
