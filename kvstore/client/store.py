@@ -184,9 +184,11 @@ class KVStore:
     def remove(self, key: str, *, force: bool = False) -> bool:
         """Remove ``key``; False if it did not exist. Without ``force``, an object that is
         leased by a reader, hard-pinned or still being written is kept and KVStoreError
-        raised. Idempotent."""
+        raised. With ``force`` it disappears at once, but the master reuses its space only
+        once its read leases lapse (readers in flight keep reading the right bytes).
+        Idempotent."""
         name = check_key(key)
-        reply = self._call("Remove", master_pb2.RemoveRequest(keys=[name], force=force))
+        reply = self._call("Remove", master_pb2.RemoveRequest(keys=[name], force=bool(force)))
         statuses.check_length(reply, "statuses", 1, "Remove")
         if reply.statuses[0] == statuses.OK:
             return True
@@ -200,7 +202,7 @@ class KVStore:
         if not isinstance(prefix, str) or not prefix:
             raise InvalidArgumentError("prefix must be a non-empty str")
         reply = self._call("RemovePrefix",
-                           master_pb2.RemovePrefixRequest(prefix=prefix, force=force))
+                           master_pb2.RemovePrefixRequest(prefix=prefix, force=bool(force)))
         return reply.num_removed
 
     def pin(self, key: str, *, ttl_s: float | None = None, hard: bool = False) -> None:
@@ -208,7 +210,7 @@ class KVStore:
         Raises KeyNotFoundError if it does not exist."""
         if not hard:
             check_timeout(ttl_s, "ttl_s")
-        request = master_pb2.PinRequest(keys=[check_key(key)], hard=hard,
+        request = master_pb2.PinRequest(keys=[check_key(key)], hard=bool(hard),
                                         ttl_ms=int((ttl_s or 0) * 1000))
         self._single_status("Pin", request, key)
 
