@@ -45,6 +45,12 @@ def test_bad_keys_and_sizes_are_per_item(embedded):
     ("MatchPrefix", pb.MatchPrefixRequest(keys=["z" * 1100]), "keys[0]: key is longer"),
     ("Pin", pb.PinRequest(keys=["a"], ttl_ms=0), "soft pin needs ttl_ms > 0"),
     ("Heartbeat", pb.HeartbeatRequest(node_id=""), "node_id must not be empty"),
+    ("GetReplicas", pb.GetReplicasRequest(keys=["a"], lease_ttl_ms=3_600_001),
+     "lease_ttl_ms must be <= 3600000"),
+    ("RenewLease", pb.RenewLeaseRequest(keys=["a"], lease_ttl_ms=1 << 63), "lease_ttl_ms must"),
+    ("PutStart", pb.PutStartRequest(keys=["a"], sizes=[1], soft_pin_ttl_ms=1 << 40),
+     "soft_pin_ttl_ms must be <="),
+    ("Pin", pb.PinRequest(keys=["a"], ttl_ms=1 << 40), "ttl_ms must be <="),
     ("GetReplicas", pb.GetReplicasRequest(keys=["a"], client_host_id="h" * 300),
      "client_host_id is longer"),
 ])

@@ -17,12 +17,22 @@ import time
 import grpc
 
 from kvstore.master.state import MasterState
-from kvstore.master.validation import Rejected, check_id
+from kvstore.master.validation import Rejected, check_id, invalid
 from kvstore.v1 import master_pb2 as pb
 
 log = logging.getLogger("kvstore.master")
 
 _MS = 1e-3
+#: Longest lease one call may ask for: a lease blocks eviction and reuse of the space.
+MAX_LEASE_TTL_MS = 3_600_000
+#: Longest soft pin (30 days); a hard pin has no TTL.
+MAX_PIN_TTL_MS = 30 * 86_400_000
+
+
+def _checked_ttl_s(ttl_ms: int, max_ms: int, name: str) -> float:
+    if ttl_ms > max_ms:
+        raise invalid(f"{name} must be <= {max_ms}, got {ttl_ms}")
+    return ttl_ms * _MS
 
 
 def _segment_tables(segments):
@@ -93,7 +103,8 @@ class MasterService:
     def PutStart(self, request, now_s):
         statuses, messages, all_picks = self.state.put_start(
             request.keys, request.sizes, request.replicas, request.preferred_tier,
-            request.near_host_id, request.client_id, request.soft_pin_ttl_ms * _MS,
+            request.near_host_id, request.client_id,
+            _checked_ttl_s(request.soft_pin_ttl_ms, MAX_PIN_TTL_MS, "soft_pin_ttl_ms"),
             request.hard_pin, request.codec, now_s)
         starts, counts, rep_segments, rep_offsets = [], [], [], []
         segment_to_index: dict = {}
@@ -123,7 +134,8 @@ class MasterService:
     # -- get ----------------------------------------------------------------------------------
 
     def _lease_ttl_s(self, lease_ttl_ms: int) -> float:
-        return lease_ttl_ms * _MS if lease_ttl_ms else self.state.config.lease_ttl_s
+        return (_checked_ttl_s(lease_ttl_ms, MAX_LEASE_TTL_MS, "lease_ttl_ms") if lease_ttl_ms
+                else self.state.config.lease_ttl_s)
 
     def GetReplicas(self, request, now_s):
         check_id(request.client_host_id, "client_host_id", allow_empty=True)
@@ -155,7 +167,8 @@ class MasterService:
         return pb.RemovePrefixResponse(num_removed=num_removed, num_skipped=num_skipped)
 
     def Pin(self, request, now_s):
-        return pb.PinResponse(statuses=self.state.pin(request.keys, request.ttl_ms * _MS,
+        ttl_s = _checked_ttl_s(request.ttl_ms, MAX_PIN_TTL_MS, "ttl_ms")
+        return pb.PinResponse(statuses=self.state.pin(request.keys, ttl_s,
                                                       request.hard, now_s))
 
     def Unpin(self, request, now_s):
