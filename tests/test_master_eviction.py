@@ -150,3 +150,16 @@ def test_full_tier_of_pinned_objects_fails_fast_and_recovers(embedded):
     m.client.call("Unpin", pb.UnpinRequest(keys=["p0", "p1", "p2", "p3"]))
     m.tick(1.5, "n1")                        # the paused watermark pass runs again
     assert exists(m.client, [f"p{i}" for i in range(4)]).count(True) == 1   # down to 25%
+
+
+def test_puts_that_eviction_cannot_help_evict_nothing(embedded):
+    m = embedded(high_watermark=1.0, low_watermark=0.5)     # only a failing put may evict
+    register(m.client, "n1", segments=[("d", pb.TIER_DRAM, 4 * BLOCK)])
+    register(m.client, "n2", segments=[("d", pb.TIER_DRAM, 4 * BLOCK)])
+    _fill(m, "k", 8)                                             # both nodes full
+    for keys, sizes, replicas in ((["wide"], [BLOCK], 3), (["huge"], [5 * BLOCK], 1)):
+        reply = put(m.client, keys, sizes, replicas=replicas, end=False)
+        assert list(reply.statuses) == [pb.ITEM_NO_SPACE]
+        assert "of 2 live" in reply.error_messages[0]
+    assert exists(m.client, [f"k{i}" for i in range(8)]) == [True] * 8
+    assert m.client.call("Stats", pb.StatsRequest()).evictions == 0

@@ -1,0 +1,8 @@
+"""The metadata master: which blocks exist and where their replicas live.
+
+Entry points: ``kvstore master`` (``cli.py``), ``server.run_in_thread`` (embedded mode),
+``rpc_client.MasterClient`` (how the daemon and the client talk to it), ``status_cli.py``.
+The pure logic (``state``, ``reads``, ``admin``, ``registry``, ``eviction``, ``placement``,
+``allocator``, ``membership``) knows nothing of gRPC; ``service`` maps it to the proto.
+Importing this package imports neither torch nor grpc.
+"""

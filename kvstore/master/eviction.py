@@ -54,8 +54,10 @@ def make_room(state, classes: list[list[Segment]], size_bytes: int, num_replicas
     """Evict until ``num_replicas`` distinct nodes of ``classes`` can take ``size_bytes``.
     Returns True if they now can, False if nothing more may be evicted."""
     tiers = {segment.tier for segments in classes for segment in segments}
-    if not tiers:
-        return False
+    big_enough = {segment.node for segments in classes for segment in segments
+                  if segment.allocator.capacity_bytes >= size_bytes}
+    if len(big_enough) < num_replicas:
+        return False       # no eviction can help: too few nodes, or the object is too big
     low = state.config.low_watermark
     need = {tier: used - int(low * capacity) for tier, (used, capacity)
             in tier_usage(state).items() if tier in tiers and used > low * capacity}

@@ -143,7 +143,8 @@ class MasterState:
                 if messages is None:
                     messages = [""] * len(keys)
                 messages[i] = problem or (f"no space for {size} bytes on {num_replicas} "
-                                          "distinct node(s), even after eviction")
+                                          f"distinct node(s) of {len(self.nodes)} live, even "
+                                          "after eviction")
                 all_picks.append(())
                 continue
             obj = ObjectMeta(key, size, picks, codec, client_id, soft_pin_ttl_s, hard_pin)
