@@ -74,6 +74,24 @@ def test_zero_groups_and_ties():
     assert torch.all(dequantize_int8(q, scales, torch.float32)[0] == 0)
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_extremes_of_each_group_stay_in_range(dtype):
+    """The kernels do not clamp (|x * 127/amax| < 127.5 by construction): groups spanning the
+    float range, each holding +amax and -amax exactly, must still give q in [-127, 127]."""
+    gen = torch.Generator().manual_seed(7)
+    magnitudes = 10.0 ** torch.linspace(-30, 30, 4096)
+    if dtype == torch.float16:
+        magnitudes = 10.0 ** torch.linspace(-4, 4, 4096)  # fp16: finite, past subnormal
+    x = torch.randn(4096, 16, generator=gen) * magnitudes[:, None]
+    x[:, 3] = x.abs().amax(dim=1)
+    x[:, 9] = -x[:, 3]
+    x = x.to(dtype)
+    q, scales = quantize_int8(x, 16)
+    want_q, want_scales = ref_quantize(x, 16)
+    assert torch.equal(q, want_q) and torch.equal(bits(scales), bits(want_scales))
+    assert torch.all(q[:, 3] == 127) and torch.all(q[:, 9] == -127)
+
+
 def test_tiny_groups_are_zeros_without_overflow():
     """127 / amax overflows for amax near the float minimum: such groups are stored as zeros."""
     x = torch.tensor([[1e-38, -2e-38, 0.0, 3e-39], [1e-36, 0.0, -4e-37, 1e-37]])

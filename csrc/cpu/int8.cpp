@@ -33,21 +33,19 @@ __attribute__((always_inline)) inline int32_t quantize_groups_impl(
   for (int64_t g = 0; g < num_groups; ++g) {
     const T* xg = x + g * group_size;
     int8_t* qg = q + g * group_size;
-    // NOTE: the magnitude is reduced as integer bits: for non-negative floats the bit patterns
-    // order like the values, an integer max vectorizes without fast-math, and any pattern above
-    // the largest finite float is inf or NaN, so one reduction also finds non-finite groups.
-    int32_t amax_bits = 0;
+    using M = Magnitude<T>;
+    typename M::Bits amax_bits = 0;
     for (int64_t i = 0; i < group_size; ++i) {
-      const int32_t a = static_cast<int32_t>(float_bits(to_float(xg[i])) & 0x7FFFFFFFu);
+      const typename M::Bits a = M::of(xg[i]);
       amax_bits = a > amax_bits ? a : amax_bits;
     }
-    if (amax_bits > static_cast<int32_t>(float_bits(kFloatMax))) {
+    if (amax_bits > M::kMaxFinite) {
       ++num_nonfinite;
       scales[g] = bits_float(0x7FC00000u);  // NaN: a skipped check cannot pass for data
       memset(qg, 0, group_size);
       continue;
     }
-    const float amax = bits_float(static_cast<uint32_t>(amax_bits));
+    const float amax = M::value(amax_bits);
     if (group_is_zero(amax)) {
       scales[g] = 0.0f;
       memset(qg, 0, group_size);

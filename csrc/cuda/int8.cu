@@ -28,20 +28,20 @@ __device__ __forceinline__ void quantize_group(const T* x,      // [group_size]
                                                int32_t* num_nonfinite, int lane) {
   using P = Pack<T, VEC>;
   using QP = Pack<int8_t, VEC>;
-  // NOTE: magnitudes reduced as integer bits, as on the CPU: same order, and any pattern
-  // above the largest finite float marks inf or NaN.
+  // NOTE: magnitudes reduced as integer bits, as on the CPU (see Magnitude in kvops/int8.h).
+  using M = Magnitude<T>;
   int32_t amax_bits = 0;
   for (int64_t i = lane * VEC; i < group_size; i += 32 * VEC) {
     const P p = *reinterpret_cast<const P*>(x + i);
 #pragma unroll
     for (int j = 0; j < VEC; ++j) {
-      const int32_t a = static_cast<int32_t>(float_bits(to_float(p.v[j])) & 0x7FFFFFFFu);
+      const int32_t a = M::of(p.v[j]);
       amax_bits = a > amax_bits ? a : amax_bits;
     }
   }
   amax_bits = warp_max(amax_bits);
-  const bool nonfinite = amax_bits > static_cast<int32_t>(float_bits(kFloatMax));
-  const float amax = bits_float(static_cast<uint32_t>(amax_bits));
+  const bool nonfinite = amax_bits > M::kMaxFinite;
+  const float amax = nonfinite ? 0.0f : M::value(static_cast<typename M::Bits>(amax_bits));
   const bool zero = nonfinite || group_is_zero(amax);
   if (lane == 0) {
     *scale = nonfinite ? bits_float(0x7FC00000u) : (zero ? 0.0f : group_scale(amax));
