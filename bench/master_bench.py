@@ -3,9 +3,9 @@
 For get_replicas, exists and put_start+put_end, at batch sizes 1, 32 and 1024, from 1 and
 from 4 client processes, it reports keys/s and p50/p99 call latency. Two ceilings are measured
 in the same run: the gRPC floor (an empty Exists round trip from one client: no call can be
-faster) and the master's in-process key rate (MasterState.get_replicas / exists / put_start +
-put_end with no gRPC: no RPC can move more keys/s). Runs each gRPC mode of the master
-(grpc.aio and the thread pool). Prints a table, writes bench/out/master_bench.json and says
+faster) and the master's in-process key rate (request bytes parsed, the service method run,
+the reply serialized, with no transport: no RPC can move more keys/s). Runs each gRPC mode
+of the master (the thread pool and grpc.aio). Prints a table, writes bench/out/master_bench.json and says
 PASS/MISS against the targets of issue 2 (get_replicas batch 1024 >= 400k keys/s with
 p50 < 2.5 ms; exists >= 1M keys/s; single-key p50 < 300 us).
 
@@ -125,36 +125,45 @@ def run_cell(address: str, op: str, batch: int, num_clients: int, seconds: float
 
 
 def in_process_ceiling() -> dict:
-    """Keys/s of the master's own per-key work for batches of 1024, no gRPC (with the GC
-    thresholds the master process uses)."""
+    """Keys/s of the master's whole request path for batches of 1024 with no transport:
+    parse the request bytes, run the service method, serialize the reply (with the GC
+    thresholds the master process uses). No RPC can move keys faster than this."""
     import gc
     import random
-    gc.set_threshold(100_000, 50, 100)
     from kvstore.master.config import MasterConfig
+    from kvstore.master.service import MasterService
     from kvstore.master.state import MasterState
     from kvstore.v1 import master_pb2 as pb
-    state = MasterState(MasterConfig(), 0.0)
-    state.register_node(pb.NodeInfo(node_id="n", host_id="h", data_addr="127.0.0.1:1",
-                                    segments=[pb.SegmentInfo(segment_id="d", tier=pb.TIER_DRAM,
-                                                             capacity_bytes=1 << 40)]),
-                        pb.Inventory(), 0.0)
+    gc.set_threshold(100_000, 50, 100)
+    service = MasterService(MasterState(MasterConfig(), 0.0))
+    service.RegisterNode(pb.RegisterNodeRequest(node=pb.NodeInfo(
+        node_id="n", host_id="h", data_addr="127.0.0.1:1",
+        segments=[pb.SegmentInfo(segment_id="d", tier=pb.TIER_DRAM, capacity_bytes=1 << 40)])),
+        0.0)
     keys = [f"bench/model-x/L32/xxh64v1/{i:016x}" for i in range(NUM_KEYS)]
+
+    def rate(method: str, request_class, payloads: list[bytes], num_keys: int) -> float:
+        handler = getattr(service, method)
+        started = time.perf_counter()
+        for payload in payloads:
+            handler(request_class.FromString(payload), 1.0).SerializeToString()
+        return num_keys / (time.perf_counter() - started)
+
+    chunks = [keys[i:i + 1024] for i in range(0, NUM_KEYS, 1024)]
+    starts = [pb.PutStartRequest(keys=c, sizes=[VALUE_BYTES] * len(c), client_id="c")
+              .SerializeToString() for c in chunks]
+    ends = [pb.PutEndRequest(keys=c, client_id="c").SerializeToString() for c in chunks]
     started = time.perf_counter()
-    for i in range(0, NUM_KEYS, 1024):
-        chunk = keys[i:i + 1024]
-        state.put_start(chunk, [VALUE_BYTES] * len(chunk), 1, 0, "", "c", 0.0, False, 0, 0.0)
-        state.put_end(chunk, "c", [], 0.0)
+    for start, end in zip(starts, ends):
+        service.PutStart(pb.PutStartRequest.FromString(start), 0.0).SerializeToString()
+        service.PutEnd(pb.PutEndRequest.FromString(end), 0.0).SerializeToString()
     put_rate = NUM_KEYS / (time.perf_counter() - started)
-    batches = [random.Random(1).sample(keys, 1024) for _ in range(50)]
-    started = time.perf_counter()
-    for batch in batches:
-        state.get_replicas(batch, 10.0, "", 1.0)
-    get_rate = 1024 * len(batches) / (time.perf_counter() - started)
-    started = time.perf_counter()
-    for batch in batches:
-        state.exists(batch)
-    exists_rate = 1024 * len(batches) / (time.perf_counter() - started)
-    return {"get_replicas_keys_per_s": get_rate, "exists_keys_per_s": exists_rate,
+    batches = [random.Random(i).sample(keys, 1024) for i in range(100)]
+    gets = [pb.GetReplicasRequest(keys=b).SerializeToString() for b in batches]
+    exists = [pb.ExistsRequest(keys=b).SerializeToString() for b in batches]
+    return {"get_replicas_keys_per_s": rate("GetReplicas", pb.GetReplicasRequest, gets,
+                                            1024 * len(batches)),
+            "exists_keys_per_s": rate("Exists", pb.ExistsRequest, exists, 1024 * len(batches)),
             "put_keys_per_s": put_rate}
 
 
@@ -171,7 +180,8 @@ def main() -> int:
     results = {"ceiling_in_process": ceiling, "modes": {},
                "loadavg_at_start": os.getloadavg(), "date": time.strftime("%Y-%m-%d %H:%M UTC",
                                                                             time.gmtime())}
-    print(f"in-process ceiling (no gRPC, batch 1024): get_replicas "
+    print(f"in-process ceiling (request bytes -> reply bytes, no transport, batch 1024): "
+          f"get_replicas "
           f"{ceiling['get_replicas_keys_per_s']:,.0f} keys/s, exists "
           f"{ceiling['exists_keys_per_s']:,.0f} keys/s, put_start+put_end "
           f"{ceiling['put_keys_per_s']:,.0f} keys/s")
