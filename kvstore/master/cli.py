@@ -67,7 +67,8 @@ def command(host, port, token, metrics_port, lease_ttl, node_ttl, heartbeat_inte
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         config = MasterConfig(
-            host=host, port=port, token=token, metrics_port=metrics_port,
+            host=host, port=port, token=token or None,   # an empty KVSTORE_TOKEN: no token
+            metrics_port=metrics_port,
             lease_ttl_s=lease_ttl, node_ttl_s=node_ttl, heartbeat_interval_s=heartbeat_interval,
             pending_timeout_s=pending_timeout, high_watermark=high_watermark,
             low_watermark=low_watermark, max_batch=max_batch,
