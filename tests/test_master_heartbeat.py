@@ -165,3 +165,24 @@ def test_a_heartbeat_carries_at_most_the_configured_changes(embedded):
     sizes = [len(daemon.beat(m, "n1").added.keys) for _ in range(4)]
     assert sizes == [3, 3, 1, 0]
     assert sorted(daemon.table) == [f"k{i}" for i in range(7)]
+
+
+def test_key_changed_several_times_between_beats_is_sent_once_with_its_last_state(embedded):
+    """put, remove, put again (another offset) within one interval: the daemon must end with
+    the second replica, whatever order it applies the reply's added/removed lists in."""
+    m = embedded()
+    register(m.client, "n1")
+    daemon = DaemonTable()
+    daemon.beat(m, "n1")
+    put(m.client, ["pad"], [640])            # so the re-put of "k" lands at another offset
+    put(m.client, ["k"], [128])
+    m.client.call("Remove", pb.RemoveRequest(keys=["k"], force=True))
+    put(m.client, ["k"], [4096])
+    put(m.client, ["gone"], [64])
+    m.client.call("Remove", pb.RemoveRequest(keys=["gone"], force=True))
+    reply = daemon.beat(m, "n1")
+    assert list(reply.added.keys).count("k") == 1 and "k" not in reply.removed_keys
+    assert "gone" in reply.removed_keys and "gone" not in reply.added.keys
+    got = get(m.client, ["k"])
+    assert daemon.table["k"][1:3] == (replicas_of(got, 0)[0][2], 4096)
+    assert "gone" not in daemon.table

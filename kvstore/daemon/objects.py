@@ -6,11 +6,9 @@ daemon still holds and no stored block is lost.
 
 Rule for a change set (``HeartbeatResponse``): ``full_resync`` first discards the table; then
 ``added`` entries are inserted (replacing an entry with the same key); then ``removed_keys``
-are dropped. NOTE: the reply does not say in which order a key that appears in both lists
-was added and removed. Additions first errs on the safe side: at worst the table misses an
-object (which a restarted master then does not adopt), it never lists freed space that may
-since hold another object's bytes. The master avoids the ambiguity by listing a key in at
-most one of the two lists.
+are dropped. The master sends only each key's last change, so a key is in at most one of
+the two lists (tested in tests/test_master_heartbeat.py); were it in both, additions first
+would err on the safe side: the table would miss an object, never list freed space.
 
 Thread-safe: one lock guards the table.
 """

@@ -88,16 +88,19 @@ class Node:
         if acked_seq > self.seq or behind:
             log.clear()    # the table reflects every change up to self.seq
             return True, self.seq, self._whole_table(objects), []
-        added, removed = [], []
+        # NOTE: a key may change several times within one reply (put, remove, put again at
+        # another offset). The reply's two lists carry no order between them, so only each
+        # key's last change is sent: the key then appears in exactly one list.
+        last_change: dict[str, tuple] = {}
         seq = acked_seq
         for i, entry in enumerate(log):
             if i == max_changes:
                 break
-            seq, key, segment_id = entry[0], entry[1], entry[2]
-            if segment_id is None:
-                removed.append(key)
-            else:
-                added.append(entry[1:])
+            seq = entry[0]
+            last_change.pop(entry[1], None)     # re-insert: keep the order of last changes
+            last_change[entry[1]] = entry
+        added = [entry[1:] for entry in last_change.values() if entry[2] is not None]
+        removed = [key for key, entry in last_change.items() if entry[2] is None]
         return False, seq, added, removed
 
     def _whole_table(self, objects: dict) -> list[tuple]:
