@@ -16,8 +16,11 @@ namespace {
 // NOTE: the group loops are compiled for AVX-512 and AVX2 besides the baseline, and the loader
 // picks one at run time (GCC/clang function multiversioning): the install is portable, and
 // quantization runs 2-3x faster on the CPUs that have them.
-#if defined(__x86_64__) && defined(__linux__)
+// (GCC only: clang spells the AVX-512 clone differently, and x86-64-v4 is GCC 11+.)
+#if defined(__x86_64__) && defined(__linux__) && !defined(__clang__) && __GNUC__ >= 11
 #define KVOPS_CPU_CLONES __attribute__((target_clones("arch=x86-64-v4", "avx2", "default")))
+#elif defined(__x86_64__) && defined(__linux__)
+#define KVOPS_CPU_CLONES __attribute__((target_clones("avx2", "default")))
 #else
 #define KVOPS_CPU_CLONES
 #endif

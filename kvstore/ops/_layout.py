@@ -101,13 +101,15 @@ def describe_layers(layers: Sequence[torch.Tensor], layout: str | None = None) -
     if isinstance(layers, torch.Tensor) or not isinstance(layers, (list, tuple)) or not layers:
         raise InvalidArgumentError("layers must be a non-empty list of per-layer cache tensors")
     first = layers[0]
+    if not isinstance(first, torch.Tensor):
+        raise InvalidArgumentError(f"layers[0] is {type(first).__name__}, not a tensor")
+    if first.dtype not in DTYPE_CODES:
+        raise InvalidArgumentError(f"layers have dtype {first.dtype}; supported: fp16, bf16, fp32")
+    expected = (first.dtype, first.device, first.shape, first.stride())
     for i, t in enumerate(layers):
         if not isinstance(t, torch.Tensor):
             raise InvalidArgumentError(f"layers[{i}] is {type(t).__name__}, not a tensor")
-        if t.dtype not in DTYPE_CODES:
-            raise InvalidArgumentError(f"layers[{i}] has dtype {t.dtype}; supported: fp16, bf16, fp32")
-        if (t.dtype, t.device, t.shape, t.stride()) != (first.dtype, first.device, first.shape,
-                                                         first.stride()):
+        if (t.dtype, t.device, t.shape, t.stride()) != expected:
             raise InvalidArgumentError(
                 f"layers[{i}] ({t.dtype}, {t.device}, {list(t.shape)}, strides {t.stride()}) differs "
                 f"from layers[0] ({first.dtype}, {first.device}, {list(first.shape)}, strides "
