@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import kvstore
 from kvstore import InvalidArgumentError
@@ -174,3 +176,25 @@ def test_public_names():
     assert set(kvstore.ops.__all__) >= {"gather_pages", "scatter_pages", "quantize_int8",
                                         "dequantize_int8", "gather_quantize", "dequantize_scatter"}
     assert all(callable(getattr(kvstore.ops, name)) for name in kvstore.ops.__all__)
+
+
+@settings(max_examples=60, deadline=None)
+@given(data=st.data(), layout=st.sampled_from(LAYOUTS), dtype=st.sampled_from(DTYPES),
+       num_layers=st.integers(1, 3), num_blocks=st.integers(1, 6),
+       block_size=st.integers(1, 5), head_dim=st.integers(1, 9))
+def test_property_gather_then_scatter(data, layout, dtype, num_layers, num_blocks, block_size,
+                                      head_dim):
+    """Any shape, any ids: gather equals the reference, and scattering the result into
+    distinct pages of another cache writes exactly those pages."""
+    layers = make_layers(layout, num_layers, num_blocks, block_size, head_dim, dtype, num_heads=3)
+    ids = data.draw(st.lists(st.integers(0, num_blocks - 1), max_size=8))
+    got = gather_pages(layers, ids, layout=layout)
+    assert torch.equal(got, ref_gather(layers, ids, layout))
+    dst_ids = data.draw(st.permutations(range(num_blocks)))[: len(set(ids))]
+    unique_ids = list(dict.fromkeys(ids))
+    buf = gather_pages(layers, unique_ids, layout=layout)
+    dst = [torch.full_like(t, POISON) for t in layers]
+    expected = [t.clone() for t in dst]
+    scatter_pages(buf, dst, dst_ids, layout=layout)
+    ref_scatter(buf, expected, dst_ids, layout)
+    assert all(torch.equal(a, b) for a, b in zip(dst, expected))
