@@ -12,6 +12,6 @@ extern "C" const char* kvops_last_error() { return ""; }
 
 static struct PyModuleDef kvops_module = {PyModuleDef_HEAD_INIT, "_kvops_cpu",
                                           "kvstore CPU kernels (C entry points via ctypes)", -1,
-                                          nullptr};
+                                          nullptr, nullptr, nullptr, nullptr, nullptr};
 
 PyMODINIT_FUNC PyInit__kvops_cpu(void) { return PyModule_Create(&kvops_module); }

@@ -22,6 +22,6 @@ extern "C" const char* kvops_last_error() { return kvops::last_error.c_str(); }
 
 static struct PyModuleDef kvops_module = {PyModuleDef_HEAD_INIT, "_kvops_cuda",
                                           "kvstore CUDA kernels (C entry points via ctypes)", -1,
-                                          nullptr};
+                                          nullptr, nullptr, nullptr, nullptr, nullptr};
 
 PyMODINIT_FUNC PyInit__kvops_cuda(void) { return PyModule_Create(&kvops_module); }
