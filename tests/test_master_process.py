@@ -109,9 +109,9 @@ def test_metrics_endpoint_serves_counters_and_tier_gauges():
     assert "kvstore_master_hits_total 1.0" in lines
     assert "kvstore_master_misses_total 1.0" in lines
     assert "kvstore_master_evictions_total 0.0" in lines
-    assert 'kvstore_master_rpc_total{method="PutStart"} 1.0' in lines
-    assert any(l.startswith('kvstore_master_rpc_seconds_count{method="GetReplicas"} 1.0')
-               for l in lines)
+    assert 'kvstore_master_rpc_total{method="PutStart",transport="grpc"} 1.0' in lines
+    assert any(l.startswith('kvstore_master_rpc_seconds_count{method="GetReplicas",'
+                            'transport="grpc"} 1.0') for l in lines)
 
 
 def test_real_lease_and_node_ttls():

@@ -1,7 +1,8 @@
 """``kvstore master``: run the metadata master until SIGTERM/SIGINT.
 
-Prints ``listening on HOST:PORT`` on stdout (one flushed line) once bound, before serving;
-logs go to stderr.
+Prints ``listening on HOST:PORT`` (the gRPC port) on stdout as its first line once bound,
+before serving, then ``fast metadata on HOST:PORT`` unless ``--no-fast-rpc``; logs go to
+stderr.
 """
 
 from __future__ import annotations
@@ -57,11 +58,15 @@ def _duration(ctx, param, value):
               help="gRPC thread pool (faster single-key calls here), or grpc.aio.")
 @click.option("--num-threads", default=8, show_default=True, type=int,
               help="Worker threads in --grpc-mode threads.")
+@click.option("--fast-port", default=0, show_default=True, type=int,
+              help="Port of the framed-TCP metadata path (same host); 0: pick a free port.")
+@click.option("--no-fast-rpc", is_flag=True, default=False,
+              help="Serve metadata over gRPC only (clients in metadata='auto' use gRPC).")
 @click.option("--log-level", default="INFO", show_default=True,
               type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"]))
 def command(host, port, token, metrics_port, lease_ttl, node_ttl, heartbeat_interval,
             pending_timeout, high_watermark, low_watermark, max_batch, max_changes_per_heartbeat,
-            grpc_mode, num_threads, log_level):
+            grpc_mode, num_threads, fast_port, no_fast_rpc, log_level):
     """Run the metadata master."""
     logging.basicConfig(stream=sys.stderr, level=log_level,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -73,7 +78,7 @@ def command(host, port, token, metrics_port, lease_ttl, node_ttl, heartbeat_inte
             pending_timeout_s=pending_timeout, high_watermark=high_watermark,
             low_watermark=low_watermark, max_batch=max_batch,
             max_changes_per_heartbeat=max_changes_per_heartbeat, grpc_mode=grpc_mode,
-            num_threads=num_threads)
+            num_threads=num_threads, fast_port=None if no_fast_rpc else fast_port)
         # NOTE: the master holds millions of long-lived metadata objects and makes no
         # reference cycles per key (dropped objects are freed by reference counting). The
         # default thresholds make the cycle collector rescan them all every few batches
@@ -92,6 +97,8 @@ def command(host, port, token, metrics_port, lease_ttl, node_ttl, heartbeat_inte
 
 def _announce(server: MasterServer) -> None:
     print(f"listening on {server.address}", flush=True)
+    if server.fast_address is not None:
+        print(f"fast metadata on {server.fast_address}", flush=True)
     log.info("master %s listening on %s (%s mode%s)", server.state.master_id, server.address,
              server.config.grpc_mode, ", token required" if server.config.token else "")
 

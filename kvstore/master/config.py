@@ -35,6 +35,7 @@ class MasterConfig:
     max_changes_per_heartbeat: int = 262144  # most changes one heartbeat reply carries
     grpc_mode: str = "threads"           # "threads" (gRPC thread pool) or "aio" (grpc.aio)
     num_threads: int = 8                 # worker threads in "threads" mode
+    fast_port: int | None = 0            # framed-TCP metadata path (0: pick); None: off
 
     def __post_init__(self) -> None:
         if not self.host:
@@ -43,6 +44,8 @@ class MasterConfig:
             raise ConfigError(f"port must be in 0..65535, got {self.port}")
         if self.metrics_port is not None and not 0 <= self.metrics_port <= 65535:
             raise ConfigError(f"metrics port must be in 0..65535, got {self.metrics_port}")
+        if self.fast_port is not None and not 0 <= self.fast_port <= 65535:
+            raise ConfigError(f"fast port must be in 0..65535, got {self.fast_port}")
         if self.token is not None and (not self.token or any(c.isspace() for c in self.token)):
             raise ConfigError("token must be non-empty and contain no whitespace")
         for name in ("lease_ttl_s", "node_ttl_s", "heartbeat_interval_s", "pending_timeout_s"):

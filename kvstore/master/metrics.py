@@ -1,7 +1,8 @@
 """Prometheus metrics of the master, served on ``--metrics-port`` (same host as the master).
 
-Exported: ``kvstore_master_rpc_total{method}`` and ``kvstore_master_rpc_seconds{method}``
-(latency histogram), and, read from the state at scrape time under the master's lock:
+Exported: ``kvstore_master_rpc_total{method,transport}`` and
+``kvstore_master_rpc_seconds{method,transport}`` (latency histogram; transport is ``grpc`` or
+``fast``, the framed metadata path), and, read from the state at scrape time under the master's lock:
 ``kvstore_master_objects``, ``kvstore_master_pending_objects``, ``kvstore_master_nodes``,
 ``kvstore_master_tier_replicas{tier}``, ``kvstore_master_tier_used_bytes{tier}``,
 ``kvstore_master_tier_capacity_bytes{tier}``, ``kvstore_master_hits_total``,
@@ -24,16 +25,16 @@ class MasterMetrics:
 
     def __init__(self, service):
         self.registry = CollectorRegistry(auto_describe=True)
-        self._calls = Counter("kvstore_master_rpc", "Master RPCs served", ["method"],
+        self._calls = Counter("kvstore_master_rpc", "Master RPCs served", ["method", "transport"],
                               registry=self.registry)
         self._latency = Histogram("kvstore_master_rpc_seconds", "Master RPC latency",
-                                  ["method"], buckets=_LATENCY_BUCKETS_S,
+                                  ["method", "transport"], buckets=_LATENCY_BUCKETS_S,
                                   registry=self.registry)
         self.registry.register(_StateCollector(service))
 
-    def for_method(self, method: str):
-        count = self._calls.labels(method).inc
-        observe = self._latency.labels(method).observe
+    def for_method(self, method: str, transport: str = "grpc"):
+        count = self._calls.labels(method, transport).inc
+        observe = self._latency.labels(method, transport).observe
 
         def record(duration_s: float) -> None:
             count()

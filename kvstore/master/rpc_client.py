@@ -43,12 +43,17 @@ def auth_metadata(token: str | None) -> tuple[tuple[str, str], ...]:
     return (("authorization", f"Bearer {token}"),) if token else ()
 
 
+def map_status(code: grpc.StatusCode, details: str, method: str) -> errors.KVStoreError:
+    """The kvstore error for a failed master call (gRPC or fast path: one table)."""
+    error_class = _CODE_TO_ERROR.get(code, errors.KVStoreError)
+    return error_class(f"master {method}: {code.name}: {details}")
+
+
 def map_rpc_error(exc: grpc.RpcError, method: str) -> errors.KVStoreError:
     """Translate a gRPC failure into the kvstore error a caller should see."""
     code = exc.code() if hasattr(exc, "code") else grpc.StatusCode.UNKNOWN
     details = exc.details() if hasattr(exc, "details") else str(exc)
-    error_class = _CODE_TO_ERROR.get(code, errors.KVStoreError)
-    return error_class(f"master {method}: {code.name}: {details}")
+    return map_status(code, details, method)
 
 
 class MasterClient:

@@ -1,8 +1,8 @@
-"""Running a master: the gRPC server (grpc.aio or a thread pool), the sweeper thread and the
-metrics endpoint around one ``MasterState``.
+"""Running a master: the gRPC server (grpc.aio or a thread pool), the fast metadata server
+(``fastrpc``), the sweeper thread and the metrics endpoint around one ``MasterState``.
 
-Resource handling: ``MasterServer`` owns its gRPC server, sweeper thread and metrics HTTP
-server; ``stop`` closes all three. ``run_in_thread`` runs the same server in a background
+Resource handling: ``MasterServer`` owns its gRPC server, fast server, sweeper thread and
+metrics HTTP server; ``stop`` closes them all. ``run_in_thread`` runs the same server in a background
 thread with its own event loop (embedded mode) and returns once it is listening.
 
 Error handling: a port that cannot be bound raises ``kvstore.ConfigError`` before anything
@@ -22,6 +22,7 @@ from kvstore._errors import ConfigError
 from kvstore.master.auth import AsyncTokenInterceptor, TokenInterceptor
 from kvstore.master.clock import MonotonicClock
 from kvstore.master.config import MasterConfig
+from kvstore.master.fastrpc import FastRpcServer
 from kvstore.master.metrics import MasterMetrics
 from kvstore.master.rpc_client import MAX_MESSAGE_BYTES
 from kvstore.master.service import MasterService, make_handlers
@@ -56,6 +57,8 @@ class MasterServer:
         self.address: str | None = None
         self._grpc_server = None
         self._metrics_server = None
+        self._fast_server: FastRpcServer | None = None
+        self.fast_address: str | None = None  # "host:port" of the fast path; None when off
         self._stop_sweeper = threading.Event()
         self._sweeper = threading.Thread(target=self._sweep_loop, name="kvstore-master-sweeper",
                                          daemon=True)
@@ -83,6 +86,16 @@ class MasterServer:
             self.service.metrics_port = self._metrics_server.server_port
             log.info("metrics on %s", format_address(self.config.host,
                                                      self.service.metrics_port))
+        if self.config.fast_port is not None:
+            fast = FastRpcServer(self.service, self.clock, self.metrics, host=self.config.host,
+                                 port=self.config.fast_port, token=self.config.token)
+            try:
+                self.service.fast_port = fast.start()
+            except OSError as exc:
+                raise ConfigError(f"cannot bind the fast metadata port {self.config.fast_port} "
+                                  f"on {self.config.host}: {exc}") from exc
+            self._fast_server = fast
+            self.fast_address = format_address(self.config.host, fast.port)
         self._sweeper.start()
 
     def _sweep_loop(self) -> None:
@@ -121,6 +134,8 @@ class MasterServer:
         return self.address
 
     def _stop_side_services(self) -> None:
+        if self._fast_server is not None:
+            self._fast_server.stop()
         self._stop_sweeper.set()
         if self._sweeper.is_alive():
             self._sweeper.join()

@@ -1,8 +1,8 @@
 """The gRPC face of the master: turns requests into ``MasterState`` calls and results into
 replies, one method per RPC of ``proto/kvstore/v1/master.proto``.
 
-Error handling: ``Rejected`` from the state becomes the gRPC status it names (set on the
-context; the reply body is dropped by gRPC). Anything else escaping a handler is a master
+Error handling: ``Rejected`` from the state becomes the status it names: on the gRPC context
+(the reply body is dropped by gRPC), or in an error frame on the fast path (``fastrpc``). Anything else escaping a handler is a master
 bug: it is logged with its traceback and answered INTERNAL, and the master keeps serving.
 Every call runs under one lock (state is not thread-safe) after ``maybe_sweep`` with one
 clock read, so a request sees one instant.
@@ -64,6 +64,7 @@ class MasterService:
     def __init__(self, state: MasterState, *, metrics_port: int | None = None):
         self.state = state
         self.metrics_port = metrics_port or 0
+        self.fast_port = 0  # set by the server once the fast path is bound; 0: none
         self.lock = threading.Lock()
 
     # -- membership ---------------------------------------------------------------------------
@@ -199,7 +200,8 @@ class MasterService:
             num_objects=len(state.objects), num_pending=num_pending,
             tiers=tiers, hits=state.hits, misses=state.misses, evictions=state.evictions,
             num_leased=num_leased, uptime_s=now_s - state.started_s,
-            metrics_port=self.metrics_port, max_batch=state.config.max_batch)
+            metrics_port=self.metrics_port, max_batch=state.config.max_batch,
+            fast_port=self.fast_port)
 
     def ListNodes(self, request, now_s):
         infos = []
@@ -216,9 +218,45 @@ class MasterService:
         return pb.ListNodesResponse(nodes=infos)
 
 
+#: Every RPC of the service, in master.proto order.
 METHODS = ("RegisterNode", "Heartbeat", "UnregisterNode", "PutStart", "PutEnd", "PutRevoke",
            "GetReplicas", "RenewLease", "Exists", "Remove", "RemovePrefix", "Pin", "Unpin",
            "MatchPrefix", "Stats", "ListNodes")
+
+
+def make_invoker(service: MasterService, name: str, clock, metrics, transport: str):
+    """``invoke(request) -> reply`` for RPC ``name``, with no gRPC context: the core that both
+    the gRPC adapter and the framed fast path (``fastrpc``) call, so both run the same code.
+
+    Runs the handler under the service lock after the due sweep (one clock read per call)
+    and records the call in ``metrics`` labelled with ``transport``. Raises ``Rejected``
+    with the status to answer: the handler's own, or INTERNAL for a master bug (logged with
+    its traceback; the master keeps serving).
+    """
+    method = getattr(service, name)
+    lock, state = service.lock, service.state
+    method_metrics = metrics.for_method(name, transport) if metrics else None
+    perf_counter = time.perf_counter
+
+    def invoke(request):
+        started = perf_counter()
+        try:
+            with lock:
+                now_s = clock.monotonic()
+                if now_s >= state.next_sweep_s:
+                    state.sweep(now_s)
+                return method(request, now_s)
+        except Rejected:
+            raise
+        except Exception as exc:
+            log.exception("internal error in %s", name)
+            raise Rejected(grpc.StatusCode.INTERNAL,
+                           f"internal error in {name}; see the master's log") from exc
+        finally:
+            if method_metrics is not None:
+                method_metrics(perf_counter() - started)
+
+    return invoke
 
 
 def make_handlers(service: MasterService, clock, metrics, *, asynchronous: bool):
@@ -227,8 +265,7 @@ def make_handlers(service: MasterService, clock, metrics, *, asynchronous: bool)
     for name in METHODS:
         request_class = getattr(pb, f"{name}Request")
         response_class = getattr(pb, f"{name}Response")
-        fn = _bind(service, getattr(service, name), response_class, clock,
-                   metrics.for_method(name) if metrics else None)
+        fn = _grpc_adapter(make_invoker(service, name, clock, metrics, "grpc"), response_class)
         if asynchronous:
             fn = _make_async(fn)
         handlers[name] = grpc.unary_unary_rpc_method_handler(
@@ -237,30 +274,16 @@ def make_handlers(service: MasterService, clock, metrics, *, asynchronous: bool)
     return grpc.method_handlers_generic_handler("kvstore.v1.Master", handlers)
 
 
-def _bind(service, method, response_class, clock, method_metrics):
-    lock, state = service.lock, service.state
-    perf_counter = time.perf_counter
+def _grpc_adapter(invoke, response_class):
+    """Turns ``Rejected`` into the call's gRPC status (the reply body is then dropped)."""
 
     def handler(request, context):
-        started = perf_counter()
         try:
-            with lock:
-                now_s = clock.monotonic()
-                if now_s >= state.next_sweep_s:
-                    state.sweep(now_s)
-                reply = method(request, now_s)
+            return invoke(request)
         except Rejected as exc:
             context.set_code(exc.code)
             context.set_details(exc.message)
-            reply = response_class()
-        except Exception:
-            log.exception("internal error in %s", method.__name__)
-            context.set_code(grpc.StatusCode.INTERNAL)
-            context.set_details(f"internal error in {method.__name__}; see the master's log")
-            reply = response_class()
-        if method_metrics is not None:
-            method_metrics(perf_counter() - started)
-        return reply
+            return response_class()
 
     return handler
 

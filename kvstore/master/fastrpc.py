@@ -1,0 +1,213 @@
+"""The master's fast metadata server: every Master RPC over framed TCP (``fastframes``).
+
+Same handlers, same lock, same validation and same metrics (labelled ``transport="fast"``)
+as the gRPC path: each request runs through ``service.make_invoker``, so the two paths can
+only differ in framing. gRPC stays the public, complete API; this is an optimization.
+
+Threading: one accept thread and one thread per connection with blocking sockets and
+TCP_NODELAY. NOTE: measured fastest here for request/reply of small messages (no event loop
+wake-ups; the GIL is released while a thread waits in recv). Calls are serialized by the
+service lock anyway.
+
+Resource handling: ``start`` binds and listens before it returns; ``stop`` closes the
+listener, shuts every connection down and joins the threads. At most ``max_connections``
+are served at once; beyond that new ones are closed at once.
+
+Error handling: a connection that fails the handshake (bad magic or version, wrong token)
+gets an error frame and is closed; an oversized body gets RESOURCE_EXHAUSTED and a close; a
+truncated frame ends the connection; an unknown method id (UNIMPLEMENTED) or a body that is
+not the method's request message (INVALID_ARGUMENT) gets an error frame and the connection
+stays usable. Nothing a peer sends stops the server or affects another connection.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+import threading
+
+import grpc
+from google.protobuf.message import DecodeError
+
+from kvstore.master import fastframes as ff
+from kvstore.master.service import MasterService, make_invoker
+from kvstore.master.validation import Rejected
+from kvstore.transport.frames import tokens_equal
+from kvstore.v1 import master_pb2 as pb
+
+log = logging.getLogger("kvstore.master.fastrpc")
+
+_READ_BUFFER_BYTES = 256 * 1024
+
+
+class _CloseAfter(Exception):
+    """Send ``frame`` and end the connection (the peer's framing can no longer be trusted)."""
+
+    def __init__(self, frame: bytes, reason: str):
+        super().__init__(reason)
+        self.frame = frame
+
+
+class FastRpcServer:
+    """Serves ``service`` on exactly ``host``:``port`` (0 = pick a free port)."""
+
+    def __init__(self, service: MasterService, clock, metrics, *, host: str, port: int = 0,
+                 token: str | None = None, max_connections: int = 1024,
+                 handshake_timeout_s: float = 10.0):
+        self._token = token
+        self._master_id = service.state.master_id
+        self._host, self._port = host, port
+        self._max_connections = max_connections
+        self._handshake_timeout_s = handshake_timeout_s
+        # method id -> (request class, invoke); built once so a request costs two lookups
+        self._id_to_call = {
+            method_id: (getattr(pb, f"{name}Request"),
+                        make_invoker(service, name, clock, metrics, "fast"))
+            for name, method_id in ff.METHOD_TO_ID.items()}
+        self._listener: socket.socket | None = None
+        self._accept_thread: threading.Thread | None = None
+        self._lock = threading.Lock()
+        self._conn_to_thread: dict[socket.socket, threading.Thread] = {}
+        self._stopping = threading.Event()
+        self.port = 0
+
+    def start(self) -> int:
+        """Bind, listen and start accepting; return the bound port. Raises OSError."""
+        family = socket.AF_INET6 if ":" in self._host else socket.AF_INET
+        listener = socket.socket(family, socket.SOCK_STREAM)
+        # NOTE: SO_REUSEADDR lets a restarted master rebind its port past TIME_WAIT; on Linux
+        # it still refuses a port another socket listens on (no silent sharing).
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            listener.bind((self._host, self._port))
+            listener.listen(512)
+        except OSError:
+            listener.close()
+            raise
+        self._listener = listener
+        self.port = listener.getsockname()[1]
+        self._accept_thread = threading.Thread(target=self._accept_loop, daemon=True,
+                                               name="kvstore-master-fast-accept")
+        self._accept_thread.start()
+        return self.port
+
+    def stop(self) -> None:
+        """Stop accepting, disconnect every client, join the threads. Idempotent."""
+        if self._stopping.is_set():
+            return
+        self._stopping.set()
+        if self._listener is not None:
+            try:
+                self._listener.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+            self._listener.close()
+        if self._accept_thread is not None:
+            self._accept_thread.join(timeout=5)
+        with self._lock:
+            connections = dict(self._conn_to_thread)
+        for conn in connections:
+            try:
+                conn.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+        for thread in connections.values():
+            thread.join(timeout=5)
+
+    def _accept_loop(self) -> None:
+        while not self._stopping.is_set():
+            try:
+                conn, peer = self._listener.accept()
+            except OSError:
+                if self._stopping.is_set():
+                    return
+                log.exception("fast path: accept failed")
+                continue
+            with self._lock:
+                if len(self._conn_to_thread) >= self._max_connections:
+                    log.warning("fast path: refusing %s: %d connections open", peer,
+                                self._max_connections)
+                    conn.close()
+                    continue
+                thread = threading.Thread(target=self._serve, args=(conn, peer), daemon=True,
+                                          name=f"kvstore-master-fast-{peer[1]}")
+                self._conn_to_thread[conn] = thread
+            thread.start()
+
+    def _serve(self, conn: socket.socket, peer: tuple) -> None:
+        try:
+            conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            conn.settimeout(self._handshake_timeout_s)
+            reader = conn.makefile("rb", buffering=_READ_BUFFER_BYTES)
+            self._handshake(conn, reader)
+            conn.settimeout(None)
+            while self._serve_one(conn, reader):
+                pass
+        except _CloseAfter as exc:
+            log.warning("fast path: closing %s: %s", peer, exc)
+            try:
+                conn.settimeout(1.0)
+                conn.sendall(exc.frame)
+            except OSError:
+                pass
+        except OSError as exc:  # a peer that vanished (or a stop()) is routine
+            log.debug("fast path: connection from %s ended: %s", peer, exc)
+        except Exception:  # noqa: BLE001 - one connection's bug must not end the server
+            log.exception("fast path: connection from %s failed", peer)
+        finally:
+            with self._lock:
+                self._conn_to_thread.pop(conn, None)
+            conn.close()
+
+    def _handshake(self, conn: socket.socket, reader) -> None:
+        hello = reader.read(ff.HELLO.size)
+        if len(hello) < ff.HELLO.size:
+            raise ConnectionError("closed during the handshake")
+        magic, version, token_len = ff.HELLO.unpack(hello)
+        if magic != ff.HELLO_MAGIC or version != ff.PROTOCOL_VERSION or (
+                token_len > ff.MAX_TOKEN_BYTES):
+            raise _CloseAfter(ff.encode_error(
+                grpc.StatusCode.INVALID_ARGUMENT, 0,
+                f"bad hello (magic {magic!r}, version {version}, token length {token_len})"),
+                "bad hello")
+        token = reader.read(token_len)
+        if not tokens_equal(self._token, token):
+            raise _CloseAfter(ff.encode_error(grpc.StatusCode.UNAUTHENTICATED, 0,
+                                              "missing or wrong token"), "wrong token")
+        conn.sendall(ff.encode_reply(grpc.StatusCode.OK, 0, self._master_id.encode()))
+
+    def _serve_one(self, conn: socket.socket, reader) -> bool:
+        """Serve one request; False on a clean close between requests."""
+        header = reader.read(ff.REQUEST.size)
+        if not header:
+            return False
+        if len(header) < ff.REQUEST.size:
+            raise ConnectionError("closed inside a request header")
+        body_len, method_id, request_id = ff.REQUEST.unpack(header)
+        if body_len > ff.MAX_FRAME_BYTES:
+            raise _CloseAfter(ff.encode_error(
+                grpc.StatusCode.RESOURCE_EXHAUSTED, request_id,
+                f"request of {body_len} bytes exceeds the maximum of {ff.MAX_FRAME_BYTES}"),
+                f"oversized request ({body_len} bytes)")
+        body = reader.read(body_len)
+        if len(body) < body_len:
+            raise ConnectionError("closed inside a request body")
+        call = self._id_to_call.get(method_id)
+        if call is None:
+            conn.sendall(ff.encode_error(grpc.StatusCode.UNIMPLEMENTED, request_id,
+                                         f"unknown method id {method_id}"))
+            return True
+        request_class, invoke = call
+        try:
+            request = request_class.FromString(body)
+        except DecodeError as exc:
+            conn.sendall(ff.encode_error(grpc.StatusCode.INVALID_ARGUMENT, request_id,
+                                         f"request does not parse: {exc}"))
+            return True
+        try:
+            frame = ff.encode_reply(grpc.StatusCode.OK, request_id,
+                                    invoke(request).SerializeToString())
+        except Rejected as exc:
+            frame = ff.encode_error(exc.code, request_id, exc.message)
+        conn.sendall(frame)
+        return True
