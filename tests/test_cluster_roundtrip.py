@@ -23,12 +23,16 @@ def cluster():
     cluster.close()
 
 
-@pytest.fixture(scope="module", params=["shm", "tcp"])
+@pytest.fixture(scope="module", params=[("shm", "fast"), ("tcp", "grpc")],
+                ids=["shm-fast", "tcp-grpc"])
 def clients(request, cluster):
-    """(this process's store, a peer process), both forced onto one transport."""
-    store = cluster.connect(transport=request.param)
-    peer = Peer(cluster.address, request.param)
-    yield request.param, store, peer
+    """(this process's store, a peer process), both forced onto one transport; this
+    process's master calls forced onto one metadata path (each path, each transport once)."""
+    transport, metadata = request.param
+    store = cluster.connect(transport=transport, metadata=metadata)
+    assert store.stats()["metadata"] == metadata
+    peer = Peer(cluster.address, transport)
+    yield transport, store, peer
     peer.close()
     store.close()
 

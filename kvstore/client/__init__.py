@@ -25,7 +25,11 @@ def connect(address: str, token: str | None = None, transport: str = "auto",
 
     ``token`` falls back to the KVSTORE_TOKEN environment variable. ``transport``: "auto"
     (shm for replicas on this host, tcp otherwise), "shm" (same-host replicas only) or "tcp".
-    ``options`` are ClientConfig fields (timeout_s, lease_ttl_s, verify, rpc_timeout_s).
+    ``options`` are ClientConfig fields (timeout_s, lease_ttl_s, verify, rpc_timeout_s,
+    metadata). ``metadata``: how master calls travel: "auto" (default; the master's framed
+    fast path when its Stats advertises one, gRPC otherwise), "grpc", or "fast" (raises
+    MasterUnavailableError if the master offers no fast path). Both carry the same messages
+    and give the same results and errors.
 
     Checks the master answers before returning. Raises InvalidArgumentError (bad argument or
     unknown option), AuthenticationError (token refused), MasterUnavailableError.
@@ -34,7 +38,7 @@ def connect(address: str, token: str | None = None, transport: str = "auto",
         raise InvalidArgumentError(f"address must be a non-empty 'host:port' str, got {address!r}")
     store = KVStore(address, make_config(token, transport, options))
     try:
-        store.stats()
+        store._connect_master()
     except BaseException:
         store.close()
         raise

@@ -10,6 +10,7 @@ from typing import Any
 from kvstore._errors import InvalidArgumentError
 
 TRANSPORT_KINDS = ("auto", "shm", "tcp")
+METADATA_KINDS = ("auto", "grpc", "fast")
 TOKEN_ENV = "KVSTORE_TOKEN"
 
 
@@ -27,6 +28,9 @@ class ClientConfig:
     lease_ttl_s: float | None = None  # read lease a get asks for; None: the master's default
     verify: bool = False             # verify checksums of shm reads too (tcp always verifies)
     rpc_timeout_s: float = 10.0      # deadline of one master RPC within a call
+    # master calls: "auto" (the framed fast path when the master offers one, else gRPC),
+    # "grpc", or "fast" (connect fails if the master offers no fast path)
+    metadata: str = "auto"
 
     def __post_init__(self) -> None:
         if self.transport not in TRANSPORT_KINDS:
@@ -34,6 +38,9 @@ class ClientConfig:
                 f"transport must be one of {TRANSPORT_KINDS}, got {self.transport!r}")
         if self.token is not None and (not isinstance(self.token, str) or not self.token):
             raise InvalidArgumentError("token must be a non-empty str or None")
+        if self.metadata not in METADATA_KINDS:
+            raise InvalidArgumentError(
+                f"metadata must be one of {METADATA_KINDS}, got {self.metadata!r}")
         check_timeout(self.timeout_s, "timeout_s")
         check_timeout(self.rpc_timeout_s, "rpc_timeout_s")
         if self.lease_ttl_s is not None:

@@ -49,7 +49,7 @@ def local(dram: str | int = "1GiB", ssd: str | None = None, **options: Any) -> K
             stop()
         raise
     try:
-        store.stats()  # the same readiness check as connect; learns the master's batch limit
+        store._connect_master()  # the same readiness check in connect and local
     except BaseException:
         store.close()
         raise

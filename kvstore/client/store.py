@@ -17,7 +17,7 @@ import time
 import uuid
 from typing import Any, Callable, Iterator, Sequence
 
-from kvstore._errors import ClosedError, InvalidArgumentError, KVStoreError
+from kvstore._errors import ClosedError, InvalidArgumentError, KVStoreError, MasterUnavailableError
 from kvstore.client import statuses
 from kvstore.client.buffers import finish_bytes, new_bytes
 from kvstore.client.config import ClientConfig, check_timeout
@@ -25,6 +25,7 @@ from kvstore.client.keys import check_key, check_keys
 from kvstore.client.reader import GetSettings, get_batch
 from kvstore.client.transfer import Transfers
 from kvstore.client.writer import PutSettings, check_replicas, check_tier, put_batch
+from kvstore.master.fast_client import FastMasterClient
 from kvstore.master.rpc_client import MasterClient
 from kvstore.transport import local_host_id, make_transports
 from kvstore.v1 import master_pb2
@@ -64,13 +65,15 @@ class KVStore:
         # most keys the master takes in one request; learnt from Stats (connect asks)
         self._max_batch = DEFAULT_MAX_BATCH
         self._close_lock = threading.Lock()
-        self._master = MasterClient(address, token=config.token,
-                                    timeout_s=config.rpc_timeout_s)
+        self._grpc = MasterClient(address, token=config.token, timeout_s=config.rpc_timeout_s)
+        # every master call goes through _master: gRPC until _connect_master picks the path
+        self._master: MasterClient | FastMasterClient = self._grpc
+        self.metadata_path = "grpc"  # "grpc" or "fast": what master calls actually use
         try:
             self._transfers = Transfers(make_transports(kind=config.transport,
                                                         token=config.token))
         except BaseException:
-            self._master.close()
+            self._grpc.close()
             raise
 
     # ---- put ----------------------------------------------------------------------------
@@ -243,10 +246,30 @@ class KVStore:
         if reply.max_batch:
             self._max_batch = reply.max_batch
         return {"address": self.address, "client_id": self.client_id, "host_id": self.host_id,
-                "transports": [t.name for t in self._transfers.transports],
+                "metadata": self.metadata_path, "transports": [t.name for t in self._transfers.transports],
                 "transfers": self._transfers.stats(), "master": master}
 
     # ---- lifecycle ----------------------------------------------------------------------
+    def _connect_master(self) -> None:
+        """Readiness check of ``connect``/``local``: Stats over gRPC (learns ``max_batch`` and
+        the fast port), then the metadata path by ``config.metadata``. Raises
+        MasterUnavailableError when "fast" is asked and the master offers none."""
+        reply = self._call("Stats", master_pb2.StatsRequest())
+        if reply.max_batch:
+            self._max_batch = reply.max_batch
+        if self.config.metadata == "grpc" or (self.config.metadata == "auto"
+                                              and not reply.fast_port):
+            return
+        if not reply.fast_port:
+            raise MasterUnavailableError(
+                f"metadata='fast' but the master at {self.address} offers no fast path "
+                "(started with --no-fast-rpc?)")
+        host = self.address.rsplit(":", 1)[0].strip("[]")
+        self._master = FastMasterClient(host, reply.fast_port, token=self.config.token,
+                                        timeout_s=self.config.rpc_timeout_s)
+        self.metadata_path = "fast"
+        self._master.call("Stats", master_pb2.StatsRequest())  # reachable with our token
+
     def close(self) -> None:
         """Close connections and mappings (and, for ``kvstore.local``, stop the embedded
         servers). Idempotent. Calls in flight in other threads may fail."""
@@ -256,6 +279,7 @@ class KVStore:
             self._closed = True
         self._transfers.close()
         self._master.close()
+        self._grpc.close()
         for stop in reversed(self._on_close):
             stop()
 
