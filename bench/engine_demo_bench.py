@@ -5,7 +5,7 @@ process) once per prompt length, lossless, plus one INT8 run at 2,048 tokens, pr
 table and writes every row to bench/out/demo_bench.json. The figure to watch is the share of
 time to first token spent moving KV (save + load), target < 10 % at 2,048 tokens.
 
-Flags: ``--sizes 512,2048,8192`` (default), ``--no-int8``.
+Flags: ``--sizes 512,2048,8192`` (default), ``--no-int8``, ``--out PATH``.
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ def main() -> None:
     parser.add_argument("--sizes", default="512,2048,8192")
     parser.add_argument("--no-int8", action="store_true")
     parser.add_argument("--decode-tokens", type=int, default=64)
+    parser.add_argument("--out", type=Path, default=OUT)
     args = parser.parse_args()
     runs = [DemoConfig(prompt_tokens=int(n), decode_tokens=args.decode_tokens)
             for n in args.sizes.split(",")]
@@ -38,10 +39,10 @@ def main() -> None:
         print(report(rows, config), f"\n(run took {time.perf_counter() - started:.0f} s)\n",
               flush=True)
         results.append({"config": config.__dict__, "rows": rows})
-    OUT.parent.mkdir(parents=True, exist_ok=True)
-    OUT.write_text(json.dumps({"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps({"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
                                "runs": results}, indent=1, default=str))
-    print(f"wrote {OUT}")
+    print(f"wrote {args.out}")
 
 
 if __name__ == "__main__":

@@ -14,7 +14,8 @@ import kvstore
 from kvstore import InvalidArgumentError
 from kvstore.engine import KeyNamespace, PagedKVConnector
 from kvstore.engine.generate import extend, loadable_tokens, prefill_schedule, reference_generate
-from kvstore.engine.hf_cache import PagedCache, cache_to_pages, pages_to_cache
+from kvstore.engine.hf_cache import PagedCache, cache_length, cache_to_pages, pages_to_cache
+from kvstore.engine.hf_connector import DynamicCacheConnector
 from kvstore.engine.model import ModelSpec, build_model, kv_shape_of
 from kvstore.engine.pd_worker import run_decode, run_prefill
 
@@ -33,26 +34,25 @@ def store():
         yield s
 
 
-def _side(spec: ModelSpec, store, quantize, num_tokens: int, prefix: str):
-    """One engine: its own model instance, paged cache and connector."""
+def _side(spec: ModelSpec, store, quantize, prefix: str):
+    """One engine: its own model instance and connector."""
     model = build_model(spec)
     num_layers, num_kv_heads, head_dim = kv_shape_of(model)
-    paged = PagedCache(num_layers=num_layers, num_blocks=num_tokens // BLOCK_SIZE + 2,
-                       block_size=BLOCK_SIZE, num_kv_heads=num_kv_heads, head_dim=head_dim)
-    connector = PagedKVConnector(store, paged.layers, block_size=BLOCK_SIZE, quantize=quantize,
-                                 namespace=KeyNamespace(model=spec.tag, prefix=prefix))
-    return model, paged, connector
+    connector = DynamicCacheConnector(
+        store, num_layers=num_layers, num_kv_heads=num_kv_heads, head_dim=head_dim,
+        dtype=torch.float32, block_size=BLOCK_SIZE, quantize=quantize,
+        namespace=KeyNamespace(model=spec.tag, prefix=prefix))
+    return model, connector
 
 
 def _pd(spec, store, requests, tmp_path, quantize=None):
     job = {"block_size": BLOCK_SIZE, "requests": requests}
-    max_tokens = max(len(r["token_ids"]) for r in requests)
     # the namespace is all the two sides agree on besides the tokens; fresh per test
     prefix = tmp_path.name.replace("[", "-").replace("]", "")
-    model_a, paged_a, conn_a = _side(spec, store, quantize, max_tokens, prefix)
-    model_b, paged_b, conn_b = _side(spec, store, quantize, max_tokens, prefix)
-    prefill = run_prefill(job, store, model_a, conn_a, paged_a, tmp_path)
-    decode = run_decode(job, store, model_b, conn_b, paged_b, tmp_path)
+    model_a, conn_a = _side(spec, store, quantize, prefix)
+    model_b, conn_b = _side(spec, store, quantize, prefix)
+    prefill = run_prefill(job, model_a, conn_a, tmp_path)
+    decode = run_decode(job, model_b, conn_b, tmp_path)
     return prefill, decode
 
 
@@ -80,6 +80,45 @@ def test_cache_to_pages_and_back_is_exact() -> None:
         cache_to_pages(cache, paged.layers, [0], block_size=BLOCK_SIZE, num_tokens=32)
     with pytest.raises(InvalidArgumentError):
         pages_to_cache(paged.layers, [0], num_tokens=17)
+
+
+def test_dynamic_cache_blocks_interoperate_with_paged_engines(store) -> None:
+    model = build_model(GQA)
+    cache = DynamicCache(config=model.config)
+    tokens = _prompt(45, 9)
+    extend(model, cache, tokens, 0, [45])
+    num_layers, heads, head_dim = kv_shape_of(model)
+    ns = KeyNamespace(model="interop")
+    hf = DynamicCacheConnector(store, num_layers=num_layers, num_kv_heads=heads,
+                               head_dim=head_dim, dtype=torch.float32, block_size=BLOCK_SIZE,
+                               namespace=ns)
+    saved = hf.save_blocks(cache, tokens)
+    assert (saved.num_blocks_stored, saved.failed_keys) == (2, [])
+    # a paged engine loads them: same pages as a direct copy of the cache
+    expected = PagedCache(num_layers=num_layers, num_blocks=4, block_size=BLOCK_SIZE,
+                          num_kv_heads=heads, head_dim=head_dim)
+    cache_to_pages(cache, expected.layers, [0, 1], block_size=BLOCK_SIZE)
+    paged = PagedCache(num_layers=num_layers, num_blocks=4, block_size=BLOCK_SIZE,
+                       num_kv_heads=heads, head_dim=head_dim)
+    connector = PagedKVConnector(store, paged.layers, block_size=BLOCK_SIZE, namespace=ns)
+    assert hf.keys_for(tokens) == connector.keys_for(tokens)
+    assert connector.load(tokens, [3, 2]) == 32
+    for got, want in zip(paged.layers, expected.layers):
+        assert torch.equal(got[:, 3], want[:, 0]) and torch.equal(got[:, 2], want[:, 1])
+    # and the cache rebuilt from the store equals the original's first 32 tokens
+    rebuilt, loaded = hf.load_cache(tokens)
+    assert (loaded.num_tokens_loaded, loaded.failed_keys) == (32, [])
+    for original, copy in zip(cache.layers, rebuilt.layers):
+        assert torch.equal(original.keys[:, :, :32], copy.keys)
+        assert torch.equal(original.values[:, :, :32], copy.values)
+    empty, nothing = hf.load_cache(_prompt(45, 10))
+    assert nothing.num_tokens_loaded == 0 and cache_length(empty) == 0
+    with pytest.raises(InvalidArgumentError):
+        hf.save_blocks(cache, _prompt(64, 11))  # 4 full blocks, the cache holds 45 tokens
+    with pytest.raises(InvalidArgumentError):
+        DynamicCacheConnector(store, num_layers=2, num_kv_heads=heads + 1, head_dim=head_dim,
+                              dtype=torch.float32, block_size=BLOCK_SIZE,
+                              namespace=ns).save_blocks(cache, tokens)
 
 
 def test_prefill_schedule_leaves_the_last_token_to_compute() -> None:

@@ -20,6 +20,7 @@ _LAZY = {
     "cache_to_pages": "kvstore.engine.hf_cache",
     "pages_to_cache": "kvstore.engine.hf_cache",
     "KVStoreConnectorV1": "kvstore.engine.vllm_connector",
+    "DynamicCacheConnector": "kvstore.engine.hf_connector",
 }
 
 __all__ = sorted(["HASH_SCHEME", "KeyNamespace", "canonical_token_bytes", "prefix_keys", *_LAZY])

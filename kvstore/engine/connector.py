@@ -59,9 +59,10 @@ class PagedKVConnector:
 
     ``layers``: per-layer paged tensors of this shard's heads, ``[2, num_blocks, block_size,
     num_kv_heads, head_dim]``, ``[num_blocks, 2, ...]`` or MLA ``[num_blocks, block_size,
-    latent_dim]`` (``layout`` as ``kvstore.ops`` names it; detected when None). ``namespace``: a KeyNamespace (its dtype, layout and quantization fields
-    are filled in from the cache when left at their defaults) or a rendered string. The store
-    is borrowed, not owned: closing it is the caller's job.
+    latent_dim]`` (``layout`` as ``kvstore.ops`` names it; detected when None).
+    ``namespace``: a KeyNamespace (its layout, dtype and quantization fields are set from the
+    cache) or a rendered string, used as is. The store is borrowed, not owned: closing it is
+    the caller's job.
     """
 
     def __init__(self, store: Any, layers: Sequence[torch.Tensor], *, block_size: int,

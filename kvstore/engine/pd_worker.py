@@ -9,8 +9,11 @@ prefill: for each request, load the longest stored prefix (a prefix hit), comput
     the prompt on the demo's schedule, save its full blocks; then, untimed, decode on from its
     own cache: that is the single-process generation the decode side is compared with
     (requests with ``reference_prefix_tokens`` are recomputed from scratch for it instead).
-decode: for each request, load the stored blocks into its own pages (other block ids than the
-    prefill side's), rebuild a DynamicCache, compute the remaining prompt tokens, and decode.
+decode: for each request, load the stored blocks into a DynamicCache of its own (one
+    batched get, one copy into the cache), compute the remaining prompt tokens, and decode.
+
+Both sides move KV with ``DynamicCacheConnector`` (same stored form and keys as
+``PagedKVConnector``, without a detour through a paged cache).
 """
 
 from __future__ import annotations
@@ -24,10 +27,9 @@ from typing import Any
 import torch
 
 import kvstore
-from kvstore.engine.connector import PagedKVConnector
 from kvstore.engine.generate import (decode, extend, loadable_tokens, prefill_schedule,
                                      reference_generate)
-from kvstore.engine.hf_cache import PagedCache, cache_to_pages, pages_to_cache
+from kvstore.engine.hf_connector import DynamicCacheConnector
 from kvstore.engine.keys import KeyNamespace
 from kvstore.engine.model import ModelSpec, build_model, kv_shape_of, load_model
 
@@ -42,54 +44,38 @@ def _model(job: dict[str, Any]) -> torch.nn.Module:
     return build_model(ModelSpec(**job["model_spec"]))
 
 
-def _paged_cache(model: torch.nn.Module, job: dict[str, Any]) -> PagedCache:
-    num_layers, num_kv_heads, head_dim = kv_shape_of(model)
-    max_tokens = max(len(r["token_ids"]) for r in job["requests"])
-    num_blocks = -(-max_tokens // job["block_size"]) + 1
-    return PagedCache(num_layers=num_layers, num_blocks=num_blocks, block_size=job["block_size"],
-                      num_kv_heads=num_kv_heads, head_dim=head_dim,
-                      dtype=next(model.parameters()).dtype)
-
-
-def _block_ids(role: str, num_blocks: int, paged: PagedCache) -> list[int]:
-    """Prefill uses pages from the front, decode from the back, so a load must land in other
-    page ids than the save came from."""
-    if role == "prefill":
-        return list(range(num_blocks))
-    return list(range(paged.num_blocks - 1, paged.num_blocks - 1 - num_blocks, -1))
-
-
-def warm_up(model: torch.nn.Module, connector: PagedKVConnector, paged: PagedCache,
-            block_size: int) -> None:
+def warm_up(model: torch.nn.Module, connector: DynamicCacheConnector, job: dict[str, Any]) -> None:
     """What a serving engine does once at start-up, so no timed phase pays first-call costs
     (kernel library load, thread pools, first touch of the staging buffer)."""
     from transformers import DynamicCache
 
+    block_size = job["block_size"]
     cache = DynamicCache(config=model.config)
     vocab_size = model.config.vocab_size
     logits = extend(model, cache, [i % vocab_size for i in range(2 * block_size)], 0,
                     [block_size, 2 * block_size])
     decode(model, cache, logits, 2)
-    connector.warm_up(paged.num_blocks)
-    cache_to_pages(cache, paged.layers, [0, 1], block_size=block_size)
-    pages_to_cache(paged.layers, [0, 1], num_tokens=2 * block_size, config=model.config)
+    max_tokens = max(len(r["token_ids"]) for r in job["requests"])
+    connector.warm_up(max_tokens // block_size)
+    if connector.format.quantize == "int8":
+        from kvstore import ops
+
+        ops.dequantize_int8(*ops.quantize_int8(torch.ones(4, connector.format.head_dim),
+                                               connector.format.head_dim), torch.float32)
 
 
-def run_prefill(job: dict[str, Any], store: Any, model: torch.nn.Module,
-                connector: PagedKVConnector, paged: PagedCache, out_dir: Path) -> list[dict]:
-    from transformers import DynamicCache
-
+def run_prefill(job: dict[str, Any], model: torch.nn.Module, connector: DynamicCacheConnector,
+                out_dir: Path) -> list[dict]:
     block_size = job["block_size"]
     results = []
     for request in job["requests"]:
         name, tokens = request["name"], request["token_ids"]
         num_tokens = len(tokens)
-        block_ids = _block_ids("prefill", -(-num_tokens // block_size), paged)
         started = time.perf_counter()
         # prefix hit: a prompt sharing stored blocks only computes what follows them
-        hit = connector.load(tokens[:loadable_tokens(num_tokens, block_size)], block_ids)
-        cache = (pages_to_cache(paged.layers, block_ids, num_tokens=hit, config=model.config)
-                 if hit else DynamicCache(config=model.config))
+        cache, loaded = connector.load_cache(tokens[:loadable_tokens(num_tokens, block_size)],
+                                             config=model.config)
+        hit = loaded.num_tokens_loaded
         load_s = time.perf_counter() - started
         started = time.perf_counter()
         logits = extend(model, cache, tokens, hit, prefill_schedule(num_tokens, block_size, hit))
@@ -98,14 +84,10 @@ def run_prefill(job: dict[str, Any], store: Any, model: torch.nn.Module,
                        f"({load_s:.3f} s), {num_tokens - hit} computed in {prefill_s:.2f} s")
         started = time.perf_counter()
         num_full = num_tokens // block_size
-        cache_to_pages(cache, paged.layers, block_ids, block_size=block_size,
-                       num_tokens=num_full * block_size)
-        pages_s = time.perf_counter() - started
-        saved = connector.save_blocks(tokens, block_ids)
+        saved = connector.save_blocks(cache, tokens)
         save_s = time.perf_counter() - started
         log("prefill", f"{name}: saved {saved.num_blocks_stored} blocks "
-                       f"({saved.num_bytes_written / 2**20:.1f} MiB written) in {save_s:.3f} s "
-                       f"(cache to pages {pages_s:.3f} s)")
+                       f"({saved.num_bytes_written / 2**20:.1f} MiB written) in {save_s:.3f} s")
         if request.get("reference_prefix_tokens"):
             reference = reference_generate(model, tokens, block_size=block_size,
                                            num_decode_tokens=request["decode_tokens"],
@@ -127,24 +109,19 @@ def run_prefill(job: dict[str, Any], store: Any, model: torch.nn.Module,
     return results
 
 
-def run_decode(job: dict[str, Any], store: Any, model: torch.nn.Module,
-               connector: PagedKVConnector, paged: PagedCache, out_dir: Path) -> list[dict]:
+def run_decode(job: dict[str, Any], model: torch.nn.Module, connector: DynamicCacheConnector,
+               out_dir: Path) -> list[dict]:
     block_size = job["block_size"]
     results = []
     for request in job["requests"]:
         name, tokens = request["name"], request["token_ids"]
         num_tokens = len(tokens)
-        block_ids = _block_ids("decode", -(-num_tokens // block_size), paged)
         started = time.perf_counter()
-        loaded = connector.load_blocks(tokens[:loadable_tokens(num_tokens, block_size)],
-                                       block_ids)
-        store_s = time.perf_counter() - started
-        cache = pages_to_cache(paged.layers, block_ids, num_tokens=loaded.num_tokens_loaded,
-                               config=model.config)
+        cache, loaded = connector.load_cache(tokens[:loadable_tokens(num_tokens, block_size)],
+                                             config=model.config)
         load_s = time.perf_counter() - started
         log("decode", f"{name}: loaded {loaded.num_tokens_loaded} tokens of KV "
-                      f"({loaded.num_bytes_read / 2**20:.1f} MiB) in {load_s:.3f} s "
-                      f"(store to pages {store_s:.3f} s)")
+                      f"({loaded.num_bytes_read / 2**20:.1f} MiB) in {load_s:.3f} s")
         started = time.perf_counter()
         hit = loaded.num_tokens_loaded
         logits = extend(model, cache, tokens, hit, prefill_schedule(num_tokens, block_size, hit))
@@ -173,16 +150,17 @@ def main(job_path: str) -> None:
     started = time.perf_counter()
     model = _model(job)
     log(role, f"model ready in {time.perf_counter() - started:.1f} s")
-    paged = _paged_cache(model, job)
-    namespace = KeyNamespace(**job["namespace"])
+    num_layers, num_kv_heads, head_dim = kv_shape_of(model)
     with kvstore.connect(job["master"]) as store:
-        connector = PagedKVConnector(store, paged.layers, block_size=job["block_size"],
-                                     quantize=job.get("quantize"), namespace=namespace)
+        connector = DynamicCacheConnector(
+            store, num_layers=num_layers, num_kv_heads=num_kv_heads, head_dim=head_dim,
+            dtype=next(model.parameters()).dtype, block_size=job["block_size"],
+            quantize=job.get("quantize"), namespace=KeyNamespace(**job["namespace"]))
         started = time.perf_counter()
-        warm_up(model, connector, paged, job["block_size"])
+        warm_up(model, connector, job)
         log(role, f"warmed up in {time.perf_counter() - started:.1f} s")
         runner = run_prefill if role == "prefill" else run_decode
-        results = runner(job, store, model, connector, paged, out_dir)
+        results = runner(job, model, connector, out_dir)
     Path(job["result_path"]).write_text(json.dumps({"role": role, "requests": results}))
 
 

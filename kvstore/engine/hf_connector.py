@@ -1,0 +1,140 @@
+"""DynamicCacheConnector: save a transformers ``DynamicCache`` to the store and rebuild one.
+
+A transformers cache is not paged, so going through a paged cache (``hf_cache``) costs two
+extra passes over the KV. This connector writes the cache's full blocks straight into staging
+rows in the stored block form of ``kvstore.engine.blocks`` (one strided copy per tensor) and
+rebuilds a cache from rows the same way. The form and the keys are those of
+``PagedKVConnector`` with a ``[2, num_blocks, ...]`` cache of the same shape, so a block
+saved from a transformers cache loads into a paged engine and the other way round.
+
+Guarantees and errors as ``PagedKVConnector``: one ``batch_exists`` and one ``batch_put``
+per save (stored blocks skipped), one ``match_prefix`` and one ``batch_get_into`` per load,
+failed blocks named in the result, only bad arguments and a closed store raise. Batch size 1.
+Thread safety: one connector per thread (the staging buffer is reused).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from kvstore._errors import InvalidArgumentError
+from kvstore.engine.blocks import BlockFormat, decode_rows
+from kvstore.engine.connector import (LoadResult, SaveResult, _complete_namespace, _leading_ok,
+                                      _ok)
+from kvstore.engine.hf_cache import _cache_pairs
+from kvstore.engine.keys import KeyNamespace, prefix_keys
+
+
+class DynamicCacheConnector:
+    """Moves the full blocks of a one-request ``DynamicCache`` to and from a kvstore."""
+
+    def __init__(self, store: Any, *, num_layers: int, num_kv_heads: int, head_dim: int,
+                 dtype: torch.dtype, block_size: int, quantize: str | None = None,
+                 namespace: KeyNamespace | str, device: str | torch.device = "cpu"):
+        for name, value in (("num_layers", num_layers), ("num_kv_heads", num_kv_heads),
+                            ("head_dim", head_dim), ("block_size", block_size)):
+            if not isinstance(value, int) or value < 1:
+                raise InvalidArgumentError(f"{name} must be an int >= 1, got {value!r}")
+        self.store = store
+        self.device = torch.device(device)  # where load_cache puts the rebuilt cache
+        self.block_size = block_size
+        self.format = BlockFormat((num_layers, 2, block_size, num_kv_heads, head_dim), 2, dtype,
+                                  "kv_first", quantize)
+        self.namespace = _complete_namespace(namespace, self.format)
+        self._staging = torch.empty(0, dtype=torch.uint8)
+
+    def keys_for(self, token_ids: Any) -> list[str]:
+        return prefix_keys(token_ids, chunk_size=self.block_size, namespace=self.namespace)
+
+    def save_blocks(self, cache: Any, token_ids: Any) -> SaveResult:
+        """Store every full block of ``token_ids`` whose KV the cache holds (the cache holds
+        at least as many tokens as the full blocks cover, else InvalidArgumentError)."""
+        keys = self.keys_for(token_ids)
+        pairs = self._pairs(cache, len(keys) * self.block_size)
+        if not keys:
+            return SaveResult(0, 0, [])
+        missing = [i for i, exists in enumerate(self.store.batch_exists(keys)) if not exists]
+        if not missing:
+            return SaveResult(len(keys), 0, [])
+        rows = self._rows(len(missing))
+        fmt = self.format
+        if fmt.quantize == "int8":
+            from kvstore import ops
+
+            payload = torch.empty(len(missing), *fmt.block_shape, dtype=fmt.dtype)
+            self._fill(payload, pairs, missing, len(keys))
+            q, scales = ops.quantize_int8(payload, fmt.head_dim)
+            rows[:, :fmt.num_values].copy_(q.view(len(missing), -1).view(torch.uint8))
+            rows[:, fmt.num_values:].copy_(scales.view(len(missing), -1).view(torch.uint8))
+        else:
+            self._fill(rows.view(fmt.dtype).view(len(missing), *fmt.block_shape), pairs,
+                       missing, len(keys))
+        results = self.store.batch_put([keys[i] for i in missing], list(rows))
+        failed = [keys[i] for i, r in zip(missing, results) if r is not None]
+        num_written = len(missing) - len(failed)
+        return SaveResult(len(keys) - len(failed), num_written * fmt.block_bytes, failed)
+
+    def load_cache(self, token_ids: Any, *, config: Any = None) -> tuple[Any, LoadResult]:
+        """A new DynamicCache holding the longest stored run of leading full blocks of
+        ``token_ids`` (empty when none is stored), and what was loaded."""
+        from transformers import DynamicCache
+
+        keys = self.keys_for(token_ids)
+        num_hit = self.store.match_prefix(keys) if keys else 0
+        cache = DynamicCache(config=config)
+        if num_hit == 0:
+            return cache, LoadResult(0, 0, [])
+        fmt = self.format
+        rows = self._rows(num_hit)
+        results = self.store.batch_get_into(keys[:num_hit], list(rows))
+        num_ok = _leading_ok(results, fmt.block_bytes)
+        failed = [k for k, r in zip(keys[:num_hit], results) if not _ok(r, fmt.block_bytes)]
+        if num_ok:
+            payload = decode_rows(rows[:num_ok], fmt)  # [n, L, 2, B, H, D], a view when raw
+            heads, dim = fmt.num_kv_heads, fmt.head_dim
+            for layer in range(fmt.block_shape[0]):
+                # [n, B, H, D] -> [1, H, n*B, D]: the one copy, into fresh tensors
+                k, v = (payload[:, layer, kv].permute(2, 0, 1, 3).reshape(
+                    1, heads, num_ok * self.block_size, dim).to(self.device) for kv in (0, 1))
+                cache.update(k, v, layer)
+        return cache, LoadResult(num_ok * self.block_size, num_ok * fmt.block_bytes, failed)
+
+    def warm_up(self, num_blocks: int) -> None:
+        """Size and touch the staging buffer once, at engine start-up."""
+        self._rows(num_blocks).fill_(0)
+
+    def _fill(self, out: torch.Tensor, pairs: list, missing: list[int], num_blocks: int) -> None:
+        """out[j] = block missing[j] of the cache, ``[L, 2, B, H, D]``."""
+        first, last = missing[0], missing[-1] + 1
+        contiguous = last - first == len(missing)  # the usual case: a tail after a prefix hit
+        index = None if contiguous else torch.tensor(missing)
+        for layer, (keys, values) in enumerate(pairs):
+            for kv, source in ((0, keys), (1, values)):
+                heads, dim = source.shape[1], source.shape[3]
+                blocks = source[0, :, :num_blocks * self.block_size].reshape(
+                    heads, num_blocks, self.block_size, dim).permute(1, 2, 0, 3)
+                picked = blocks[first:last] if contiguous else blocks.index_select(0, index)
+                out[:, layer, kv].copy_(picked)
+
+    def _pairs(self, cache: Any, num_tokens: int) -> list:
+        pairs = _cache_pairs(cache)
+        shape = self.format.block_shape
+        if len(pairs) != shape[0]:
+            raise InvalidArgumentError(f"cache has {len(pairs)} layers, connector {shape[0]}")
+        for keys, _ in pairs:
+            if (keys.shape[1], keys.shape[3]) != (shape[3], shape[4]) or keys.shape[2] < num_tokens:
+                raise InvalidArgumentError(
+                    f"cache tensors {tuple(keys.shape)} do not hold {num_tokens} tokens of "
+                    f"{shape[3]} heads x {shape[4]}")
+            if keys.dtype != self.format.dtype:
+                raise InvalidArgumentError(f"cache dtype {keys.dtype}, connector "
+                                           f"{self.format.dtype}")
+        return pairs
+
+    def _rows(self, num_blocks: int) -> torch.Tensor:
+        needed = num_blocks * self.format.block_bytes
+        if self._staging.numel() < needed:
+            self._staging = torch.empty(needed, dtype=torch.uint8)
+        return self._staging[:needed].view(num_blocks, self.format.block_bytes)
