@@ -136,7 +136,8 @@ def test_gather_quantize_equals_composition(layout, dtype, block_size, head_dim)
 @pytest.mark.parametrize("block_size,head_dim", SHAPES)
 def test_dequantize_scatter_equals_composition(layout, dtype, block_size, head_dim):
     src = make_layers(layout, 3, 7, block_size, head_dim, dtype)
-    q, scales = gather_quantize(src, [6, 1, 4], group_size=head_dim // 2 if head_dim % 2 == 0 else None)
+    group_size = head_dim // 2 if head_dim % 2 == 0 else None  # a group smaller than head_dim
+    q, scales = gather_quantize(src, [6, 1, 4], group_size=group_size)
     dst = make_layers(layout, 3, 8, block_size, head_dim, dtype, seed=5)
     want = [t.clone() for t in dst]
     dst_ids = [0, 7, 2]
@@ -194,7 +195,8 @@ def test_opcheck():
     gq, gs = gather_quantize(layers, [1, 3])
     ids = torch.tensor([1, 3])
     ops = torch.ops.kvstore
-    torch.library.opcheck(ops.quantize_int8.default, (x, torch.empty_like(q), torch.empty_like(scales)))
+    torch.library.opcheck(ops.quantize_int8.default,
+                          (x, torch.empty_like(q), torch.empty_like(scales)))
     torch.library.opcheck(ops.dequantize_int8.default, (q, scales, torch.empty_like(x)))
     torch.library.opcheck(ops.gather_quantize.default,
                           (layers, ids, torch.empty_like(gq), torch.empty_like(gs), None))

@@ -151,9 +151,9 @@ extern "C" int kvops_gather_quantize(const kvops_pages* pages, int dtype, int64_
         run_coords(g, run, &layer, &kv, &page);
         const scalar_t* cache = static_cast<const scalar_t*>(pages->layer_ptrs[layer]) +
                                 cache_run_offset(g, pages->block_ids[page], kv);
+        float* run_scales = scales + gathered_scale_offset(g, layer, kv, page, group_size);
         local_bad += quantize_groups(cache, groups_per_run, group_size,
-                                     q + gathered_run_offset(g, layer, kv, page),
-                                     scales + gathered_scale_offset(g, layer, kv, page, group_size));
+                                     q + gathered_run_offset(g, layer, kv, page), run_scales);
       }
       bad += local_bad;
     });

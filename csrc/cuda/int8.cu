@@ -52,7 +52,9 @@ __device__ __forceinline__ void quantize_group(const T* x,      // [group_size]
     const P p = *reinterpret_cast<const P*>(x + i);
     QP out;
 #pragma unroll
-    for (int j = 0; j < VEC; ++j) out.v[j] = zero ? int8_t{0} : quantize_one(to_float(p.v[j]), inv_scale);
+    for (int j = 0; j < VEC; ++j) {
+      out.v[j] = zero ? int8_t{0} : quantize_one(to_float(p.v[j]), inv_scale);
+    }
     *reinterpret_cast<QP*>(q + i) = out;
   }
 }

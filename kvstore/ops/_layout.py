@@ -111,9 +111,9 @@ def describe_layers(layers: Sequence[torch.Tensor], layout: str | None = None) -
             raise InvalidArgumentError(f"layers[{i}] is {type(t).__name__}, not a tensor")
         if (t.dtype, t.device, t.shape, t.stride()) != expected:
             raise InvalidArgumentError(
-                f"layers[{i}] ({t.dtype}, {t.device}, {list(t.shape)}, strides {t.stride()}) differs "
-                f"from layers[0] ({first.dtype}, {first.device}, {list(first.shape)}, strides "
-                f"{first.stride()})")
+                f"layers[{i}] ({t.dtype}, {t.device}, {list(t.shape)}, strides {t.stride()}) "
+                f"differs from layers[0] ({first.dtype}, {first.device}, {list(first.shape)}, "
+                f"strides {first.stride()})")
     if layout is None:
         layout = detect_layout(first.shape)
     elif layout not in _DIMS:
@@ -144,6 +144,13 @@ def _pages_disjoint(g: PagedGeometry) -> bool:
     if g.num_blocks <= 1:
         return ks >= page
     return (bs >= page and ks >= g.num_blocks * bs) or (ks >= page and bs >= 2 * ks)
+
+
+def check_num_blocks(num_blocks: int) -> int:
+    """num_blocks, or InvalidArgumentError unless it is an int >= 0."""
+    if isinstance(num_blocks, bool) or not isinstance(num_blocks, int) or num_blocks < 0:
+        raise InvalidArgumentError(f"num_blocks must be an int >= 0, not {num_blocks!r}")
+    return num_blocks
 
 
 def check_block_ids(block_ids: torch.Tensor | Sequence[int], num_blocks: int, *,

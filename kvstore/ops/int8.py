@@ -20,7 +20,13 @@ import torch
 
 from kvstore._errors import InvalidArgumentError
 from kvstore.ops import _lib, _torch_ops
-from kvstore.ops._layout import PagedGeometry, check_block_ids, check_buffer, describe_layers
+from kvstore.ops._layout import (
+    PagedGeometry,
+    check_block_ids,
+    check_buffer,
+    check_num_blocks,
+    describe_layers,
+)
 from kvstore.ops.paged import BlockIds
 
 
@@ -78,7 +84,7 @@ def quantized_shapes(layers: Sequence[torch.Tensor], num_blocks: int, group_size
     """Shapes of gather_quantize's (q, scales) for num_blocks pages of these layers; q is
     int8 (1 byte per value), scales fp32 (4 bytes per group)."""
     geom = describe_layers(layers, layout)
-    shape = geom.gathered_shape(num_blocks)
+    shape = geom.gathered_shape(check_num_blocks(num_blocks))
     group_size = _default_group(geom, group_size)
     return shape, _scales_shape(shape, group_size)
 

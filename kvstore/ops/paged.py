@@ -8,7 +8,12 @@ import torch
 
 from kvstore._errors import InvalidArgumentError
 from kvstore.ops import _torch_ops
-from kvstore.ops._layout import PagedGeometry, check_block_ids, describe_layers
+from kvstore.ops._layout import (
+    PagedGeometry,
+    check_block_ids,
+    check_num_blocks,
+    describe_layers,
+)
 
 BlockIds = torch.Tensor | Sequence[int]
 
@@ -18,20 +23,14 @@ def gathered_shape(layers: Sequence[torch.Tensor], num_blocks: int, *,
     """Shape of gather_pages' result for num_blocks pages of these layers:
     [num_layers, 2, num_blocks, block_size, num_kv_heads, head_dim] (kv layouts) or
     [num_layers, num_blocks, block_size, latent_dim] (mla)."""
-    return describe_layers(layers, layout).gathered_shape(_count(num_blocks))
+    return describe_layers(layers, layout).gathered_shape(check_num_blocks(num_blocks))
 
 
 def gathered_nbytes(layers: Sequence[torch.Tensor], num_blocks: int, *,
                     layout: str | None = None) -> int:
     """Bytes of gather_pages' result for num_blocks pages (to preallocate transfer buffers)."""
     geom = describe_layers(layers, layout)
-    return geom.gathered_numel(_count(num_blocks)) * geom.dtype.itemsize
-
-
-def _count(num_blocks: int) -> int:
-    if isinstance(num_blocks, bool) or not isinstance(num_blocks, int) or num_blocks < 0:
-        raise InvalidArgumentError(f"num_blocks must be an int >= 0, not {num_blocks!r}")
-    return num_blocks
+    return geom.gathered_numel(check_num_blocks(num_blocks)) * geom.dtype.itemsize
 
 
 def as_typed(buf: torch.Tensor, name: str, geom: PagedGeometry, numel: int, *,

@@ -58,12 +58,12 @@ KVOPS_HD float group_scale(float amax) { return amax / kInt8Max; }
 // what x is multiplied by before rounding (amax >= kMinAmax, finite).
 KVOPS_HD float group_inv_scale(float amax) { return kInt8Max / amax; }
 
-// NOTE: every build compiles this without FMA contraction (-ffp-contract=off, --fmad=false):
-// fusing x * inv_scale into the add below would round once instead of twice.
 // round(x * inv_scale) to nearest even, for inv_scale = group_inv_scale(amax) (callers write 0
-// for zero and non-finite groups, outside their inner loops). NOTE: 1.5 * 2^23 added and subtracted rounds any |r| <
-// 2^22 to an integer under the default rounding mode; unlike rintf it vectorizes with plain
-// SSE2 and gives the same result on host and device (|r| <= 127 here).
+// for zero and non-finite groups, outside their inner loops).
+// NOTE: 1.5 * 2^23 added and subtracted rounds any |r| < 2^22 to an integer under the default
+// rounding mode; unlike rintf it vectorizes with plain SSE2 and gives the same result on host
+// and device. Every build compiles this without FMA contraction (-ffp-contract=off,
+// --fmad=false): fusing x * inv_scale into the add would round once instead of twice.
 KVOPS_HD int8_t quantize_one(float x, float inv_scale) {
   float r = x * inv_scale;
   r = (r + 12582912.0f) - 12582912.0f;
