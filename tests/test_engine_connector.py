@@ -179,3 +179,14 @@ def test_bad_arguments_raise_before_anything_moves(store) -> None:
     with pytest.raises(InvalidArgumentError):
         connector.load(tokens, [[0, 1]])
     assert not store.exists(connector.keys_for(tokens)[0])
+
+
+def test_warm_up_leaves_pages_and_store_as_they_were(store) -> None:
+    pages = _pages("kv_first", 4, torch.float32, fill=True)
+    before = [p.clone() for p in pages]
+    num_objects = store.stats()["master"]["num_objects"]
+    connector = PagedKVConnector(store, pages, block_size=BLOCK_SIZE,
+                                 namespace=KeyNamespace(model="warm"))
+    connector.warm_up(4)
+    assert all(torch.equal(a, b) for a, b in zip(pages, before))
+    assert store.stats()["master"]["num_objects"] == num_objects

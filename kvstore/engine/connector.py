@@ -22,6 +22,7 @@ Thread safety: one connector per engine worker thread (the staging buffer is reu
 from __future__ import annotations
 
 import dataclasses
+import uuid
 from typing import Any, Sequence
 
 import torch
@@ -163,6 +164,7 @@ class PagedKVConnector:
         first = torch.zeros(1, dtype=torch.long)
         rows = gather_blocks(self.layers, first, self.format, self._staging_rows(1))
         scatter_blocks(rows, scratch, first, self.format)
+        store_round_trip(self.store, rows[0])
 
     # -- helpers -----------------------------------------------------------------------------
     def _is_heterogeneous(self) -> bool:
@@ -191,6 +193,15 @@ class PagedKVConnector:
         if len(index) and (int(index.min()) < 0 or int(index.max()) >= num_pages):
             raise InvalidArgumentError(f"block ids must lie in [0, {num_pages})")
         return index  # kvstore.ops wants the ids on the host
+
+
+def store_round_trip(store: Any, row: torch.Tensor) -> None:
+    """Put, read back and remove one block-sized object under a unique key, so the first
+    real transfer does not pay for opening transports and mapping segments."""
+    key = f"kvstore-engine-warmup/{uuid.uuid4().hex}"
+    store.put(key, row)
+    store.get_into(key, row)
+    store.remove(key, force=True)
 
 
 def _ok(result: Any, block_bytes: int) -> bool:

@@ -22,7 +22,7 @@ import torch
 from kvstore._errors import InvalidArgumentError
 from kvstore.engine.blocks import BlockFormat, decode_rows
 from kvstore.engine.connector import (LoadResult, SaveResult, _complete_namespace, _leading_ok,
-                                      _ok)
+                                      _ok, store_round_trip)
 from kvstore.engine.hf_cache import _cache_pairs
 from kvstore.engine.keys import KeyNamespace, prefix_keys
 
@@ -102,8 +102,10 @@ class DynamicCacheConnector:
         return cache, LoadResult(num_ok * self.block_size, num_ok * fmt.block_bytes, failed)
 
     def warm_up(self, num_blocks: int) -> None:
-        """Size and touch the staging buffer once, at engine start-up."""
+        """At engine start-up: size and touch the staging buffer, and make one round trip
+        through the store (opens the transports; the object is removed again)."""
         self._rows(num_blocks).fill_(0)
+        store_round_trip(self.store, self._rows(1)[0])
 
     def _fill(self, out: torch.Tensor, pairs: list, missing: list[int], num_blocks: int) -> None:
         """out[j] = block missing[j] of the cache, ``[L, 2, B, H, D]``."""
