@@ -5,11 +5,13 @@ from 4 client processes, it reports keys/s and p50/p99 call latency. Two ceiling
 in the same run: the gRPC floor (an empty Exists round trip from one client: no call can be
 faster) and the master's in-process key rate (request bytes parsed, the service method run,
 the reply serialized, with no transport: no RPC can move more keys/s). Runs each gRPC mode
-of the master (the thread pool and grpc.aio). Prints a table, writes bench/out/master_bench.json and says
-PASS/MISS against the targets of issue 2 (get_replicas batch 1024 >= 400k keys/s with
+of the master (the thread pool and grpc.aio), and each metadata path of the client: gRPC and
+the framed fast path (``--paths``). Prints a table, writes bench/out/master_bench.json and
+says PASS/MISS against the targets of issue 2 (get_replicas batch 1024 >= 400k keys/s with
 p50 < 2.5 ms; exists >= 1M keys/s; single-key p50 < 300 us).
 
-    .venv/bin/python bench/master_bench.py [--quick] [--modes threads,aio] [--seconds S]
+    .venv/bin/python bench/master_bench.py [--quick] [--modes threads,aio] [--paths grpc,fast]
+                                           [--seconds S]
 """
 
 from __future__ import annotations
@@ -32,16 +34,29 @@ BATCHES = (1, 32, 1024)
 CLIENTS = (1, 4)
 
 
-def start_master(mode: str) -> tuple[subprocess.Popen, str]:
+def start_master(mode: str) -> tuple[subprocess.Popen, str, int]:
+    """The master process, its gRPC address and its fast-path port."""
     proc = subprocess.Popen([str(KVSTORE_BIN), "master", "--port", "0", "--grpc-mode", mode,
                              "--log-level", "WARNING", "--pending-timeout", "1h",
                              "--node-ttl", "1h", "--heartbeat-interval", "10s"],
                             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    address = None
     for line in proc.stdout:
         match = re.match(r"^listening on (\S+:\d+)", line.strip())
         if match:
-            return proc, match.group(1)
+            address = match.group(1)
+        match = re.match(r"^fast metadata on \S+:(\d+)", line.strip())
+        if match and address:
+            return proc, address, int(match.group(1))
     raise RuntimeError("kvstore master exited before listening")
+
+
+def make_client(path: str, address: str, fast_port: int):
+    from kvstore.master.fast_client import FastMasterClient
+    from kvstore.master.rpc_client import MasterClient
+    if path == "fast":
+        return FastMasterClient(address.rsplit(":", 1)[0], fast_port)
+    return MasterClient(address)
 
 
 def populate(address: str) -> list[str]:
@@ -62,12 +77,11 @@ def populate(address: str) -> list[str]:
     return keys
 
 
-def client_worker(address: str, op: str, batch: int, worker: int, seconds: float,
+def client_worker(target: tuple, op: str, batch: int, worker: int, seconds: float,
                   start_at: float, out: mp.Queue) -> None:
     """Call ``op`` in a loop for ``seconds`` (starting at wall time ``start_at``); put the
     per-call latencies (seconds) on ``out``."""
     import random
-    from kvstore.master.rpc_client import MasterClient
     from kvstore.v1 import master_pb2 as pb
     rng = random.Random(worker)
     keys = [f"bench/model-x/L32/xxh64v1/{i:016x}" for i in range(NUM_KEYS)]
@@ -79,7 +93,7 @@ def client_worker(address: str, op: str, batch: int, worker: int, seconds: float
         requests = [pb.ExistsRequest()]
     method = {"get_replicas": "GetReplicas", "exists": "Exists", "empty": "Exists"}.get(op)
     latencies = []
-    with MasterClient(address) as client:
+    with make_client(*target) as client:
         call = client.call
         for request in requests[:4]:                       # warm up the channel
             call(method or "Exists", request)
@@ -104,12 +118,13 @@ def client_worker(address: str, op: str, batch: int, worker: int, seconds: float
     out.put(latencies)
 
 
-def run_cell(address: str, op: str, batch: int, num_clients: int, seconds: float) -> dict:
+def run_cell(target: tuple, op: str, batch: int, num_clients: int, seconds: float) -> dict:
+    """``target``: (path, address, fast_port) as ``make_client`` takes them."""
     ctx = mp.get_context("spawn")
     out = ctx.Queue()
     start_at = time.time() + 1.5 + 0.3 * num_clients       # lets every process import first
     procs = [ctx.Process(target=client_worker,
-                         args=(address, op, batch, w, seconds, start_at, out))
+                         args=(target, op, batch, w, seconds, start_at, out))
              for w in range(num_clients)]
     for p in procs:
         p.start()
@@ -171,6 +186,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="fewer cells, shorter runs")
     parser.add_argument("--modes", default="threads,aio")
+    parser.add_argument("--paths", default="grpc,fast", help="client metadata paths to run")
     parser.add_argument("--seconds", type=float, default=2.0)
     args = parser.parse_args()
     seconds = 0.5 if args.quick else args.seconds
@@ -185,19 +201,21 @@ def main() -> int:
           f"{ceiling['get_replicas_keys_per_s']:,.0f} keys/s, exists "
           f"{ceiling['exists_keys_per_s']:,.0f} keys/s, put_start+put_end "
           f"{ceiling['put_keys_per_s']:,.0f} keys/s")
-    for mode in args.modes.split(","):
-        proc, address = start_master(mode)
+    for mode, path in [(m, p) for m in args.modes.split(",") for p in args.paths.split(",")]:
+        proc, address, fast_port = start_master(mode)
+        target = (path, address, fast_port)
         try:
             populate(address)
-            floor = run_cell(address, "empty", 0, 1, seconds)
-            rows = [run_cell(address, op, batch, n, seconds)
+            floor = run_cell(target, "empty", 0, 1, seconds)
+            rows = [run_cell(target, op, batch, n, seconds)
                     for op in ("get_replicas", "exists", "put") for batch in batches
                     for n in clients]
         finally:
             proc.terminate()
             proc.wait(timeout=10)
-        results["modes"][mode] = {"grpc_floor_p50_us": floor["p50_us"], "rows": rows}
-        print(f"\nmode {mode}: gRPC floor (empty Exists, 1 client) p50 {floor['p50_us']:.0f} us")
+        mode = f"{mode}/{path}"
+        results["modes"][mode] = {"floor_p50_us": floor["p50_us"], "rows": rows}
+        print(f"\nmaster {mode}: floor (empty Exists, 1 client) p50 {floor['p50_us']:.0f} us")
         print(f"{'op':<14}{'batch':>6}{'clients':>8}{'keys/s':>14}{'p50 us':>10}{'p99 us':>10}")
         for r in rows:
             print(f"{r['op']:<14}{r['batch']:>6}{r['clients']:>8}{r['keys_per_s']:>14,.0f}"
