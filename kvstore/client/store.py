@@ -17,7 +17,8 @@ import time
 import uuid
 from typing import Any, Callable, Iterator, Sequence
 
-from kvstore._errors import ClosedError, InvalidArgumentError, KVStoreError, MasterUnavailableError
+from kvstore._errors import (ClosedError, InvalidArgumentError, KVStoreError,
+                             MasterUnavailableError)
 from kvstore.client import statuses
 from kvstore.client.buffers import finish_bytes, new_bytes
 from kvstore.client.config import ClientConfig, check_timeout
