@@ -270,6 +270,10 @@ def test_fast_calls_are_counted_with_their_transport():
         lines = set(urllib.request.urlopen(url, timeout=5).read().decode().splitlines())
     assert 'kvstore_master_rpc_total{method="Exists",transport="fast"} 1.0' in lines
     assert 'kvstore_master_rpc_total{method="Stats",transport="grpc"} 1.0' in lines
+    assert ('kvstore_master_rpc_seconds_bucket{le="+Inf",method="Exists",transport="fast"} 1.0'
+            in lines)
+    assert 'kvstore_master_rpc_seconds_count{method="Exists",transport="fast"} 1.0' in lines
+    assert 'kvstore_master_rpc_total{method="Exists",transport="grpc"} 0.0' in lines
 
 
 def test_listening_line_first_then_the_fast_port_and_no_fast_rpc_turns_it_off():

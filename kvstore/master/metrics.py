@@ -8,12 +8,21 @@ Exported: ``kvstore_master_rpc_total{method,transport}`` and
 ``kvstore_master_tier_capacity_bytes{tier}``, ``kvstore_master_hits_total``,
 ``kvstore_master_misses_total``, ``kvstore_master_evictions_total``. Each master has its own
 registry, so several embedded masters in one process do not collide.
+
+NOTE: RPC counts and latencies are plain counters updated under the service lock (each call
+already holds it) and turned into Prometheus families at scrape time: prometheus_client's
+Counter + Histogram took their own locks and cost ~4.6 us per call, a tenth of a fast-path
+round trip.
 """
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Histogram
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from bisect import bisect_left
+
+from prometheus_client import CollectorRegistry
+from prometheus_client.core import (CounterMetricFamily, GaugeMetricFamily,
+                                    HistogramMetricFamily)
+from prometheus_client.utils import floatToGoString
 
 from kvstore.v1 import master_pb2 as pb
 
@@ -21,30 +30,48 @@ _LATENCY_BUCKETS_S = (50e-6, 100e-6, 200e-6, 500e-6, 1e-3, 2e-3, 5e-3, 10e-3, 50
 
 
 class MasterMetrics:
-    """Holds the registry; ``for_method(name)`` gives the per-call recorder."""
+    """Holds the registry; ``for_method(name, transport)`` gives the per-call recorder."""
 
     def __init__(self, service):
         self.registry = CollectorRegistry(auto_describe=True)
-        self._calls = Counter("kvstore_master_rpc", "Master RPCs served", ["method", "transport"],
-                              registry=self.registry)
-        self._latency = Histogram("kvstore_master_rpc_seconds", "Master RPC latency",
-                                  ["method", "transport"], buckets=_LATENCY_BUCKETS_S,
-                                  registry=self.registry)
-        self.registry.register(_StateCollector(service))
+        # (method, transport) -> [num_calls, sum_s, per-bucket counts (last: over the top)]
+        self._rpc_stats: dict[tuple[str, str], list] = {}
+        self.registry.register(_StateCollector(service, self._rpc_stats))
 
     def for_method(self, method: str, transport: str = "grpc"):
-        count = self._calls.labels(method, transport).inc
-        observe = self._latency.labels(method, transport).observe
+        """The recorder of ``method``'s calls over ``transport``. Call it with the service
+        lock held (it updates plain counters, read by the scrape under the same lock)."""
+        stats = self._rpc_stats.setdefault((method, transport),
+                                           [0, 0.0, [0] * (len(_LATENCY_BUCKETS_S) + 1)])
+        bucket_counts = stats[2]
 
         def record(duration_s: float) -> None:
-            count()
-            observe(duration_s)
+            stats[0] += 1
+            stats[1] += duration_s
+            bucket_counts[bisect_left(_LATENCY_BUCKETS_S, duration_s)] += 1
         return record
 
 
+def _rpc_families(rpc_stats: dict[tuple[str, str], list]):
+    calls = CounterMetricFamily("kvstore_master_rpc", "Master RPCs served",
+                                labels=["method", "transport"])
+    latency = HistogramMetricFamily("kvstore_master_rpc_seconds", "Master RPC latency",
+                                    labels=["method", "transport"])
+    for (method, transport), (num_calls, sum_s, bucket_counts) in sorted(rpc_stats.items()):
+        calls.add_metric([method, transport], num_calls)
+        cumulative, buckets = 0, []
+        for bound, count in zip(_LATENCY_BUCKETS_S, bucket_counts):
+            cumulative += count
+            buckets.append((floatToGoString(bound), cumulative))
+        buckets.append(("+Inf", num_calls))
+        latency.add_metric([method, transport], buckets, sum_s)
+    return calls, latency
+
+
 class _StateCollector:
-    def __init__(self, service):
+    def __init__(self, service, rpc_stats: dict[tuple[str, str], list]):
         self._service = service
+        self._rpc_stats = rpc_stats
 
     def describe(self):
         return []
@@ -62,6 +89,9 @@ class _StateCollector:
                     entry[2] += segment.allocator.capacity_bytes
             values = (len(state.objects), len(state.pending), len(state.nodes),
                       state.hits, state.misses, state.evictions)
+            rpc_stats = {key: [n, total, list(counts)]
+                         for key, (n, total, counts) in self._rpc_stats.items()}
+        yield from _rpc_families(rpc_stats)
         objects, pending, nodes, hits, misses, evictions = values
         yield GaugeMetricFamily("kvstore_master_objects", "COMPLETE objects", value=objects)
         yield GaugeMetricFamily("kvstore_master_pending_objects", "PENDING objects",
