@@ -204,3 +204,16 @@ def test_put_on_the_ssd_tier_reads_back_through_the_data_plane(tmp_path):
         assert transfers["tcp"]["num_reads"] == 1 and transfers["shm"]["num_reads"] == 0
         with pytest.raises(kvstore.InvalidArgumentError, match="tier"):
             store.put("ssd/bad", b"v", tier="tape")
+
+
+@pytest.mark.parametrize("metadata", ["fast", "grpc"])
+def test_local_round_trips_over_either_metadata_path(metadata):
+    with kvstore.local(dram="16MiB", metadata=metadata) as store:
+        assert store.stats()["metadata"] == metadata
+        store.batch_put(["m/a", "m/b"], [b"alpha", b"beta"])
+        assert store.batch_get(["m/a", "m/b", "m/none"])[:2] == [b"alpha", b"beta"]
+        assert store.batch_exists(["m/a", "m/none"]) == [True, False]
+        assert store.match_prefix(["m/a", "m/b", "m/none"]) == 2
+        assert store.remove("m/a", force=True) and not store.remove("m/a", force=True)
+        with pytest.raises(KeyNotFoundError):
+            store.get("m/a")
