@@ -145,6 +145,7 @@ def test_status_cli_table_and_json():
     assert "objects 3" in table.stdout
     status = json.loads(raw.stdout)
     assert status["num_objects"] == 3 and status["nodes"][0]["node_id"] == "node-7"
+    assert status["fast_port"] > 0 and f"fast metadata port {status['fast_port']}" in table.stdout
     assert status["tiers"][0] == {"tier": "DRAM", "used_bytes": 3072,
                                   "capacity_bytes": 4 << 20, "num_replicas": 3}
 

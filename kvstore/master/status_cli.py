@@ -29,6 +29,7 @@ def fetch_status(address: str, token: str | None, timeout_s: float = 5.0) -> dic
         "num_pending": stats.num_pending, "num_leased": stats.num_leased,
         "hits": stats.hits, "misses": stats.misses, "evictions": stats.evictions,
         "metrics_port": stats.metrics_port or None, "max_batch": stats.max_batch,
+        "fast_port": stats.fast_port or None,
         "tiers": [{"tier": _tier_name(t.tier), "used_bytes": t.used_bytes,
                    "capacity_bytes": t.capacity_bytes, "num_replicas": t.num_objects}
                   for t in stats.tiers],
@@ -43,7 +44,8 @@ def fetch_status(address: str, token: str | None, timeout_s: float = 5.0) -> dic
 
 def render_table(status: dict) -> str:
     lines = [f"master {status['master_id']} at {status['address']}, "
-             f"up {status['uptime_s']:.1f} s, {status['num_nodes']} node(s)",
+             f"up {status['uptime_s']:.1f} s, {status['num_nodes']} node(s), fast metadata "
+             f"port {status['fast_port'] or 'off'}",
              f"objects {status['num_objects']} (pending {status['num_pending']}, leased "
              f"{status['num_leased']})  hits {status['hits']}  misses {status['misses']}  "
              f"evictions {status['evictions']}", ""]
