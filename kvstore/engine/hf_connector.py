@@ -92,19 +92,33 @@ class DynamicCacheConnector:
         num_ok = _leading_ok(results, fmt.block_bytes)
         failed = [k for k, r in zip(keys[:num_hit], results) if not _ok(r, fmt.block_bytes)]
         if num_ok:
-            payload = decode_rows(rows[:num_ok], fmt)  # [n, L, 2, B, H, D], a view when raw
-            heads, dim = fmt.num_kv_heads, fmt.head_dim
-            for layer in range(fmt.block_shape[0]):
-                # [n, B, H, D] -> [1, H, n*B, D]: the one copy, into fresh tensors
-                k, v = (payload[:, layer, kv].permute(2, 0, 1, 3).reshape(
-                    1, heads, num_ok * self.block_size, dim).to(self.device) for kv in (0, 1))
-                cache.update(k, v, layer)
+            cache = self._cache_from_rows(rows[:num_ok], config)
         return cache, LoadResult(num_ok * self.block_size, num_ok * fmt.block_bytes, failed)
 
+    def _cache_from_rows(self, rows: torch.Tensor, config: Any) -> Any:
+        from transformers import DynamicCache
+
+        fmt = self.format
+        num_blocks = rows.shape[0]
+        payload = decode_rows(rows, fmt)  # [n, L, 2, B, H, D], a view of the rows when raw
+        heads, dim = fmt.num_kv_heads, fmt.head_dim
+        cache = DynamicCache(config=config)
+        for layer in range(fmt.block_shape[0]):
+            # [n, B, H, D] -> [1, H, n*B, D]: the one copy, into fresh tensors
+            k, v = (payload[:, layer, kv].permute(2, 0, 1, 3).reshape(
+                1, heads, num_blocks * self.block_size, dim).to(self.device) for kv in (0, 1))
+            cache.update(k, v, layer)
+        return cache
+
     def warm_up(self, num_blocks: int) -> None:
-        """At engine start-up: size and touch the staging buffer, and make one round trip
-        through the store (opens the transports; the object is removed again)."""
-        self._rows(num_blocks).fill_(0)
+        """At engine start-up: size and touch the staging buffer, rebuild (and drop) a cache
+        of ``num_blocks`` blocks so the allocator holds touched memory of the sizes a load
+        allocates, and make one round trip through the store (opens the transports; the
+        object is removed again)."""
+        rows = self._rows(num_blocks)
+        rows.fill_(0)
+        if num_blocks:
+            self._cache_from_rows(rows, None)
         store_round_trip(self.store, self._rows(1)[0])
 
     def _fill(self, out: torch.Tensor, pairs: list, missing: list[int], num_blocks: int) -> None:
