@@ -7,6 +7,7 @@ from __future__ import annotations
 import socket
 import struct
 import threading
+import time
 import urllib.request
 
 import grpc
@@ -303,3 +304,34 @@ def test_config_rejects_a_fast_port_out_of_range():
     with pytest.raises(ConfigError, match="fast port"):
         MasterConfig(fast_port=70000)
     assert MasterConfig(fast_port=None).fast_port is None
+
+
+def test_a_call_fails_by_its_deadline_when_no_reply_comes():
+    # A peer that completes the handshake and then never answers (a hung master, as far as
+    # the client can tell): the call must fail by its deadline, not hang.
+    listener = socket.create_server(("127.0.0.1", 0))
+    accepted: list[socket.socket] = []
+
+    def accept_and_stall() -> None:
+        for _ in range(2):
+            conn, _ = listener.accept()
+            accepted.append(conn)
+            conn.recv(ff.HELLO.size)
+            conn.sendall(ff.encode_reply(grpc.StatusCode.OK, 0, b"stalled"))
+
+    thread = threading.Thread(target=accept_and_stall, daemon=True)
+    thread.start()
+    client = FastMasterClient("127.0.0.1", listener.getsockname()[1], timeout_s=0.3)
+    try:
+        for _ in range(2):  # the timed-out connection is dropped: the second call opens another
+            started = time.monotonic()
+            with pytest.raises(MasterUnavailableError, match="DEADLINE_EXCEEDED"):
+                client.call("Stats", pb.StatsRequest())
+            assert time.monotonic() - started < 2.0
+        thread.join(timeout=5)
+        assert len(accepted) == 2
+    finally:
+        client.close()
+        for conn in accepted:
+            conn.close()
+        listener.close()

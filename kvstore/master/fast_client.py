@@ -44,16 +44,17 @@ class _Connection:
 
     def __init__(self, host: str, port: int, token: str | None, timeout_s: float):
         self.sock = socket.create_connection((host, port), timeout=timeout_s)
+        self.reader = None
         try:
             self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             self.reader = self.sock.makefile("rb", buffering=_READ_BUFFER_BYTES)
             self.sock.sendall(ff.encode_hello(token))
             status, _, body = self._read_reply()
         except BaseException:
-            self.sock.close()
+            self.close()
             raise
         if status != ff.OK:
-            self.sock.close()
+            self.close()
             raise map_status(ff.CODE_NUMBER_TO_STATUS.get(status, grpc.StatusCode.UNKNOWN),
                              body.decode("utf-8", "replace"), "handshake")
         self.next_request_id = 1
@@ -81,6 +82,10 @@ class _Connection:
         return status, request_id, body
 
     def close(self) -> None:
+        # NOTE: the reader holds a reference to the socket; the descriptor is released only
+        # once both are closed.
+        if self.reader is not None:
+            self.reader.close()
         self.sock.close()
 
 

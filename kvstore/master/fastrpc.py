@@ -135,6 +135,7 @@ class FastRpcServer:
             thread.start()
 
     def _serve(self, conn: socket.socket, peer: tuple) -> None:
+        reader = None
         try:
             conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             conn.settimeout(self._handshake_timeout_s)
@@ -157,6 +158,8 @@ class FastRpcServer:
         finally:
             with self._lock:
                 self._conn_to_thread.pop(conn, None)
+            if reader is not None:  # it holds the descriptor open until closed too
+                reader.close()
             conn.close()
 
     def _handshake(self, conn: socket.socket, reader) -> None:
