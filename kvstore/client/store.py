@@ -247,7 +247,8 @@ class KVStore:
         if reply.max_batch:
             self._max_batch = reply.max_batch
         return {"address": self.address, "client_id": self.client_id, "host_id": self.host_id,
-                "metadata": self.metadata_path, "transports": [t.name for t in self._transfers.transports],
+                "metadata": self.metadata_path,
+                "transports": [t.name for t in self._transfers.transports],
                 "transfers": self._transfers.stats(), "master": master}
 
     # ---- lifecycle ----------------------------------------------------------------------

@@ -21,9 +21,10 @@ Reply (server -> client), 9-byte header then the serialized reply, or the error 
 
     REPLY   body_len u32 | status u8 | request_id u32 | body
 
-    method_id: position of the rpc in master.proto's ``service Master``, plus one. status: the gRPC status code number
-    (0 OK; anything else: the body is the UTF-8 error message), so both paths map errors
-    into kvstore's tree with one table. Replies come in request order.
+    method_id: position of the rpc in master.proto's ``service Master``, plus one.
+    status: the gRPC status code number (0 OK; anything else: the body is the UTF-8 error
+    message), so both paths map errors into kvstore's tree with one table. Replies come in
+    request order.
 
 Error handling: a body over ``MAX_FRAME_BYTES`` (the gRPC message cap) gets a
 RESOURCE_EXHAUSTED reply and a close (its bytes cannot be skipped safely); an unknown method

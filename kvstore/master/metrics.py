@@ -2,7 +2,8 @@
 
 Exported: ``kvstore_master_rpc_total{method,transport}`` and
 ``kvstore_master_rpc_seconds{method,transport}`` (latency histogram; transport is ``grpc`` or
-``fast``, the framed metadata path), and, read from the state at scrape time under the master's lock:
+``fast``, the framed metadata path), and, read from the state at scrape time under the
+master's lock:
 ``kvstore_master_objects``, ``kvstore_master_pending_objects``, ``kvstore_master_nodes``,
 ``kvstore_master_tier_replicas{tier}``, ``kvstore_master_tier_used_bytes{tier}``,
 ``kvstore_master_tier_capacity_bytes{tier}``, ``kvstore_master_hits_total``,

@@ -2,8 +2,8 @@
 (``fastrpc``), the sweeper thread and the metrics endpoint around one ``MasterState``.
 
 Resource handling: ``MasterServer`` owns its gRPC server, fast server, sweeper thread and
-metrics HTTP server; ``stop`` closes them all. ``run_in_thread`` runs the same server in a background
-thread with its own event loop (embedded mode) and returns once it is listening.
+metrics HTTP server; ``stop`` closes them all. ``run_in_thread`` runs the same server in a
+background thread with its own event loop (embedded mode) and returns once it is listening.
 
 Error handling: a port that cannot be bound raises ``kvstore.ConfigError`` before anything
 is served (SO_REUSEPORT is off, so a port in use is an error, not a silent share).

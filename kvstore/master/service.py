@@ -2,8 +2,9 @@
 replies, one method per RPC of ``proto/kvstore/v1/master.proto``.
 
 Error handling: ``Rejected`` from the state becomes the status it names: on the gRPC context
-(the reply body is dropped by gRPC), or in an error frame on the fast path (``fastrpc``). Anything else escaping a handler is a master
-bug: it is logged with its traceback and answered INTERNAL, and the master keeps serving.
+(the reply body is dropped by gRPC), or in an error frame on the fast path (``fastrpc``).
+Anything else escaping a handler is a master bug: it is logged with its traceback and
+answered INTERNAL, and the master keeps serving.
 Every call runs under one lock (state is not thread-safe) after ``maybe_sweep`` with one
 clock read, so a request sees one instant.
 """
