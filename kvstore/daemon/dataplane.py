@@ -1,14 +1,7 @@
 """The daemon's data-plane server: serves READ/WRITE of segment ranges (frames.py format).
 
-Threading: one accept thread, and one thread per connection with blocking sockets. NOTE: for
-bulk bytes in CPython this beats asyncio: ``recv_into``/``sendmsg`` release the GIL for the
-whole copy, and a blocking thread avoids the event loop's per-chunk wake-ups (measured in
-bench/transfer_bench.py).
-
-Resource handling: ``start`` binds and listens before it returns (so the address is known
-and connections queue); ``stop`` closes the listener, shuts every open connection down and
-joins the threads. At most ``max_connections`` connections are served at once; beyond that
-new ones are closed at once.
+Threading and resource handling: ``kvstore._tcpserver.ThreadedTcpServer`` (one accept
+thread, one thread per connection with blocking sockets; at most ``max_connections``).
 
 Error handling: a bad frame ends only its own connection (after an error reply where the
 format allows one); the server keeps serving every other client. A client that connects and
@@ -19,9 +12,9 @@ from __future__ import annotations
 
 import logging
 import socket
-import threading
 from dataclasses import dataclass
 
+from kvstore._tcpserver import ThreadedTcpServer
 from kvstore.daemon.segments import Segment
 from kvstore.transport import frames
 from kvstore.transport.frames import Op, Status
@@ -45,88 +38,31 @@ class _BadFrame(Exception):
     """The peer sent something that is not a valid frame; reply BAD_FRAME and close."""
 
 
-class DataPlaneServer:
+class DataPlaneServer(ThreadedTcpServer):
     """Serves the segments given to it over TCP on exactly ``host``:``port`` (0 = pick)."""
 
     def __init__(self, segments: list[Segment], *, node_id: str, host: str, port: int = 0,
                  token: str | None = None, max_connections: int = 1024,
                  handshake_timeout_s: float = 10.0):
+        super().__init__(host=host, port=port, max_connections=max_connections,
+                         name="kvstore-dataplane", log=log)
         self.node_id = node_id
         self._segment_id_to_segment = {s.segment_id.encode(): s for s in segments}
-        self._host = host
-        self._port = port
         self._token = token
-        self._max_connections = max_connections
         self._handshake_timeout_s = handshake_timeout_s
         self.stats = DataPlaneStats()
-        self._listener: socket.socket | None = None
-        self._accept_thread: threading.Thread | None = None
-        self._lock = threading.Lock()
-        self._conn_to_thread: dict[socket.socket, threading.Thread] = {}
-        self._stopping = threading.Event()
         self.address = ""
 
     def start(self) -> str:
         """Bind, listen and start accepting; return the bound "host:port"."""
-        family = socket.AF_INET6 if ":" in self._host else socket.AF_INET
-        listener = socket.socket(family, socket.SOCK_STREAM)
-        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        listener.bind((self._host, self._port))
-        listener.listen(512)
-        self._listener = listener
-        host, port = listener.getsockname()[:2]
-        self.address = f"[{host}]:{port}" if family == socket.AF_INET6 else f"{host}:{port}"
-        self._accept_thread = threading.Thread(target=self._accept_loop, daemon=True,
-                                               name="kvstore-dataplane-accept")
-        self._accept_thread.start()
+        host, port = self.bind_and_listen()
+        self.address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
         return self.address
 
-    def stop(self) -> None:
-        """Stop accepting, disconnect every client, join the threads. Idempotent."""
-        if self._stopping.is_set():
-            return
-        self._stopping.set()
-        if self._listener is not None:
-            try:
-                self._listener.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
-            self._listener.close()
-        if self._accept_thread is not None:
-            self._accept_thread.join(timeout=5)
-        with self._lock:
-            connections = dict(self._conn_to_thread)
-        for conn in connections:
-            try:
-                conn.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
-        for thread in connections.values():
-            thread.join(timeout=5)
+    def on_accept(self) -> None:
+        self.stats.num_connections += 1
 
-    def _accept_loop(self) -> None:
-        assert self._listener is not None
-        while not self._stopping.is_set():
-            try:
-                conn, peer = self._listener.accept()
-            except OSError:
-                if self._stopping.is_set():
-                    return
-                log.exception("data plane: accept failed")
-                continue
-            with self._lock:
-                if len(self._conn_to_thread) >= self._max_connections:
-                    log.warning("data plane: refusing %s: %d connections open", peer,
-                                self._max_connections)
-                    conn.close()
-                    continue
-                thread = threading.Thread(target=self._serve, args=(conn, peer), daemon=True,
-                                          name=f"kvstore-dataplane-{peer[1]}")
-                self._conn_to_thread[conn] = thread
-            self.stats.num_connections += 1
-            thread.start()
-
-    def _serve(self, conn: socket.socket, peer: tuple) -> None:
+    def handle_connection(self, conn: socket.socket, peer: tuple) -> None:
         try:
             frames.configure_socket(conn)
             conn.settimeout(self._handshake_timeout_s)
@@ -141,13 +77,9 @@ class DataPlaneServer:
         except (OSError, frames.PeerClosedError) as exc:
             # a peer that vanished (or a stop()) is routine, not an error of ours
             log.debug("data plane: connection from %s ended: %s", peer, exc)
-        except Exception:  # noqa: BLE001 - one connection's bug must not end the server
+        except Exception:
             self.stats.num_errors += 1
-            log.exception("data plane: connection from %s failed", peer)
-        finally:
-            with self._lock:
-                self._conn_to_thread.pop(conn, None)
-            conn.close()
+            raise
 
     def _handshake(self, conn: socket.socket) -> bool:
         magic, version, token_len = frames.HELLO.unpack(frames.recv_exact(conn, frames.HELLO.size))

@@ -4,14 +4,9 @@ Same handlers, same lock, same validation and same metrics (labelled ``transport
 as the gRPC path: each request runs through ``service.make_invoker``, so the two paths can
 only differ in framing. gRPC stays the public, complete API; this is an optimization.
 
-Threading: one accept thread and one thread per connection with blocking sockets and
-TCP_NODELAY. NOTE: measured fastest here for request/reply of small messages (no event loop
-wake-ups; the GIL is released while a thread waits in recv). Calls are serialized by the
-service lock anyway.
-
-Resource handling: ``start`` binds and listens before it returns; ``stop`` closes the
-listener, shuts every connection down and joins the threads. At most ``max_connections``
-are served at once; beyond that new ones are closed at once.
+Threading and resource handling: ``kvstore._tcpserver.ThreadedTcpServer`` (one thread per
+connection with blocking sockets, TCP_NODELAY here; measured fastest for small
+request/reply). Calls are serialized by the service lock anyway.
 
 Error handling: a connection that fails the handshake (bad magic or version, wrong token)
 gets an error frame and is closed; an oversized body gets RESOURCE_EXHAUSTED and a close; a
@@ -24,11 +19,11 @@ from __future__ import annotations
 
 import logging
 import socket
-import threading
 
 import grpc
 from google.protobuf.message import DecodeError
 
+from kvstore._tcpserver import ThreadedTcpServer
 from kvstore.master import fastframes as ff
 from kvstore.master.service import MasterService, make_invoker
 from kvstore.master.validation import Rejected
@@ -48,93 +43,30 @@ class _CloseAfter(Exception):
         self.frame = frame
 
 
-class FastRpcServer:
+class FastRpcServer(ThreadedTcpServer):
     """Serves ``service`` on exactly ``host``:``port`` (0 = pick a free port)."""
 
     def __init__(self, service: MasterService, clock, metrics, *, host: str, port: int = 0,
                  token: str | None = None, max_connections: int = 1024,
                  handshake_timeout_s: float = 10.0):
+        super().__init__(host=host, port=port, max_connections=max_connections,
+                         name="kvstore-master-fast", log=log)
         self._token = token
         self._master_id = service.state.master_id
-        self._host, self._port = host, port
-        self._max_connections = max_connections
         self._handshake_timeout_s = handshake_timeout_s
         # method id -> (request class, invoke); built once so a request costs two lookups
         self._id_to_call = {
             method_id: (getattr(pb, f"{name}Request"),
                         make_invoker(service, name, clock, metrics, "fast"))
             for name, method_id in ff.METHOD_TO_ID.items()}
-        self._listener: socket.socket | None = None
-        self._accept_thread: threading.Thread | None = None
-        self._lock = threading.Lock()
-        self._conn_to_thread: dict[socket.socket, threading.Thread] = {}
-        self._stopping = threading.Event()
         self.port = 0
 
     def start(self) -> int:
         """Bind, listen and start accepting; return the bound port. Raises OSError."""
-        family = socket.AF_INET6 if ":" in self._host else socket.AF_INET
-        listener = socket.socket(family, socket.SOCK_STREAM)
-        # NOTE: SO_REUSEADDR lets a restarted master rebind its port past TIME_WAIT; on Linux
-        # it still refuses a port another socket listens on (no silent sharing).
-        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            listener.bind((self._host, self._port))
-            listener.listen(512)
-        except OSError:
-            listener.close()
-            raise
-        self._listener = listener
-        self.port = listener.getsockname()[1]
-        self._accept_thread = threading.Thread(target=self._accept_loop, daemon=True,
-                                               name="kvstore-master-fast-accept")
-        self._accept_thread.start()
+        self.port = self.bind_and_listen()[1]
         return self.port
 
-    def stop(self) -> None:
-        """Stop accepting, disconnect every client, join the threads. Idempotent."""
-        if self._stopping.is_set():
-            return
-        self._stopping.set()
-        if self._listener is not None:
-            try:
-                self._listener.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
-            self._listener.close()
-        if self._accept_thread is not None:
-            self._accept_thread.join(timeout=5)
-        with self._lock:
-            connections = dict(self._conn_to_thread)
-        for conn in connections:
-            try:
-                conn.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
-        for thread in connections.values():
-            thread.join(timeout=5)
-
-    def _accept_loop(self) -> None:
-        while not self._stopping.is_set():
-            try:
-                conn, peer = self._listener.accept()
-            except OSError:
-                if self._stopping.is_set():
-                    return
-                log.exception("fast path: accept failed")
-                continue
-            with self._lock:
-                if len(self._conn_to_thread) >= self._max_connections:
-                    log.warning("fast path: refusing %s: %d connections open", peer,
-                                self._max_connections)
-                    conn.close()
-                    continue
-                thread = threading.Thread(target=self._serve, args=(conn, peer), daemon=True,
-                                          name=f"kvstore-master-fast-{peer[1]}")
-                self._conn_to_thread[conn] = thread
-            thread.start()
-
-    def _serve(self, conn: socket.socket, peer: tuple) -> None:
+    def handle_connection(self, conn: socket.socket, peer: tuple) -> None:
         reader = None
         try:
             conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -153,14 +85,9 @@ class FastRpcServer:
                 pass
         except OSError as exc:  # a peer that vanished (or a stop()) is routine
             log.debug("fast path: connection from %s ended: %s", peer, exc)
-        except Exception:  # noqa: BLE001 - one connection's bug must not end the server
-            log.exception("fast path: connection from %s failed", peer)
         finally:
-            with self._lock:
-                self._conn_to_thread.pop(conn, None)
             if reader is not None:  # it holds the descriptor open until closed too
                 reader.close()
-            conn.close()
 
     def _handshake(self, conn: socket.socket, reader) -> None:
         hello = reader.read(ff.HELLO.size)
