@@ -78,7 +78,8 @@ def make_requests(config: DemoConfig, vocab_size: int) -> list[dict[str, Any]]:
     first = [rng.randrange(vocab_size) for _ in range(config.prompt_tokens)]
     requests = [{"name": "request-1", "token_ids": first, "decode_tokens": config.decode_tokens}]
     if config.prefix_tokens:
-        tail = [rng.randrange(vocab_size) for _ in range(config.prompt_tokens - config.prefix_tokens)]
+        num_new = config.prompt_tokens - config.prefix_tokens
+        tail = [rng.randrange(vocab_size) for _ in range(num_new)]
         requests.append({"name": "request-2", "token_ids": first[:config.prefix_tokens] + tail,
                          "decode_tokens": config.decode_tokens,
                          "reference_prefix_tokens": config.prefix_tokens})
@@ -103,7 +104,8 @@ def _vocab_of(config: DemoConfig) -> int:
     try:
         return AutoConfig.from_pretrained(config.model_path, local_files_only=True).vocab_size
     except (OSError, ValueError) as exc:
-        raise KVStoreError(f"--model {config.model_path!r} is not a loadable checkpoint: {exc}") from exc
+        raise KVStoreError(
+            f"--model {config.model_path!r} is not a loadable checkpoint: {exc}") from exc
 
 
 def run_worker(role: str, job: dict[str, Any], work_dir: Path) -> dict[str, Any]:

@@ -66,7 +66,8 @@ def extend(model: Any, cache: Any, token_ids: Sequence[int], start: int,
 
 
 @torch.inference_mode()
-def decode(model: Any, cache: Any, first_logits: torch.Tensor, num_decode_tokens: int) -> Generation:
+def decode(model: Any, cache: Any, first_logits: torch.Tensor,
+           num_decode_tokens: int) -> Generation:
     """Greedy decoding: the first token is ``argmax(first_logits)``, each later one costs one
     forward step on ``cache``. Returns ``num_decode_tokens`` tokens."""
     if num_decode_tokens < 1:

@@ -35,7 +35,8 @@ class ModelSpec:
 
     def __post_init__(self) -> None:
         if self.dtype not in _DTYPES:
-            raise InvalidArgumentError(f"dtype must be one of {sorted(_DTYPES)}, got {self.dtype!r}")
+            raise InvalidArgumentError(
+                f"dtype must be one of {sorted(_DTYPES)}, got {self.dtype!r}")
         if self.hidden_size % self.num_heads or self.num_heads % self.num_kv_heads:
             raise InvalidArgumentError("hidden_size must divide by num_heads, and num_heads by "
                                        "num_kv_heads")
