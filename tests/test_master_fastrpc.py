@@ -288,7 +288,7 @@ def test_listening_line_first_then_the_fast_port_and_no_fast_rpc_turns_it_off():
                 store.get("absent")
         with kvstore.connect(server.address, metadata="grpc") as store:
             assert store.stats()["metadata"] == "grpc"
-    assert server._stdout_lines == [f"fast metadata on 127.0.0.1:{fast_port}\n"]
+    assert server.stdout_lines == [f"fast metadata on 127.0.0.1:{fast_port}\n"]
     with _master("--no-fast-rpc") as server:
         assert _fast_port(server) == 0
         with kvstore.connect(server.address) as store:        # auto falls back to gRPC
