@@ -180,3 +180,29 @@ def test_reaping_can_be_turned_off():
     finally:
         segment.unlink()
         segment.close()
+
+
+@pytest.mark.parametrize("prefault", [True, False])
+def test_prefault_allocates_every_page_of_the_segment_at_creation(prefault):
+    """A prefaulted segment owns all its memory before the first copy (no allocation and zeroing
+    inside a client's memcpy); without prefault it stays sparse until written."""
+    size_bytes = 8 << 20
+    segment = create_shm(unique_shm_name("kvstore-test-prefault"), size_bytes, prefault=prefault)
+    try:
+        allocated_bytes = os.stat(f"/dev/shm{segment.name}").st_blocks * 512
+        if prefault:
+            assert allocated_bytes >= size_bytes
+        else:
+            assert allocated_bytes < size_bytes // 2
+        client = open_shm(segment.name)
+        client.view[:4] = b"abcd"                    # a client's mapping sees the same memory
+        assert bytes(segment.view[:4]) == b"abcd"
+        client.close()
+    finally:
+        segment.unlink()
+        segment.close()
+
+
+def test_prefault_flag_maps_to_the_config():
+    assert DaemonConfig(dram_bytes=1 << 20).prefault is True
+    assert DaemonConfig(dram_bytes=1 << 20, prefault=False).prefault is False

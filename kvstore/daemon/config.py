@@ -62,6 +62,7 @@ class DaemonConfig:
     max_connections: int = 1024
     handshake_timeout_s: float = 10.0
     reap_orphans: bool = True
+    prefault: bool = True       # allocate and map every DRAM page at start (see shmem.py)
 
     def __post_init__(self) -> None:
         if not self.host:

@@ -73,8 +73,10 @@ class ShmSegment(MappedSegment):
 
     tier = TIER_DRAM
 
-    def __init__(self, segment_id: str, size_bytes: int, *, name_prefix: str):
-        self._shm: SharedSegment = create_shm(unique_shm_name(name_prefix), size_bytes)
+    def __init__(self, segment_id: str, size_bytes: int, *, name_prefix: str,
+                 prefault: bool = True):
+        self._shm: SharedSegment = create_shm(unique_shm_name(name_prefix), size_bytes,
+                                              prefault=prefault)
         super().__init__(segment_id, self._shm.view, shm_name=self._shm.name)
 
     def close(self) -> None:

@@ -113,7 +113,8 @@ class Daemon:
         try:
             if config.dram_bytes:
                 try:
-                    segments.append(ShmSegment("dram0", config.dram_bytes, name_prefix=prefix))
+                    segments.append(ShmSegment("dram0", config.dram_bytes, name_prefix=prefix,
+                                                prefault=config.prefault))
                 except OSError as exc:
                     raise ConfigError(f"cannot create a {config.dram_bytes}-byte shared-memory "
                                       f"segment (is /dev/shm large enough?): {exc}") from exc

@@ -23,6 +23,11 @@ from kvstore.transport.hostid import local_host_id
 
 SHM_MODE = 0o600
 
+#: A client maps a segment up to this size with its page tables filled at once (MAP_POPULATE):
+#: ~0.1 s per GiB here, after which every copy runs at memcpy speed. Larger segments are mapped
+#: lazily: their first touch of each page costs a minor fault (copies run ~4x slower then).
+POPULATE_MAX_BYTES = 8 << 30
+
 
 class SharedSegment:
     """One mapped shared-memory object. ``view`` is a writable byte memoryview of all of it."""
@@ -75,8 +80,13 @@ def unique_shm_name(prefix: str) -> str:
     return f"/{safe_prefix}-{host_tag()}-{os.getpid()}-{secrets.token_hex(8)}"
 
 
-def create_shm(name: str, size_bytes: int) -> SharedSegment:
+def create_shm(name: str, size_bytes: int, *, prefault: bool = True) -> SharedSegment:
     """Create, size and map a new shared-memory object with mode 0600.
+
+    With ``prefault`` every page is allocated now (posix_fallocate) and mapped (MAP_POPULATE).
+    NOTE: why: a page first touched by a copy costs allocation, zeroing and a fault, which
+    made copies into a fresh segment run at ~1 GB/s instead of ~9 GB/s here; prefaulting also
+    makes a /dev/shm too small for the segment an error now, not a SIGBUS later.
 
     Raises FileExistsError if the name is taken and OSError if the system refuses (e.g. the
     size exceeds /dev/shm); nothing is left behind on failure.
@@ -86,7 +96,16 @@ def create_shm(name: str, size_bytes: int) -> SharedSegment:
         # NOTE: the umask may have dropped bits but never adds any; fchmod makes 0600 exact.
         os.fchmod(fd, SHM_MODE)
         os.ftruncate(fd, size_bytes)
-        mapping = mmap.mmap(fd, size_bytes)
+        flags = mmap.MAP_SHARED
+        if prefault and size_bytes:
+            try:
+                os.posix_fallocate(fd, 0, size_bytes)
+            except OSError as exc:
+                raise OSError(exc.errno, f"cannot allocate {size_bytes} bytes of shared memory "
+                                         f"for {name} (is /dev/shm large enough?): "
+                                         f"{exc.strerror}") from exc
+            flags |= mmap.MAP_POPULATE
+        mapping = mmap.mmap(fd, size_bytes, flags=flags)
     except BaseException:
         os.close(fd)
         _posixshmem.shm_unlink(name)
@@ -96,11 +115,17 @@ def create_shm(name: str, size_bytes: int) -> SharedSegment:
 
 
 def open_shm(name: str) -> SharedSegment:
-    """Map an existing shared-memory object read-write (OSError if absent or not allowed)."""
+    """Map an existing shared-memory object read-write (OSError if absent or not allowed).
+
+    Segments up to POPULATE_MAX_BYTES are mapped with their page tables filled at once.
+    """
     fd = _posixshmem.shm_open(name, os.O_RDWR, mode=0)
     try:
         size_bytes = os.fstat(fd).st_size
-        mapping = mmap.mmap(fd, size_bytes)
+        flags = mmap.MAP_SHARED
+        if size_bytes <= POPULATE_MAX_BYTES:
+            flags |= mmap.MAP_POPULATE
+        mapping = mmap.mmap(fd, size_bytes, flags=flags)
     finally:
         os.close(fd)
     return SharedSegment(name, mapping, owner=False)
