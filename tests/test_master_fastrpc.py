@@ -233,6 +233,29 @@ def test_concurrent_callers_each_get_their_own_reply(master):
         FastMasterClient("127.0.0.1", fast_port).call("Nope", pb.StatsRequest())
 
 
+def test_started_calls_overlap_and_answer_like_call_on_both_paths(master):
+    server, fast_port = master
+    with FastMasterClient("127.0.0.1", fast_port, token=TOKEN) as fast, \
+            MasterClient(server.address, token=TOKEN) as slow:
+        for client in (fast, slow):
+            # two calls in flight from one thread: each holds its own connection
+            first = client.start("MatchPrefix", pb.MatchPrefixRequest(keys=["s-a"]))
+            second = client.start("Exists", pb.ExistsRequest(keys=["s-a", "s-b"]))
+            assert list(second.result().exists) == [False, False]
+            assert first.result().num_matched == 0
+            failing = client.start("Exists", pb.ExistsRequest(keys=[""]))
+            with pytest.raises(InvalidArgumentError, match="keys\\[0\\]"):
+                failing.result()
+        # a reply larger than the connection's first buffer (64 KiB: one error message per
+        # key here) grows it, and the connection stays in step
+        request = pb.PutStartRequest(keys=[f"big-{i:06d}" + "x" * 100 for i in range(1000)],
+                                     sizes=[1 << 50] * 1000, client_id="w")
+        reply = fast.call("PutStart", request)
+        assert reply.ByteSize() > 64 * 1024
+        assert reply == slow.call("PutStart", request)
+        assert fast.call("Exists", pb.ExistsRequest(keys=["s-a"])).exists == [False]
+
+
 def _free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))

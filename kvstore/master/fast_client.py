@@ -4,6 +4,10 @@ Same contract as ``rpc_client.MasterClient``: ``call(method, request, timeout_s=
 the reply message or raises the kvstore error mapped from the status, with the same table
 (``rpc_client.map_status``). Used by ``KVStore`` when the master advertises a fast port.
 
+Split calls: ``start`` sends a request and returns a ``PendingCall`` whose ``result()``
+reads the reply, so a caller can work while the master does (the put flow hashes its values
+during PutStart); ``call`` is ``start(...).result()``.
+
 Threading: thread-safe. Each call checks a connection out of a small pool (or opens one),
 so concurrent calls never share a socket; a connection goes back to the pool only after a
 complete, well-formed exchange.
@@ -36,7 +40,24 @@ from kvstore.v1 import master_pb2 as pb
 #: re-grants a lease, which never shortens) and Stats/ListNodes.
 RETRYABLE_METHODS = frozenset({"GetReplicas", "RenewLease", "Exists", "MatchPrefix", "Stats",
                                "ListNodes"})
-_READ_BUFFER_BYTES = 256 * 1024
+#: Bytes a connection's reply buffer starts with; it grows (up to MAX_FRAME_BYTES) for a
+#: larger reply and keeps that size.
+_REPLY_BUFFER_BYTES = 64 * 1024
+
+
+class _Method:
+    """What ``call`` needs per method, looked up once per call instead of built per call."""
+
+    __slots__ = ("method_id", "reply_class", "num_attempts")
+
+    def __init__(self, name: str, method_id: int):
+        self.method_id = method_id
+        self.reply_class = getattr(pb, f"{name}Response")
+        self.num_attempts = 2 if name in RETRYABLE_METHODS else 1
+
+
+_NAME_TO_METHOD = {name: _Method(name, method_id)
+                   for name, method_id in ff.METHOD_TO_ID.items()}
 
 
 class _Connection:
@@ -44,10 +65,12 @@ class _Connection:
 
     def __init__(self, host: str, port: int, token: str | None, timeout_s: float):
         self.sock = socket.create_connection((host, port), timeout=timeout_s)
-        self.reader = None
+        # NOTE: replies are read with recv_into into this buffer, not through a buffered
+        # file: one system call usually brings a whole reply, and the file's Python-level
+        # readinto cost more than the copy it saved.
+        self.buffer = bytearray(_REPLY_BUFFER_BYTES)
         try:
             self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            self.reader = self.sock.makefile("rb", buffering=_READ_BUFFER_BYTES)
             self.sock.sendall(ff.encode_hello(token))
             status, _, body = self._read_reply()
         except BaseException:
@@ -56,36 +79,61 @@ class _Connection:
         if status != ff.OK:
             self.close()
             raise map_status(ff.CODE_NUMBER_TO_STATUS.get(status, grpc.StatusCode.UNKNOWN),
-                             body.decode("utf-8", "replace"), "handshake")
+                             str(body, "utf-8", "replace"), "handshake")
         self.next_request_id = 1
 
-    def round_trip(self, method_id: int, body: bytes, timeout_s: float) -> tuple[int, bytes]:
+    def send(self, method_id: int, body: bytes, timeout_s: float) -> int:
+        """Send one request (header and body in one sendall); return its request id."""
         self.sock.settimeout(timeout_s)
         request_id = self.next_request_id
         self.next_request_id = (request_id + 1) & 0xFFFFFFFF
         self.sock.sendall(ff.encode_request(method_id, request_id, body))
+        return request_id
+
+    def receive(self, request_id: int, timeout_s: float) -> tuple[int, memoryview]:
+        """The (status, reply body) of request ``request_id``. The body is a view of this
+        connection's buffer: valid until its next exchange, so parse it before checkin."""
+        self.sock.settimeout(timeout_s)
         status, reply_id, reply_body = self._read_reply()
         if reply_id != request_id:
             raise ConnectionError(f"reply to request {reply_id}, expected {request_id}")
         return status, reply_body
 
-    def _read_reply(self) -> tuple[int, int, bytes]:
-        header = self.reader.read(ff.REPLY.size)
-        if len(header) < ff.REPLY.size:
-            raise ConnectionError("master closed the fast-path connection")
-        body_len, status, request_id = ff.REPLY.unpack(header)
+    def _read_reply(self) -> tuple[int, int, memoryview]:
+        header_size = ff.REPLY.size
+        # NOTE: the first receive may take the whole buffer: with one request outstanding,
+        # a reply is all the peer can have sent, so one system call usually brings it all.
+        num_read = self._read_at_least(0, header_size, len(self.buffer))
+        body_len, status, request_id = ff.REPLY.unpack_from(self.buffer)
         if body_len > ff.MAX_FRAME_BYTES:
             raise ConnectionError(f"reply of {body_len} bytes exceeds {ff.MAX_FRAME_BYTES}")
-        body = self.reader.read(body_len)
-        if len(body) < body_len:
-            raise ConnectionError("master closed the connection inside a reply")
-        return status, request_id, body
+        frame_len = header_size + body_len
+        if frame_len > len(self.buffer):
+            # NOTE: a new buffer rather than extend(): a bytearray with a live view (an
+            # earlier reply body) cannot be resized.
+            grown = bytearray(frame_len)
+            grown[:num_read] = memoryview(self.buffer)[:num_read]
+            self.buffer = grown
+        if num_read < frame_len:
+            num_read = self._read_at_least(num_read, frame_len, frame_len)
+        if num_read != frame_len:
+            # NOTE: one request is outstanding per connection, so bytes past its reply can
+            # only mean a confused peer; reading on would misframe every later reply.
+            raise ConnectionError(f"master sent {num_read - frame_len} bytes past a reply")
+        return status, request_id, memoryview(self.buffer)[header_size:frame_len]
+
+    def _read_at_least(self, num_read: int, num_bytes: int, limit: int) -> int:
+        """Receive into the buffer from ``num_read`` until at least ``num_bytes`` (and at most
+        ``limit``) bytes are there; return the count."""
+        view = memoryview(self.buffer)
+        while num_read < num_bytes:
+            received = self.sock.recv_into(view[num_read:limit])
+            if not received:
+                raise ConnectionError("master closed the fast-path connection")
+            num_read += received
+        return num_read
 
     def close(self) -> None:
-        # NOTE: the reader holds a reference to the socket; the descriptor is released only
-        # once both are closed.
-        if self.reader is not None:
-            self.reader.close()
         self.sock.close()
 
 
@@ -108,8 +156,19 @@ class FastMasterClient:
 
     def call(self, method: str, request: Any, *, timeout_s: float | None = None) -> Any:
         """Invoke RPC ``method`` (e.g. ``"PutStart"``) with ``request``; return its reply."""
-        method_id = ff.METHOD_TO_ID.get(method)
-        if method_id is None:
+        return self.start(method, request, timeout_s=timeout_s).result()
+
+    def start(self, method: str, request: Any, *,
+              timeout_s: float | None = None) -> "PendingCall":
+        """Send ``request`` now and return a PendingCall whose ``result()`` waits for the
+        reply (same reply and errors as ``call``), so the caller can work while the master
+        does. The caller must call ``result()`` once: until then the call holds a connection.
+
+        Raises at once only what needs no reply: InvalidArgumentError (unknown method), the
+        mapped RESOURCE_EXHAUSTED (request too large), ClosedError, or a failure to connect.
+        """
+        spec = _NAME_TO_METHOD.get(method)
+        if spec is None:
             raise errors.InvalidArgumentError(f"unknown master method {method!r}")
         body = request.SerializeToString()
         if len(body) > ff.MAX_FRAME_BYTES:
@@ -117,27 +176,7 @@ class FastMasterClient:
                              f"request of {len(body)} bytes exceeds {ff.MAX_FRAME_BYTES}",
                              method)
         deadline = time.monotonic() + (self.timeout_s if timeout_s is None else timeout_s)
-        num_attempts = 2 if method in RETRYABLE_METHODS else 1
-        for attempt in range(num_attempts):
-            conn = self._checkout(deadline, method)
-            try:
-                status, reply_body = conn.round_trip(method_id, body, _left_s(deadline))
-            except (socket.timeout, TimeoutError) as exc:
-                conn.close()
-                raise map_status(grpc.StatusCode.DEADLINE_EXCEEDED,
-                                 "no reply before the deadline", method) from exc
-            except OSError as exc:
-                conn.close()
-                if attempt + 1 < num_attempts and time.monotonic() < deadline:
-                    continue
-                raise self._closed_or(map_status(grpc.StatusCode.UNAVAILABLE,
-                                                 f"connection lost: {exc}", method)) from exc
-            self._checkin(conn)
-            if status == ff.OK:
-                return getattr(pb, f"{method}Response").FromString(reply_body)
-            code = ff.CODE_NUMBER_TO_STATUS.get(status, grpc.StatusCode.UNKNOWN)
-            raise map_status(code, reply_body.decode("utf-8", "replace"), method)
-        raise AssertionError("unreachable")  # the loop returns or raises
+        return PendingCall(self, method, spec, body, deadline)
 
     def _checkout(self, deadline: float, method: str) -> _Connection:
         with self._lock:
@@ -177,6 +216,64 @@ class FastMasterClient:
 
     def __exit__(self, *exc_info: object) -> None:
         self.close()
+
+
+class PendingCall:
+    """One fast-path call whose request is sent (``FastMasterClient.start``) and whose reply
+    is read by ``result()``. Not thread-safe: owned by the thread that started it."""
+
+    __slots__ = ("_client", "_method", "_spec", "_body", "_deadline", "_attempt", "_conn",
+                 "_request_id", "_send_error")
+
+    def __init__(self, client: FastMasterClient, method: str, spec: _Method, body: bytes,
+                 deadline: float):
+        self._client, self._method, self._spec = client, method, spec
+        self._body, self._deadline = body, deadline
+        self._attempt = 0
+        self._send()
+
+    def _send(self) -> None:
+        self._conn = self._client._checkout(self._deadline, self._method)
+        self._send_error: OSError | None = None
+        try:
+            self._request_id = self._conn.send(self._spec.method_id, self._body,
+                                               _left_s(self._deadline))
+        except OSError as exc:
+            # NOTE: kept for result(), which owns the retry rule for failed exchanges
+            self._send_error = exc
+
+    def result(self) -> Any:
+        """The reply, or the mapped kvstore error (see the module docstring). Call once."""
+        method, deadline = self._method, self._deadline
+        while True:
+            conn = self._conn
+            try:
+                if self._send_error is not None:
+                    raise self._send_error
+                status, reply_body = conn.receive(self._request_id, _left_s(deadline))
+            except (socket.timeout, TimeoutError) as exc:
+                conn.close()
+                raise map_status(grpc.StatusCode.DEADLINE_EXCEEDED,
+                                 "no reply before the deadline", method) from exc
+            except OSError as exc:
+                conn.close()
+                self._attempt += 1
+                if self._attempt < self._spec.num_attempts and time.monotonic() < deadline:
+                    self._send()
+                    continue
+                raise self._client._closed_or(map_status(
+                    grpc.StatusCode.UNAVAILABLE, f"connection lost: {exc}", method)) from exc
+            # NOTE: the body is a view of the connection's buffer: parse before checkin.
+            if status == ff.OK:
+                try:
+                    reply = self._spec.reply_class.FromString(reply_body)
+                finally:
+                    self._client._checkin(conn)
+                return reply
+            message = str(reply_body, "utf-8", "replace")
+            self._client._checkin(conn)
+            code = ff.CODE_NUMBER_TO_STATUS.get(status, grpc.StatusCode.UNKNOWN)
+            raise map_status(code, message, method)
 
 
 def _left_s(deadline: float) -> float:

@@ -79,6 +79,15 @@ class MasterClient:
         except grpc.RpcError as exc:
             raise map_rpc_error(exc, method) from exc
 
+    def start(self, method: str, request: Any, *,
+              timeout_s: float | None = None) -> "_PendingRpc":
+        """Send ``request`` now; ``result()`` of the returned object waits for the reply,
+        with the same reply and errors as ``call`` (the FastMasterClient contract)."""
+        future = getattr(self._stub, method).future(
+            request, metadata=self._metadata,
+            timeout=self.timeout_s if timeout_s is None else timeout_s)
+        return _PendingRpc(future, method)
+
     def close(self) -> None:
         self._channel.close()
 
@@ -87,6 +96,21 @@ class MasterClient:
 
     def __exit__(self, *exc_info: object) -> None:
         self.close()
+
+
+class _PendingRpc:
+    """A gRPC call in flight (``MasterClient.start``)."""
+
+    __slots__ = ("_future", "_method")
+
+    def __init__(self, future: Any, method: str):
+        self._future, self._method = future, method
+
+    def result(self) -> Any:
+        try:
+            return self._future.result()
+        except grpc.RpcError as exc:
+            raise map_rpc_error(exc, self._method) from exc
 
 
 class AsyncMasterClient:
