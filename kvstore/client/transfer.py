@@ -129,8 +129,9 @@ class Transfers:
                     failures.setdefault(index, _as_transfer_error(exc, key, target))
             self._count(transport.name, writes=num_ok, write_bytes=num_bytes,
                         errors=len(group) - num_ok)
-            logger.debug("wrote %d/%d replicas (%d bytes) via %s", num_ok, len(group),
-                         num_bytes, transport.name)
+            if logger.isEnabledFor(logging.DEBUG):
+                logger.debug("wrote %d/%d replicas (%d bytes) via %s", num_ok, len(group),
+                             num_bytes, transport.name)
         return failures
 
     # ---- reads --------------------------------------------------------------------------
@@ -192,8 +193,9 @@ class Transfers:
                 failures[job.index] = _final_error(job, job.errors[-1])
         self._count(transport.name, reads=num_ok, read_bytes=num_bytes,
                     errors=len(group) - num_ok)
-        logger.debug("read %d/%d objects (%d bytes) via %s", num_ok, len(group), num_bytes,
-                     transport.name)
+        if logger.isEnabledFor(logging.DEBUG):
+            logger.debug("read %d/%d objects (%d bytes) via %s", num_ok, len(group),
+                         num_bytes, transport.name)
 
     # ---- stats --------------------------------------------------------------------------
     def _count(self, name: str, *, reads: int = 0, read_bytes: int = 0, writes: int = 0,

@@ -106,6 +106,12 @@ class ShmTransport(Transport):
         return mapping
 
     def _mapping(self, target: Target) -> _Mapping:
+        # NOTE: the hit path takes no lock: dict.get is atomic under the GIL, and a copy that
+        # races close() or forget() is safe, since dropping a mapping never unmaps it while
+        # this reference lives (see forget()).
+        mapping = self._name_to_mapping.get(target.shm_name)
+        if mapping is not None and not self._closed:
+            return mapping
         with self._lock:
             if self._closed:
                 raise ClosedError(f"shm {target.node_id}: transport is closed")
