@@ -1,5 +1,5 @@
-"""The put flow of one batch: PutStart -> write every replica -> checksum -> PutEnd (or
-PutRevoke).
+"""The put flow of one batch: PutStart (values hashed while it runs) -> write every replica
+-> PutEnd (or PutRevoke).
 
 One PutStart and at most one PutEnd and one PutRevoke per batch, whatever its size; bytes go
 through ``Transfers.write`` (one ``write_many`` per transport). A key whose write fails on any
@@ -108,7 +108,18 @@ def _put_valid(master: MasterClient, transfers: Transfers, indices: list[int],
         client_id=settings.client_id, hard_pin=settings.hard_pin,
         preferred_tier=settings.tier,
         soft_pin_ttl_ms=int((settings.soft_pin_ttl_s or 0) * 1000))
-    reply = master.call("PutStart", request, timeout_s=_rpc_timeout(settings))
+    pending = master.start("PutStart", request, timeout_s=_rpc_timeout(settings))
+    # NOTE: hashed while the master allocates, not after the write: the client would only
+    # wait here, so the hash is off the critical path (~100 us of a 4 MiB put), and it pulls
+    # the value into the cache for the copy. The cost: values the master reports
+    # ALREADY_EXISTS are hashed for nothing (a hash is ~1/10 of a copy).
+    try:
+        sums = [EMPTY_CHECKSUM if src is EMPTY_PLACEHOLDER else checksum(src)
+                for src in sources]
+    except BaseException:
+        _abandon(master, settings, pending, names)
+        raise
+    reply = pending.result()
     statuses.check_length(reply, "statuses", len(names), "PutStart")
     ok = [status == statuses.OK for status in reply.statuses]
     started = [j for j, key_ok in enumerate(ok) if key_ok]
@@ -137,19 +148,23 @@ def _put_valid(master: MasterClient, transfers: Transfers, indices: list[int],
         _revoke(master, settings, [names[j] for j in failures])
     committed = [j for j in started if j not in failures]
     if committed:
-        # NOTE: hashed after the write, not before: the copy just pulled each value into the
-        # cache, so hashing reads it from there instead of from DRAM a second time.
-        try:
-            sums = {j: EMPTY_CHECKSUM if sources[j] is EMPTY_PLACEHOLDER
-                    else checksum(sources[j]) for j in committed}
-        except BaseException:
-            _revoke(master, settings, [names[j] for j in committed])
-            raise
         _end(master, settings, committed, indices, names, sums, results)
 
 
+def _abandon(master: MasterClient, settings: PutSettings, pending: Any,
+             names: list[str]) -> None:
+    """Finish a PutStart the flow will not follow up (interrupted before its reply was
+    read): read the reply and revoke the keys it started. Best effort, like ``_revoke``."""
+    try:
+        reply = pending.result()
+    except KVStoreError:
+        return
+    _revoke(master, settings, [names[j] for j, status in enumerate(reply.statuses)
+                               if status == statuses.OK and j < len(names)])
+
+
 def _end(master: MasterClient, settings: PutSettings, committed: list[int],
-         indices: list[int], names: list[str], sums: dict[int, int],
+         indices: list[int], names: list[str], sums: list[int],
          results: list[KVStoreError | None]) -> None:
     end_names = [names[j] for j in committed]
     request = master_pb2.PutEndRequest(keys=end_names, client_id=settings.client_id,
