@@ -34,6 +34,8 @@ class GetSettings:
     lease_ttl_s: float | None = None
 
 
+_PER_KEY_FIELDS = ("statuses", "sizes", "checksums", "codecs")
+
 # A destination factory: object size -> (result holder, writable view of exactly that size).
 Allocate = Callable[[int], tuple[Any, memoryview]]
 
@@ -64,8 +66,7 @@ def get_batch(master: MasterClient, transfers: Transfers, keys: Sequence[Any],
         lease_ttl_ms=int((settings.lease_ttl_s or 0) * 1000))
     timeout_s = max(0.001, min(settings.rpc_timeout_s, settings.deadline - time.monotonic()))
     reply = master.call("GetReplicas", request, timeout_s=timeout_s)
-    for field in ("statuses", "sizes", "checksums", "codecs"):
-        statuses.check_length(reply, field, len(names), "GetReplicas")
+    statuses.check_lengths(reply, _PER_KEY_FIELDS, len(names), "GetReplicas")
     # NOTE: plain lists: indexing protobuf repeated fields per key costs more than copying
     sizes, sums, codecs = list(reply.sizes), list(reply.checksums), list(reply.codecs)
     ok = [status == statuses.OK for status in reply.statuses]

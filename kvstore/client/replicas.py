@@ -14,6 +14,8 @@ from typing import Any, Sequence
 from kvstore._errors import KVStoreError
 from kvstore.transport.base import Target
 
+_MAX_KEYS_INDEXED_IN_PLACE = 8
+
 
 def _segment_prefixes(reply: Any) -> list[tuple[str, str, str, str, str]]:
     """(node_id, host_id, data_addr, segment_id, shm_name) for each segment of the reply."""
@@ -36,11 +38,17 @@ def decode_targets(reply: Any, sizes: Sequence[int], ok: Sequence[bool]) -> list
     ``ok[i]`` False get an empty list. Raises KVStoreError on out-of-range indices.
     """
     prefixes = _segment_prefixes(reply)
-    starts, counts = list(reply.replica_start), list(reply.replica_count)
-    segment_indices, offsets = list(reply.replica_segment), list(reply.replica_offset)
+    starts, counts = reply.replica_start, reply.replica_count
+    segment_indices, offsets = reply.replica_segment, reply.replica_offset
+    if len(ok) > _MAX_KEYS_INDEXED_IN_PLACE:
+        # NOTE: plain lists for batches: indexing a protobuf repeated field costs more per
+        # element than a list, but copying four fields costs more than a few lookups.
+        starts, counts = list(starts), list(counts)
+        segment_indices, offsets = list(segment_indices), list(offsets)
     num_replicas = len(segment_indices)
     if len(offsets) != num_replicas:
         raise KVStoreError("malformed master reply: replica arrays differ in length")
+    num_prefixes = len(prefixes)
     targets: list[list[Target]] = []
     for i, key_ok in enumerate(ok):
         if not key_ok:
@@ -57,9 +65,9 @@ def decode_targets(reply: Any, sizes: Sequence[int], ok: Sequence[bool]) -> list
         key_targets = []
         for j in range(start, start + count):
             index = segment_indices[j]
-            if index >= len(prefixes):
+            if index >= num_prefixes:
                 raise KVStoreError(f"malformed master reply: replica {j} names segment "
-                                   f"{index} of {len(prefixes)}")
+                                   f"{index} of {num_prefixes}")
             key_targets.append(Target(*prefixes[index], offsets[j], size))
         targets.append(key_targets)
     return targets

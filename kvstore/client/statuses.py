@@ -33,6 +33,13 @@ def item_error(reply: Any, i: int, key: str, action: str) -> KVStoreError:
     return error_class(f"{action} {key!r}: {text}{detail}", keys=[key])
 
 
+def check_lengths(reply: Any, fields: tuple[str, ...], expected: int, action: str) -> None:
+    """``check_length`` for each of ``fields``."""
+    for field in fields:
+        if len(getattr(reply, field)) != expected:
+            check_length(reply, field, expected, action)
+
+
 def check_length(reply: Any, field: str, expected: int, action: str) -> None:
     """Raise KVStoreError unless the reply's ``field`` has one entry per requested key."""
     actual = len(getattr(reply, field))
