@@ -76,20 +76,24 @@ class Transfers:
     def route(self, targets: Sequence[Target]) -> list[tuple[Target, Transport]]:
         """Reachable replicas with their transport, most preferred transport first (stable,
         so the master's order breaks ties)."""
-        ranks = self._reach_to_rank
         routed = []
         for target in targets:
-            where = (target.host_id, target.shm_name, target.data_addr)
-            rank = ranks.get(where, -1)
-            if rank == -1:
-                rank = ranks[where] = next((r for r, t in enumerate(self.transports)
-                                            if t.can_reach(target)), None)
+            rank = self._rank(target)
             if rank is not None:
                 routed.append((rank, target))
         if len(routed) > 1:
             routed.sort(key=lambda item: item[0])
         transports = self.transports
         return [(target, transports[rank]) for rank, target in routed]
+
+    def _rank(self, target: Target) -> int | None:
+        """Index of the first transport that reaches ``target``; None if none does."""
+        where = (target.host_id, target.shm_name, target.data_addr)
+        rank = self._reach_to_rank.get(where, -1)
+        if rank == -1:
+            rank = self._reach_to_rank[where] = next(
+                (r for r, t in enumerate(self.transports) if t.can_reach(target)), None)
+        return rank
 
     # ---- writes -------------------------------------------------------------------------
     def write(self, items: Sequence[tuple[int, str, Target, memoryview]], *,
@@ -101,13 +105,13 @@ class Transfers:
         failures: dict[int, KVStoreError] = {}
         groups: dict[Transport, list[tuple[int, str, Target, memoryview]]] = defaultdict(list)
         for item in items:
-            routed = self.route([item[2]])
-            if not routed:
+            rank = self._rank(item[2])
+            if rank is None:
                 failures[item[0]] = TransferError(
                     f"no transport can reach node {item[2].node_id!r} at {item[2].data_addr}",
                     keys=[item[1]])
                 continue
-            groups[routed[0][1]].append(item)
+            groups[self.transports[rank]].append(item)
         for transport, group in groups.items():
             try:
                 timeout_s = _remaining_s(deadline, [key for _, key, _, _ in group])
