@@ -17,7 +17,7 @@ from kvstore.client import statuses
 from kvstore.client.buffers import as_destination
 from kvstore.client.checksum import is_empty_marker
 from kvstore.client.keys import check_key
-from kvstore.client.replicas import decode_targets
+from kvstore.client.replicas import MAX_KEYS_INDEXED_IN_PLACE, decode_targets
 from kvstore.client.transfer import ReadJob, Transfers
 from kvstore.master.rpc_client import MasterClient
 from kvstore.v1 import master_pb2
@@ -67,8 +67,11 @@ def get_batch(master: MasterClient, transfers: Transfers, keys: Sequence[Any],
     timeout_s = max(0.001, min(settings.rpc_timeout_s, settings.deadline - time.monotonic()))
     reply = master.call("GetReplicas", request, timeout_s=timeout_s)
     statuses.check_lengths(reply, _PER_KEY_FIELDS, len(names), "GetReplicas")
-    # NOTE: plain lists: indexing protobuf repeated fields per key costs more than copying
-    sizes, sums, codecs = list(reply.sizes), list(reply.checksums), list(reply.codecs)
+    sizes, sums, codecs = reply.sizes, reply.checksums, reply.codecs
+    if len(names) > MAX_KEYS_INDEXED_IN_PLACE:
+        # NOTE: plain lists for batches: indexing protobuf repeated fields per key costs
+        # more than copying them once (for a few keys the copies cost more)
+        sizes, sums, codecs = list(sizes), list(sums), list(codecs)
     ok = [status == statuses.OK for status in reply.statuses]
     targets = decode_targets(reply, sizes, ok)
     jobs = []

@@ -14,7 +14,9 @@ from typing import Any, Sequence
 from kvstore._errors import KVStoreError
 from kvstore.transport.base import Target
 
-_MAX_KEYS_INDEXED_IN_PLACE = 8
+#: Replies for at most this many keys are read by indexing their repeated fields in place;
+#: larger ones are copied into lists first (cheaper per element).
+MAX_KEYS_INDEXED_IN_PLACE = 8
 
 
 def _segment_prefixes(reply: Any) -> list[tuple[str, str, str, str, str]]:
@@ -40,7 +42,7 @@ def decode_targets(reply: Any, sizes: Sequence[int], ok: Sequence[bool]) -> list
     prefixes = _segment_prefixes(reply)
     starts, counts = reply.replica_start, reply.replica_count
     segment_indices, offsets = reply.replica_segment, reply.replica_offset
-    if len(ok) > _MAX_KEYS_INDEXED_IN_PLACE:
+    if len(ok) > MAX_KEYS_INDEXED_IN_PLACE:
         # NOTE: plain lists for batches: indexing a protobuf repeated field costs more per
         # element than a list, but copying four fields costs more than a few lookups.
         starts, counts = list(starts), list(counts)
