@@ -128,6 +128,8 @@ def test_remove_of_a_leased_object_needs_force(store):
     ({"transport": "carrier-pigeon"}, "transport"),
     ({"timeout_s": 0}, "timeout_s"),
     ({"lease_ttl_s": -1}, "lease_ttl_s"),
+    ({"reply_spin_s": -0.001}, "reply_spin_s"),
+    ({"reply_spin_s": 1.0}, "reply_spin_s"),
     ({"colour": "blue"}, "unknown option"),
 ])
 def test_bad_connect_options_raise(store, options, match):

@@ -233,9 +233,13 @@ def test_concurrent_callers_each_get_their_own_reply(master):
         FastMasterClient("127.0.0.1", fast_port).call("Nope", pb.StatsRequest())
 
 
-def test_started_calls_overlap_and_answer_like_call_on_both_paths(master):
+# reply_spin_s: block at once; poll far shorter than a round trip, then block; poll until
+# every reply (a large one too) has arrived
+@pytest.mark.parametrize("reply_spin_s", [0.0, 1e-6, 0.005])
+def test_started_calls_overlap_and_answer_like_call_on_both_paths(master, reply_spin_s):
     server, fast_port = master
-    with FastMasterClient("127.0.0.1", fast_port, token=TOKEN) as fast, \
+    with FastMasterClient("127.0.0.1", fast_port, token=TOKEN,
+                          reply_spin_s=reply_spin_s) as fast, \
             MasterClient(server.address, token=TOKEN) as slow:
         for client in (fast, slow):
             # two calls in flight from one thread: each holds its own connection

@@ -12,6 +12,7 @@ from kvstore._errors import InvalidArgumentError
 TRANSPORT_KINDS = ("auto", "shm", "tcp")
 METADATA_KINDS = ("auto", "grpc", "fast")
 TOKEN_ENV = "KVSTORE_TOKEN"
+MAX_REPLY_SPIN_S = 0.01  # polling longer than a few round trips only burns CPU
 
 
 @dataclass(frozen=True, slots=True)
@@ -31,6 +32,9 @@ class ClientConfig:
     # master calls: "auto" (the framed fast path when the master offers one, else gRPC),
     # "grpc", or "fast" (connect fails if the master offers no fast path)
     metadata: str = "auto"
+    # fast path only: poll for each master reply this long before blocking (0: block at
+    # once); trades up to this much CPU per master call for latency
+    reply_spin_s: float = 0.0002
 
     def __post_init__(self) -> None:
         if self.transport not in TRANSPORT_KINDS:
@@ -45,6 +49,11 @@ class ClientConfig:
         check_timeout(self.rpc_timeout_s, "rpc_timeout_s")
         if self.lease_ttl_s is not None:
             check_timeout(self.lease_ttl_s, "lease_ttl_s")
+        spin_s = self.reply_spin_s
+        if (isinstance(spin_s, bool) or not isinstance(spin_s, (int, float))
+                or not 0 <= spin_s <= MAX_REPLY_SPIN_S):
+            raise InvalidArgumentError(f"reply_spin_s must be a number of seconds in "
+                                       f"[0, {MAX_REPLY_SPIN_S}], got {self.reply_spin_s!r}")
 
 
 def check_timeout(value: Any, name: str) -> float:

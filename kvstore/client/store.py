@@ -292,7 +292,8 @@ class KVStore:
                 "(started with --no-fast-rpc?)")
         host = self.address.rsplit(":", 1)[0].strip("[]")
         self._master = FastMasterClient(host, reply.fast_port, token=self.config.token,
-                                        timeout_s=self.config.rpc_timeout_s)
+                                        timeout_s=self.config.rpc_timeout_s,
+                                        reply_spin_s=self.config.reply_spin_s)
         self.metadata_path = "fast"
         self._master.call("Stats", master_pb2.StatsRequest())  # reachable with our token
 
