@@ -109,9 +109,10 @@ class _Connection:
         """Poll the (non-blocking) socket for a reply for up to ``spin_s``; return the bytes
         received into the buffer (0 if none came).
 
-        NOTE: why poll: a thread blocked in recv lets its CPU idle, and on this VM waking an
-        idle vCPU plus the caches it lost cost more than the master's work: measured with
-        150 us, 64 KiB get p50 -25% and put p50 -35%, for up to ``spin_s`` of CPU per call.
+        NOTE: why poll: a thread blocked in recv lets its CPU idle, and on the build VM waking
+        an idle vCPU plus the caches it lost cost more than the master's work: polling up to
+        200 us cut 64 KiB get and put p50 by about 30%, for up to ``spin_s`` of CPU per call
+        (bench/RESULTS.md, Client).
         """
         view = memoryview(self.buffer)
         give_up_at = time.perf_counter() + spin_s
