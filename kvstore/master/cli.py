@@ -53,7 +53,7 @@ def _duration(ctx, param, value):
               help="Most keys one request may carry.")
 @click.option("--max-changes-per-heartbeat", default=262144, show_default=True, type=int,
               help="Most object-table changes one heartbeat reply carries.")
-@click.option("--grpc-mode", type=click.Choice(GRPC_MODES), default="threads",
+@click.option("--grpc-mode", type=click.Choice(GRPC_MODES), default="aio",
               show_default=True,
               help="gRPC thread pool (faster single-key calls here), or grpc.aio.")
 @click.option("--num-threads", default=8, show_default=True, type=int,

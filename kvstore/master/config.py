@@ -33,7 +33,7 @@ class MasterConfig:
     low_watermark: float = 0.85          # ... and stops at this fraction
     max_batch: int = 65536               # most keys in one request
     max_changes_per_heartbeat: int = 262144  # most changes one heartbeat reply carries
-    grpc_mode: str = "threads"           # "threads" (gRPC thread pool) or "aio" (grpc.aio)
+    grpc_mode: str = "aio"               # "aio" (grpc.aio) or "threads" (gRPC thread pool)
     num_threads: int = 8                 # worker threads in "threads" mode
     fast_port: int | None = 0            # framed-TCP metadata path (0: pick); None: off
 
