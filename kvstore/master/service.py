@@ -59,6 +59,61 @@ def _node_ref(node):
     return node.ref
 
 
+def _packed_tag(field_name: str) -> bytes:
+    """The wire tag of a packed repeated field of GetReplicasResponse."""
+    number = pb.GetReplicasResponse.DESCRIPTOR.fields_by_name[field_name].number
+    return _varint(number << 3 | 2)
+
+
+def _varint(value: int) -> bytes:
+    out = bytearray()
+    while value > 0x7F:
+        out.append(value & 0x7F | 0x80)
+        value >>= 7
+    out.append(value)
+    return bytes(out)
+
+
+_STATUSES_TAG, _SIZES_TAG, _CHECKSUMS_TAG, _CODECS_TAG, _STARTS_TAG, _COUNTS_TAG, \
+    _SEGMENT_TAG = map(_packed_tag, ("statuses", "sizes", "checksums", "codecs",
+                                     "replica_start", "replica_count", "replica_segment"))
+
+
+#: Batch lengths whose packed 0..n-1 encoding is kept (a client uses a few batch sizes).
+_MAX_RANGE_PAYLOADS = 64
+
+
+def _fill_arrays(reply, num_items: int, num_to_range_payload: dict, tag_name_values) -> None:
+    """Set ``reply``'s repeated integer fields from ``(tag, field name, values)``.
+
+    NOTE: why not the constructor: it converts element by element (25-45 ns a key per
+    field, ~150 ns where each value is its own int object far away in memory), which was a
+    fifth of a 1024-key GetReplicas. A field whose values are all one value (all ITEM_OK,
+    one replica each, same size: the common batch) or a ``range`` (replica_start when
+    every key has one replica) is encoded here as packed bytes and parsed in one C call
+    (~6 ns a key). ``count`` finds the uniform case at C speed: the values are small ints
+    or interned sizes (``MasterState.put_start``), so it compares identities.
+    """
+    encoded = []
+    for tag, name, values in tag_name_values:
+        if not values:
+            continue
+        if isinstance(values, range) and values.start == 0 and values.step == 1:
+            payload = num_to_range_payload.get(len(values))
+            if payload is None:
+                if len(num_to_range_payload) >= _MAX_RANGE_PAYLOADS:
+                    num_to_range_payload.clear()
+                payload = num_to_range_payload[len(values)] = b"".join(map(_varint, values))
+        elif len(values) == num_items and values.count(values[0]) == num_items:
+            payload = _varint(values[0]) * num_items
+        else:
+            getattr(reply, name).extend(values)
+            continue
+        encoded += (tag, _varint(len(payload)), payload)
+    if encoded:
+        reply.MergeFromString(b"".join(encoded))
+
+
 class MasterService:
     """Implements every Master RPC as ``method(request, now_s) -> reply`` over ``state``."""
 
@@ -67,6 +122,7 @@ class MasterService:
         self.metrics_port = metrics_port or 0
         self.fast_port = 0  # set by the server once the fast path is bound; 0: none
         self.lock = threading.Lock()
+        self._num_to_range_payload: dict[int, bytes] = {}   # see _fill_arrays
 
     # -- membership ---------------------------------------------------------------------------
 
@@ -146,11 +202,15 @@ class MasterService:
          segments, messages) = self.state.get_replicas(
             request.keys, lease_ttl_s, request.client_host_id, now_s)
         nodes, segment_refs = _segment_tables(segments)
-        return pb.GetReplicasResponse(
-            statuses=statuses, sizes=sizes, checksums=checksums, codecs=codecs,
-            replica_start=starts, replica_count=counts, replica_segment=rep_segments,
+        reply = pb.GetReplicasResponse(
             replica_offset=rep_offsets, nodes=nodes, segments=segment_refs,
             lease_expires_in_s=lease_ttl_s, error_messages=messages)
+        _fill_arrays(reply, len(statuses), self._num_to_range_payload, (
+            (_STATUSES_TAG, "statuses", statuses), (_SIZES_TAG, "sizes", sizes),
+            (_CHECKSUMS_TAG, "checksums", checksums), (_CODECS_TAG, "codecs", codecs),
+            (_STARTS_TAG, "replica_start", starts), (_COUNTS_TAG, "replica_count", counts),
+            (_SEGMENT_TAG, "replica_segment", rep_segments)))
+        return reply
 
     def RenewLease(self, request, now_s):
         return pb.RenewLeaseResponse(statuses=self.state.renew_lease(

@@ -36,6 +36,8 @@ from kvstore.master.validation import check_batch, check_id, check_parallel, inv
 MAX_REPLICAS = 16
 #: Longest gap between sweeps while requests keep arriving (seconds).
 SWEEP_PERIOD_S = 0.5
+#: Distinct object sizes kept as one shared int each (see ``_size_ints``).
+MAX_INTERNED_SIZES = 256
 
 
 class MasterState:
@@ -58,6 +60,10 @@ class MasterState:
         self.misses = 0
         self.evictions = 0
         self.pressure_idle_until_s = now_s   # see eviction.relieve_pressure
+        # NOTE: one int object per distinct object size (KV blocks come in a few sizes), so
+        # the read path finds a batch of equal sizes by identity, without touching one int
+        # object per key (service._fill_arrays). Bounded: other sizes are stored as given.
+        self._size_ints: dict[int, int] = {}
 
     # -- membership, reads, remove/pin: see their modules ------------------------------------
 
@@ -123,7 +129,9 @@ class MasterState:
         # NOTE: once eviction could not make room for some size, it cannot for a larger one
         # in this same call either (nothing is freed meanwhile): skip the futile rescans.
         hopeless_size = None
+        size_ints = self._size_ints
         for i, (key, size) in enumerate(zip(keys, sizes)):
+            size = size_ints.get(size) or self._interned_size(size)
             problem = key_problem(key) if size > 0 else "size must be > 0"
             if problem is None and (key in objects or key in pending):
                 statuses.append(ITEM_ALREADY_EXISTS)
@@ -157,6 +165,11 @@ class MasterState:
             all_picks.append(picks)
         eviction.relieve_pressure(self, now_s)
         return statuses, messages, all_picks
+
+    def _interned_size(self, size: int) -> int:
+        if size > 0 and len(self._size_ints) < MAX_INTERNED_SIZES:
+            self._size_ints[size] = size
+        return size
 
     def put_end(self, keys, client_id: str, checksums, now_s: float):
         """Make this writer's PENDING objects COMPLETE (visible). Per key: ITEM_OK (also
