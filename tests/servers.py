@@ -3,11 +3,10 @@
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 from kvstore._process import ServerProcess, kvstore_executable
 
-KVSTORE_BIN = Path(sys.executable).with_name("kvstore")
+KVSTORE_BIN = Path(kvstore_executable())
 
 __all__ = ["KVSTORE_BIN", "ServerProcess", "kvstore_executable"]

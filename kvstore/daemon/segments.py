@@ -21,7 +21,8 @@ import socket
 from pathlib import Path
 
 from kvstore.transport import frames
-from kvstore.transport.shmem import SharedSegment, create_shm, unique_shm_name
+from kvstore.transport.shmem import (SharedSegment, create_shm, release_mapping,
+                                     unique_shm_name)
 
 TIER_DRAM = "DRAM"
 TIER_SSD = "SSD"
@@ -108,10 +109,6 @@ class FileSegment(MappedSegment):
     def close(self) -> None:
         if self._mapping is None:
             return
-        try:
-            self.view.release()
-            self._mapping.close()
-        except BufferError:
-            pass  # NOTE: a reader still holds a slice; the kernel unmaps when it is dropped
+        release_mapping(self.view, self._mapping)
         self._mapping = None
         Path(self.path).unlink(missing_ok=True)

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import abc
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Callable, Sequence
 
 
 @dataclass(frozen=True, slots=True)
@@ -56,26 +56,12 @@ class Transport(abc.ABC):
                    timeout_s: float) -> list[BaseException | None]:
         """Write each (target, src); one entry per item, None on success. Transports override
         this to pipeline or parallelize; the default runs them one after another."""
-        results: list[BaseException | None] = []
-        for target, src in items:
-            try:
-                self.write(target, src, timeout_s=timeout_s)
-                results.append(None)
-            except Exception as exc:  # noqa: BLE001 - reported per item
-                results.append(exc)
-        return results
+        return _each(self.write, items, timeout_s)
 
     def read_many(self, items: Sequence[tuple[Target, memoryview]], *,
                   timeout_s: float) -> list[BaseException | None]:
         """Read each (target, dst); one entry per item, None on success."""
-        results: list[BaseException | None] = []
-        for target, dst in items:
-            try:
-                self.read_into(target, dst, timeout_s=timeout_s)
-                results.append(None)
-            except Exception as exc:  # noqa: BLE001 - reported per item
-                results.append(exc)
-        return results
+        return _each(self.read_into, items, timeout_s)
 
     def register_memory(self, buffer: memoryview) -> object | None:
         """Register a buffer for one-sided transfers (RDMA/NVLink); None where not needed."""
@@ -89,3 +75,16 @@ class Transport(abc.ABC):
 
     def __exit__(self, *exc_info: object) -> None:
         self.close()
+
+
+def _each(copy: Callable[..., None], items: Sequence[tuple[Target, memoryview]],
+          timeout_s: float) -> list[BaseException | None]:
+    """Run ``copy(target, buffer, timeout_s=...)`` per item; None or the exception, in order."""
+    results: list[BaseException | None] = []
+    for target, buffer in items:
+        try:
+            copy(target, buffer, timeout_s=timeout_s)
+            results.append(None)
+        except Exception as exc:  # noqa: BLE001 - reported per item
+            results.append(exc)
+    return results

@@ -44,13 +44,7 @@ class SharedSegment:
         is deferred to garbage collection; the mapping stays valid until then)."""
         if self._mapping is None:
             return
-        try:
-            self.view.release()
-            self._mapping.close()
-        except BufferError:
-            # NOTE: a caller still holds a slice of the view; the kernel unmaps when the last
-            # reference goes away, which is safe (the memory stays valid until then).
-            pass
+        release_mapping(self.view, self._mapping)
         self._mapping = None
 
     def unlink(self) -> None:
@@ -59,6 +53,19 @@ class SharedSegment:
             _posixshmem.shm_unlink(self.name)
         except FileNotFoundError:
             pass
+
+
+def release_mapping(view: memoryview, mapping: mmap.mmap) -> None:
+    """Release ``view`` and unmap ``mapping`` now, or when the last slice of the view goes.
+
+    NOTE: a caller may still hold a slice of the view (a copy in flight); then the kernel
+    unmaps when the last reference goes away, which is safe: the memory stays valid until then.
+    """
+    try:
+        view.release()
+        mapping.close()
+    except BufferError:
+        pass
 
 
 #: ``{prefix}-{host tag}-{pid}-{16 hex}``: what ``unique_shm_name`` makes (without the "/")
