@@ -14,7 +14,7 @@ import click
 _COMMANDS = {
     "master": "kvstore.master.cli:command",
     "daemon": "kvstore.daemon.cli:command",
-    "status": "kvstore.master.status_cli:command",
+    "status": "kvstore.status_cli:command",
     "bench": "kvstore.bench_cli:command",
     "demo": "kvstore.demo:command",
 }

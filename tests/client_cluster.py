@@ -20,7 +20,7 @@ import numpy as np
 from servers import ServerProcess
 
 import kvstore
-from kvstore.master.rpc_client import MasterClient
+from raw_master import RawMaster
 from kvstore.v1 import master_pb2
 
 
@@ -52,7 +52,7 @@ class Cluster:
 
     def wait_nodes(self, num_nodes: int, timeout_s: float = 20.0) -> None:
         """Wait until the master lists ``num_nodes`` nodes (daemons register asynchronously)."""
-        master = MasterClient(self.address, token=self.token)
+        master = RawMaster.over_grpc(self.address, token=self.token)
         try:
             deadline = time.monotonic() + timeout_s
             while True:
@@ -71,7 +71,7 @@ class Cluster:
         unlink itself, so killed daemons leave nothing behind in /dev/shm. Mappings that
         clients hold stay valid until they unmap."""
         daemon = self.daemons[index]
-        master = MasterClient(self.address, token=self.token)
+        master = RawMaster.over_grpc(self.address, token=self.token)
         try:
             nodes = master.call("ListNodes", master_pb2.ListNodesRequest()).nodes
         finally:
@@ -100,7 +100,6 @@ import json, sys
 import numpy as np
 import xxhash
 import kvstore
-from kvstore.master.rpc_client import MasterClient
 
 def payload(size, seed):
     return np.random.default_rng(seed).integers(0, 256, size, dtype=np.uint8).tobytes()

@@ -7,7 +7,7 @@ import pytest
 
 from kvstore.master.clock import ManualClock
 from kvstore.master.config import MasterConfig
-from kvstore.master.rpc_client import MasterClient
+from raw_master import RawMaster
 from kvstore.master.server import run_in_thread
 from kvstore.v1 import master_pb2 as pb
 
@@ -23,13 +23,13 @@ def node_info(node_id: str, *, host_id: str = "host-a", segments=None) -> pb.Nod
                                  for s, t, c in segments])
 
 
-def register(client: MasterClient, node_id: str, **kwargs) -> pb.RegisterNodeResponse:
+def register(client: RawMaster, node_id: str, **kwargs) -> pb.RegisterNodeResponse:
     inventory = kwargs.pop("inventory", None)
     return client.call("RegisterNode", pb.RegisterNodeRequest(node=node_info(node_id, **kwargs),
                                                               inventory=inventory))
 
 
-def put(client: MasterClient, keys, sizes=None, *, client_id="w1", end=True, **hints):
+def put(client: RawMaster, keys, sizes=None, *, client_id="w1", end=True, **hints):
     """put_start (and put_end unless ``end`` is False); returns the PutStartResponse."""
     sizes = sizes or [1000] * len(keys)
     reply = client.call("PutStart", pb.PutStartRequest(keys=keys, sizes=sizes,
@@ -41,11 +41,11 @@ def put(client: MasterClient, keys, sizes=None, *, client_id="w1", end=True, **h
     return reply
 
 
-def get(client: MasterClient, keys, **kwargs) -> pb.GetReplicasResponse:
+def get(client: RawMaster, keys, **kwargs) -> pb.GetReplicasResponse:
     return client.call("GetReplicas", pb.GetReplicasRequest(keys=keys, **kwargs))
 
 
-def exists(client: MasterClient, keys) -> list[bool]:
+def exists(client: RawMaster, keys) -> list[bool]:
     return list(client.call("Exists", pb.ExistsRequest(keys=keys)).exists)
 
 
@@ -66,7 +66,7 @@ class Embedded:
         self.clock = ManualClock()
         config.setdefault("port", 0)
         self.master = run_in_thread(MasterConfig(**config), clock=self.clock)
-        self.client = MasterClient(self.master.address)
+        self.client = RawMaster.over_grpc(self.master.address)
 
     @property
     def state(self):

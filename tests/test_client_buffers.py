@@ -1,4 +1,4 @@
-"""Zero-copy views of values and output buffers (kvstore.client.buffers)."""
+"""Zero-copy views of values and output buffers (kvstore.client.values)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from kvstore import InvalidArgumentError
-from kvstore.client.buffers import as_destination, as_source, finish_bytes, new_bytes
+from kvstore.client.values import as_destination, as_source, finish_bytes, new_bytes
 
 
 @pytest.mark.parametrize("make", [

@@ -13,10 +13,8 @@ import torch
 
 import kvstore
 from kvstore import ChecksumError, ClosedError, KeyNotFoundError, MasterUnavailableError
-from kvstore.client.replicas import decode_targets
-from kvstore.master.rpc_client import MasterClient
+from kvstore.rpc import grpc_client
 from kvstore.transport.shm import ShmTransport
-from kvstore.v1 import master_pb2
 
 
 @pytest.fixture(scope="module")
@@ -96,10 +94,8 @@ def test_stats_name_the_transport_that_served(store):
 
 def _corrupt(store, key: str) -> None:
     """Overwrite the stored replica's first byte through a real shm mapping."""
-    master = MasterClient(store.address)
-    reply = master.call("GetReplicas", master_pb2.GetReplicasRequest(keys=[key]))
-    master.close()
-    target = decode_targets(reply, reply.sizes, [True])[0][0]
+    with grpc_client(store.address) as master:
+        target = master.get_replicas([key])[0].targets[0]
     with ShmTransport() as shm:
         head = bytearray(target.length)
         shm.read_into(target, memoryview(head), timeout_s=5)
@@ -190,7 +186,7 @@ def test_local_with_an_ssd_tier(tmp_path):
         store.put("ssd/key", bytes(range(256)) * 10)
         assert store.get("ssd/key") == bytes(range(256)) * 10
         tiers = {t["tier"] for t in store.stats()["master"]["tiers"]}
-        assert tiers == {"TIER_DRAM", "TIER_SSD"}
+        assert tiers == {"dram", "ssd"}   # Tier labels, as put(tier=...) takes them
 
 
 def test_put_on_the_ssd_tier_reads_back_through_the_data_plane(tmp_path):
@@ -198,7 +194,7 @@ def test_put_on_the_ssd_tier_reads_back_through_the_data_plane(tmp_path):
         data = np.random.default_rng(5).integers(0, 256, 300_000, dtype=np.uint8)
         store.put("ssd/placed", data, tier="ssd")
         assert store.get("ssd/placed") == data.tobytes()
-        ssd = [t for t in store.stats()["master"]["tiers"] if t["tier"] == "TIER_SSD"][0]
+        ssd = [t for t in store.stats()["master"]["tiers"] if t["tier"] == "ssd"][0]
         assert ssd["num_objects"] == 1
         transfers = store.stats()["transfers"]
         assert transfers["tcp"]["num_reads"] == 1 and transfers["shm"]["num_reads"] == 0

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 
 from kvstore import InvalidArgumentError, KVStoreError
-from kvstore.client.keys import check_key, check_keys
-from kvstore.client.replicas import decode_targets
+from kvstore.client.key_checks import check_key, check_keys
+from kvstore.rpc.messages import decode_targets
 from kvstore.transport.base import Target
 from kvstore.v1 import master_pb2
 

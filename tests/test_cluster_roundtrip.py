@@ -8,10 +8,8 @@ import xxhash
 
 from client_cluster import Cluster, Peer, payload
 from kvstore import ChecksumError
-from kvstore.client.replicas import decode_targets
-from kvstore.master.rpc_client import MasterClient
+from kvstore.rpc import grpc_client
 from kvstore.transport.shm import ShmTransport
-from kvstore.v1 import master_pb2
 
 SIZES = [0, 1, 4095, 64 * 1024, (1 << 20) + 1, 64 << 20]
 
@@ -90,12 +88,8 @@ def test_replicas_land_on_both_daemons_and_each_serves_reads(cluster):
 
 
 def _replica_targets(cluster, key):
-    master = MasterClient(cluster.address)
-    try:
-        reply = master.call("GetReplicas", master_pb2.GetReplicasRequest(keys=[key]))
-    finally:
-        master.close()
-    return decode_targets(reply, reply.sizes, [True])[0]
+    with grpc_client(cluster.address) as master:
+        return master.get_replicas([key])[0].targets
 
 
 def _flip_first_byte(target):

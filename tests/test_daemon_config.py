@@ -13,7 +13,7 @@ from kvstore import ConfigError
 from kvstore.daemon.config import DaemonConfig, split_tier_spec
 from kvstore.daemon.objects import ObjectTable
 from kvstore.daemon.server import run_in_thread
-from kvstore.transport.shmem import create_shm, open_shm, unique_shm_name
+from kvstore._posix_shm import create_shm, open_shm, unique_shm_name
 from kvstore.v1 import master_pb2
 
 
@@ -131,7 +131,7 @@ def test_port_in_use_is_a_config_error_and_leaves_no_shm():
 
 def test_daemon_startup_does_not_import_torch():
     code = ("import sys, kvstore, kvstore.daemon.cli, kvstore.daemon.server, "
-            "kvstore.daemon.membership, kvstore.transport; "
+            "kvstore.daemon.master_link, kvstore.transport; "
             "assert 'torch' not in sys.modules, 'torch imported'")
     subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
 
@@ -143,7 +143,7 @@ def dead_pid() -> int:
 
 
 def test_daemon_start_reaps_segments_of_dead_daemons_only(tmp_path):
-    from kvstore.transport.shmem import host_tag
+    from kvstore._posix_shm import host_tag
 
     tag, pid = host_tag(), dead_pid()
     other_tag = "0" * 8 if tag != "0" * 8 else "1" * 8
@@ -170,7 +170,7 @@ def test_daemon_start_reaps_segments_of_dead_daemons_only(tmp_path):
 
 
 def test_reaping_can_be_turned_off():
-    from kvstore.transport.shmem import host_tag
+    from kvstore._posix_shm import host_tag
 
     name = f"/kvstore-gone-{host_tag()}-{dead_pid()}-{'f' * 16}"
     segment = create_shm(name, 4096)

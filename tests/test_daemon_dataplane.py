@@ -13,9 +13,9 @@ import pytest
 from servers import ServerProcess
 
 from kvstore import AuthenticationError, TransferError
-from kvstore.transport import frames
+from kvstore.transport import data_frames
 from kvstore.transport.base import Target
-from kvstore.transport.frames import Op, Status
+from kvstore.transport.data_frames import Op, Status
 from kvstore.transport.tcp import TcpTransport
 
 TOKEN = "s3cret-token"
@@ -53,16 +53,16 @@ def assert_still_serving(daemon, good_client):
 def connect(daemon, token: str | None = TOKEN) -> socket.socket:
     sock = socket.create_connection((daemon.host, daemon.port), timeout=TIMEOUT_S)
     if token is not None:
-        sock.sendall(frames.encode_hello(token))
+        sock.sendall(data_frames.encode_hello(token))
         status, _, _, _, _ = read_reply(sock)
         assert status == Status.OK
     return sock
 
 
 def read_reply(sock: socket.socket) -> tuple[int, int, int, int, str]:
-    header = frames.recv_exact(sock, frames.REPLY.size)
-    status, flags, msg_len, request_id, length = frames.REPLY.unpack(header)
-    message = frames.recv_exact(sock, msg_len).decode()
+    header = data_frames.recv_exact(sock, data_frames.REPLY.size)
+    status, flags, msg_len, request_id, length = data_frames.REPLY.unpack(header)
+    message = data_frames.recv_exact(sock, msg_len).decode()
     return status, flags, request_id, length, message
 
 
@@ -98,7 +98,7 @@ def test_random_bytes_after_handshake_get_bad_frame(daemon, good_client):
 
 def test_wrong_token_is_refused(daemon, good_client):
     with socket.create_connection((daemon.host, daemon.port), timeout=TIMEOUT_S) as sock:
-        sock.sendall(frames.encode_hello("wrong"))
+        sock.sendall(data_frames.encode_hello("wrong"))
         assert read_reply(sock)[0] == Status.AUTH_FAILED
         assert is_closed(sock)
     target = Target(NODE_ID, "h", daemon.address, "dram0", "", 0, 10)
@@ -113,7 +113,7 @@ def test_wrong_token_is_refused(daemon, good_client):
 
 def test_oversized_token_length_is_a_bad_frame(daemon, good_client):
     with socket.create_connection((daemon.host, daemon.port), timeout=TIMEOUT_S) as sock:
-        sock.sendall(frames.HELLO.pack(frames.HELLO_MAGIC, 1, 60000))
+        sock.sendall(data_frames.HELLO.pack(data_frames.HELLO_MAGIC, 1, 60000))
         assert read_reply(sock)[0] == Status.BAD_FRAME
         assert is_closed(sock)
     assert_still_serving(daemon, good_client)
@@ -123,22 +123,22 @@ def test_read_past_segment_end_gets_error_and_connection_stays_usable(daemon, go
     with connect(daemon) as sock:
         for offset, length in [(SEGMENT_BYTES, 1), (SEGMENT_BYTES - 10, 11), (1, 2**64 - 1),
                                (2**64 - 1, 2)]:
-            sock.sendall(frames.encode_request(Op.READ, b"dram0", 7, offset, length))
+            sock.sendall(data_frames.encode_request(Op.READ, b"dram0", 7, offset, length))
             status, _, request_id, reply_length, _ = read_reply(sock)
             assert (status, request_id, reply_length) == (Status.OUT_OF_RANGE, 7, 0)
-        sock.sendall(frames.encode_request(Op.READ, b"no-such-segment", 8, 0, 1))
+        sock.sendall(data_frames.encode_request(Op.READ, b"no-such-segment", 8, 0, 1))
         assert read_reply(sock)[0] == Status.NO_SEGMENT
-        sock.sendall(frames.encode_request(Op.READ, b"dram0", 9, 4096, 16))
+        sock.sendall(data_frames.encode_request(Op.READ, b"dram0", 9, 4096, 16))
         status, _, request_id, reply_length, _ = read_reply(sock)
         assert (status, request_id, reply_length) == (Status.OK, 9, 16)
-        assert frames.recv_exact(sock, 16) == good_client[2][:16].tobytes()
+        assert data_frames.recv_exact(sock, 16) == good_client[2][:16].tobytes()
     assert_still_serving(daemon, good_client)
 
 
 def test_write_past_segment_end_is_refused_and_stores_nothing(daemon, good_client):
     with connect(daemon) as sock:
         # a write whose range ends inside the good client's data must not touch it
-        sock.sendall(frames.encode_request(Op.WRITE, b"dram0", 3, SEGMENT_BYTES - 8, 4096)
+        sock.sendall(data_frames.encode_request(Op.WRITE, b"dram0", 3, SEGMENT_BYTES - 8, 4096)
                      + b"\x00" * 4096)
         assert read_reply(sock)[0] == Status.OUT_OF_RANGE
         assert is_closed(sock)
@@ -148,28 +148,28 @@ def test_write_past_segment_end_is_refused_and_stores_nothing(daemon, good_clien
 def test_write_whose_length_lies_then_closes(daemon, good_client):
     """The header promises 1 MiB at an unused offset; 10 bytes come, then the peer goes."""
     with connect(daemon) as sock:
-        sock.sendall(frames.encode_request(Op.WRITE, b"dram0", 4, 4 * 1024 * 1024, 1024 * 1024)
+        sock.sendall(data_frames.encode_request(Op.WRITE, b"dram0", 4, 4 * 1024 * 1024, 1024 * 1024)
                      + b"0123456789")
     assert_still_serving(daemon, good_client)
 
 
 def test_truncated_frames_at_every_cut(daemon, good_client):
-    frame = frames.encode_request(Op.READ, b"dram0", 5, 0, 16)
-    for cut in (1, 10, frames.REQUEST.size - 1, frames.REQUEST.size, len(frame) - 1):
+    frame = data_frames.encode_request(Op.READ, b"dram0", 5, 0, 16)
+    for cut in (1, 10, data_frames.REQUEST.size - 1, data_frames.REQUEST.size, len(frame) - 1):
         with connect(daemon) as sock:
             sock.sendall(frame[:cut])
             sock.shutdown(socket.SHUT_WR)
             assert is_closed(sock)
     with socket.create_connection((daemon.host, daemon.port), timeout=TIMEOUT_S) as sock:
-        sock.sendall(frames.encode_hello(TOKEN)[:5])  # a truncated handshake
+        sock.sendall(data_frames.encode_hello(TOKEN)[:5])  # a truncated handshake
     assert_still_serving(daemon, good_client)
 
 
 @pytest.mark.parametrize("bad_header", [
-    frames.REQUEST.pack(b"KQ", 99, 0, 5, 1, 0, 1) + b"dram0",      # unknown op
-    frames.REQUEST.pack(b"KQ", Op.READ, 0, 0, 1, 0, 1),             # empty segment id
-    frames.REQUEST.pack(b"KQ", Op.READ, 0, 60000, 1, 0, 1),         # segment id too long
-    frames.REQUEST.pack(b"KQ", Op.PING, 0, 5, 1, 0, 0) + b"dram0",  # PING with a segment id
+    data_frames.REQUEST.pack(b"KQ", 99, 0, 5, 1, 0, 1) + b"dram0",      # unknown op
+    data_frames.REQUEST.pack(b"KQ", Op.READ, 0, 0, 1, 0, 1),             # empty segment id
+    data_frames.REQUEST.pack(b"KQ", Op.READ, 0, 60000, 1, 0, 1),         # segment id too long
+    data_frames.REQUEST.pack(b"KQ", Op.PING, 0, 5, 1, 0, 0) + b"dram0",  # PING with a segment id
 ])
 def test_malformed_headers_get_bad_frame(daemon, good_client, bad_header):
     with connect(daemon) as sock:
@@ -181,7 +181,7 @@ def test_malformed_headers_get_bad_frame(daemon, good_client, bad_header):
 
 def test_ping_answers(daemon):
     with connect(daemon) as sock:
-        sock.sendall(frames.REQUEST.pack(b"KQ", Op.PING, 0, 0, 42, 0, 0))
+        sock.sendall(data_frames.REQUEST.pack(b"KQ", Op.PING, 0, 0, 42, 0, 0))
         assert read_reply(sock)[:3] == (Status.OK, 0, 42)
 
 
@@ -224,7 +224,7 @@ def test_connections_beyond_the_limit_are_refused_and_the_rest_served():
         held = [socket.create_connection((host, int(port)), timeout=TIMEOUT_S)
                 for _ in range(2)]
         for sock in held:
-            sock.sendall(frames.encode_hello(None))
+            sock.sendall(data_frames.encode_hello(None))
             assert read_reply(sock)[0] == Status.OK
         with socket.create_connection((host, int(port)), timeout=TIMEOUT_S) as extra:
             assert is_closed(extra)

@@ -19,7 +19,7 @@ from servers import KVSTORE_BIN, ServerProcess
 from kvstore import MasterUnavailableError, TransferError
 from kvstore.daemon.config import DaemonConfig
 from kvstore.daemon.server import run_in_thread
-from kvstore.master.rpc_client import MasterClient
+from raw_master import RawMaster
 from kvstore.transport import local_host_id
 from kvstore.transport.base import Target
 from kvstore.transport.tcp import TcpTransport
@@ -29,7 +29,7 @@ FAST_BEAT = ["--heartbeat-interval", "100ms"]
 
 
 def list_nodes(master_addr: str, token: str | None = None):
-    with MasterClient(master_addr, token=token) as client:
+    with RawMaster.over_grpc(master_addr, token=token) as client:
         return list(client.call("ListNodes", master_pb2.ListNodesRequest()).nodes)
 
 
@@ -120,7 +120,7 @@ def put_objects(master_addr: str, num_objects: int, size_bytes: int) -> dict[str
     """Put objects the way a client does: PutStart, bytes over tcp, PutEnd."""
     keys = [f"restart/{i}" for i in range(num_objects)]
     values = {key: os.urandom(size_bytes) for key in keys}
-    with MasterClient(master_addr) as client, TcpTransport() as transport:
+    with RawMaster.over_grpc(master_addr) as client, TcpTransport() as transport:
         reply = client.call("PutStart", master_pb2.PutStartRequest(
             keys=keys, sizes=[size_bytes] * num_objects, client_id="writer"))
         assert list(reply.statuses) == [master_pb2.ITEM_OK] * num_objects
@@ -139,7 +139,7 @@ def put_objects(master_addr: str, num_objects: int, size_bytes: int) -> dict[str
 
 def read_objects(master_addr: str, keys: list[str]) -> dict[str, bytes | None]:
     out: dict[str, bytes | None] = {}
-    with MasterClient(master_addr) as client, TcpTransport() as transport:
+    with RawMaster.over_grpc(master_addr) as client, TcpTransport() as transport:
         reply = client.call("GetReplicas", master_pb2.GetReplicasRequest(keys=keys))
         for i, key in enumerate(keys):
             if reply.statuses[i] != master_pb2.ITEM_OK:
@@ -172,10 +172,10 @@ def test_master_restart_adopts_the_daemons_inventory():
         master = ServerProcess(master_args)
         # the daemon notices (known=false), re-registers, and the master adopts its objects
         assert wait_until(lambda: any(n.num_objects == 40 for n in list_nodes(master.address)))
-        assert daemon.daemon.membership.num_registrations == 2
+        assert daemon.daemon.master_link.num_registrations == 2
         assert read_objects(master.address, list(values)) == values
         # the change log continues: a remove reaches the daemon's table
-        with MasterClient(master.address) as client:
+        with RawMaster.over_grpc(master.address) as client:
             client.call("Remove", master_pb2.RemoveRequest(keys=["restart/0"], force=True))
         assert wait_until(lambda: len(daemon.daemon.objects) == 39)
         assert daemon.daemon.objects.get("restart/0") is None

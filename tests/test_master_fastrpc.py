@@ -16,12 +16,12 @@ import pytest
 import kvstore
 from kvstore._errors import (AuthenticationError, ClosedError, ConfigError,
                              InvalidArgumentError, KeyNotFoundError, MasterUnavailableError)
-from kvstore.master import fastframes as ff
 from kvstore.master.config import MasterConfig
-from kvstore.master.fast_client import FastMasterClient
-from kvstore.master.rpc_client import MasterClient
+from kvstore.rpc import fast_frames as ff
+from kvstore.rpc.methods import METHODS
 from kvstore.v1 import master_pb2 as pb
 from master_helpers import node_info
+from raw_master import RawMaster
 from servers import ServerProcess
 
 TOKEN = "s3cret"
@@ -32,7 +32,7 @@ def _master(*flags: str) -> ServerProcess:
 
 
 def _fast_port(server: ServerProcess, token: str | None = None) -> int:
-    with MasterClient(server.address, token=token) as client:
+    with RawMaster.over_grpc(server.address, token=token) as client:
         return client.call("Stats", pb.StatsRequest()).fast_port
 
 
@@ -93,8 +93,8 @@ def test_every_verb_answers_as_grpc_does_for_the_same_state():
     # Two masters driven through the same script, one over each path: same state, so the
     # replies (allocations and offsets included) and the errors must be identical.
     with _master() as over_grpc, _master() as over_fast:
-        grpc_client = MasterClient(over_grpc.address)
-        fast_client = FastMasterClient("127.0.0.1", _fast_port(over_fast))
+        grpc_client = RawMaster.over_grpc(over_grpc.address)
+        fast_client = RawMaster.over_fast("127.0.0.1", _fast_port(over_fast))
         try:
             num_errors = 0
             for method, request in _script():
@@ -112,10 +112,10 @@ def test_every_verb_answers_as_grpc_does_for_the_same_state():
 def test_a_wrong_or_missing_token_is_refused(master):
     server, fast_port = master
     for token in ("wrong", None):
-        with FastMasterClient("127.0.0.1", fast_port, token=token) as client:
+        with RawMaster.over_fast("127.0.0.1", fast_port, token=token) as client:
             with pytest.raises(AuthenticationError, match="UNAUTHENTICATED"):
                 client.call("Stats", pb.StatsRequest())
-    with FastMasterClient("127.0.0.1", fast_port, token=TOKEN) as client:
+    with RawMaster.over_fast("127.0.0.1", fast_port, token=TOKEN) as client:
         assert client.call("Stats", pb.StatsRequest()).fast_port == fast_port
 
 
@@ -151,9 +151,9 @@ def _closed_by_peer(sock: socket.socket) -> bool:
 
 
 def _still_serves_everyone(server, fast_port):
-    with MasterClient(server.address, token=TOKEN) as client:
+    with RawMaster.over_grpc(server.address, token=TOKEN) as client:
         assert client.call("Exists", pb.ExistsRequest(keys=["x"])).exists == [False]
-    with FastMasterClient("127.0.0.1", fast_port, token=TOKEN) as client:
+    with RawMaster.over_fast("127.0.0.1", fast_port, token=TOKEN) as client:
         assert client.call("Exists", pb.ExistsRequest(keys=["x"])).exists == [False]
 
 
@@ -178,11 +178,11 @@ def test_unknown_method_and_unparsable_body_leave_the_connection_usable(master):
         status, request_id, message = _read_reply(sock)
         assert (status, request_id) == (grpc.StatusCode.UNIMPLEMENTED.value[0], 7)
         assert b"unknown method id 999" in message
-        sock.sendall(ff.encode_request(ff.METHOD_TO_ID["Exists"], 8, b"\xff\xff\xff"))
+        sock.sendall(ff.encode_request(METHODS["Exists"].method_id, 8, b"\xff\xff\xff"))
         status, request_id, _ = _read_reply(sock)
         assert (status, request_id) == (grpc.StatusCode.INVALID_ARGUMENT.value[0], 8)
         body = pb.ExistsRequest(keys=["x"]).SerializeToString()
-        sock.sendall(ff.encode_request(ff.METHOD_TO_ID["Exists"], 9, body))
+        sock.sendall(ff.encode_request(METHODS["Exists"].method_id, 9, body))
         status, request_id, reply = _read_reply(sock)
         assert (status, request_id) == (ff.OK, 9)
         assert pb.ExistsResponse.FromString(reply).exists == [False]
@@ -196,9 +196,9 @@ def test_oversized_and_truncated_frames_end_only_their_connection(master):
         assert (status, request_id) == (grpc.StatusCode.RESOURCE_EXHAUSTED.value[0], 5)
         assert b"exceeds the maximum" in message and _closed_by_peer(sock)
     with _raw(fast_port, ff.encode_hello(TOKEN)) as sock:   # half a header, then gone
-        sock.sendall(ff.encode_request(ff.METHOD_TO_ID["Stats"], 1, b"")[:5])
+        sock.sendall(ff.encode_request(METHODS["Stats"].method_id, 1, b"")[:5])
     with _raw(fast_port, ff.encode_hello(TOKEN)) as sock:   # a body cut short
-        sock.sendall(ff.encode_request(ff.METHOD_TO_ID["Exists"], 1, b"x" * 100)[:50])
+        sock.sendall(ff.encode_request(METHODS["Exists"].method_id, 1, b"x" * 100)[:50])
     with _raw(fast_port) as sock:                           # half a hello
         sock.sendall(ff.encode_hello(TOKEN)[:3])
     _still_serves_everyone(server, fast_port)
@@ -220,7 +220,7 @@ def test_concurrent_callers_each_get_their_own_reply(master):
         except BaseException as exc:  # noqa: BLE001 - reported by the main thread
             errors.append(exc)
 
-    with FastMasterClient("127.0.0.1", fast_port, token=TOKEN) as client:
+    with RawMaster.over_fast("127.0.0.1", fast_port, token=TOKEN) as client:
         threads = [threading.Thread(target=ask, args=(i,)) for i in range(6)]
         for thread in threads:
             thread.start()
@@ -229,8 +229,6 @@ def test_concurrent_callers_each_get_their_own_reply(master):
     assert not errors, errors
     with pytest.raises(ClosedError):
         client.call("Stats", pb.StatsRequest())
-    with pytest.raises(InvalidArgumentError, match="unknown master method"):
-        FastMasterClient("127.0.0.1", fast_port).call("Nope", pb.StatsRequest())
 
 
 # reply_spin_s: block at once; poll far shorter than a round trip, then block; poll until
@@ -238,9 +236,9 @@ def test_concurrent_callers_each_get_their_own_reply(master):
 @pytest.mark.parametrize("reply_spin_s", [0.0, 1e-6, 0.005])
 def test_started_calls_overlap_and_answer_like_call_on_both_paths(master, reply_spin_s):
     server, fast_port = master
-    with FastMasterClient("127.0.0.1", fast_port, token=TOKEN,
-                          reply_spin_s=reply_spin_s) as fast, \
-            MasterClient(server.address, token=TOKEN) as slow:
+    with RawMaster.over_fast("127.0.0.1", fast_port, token=TOKEN,
+                             reply_spin_s=reply_spin_s) as fast, \
+            RawMaster.over_grpc(server.address, token=TOKEN) as slow:
         for client in (fast, slow):
             # two calls in flight from one thread: each holds its own connection
             first = client.start("MatchPrefix", pb.MatchPrefixRequest(keys=["s-a"]))
@@ -269,7 +267,7 @@ def _free_port() -> int:
 def test_reads_retry_once_after_a_master_restart_but_put_start_does_not():
     fast_port = _free_port()
     flags = ("--fast-port", str(fast_port))
-    client = FastMasterClient("127.0.0.1", fast_port, timeout_s=5)
+    client = RawMaster.over_fast("127.0.0.1", fast_port, timeout_s=5)
     try:
         with _master(*flags):
             client.call("Exists", pb.ExistsRequest(keys=["a"]))     # pools a connection
@@ -285,14 +283,14 @@ def test_reads_retry_once_after_a_master_restart_but_put_start_does_not():
     finally:
         client.close()
     with pytest.raises(MasterUnavailableError, match="cannot reach"):
-        FastMasterClient("127.0.0.1", fast_port).call("Stats", pb.StatsRequest())
+        RawMaster.over_fast("127.0.0.1", fast_port).call("Stats", pb.StatsRequest())
 
 
 def test_fast_calls_are_counted_with_their_transport():
     with _master("--metrics-port", "0") as server:
-        with MasterClient(server.address) as client:
+        with RawMaster.over_grpc(server.address) as client:
             stats = client.call("Stats", pb.StatsRequest())
-        with FastMasterClient("127.0.0.1", stats.fast_port) as client:
+        with RawMaster.over_fast("127.0.0.1", stats.fast_port) as client:
             client.call("Exists", pb.ExistsRequest(keys=["a", "b"]))
         url = f"http://127.0.0.1:{stats.metrics_port}/metrics"
         lines = set(urllib.request.urlopen(url, timeout=5).read().decode().splitlines())
@@ -348,7 +346,7 @@ def test_a_call_fails_by_its_deadline_when_no_reply_comes():
 
     thread = threading.Thread(target=accept_and_stall, daemon=True)
     thread.start()
-    client = FastMasterClient("127.0.0.1", listener.getsockname()[1], timeout_s=0.3)
+    client = RawMaster.over_fast("127.0.0.1", listener.getsockname()[1], timeout_s=0.3)
     try:
         for _ in range(2):  # the timed-out connection is dropped: the second call opens another
             started = time.monotonic()

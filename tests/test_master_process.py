@@ -12,7 +12,7 @@ import urllib.request
 import pytest
 
 import kvstore
-from kvstore.master.rpc_client import MasterClient
+from raw_master import RawMaster
 from kvstore.v1 import master_pb2 as pb
 from master_helpers import exists, get, put, register
 from servers import KVSTORE_BIN, ServerProcess
@@ -26,7 +26,7 @@ def _master(*flags: str, env=None) -> ServerProcess:
 def test_process_serves_put_and_get_and_stops_on_sigterm(mode):
     with _master("--grpc-mode", mode) as server:
         assert server.host == "127.0.0.1" and server.port > 0
-        with MasterClient(server.address) as client:
+        with RawMaster.over_grpc(server.address) as client:
             register(client, "n1")
             put(client, ["a", "b"])
             assert exists(client, ["a", "b", "c"]) == [True, True, False]
@@ -67,10 +67,10 @@ def test_bad_flags_exit_with_a_message(flags, message):
 def test_token_is_required_when_set(mode):
     with _master("--grpc-mode", mode, env={"KVSTORE_TOKEN": "s3cret"}) as server:
         for token in (None, "wrong"):
-            with MasterClient(server.address, token=token) as client:
+            with RawMaster.over_grpc(server.address, token=token) as client:
                 with pytest.raises(kvstore.AuthenticationError, match="UNAUTHENTICATED"):
                     client.call("Exists", pb.ExistsRequest(keys=["a"]))
-        with MasterClient(server.address, token="s3cret") as client:
+        with RawMaster.over_grpc(server.address, token="s3cret") as client:
             assert exists(client, ["a"]) == [False]
 
 
@@ -85,7 +85,7 @@ def test_garbage_on_the_port_does_not_stop_the_master():
                     sock.recv(1024)
                 except OSError:
                     pass
-        with MasterClient(server.address) as client:
+        with RawMaster.over_grpc(server.address) as client:
             register(client, "n1")
             put(client, ["still-here"])
             assert exists(client, ["still-here"]) == [True]
@@ -94,7 +94,7 @@ def test_garbage_on_the_port_does_not_stop_the_master():
 
 def test_metrics_endpoint_serves_counters_and_tier_gauges():
     with _master("--metrics-port", "0") as server:
-        with MasterClient(server.address) as client:
+        with RawMaster.over_grpc(server.address) as client:
             register(client, "n1")
             put(client, ["a", "b"], [1000, 3000])      # 1024 + 3008 allocated
             get(client, ["a", "missing"])
@@ -117,7 +117,7 @@ def test_metrics_endpoint_serves_counters_and_tier_gauges():
 def test_real_lease_and_node_ttls():
     with _master("--lease-ttl", "300ms", "--node-ttl", "700ms",
                  "--heartbeat-interval", "100ms") as server:
-        with MasterClient(server.address) as client:
+        with RawMaster.over_grpc(server.address) as client:
             register(client, "n1")
             put(client, ["k"])
             get(client, ["k"])
@@ -134,7 +134,7 @@ def test_real_lease_and_node_ttls():
 
 def test_status_cli_table_and_json():
     with _master() as server:
-        with MasterClient(server.address) as client:
+        with RawMaster.over_grpc(server.address) as client:
             register(client, "node-7")
             put(client, ["a", "b", "c"])
         table = subprocess.run([str(KVSTORE_BIN), "status", "--master", server.address],
@@ -160,7 +160,7 @@ def test_status_cli_reports_an_unreachable_master():
 
 
 def test_master_startup_does_not_import_torch():
-    code = ("import sys, kvstore.master.cli, kvstore.master.server, kvstore.master.status_cli; "
+    code = ("import sys, kvstore.master.cli, kvstore.master.server, kvstore.status_cli; "
             "sys.exit(1 if 'torch' in sys.modules else 0)")
     assert subprocess.run([str(KVSTORE_BIN.with_name("python")), "-c", code],
                           timeout=60).returncode == 0

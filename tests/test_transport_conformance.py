@@ -17,7 +17,7 @@ import pytest
 from servers import ServerProcess
 
 from kvstore import ClosedError, InvalidArgumentError, TransferError, TransferTimeoutError
-from kvstore.master.rpc_client import MasterClient
+from raw_master import RawMaster
 from kvstore.transport import local_host_id, make_transports
 from kvstore.transport.base import Target
 from kvstore.transport.shm import ShmTransport
@@ -35,7 +35,7 @@ def cluster():
     with ServerProcess(["master", "--port", "0"]) as master:
         with ServerProcess(["daemon", "--master", master.address, "--dram",
                             str(SEGMENT_BYTES), "--node-id", "conformance-node"]) as daemon:
-            with MasterClient(master.address) as client:
+            with RawMaster.over_grpc(master.address) as client:
                 nodes = client.call("ListNodes", master_pb2.ListNodesRequest()).nodes
             yield daemon, nodes[0]
 
@@ -227,7 +227,7 @@ def test_batch_of_one_large_range(cluster, transport):
 
 
 def test_shm_drops_mappings_of_segments_whose_daemon_left():
-    from kvstore.transport.shmem import create_shm, unique_shm_name
+    from kvstore._posix_shm import create_shm, unique_shm_name
 
     transport = ShmTransport()
     segments = [create_shm(unique_shm_name("kvstore-conf"), 4096) for _ in range(2)]

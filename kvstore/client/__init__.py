@@ -2,9 +2,10 @@
 ``local`` (master and daemon inside this process).
 
 Modules: ``store`` (the public class), ``writer``/``reader`` (the put and get flows of one
-batch), ``transfer`` (replica routing over transports, fallback, verification, stats),
-``replicas`` (decoding master replies into Targets), ``buffers`` (zero-copy views of values
-and outputs), ``keys``, ``checksum``, ``statuses``, ``config``, ``embedded`` (``local``).
+batch, over the typed metadata API of ``kvstore.rpc``), ``transfer`` (replica routing over
+transports, fallback, verification, stats), ``values`` (zero-copy views of values and
+outputs), ``key_checks`` (key validation), ``checksum``, ``config``, ``embedded``
+(``local``).
 """
 
 from __future__ import annotations

@@ -8,9 +8,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from kvstore._errors import InvalidArgumentError
+from kvstore.rpc.connect import METADATA_PATHS
+from kvstore.transport import TRANSPORT_KINDS
 
-TRANSPORT_KINDS = ("auto", "shm", "tcp")
-METADATA_KINDS = ("auto", "grpc", "fast")
 TOKEN_ENV = "KVSTORE_TOKEN"
 MAX_REPLY_SPIN_S = 0.01  # polling longer than a few round trips only burns CPU
 
@@ -42,9 +42,9 @@ class ClientConfig:
                 f"transport must be one of {TRANSPORT_KINDS}, got {self.transport!r}")
         if self.token is not None and (not isinstance(self.token, str) or not self.token):
             raise InvalidArgumentError("token must be a non-empty str or None")
-        if self.metadata not in METADATA_KINDS:
+        if self.metadata not in METADATA_PATHS:
             raise InvalidArgumentError(
-                f"metadata must be one of {METADATA_KINDS}, got {self.metadata!r}")
+                f"metadata must be one of {METADATA_PATHS}, got {self.metadata!r}")
         check_timeout(self.timeout_s, "timeout_s")
         check_timeout(self.rpc_timeout_s, "rpc_timeout_s")
         if self.lease_ttl_s is not None:

@@ -8,33 +8,30 @@ read fails the destination's contents are unspecified, but the result is an erro
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
+from kvstore._deadline import Deadline
 from kvstore._errors import InvalidArgumentError, KVStoreError
-from kvstore.client import statuses
-from kvstore.client.buffers import as_destination
 from kvstore.client.checksum import is_empty_marker
-from kvstore.client.keys import check_key
-from kvstore.client.replicas import MAX_KEYS_INDEXED_IN_PLACE, decode_targets
+from kvstore.client.key_checks import check_key
 from kvstore.client.transfer import ReadJob, Transfers
-from kvstore.master.rpc_client import MasterClient
-from kvstore.v1 import master_pb2
+from kvstore.client.values import as_destination
+from kvstore.rpc import MasterClient
+
+#: Codec (kvstore.v1.Codec) of objects stored as their raw bytes: the only one a get reads.
+CODEC_RAW = 0
 
 
 @dataclass(frozen=True, slots=True)
 class GetSettings:
     """What one get call asks for, besides keys and destinations."""
 
-    deadline: float          # time.monotonic() by which the whole call must finish
-    rpc_timeout_s: float
+    deadline: Deadline       # by which the whole call must finish
     host_id: str
     verify: bool
     lease_ttl_s: float | None = None
 
-
-_PER_KEY_FIELDS = ("statuses", "sizes", "checksums", "codecs")
 
 # A destination factory: object size -> (result holder, writable view of exactly that size).
 Allocate = Callable[[int], tuple[Any, memoryview]]
@@ -61,28 +58,18 @@ def get_batch(master: MasterClient, transfers: Transfers, keys: Sequence[Any],
         dsts.append(dst)
     if not names:
         return results
-    request = master_pb2.GetReplicasRequest(
-        keys=names, client_host_id=settings.host_id,
-        lease_ttl_ms=int((settings.lease_ttl_s or 0) * 1000))
-    timeout_s = max(0.001, min(settings.rpc_timeout_s, settings.deadline - time.monotonic()))
-    reply = master.call("GetReplicas", request, timeout_s=timeout_s)
-    statuses.check_lengths(reply, _PER_KEY_FIELDS, len(names), "GetReplicas")
-    sizes, sums, codecs = reply.sizes, reply.checksums, reply.codecs
-    if len(names) > MAX_KEYS_INDEXED_IN_PLACE:
-        # NOTE: plain lists for batches: indexing protobuf repeated fields per key costs
-        # more than copying them once (for a few keys the copies cost more)
-        sizes, sums, codecs = list(sizes), list(sums), list(codecs)
-    ok = [status == statuses.OK for status in reply.statuses]
-    targets = decode_targets(reply, sizes, ok)
+    found = master.get_replicas(names, client_host_id=settings.host_id,
+                                lease_ttl_s=settings.lease_ttl_s, deadline=settings.deadline)
     jobs = []
     for j, key in enumerate(names):
         i = indices[j]
-        if not ok[j]:
-            results[i] = statuses.item_error(reply, j, key, "get")
+        replica_set = found[j]
+        if isinstance(replica_set, KVStoreError):
+            results[i] = replica_set
             continue
-        size, expected = sizes[j], sums[j]
-        if codecs[j] != master_pb2.CODEC_RAW:
-            results[i] = KVStoreError(f"get {key!r}: stored with codec {codecs[j]}, "
+        size, expected = replica_set.size_bytes, replica_set.checksum
+        if replica_set.codec != CODEC_RAW:
+            results[i] = KVStoreError(f"get {key!r}: stored with codec {replica_set.codec}, "
                                       "which this client cannot decode", keys=[key])
             continue
         if is_empty_marker(size, expected):
@@ -100,7 +87,7 @@ def get_batch(master: MasterClient, transfers: Transfers, keys: Sequence[Any],
             dst = dst[:size]
             results[i] = size
         if size:
-            jobs.append(ReadJob(i, key, transfers.route(targets[j]), dst, expected,
+            jobs.append(ReadJob(i, key, transfers.route(replica_set.targets), dst, expected,
                                 settings.verify))
     for i, error in transfers.read(jobs, deadline=settings.deadline).items():
         results[i] = error

@@ -11,24 +11,21 @@ Guarantees, for every method:
 
 from __future__ import annotations
 
+import dataclasses
 import threading
-import time
 import uuid
 from typing import Any, Callable, Sequence
 
-from kvstore._errors import (ClosedError, InvalidArgumentError, KVStoreError,
-                             MasterUnavailableError)
-from kvstore.client import statuses
-from kvstore.client.buffers import finish_bytes, new_bytes
+from kvstore._deadline import Deadline
+from kvstore._errors import ClosedError, InvalidArgumentError, KVStoreError
 from kvstore.client.config import ClientConfig, check_timeout
-from kvstore.client.keys import check_key, check_keys
+from kvstore.client.key_checks import check_key, check_keys
 from kvstore.client.reader import GetSettings, get_batch
 from kvstore.client.transfer import Transfers
+from kvstore.client.values import finish_bytes, new_bytes
 from kvstore.client.writer import PutSettings, check_replicas, check_tier, put_batch
-from kvstore.master.fast_client import FastMasterClient
-from kvstore.master.rpc_client import MasterClient
+from kvstore.rpc import MasterClient, connect_master
 from kvstore.transport import local_host_id, make_transports
-from kvstore.v1 import master_pb2
 
 
 DEFAULT_MAX_BATCH = 65536
@@ -90,16 +87,8 @@ class KVStore:
         self._max_batch = DEFAULT_MAX_BATCH
         self._close_lock = threading.Lock()
         self._closing_guard = _ClosingGuard(self)
-        self._grpc = MasterClient(address, token=config.token, timeout_s=config.rpc_timeout_s)
-        # every master call goes through _master: gRPC until _connect_master picks the path
-        self._master: MasterClient | FastMasterClient = self._grpc
-        self.metadata_path = "grpc"  # "grpc" or "fast": what master calls actually use
-        try:
-            self._transfers = Transfers(make_transports(kind=config.transport,
-                                                        token=config.token))
-        except BaseException:
-            self._grpc.close()
-            raise
+        self._master: MasterClient | None = None   # set by _connect_master
+        self._transfers = Transfers(make_transports(kind=config.transport, token=config.token))
 
     # ---- put ----------------------------------------------------------------------------
     def put(self, key: str, value: Any, *, replicas: int = 1, timeout_s: float | None = None,
@@ -131,7 +120,7 @@ class KVStore:
             check_timeout(soft_pin_ttl_s, "soft_pin_ttl_s")
         settings = PutSettings(
             replicas=check_replicas(replicas), deadline=self._deadline(timeout_s),
-            rpc_timeout_s=self.config.rpc_timeout_s, client_id=self.client_id,
+            client_id=self.client_id,
             host_id=self.host_id, soft_pin_ttl_s=soft_pin_ttl_s, hard_pin=bool(hard_pin),
             tier=check_tier(tier))
         with self._closing_guard:
@@ -183,8 +172,7 @@ class KVStore:
         self._check_open()
         keys = check_keys(keys)
         settings = GetSettings(
-            deadline=self._deadline(timeout_s), rpc_timeout_s=self.config.rpc_timeout_s,
-            host_id=self.host_id, verify=self.config.verify if verify is None else bool(verify),
+            deadline=self._deadline(timeout_s), host_id=self.host_id, verify=self.config.verify if verify is None else bool(verify),
             lease_ttl_s=(self.config.lease_ttl_s if lease_ttl_s is None
                          else check_timeout(lease_ttl_s, "lease_ttl_s")))
         allocate = None if outs is not None else new_bytes
@@ -201,50 +189,32 @@ class KVStore:
     def batch_exists(self, keys: Sequence[str]) -> list[bool]:
         """``exists`` per key with one RPC. Raises InvalidArgumentError for any bad key."""
         names = self._checked_names(keys)
-
-        def exists(lo: int, hi: int) -> list[bool]:
-            reply = self._call("Exists", master_pb2.ExistsRequest(keys=names[lo:hi]))
-            statuses.check_length(reply, "exists", hi - lo, "Exists")
-            return list(reply.exists)
-
-        return self._chunked(exists, len(names))
+        return self._chunked(lambda lo, hi: self._call("exists", names[lo:hi]), len(names))
 
     def remove(self, key: str, *, force: bool = False) -> bool:
         """Remove ``key``; False if it did not exist. Without ``force``, an object that is
         leased by a reader, hard-pinned or still being written is kept and KVStoreError
         raised. With ``force`` it disappears at once, but the master reuses its space only
-        once its read leases lapse (readers in flight keep reading the right bytes).
-        Idempotent."""
-        name = check_key(key)
-        reply = self._call("Remove", master_pb2.RemoveRequest(keys=[name], force=bool(force)))
-        statuses.check_length(reply, "statuses", 1, "Remove")
-        if reply.statuses[0] == statuses.OK:
-            return True
-        if reply.statuses[0] == statuses.NOT_FOUND:
-            return False
-        raise statuses.item_error(reply, 0, name, "remove")
+        once its read leases lapse (readers in flight keep reading the right bytes)."""
+        return _raise_if_error(self._call("remove", [check_key(key)], force=bool(force))[0])
 
     def remove_prefix(self, prefix: str, *, force: bool = False) -> int:
         """Remove every object whose key starts with ``prefix`` (non-empty); return how many.
         Leased, pinned and pending objects are skipped unless ``force``."""
         if not isinstance(prefix, str) or not prefix:
             raise InvalidArgumentError("prefix must be a non-empty str")
-        reply = self._call("RemovePrefix",
-                           master_pb2.RemovePrefixRequest(prefix=prefix, force=bool(force)))
-        return reply.num_removed
+        return self._call("remove_prefix", prefix, force=bool(force))[0]
 
     def pin(self, key: str, *, ttl_s: float | None = None, hard: bool = False) -> None:
         """Pin ``key`` against eviction: softly for ``ttl_s`` seconds, or hard (until unpin).
         Raises KeyNotFoundError if it does not exist."""
         if not hard:
             check_timeout(ttl_s, "ttl_s")
-        request = master_pb2.PinRequest(keys=[check_key(key)], hard=bool(hard),
-                                        ttl_ms=int((ttl_s or 0) * 1000))
-        self._single_status("Pin", request, key)
+        _raise_if_error(self._call("pin", [check_key(key)], ttl_s=ttl_s, hard=bool(hard))[0])
 
     def unpin(self, key: str) -> None:
         """Drop every pin of ``key``. Raises KeyNotFoundError if it does not exist."""
-        self._single_status("Unpin", master_pb2.UnpinRequest(keys=[check_key(key)]), key)
+        _raise_if_error(self._call("unpin", [check_key(key)])[0])
 
     def match_prefix(self, keys: Sequence[str]) -> int:
         """How many leading keys of the chain ``keys`` exist (complete). Grants no lease."""
@@ -252,8 +222,7 @@ class KVStore:
         num_matched = 0
         for lo in range(0, len(names), self._max_batch):
             chunk = names[lo:lo + self._max_batch]
-            matched = self._call("MatchPrefix",
-                                 master_pb2.MatchPrefixRequest(keys=chunk)).num_matched
+            matched = self._call("match_prefix", chunk)
             num_matched += matched
             if matched < len(chunk):
                 break
@@ -262,14 +231,13 @@ class KVStore:
     def stats(self) -> dict[str, Any]:
         """Cluster figures from the master plus this client's own: which transports it has
         (preference order) and, per transport, reads/writes/bytes/errors it served."""
-        reply = self._call("Stats", master_pb2.StatsRequest())
-        master = {field.name: getattr(reply, field.name) for field in reply.DESCRIPTOR.fields
-                  if field.name != "tiers"}
-        master["tiers"] = [{"tier": master_pb2.Tier.Name(t.tier),
-                            "capacity_bytes": t.capacity_bytes, "used_bytes": t.used_bytes,
-                            "num_objects": t.num_objects} for t in reply.tiers]
-        if reply.max_batch:
-            self._max_batch = reply.max_batch
+        stats = self._call("stats")
+        master = dataclasses.asdict(stats)
+        master["tiers"] = [{"tier": usage.tier.label if usage.tier else None,
+                            "capacity_bytes": usage.capacity_bytes,
+                            "used_bytes": usage.used_bytes, "num_objects": usage.num_replicas}
+                           for usage in stats.tiers]
+        self._max_batch = stats.max_batch or self._max_batch
         return {"address": self.address, "client_id": self.client_id, "host_id": self.host_id,
                 "metadata": self.metadata_path,
                 "transports": [t.name for t in self._transfers.transports],
@@ -277,25 +245,18 @@ class KVStore:
 
     # ---- lifecycle ----------------------------------------------------------------------
     def _connect_master(self) -> None:
-        """Readiness check of ``connect``/``local``: Stats over gRPC (learns ``max_batch`` and
-        the fast port), then the metadata path by ``config.metadata``. Raises
-        MasterUnavailableError when "fast" is asked and the master offers none."""
-        reply = self._call("Stats", master_pb2.StatsRequest())
-        if reply.max_batch:
-            self._max_batch = reply.max_batch
-        if self.config.metadata == "grpc" or (self.config.metadata == "auto"
-                                              and not reply.fast_port):
-            return
-        if not reply.fast_port:
-            raise MasterUnavailableError(
-                f"metadata='fast' but the master at {self.address} offers no fast path "
-                "(started with --no-fast-rpc?)")
-        host = self.address.rsplit(":", 1)[0].strip("[]")
-        self._master = FastMasterClient(host, reply.fast_port, token=self.config.token,
-                                        timeout_s=self.config.rpc_timeout_s,
-                                        reply_spin_s=self.config.reply_spin_s)
-        self.metadata_path = "fast"
-        self._master.call("Stats", master_pb2.StatsRequest())  # reachable with our token
+        """Readiness check of ``connect``/``local``: reach the master on the path
+        ``config.metadata`` asks for (``kvstore.rpc.connect_master``) and learn its
+        ``max_batch``. Raises what connect_master raises."""
+        self._master, stats = connect_master(
+            self.address, token=self.config.token, rpc_timeout_s=self.config.rpc_timeout_s,
+            metadata=self.config.metadata, reply_spin_s=self.config.reply_spin_s)
+        self._max_batch = stats.max_batch or self._max_batch
+
+    @property
+    def metadata_path(self) -> str:
+        """What master calls travel: "grpc" or "fast" (None before connecting)."""
+        return self._master.path if self._master is not None else None
 
     def close(self) -> None:
         """Close connections and mappings (and, for ``kvstore.local``, stop the embedded
@@ -305,8 +266,8 @@ class KVStore:
                 return
             self._closed = True
         self._transfers.close()
-        self._master.close()
-        self._grpc.close()
+        if self._master is not None:
+            self._master.close()
         for stop in reversed(self._on_close):
             stop()
 
@@ -329,10 +290,10 @@ class KVStore:
         if self._closed:
             raise ClosedError("this KVStore is closed")
 
-    def _deadline(self, timeout_s: float | None) -> float:
+    def _deadline(self, timeout_s: float | None) -> Deadline:
         seconds = self.config.timeout_s if timeout_s is None else check_timeout(timeout_s,
                                                                                 "timeout_s")
-        return time.monotonic() + seconds
+        return Deadline.after(seconds)
 
     def _chunked(self, run: Callable[[int, int], list[Any]], num_keys: int) -> list[Any]:
         """Run a batch flow over slices of at most the master's ``max_batch`` keys."""
@@ -347,13 +308,8 @@ class KVStore:
         self._check_open()
         return [check_key(key) for key in check_keys(keys)]
 
-    def _call(self, method: str, request: Any) -> Any:
+    def _call(self, verb: str, *args: Any, **kwargs: Any) -> Any:
+        """Run MasterClient ``verb``; ClosedError if this store is (or gets) closed."""
         self._check_open()
         with self._closing_guard:
-            return self._master.call(method, request)
-
-    def _single_status(self, method: str, request: Any, key: str) -> None:
-        reply = self._call(method, request)
-        statuses.check_length(reply, "statuses", 1, method)
-        if reply.statuses[0] != statuses.OK:
-            raise statuses.item_error(reply, 0, key, method.lower())
+            return getattr(self._master, verb)(*args, **kwargs)

@@ -15,11 +15,11 @@ from __future__ import annotations
 
 import logging
 import threading
-import time
 from collections import defaultdict
 from dataclasses import dataclass
 from typing import Sequence
 
+from kvstore._deadline import Deadline
 from kvstore._errors import ChecksumError, KVStoreError, TransferError, TransferTimeoutError
 from kvstore.client.checksum import checksum
 from kvstore.transport.base import Target, Transport
@@ -53,8 +53,8 @@ class ReadJob:
     errors: list[KVStoreError] | None = None  # one per failed attempt (made on the first)
 
 
-def _remaining_s(deadline: float, keys: Sequence[str]) -> float:
-    remaining = deadline - time.monotonic()
+def _remaining_s(deadline: Deadline, keys: Sequence[str]) -> float:
+    remaining = deadline.remaining_s()
     if remaining <= 0:
         raise TransferTimeoutError("deadline passed before the transfer started", keys=keys)
     return remaining
@@ -97,7 +97,7 @@ class Transfers:
 
     # ---- writes -------------------------------------------------------------------------
     def write(self, items: Sequence[tuple[int, str, Target, memoryview]], *,
-              deadline: float) -> dict[int, KVStoreError]:
+              deadline: Deadline) -> dict[int, KVStoreError]:
         """Write every (index, key, target, src); return index -> error for failed items.
 
         A key with several replicas appears once per replica; it fails if any replica fails.
@@ -139,7 +139,7 @@ class Transfers:
         return failures
 
     # ---- reads --------------------------------------------------------------------------
-    def read(self, jobs: Sequence[ReadJob], *, deadline: float) -> dict[int, KVStoreError]:
+    def read(self, jobs: Sequence[ReadJob], *, deadline: Deadline) -> dict[int, KVStoreError]:
         """Read every job into its ``dst``, falling back replica by replica; return
         index -> error for jobs that no replica could serve with the right bytes."""
         failures: dict[int, KVStoreError] = {}
@@ -161,7 +161,7 @@ class Transfers:
             pending = retry
         return failures
 
-    def _read_group(self, transport: Transport, group: list[ReadJob], deadline: float,
+    def _read_group(self, transport: Transport, group: list[ReadJob], deadline: Deadline,
                     retry: list[ReadJob], failures: dict[int, KVStoreError]) -> None:
         try:
             timeout_s = _remaining_s(deadline, [job.key for job in group])

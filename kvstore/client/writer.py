@@ -11,19 +11,17 @@ started key is revoked before the interruption propagates.
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 from typing import Any, Sequence
 
+from kvstore._deadline import Deadline
 from kvstore._errors import InvalidArgumentError, KVStoreError
-from kvstore.client import statuses
-from kvstore.client.buffers import as_source
 from kvstore.client.checksum import EMPTY_CHECKSUM, EMPTY_PLACEHOLDER, checksum
-from kvstore.client.keys import check_key
-from kvstore.client.replicas import decode_targets
+from kvstore.client.key_checks import check_key
 from kvstore.client.transfer import Transfers
-from kvstore.master.rpc_client import MasterClient
-from kvstore.v1 import master_pb2
+from kvstore.client.values import as_source
+from kvstore.rpc import MasterClient
+from kvstore.tiers import Tier
 
 
 @dataclass(frozen=True, slots=True)
@@ -31,28 +29,18 @@ class PutSettings:
     """What one put call asks for, besides keys and values."""
 
     replicas: int
-    deadline: float          # time.monotonic() by which the whole call must finish
-    rpc_timeout_s: float
+    deadline: Deadline       # by which the whole call must finish
     client_id: str
     host_id: str
     soft_pin_ttl_s: float | None = None
     hard_pin: bool = False
-    tier: int = master_pb2.TIER_UNSPECIFIED
+    tier: Tier | None = None
 
 
-#: ``tier=`` names a put accepts -> the master's Tier (placement tries it first)
-TIER_NAMES = {None: master_pb2.TIER_UNSPECIFIED, "hbm": master_pb2.TIER_HBM,
-              "dram": master_pb2.TIER_DRAM, "ssd": master_pb2.TIER_SSD}
-
-
-def check_tier(tier: Any) -> int:
-    """The master's Tier for ``tier`` (None, "hbm", "dram" or "ssd"); InvalidArgumentError
-    otherwise."""
-    try:
-        return TIER_NAMES[tier]
-    except (KeyError, TypeError):
-        raise InvalidArgumentError(
-            f"tier must be None, 'hbm', 'dram' or 'ssd', got {tier!r}") from None
+def check_tier(tier: Any) -> Tier | None:
+    """``tier`` (None, a Tier, or "hbm", "dram", "ssd") as a Tier or None;
+    InvalidArgumentError otherwise."""
+    return None if tier is None else Tier.parse(tier)
 
 
 def check_replicas(replicas: Any) -> int:
@@ -60,10 +48,6 @@ def check_replicas(replicas: Any) -> int:
     if isinstance(replicas, bool) or not isinstance(replicas, int) or replicas < 1:
         raise InvalidArgumentError(f"replicas must be an int >= 1, got {replicas!r}")
     return replicas
-
-
-def _rpc_timeout(settings: PutSettings) -> float:
-    return max(0.001, min(settings.rpc_timeout_s, settings.deadline - time.monotonic()))
 
 
 def put_batch(master: MasterClient, transfers: Transfers, keys: Sequence[Any],
@@ -103,12 +87,11 @@ def put_batch(master: MasterClient, transfers: Transfers, keys: Sequence[Any],
 def _put_valid(master: MasterClient, transfers: Transfers, indices: list[int],
                names: list[str], sizes: list[int], sources: list[memoryview],
                settings: PutSettings, results: list[KVStoreError | None]) -> None:
-    request = master_pb2.PutStartRequest(
-        keys=names, sizes=sizes, replicas=settings.replicas, near_host_id=settings.host_id,
-        client_id=settings.client_id, hard_pin=settings.hard_pin,
-        preferred_tier=settings.tier,
-        soft_pin_ttl_ms=int((settings.soft_pin_ttl_s or 0) * 1000))
-    pending = master.start("PutStart", request, timeout_s=_rpc_timeout(settings))
+    pending = master.begin_put_start(
+        names, sizes, client_id=settings.client_id, replicas=settings.replicas,
+        near_host_id=settings.host_id, tier=settings.tier,
+        soft_pin_ttl_s=settings.soft_pin_ttl_s, hard_pin=settings.hard_pin,
+        deadline=settings.deadline)
     # NOTE: hashed while the master allocates, not after the write: the client would only
     # wait here, so the hash is off the critical path (~100 us of a 4 MiB put), and it pulls
     # the value into the cache for the copy. The cost: values the master reports
@@ -119,29 +102,24 @@ def _put_valid(master: MasterClient, transfers: Transfers, indices: list[int],
     except BaseException:
         _abandon(master, settings, pending, names)
         raise
-    reply = pending.result()
-    statuses.check_length(reply, "statuses", len(names), "PutStart")
-    ok = [status == statuses.OK for status in reply.statuses]
-    started = [j for j, key_ok in enumerate(ok) if key_ok]
+    slots = pending.result()
+    started = [j for j, slot in enumerate(slots) if isinstance(slot, list)]
     try:
-        targets = decode_targets(reply, sizes, ok)
         items = []
         failures: dict[int, KVStoreError] = {}
         for j in started:
-            if not targets[j]:
+            if not slots[j]:
                 failures[j] = KVStoreError(f"put {names[j]!r}: master allocated no replica",
                                            keys=[names[j]])
-            for target in targets[j]:
+            for target in slots[j]:
                 items.append((j, names[j], target, sources[j]))
         failures.update(transfers.write(items, deadline=settings.deadline))
     except BaseException:
         _revoke(master, settings, [names[j] for j in started])
         raise
-    for j, status in enumerate(reply.statuses):
-        if status == statuses.ALREADY_EXISTS:
-            results[indices[j]] = None
-        elif status != statuses.OK:
-            results[indices[j]] = statuses.item_error(reply, j, names[j], "put")
+    for j, slot in enumerate(slots):
+        if isinstance(slot, KVStoreError):
+            results[indices[j]] = slot
     for j, error in failures.items():
         results[indices[j]] = error
     if failures:
@@ -156,37 +134,35 @@ def _abandon(master: MasterClient, settings: PutSettings, pending: Any,
     """Finish a PutStart the flow will not follow up (interrupted before its reply was
     read): read the reply and revoke the keys it started. Best effort, like ``_revoke``."""
     try:
-        reply = pending.result()
+        slots = pending.result()
     except KVStoreError:
         return
-    _revoke(master, settings, [names[j] for j, status in enumerate(reply.statuses)
-                               if status == statuses.OK and j < len(names)])
+    _revoke(master, settings, [name for name, slot in zip(names, slots)
+                               if isinstance(slot, list)])
 
 
 def _end(master: MasterClient, settings: PutSettings, committed: list[int],
          indices: list[int], names: list[str], sums: list[int],
          results: list[KVStoreError | None]) -> None:
     end_names = [names[j] for j in committed]
-    request = master_pb2.PutEndRequest(keys=end_names, client_id=settings.client_id,
-                                       checksums=[sums[j] for j in committed])
     try:
-        reply = master.call("PutEnd", request, timeout_s=_rpc_timeout(settings))
+        ended = master.put_end(end_names, [sums[j] for j in committed],
+                               client_id=settings.client_id, deadline=settings.deadline)
     except BaseException:
         _revoke(master, settings, end_names)
         raise
-    statuses.check_length(reply, "statuses", len(end_names), "PutEnd")
-    for n, j in enumerate(committed):
-        if reply.statuses[n] != statuses.OK:
-            results[indices[j]] = statuses.item_error(reply, n, names[j], "put_end")
+    for j, error in zip(committed, ended):
+        if error is not None:
+            results[indices[j]] = error
 
 
 def _revoke(master: MasterClient, settings: PutSettings, names: list[str]) -> None:
     """Give the space of ``names`` back; best effort, since the master also reclaims PENDING
-    objects after its pending timeout."""
+    objects after its pending timeout. NOTE: on its own deadline of one RPC timeout, not the
+    call's: a call that ran out of time must still give back what it took."""
     if not names:
         return
     try:
-        master.call("PutRevoke", master_pb2.PutRevokeRequest(
-            keys=names, client_id=settings.client_id), timeout_s=settings.rpc_timeout_s)
+        master.put_revoke(names, client_id=settings.client_id)
     except KVStoreError:
         pass

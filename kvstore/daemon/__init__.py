@@ -1,1 +1,1 @@
-"""The storage daemon: segments, data-plane server, membership (see docs/ARCHITECTURE.md)."""
+"""The storage daemon: segments, data-plane server, link to the master (see docs/ARCHITECTURE.md)."""

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 from kvstore._errors import ConfigError
 from kvstore._units import parse_size
-from kvstore.transport.frames import MAX_TOKEN_BYTES
+from kvstore._wire import MAX_TOKEN_BYTES
 
 _NODE_ID_RE = re.compile(r"^[A-Za-z0-9._-]{1,128}$")
 
@@ -62,7 +62,7 @@ class DaemonConfig:
     max_connections: int = 1024
     handshake_timeout_s: float = 10.0
     reap_orphans: bool = True
-    prefault: bool = True       # allocate and map every DRAM page at start (see shmem.py)
+    prefault: bool = True       # allocate and map every DRAM page at start (see kvstore/_posix_shm.py)
 
     def __post_init__(self) -> None:
         if not self.host:

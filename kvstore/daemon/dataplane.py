@@ -1,4 +1,4 @@
-"""The daemon's data-plane server: serves READ/WRITE of segment ranges (frames.py format).
+"""The daemon's data-plane server: serves READ/WRITE of segment ranges (data_frames.py format).
 
 Threading and resource handling: ``kvstore._tcpserver.ThreadedTcpServer`` (one accept
 thread, one thread per connection with blocking sockets; at most ``max_connections``).
@@ -15,9 +15,10 @@ import socket
 from dataclasses import dataclass
 
 from kvstore._tcpserver import ThreadedTcpServer
+from kvstore._wire import BadHello, read_hello, tokens_equal
 from kvstore.daemon.segments import Segment
-from kvstore.transport import frames
-from kvstore.transport.frames import Op, Status
+from kvstore.transport import data_frames
+from kvstore.transport.data_frames import Op, Status
 
 log = logging.getLogger("kvstore.daemon.dataplane")
 
@@ -64,7 +65,7 @@ class DataPlaneServer(ThreadedTcpServer):
 
     def handle_connection(self, conn: socket.socket, peer: tuple) -> None:
         try:
-            frames.configure_socket(conn)
+            data_frames.configure_socket(conn)
             conn.settimeout(self._handshake_timeout_s)
             if self._handshake(conn):
                 conn.settimeout(None)
@@ -74,7 +75,7 @@ class DataPlaneServer(ThreadedTcpServer):
             self.stats.num_errors += 1
             log.warning("data plane: bad frame from %s: %s", peer, exc)
             self._reply_quietly(conn, Status.BAD_FRAME, str(exc))
-        except (OSError, frames.PeerClosedError) as exc:
+        except (OSError, data_frames.PeerClosedError) as exc:
             # a peer that vanished (or a stop()) is routine, not an error of ours
             log.debug("data plane: connection from %s ended: %s", peer, exc)
         except Exception:
@@ -82,42 +83,41 @@ class DataPlaneServer(ThreadedTcpServer):
             raise
 
     def _handshake(self, conn: socket.socket) -> bool:
-        magic, version, token_len = frames.HELLO.unpack(frames.recv_exact(conn, frames.HELLO.size))
-        if magic != frames.HELLO_MAGIC or version != frames.PROTOCOL_VERSION:
-            raise _BadFrame(f"bad hello (magic {magic!r}, version {version})")
-        if token_len > frames.MAX_TOKEN_BYTES:
-            raise _BadFrame(f"token length {token_len} over {frames.MAX_TOKEN_BYTES}")
-        token = frames.recv_exact(conn, token_len)
-        if not frames.tokens_equal(self._token, token):
+        try:
+            token = read_hello(lambda n: data_frames.recv_exact(conn, n),
+                               data_frames.HELLO_MAGIC, data_frames.PROTOCOL_VERSION)
+        except BadHello as exc:
+            raise _BadFrame(str(exc)) from exc
+        if not tokens_equal(self._token, token):
             self.stats.num_errors += 1
             log.warning("data plane: wrong token from %s", conn.getpeername())
             self._reply_quietly(conn, Status.AUTH_FAILED, "wrong or missing token")
             return False
-        conn.sendall(frames.encode_reply(Status.OK, 0, 0, self.node_id))
+        conn.sendall(data_frames.encode_reply(Status.OK, 0, 0, self.node_id))
         return True
 
     def _serve_one(self, conn: socket.socket) -> bool:
         """Serve one request; False when the connection must end (clean close or refusal)."""
-        header = bytearray(frames.REQUEST.size)
+        header = bytearray(data_frames.REQUEST.size)
         view = memoryview(header)
         first = conn.recv_into(view)
         if first == 0:
             return False  # clean close between requests
         if first < len(header):
-            frames.recv_exact_into(conn, view[first:])
-        magic, op_code, _, seg_len, request_id, offset, length = frames.REQUEST.unpack(header)
-        if magic != frames.REQUEST_MAGIC:
+            data_frames.recv_exact_into(conn, view[first:])
+        magic, op_code, _, seg_len, request_id, offset, length = data_frames.REQUEST.unpack(header)
+        if magic != data_frames.REQUEST_MAGIC:
             raise _BadFrame(f"bad request magic {bytes(magic)!r}")
         if op_code == Op.PING:
             if seg_len:
                 raise _BadFrame("PING carries no segment id")
-            conn.sendall(frames.encode_reply(Status.OK, request_id))
+            conn.sendall(data_frames.encode_reply(Status.OK, request_id))
             return True
         if op_code not in (Op.READ, Op.WRITE):
             raise _BadFrame(f"unknown op {op_code}")
-        if not 0 < seg_len <= frames.MAX_SEGMENT_ID_BYTES:
+        if not 0 < seg_len <= data_frames.MAX_SEGMENT_ID_BYTES:
             raise _BadFrame(f"segment id length {seg_len}")
-        segment = self._segment_id_to_segment.get(frames.recv_exact(conn, seg_len))
+        segment = self._segment_id_to_segment.get(data_frames.recv_exact(conn, seg_len))
         status, message = Status.OK, ""
         if segment is None:
             status, message = Status.NO_SEGMENT, "no such segment on this node"
@@ -126,17 +126,17 @@ class DataPlaneServer(ThreadedTcpServer):
                 f"range [{offset}, +{length}) outside segment of {segment.size_bytes} bytes")
         if status != Status.OK:
             self.stats.num_errors += 1
-            conn.sendall(frames.encode_reply(status, request_id, 0, message))
+            conn.sendall(data_frames.encode_reply(status, request_id, 0, message))
             # NOTE: a refused WRITE's payload is still on the wire; we cannot skip a length
             # we do not trust, so the connection ends. A refused READ leaves it usable.
             return op_code == Op.READ
         if op_code == Op.WRITE:
             segment.recv_range(conn, offset, length)
-            conn.sendall(frames.encode_reply(Status.OK, request_id))
+            conn.sendall(data_frames.encode_reply(Status.OK, request_id))
             self.stats.num_writes += 1
             self.stats.bytes_written += length
         else:
-            segment.send_range(conn, frames.encode_reply(Status.OK, request_id, length),
+            segment.send_range(conn, data_frames.encode_reply(Status.OK, request_id, length),
                                offset, length)
             self.stats.num_reads += 1
             self.stats.bytes_read += length
@@ -146,6 +146,6 @@ class DataPlaneServer(ThreadedTcpServer):
     def _reply_quietly(conn: socket.socket, status: Status, message: str) -> None:
         try:
             conn.settimeout(1.0)
-            conn.sendall(frames.encode_reply(status, 0, 0, message))
+            conn.sendall(data_frames.encode_reply(status, 0, 0, message))
         except OSError:
             pass

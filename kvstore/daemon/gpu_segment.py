@@ -12,14 +12,15 @@ import socket
 import threading
 
 from kvstore._errors import ConfigError
-from kvstore.daemon.segments import TIER_HBM, Segment
-from kvstore.transport import frames
+from kvstore.daemon.segments import Segment
+from kvstore.tiers import Tier
+from kvstore.transport import data_frames
 
 STAGING_BYTES = 8 * 1024 * 1024
 
 
 class GpuSegment(Segment):
-    tier = TIER_HBM
+    tier = Tier.HBM
 
     def __init__(self, segment_id: str, size_bytes: int, *, device: str):
         try:
@@ -53,7 +54,7 @@ class GpuSegment(Segment):
         staging, view = self._staging()
         for start in range(0, length, STAGING_BYTES):
             num_bytes = min(STAGING_BYTES, length - start)
-            frames.recv_exact_into(sock, view[:num_bytes])
+            data_frames.recv_exact_into(sock, view[:num_bytes])
             self._buffer[offset + start:offset + start + num_bytes].copy_(staging[:num_bytes])
 
     def send_range(self, sock: socket.socket, header: bytes, offset: int, length: int) -> None:

@@ -39,7 +39,7 @@ class _DaemonCollector:
         capacity = GaugeMetricFamily("kvstore_daemon_segment_capacity_bytes",
                                      "Capacity of each segment", labels=["segment", "tier"])
         for segment in daemon.segments:
-            capacity.add_metric([segment.segment_id, segment.tier.lower()], segment.size_bytes)
+            capacity.add_metric([segment.segment_id, segment.tier.label], segment.size_bytes)
         yield capacity
         objects = daemon.objects
         yield GaugeMetricFamily("kvstore_daemon_objects", "Objects in the local table",

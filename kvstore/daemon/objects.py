@@ -4,7 +4,7 @@ Why the daemon keeps one: the master's state is soft. After a master restart the
 re-registers with this table as its inventory, so the new master adopts every object the
 daemon still holds and no stored block is lost.
 
-Rule for a change set (``HeartbeatResponse``): ``full_resync`` first discards the table; then
+Rule for a change set (``kvstore.rpc.HeartbeatChanges``): ``full_resync`` first discards the table; then
 ``added`` entries are inserted (replacing an entry with the same key); then ``removed_keys``
 are dropped. The master sends only each key's last change, so a key is in at most one of
 the two lists (tested in tests/test_master_heartbeat.py); were it in both, additions first
@@ -18,7 +18,10 @@ from __future__ import annotations
 import threading
 from dataclasses import dataclass
 
-from kvstore.v1 import master_pb2
+from kvstore.rpc import HeartbeatChanges, Inventory
+
+#: Codec (kvstore.v1.Codec) recorded when a change names none: the raw bytes.
+CODEC_RAW = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -53,7 +56,7 @@ class ObjectTable:
         with self._lock:
             self.acked_seq = 0
 
-    def apply(self, response: master_pb2.HeartbeatResponse) -> int:
+    def apply(self, response: HeartbeatChanges) -> int:
         """Apply one heartbeat change set; return the number of entries it touched.
 
         Change sets at or below the acked sequence (a reply to a retried heartbeat) are
@@ -71,21 +74,19 @@ class ObjectTable:
                 self._key_to_object[key] = StoredObject(
                     added.segment_ids[i], added.offsets[i], added.lengths[i],
                     checksums[i] if i < len(checksums) else 0,
-                    codecs[i] if i < len(codecs) else master_pb2.CODEC_RAW)
+                    codecs[i] if i < len(codecs) else CODEC_RAW)
             for key in response.removed_keys:
                 self._key_to_object.pop(key, None)
             self.acked_seq = response.seq
         return len(added.keys) + len(response.removed_keys)
 
-    def to_inventory(self) -> master_pb2.Inventory:
-        """The whole table as an Inventory message (parallel arrays, one entry per object)."""
+    def to_inventory(self) -> Inventory:
+        """The whole table as an Inventory (parallel lists, one entry per object)."""
         with self._lock:
             items = list(self._key_to_object.items())
-        inventory = master_pb2.Inventory()
-        inventory.keys.extend(key for key, _ in items)
-        inventory.segment_ids.extend(obj.segment_id for _, obj in items)
-        inventory.offsets.extend(obj.offset for _, obj in items)
-        inventory.lengths.extend(obj.length for _, obj in items)
-        inventory.checksums.extend(obj.checksum for _, obj in items)
-        inventory.codecs.extend(obj.codec for _, obj in items)
-        return inventory
+        return Inventory(keys=[key for key, _ in items],
+                         segment_ids=[obj.segment_id for _, obj in items],
+                         offsets=[obj.offset for _, obj in items],
+                         lengths=[obj.length for _, obj in items],
+                         checksums=[obj.checksum for _, obj in items],
+                         codecs=[obj.codec for _, obj in items])

@@ -15,7 +15,7 @@ import logging
 import os
 from pathlib import Path
 
-from kvstore.transport.shmem import SHM_NAME_RE, host_tag
+from kvstore._posix_shm import SHM_NAME_RE, host_tag
 
 log = logging.getLogger("kvstore.daemon.orphans")
 

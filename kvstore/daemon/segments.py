@@ -20,19 +20,15 @@ import os
 import socket
 from pathlib import Path
 
-from kvstore.transport import frames
-from kvstore.transport.shmem import (SharedSegment, create_shm, release_mapping,
-                                     unique_shm_name)
-
-TIER_DRAM = "DRAM"
-TIER_SSD = "SSD"
-TIER_HBM = "HBM"
+from kvstore._posix_shm import SharedSegment, create_shm, release_mapping, unique_shm_name
+from kvstore.tiers import Tier
+from kvstore.transport import data_frames
 
 
 class Segment:
     """A contiguous byte region served by the data plane. Subclasses provide the bytes."""
 
-    tier: str = ""
+    tier: Tier
 
     def __init__(self, segment_id: str, size_bytes: int, *, shm_name: str = "",
                  path: str = ""):
@@ -63,16 +59,16 @@ class MappedSegment(Segment):
         self.view = view
 
     def recv_range(self, sock: socket.socket, offset: int, length: int) -> None:
-        frames.recv_exact_into(sock, self.view[offset:offset + length])
+        data_frames.recv_exact_into(sock, self.view[offset:offset + length])
 
     def send_range(self, sock: socket.socket, header: bytes, offset: int, length: int) -> None:
-        frames.sendmsg_all(sock, [header, self.view[offset:offset + length]])
+        data_frames.sendmsg_all(sock, [header, self.view[offset:offset + length]])
 
 
 class ShmSegment(MappedSegment):
     """A DRAM segment in POSIX shared memory (0600); unlinked on close."""
 
-    tier = TIER_DRAM
+    tier = Tier.DRAM
 
     def __init__(self, segment_id: str, size_bytes: int, *, name_prefix: str,
                  prefault: bool = True):
@@ -90,7 +86,7 @@ class FileSegment(MappedSegment):
     """An SSD segment: a sparse file of ``size_bytes`` (mode 0600) mapped shared; removed on
     close. Dirty pages reach the disk through the kernel's writeback."""
 
-    tier = TIER_SSD
+    tier = Tier.SSD
 
     def __init__(self, segment_id: str, size_bytes: int, *, directory: str, name_prefix: str):
         Path(directory).mkdir(parents=True, exist_ok=True)

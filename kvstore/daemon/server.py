@@ -1,4 +1,4 @@
-"""The storage daemon: its segments, data-plane server and membership, wired together.
+"""The storage daemon: its segments, data-plane server and link to the master, wired together.
 
 ``Daemon.start`` creates the segments, binds the data plane, registers with the master and
 starts heartbeats, in that order, so that when it returns the node is serving and known.
@@ -22,7 +22,7 @@ from typing import Callable
 from kvstore._errors import ConfigError
 from kvstore.daemon.config import DaemonConfig
 from kvstore.daemon.dataplane import DataPlaneServer
-from kvstore.daemon.segments import TIER_DRAM, TIER_HBM, TIER_SSD, FileSegment, Segment, ShmSegment
+from kvstore.daemon.segments import FileSegment, Segment, ShmSegment
 from kvstore.transport.hostid import local_host_id
 
 log = logging.getLogger("kvstore.daemon")
@@ -38,7 +38,7 @@ class Daemon:
         self._clock = clock
         self.segments: list[Segment] = []
         self.dataplane: DataPlaneServer | None = None
-        self.membership = None
+        self.master_link = None
         self.objects = None
         self._master_client = None
         self._metrics_server = None
@@ -81,30 +81,25 @@ class Daemon:
 
     def _register(self) -> None:
         # NOTE: imported here so that a standalone data plane needs no gRPC at all
-        from kvstore.daemon.membership import Membership
+        from kvstore.daemon.master_link import MasterLink
         from kvstore.daemon.objects import ObjectTable
-        from kvstore.master.rpc_client import MasterClient
+        from kvstore.rpc import grpc_client
 
-        self._master_client = MasterClient(self.config.master_addr, token=self.config.token,
-                                           timeout_s=self.config.rpc_timeout_s)
+        self._master_client = grpc_client(self.config.master_addr, token=self.config.token,
+                                          rpc_timeout_s=self.config.rpc_timeout_s)
         self.objects = ObjectTable()
-        self.membership = Membership(self._master_client, self.node_info(), self.objects,
-                                     clock=self._clock, stop_event=self._interrupted)
-        self.membership.register(timeout_s=self.config.register_timeout_s)
-        self.membership.start_heartbeats()
+        self.master_link = MasterLink(self._master_client, self.node_spec(), self.objects,
+                                      clock=self._clock, stop_event=self._interrupted)
+        self.master_link.register(timeout_s=self.config.register_timeout_s)
+        self.master_link.start_heartbeats()
 
-    def node_info(self):
-        """This node as the master's NodeInfo message."""
-        from kvstore.v1 import master_pb2
+    def node_spec(self):
+        """This node as it registers with the master (``kvstore.rpc.NodeSpec``)."""
+        from kvstore.rpc import NodeSpec, SegmentSpec
 
-        tier_to_proto = {TIER_DRAM: master_pb2.TIER_DRAM, TIER_SSD: master_pb2.TIER_SSD,
-                         TIER_HBM: master_pb2.TIER_HBM}
-        return master_pb2.NodeInfo(
-            node_id=self.node_id, host_id=self.host_id, data_addr=self.address,
-            segments=[master_pb2.SegmentInfo(segment_id=s.segment_id, tier=tier_to_proto[s.tier],
-                                             capacity_bytes=s.size_bytes, shm_name=s.shm_name,
-                                             path=s.path)
-                      for s in self.segments])
+        return NodeSpec(node_id=self.node_id, host_id=self.host_id, data_addr=self.address,
+                        segments=[SegmentSpec(s.segment_id, s.tier, s.size_bytes, s.shm_name,
+                                              s.path) for s in self.segments])
 
     def _create_segments(self) -> list[Segment]:
         config = self.config
@@ -136,8 +131,8 @@ class Daemon:
 
     def stop(self) -> None:
         """Unregister, stop serving, release the segments. Idempotent; never raises."""
-        if self.membership is not None:
-            self.membership.stop(unregister=True)
+        if self.master_link is not None:
+            self.master_link.stop(unregister=True)
         if self._master_client is not None:
             self._master_client.close()
             self._master_client = None

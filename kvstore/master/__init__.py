@@ -1,10 +1,9 @@
-"""The metadata master: which blocks exist and where their replicas live.
+"""The metadata master (server only): which blocks exist and where their replicas live.
 
-Entry points: ``kvstore master`` (``cli.py``), ``server.run_in_thread`` (embedded mode),
-``rpc_client.MasterClient`` (how the daemon and the client talk to it over gRPC),
-``fast_client.FastMasterClient`` (the client's framed-TCP fast path, served by ``fastrpc``
-in the format of ``fastframes``), ``status_cli.py``. The pure logic (``state``, ``reads``,
-``admin``, ``registry``, ``eviction``, ``placement``, ``allocator``, ``membership``) knows
-nothing of gRPC; ``service`` maps it to the proto.
-Importing this package imports neither torch nor grpc.
+Entry points: ``kvstore master`` (``cli.py``) and ``server.run_in_thread`` (embedded mode).
+``server`` runs the gRPC service and ``fast_server`` the framed-TCP fast path around one
+``service.MasterService``, which turns requests into calls of the pure logic (``state``,
+``reads``, ``admin``, registration of nodes, ``eviction``, ``placement``, ``allocator``) and
+their results into replies; ``auth`` and ``metrics`` sit around it. Clients talk to it
+through ``kvstore.rpc``. Importing this package imports neither torch nor grpc.
 """

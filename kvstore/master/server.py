@@ -1,5 +1,5 @@
 """Running a master: the gRPC server (grpc.aio or a thread pool), the fast metadata server
-(``fastrpc``), the sweeper thread and the metrics endpoint around one ``MasterState``.
+(``fast_server``), the sweeper thread and the metrics endpoint around one ``MasterState``.
 
 Resource handling: ``MasterServer`` owns its gRPC server, fast server, sweeper thread and
 metrics HTTP server; ``stop`` closes them all. ``run_in_thread`` runs the same server in a
@@ -22,17 +22,17 @@ from kvstore._errors import ConfigError
 from kvstore.master.auth import AsyncTokenInterceptor, TokenInterceptor
 from kvstore.master.clock import MonotonicClock
 from kvstore.master.config import MasterConfig
-from kvstore.master.fastrpc import FastRpcServer
+from kvstore.master.fast_server import FastRpcServer
 from kvstore.master.metrics import MasterMetrics
-from kvstore.master.rpc_client import MAX_MESSAGE_BYTES
 from kvstore.master.service import MasterService, make_handlers
 from kvstore.master.state import MasterState
+from kvstore.rpc.fast_frames import MAX_FRAME_BYTES
 
 log = logging.getLogger("kvstore.master")
 
 SERVER_OPTIONS = [
-    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
-    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.max_send_message_length", MAX_FRAME_BYTES),
+    ("grpc.max_receive_message_length", MAX_FRAME_BYTES),
     ("grpc.so_reuseport", 0),
 ]
 #: How often the sweeper thread runs due sweeps while no request arrives.

@@ -14,13 +14,14 @@ from __future__ import annotations
 import ctypes
 import os
 import threading
+
 import numpy as np
 
 from kvstore._errors import ClosedError, TransferError
-from kvstore.transport import buffers
+from kvstore._posix_shm import SharedSegment, open_shm
+from kvstore.transport import byte_views
 from kvstore.transport.base import Target, Transport
 from kvstore.transport.hostid import local_host_id
-from kvstore.transport.shmem import SharedSegment, open_shm
 
 # NOTE: below this, the call overhead of ctypes (~1 us) outweighs letting other threads run.
 GIL_FREE_COPY_BYTES = 256 * 1024
@@ -61,7 +62,7 @@ class ShmTransport(Transport):
         return bool(target.shm_name) and target.host_id == self.host_id
 
     def write(self, target: Target, src: memoryview, *, timeout_s: float) -> None:
-        src = buffers.as_bytes_view(src, target.length)
+        src = byte_views.as_bytes_view(src, target.length)
         mapping = self._range(target)
         if target.length >= GIL_FREE_COPY_BYTES:
             src_array = np.frombuffer(src, dtype=np.uint8)
@@ -71,7 +72,7 @@ class ShmTransport(Transport):
             mapping.segment.view[target.offset:target.offset + target.length] = src
 
     def read_into(self, target: Target, dst: memoryview, *, timeout_s: float) -> None:
-        dst = buffers.as_bytes_view(dst, target.length, writable=True)
+        dst = byte_views.as_bytes_view(dst, target.length, writable=True)
         mapping = self._range(target)
         if target.length >= GIL_FREE_COPY_BYTES:
             dst_array = np.frombuffer(dst, dtype=np.uint8)

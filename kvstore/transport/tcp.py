@@ -18,20 +18,14 @@ from __future__ import annotations
 
 import collections
 import concurrent.futures
-import time
 from typing import Sequence
 
+from kvstore._deadline import Deadline
 from kvstore._errors import ClosedError, InvalidArgumentError, TransferError
-from kvstore.transport import buffers
+from kvstore.transport import byte_views
 from kvstore.transport.base import Target, Transport
-from kvstore.transport.frames import MAX_TOKEN_BYTES, Op, Status, recv_exact_into
-from kvstore.transport.tcp_conn import (
-    Connection,
-    ConnectionPool,
-    Deadline,
-    ReplyError,
-    map_os_error,
-)
+from kvstore.transport.data_frames import MAX_TOKEN_BYTES, Op, Status, recv_exact_into
+from kvstore.transport.tcp_conn import Connection, ConnectionPool, ReplyError, map_os_error
 
 DEFAULT_NUM_STREAMS = 4
 DEFAULT_STRIPE_MIN_BYTES = 1024 * 1024  # measured: 4 MiB as 4 x 1 MiB beat 1 x 4 MiB
@@ -69,12 +63,12 @@ class TcpTransport(Transport):
         return bool(target.data_addr)
 
     def write(self, target: Target, src: memoryview, *, timeout_s: float) -> None:
-        src = buffers.as_bytes_view(src, target.length)
-        self._transfer(Op.WRITE, target, src, Deadline(timeout_s, target.node_id))
+        src = byte_views.as_bytes_view(src, target.length)
+        self._transfer(Op.WRITE, target, src, Deadline.after(timeout_s))
 
     def read_into(self, target: Target, dst: memoryview, *, timeout_s: float) -> None:
-        dst = buffers.as_bytes_view(dst, target.length, writable=True)
-        self._transfer(Op.READ, target, dst, Deadline(timeout_s, target.node_id))
+        dst = byte_views.as_bytes_view(dst, target.length, writable=True)
+        self._transfer(Op.READ, target, dst, Deadline.after(timeout_s))
 
     def write_many(self, items: Sequence[tuple[Target, memoryview]], *,
                    timeout_s: float) -> list[BaseException | None]:
@@ -185,7 +179,7 @@ class TcpTransport(Transport):
         addr_to_indices: dict[str, list[int]] = collections.defaultdict(list)
         for index, (target, buffer) in enumerate(items):
             try:
-                views[index] = buffers.as_bytes_view(buffer, target.length,
+                views[index] = byte_views.as_bytes_view(buffer, target.length,
                                                      writable=op == Op.READ)
                 if target.offset < 0:
                     raise InvalidArgumentError(f"negative offset {target.offset}")
@@ -198,7 +192,7 @@ class TcpTransport(Transport):
             index = valid[0]
             target = items[index][0]
             try:
-                self._transfer(op, target, views[index], Deadline(timeout_s, target.node_id))
+                self._transfer(op, target, views[index], Deadline.after(timeout_s))
             except Exception as exc:  # noqa: BLE001 - reported per item
                 results[index] = exc
             return results
@@ -223,7 +217,7 @@ class TcpTransport(Transport):
         connections, so one bad item never fails its neighbours.
         """
         first = items[group[0]][0]
-        deadline = Deadline(timeout_s, first.node_id)
+        deadline = Deadline.after(timeout_s)
         unresolved = list(group)
         try:
             conn, _ = self._pool.acquire(first.data_addr, first.node_id, deadline)
@@ -265,7 +259,6 @@ class TcpTransport(Transport):
         for index in unresolved:
             target = items[index][0]
             try:
-                self._transfer_once(op, target, views[index],
-                                    Deadline(deadline.at_s - time.monotonic(), target.node_id))
+                self._transfer_once(op, target, views[index], deadline)
             except Exception as exc:  # noqa: BLE001 - reported per item
                 results[index] = exc

@@ -14,13 +14,13 @@ from __future__ import annotations
 import collections
 import socket
 import threading
-import time
 
+from kvstore._deadline import Deadline
 from kvstore._errors import (
     AuthenticationError, ClosedError, TransferError, TransferTimeoutError,
 )
-from kvstore.transport import frames
-from kvstore.transport.frames import Op, Status
+from kvstore.transport import data_frames
+from kvstore.transport.data_frames import Op, Status
 
 
 class ReplyError(TransferError):
@@ -49,31 +49,28 @@ def map_os_error(exc: BaseException, node_id: str, what: str) -> TransferError:
     return TransferError(f"tcp {node_id}: {what}: {exc}")
 
 
-class Deadline:
-    """An absolute deadline on the monotonic clock; ``remaining_s`` raises when past it."""
-
-    def __init__(self, timeout_s: float, node_id: str):
-        self.at_s = time.monotonic() + timeout_s
-        self.node_id = node_id
-
-    def remaining_s(self) -> float:
-        remaining = self.at_s - time.monotonic()
-        if remaining <= 0:
-            raise TransferTimeoutError(f"tcp {self.node_id}: deadline exceeded")
-        return remaining
+def timeout_left_s(deadline: Deadline, node_id: str) -> float:
+    """Seconds left for one socket operation with ``node_id``; TransferTimeoutError naming
+    the node once ``deadline`` has passed."""
+    remaining = deadline.remaining_s()
+    if remaining <= 0:
+        raise TransferTimeoutError(f"tcp {node_id}: deadline exceeded")
+    return remaining
 
 
 class Connection:
     """An open, authenticated data-plane connection. Not thread-safe: one user at a time."""
 
-    def __init__(self, data_addr: str, *, token: str | None, deadline: Deadline):
+    def __init__(self, data_addr: str, *, token: str | None, deadline: Deadline, node_id: str):
         host, port = split_address(data_addr)
         self.data_addr = data_addr
-        self.sock = socket.create_connection((host, port), timeout=deadline.remaining_s())
+        self.node_id = node_id
+        self.sock = socket.create_connection((host, port),
+                                             timeout=timeout_left_s(deadline, node_id))
         self._next_request_id = 0
         try:
-            frames.configure_socket(self.sock)
-            self.sock.sendall(frames.encode_hello(token))
+            data_frames.configure_socket(self.sock)
+            self.sock.sendall(data_frames.encode_hello(token))
             status, message, _ = self.read_reply()
         except BaseException:
             self.sock.close()
@@ -90,17 +87,17 @@ class Connection:
                      payload: memoryview | None = None) -> None:
         """Send one request (and, for WRITE, its payload) in as few syscalls as possible."""
         self._next_request_id += 1
-        header = frames.encode_request(op, segment_id, self._next_request_id, offset, length)
+        header = data_frames.encode_request(op, segment_id, self._next_request_id, offset, length)
         if payload is None or len(payload) == 0:
             self.sock.sendall(header)
         else:
-            frames.sendmsg_all(self.sock, [header, payload])
+            data_frames.sendmsg_all(self.sock, [header, payload])
 
     def read_reply(self) -> tuple[Status, str, int]:
         """Read one reply header and message: (status, message, payload length)."""
-        header = frames.recv_exact(self.sock, frames.REPLY.size)
-        status_code, _, msg_len, _, length = frames.REPLY.unpack(header)
-        message = frames.recv_exact(self.sock, msg_len).decode(errors="replace") if msg_len else ""
+        header = data_frames.recv_exact(self.sock, data_frames.REPLY.size)
+        status_code, _, msg_len, _, length = data_frames.REPLY.unpack(header)
+        message = data_frames.recv_exact(self.sock, msg_len).decode(errors="replace") if msg_len else ""
         try:
             status = Status(status_code)
         except ValueError:
@@ -109,7 +106,7 @@ class Connection:
         return status, message, length
 
     def set_deadline(self, deadline: Deadline) -> None:
-        self.sock.settimeout(deadline.remaining_s())
+        self.sock.settimeout(timeout_left_s(deadline, self.node_id))
 
     def close(self) -> None:
         try:
@@ -144,7 +141,7 @@ class ConnectionPool:
         for conn in stale or ():
             conn.close()  # they lead to another node than the one now at this address
         try:
-            conn = Connection(data_addr, token=self.token, deadline=deadline)
+            conn = Connection(data_addr, token=self.token, deadline=deadline, node_id=node_id)
         except OSError as exc:
             raise map_os_error(exc, node_id, f"connect {data_addr}") from exc
         if node_id and conn.node_id != node_id:

@@ -10,28 +10,23 @@ from kvstore._errors import KVStoreError
 from kvstore._units import format_size
 
 
-def _tier_name(tier: int) -> str:
-    from kvstore.v1 import master_pb2 as pb
-    return pb.Tier.Name(tier).removeprefix("TIER_")
-
-
 def fetch_status(address: str, token: str | None, timeout_s: float = 5.0) -> dict:
     """Stats and node list of the master at ``address`` as plain data. Raises the
-    ``kvstore`` error mapped from the RPC failure (MasterUnavailableError, ...)."""
-    from kvstore.master.rpc_client import MasterClient
-    from kvstore.v1 import master_pb2 as pb
-    with MasterClient(address, token=token, timeout_s=timeout_s) as client:
-        stats = client.call("Stats", pb.StatsRequest())
-        nodes = client.call("ListNodes", pb.ListNodesRequest()).nodes
+    ``kvstore`` error of the failed call (MasterUnavailableError, AuthenticationError, ...)."""
+    from kvstore.rpc import grpc_client
+
+    with grpc_client(address, token=token, rpc_timeout_s=timeout_s) as client:
+        stats = client.stats()
+        nodes = client.list_nodes()
     return {
         "address": address, "master_id": stats.master_id, "uptime_s": stats.uptime_s,
         "num_nodes": stats.num_nodes, "num_objects": stats.num_objects,
         "num_pending": stats.num_pending, "num_leased": stats.num_leased,
         "hits": stats.hits, "misses": stats.misses, "evictions": stats.evictions,
-        "metrics_port": stats.metrics_port or None, "max_batch": stats.max_batch,
-        "fast_port": stats.fast_port or None,
+        "metrics_port": stats.metrics_port, "max_batch": stats.max_batch,
+        "fast_port": stats.fast_port,
         "tiers": [{"tier": _tier_name(t.tier), "used_bytes": t.used_bytes,
-                   "capacity_bytes": t.capacity_bytes, "num_replicas": t.num_objects}
+                   "capacity_bytes": t.capacity_bytes, "num_replicas": t.num_replicas}
                   for t in stats.tiers],
         "nodes": [{"node_id": n.node_id, "host_id": n.host_id, "data_addr": n.data_addr,
                    "used_bytes": n.used_bytes, "num_objects": n.num_objects,
@@ -40,6 +35,11 @@ def fetch_status(address: str, token: str | None, timeout_s: float = 5.0) -> dic
                                  "capacity_bytes": s.capacity_bytes} for s in n.segments]}
                   for n in nodes],
     }
+
+
+def _tier_name(tier) -> str:
+    """How the table and the JSON name a tier: "HBM", "DRAM", "SSD" ("?" if unknown)."""
+    return tier.name if tier is not None else "?"
 
 
 def render_table(status: dict) -> str:

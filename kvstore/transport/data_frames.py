@@ -4,14 +4,11 @@ One TCP connection carries one handshake, then any number of request/reply excha
 order (a client may pipeline: send several requests before reading their replies). All
 integers are little-endian.
 
-Handshake (client -> server, once, first bytes of the connection)::
-
-    HELLO   magic "KVS1" (4 bytes) | version u16 (= 1) | token_len u16 (<= 1024) | token bytes
-
-    The server answers with one REPLY: status OK and, as its message, the daemon's node_id
-    (so a client notices it reached a different daemon than the one it meant), or status
-    AUTH_FAILED / BAD_FRAME, after which it closes. The token is compared in constant time;
-    a server without a token accepts any (including an empty one).
+Handshake (client -> server, once, first bytes of the connection): the hello of
+``kvstore._wire`` with magic "KVS1" and version 1. The server answers with one REPLY:
+status OK and, as its message, the daemon's node_id (so a client notices it reached a
+different daemon than the one it meant), or status AUTH_FAILED / BAD_FRAME, after which it
+closes.
 
 Request (client -> server), 26-byte header, then the segment id, then for WRITE the payload::
 
@@ -42,21 +39,21 @@ never allocates for a payload: it goes straight into the mapped segment).
 from __future__ import annotations
 
 import enum
-import hmac
 import socket
 import struct
 
-from kvstore._errors import InvalidArgumentError
+from kvstore._wire import (  # noqa: F401 - re-exported: the data plane's I/O helpers
+    HELLO, MAX_TOKEN_BYTES, PeerClosedError, encode_hello as _encode_hello, recv_exact,
+    recv_exact_into, sendmsg_all,
+)
 
 HELLO_MAGIC = b"KVS1"
 REQUEST_MAGIC = b"KQ"
 PROTOCOL_VERSION = 1
 
-MAX_TOKEN_BYTES = 1024
 MAX_SEGMENT_ID_BYTES = 255
 MAX_MESSAGE_BYTES = 4096
 
-HELLO = struct.Struct("<4sHH")
 REQUEST = struct.Struct("<2sBBHIQQ")
 REPLY = struct.Struct("<BBHIQ")
 
@@ -80,52 +77,9 @@ class Status(enum.IntEnum):
     INTERNAL = 5        # the server failed (e.g. an I/O error on a file segment)
 
 
-class PeerClosedError(ConnectionError):
-    """The peer closed the connection in the middle of a frame."""
-
-
-def recv_exact_into(sock: socket.socket, view: memoryview) -> None:
-    """Fill ``view`` from ``sock`` entirely; raise PeerClosedError if the peer closes first.
-
-    ``view`` is written in place (recv_into), so a payload lands in its destination with no
-    intermediate copy.
-    """
-    total = len(view)
-    received = 0
-    while received < total:
-        num_bytes = sock.recv_into(view[received:], total - received)
-        if num_bytes == 0:
-            raise PeerClosedError(f"peer closed after {received} of {total} bytes")
-        received += num_bytes
-
-
-def recv_exact(sock: socket.socket, num_bytes: int) -> bytes:
-    """Receive exactly ``num_bytes`` (small headers only) or raise PeerClosedError."""
-    buffer = bytearray(num_bytes)
-    recv_exact_into(sock, memoryview(buffer))
-    return bytes(buffer)
-
-
-def sendmsg_all(sock: socket.socket, buffers: list) -> None:
-    """Send every buffer, in order, with as few ``sendmsg`` calls as the kernel allows.
-
-    Gathers a small header and a large payload into one syscall without copying either.
-    """
-    views = [memoryview(buffer).cast("B") for buffer in buffers if len(buffer)]
-    while views:
-        sent = sock.sendmsg(views)
-        while views and sent >= len(views[0]):
-            sent -= len(views[0])
-            views.pop(0)
-        if views and sent:
-            views[0] = views[0][sent:]
-
-
 def encode_hello(token: str | None) -> bytes:
-    token_bytes = (token or "").encode()
-    if len(token_bytes) > MAX_TOKEN_BYTES:
-        raise InvalidArgumentError(f"data-plane token longer than {MAX_TOKEN_BYTES} bytes")
-    return HELLO.pack(HELLO_MAGIC, PROTOCOL_VERSION, len(token_bytes)) + token_bytes
+    """The data plane's hello (InvalidArgumentError for a token over MAX_TOKEN_BYTES)."""
+    return _encode_hello(HELLO_MAGIC, PROTOCOL_VERSION, token)
 
 
 def encode_request(op: Op, segment_id: bytes, request_id: int, offset: int, length: int) -> bytes:
@@ -144,10 +98,3 @@ def configure_socket(sock: socket.socket) -> None:
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SOCKET_BUFFER_BYTES)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, SOCKET_BUFFER_BYTES)
-
-
-def tokens_equal(expected: str | None, given: bytes) -> bool:
-    """Constant-time token check; with no expected token, anything is accepted."""
-    if not expected:
-        return True
-    return hmac.compare_digest(expected.encode(), given)

@@ -1,17 +1,14 @@
-"""The master's fast metadata path: wire format shared by the server (``fastrpc``) and the
-client (``rpc_client.FastMasterClient``).
+"""The master's fast metadata path: wire format shared by the server
+(``kvstore.master.fast_server``) and the client (``kvstore.rpc.fast_carrier``).
 
 The fast path carries the SAME protobuf request/reply messages as the gRPC service
 (``proto/kvstore/v1/master.proto``) over plain TCP, without HTTP/2: a Python gRPC round trip
 costs ~0.5 ms here, a framed one a few tens of microseconds. All integers little-endian.
 
-Handshake (client -> server, first bytes of the connection)::
-
-    HELLO   magic "KVM1" (4 bytes) | version u16 (= 1) | token_len u16 (<= 1024) | token
-
-    The server answers with one REPLY frame (request id 0): OK carrying the master_id, or
-    UNAUTHENTICATED / INVALID_ARGUMENT with a message, after which it closes. The token is
-    compared in constant time; a master without a token accepts any.
+Handshake (client -> server, first bytes of the connection): the hello of ``kvstore._wire``
+with magic "KVM1" and version 1. The server answers with one REPLY frame (request id 0): OK
+carrying the master_id, or UNAUTHENTICATED / INVALID_ARGUMENT with a message, after which it
+closes.
 
 Request (client -> server), 10-byte header then the serialized request message::
 
@@ -21,7 +18,8 @@ Reply (server -> client), 9-byte header then the serialized reply, or the error 
 
     REPLY   body_len u32 | status u8 | request_id u32 | body
 
-    method_id: position of the rpc in master.proto's ``service Master``, plus one.
+    method_id: position of the rpc in master.proto's ``service Master``, plus one
+    (``kvstore.rpc.methods``).
     status: the gRPC status code number (0 OK; anything else: the body is the UTF-8 error
     message), so both paths map errors into kvstore's tree with one table. Replies come in
     request order.
@@ -38,34 +36,22 @@ import struct
 
 import grpc
 
-from kvstore._errors import InvalidArgumentError
-from kvstore.master.rpc_client import MAX_MESSAGE_BYTES
-from kvstore.v1 import master_pb2 as pb
+from kvstore._wire import HELLO, MAX_TOKEN_BYTES, encode_hello as _encode_hello  # noqa: F401
 
 HELLO_MAGIC = b"KVM1"
 PROTOCOL_VERSION = 1
-MAX_TOKEN_BYTES = 1024
-MAX_FRAME_BYTES = MAX_MESSAGE_BYTES
+#: Largest request or reply body: the gRPC message cap, so both paths take the same batches.
+MAX_FRAME_BYTES = 256 * 1024 * 1024
 
-HELLO = struct.Struct("<4sHH")
 REQUEST = struct.Struct("<IHI")
 REPLY = struct.Struct("<IBI")
 
-# NOTE: ids follow the order of the rpcs in master.proto's service, which only ever grows at
-# its end (additive changes only), so an id never changes meaning.
-METHOD_TO_ID = {method.name: method.index + 1
-                for method in pb.DESCRIPTOR.services_by_name["Master"].methods}
-ID_TO_METHOD = {index: name for name, index in METHOD_TO_ID.items()}
-
 OK = grpc.StatusCode.OK.value[0]
-CODE_NUMBER_TO_STATUS = {code.value[0]: code for code in grpc.StatusCode}
 
 
 def encode_hello(token: str | None) -> bytes:
-    token_bytes = (token or "").encode()
-    if len(token_bytes) > MAX_TOKEN_BYTES:
-        raise InvalidArgumentError(f"master token longer than {MAX_TOKEN_BYTES} bytes")
-    return HELLO.pack(HELLO_MAGIC, PROTOCOL_VERSION, len(token_bytes)) + token_bytes
+    """The fast path's hello (InvalidArgumentError for a token over MAX_TOKEN_BYTES)."""
+    return _encode_hello(HELLO_MAGIC, PROTOCOL_VERSION, token)
 
 
 def encode_request(method_id: int, request_id: int, body: bytes) -> bytes:

@@ -1,4 +1,4 @@
-"""The daemon's side of membership: register with the master, heartbeat, re-register.
+"""The daemon's link to its master: register, heartbeat, register again when forgotten.
 
 Trigger and rule: ``register`` runs once at start (before the daemon reports that it is
 listening) and again whenever a heartbeat reply says ``known=false`` (the master restarted
@@ -23,21 +23,23 @@ import threading
 import time
 from typing import Callable
 
+import grpc
+
+from kvstore._deadline import Deadline
 from kvstore._errors import KVStoreError, MasterUnavailableError
 from kvstore.daemon.objects import ObjectTable
-from kvstore.master.rpc_client import MasterClient
-from kvstore.v1 import master_pb2
+from kvstore.rpc import MasterClient, NodeSpec, Registration
 
-log = logging.getLogger("kvstore.daemon.membership")
+log = logging.getLogger("kvstore.daemon.master_link")
 
 RETRY_MIN_S = 0.2
 RETRY_MAX_S = 5.0
 
 
-class Membership:
+class MasterLink:
     """Keeps one node registered with one master. ``start_heartbeats`` runs a thread."""
 
-    def __init__(self, client: MasterClient, node: master_pb2.NodeInfo, table: ObjectTable, *,
+    def __init__(self, client: MasterClient, node: NodeSpec, table: ObjectTable, *,
                  clock: Callable[[], float] = time.monotonic,
                  stop_event: threading.Event | None = None):
         self._client = client
@@ -52,7 +54,7 @@ class Membership:
         self.num_registrations = 0
         self._unregistered = False
 
-    def register(self, *, timeout_s: float | None = None) -> master_pb2.RegisterNodeResponse:
+    def register(self, *, timeout_s: float | None = None) -> Registration:
         """Register (with the inventory), retrying until it succeeds or ``timeout_s`` passes.
 
         Raises MasterUnavailableError past ``timeout_s`` (never when it is None) or when
@@ -73,25 +75,23 @@ class Membership:
                 raise MasterUnavailableError("stopped while registering with the master")
             delay_s = min(delay_s * 2, RETRY_MAX_S)
 
-    def _register_once(self) -> master_pb2.RegisterNodeResponse:
-        request = master_pb2.RegisterNodeRequest(node=self._node,
-                                                 inventory=self._table.to_inventory())
+    def _register_once(self) -> Registration:
+        node, inventory = self._node, self._table.to_inventory()
         try:
-            reply = self._client.call("RegisterNode", request)
+            reply = self._client.register_node(node, inventory)
         except KVStoreError as exc:
-            if "ALREADY_EXISTS" not in str(exc):
+            if getattr(exc, "code", None) != grpc.StatusCode.ALREADY_EXISTS:
                 raise
             log.warning("master still lists node %s; unregistering the stale entry",
-                        self._node.node_id)
-            self._client.call("UnregisterNode",
-                              master_pb2.UnregisterNodeRequest(node_id=self._node.node_id))
-            reply = self._client.call("RegisterNode", request)
+                        node.node_id)
+            self._client.unregister_node(node.node_id)
+            reply = self._client.register_node(node, inventory)
         self._table.reset_sequence()
-        self.heartbeat_interval_s = max(reply.heartbeat_interval_ms, 10) / 1000.0
+        self.heartbeat_interval_s = max(reply.heartbeat_interval_s, 0.01)
         self.master_id = reply.master_id
         self.num_registrations += 1
         log.info("registered node %s with master %s (%s): %d objects adopted, heartbeat %.3fs",
-                 self._node.node_id, self._client.address, reply.master_id,
+                 node.node_id, self._client.address, reply.master_id,
                  reply.num_objects_adopted, self.heartbeat_interval_s)
         return reply
 
@@ -100,16 +100,13 @@ class Membership:
 
         Raises KVStoreError (e.g. MasterUnavailableError) when the call fails; the loop logs it.
         """
-        request = master_pb2.HeartbeatRequest(node_id=self._node.node_id,
-                                              acked_seq=self._table.acked_seq)
-        reply = self._client.call("Heartbeat", request)
-        if not reply.known:
-            log.warning("master %s (%s) does not know node %s; re-registering with %d objects",
-                        self._client.address, reply.master_id, self._node.node_id,
-                        len(self._table))
+        changes = self._client.heartbeat(self._node.node_id, self._table.acked_seq)
+        if changes is None:
+            log.warning("master %s does not know node %s; re-registering with %d objects",
+                        self._client.address, self._node.node_id, len(self._table))
             self.register(timeout_s=self.heartbeat_interval_s * 10)
             return
-        self._table.apply(reply)
+        self._table.apply(changes)
 
     def start_heartbeats(self) -> None:
         self._thread = threading.Thread(target=self._heartbeat_loop, daemon=True,
@@ -142,8 +139,6 @@ class Membership:
         if unregister and self.num_registrations and not self._unregistered:
             self._unregistered = True
             try:
-                self._client.call("UnregisterNode",
-                                  master_pb2.UnregisterNodeRequest(node_id=self._node.node_id),
-                                  timeout_s=2.0)
+                self._client.unregister_node(self._node.node_id, deadline=Deadline.after(2.0))
             except KVStoreError as exc:
                 log.warning("could not unregister node %s: %s", self._node.node_id, exc)

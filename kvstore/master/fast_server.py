@@ -1,4 +1,5 @@
-"""The master's fast metadata server: every Master RPC over framed TCP (``fastframes``).
+"""The master's fast metadata server: every Master RPC over framed TCP
+(``kvstore.rpc.fast_frames``, the format its clients speak).
 
 Same handlers, same lock, same validation and same metrics (labelled ``transport="fast"``)
 as the gRPC path: each request runs through ``service.make_invoker``, so the two paths can
@@ -24,13 +25,13 @@ import grpc
 from google.protobuf.message import DecodeError
 
 from kvstore._tcpserver import ThreadedTcpServer
-from kvstore.master import fastframes as ff
+from kvstore._wire import BadHello, PeerClosedError, read_hello, tokens_equal
 from kvstore.master.service import MasterService, make_invoker
 from kvstore.master.validation import Rejected
-from kvstore.transport.frames import tokens_equal
-from kvstore.v1 import master_pb2 as pb
+from kvstore.rpc import fast_frames as ff
+from kvstore.rpc.methods import METHODS
 
-log = logging.getLogger("kvstore.master.fastrpc")
+log = logging.getLogger("kvstore.master.fast_server")
 
 _READ_BUFFER_BYTES = 256 * 1024
 
@@ -56,9 +57,9 @@ class FastRpcServer(ThreadedTcpServer):
         self._handshake_timeout_s = handshake_timeout_s
         # method id -> (request class, invoke); built once so a request costs two lookups
         self._id_to_call = {
-            method_id: (getattr(pb, f"{name}Request"),
-                        make_invoker(service, name, clock, metrics, "fast"))
-            for name, method_id in ff.METHOD_TO_ID.items()}
+            method.method_id: (method.request_class,
+                               make_invoker(service, name, clock, metrics, "fast"))
+            for name, method in METHODS.items()}
         self.port = 0
 
     def start(self) -> int:
@@ -90,17 +91,17 @@ class FastRpcServer(ThreadedTcpServer):
                 reader.close()
 
     def _handshake(self, conn: socket.socket, reader) -> None:
-        hello = reader.read(ff.HELLO.size)
-        if len(hello) < ff.HELLO.size:
-            raise ConnectionError("closed during the handshake")
-        magic, version, token_len = ff.HELLO.unpack(hello)
-        if magic != ff.HELLO_MAGIC or version != ff.PROTOCOL_VERSION or (
-                token_len > ff.MAX_TOKEN_BYTES):
-            raise _CloseAfter(ff.encode_error(
-                grpc.StatusCode.INVALID_ARGUMENT, 0,
-                f"bad hello (magic {magic!r}, version {version}, token length {token_len})"),
-                "bad hello")
-        token = reader.read(token_len)
+        def read_exact(num_bytes: int) -> bytes:
+            data = reader.read(num_bytes)
+            if len(data) < num_bytes:
+                raise PeerClosedError("closed during the handshake")
+            return data
+
+        try:
+            token = read_hello(read_exact, ff.HELLO_MAGIC, ff.PROTOCOL_VERSION)
+        except BadHello as exc:
+            raise _CloseAfter(ff.encode_error(grpc.StatusCode.INVALID_ARGUMENT, 0, str(exc)),
+                              "bad hello") from exc
         if not tokens_equal(self._token, token):
             raise _CloseAfter(ff.encode_error(grpc.StatusCode.UNAUTHENTICATED, 0,
                                               "missing or wrong token"), "wrong token")

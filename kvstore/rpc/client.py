@@ -1,0 +1,271 @@
+"""``MasterClient``: the one typed API over the master, used by the client flows, the
+daemon's link to its master, ``kvstore status`` and the benchmarks.
+
+Each verb takes and returns Python values (``kvstore.rpc.results``), never protobuf
+messages; a batch verb returns one result per key, in order (the key's result, or the
+``KVStoreError`` of that item, naming its key). Whole-call failures raise: AuthenticationError
+(token refused), MasterUnavailableError (unreachable, or past the deadline; its subclass
+ConnectionLostError when the connection broke), InvalidArgumentError (the master refused
+the request as a whole), ClosedError (after ``close``).
+
+Call policy, the same over both carriers (``carrier``: gRPC or the framed fast path):
+- Deadline: every verb takes an optional ``deadline`` (``kvstore._deadline.Deadline``); each
+  attempt gets at most ``rpc_timeout_s`` of what is left of it.
+- Retries: a retryable method (``kvstore.rpc.methods``: idempotent ones) whose connection
+  broke before its reply is sent once more, if the deadline allows; any other failure, and
+  any failure of a non-idempotent method (PutStart above all: it allocates), is raised.
+- The token: given to the carrier once, sent with every call.
+
+Thread-safe (the carriers are).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+from kvstore._deadline import Deadline
+from kvstore._errors import KVStoreError, MasterUnavailableError
+from kvstore.rpc import messages
+from kvstore.rpc.carrier import Carrier
+from kvstore.rpc.errors import ConnectionLostError, item_error, malformed
+from kvstore.rpc.methods import METHODS, Method
+from kvstore.rpc.results import (
+    HeartbeatChanges, Inventory, MasterStats, NodeSpec, NodeStatus, Registration, ReplicaSet,
+)
+from kvstore.tiers import Tier
+from kvstore.transport.base import Target
+from kvstore.v1 import master_pb2 as pb
+
+#: Attempts of a retryable method whose connection broke (the first one included).
+RETRYABLE_ATTEMPTS = 2
+
+_M = METHODS
+
+
+def _ms(seconds: float | None) -> int:
+    return int((seconds or 0) * 1000)
+
+
+class MasterClient:
+    """Typed calls to one master over ``carrier`` (see the module docstring)."""
+
+    def __init__(self, carrier: Carrier, *, rpc_timeout_s: float = 10.0):
+        self.carrier = carrier
+        self.rpc_timeout_s = rpc_timeout_s
+
+    @property
+    def address(self) -> str:
+        return self.carrier.address
+
+    @property
+    def path(self) -> str:
+        """Which carrier the calls travel: "grpc" or "fast"."""
+        return self.carrier.name
+
+    # ---- the call policy -------------------------------------------------------------------
+
+    def start(self, method: Method, request: Any, deadline: Deadline | None) -> "_Call":
+        """Send ``request`` now; ``result()`` of the returned call waits for the reply (with
+        the retry rule applied), so a caller can work while the master does."""
+        return _Call(self, method, request, deadline or Deadline.after(self.rpc_timeout_s))
+
+    def call(self, method: Method, request: Any, deadline: Deadline | None = None) -> Any:
+        """``start(...).result()``: the reply message of one raw call."""
+        return self.start(method, request, deadline).result()
+
+    # ---- put -------------------------------------------------------------------------------
+
+    def begin_put_start(self, keys: Sequence[str], sizes: Sequence[int], *, client_id: str,
+                        replicas: int = 1, near_host_id: str = "", tier: Tier | None = None,
+                        soft_pin_ttl_s: float | None = None, hard_pin: bool = False,
+                        deadline: Deadline | None = None) -> "_Result":
+        """Send PutStart; ``result()`` gives, per key, the Targets to write (one per
+        replica), None if the key exists already (nothing to write: a success), or the
+        item's error (CapacityError, InvalidArgumentError, ...). Not idempotent, never
+        retried: the objects are PENDING until ``put_end``."""
+        request = pb.PutStartRequest(
+            keys=keys, sizes=sizes, replicas=replicas, near_host_id=near_host_id,
+            client_id=client_id, hard_pin=hard_pin, preferred_tier=tier or 0,
+            soft_pin_ttl_ms=_ms(soft_pin_ttl_s))
+        call = self.start(_M["PutStart"], request, deadline)
+        return _Result(call, lambda reply: messages.put_slots(reply, keys, sizes))
+
+    def put_start(self, keys: Sequence[str], sizes: Sequence[int], **options: Any,
+                  ) -> list[list[Target] | KVStoreError | None]:
+        """``begin_put_start(...).result()``."""
+        return self.begin_put_start(keys, sizes, **options).result()
+
+    def put_end(self, keys: Sequence[str], checksums: Sequence[int], *, client_id: str,
+                deadline: Deadline | None = None) -> list[KVStoreError | None]:
+        """Make this writer's PENDING objects COMPLETE (visible), recording each checksum.
+        Per key: None, or KeyNotFoundError (not this writer's pending object: revoked or
+        reclaimed). Idempotent."""
+        reply = self.call(_M["PutEnd"], pb.PutEndRequest(keys=keys, client_id=client_id,
+                                                         checksums=checksums), deadline)
+        return messages.statuses_to_results(reply, keys, "PutEnd", "put_end")
+
+    def put_revoke(self, keys: Sequence[str], *, client_id: str,
+                   deadline: Deadline | None = None) -> list[KVStoreError | None]:
+        """Give back the space of this writer's PENDING objects. Per key: None, or
+        KeyNotFoundError (nothing pending under it)."""
+        reply = self.call(_M["PutRevoke"], pb.PutRevokeRequest(keys=keys, client_id=client_id),
+                          deadline)
+        return messages.statuses_to_results(reply, keys, "PutRevoke", "put_revoke")
+
+    # ---- get -------------------------------------------------------------------------------
+
+    def get_replicas(self, keys: Sequence[str], *, client_host_id: str = "",
+                     lease_ttl_s: float | None = None, deadline: Deadline | None = None,
+                     ) -> list[ReplicaSet | KVStoreError]:
+        """Per key: where its replicas are (same-host ones first), or the item's error
+        (KeyNotFoundError when absent or still pending). Grants a read lease of
+        ``lease_ttl_s`` (None: the master's default), which only lengthens. Idempotent."""
+        request = pb.GetReplicasRequest(keys=keys, client_host_id=client_host_id,
+                                        lease_ttl_ms=_ms(lease_ttl_s))
+        return messages.replica_sets(self.call(_M["GetReplicas"], request, deadline), keys)
+
+    def renew_leases(self, keys: Sequence[str], lease_ttl_s: float | None = None, *,
+                     deadline: Deadline | None = None) -> list[KVStoreError | None]:
+        """Lengthen the read leases of ``keys``. Per key: None or KeyNotFoundError."""
+        reply = self.call(_M["RenewLease"], pb.RenewLeaseRequest(
+            keys=keys, lease_ttl_ms=_ms(lease_ttl_s)), deadline)
+        return messages.statuses_to_results(reply, keys, "RenewLease", "renew_lease")
+
+    def exists(self, keys: Sequence[str], *, deadline: Deadline | None = None) -> list[bool]:
+        """True per COMPLETE key. No lease. A bad key fails the whole call."""
+        reply = self.call(_M["Exists"], pb.ExistsRequest(keys=keys), deadline)
+        messages.check_length(reply, "exists", len(keys), "Exists")
+        return list(reply.exists)
+
+    def match_prefix(self, keys: Sequence[str], *, deadline: Deadline | None = None) -> int:
+        """How many leading keys of the chain ``keys`` exist (COMPLETE). No lease."""
+        reply = self.call(_M["MatchPrefix"], pb.MatchPrefixRequest(keys=keys), deadline)
+        if reply.num_matched > len(keys):
+            raise malformed("MatchPrefix", f"{reply.num_matched} matched of {len(keys)} keys")
+        return reply.num_matched
+
+    # ---- remove and pins -------------------------------------------------------------------
+
+    def remove(self, keys: Sequence[str], *, force: bool = False,
+               deadline: Deadline | None = None) -> list[bool | KVStoreError]:
+        """Per key: True (removed), False (did not exist), or the item's error (leased or
+        hard-pinned without ``force``, still being written). Not retried."""
+        reply = self.call(_M["Remove"], pb.RemoveRequest(keys=keys, force=force), deadline)
+        messages.check_length(reply, "statuses", len(keys), "Remove")
+        texts = reply.error_messages
+        return [True if status == messages.OK else False if status == messages.NOT_FOUND
+                else item_error(status, key, "remove", texts[i] if i < len(texts) else "")
+                for i, (key, status) in enumerate(zip(keys, reply.statuses))]
+
+    def remove_prefix(self, prefix: str, *, force: bool = False,
+                      deadline: Deadline | None = None) -> tuple[int, int]:
+        """Remove every object whose key starts with ``prefix``; (num_removed, num_skipped)."""
+        reply = self.call(_M["RemovePrefix"], pb.RemovePrefixRequest(prefix=prefix, force=force),
+                          deadline)
+        return reply.num_removed, reply.num_skipped
+
+    def pin(self, keys: Sequence[str], *, ttl_s: float | None = None, hard: bool = False,
+            deadline: Deadline | None = None) -> list[KVStoreError | None]:
+        """Pin against eviction: hard, or soft for ``ttl_s``. Per key: None or
+        KeyNotFoundError. Idempotent."""
+        reply = self.call(_M["Pin"], pb.PinRequest(keys=keys, hard=hard, ttl_ms=_ms(ttl_s)),
+                          deadline)
+        return messages.statuses_to_results(reply, keys, "Pin", "pin")
+
+    def unpin(self, keys: Sequence[str], *, deadline: Deadline | None = None,
+              ) -> list[KVStoreError | None]:
+        """Drop every pin. Per key: None or KeyNotFoundError. Idempotent."""
+        reply = self.call(_M["Unpin"], pb.UnpinRequest(keys=keys), deadline)
+        return messages.statuses_to_results(reply, keys, "Unpin", "unpin")
+
+    # ---- membership (daemons) --------------------------------------------------------------
+
+    def register_node(self, node: NodeSpec, inventory: Inventory, *,
+                      deadline: Deadline | None = None) -> Registration:
+        """Register ``node`` with the objects it holds (the master adopts what fits).
+        Raises KVStoreError with ``code`` ALREADY_EXISTS if a live node has this id."""
+        reply = self.call(_M["RegisterNode"], pb.RegisterNodeRequest(
+            node=messages.node_info(node), inventory=messages.inventory_message(inventory)),
+            deadline)
+        return Registration(master_id=reply.master_id,
+                            heartbeat_interval_s=reply.heartbeat_interval_ms / 1000.0,
+                            node_ttl_s=reply.node_ttl_ms / 1000.0,
+                            num_objects_adopted=reply.num_objects_adopted)
+
+    def heartbeat(self, node_id: str, acked_seq: int, *, deadline: Deadline | None = None,
+                  ) -> HeartbeatChanges | None:
+        """Report ``node_id`` alive, acknowledging change ``acked_seq``; the changes after
+        it, or None if the master does not know the node (it must register again)."""
+        reply = self.call(_M["Heartbeat"], pb.HeartbeatRequest(node_id=node_id,
+                                                               acked_seq=acked_seq), deadline)
+        return messages.heartbeat_changes(reply) if reply.known else None
+
+    def unregister_node(self, node_id: str, *, deadline: Deadline | None = None) -> int:
+        """Drop ``node_id``; returns how many objects lost their last replica. Raises
+        KeyNotFoundError for an unknown node."""
+        reply = self.call(_M["UnregisterNode"], pb.UnregisterNodeRequest(node_id=node_id),
+                          deadline)
+        return reply.num_objects_dropped
+
+    # ---- observability ---------------------------------------------------------------------
+
+    def stats(self, *, deadline: Deadline | None = None) -> MasterStats:
+        return messages.master_stats(self.call(_M["Stats"], pb.StatsRequest(), deadline))
+
+    def list_nodes(self, *, deadline: Deadline | None = None) -> list[NodeStatus]:
+        return messages.node_statuses(self.call(_M["ListNodes"], pb.ListNodesRequest(),
+                                                deadline))
+
+    # ---- lifecycle -------------------------------------------------------------------------
+
+    def close(self) -> None:
+        """Close the carrier's connections. Idempotent."""
+        self.carrier.close()
+
+    def __enter__(self) -> "MasterClient":
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+
+class _Call:
+    """One call in flight under the policy: ``result()`` resends a retryable method once if
+    its connection broke and the deadline allows."""
+
+    __slots__ = ("_client", "_method", "_request", "_deadline", "_pending")
+
+    def __init__(self, client: MasterClient, method: Method, request: Any, deadline: Deadline):
+        self._client, self._method, self._request = client, method, request
+        self._deadline = deadline
+        self._pending = self._send()
+
+    def _send(self):
+        if self._deadline.expired():
+            raise MasterUnavailableError(f"master {self._method.name}: DEADLINE_EXCEEDED: "
+                                         "the call's deadline passed before it was sent")
+        return self._client.carrier.start(self._method, self._request,
+                                          self._deadline.timeout_s(self._client.rpc_timeout_s))
+
+    def result(self) -> Any:
+        resends_left = RETRYABLE_ATTEMPTS - 1 if self._method.retryable else 0
+        while True:
+            try:
+                return self._pending.result()
+            except ConnectionLostError:
+                if not resends_left or self._deadline.expired():
+                    raise
+                resends_left -= 1
+            self._pending = self._send()
+
+
+class _Result:
+    """A call whose reply ``decode`` turns into the verb's result."""
+
+    __slots__ = ("_call", "_decode")
+
+    def __init__(self, call: _Call, decode):
+        self._call, self._decode = call, decode
+
+    def result(self) -> Any:
+        return self._decode(self._call.result())

@@ -1,0 +1,125 @@
+"""The values the metadata client's verbs take and return: plain Python, never protobuf.
+
+A batch verb returns one entry per key, in order: the key's result (a slot of ``Target``
+ranges to write, a ``ReplicaSet`` to read, a flag) or the ``KVStoreError`` that item failed
+with, naming its key. Byte ranges are ``kvstore.transport.Target``: what a transport moves.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from kvstore.tiers import Tier
+from kvstore.transport.base import Target
+
+
+@dataclass(frozen=True, slots=True)
+class ReplicaSet:
+    """Where one COMPLETE object's bytes are: every replica holds ``size_bytes`` bytes with
+    XXH3-64 ``checksum``, stored with ``codec`` (kvstore.v1.Codec). ``targets`` come in the
+    master's order (same-host replicas first)."""
+
+    size_bytes: int
+    checksum: int
+    codec: int
+    targets: list[Target]
+
+
+@dataclass(frozen=True, slots=True)
+class SegmentSpec:
+    """One region a daemon contributes: registered with the master."""
+
+    segment_id: str
+    tier: Tier
+    capacity_bytes: int
+    shm_name: str = ""       # DRAM: the POSIX shm name same-host clients map
+    path: str = ""           # SSD: the backing file
+
+
+@dataclass(frozen=True, slots=True)
+class NodeSpec:
+    """A storage node as it registers: who it is, where its data plane listens, what it holds."""
+
+    node_id: str
+    host_id: str
+    data_addr: str
+    segments: list[SegmentSpec]
+
+
+@dataclass(slots=True)
+class Inventory:
+    """Replicas a node holds, as parallel lists (one entry per object): sent at registration,
+    received in heartbeats. ``checksums``/``codecs`` may be empty (then unknown / raw)."""
+
+    keys: list[str] = field(default_factory=list)
+    segment_ids: list[str] = field(default_factory=list)
+    offsets: list[int] = field(default_factory=list)
+    lengths: list[int] = field(default_factory=list)
+    checksums: list[int] = field(default_factory=list)
+    codecs: list[int] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+
+@dataclass(frozen=True, slots=True)
+class Registration:
+    """The master's answer to a registration."""
+
+    master_id: str
+    heartbeat_interval_s: float
+    node_ttl_s: float
+    num_objects_adopted: int
+
+
+@dataclass(frozen=True, slots=True)
+class HeartbeatChanges:
+    """Changes to a node's object table since the sequence it acknowledged: ``full_resync``
+    means discard the table first (``added`` is then all of it); then apply ``added``, then
+    ``removed_keys``; ``seq`` is the sequence to acknowledge next."""
+
+    master_id: str
+    seq: int
+    full_resync: bool
+    added: Inventory
+    removed_keys: list[str]
+
+
+@dataclass(frozen=True, slots=True)
+class TierUsage:
+    tier: Tier
+    capacity_bytes: int
+    used_bytes: int
+    num_replicas: int
+
+
+@dataclass(frozen=True, slots=True)
+class MasterStats:
+    """Cluster figures (Stats)."""
+
+    master_id: str
+    uptime_s: float
+    num_nodes: int
+    num_objects: int
+    num_pending: int
+    num_leased: int
+    hits: int
+    misses: int
+    evictions: int
+    tiers: list[TierUsage]
+    max_batch: int
+    metrics_port: int | None    # None: no metrics endpoint
+    fast_port: int | None       # None: no fast metadata path
+
+
+@dataclass(frozen=True, slots=True)
+class NodeStatus:
+    """One registered node as the master sees it (ListNodes)."""
+
+    node_id: str
+    host_id: str
+    data_addr: str
+    segments: list[SegmentSpec]
+    used_bytes: int
+    num_objects: int
+    last_heartbeat_age_s: float
