@@ -16,7 +16,7 @@ _COMMANDS = {
     "daemon": "kvstore.daemon.cli:command",
     "status": "kvstore.master.status_cli:command",
     "bench": "kvstore.bench_cli:command",
-    "demo": "kvstore.demo:command",
+    "demo": "kvstore.demo.cli:command",
 }
 
 

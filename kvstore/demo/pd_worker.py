@@ -1,4 +1,4 @@
-"""The prefill and decode processes of the PD demo: ``python -m kvstore.engine.pd_worker JOB``.
+"""The prefill and decode processes of the PD demo: ``python -m kvstore.demo.pd_worker JOB``.
 
 The two roles share nothing but the store. Each reads a job file (JSON: the master's address,
 the model, the key namespace, the block size and the requests' token ids), builds its own
@@ -27,11 +27,10 @@ from typing import Any
 import torch
 
 import kvstore
-from kvstore.engine.generate import (decode, extend, loadable_tokens, prefill_schedule,
-                                     reference_generate)
+from kvstore.demo.generate import decode, extend, prefill_schedule, reference_generate
+from kvstore.demo.model import ModelSpec, build_model, kv_shape_of, load_model
 from kvstore.engine.hf_connector import DynamicCacheConnector
-from kvstore.engine.keys import KeyNamespace
-from kvstore.engine.model import ModelSpec, build_model, kv_shape_of, load_model
+from kvstore.engine.keys import KeyNamespace, loadable_tokens
 
 
 def log(role: str, message: str) -> None:
