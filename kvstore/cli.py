@@ -15,7 +15,7 @@ _COMMANDS = {
     "master": "kvstore.master.cli:command",
     "daemon": "kvstore.daemon.cli:command",
     "status": "kvstore.master.status_cli:command",
-    "bench": "kvstore.bench_cli:command",
+    "bench": "kvstore.bench.cli:command",
     "demo": "kvstore.demo.cli:command",
 }
 
