@@ -22,7 +22,7 @@ import torch
 from kvstore._errors import InvalidArgumentError
 from kvstore.engine.blocks import BlockFormat, decode_rows
 from kvstore.engine.connector import complete_namespace, store_round_trip
-from kvstore.engine.hf_cache import _cache_pairs
+from kvstore.engine.hf_cache import cache_pairs
 from kvstore.engine.keys import KeyNamespace, prefix_keys
 from kvstore.engine.results import LoadResult, SaveResult, block_arrived, num_leading_arrived
 
@@ -135,7 +135,7 @@ class DynamicCacheConnector:
                 out[:, layer, kv].copy_(picked)
 
     def _pairs(self, cache: Any, num_tokens: int) -> list:
-        pairs = _cache_pairs(cache)
+        pairs = cache_pairs(cache)
         shape = self.format.block_shape
         if len(pairs) != shape[0]:
             raise InvalidArgumentError(f"cache has {len(pairs)} layers, connector {shape[0]}")
