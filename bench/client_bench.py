@@ -17,9 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -27,22 +25,11 @@ from pathlib import Path
 import numpy as np
 
 import kvstore
+from kvstore._process import ServerProcess
 
 OUT_DIR = Path(__file__).resolve().parent / "out"
-KVSTORE_BIN = Path(sys.executable).with_name("kvstore")
 MiB = 1 << 20
 POOL_BYTES = 1024 * MiB
-
-
-def start(args: list[str]) -> tuple[subprocess.Popen, str]:
-    """Start ``kvstore ARGS`` and return it with the address from its ``listening on`` line."""
-    proc = subprocess.Popen([str(KVSTORE_BIN), *args], stdout=subprocess.PIPE,
-                            stderr=subprocess.DEVNULL, text=True)
-    for line in proc.stdout:
-        match = re.match(r"^listening on (\S+:\d+)", line.strip())
-        if match:
-            return proc, match.group(1)
-    raise RuntimeError(f"kvstore {args[0]} exited before listening")
 
 
 def memcpy_gbps(num_bytes: int, num_buffers: int, repeats: int) -> float:
@@ -154,10 +141,11 @@ def bench_transport(store, transport: str, repeats: int) -> dict[str, float]:
 
 def bench_column(transport: str, metadata: str, repeats: int) -> dict[str, float]:
     """One column: a fresh master and daemon, one client on ``transport``/``metadata``."""
-    master, address = start(["master", "--host", "127.0.0.1", "--port", "0"])
-    daemon, _ = start(["daemon", "--master", address, "--host", "127.0.0.1", "--port", "0",
-                       "--dram", str(POOL_BYTES)])
-    SERVER_PIDS[:] = [master.pid, daemon.pid]
+    master = ServerProcess(["master", "--host", "127.0.0.1", "--port", "0"])
+    daemon = ServerProcess(["daemon", "--master", master.address, "--host", "127.0.0.1",
+                            "--port", "0", "--dram", str(POOL_BYTES)])
+    SERVER_PIDS[:] = [master.proc.pid, daemon.proc.pid]
+    address = master.address
     try:
         # NOTE: a short read lease: the master frees a removed object's space only once its
         # leases lapse, and each phase removes what it wrote before the next one.
@@ -170,9 +158,8 @@ def bench_column(transport: str, metadata: str, repeats: int) -> dict[str, float
             prefault(store, POOL_BYTES)
             return bench_transport(store, transport, repeats)
     finally:
-        for proc in (daemon, master):
-            proc.terminate()
-            proc.wait()
+        for server in (daemon, master):
+            server.close()
 
 
 def main() -> int:

@@ -15,7 +15,8 @@ import json
 import time
 from pathlib import Path
 
-from kvstore.demo import DemoConfig, report, run_demo
+from kvstore.demo.report import report
+from kvstore.demo.run import DemoConfig, run_demo
 
 OUT = Path(__file__).resolve().parent / "out" / "demo_bench.json"
 

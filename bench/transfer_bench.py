@@ -13,7 +13,7 @@ import json
 import sys
 from pathlib import Path
 
-from kvstore.bench_cli import command
+from kvstore.bench.cli import command
 
 OUT_PATH = Path(__file__).resolve().parent / "out" / "transfer.json"
 MIB = 1024 * 1024

@@ -17,10 +17,10 @@ SPEC = dict(num_layers=2, hidden_size=128, num_heads=4, num_kv_heads=2, intermed
 
 def engine(role: str, master: str, tokens: list[int], queue) -> None:
     import kvstore
-    from kvstore.engine import KeyNamespace, PagedKVConnector
-    from kvstore.engine.generate import decode, extend, loadable_tokens, prefill_schedule
+    from kvstore.demo.generate import decode, extend, prefill_schedule
+    from kvstore.demo.model import ModelSpec, build_model, kv_shape_of
+    from kvstore.engine import KeyNamespace, PagedKVConnector, loadable_tokens
     from kvstore.engine.hf_cache import PagedCache, cache_to_pages, pages_to_cache
-    from kvstore.engine.model import ModelSpec, build_model, kv_shape_of
     from transformers import DynamicCache
 
     spec = ModelSpec(**SPEC)
@@ -47,7 +47,7 @@ def engine(role: str, master: str, tokens: list[int], queue) -> None:
 
 
 def main() -> None:
-    from kvstore.engine.cluster import LocalCluster
+    from kvstore.demo.cluster import LocalCluster
 
     tokens = [(7 * i) % 1024 for i in range(100)]
     ctx = mp.get_context("spawn")

@@ -1,4 +1,5 @@
-"""Start ``kvstore`` server processes and wait until they serve (the demo, examples, tests).
+"""Start ``kvstore`` server processes and wait until they serve (the demo, ``kvstore bench``,
+examples, tests).
 
 ``ServerProcess`` runs ``kvstore <subcommand> ...``, reads the one ``listening on HOST:PORT``
 line the server prints on stdout before it serves, and keeps draining stdout afterwards so a

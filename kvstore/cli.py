@@ -15,8 +15,8 @@ _COMMANDS = {
     "master": "kvstore.master.cli:command",
     "daemon": "kvstore.daemon.cli:command",
     "status": "kvstore.status_cli:command",
-    "bench": "kvstore.bench_cli:command",
-    "demo": "kvstore.demo:command",
+    "bench": "kvstore.bench.cli:command",
+    "demo": "kvstore.demo.cli:command",
 }
 
 

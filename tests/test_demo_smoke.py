@@ -3,10 +3,12 @@ processes; the table must say the tokens match, and the cluster must be gone aft
 
 from __future__ import annotations
 
+import os
 import re
 import socket
 import subprocess
 import sys
+import uuid
 from pathlib import Path
 
 import pytest
@@ -16,8 +18,15 @@ TINY = ["--model-size", "tiny", "--prompt-tokens", "72", "--prefix-tokens", "32"
         "--decode-tokens", "6", "--dram", "64MiB"]
 
 
-def _run(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([KVSTORE, "demo", *args], capture_output=True, text=True, timeout=240)
+def _run(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([KVSTORE, "demo", *args], capture_output=True, text=True, timeout=240,
+                          env=env)
+
+
+def _assert_no_deprecation_warnings(result: subprocess.CompletedProcess) -> None:
+    output = result.stdout + result.stderr
+    for word in ("FutureWarning", "DeprecationWarning", "deprecated"):
+        assert word not in output, output
 
 
 def _row(output: str, label: str) -> list[str]:
@@ -44,13 +53,14 @@ def test_demo_lossless_tokens_match_and_prefix_hit_shows() -> None:
     assert _row(out, "prefill: tokens loaded / computed") == ["0 / 72", "32 / 40"]
     assert _row(out, "decode: tokens loaded") == ["64", "64"]
     assert "first-step logit rel. error" not in out
+    _assert_no_deprecation_warnings(result)
     _assert_cluster_gone(out)
 
 
 @pytest.mark.slow
 def test_demo_int8_with_a_local_checkpoint_reports_logit_error(tmp_path) -> None:
-    from kvstore.demo import MODEL_SIZES
-    from kvstore.engine.model import ModelSpec, build_model
+    from kvstore.demo.model import ModelSpec, build_model
+    from kvstore.demo.run import MODEL_SIZES
 
     build_model(ModelSpec(**MODEL_SIZES["tiny"])).save_pretrained(tmp_path / "ckpt")
     result = _run(*TINY, "--quantize", "int8", "--model", str(tmp_path / "ckpt"))
@@ -62,7 +72,40 @@ def test_demo_int8_with_a_local_checkpoint_reports_logit_error(tmp_path) -> None
     raw, wire = _row(result.stdout, "KV bytes raw"), _row(result.stdout, "KV bytes on the wire")
     assert raw != wire  # INT8 moves fewer bytes
     assert "local-ckpt" in result.stdout  # the checkpoint's tag names the key namespace
+    _assert_no_deprecation_warnings(result)
     _assert_cluster_gone(result.stdout)
+
+
+def _pids_with_env(marker: str) -> list[int]:
+    """Processes of any kind whose environment holds ``marker`` (what the demo started)."""
+    pids = []
+    for environ in Path("/proc").glob("[0-9]*/environ"):
+        try:
+            if marker.encode() in environ.read_bytes():
+                pids.append(int(environ.parent.name))
+        except OSError:  # gone meanwhile, or not ours
+            pass
+    return pids
+
+
+def test_demo_without_transformers_says_how_to_install_it(tmp_path) -> None:
+    # NOTE: a None entry in sys.modules makes `import transformers` raise ImportError, exactly
+    # as when the package is missing; sitecustomize sets it in every Python the demo starts.
+    (tmp_path / "sitecustomize.py").write_text("import sys\nsys.modules['transformers'] = None\n")
+    marker = f"KVSTORE_DEMO_TEST_{uuid.uuid4().hex}"
+    env = {**os.environ, marker: "1",
+           "PYTHONPATH": os.pathsep.join(p for p in (str(tmp_path), os.environ.get("PYTHONPATH"))
+                                         if p)}
+    probe = subprocess.run([sys.executable, "-c", "import transformers"], env=env,
+                           capture_output=True, text=True, timeout=60)
+    assert probe.returncode != 0 and "ModuleNotFoundError" in probe.stderr  # the setup hides it
+    result = _run(*TINY, env=env)
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert result.stderr.splitlines() == [
+        "Error: kvstore demo needs transformers, which is not installed: "
+        "pip install 'kvstore[hf]'"]
+    assert "starting master" not in result.stdout  # it stopped before any server
+    assert _pids_with_env(marker) == []
 
 
 @pytest.mark.parametrize("args", [["--prompt-tokens", "1"], ["--prefix-tokens", "100"],
@@ -74,7 +117,7 @@ def test_demo_rejects_bad_flags(args: list[str]) -> None:
 
 
 def test_local_cluster_stops_both_servers_on_error() -> None:
-    from kvstore.engine.cluster import LocalCluster
+    from kvstore.demo.cluster import LocalCluster
 
     with pytest.raises(RuntimeError, match="engine failed"):
         with LocalCluster(dram="16MiB") as cluster:

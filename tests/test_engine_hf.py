@@ -12,12 +12,12 @@ from transformers import DynamicCache
 
 import kvstore
 from kvstore import InvalidArgumentError
-from kvstore.engine import KeyNamespace, PagedKVConnector
-from kvstore.engine.generate import extend, loadable_tokens, prefill_schedule, reference_generate
+from kvstore.demo.generate import extend, prefill_schedule, reference_generate
+from kvstore.demo.model import ModelSpec, build_model, kv_shape_of
+from kvstore.demo.pd_worker import run_decode, run_prefill
+from kvstore.engine import KeyNamespace, PagedKVConnector, loadable_tokens
 from kvstore.engine.hf_cache import PagedCache, cache_length, cache_to_pages, pages_to_cache
 from kvstore.engine.hf_connector import DynamicCacheConnector
-from kvstore.engine.model import ModelSpec, build_model, kv_shape_of
-from kvstore.engine.pd_worker import run_decode, run_prefill
 
 BLOCK_SIZE = 16
 MHA = ModelSpec(num_layers=2, hidden_size=64, num_heads=4, num_kv_heads=4,
@@ -166,3 +166,16 @@ def test_int8_first_step_logits_within_bound(store, tmp_path) -> None:
     rel_error = float((first - reference).norm() / reference.norm())
     assert 0 < rel_error < INT8_REL_ERROR_BOUND, rel_error
     assert decode["tokens"][0] == prefill["reference_tokens"][0]
+
+
+def test_generation_passes_the_cache_under_the_keyword_the_model_declares() -> None:
+    import warnings
+
+    model = build_model(GQA)
+    tokens = [random.Random(7).randrange(GQA.vocab_size) for _ in range(3 * BLOCK_SIZE + 1)]
+    with warnings.catch_warnings():
+        # transformers warns (FutureWarning) when the cache comes as past_key_values
+        warnings.simplefilter("error")
+        generation = reference_generate(model, tokens, block_size=BLOCK_SIZE, num_decode_tokens=3,
+                                        prefix_tokens=BLOCK_SIZE)
+    assert len(generation.tokens) == 3

@@ -157,3 +157,28 @@ def test_worker_rejects_a_cache_that_disagrees_with_the_scheduler(store) -> None
         worker.register_kv_caches({"l0": torch.zeros(2, 4, BLOCK_SIZE, NUM_HEADS, HEAD_DIM)})
     with pytest.raises(InvalidArgumentError):
         KVStoreConnectorV1(role=KVConnectorRole.WORKER)  # neither config nor vLLM config
+
+
+def _vllm_config(extra: dict):
+    """The parts of a vLLM config the connector reads (vLLM is not installed here)."""
+    return SimpleNamespace(
+        kv_transfer_config=SimpleNamespace(kv_connector_extra_config=extra),
+        parallel_config=SimpleNamespace(tensor_parallel_size=2, rank=3),
+        model_config=SimpleNamespace(model="org/model-7b", dtype=torch.float16),
+        cache_config=SimpleNamespace(block_size=BLOCK_SIZE))
+
+
+def test_a_vllm_config_without_a_master_address_is_a_config_error() -> None:
+    with pytest.raises(kvstore.ConfigError, match=r'kv_connector_extra_config\["kvstore_master"\]'):
+        KVStoreConnectorV1(_vllm_config({"quantize": "int8"}), KVConnectorRole.SCHEDULER)
+    with pytest.raises(kvstore.ConfigError, match="kvstore_master"):
+        KVStoreConnectorV1(_vllm_config({"kvstore_master": ""}), KVConnectorRole.WORKER)
+
+
+def test_a_vllm_config_with_a_store_needs_no_master_address(store) -> None:
+    connector = KVStoreConnectorV1(_vllm_config({"quantize": "int8"}), KVConnectorRole.WORKER,
+                                   store=store)
+    assert connector.store is store
+    assert connector.config.namespace == KeyNamespace(model="org_model-7b", tp_rank=1, tp_size=2)
+    assert (connector.config.block_size, connector.config.quantize,
+            connector.config.kv_dtype) == (BLOCK_SIZE, "int8", "float16")

@@ -1,5 +1,6 @@
-"""Engine adapters: prefix-chunk keys, the paged-KV connector, the transformers cache adapter,
-the vLLM-shaped connector and heterogeneous tensor parallelism.
+"""What an inference engine imports to keep its KV cache in kvstore: prefix-chunk keys, the
+stored block form, the paged-KV connector and its results, heterogeneous tensor parallelism,
+and the adapters (transformers cache, vLLM-shaped connector). The demo lives in kvstore.demo.
 
 ``prefix_keys`` and ``KeyNamespace`` need neither torch nor the kernels; the connectors load
 ``kvstore.ops`` when they first move bytes.
@@ -10,12 +11,13 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-from kvstore.engine.keys import HASH_SCHEME, KeyNamespace, canonical_token_bytes, prefix_keys
+from kvstore.engine.keys import (HASH_SCHEME, KeyNamespace, canonical_token_bytes, loadable_tokens,
+                                 prefix_keys)
 
 _LAZY = {
     "PagedKVConnector": "kvstore.engine.connector",
-    "SaveResult": "kvstore.engine.connector",
-    "LoadResult": "kvstore.engine.connector",
+    "SaveResult": "kvstore.engine.results",
+    "LoadResult": "kvstore.engine.results",
     "PagedCache": "kvstore.engine.hf_cache",
     "cache_to_pages": "kvstore.engine.hf_cache",
     "pages_to_cache": "kvstore.engine.hf_cache",
@@ -23,7 +25,8 @@ _LAZY = {
     "DynamicCacheConnector": "kvstore.engine.hf_connector",
 }
 
-__all__ = sorted(["HASH_SCHEME", "KeyNamespace", "canonical_token_bytes", "prefix_keys", *_LAZY])
+__all__ = sorted(["HASH_SCHEME", "KeyNamespace", "canonical_token_bytes", "loadable_tokens",
+                  "prefix_keys", *_LAZY])
 
 
 def __getattr__(name: str) -> Any:

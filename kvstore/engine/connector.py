@@ -27,32 +27,11 @@ from typing import Any, Sequence
 
 import torch
 
-from kvstore._errors import InvalidArgumentError, KVStoreError
+from kvstore._errors import InvalidArgumentError
 from kvstore.engine import tp
 from kvstore.engine.blocks import BlockFormat, gather_blocks, scatter_blocks
 from kvstore.engine.keys import KeyNamespace, prefix_keys
-
-
-@dataclasses.dataclass
-class SaveResult:
-    """``num_blocks_stored``: full blocks of the request now in the store (already present
-    ones included); ``num_bytes_written``: bytes this call put; ``failed_keys``: blocks whose
-    put failed."""
-
-    num_blocks_stored: int
-    num_bytes_written: int
-    failed_keys: list[str]
-
-
-@dataclasses.dataclass
-class LoadResult:
-    """``num_tokens_loaded``: leading tokens whose KV is now in the pages (a multiple of the
-    block size); ``num_bytes_read``: bytes read from the store; ``failed_keys``: blocks the
-    store reported but that could not be read (the engine recomputes from the first one)."""
-
-    num_tokens_loaded: int
-    num_bytes_read: int
-    failed_keys: list[str]
+from kvstore.engine.results import LoadResult, SaveResult, block_arrived, num_leading_arrived
 
 
 class PagedKVConnector:
@@ -77,7 +56,7 @@ class PagedKVConnector:
                                        f"{self.format.block_size} tokens per block")
         self.block_size = block_size
         self.quantize = quantize
-        self.namespace = _complete_namespace(namespace, self.format)
+        self.namespace = complete_namespace(namespace, self.format)
         self.source_tp_size = source_tp_size
         self._staging = torch.empty(0, dtype=torch.uint8)
 
@@ -146,8 +125,8 @@ class PagedKVConnector:
         wanted = keys[num_skip:num_hit]
         rows = self._staging_rows(len(wanted))
         results = self.store.batch_get_into(wanted, list(rows))
-        num_ok = _leading_ok(results, self.format.block_bytes)
-        failed = [k for k, r in zip(wanted, results) if not _ok(r, self.format.block_bytes)]
+        num_ok = num_leading_arrived(results, self.format.block_bytes)
+        failed = [k for k, r in zip(wanted, results) if not block_arrived(r, self.format.block_bytes)]
         if num_ok:
             scatter_blocks(rows[:num_ok], self.layers, block_index[num_skip:num_skip + num_ok],
                            self.format)
@@ -204,18 +183,7 @@ def store_round_trip(store: Any, row: torch.Tensor) -> None:
     store.remove(key, force=True)
 
 
-def _ok(result: Any, block_bytes: int) -> bool:
-    return not isinstance(result, KVStoreError) and result == block_bytes
-
-
-def _leading_ok(results: Sequence[Any], block_bytes: int) -> int:
-    for i, result in enumerate(results):
-        if not _ok(result, block_bytes):
-            return i
-    return len(results)
-
-
-def _complete_namespace(namespace: KeyNamespace | str, fmt: BlockFormat) -> KeyNamespace | str:
+def complete_namespace(namespace: KeyNamespace | str, fmt: BlockFormat) -> KeyNamespace | str:
     """Fill the cache-derived fields of a KeyNamespace so keys never mix formats."""
     if not isinstance(namespace, KeyNamespace):
         if not isinstance(namespace, str):

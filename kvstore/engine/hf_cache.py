@@ -55,7 +55,7 @@ def cache_to_pages(cache: Any, layers: Sequence[torch.Tensor], block_ids: Sequen
     ``num_tokens // block_size`` ids (extra ids are ignored). Returns the number of blocks
     written. Raises InvalidArgumentError on a shape, length or batch-size mismatch.
     """
-    pairs = _cache_pairs(cache)
+    pairs = cache_pairs(cache)
     if len(pairs) != len(layers):
         raise InvalidArgumentError(f"cache has {len(pairs)} layers, paged cache {len(layers)}")
     seq_len = pairs[0][0].shape[2]
@@ -114,11 +114,13 @@ def pages_to_cache(layers: Sequence[torch.Tensor], block_ids: Sequence[int], *,
 
 def cache_length(cache: Any) -> int:
     """Number of tokens a DynamicCache holds (0 when empty)."""
-    pairs = _cache_pairs(cache)
+    pairs = cache_pairs(cache)
     return pairs[0][0].shape[2] if pairs else 0
 
 
-def _cache_pairs(cache: Any) -> list[tuple[torch.Tensor, torch.Tensor]]:
+def cache_pairs(cache: Any) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """The ``(keys, values)`` tensors of each layer of a one-request transformers cache (either
+    cache API), each ``[1, heads, seq, head_dim]``; InvalidArgumentError for another shape."""
     layers = getattr(cache, "layers", None)
     if layers is not None:  # transformers >= 4.54: a list of CacheLayer
         pairs = [(layer.keys, layer.values) for layer in layers if layer.keys is not None]

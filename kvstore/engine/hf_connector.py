@@ -21,10 +21,10 @@ import torch
 
 from kvstore._errors import InvalidArgumentError
 from kvstore.engine.blocks import BlockFormat, decode_rows
-from kvstore.engine.connector import (LoadResult, SaveResult, _complete_namespace, _leading_ok,
-                                      _ok, store_round_trip)
-from kvstore.engine.hf_cache import _cache_pairs
+from kvstore.engine.connector import complete_namespace, store_round_trip
+from kvstore.engine.hf_cache import cache_pairs
 from kvstore.engine.keys import KeyNamespace, prefix_keys
+from kvstore.engine.results import LoadResult, SaveResult, block_arrived, num_leading_arrived
 
 
 class DynamicCacheConnector:
@@ -42,7 +42,7 @@ class DynamicCacheConnector:
         self.block_size = block_size
         self.format = BlockFormat((num_layers, 2, block_size, num_kv_heads, head_dim), 2, dtype,
                                   "kv_first", quantize)
-        self.namespace = _complete_namespace(namespace, self.format)
+        self.namespace = complete_namespace(namespace, self.format)
         self._staging = torch.empty(0, dtype=torch.uint8)
 
     def keys_for(self, token_ids: Any) -> list[str]:
@@ -89,8 +89,8 @@ class DynamicCacheConnector:
         fmt = self.format
         rows = self._rows(num_hit)
         results = self.store.batch_get_into(keys[:num_hit], list(rows))
-        num_ok = _leading_ok(results, fmt.block_bytes)
-        failed = [k for k, r in zip(keys[:num_hit], results) if not _ok(r, fmt.block_bytes)]
+        num_ok = num_leading_arrived(results, fmt.block_bytes)
+        failed = [k for k, r in zip(keys[:num_hit], results) if not block_arrived(r, fmt.block_bytes)]
         if num_ok:
             cache = self._cache_from_rows(rows[:num_ok], config)
         return cache, LoadResult(num_ok * self.block_size, num_ok * fmt.block_bytes, failed)
@@ -135,7 +135,7 @@ class DynamicCacheConnector:
                 out[:, layer, kv].copy_(picked)
 
     def _pairs(self, cache: Any, num_tokens: int) -> list:
-        pairs = _cache_pairs(cache)
+        pairs = cache_pairs(cache)
         shape = self.format.block_shape
         if len(pairs) != shape[0]:
             raise InvalidArgumentError(f"cache has {len(pairs)} layers, connector {shape[0]}")

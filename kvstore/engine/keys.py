@@ -12,6 +12,9 @@ Guarantees:
 - The key carries the namespace (model, layout, dtype, tensor-parallel rank and size,
   quantization) and the hash-scheme version, so KV saved in one form is never read as another.
 - Only full chunks get keys; a partial trailing chunk is left out unless ``include_partial``.
+
+``loadable_tokens`` is the matching rule for loads: how many leading tokens of a prompt may come
+from the store.
 """
 
 from __future__ import annotations
@@ -158,6 +161,18 @@ def _render_namespace(namespace: KeyNamespace | str) -> str:
 def num_full_chunks(num_tokens: int, chunk_size: int) -> int:
     """How many full chunks ``num_tokens`` tokens fill (the partial tail does not count)."""
     return num_tokens // chunk_size
+
+
+def loadable_tokens(num_tokens: int, block_size: int) -> int:
+    """Leading tokens of a ``num_tokens`` prompt an engine may take from the store: whole
+    blocks only, and never the last token, so the engine computes at least one position and
+    gets the logits it samples from (vLLM's connectors follow the same rule).
+
+    Raises InvalidArgumentError for a prompt without tokens.
+    """
+    if num_tokens < 1:
+        raise InvalidArgumentError("a prompt needs at least one token")
+    return (num_tokens - 1) // block_size * block_size
 
 
 def tokens_as_list(token_ids: Sequence[int] | Any) -> list[int]:

@@ -14,15 +14,31 @@ needed, because an object is the unit of transfer.
 from __future__ import annotations
 
 import dataclasses
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol, Sequence
 
 import torch
 
 from kvstore._errors import InvalidArgumentError
+from kvstore.engine.blocks import BlockFormat, decode_rows, scatter_payload
 from kvstore.engine.keys import KeyNamespace
+from kvstore.engine.results import LoadResult, block_arrived, num_leading_arrived
 
-if TYPE_CHECKING:
-    from kvstore.engine.connector import LoadResult, PagedKVConnector
+
+class ShardConnector(Protocol):
+    """What resharding reads from the connector that calls it (a ``PagedKVConnector``).
+
+    NOTE: a Protocol rather than an import of the connector, which imports this module.
+    """
+
+    store: Any
+    layers: Sequence[torch.Tensor]
+    format: BlockFormat
+    namespace: KeyNamespace | str
+    block_size: int
+    source_tp_size: int | None
+
+    def keys_for(self, token_ids: Any, namespace: KeyNamespace | str | None = None) -> list[str]:
+        ...
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,7 +68,7 @@ def plan(num_local_heads: int, tp_rank: int, tp_size: int, source_tp_size: int) 
     return slices
 
 
-def _source_keys(connector: "PagedKVConnector", token_ids: Any) -> tuple[list, list[list[str]]]:
+def _source_keys(connector: ShardConnector, token_ids: Any) -> tuple[list, list[list[str]]]:
     ns = connector.namespace
     if connector.format.layout == "mla":
         raise InvalidArgumentError("an MLA latent is not split across TP ranks: no resharding")
@@ -64,7 +80,7 @@ def _source_keys(connector: "PagedKVConnector", token_ids: Any) -> tuple[list, l
     return slices, keys
 
 
-def num_stored_tokens(connector: "PagedKVConnector", token_ids: Any) -> int:
+def num_stored_tokens(connector: ShardConnector, token_ids: Any) -> int:
     """Leading tokens stored by every needed source shard."""
     _, keys = _source_keys(connector, token_ids)
     if not keys[0]:
@@ -72,12 +88,10 @@ def num_stored_tokens(connector: "PagedKVConnector", token_ids: Any) -> int:
     return min(connector.store.match_prefix(k) for k in keys) * connector.block_size
 
 
-def load_resharded(connector: "PagedKVConnector", token_ids: Any, block_index: torch.Tensor,
-                   num_skip: int = 0) -> "LoadResult":
+def load_resharded(connector: ShardConnector, token_ids: Any, block_index: torch.Tensor,
+                   num_skip: int = 0) -> LoadResult:
     """Load the leading blocks stored by all needed source shards into ``block_index``; the
     first ``num_skip`` blocks are already in the pages and are not moved."""
-    from kvstore.engine.blocks import decode_rows, scatter_payload
-    from kvstore.engine.connector import LoadResult, _leading_ok, _ok
 
     fmt = connector.format
     slices, keys = _source_keys(connector, token_ids)
@@ -92,9 +106,9 @@ def load_resharded(connector: "PagedKVConnector", token_ids: Any, block_index: t
     all_keys = [key for shard_keys in keys for key in shard_keys[num_skip:num_hit]]
     results = connector.store.batch_get_into(all_keys, list(rows))
     # a block is usable only when every shard's copy of it arrived
-    num_ok = min(_leading_ok(results[i * num_wanted:(i + 1) * num_wanted],
+    num_ok = min(num_leading_arrived(results[i * num_wanted:(i + 1) * num_wanted],
                              source_fmt.block_bytes) for i in range(len(slices)))
-    failed = [k for k, r in zip(all_keys, results) if not _ok(r, source_fmt.block_bytes)]
+    failed = [k for k, r in zip(all_keys, results) if not block_arrived(r, source_fmt.block_bytes)]
     if num_ok == 0:
         return LoadResult(num_skip * connector.block_size, 0, failed)
     joined = torch.empty(num_ok, *fmt.block_shape, dtype=fmt.dtype)

@@ -21,8 +21,9 @@ Rules:
   engine recomputes it; nothing raises for the whole step.
 
 When vLLM is importable the class subclasses ``KVConnectorBase_V1`` and reads its settings
-from ``kv_transfer_config.kv_connector_extra_config`` (``kvstore_master``, ``quantize``);
-without vLLM (as here) it is driven directly with a ``ConnectorConfig`` and a store.
+from ``kv_transfer_config.kv_connector_extra_config``: ``kvstore_master`` (required, there is
+no default address: without it construction raises ConfigError) and ``quantize``. Without vLLM
+(as here) it is driven directly with a ``ConnectorConfig`` and a store.
 """
 
 from __future__ import annotations
@@ -33,10 +34,9 @@ from typing import Any
 
 import torch
 
-from kvstore._errors import InvalidArgumentError
+from kvstore._errors import ConfigError, InvalidArgumentError
 from kvstore.engine.connector import PagedKVConnector
-from kvstore.engine.generate import loadable_tokens
-from kvstore.engine.keys import KeyNamespace, prefix_keys
+from kvstore.engine.keys import KeyNamespace, loadable_tokens, prefix_keys
 
 try:  # NOTE: vLLM moves these names between releases; any import failure means "no vLLM".
     from vllm.distributed.kv_transfer.kv_connector.v1.base import (  # type: ignore
@@ -259,7 +259,8 @@ def _cached_new_blocks(cached: Any) -> list[tuple[str, Any]]:
 
 def _from_vllm_config(vllm_config: Any, store: Any) -> tuple[ConnectorConfig, Any]:
     """Settings from a vLLM config: model name, block size, TP rank/size, and the extra config
-    keys ``kvstore_master`` (HOST:PORT) and ``quantize``."""
+    keys ``kvstore_master`` (HOST:PORT; required unless a store is given, else ConfigError)
+    and ``quantize``."""
     if vllm_config is None:
         raise InvalidArgumentError("pass config= (ConnectorConfig) or a vLLM config")
     extra = dict(getattr(vllm_config.kv_transfer_config, "kv_connector_extra_config", {}) or {})
@@ -275,5 +276,11 @@ def _from_vllm_config(vllm_config: Any, store: Any) -> tuple[ConnectorConfig, An
     if store is None:
         import kvstore
 
-        store = kvstore.connect(extra.get("kvstore_master", "127.0.0.1:50051"))
+        master = extra.get("kvstore_master")
+        if not master:
+            # NOTE: no default address: a guessed master would connect to the wrong cluster
+            # (or hang on none) far from the config line that forgot it.
+            raise ConfigError('kv_transfer_config.kv_connector_extra_config["kvstore_master"] '
+                              'must name the kvstore master (HOST:PORT)')
+        store = kvstore.connect(master)
     return config, store

@@ -1,12 +1,13 @@
-"""``kvstore demo``: prefill/decode disaggregation on this machine, end to end.
+"""One run of the PD demo, end to end (``kvstore demo`` is its command line, ``demo.cli``).
 
 1. Starts a cluster: ``kvstore master`` and ``kvstore daemon`` processes on loopback.
-2. Runs a prefill process, then a decode process (``python -m kvstore.engine.pd_worker``);
+2. Runs a prefill process, then a decode process (``python -m kvstore.demo.pd_worker``);
    they share nothing but the store and receive only the requests' token ids and the key
    namespace. Request 1 is a random prompt; request 2 shares its first ``--prefix-tokens``
    tokens, so its prefill finds them in the store (a prefix hit) and computes only the rest.
-3. Prints a table of the handover (sizes, times, bandwidth, time to first token) and whether
-   the decode side's tokens equal the single-process generation of the same prompt.
+3. Returns one row of measurements per request (``demo.report`` prints them as a table):
+   sizes, times, bandwidth, time to first token, and whether the decode side's tokens equal
+   the single-process generation of the same prompt.
 
 The cluster is stopped when the demo ends, on error and on Ctrl-C alike.
 """
@@ -20,13 +21,10 @@ import random
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
-import click
-
-from kvstore._errors import KVStoreError
+from kvstore._errors import ConfigError, KVStoreError
 
 # Model shapes selectable with --model-size; "small" is the default demo model.
 MODEL_SIZES = {
@@ -52,8 +50,6 @@ class DemoConfig:
     num_threads: int | None = None  # torch threads per engine process; None: torch's default
 
     def __post_init__(self) -> None:
-        from kvstore._errors import ConfigError
-
         if self.prompt_tokens < 2:
             raise ConfigError("--prompt-tokens must be >= 2")
         if self.decode_tokens < 1:
@@ -87,7 +83,7 @@ def make_requests(config: DemoConfig, vocab_size: int) -> list[dict[str, Any]]:
 
 
 def _model_fields(config: DemoConfig) -> dict[str, Any]:
-    from kvstore.engine.model import ModelSpec
+    from kvstore.demo.model import ModelSpec
 
     if config.model_path:
         tag = "local-" + "".join(c if c.isalnum() or c in "._-" else "_"
@@ -114,7 +110,7 @@ def run_worker(role: str, job: dict[str, Any], work_dir: Path) -> dict[str, Any]
     job = {**job, "role": role, "result_path": str(work_dir / f"{role}-result.json")}
     job_path.write_text(json.dumps(job))
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.run([sys.executable, "-m", "kvstore.engine.pd_worker", str(job_path)],
+    proc = subprocess.run([sys.executable, "-m", "kvstore.demo.pd_worker", str(job_path)],
                           env=env)
     if proc.returncode != 0:
         raise KVStoreError(f"the {role} process failed (exit status {proc.returncode})")
@@ -122,8 +118,8 @@ def run_worker(role: str, job: dict[str, Any], work_dir: Path) -> dict[str, Any]
 
 
 def run_demo(config: DemoConfig, *, echo: Any = print) -> list[dict[str, Any]]:
-    """Run the whole demo; returns one row of measurements per request (see ``report``)."""
-    from kvstore.engine.cluster import LocalCluster
+    """Run the whole demo; returns one row of measurements per request (see ``demo.report``)."""
+    from kvstore.demo.cluster import LocalCluster
 
     fields = _model_fields(config)
     requests = make_requests(config, fields["vocab_size"])
@@ -170,85 +166,3 @@ def _row(prefill: dict[str, Any], decode: dict[str, Any], work_dir: Path) -> dic
         "logit_max_abs_error": float((first - reference).abs().max()),
         "failed_keys": prefill["failed_keys"] + decode["failed_keys"],
     }
-
-
-def report(rows: list[dict[str, Any]], config: DemoConfig) -> str:
-    """The demo's table: one column per request."""
-    from kvstore._units import format_size
-
-    def prefix(row: dict[str, Any]) -> str:
-        computed = row["num_tokens"] - row["prefix_hit_tokens"]
-        return f"{row['prefix_hit_tokens']} / {computed}"
-
-    def match(row: dict[str, Any]) -> str:
-        same = row["num_equal"] == row["num_generated"]
-        return f"{'yes' if same else 'no'} ({row['num_equal']}/{row['num_generated']})"
-
-    lines = [
-        ("prompt tokens", lambda r: f"{r['num_tokens']}"),
-        ("prefill: tokens loaded / computed", prefix),
-        ("KV bytes raw", lambda r: format_size(r["raw_bytes"])),
-        ("KV bytes on the wire", lambda r: format_size(r["wire_bytes"])),
-        ("prefill time", lambda r: f"{r['prefill_s'] * 1e3:.0f} ms"),
-        ("save time (prefill side)", lambda r: f"{r['save_s'] * 1e3:.1f} ms"),
-        ("load time (decode side)", lambda r: f"{r['load_s'] * 1e3:.1f} ms"),
-        ("decode: tokens loaded", lambda r: f"{r['loaded_tokens']}"),
-        ("transfer GB/s (save / load)", lambda r: f"{r['save_gbps']:.2f} / {r['load_gbps']:.2f}"),
-        ("time to first token", lambda r: f"{r['ttft_s'] * 1e3:.0f} ms"),
-        ("KV moving share of TTFT", lambda r: f"{100 * r['move_s'] / r['ttft_s']:.1f} %"),
-        ("decode tokens/s", lambda r: f"{r['decode_tps']:.1f}"),
-        ("tokens equal single-process", match),
-    ]
-    if config.quantize:
-        lines += [
-            ("first-step logit rel. error", lambda r: f"{r['logit_rel_error']:.2e}"),
-            ("first-step logit max abs error", lambda r: f"{r['logit_max_abs_error']:.2e}"),
-            ("token agreement (common prefix)",
-             lambda r: f"{100 * r['num_equal'] / r['num_generated']:.1f} %"),
-        ]
-    width = max(len(label) for label, _ in lines)
-    columns = [[fn(row) for row in rows] for _, fn in lines]
-    col_width = max(14, *(len(cell) for cells in columns for cell in cells))
-    header = f"{'':{width}}  " + "  ".join(f"{r['name']:>{col_width}}" for r in rows)
-    out = [f"kvstore demo: quantize={config.quantize or 'none'}, block size {config.block_size}",
-           header, "-" * len(header)]
-    for (label, _), cells in zip(lines, columns):
-        out.append(f"{label:{width}}  " + "  ".join(f"{c:>{col_width}}" for c in cells))
-    return "\n".join(out)
-
-
-@click.command("demo")
-@click.option("--prompt-tokens", default=2048, show_default=True, help="Prompt length.")
-@click.option("--decode-tokens", default=64, show_default=True, help="Tokens to generate.")
-@click.option("--prefix-tokens", type=int, default=None,
-              help="Leading tokens request 2 shares with request 1 (0: no second request; "
-                   "default: 1536, or 3/4 of a shorter prompt).")
-@click.option("--block-size", default=16, show_default=True, help="Tokens per KV block.")
-@click.option("--quantize", type=click.Choice(["none", "int8"]), default="none",
-              show_default=True, help="Store KV as INT8 (with fp32 scales).")
-@click.option("--model", "model_path", default=None,
-              help="Local transformers checkpoint directory (default: a seeded random Llama).")
-@click.option("--model-size", type=click.Choice(sorted(MODEL_SIZES)), default="small",
-              show_default=True, help="Shape of the random Llama.")
-@click.option("--dram", default="2GiB", show_default=True, help="DRAM of the demo daemon.")
-@click.option("--seed", default=0, show_default=True, help="Seed of the weights and prompts.")
-@click.option("--threads", "num_threads", type=int, default=None,
-              help="torch threads in each engine process (default: torch's choice).")
-def command(prompt_tokens: int, decode_tokens: int, prefix_tokens: int | None, block_size: int,
-            quantize: str, model_path: str | None, model_size: str, dram: str, seed: int,
-            num_threads: int | None) -> None:
-    """Prefill/decode disaggregation demo on this machine (cluster, prefill, decode, table)."""
-    try:
-        config = DemoConfig(prompt_tokens, decode_tokens, prefix_tokens, block_size,
-                            None if quantize == "none" else quantize, model_path, model_size,
-                            dram, seed, num_threads)
-        started = time.perf_counter()
-        rows = run_demo(config, echo=lambda m: click.echo(m))
-    except KVStoreError as exc:
-        raise click.ClickException(str(exc)) from exc
-    click.echo("")
-    click.echo(report(rows, config))
-    click.echo(f"\n(total demo wall time {time.perf_counter() - started:.1f} s; TTFT = prefill "
-               "+ save + load + decode-side last-token step, process start-up excluded)")
-    if any(row["failed_keys"] for row in rows):
-        click.echo("warning: some blocks failed and were recomputed", err=True)

@@ -1,4 +1,5 @@
-"""`kvstore bench` runs end to end on a cluster of its own and writes what it printed."""
+"""`kvstore bench` runs end to end on a cluster of its own and writes what it printed; its
+measuring primitives (kvstore.bench.measure) and batch sizing (kvstore.bench.transfer)."""
 
 from __future__ import annotations
 
@@ -33,3 +34,29 @@ def test_bench_cli_help_lists_options():
     assert result.returncode == 0
     for option in ("--master", "--transports", "--levels", "--sizes", "--min-time", "--json"):
         assert option in result.stdout
+
+
+def test_measure_primitives_report_what_they_timed():
+    import time
+
+    from kvstore.bench.measure import latencies_us, make_cpu_probe, rate, rate_beside_memcpy
+
+    def sleep_1ms():
+        time.sleep(0.001)
+
+    gbps = rate(sleep_1ms, 1_000_000, min_time_s=0.03)
+    assert 0 < gbps < 1.0  # 1 MB per >= 1 ms is at most 1 GB/s
+    p50_us, p99_us = latencies_us(sleep_1ms, 20)
+    assert 1000 <= p50_us <= p99_us
+    probe = make_cpu_probe([])
+    fn_gbps, memcpy_gbps, cpu_s_per_gb = rate_beside_memcpy(sleep_1ms, 1_000_000, 0.03, probe)
+    assert 0 < fn_gbps < 1.0 < memcpy_gbps  # a memcpy of 1 MB takes far less than 1 ms
+    assert 0 <= cpu_s_per_gb < 0.5  # sleeping 1 ms per MB uses far less than 0.5 ms of CPU
+
+
+def test_batches_move_about_64_mib_in_at_most_128_items():
+    from kvstore.bench.transfer import batch_items
+
+    assert batch_items(64 * 1024) == 128
+    assert batch_items(1024 * 1024) == 64
+    assert batch_items(256 * 1024 * 1024) == 1

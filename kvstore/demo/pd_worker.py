@@ -1,4 +1,4 @@
-"""The prefill and decode processes of the PD demo: ``python -m kvstore.engine.pd_worker JOB``.
+"""The prefill and decode processes of the PD demo: ``python -m kvstore.demo.pd_worker JOB``.
 
 The two roles share nothing but the store. Each reads a job file (JSON: the master's address,
 the model, the key namespace, the block size and the requests' token ids), builds its own
@@ -27,11 +27,11 @@ from typing import Any
 import torch
 
 import kvstore
-from kvstore.engine.generate import (decode, extend, loadable_tokens, prefill_schedule,
-                                     reference_generate)
+from kvstore.demo.generate import decode, extend, prefill_schedule, reference_generate
+from kvstore.demo.model import ModelSpec, build_model, kv_shape_of, load_model
 from kvstore.engine.hf_connector import DynamicCacheConnector
-from kvstore.engine.keys import KeyNamespace
-from kvstore.engine.model import ModelSpec, build_model, kv_shape_of, load_model
+from kvstore.engine.keys import KeyNamespace, loadable_tokens
+from kvstore.engine.results import LoadResult
 
 
 def log(role: str, message: str) -> None:
@@ -64,6 +64,26 @@ def warm_up(model: torch.nn.Module, connector: DynamicCacheConnector, job: dict[
                                                connector.format.head_dim), torch.float32)
 
 
+def load_stored_prefix(connector: DynamicCacheConnector, model: torch.nn.Module,
+                       tokens: list[int], block_size: int) -> tuple[Any, LoadResult, float]:
+    """A fresh DynamicCache holding the stored blocks of the prompt's loadable prefix, the
+    load's result, and its wall time in seconds."""
+    started = time.perf_counter()
+    cache, loaded = connector.load_cache(tokens[:loadable_tokens(len(tokens), block_size)],
+                                         config=model.config)
+    return cache, loaded, time.perf_counter() - started
+
+
+def compute_rest(model: torch.nn.Module, cache: Any, tokens: list[int], num_loaded: int,
+                 block_size: int) -> tuple[torch.Tensor, float]:
+    """Compute the prompt after its ``num_loaded`` cached tokens on the demo's schedule: the
+    last position's fp32 logits, and the wall time in seconds."""
+    started = time.perf_counter()
+    logits = extend(model, cache, tokens, num_loaded,
+                    prefill_schedule(len(tokens), block_size, num_loaded))
+    return logits, time.perf_counter() - started
+
+
 def run_prefill(job: dict[str, Any], model: torch.nn.Module, connector: DynamicCacheConnector,
                 out_dir: Path) -> list[dict]:
     block_size = job["block_size"]
@@ -71,15 +91,10 @@ def run_prefill(job: dict[str, Any], model: torch.nn.Module, connector: DynamicC
     for request in job["requests"]:
         name, tokens = request["name"], request["token_ids"]
         num_tokens = len(tokens)
-        started = time.perf_counter()
         # prefix hit: a prompt sharing stored blocks only computes what follows them
-        cache, loaded = connector.load_cache(tokens[:loadable_tokens(num_tokens, block_size)],
-                                             config=model.config)
+        cache, loaded, load_s = load_stored_prefix(connector, model, tokens, block_size)
         hit = loaded.num_tokens_loaded
-        load_s = time.perf_counter() - started
-        started = time.perf_counter()
-        logits = extend(model, cache, tokens, hit, prefill_schedule(num_tokens, block_size, hit))
-        prefill_s = time.perf_counter() - started
+        logits, prefill_s = compute_rest(model, cache, tokens, hit, block_size)
         log("prefill", f"{name}: {num_tokens} prompt tokens, {hit} loaded from the store "
                        f"({load_s:.3f} s), {num_tokens - hit} computed in {prefill_s:.2f} s")
         started = time.perf_counter()
@@ -116,16 +131,11 @@ def run_decode(job: dict[str, Any], model: torch.nn.Module, connector: DynamicCa
     for request in job["requests"]:
         name, tokens = request["name"], request["token_ids"]
         num_tokens = len(tokens)
-        started = time.perf_counter()
-        cache, loaded = connector.load_cache(tokens[:loadable_tokens(num_tokens, block_size)],
-                                             config=model.config)
-        load_s = time.perf_counter() - started
+        cache, loaded, load_s = load_stored_prefix(connector, model, tokens, block_size)
         log("decode", f"{name}: loaded {loaded.num_tokens_loaded} tokens of KV "
                       f"({loaded.num_bytes_read / 2**20:.1f} MiB) in {load_s:.3f} s")
-        started = time.perf_counter()
         hit = loaded.num_tokens_loaded
-        logits = extend(model, cache, tokens, hit, prefill_schedule(num_tokens, block_size, hit))
-        first_step_s = time.perf_counter() - started
+        logits, first_step_s = compute_rest(model, cache, tokens, hit, block_size)
         generation = decode(model, cache, logits, request["decode_tokens"])
         num_steps = max(len(generation.tokens) - 1, 1)
         log("decode", f"{name}: computed {num_tokens - hit} prompt tokens in "

@@ -4,6 +4,8 @@ A PD handover changes *where* each part of the prompt is computed, never *how*: 
 computed in chunks whose ends are given by a schedule (``chunk_ends``), then decoding runs one
 token at a time. The single-process reference and the disaggregated run use the same schedule,
 so with lossless KV transfer their tokens are equal bit for bit; any difference is the store's.
+The cache goes to the model under the keyword its forward declares (``cache``, or
+``past_key_values`` in transformers releases before the rename), so no deprecation warns.
 
 ``prefill_schedule`` is the schedule the demo uses: every full block that leaves at least one
 prompt token to compute (so the decode side always gets the last position's logits, as vLLM's
@@ -13,12 +15,15 @@ decode side does), then the rest.
 from __future__ import annotations
 
 import dataclasses
+import functools
+import inspect
 import time
 from typing import Any, Sequence
 
 import torch
 
 from kvstore._errors import InvalidArgumentError
+from kvstore.engine.keys import loadable_tokens
 
 
 @dataclasses.dataclass
@@ -32,18 +37,24 @@ class Generation:
     decode_s: float
 
 
-def loadable_tokens(num_tokens: int, block_size: int) -> int:
-    """Tokens a decode side may take from the store: full blocks, leaving >= 1 to compute."""
-    if num_tokens < 1:
-        raise InvalidArgumentError("a prompt needs at least one token")
-    return (num_tokens - 1) // block_size * block_size
-
-
 def prefill_schedule(num_tokens: int, block_size: int, start: int = 0) -> list[int]:
     """Chunk ends for computing tokens ``[start, num_tokens)``: up to the loadable boundary,
     then to the end (empty chunks dropped)."""
     boundary = loadable_tokens(num_tokens, block_size)
     return ([boundary] if boundary > start else []) + [num_tokens]
+
+
+@functools.lru_cache(maxsize=None)
+def _cache_keyword(model_class: type) -> str:
+    """The forward keyword that takes the KV cache: ``cache`` in newer transformers (which
+    deprecate ``past_key_values`` with a FutureWarning), ``past_key_values`` in older ones."""
+    parameters = inspect.signature(model_class.forward).parameters
+    return "cache" if "cache" in parameters else "past_key_values"
+
+
+def _forward(model: Any, ids: torch.Tensor, cache: Any, **kwargs: Any) -> Any:
+    """One forward step of ``ids`` (``[1, num_tokens]``) on ``cache``, which it extends."""
+    return model(input_ids=ids, use_cache=True, **{_cache_keyword(type(model)): cache}, **kwargs)
 
 
 @torch.inference_mode()
@@ -57,7 +68,7 @@ def extend(model: Any, cache: Any, token_ids: Sequence[int], start: int,
         if end <= start:
             raise InvalidArgumentError(f"chunk ends must increase past {start}, got {end}")
         ids = torch.as_tensor(list(token_ids[start:end]), dtype=torch.long, device=device)
-        out = model(input_ids=ids[None], past_key_values=cache, use_cache=True, logits_to_keep=1)
+        out = _forward(model, ids[None], cache, logits_to_keep=1)
         logits = out.logits[0, -1].float()
         start = end
     if logits is None:
@@ -77,7 +88,7 @@ def decode(model: Any, cache: Any, first_logits: torch.Tensor,
     started = time.perf_counter()
     for _ in range(num_decode_tokens - 1):
         ids = torch.tensor([[tokens[-1]]], dtype=torch.long, device=device)
-        out = model(input_ids=ids, past_key_values=cache, use_cache=True)
+        out = _forward(model, ids, cache)
         tokens.append(int(out.logits[0, -1].argmax()))
     return Generation(tokens, first_logits, time.perf_counter() - started)
 
