@@ -4,8 +4,11 @@ PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.kvstore-installed
+# NOTE: the package's directories too: the editable install maps each module to its file, so
+# a module added, moved or removed (which changes its directory's mtime) needs a reinstall.
 SOURCES := pyproject.toml CMakeLists.txt requirements-dev.txt \
-           $(shell find csrc proto -type f 2>/dev/null)
+           $(shell find csrc proto -type f 2>/dev/null) \
+           $(shell find kvstore -type d -not -name __pycache__ 2>/dev/null)
 
 .PHONY: all install demo test bench clean
 
