@@ -4,7 +4,7 @@ Entry points: ``kvstore master`` (``cli.py``), ``server.run_in_thread`` (embedde
 ``rpc_client.MasterClient`` (how the daemon and the client talk to it over gRPC),
 ``fast_client.FastMasterClient`` (the client's framed-TCP fast path, served by ``fastrpc``
 in the format of ``fastframes``), ``status_cli.py``. The pure logic (``state``, ``reads``,
-``admin``, ``registry``, ``eviction``, ``placement``, ``allocator``, ``membership``) knows
-nothing of gRPC; ``service`` maps it to the proto.
+``admin``, ``registration``, ``eviction``, ``placement``, ``allocator``, ``nodes``,
+``objects``) knows nothing of gRPC; ``service`` maps it to the proto.
 Importing this package imports neither torch nor grpc.
 """

@@ -12,7 +12,7 @@ objects are never evicted.
 
 from __future__ import annotations
 
-from kvstore.master.membership import Segment
+from kvstore.master.nodes import SegmentSpace
 
 #: After a watermark pass that could evict nothing, wait this long before the next one.
 PRESSURE_RETRY_S = 1.0
@@ -49,7 +49,7 @@ def relieve_pressure(state, now_s: float) -> int:
     return num_evicted
 
 
-def make_room(state, classes: list[list[Segment]], size_bytes: int, num_replicas: int,
+def make_room(state, classes: list[list[SegmentSpace]], size_bytes: int, num_replicas: int,
               now_s: float) -> bool:
     """Evict until ``num_replicas`` distinct nodes of ``classes`` can take ``size_bytes``.
     Returns True if they now can, False if nothing more may be evicted."""
@@ -72,7 +72,7 @@ def make_room(state, classes: list[list[Segment]], size_bytes: int, num_replicas
         round_bytes *= 2
 
 
-def _fits(classes: list[list[Segment]], size_bytes: int, num_replicas: int) -> bool:
+def _fits(classes: list[list[SegmentSpace]], size_bytes: int, num_replicas: int) -> bool:
     nodes = {segment.node for segments in classes for segment in segments
              if segment.alive and segment.allocator.can_allocate(size_bytes)}
     return len(nodes) >= num_replicas

@@ -13,7 +13,7 @@ Structures:
 
 Every method takes ``now_s`` from the caller's clock read (one ``now`` per request, so a
 sweep and a batch see one instant). Not thread-safe: the service serializes calls with a
-lock. Reads live in ``reads``, remove/pin in ``admin``, membership in ``registry``,
+lock. Reads live in ``reads``, remove/pin in ``admin``, registration in ``registration``,
 eviction in ``eviction``.
 """
 
@@ -23,9 +23,9 @@ import heapq
 import uuid
 from collections import deque
 
-from kvstore.master import admin, eviction, reads, registry
+from kvstore.master import admin, eviction, reads, registration
 from kvstore.master.config import MasterConfig
-from kvstore.master.membership import Node, Segment
+from kvstore.master.nodes import Node, SegmentSpace
 from kvstore.master.objects import (
     CODECS, COMPLETE, ITEM_ALREADY_EXISTS, ITEM_INVALID, ITEM_NO_SPACE, ITEM_NOT_FOUND,
     ITEM_OK, PENDING, TIERS, ObjectMeta,
@@ -52,7 +52,7 @@ class MasterState:
         self.nodes: dict[str, Node] = {}
         self.use_count = 0
         self._pending_queue: deque[tuple[float, ObjectMeta]] = deque()
-        self._deferred: list[tuple[float, int, Segment, int, int]] = []
+        self._deferred: list[tuple[float, int, SegmentSpace, int, int]] = []
         self._deferred_count = 0
         self._turn = 0
         self.next_sweep_s = now_s
@@ -68,13 +68,13 @@ class MasterState:
     # -- membership, reads, remove/pin: see their modules ------------------------------------
 
     def register_node(self, node_info, inventory, now_s: float) -> int:
-        return registry.register_node(self, node_info, inventory, now_s)
+        return registration.register_node(self, node_info, inventory, now_s)
 
     def heartbeat(self, node_id: str, acked_seq: int, now_s: float):
-        return registry.heartbeat(self, node_id, acked_seq, now_s)
+        return registration.heartbeat(self, node_id, acked_seq, now_s)
 
     def unregister_node(self, node_id: str) -> int:
-        return registry.unregister_node(self, node_id)
+        return registration.unregister_node(self, node_id)
 
     def get_replicas(self, keys, lease_ttl_s: float, client_host_id: str, now_s: float):
         return reads.get_replicas(self, keys, lease_ttl_s, client_host_id, now_s)
@@ -249,7 +249,7 @@ class MasterState:
         timeout, free deferred ranges whose lease ended, evict above the high watermark."""
         ttl_s = self.config.node_ttl_s
         for node in [n for n in self.nodes.values() if now_s - n.last_heartbeat_s > ttl_s]:
-            registry.drop_node(self, node)
+            registration.drop_node(self, node)
         queue = self._pending_queue
         while queue and queue[0][0] <= now_s:
             _, obj = queue.popleft()

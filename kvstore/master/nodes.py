@@ -22,8 +22,10 @@ from kvstore.master.objects import COMPLETE
 MAX_LOG_ENTRIES = 1 << 21
 
 
-class Segment:
-    """One region a node contributes in one tier, with its allocator."""
+class SegmentSpace:
+    """The master's view of one region a node contributes in one tier: its capacity, its
+    allocator and how many replicas it holds (the bytes live in the daemon's own ``Segment``,
+    ``kvstore/daemon/segments.py``)."""
 
     __slots__ = ("segment_id", "node", "tier", "capacity_bytes", "shm_name", "path",
                  "allocator", "num_replicas", "alive")
@@ -52,7 +54,7 @@ class Node:
         self.node_id = node_id
         self.host_id = host_id
         self.data_addr = data_addr
-        self.segments: dict[str, Segment] = {}
+        self.segments: dict[str, SegmentSpace] = {}
         self.last_heartbeat_s = now_s
         self.keys: set[str] = set()
         self.seq = 0
@@ -61,7 +63,7 @@ class Node:
         self.log: deque[tuple] = deque()
         self.ref = None       # the reply's NodeRef message, built once by the service
 
-    def log_added(self, key: str, segment: Segment, offset: int, size_bytes: int,
+    def log_added(self, key: str, segment: SegmentSpace, offset: int, size_bytes: int,
                   checksum: int, codec: int) -> None:
         self.seq += 1
         self.log.append((self.seq, key, segment.segment_id, offset, size_bytes, checksum, codec))

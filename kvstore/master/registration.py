@@ -1,4 +1,4 @@
-"""Membership verbs of the master: register (with inventory adoption), heartbeat,
+"""Registration verbs of the master: register (with inventory adoption), heartbeat,
 unregister, and dropping a node.
 
 Adoption (how no stored block is lost to a master restart): a daemon that re-registers sends
@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import grpc
 
-from kvstore.master.membership import Node, Segment
+from kvstore.master.nodes import Node, SegmentSpace
 from kvstore.master.objects import CODECS, COMPLETE, TIERS, ObjectMeta
 from kvstore.master.validation import (
     MAX_ID_CHARS, Rejected, check_id, check_parallel, invalid, key_problem,
@@ -55,7 +55,7 @@ def register_node(state, info, inventory, now_s: float) -> int:
         check_id(seg.shm_name, "shm_name", allow_empty=True)
         if len(seg.path) > 4096:
             raise invalid(f"segment {seg.segment_id!r}: path is longer than 4096 characters")
-        node.segments[seg.segment_id] = Segment(seg.segment_id, node, seg.tier,
+        node.segments[seg.segment_id] = SegmentSpace(seg.segment_id, node, seg.tier,
                                                 seg.capacity_bytes, seg.shm_name, seg.path)
     inv = inventory
     check_parallel({"keys": len(inv.keys), "segment_ids": len(inv.segment_ids),
@@ -76,7 +76,7 @@ def _check_address(address: str) -> None:
 
 def _adopt(state, node: Node, inv) -> int:
     objects = state.objects
-    candidates: dict[Segment, list[int]] = {}
+    candidates: dict[SegmentSpace, list[int]] = {}
     for i, (key, segment_id, length) in enumerate(zip(inv.keys, inv.segment_ids, inv.lengths)):
         segment = node.segments.get(segment_id)
         existing = objects.get(key)
