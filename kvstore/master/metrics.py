@@ -25,8 +25,6 @@ from prometheus_client.core import (CounterMetricFamily, GaugeMetricFamily,
                                     HistogramMetricFamily)
 from prometheus_client.utils import floatToGoString
 
-from kvstore.v1 import master_pb2 as pb
-
 _LATENCY_BUCKETS_S = (50e-6, 100e-6, 200e-6, 500e-6, 1e-3, 2e-3, 5e-3, 10e-3, 50e-3, 0.1, 1.0)
 
 
@@ -84,7 +82,7 @@ class _StateCollector:
             usage: dict[str, list[int]] = {}
             for node in state.nodes.values():
                 for segment in node.segments.values():
-                    entry = usage.setdefault(pb.Tier.Name(segment.tier)[5:].lower(), [0, 0, 0])
+                    entry = usage.setdefault(segment.tier.label, [0, 0, 0])
                     entry[0] += segment.num_replicas
                     entry[1] += segment.allocator.used_bytes
                     entry[2] += segment.allocator.capacity_bytes

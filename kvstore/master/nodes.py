@@ -17,6 +17,7 @@ from collections import deque
 
 from kvstore.master.allocator import SegmentAllocator
 from kvstore.master.objects import COMPLETE
+from kvstore.tiers import Tier
 
 #: Most change entries a node's log keeps unacknowledged; past that, the daemon resyncs.
 MAX_LOG_ENTRIES = 1 << 21
@@ -30,7 +31,7 @@ class SegmentSpace:
     __slots__ = ("segment_id", "node", "tier", "capacity_bytes", "shm_name", "path",
                  "allocator", "num_replicas", "alive")
 
-    def __init__(self, segment_id: str, node: "Node", tier: int, capacity_bytes: int,
+    def __init__(self, segment_id: str, node: "Node", tier: Tier, capacity_bytes: int,
                  shm_name: str, path: str):
         self.segment_id = segment_id
         self.node = node

@@ -12,14 +12,14 @@ from __future__ import annotations
 from typing import Iterable
 
 from kvstore.master.nodes import Node, SegmentSpace
-from kvstore.master.objects import TIERS
+from kvstore.tiers import TIERS_FASTEST_FIRST, Tier
 
 
-def rank_segments(nodes: Iterable[Node], preferred_tier: int, near_host_id: str,
+def rank_segments(nodes: Iterable[Node], preferred_tier: Tier | None, near_host_id: str,
                   ) -> list[list[SegmentSpace]]:
     """The preference classes (lists of segments), best first; empty classes omitted."""
-    tier_order = list(TIERS)
-    if preferred_tier in tier_order:
+    tier_order = list(TIERS_FASTEST_FIRST)
+    if preferred_tier is not None:
         tier_order.remove(preferred_tier)
         tier_order.insert(0, preferred_tier)
     rank_of_tier = {tier: i for i, tier in enumerate(tier_order)}

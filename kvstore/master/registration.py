@@ -16,10 +16,11 @@ from __future__ import annotations
 import grpc
 
 from kvstore.master.nodes import Node, SegmentSpace
-from kvstore.master.objects import CODECS, COMPLETE, TIERS, ObjectMeta
+from kvstore.master.objects import CODECS, COMPLETE, ObjectMeta
 from kvstore.master.validation import (
     MAX_ID_CHARS, Rejected, check_id, check_parallel, invalid, key_problem,
 )
+from kvstore.tiers import TIERS_FASTEST_FIRST, Tier
 
 MAX_SEGMENTS_PER_NODE = 1024
 
@@ -48,14 +49,14 @@ def register_node(state, info, inventory, now_s: float) -> int:
         check_id(seg.segment_id, "segment_id")
         if seg.segment_id in node.segments:
             raise invalid(f"duplicate segment_id {seg.segment_id!r}")
-        if seg.tier not in TIERS:
+        if seg.tier not in TIERS_FASTEST_FIRST:
             raise invalid(f"segment {seg.segment_id!r}: tier must be HBM, DRAM or SSD")
         if seg.capacity_bytes == 0:
             raise invalid(f"segment {seg.segment_id!r}: capacity_bytes must be > 0")
         check_id(seg.shm_name, "shm_name", allow_empty=True)
         if len(seg.path) > 4096:
             raise invalid(f"segment {seg.segment_id!r}: path is longer than 4096 characters")
-        node.segments[seg.segment_id] = SegmentSpace(seg.segment_id, node, seg.tier,
+        node.segments[seg.segment_id] = SegmentSpace(seg.segment_id, node, Tier(seg.tier),
                                                 seg.capacity_bytes, seg.shm_name, seg.path)
     inv = inventory
     check_parallel({"keys": len(inv.keys), "segment_ids": len(inv.segment_ids),

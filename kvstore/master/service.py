@@ -17,11 +17,18 @@ import time
 
 import grpc
 
+from kvstore.master import objects
 from kvstore.master.state import MasterState
 from kvstore.master.validation import Rejected, check_id, invalid
 from kvstore.v1 import master_pb2 as pb
 
 log = logging.getLogger("kvstore.master")
+
+# NOTE: the state's status and codec ints are defined once, in ``objects``; they must be the
+# wire's values, as the replies carry them as they are.
+if ({name: getattr(objects, name) for name in pb.ItemStatus.keys()}
+        != dict(pb.ItemStatus.items()) or objects.CODECS != tuple(pb.Codec.values())):
+    raise RuntimeError("kvstore.master.objects' statuses or codecs differ from master.proto's")
 
 _MS = 1e-3
 #: Longest lease one call may ask for: a lease blocks eviction and reuse of the space.

@@ -28,10 +28,11 @@ from kvstore.master.config import MasterConfig
 from kvstore.master.nodes import Node, SegmentSpace
 from kvstore.master.objects import (
     CODECS, COMPLETE, ITEM_ALREADY_EXISTS, ITEM_INVALID, ITEM_NO_SPACE, ITEM_NOT_FOUND,
-    ITEM_OK, PENDING, TIERS, ObjectMeta,
+    ITEM_OK, PENDING, ObjectMeta,
 )
 from kvstore.master.placement import place, rank_segments
 from kvstore.master.validation import check_batch, check_id, check_parallel, invalid, key_problem
+from kvstore.tiers import TIERS_FASTEST_FIRST, Tier
 
 MAX_REPLICAS = 16
 #: Longest gap between sweeps while requests keep arriving (seconds).
@@ -116,13 +117,14 @@ class MasterState:
         num_replicas = num_replicas or 1
         if num_replicas > MAX_REPLICAS:
             raise invalid(f"replicas must be <= {MAX_REPLICAS}, got {num_replicas}")
-        if preferred_tier and preferred_tier not in TIERS:
+        if preferred_tier and preferred_tier not in TIERS_FASTEST_FIRST:
             raise invalid(f"unknown preferred_tier {preferred_tier}")
+        tier = Tier(preferred_tier) if preferred_tier else None   # 0: the wire's "any"
         if codec not in CODECS:
             raise invalid(f"unknown codec {codec}")
         check_id(near_host_id, "near_host_id", allow_empty=True)
         check_id(client_id, "client_id", allow_empty=True)
-        classes = rank_segments(self.nodes.values(), preferred_tier, near_host_id)
+        classes = rank_segments(self.nodes.values(), tier, near_host_id)
         objects, pending = self.objects, self.pending
         statuses, messages, all_picks = [], None, []
         deadline_s = now_s + self.config.pending_timeout_s
