@@ -14,6 +14,8 @@ registration (acked 0) is a full resync.
 from __future__ import annotations
 
 from collections import deque
+from dataclasses import dataclass
+from typing import Iterable
 
 from kvstore.master.allocator import SegmentAllocator
 from kvstore.master.objects import COMPLETE
@@ -44,12 +46,34 @@ class SegmentSpace:
         self.alive = True    # False once the node is dropped: its space is gone with it
 
 
+@dataclass(slots=True)
+class TierUsage:
+    """Totals of one tier over live segments."""
+    used_bytes: int = 0
+    capacity_bytes: int = 0
+    num_replicas: int = 0
+
+
+def tier_usage(nodes: Iterable["Node"]) -> dict[Tier, TierUsage]:
+    """Tier -> its totals over the segments of ``nodes`` (tiers with no segment omitted)."""
+    usage: dict[Tier, TierUsage] = {}
+    for node in nodes:
+        for segment in node.segments.values():
+            entry = usage.get(segment.tier)
+            if entry is None:
+                entry = usage[segment.tier] = TierUsage()
+            entry.used_bytes += segment.allocator.used_bytes
+            entry.capacity_bytes += segment.allocator.capacity_bytes
+            entry.num_replicas += segment.num_replicas
+    return usage
+
+
 class Node:
     """A registered storage node. ``keys`` holds every key with a replica here (PENDING
     or COMPLETE), so dropping the node touches only its own objects."""
 
     __slots__ = ("node_id", "host_id", "data_addr", "segments", "last_heartbeat_s", "keys",
-                 "seq", "log", "ref")
+                 "seq", "log")
 
     def __init__(self, node_id: str, host_id: str, data_addr: str, now_s: float):
         self.node_id = node_id
@@ -62,7 +86,6 @@ class Node:
         # entries: (seq, key, segment_id, offset, length, checksum, codec); segment_id None
         # marks a removal
         self.log: deque[tuple] = deque()
-        self.ref = None       # the reply's NodeRef message, built once by the service
 
     def log_added(self, key: str, segment: SegmentSpace, offset: int, size_bytes: int,
                   checksum: int, codec: int) -> None:

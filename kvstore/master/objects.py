@@ -43,8 +43,7 @@ class ObjectMeta:
     clock's seconds; ``0.0`` means "never" for leases and soft pins."""
 
     __slots__ = ("key", "size_bytes", "state", "replicas", "checksum", "codec", "client_id",
-                 "lease_until_s", "soft_pin_until_s", "soft_pin_ttl_s", "hard_pin", "last_used",
-                 "row")
+                 "lease_until_s", "soft_pin_until_s", "soft_pin_ttl_s", "hard_pin", "last_used")
 
     def __init__(self, key: str, size_bytes: int, replicas: list, codec: int, client_id: str,
                  soft_pin_ttl_s: float, hard_pin: bool, state: ObjectState = PENDING,
@@ -61,15 +60,6 @@ class ObjectMeta:
         self.soft_pin_ttl_s = soft_pin_ttl_s   # applied at put_end
         self.hard_pin = hard_pin
         self.last_used = 0     # the master's use counter at the last put_end/get (LRU order)
-        self.row = None
-
-    def refresh_row(self) -> None:
-        """Recompute ``row``: ``(size_bytes, checksum, codec, segment, offset)`` of a COMPLETE
-        object with exactly one replica, else None. The read path transposes rows of a batch
-        in one step; call this whenever ``replicas`` or ``checksum`` change."""
-        replicas = self.replicas
-        self.row = ((self.size_bytes, self.checksum, self.codec, replicas[0][0], replicas[0][1])
-                    if len(replicas) == 1 else None)
 
     def is_evictable(self, now_s: float) -> bool:
         """COMPLETE, not leased, not pinned (hard, or soft and unexpired) at ``now_s``."""

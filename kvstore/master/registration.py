@@ -105,10 +105,8 @@ def _adopt(state, node: Node, inv) -> int:
                 objects[key] = ObjectMeta(key, length, [(segment, offset)], codec, "", 0.0,
                                           False, state=COMPLETE, checksum=checksum)
                 objects[key].last_used = state.use_count
-                objects[key].refresh_row()
             else:
                 existing.replicas.append((segment, offset))
-                existing.refresh_row()
             segment.num_replicas += 1
             node.keys.add(key)
             num_adopted += 1
@@ -155,7 +153,5 @@ def drop_node(state, node: Node) -> int:
         if not obj.replicas:
             del table[key]
             num_dropped += 1
-        else:
-            obj.refresh_row()
     node.keys.clear()
     return num_dropped
