@@ -43,7 +43,8 @@ class ObjectMeta:
     clock's seconds; ``0.0`` means "never" for leases and soft pins."""
 
     __slots__ = ("key", "size_bytes", "state", "replicas", "checksum", "codec", "client_id",
-                 "lease_until_s", "soft_pin_until_s", "soft_pin_ttl_s", "hard_pin", "last_used")
+                 "lease_until_s", "soft_pin_until_s", "soft_pin_ttl_s", "hard_pin", "last_used",
+                 "reply_row")
 
     def __init__(self, key: str, size_bytes: int, replicas: list, codec: int, client_id: str,
                  soft_pin_ttl_s: float, hard_pin: bool, state: ObjectState = PENDING,
@@ -60,6 +61,10 @@ class ObjectMeta:
         self.soft_pin_ttl_s = soft_pin_ttl_s   # applied at put_end
         self.hard_pin = hard_pin
         self.last_used = 0     # the master's use counter at the last put_end/get (LRU order)
+        # NOTE: owned by the encoder (replies.ReplicaRows), which keeps its cached reply row
+        # here because a lookup beside the object costs a batch read ~10%; the state never
+        # reads or writes it.
+        self.reply_row = None
 
     def is_evictable(self, now_s: float) -> bool:
         """COMPLETE, not leased, not pinned (hard, or soft and unexpired) at ``now_s``."""

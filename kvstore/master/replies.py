@@ -4,11 +4,12 @@ The state (``state``, ``reads``, ``admin``, ``registration``, ``eviction``) answ
 values: ObjectMeta objects, SegmentSpace/offset picks, Node objects, status ints. The service
 builds the simple replies inline; every reply with a table or a packed array is built here.
 
-Caches (each only for speed, none kept by the state):
+Caches (each only for speed; the state maintains none of them):
   ``NodeRefs``     Node -> its NodeRef message, built once per node.
-  ``ReplicaRows``  ObjectMeta -> ``(size_bytes, checksum, codec, segment, offset)`` of a
-                   COMPLETE object with exactly one replica: a batch of found keys is then
-                   transposed in one step (see ``ReplyEncoder.get_replicas``).
+  ``ReplicaRows``  ``(size_bytes, checksum, codec, segment, offset)`` of each COMPLETE
+                   object with exactly one replica, kept in the object's ``reply_row`` slot:
+                   a batch of found keys is then transposed in one step (see
+                   ``ReplyEncoder.get_replicas``).
   ``SizeInterner`` one int object per distinct object size, applied to PutStart's sizes, so
                    ``_fill_arrays`` finds a batch of equal sizes by identity.
 """
@@ -120,47 +121,55 @@ class NodeRefs:
 
 
 class ReplicaRows:
-    """ObjectMeta -> ``(size_bytes, checksum, codec, segment, offset)`` of a COMPLETE object
-    with exactly one replica, filled when an object is committed or first read.
+    """Each COMPLETE one-replica object's reply row ``(size_bytes, checksum, codec, segment,
+    offset, token)``, kept in its ``reply_row`` slot (the state never touches it), filled
+    when the object is committed or first read.
 
     A row can go stale only by adoption adding a replica to its object, so the service
-    calls ``forget`` after a RegisterNode that adopted objects. (A node drop only takes
-    replicas away: a one-replica object loses its only one and leaves the object table; an
-    object's checksum, size and codec never change once it is COMPLETE.) Rows of dropped
-    objects are let go once the cache outgrows the live objects.
+    calls ``forget`` after a RegisterNode that adopted objects: that changes ``token``, and
+    a row with another token is recomputed when read. (A node drop only takes replicas
+    away: a one-replica object loses its only one and leaves the object table; an object's
+    checksum, size and codec never change once it is COMPLETE.)
     """
 
-    def __init__(self, state):
-        self._state = state
-        self._obj_to_row: dict = {}
+    def __init__(self):
+        self._token = object()
 
-    def rows(self, objs) -> list[tuple] | None:
-        """The rows of ``objs`` (all COMPLETE), or None if one has two or more replicas."""
-        rows = list(map(self._obj_to_row.get, objs))
-        if None in rows:
-            for i, row in enumerate(rows):
+    def columns(self, objs) -> tuple | None:
+        """``(sizes, checksums, codecs, segments, offsets)`` of ``objs`` (all COMPLETE, at
+        least one), or None if one has two or more replicas."""
+        rows = [obj.reply_row for obj in objs]
+        if None in rows and not self._fill(objs, rows):
+            return None
+        *columns, tokens = zip(*rows)
+        if tokens.count(self._token) != len(rows):           # rows from before a forget
+            for obj in objs:
+                obj.reply_row = None
+            return self.columns(objs)
+        return columns
+
+    def _fill(self, objs, rows) -> bool:
+        for i, row in enumerate(rows):
+            if row is None:
+                row = rows[i] = self.add(objs[i])
                 if row is None:
-                    row = rows[i] = self.add(objs[i])
-                    if row is None:
-                        return None
-        return rows
+                    return False
+        return True
 
     def add(self, obj) -> tuple | None:
         """Record and return ``obj``'s row (None, and nothing kept, unless one replica)."""
         replicas = obj.replicas
         if len(replicas) != 1:
+            obj.reply_row = None
             return None
-        if len(self._obj_to_row) > 2 * len(self._state.objects) + 4096:
-            live = self._state.objects
-            self._obj_to_row = {o: r for o, r in self._obj_to_row.items()
-                                if live.get(o.key) is o}
         segment, offset = replicas[0]
-        row = self._obj_to_row[obj] = (obj.size_bytes, obj.checksum, obj.codec, segment,
-                                       offset)
+        row = obj.reply_row = (obj.size_bytes, obj.checksum, obj.codec, segment, offset,
+                               self._token)
         return row
 
     def forget(self) -> None:
-        self._obj_to_row.clear()
+        """Make every row stale (recomputed when next read)."""
+        self._token = object()
 
 
 class ReplyEncoder:
@@ -168,7 +177,7 @@ class ReplyEncoder:
 
     def __init__(self, state):
         self.node_refs = NodeRefs(state)
-        self.rows = ReplicaRows(state)
+        self.rows = ReplicaRows()
         self.sizes = SizeInterner()
         self._num_to_range_payload: dict[int, bytes] = {}   # see _fill_arrays
 
@@ -212,11 +221,11 @@ class ReplyEncoder:
         replica each) transposes the objects' rows in one step instead of a Python loop
         with many appends per key; anything else takes ``_get_replicas_general``. Both
         produce the same reply."""
-        rows = None if missing or not objs else self.rows.rows(objs)
-        if rows is not None:
-            sizes, checksums, codecs, segment_of, offsets = zip(*rows)
+        columns = None if missing or not objs else self.rows.columns(objs)
+        if columns is not None:
+            sizes, checksums, codecs, segment_of, offsets = columns
             segments = list(dict.fromkeys(segment_of))
-            num = len(rows)
+            num = len(objs)
             if len(segments) == 1:
                 rep_segments = [0] * num
             else:
