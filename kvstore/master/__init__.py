@@ -2,8 +2,10 @@
 
 Entry points: ``kvstore master`` (``cli.py``) and ``server.run_in_thread`` (embedded mode).
 ``server`` runs the gRPC service and ``fast_server`` the framed-TCP fast path around one
-``service.MasterService``, which turns requests into calls of the pure logic (``state``,
-``reads``, ``admin``, registration of nodes, ``eviction``, ``placement``, ``allocator``) and
-their results into replies; ``auth`` and ``metrics`` sit around it. Clients talk to it
-through ``kvstore.rpc``. Importing this package imports neither torch nor grpc.
+``service.MasterService``. The pure logic (``state``, ``reads``, ``admin``, ``registration``,
+``eviction``, ``placement``, ``allocator``, ``nodes``, ``objects``) knows nothing of gRPC;
+``service`` maps requests to it and builds every reply, those with tables or packed arrays
+through ``replies`` (the encoder and its caches). ``auth`` and ``metrics`` sit around it.
+Clients talk to it through ``kvstore.rpc``. Importing this package imports neither torch nor
+grpc.
 """

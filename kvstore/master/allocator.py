@@ -49,13 +49,6 @@ class SegmentAllocator:
     def free_bytes(self) -> int:
         return self.capacity_bytes - self.used_bytes
 
-    @property
-    def num_free_extents(self) -> int:
-        return len(self._start_to_len)
-
-    def largest_free_bytes(self) -> int:
-        return self._lens[-1] if self._lens else 0
-
     def can_allocate(self, size_bytes: int) -> bool:
         return bool(self._lens) and self._lens[-1] >= aligned_size(size_bytes)
 

@@ -12,21 +12,10 @@ objects are never evicted.
 
 from __future__ import annotations
 
-from kvstore.master.membership import Segment
+from kvstore.master.nodes import SegmentSpace, tier_usage
 
 #: After a watermark pass that could evict nothing, wait this long before the next one.
 PRESSURE_RETRY_S = 1.0
-
-
-def tier_usage(state) -> dict[int, list[int]]:
-    """tier -> [used_bytes, capacity_bytes] over live segments."""
-    usage: dict[int, list[int]] = {}
-    for node in state.nodes.values():
-        for segment in node.segments.values():
-            entry = usage.setdefault(segment.tier, [0, 0])
-            entry[0] += segment.allocator.used_bytes
-            entry[1] += segment.allocator.capacity_bytes
-    return usage
 
 
 def relieve_pressure(state, now_s: float) -> int:
@@ -38,9 +27,9 @@ def relieve_pressure(state, now_s: float) -> int:
     if now_s < state.pressure_idle_until_s:
         return 0
     config = state.config
-    need = {tier: used - int(config.low_watermark * capacity)
-            for tier, (used, capacity) in tier_usage(state).items()
-            if used > config.high_watermark * capacity}
+    need = {tier: u.used_bytes - int(config.low_watermark * u.capacity_bytes)
+            for tier, u in tier_usage(state.nodes.values()).items()
+            if u.used_bytes > config.high_watermark * u.capacity_bytes}
     if not need:
         return 0
     num_evicted = _evict(state, need, now_s)
@@ -49,7 +38,7 @@ def relieve_pressure(state, now_s: float) -> int:
     return num_evicted
 
 
-def make_room(state, classes: list[list[Segment]], size_bytes: int, num_replicas: int,
+def make_room(state, classes: list[list[SegmentSpace]], size_bytes: int, num_replicas: int,
               now_s: float) -> bool:
     """Evict until ``num_replicas`` distinct nodes of ``classes`` can take ``size_bytes``.
     Returns True if they now can, False if nothing more may be evicted."""
@@ -59,8 +48,9 @@ def make_room(state, classes: list[list[Segment]], size_bytes: int, num_replicas
     if len(big_enough) < num_replicas:
         return False       # no eviction can help: too few nodes, or the object is too big
     low = state.config.low_watermark
-    need = {tier: used - int(low * capacity) for tier, (used, capacity)
-            in tier_usage(state).items() if tier in tiers and used > low * capacity}
+    need = {tier: u.used_bytes - int(low * u.capacity_bytes)
+            for tier, u in tier_usage(state.nodes.values()).items()
+            if tier in tiers and u.used_bytes > low * u.capacity_bytes}
     round_bytes = size_bytes * num_replicas
     while True:
         evicted = _evict(state, need, now_s) if need else 0
@@ -72,7 +62,7 @@ def make_room(state, classes: list[list[Segment]], size_bytes: int, num_replicas
         round_bytes *= 2
 
 
-def _fits(classes: list[list[Segment]], size_bytes: int, num_replicas: int) -> bool:
+def _fits(classes: list[list[SegmentSpace]], size_bytes: int, num_replicas: int) -> bool:
     nodes = {segment.node for segments in classes for segment in segments
              if segment.alive and segment.allocator.can_allocate(size_bytes)}
     return len(nodes) >= num_replicas

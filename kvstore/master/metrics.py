@@ -25,7 +25,7 @@ from prometheus_client.core import (CounterMetricFamily, GaugeMetricFamily,
                                     HistogramMetricFamily)
 from prometheus_client.utils import floatToGoString
 
-from kvstore.v1 import master_pb2 as pb
+from kvstore.master.nodes import tier_usage
 
 _LATENCY_BUCKETS_S = (50e-6, 100e-6, 200e-6, 500e-6, 1e-3, 2e-3, 5e-3, 10e-3, 50e-3, 0.1, 1.0)
 
@@ -81,13 +81,8 @@ class _StateCollector:
         service = self._service
         with service.lock:
             state = service.state
-            usage: dict[str, list[int]] = {}
-            for node in state.nodes.values():
-                for segment in node.segments.values():
-                    entry = usage.setdefault(pb.Tier.Name(segment.tier)[5:].lower(), [0, 0, 0])
-                    entry[0] += segment.num_replicas
-                    entry[1] += segment.allocator.used_bytes
-                    entry[2] += segment.allocator.capacity_bytes
+            usage = {tier.label: (u.num_replicas, u.used_bytes, u.capacity_bytes)
+                     for tier, u in tier_usage(state.nodes.values()).items()}
             values = (len(state.objects), len(state.pending), len(state.nodes),
                       state.hits, state.misses, state.evictions)
             rpc_stats = {key: [n, total, list(counts)]

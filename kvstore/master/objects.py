@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import enum
 
-from kvstore.v1 import master_pb2 as pb
-
 
 class ObjectState(enum.Enum):
     PENDING = "pending"      # space allocated, bytes being written; invisible to readers
@@ -23,18 +21,20 @@ class ObjectState(enum.Enum):
 PENDING = ObjectState.PENDING
 COMPLETE = ObjectState.COMPLETE
 
-# Item statuses as plain ints (the reply arrays take ints; attribute lookups cost per key).
-ITEM_OK = pb.ITEM_OK
-ITEM_ALREADY_EXISTS = pb.ITEM_ALREADY_EXISTS
-ITEM_NOT_FOUND = pb.ITEM_NOT_FOUND
-ITEM_NO_SPACE = pb.ITEM_NO_SPACE
-ITEM_INVALID = pb.ITEM_INVALID
-ITEM_LEASED = pb.ITEM_LEASED
-ITEM_PINNED = pb.ITEM_PINNED
-ITEM_PENDING = pb.ITEM_PENDING
+# Per-item statuses: the values of ``kvstore.v1.ItemStatus``, as plain ints (the reply arrays
+# take ints, and an enum attribute lookup per key costs). This is their one definition in the
+# master; ``replies`` checks at import that they equal the proto's.
+ITEM_OK = 0
+ITEM_ALREADY_EXISTS = 1
+ITEM_NOT_FOUND = 2
+ITEM_NO_SPACE = 3
+ITEM_INVALID = 4
+ITEM_LEASED = 5
+ITEM_PINNED = 6
+ITEM_PENDING = 7
 
-TIERS = (pb.TIER_HBM, pb.TIER_DRAM, pb.TIER_SSD)   # fastest first
-CODECS = (pb.CODEC_RAW, pb.CODEC_LZ4, pb.CODEC_INT8)
+#: The values of ``kvstore.v1.Codec`` (RAW, LZ4, INT8) the master accepts and stores.
+CODECS = (0, 1, 2)
 
 
 class ObjectMeta:
@@ -44,7 +44,7 @@ class ObjectMeta:
 
     __slots__ = ("key", "size_bytes", "state", "replicas", "checksum", "codec", "client_id",
                  "lease_until_s", "soft_pin_until_s", "soft_pin_ttl_s", "hard_pin", "last_used",
-                 "row")
+                 "reply_row")
 
     def __init__(self, key: str, size_bytes: int, replicas: list, codec: int, client_id: str,
                  soft_pin_ttl_s: float, hard_pin: bool, state: ObjectState = PENDING,
@@ -61,15 +61,10 @@ class ObjectMeta:
         self.soft_pin_ttl_s = soft_pin_ttl_s   # applied at put_end
         self.hard_pin = hard_pin
         self.last_used = 0     # the master's use counter at the last put_end/get (LRU order)
-        self.row = None
-
-    def refresh_row(self) -> None:
-        """Recompute ``row``: ``(size_bytes, checksum, codec, segment, offset)`` of a COMPLETE
-        object with exactly one replica, else None. The read path transposes rows of a batch
-        in one step; call this whenever ``replicas`` or ``checksum`` change."""
-        replicas = self.replicas
-        self.row = ((self.size_bytes, self.checksum, self.codec, replicas[0][0], replicas[0][1])
-                    if len(replicas) == 1 else None)
+        # NOTE: owned by the encoder (replies.ReplicaRows), which keeps its cached reply row
+        # here because a lookup beside the object costs a batch read ~10%; the state never
+        # reads or writes it.
+        self.reply_row = None
 
     def is_evictable(self, now_s: float) -> bool:
         """COMPLETE, not leased, not pinned (hard, or soft and unexpired) at ``now_s``."""

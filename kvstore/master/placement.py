@@ -11,19 +11,19 @@ from __future__ import annotations
 
 from typing import Iterable
 
-from kvstore.master.membership import Node, Segment
-from kvstore.master.objects import TIERS
+from kvstore.master.nodes import Node, SegmentSpace
+from kvstore.tiers import TIERS_FASTEST_FIRST, Tier
 
 
-def rank_segments(nodes: Iterable[Node], preferred_tier: int, near_host_id: str,
-                  ) -> list[list[Segment]]:
+def rank_segments(nodes: Iterable[Node], preferred_tier: Tier | None, near_host_id: str,
+                  ) -> list[list[SegmentSpace]]:
     """The preference classes (lists of segments), best first; empty classes omitted."""
-    tier_order = list(TIERS)
-    if preferred_tier in tier_order:
+    tier_order = list(TIERS_FASTEST_FIRST)
+    if preferred_tier is not None:
         tier_order.remove(preferred_tier)
         tier_order.insert(0, preferred_tier)
     rank_of_tier = {tier: i for i, tier in enumerate(tier_order)}
-    classes: dict[tuple[int, int], list[Segment]] = {}
+    classes: dict[tuple[int, int], list[SegmentSpace]] = {}
     for node in nodes:
         far = 0 if near_host_id and node.host_id == near_host_id else 1
         for segment in node.segments.values():
@@ -35,8 +35,8 @@ def rank_segments(nodes: Iterable[Node], preferred_tier: int, near_host_id: str,
     return ranked
 
 
-def place(classes: list[list[Segment]], size_bytes: int, num_replicas: int, turn: int,
-          ) -> list[tuple[Segment, int]] | None:
+def place(classes: list[list[SegmentSpace]], size_bytes: int, num_replicas: int, turn: int,
+          ) -> list[tuple[SegmentSpace, int]] | None:
     """Allocate ``num_replicas`` ranges of ``size_bytes`` on distinct nodes.
 
     Returns ``[(segment, offset), ...]``, or None, with nothing left allocated, when fewer
@@ -51,7 +51,7 @@ def place(classes: list[list[Segment]], size_bytes: int, num_replicas: int, turn
                 if offset is not None:
                     return [(segment, offset)]
         return None
-    picks: list[tuple[Segment, int]] = []
+    picks: list[tuple[SegmentSpace, int]] = []
     used_nodes: list[Node] = []
     for segments in classes:
         count = len(segments)

@@ -13,8 +13,9 @@ Structures:
 
 Every method takes ``now_s`` from the caller's clock read (one ``now`` per request, so a
 sweep and a batch see one instant). Not thread-safe: the service serializes calls with a
-lock. Reads live in ``reads``, remove/pin in ``admin``, membership in ``registry``,
-eviction in ``eviction``.
+lock. Reads live in ``reads``, remove/pin in ``admin``, registration in ``registration``,
+eviction in ``eviction``. Every verb answers in domain values (objects, picks, nodes, status
+ints from ``objects``); the service and ``replies`` turn them into protobuf replies.
 """
 
 from __future__ import annotations
@@ -23,21 +24,20 @@ import heapq
 import uuid
 from collections import deque
 
-from kvstore.master import admin, eviction, reads, registry
+from kvstore.master import admin, eviction, reads, registration
 from kvstore.master.config import MasterConfig
-from kvstore.master.membership import Node, Segment
+from kvstore.master.nodes import Node, SegmentSpace
 from kvstore.master.objects import (
     CODECS, COMPLETE, ITEM_ALREADY_EXISTS, ITEM_INVALID, ITEM_NO_SPACE, ITEM_NOT_FOUND,
-    ITEM_OK, PENDING, TIERS, ObjectMeta,
+    ITEM_OK, PENDING, ObjectMeta,
 )
 from kvstore.master.placement import place, rank_segments
 from kvstore.master.validation import check_batch, check_id, check_parallel, invalid, key_problem
+from kvstore.tiers import TIERS_FASTEST_FIRST, Tier
 
 MAX_REPLICAS = 16
 #: Longest gap between sweeps while requests keep arriving (seconds).
 SWEEP_PERIOD_S = 0.5
-#: Distinct object sizes kept as one shared int each (see ``_size_ints``).
-MAX_INTERNED_SIZES = 256
 
 
 class MasterState:
@@ -52,7 +52,7 @@ class MasterState:
         self.nodes: dict[str, Node] = {}
         self.use_count = 0
         self._pending_queue: deque[tuple[float, ObjectMeta]] = deque()
-        self._deferred: list[tuple[float, int, Segment, int, int]] = []
+        self._deferred: list[tuple[float, int, SegmentSpace, int, int]] = []
         self._deferred_count = 0
         self._turn = 0
         self.next_sweep_s = now_s
@@ -60,24 +60,20 @@ class MasterState:
         self.misses = 0
         self.evictions = 0
         self.pressure_idle_until_s = now_s   # see eviction.relieve_pressure
-        # NOTE: one int object per distinct object size (KV blocks come in a few sizes), so
-        # the read path finds a batch of equal sizes by identity, without touching one int
-        # object per key (service._fill_arrays). Bounded: other sizes are stored as given.
-        self._size_ints: dict[int, int] = {}
 
     # -- membership, reads, remove/pin: see their modules ------------------------------------
 
     def register_node(self, node_info, inventory, now_s: float) -> int:
-        return registry.register_node(self, node_info, inventory, now_s)
+        return registration.register_node(self, node_info, inventory, now_s)
 
     def heartbeat(self, node_id: str, acked_seq: int, now_s: float):
-        return registry.heartbeat(self, node_id, acked_seq, now_s)
+        return registration.heartbeat(self, node_id, acked_seq, now_s)
 
     def unregister_node(self, node_id: str) -> int:
-        return registry.unregister_node(self, node_id)
+        return registration.unregister_node(self, node_id)
 
-    def get_replicas(self, keys, lease_ttl_s: float, client_host_id: str, now_s: float):
-        return reads.get_replicas(self, keys, lease_ttl_s, client_host_id, now_s)
+    def get_replicas(self, keys, lease_ttl_s: float, now_s: float):
+        return reads.get_replicas(self, keys, lease_ttl_s, now_s)
 
     def renew_lease(self, keys, lease_ttl_s: float, now_s: float):
         return reads.renew_lease(self, keys, lease_ttl_s, now_s)
@@ -85,7 +81,7 @@ class MasterState:
     def exists(self, keys) -> list[bool]:
         return reads.exists(self, keys)
 
-    def match_prefix(self, keys):
+    def match_prefix(self, keys) -> list[Node]:
         return reads.match_prefix(self, keys)
 
     def remove(self, keys, force: bool, now_s: float):
@@ -116,22 +112,21 @@ class MasterState:
         num_replicas = num_replicas or 1
         if num_replicas > MAX_REPLICAS:
             raise invalid(f"replicas must be <= {MAX_REPLICAS}, got {num_replicas}")
-        if preferred_tier and preferred_tier not in TIERS:
+        if preferred_tier and preferred_tier not in TIERS_FASTEST_FIRST:
             raise invalid(f"unknown preferred_tier {preferred_tier}")
+        tier = Tier(preferred_tier) if preferred_tier else None   # 0: the wire's "any"
         if codec not in CODECS:
             raise invalid(f"unknown codec {codec}")
         check_id(near_host_id, "near_host_id", allow_empty=True)
         check_id(client_id, "client_id", allow_empty=True)
-        classes = rank_segments(self.nodes.values(), preferred_tier, near_host_id)
+        classes = rank_segments(self.nodes.values(), tier, near_host_id)
         objects, pending = self.objects, self.pending
         statuses, messages, all_picks = [], None, []
         deadline_s = now_s + self.config.pending_timeout_s
         # NOTE: once eviction could not make room for some size, it cannot for a larger one
         # in this same call either (nothing is freed meanwhile): skip the futile rescans.
         hopeless_size = None
-        size_ints = self._size_ints
         for i, (key, size) in enumerate(zip(keys, sizes)):
-            size = size_ints.get(size) or self._interned_size(size)
             problem = key_problem(key) if size > 0 else "size must be > 0"
             if problem is None and (key in objects or key in pending):
                 statuses.append(ITEM_ALREADY_EXISTS)
@@ -166,19 +161,15 @@ class MasterState:
         eviction.relieve_pressure(self, now_s)
         return statuses, messages, all_picks
 
-    def _interned_size(self, size: int) -> int:
-        if size > 0 and len(self._size_ints) < MAX_INTERNED_SIZES:
-            self._size_ints[size] = size
-        return size
-
     def put_end(self, keys, client_id: str, checksums, now_s: float):
         """Make this writer's PENDING objects COMPLETE (visible). Per key: ITEM_OK (also
-        when already COMPLETE by this writer: idempotent), ITEM_NOT_FOUND otherwise."""
+        when already COMPLETE by this writer: idempotent), ITEM_NOT_FOUND otherwise.
+        Returns ``(statuses, committed)``: ``committed`` the objects made COMPLETE now."""
         check_batch(len(keys), self.config.max_batch)
         check_parallel({"keys": len(keys), "checksums": len(checksums)}, optional=("checksums",))
         objects, pending = self.objects, self.pending
         self.use_count += 1
-        statuses = []
+        statuses, committed = [], []
         for i, key in enumerate(keys):
             obj = pending.get(key)
             if obj is not None and obj.client_id == client_id:
@@ -190,16 +181,16 @@ class MasterState:
                     obj.checksum = checksums[i]
                 if obj.soft_pin_ttl_s:
                     obj.soft_pin_until_s = now_s + obj.soft_pin_ttl_s
-                obj.refresh_row()
                 for segment, offset in obj.replicas:
                     segment.node.log_added(key, segment, offset, obj.size_bytes, obj.checksum,
                                            obj.codec)
                 statuses.append(ITEM_OK)
+                committed.append(obj)
                 continue
             obj = objects.get(key)
             statuses.append(ITEM_OK if obj is not None and obj.client_id == client_id
                             else ITEM_NOT_FOUND)
-        return statuses
+        return statuses, committed
 
     def put_revoke(self, keys, client_id: str):
         """Drop this writer's PENDING objects and free their space at once (no reader can
@@ -214,6 +205,10 @@ class MasterState:
             self.drop_object(obj, 0.0)
             statuses.append(ITEM_OK)
         return statuses
+
+    def num_leased(self, now_s: float) -> int:
+        """How many COMPLETE objects hold a read lease at ``now_s`` (scans every object)."""
+        return sum(1 for obj in self.objects.values() if obj.lease_until_s > now_s)
 
     # -- dropping objects and sweeping --------------------------------------------------------
 
@@ -249,7 +244,7 @@ class MasterState:
         timeout, free deferred ranges whose lease ended, evict above the high watermark."""
         ttl_s = self.config.node_ttl_s
         for node in [n for n in self.nodes.values() if now_s - n.last_heartbeat_s > ttl_s]:
-            registry.drop_node(self, node)
+            registration.drop_node(self, node)
         queue = self._pending_queue
         while queue and queue[0][0] <= now_s:
             _, obj = queue.popleft()

@@ -14,21 +14,26 @@ registration (acked 0) is a full resync.
 from __future__ import annotations
 
 from collections import deque
+from dataclasses import dataclass
+from typing import Iterable
 
 from kvstore.master.allocator import SegmentAllocator
 from kvstore.master.objects import COMPLETE
+from kvstore.tiers import Tier
 
 #: Most change entries a node's log keeps unacknowledged; past that, the daemon resyncs.
 MAX_LOG_ENTRIES = 1 << 21
 
 
-class Segment:
-    """One region a node contributes in one tier, with its allocator."""
+class SegmentSpace:
+    """The master's view of one region a node contributes in one tier: its capacity, its
+    allocator and how many replicas it holds (the bytes live in the daemon's own ``Segment``,
+    ``kvstore/daemon/segments.py``)."""
 
     __slots__ = ("segment_id", "node", "tier", "capacity_bytes", "shm_name", "path",
                  "allocator", "num_replicas", "alive")
 
-    def __init__(self, segment_id: str, node: "Node", tier: int, capacity_bytes: int,
+    def __init__(self, segment_id: str, node: "Node", tier: Tier, capacity_bytes: int,
                  shm_name: str, path: str):
         self.segment_id = segment_id
         self.node = node
@@ -41,27 +46,48 @@ class Segment:
         self.alive = True    # False once the node is dropped: its space is gone with it
 
 
+@dataclass(slots=True)
+class TierUsage:
+    """Totals of one tier over live segments."""
+    used_bytes: int = 0
+    capacity_bytes: int = 0
+    num_replicas: int = 0
+
+
+def tier_usage(nodes: Iterable["Node"]) -> dict[Tier, TierUsage]:
+    """Tier -> its totals over the segments of ``nodes`` (tiers with no segment omitted)."""
+    usage: dict[Tier, TierUsage] = {}
+    for node in nodes:
+        for segment in node.segments.values():
+            entry = usage.get(segment.tier)
+            if entry is None:
+                entry = usage[segment.tier] = TierUsage()
+            entry.used_bytes += segment.allocator.used_bytes
+            entry.capacity_bytes += segment.allocator.capacity_bytes
+            entry.num_replicas += segment.num_replicas
+    return usage
+
+
 class Node:
     """A registered storage node. ``keys`` holds every key with a replica here (PENDING
     or COMPLETE), so dropping the node touches only its own objects."""
 
     __slots__ = ("node_id", "host_id", "data_addr", "segments", "last_heartbeat_s", "keys",
-                 "seq", "log", "ref")
+                 "seq", "log")
 
     def __init__(self, node_id: str, host_id: str, data_addr: str, now_s: float):
         self.node_id = node_id
         self.host_id = host_id
         self.data_addr = data_addr
-        self.segments: dict[str, Segment] = {}
+        self.segments: dict[str, SegmentSpace] = {}
         self.last_heartbeat_s = now_s
         self.keys: set[str] = set()
         self.seq = 0
         # entries: (seq, key, segment_id, offset, length, checksum, codec); segment_id None
         # marks a removal
         self.log: deque[tuple] = deque()
-        self.ref = None       # the reply's NodeRef message, built once by the service
 
-    def log_added(self, key: str, segment: Segment, offset: int, size_bytes: int,
+    def log_added(self, key: str, segment: SegmentSpace, offset: int, size_bytes: int,
                   checksum: int, codec: int) -> None:
         self.seq += 1
         self.log.append((self.seq, key, segment.segment_id, offset, size_bytes, checksum, codec))

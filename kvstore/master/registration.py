@@ -1,4 +1,4 @@
-"""Membership verbs of the master: register (with inventory adoption), heartbeat,
+"""Registration verbs of the master: register (with inventory adoption), heartbeat,
 unregister, and dropping a node.
 
 Adoption (how no stored block is lost to a master restart): a daemon that re-registers sends
@@ -15,11 +15,12 @@ from __future__ import annotations
 
 import grpc
 
-from kvstore.master.membership import Node, Segment
-from kvstore.master.objects import CODECS, COMPLETE, TIERS, ObjectMeta
+from kvstore.master.nodes import Node, SegmentSpace
+from kvstore.master.objects import CODECS, COMPLETE, ObjectMeta
 from kvstore.master.validation import (
     MAX_ID_CHARS, Rejected, check_id, check_parallel, invalid, key_problem,
 )
+from kvstore.tiers import TIERS_FASTEST_FIRST, Tier
 
 MAX_SEGMENTS_PER_NODE = 1024
 
@@ -48,14 +49,14 @@ def register_node(state, info, inventory, now_s: float) -> int:
         check_id(seg.segment_id, "segment_id")
         if seg.segment_id in node.segments:
             raise invalid(f"duplicate segment_id {seg.segment_id!r}")
-        if seg.tier not in TIERS:
+        if seg.tier not in TIERS_FASTEST_FIRST:
             raise invalid(f"segment {seg.segment_id!r}: tier must be HBM, DRAM or SSD")
         if seg.capacity_bytes == 0:
             raise invalid(f"segment {seg.segment_id!r}: capacity_bytes must be > 0")
         check_id(seg.shm_name, "shm_name", allow_empty=True)
         if len(seg.path) > 4096:
             raise invalid(f"segment {seg.segment_id!r}: path is longer than 4096 characters")
-        node.segments[seg.segment_id] = Segment(seg.segment_id, node, seg.tier,
+        node.segments[seg.segment_id] = SegmentSpace(seg.segment_id, node, Tier(seg.tier),
                                                 seg.capacity_bytes, seg.shm_name, seg.path)
     inv = inventory
     check_parallel({"keys": len(inv.keys), "segment_ids": len(inv.segment_ids),
@@ -76,7 +77,7 @@ def _check_address(address: str) -> None:
 
 def _adopt(state, node: Node, inv) -> int:
     objects = state.objects
-    candidates: dict[Segment, list[int]] = {}
+    candidates: dict[SegmentSpace, list[int]] = {}
     for i, (key, segment_id, length) in enumerate(zip(inv.keys, inv.segment_ids, inv.lengths)):
         segment = node.segments.get(segment_id)
         existing = objects.get(key)
@@ -104,10 +105,8 @@ def _adopt(state, node: Node, inv) -> int:
                 objects[key] = ObjectMeta(key, length, [(segment, offset)], codec, "", 0.0,
                                           False, state=COMPLETE, checksum=checksum)
                 objects[key].last_used = state.use_count
-                objects[key].refresh_row()
             else:
                 existing.replicas.append((segment, offset))
-                existing.refresh_row()
             segment.num_replicas += 1
             node.keys.add(key)
             num_adopted += 1
@@ -154,7 +153,5 @@ def drop_node(state, node: Node) -> int:
         if not obj.replicas:
             del table[key]
             num_dropped += 1
-        else:
-            obj.refresh_row()
     node.keys.clear()
     return num_dropped
