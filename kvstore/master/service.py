@@ -2,7 +2,7 @@
 replies, one method per RPC of ``proto/kvstore/v1/master.proto``.
 
 Error handling: ``Rejected`` from the state becomes the status it names: on the gRPC context
-(the reply body is dropped by gRPC), or in an error frame on the fast path (``fastrpc``).
+(the reply body is dropped by gRPC), or in an error frame on the fast path (``fast_server``).
 Anything else escaping a handler is a master bug: it is logged with its traceback and
 answered INTERNAL, and the master keeps serving.
 Every call runs under one lock (state is not thread-safe) after ``maybe_sweep`` with one
@@ -158,7 +158,7 @@ METHODS = ("RegisterNode", "Heartbeat", "UnregisterNode", "PutStart", "PutEnd", 
 
 def make_invoker(service: MasterService, name: str, clock, metrics, transport: str):
     """``invoke(request) -> reply`` for RPC ``name``, with no gRPC context: the core that both
-    the gRPC adapter and the framed fast path (``fastrpc``) call, so both run the same code.
+    the gRPC adapter and the framed fast path (``fast_server``) call, so both run the same code.
 
     Runs the handler under the service lock after the due sweep (one clock read per call)
     and records the call in ``metrics`` labelled with ``transport``. Raises ``Rejected``
