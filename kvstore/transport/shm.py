@@ -1,10 +1,18 @@
 """Same-host transport: map the daemon's shared-memory segment, copy with one memcpy.
 
 No daemon round-trip: the first access to a segment maps it (by its POSIX shm name) and the
-mapping is cached until ``close()``, or until mapping another segment finds this one's name
-gone (its daemon exited; only our mapping would keep its memory alive); every later read or
-write is one memcpy
-between the caller's buffer and the mapping. Copies of at least ``GIL_FREE_COPY_BYTES`` go
+mapping is cached; every later read or write is one memcpy between the caller's buffer and
+the mapping.
+
+A mapping of a segment whose name is gone is never used. A daemon unlinks its segment's name
+when it stops (and orphan reaping unlinks the name of a SIGKILLed one), after which our
+mapping would be the only thing keeping that memory alive: a write into it would be lost
+while reporting success, and a read would return bytes no daemon serves any more. Each
+access checks the segment's link count on a descriptor kept with the mapping (one ``fstat``),
+and an unlinked segment is dropped and refused with ``TransferError``, so the client falls
+back to the next replica. Mappings of nodes the master dropped are never named by its answers
+again; they are released when mapping another segment prunes every unlinked name, or at
+``close()``. Copies of at least ``GIL_FREE_COPY_BYTES`` go
 through ``ctypes.memmove``, which releases the GIL, so other threads (the engine, a parallel
 batch) keep running during a large copy.
 """
@@ -31,18 +39,26 @@ SHM_DIR = "/dev/shm"  # where Linux keeps POSIX shm names
 class _Mapping:
     """A cached mapping of one segment plus its base address (for memmove)."""
 
-    def __init__(self, segment: SharedSegment):
+    def __init__(self, segment: SharedSegment, name_file):
         self.segment = segment
         self.array = np.frombuffer(segment.view, dtype=np.uint8)
         self.address = self.array.ctypes.data
         self.size_bytes = segment.size_bytes
+        # NOTE: a descriptor of the segment's file, closed only with this object (never
+        # explicitly), so fstat never reaches a reused descriptor number.
+        self.name_file = name_file
+
+    def is_unlinked(self) -> bool:
+        """True once the segment's name was removed (its daemon stopped or was reaped)."""
+        return os.fstat(self.name_file.fileno()).st_nlink == 0
 
 
 class ShmTransport(Transport):
     """Reads and writes DRAM segments of daemons on this host through shared memory.
 
     Reachable targets: a non-empty ``shm_name`` and ``host_id`` equal to ours. Segments are
-    mapped read-write on first use and stay mapped until ``close()``. Thread-safe: the mapping
+    mapped read-write on first use and stay mapped until ``close()`` or until their name is
+    unlinked (see the module docstring). Thread-safe: the mapping
     cache is guarded by a lock; concurrent copies into disjoint ranges are independent.
 
     Errors: ``TransferError`` naming the node when the segment cannot be mapped (gone,
@@ -112,16 +128,29 @@ class ShmTransport(Transport):
         # this reference lives (see forget()).
         mapping = self._name_to_mapping.get(target.shm_name)
         if mapping is not None and not self._closed:
+            if mapping.is_unlinked():
+                self._refuse_unlinked(target)
             return mapping
         with self._lock:
             if self._closed:
                 raise ClosedError(f"shm {target.node_id}: transport is closed")
             mapping = self._name_to_mapping.get(target.shm_name)
             if mapping is not None:
+                if mapping.is_unlinked():
+                    self._refuse_unlinked(target)
                 return mapping
             stale = self._pop_unlinked()
             try:
-                mapping = _Mapping(open_shm(target.shm_name))
+                # NOTE: the descriptor is opened before the mapping, so a name unlinked in
+                # between is seen as unlinked by the first check, never missed.
+                name_file = open(f"{SHM_DIR}{target.shm_name}", "rb", buffering=0)
+                try:
+                    mapping = _Mapping(open_shm(target.shm_name), name_file)
+                except BaseException:
+                    name_file.close()
+                    raise
+                if mapping.is_unlinked():
+                    raise FileNotFoundError("the segment's name was unlinked")
             except OSError as exc:
                 raise TransferError(f"shm {target.node_id}: cannot map segment "
                                     f"{target.segment_id!r} ({target.shm_name}): {exc}") from exc
@@ -129,9 +158,14 @@ class ShmTransport(Transport):
         del stale  # NOTE: see forget(): dropping the last reference unmaps
         return mapping
 
+    def _refuse_unlinked(self, target: Target) -> None:
+        self.forget(target.shm_name)
+        raise TransferError(f"shm {target.node_id}: segment {target.segment_id!r} "
+                            f"({target.shm_name}) was unlinked: its daemon is gone")
+
     def _pop_unlinked(self) -> list[_Mapping]:
         """Remove (under the lock) mappings of segments whose name is gone: their daemon
         exited, and our mapping is all that keeps their memory allocated."""
-        gone = [name for name in self._name_to_mapping
-                if not os.path.exists(f"{SHM_DIR}{name}")]
+        gone = [name for name, mapping in self._name_to_mapping.items()
+                if mapping.is_unlinked()]
         return [self._name_to_mapping.pop(name) for name in gone]
