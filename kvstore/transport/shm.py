@@ -163,9 +163,10 @@ class ShmTransport(Transport):
                 raise ClosedError(f"shm {target.node_id}: transport is closed")
             mapping = self._name_to_mapping.get(target.shm_name)
             if mapping is not None:
-                if mapping.is_unlinked():
-                    self._refuse_unlinked(target)
-                return mapping
+                if not mapping.is_unlinked():
+                    return mapping
+                del self._name_to_mapping[target.shm_name]   # NOTE: the lock is held here
+                raise _unlinked_error(target)
             stale = self._pop_unlinked()
             try:
                 # NOTE: the descriptor is opened before the mapping, so a name unlinked in
@@ -186,9 +187,9 @@ class ShmTransport(Transport):
         return mapping
 
     def _refuse_unlinked(self, target: Target) -> None:
+        """Drop the mapping of an unlinked segment and raise (caller must not hold the lock)."""
         self.forget(target.shm_name)
-        raise TransferError(f"shm {target.node_id}: segment {target.segment_id!r} "
-                            f"({target.shm_name}) was unlinked: its daemon is gone")
+        raise _unlinked_error(target)
 
     def _pop_unlinked(self) -> list[_Mapping]:
         """Remove (under the lock) mappings of segments whose name is gone: their daemon
@@ -196,3 +197,8 @@ class ShmTransport(Transport):
         gone = [name for name, mapping in self._name_to_mapping.items()
                 if mapping.is_unlinked()]
         return [self._name_to_mapping.pop(name) for name in gone]
+
+
+def _unlinked_error(target: Target) -> TransferError:
+    return TransferError(f"shm {target.node_id}: segment {target.segment_id!r} "
+                         f"({target.shm_name}) was unlinked: its daemon is gone")
