@@ -21,11 +21,23 @@ def test_bench_cli_writes_a_row_per_case(tmp_path):
     data = json.loads(out_path.read_text())
     cases = {(r["transport"], r["size_bytes"], r["mode"], r["op"]) for r in data["rows"]}
     assert len(cases) == len(data["rows"]) == 2 * 2 * 2 * 2
-    assert all(r["gbps"] > 0 for r in data["rows"])
-    assert all("p50_us" in r for r in data["rows"] if r["size_bytes"] == 65536
-               and r["mode"] == "single")
-    assert all(r["memcpy_gbps"] > 0 and r["cpu_s_per_gb"] > 0 for r in data["rows"])
-    assert "GB/s" in result.stdout and "%memcpy" in result.stdout
+    rows = data["rows"]
+    assert all(r["gbps"] > 0 and r["memcpy_gbps"] > 0 and r["cpu_s_per_gb"] > 0 for r in rows)
+    assert all((r["batch_items"] == 1) == (r["mode"] == "single") for r in rows)
+    # latency percentiles where the bench promises them (single 64 KiB calls), ordered
+    singles = [r for r in rows if r["size_bytes"] == 65536 and r["mode"] == "single"]
+    assert singles and all(0 < r["p50_us"] <= r["p99_us"] for r in singles)
+    # the loopback ceiling is recorded for every size, and the load the figures ran under
+    assert set(data["loopback_gbps"]) == {"65536", "1048576"} and data["loadavg_1m"] >= 0
+    # what it printed is what it wrote: one table line per JSON row, same figures
+    printed = [line.split() for line in result.stdout.splitlines()
+               if line.startswith("transport ")]
+    assert len(printed) == len(rows)
+    for fields, row in zip(printed, rows):
+        assert fields[1] == row["transport"] and fields[5] == row["batch_items"].__str__()
+        assert fields[6] == row["op"] and float(fields[7]) == pytest.approx(row["gbps"], abs=0.006)
+        assert float(fields[8]) == pytest.approx(row["memcpy_gbps"], abs=0.006)
+        assert fields[9] == f"{100 * row['gbps'] / row['memcpy_gbps']:.0f}%"
 
 
 def test_bench_cli_help_lists_options():

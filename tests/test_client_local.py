@@ -71,13 +71,40 @@ def test_batches_match_prefix_and_remove_prefix(store):
     assert store.batch_exists(keys) == [False] * 5
 
 
-def test_pin_and_unpin(store):
-    store.put("pinned/key", b"v")
-    store.pin("pinned/key", hard=True)
-    store.pin("pinned/key", ttl_s=30)
-    store.unpin("pinned/key")
-    with pytest.raises(KeyNotFoundError):
-        store.pin("pinned/missing", hard=True)
+def test_pins_block_eviction_and_hard_pins_block_remove():
+    """Pinned objects (pin(), put(hard_pin=...), put(soft_pin_ttl_s=...)) are the least
+    recently used ones, yet survive a stream of puts that evicts the unpinned one stored
+    with them; a hard pin refuses remove without force until unpinned; a soft pin does not
+    refuse remove."""
+    block = 256 * 1024
+    with kvstore.local(dram="4MiB") as small:
+        small.put("pin/by-call", b"h" * block)
+        small.pin("pin/by-call", hard=True)
+        small.put("pin/hard-at-put", b"p" * block, hard_pin=True)
+        small.put("pin/soft-at-put", b"s" * block, soft_pin_ttl_s=600)
+        small.put("pin/soft-by-call", b"c" * block)
+        small.pin("pin/soft-by-call", ttl_s=600)
+        small.put("pin/plain", b"u" * block)
+        pinned = ["pin/by-call", "pin/hard-at-put", "pin/soft-at-put", "pin/soft-by-call"]
+        fill = [f"fill/{i}" for i in range(40)]                 # 10 MiB through 4 MiB
+        for key in fill:
+            small.put(key, bytes(block))
+        assert small.stats()["master"]["evictions"] > 0
+        assert small.batch_exists(pinned) == [True] * 4
+        assert small.exists("pin/plain") is False               # evicted: LRU and unpinned
+        assert small.get("pin/hard-at-put") == b"p" * block
+
+        for key in ("pin/by-call", "pin/hard-at-put"):
+            with pytest.raises(kvstore.KVStoreError):
+                small.remove(key)
+            assert small.exists(key)
+        assert small.remove("pin/soft-at-put") is True          # a soft pin allows remove
+        small.unpin("pin/by-call")
+        assert small.remove("pin/by-call") is True
+        with pytest.raises(KeyNotFoundError):
+            small.pin("pin/missing", hard=True)
+        with pytest.raises(KeyNotFoundError):
+            small.unpin("pin/missing")
 
 
 def test_stats_name_the_transport_that_served(store):

@@ -56,6 +56,34 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+class DaemonPopen:
+    """A ``kvstore daemon`` started with Popen (not ServerProcess, which blocks until the
+    listening line): its stderr and stdout lines are collected as they come, so a test can
+    wait on what the daemon logs and check what it has printed so far."""
+
+    def __init__(self, *args: str):
+        self.proc = subprocess.Popen([str(KVSTORE_BIN), "daemon", *args],
+                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        self.out: list[str] = []
+        self.err: list[str] = []
+        self._readers = [
+            threading.Thread(target=lambda s=stream, l=lines: l.extend(iter(s.readline, "")),
+                             daemon=True)
+            for stream, lines in ((self.proc.stdout, self.out), (self.proc.stderr, self.err))]
+        for reader in self._readers:
+            reader.start()
+
+    def num_logged(self, text: str) -> int:
+        return sum(text in line for line in list(self.err))
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait(timeout=30)
+        for reader in self._readers:      # every line it wrote is collected after this
+            reader.join(timeout=10)
+
+
 def test_daemon_registers_its_segments(tmp_path):
     with ServerProcess(["master", "--port", "0"]) as master, \
             ServerProcess(["daemon", "--master", master.address, "--dram", "16MiB",
@@ -186,20 +214,21 @@ def test_master_restart_adopts_the_daemons_inventory():
 
 def test_daemon_waits_for_a_master_that_starts_later():
     port = free_port()
-    started: list[ServerProcess] = []
-    opener = threading.Thread(target=lambda: started.append(ServerProcess(
-        ["daemon", "--master", f"127.0.0.1:{port}", "--dram", "4MiB", "--node-id", "early"])))
-    opener.start()
-    time.sleep(1.0)  # the daemon is retrying against nothing meanwhile
-    assert not started, "the daemon must not report listening before it has registered"
-    with ServerProcess(["master", "--port", str(port)]) as master:
-        opener.join(timeout=30)
-        (daemon,) = started
-        try:
+    daemon = DaemonPopen("--master", f"127.0.0.1:{port}", "--dram", "4MiB", "--node-id", "early")
+    try:
+        # the daemon runs and has been refused twice: it is retrying against nothing
+        assert wait_until(lambda: daemon.num_logged("retrying registration") >= 2,
+                          timeout_s=60), "".join(daemon.err)
+        assert daemon.proc.poll() is None
+        assert not any("listening on" in line for line in daemon.out), \
+            "the daemon must not report listening before it has registered"
+        with ServerProcess(["master", "--port", str(port)]) as master:
+            assert wait_until(lambda: any("listening on" in line for line in daemon.out),
+                              timeout_s=30), "".join(daemon.err)
+            # by the time it says so, it is registered
             assert [n.node_id for n in list_nodes(master.address)] == ["early"]
-            assert "retrying registration" in daemon.stderr()
-        finally:
-            daemon.close()
+    finally:
+        daemon.close()
 
 
 def test_token_is_required_by_master_and_data_plane():
@@ -219,6 +248,13 @@ def test_token_is_required_by_master_and_data_plane():
         assert "listening on" not in wrong.stdout
 
 
+def _cuda_available() -> bool:
+    import torch
+    return torch.cuda.is_available()
+
+
+@pytest.mark.skipif(_cuda_available(), reason="CUDA is available: --gpu works here "
+                    "(test_gpu_tier_serves_reads_and_writes)")
 def test_gpu_tier_without_cuda_is_a_clear_error():
     result = subprocess.run([str(KVSTORE_BIN), "daemon", "--standalone", "--dram", "4MiB",
                              "--gpu", "cuda:0:1GiB"], capture_output=True, text=True,
@@ -226,6 +262,21 @@ def test_gpu_tier_without_cuda_is_a_clear_error():
     assert result.returncode != 0
     assert "not supported on this build" in result.stderr
     assert "listening on" not in result.stdout
+
+
+@pytest.mark.skipif(not _cuda_available(), reason="needs a CUDA GPU and a CUDA build of torch")
+def test_gpu_tier_serves_reads_and_writes():
+    data = np.random.default_rng(3).integers(0, 256, 3 << 20, dtype=np.uint8).tobytes()
+    with ServerProcess(["daemon", "--standalone", "--dram", "4MiB", "--node-id", "gpu-node",
+                        "--gpu", "cuda:0:64MiB"]) as daemon, TcpTransport() as transport:
+        target = Target("gpu-node", "h", daemon.address, "hbm0", "", 1 << 20, len(data))
+        transport.write(target, memoryview(data), timeout_s=30)
+        out = bytearray(len(data))
+        transport.read_into(target, memoryview(out), timeout_s=30)
+        assert bytes(out) == data
+        with pytest.raises(TransferError):                     # past the segment's end
+            transport.read_into(target._replace(offset=64 << 20), memoryview(out),
+                                timeout_s=30)
 
 
 def test_metrics_count_data_plane_traffic():
@@ -252,20 +303,16 @@ def test_metrics_count_data_plane_traffic():
 
 def test_sigterm_while_waiting_for_the_master_exits_cleanly():
     port = free_port()
-    proc = subprocess.Popen([str(KVSTORE_BIN), "daemon", "--master", f"127.0.0.1:{port}",
-                             "--dram", "4MiB", "--node-id", "impatient"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    daemon = DaemonPopen("--master", f"127.0.0.1:{port}", "--dram", "4MiB",
+                         "--node-id", "impatient")
     try:
         # wait until it is retrying (its log says so), then ask it to stop
-        assert wait_until(lambda: any(n.startswith("kvstore-impatient-")
-                                      for n in os.listdir("/dev/shm")), timeout_s=30)
-        time.sleep(0.3)
-        proc.send_signal(signal.SIGTERM)
-        out, err = proc.communicate(timeout=15)
+        assert wait_until(lambda: daemon.num_logged("retrying registration") >= 1,
+                          timeout_s=60), "".join(daemon.err)
+        assert any(n.startswith("kvstore-impatient-") for n in os.listdir("/dev/shm"))
+        daemon.proc.send_signal(signal.SIGTERM)
+        assert daemon.proc.wait(timeout=15) == 0, "".join(daemon.err)
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-    assert proc.returncode == 0, err
-    assert "listening on" not in out
+        daemon.close()
+    assert not any("listening on" in line for line in daemon.out)
     assert not any(n.startswith("kvstore-impatient-") for n in os.listdir("/dev/shm"))

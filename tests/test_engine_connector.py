@@ -190,3 +190,69 @@ def test_warm_up_leaves_pages_and_store_as_they_were(store) -> None:
     connector.warm_up(4)
     assert all(torch.equal(a, b) for a, b in zip(pages, before))
     assert store.stats()["master"]["num_objects"] == num_objects
+
+
+class _RemovesAfterMatch:
+    """The real store, with another client's forced remove of one block landing right after
+    the loader's match_prefix answered (the worst moment). Every call is the real store's;
+    this only orders them."""
+
+    def __init__(self, store, key: str):
+        self._store, self._key = store, key
+
+    def match_prefix(self, keys):
+        matched = self._store.match_prefix(keys)
+        assert self._store.remove(self._key, force=True)
+        return matched
+
+    def __getattr__(self, name):
+        return getattr(self._store, name)
+
+
+def _saved_chain(store, model: str):
+    ns = KeyNamespace(model=model)
+    src = _pages("kv_first", 4, torch.float32, fill=True, seed=5)
+    tokens = _tokens(4 * BLOCK_SIZE, offset=len(model))
+    saver = PagedKVConnector(store, src, block_size=BLOCK_SIZE, namespace=ns)
+    assert saver.save(tokens, [0, 1, 2, 3]) == 4
+    poisoned = [torch.full_like(layer, 7.0) for layer in src]
+    return ns, src, tokens, saver.keys_for(tokens), poisoned
+
+
+def _assert_loaded_run_then_untouched(src, dst, num_loaded_blocks: int) -> None:
+    for s, d in zip(src, dst):
+        for block in range(4):
+            if block < num_loaded_blocks:
+                assert torch.equal(d[:, block], s[:, block])
+            else:
+                assert torch.all(d[:, block] == 7.0), f"page {block} was written"
+
+
+def test_a_block_removed_after_match_prefix_is_a_failed_key_and_later_pages_stay(store):
+    ns, src, tokens, keys, dst = _saved_chain(store, "removed-mid-load")
+    racing = _RemovesAfterMatch(store, keys[1])
+    loader = PagedKVConnector(racing, dst, block_size=BLOCK_SIZE, namespace=ns)
+    result = loader.load_blocks(tokens, [0, 1, 2, 3])
+    assert result.num_tokens_loaded == BLOCK_SIZE
+    assert result.failed_keys == [keys[1]]
+    _assert_loaded_run_then_untouched(src, dst, 1)
+
+
+def test_a_corrupted_block_is_a_failed_key_and_later_pages_stay():
+    from kvstore.rpc import grpc_client
+    from kvstore.transport.shm import ShmTransport
+
+    with kvstore.local(dram="64MiB", verify=True) as verified:
+        ns, src, tokens, keys, dst = _saved_chain(verified, "corrupted")
+        with grpc_client(verified.address) as master:
+            target = master.get_replicas([keys[2]])[0].targets[0]
+        with ShmTransport() as shm:                      # flip one byte of block 2's replica
+            head = bytearray(target.length)
+            shm.read_into(target, memoryview(head), timeout_s=10)
+            head[100] ^= 0xFF
+            shm.write(target, memoryview(head), timeout_s=10)
+        loader = PagedKVConnector(verified, dst, block_size=BLOCK_SIZE, namespace=ns)
+        result = loader.load_blocks(tokens, [0, 1, 2, 3])
+        assert result.num_tokens_loaded == 2 * BLOCK_SIZE
+        assert result.failed_keys == [keys[2]]
+        _assert_loaded_run_then_untouched(src, dst, 2)

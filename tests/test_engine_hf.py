@@ -83,6 +83,8 @@ def test_cache_to_pages_and_back_is_exact() -> None:
 
 
 def test_dynamic_cache_blocks_interoperate_with_paged_engines(store) -> None:
+    """Both ways: transformers saves and a paged engine loads, a paged engine saves and
+    transformers rebuilds the cache; the bytes equal the original cache's."""
     model = build_model(GQA)
     cache = DynamicCache(config=model.config)
     tokens = _prompt(45, 9)
@@ -109,6 +111,19 @@ def test_dynamic_cache_blocks_interoperate_with_paged_engines(store) -> None:
     rebuilt, loaded = hf.load_cache(tokens)
     assert (loaded.num_tokens_loaded, loaded.failed_keys) == (32, [])
     for original, copy in zip(cache.layers, rebuilt.layers):
+        assert torch.equal(original.keys[:, :, :32], copy.keys)
+        assert torch.equal(original.values[:, :, :32], copy.values)
+    # the other way: a paged engine saves its pages, the transformers side rebuilds them
+    ns_paged = KeyNamespace(model="interop-from-paged")
+    paged_writer = PagedKVConnector(store, expected.layers, block_size=BLOCK_SIZE,
+                                    namespace=ns_paged)
+    assert paged_writer.save(tokens, [0, 1]) == 2
+    hf_reader = DynamicCacheConnector(store, num_layers=num_layers, num_kv_heads=heads,
+                                      head_dim=head_dim, dtype=torch.float32,
+                                      block_size=BLOCK_SIZE, namespace=ns_paged)
+    from_paged, loaded = hf_reader.load_cache(tokens)
+    assert (loaded.num_tokens_loaded, loaded.failed_keys) == (32, [])
+    for original, copy in zip(cache.layers, from_paged.layers):
         assert torch.equal(original.keys[:, :, :32], copy.keys)
         assert torch.equal(original.values[:, :, :32], copy.values)
     empty, nothing = hf.load_cache(_prompt(45, 10))

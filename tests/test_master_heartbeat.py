@@ -6,6 +6,8 @@ from __future__ import annotations
 import pytest
 
 import kvstore
+from kvstore.daemon.objects import ObjectTable
+from kvstore.rpc.messages import heartbeat_changes, inventory_message
 from kvstore.v1 import master_pb2 as pb
 from master_helpers import (  # noqa: F401
     MiB, Embedded, embedded, exists, get, put, register, replicas_of,
@@ -13,31 +15,32 @@ from master_helpers import (  # noqa: F401
 
 
 class DaemonTable:
-    """What a daemon keeps: its replicas, updated from heartbeats (the proto's protocol)."""
+    """The daemon's own table (``kvstore.daemon.objects.ObjectTable``), fed each heartbeat
+    reply as the daemon's master link feeds it (decoded by ``kvstore.rpc.messages``), so
+    these tests check the master's change log against the code daemons actually run."""
 
     def __init__(self):
-        self.acked_seq = 0
-        self.table: dict[str, tuple] = {}
+        self.objects = ObjectTable()
+
+    @property
+    def acked_seq(self) -> int:
+        return self.objects.acked_seq
 
     def beat(self, m, node_id: str) -> pb.HeartbeatResponse:
-        reply = m.heartbeat(node_id, self.acked_seq)
+        reply = m.heartbeat(node_id, self.objects.acked_seq)
         assert reply.known
-        if reply.full_resync:
-            self.table.clear()
-        a = reply.added
-        for i, key in enumerate(a.keys):
-            self.table[key] = (a.segment_ids[i], a.offsets[i], a.lengths[i], a.checksums[i])
-        for key in reply.removed_keys:
-            self.table.pop(key, None)
-        self.acked_seq = reply.seq
+        self.objects.apply(heartbeat_changes(reply))
         return reply
 
+    @property
+    def table(self) -> dict[str, tuple]:
+        """key -> (segment_id, offset, length, checksum) of every object the table holds."""
+        inv = self.objects.to_inventory()
+        return {key: (inv.segment_ids[i], inv.offsets[i], inv.lengths[i], inv.checksums[i])
+                for i, key in enumerate(inv.keys)}
+
     def inventory(self) -> pb.Inventory:
-        keys = sorted(self.table)
-        rows = [self.table[k] for k in keys]
-        return pb.Inventory(keys=keys, segment_ids=[r[0] for r in rows],
-                            offsets=[r[1] for r in rows], lengths=[r[2] for r in rows],
-                            checksums=[r[3] for r in rows])
+        return inventory_message(self.objects.to_inventory())
 
 
 def test_heartbeat_carries_each_change_once(embedded):
@@ -103,7 +106,7 @@ def test_master_restart_adopts_the_daemons_inventories(embedded):
         assert second.heartbeat(node_id, table.acked_seq).known is False
         adopted = register(second.client, node_id, inventory=table.inventory())
         assert adopted.num_objects_adopted == 10
-        table.acked_seq = 0                                     # a new master: start over
+        table.objects.reset_sequence()                          # a new master: start over
     got = get(second.client, list(before))
     assert list(got.statuses) == [pb.ITEM_OK] * 10
     assert {k: sorted(replicas_of(got, i)) for i, k in enumerate(before)} == before

@@ -114,21 +114,47 @@ def test_metrics_endpoint_serves_counters_and_tier_gauges():
                             'transport="grpc"} 1.0') for l in lines)
 
 
+def _wait_for(predicate, timeout_s: float = 20.0) -> bool:
+    """Poll another process's state until ``predicate()`` holds (no clock to advance there)."""
+    deadline_s = time.monotonic() + timeout_s
+    while not predicate():
+        if time.monotonic() > deadline_s:
+            return False
+        time.sleep(0.02)
+    return True
+
+
 def test_real_lease_and_node_ttls():
-    with _master("--lease-ttl", "300ms", "--node-ttl", "700ms",
+    """The real process's clock ends a lease and drops a silent node: waits are on the
+    observable outcome (no fixed sleeps), and each outcome is checked to come no earlier
+    than its TTL allows, measured from before the call that started it."""
+    lease_s, node_ttl_s = 0.5, 1.5
+    with _master("--lease-ttl", "500ms", "--node-ttl", "1500ms",
                  "--heartbeat-interval", "100ms") as server:
         with RawMaster.over_grpc(server.address) as client:
             register(client, "n1")
-            put(client, ["k"])
-            get(client, ["k"])
+            assert list(put(client, ["k"]).statuses) == [pb.ITEM_OK]
+            leased_at = time.monotonic()
+            assert list(get(client, ["k"]).statuses) == [pb.ITEM_OK]
             remove = pb.RemoveRequest(keys=["k"])
             assert list(client.call("Remove", remove).statuses) == [pb.ITEM_LEASED]
-            time.sleep(0.35)
-            client.call("Heartbeat", pb.HeartbeatRequest(node_id="n1"))
-            assert list(client.call("Remove", remove).statuses) == [pb.ITEM_OK]
-            put(client, ["k2"])
-            time.sleep(0.9)                                   # n1 sends no heartbeat
-            assert exists(client, ["k2"]) == [False]
+            statuses: list[list[int]] = []
+
+            def removed() -> bool:
+                client.call("Heartbeat", pb.HeartbeatRequest(node_id="n1"))  # keep n1 alive
+                statuses.append(list(client.call("Remove", remove).statuses))
+                return statuses[-1] != [pb.ITEM_LEASED]
+
+            assert _wait_for(removed), "the lease never ended"
+            assert time.monotonic() - leased_at >= lease_s
+            assert statuses[-1] == [pb.ITEM_OK] and exists(client, ["k"]) == [False]
+
+            silent_from = time.monotonic()
+            client.call("Heartbeat", pb.HeartbeatRequest(node_id="n1"))   # n1's last one
+            assert list(put(client, ["k2"]).statuses) == [pb.ITEM_OK]
+            assert exists(client, ["k2"]) == [True]
+            assert _wait_for(lambda: exists(client, ["k2"]) == [False]), "n1 was never dropped"
+            assert time.monotonic() - silent_from >= node_ttl_s
             assert client.call("Stats", pb.StatsRequest()).num_nodes == 0
 
 

@@ -144,9 +144,22 @@ def test_remove_respects_leases_and_pins_unless_forced(embedded):
                                     pb.ITEM_PENDING, pb.ITEM_NOT_FOUND, pb.ITEM_INVALID]
     assert reply.error_messages[5] == "key must not be empty"
     assert exists(m.client, ["leased", "pinned", "plain"]) == [True, True, False]
-    forced = m.client.call("Remove", pb.RemoveRequest(keys=["leased", "pinned"], force=True))
-    assert list(forced.statuses) == [pb.ITEM_OK, pb.ITEM_OK]
+    forced = m.client.call("Remove", pb.RemoveRequest(keys=["leased", "pinned", "pending"],
+                                                      force=True))
+    # force never ends a put in flight: the writer (or the pending timeout) does
+    assert list(forced.statuses) == [pb.ITEM_OK, pb.ITEM_OK, pb.ITEM_PENDING]
     assert exists(m.client, ["leased", "pinned"]) == [False, False]
+    ended = m.client.call("PutEnd", pb.PutEndRequest(keys=["pending"], client_id="w1"))
+    assert list(ended.statuses) == [pb.ITEM_OK] and exists(m.client, ["pending"]) == [True]
+
+
+def test_a_soft_pin_blocks_eviction_but_not_remove(embedded):
+    m = embedded()
+    register(m.client, "n1")
+    put(m.client, ["soft"])
+    m.client.call("Pin", pb.PinRequest(keys=["soft"], ttl_ms=60_000))
+    reply = m.client.call("Remove", pb.RemoveRequest(keys=["soft"]))
+    assert list(reply.statuses) == [pb.ITEM_OK] and exists(m.client, ["soft"]) == [False]
 
 
 def test_remove_prefix_and_match_prefix(embedded):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import re
 import subprocess
 import sys
@@ -13,6 +14,7 @@ import kvstore
 
 # shared/ lies beside the repository (checkouts and CI clones alike)
 API_MD = Path(__file__).resolve().parents[2] / "shared" / "API.md"
+DOCS_API_MD = Path(__file__).resolve().parents[1] / "docs" / "API.md"
 
 
 def test_all_is_sorted_and_every_name_resolves():
@@ -45,13 +47,45 @@ def test_every_name_of_api_md_python_section_resolves():
         assert dotted.split(".")[0] in kvstore.__all__, dotted
 
 
-def test_store_methods_of_api_md_exist():
-    methods = ["put", "get", "get_into", "exists", "remove", "batch_put", "batch_get_into",
-               "batch_exists", "match_prefix", "stats", "close", "__enter__", "__exit__"]
-    for name in methods:
+STORE_METHODS = ["put", "get", "get_into", "exists", "remove", "batch_put", "batch_get",
+                 "batch_get_into", "batch_exists", "match_prefix", "remove_prefix", "pin",
+                 "unpin", "stats", "close"]
+
+
+def test_store_methods_exist_on_both_stores():
+    public = {name for name, value in vars(kvstore.KVStore).items()
+              if not name.startswith("_") and inspect.isfunction(value)}
+    assert public == set(STORE_METHODS)       # a new method must join the list and the docs
+    for name in [*STORE_METHODS, "__enter__", "__exit__"]:
         assert callable(getattr(kvstore.KVStore, name)), name
-    for name in methods[:-3]:
-        assert callable(getattr(kvstore.aio.AsyncKVStore, name)), name
+    for name in STORE_METHODS:
+        method = getattr(kvstore.aio.AsyncKVStore, name)
+        assert inspect.iscoroutinefunction(method), name
+
+
+def _docs_api_md_methods() -> dict[str, list[str]]:
+    """method -> parameter names, from the store table of the project's docs/API.md."""
+    text = DOCS_API_MD.read_text()
+    section = text[text.index("## Python: the store"):text.index("## Python: kernels")]
+    methods: dict[str, list[str]] = {}
+    for line in section.splitlines():
+        if not line.startswith("| `"):
+            continue
+        for name, args in re.findall(r"`([a-z_]+)\(([^)]*)\)`", line.split("|")[1]):
+            params = [a.strip().split("=")[0] for a in args.split(",")]
+            methods[name] = [p for p in params if p and p != "*"]
+    return methods
+
+
+def test_docs_api_md_store_table_matches_the_store():
+    """Every method of the store table in docs/API.md exists with the parameters it shows,
+    and every public store method is in the table."""
+    documented = _docs_api_md_methods()
+    assert set(documented) == set(STORE_METHODS)
+    for name, params in documented.items():
+        signature = inspect.signature(getattr(kvstore.KVStore, name))
+        missing = [p for p in params if p not in signature.parameters]
+        assert missing == [], f"docs/API.md shows {name}({', '.join(params)})"
 
 
 def test_error_classes_form_one_tree():

@@ -8,7 +8,10 @@ segments' shm names and addresses come from the master's ListNodes, as a client 
 
 from __future__ import annotations
 
+import os
 import socket
+import subprocess
+import sys
 import threading
 import time
 
@@ -210,9 +213,29 @@ def test_make_transports_kinds():
         make_transports("carrier-pigeon")
 
 
-def test_local_host_id_is_stable():
-    assert local_host_id() == local_host_id()
-    assert len(local_host_id()) >= 16
+def _host_id_in_a_new_process(**env: str) -> str:
+    code = "from kvstore.transport import local_host_id; print(local_host_id())"
+    environment = {k: v for k, v in os.environ.items() if k != "KVSTORE_HOST_ID"}
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                            timeout=60, env={**environment, **env}, check=True)
+    return result.stdout.strip()
+
+
+def test_local_host_id_agrees_across_processes_and_follows_the_override():
+    """Two processes of this host get the same id (so shm is used between them), derived
+    from the host, and KVSTORE_HOST_ID makes a process look like another host."""
+    mine = _host_id_in_a_new_process()
+    assert len(mine) == 32 and int(mine, 16) >= 0
+    assert _host_id_in_a_new_process() == mine
+    assert "KVSTORE_HOST_ID" in os.environ or local_host_id() == mine
+    assert _host_id_in_a_new_process(KVSTORE_HOST_ID="elsewhere") == "elsewhere"
+    # what the id hashes: a process on another host (another hostname) gets another id
+    code = ("import socket; socket.gethostname = lambda: 'not-this-host'; "
+            "from kvstore.transport import local_host_id; print(local_host_id())")
+    environment = {k: v for k, v in os.environ.items() if k != "KVSTORE_HOST_ID"}
+    other = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                           timeout=60, env=environment, check=True).stdout.strip()
+    assert len(other) == 32 and other != mine
 
 
 def test_batch_of_one_large_range(cluster, transport):
@@ -267,3 +290,30 @@ def test_closed_transport_refuses_large_and_batched_use(cluster, transport):
     results = transport.read_many([(big, memoryview(bytearray(big.length)))] * 2,
                                   timeout_s=TIMEOUT_S)
     assert len(results) == 2 and all(isinstance(r, ClosedError) for r in results)
+
+
+def test_shm_refuses_a_segment_whose_name_was_unlinked():
+    """A cached mapping of a segment whose daemon is gone (name unlinked) is neither read
+    nor written: TransferError naming the node, so the client falls back to another replica;
+    a segment under a new name is mapped afresh."""
+    from kvstore._posix_shm import create_shm, unique_shm_name
+
+    segment = create_shm(unique_shm_name("kvstore-test-gone"), 1 << 20, prefault=False)
+    target = Target("gone-node", local_host_id(), "127.0.0.1:1", "dram0", segment.name, 0, 4)
+    with ShmTransport() as shm:
+        shm.write(target, memoryview(b"live"), timeout_s=TIMEOUT_S)
+        segment.unlink()
+        with pytest.raises(TransferError, match="gone-node.*unlinked"):
+            shm.read_into(target, memoryview(bytearray(4)), timeout_s=TIMEOUT_S)
+        with pytest.raises(TransferError, match="gone-node"):
+            shm.write(target, memoryview(b"lost"), timeout_s=TIMEOUT_S)
+        assert bytes(segment.view[:4]) == b"live"          # nothing was written after it
+        fresh = create_shm(unique_shm_name("kvstore-test-gone"), 1 << 20, prefault=False)
+        try:
+            moved = target._replace(shm_name=fresh.name)
+            shm.write(moved, memoryview(b"next"), timeout_s=TIMEOUT_S)
+            assert bytes(fresh.view[:4]) == b"next"
+        finally:
+            fresh.unlink()
+            fresh.close()
+    segment.close()

@@ -52,6 +52,8 @@ def _tier_spec(ctx, param, value):
 @click.option("--token", envvar="KVSTORE_TOKEN", default=None,
               help="Shared token for the master and the data plane [env KVSTORE_TOKEN].")
 @click.option("--metrics-port", type=int, default=None, help="Serve Prometheus metrics here.")
+@click.option("--metrics-host", default=None,
+              help="Address the metrics port binds (default: --host).")
 @click.option("--node-id", default=None, help="Node id (default: HOSTNAME-RANDOM).")
 @click.option("--standalone", is_flag=True,
               help="Serve the data plane without a master (benchmarks, debugging).")
@@ -64,7 +66,7 @@ def _tier_spec(ctx, param, value):
               help="Seconds per master RPC.")
 @click.option("--log-level", default="INFO", show_default=True,
               type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"]))
-def command(master_addr, host, port, dram, ssd, gpu, token, metrics_port, node_id, standalone,
+def command(master_addr, host, port, dram, ssd, gpu, token, metrics_port, metrics_host, node_id, standalone,
             reap_orphans, prefault, rpc_timeout, log_level):
     """Run a storage node: DRAM/SSD/HBM segments served over a data plane."""
     logging.basicConfig(stream=sys.stderr, level=log_level,
@@ -79,7 +81,8 @@ def command(master_addr, host, port, dram, ssd, gpu, token, metrics_port, node_i
         config = DaemonConfig(
             master_addr=None if standalone else master_addr, host=host, port=port,
             dram_bytes=dram, ssd_dir=ssd[0], ssd_bytes=ssd[1], gpu_device=gpu[0],
-            gpu_bytes=gpu[1], token=token, metrics_port=metrics_port, rpc_timeout_s=rpc_timeout,
+            gpu_bytes=gpu[1], token=token, metrics_port=metrics_port,
+            metrics_host=metrics_host, rpc_timeout_s=rpc_timeout,
             reap_orphans=reap_orphans, prefault=prefault, **extra)
     except KVStoreError as exc:
         raise click.ClickException(str(exc)) from exc

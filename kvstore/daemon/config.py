@@ -56,6 +56,7 @@ class DaemonConfig:
     gpu_bytes: int = 0
     token: str | None = None
     metrics_port: int | None = None
+    metrics_host: str | None = None  # bind address of the metrics port; None: ``host``
     node_id: str = field(default_factory=generate_node_id)
     rpc_timeout_s: float = 5.0
     register_timeout_s: float | None = None
@@ -70,6 +71,8 @@ class DaemonConfig:
         if self.master_addr is not None and ":" not in self.master_addr:
             raise ConfigError(f"master address must be HOST:PORT, got {self.master_addr!r}")
         _check_port("port", self.port)
+        if self.metrics_host is not None and not self.metrics_host:
+            raise ConfigError("metrics_host must not be empty (omit it to use the host)")
         if self.metrics_port is not None:
             _check_port("metrics_port", self.metrics_port)
         object.__setattr__(self, "dram_bytes", parse_size(self.dram_bytes))

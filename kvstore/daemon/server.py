@@ -68,8 +68,8 @@ class Daemon:
                                   f"{self.config.port}: {exc}") from exc
             if self.config.metrics_port is not None:
                 from kvstore.daemon.metrics import start_metrics_server
-                self._metrics_server = start_metrics_server(self, self.config.host,
-                                                            self.config.metrics_port)
+                self._metrics_server = start_metrics_server(
+                    self, self.config.metrics_host or self.config.host, self.config.metrics_port)
             if self.config.master_addr is not None:
                 self._register()
         except BaseException:

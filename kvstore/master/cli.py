@@ -37,6 +37,8 @@ def _duration(ctx, param, value):
 @click.option("--token", envvar="KVSTORE_TOKEN", default=None,
               help="Require 'authorization: Bearer TOKEN' on every call [env KVSTORE_TOKEN].")
 @click.option("--metrics-port", type=int, default=None, help="Serve Prometheus metrics here.")
+@click.option("--metrics-host", default=None,
+              help="Address the metrics port binds (default: --host).")
 @click.option("--lease-ttl", default="10s", show_default=True, callback=_duration,
               help="Default read lease granted by get_replicas.")
 @click.option("--node-ttl", default="10s", show_default=True, callback=_duration,
@@ -64,7 +66,7 @@ def _duration(ctx, param, value):
               help="Serve metadata over gRPC only (clients in metadata='auto' use gRPC).")
 @click.option("--log-level", default="INFO", show_default=True,
               type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"]))
-def command(host, port, token, metrics_port, lease_ttl, node_ttl, heartbeat_interval,
+def command(host, port, token, metrics_port, metrics_host, lease_ttl, node_ttl, heartbeat_interval,
             pending_timeout, high_watermark, low_watermark, max_batch, max_changes_per_heartbeat,
             grpc_mode, num_threads, fast_port, no_fast_rpc, log_level):
     """Run the metadata master."""
@@ -73,7 +75,7 @@ def command(host, port, token, metrics_port, lease_ttl, node_ttl, heartbeat_inte
     try:
         config = MasterConfig(
             host=host, port=port, token=token or None,   # an empty KVSTORE_TOKEN: no token
-            metrics_port=metrics_port,
+            metrics_port=metrics_port, metrics_host=metrics_host,
             lease_ttl_s=lease_ttl, node_ttl_s=node_ttl, heartbeat_interval_s=heartbeat_interval,
             pending_timeout_s=pending_timeout, high_watermark=high_watermark,
             low_watermark=low_watermark, max_batch=max_batch,

@@ -25,6 +25,7 @@ class MasterConfig:
     port: int = 50051
     token: str | None = None
     metrics_port: int | None = None
+    metrics_host: str | None = None      # bind address of the metrics port; None: ``host``
     lease_ttl_s: float = 10.0            # default read lease granted by get_replicas
     node_ttl_s: float = 10.0             # a node silent this long is dropped
     heartbeat_interval_s: float = 1.0    # what daemons are told to heartbeat at
@@ -42,6 +43,8 @@ class MasterConfig:
             raise ConfigError("host must not be empty")
         if not 0 <= self.port <= 65535:
             raise ConfigError(f"port must be in 0..65535, got {self.port}")
+        if self.metrics_host is not None and not self.metrics_host:
+            raise ConfigError("metrics host must not be empty (omit it to use the host)")
         if self.metrics_port is not None and not 0 <= self.metrics_port <= 65535:
             raise ConfigError(f"metrics port must be in 0..65535, got {self.metrics_port}")
         if self.fast_port is not None and not 0 <= self.fast_port <= 65535:

@@ -76,16 +76,16 @@ class MasterServer:
     def _start_side_services(self) -> None:
         if self.config.metrics_port is not None:
             from prometheus_client import start_http_server
+            metrics_host = self.config.metrics_host or self.config.host
             try:
                 self._metrics_server, _ = start_http_server(
-                    self.config.metrics_port, addr=self.config.host,
+                    self.config.metrics_port, addr=metrics_host,
                     registry=self.metrics.registry)
             except OSError as exc:
                 raise ConfigError(f"cannot bind the metrics port {self.config.metrics_port} "
-                                  f"on {self.config.host}: {exc}") from exc
+                                  f"on {metrics_host}: {exc}") from exc
             self.service.metrics_port = self._metrics_server.server_port
-            log.info("metrics on %s", format_address(self.config.host,
-                                                     self.service.metrics_port))
+            log.info("metrics on %s", format_address(metrics_host, self.service.metrics_port))
         if self.config.fast_port is not None:
             fast = FastRpcServer(self.service, self.clock, self.metrics, host=self.config.host,
                                  port=self.config.fast_port, token=self.config.token)

@@ -1,10 +1,19 @@
 """Same-host transport: map the daemon's shared-memory segment, copy with one memcpy.
 
 No daemon round-trip: the first access to a segment maps it (by its POSIX shm name) and the
-mapping is cached until ``close()``, or until mapping another segment finds this one's name
-gone (its daemon exited; only our mapping would keep its memory alive); every later read or
-write is one memcpy
-between the caller's buffer and the mapping. Copies of at least ``GIL_FREE_COPY_BYTES`` go
+mapping is cached; every later read or write is one memcpy between the caller's buffer and
+the mapping.
+
+A mapping of a segment whose name is gone is never used. A daemon unlinks its segment's name
+when it stops (and orphan reaping unlinks the name of a SIGKILLed one), after which our
+mapping would be the only thing keeping that memory alive: a write into it would be lost
+while reporting success, and a read would return bytes no daemon serves any more. Each
+call checks the link count of each segment it touches on a descriptor kept with the mapping
+(one ``fstat`` per segment per call: a batch checks a segment at its first item), and an
+unlinked segment is dropped and refused with ``TransferError``, so the client falls back to
+the next replica. Mappings of nodes the master dropped are never named by its answers
+again; they are released when mapping another segment prunes every unlinked name, or at
+``close()``. Copies of at least ``GIL_FREE_COPY_BYTES`` go
 through ``ctypes.memmove``, which releases the GIL, so other threads (the engine, a parallel
 batch) keep running during a large copy.
 """
@@ -14,13 +23,14 @@ from __future__ import annotations
 import ctypes
 import os
 import threading
+from typing import Sequence
 
 import numpy as np
 
 from kvstore._errors import ClosedError, TransferError
 from kvstore._posix_shm import SharedSegment, open_shm
 from kvstore.transport import byte_views
-from kvstore.transport.base import Target, Transport
+from kvstore.transport.base import Target, Transport, _each
 from kvstore.transport.hostid import local_host_id
 
 # NOTE: below this, the call overhead of ctypes (~1 us) outweighs letting other threads run.
@@ -31,18 +41,27 @@ SHM_DIR = "/dev/shm"  # where Linux keeps POSIX shm names
 class _Mapping:
     """A cached mapping of one segment plus its base address (for memmove)."""
 
-    def __init__(self, segment: SharedSegment):
+    def __init__(self, segment: SharedSegment, name_file):
         self.segment = segment
         self.array = np.frombuffer(segment.view, dtype=np.uint8)
         self.address = self.array.ctypes.data
         self.size_bytes = segment.size_bytes
+        # NOTE: a descriptor of the segment's file, closed only with this object (never
+        # explicitly), so fstat never reaches a reused descriptor number.
+        self.name_file = name_file
+        self.name_fd = name_file.fileno()
+
+    def is_unlinked(self) -> bool:
+        """True once the segment's name was removed (its daemon stopped or was reaped)."""
+        return os.fstat(self.name_fd).st_nlink == 0
 
 
 class ShmTransport(Transport):
     """Reads and writes DRAM segments of daemons on this host through shared memory.
 
     Reachable targets: a non-empty ``shm_name`` and ``host_id`` equal to ours. Segments are
-    mapped read-write on first use and stay mapped until ``close()``. Thread-safe: the mapping
+    mapped read-write on first use and stay mapped until ``close()`` or until their name is
+    unlinked (see the module docstring). Thread-safe: the mapping
     cache is guarded by a lock; concurrent copies into disjoint ranges are independent.
 
     Errors: ``TransferError`` naming the node when the segment cannot be mapped (gone,
@@ -62,8 +81,26 @@ class ShmTransport(Transport):
         return bool(target.shm_name) and target.host_id == self.host_id
 
     def write(self, target: Target, src: memoryview, *, timeout_s: float) -> None:
+        self._write(target, src, None)
+
+    def read_into(self, target: Target, dst: memoryview, *, timeout_s: float) -> None:
+        self._read(target, dst, None)
+
+    def write_many(self, items: Sequence[tuple[Target, memoryview]], *,
+                   timeout_s: float) -> list[BaseException | None]:
+        checked: set[str] = set()    # segments found linked in this batch
+        return _each(lambda target, src, timeout_s: self._write(target, src, checked),
+                     items, timeout_s)
+
+    def read_many(self, items: Sequence[tuple[Target, memoryview]], *,
+                  timeout_s: float) -> list[BaseException | None]:
+        checked: set[str] = set()
+        return _each(lambda target, dst, timeout_s: self._read(target, dst, checked),
+                     items, timeout_s)
+
+    def _write(self, target: Target, src: memoryview, checked: set[str] | None) -> None:
         src = byte_views.as_bytes_view(src, target.length)
-        mapping = self._range(target)
+        mapping = self._range(target, checked)
         if target.length >= GIL_FREE_COPY_BYTES:
             src_array = np.frombuffer(src, dtype=np.uint8)
             ctypes.memmove(mapping.address + target.offset, src_array.ctypes.data,
@@ -71,9 +108,9 @@ class ShmTransport(Transport):
         elif target.length:
             mapping.segment.view[target.offset:target.offset + target.length] = src
 
-    def read_into(self, target: Target, dst: memoryview, *, timeout_s: float) -> None:
+    def _read(self, target: Target, dst: memoryview, checked: set[str] | None) -> None:
         dst = byte_views.as_bytes_view(dst, target.length, writable=True)
-        mapping = self._range(target)
+        mapping = self._range(target, checked)
         if target.length >= GIL_FREE_COPY_BYTES:
             dst_array = np.frombuffer(dst, dtype=np.uint8)
             ctypes.memmove(dst_array.ctypes.data, mapping.address + target.offset,
@@ -96,9 +133,11 @@ class ShmTransport(Transport):
         for shm_name in names:
             self.forget(shm_name)
 
-    def _range(self, target: Target) -> _Mapping:
-        """The mapping of ``target``'s segment, after checking the range lies inside it."""
-        mapping = self._mapping(target)
+    def _range(self, target: Target, checked: set[str] | None) -> _Mapping:
+        """The mapping of ``target``'s segment, after checking the range lies inside it.
+
+        ``checked``: names of segments already found linked in this batch (None: check)."""
+        mapping = self._mapping(target, checked)
         if target.offset < 0 or target.length < 0 or \
                 target.offset + target.length > mapping.size_bytes:
             raise TransferError(
@@ -106,22 +145,40 @@ class ShmTransport(Transport):
                 f"segment {target.segment_id!r} of {mapping.size_bytes} bytes")
         return mapping
 
-    def _mapping(self, target: Target) -> _Mapping:
+    def _mapping(self, target: Target, checked: set[str] | None) -> _Mapping:
         # NOTE: the hit path takes no lock: dict.get is atomic under the GIL, and a copy that
         # races close() or forget() is safe, since dropping a mapping never unmaps it while
         # this reference lives (see forget()).
         mapping = self._name_to_mapping.get(target.shm_name)
         if mapping is not None and not self._closed:
+            # NOTE: one fstat per segment per call (1-2.5 us here), not per item of a batch
+            if checked is None or target.shm_name not in checked:
+                if mapping.is_unlinked():
+                    self._refuse_unlinked(target)
+                if checked is not None:
+                    checked.add(target.shm_name)
             return mapping
         with self._lock:
             if self._closed:
                 raise ClosedError(f"shm {target.node_id}: transport is closed")
             mapping = self._name_to_mapping.get(target.shm_name)
             if mapping is not None:
-                return mapping
+                if not mapping.is_unlinked():
+                    return mapping
+                del self._name_to_mapping[target.shm_name]   # NOTE: the lock is held here
+                raise _unlinked_error(target)
             stale = self._pop_unlinked()
             try:
-                mapping = _Mapping(open_shm(target.shm_name))
+                # NOTE: the descriptor is opened before the mapping, so a name unlinked in
+                # between is seen as unlinked by the first check, never missed.
+                name_file = open(f"{SHM_DIR}{target.shm_name}", "rb", buffering=0)
+                try:
+                    mapping = _Mapping(open_shm(target.shm_name), name_file)
+                except BaseException:
+                    name_file.close()
+                    raise
+                if mapping.is_unlinked():
+                    raise FileNotFoundError("the segment's name was unlinked")
             except OSError as exc:
                 raise TransferError(f"shm {target.node_id}: cannot map segment "
                                     f"{target.segment_id!r} ({target.shm_name}): {exc}") from exc
@@ -129,9 +186,19 @@ class ShmTransport(Transport):
         del stale  # NOTE: see forget(): dropping the last reference unmaps
         return mapping
 
+    def _refuse_unlinked(self, target: Target) -> None:
+        """Drop the mapping of an unlinked segment and raise (caller must not hold the lock)."""
+        self.forget(target.shm_name)
+        raise _unlinked_error(target)
+
     def _pop_unlinked(self) -> list[_Mapping]:
         """Remove (under the lock) mappings of segments whose name is gone: their daemon
         exited, and our mapping is all that keeps their memory allocated."""
-        gone = [name for name in self._name_to_mapping
-                if not os.path.exists(f"{SHM_DIR}{name}")]
+        gone = [name for name, mapping in self._name_to_mapping.items()
+                if mapping.is_unlinked()]
         return [self._name_to_mapping.pop(name) for name in gone]
+
+
+def _unlinked_error(target: Target) -> TransferError:
+    return TransferError(f"shm {target.node_id}: segment {target.segment_id!r} "
+                         f"({target.shm_name}) was unlinked: its daemon is gone")
