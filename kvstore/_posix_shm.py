@@ -12,6 +12,8 @@ registered with the resource tracker, which unlinks the daemon's segment when th
 
 from __future__ import annotations
 
+import ctypes
+import logging
 import mmap
 import os
 import re
@@ -21,12 +23,17 @@ import _posixshmem
 
 from kvstore.transport.hostid import local_host_id
 
+log = logging.getLogger("kvstore.shm")
+
 SHM_MODE = 0o600
 
-#: A client maps a segment up to this size with its page tables filled at once (MAP_POPULATE):
-#: ~0.1 s per GiB here, after which every copy runs at memcpy speed. Larger segments are mapped
-#: lazily: their first touch of each page costs a minor fault (copies run ~4x slower then).
-POPULATE_MAX_BYTES = 8 << 30
+#: Page tables are filled (MADV_POPULATE_WRITE) in chunks of this many bytes: by a daemon's
+#: background thread for its whole segment, and by a client for the chunks a copy touches.
+POPULATE_CHUNK_BYTES = 2 << 20
+_MADV_POPULATE_WRITE = 23  # linux/mman.h, Linux >= 5.14
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.madvise.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
+_populate_supported = True
 
 
 class SharedSegment:
@@ -90,10 +97,11 @@ def unique_shm_name(prefix: str) -> str:
 def create_shm(name: str, size_bytes: int, *, prefault: bool = True) -> SharedSegment:
     """Create, size and map a new shared-memory object with mode 0600.
 
-    With ``prefault`` every page is allocated now (posix_fallocate) and mapped (MAP_POPULATE).
-    NOTE: why: a page first touched by a copy costs allocation, zeroing and a fault, which
-    made copies into a fresh segment run at ~1 GB/s instead of ~9 GB/s here; prefaulting also
-    makes a /dev/shm too small for the segment an error now, not a SIGBUS later.
+    With ``prefault`` every page is allocated now (posix_fallocate), so a /dev/shm too small
+    for the segment is an error now, not a SIGBUS later. NOTE: the page tables are not filled
+    here (MAP_POPULATE took 10-21 s for 8 GiB before the daemon could listen); the owner calls
+    ``populate`` on a background thread after it listens, and clients populate the chunks they
+    touch (``populate_range``), which keeps copies at memcpy speed without the fault per page.
 
     Raises FileExistsError if the name is taken and OSError if the system refuses (e.g. the
     size exceeds /dev/shm); nothing is left behind on failure.
@@ -103,7 +111,6 @@ def create_shm(name: str, size_bytes: int, *, prefault: bool = True) -> SharedSe
         # NOTE: the umask may have dropped bits but never adds any; fchmod makes 0600 exact.
         os.fchmod(fd, SHM_MODE)
         os.ftruncate(fd, size_bytes)
-        flags = mmap.MAP_SHARED
         if prefault and size_bytes:
             try:
                 os.posix_fallocate(fd, 0, size_bytes)
@@ -111,8 +118,7 @@ def create_shm(name: str, size_bytes: int, *, prefault: bool = True) -> SharedSe
                 raise OSError(exc.errno, f"cannot allocate {size_bytes} bytes of shared memory "
                                          f"for {name} (is /dev/shm large enough?): "
                                          f"{exc.strerror}") from exc
-            flags |= mmap.MAP_POPULATE
-        mapping = mmap.mmap(fd, size_bytes, flags=flags)
+        mapping = mmap.mmap(fd, size_bytes, flags=mmap.MAP_SHARED)
     except BaseException:
         os.close(fd)
         _posixshmem.shm_unlink(name)
@@ -121,18 +127,50 @@ def create_shm(name: str, size_bytes: int, *, prefault: bool = True) -> SharedSe
     return SharedSegment(name, mapping, owner=True)
 
 
+def populate_range(address: int, length: int) -> bool:
+    """Fill this process's page tables for [address, address + length) of a shared mapping
+    (MADV_POPULATE_WRITE; the range is widened to whole pages). Returns False where the kernel
+    lacks it (before Linux 5.14): pages then fault in on first touch, as before. Never raises.
+    """
+    global _populate_supported
+    if not _populate_supported or length <= 0:
+        return False
+    start = address & ~(mmap.PAGESIZE - 1)
+    if _libc.madvise(start, address + length - start, _MADV_POPULATE_WRITE) != 0:
+        errno = ctypes.get_errno()
+        if errno == 22:  # EINVAL: the kernel does not know the advice
+            _populate_supported = False
+            log.info("MADV_POPULATE_WRITE unsupported here; shm pages fault in on first touch")
+        return False
+    return True
+
+
+def populate(view: memoryview) -> None:
+    """Fill this process's page tables for all of ``view`` (chunk by chunk; for a background
+    thread: each chunk releases the GIL). Never raises."""
+    import numpy as np
+
+    try:
+        array = np.frombuffer(view, dtype=np.uint8)
+    except ValueError:
+        return  # released meanwhile (the segment closed)
+    address = array.ctypes.data
+    for start in range(0, len(array), 64 * POPULATE_CHUNK_BYTES):
+        if not populate_range(address + start, min(64 * POPULATE_CHUNK_BYTES,
+                                                   len(array) - start)):
+            return
+
+
 def open_shm(name: str) -> SharedSegment:
     """Map an existing shared-memory object read-write (OSError if absent or not allowed).
 
-    Segments up to POPULATE_MAX_BYTES are mapped with their page tables filled at once.
+    NOTE: mapped lazily (no MAP_POPULATE: it cost a new client ~0.1 s per GiB of segment on
+    its first put); the transport populates the chunks a copy touches (``populate_range``).
     """
     fd = _posixshmem.shm_open(name, os.O_RDWR, mode=0)
     try:
         size_bytes = os.fstat(fd).st_size
-        flags = mmap.MAP_SHARED
-        if size_bytes <= POPULATE_MAX_BYTES:
-            flags |= mmap.MAP_POPULATE
-        mapping = mmap.mmap(fd, size_bytes, flags=flags)
+        mapping = mmap.mmap(fd, size_bytes, flags=mmap.MAP_SHARED)
     finally:
         os.close(fd)
     return SharedSegment(name, mapping, owner=False)

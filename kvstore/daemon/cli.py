@@ -46,7 +46,8 @@ def _tier_spec(ctx, param, value):
 @click.option("--dram", default="1GiB", show_default=True, callback=_size,
               help="DRAM tier size, in POSIX shared memory (e.g. 4GiB; 0: no DRAM tier).")
 @click.option("--ssd", default=None, callback=_tier_spec, metavar="DIR:SIZE",
-              help="SSD tier: a file of SIZE in DIR, served over the data plane.")
+              help="SSD tier: a preallocated file of SIZE in DIR, served over the data plane; "
+                   "its objects survive restarts (an index in DIR).")
 @click.option("--gpu", default=None, callback=_tier_spec, metavar="DEVICE:SIZE",
               help="HBM tier on a CUDA device (e.g. cuda:0:8GiB); needs CUDA torch.")
 @click.option("--token", envvar="KVSTORE_TOKEN", default=None,
@@ -58,8 +59,8 @@ def _tier_spec(ctx, param, value):
 @click.option("--reap-orphans/--no-reap-orphans", default=True, show_default=True,
               help="At start, remove shm/SSD segments of dead daemons of this user and host.")
 @click.option("--prefault/--no-prefault", default=True, show_default=True,
-              help="Allocate every DRAM page at start: slower start (~0.3 s/GiB), full-speed "
-                   "copies, and a too-small /dev/shm fails now rather than later.")
+              help="Allocate every DRAM page at start (a too-small /dev/shm fails now rather "
+                   "than later) and fill the page tables in the background after listening.")
 @click.option("--rpc-timeout", default=5.0, show_default=True, type=float,
               help="Seconds per master RPC.")
 @click.option("--log-level", default="INFO", show_default=True,
@@ -75,6 +76,10 @@ def command(master_addr, host, port, dram, ssd, gpu, token, metrics_port, node_i
     from kvstore.daemon.server import Daemon
 
     try:
+        if not node_id and ssd[0] is not None:
+            # NOTE: a restart on the same SSD directory keeps the node id that owns its data
+            from kvstore.daemon.ssd import recorded_node_id
+            node_id = recorded_node_id(ssd[0])
         extra = {"node_id": node_id} if node_id else {}
         config = DaemonConfig(
             master_addr=None if standalone else master_addr, host=host, port=port,
