@@ -18,6 +18,7 @@ import mmap
 import os
 import re
 import secrets
+import threading
 
 import _posixshmem
 
@@ -27,8 +28,8 @@ log = logging.getLogger("kvstore.shm")
 
 SHM_MODE = 0o600
 
-#: Page tables are filled (MADV_POPULATE_WRITE) in chunks of this many bytes: by a daemon's
-#: background thread for its whole segment, and by a client for the chunks a copy touches.
+#: Page tables are filled (MADV_POPULATE_WRITE) in chunks of this many bytes, the first time
+#: a copy (the daemon's data plane, a client's shm transport) touches the chunk.
 POPULATE_CHUNK_BYTES = 2 << 20
 _MADV_POPULATE_WRITE = 23  # linux/mman.h, Linux >= 5.14
 _libc = ctypes.CDLL(None, use_errno=True)
@@ -97,11 +98,11 @@ def unique_shm_name(prefix: str) -> str:
 def create_shm(name: str, size_bytes: int, *, prefault: bool = True) -> SharedSegment:
     """Create, size and map a new shared-memory object with mode 0600.
 
-    With ``prefault`` every page is allocated now (posix_fallocate), so a /dev/shm too small
-    for the segment is an error now, not a SIGBUS later. NOTE: the page tables are not filled
-    here (MAP_POPULATE took 10-21 s for 8 GiB before the daemon could listen); the owner calls
-    ``populate`` on a background thread after it listens, and clients populate the chunks they
-    touch (``populate_range``), which keeps copies at memcpy speed without the fault per page.
+    With ``prefault`` the filesystem must have ``size_bytes`` free now (else OSError naming
+    /dev/shm), and the owner then allocates the pages off the critical path
+    (``allocate_in_background``). NOTE: why not here: posix_fallocate of 8 GiB took 2-6 s
+    and MAP_POPULATE another 8-15 s before the daemon could listen; page tables are filled per
+    chunk on first use instead (``ChunkPopulator``), by the daemon and by each client.
 
     Raises FileExistsError if the name is taken and OSError if the system refuses (e.g. the
     size exceeds /dev/shm); nothing is left behind on failure.
@@ -110,14 +111,13 @@ def create_shm(name: str, size_bytes: int, *, prefault: bool = True) -> SharedSe
     try:
         # NOTE: the umask may have dropped bits but never adds any; fchmod makes 0600 exact.
         os.fchmod(fd, SHM_MODE)
-        os.ftruncate(fd, size_bytes)
         if prefault and size_bytes:
-            try:
-                os.posix_fallocate(fd, 0, size_bytes)
-            except OSError as exc:
-                raise OSError(exc.errno, f"cannot allocate {size_bytes} bytes of shared memory "
-                                         f"for {name} (is /dev/shm large enough?): "
-                                         f"{exc.strerror}") from exc
+            stats = os.fstatvfs(fd)
+            free_bytes = stats.f_bavail * stats.f_frsize
+            if free_bytes < size_bytes:
+                raise OSError(28, f"cannot allocate {size_bytes} bytes of shared memory for "
+                                  f"{name}: only {free_bytes} free (is /dev/shm large enough?)")
+        os.ftruncate(fd, size_bytes)
         mapping = mmap.mmap(fd, size_bytes, flags=mmap.MAP_SHARED)
     except BaseException:
         os.close(fd)
@@ -125,6 +125,29 @@ def create_shm(name: str, size_bytes: int, *, prefault: bool = True) -> SharedSe
         raise
     os.close(fd)
     return SharedSegment(name, mapping, owner=True)
+
+
+def allocate_in_background(name: str, size_bytes: int, stop: "threading.Event") -> None:
+    """Allocate every page of shm object ``name`` (posix_fallocate, 256 MiB per call) until
+    done or ``stop`` is set; for a background thread. Never raises: a failure (the
+    filesystem filled up meanwhile) is logged, and the pages are then allocated on first
+    touch (a touch that finds no memory is a SIGBUS, as without prefault)."""
+    step = 256 << 20
+    try:
+        fd = _posixshmem.shm_open(name, os.O_RDWR, mode=0)
+    except OSError:
+        return  # unlinked meanwhile (stopped)
+    try:
+        for start in range(0, size_bytes, step):
+            if stop.is_set():
+                return
+            os.posix_fallocate(fd, start, min(step, size_bytes - start))
+        log.debug("allocated all %d bytes of %s", size_bytes, name)
+    except OSError as exc:
+        log.error("cannot allocate all %d bytes of shared memory for %s (%s): /dev/shm is "
+                  "short; writes into unallocated pages may fail", size_bytes, name, exc)
+    finally:
+        os.close(fd)
 
 
 def populate_range(address: int, length: int) -> bool:
@@ -145,27 +168,36 @@ def populate_range(address: int, length: int) -> bool:
     return True
 
 
-def populate(view: memoryview) -> None:
-    """Fill this process's page tables for all of ``view`` (chunk by chunk; for a background
-    thread: each chunk releases the GIL). Never raises."""
-    import numpy as np
+class ChunkPopulator:
+    """Fills this process's page tables for a mapping one POPULATE_CHUNK_BYTES chunk at a
+    time, the first time a copy touches the chunk (a byte per chunk remembers). Races are
+    harmless: populating a chunk twice is."""
 
-    try:
-        array = np.frombuffer(view, dtype=np.uint8)
-    except ValueError:
-        return  # released meanwhile (the segment closed)
-    address = array.ctypes.data
-    for start in range(0, len(array), 64 * POPULATE_CHUNK_BYTES):
-        if not populate_range(address + start, min(64 * POPULATE_CHUNK_BYTES,
-                                                   len(array) - start)):
+    def __init__(self, address: int, size_bytes: int):
+        self._address = address
+        self._size_bytes = size_bytes
+        self._chunk_populated = bytearray(-(-size_bytes // POPULATE_CHUNK_BYTES))
+
+    def ensure(self, offset: int, length: int) -> None:
+        """Populate the chunks of [offset, +length) not yet populated (never raises)."""
+        if length <= 0:
             return
+        first = offset // POPULATE_CHUNK_BYTES
+        last = (offset + length - 1) // POPULATE_CHUNK_BYTES
+        flags = self._chunk_populated
+        if flags.find(0, first, last + 1) < 0:
+            return
+        start = first * POPULATE_CHUNK_BYTES
+        end = min((last + 1) * POPULATE_CHUNK_BYTES, self._size_bytes)
+        if populate_range(self._address + start, end - start):
+            flags[first:last + 1] = b"\x01" * (last + 1 - first)
 
 
 def open_shm(name: str) -> SharedSegment:
     """Map an existing shared-memory object read-write (OSError if absent or not allowed).
 
     NOTE: mapped lazily (no MAP_POPULATE: it cost a new client ~0.1 s per GiB of segment on
-    its first put); the transport populates the chunks a copy touches (``populate_range``).
+    its first put); the transport populates the chunks a copy touches (``ChunkPopulator``).
     """
     fd = _posixshmem.shm_open(name, os.O_RDWR, mode=0)
     try:

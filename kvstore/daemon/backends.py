@@ -27,7 +27,10 @@ import logging
 import os
 import threading
 
-from kvstore._posix_shm import SharedSegment, create_shm, populate, unique_shm_name
+import numpy as np
+
+from kvstore._posix_shm import (ChunkPopulator, SharedSegment, allocate_in_background,
+                                create_shm, unique_shm_name)
 from kvstore.tiers import Tier
 
 log = logging.getLogger("kvstore.daemon.backends")
@@ -110,10 +113,11 @@ class MappedBackend(Backend):
 class ShmBackend(MappedBackend):
     """A DRAM segment in POSIX shared memory (0600); unlinked on close.
 
-    With ``prefault`` the pages are allocated at creation (fallocate: a /dev/shm too small fails
-    now, not with SIGBUS later) and this process's page tables are filled by a background
-    thread after the daemon listens (``populate_in_background``), so start stays fast.
-    Where CUDA is available the mapping is registered as pinned memory (``pin_with_cuda``).
+    With ``prefault`` the filesystem must have room for the segment at creation, and the
+    pages are allocated by a background thread once the daemon listens
+    (``allocate_in_background``), so start stays fast. The data plane's views fill their
+    page tables per chunk on first use (``ChunkPopulator``). Where CUDA is available the
+    mapping is registered as pinned memory (``pin_with_cuda``).
     """
 
     tier = Tier.DRAM
@@ -123,7 +127,14 @@ class ShmBackend(MappedBackend):
         self._shm: SharedSegment = create_shm(unique_shm_name(name_prefix), size_bytes,
                                               prefault=prefault)
         super().__init__(segment_id, self._shm.view, shm_name=self._shm.name)
+        self._address = np.frombuffer(self.mapping_view, dtype=np.uint8).ctypes.data
+        self._populator = ChunkPopulator(self._address, self.size_bytes)
+        self._stop_allocating = threading.Event()
         self._cuda_address: int | None = None
+
+    def view(self, offset: int, length: int) -> memoryview:
+        self._populator.ensure(offset, length)
+        return self.mapping_view[offset:offset + length]
 
     def pin_with_cuda(self) -> bool:
         """Register the mapping with CUDA (cudaHostRegister) so GPU copies run at DMA speed.
@@ -140,8 +151,7 @@ class ShmBackend(MappedBackend):
             return False
         if not torch.cuda.is_available():
             return False
-        import numpy as np
-        address = np.frombuffer(self.mapping_view, dtype=np.uint8).ctypes.data
+        address = self._address
         # cudaHostRegisterPortable = 1: pinned for every CUDA context
         status = torch.cuda.cudart().cudaHostRegister(address, self.size_bytes, 1)
         if int(status) != 0:
@@ -153,15 +163,16 @@ class ShmBackend(MappedBackend):
         log.info("registered %s with CUDA as pinned memory", self.shm_name)
         return True
 
-    def populate_in_background(self) -> threading.Thread:
-        """Fill this process's page tables for the whole mapping on a background thread (the
-        data plane's first copies into a range then run at memcpy speed). Returns the thread."""
-        thread = threading.Thread(target=populate, args=(self.mapping_view,), daemon=True,
-                                  name=f"kvstore-populate-{self.segment_id}")
+    def allocate_in_background(self) -> threading.Thread:
+        """Allocate every page on a background thread (stops at ``close``); return it."""
+        thread = threading.Thread(target=allocate_in_background,
+                                  args=(self.shm_name, self.size_bytes, self._stop_allocating),
+                                  daemon=True, name=f"kvstore-allocate-{self.segment_id}")
         thread.start()
         return thread
 
     def close(self) -> None:
+        self._stop_allocating.set()
         if self._cuda_address is not None:
             import torch
             torch.cuda.cudart().cudaHostUnregister(self._cuda_address)

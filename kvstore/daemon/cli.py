@@ -59,8 +59,9 @@ def _tier_spec(ctx, param, value):
 @click.option("--reap-orphans/--no-reap-orphans", default=True, show_default=True,
               help="At start, remove shm/SSD segments of dead daemons of this user and host.")
 @click.option("--prefault/--no-prefault", default=True, show_default=True,
-              help="Allocate every DRAM page at start (a too-small /dev/shm fails now rather "
-                   "than later) and fill the page tables in the background after listening.")
+              help="Check at start that /dev/shm has room for the DRAM tier (a too-small "
+                   "/dev/shm fails now rather than later), then allocate its pages in the "
+                   "background after listening.")
 @click.option("--rpc-timeout", default=5.0, show_default=True, type=float,
               help="Seconds per master RPC.")
 @click.option("--log-level", default="INFO", show_default=True,

@@ -3,7 +3,7 @@
 ``Daemon.start`` creates the tier backends (``kvstore.daemon.backends``), binds the data
 plane, registers with the master (the inventory holds the objects the SSD backend recovered
 from its index) and starts heartbeats, in that order, so that when it returns the node is
-serving and known; DRAM page tables are then filled in the background. Each start draws a new
+serving and known; DRAM pages are then allocated in the background. Each start draws a new
 ``incarnation``, so the master can tell a restarted daemon from the one it replaces.
 ``Daemon.stop`` unregisters, stops the data plane and releases the backends (shm names
 unlinked; SSD files kept: they survive restarts). ``run_in_thread`` is the embedded mode (``kvstore.local()``):
@@ -83,7 +83,7 @@ class Daemon:
         for segment in self.segments:
             if isinstance(segment, ShmBackend):
                 if self.config.prefault:
-                    segment.populate_in_background()
+                    segment.allocate_in_background()
                 segment.pin_with_cuda()
         log.info("node %s serving %s (%s)", self.node_id, self.address,
                  ", ".join(f"{s.segment_id}={s.tier}:{s.size_bytes}" for s in self.segments))
