@@ -105,18 +105,19 @@ print(first, second); store.close()
 """
 
 
-def start_rows(sizes_gib: list[int]) -> list[dict]:
+def start_rows(sizes_gib: list[int], prefault: bool) -> list[dict]:
     rows = []
     for size_gib in sizes_gib:
         free = shutil.disk_usage("/dev/shm").free
-        if free < (size_gib + 2) << 30:
+        if prefault and free < (size_gib + 2) << 30:
             rows.append({"dram_gib": size_gib, "skipped": f"/dev/shm has {free >> 30} GiB "
                                                          f"free, need {size_gib + 2}"})
             continue
         with ServerProcess(["master", "--port", "0"]) as master:
             start = time.perf_counter()
             daemon = ServerProcess(["daemon", "--master", master.address, "--dram",
-                                    f"{size_gib}GiB"])
+                                    f"{size_gib}GiB", "--prefault" if prefault else
+                                    "--no-prefault"])
             listen_s = time.perf_counter() - start
             try:
                 out = subprocess.run([sys.executable, "-c", FIRST_PUT, master.address],
@@ -124,7 +125,7 @@ def start_rows(sizes_gib: list[int]) -> list[dict]:
                 first_s, second_s = map(float, out.split())
             finally:
                 daemon.close()
-        rows.append({"dram_gib": size_gib, "listen_s": listen_s, "first_put_ms": first_s * 1e3,
+        rows.append({"dram_gib": size_gib, "prefault": prefault, "listen_s": listen_s, "first_put_ms": first_s * 1e3,
                      "second_put_ms": second_s * 1e3})
     return rows
 
@@ -136,14 +137,22 @@ def main() -> int:
     parser.add_argument("--total-mib", type=int, default=512, help="bytes put per value size")
     parser.add_argument("--sizes", default="65536,1048576,4194304,16777216")
     parser.add_argument("--dram-gib", default="1,8", help="DRAM sizes for the start test")
+    parser.add_argument("--no-prefault", action="store_true",
+                        help="start test daemons with --no-prefault (pages allocated only "
+                             "where touched: for sizes the host's memory cannot spare)")
+    parser.add_argument("--skip-ssd", action="store_true", help="only the start test")
     args = parser.parse_args()
     directory = args.dir or tempfile.mkdtemp(prefix="kvstore-ssd-bench-", dir="/var/tmp")
     os.makedirs(directory, exist_ok=True)
     load = open("/proc/loadavg").read().split()[:3]
-    disk = disk_ceiling(directory, args.disk_mib * MIB)
-    rows = ssd_rows(os.path.join(directory, "store"), [int(s) for s in args.sizes.split(",")],
-                    args.total_mib * MIB)
-    starts = start_rows([int(s) for s in args.dram_gib.split(",") if s])
+    disk = {"direct_io": False, "bytes": 0, "write_gbps": float("nan"),
+            "read_gbps": float("nan")}
+    rows = []
+    if not args.skip_ssd:
+        disk = disk_ceiling(directory, args.disk_mib * MIB)
+        rows = ssd_rows(os.path.join(directory, "store"),
+                        [int(s) for s in args.sizes.split(",")], args.total_mib * MIB)
+    starts = start_rows([int(s) for s in args.dram_gib.split(",") if s], not args.no_prefault)
     result = {"load_avg": load, "directory": directory, "disk": disk, "ssd": rows,
               "start": starts}
     OUT_PATH.parent.mkdir(exist_ok=True)
@@ -159,7 +168,8 @@ def main() -> int:
         if "skipped" in row:
             print(f"DRAM {row['dram_gib']} GiB: skipped ({row['skipped']})")
         else:
-            print(f"DRAM {row['dram_gib']} GiB: listening after {row['listen_s']:.2f} s, first "
+            print(f"DRAM {row['dram_gib']} GiB{'' if row['prefault'] else ' (--no-prefault)'}: "
+                  f"listening after {row['listen_s']:.2f} s, first "
                   f"4 MiB put {row['first_put_ms']:.1f} ms (second {row['second_put_ms']:.1f} ms)")
     for row in rows:
         if row["size_bytes"] >= 4 * MIB:

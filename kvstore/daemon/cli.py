@@ -48,6 +48,10 @@ def _tier_spec(ctx, param, value):
 @click.option("--ssd", default=None, callback=_tier_spec, metavar="DIR:SIZE",
               help="SSD tier: a preallocated file of SIZE in DIR, served over the data plane; "
                    "its objects survive restarts (an index in DIR).")
+@click.option("--ssd-codec", default="none", show_default=True,
+              type=click.Choice(["none", "lz4"]),
+              help="Compress what the SSD tier writes (lz4: less disk bandwidth for "
+                   "compressible values; capacity is still counted in raw bytes).")
 @click.option("--gpu", default=None, callback=_tier_spec, metavar="DEVICE:SIZE",
               help="HBM tier on a CUDA device (e.g. cuda:0:8GiB); needs CUDA torch.")
 @click.option("--token", envvar="KVSTORE_TOKEN", default=None,
@@ -66,8 +70,8 @@ def _tier_spec(ctx, param, value):
               help="Seconds per master RPC.")
 @click.option("--log-level", default="INFO", show_default=True,
               type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"]))
-def command(master_addr, host, port, dram, ssd, gpu, token, metrics_port, node_id, standalone,
-            reap_orphans, prefault, rpc_timeout, log_level):
+def command(master_addr, host, port, dram, ssd, ssd_codec, gpu, token, metrics_port, node_id,
+            standalone, reap_orphans, prefault, rpc_timeout, log_level):
     """Run a storage node: DRAM/SSD/HBM segments served over a data plane."""
     logging.basicConfig(stream=sys.stderr, level=log_level,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -84,7 +88,8 @@ def command(master_addr, host, port, dram, ssd, gpu, token, metrics_port, node_i
         extra = {"node_id": node_id} if node_id else {}
         config = DaemonConfig(
             master_addr=None if standalone else master_addr, host=host, port=port,
-            dram_bytes=dram, ssd_dir=ssd[0], ssd_bytes=ssd[1], gpu_device=gpu[0],
+            dram_bytes=dram, ssd_dir=ssd[0], ssd_bytes=ssd[1], ssd_codec=ssd_codec,
+            gpu_device=gpu[0],
             gpu_bytes=gpu[1], token=token, metrics_port=metrics_port, rpc_timeout_s=rpc_timeout,
             reap_orphans=reap_orphans, prefault=prefault, **extra)
     except KVStoreError as exc:

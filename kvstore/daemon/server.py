@@ -6,8 +6,8 @@ from its index) and starts heartbeats, in that order, so that when it returns th
 serving and known; DRAM pages are then allocated in the background. Each start draws a new
 ``incarnation``, so the master can tell a restarted daemon from the one it replaces.
 ``Daemon.stop`` unregisters, stops the data plane and releases the backends (shm names
-unlinked; SSD files kept: they survive restarts). ``run_in_thread`` is the embedded mode (``kvstore.local()``):
-the same code as ``kvstore daemon``, inside the caller's process.
+unlinked; SSD files kept: they survive restarts). ``run_in_thread`` is the embedded mode
+(``kvstore.local()``): the same code as ``kvstore daemon``, inside the caller's process.
 
 Errors: ``start`` raises ConfigError for a configuration the host cannot satisfy (shm too
 small, unusable SSD directory, no CUDA for --gpu, port in use) and MasterUnavailableError
@@ -134,7 +134,8 @@ class Daemon:
                 from kvstore.daemon.ssd import SsdBackend
                 try:
                     segments.append(SsdBackend("ssd0", config.ssd_bytes,
-                                               directory=config.ssd_dir, node_id=self.node_id))
+                                               directory=config.ssd_dir, node_id=self.node_id,
+                                               codec=config.ssd_codec))
                 except OSError as exc:
                     raise ConfigError(f"cannot create the SSD segment in {config.ssd_dir!r}: "
                                       f"{exc}") from exc

@@ -5,14 +5,23 @@ reaper only removes names that embed a dead pid, never these):
 
 - ``kvstore-ssd.data``: the extents, at the offsets the master's allocator hands out.
   Preallocated (posix_fallocate) at first start. Opened with O_DIRECT where the filesystem
-  allows (tmpfs does not): every I/O is then done in whole BLOCK_BYTES blocks through an
-  aligned bounce buffer; a block shared by two objects (the master aligns extents to 64
-  bytes, not to blocks) is read, patched and written under a per-block lock. Otherwise it
-  falls back to buffered pread/pwrite and says so in the log.
+  allows (tmpfs does not), I/O in whole blocks (``kvstore.daemon.aligned_io``: the master
+  aligns extents to 64 bytes, so a block shared by two objects is read, patched and written
+  under a lock). Otherwise it falls back to buffered pread/pwrite and says so in the log.
 - ``kvstore-ssd.index``: committed objects (``kvstore.daemon.ssd_index``).
 - ``kvstore-ssd.json``: format, size and the node id that owns the directory.
 - ``kvstore-ssd.lock``: an flock held while a daemon uses the directory (a second daemon on
   the same directory fails at start).
+
+Codec (``--ssd-codec lz4``): each piece the data plane hands to ``write_from`` (one WRITE
+request, at most its 8 MiB staging buffer; a "frame") is compressed with lz4 (block format)
+and, if that saves at least an eighth, stored compressed at the start of the piece's own
+range; otherwise raw. NOTE: how compressed objects fit the master's extents: the master
+allocates raw sizes and never learns of the compression, so a compressed frame simply uses
+the head of its raw-size range and the rest stays unused: lz4 saves disk bandwidth (fewer
+blocks written and read), not capacity. The frames of an object (offset in the extent, raw
+and stored size) are kept in memory and in its index record; reads decompress whole frames
+and return raw bytes, so clients and the master never see the codec.
 
 At start (``open``) the index is replayed, every object's bytes are read back and checked
 against the XXH3-64 checksum the client recorded; an object whose extent does not match, lies
@@ -30,28 +39,32 @@ import bisect
 import fcntl
 import json
 import logging
-import mmap
 import os
 import threading
 from pathlib import Path
 
+import lz4.block
+
 from kvstore._errors import ConfigError
 from kvstore.client.checksum import EMPTY_CHECKSUM, checksum as xxh3
+from kvstore.daemon.aligned_io import BLOCK_BYTES, CHUNK_BYTES, AlignedFile
 from kvstore.daemon.backends import Backend
 from kvstore.daemon.ssd_index import (KIND_ADD, KIND_DROP, IndexEntry, encode_record,
                                       load_index, write_compacted)
 from kvstore.tiers import Tier
 
+CODECS = ("none", "lz4")
+#: a frame is stored compressed only if that saves at least this fraction of its bytes
+MIN_SAVING_FRACTION = 1 / 8
+MIN_FRAME_BYTES = 4096
+
 log = logging.getLogger("kvstore.daemon.ssd")
 
-BLOCK_BYTES = 4096
-CHUNK_BYTES = 8 << 20          # one I/O call moves at most this much
 DATA_NAME = "kvstore-ssd.data"
 INDEX_NAME = "kvstore-ssd.index"
 META_NAME = "kvstore-ssd.json"
 LOCK_NAME = "kvstore-ssd.lock"
 FORMAT_VERSION = 1
-_NUM_BLOCK_LOCKS = 64
 
 
 def recorded_node_id(directory: str) -> str | None:
@@ -68,17 +81,20 @@ class SsdBackend(Backend):
     tier = Tier.SSD
 
     def __init__(self, segment_id: str, size_bytes: int, *, directory: str, node_id: str,
-                 direct_io: bool = True):
+                 direct_io: bool = True, codec: str = "none"):
+        if codec not in CODECS:
+            raise ConfigError(f"--ssd-codec must be one of {', '.join(CODECS)}, got {codec!r}")
+        self._compress = codec == "lz4"
         self._directory = Path(directory)
         data_path = self._directory / DATA_NAME
         super().__init__(segment_id, size_bytes, path=str(data_path))
         self._lock = threading.Lock()
-        self._block_locks = [threading.Lock() for _ in range(_NUM_BLOCK_LOCKS)]
-        self._local = threading.local()
         self._key_to_entry: dict[str, IndexEntry] = {}
         self._offsets: list[int] = []          # sorted offsets of live entries
         self._offset_to_key: dict[int, str] = {}
         self._pending: list[bytes] = []        # records not yet appended
+        self._frame_offsets: list[int] = []    # sorted starts of compressed frames
+        self._frames: dict[int, tuple[int, int]] = {}  # start -> (raw bytes, stored bytes)
         self._lock_fd = self._data_fd = self._index_fd = -1
         self.recovered: list[IndexEntry] = []
         self.num_dropped_at_start = 0
@@ -149,6 +165,7 @@ class SsdBackend(Backend):
                             "I/O through the page cache", data_path, exc.strerror)
         if not self.direct_io:
             self._data_fd = os.open(data_path, os.O_RDWR)
+        self._file = AlignedFile(self._data_fd, direct=self.direct_io)
         log.info("SSD %s: %d bytes, %s I/O", data_path, self.size_bytes,
                  "direct" if self.direct_io else "buffered")
 
@@ -182,24 +199,60 @@ class SsdBackend(Backend):
             return "outside the data file"
         if entry.offset < previous_end:
             return "overlaps another object"
+        if any(relative + raw_bytes > entry.length or stored_bytes > raw_bytes
+               for relative, raw_bytes, stored_bytes in entry.frames):
+            return "a compressed frame outside the object"
+        for relative, raw_bytes, stored_bytes in entry.frames:
+            self._add_frame(entry.offset + relative, raw_bytes, stored_bytes)
         data = bytearray(entry.length)
-        self.read_into(entry.offset, memoryview(data))
+        try:
+            self.read_into(entry.offset, memoryview(data))
+        except (OSError, lz4.block.LZ4BlockError) as exc:
+            self._forget_frames(entry.offset, entry.length)
+            return f"unreadable: {exc}"
         actual = xxh3(data)
         if actual != entry.checksum and not (entry.length == 1 and entry.checksum ==
                                              EMPTY_CHECKSUM and data == b"\0"):
+            self._forget_frames(entry.offset, entry.length)
             return f"checksum mismatch (extent corrupt or overwritten: {actual:#x} != " \
                    f"{entry.checksum:#x})"
         return ""
 
     # ---- index ---------------------------------------------------------------------------
 
+    def _frames_in(self, offset: int, length: int) -> list[int]:
+        """Starts of the compressed frames that overlap [offset, +length) (under the lock)."""
+        index = bisect.bisect_left(self._frame_offsets, offset)
+        if index > 0 and self._frame_offsets[index - 1] + \
+                self._frames[self._frame_offsets[index - 1]][0] > offset:
+            index -= 1
+        starts = []
+        while index < len(self._frame_offsets) and self._frame_offsets[index] < offset + length:
+            starts.append(self._frame_offsets[index])
+            index += 1
+        return starts
+
+    def _forget_frames(self, offset: int, length: int) -> None:
+        for start in self._frames_in(offset, length):
+            del self._frames[start]
+            self._frame_offsets.remove(start)
+
+    def _add_frame(self, start: int, raw_bytes: int, stored_bytes: int) -> None:
+        self._forget_frames(start, raw_bytes)
+        self._frames[start] = (raw_bytes, stored_bytes)
+        bisect.insort(self._frame_offsets, start)
+
     def _insert(self, entry: IndexEntry) -> None:
+        for relative, raw_bytes, stored_bytes in entry.frames:
+            self._add_frame(entry.offset + relative, raw_bytes, stored_bytes)
         self._key_to_entry[entry.key] = entry
         bisect.insort(self._offsets, entry.offset)
         self._offset_to_key[entry.offset] = entry.key
         self.used_bytes += entry.length
 
-    def _remove(self, entry: IndexEntry) -> None:
+    def _remove(self, entry: IndexEntry, *, forget_frames: bool = True) -> None:
+        if forget_frames:
+            self._forget_frames(entry.offset, entry.length)
         del self._key_to_entry[entry.key]
         index = bisect.bisect_left(self._offsets, entry.offset)
         if index < len(self._offsets) and self._offsets[index] == entry.offset:
@@ -209,8 +262,11 @@ class SsdBackend(Backend):
 
     def note_stored(self, key: str, offset: int, length: int, checksum: int,
                     codec: int) -> None:
-        entry = IndexEntry(key, offset, length, checksum, codec)
         with self._lock:
+            frames = tuple((start - offset, *self._frames[start])
+                           for start in self._frames_in(offset, length)
+                           if start >= offset and start + self._frames[start][0] <= offset + length)
+            entry = IndexEntry(key, offset, length, checksum, codec, frames)
             old = self._key_to_entry.get(key)
             if old is not None:
                 self._remove(old)
@@ -229,7 +285,8 @@ class SsdBackend(Backend):
     def note_reset(self) -> None:
         with self._lock:
             for entry in list(self._key_to_entry.values()):
-                self._remove(entry)
+                # NOTE: the frames stay: the master resends the entries that still hold
+                self._remove(entry, forget_frames=False)
                 self._pending.append(encode_record(KIND_DROP, entry))
 
     def sync(self) -> None:
@@ -268,14 +325,6 @@ class SsdBackend(Backend):
 
     # ---- I/O -----------------------------------------------------------------------------
 
-    def _bounce(self) -> memoryview:
-        bounce = getattr(self._local, "bounce", None)
-        if bounce is None:
-            # NOTE: anonymous mmap memory is page-aligned, as O_DIRECT requires
-            self._local.mapping = mmap.mmap(-1, CHUNK_BYTES + 2 * BLOCK_BYTES)
-            bounce = self._local.bounce = memoryview(self._local.mapping)
-        return bounce
-
     def write_from(self, offset: int, src: memoryview) -> None:
         length = len(src)
         if not length:
@@ -285,55 +334,37 @@ class SsdBackend(Backend):
             # old object's index record must go (durably) before its bytes are overwritten
             if self._drop_overlapping(offset, length):
                 self._append_pending()
-        if not self.direct_io:
-            _pwrite_all(self._data_fd, src, offset)
-            return
-        done = 0
-        while done < length:
-            position = offset + done
-            pad = position % BLOCK_BYTES
-            num_bytes = min(CHUNK_BYTES - pad, length - done)
-            self._write_blocks(position, src[done:done + num_bytes])
-            done += num_bytes
-
-    def _write_blocks(self, position: int, data: memoryview) -> None:
-        start = position - position % BLOCK_BYTES
-        end = position + len(data)
-        aligned_end = -(-end // BLOCK_BYTES) * BLOCK_BYTES
-        bounce = self._bounce()[:aligned_end - start]
-        edges = sorted({b for b, partial in ((start // BLOCK_BYTES, position != start),
-                                             (aligned_end // BLOCK_BYTES - 1, end != aligned_end))
-                        if partial})
-        locks = sorted({id(self._block_locks[b % _NUM_BLOCK_LOCKS]):
-                        self._block_locks[b % _NUM_BLOCK_LOCKS] for b in edges}.items())
-        for _, lock in locks:
-            lock.acquire()
-        try:
-            for block in edges:  # read-modify-write of blocks shared with neighbours
-                at = block * BLOCK_BYTES - start
-                _pread_all(self._data_fd, bounce[at:at + BLOCK_BYTES], block * BLOCK_BYTES)
-            bounce[position - start:end - start] = data
-            _pwrite_all(self._data_fd, bounce, start)
-        finally:
-            for _, lock in reversed(locks):
-                lock.release()
+        if self._compress and length >= MIN_FRAME_BYTES:
+            compressed = lz4.block.compress(src, store_size=False)
+            if len(compressed) <= length - length * MIN_SAVING_FRACTION:
+                self._file.write(offset, memoryview(compressed))
+                with self._lock:
+                    self._add_frame(offset, length, len(compressed))
+                return
+        if self._compress:
+            with self._lock:
+                self._forget_frames(offset, length)
+        self._file.write(offset, src)
 
     def read_into(self, offset: int, dst: memoryview) -> None:
-        length = len(dst)
-        if not self.direct_io:
-            _pread_all(self._data_fd, dst, offset)
+        if not self._frames:
+            self._file.read(offset, dst)
             return
-        done = 0
-        while done < length:
-            position = offset + done
-            pad = position % BLOCK_BYTES
-            num_bytes = min(CHUNK_BYTES - pad, length - done)
-            start = position - pad
-            aligned_end = -(-(position + num_bytes) // BLOCK_BYTES) * BLOCK_BYTES
-            bounce = self._bounce()[:aligned_end - start]
-            _pread_all(self._data_fd, bounce, start)
-            dst[done:done + num_bytes] = bounce[pad:pad + num_bytes]
-            done += num_bytes
+        length = len(dst)
+        with self._lock:
+            frames = [(start, *self._frames[start]) for start in self._frames_in(offset, length)]
+        position = offset
+        for start, raw_bytes, stored_bytes in frames:
+            if start > position:
+                self._file.read(position, dst[position - offset:start - offset])
+            stored = bytearray(stored_bytes)
+            self._file.read(start, memoryview(stored))
+            raw = lz4.block.decompress(stored, uncompressed_size=raw_bytes)
+            lo, hi = max(position, start), min(offset + length, start + raw_bytes)
+            dst[lo - offset:hi - offset] = raw[lo - start:hi - start]
+            position = hi
+        if position < offset + length:
+            self._file.read(position, dst[position - offset:])
 
     def close(self) -> None:
         """Sync what is pending and close the files; the files stay (they survive restarts)."""
@@ -347,17 +378,3 @@ class SsdBackend(Backend):
             if fd >= 0:
                 os.close(fd)
                 setattr(self, name, -1)
-
-
-def _pwrite_all(fd: int, data: memoryview, offset: int) -> None:
-    while len(data):
-        written = os.pwritev(fd, [data], offset)
-        data, offset = data[written:], offset + written
-
-
-def _pread_all(fd: int, buffer: memoryview, offset: int) -> None:
-    while len(buffer):
-        num_read = os.preadv(fd, [buffer], offset)
-        if num_read == 0:
-            raise OSError(f"SSD data file ends before offset {offset}")
-        buffer, offset = buffer[num_read:], offset + num_read

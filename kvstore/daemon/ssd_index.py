@@ -2,8 +2,10 @@
 
 Format: an append-only log of records, each aligned to RECORD_ALIGN_BYTES::
 
-    magic "KVI1" | kind u8 (1 add, 2 drop) | codec u8 | key length u16 | offset u64 |
-    length u64 | checksum u64 | crc32 u32 (of everything before it, then the key) | key | pad
+    magic "KVI1" | kind u8 (1 add, 2 drop) | codec u8 | key length u16 | frame count u16 |
+    offset u64 | length u64 | checksum u64 | crc32 u32 (of everything before it, then the
+    key and the frames) | key | frames (u64 offset in the extent, u32 raw bytes, u32 stored
+    bytes: the lz4-compressed pieces of the extent, see kvstore.daemon.ssd) | pad
 
 Rules:
 - An ``add`` record is appended only after the master committed the object (it arrived in a
@@ -30,7 +32,8 @@ from dataclasses import dataclass
 MAGIC = b"KVI1"
 KIND_ADD = 1
 KIND_DROP = 2
-_HEADER = struct.Struct("<4sBBHQQQ")
+_HEADER = struct.Struct("<4sBBHHQQQ")
+_FRAME = struct.Struct("<QII")
 _CRC = struct.Struct("<I")
 RECORD_ALIGN_BYTES = 64
 MAX_KEY_BYTES = 4096
@@ -44,7 +47,8 @@ class IndexEntry:
     offset: int
     length: int
     checksum: int
-    codec: int
+    codec: int               # the client's codec (kvstore.v1.Codec), as the master records it
+    frames: tuple[tuple[int, int, int], ...] = ()  # (offset in extent, raw, stored) lz4 pieces
 
 
 def encode_record(kind: int, entry: IndexEntry) -> bytes:
@@ -52,10 +56,11 @@ def encode_record(kind: int, entry: IndexEntry) -> bytes:
     key = entry.key.encode()
     if len(key) > MAX_KEY_BYTES:
         raise ValueError(f"key of {len(key)} bytes is too long for the SSD index")
-    header = _HEADER.pack(MAGIC, kind, entry.codec, len(key), entry.offset, entry.length,
-                          entry.checksum)
-    crc = zlib.crc32(key, zlib.crc32(header))
-    record = header + _CRC.pack(crc) + key
+    frames = b"".join(_FRAME.pack(*frame) for frame in entry.frames)
+    header = _HEADER.pack(MAGIC, kind, entry.codec, len(key), len(entry.frames), entry.offset,
+                          entry.length, entry.checksum)
+    crc = zlib.crc32(frames, zlib.crc32(key, zlib.crc32(header)))
+    record = header + _CRC.pack(crc) + key + frames
     return record + b"\0" * (-len(record) % RECORD_ALIGN_BYTES)
 
 
@@ -67,9 +72,10 @@ def parse_records(data: bytes) -> tuple[dict[str, IndexEntry], int]:
     fixed = _HEADER.size + _CRC.size
     view = memoryview(data)
     while position + fixed <= len(data):
-        magic, kind, codec, key_len, offset, length, checksum = _HEADER.unpack_from(view,
-                                                                                     position)
-        end = position + fixed + key_len
+        magic, kind, codec, key_len, num_frames, offset, length, checksum = \
+            _HEADER.unpack_from(view, position)
+        key_end = position + fixed + key_len
+        end = key_end + num_frames * _FRAME.size
         if magic != MAGIC or kind not in (KIND_ADD, KIND_DROP) or key_len > MAX_KEY_BYTES \
                 or end > len(data):
             if any(view[position:position + RECORD_ALIGN_BYTES]):
@@ -77,8 +83,9 @@ def parse_records(data: bytes) -> tuple[dict[str, IndexEntry], int]:
             position += RECORD_ALIGN_BYTES
             continue
         (crc,) = _CRC.unpack_from(view, position + _HEADER.size)
-        key_bytes = bytes(view[position + fixed:end])
-        if zlib.crc32(key_bytes, zlib.crc32(view[position:position + _HEADER.size])) != crc:
+        key_bytes = bytes(view[position + fixed:key_end])
+        if zlib.crc32(view[key_end:end], zlib.crc32(key_bytes, zlib.crc32(
+                view[position:position + _HEADER.size]))) != crc:
             num_bad += 1
             position += RECORD_ALIGN_BYTES
             continue
@@ -89,7 +96,9 @@ def parse_records(data: bytes) -> tuple[dict[str, IndexEntry], int]:
             position += RECORD_ALIGN_BYTES
             continue
         if kind == KIND_ADD:
-            key_to_entry[key] = IndexEntry(key, offset, length, checksum, codec)
+            frames = tuple(_FRAME.unpack_from(view, key_end + i * _FRAME.size)
+                           for i in range(num_frames))
+            key_to_entry[key] = IndexEntry(key, offset, length, checksum, codec, frames)
         elif (old := key_to_entry.get(key)) is not None and old.offset == offset:
             del key_to_entry[key]
         position = end + (-(end - position) % RECORD_ALIGN_BYTES)
