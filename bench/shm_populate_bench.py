@@ -2,11 +2,13 @@
 vs lazily with ChunkPopulator (after), interleaved, 1 GiB segment, 4 MiB copies.
 
 Prints (round, sweep, seconds to map, GB/s) per mode: sweep 0 touches every chunk once
-(pays the populate), sweep 1 is the steady state. Needs 1 GiB free in /dev/shm.
+(pays the populate), sweep 1 is the steady state. Needs 1 GiB free in /dev/shm. JSON in
+bench/out/shm_populate.json.
 
     .venv/bin/python bench/shm_populate_bench.py
 """
-import ctypes, mmap, os, time, numpy as np, _posixshmem
+import ctypes, json, mmap, os, time, numpy as np, _posixshmem
+from pathlib import Path
 from kvstore._posix_shm import ChunkPopulator, create_shm, unique_shm_name
 size = 1 << 30
 seg = create_shm(unique_shm_name("kvstore-copycheck"), size)
@@ -32,4 +34,8 @@ for rnd in range(3):
 for name, rows in results.items():
     print(name, "(round, sweep, map s, GB/s):", rows)
 seg.unlink(); seg.close(); os.close(fd)
-print("load", open("/proc/loadavg").read().split()[:3])
+load = open("/proc/loadavg").read().split()[:3]
+print("load", load)
+out = Path(__file__).resolve().parent / "out" / "shm_populate.json"
+out.parent.mkdir(exist_ok=True)
+out.write_text(json.dumps({"load_avg": load, "rows": results}, indent=2))
