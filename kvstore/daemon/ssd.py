@@ -13,8 +13,8 @@ reaper only removes names that embed a dead pid, never these):
 - ``kvstore-ssd.lock``: an flock held while a daemon uses the directory (a second daemon on
   the same directory fails at start).
 
-Codec (``--ssd-codec lz4``): each piece the data plane hands to ``write_from`` (one WRITE
-request, at most its 8 MiB staging buffer; a "frame") is compressed with lz4 (block format)
+Codec (``--ssd-codec lz4``): what ``write_from`` receives is cut into "frames" of at most
+CHUNK_BYTES (8 MiB: the data plane's pieces already are), each compressed with lz4 (block format)
 and, if that saves at least an eighth, stored compressed at the start of the piece's own
 range; otherwise raw. NOTE: how compressed objects fit the master's extents: the master
 allocates raw sizes and never learns of the compression, so a compressed frame simply uses
@@ -334,17 +334,27 @@ class SsdBackend(Backend):
             # old object's index record must go (durably) before its bytes are overwritten
             if self._drop_overlapping(offset, length):
                 self._append_pending()
-        if self._compress and length >= MIN_FRAME_BYTES:
-            compressed = lz4.block.compress(src, store_size=False)
+        if not self._compress:
+            self._file.write(offset, src)
+            return
+        # NOTE: frames of at most CHUNK_BYTES, so a read of a piece decompresses little more
+        # than the piece, whoever the writer (the data plane's 8 MiB pieces, a whole-object
+        # tier move)
+        for start in range(0, length, CHUNK_BYTES):
+            self._write_frame(offset + start, src[start:start + CHUNK_BYTES])
+
+    def _write_frame(self, offset: int, piece: memoryview) -> None:
+        length = len(piece)
+        if length >= MIN_FRAME_BYTES:
+            compressed = lz4.block.compress(piece, store_size=False)
             if len(compressed) <= length - length * MIN_SAVING_FRACTION:
                 self._file.write(offset, memoryview(compressed))
                 with self._lock:
                     self._add_frame(offset, length, len(compressed))
                 return
-        if self._compress:
-            with self._lock:
-                self._forget_frames(offset, length)
-        self._file.write(offset, src)
+        with self._lock:
+            self._forget_frames(offset, length)
+        self._file.write(offset, piece)
 
     def read_into(self, offset: int, dst: memoryview) -> None:
         if not self._frames:
