@@ -57,7 +57,9 @@ def _tier_spec(ctx, param, value):
 @click.option("--token", envvar="KVSTORE_TOKEN", default=None,
               help="Shared token for the master and the data plane [env KVSTORE_TOKEN].")
 @click.option("--metrics-port", type=int, default=None, help="Serve Prometheus metrics here.")
-@click.option("--node-id", default=None, help="Node id (default: HOSTNAME-RANDOM).")
+@click.option("--node-id", default=None,
+              help="Node id (default: the one recorded in the --ssd directory by an earlier "
+                   "start, else HOSTNAME-RANDOM).")
 @click.option("--standalone", is_flag=True,
               help="Serve the data plane without a master (benchmarks, debugging).")
 @click.option("--reap-orphans/--no-reap-orphans", default=True, show_default=True,
