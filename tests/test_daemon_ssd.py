@@ -312,3 +312,48 @@ def test_lz4_daemon_serves_compressed_objects_before_and_after_a_restart(tmp_pat
 def test_an_unknown_ssd_codec_is_refused(tmp_path):
     with pytest.raises(ConfigError, match="ssd-codec"):
         SsdBackend("ssd0", 1 << 20, directory=str(tmp_path), node_id="n1", codec="zstd")
+
+
+# ---- the object table drives the index ------------------------------------------------------
+
+def _changes(seq, added=(), removed=(), full_resync=False):
+    from kvstore.rpc import HeartbeatChanges, Inventory
+    return HeartbeatChanges(
+        master_id="m", seq=seq, full_resync=full_resync,
+        added=Inventory(keys=[a[0] for a in added], segment_ids=[a[1] for a in added],
+                        offsets=[a[2] for a in added], lengths=[len(a[3]) for a in added],
+                        checksums=[checksum(a[3]) for a in added], codecs=[0] * len(added)),
+        removed_keys=list(removed))
+
+
+def test_heartbeat_change_sets_reach_the_index_and_the_usage_counters(tmp_path):
+    from kvstore.daemon.objects import ObjectTable
+
+    ssd = SsdBackend("ssd0", 8 << 20, directory=str(tmp_path), node_id="n1", codec="lz4")
+    dram = ShmBackend("dram0", 4 << 20, name_prefix="kvstore-test-table")
+    try:
+        a, b, c = _compressible(100_000), _bytes(70_000, 1), _bytes(5000, 2)
+        ssd.write_from(0, memoryview(a))
+        ssd.write_from(1 << 20, memoryview(b))
+        dram.write_from(0, memoryview(c))
+        table = ObjectTable([ssd, dram])
+        table.apply(_changes(1, [("a", "ssd0", 0, a), ("b", "ssd0", 1 << 20, b),
+                                 ("c", "dram0", 0, c)]))
+        assert sorted(load_index(str(tmp_path / INDEX_NAME))[0]) == ["a", "b"]  # durable
+        assert (ssd.used_bytes, dram.used_bytes) == (len(a) + len(b), len(c))
+        table.apply(_changes(2, removed=["b", "c"]))
+        assert sorted(load_index(str(tmp_path / INDEX_NAME))[0]) == ["a"]
+        assert (ssd.used_bytes, dram.used_bytes) == (len(a), 0)
+        # a full resync that still lists a: it stays indexed, compressed frames and all
+        table.apply(_changes(3, [("a", "ssd0", 0, a)], full_resync=True))
+        live = load_index(str(tmp_path / INDEX_NAME))[0]
+        assert sorted(live) == ["a"] and live["a"].frames
+        out = bytearray(len(a))
+        ssd.read_into(0, memoryview(out))
+        assert bytes(out) == a
+        # a full resync without it: gone from the index
+        table.apply(_changes(4, full_resync=True))
+        assert load_index(str(tmp_path / INDEX_NAME))[0] == {}
+    finally:
+        ssd.close()
+        dram.close()
