@@ -12,21 +12,29 @@ registered with the resource tracker, which unlinks the daemon's segment when th
 
 from __future__ import annotations
 
+import ctypes
+import logging
 import mmap
 import os
 import re
 import secrets
+import threading
 
 import _posixshmem
 
 from kvstore.transport.hostid import local_host_id
 
+log = logging.getLogger("kvstore.shm")
+
 SHM_MODE = 0o600
 
-#: A client maps a segment up to this size with its page tables filled at once (MAP_POPULATE):
-#: ~0.1 s per GiB here, after which every copy runs at memcpy speed. Larger segments are mapped
-#: lazily: their first touch of each page costs a minor fault (copies run ~4x slower then).
-POPULATE_MAX_BYTES = 8 << 30
+#: Page tables are filled (MADV_POPULATE_WRITE) in chunks of this many bytes, the first time
+#: a copy (the daemon's data plane, a client's shm transport) touches the chunk.
+POPULATE_CHUNK_BYTES = 2 << 20
+_MADV_POPULATE_WRITE = 23  # linux/mman.h, Linux >= 5.14
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.madvise.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
+_populate_supported = True
 
 
 class SharedSegment:
@@ -90,10 +98,11 @@ def unique_shm_name(prefix: str) -> str:
 def create_shm(name: str, size_bytes: int, *, prefault: bool = True) -> SharedSegment:
     """Create, size and map a new shared-memory object with mode 0600.
 
-    With ``prefault`` every page is allocated now (posix_fallocate) and mapped (MAP_POPULATE).
-    NOTE: why: a page first touched by a copy costs allocation, zeroing and a fault, which
-    made copies into a fresh segment run at ~1 GB/s instead of ~9 GB/s here; prefaulting also
-    makes a /dev/shm too small for the segment an error now, not a SIGBUS later.
+    With ``prefault`` the filesystem must have ``size_bytes`` free now (else OSError naming
+    /dev/shm), and the owner then allocates the pages off the critical path
+    (``allocate_in_background``). NOTE: why not here: posix_fallocate of 8 GiB took 2-6 s
+    and MAP_POPULATE another 8-15 s before the daemon could listen; page tables are filled per
+    chunk on first use instead (``ChunkPopulator``), by the daemon and by each client.
 
     Raises FileExistsError if the name is taken and OSError if the system refuses (e.g. the
     size exceeds /dev/shm); nothing is left behind on failure.
@@ -102,17 +111,14 @@ def create_shm(name: str, size_bytes: int, *, prefault: bool = True) -> SharedSe
     try:
         # NOTE: the umask may have dropped bits but never adds any; fchmod makes 0600 exact.
         os.fchmod(fd, SHM_MODE)
-        os.ftruncate(fd, size_bytes)
-        flags = mmap.MAP_SHARED
         if prefault and size_bytes:
-            try:
-                os.posix_fallocate(fd, 0, size_bytes)
-            except OSError as exc:
-                raise OSError(exc.errno, f"cannot allocate {size_bytes} bytes of shared memory "
-                                         f"for {name} (is /dev/shm large enough?): "
-                                         f"{exc.strerror}") from exc
-            flags |= mmap.MAP_POPULATE
-        mapping = mmap.mmap(fd, size_bytes, flags=flags)
+            stats = os.fstatvfs(fd)
+            free_bytes = stats.f_bavail * stats.f_frsize
+            if free_bytes < size_bytes:
+                raise OSError(28, f"cannot allocate {size_bytes} bytes of shared memory for "
+                                  f"{name}: only {free_bytes} free (is /dev/shm large enough?)")
+        os.ftruncate(fd, size_bytes)
+        mapping = mmap.mmap(fd, size_bytes, flags=mmap.MAP_SHARED)
     except BaseException:
         os.close(fd)
         _posixshmem.shm_unlink(name)
@@ -121,18 +127,82 @@ def create_shm(name: str, size_bytes: int, *, prefault: bool = True) -> SharedSe
     return SharedSegment(name, mapping, owner=True)
 
 
+def allocate_in_background(name: str, size_bytes: int, stop: "threading.Event") -> None:
+    """Allocate every page of shm object ``name`` (posix_fallocate, 256 MiB per call) until
+    done or ``stop`` is set; for a background thread. Never raises: a failure (the
+    filesystem filled up meanwhile) is logged, and the pages are then allocated on first
+    touch (a touch that finds no memory is a SIGBUS, as without prefault)."""
+    step = 256 << 20
+    try:
+        fd = _posixshmem.shm_open(name, os.O_RDWR, mode=0)
+    except OSError:
+        return  # unlinked meanwhile (stopped)
+    try:
+        for start in range(0, size_bytes, step):
+            if stop.is_set():
+                return
+            os.posix_fallocate(fd, start, min(step, size_bytes - start))
+        log.debug("allocated all %d bytes of %s", size_bytes, name)
+    except OSError as exc:
+        log.error("cannot allocate all %d bytes of shared memory for %s (%s): /dev/shm is "
+                  "short; writes into unallocated pages may fail", size_bytes, name, exc)
+    finally:
+        os.close(fd)
+
+
+def populate_range(address: int, length: int) -> bool:
+    """Fill this process's page tables for [address, address + length) of a shared mapping
+    (MADV_POPULATE_WRITE; the range is widened to whole pages). Returns False where the kernel
+    lacks it (before Linux 5.14): pages then fault in on first touch, as before. Never raises.
+    """
+    global _populate_supported
+    if not _populate_supported or length <= 0:
+        return False
+    start = address & ~(mmap.PAGESIZE - 1)
+    if _libc.madvise(start, address + length - start, _MADV_POPULATE_WRITE) != 0:
+        errno = ctypes.get_errno()
+        if errno == 22:  # EINVAL: the kernel does not know the advice
+            _populate_supported = False
+            log.info("MADV_POPULATE_WRITE unsupported here; shm pages fault in on first touch")
+        return False
+    return True
+
+
+class ChunkPopulator:
+    """Fills this process's page tables for a mapping one POPULATE_CHUNK_BYTES chunk at a
+    time, the first time a copy touches the chunk (a byte per chunk remembers). Races are
+    harmless: populating a chunk twice is."""
+
+    def __init__(self, address: int, size_bytes: int):
+        self._address = address
+        self._size_bytes = size_bytes
+        self._chunk_populated = bytearray(-(-size_bytes // POPULATE_CHUNK_BYTES))
+
+    def ensure(self, offset: int, length: int) -> None:
+        """Populate the chunks of [offset, +length) not yet populated (never raises)."""
+        if length <= 0:
+            return
+        first = offset // POPULATE_CHUNK_BYTES
+        last = (offset + length - 1) // POPULATE_CHUNK_BYTES
+        flags = self._chunk_populated
+        if flags.find(0, first, last + 1) < 0:
+            return
+        start = first * POPULATE_CHUNK_BYTES
+        end = min((last + 1) * POPULATE_CHUNK_BYTES, self._size_bytes)
+        if populate_range(self._address + start, end - start):
+            flags[first:last + 1] = b"\x01" * (last + 1 - first)
+
+
 def open_shm(name: str) -> SharedSegment:
     """Map an existing shared-memory object read-write (OSError if absent or not allowed).
 
-    Segments up to POPULATE_MAX_BYTES are mapped with their page tables filled at once.
+    NOTE: mapped lazily (no MAP_POPULATE: it cost a new client ~0.1 s per GiB of segment on
+    its first put); the transport populates the chunks a copy touches (``ChunkPopulator``).
     """
     fd = _posixshmem.shm_open(name, os.O_RDWR, mode=0)
     try:
         size_bytes = os.fstat(fd).st_size
-        flags = mmap.MAP_SHARED
-        if size_bytes <= POPULATE_MAX_BYTES:
-            flags |= mmap.MAP_POPULATE
-        mapping = mmap.mmap(fd, size_bytes, flags=flags)
+        mapping = mmap.mmap(fd, size_bytes, flags=mmap.MAP_SHARED)
     finally:
         os.close(fd)
     return SharedSegment(name, mapping, owner=False)

@@ -182,25 +182,38 @@ def test_reaping_can_be_turned_off():
         segment.close()
 
 
-@pytest.mark.parametrize("prefault", [True, False])
-def test_prefault_allocates_every_page_of_the_segment_at_creation(prefault):
-    """A prefaulted segment owns all its memory before the first copy (no allocation and zeroing
-    inside a client's memcpy); without prefault it stays sparse until written."""
-    size_bytes = 8 << 20
-    segment = create_shm(unique_shm_name("kvstore-test-prefault"), size_bytes, prefault=prefault)
+def test_prefault_allocates_every_page_after_creation_in_the_background():
+    """Creation is cheap (sparse, so a big daemon listens at once); the backend's background
+    thread then owns all the memory before clients need it, and a client's populate of the
+    chunk a copy touches allocates just that chunk."""
+    from kvstore._posix_shm import POPULATE_CHUNK_BYTES, ChunkPopulator
+    from kvstore.daemon.backends import ShmBackend
+
+    size_bytes = 16 << 20
+    backend = ShmBackend("dram0", size_bytes, name_prefix="kvstore-test-prefault")
     try:
-        allocated_bytes = os.stat(f"/dev/shm{segment.name}").st_blocks * 512
-        if prefault:
-            assert allocated_bytes >= size_bytes
-        else:
-            assert allocated_bytes < size_bytes // 2
-        client = open_shm(segment.name)
+        path = f"/dev/shm{backend.shm_name}"
+        assert os.stat(path).st_blocks * 512 < size_bytes // 2
+        client = open_shm(backend.shm_name)
+        address = __import__("numpy").frombuffer(client.view, dtype="uint8").ctypes.data
+        ChunkPopulator(address, size_bytes).ensure(5 << 20, 100)
+        assert os.stat(path).st_blocks * 512 >= POPULATE_CHUNK_BYTES
         client.view[:4] = b"abcd"                    # a client's mapping sees the same memory
-        assert bytes(segment.view[:4]) == b"abcd"
+        assert bytes(backend.view(0, 4)) == b"abcd"
         client.close()
+        backend.allocate_in_background().join(timeout=30)
+        assert os.stat(path).st_blocks * 512 >= size_bytes
     finally:
-        segment.unlink()
-        segment.close()
+        backend.close()
+
+
+def test_prefault_refuses_a_segment_larger_than_the_free_shm_at_once():
+    stats = os.statvfs("/dev/shm")
+    too_big = stats.f_bavail * stats.f_frsize + (1 << 30)
+    name = unique_shm_name("kvstore-test-prefault")
+    with pytest.raises(OSError, match="is /dev/shm large enough"):
+        create_shm(name, too_big, prefault=True)
+    assert not os.path.exists(f"/dev/shm{name}")
 
 
 def test_prefault_flag_maps_to_the_config():

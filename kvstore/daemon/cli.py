@@ -46,7 +46,12 @@ def _tier_spec(ctx, param, value):
 @click.option("--dram", default="1GiB", show_default=True, callback=_size,
               help="DRAM tier size, in POSIX shared memory (e.g. 4GiB; 0: no DRAM tier).")
 @click.option("--ssd", default=None, callback=_tier_spec, metavar="DIR:SIZE",
-              help="SSD tier: a file of SIZE in DIR, served over the data plane.")
+              help="SSD tier: a preallocated file of SIZE in DIR, served over the data plane; "
+                   "its objects survive restarts (an index in DIR).")
+@click.option("--ssd-codec", default="none", show_default=True,
+              type=click.Choice(["none", "lz4"]),
+              help="Compress what the SSD tier writes (lz4: less disk bandwidth for "
+                   "compressible values; capacity is still counted in raw bytes).")
 @click.option("--gpu", default=None, callback=_tier_spec, metavar="DEVICE:SIZE",
               help="HBM tier on a CUDA device (e.g. cuda:0:8GiB); needs CUDA torch.")
 @click.option("--token", envvar="KVSTORE_TOKEN", default=None,
@@ -54,20 +59,23 @@ def _tier_spec(ctx, param, value):
 @click.option("--metrics-port", type=int, default=None, help="Serve Prometheus metrics here.")
 @click.option("--metrics-host", default=None,
               help="Address the metrics port binds (default: --host).")
-@click.option("--node-id", default=None, help="Node id (default: HOSTNAME-RANDOM).")
+@click.option("--node-id", default=None,
+              help="Node id (default: the one recorded in the --ssd directory by an earlier "
+                   "start, else HOSTNAME-RANDOM).")
 @click.option("--standalone", is_flag=True,
               help="Serve the data plane without a master (benchmarks, debugging).")
 @click.option("--reap-orphans/--no-reap-orphans", default=True, show_default=True,
               help="At start, remove shm/SSD segments of dead daemons of this user and host.")
 @click.option("--prefault/--no-prefault", default=True, show_default=True,
-              help="Allocate every DRAM page at start: slower start (~0.3 s/GiB), full-speed "
-                   "copies, and a too-small /dev/shm fails now rather than later.")
+              help="Check at start that /dev/shm has room for the DRAM tier (a too-small "
+                   "/dev/shm fails now rather than later), then allocate its pages in the "
+                   "background after listening.")
 @click.option("--rpc-timeout", default=5.0, show_default=True, type=float,
               help="Seconds per master RPC.")
 @click.option("--log-level", default="INFO", show_default=True,
               type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"]))
-def command(master_addr, host, port, dram, ssd, gpu, token, metrics_port, metrics_host, node_id, standalone,
-            reap_orphans, prefault, rpc_timeout, log_level):
+def command(master_addr, host, port, dram, ssd, ssd_codec, gpu, token, metrics_port,
+            metrics_host, node_id, standalone, reap_orphans, prefault, rpc_timeout, log_level):
     """Run a storage node: DRAM/SSD/HBM segments served over a data plane."""
     logging.basicConfig(stream=sys.stderr, level=log_level,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -77,11 +85,15 @@ def command(master_addr, host, port, dram, ssd, gpu, token, metrics_port, metric
     from kvstore.daemon.server import Daemon
 
     try:
+        if not node_id and ssd[0] is not None:
+            # NOTE: a restart on the same SSD directory keeps the node id that owns its data
+            from kvstore.daemon.ssd import recorded_node_id
+            node_id = recorded_node_id(ssd[0])
         extra = {"node_id": node_id} if node_id else {}
         config = DaemonConfig(
             master_addr=None if standalone else master_addr, host=host, port=port,
-            dram_bytes=dram, ssd_dir=ssd[0], ssd_bytes=ssd[1], gpu_device=gpu[0],
-            gpu_bytes=gpu[1], token=token, metrics_port=metrics_port,
+            dram_bytes=dram, ssd_dir=ssd[0], ssd_bytes=ssd[1], ssd_codec=ssd_codec,
+            gpu_device=gpu[0], gpu_bytes=gpu[1], token=token, metrics_port=metrics_port,
             metrics_host=metrics_host, rpc_timeout_s=rpc_timeout,
             reap_orphans=reap_orphans, prefault=prefault, **extra)
     except KVStoreError as exc:

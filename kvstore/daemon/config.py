@@ -52,6 +52,7 @@ class DaemonConfig:
     dram_bytes: int = 1024**3
     ssd_dir: str | None = None
     ssd_bytes: int = 0
+    ssd_codec: str = "none"     # "lz4": compress SSD frames (kvstore.daemon.ssd)
     gpu_device: str | None = None
     gpu_bytes: int = 0
     token: str | None = None
@@ -82,6 +83,8 @@ class DaemonConfig:
             raise ConfigError("the daemon needs at least one tier: dram_bytes > 0, ssd or gpu")
         if (self.ssd_dir is None) != (self.ssd_bytes == 0):
             raise ConfigError("ssd needs both a directory and a size > 0 (--ssd DIR:SIZE)")
+        if self.ssd_codec not in ("none", "lz4"):
+            raise ConfigError(f"ssd_codec must be 'none' or 'lz4', got {self.ssd_codec!r}")
         if (self.gpu_device is None) != (self.gpu_bytes == 0):
             raise ConfigError("gpu needs both a device and a size > 0 (--gpu DEVICE:SIZE)")
         if not _NODE_ID_RE.match(self.node_id):

@@ -1,5 +1,10 @@
 """The daemon's data-plane server: serves READ/WRITE of segment ranges (data_frames.py format).
 
+Storage is reached only through the tier backends (``kvstore.daemon.backends.Backend``):
+a backend that hands out a view (DRAM) is received into / sent from directly; any other
+(SSD, HBM) goes through this connection thread's staging buffer of ``STAGING_BYTES``, one
+``write_from`` / ``read_into`` per chunk. Socket-level work stays here.
+
 Threading and resource handling: ``kvstore._tcpserver.ThreadedTcpServer`` (one accept
 thread, one thread per connection with blocking sockets; at most ``max_connections``).
 
@@ -11,16 +16,20 @@ sends no complete handshake within ``handshake_timeout_s`` is disconnected.
 from __future__ import annotations
 
 import logging
+import mmap
 import socket
+import threading
 from dataclasses import dataclass
 
 from kvstore._tcpserver import ThreadedTcpServer
 from kvstore._wire import BadHello, read_hello, tokens_equal
-from kvstore.daemon.segments import Segment
+from kvstore.daemon.backends import Backend
 from kvstore.transport import data_frames
 from kvstore.transport.data_frames import Op, Status
 
 log = logging.getLogger("kvstore.daemon.dataplane")
+
+STAGING_BYTES = 8 << 20
 
 
 @dataclass
@@ -42,7 +51,7 @@ class _BadFrame(Exception):
 class DataPlaneServer(ThreadedTcpServer):
     """Serves the segments given to it over TCP on exactly ``host``:``port`` (0 = pick)."""
 
-    def __init__(self, segments: list[Segment], *, node_id: str, host: str, port: int = 0,
+    def __init__(self, segments: list[Backend], *, node_id: str, host: str, port: int = 0,
                  token: str | None = None, max_connections: int = 1024,
                  handshake_timeout_s: float = 10.0):
         super().__init__(host=host, port=port, max_connections=max_connections,
@@ -53,6 +62,7 @@ class DataPlaneServer(ThreadedTcpServer):
         self._handshake_timeout_s = handshake_timeout_s
         self.stats = DataPlaneStats()
         self.address = ""
+        self._local = threading.local()
 
     def start(self) -> str:
         """Bind, listen and start accepting; return the bound "host:port"."""
@@ -131,16 +141,49 @@ class DataPlaneServer(ThreadedTcpServer):
             # we do not trust, so the connection ends. A refused READ leaves it usable.
             return op_code == Op.READ
         if op_code == Op.WRITE:
-            segment.recv_range(conn, offset, length)
+            self._receive_into(conn, segment, offset, length)
             conn.sendall(data_frames.encode_reply(Status.OK, request_id))
             self.stats.num_writes += 1
             self.stats.bytes_written += length
         else:
-            segment.send_range(conn, data_frames.encode_reply(Status.OK, request_id, length),
-                               offset, length)
+            self._send_from(conn, segment, data_frames.encode_reply(Status.OK, request_id,
+                                                                     length), offset, length)
             self.stats.num_reads += 1
             self.stats.bytes_read += length
         return True
+
+    def _staging(self) -> memoryview:
+        staging = getattr(self._local, "staging", None)
+        if staging is None:
+            # NOTE: page-aligned (anonymous mmap), so backends may do direct I/O from it
+            self._local.mapping = mmap.mmap(-1, STAGING_BYTES)
+            staging = self._local.staging = memoryview(self._local.mapping)
+        return staging
+
+    def _receive_into(self, conn: socket.socket, backend: Backend, offset: int,
+                      length: int) -> None:
+        view = backend.view(offset, length)
+        if view is not None:
+            data_frames.recv_exact_into(conn, view)
+            return
+        staging = self._staging()
+        for start in range(0, length, STAGING_BYTES):
+            chunk = staging[:min(STAGING_BYTES, length - start)]
+            data_frames.recv_exact_into(conn, chunk)
+            backend.write_from(offset + start, chunk)
+
+    def _send_from(self, conn: socket.socket, backend: Backend, header: bytes, offset: int,
+                   length: int) -> None:
+        view = backend.view(offset, length)
+        if view is not None:
+            data_frames.sendmsg_all(conn, [header, view])
+            return
+        staging = self._staging()
+        conn.sendall(header)
+        for start in range(0, length, STAGING_BYTES):
+            chunk = staging[:min(STAGING_BYTES, length - start)]
+            backend.read_into(offset + start, chunk)
+            conn.sendall(chunk)
 
     @staticmethod
     def _reply_quietly(conn: socket.socket, status: Status, message: str) -> None:

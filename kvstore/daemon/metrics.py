@@ -41,6 +41,12 @@ class _DaemonCollector:
         for segment in daemon.segments:
             capacity.add_metric([segment.segment_id, segment.tier.label], segment.size_bytes)
         yield capacity
+        used = GaugeMetricFamily("kvstore_daemon_segment_used_bytes",
+                                 "Bytes of the objects each segment holds",
+                                 labels=["segment", "tier"])
+        for segment in daemon.segments:
+            used.add_metric([segment.segment_id, segment.tier.label], segment.used_bytes)
+        yield used
         objects = daemon.objects
         yield GaugeMetricFamily("kvstore_daemon_objects", "Objects in the local table",
                                 value=len(objects) if objects is not None else 0)

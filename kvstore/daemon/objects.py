@@ -10,6 +10,11 @@ are dropped. The master sends only each key's last change, so a key is in at mos
 the two lists (tested in tests/test_master_heartbeat.py); were it in both, additions first
 would err on the safe side: the table would miss an object, never list freed space.
 
+Backends listen: each entry added or removed in a segment is noted to that segment's backend
+(``Backend.note_stored``/``note_freed``; usage counters, and the SSD backend's on-disk index),
+and after a change set every backend touched is synced (``Backend.sync``) before ``apply``
+returns, so an SSD object is durable in the index before the next heartbeat acknowledges it.
+
 Thread-safe: one lock guards the table.
 """
 
@@ -17,8 +22,12 @@ from __future__ import annotations
 
 import threading
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from kvstore.rpc import HeartbeatChanges, Inventory
+
+if TYPE_CHECKING:
+    from kvstore.daemon.backends import Backend
 
 #: Codec (kvstore.v1.Codec) recorded when a change names none: the raw bytes.
 CODEC_RAW = 0
@@ -38,10 +47,17 @@ class StoredObject:
 class ObjectTable:
     """key -> StoredObject for the replicas on this node, plus the last applied sequence."""
 
-    def __init__(self) -> None:
+    def __init__(self, backends: "list[Backend] | None" = None) -> None:
         self._lock = threading.Lock()
         self._key_to_object: dict[str, StoredObject] = {}
+        self._segment_to_backend = {b.segment_id: b for b in backends or []}
         self.acked_seq = 0
+
+    def seed(self, key: str, stored: StoredObject) -> None:
+        """Insert an object recovered from this node's own storage (an SSD index at start),
+        without noting it to its backend (which already knows it)."""
+        with self._lock:
+            self._key_to_object[key] = stored
 
     def __len__(self) -> int:
         with self._lock:
@@ -65,18 +81,38 @@ class ObjectTable:
         if not response.full_resync and response.seq <= self.acked_seq:
             return 0
         added = response.added
+        backends = self._segment_to_backend
+        touched: set = set()
         with self._lock:
             if response.full_resync:
                 self._key_to_object.clear()
+                for backend in backends.values():
+                    backend.note_reset()
+                    touched.add(backend)
             codecs = added.codecs
             checksums = added.checksums
             for i, key in enumerate(added.keys):
-                self._key_to_object[key] = StoredObject(
+                stored = StoredObject(
                     added.segment_ids[i], added.offsets[i], added.lengths[i],
                     checksums[i] if i < len(checksums) else 0,
                     codecs[i] if i < len(codecs) else CODEC_RAW)
+                old = self._key_to_object.get(key)
+                if old is not None and (backend := backends.get(old.segment_id)) is not None \
+                        and old != stored:
+                    backend.note_freed(key, old.offset, old.length)
+                    touched.add(backend)
+                self._key_to_object[key] = stored
+                if (backend := backends.get(stored.segment_id)) is not None and old != stored:
+                    backend.note_stored(key, stored.offset, stored.length, stored.checksum,
+                                        stored.codec)
+                    touched.add(backend)
             for key in response.removed_keys:
-                self._key_to_object.pop(key, None)
+                old = self._key_to_object.pop(key, None)
+                if old is not None and (backend := backends.get(old.segment_id)) is not None:
+                    backend.note_freed(key, old.offset, old.length)
+                    touched.add(backend)
+            for backend in touched:
+                backend.sync()
             self.acked_seq = response.seq
         return len(added.keys) + len(response.removed_keys)
 

@@ -1,10 +1,13 @@
 """The storage daemon: its segments, data-plane server and link to the master, wired together.
 
-``Daemon.start`` creates the segments, binds the data plane, registers with the master and
-starts heartbeats, in that order, so that when it returns the node is serving and known.
-``Daemon.stop`` unregisters, stops the data plane and removes the segments (shm names
-unlinked, SSD files deleted). ``run_in_thread`` is the embedded mode (``kvstore.local()``):
-the same code as ``kvstore daemon``, inside the caller's process.
+``Daemon.start`` creates the tier backends (``kvstore.daemon.backends``), binds the data
+plane, registers with the master (the inventory holds the objects the SSD backend recovered
+from its index) and starts heartbeats, in that order, so that when it returns the node is
+serving and known; DRAM pages are then allocated in the background. Each start draws a new
+``incarnation``, so the master can tell a restarted daemon from the one it replaces.
+``Daemon.stop`` unregisters, stops the data plane and releases the backends (shm names
+unlinked; SSD files kept: they survive restarts). ``run_in_thread`` is the embedded mode
+(``kvstore.local()``): the same code as ``kvstore daemon``, inside the caller's process.
 
 Errors: ``start`` raises ConfigError for a configuration the host cannot satisfy (shm too
 small, unusable SSD directory, no CUDA for --gpu, port in use) and MasterUnavailableError
@@ -15,6 +18,7 @@ created before raising.
 from __future__ import annotations
 
 import logging
+import secrets
 import threading
 import time
 from typing import Callable
@@ -22,7 +26,7 @@ from typing import Callable
 from kvstore._errors import ConfigError
 from kvstore.daemon.config import DaemonConfig
 from kvstore.daemon.dataplane import DataPlaneServer
-from kvstore.daemon.segments import FileSegment, Segment, ShmSegment
+from kvstore.daemon.backends import Backend, ShmBackend
 from kvstore.transport.hostid import local_host_id
 
 log = logging.getLogger("kvstore.daemon")
@@ -36,7 +40,8 @@ class Daemon:
         self.node_id = config.node_id
         self.host_id = local_host_id()
         self._clock = clock
-        self.segments: list[Segment] = []
+        self.incarnation = secrets.token_hex(8)
+        self.segments: list[Backend] = []
         self.dataplane: DataPlaneServer | None = None
         self.master_link = None
         self.objects = None
@@ -75,6 +80,11 @@ class Daemon:
         except BaseException:
             self.stop()
             raise
+        for segment in self.segments:
+            if isinstance(segment, ShmBackend):
+                if self.config.prefault:
+                    segment.allocate_in_background()
+                segment.pin_with_cuda()
         log.info("node %s serving %s (%s)", self.node_id, self.address,
                  ", ".join(f"{s.segment_id}={s.tier}:{s.size_bytes}" for s in self.segments))
         return self.address
@@ -87,7 +97,13 @@ class Daemon:
 
         self._master_client = grpc_client(self.config.master_addr, token=self.config.token,
                                           rpc_timeout_s=self.config.rpc_timeout_s)
-        self.objects = ObjectTable()
+        self.objects = ObjectTable(self.segments)
+        from kvstore.daemon.objects import StoredObject
+        for segment in self.segments:
+            for entry in getattr(segment, "recovered", ()):
+                self.objects.seed(entry.key, StoredObject(segment.segment_id, entry.offset,
+                                                          entry.length, entry.checksum,
+                                                          entry.codec))
         self.master_link = MasterLink(self._master_client, self.node_spec(), self.objects,
                                       clock=self._clock, stop_event=self._interrupted)
         self.master_link.register(timeout_s=self.config.register_timeout_s)
@@ -99,30 +115,33 @@ class Daemon:
 
         return NodeSpec(node_id=self.node_id, host_id=self.host_id, data_addr=self.address,
                         segments=[SegmentSpec(s.segment_id, s.tier, s.size_bytes, s.shm_name,
-                                              s.path) for s in self.segments])
+                                              s.path) for s in self.segments],
+                        incarnation=self.incarnation)
 
-    def _create_segments(self) -> list[Segment]:
+    def _create_segments(self) -> list[Backend]:
         config = self.config
-        segments: list[Segment] = []
+        segments: list[Backend] = []
         prefix = f"kvstore-{self.node_id}"
         try:
             if config.dram_bytes:
                 try:
-                    segments.append(ShmSegment("dram0", config.dram_bytes, name_prefix=prefix,
+                    segments.append(ShmBackend("dram0", config.dram_bytes, name_prefix=prefix,
                                                 prefault=config.prefault))
                 except OSError as exc:
                     raise ConfigError(f"cannot create a {config.dram_bytes}-byte shared-memory "
                                       f"segment (is /dev/shm large enough?): {exc}") from exc
             if config.ssd_dir is not None:
+                from kvstore.daemon.ssd import SsdBackend
                 try:
-                    segments.append(FileSegment("ssd0", config.ssd_bytes,
-                                                directory=config.ssd_dir, name_prefix=prefix))
+                    segments.append(SsdBackend("ssd0", config.ssd_bytes,
+                                               directory=config.ssd_dir, node_id=self.node_id,
+                                               codec=config.ssd_codec))
                 except OSError as exc:
                     raise ConfigError(f"cannot create the SSD segment in {config.ssd_dir!r}: "
                                       f"{exc}") from exc
             if config.gpu_device is not None:
-                from kvstore.daemon.gpu_segment import GpuSegment
-                segments.append(GpuSegment("hbm0", config.gpu_bytes, device=config.gpu_device))
+                from kvstore.daemon.gpu import GpuBackend
+                segments.append(GpuBackend("hbm0", config.gpu_bytes, device=config.gpu_device))
         except BaseException:
             for segment in segments:
                 segment.close()

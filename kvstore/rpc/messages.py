@@ -167,7 +167,8 @@ def replica_sets(reply: pb.GetReplicasResponse, keys: Sequence[str],
 
 def node_info(node: NodeSpec) -> pb.NodeInfo:
     return pb.NodeInfo(node_id=node.node_id, host_id=node.host_id, data_addr=node.data_addr,
-                       segments=[_segment_info(s) for s in node.segments])
+                       segments=[_segment_info(s) for s in node.segments],
+                       incarnation=node.incarnation)
 
 
 def _segment_info(segment: SegmentSpec) -> pb.SegmentInfo:

@@ -59,6 +59,7 @@ class NodeSpec:
     host_id: str
     data_addr: str
     segments: list[SegmentSpec]
+    incarnation: str = ""     # changes each time the daemon process starts
 
 
 @dataclass(slots=True)
