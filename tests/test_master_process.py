@@ -146,8 +146,11 @@ def test_status_cli_table_and_json():
     status = json.loads(raw.stdout)
     assert status["num_objects"] == 3 and status["nodes"][0]["node_id"] == "node-7"
     assert status["fast_port"] > 0 and f"fast metadata port {status['fast_port']}" in table.stdout
+    counters = {"hits": 0, "demotions": 0, "promotions": 0, "evictions": 0}
     assert status["tiers"][0] == {"tier": "DRAM", "used_bytes": 3072,
-                                  "capacity_bytes": 4 << 20, "num_replicas": 3}
+                                  "capacity_bytes": 4 << 20, "num_replicas": 3, **counters}
+    assert status["nodes"][0]["tiers"] == status["tiers"]      # one node: its tiers are all
+    assert "DEMOTIONS" in table.stdout and "PROMOTIONS" in table.stdout
 
 
 def test_status_cli_reports_an_unreachable_master():

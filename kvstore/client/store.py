@@ -251,7 +251,9 @@ class KVStore:
         master = dataclasses.asdict(stats)
         master["tiers"] = [{"tier": usage.tier.label if usage.tier else None,
                             "capacity_bytes": usage.capacity_bytes,
-                            "used_bytes": usage.used_bytes, "num_objects": usage.num_replicas}
+                            "used_bytes": usage.used_bytes, "num_objects": usage.num_replicas,
+                            "hits": usage.hits, "demotions": usage.demotions,
+                            "promotions": usage.promotions, "evictions": usage.evictions}
                            for usage in stats.tiers]
         self._max_batch = stats.max_batch or self._max_batch
         return {"address": self.address, "client_id": self.client_id, "host_id": self.host_id,
