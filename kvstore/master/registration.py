@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import grpc
 
-from kvstore.master import tiering
+from kvstore.master import eviction, tiering
 from kvstore.master.nodes import Node, SegmentSpace
 from kvstore.master.objects import CODECS, COMPLETE, ObjectMeta
 from kvstore.master.validation import (
@@ -144,8 +144,18 @@ def heartbeat(state, node_id: str, acked_seq: int, now_s: float, moves_done=(),
     if node is None:
         return None
     node.last_heartbeat_s = now_s
-    moved = (tiering.settle(state, node, moves_done, moves_failed, now_s)
-             if moves_done or moves_failed else [])
+    moved = []
+    if moves_done or moves_failed:
+        moved = tiering.settle(state, node, moves_done, moves_failed, now_s)
+        if moves_failed:
+            # NOTE: a move that failed would fail again at once (a broken disk, a tier the
+            # daemon cannot copy): pause the passes instead of reordering it every beat
+            state.pressure_idle_until_s = now_s + eviction.PRESSURE_RETRY_S
+        else:
+            # NOTE: a segment still pressed gets its next moves in this very reply: while
+            # pressure lasts, copies and acknowledgements form one pipeline, not one batch
+            # per heartbeat interval
+            eviction.relieve_pressure(state, now_s)
     changes = node.changes_after(acked_seq, state.objects,
                                  state.config.max_changes_per_heartbeat)
     return (*changes, tiering.take_outbox(node) if node.outbox else [], moved)
