@@ -4,7 +4,7 @@ A real master and a daemon with ``--dram`` and ``--ssd``; one client puts 4 MiB 
 DRAM without pause. Once DRAM passes its high watermark the master orders demotions (copied
 by the daemon's move thread, acknowledged in heartbeats); the figure is the bytes demoted
 per second (the daemon's DRAM demotion counter from ``kvstore status`` times the value size)
-over the measured window, beside the put GB/s. The ceiling, measured in the same run, is the
+over the measured window (10 s, or until the puts would fill the SSD), beside the put GB/s. The ceiling, measured in the same run, is the
 daemon's own copy (``daemon.moves.copy_range``) from a shm segment into a mapped SSD file in
 this process, with no master and no puts competing. Prints a table and writes
 bench/out/demotion_bench.json.
@@ -67,12 +67,11 @@ def demotion_run(ssd_dir: str, seconds: float, ssd_bytes: int) -> dict:
             store.put(f"fill/{i}", value, tier="dram")
             i += 1
         start_demotions, started = _dram(master.address)["demotions"], time.perf_counter()
-        num_puts, next_sample = 0, started + 0.5
-        while time.perf_counter() - started < seconds:
+        num_puts = 0
+        max_puts = (ssd_bytes - DRAM_BYTES) // VALUE_BYTES - i    # SSD never fills: no eviction
+        while time.perf_counter() - started < seconds and num_puts < max_puts:
             store.put(f"run/{num_puts}", value, tier="dram")
             num_puts += 1
-            if time.perf_counter() >= next_sample:
-                next_sample += 0.5
         elapsed = time.perf_counter() - started
         dram = _dram(master.address)
         demoted = dram["demotions"] - start_demotions

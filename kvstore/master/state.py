@@ -17,7 +17,8 @@ Structures:
 Every method takes ``now_s`` from the caller's clock read (one ``now`` per request, so a
 sweep and a batch see one instant). Not thread-safe: the service serializes calls with a
 lock. Reads live in ``reads``, remove/pin in ``admin``, registration in ``registration``,
-eviction in ``eviction``. Every verb answers in domain values (objects, picks, nodes, status
+pressure relief (demotion, eviction) in ``eviction``, tier moves in ``tiering``, lease ids
+in ``leases``. Every verb answers in domain values (objects, picks, nodes, status
 ints from ``objects``); the service and ``replies`` turn them into protobuf replies.
 """
 
