@@ -47,11 +47,13 @@ def get_replicas(state, keys, lease_ttl_s: float, now_s: float):
     lease_until_s = now_s + lease_ttl_s
     for obj in found:
         obj.last_used = use
-        if obj.lease_until_s <= now_s:
-            obj.readers = 1          # every earlier hold has expired
-        else:
+        until_s = obj.lease_until_s
+        if until_s > now_s:
             obj.readers += 1
-        if obj.lease_until_s < lease_until_s:
+            if until_s < lease_until_s:
+                obj.lease_until_s = lease_until_s
+        else:
+            obj.readers = 1          # every earlier hold has expired
             obj.lease_until_s = lease_until_s
         obj.replicas[0][0].hits += 1
     state.hits += len(found)
