@@ -241,3 +241,25 @@ def test_near_node_places_on_that_node_first(embedded):
     with pytest.raises(kvstore.InvalidArgumentError, match="near_node_id"):
         put(m.client, ["q"], [1000], near_node_id="x" * 300)
     assert m.client.call("Stats", pb.StatsRequest()).num_objects == 6
+
+
+def test_a_put_with_no_room_anywhere_evicts_only_in_the_last_tier(embedded):
+    # watermarks at 100%: no pressure pass runs, only the put's own search for room
+    m = embedded(promote="off", high_watermark=1.0, low_watermark=1.0)
+    register(m.client, "n1", segments=[("dram0", pb.TIER_DRAM, 8 * MiB),
+                                       ("ssd0", pb.TIER_SSD, 8 * MiB)])
+    for key in KEYS:                                   # DRAM full
+        put(m.client, [key], [MiB])
+    spilled = [f"s{i}" for i in range(8)]              # they land in SSD at once
+    for key in spilled:
+        reply = put(m.client, [key], [MiB])
+        assert replicas_of(reply, 0)[0][1] == "ssd0"
+    get(m.client, KEYS[:1] + spilled[:1], lease_ttl_ms=1)   # k0 and s0 used again
+    m.clock.advance(0.01)
+    reply = put(m.client, ["last"], [MiB])             # no room in any tier
+    assert reply.statuses == [pb.ITEM_OK] and replicas_of(reply, 0)[0][1] == "ssd0"
+    tiers = _tiers(m)
+    assert tiers[pb.TIER_SSD].evictions == 1 and tiers[pb.TIER_DRAM].evictions == 0
+    found = m.client.call("Exists", pb.ExistsRequest(keys=KEYS + spilled)).exists
+    # k1, the coldest object, is in DRAM: kept; s1, the coldest in SSD, was evicted
+    assert list(found) == [True] * 8 + [True, False] + [True] * 6
