@@ -108,6 +108,8 @@ def test_metrics_endpoint_serves_counters_and_tier_gauges():
     assert 'kvstore_master_tier_replicas{tier="dram"} 2.0' in lines
     assert "kvstore_master_hits_total 1.0" in lines
     assert "kvstore_master_misses_total 1.0" in lines
+    assert "kvstore_master_demotions_total 0.0" in lines
+    assert "kvstore_master_moves_in_flight 0.0" in lines
     assert "kvstore_master_evictions_total 0.0" in lines
     assert 'kvstore_master_rpc_total{method="PutStart",transport="grpc"} 1.0' in lines
     assert any(l.startswith('kvstore_master_rpc_seconds_count{method="GetReplicas",'

@@ -65,6 +65,7 @@ def test_demotion_copies_first_and_switches_only_after_the_ack(embedded):
     assert tiers[pb.TIER_DRAM].evictions == 0 and tiers[pb.TIER_SSD].evictions == 0
     stats = m.client.call("Stats", pb.StatsRequest())
     assert stats.num_objects == 8 and stats.evictions == 0
+    assert m.state.demotions == 2 and not m.state.moves        # the metrics' counters
     assert _beat(m, done=[moves[0].move_id]).moves == []       # a replayed ack: no effect
     assert _tiers(m)[pb.TIER_SSD].used_bytes == 2 * MiB
 

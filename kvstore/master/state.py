@@ -64,6 +64,8 @@ class MasterState:
         self.hits = 0
         self.misses = 0
         self.evictions = 0
+        self.demotions = 0      # tier moves completed, all nodes (segments count per node)
+        self.promotions = 0
         self.pressure_idle_until_s = now_s   # see eviction.relieve_pressure
         self.leases = LeaseBook()
         self.moves: dict[int, tiering.Move] = {}

@@ -122,8 +122,10 @@ def _complete(state, move: Move, now_s: float):
     src.node.log_added(obj.key, dst, move.dst_offset, obj.size_bytes, obj.checksum, obj.codec)
     if dst.tier > src.tier:
         src.demotions += 1
+        state.demotions += 1
     else:
         dst.promotions += 1
+        state.promotions += 1
     obj.slow_reads = 0
     state.free_range(obj, src, move.src_offset, now_s)
     return obj
