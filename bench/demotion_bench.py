@@ -5,8 +5,9 @@ DRAM without pause. Once DRAM passes its high watermark the master orders demoti
 by the daemon's move thread, acknowledged in heartbeats); the figure is the bytes demoted
 per second (the daemon's DRAM demotion counter from ``kvstore status`` times the value size)
 over the measured window (10 s, or until the puts would fill the SSD), beside the put GB/s.
-The ceiling, measured in the same run, is the daemon's own copy (``daemon.moves.copy_range``) from a shm segment into a mapped SSD file in
-this process, with no master and no puts competing. Prints a table and writes
+The ceiling, measured in the same run, is the daemon's own copy
+(``daemon.moves.copy_range``) from a shm segment into a mapped SSD file in this process, with
+no master and no puts competing. Prints a table and writes
 bench/out/demotion_bench.json.
 
     .venv/bin/python bench/demotion_bench.py [--quick] [--ssd-dir DIR]
