@@ -1,4 +1,7 @@
-"""``kvstore status``: what a master knows, as a table (default) or JSON (``--json``)."""
+"""``kvstore status``: what a master knows, as a table (default) or JSON (``--json``): the
+cluster's tiers, then each node's tiers with their counters (hits: reads served, counted on
+an object's first listed replica; demotions: objects moved out to a slower tier; promotions:
+moved in from a slower tier; evictions: dropped). A node's counters leave with it."""
 
 from __future__ import annotations
 
@@ -25,16 +28,22 @@ def fetch_status(address: str, token: str | None, timeout_s: float = 5.0) -> dic
         "hits": stats.hits, "misses": stats.misses, "evictions": stats.evictions,
         "metrics_port": stats.metrics_port, "max_batch": stats.max_batch,
         "fast_port": stats.fast_port,
-        "tiers": [{"tier": _tier_name(t.tier), "used_bytes": t.used_bytes,
-                   "capacity_bytes": t.capacity_bytes, "num_replicas": t.num_replicas}
-                  for t in stats.tiers],
+        "tiers": [_tier_entry(t) for t in stats.tiers],
         "nodes": [{"node_id": n.node_id, "host_id": n.host_id, "data_addr": n.data_addr,
                    "used_bytes": n.used_bytes, "num_objects": n.num_objects,
                    "last_heartbeat_age_s": round(n.last_heartbeat_age_s, 3),
                    "segments": [{"segment_id": s.segment_id, "tier": _tier_name(s.tier),
-                                 "capacity_bytes": s.capacity_bytes} for s in n.segments]}
+                                 "capacity_bytes": s.capacity_bytes} for s in n.segments],
+                   "tiers": [_tier_entry(t) for t in n.tiers]}
                   for n in nodes],
     }
+
+
+def _tier_entry(t) -> dict:
+    return {"tier": _tier_name(t.tier), "used_bytes": t.used_bytes,
+            "capacity_bytes": t.capacity_bytes, "num_replicas": t.num_replicas,
+            "hits": t.hits, "demotions": t.demotions, "promotions": t.promotions,
+            "evictions": t.evictions}
 
 
 def _tier_name(tier) -> str:
@@ -49,12 +58,7 @@ def render_table(status: dict) -> str:
              f"objects {status['num_objects']} (pending {status['num_pending']}, leased "
              f"{status['num_leased']})  hits {status['hits']}  misses {status['misses']}  "
              f"evictions {status['evictions']}", ""]
-    rows = [("TIER", "USED", "CAPACITY", "USE%", "REPLICAS")]
-    for t in status["tiers"]:
-        use = 100.0 * t["used_bytes"] / t["capacity_bytes"] if t["capacity_bytes"] else 0.0
-        rows.append((t["tier"], format_size(t["used_bytes"]), format_size(t["capacity_bytes"]),
-                     f"{use:.1f}%", str(t["num_replicas"])))
-    lines += _columns(rows) + [""]
+    lines += _columns([_TIER_HEADER] + [_tier_row("*", t) for t in status["tiers"]]) + [""]
     rows = [("NODE", "HOST", "DATA ADDR", "SEGMENTS", "USED", "OBJECTS", "LAST HEARTBEAT")]
     for n in status["nodes"]:
         segments = ",".join(f"{s['tier']}:{format_size(s['capacity_bytes'])}"
@@ -62,7 +66,22 @@ def render_table(status: dict) -> str:
         rows.append((n["node_id"], n["host_id"], n["data_addr"], segments,
                      format_size(n["used_bytes"]), str(n["num_objects"]),
                      f"{n['last_heartbeat_age_s']:.1f} s ago"))
-    return "\n".join(lines + _columns(rows))
+    lines += _columns(rows)
+    per_node = [_tier_row(n["node_id"], t) for n in status["nodes"] for t in n["tiers"]]
+    if per_node:
+        lines += ["", *_columns([_TIER_HEADER] + per_node)]
+    return "\n".join(lines)
+
+
+_TIER_HEADER = ("NODE", "TIER", "USED", "CAPACITY", "USE%", "OBJECTS", "HITS", "DEMOTIONS",
+                "PROMOTIONS", "EVICTIONS")
+
+
+def _tier_row(node: str, t: dict) -> tuple[str, ...]:
+    use = 100.0 * t["used_bytes"] / t["capacity_bytes"] if t["capacity_bytes"] else 0.0
+    return (node, t["tier"], format_size(t["used_bytes"]), format_size(t["capacity_bytes"]),
+            f"{use:.1f}%", str(t["num_replicas"]), str(t["hits"]), str(t["demotions"]),
+            str(t["promotions"]), str(t["evictions"]))
 
 
 def _columns(rows: list[tuple[str, ...]]) -> list[str]:

@@ -33,7 +33,8 @@ class Cluster:
     """One master process and ``num_daemons`` daemon processes. Close with ``close()``."""
 
     def __init__(self, *, num_daemons: int = 2, dram: str = "256MiB",
-                 master_args: tuple[str, ...] = (), token: str | None = None):
+                 master_args: tuple[str, ...] = (), token: str | None = None,
+                 daemon_args: tuple[str, ...] = ()):
         token_args = ["--token", token] if token else []
         self.master = ServerProcess(["master", "--host", "127.0.0.1", "--port", "0",
                                      *token_args, *master_args])
@@ -44,7 +45,7 @@ class Cluster:
             for _ in range(num_daemons):
                 self.daemons.append(ServerProcess(
                     ["daemon", "--master", self.address, "--host", "127.0.0.1", "--port", "0",
-                     "--dram", dram, *token_args]))
+                     "--dram", dram, *token_args, *daemon_args]))
             self.wait_nodes(num_daemons)
         except BaseException:
             self.close()

@@ -116,7 +116,10 @@ def test_second_put_of_a_key_is_a_success_that_writes_nothing(store):
 
 def test_remove_of_a_leased_object_needs_force(store):
     store.put("leased/key", b"v")
-    assert store.get("leased/key", lease_ttl_s=60) == b"v"
+    # a reader that took the replicas and has not finished (a get releases when done)
+    reader = kvstore.rpc.grpc_client(store.address, token=TOKEN)
+    assert reader.get_replicas(["leased/key"], lease_ttl_s=60)[0].size_bytes == 1
+    reader.close()
     with pytest.raises(KVStoreError, match="leased"):
         store.remove("leased/key")
     assert store.get("leased/key") == b"v"

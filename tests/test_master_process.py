@@ -108,6 +108,8 @@ def test_metrics_endpoint_serves_counters_and_tier_gauges():
     assert 'kvstore_master_tier_replicas{tier="dram"} 2.0' in lines
     assert "kvstore_master_hits_total 1.0" in lines
     assert "kvstore_master_misses_total 1.0" in lines
+    assert "kvstore_master_demotions_total 0.0" in lines
+    assert "kvstore_master_moves_in_flight 0.0" in lines
     assert "kvstore_master_evictions_total 0.0" in lines
     assert 'kvstore_master_rpc_total{method="PutStart",transport="grpc"} 1.0' in lines
     assert any(l.startswith('kvstore_master_rpc_seconds_count{method="GetReplicas",'
@@ -172,8 +174,11 @@ def test_status_cli_table_and_json():
     status = json.loads(raw.stdout)
     assert status["num_objects"] == 3 and status["nodes"][0]["node_id"] == "node-7"
     assert status["fast_port"] > 0 and f"fast metadata port {status['fast_port']}" in table.stdout
+    counters = {"hits": 0, "demotions": 0, "promotions": 0, "evictions": 0}
     assert status["tiers"][0] == {"tier": "DRAM", "used_bytes": 3072,
-                                  "capacity_bytes": 4 << 20, "num_replicas": 3}
+                                  "capacity_bytes": 4 << 20, "num_replicas": 3, **counters}
+    assert status["nodes"][0]["tiers"] == status["tiers"]      # one node: its tiers are all
+    assert "DEMOTIONS" in table.stdout and "PROMOTIONS" in table.stdout
 
 
 def test_status_cli_reports_an_unreachable_master():

@@ -81,7 +81,7 @@ def test_random_operations_keep_space_consistent(steps):
         elif kind == "revoke":
             state.put_revoke(step[1], "w")
         elif kind == "get":
-            objs, missing = state.get_replicas(step[1], step[2], now)
+            objs, missing, _ = state.get_replicas(step[1], step[2], now)
             reply = service.replies.get_replicas(objs, missing, step[2], "")
             for key, status in zip(step[1], reply.statuses):
                 assert (status == pb.ITEM_OK) == (key in state.objects)

@@ -1,5 +1,6 @@
 """The get flow of one batch: GetReplicas (grants a read lease) -> read each key from its best
-replica, falling back to the next one -> verify checksums where required.
+replica, falling back to the next one -> verify checksums where required -> hand the lease id
+to ``settings.release`` (``leases.LeaseReleaser``: the lease ends without waiting its TTL).
 
 One GetReplicas per batch; bytes go through ``Transfers.read`` (one ``read_many`` per
 transport per round). Keys that fail are reported per item and never with wrong bytes: when a
@@ -31,6 +32,8 @@ class GetSettings:
     host_id: str
     verify: bool
     lease_ttl_s: float | None = None
+    # called with the call's lease id once its reads are done (ends the lease early)
+    release: Callable[[int], None] | None = None
 
 
 # A destination factory: object size -> (result holder, writable view of exactly that size).
@@ -58,8 +61,9 @@ def get_batch(master: MasterClient, transfers: Transfers, keys: Sequence[Any],
         dsts.append(dst)
     if not names:
         return results
-    found = master.get_replicas(names, client_host_id=settings.host_id,
-                                lease_ttl_s=settings.lease_ttl_s, deadline=settings.deadline)
+    found, lease_id = master.get_replicas_leased(
+        names, client_host_id=settings.host_id, lease_ttl_s=settings.lease_ttl_s,
+        deadline=settings.deadline)
     jobs = []
     for j, key in enumerate(names):
         i = indices[j]
@@ -89,6 +93,12 @@ def get_batch(master: MasterClient, transfers: Transfers, keys: Sequence[Any],
         if size:
             jobs.append(ReadJob(i, key, transfers.route(replica_set.targets), dst, expected,
                                 settings.verify))
-    for i, error in transfers.read(jobs, deadline=settings.deadline).items():
-        results[i] = error
+    try:
+        for i, error in transfers.read(jobs, deadline=settings.deadline).items():
+            results[i] = error
+    finally:
+        # NOTE: the reads are over (done or failed): no byte of the leased ranges is read
+        # after this, so the lease may end now instead of at its TTL
+        if settings.release is not None:
+            settings.release(lease_id)
     return results

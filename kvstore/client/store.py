@@ -20,6 +20,7 @@ from kvstore._deadline import Deadline
 from kvstore._errors import ClosedError, InvalidArgumentError, KVStoreError
 from kvstore.client.config import ClientConfig, check_timeout
 from kvstore.client.key_checks import check_key, check_keys
+from kvstore.client.leases import LeaseReleaser
 from kvstore.client.reader import GetSettings, get_batch
 from kvstore.client.transfer import Transfers
 from kvstore.client.values import finish_bytes, new_bytes
@@ -35,6 +36,16 @@ def _raise_if_error(result: Any) -> Any:
     if isinstance(result, KVStoreError):
         raise result
     return result
+
+
+def _check_node_id(node_id: Any) -> str:
+    """``near_node`` as the wire's node id ("" for None); InvalidArgumentError otherwise."""
+    if node_id is None:
+        return ""
+    if not isinstance(node_id, str) or not node_id or len(node_id) > 256:
+        raise InvalidArgumentError(f"near_node must be a node id (a non-empty str of at most "
+                                   f"256 characters) or None, got {node_id!r}")
+    return node_id
 
 
 def _check_lengths(keys: Sequence[Any], others: Sequence[Any], what: str) -> None:
@@ -89,17 +100,20 @@ class KVStore:
         self._closing_guard = _ClosingGuard(self)
         self._master: MasterClient | None = None   # set by _connect_master
         self._transfers = Transfers(make_transports(kind=config.transport, token=config.token))
+        self._leases: LeaseReleaser | None = None   # set by _connect_master
 
     # ---- put ----------------------------------------------------------------------------
     def put(self, key: str, value: Any, *, replicas: int = 1, timeout_s: float | None = None,
             soft_pin_ttl_s: float | None = None, hard_pin: bool = False,
-            tier: str | None = None) -> None:
+            tier: str | None = None, near_node: str | None = None) -> None:
         """Store ``value`` (bytes, bytearray, memoryview, numpy array or CPU torch tensor,
         read in place, never converted) under ``key`` on ``replicas`` distinct nodes.
 
         Putting a key that exists is a success and writes nothing. An empty value is stored
         (see ``kvstore.client.checksum``). ``tier`` ("hbm", "dram", "ssd") is tried first by
-        placement; ``soft_pin_ttl_s``/``hard_pin`` pin the object once stored.
+        placement, and within it the node ``near_node`` (a node id, e.g. the decode node
+        that will read the value; a hint: other nodes are used when it has no room);
+        ``soft_pin_ttl_s``/``hard_pin`` pin the object once stored.
 
         Raises InvalidArgumentError (bad key/value/option), CapacityError (no space even
         after eviction), TransferError (the write failed; the space was given back), or the
@@ -107,11 +121,12 @@ class KVStore:
         """
         _raise_if_error(self.batch_put([key], [value], replicas=replicas, timeout_s=timeout_s,
                                        soft_pin_ttl_s=soft_pin_ttl_s, hard_pin=hard_pin,
-                                       tier=tier)[0])
+                                       tier=tier, near_node=near_node)[0])
 
     def batch_put(self, keys: Sequence[str], values: Sequence[Any], *, replicas: int = 1,
                   timeout_s: float | None = None, soft_pin_ttl_s: float | None = None,
-                  hard_pin: bool = False, tier: str | None = None) -> list[KVStoreError | None]:
+                  hard_pin: bool = False, tier: str | None = None,
+                  near_node: str | None = None) -> list[KVStoreError | None]:
         """``put`` of many keys with one PutStart and one PutEnd; None or the error per key."""
         self._check_open()
         keys = check_keys(keys)
@@ -122,7 +137,7 @@ class KVStore:
             replicas=check_replicas(replicas), deadline=self._deadline(timeout_s),
             client_id=self.client_id,
             host_id=self.host_id, soft_pin_ttl_s=soft_pin_ttl_s, hard_pin=bool(hard_pin),
-            tier=check_tier(tier))
+            tier=check_tier(tier), near_node_id=_check_node_id(near_node))
         with self._closing_guard:
             return self._chunked(lambda lo, hi: put_batch(
                 self._master, self._transfers, keys[lo:hi], values[lo:hi], settings), len(keys))
@@ -174,7 +189,8 @@ class KVStore:
         settings = GetSettings(
             deadline=self._deadline(timeout_s), host_id=self.host_id, verify=self.config.verify if verify is None else bool(verify),
             lease_ttl_s=(self.config.lease_ttl_s if lease_ttl_s is None
-                         else check_timeout(lease_ttl_s, "lease_ttl_s")))
+                         else check_timeout(lease_ttl_s, "lease_ttl_s")),
+            release=self._leases.release if self._leases is not None else None)
         allocate = None if outs is not None else new_bytes
         with self._closing_guard:
             return self._chunked(lambda lo, hi: get_batch(
@@ -235,7 +251,9 @@ class KVStore:
         master = dataclasses.asdict(stats)
         master["tiers"] = [{"tier": usage.tier.label if usage.tier else None,
                             "capacity_bytes": usage.capacity_bytes,
-                            "used_bytes": usage.used_bytes, "num_objects": usage.num_replicas}
+                            "used_bytes": usage.used_bytes, "num_objects": usage.num_replicas,
+                            "hits": usage.hits, "demotions": usage.demotions,
+                            "promotions": usage.promotions, "evictions": usage.evictions}
                            for usage in stats.tiers]
         self._max_batch = stats.max_batch or self._max_batch
         return {"address": self.address, "client_id": self.client_id, "host_id": self.host_id,
@@ -252,6 +270,7 @@ class KVStore:
             self.address, token=self.config.token, rpc_timeout_s=self.config.rpc_timeout_s,
             metadata=self.config.metadata, reply_spin_s=self.config.reply_spin_s)
         self._max_batch = stats.max_batch or self._max_batch
+        self._leases = LeaseReleaser(self._master)
 
     @property
     def metadata_path(self) -> str:
@@ -265,6 +284,8 @@ class KVStore:
             if self._closed:
                 return
             self._closed = True
+        if self._leases is not None:
+            self._leases.close()      # sends the releases still queued, then stops
         self._transfers.close()
         if self._master is not None:
             self._master.close()

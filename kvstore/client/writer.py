@@ -35,6 +35,7 @@ class PutSettings:
     soft_pin_ttl_s: float | None = None
     hard_pin: bool = False
     tier: Tier | None = None
+    near_node_id: str = ""   # placement hint: that node first (e.g. the decode node)
 
 
 def check_tier(tier: Any) -> Tier | None:
@@ -89,7 +90,7 @@ def _put_valid(master: MasterClient, transfers: Transfers, indices: list[int],
                settings: PutSettings, results: list[KVStoreError | None]) -> None:
     pending = master.begin_put_start(
         names, sizes, client_id=settings.client_id, replicas=settings.replicas,
-        near_host_id=settings.host_id, tier=settings.tier,
+        near_host_id=settings.host_id, near_node_id=settings.near_node_id, tier=settings.tier,
         soft_pin_ttl_s=settings.soft_pin_ttl_s, hard_pin=settings.hard_pin,
         deadline=settings.deadline)
     # NOTE: hashed while the master allocates, not after the write: the client would only

@@ -5,7 +5,10 @@ listening) and again whenever a heartbeat reply says ``known=false`` (the master
 or dropped this node past its TTL); each registration sends the local object table as the
 inventory, so the master adopts every object this node still holds. Heartbeats run every
 ``heartbeat_interval_ms`` the master returned at registration and apply the change sets they
-carry to the local ``ObjectTable``.
+carry to the local ``ObjectTable``. Tier moves a reply orders are handed to a
+``moves.MoveRunner`` (copied off this thread); the ids it finished go in the next heartbeat,
+which comes early, as soon as a batch is done, so the master can switch the objects and free
+their source ranges without waiting a whole interval.
 
 Error handling: an unreachable master is retried with capped exponential backoff
 (``RETRY_MIN_S`` .. ``RETRY_MAX_S``) and logged, never fatal; a heartbeat that fails is
@@ -27,6 +30,7 @@ import grpc
 
 from kvstore._deadline import Deadline
 from kvstore._errors import KVStoreError, MasterUnavailableError
+from kvstore.daemon.moves import MoveRunner
 from kvstore.daemon.objects import ObjectTable
 from kvstore.rpc import MasterClient, NodeSpec, Registration
 
@@ -34,6 +38,9 @@ log = logging.getLogger("kvstore.daemon.master_link")
 
 RETRY_MIN_S = 0.2
 RETRY_MAX_S = 5.0
+#: Heartbeat interval while tier moves flow (a beat acknowledged or received moves): the
+#: master orders the next moves in its replies, so beating sooner keeps demotion going.
+MOVING_BEAT_S = 0.05
 
 
 class MasterLink:
@@ -41,15 +48,19 @@ class MasterLink:
 
     def __init__(self, client: MasterClient, node: NodeSpec, table: ObjectTable, *,
                  clock: Callable[[], float] = time.monotonic,
-                 stop_event: threading.Event | None = None):
+                 stop_event: threading.Event | None = None, segments=None):
         self._client = client
         self._node = node
         self._table = table
         self._clock = clock
         # NOTE: shared with the owner, so a signal can end a registration still retrying
         self._stop = stop_event or threading.Event()
+        self._wake = threading.Event()     # an early heartbeat (a move batch finished)
+        # segment id -> segment: the tier moves' backends (None: moves are refused)
+        self.moves = MoveRunner(segments, self._wake.set) if segments else None
         self._thread: threading.Thread | None = None
         self.heartbeat_interval_s = 1.0
+        self._moving = False      # the last beat acknowledged or received moves
         self.master_id = ""
         self.num_registrations = 0
         self._unregistered = False
@@ -100,13 +111,23 @@ class MasterLink:
 
         Raises KVStoreError (e.g. MasterUnavailableError) when the call fails; the loop logs it.
         """
-        changes = self._client.heartbeat(self._node.node_id, self._table.acked_seq)
+        done, failed = self.moves.take_results() if self.moves else ([], [])
+        try:
+            changes = self._client.heartbeat(self._node.node_id, self._table.acked_seq,
+                                             moves_done=done, moves_failed=failed)
+        except BaseException:
+            if self.moves:
+                self.moves.restore(done, failed)
+            raise
         if changes is None:
             log.warning("master %s does not know node %s; re-registering with %d objects",
                         self._client.address, self._node.node_id, len(self._table))
             self.register(timeout_s=self.heartbeat_interval_s * 10)
             return
         self._table.apply(changes)
+        self._moving = bool(done or failed or changes.moves)
+        if changes.moves and self.moves is not None:
+            self.moves.submit(changes.moves)   # without segments: the master times them out
 
     def start_heartbeats(self) -> None:
         self._thread = threading.Thread(target=self._heartbeat_loop, daemon=True,
@@ -115,7 +136,12 @@ class MasterLink:
 
     def _heartbeat_loop(self) -> None:
         num_failures = 0
-        while not self._stop.wait(self.heartbeat_interval_s):
+        while True:
+            self._wake.wait(min(self.heartbeat_interval_s, MOVING_BEAT_S) if self._moving
+                            else self.heartbeat_interval_s)
+            if self._stop.is_set():
+                break
+            self._wake.clear()
             try:
                 self.heartbeat_once()
                 if num_failures:
@@ -134,8 +160,11 @@ class MasterLink:
     def stop(self, *, unregister: bool = True) -> None:
         """Stop heartbeating and (by default) unregister. Idempotent; never raises."""
         self._stop.set()
+        self._wake.set()
         if self._thread is not None:
             self._thread.join(timeout=10)
+        if self.moves is not None:
+            self.moves.stop()
         if unregister and self.num_registrations and not self._unregistered:
             self._unregistered = True
             try:

@@ -1,20 +1,34 @@
-"""Copies between this node's tier backends: the daemon's half of demotion and promotion.
+"""Tier moves in the daemon: the copies the master orders (``TierMove`` in a heartbeat reply)
+between two of this node's backends (demotion and promotion), run off the heartbeat thread.
 
-``copy_range`` is the one entry point; the code that receives TierMove orders in heartbeat
-replies calls it once per order and reports the move id done (or failed) in its next beat.
+``copy_range`` copies one range; its source is only read, never changed, so a reader of the
+source keeps valid bytes whatever happens; on an exception the destination may hold a
+partial copy, which is harmless because the master switches the object's replica to the
+destination only after the daemon reported the move done. Bytes go through a view when the
+source or the destination is directly addressable memory (DRAM: one copy), else through a
+bounce buffer of ``CHUNK_BYTES`` (SSD <-> HBM).
 
-Guarantees: the source range is only read, never changed, so a reader of the source keeps
-valid bytes whatever happens; on an exception the destination range may hold a partial
-copy, which is harmless because the master switches the object's replica to the destination
-only after the daemon reported the move done. Bytes go through a view when the source or
-the destination is directly addressable memory (DRAM: one copy), else through a bounce
-buffer of ``CHUNK_BYTES`` (SSD <-> HBM).
+``MoveRunner.submit`` queues one heartbeat's moves as a batch; one worker thread copies
+them in order with ``copy_range`` and records each id as done or failed; ``take_results``
+hands the ids to the next heartbeat (``restore`` puts them back when that heartbeat failed,
+so an acknowledgement is never lost to a broken call). When a batch ends, ``on_batch_done``
+is called (the link heartbeats early: the master frees the source only once it hears). A
+move fails, leaving its source as it was, when a segment id is unknown, a range lies
+outside its segment, or the copy raises. The daemon never decides what to move.
 """
 
 from __future__ import annotations
 
+import logging
+import queue
+import threading
+from typing import Callable, Mapping
+
 from kvstore._errors import InvalidArgumentError
 from kvstore.daemon.backends import Backend
+from kvstore.rpc.results import TierMove
+
+log = logging.getLogger("kvstore.daemon.moves")
 
 CHUNK_BYTES = 8 << 20
 
@@ -52,3 +66,79 @@ def copy_range(src_backend: Backend, src_offset: int, dst_backend: Backend, dst_
         chunk = bounce[:min(CHUNK_BYTES, length - start)]
         src_backend.read_into(src_offset + start, chunk)
         dst_backend.write_from(dst_offset + start, chunk)
+
+
+class MoveRunner:
+    """Runs the master's tier moves on one worker thread. Thread-safe."""
+
+    def __init__(self, segments: Mapping[str, object],
+                 on_batch_done: Callable[[], None] = lambda: None):
+        self._segments = dict(segments)
+        self._on_batch_done = on_batch_done
+        self._queue: queue.Queue[list[TierMove] | None] = queue.Queue()
+        self._lock = threading.Lock()
+        self._done: list[int] = []
+        self._failed: list[int] = []
+        self.num_copied = 0
+        self.bytes_copied = 0
+        self._thread = threading.Thread(target=self._run, daemon=True,
+                                        name="kvstore-daemon-moves")
+        self._thread.start()
+
+    def submit(self, moves: list[TierMove]) -> None:
+        """Queue one heartbeat's moves (copied in order, after earlier batches)."""
+        if moves:
+            self._queue.put(list(moves))
+
+    def take_results(self) -> tuple[list[int], list[int]]:
+        """The ids copied and failed since the last call (to send in a heartbeat)."""
+        with self._lock:
+            done, failed = self._done, self._failed
+            self._done, self._failed = [], []
+        return done, failed
+
+    def restore(self, done: list[int], failed: list[int]) -> None:
+        """Put back results whose heartbeat failed: the next heartbeat sends them."""
+        with self._lock:
+            self._done[:0] = done
+            self._failed[:0] = failed
+
+    def discard_results(self) -> None:
+        """Forget results a new registration cannot know (the master forgot the moves)."""
+        self.take_results()
+
+    def stop(self) -> None:
+        """Finish the current move, drop the queued ones; idempotent."""
+        if self._thread.is_alive():
+            self._queue.put(None)
+            self._thread.join(timeout=10)
+
+    def _run(self) -> None:
+        while True:
+            batch = self._queue.get()
+            if batch is None:
+                return
+            for move in batch:
+                ok = self._copy(move)
+                with self._lock:
+                    (self._done if ok else self._failed).append(move.move_id)
+            try:
+                self._on_batch_done()
+            except Exception:  # noqa: BLE001 - the worker must never die
+                log.exception("move batch callback failed")
+
+    def _copy(self, move: TierMove) -> bool:
+        src = self._segments.get(move.src_segment_id)
+        dst = self._segments.get(move.dst_segment_id)
+        if src is None or dst is None or src is dst:
+            log.warning("move %d of %r: bad segments %s -> %s", move.move_id, move.key,
+                        move.src_segment_id, move.dst_segment_id)
+            return False
+        try:
+            copy_range(src, move.src_offset, dst, move.dst_offset, move.length)
+        except (ValueError, TypeError, OSError, BufferError) as exc:
+            log.warning("move %d of %r failed: %s", move.move_id, move.key, exc)
+            return False
+        self.num_copied += 1
+        self.bytes_copied += move.length
+        return True

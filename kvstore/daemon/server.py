@@ -105,7 +105,8 @@ class Daemon:
                                                           entry.length, entry.checksum,
                                                           entry.codec))
         self.master_link = MasterLink(self._master_client, self.node_spec(), self.objects,
-                                      clock=self._clock, stop_event=self._interrupted)
+                                      clock=self._clock, stop_event=self._interrupted,
+                                      segments={s.segment_id: s for s in self.segments})
         self.master_link.register(timeout_s=self.config.register_timeout_s)
         self.master_link.start_heartbeats()
 

@@ -48,9 +48,14 @@ def _duration(ctx, param, value):
 @click.option("--pending-timeout", default="30s", show_default=True, callback=_duration,
               help="Reclaim a put_start never ended by put_end/put_revoke after this long.")
 @click.option("--high-watermark", default=0.95, show_default=True, type=float,
-              help="Evict when a tier is fuller than this fraction...")
+              help="Demote (or, in a node's last tier, evict) when a tier is fuller than "
+                   "this fraction...")
 @click.option("--low-watermark", default=0.85, show_default=True, type=float,
               help="... down to this fraction.")
+@click.option("--move-timeout", default="30s", show_default=True, callback=_duration,
+              help="Give up a tier move (free its destination) not acknowledged by then.")
+@click.option("--promote", default="on-hit", show_default=True,
+              help="Promote objects read from SSD to DRAM: off, on-hit or after:N reads.")
 @click.option("--max-batch", default=65536, show_default=True, type=int,
               help="Most keys one request may carry.")
 @click.option("--max-changes-per-heartbeat", default=262144, show_default=True, type=int,
@@ -68,7 +73,7 @@ def _duration(ctx, param, value):
               type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"]))
 def command(host, port, token, metrics_port, metrics_host, lease_ttl, node_ttl, heartbeat_interval,
             pending_timeout, high_watermark, low_watermark, max_batch, max_changes_per_heartbeat,
-            grpc_mode, num_threads, fast_port, no_fast_rpc, log_level):
+            move_timeout, promote, grpc_mode, num_threads, fast_port, no_fast_rpc, log_level):
     """Run the metadata master."""
     logging.basicConfig(stream=sys.stderr, level=log_level,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -80,7 +85,8 @@ def command(host, port, token, metrics_port, metrics_host, lease_ttl, node_ttl, 
             pending_timeout_s=pending_timeout, high_watermark=high_watermark,
             low_watermark=low_watermark, max_batch=max_batch,
             max_changes_per_heartbeat=max_changes_per_heartbeat, grpc_mode=grpc_mode,
-            num_threads=num_threads, fast_port=None if no_fast_rpc else fast_port)
+            num_threads=num_threads, fast_port=None if no_fast_rpc else fast_port,
+            move_timeout_s=move_timeout, promote=promote)
         # NOTE: the master holds millions of long-lived metadata objects and makes no
         # reference cycles per key (dropped objects are freed by reference counting). The
         # default thresholds make the cycle collector rescan them all every few batches

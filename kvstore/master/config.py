@@ -13,6 +13,19 @@ ALIGNMENT_BYTES = 64
 GRPC_MODES = ("threads", "aio")
 
 
+def promote_after(policy: str) -> int:
+    """``--promote`` as the read count that promotes: "off" 0, "on-hit" 1, "after:N" N.
+    Raises ConfigError for anything else."""
+    if policy == "off":
+        return 0
+    if policy == "on-hit":
+        return 1
+    head, sep, count = policy.partition(":")
+    if head == "after" and sep and count.isdigit() and int(count) >= 1:
+        return int(count)
+    raise ConfigError(f"promote must be off, on-hit or after:N (N >= 1), got {policy!r}")
+
+
 @dataclass(frozen=True, slots=True)
 class MasterConfig:
     """Settings of one master. Frozen; validated on construction (raises ``ConfigError``).
@@ -37,6 +50,13 @@ class MasterConfig:
     grpc_mode: str = "aio"               # "aio" (grpc.aio) or "threads" (gRPC thread pool)
     num_threads: int = 8                 # worker threads in "threads" mode
     fast_port: int | None = 0            # framed-TCP metadata path (0: pick); None: off
+    move_timeout_s: float = 30.0         # a tier move not acknowledged by then is given up
+    promote: str = "on-hit"              # SSD -> DRAM promotion: off | on-hit | after:N
+
+    @property
+    def promote_after(self) -> int:
+        """Reads from SSD that promote an object (0: never); see ``promote_after``."""
+        return promote_after(self.promote)
 
     def __post_init__(self) -> None:
         if not self.host:
@@ -51,7 +71,9 @@ class MasterConfig:
             raise ConfigError(f"fast port must be in 0..65535, got {self.fast_port}")
         if self.token is not None and (not self.token or any(c.isspace() for c in self.token)):
             raise ConfigError("token must be non-empty and contain no whitespace")
-        for name in ("lease_ttl_s", "node_ttl_s", "heartbeat_interval_s", "pending_timeout_s"):
+        promote_after(self.promote)
+        for name in ("lease_ttl_s", "node_ttl_s", "heartbeat_interval_s", "pending_timeout_s",
+                     "move_timeout_s"):
             if not getattr(self, name) > 0:
                 raise ConfigError(f"{name} must be > 0, got {getattr(self, name)}")
         if self.heartbeat_interval_s >= self.node_ttl_s:

@@ -85,6 +85,7 @@ class _StateCollector:
                      for tier, u in tier_usage(state.nodes.values()).items()}
             values = (len(state.objects), len(state.pending), len(state.nodes),
                       state.hits, state.misses, state.evictions)
+            moves = (state.demotions, state.promotions, len(state.moves))
             rpc_stats = {key: [n, total, list(counts)]
                          for key, (n, total, counts) in self._rpc_stats.items()}
         yield from _rpc_families(rpc_stats)
@@ -107,3 +108,12 @@ class _StateCollector:
                                   value=misses)
         yield CounterMetricFamily("kvstore_master_evictions", "Objects evicted",
                                   value=evictions)
+        demotions, promotions, in_flight = moves
+        yield CounterMetricFamily("kvstore_master_demotions",
+                                  "Objects moved to a slower tier (copied and switched)",
+                                  value=demotions)
+        yield CounterMetricFamily("kvstore_master_promotions",
+                                  "Objects moved to a faster tier (copied and switched)",
+                                  value=promotions)
+        yield GaugeMetricFamily("kvstore_master_moves_in_flight",
+                                "Tier moves ordered and not yet acknowledged", value=in_flight)

@@ -31,7 +31,8 @@ class SegmentSpace:
     ``kvstore/daemon/segments.py``)."""
 
     __slots__ = ("segment_id", "node", "tier", "capacity_bytes", "shm_name", "path",
-                 "allocator", "num_replicas", "alive")
+                 "allocator", "num_replicas", "alive", "outgoing_bytes", "hits", "demotions",
+                 "promotions", "evictions")
 
     def __init__(self, segment_id: str, node: "Node", tier: Tier, capacity_bytes: int,
                  shm_name: str, path: str):
@@ -44,6 +45,13 @@ class SegmentSpace:
         self.allocator = SegmentAllocator(capacity_bytes)
         self.num_replicas = 0
         self.alive = True    # False once the node is dropped: its space is gone with it
+        self.outgoing_bytes = 0  # bytes of tier moves in flight out of this segment
+        # counters (kvstore status): reads of a replica here (the first one listed),
+        # objects moved out to a slower tier, moved in from a slower tier, evicted
+        self.hits = 0
+        self.demotions = 0
+        self.promotions = 0
+        self.evictions = 0
 
 
 @dataclass(slots=True)
@@ -54,11 +62,15 @@ class TierUsage:
     num_replicas: int = 0
 
 
-def tier_usage(nodes: Iterable["Node"]) -> dict[Tier, TierUsage]:
-    """Tier -> its totals over the segments of ``nodes`` (tiers with no segment omitted)."""
+def tier_usage(nodes: Iterable["Node"], *, last_only: bool = False) -> dict[Tier, TierUsage]:
+    """Tier -> its totals over the segments of ``nodes`` (tiers with no segment omitted);
+    with ``last_only``, over each node's slowest segments only (the ones that evict)."""
     usage: dict[Tier, TierUsage] = {}
     for node in nodes:
+        slowest = node.slowest_tier() if last_only else None
         for segment in node.segments.values():
+            if slowest is not None and segment.tier != slowest:
+                continue
             entry = usage.get(segment.tier)
             if entry is None:
                 entry = usage[segment.tier] = TierUsage()
@@ -73,10 +85,13 @@ class Node:
     or COMPLETE), so dropping the node touches only its own objects."""
 
     __slots__ = ("node_id", "host_id", "data_addr", "segments", "last_heartbeat_s", "keys",
-                 "seq", "log")
+                 "seq", "log", "incarnation", "outbox")
 
-    def __init__(self, node_id: str, host_id: str, data_addr: str, now_s: float):
+    def __init__(self, node_id: str, host_id: str, data_addr: str, now_s: float,
+                 incarnation: str = ""):
         self.node_id = node_id
+        self.incarnation = incarnation
+        self.outbox: list = []     # tier moves (tiering.Move) for the next heartbeat reply
         self.host_id = host_id
         self.data_addr = data_addr
         self.segments: dict[str, SegmentSpace] = {}
@@ -86,6 +101,10 @@ class Node:
         # entries: (seq, key, segment_id, offset, length, checksum, codec); segment_id None
         # marks a removal
         self.log: deque[tuple] = deque()
+
+    def slowest_tier(self) -> Tier | None:
+        """The last tier of this node: only there are objects evicted (others demote)."""
+        return max((s.tier for s in self.segments.values()), default=None)
 
     def log_added(self, key: str, segment: SegmentSpace, offset: int, size_bytes: int,
                   checksum: int, codec: int) -> None:

@@ -44,7 +44,7 @@ class ObjectMeta:
 
     __slots__ = ("key", "size_bytes", "state", "replicas", "checksum", "codec", "client_id",
                  "lease_until_s", "soft_pin_until_s", "soft_pin_ttl_s", "hard_pin", "last_used",
-                 "reply_row")
+                 "readers", "deferred", "move", "slow_reads", "reply_row")
 
     def __init__(self, key: str, size_bytes: int, replicas: list, codec: int, client_id: str,
                  soft_pin_ttl_s: float, hard_pin: bool, state: ObjectState = PENDING,
@@ -61,6 +61,11 @@ class ObjectMeta:
         self.soft_pin_ttl_s = soft_pin_ttl_s   # applied at put_end
         self.hard_pin = hard_pin
         self.last_used = 0     # the master's use counter at the last put_end/get (LRU order)
+        # readers holding a lease (leases.py): the lease ends early when the last releases
+        self.readers = 0
+        self.deferred = None   # [(segment, offset)] to free when the lease ends (state.py)
+        self.move = None       # the tier move in flight for this object (tiering.py)
+        self.slow_reads = 0    # reads served from a slower tier (promotion after N)
         # NOTE: owned by the encoder (replies.ReplicaRows), which keeps its cached reply row
         # here because a lookup beside the object costs a batch read ~10%; the state never
         # reads or writes it.

@@ -2,7 +2,8 @@
 
 Rule: segments are ranked once per put_start request into preference classes, best first:
 the preferred tier (when one is named), then the remaining tiers fastest first (HBM, DRAM,
-SSD); inside a tier, segments of nodes on ``near_host_id`` before the others. Each key takes
+SSD); inside a tier, segments of the ``near_node_id`` node first (e.g. the decode node a
+prefill engine writes for), then of nodes on ``near_host_id``, then the others. Each key takes
 its replicas from the best classes that have room, at most one replica per node; inside a
 class the starting segment rotates key by key, so equal nodes fill evenly.
 """
@@ -16,7 +17,7 @@ from kvstore.tiers import TIERS_FASTEST_FIRST, Tier
 
 
 def rank_segments(nodes: Iterable[Node], preferred_tier: Tier | None, near_host_id: str,
-                  ) -> list[list[SegmentSpace]]:
+                  near_node_id: str = "") -> list[list[SegmentSpace]]:
     """The preference classes (lists of segments), best first; empty classes omitted."""
     tier_order = list(TIERS_FASTEST_FIRST)
     if preferred_tier is not None:
@@ -25,7 +26,8 @@ def rank_segments(nodes: Iterable[Node], preferred_tier: Tier | None, near_host_
     rank_of_tier = {tier: i for i, tier in enumerate(tier_order)}
     classes: dict[tuple[int, int], list[SegmentSpace]] = {}
     for node in nodes:
-        far = 0 if near_host_id and node.host_id == near_host_id else 1
+        far = (0 if near_node_id and node.node_id == near_node_id else
+               1 if near_host_id and node.host_id == near_host_id else 2)
         for segment in node.segments.values():
             classes.setdefault((rank_of_tier[segment.tier], far), []).append(segment)
     ranked = []

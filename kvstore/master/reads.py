@@ -7,6 +7,7 @@ other per-key work; the reply is built by ``replies.ReplyEncoder.get_replicas``.
 
 from __future__ import annotations
 
+from kvstore.master import tiering
 from kvstore.master.objects import (
     ITEM_INVALID, ITEM_NOT_FOUND, ITEM_OK, ITEM_PENDING, ObjectMeta,
 )
@@ -15,12 +16,15 @@ from kvstore.master.validation import check_batch, check_keys_strict, key_proble
 
 def get_replicas(state, keys, lease_ttl_s: float, now_s: float):
     """Find each key's COMPLETE object; grant it a lease of ``lease_ttl_s`` (lengthens,
-    never shortens) and mark it used (LRU). Safe to retry (a retry only lengthens leases).
+    never shortens; one more holder, see ``leases``) and mark it used (LRU). Safe to retry
+    (a retry only lengthens leases; its extra hold ends with its TTL). In a tiered cluster,
+    objects read from SSD may be queued for promotion (``tiering.maybe_promote``).
 
-    Returns ``(objs, missing)``: ``objs[i]`` is key i's ObjectMeta, or None when it has no
-    COMPLETE object; then ``missing[i]`` is ``(status, problem)``: ``(ITEM_PENDING, None)``,
-    ``(ITEM_NOT_FOUND, None)`` or ``(ITEM_INVALID, why the key is bad)``. ``missing`` is
-    empty when every key was found.
+    Returns ``(objs, missing, lease_id)``: ``objs[i]`` is key i's ObjectMeta, or None when
+    it has no COMPLETE object; then ``missing[i]`` is ``(status, problem)``:
+    ``(ITEM_PENDING, None)``, ``(ITEM_NOT_FOUND, None)`` or ``(ITEM_INVALID, why the key is
+    bad)``. ``missing`` is empty when every key was found. ``lease_id`` names this call's
+    holds for ReleaseLeases (0 when nothing was found).
     """
     check_batch(len(keys), state.config.max_batch)
     get = state.objects.get
@@ -43,11 +47,22 @@ def get_replicas(state, keys, lease_ttl_s: float, now_s: float):
     lease_until_s = now_s + lease_ttl_s
     for obj in found:
         obj.last_used = use
-        if obj.lease_until_s < lease_until_s:
+        until_s = obj.lease_until_s
+        if until_s > now_s:
+            obj.readers += 1
+            if until_s < lease_until_s:
+                obj.lease_until_s = lease_until_s
+        else:
+            obj.readers = 1          # every earlier hold has expired
             obj.lease_until_s = lease_until_s
+        obj.replicas[0][0].hits += 1
     state.hits += len(found)
     state.misses += len(missing)
-    return objs, missing
+    if not found:
+        return objs, missing, 0
+    if state.tiered and state.config.promote_after:
+        tiering.maybe_promote(state, found, now_s)
+    return objs, missing, state.leases.grant(found, lease_until_s)
 
 
 def renew_lease(state, keys, lease_ttl_s: float, now_s: float):
@@ -61,6 +76,8 @@ def renew_lease(state, keys, lease_ttl_s: float, now_s: float):
         if obj is None:
             statuses.append(ITEM_PENDING if key in state.pending else ITEM_NOT_FOUND)
             continue
+        if obj.lease_until_s <= now_s:
+            obj.readers = 1          # a holder with no lease id: bounded by this TTL only
         if obj.lease_until_s < lease_until_s:
             obj.lease_until_s = lease_until_s
         statuses.append(ITEM_OK)

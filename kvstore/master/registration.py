@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import grpc
 
+from kvstore.master import eviction, tiering
 from kvstore.master.nodes import Node, SegmentSpace
 from kvstore.master.objects import CODECS, COMPLETE, ObjectMeta
 from kvstore.master.validation import (
@@ -28,8 +29,13 @@ MAX_SEGMENTS_PER_NODE = 1024
 def register_node(state, info, inventory, now_s: float) -> int:
     """Add a node and adopt its inventory; return the number of objects adopted.
 
-    Raises Rejected: ALREADY_EXISTS if a live node has this id (a node that expired or was
-    forgotten by a master restart may register again); INVALID_ARGUMENT for an empty or
+    A live node with this id is replaced at once when the registration names another
+    non-empty ``incarnation`` (the daemon restarted: its previous process is gone, and so
+    are the replicas the master listed for it, unless the inventory brings them back).
+
+    Raises Rejected: ALREADY_EXISTS if a live node has this id and the same (or no)
+    incarnation (a node that expired or was forgotten by a master restart may register
+    again); INVALID_ARGUMENT for an empty or
     over-long id, a bad data address, no segments, a duplicate or empty segment id, an
     unknown tier, a zero capacity, or inventory arrays of different lengths.
     """
@@ -40,11 +46,13 @@ def register_node(state, info, inventory, now_s: float) -> int:
         raise invalid("a node must register at least one segment")
     if len(info.segments) > MAX_SEGMENTS_PER_NODE:
         raise invalid(f"a node may register at most {MAX_SEGMENTS_PER_NODE} segments")
-    if info.node_id in state.nodes:
+    live = state.nodes.get(info.node_id)
+    if live is not None and (not info.incarnation or info.incarnation == live.incarnation):
         raise Rejected(grpc.StatusCode.ALREADY_EXISTS,
                        f"node {info.node_id!r} is registered and alive; unregister it first "
                        "or wait for its TTL to pass")
-    node = Node(info.node_id, info.host_id, info.data_addr, now_s)
+    check_id(info.incarnation, "incarnation", allow_empty=True)
+    node = Node(info.node_id, info.host_id, info.data_addr, now_s, info.incarnation)
     for seg in info.segments:
         check_id(seg.segment_id, "segment_id")
         if seg.segment_id in node.segments:
@@ -63,9 +71,17 @@ def register_node(state, info, inventory, now_s: float) -> int:
                     "offsets": len(inv.offsets), "lengths": len(inv.lengths),
                     "checksums": len(inv.checksums), "codecs": len(inv.codecs)},
                    optional=("checksums", "codecs"))
+    if live is not None:
+        drop_node(state, live)     # a restarted daemon: its previous incarnation is gone
     num_adopted = _adopt(state, node, inv) if inv.keys else 0
     state.nodes[node.node_id] = node
+    _refresh_tiered(state)
     return num_adopted
+
+
+def _refresh_tiered(state) -> None:
+    state.tiered = any(len({s.tier for s in n.segments.values()}) > 1
+                       for n in state.nodes.values())
 
 
 def _check_address(address: str) -> None:
@@ -116,15 +132,33 @@ def _adopt(state, node: Node, inv) -> int:
     return num_adopted
 
 
-def heartbeat(state, node_id: str, acked_seq: int, now_s: float):
-    """Record that the node is alive; return ``None`` if the node is unknown (the daemon
-    must re-register), else ``(full_resync, seq, added, removed_keys)``."""
+def heartbeat(state, node_id: str, acked_seq: int, now_s: float, moves_done=(),
+              moves_failed=()):
+    """Record that the node is alive and settle the tier moves it acknowledges; return
+    ``None`` if the node is unknown (the daemon must re-register), else
+    ``(full_resync, seq, added, removed_keys, moves, moved)``: ``moves`` the copies the
+    daemon is to make next, ``moved`` the objects whose replica switched tier now (the
+    changes already include their new ranges)."""
     check_id(node_id, "node_id")
     node = state.nodes.get(node_id)
     if node is None:
         return None
     node.last_heartbeat_s = now_s
-    return node.changes_after(acked_seq, state.objects, state.config.max_changes_per_heartbeat)
+    moved = []
+    if moves_done or moves_failed:
+        moved = tiering.settle(state, node, moves_done, moves_failed, now_s)
+        if moves_failed:
+            # NOTE: a move that failed would fail again at once (a broken disk, a tier the
+            # daemon cannot copy): pause the passes instead of reordering it every beat
+            state.pressure_idle_until_s = now_s + eviction.PRESSURE_RETRY_S
+        else:
+            # NOTE: a segment still pressed gets its next moves in this very reply: while
+            # pressure lasts, copies and acknowledgements form one pipeline, not one batch
+            # per heartbeat interval
+            eviction.relieve_pressure(state, now_s)
+    changes = node.changes_after(acked_seq, state.objects,
+                                 state.config.max_changes_per_heartbeat)
+    return (*changes, tiering.take_outbox(node) if node.outbox else [], moved)
 
 
 def unregister_node(state, node_id: str) -> int:
@@ -143,6 +177,8 @@ def drop_node(state, node: Node) -> int:
     del state.nodes[node.node_id]
     for segment in node.segments.values():
         segment.alive = False
+    tiering.forget_node(state, node)
+    _refresh_tiered(state)
     num_dropped = 0
     for key in node.keys:
         table = state.objects if key in state.objects else state.pending

@@ -307,22 +307,37 @@ def heartbeat(master_id: str, result) -> pb.HeartbeatResponse:
     """From ``state.heartbeat``'s result (None: the node is unknown)."""
     if result is None:
         return pb.HeartbeatResponse(known=False, master_id=master_id)
-    full_resync, seq, added, removed = result
+    full_resync, seq, added, removed, moves, _ = result
     if added:
         keys, segment_ids, offsets, lengths, checksums, codecs = zip(*added)
         inventory = pb.Inventory(keys=keys, segment_ids=segment_ids, offsets=offsets,
                                  lengths=lengths, checksums=checksums, codecs=codecs)
     else:
         inventory = None
-    return pb.HeartbeatResponse(known=True, master_id=master_id, seq=seq,
-                                full_resync=full_resync, added=inventory,
-                                removed_keys=removed)
+    return pb.HeartbeatResponse(
+        known=True, master_id=master_id, seq=seq, full_resync=full_resync, added=inventory,
+        removed_keys=removed,
+        moves=[pb.TierMove(move_id=m.move_id, key=m.obj.key, src_segment_id=m.src.segment_id,
+                           src_offset=m.src_offset, dst_segment_id=m.dst.segment_id,
+                           dst_offset=m.dst_offset, length=m.size_bytes) for m in moves])
 
 
-def tier_stats(usage) -> list[pb.TierStats]:
-    """From ``nodes.tier_usage``: one TierStats per tier, fastest first."""
-    return [pb.TierStats(tier=tier, capacity_bytes=u.capacity_bytes, used_bytes=u.used_bytes,
-                         num_objects=u.num_replicas) for tier, u in sorted(usage.items())]
+def tier_stats(segments) -> list[pb.TierStats]:
+    """One TierStats per tier of ``segments`` (SegmentSpace), fastest first: sizes, replicas
+    and the hit/demotion/promotion/eviction counters summed over the segments."""
+    by_tier: dict = {}
+    for s in segments:
+        t = by_tier.get(s.tier)
+        if t is None:
+            t = by_tier[s.tier] = pb.TierStats(tier=s.tier)
+        t.capacity_bytes += s.allocator.capacity_bytes
+        t.used_bytes += s.allocator.used_bytes
+        t.num_objects += s.num_replicas
+        t.hits += s.hits
+        t.demotions += s.demotions
+        t.promotions += s.promotions
+        t.evictions += s.evictions
+    return [by_tier[tier] for tier in sorted(by_tier)]
 
 
 def node_infos(nodes, now_s: float) -> list[pb.NodeInfo]:
@@ -337,5 +352,6 @@ def node_infos(nodes, now_s: float) -> list[pb.NodeInfo]:
             segments=segments,
             used_bytes=sum(s.allocator.used_bytes for s in node.segments.values()),
             num_objects=len(node.keys),
-            last_heartbeat_age_s=now_s - node.last_heartbeat_s))
+            last_heartbeat_age_s=now_s - node.last_heartbeat_s,
+            tiers=tier_stats(node.segments.values()), incarnation=node.incarnation))
     return infos

@@ -18,9 +18,8 @@ import time
 import grpc
 
 from kvstore.master import replies
-from kvstore.master.nodes import tier_usage
 from kvstore.master.state import MasterState
-from kvstore.master.validation import Rejected, check_id, invalid
+from kvstore.master.validation import Rejected, check_batch, check_id, invalid
 from kvstore.v1 import master_pb2 as pb
 
 log = logging.getLogger("kvstore.master")
@@ -65,8 +64,13 @@ class MasterService:
             num_objects_adopted=num_adopted)
 
     def Heartbeat(self, request, now_s):
-        return replies.heartbeat(self.state.master_id, self.state.heartbeat(
-            request.node_id, request.acked_seq, now_s))
+        result = self.state.heartbeat(request.node_id, request.acked_seq, now_s,
+                                      request.moves_done, request.moves_failed)
+        if result is not None:
+            add_row = self.replies.rows.add
+            for obj in result[-1]:          # moved objects: their cached rows are stale
+                add_row(obj)
+        return replies.heartbeat(self.state.master_id, result)
 
     def UnregisterNode(self, request, now_s):
         num_dropped = self.state.unregister_node(request.node_id)
@@ -80,7 +84,7 @@ class MasterService:
             request.keys, self.replies.sizes.intern(request.sizes), request.replicas,
             request.preferred_tier, request.near_host_id, request.client_id,
             _checked_ttl_s(request.soft_pin_ttl_ms, MAX_PIN_TTL_MS, "soft_pin_ttl_ms"),
-            request.hard_pin, request.codec, now_s))
+            request.hard_pin, request.codec, now_s, request.near_node_id))
 
     def PutEnd(self, request, now_s):
         statuses, committed = self.state.put_end(request.keys, request.client_id,
@@ -103,8 +107,15 @@ class MasterService:
     def GetReplicas(self, request, now_s):
         check_id(request.client_host_id, "client_host_id", allow_empty=True)
         lease_ttl_s = self._lease_ttl_s(request.lease_ttl_ms)
-        objs, missing = self.state.get_replicas(request.keys, lease_ttl_s, now_s)
-        return self.replies.get_replicas(objs, missing, lease_ttl_s, request.client_host_id)
+        objs, missing, lease_id = self.state.get_replicas(request.keys, lease_ttl_s, now_s)
+        reply = self.replies.get_replicas(objs, missing, lease_ttl_s, request.client_host_id)
+        reply.lease_id = lease_id
+        return reply
+
+    def ReleaseLeases(self, request, now_s):
+        check_batch(len(request.lease_ids), self.state.config.max_batch)
+        return pb.ReleaseLeasesResponse(
+            num_released=self.state.release_leases(request.lease_ids, now_s))
 
     def RenewLease(self, request, now_s):
         return pb.RenewLeaseResponse(statuses=self.state.renew_lease(
@@ -140,7 +151,8 @@ class MasterService:
         return pb.StatsResponse(
             master_id=state.master_id, num_nodes=len(state.nodes),
             num_objects=len(state.objects), num_pending=len(state.pending),
-            tiers=replies.tier_stats(tier_usage(state.nodes.values())), hits=state.hits,
+            tiers=replies.tier_stats(s for n in state.nodes.values()
+                                     for s in n.segments.values()), hits=state.hits,
             misses=state.misses, evictions=state.evictions,
             num_leased=state.num_leased(now_s), uptime_s=now_s - state.started_s,
             metrics_port=self.metrics_port, max_batch=state.config.max_batch,
@@ -153,7 +165,7 @@ class MasterService:
 #: Every RPC of the service, in master.proto order.
 METHODS = ("RegisterNode", "Heartbeat", "UnregisterNode", "PutStart", "PutEnd", "PutRevoke",
            "GetReplicas", "RenewLease", "Exists", "Remove", "RemovePrefix", "Pin", "Unpin",
-           "MatchPrefix", "Stats", "ListNodes")
+           "MatchPrefix", "Stats", "ListNodes", "ReleaseLeases")
 
 
 def make_invoker(service: MasterService, name: str, clock, metrics, transport: str):

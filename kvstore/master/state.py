@@ -8,13 +8,17 @@ Structures:
                in ``last_used``, so eviction can order objects least recently used first
                without a per-key list update on the hot read path.
   ``_pending_queue`` (deadline, object) in put_start order: the pending-timeout reclaim.
-  ``_deferred``heap of (lease end, ...) ranges whose object was force-removed while leased:
-               their space is freed only when the lease ends, so a reader never sees reuse.
+  ``_deferred``heap of (lease end, n, object) whose ``deferred`` ranges (a force-removed
+               leased object's replicas, the source of a tier move) are freed only when the
+               lease ends (TTL, or the last reader's release), so a reader never sees reuse.
+  ``leases``   the lease ids of GetReplicas calls (``leases.LeaseBook``).
+  ``moves``    move id -> tier move in flight (``tiering.Move``).
 
 Every method takes ``now_s`` from the caller's clock read (one ``now`` per request, so a
 sweep and a batch see one instant). Not thread-safe: the service serializes calls with a
 lock. Reads live in ``reads``, remove/pin in ``admin``, registration in ``registration``,
-eviction in ``eviction``. Every verb answers in domain values (objects, picks, nodes, status
+pressure relief (demotion, eviction) in ``eviction``, tier moves in ``tiering``, lease ids
+in ``leases``. Every verb answers in domain values (objects, picks, nodes, status
 ints from ``objects``); the service and ``replies`` turn them into protobuf replies.
 """
 
@@ -24,7 +28,8 @@ import heapq
 import uuid
 from collections import deque
 
-from kvstore.master import admin, eviction, reads, registration
+from kvstore.master import admin, eviction, reads, registration, tiering
+from kvstore.master.leases import LeaseBook
 from kvstore.master.config import MasterConfig
 from kvstore.master.nodes import Node, SegmentSpace
 from kvstore.master.objects import (
@@ -52,28 +57,39 @@ class MasterState:
         self.nodes: dict[str, Node] = {}
         self.use_count = 0
         self._pending_queue: deque[tuple[float, ObjectMeta]] = deque()
-        self._deferred: list[tuple[float, int, SegmentSpace, int, int]] = []
+        self._deferred: list[tuple[float, int, ObjectMeta]] = []
         self._deferred_count = 0
         self._turn = 0
         self.next_sweep_s = now_s
         self.hits = 0
         self.misses = 0
         self.evictions = 0
+        self.demotions = 0      # tier moves completed, all nodes (segments count per node)
+        self.promotions = 0
         self.pressure_idle_until_s = now_s   # see eviction.relieve_pressure
+        self.leases = LeaseBook()
+        self.moves: dict[int, tiering.Move] = {}
+        self.next_move_id = 0
+        self.tiered = False     # some node has two tiers or more (moves are possible)
 
     # -- membership, reads, remove/pin: see their modules ------------------------------------
 
     def register_node(self, node_info, inventory, now_s: float) -> int:
         return registration.register_node(self, node_info, inventory, now_s)
 
-    def heartbeat(self, node_id: str, acked_seq: int, now_s: float):
-        return registration.heartbeat(self, node_id, acked_seq, now_s)
+    def heartbeat(self, node_id: str, acked_seq: int, now_s: float, moves_done=(),
+                  moves_failed=()):
+        return registration.heartbeat(self, node_id, acked_seq, now_s, moves_done,
+                                      moves_failed)
 
     def unregister_node(self, node_id: str) -> int:
         return registration.unregister_node(self, node_id)
 
     def get_replicas(self, keys, lease_ttl_s: float, now_s: float):
         return reads.get_replicas(self, keys, lease_ttl_s, now_s)
+
+    def release_leases(self, lease_ids, now_s: float) -> int:
+        return self.leases.release(self, lease_ids, now_s)
 
     def renew_lease(self, keys, lease_ttl_s: float, now_s: float):
         return reads.renew_lease(self, keys, lease_ttl_s, now_s)
@@ -100,8 +116,9 @@ class MasterState:
 
     def put_start(self, keys, sizes, num_replicas: int, preferred_tier: int, near_host_id: str,
                   client_id: str, soft_pin_ttl_s: float, hard_pin: bool, codec: int,
-                  now_s: float):
-        """Allocate and record PENDING objects. Per key: ITEM_OK with its replicas,
+                  now_s: float, near_node_id: str = ""):
+        """Allocate and record PENDING objects (placed by ``placement``: preferred tier,
+        then ``near_node_id``, then ``near_host_id``). Per key: ITEM_OK with its replicas,
         ITEM_ALREADY_EXISTS (COMPLETE or PENDING under the key, nothing allocated),
         ITEM_NO_SPACE (fewer than ``num_replicas`` nodes have room even after eviction),
         ITEM_INVALID (bad key or size). Not idempotent: a retry of an OK key answers
@@ -118,8 +135,9 @@ class MasterState:
         if codec not in CODECS:
             raise invalid(f"unknown codec {codec}")
         check_id(near_host_id, "near_host_id", allow_empty=True)
+        check_id(near_node_id, "near_node_id", allow_empty=True)
         check_id(client_id, "client_id", allow_empty=True)
-        classes = rank_segments(self.nodes.values(), tier, near_host_id)
+        classes = rank_segments(self.nodes.values(), tier, near_host_id, near_node_id)
         objects, pending = self.objects, self.pending
         statuses, messages, all_picks = [], None, []
         deadline_s = now_s + self.config.pending_timeout_s
@@ -217,21 +235,34 @@ class MasterState:
         replica until the lease ends."""
         complete = obj.state is COMPLETE
         del (self.objects if complete else self.pending)[obj.key]
-        leased = obj.lease_until_s > now_s
         for segment, offset in obj.replicas:
             segment.num_replicas -= 1
             node = segment.node
             node.keys.discard(obj.key)
             if complete:
                 node.log_removed(obj.key)
-            if not segment.alive:
-                continue
-            if leased:
-                self._deferred_count += 1
-                heapq.heappush(self._deferred, (obj.lease_until_s, self._deferred_count,
-                                                segment, offset, obj.size_bytes))
-                self.next_sweep_s = min(self.next_sweep_s, obj.lease_until_s)
-            else:
+            self.free_range(obj, segment, offset, now_s)
+
+    def free_range(self, obj: ObjectMeta, segment: SegmentSpace, offset: int,
+                   now_s: float) -> None:
+        """Free one of ``obj``'s ranges at once, or when its lease ends if it is leased."""
+        if not segment.alive:
+            return
+        if obj.lease_until_s <= now_s:
+            segment.allocator.free(offset, obj.size_bytes)
+            return
+        if obj.deferred is None:
+            obj.deferred = []
+            self._deferred_count += 1
+            heapq.heappush(self._deferred, (obj.lease_until_s, self._deferred_count, obj))
+            self.next_sweep_s = min(self.next_sweep_s, obj.lease_until_s)
+        obj.deferred.append((segment, offset))
+
+    def lease_ended(self, obj: ObjectMeta) -> None:
+        """Free the ranges that waited for ``obj``'s lease (its last reader released)."""
+        deferred, obj.deferred = obj.deferred, None
+        for segment, offset in deferred or ():
+            if segment.alive:
                 segment.allocator.free(offset, obj.size_bytes)
 
     def maybe_sweep(self, now_s: float) -> None:
@@ -241,7 +272,8 @@ class MasterState:
 
     def sweep(self, now_s: float) -> None:
         """Drop nodes silent past the node TTL, reclaim PENDING objects past the pending
-        timeout, free deferred ranges whose lease ended, evict above the high watermark."""
+        timeout, free deferred ranges whose lease ended, give up tier moves past their
+        timeout, demote or evict above the high watermark."""
         ttl_s = self.config.node_ttl_s
         for node in [n for n in self.nodes.values() if now_s - n.last_heartbeat_s > ttl_s]:
             registration.drop_node(self, node)
@@ -252,9 +284,14 @@ class MasterState:
                 self.drop_object(obj, now_s)
         deferred = self._deferred
         while deferred and deferred[0][0] <= now_s:
-            _, _, segment, offset, size = heapq.heappop(deferred)
-            if segment.alive:
-                segment.allocator.free(offset, size)
+            _, _, obj = heapq.heappop(deferred)
+            if obj.lease_until_s > now_s and obj.deferred:   # a reader leased it again
+                self._deferred_count += 1
+                heapq.heappush(deferred, (obj.lease_until_s, self._deferred_count, obj))
+            else:
+                self.lease_ended(obj)
+        self.leases.expire(now_s)
+        tiering.expire(self, now_s)
         eviction.relieve_pressure(self, now_s)
         next_s = now_s + SWEEP_PERIOD_S
         if self.nodes:

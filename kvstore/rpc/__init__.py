@@ -16,10 +16,10 @@ from kvstore.rpc.connect import METADATA_PATHS, connect_master, grpc_client
 from kvstore.rpc.grpc_carrier import GrpcCarrier
 from kvstore.rpc.results import (
     HeartbeatChanges, Inventory, MasterStats, NodeSpec, NodeStatus, Registration, ReplicaSet,
-    SegmentSpec, TierUsage,
+    SegmentSpec, TierMove, TierUsage,
 )
 
 __all__ = ["GrpcCarrier", "HeartbeatChanges", "Inventory", "METADATA_PATHS", "MasterClient",
            "MasterStats", "NodeSpec", "NodeStatus", "Registration", "ReplicaSet", "SegmentSpec",
-           "TierUsage", "connect_master", "grpc_client"]
+           "TierMove", "TierUsage", "connect_master", "grpc_client"]
 

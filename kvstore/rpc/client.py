@@ -76,15 +76,18 @@ class MasterClient:
     # ---- put -------------------------------------------------------------------------------
 
     def begin_put_start(self, keys: Sequence[str], sizes: Sequence[int], *, client_id: str,
-                        replicas: int = 1, near_host_id: str = "", tier: Tier | None = None,
+                        replicas: int = 1, near_host_id: str = "", near_node_id: str = "",
+                        tier: Tier | None = None,
                         soft_pin_ttl_s: float | None = None, hard_pin: bool = False,
                         deadline: Deadline | None = None) -> "_Result":
         """Send PutStart; ``result()`` gives, per key, the Targets to write (one per
         replica), None if the key exists already (nothing to write: a success), or the
         item's error (CapacityError, InvalidArgumentError, ...). Not idempotent, never
-        retried: the objects are PENDING until ``put_end``."""
+        retried: the objects are PENDING until ``put_end``. ``near_node_id`` places replicas
+        on that node first (within the tier order), ``near_host_id`` on that host next."""
         request = pb.PutStartRequest(
             keys=keys, sizes=sizes, replicas=replicas, near_host_id=near_host_id,
+            near_node_id=near_node_id,
             client_id=client_id, hard_pin=hard_pin, preferred_tier=tier or 0,
             soft_pin_ttl_ms=_ms(soft_pin_ttl_s))
         call = self.start(_M["PutStart"], request, deadline)
@@ -120,9 +123,26 @@ class MasterClient:
         """Per key: where its replicas are (same-host ones first), or the item's error
         (KeyNotFoundError when absent or still pending). Grants a read lease of
         ``lease_ttl_s`` (None: the master's default), which only lengthens. Idempotent."""
+        return self.get_replicas_leased(keys, client_host_id=client_host_id,
+                                        lease_ttl_s=lease_ttl_s, deadline=deadline)[0]
+
+    def get_replicas_leased(self, keys: Sequence[str], *, client_host_id: str = "",
+                            lease_ttl_s: float | None = None, deadline: Deadline | None = None,
+                            ) -> tuple[list[ReplicaSet | KVStoreError], int]:
+        """``get_replicas`` and the id of the leases it granted (0: none), to hand to
+        ``release_leases`` once the reads are done."""
         request = pb.GetReplicasRequest(keys=keys, client_host_id=client_host_id,
                                         lease_ttl_ms=_ms(lease_ttl_s))
-        return messages.replica_sets(self.call(_M["GetReplicas"], request, deadline), keys)
+        reply = self.call(_M["GetReplicas"], request, deadline)
+        return messages.replica_sets(reply, keys), reply.lease_id
+
+    def release_leases(self, lease_ids: Sequence[int], *, deadline: Deadline | None = None,
+                       ) -> int:
+        """End the read leases of these GetReplicas calls (this reader is done); returns how
+        many were still held. Unknown or expired ids are ignored. Idempotent."""
+        reply = self.call(_M["ReleaseLeases"], pb.ReleaseLeasesRequest(lease_ids=lease_ids),
+                          deadline)
+        return reply.num_released
 
     def renew_leases(self, keys: Sequence[str], lease_ttl_s: float | None = None, *,
                      deadline: Deadline | None = None) -> list[KVStoreError | None]:
@@ -192,12 +212,16 @@ class MasterClient:
                             node_ttl_s=reply.node_ttl_ms / 1000.0,
                             num_objects_adopted=reply.num_objects_adopted)
 
-    def heartbeat(self, node_id: str, acked_seq: int, *, deadline: Deadline | None = None,
+    def heartbeat(self, node_id: str, acked_seq: int, *, moves_done: Sequence[int] = (),
+                  moves_failed: Sequence[int] = (), deadline: Deadline | None = None,
                   ) -> HeartbeatChanges | None:
-        """Report ``node_id`` alive, acknowledging change ``acked_seq``; the changes after
-        it, or None if the master does not know the node (it must register again)."""
-        reply = self.call(_M["Heartbeat"], pb.HeartbeatRequest(node_id=node_id,
-                                                               acked_seq=acked_seq), deadline)
+        """Report ``node_id`` alive, acknowledging change ``acked_seq`` and the tier moves
+        copied (``moves_done``) or not (``moves_failed``) since the last beat; the changes
+        after it (with the next moves), or None if the master does not know the node (it
+        must register again)."""
+        reply = self.call(_M["Heartbeat"], pb.HeartbeatRequest(
+            node_id=node_id, acked_seq=acked_seq, moves_done=moves_done,
+            moves_failed=moves_failed), deadline)
         return messages.heartbeat_changes(reply) if reply.known else None
 
     def unregister_node(self, node_id: str, *, deadline: Deadline | None = None) -> int:

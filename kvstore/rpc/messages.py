@@ -16,7 +16,7 @@ from kvstore._errors import KVStoreError
 from kvstore.rpc.errors import item_error, malformed
 from kvstore.rpc.results import (
     HeartbeatChanges, Inventory, MasterStats, NodeSpec, NodeStatus, ReplicaSet, SegmentSpec,
-    TierUsage,
+    TierMove, TierUsage,
 )
 from kvstore.tiers import Tier
 from kvstore.transport.base import Target
@@ -139,7 +139,8 @@ _PER_KEY_FIELDS = ("statuses", "sizes", "checksums", "codecs")
 
 def replica_sets(reply: pb.GetReplicasResponse, keys: Sequence[str],
                  ) -> list[ReplicaSet | KVStoreError]:
-    """Per key of a GetReplicas: its ReplicaSet, or the item's error."""
+    """Per key of a GetReplicas: its ReplicaSet, or the item's error (the lease id is
+    ``reply.lease_id``)."""
     for field in _PER_KEY_FIELDS:
         if len(getattr(reply, field)) != len(keys):
             check_length(reply, field, len(keys), "GetReplicas")
@@ -194,7 +195,9 @@ def heartbeat_changes(reply: pb.HeartbeatResponse) -> HeartbeatChanges:
         master_id=reply.master_id, seq=reply.seq, full_resync=reply.full_resync,
         added=Inventory(list(added.keys), list(added.segment_ids), list(added.offsets),
                         list(added.lengths), list(added.checksums), list(added.codecs)),
-        removed_keys=list(reply.removed_keys))
+        removed_keys=list(reply.removed_keys),
+        moves=[TierMove(m.move_id, m.key, m.src_segment_id, m.src_offset, m.dst_segment_id,
+                        m.dst_offset, m.length) for m in reply.moves])
 
 
 # ---- observability -----------------------------------------------------------------------
@@ -212,10 +215,14 @@ def master_stats(reply: pb.StatsResponse) -> MasterStats:
         num_objects=reply.num_objects, num_pending=reply.num_pending,
         num_leased=reply.num_leased, hits=reply.hits, misses=reply.misses,
         evictions=reply.evictions,
-        tiers=[TierUsage(_tier(t.tier), t.capacity_bytes, t.used_bytes, t.num_objects)
-               for t in reply.tiers],
+        tiers=tier_usages(reply.tiers),
         max_batch=reply.max_batch, metrics_port=reply.metrics_port or None,
         fast_port=reply.fast_port or None)
+
+
+def tier_usages(tiers) -> list[TierUsage]:
+    return [TierUsage(_tier(t.tier), t.capacity_bytes, t.used_bytes, t.num_objects, t.hits,
+                      t.demotions, t.promotions, t.evictions) for t in tiers]
 
 
 def node_statuses(reply: pb.ListNodesResponse) -> list[NodeStatus]:
@@ -223,5 +230,6 @@ def node_statuses(reply: pb.ListNodesResponse) -> list[NodeStatus]:
                        segments=[SegmentSpec(s.segment_id, _tier(s.tier), s.capacity_bytes,
                                              s.shm_name, s.path) for s in n.segments],
                        used_bytes=n.used_bytes, num_objects=n.num_objects,
-                       last_heartbeat_age_s=n.last_heartbeat_age_s)
+                       last_heartbeat_age_s=n.last_heartbeat_age_s,
+                       tiers=tier_usages(n.tiers))
             for n in reply.nodes]

@@ -3,7 +3,8 @@ message classes, the fast path's method id, and whether a call may be retried.
 
 Idempotent methods (``retryable``) may run twice with the effect of once: reads (a second
 GetReplicas only re-grants a lease, which never shortens), RenewLease, Stats, ListNodes,
-Heartbeat (its change set is applied only once: ``seq``), Pin/Unpin, PutEnd (a replay by the
+Heartbeat (its change set is applied only once: ``seq``; a move acknowledged twice is settled
+once), ReleaseLeases (a released id is forgotten), Pin/Unpin, PutEnd (a replay by the
 same writer answers OK again) and PutRevoke (a replay finds nothing left to free). PutStart
 allocates, and Remove, RemovePrefix, RegisterNode and UnregisterNode answer differently when
 replayed, so they are never retried: a lost reply surfaces as MasterUnavailableError and the
@@ -17,7 +18,8 @@ from dataclasses import dataclass
 from kvstore.v1 import master_pb2 as pb
 
 _RETRYABLE = frozenset({"GetReplicas", "RenewLease", "Exists", "MatchPrefix", "Stats",
-                        "ListNodes", "Heartbeat", "Pin", "Unpin", "PutEnd", "PutRevoke"})
+                        "ListNodes", "Heartbeat", "Pin", "Unpin", "PutEnd", "PutRevoke",
+                        "ReleaseLeases"})
 
 
 @dataclass(frozen=True, slots=True)

@@ -89,24 +89,50 @@ class Registration:
 
 
 @dataclass(frozen=True, slots=True)
+class TierMove:
+    """A copy the master orders between two segments of one node (demotion or promotion):
+    ``length`` bytes from ``src_offset`` of ``src_segment_id`` to ``dst_offset`` of
+    ``dst_segment_id``; the daemon reports ``move_id`` done or failed in a later heartbeat."""
+
+    move_id: int
+    key: str
+    src_segment_id: str
+    src_offset: int
+    dst_segment_id: str
+    dst_offset: int
+    length: int
+
+
+@dataclass(frozen=True, slots=True)
 class HeartbeatChanges:
     """Changes to a node's object table since the sequence it acknowledged: ``full_resync``
     means discard the table first (``added`` is then all of it); then apply ``added``, then
-    ``removed_keys``; ``seq`` is the sequence to acknowledge next."""
+    ``removed_keys``; ``seq`` is the sequence to acknowledge next. ``moves``: the tier moves
+    to make before the next heartbeat."""
 
     master_id: str
     seq: int
     full_resync: bool
     added: Inventory
     removed_keys: list[str]
+    moves: list[TierMove] = field(default_factory=list)
 
 
 @dataclass(frozen=True, slots=True)
 class TierUsage:
+    """One tier's figures (of the cluster in Stats, of one node in ListNodes): reads served
+    (``hits``, counted on an object's first listed replica), objects moved out to a slower
+    tier (``demotions``), moved in from a slower tier (``promotions``), dropped
+    (``evictions``). Counters of a node go with it when it leaves."""
+
     tier: Tier
     capacity_bytes: int
     used_bytes: int
     num_replicas: int
+    hits: int = 0
+    demotions: int = 0
+    promotions: int = 0
+    evictions: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -139,3 +165,4 @@ class NodeStatus:
     used_bytes: int
     num_objects: int
     last_heartbeat_age_s: float
+    tiers: list[TierUsage] = field(default_factory=list)
