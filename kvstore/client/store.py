@@ -88,7 +88,8 @@ class KVStore:
         self._close_lock = threading.Lock()
         self._closing_guard = _ClosingGuard(self)
         self._master: MasterClient | None = None   # set by _connect_master
-        self._transfers = Transfers(make_transports(kind=config.transport, token=config.token))
+        self._transfers = Transfers(make_transports(kind=config.transport, token=config.token,
+                                                    nodes=self._nixl_nodes))
 
     # ---- put ----------------------------------------------------------------------------
     def put(self, key: str, value: Any, *, replicas: int = 1, timeout_s: float | None = None,
@@ -244,6 +245,13 @@ class KVStore:
                 "transfers": self._transfers.stats(), "master": master}
 
     # ---- lifecycle ----------------------------------------------------------------------
+    def _nixl_nodes(self) -> dict[str, bytes]:
+        """{node_id: nixl_metadata} of the registered nodes, for the nixl transport."""
+        master = self._master
+        if master is None:
+            return {}
+        return {node.node_id: node.nixl_metadata for node in master.list_nodes()}
+
     def _connect_master(self) -> None:
         """Readiness check of ``connect``/``local``: reach the master on the path
         ``config.metadata`` asks for (``kvstore.rpc.connect_master``) and learn its

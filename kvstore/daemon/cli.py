@@ -60,12 +60,15 @@ def _tier_spec(ctx, param, value):
 @click.option("--prefault/--no-prefault", default=True, show_default=True,
               help="Allocate every DRAM page at start: slower start (~0.3 s/GiB), full-speed "
                    "copies, and a too-small /dev/shm fails now rather than later.")
+@click.option("--nixl/--no-nixl", default=False, show_default=True,
+              help="Register the DRAM segment with a NIXL agent (UCX) and publish it through "
+                   "the master, for one-sided reads and writes (needs kvstore[nixl]).")
 @click.option("--rpc-timeout", default=5.0, show_default=True, type=float,
               help="Seconds per master RPC.")
 @click.option("--log-level", default="INFO", show_default=True,
               type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"]))
 def command(master_addr, host, port, dram, ssd, gpu, token, metrics_port, node_id, standalone,
-            reap_orphans, prefault, rpc_timeout, log_level):
+            reap_orphans, prefault, nixl, rpc_timeout, log_level):
     """Run a storage node: DRAM/SSD/HBM segments served over a data plane."""
     logging.basicConfig(stream=sys.stderr, level=log_level,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -80,7 +83,7 @@ def command(master_addr, host, port, dram, ssd, gpu, token, metrics_port, node_i
             master_addr=None if standalone else master_addr, host=host, port=port,
             dram_bytes=dram, ssd_dir=ssd[0], ssd_bytes=ssd[1], gpu_device=gpu[0],
             gpu_bytes=gpu[1], token=token, metrics_port=metrics_port, rpc_timeout_s=rpc_timeout,
-            reap_orphans=reap_orphans, prefault=prefault, **extra)
+            reap_orphans=reap_orphans, prefault=prefault, nixl=nixl, **extra)
     except KVStoreError as exc:
         raise click.ClickException(str(exc)) from exc
     daemon = Daemon(config)

@@ -337,5 +337,6 @@ def node_infos(nodes, now_s: float) -> list[pb.NodeInfo]:
             segments=segments,
             used_bytes=sum(s.allocator.used_bytes for s in node.segments.values()),
             num_objects=len(node.keys),
-            last_heartbeat_age_s=now_s - node.last_heartbeat_s))
+            last_heartbeat_age_s=now_s - node.last_heartbeat_s,
+            nixl_metadata=node.nixl_metadata))
     return infos

@@ -167,7 +167,8 @@ def replica_sets(reply: pb.GetReplicasResponse, keys: Sequence[str],
 
 def node_info(node: NodeSpec) -> pb.NodeInfo:
     return pb.NodeInfo(node_id=node.node_id, host_id=node.host_id, data_addr=node.data_addr,
-                       segments=[_segment_info(s) for s in node.segments])
+                       segments=[_segment_info(s) for s in node.segments],
+                       nixl_metadata=node.nixl_metadata)
 
 
 def _segment_info(segment: SegmentSpec) -> pb.SegmentInfo:
@@ -222,5 +223,6 @@ def node_statuses(reply: pb.ListNodesResponse) -> list[NodeStatus]:
                        segments=[SegmentSpec(s.segment_id, _tier(s.tier), s.capacity_bytes,
                                              s.shm_name, s.path) for s in n.segments],
                        used_bytes=n.used_bytes, num_objects=n.num_objects,
-                       last_heartbeat_age_s=n.last_heartbeat_age_s)
+                       last_heartbeat_age_s=n.last_heartbeat_age_s,
+                       nixl_metadata=n.nixl_metadata)
             for n in reply.nodes]

@@ -59,6 +59,7 @@ class NodeSpec:
     host_id: str
     data_addr: str
     segments: list[SegmentSpec]
+    nixl_metadata: bytes = b""  # daemon --nixl: kvstore.transport.nixl_meta; b"" without
 
 
 @dataclass(slots=True)
@@ -138,3 +139,4 @@ class NodeStatus:
     used_bytes: int
     num_objects: int
     last_heartbeat_age_s: float
+    nixl_metadata: bytes = b""  # as the node registered it (NodeSpec.nixl_metadata)
