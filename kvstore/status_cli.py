@@ -32,9 +32,21 @@ def fetch_status(address: str, token: str | None, timeout_s: float = 5.0) -> dic
                    "used_bytes": n.used_bytes, "num_objects": n.num_objects,
                    "last_heartbeat_age_s": round(n.last_heartbeat_age_s, 3),
                    "segments": [{"segment_id": s.segment_id, "tier": _tier_name(s.tier),
-                                 "capacity_bytes": s.capacity_bytes} for s in n.segments]}
+                                 "capacity_bytes": s.capacity_bytes} for s in n.segments],
+                   "nixl": _nixl_summary(n.node_id, n.nixl_metadata)}
                   for n in nodes],
     }
+
+
+def _nixl_summary(node_id: str, metadata: bytes) -> dict | None:
+    """The node's NIXL agent (``daemon --nixl``): its name, backend and registered segments;
+    None when it publishes none."""
+    from kvstore.transport import nixl_meta
+
+    info = nixl_meta.unpack(metadata, node_id)
+    if info is None:
+        return None
+    return {"agent": info.agent_name, "backend": "UCX", "segments": sorted(info.segments)}
 
 
 def _tier_name(tier) -> str:
@@ -55,13 +67,16 @@ def render_table(status: dict) -> str:
         rows.append((t["tier"], format_size(t["used_bytes"]), format_size(t["capacity_bytes"]),
                      f"{use:.1f}%", str(t["num_replicas"])))
     lines += _columns(rows) + [""]
-    rows = [("NODE", "HOST", "DATA ADDR", "SEGMENTS", "USED", "OBJECTS", "LAST HEARTBEAT")]
+    rows = [("NODE", "HOST", "DATA ADDR", "SEGMENTS", "USED", "OBJECTS", "LAST HEARTBEAT",
+             "NIXL")]
     for n in status["nodes"]:
         segments = ",".join(f"{s['tier']}:{format_size(s['capacity_bytes'])}"
                             for s in n["segments"])
         rows.append((n["node_id"], n["host_id"], n["data_addr"], segments,
                      format_size(n["used_bytes"]), str(n["num_objects"]),
-                     f"{n['last_heartbeat_age_s']:.1f} s ago"))
+                     f"{n['last_heartbeat_age_s']:.1f} s ago",
+                     f"{n['nixl']['backend']}:{','.join(n['nixl']['segments'])}"
+                     if n["nixl"] else "-"))
     return "\n".join(lines + _columns(rows))
 
 

@@ -28,6 +28,7 @@ staging run outside it.
 from __future__ import annotations
 
 import ctypes
+import logging
 import threading
 import time
 from typing import Callable, Mapping, Sequence
@@ -35,13 +36,14 @@ from typing import Callable, Mapping, Sequence
 import numpy as np
 
 from kvstore._deadline import Deadline
-from kvstore._errors import ClosedError, TransferError, TransferTimeoutError
+from kvstore._errors import ClosedError, KVStoreError, TransferError, TransferTimeoutError
 from kvstore.transport import byte_views, nixl_meta
 from kvstore.transport.base import Target, Transport
 from kvstore.transport.nixl_lib import AgentHandle, new_agent, nixl_available
 from kvstore.transport.nixl_staging import StagingPool, StagingBuffer
 
 NodeDirectory = Callable[[], Mapping[str, bytes]]
+log = logging.getLogger("kvstore.transport.nixl")
 
 #: a node absent from the directory is asked for again at most this often
 REFRESH_INTERVAL_S = 1.0
@@ -156,7 +158,12 @@ class NixlTransport(Transport):
         if self._nodes is None or self._clock() - self._refreshed_at_s < REFRESH_INTERVAL_S:
             return None
         self._refreshed_at_s = self._clock()
-        published = self._nodes()
+        try:
+            published = self._nodes()
+        except KVStoreError as exc:
+            # NOTE: not cached: the node is asked for again after REFRESH_INTERVAL_S
+            log.warning("nixl: cannot list the nodes' NIXL agents: %s", exc)
+            return None
         infos = {nid: nixl_meta.unpack(data, nid) for nid, data in published.items()}
         with self._lock:
             self._node_to_info.update(infos)
