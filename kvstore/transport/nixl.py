@@ -92,11 +92,6 @@ class NixlTransport(Transport):
         self._closed = False
 
     # ---- public ---------------------------------------------------------------------------
-    @property
-    def backend(self) -> str:
-        """The NIXL backend that carries the bytes ("UCX")."""
-        return "UCX"
-
     def can_reach(self, target: Target) -> bool:
         """True if the target's node publishes NIXL metadata listing its segment and NIXL
         imports here. NOTE: the first sight of a node asks ``nodes`` (one ListNodes), and a
@@ -201,7 +196,7 @@ class NixlTransport(Transport):
         try:
             self._move(op, node_to_items, results, deadline)
         finally:
-            self._release_staging(node_to_items, results)
+            self._release_staging(node_to_items)
         return results
 
     def _prepare(self, op: str, index: int, target: Target, buffer: memoryview) -> _Item | None:
@@ -322,8 +317,8 @@ class NixlTransport(Transport):
             if abandoned and item.staging is not None:
                 item.staging.abandoned = True
 
-    def _release_staging(self, node_to_items: dict[str, list[_Item]],
-                         results: list[BaseException | None]) -> None:
+    def _release_staging(self, node_to_items: dict[str, list[_Item]]) -> None:
+        """Give every staging buffer of the batch back (an abandoned one is kept aside)."""
         with self._lock:
             pool = self._staging
             for node_items in node_to_items.values():
