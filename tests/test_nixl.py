@@ -117,6 +117,21 @@ def test_registered_and_unregistered_buffers_move_the_same_bytes(master):
             assert np.array_equal(out, window)
 
 
+def test_store_registered_kv_cache_is_read_and_written_in_place(master):
+    with nixl_daemon(master, "nixl-cache"):
+        with kvstore.connect(master.address, transport="nixl") as store:
+            cache = np.zeros((8, MiB), dtype=np.uint8)  # 8 blocks of 1 MiB
+            store.register_memory(cache)
+            cache[2] = random_bytes(MiB, 2)
+            store.put("block-2", cache[2])
+            assert store.get_into("block-2", cache[5]) == MiB
+            assert np.array_equal(cache[5], cache[2])
+            (transport,) = store._transfers.transports
+            assert transport._staging is None  # both transfers went in place: no staging pool
+            with pytest.raises(kvstore.InvalidArgumentError):
+                store.register_memory(b"read-only bytes")
+
+
 def test_daemon_sigkilled_mid_transfer_gives_errors_or_right_bytes(master):
     daemon = nixl_daemon(master, "nixl-victim")
     client, nodes = node_directory(master.address)

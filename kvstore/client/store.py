@@ -229,6 +229,19 @@ class KVStore:
                 break
         return num_matched
 
+    def register_memory(self, buffer: Any) -> None:
+        """Register ``buffer`` (an engine's whole KV cache, once) with the transports that do
+        one-sided transfers (nixl), so puts from and gets into any part of it skip their
+        staging copy; a no-op for the others. The store keeps it registered until ``close``.
+        Raises InvalidArgumentError for a buffer that is not writable C-contiguous CPU
+        memory, ConfigError with NIXL's reason when NIXL refuses it."""
+        self._check_open()
+        from kvstore.client.values import as_destination
+
+        view = as_destination(buffer)
+        for transport in self._transfers.transports:
+            transport.register_memory(view)
+
     def stats(self) -> dict[str, Any]:
         """Cluster figures from the master plus this client's own: which transports it has
         (preference order) and, per transport, reads/writes/bytes/errors it served."""
