@@ -34,7 +34,8 @@ def fetch_status(address: str, token: str | None, timeout_s: float = 5.0) -> dic
                    "last_heartbeat_age_s": round(n.last_heartbeat_age_s, 3),
                    "segments": [{"segment_id": s.segment_id, "tier": _tier_name(s.tier),
                                  "capacity_bytes": s.capacity_bytes} for s in n.segments],
-                   "tiers": [_tier_entry(t) for t in n.tiers]}
+                   "tiers": [_tier_entry(t) for t in n.tiers],
+                   "nixl": _nixl_summary(n.node_id, n.nixl_metadata)}
                   for n in nodes],
     }
 
@@ -44,6 +45,17 @@ def _tier_entry(t) -> dict:
             "capacity_bytes": t.capacity_bytes, "num_replicas": t.num_replicas,
             "hits": t.hits, "demotions": t.demotions, "promotions": t.promotions,
             "evictions": t.evictions}
+
+
+def _nixl_summary(node_id: str, metadata: bytes) -> dict | None:
+    """The node's NIXL agent (``daemon --nixl``): its name, backend and registered segments;
+    None when it publishes none."""
+    from kvstore.transport import nixl_meta
+
+    info = nixl_meta.unpack(metadata, node_id)
+    if info is None:
+        return None
+    return {"agent": info.agent_name, "backend": "UCX", "segments": sorted(info.segments)}
 
 
 def _tier_name(tier) -> str:
@@ -59,13 +71,16 @@ def render_table(status: dict) -> str:
              f"{status['num_leased']})  hits {status['hits']}  misses {status['misses']}  "
              f"evictions {status['evictions']}", ""]
     lines += _columns([_TIER_HEADER] + [_tier_row("*", t) for t in status["tiers"]]) + [""]
-    rows = [("NODE", "HOST", "DATA ADDR", "SEGMENTS", "USED", "OBJECTS", "LAST HEARTBEAT")]
+    rows = [("NODE", "HOST", "DATA ADDR", "SEGMENTS", "USED", "OBJECTS", "LAST HEARTBEAT",
+             "NIXL")]
     for n in status["nodes"]:
         segments = ",".join(f"{s['tier']}:{format_size(s['capacity_bytes'])}"
                             for s in n["segments"])
         rows.append((n["node_id"], n["host_id"], n["data_addr"], segments,
                      format_size(n["used_bytes"]), str(n["num_objects"]),
-                     f"{n['last_heartbeat_age_s']:.1f} s ago"))
+                     f"{n['last_heartbeat_age_s']:.1f} s ago",
+                     f"{n['nixl']['backend']}:{','.join(n['nixl']['segments'])}"
+                     if n["nixl"] else "-"))
     lines += _columns(rows)
     per_node = [_tier_row(n["node_id"], t) for n in status["nodes"] for t in n["tiers"]]
     if per_node:

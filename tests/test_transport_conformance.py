@@ -1,9 +1,11 @@
-"""One conformance suite, run against every transport (shm, tcp): each must move the exact
+"""One conformance suite, run against every transport (shm, nixl, tcp): each must move the exact
 bytes of every size, refuse what lies outside a segment without touching neighbours, report
 per item in batches, and fail with kvstore's errors naming the node.
 
 The cluster is real: a `kvstore master` and a `kvstore daemon` process on loopback; the
 segments' shm names and addresses come from the master's ListNodes, as a client gets them.
+With NIXL installed (``make test`` installs it) the daemon runs with ``--nixl`` and the nixl
+transport, in this process, reads and writes its DRAM one-sided (UCX over CMA/TCP here).
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from servers import ServerProcess
 
 from kvstore import ClosedError, InvalidArgumentError, TransferError, TransferTimeoutError
 from raw_master import RawMaster
-from kvstore.transport import local_host_id, make_transports
+from kvstore.transport import local_host_id, make_transports, nixl_installed
 from kvstore.transport.base import Target
 from kvstore.transport.shm import ShmTransport
 from kvstore.transport.tcp import TcpTransport
@@ -30,17 +32,29 @@ from kvstore.v1 import master_pb2
 SEGMENT_BYTES = 192 * 1024 * 1024
 SIZES = [0, 1, 4095, 64 * 1024, 1024 * 1024 + 1, 64 * 1024 * 1024]
 TIMEOUT_S = 20.0
-KINDS = ["shm", "tcp"]
+NIXL = nixl_installed()
+NO_NIXL = "NIXL is not installed (make test installs it: requirements-nixl.txt)"
+KINDS = ["shm", pytest.param("nixl", marks=pytest.mark.skipif(not NIXL, reason=NO_NIXL)), "tcp"]
 
 
 @pytest.fixture(scope="module")
 def cluster():
     with ServerProcess(["master", "--port", "0"]) as master:
         with ServerProcess(["daemon", "--master", master.address, "--dram",
-                            str(SEGMENT_BYTES), "--node-id", "conformance-node"]) as daemon:
+                            str(SEGMENT_BYTES), "--node-id", "conformance-node"]
+                           + (["--nixl"] if NIXL else [])) as daemon:
             with RawMaster.over_grpc(master.address) as client:
                 nodes = client.call("ListNodes", master_pb2.ListNodesRequest()).nodes
             yield daemon, nodes[0]
+
+
+def published(node: master_pb2.NodeInfo):
+    """The ``nodes`` directory a client gives the nixl transport, for this one node."""
+    return lambda: {node.node_id: node.nixl_metadata}
+
+
+def open_transport(kind: str, node: master_pb2.NodeInfo):
+    return make_transports(kind, nodes=published(node))[0]
 
 
 def make_target(node: master_pb2.NodeInfo, offset: int, length: int) -> Target:
@@ -50,8 +64,8 @@ def make_target(node: master_pb2.NodeInfo, offset: int, length: int) -> Target:
 
 
 @pytest.fixture(params=KINDS)
-def transport(request):
-    with make_transports(request.param)[0] as transport:
+def transport(request, cluster):
+    with open_transport(request.param, cluster[1]) as transport:
         yield transport
 
 
@@ -70,10 +84,15 @@ def test_roundtrip_is_byte_identical(cluster, transport, size):
     assert np.array_equal(out, data)
 
 
-@pytest.mark.parametrize("writer_kind, reader_kind", [("shm", "tcp"), ("tcp", "shm")])
+def _nixl_pair(writer: str, reader: str):
+    return pytest.param(writer, reader, marks=pytest.mark.skipif(not NIXL, reason=NO_NIXL))
+
+
+@pytest.mark.parametrize("writer_kind, reader_kind", [
+    ("shm", "tcp"), ("tcp", "shm"), _nixl_pair("nixl", "tcp"), _nixl_pair("shm", "nixl")])
 def test_transports_see_the_same_segment(cluster, writer_kind, reader_kind):
     _, node = cluster
-    (writer,), (reader,) = make_transports(writer_kind), make_transports(reader_kind)
+    writer, reader = open_transport(writer_kind, node), open_transport(reader_kind, node)
     data = random_bytes(1024 * 1024 + 1, 7)
     target = make_target(node, 80 * 1024 * 1024 + 3, len(data))
     writer.write(target, memoryview(data), timeout_s=TIMEOUT_S)
@@ -209,7 +228,7 @@ def test_make_transports_kinds():
     assert [t.name for t in make_transports()] == ["shm", "tcp"]
     assert [t.name for t in make_transports("shm")] == ["shm"]
     assert [t.name for t in make_transports("tcp", token="t")] == ["tcp"]
-    with pytest.raises(InvalidArgumentError, match="auto, shm, tcp"):
+    with pytest.raises(InvalidArgumentError, match="auto, shm, nixl, tcp"):
         make_transports("carrier-pigeon")
 
 

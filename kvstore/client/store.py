@@ -99,7 +99,8 @@ class KVStore:
         self._close_lock = threading.Lock()
         self._closing_guard = _ClosingGuard(self)
         self._master: MasterClient | None = None   # set by _connect_master
-        self._transfers = Transfers(make_transports(kind=config.transport, token=config.token))
+        self._transfers = Transfers(make_transports(kind=config.transport, token=config.token,
+                                                    nodes=self._nixl_nodes))
         self._leases: LeaseReleaser | None = None   # set by _connect_master
 
     # ---- put ----------------------------------------------------------------------------
@@ -244,6 +245,19 @@ class KVStore:
                 break
         return num_matched
 
+    def register_memory(self, buffer: Any) -> None:
+        """Register ``buffer`` (an engine's whole KV cache, once) with the transports that do
+        one-sided transfers (nixl), so puts from and gets into any part of it skip their
+        staging copy; a no-op for the others. The store keeps it registered until ``close``.
+        Raises InvalidArgumentError for a buffer that is not writable C-contiguous CPU
+        memory, ConfigError with NIXL's reason when NIXL refuses it."""
+        self._check_open()
+        from kvstore.client.values import as_destination
+
+        view = as_destination(buffer)
+        for transport in self._transfers.transports:
+            transport.register_memory(view)
+
     def stats(self) -> dict[str, Any]:
         """Cluster figures from the master plus this client's own: which transports it has
         (preference order) and, per transport, reads/writes/bytes/errors it served."""
@@ -262,6 +276,13 @@ class KVStore:
                 "transfers": self._transfers.stats(), "master": master}
 
     # ---- lifecycle ----------------------------------------------------------------------
+    def _nixl_nodes(self) -> dict[str, bytes]:
+        """{node_id: nixl_metadata} of the registered nodes, for the nixl transport."""
+        master = self._master
+        if master is None:
+            return {}
+        return {node.node_id: node.nixl_metadata for node in master.list_nodes()}
+
     def _connect_master(self) -> None:
         """Readiness check of ``connect``/``local``: reach the master on the path
         ``config.metadata`` asks for (``kvstore.rpc.connect_master``) and learn its

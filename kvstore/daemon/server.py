@@ -49,6 +49,7 @@ class Daemon:
         self._metrics_server = None
         self._interrupted = threading.Event()
         self.address = ""
+        self.nixl_agent = None      # daemon/nixl_agent.py, with config.nixl
 
     def interrupt(self) -> None:
         """Make a ``start`` that is still retrying registration give up (signal-safe)."""
@@ -61,6 +62,9 @@ class Daemon:
                 from kvstore.daemon.orphans import reap_orphans
                 reap_orphans(self.config.ssd_dir)
             self.segments = self._create_segments()
+            if self.config.nixl:
+                from kvstore.daemon.nixl_agent import DaemonNixlAgent
+                self.nixl_agent = DaemonNixlAgent(self.segments)
             self.dataplane = DataPlaneServer(
                 self.segments, node_id=self.node_id, host=self.config.host,
                 port=self.config.port, token=self.config.token,
@@ -117,7 +121,8 @@ class Daemon:
         return NodeSpec(node_id=self.node_id, host_id=self.host_id, data_addr=self.address,
                         segments=[SegmentSpec(s.segment_id, s.tier, s.size_bytes, s.shm_name,
                                               s.path) for s in self.segments],
-                        incarnation=self.incarnation)
+                        incarnation=self.incarnation,
+                        nixl_metadata=self.nixl_agent.metadata if self.nixl_agent else b"")
 
     def _create_segments(self) -> list[Backend]:
         config = self.config
@@ -161,6 +166,10 @@ class Daemon:
             self._metrics_server = None
         if self.dataplane is not None:
             self.dataplane.stop()
+        if self.nixl_agent is not None:
+            # NOTE: before the segments: NIXL deregisters memory that must still be mapped
+            self.nixl_agent.close()
+            self.nixl_agent = None
         for segment in self.segments:
             segment.close()
         self.segments = []

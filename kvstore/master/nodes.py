@@ -85,7 +85,8 @@ class Node:
     or COMPLETE), so dropping the node touches only its own objects."""
 
     __slots__ = ("node_id", "host_id", "data_addr", "segments", "last_heartbeat_s", "keys",
-                 "seq", "log", "incarnation", "outbox")
+                 "seq", "log", "incarnation", "outbox",
+                 "nixl_metadata")
 
     def __init__(self, node_id: str, host_id: str, data_addr: str, now_s: float,
                  incarnation: str = ""):
@@ -98,6 +99,7 @@ class Node:
         self.last_heartbeat_s = now_s
         self.keys: set[str] = set()
         self.seq = 0
+        self.nixl_metadata = b""  # published as registered, returned by ListNodes
         # entries: (seq, key, segment_id, offset, length, checksum, codec); segment_id None
         # marks a removal
         self.log: deque[tuple] = deque()

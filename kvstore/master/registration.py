@@ -24,6 +24,8 @@ from kvstore.master.validation import (
 from kvstore.tiers import TIERS_FASTEST_FIRST, Tier
 
 MAX_SEGMENTS_PER_NODE = 1024
+# NOTE: NIXL's UCX agent metadata is ~0.3-2 KiB per registered region; far below this
+MAX_NIXL_METADATA_BYTES = 1024 * 1024
 
 
 def register_node(state, info, inventory, now_s: float) -> int:
@@ -52,7 +54,10 @@ def register_node(state, info, inventory, now_s: float) -> int:
                        f"node {info.node_id!r} is registered and alive; unregister it first "
                        "or wait for its TTL to pass")
     check_id(info.incarnation, "incarnation", allow_empty=True)
+    if len(info.nixl_metadata) > MAX_NIXL_METADATA_BYTES:
+        raise invalid(f"nixl_metadata is longer than {MAX_NIXL_METADATA_BYTES} bytes")
     node = Node(info.node_id, info.host_id, info.data_addr, now_s, info.incarnation)
+    node.nixl_metadata = info.nixl_metadata
     for seg in info.segments:
         check_id(seg.segment_id, "segment_id")
         if seg.segment_id in node.segments:

@@ -353,5 +353,6 @@ def node_infos(nodes, now_s: float) -> list[pb.NodeInfo]:
             used_bytes=sum(s.allocator.used_bytes for s in node.segments.values()),
             num_objects=len(node.keys),
             last_heartbeat_age_s=now_s - node.last_heartbeat_s,
-            tiers=tier_stats(node.segments.values()), incarnation=node.incarnation))
+            tiers=tier_stats(node.segments.values()), incarnation=node.incarnation,
+            nixl_metadata=node.nixl_metadata))
     return infos

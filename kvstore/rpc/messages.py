@@ -169,7 +169,8 @@ def replica_sets(reply: pb.GetReplicasResponse, keys: Sequence[str],
 def node_info(node: NodeSpec) -> pb.NodeInfo:
     return pb.NodeInfo(node_id=node.node_id, host_id=node.host_id, data_addr=node.data_addr,
                        segments=[_segment_info(s) for s in node.segments],
-                       incarnation=node.incarnation)
+                       incarnation=node.incarnation,
+                       nixl_metadata=node.nixl_metadata)
 
 
 def _segment_info(segment: SegmentSpec) -> pb.SegmentInfo:
@@ -231,5 +232,5 @@ def node_statuses(reply: pb.ListNodesResponse) -> list[NodeStatus]:
                                              s.shm_name, s.path) for s in n.segments],
                        used_bytes=n.used_bytes, num_objects=n.num_objects,
                        last_heartbeat_age_s=n.last_heartbeat_age_s,
-                       tiers=tier_usages(n.tiers))
+                       tiers=tier_usages(n.tiers), nixl_metadata=n.nixl_metadata)
             for n in reply.nodes]

@@ -60,6 +60,7 @@ class NodeSpec:
     data_addr: str
     segments: list[SegmentSpec]
     incarnation: str = ""     # changes each time the daemon process starts
+    nixl_metadata: bytes = b""  # daemon --nixl: kvstore.transport.nixl_meta; b"" without
 
 
 @dataclass(slots=True)
@@ -166,3 +167,4 @@ class NodeStatus:
     num_objects: int
     last_heartbeat_age_s: float
     tiers: list[TierUsage] = field(default_factory=list)
+    nixl_metadata: bytes = b""  # as the node registered it (NodeSpec.nixl_metadata)

@@ -1,0 +1,349 @@
+"""NIXL transport: one-sided READ/WRITE between caller buffers and daemons' registered segments.
+
+A daemon started with ``--nixl`` registers its DRAM segment with a NIXL agent (UCX backend) and
+publishes the agent's metadata through the master (``NodeInfo.nixl_metadata``, see
+``nixl_meta``). This transport learns it through ``nodes`` (a callable returning
+``{node_id: nixl_metadata}``, the client's ListNodes), loads it into its own agent once per
+daemon process, and then moves bytes without the daemon's CPU: a put is a WRITE into the
+allocated range, a get a READ into the caller's buffer. UCX picks the wire: RDMA
+(InfiniBand/RoCE) where present, CMA or TCP on one host here.
+
+Local memory: a transfer goes straight from/into the caller's buffer when it lies inside memory
+registered with ``register_memory`` (an engine's whole KV cache, once); any other buffer is
+copied through a staging pool of registered buffers (kept and reused; one is registered at the
+agent's creation). A batch is one NIXL transfer per node; completion is polled until the
+deadline. Nothing here talks to the master but ``nodes``.
+
+Errors: ``TransferError`` naming the node for a node without NIXL, a segment it did not
+register, a range outside the segment, or a transfer NIXL reports failed (the node's metadata
+is then dropped and fetched again on next use: a restarted daemon is a new agent);
+``TransferTimeoutError`` past the deadline (the staging buffers of that transfer are never
+reused, since the transfer may still land in them); ``InvalidArgumentError`` for a buffer of
+the wrong size; ``ConfigError`` with NIXL's reason when NIXL is missing or a registration
+fails (never a silent fallback); ``ClosedError`` after ``close()``. Thread-safe: one lock
+serializes calls into the agent (created with NIXL's sync mode NONE); copies to and from
+staging run outside it.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import threading
+import time
+from typing import Callable, Mapping, Sequence
+
+import numpy as np
+
+from kvstore._deadline import Deadline
+from kvstore._errors import ClosedError, KVStoreError, TransferError, TransferTimeoutError
+from kvstore.transport import byte_views, nixl_meta
+from kvstore.transport.base import Target, Transport
+from kvstore.transport.nixl_lib import AgentHandle, new_agent, nixl_available
+from kvstore.transport.nixl_staging import StagingPool, StagingBuffer
+
+NodeDirectory = Callable[[], Mapping[str, bytes]]
+log = logging.getLogger("kvstore.transport.nixl")
+
+#: a node absent from the directory is asked for again at most this often
+REFRESH_INTERVAL_S = 1.0
+# NOTE: polling: spin this long (a small transfer completes within microseconds), then sleep
+# in growing steps up to the cap, so a long transfer costs little CPU.
+_SPIN_S = 200e-6
+_MAX_SLEEP_S = 1e-3
+
+
+class _Item:
+    """One range of a batch: its index, its Target and the local memory it moves through."""
+
+    __slots__ = ("index", "target", "view", "local_address", "remote_address", "staging")
+
+    def __init__(self, index: int, target: Target, view: memoryview, remote_address: int):
+        self.index, self.target, self.view = index, target, view
+        self.remote_address = remote_address
+        self.local_address = 0
+        self.staging: StagingBuffer | None = None
+
+
+class NixlTransport(Transport):
+    """Reads and writes registered segments of NIXL-enabled daemons with one-sided transfers.
+
+    Reachable targets: a node whose published metadata lists the target's segment.
+    ``staging_bytes`` is the staging buffer registered at the agent's creation; the pool keeps
+    at most ``max_idle_staging_bytes`` of buffers between transfers.
+    """
+
+    name = "nixl"
+
+    def __init__(self, *, nodes: NodeDirectory | None = None,
+                 staging_bytes: int = 16 * 1024 * 1024,
+                 max_idle_staging_bytes: int = 256 * 1024 * 1024,
+                 clock: Callable[[], float] = time.monotonic):
+        self._nodes = nodes
+        self._staging_bytes = staging_bytes
+        self._max_idle_staging_bytes = max_idle_staging_bytes
+        self._clock = clock
+        self._lock = threading.Lock()          # the agent and the caches below
+        self._handle: AgentHandle | None = None
+        self._staging: StagingPool | None = None
+        self._node_to_info: dict[str, nixl_meta.NodeNixlInfo | None] = {}
+        self._refreshed_at_s = float("-inf")
+        self._regions: list[tuple[int, int, object, object]] = []  # start, end, descs, owner
+        self._closed = False
+
+    # ---- public ---------------------------------------------------------------------------
+    def can_reach(self, target: Target) -> bool:
+        """True if the target's node publishes NIXL metadata listing its segment and NIXL
+        imports here. NOTE: the first sight of a node asks ``nodes`` (one ListNodes), and a
+        node that registered less than ``REFRESH_INTERVAL_S`` after the last ask is not seen
+        until the next one."""
+        info = self._info(target.node_id)
+        return info is not None and target.segment_id in info.segments and nixl_available()
+
+    def write(self, target: Target, src: memoryview, *, timeout_s: float) -> None:
+        self._raise_first(self.write_many([(target, src)], timeout_s=timeout_s))
+
+    def read_into(self, target: Target, dst: memoryview, *, timeout_s: float) -> None:
+        self._raise_first(self.read_many([(target, dst)], timeout_s=timeout_s))
+
+    def write_many(self, items: Sequence[tuple[Target, memoryview]], *,
+                   timeout_s: float) -> list[BaseException | None]:
+        return self._run("WRITE", items, Deadline.after(timeout_s))
+
+    def read_many(self, items: Sequence[tuple[Target, memoryview]], *,
+                  timeout_s: float) -> list[BaseException | None]:
+        return self._run("READ", items, Deadline.after(timeout_s))
+
+    def register_memory(self, buffer: memoryview) -> object:
+        """Register ``buffer`` (kept alive until ``close`` or ``deregister_memory``) so that
+        transfers from or into any part of it skip the staging copy. Returns the registration.
+        Raises ConfigError with NIXL's reason when NIXL refuses it."""
+        view = memoryview(buffer).cast("B") if not isinstance(buffer, memoryview) else buffer
+        array = np.frombuffer(view, dtype=np.uint8)
+        start = array.ctypes.data
+        with self._lock:
+            handle = self._agent()
+            descs = handle.register(start, array.nbytes)
+            self._regions.append((start, start + array.nbytes, descs, array))
+        return descs
+
+    def deregister_memory(self, registration: object) -> None:
+        """Release a registration made by ``register_memory``. Idempotent."""
+        with self._lock:
+            kept = [r for r in self._regions if r[2] is not registration]
+            if len(kept) != len(self._regions) and self._handle is not None:
+                self._handle.deregister(registration)
+            self._regions = kept
+
+    def close(self) -> None:
+        """Release the staging pool, every registration and the agent. Idempotent."""
+        with self._lock:
+            self._closed = True
+            handle, self._handle = self._handle, None
+            self._staging, self._regions = None, []
+            self._node_to_info.clear()
+        if handle is not None:
+            handle.release()
+
+    # ---- nodes ----------------------------------------------------------------------------
+    def _info(self, node_id: str) -> nixl_meta.NodeNixlInfo | None:
+        """The node's published NIXL metadata; asks ``nodes`` on a miss (rate-limited)."""
+        if node_id in self._node_to_info:
+            return self._node_to_info[node_id]
+        if self._nodes is None or self._clock() - self._refreshed_at_s < REFRESH_INTERVAL_S:
+            return None
+        self._refreshed_at_s = self._clock()
+        try:
+            published = self._nodes()
+        except KVStoreError as exc:
+            # NOTE: not cached: the node is asked for again after REFRESH_INTERVAL_S
+            log.warning("nixl: cannot list the nodes' NIXL agents: %s", exc)
+            return None
+        infos = {nid: nixl_meta.unpack(data, nid) for nid, data in published.items()}
+        with self._lock:
+            self._node_to_info.update(infos)
+        return infos.get(node_id)
+
+    def _forget_node(self, node_id: str) -> None:
+        """Drop a node's metadata (a failed transfer: the daemon may have restarted)."""
+        with self._lock:
+            info = self._node_to_info.pop(node_id, None)
+            if info is not None and self._handle is not None and \
+                    info.agent_name in self._handle.remote_names:
+                self._handle.remote_names.discard(info.agent_name)
+                try:
+                    self._handle.agent.remove_remote_agent(info.agent_name)
+                except Exception:  # noqa: BLE001 - NIXL may already have dropped it
+                    pass
+        self._refreshed_at_s = float("-inf")
+
+    # ---- transfers ------------------------------------------------------------------------
+    def _run(self, op: str, items: Sequence[tuple[Target, memoryview]],
+             deadline: Deadline) -> list[BaseException | None]:
+        """Validate, stage, post one transfer per node, poll; one result per item."""
+        results: list[BaseException | None] = [None] * len(items)
+        node_to_items: dict[str, list[_Item]] = {}
+        for index, (target, buffer) in enumerate(items):
+            try:
+                item = self._prepare(op, index, target, buffer)
+            except Exception as exc:  # noqa: BLE001 - reported per item
+                results[index] = exc
+                continue
+            if item is not None:
+                node_to_items.setdefault(target.node_id, []).append(item)
+        if not node_to_items:
+            return results
+        try:
+            self._move(op, node_to_items, results, deadline)
+        finally:
+            self._release_staging(node_to_items)
+        return results
+
+    def _prepare(self, op: str, index: int, target: Target, buffer: memoryview) -> _Item | None:
+        """Check one item and give it local memory; None for an empty range (nothing moves)."""
+        view = byte_views.as_bytes_view(buffer, target.length, writable=op == "READ")
+        if self._closed:
+            raise ClosedError(f"nixl {target.node_id}: transport is closed")
+        info = self._info(target.node_id)
+        if info is None:
+            raise TransferError(f"nixl {target.node_id}: the node publishes no NIXL agent")
+        segment = info.segments.get(target.segment_id)
+        if segment is None:
+            raise TransferError(f"nixl {target.node_id}: segment {target.segment_id!r} is not "
+                                f"registered with NIXL")
+        if target.offset < 0 or target.length < 0 or \
+                target.offset + target.length > segment.size_bytes:
+            raise TransferError(
+                f"nixl {target.node_id}: range [{target.offset}, +{target.length}) is outside "
+                f"segment {target.segment_id!r} of {segment.size_bytes} bytes")
+        if target.length == 0:
+            return None
+        item = _Item(index, target, view, segment.address + target.offset)
+        address = np.frombuffer(view, dtype=np.uint8).ctypes.data
+        if self._registered(address, target.length):
+            item.local_address = address
+            return item
+        with self._lock:
+            item.staging = self._pool().take(target.length)
+        item.local_address = item.staging.address
+        if op == "WRITE":
+            ctypes.memmove(item.local_address, address, target.length)
+        return item
+
+    def _registered(self, address: int, length: int) -> bool:
+        return any(start <= address and address + length <= end
+                   for start, end, _, _ in self._regions)
+
+    def _move(self, op: str, node_to_items: dict[str, list[_Item]],
+              results: list[BaseException | None], deadline: Deadline) -> None:
+        """Post one transfer per node, then poll them all until done or the deadline."""
+        pending: dict[str, object] = {}
+        for node_id, node_items in node_to_items.items():
+            try:
+                pending[node_id] = self._post(op, node_id, node_items)
+            except TransferError as exc:
+                self._fail(node_items, results, exc)
+        sleep_s, spin_until_s = 0.0, time.monotonic() + _SPIN_S
+        while pending:
+            for node_id, xfer in list(pending.items()):
+                with self._lock:
+                    state = self._handle.agent.check_xfer_state(xfer) if self._handle else "ERR"
+                if state == "PROC":
+                    continue
+                del pending[node_id]
+                self._finish(op, node_id, xfer, state, node_to_items[node_id], results)
+            if not pending:
+                return
+            if deadline.expired():
+                for node_id in pending:
+                    self._fail(node_to_items[node_id], results, TransferTimeoutError(
+                        f"nixl {node_id}: {op.lower()} of {len(node_to_items[node_id])} "
+                        f"range(s) not done before the deadline"), abandoned=True)
+                return
+            if time.monotonic() >= spin_until_s:
+                sleep_s = min(_MAX_SLEEP_S, max(sleep_s * 2, 20e-6))
+                time.sleep(sleep_s)
+
+    def _post(self, op: str, node_id: str, node_items: list[_Item]) -> object:
+        """Create and post the node's transfer; its handle. Raises TransferError."""
+        info = self._node_to_info.get(node_id)
+        if info is None:
+            raise TransferError(f"nixl {node_id}: the node publishes no NIXL agent")
+        local = [(item.local_address, item.target.length, 0) for item in node_items]
+        remote = [(item.remote_address, item.target.length,
+                   info.segments[item.target.segment_id].device_id) for item in node_items]
+        mem_type = info.segments[node_items[0].target.segment_id].mem_type
+        with self._lock:
+            handle = self._agent()
+            try:
+                if info.agent_name not in handle.remote_names:
+                    handle.agent.add_remote_agent(info.agent_metadata)
+                    handle.remote_names.add(info.agent_name)
+                xfer = handle.agent.initialize_xfer(
+                    op, handle.agent.get_xfer_descs(local, "DRAM"),
+                    handle.agent.get_xfer_descs(remote, mem_type), info.agent_name)
+                state = handle.agent.transfer(xfer)
+            except Exception as exc:  # noqa: BLE001 - NIXL raises its own error types
+                raise TransferError(f"nixl {node_id}: cannot start the {op.lower()}: "
+                                    f"{exc}") from exc
+        if state == "ERR":
+            raise TransferError(f"nixl {node_id}: NIXL refused the {op.lower()}")
+        return xfer
+
+    def _finish(self, op: str, node_id: str, xfer: object, state: str,
+                node_items: list[_Item], results: list[BaseException | None]) -> None:
+        with self._lock:
+            try:
+                xfer.release()
+            except Exception:  # noqa: BLE001 - a failed transfer's handle may refuse
+                pass
+        if state != "DONE":
+            self._fail(node_items, results, TransferError(
+                f"nixl {node_id}: {op.lower()} of {len(node_items)} range(s) failed "
+                f"(NIXL state {state}; the node may have died)"))
+            self._forget_node(node_id)
+            return
+        if op == "READ":
+            for item in node_items:
+                if item.staging is not None:
+                    dst = np.frombuffer(item.view, dtype=np.uint8).ctypes.data
+                    ctypes.memmove(dst, item.local_address, item.target.length)
+
+    @staticmethod
+    def _fail(node_items: list[_Item], results: list[BaseException | None],
+              error: TransferError, *, abandoned: bool = False) -> None:
+        for item in node_items:
+            results[item.index] = error
+            if abandoned and item.staging is not None:
+                item.staging.abandoned = True
+
+    def _release_staging(self, node_to_items: dict[str, list[_Item]]) -> None:
+        """Give every staging buffer of the batch back (an abandoned one is kept aside)."""
+        with self._lock:
+            pool = self._staging
+            for node_items in node_to_items.values():
+                for item in node_items:
+                    if item.staging is not None and pool is not None:
+                        pool.give(item.staging)
+
+    # ---- agent ----------------------------------------------------------------------------
+    def _agent(self) -> AgentHandle:
+        """The agent, created on first use (caller holds the lock)."""
+        if self._closed:
+            raise ClosedError("nixl: transport is closed")
+        if self._handle is None:
+            self._handle = new_agent("client")
+        return self._handle
+
+    def _pool(self) -> StagingPool:
+        """The staging pool, created with the agent (caller holds the lock)."""
+        handle = self._agent()
+        if self._staging is None:
+            self._staging = StagingPool(handle, initial_bytes=self._staging_bytes,
+                                        max_idle_bytes=self._max_idle_staging_bytes)
+        return self._staging
+
+    @staticmethod
+    def _raise_first(results: list[BaseException | None]) -> None:
+        if results[0] is not None:
+            raise results[0]

@@ -1,0 +1,157 @@
+"""Loading NIXL (the optional ``kvstore[nixl]`` extra) and creating and releasing its agents.
+
+Shared by the daemon (which registers its segments with an agent) and the client transport.
+``load_nixl()`` imports NIXL's API module without importing torch: the ``nixl`` meta package
+picks its CUDA flavour by asking torch (on a CPU-only torch it imports torch, ~1-6 s here),
+so the flavour modules (``nixl_cu13``, ``nixl_cu12``) are tried directly first, the way the
+meta package does when no CUDA stack is loaded.
+
+``release_agent`` is the one teardown order for an agent: transfer handles, then memory
+registrations, then remote agents, then the agent itself. Every agent made by ``new_agent`` is
+also released by an ``atexit`` hook (in that order), so that nothing NIXL or UCX owns is
+destroyed by the interpreter's teardown in arbitrary order (see docs/ARCHITECTURE.md,
+Transports: exit status).
+"""
+
+from __future__ import annotations
+
+import atexit
+import importlib
+import logging
+import os
+import sys
+import threading
+import uuid
+from types import ModuleType
+from typing import Any
+
+from kvstore._errors import ConfigError
+
+log = logging.getLogger("kvstore.nixl")
+
+# NOTE: tried in this order; nixl_cu13 first as NIXL's own loader does when no CUDA is loaded
+_FLAVOURS = ("nixl_cu13", "nixl_cu12")
+_MISSING = "NIXL is not installed (pip install 'kvstore[nixl]', see requirements-nixl.txt)"
+
+_lock = threading.Lock()
+_module: ModuleType | None = None
+_load_error: str | None = None
+_live_agents: dict[int, "AgentHandle"] = {}
+
+
+def load_nixl() -> ModuleType:
+    """NIXL's ``_api`` module (``nixl_agent``, ``nixl_agent_config``, ...).
+
+    Raises ConfigError with the reason when NIXL is not installed or fails to import.
+    """
+    global _module, _load_error
+    with _lock:
+        if _module is not None:
+            return _module
+        if _load_error is not None:
+            raise ConfigError(_load_error)
+        # NOTE: NIXL logs every agent and backend creation at INFO; keep that to warnings
+        os.environ.setdefault("NIXL_LOG_LEVEL", "WARN")
+        names = ("nixl",) if "torch" in sys.modules else ()
+        for name in names + _FLAVOURS:
+            try:
+                _module = importlib.import_module(f"{name}._api")
+                return _module
+            except ModuleNotFoundError as exc:
+                if exc.name not in (name, f"{name}._api"):
+                    _load_error = f"NIXL ({name}) cannot be imported: {exc}"
+                    raise ConfigError(_load_error) from exc
+            except (ImportError, OSError) as exc:
+                _load_error = f"NIXL ({name}) cannot be imported: {exc}"
+                raise ConfigError(_load_error) from exc
+        _load_error = _MISSING
+        raise ConfigError(_load_error)
+
+
+def nixl_available() -> bool:
+    """True if NIXL imports in this process (cached)."""
+    try:
+        load_nixl()
+        return True
+    except ConfigError:
+        return False
+
+
+class AgentHandle:
+    """One NIXL agent with the UCX backend, and what was registered and loaded through it.
+
+    Not thread-safe by itself: callers serialize their use of ``agent`` (NIXL agents are
+    created with sync mode NONE). ``release()`` is idempotent and never raises.
+    """
+
+    def __init__(self, name: str):
+        api = load_nixl()
+        config = api.nixl_agent_config(enable_prog_thread=True, backends=["UCX"])
+        try:
+            self.agent = api.nixl_agent(name, config)
+        except Exception as exc:  # noqa: BLE001 - NIXL raises its own error types
+            raise ConfigError(f"cannot create a NIXL agent: {exc}") from exc
+        if "UCX" not in self.agent.backends:
+            raise ConfigError("NIXL has no UCX backend here (its UCX plugin failed to load)")
+        self.name = name
+        self.registrations: list[Any] = []
+        self.remote_names: set[str] = set()
+        self.released = False
+        with _lock:
+            _live_agents[id(self)] = self
+
+    def register(self, address: int, length: int, mem_type: str = "DRAM",
+                 device_id: int = 0) -> Any:
+        """Register [address, +length) with the UCX backend; the registration descriptor list.
+
+        Raises ConfigError carrying NIXL's reason when the registration fails.
+        """
+        try:
+            descs = self.agent.register_memory([(address, length, device_id, "")], mem_type)
+        except Exception as exc:  # noqa: BLE001 - NIXL raises its own error types
+            raise ConfigError(f"NIXL cannot register {length} bytes of {mem_type} at "
+                              f"0x{address:x}: {exc}") from exc
+        self.registrations.append(descs)
+        return descs
+
+    def deregister(self, descs: Any) -> None:
+        """Release one registration made by ``register``. Never raises (logs instead)."""
+        if descs in self.registrations:
+            self.registrations.remove(descs)
+            try:
+                self.agent.deregister_memory(descs)
+            except Exception as exc:  # noqa: BLE001 - teardown must go on
+                log.warning("NIXL deregistration failed: %s", exc)
+
+    def release(self) -> None:
+        """Deregister everything, forget remote agents, destroy the agent. Idempotent."""
+        with _lock:
+            _live_agents.pop(id(self), None)
+            if self.released:
+                return
+            self.released = True
+        for descs in list(self.registrations):
+            self.deregister(descs)
+        for remote in list(self.remote_names):
+            try:
+                self.agent.remove_remote_agent(remote)
+            except Exception as exc:  # noqa: BLE001 - teardown must go on
+                log.warning("NIXL cannot forget agent %s: %s", remote, exc)
+        self.remote_names.clear()
+        # NOTE: dropping the Python agent destroys the C++ agent (its UCX workers and progress
+        # thread) now, while the interpreter and the libraries it uses are still whole
+        self.agent = None
+
+
+def new_agent(role: str) -> AgentHandle:
+    """An agent named ``kvstore-{role}-{pid}-{random}``: unique per process and per call, so a
+    restarted daemon is a new agent to every client."""
+    return AgentHandle(f"kvstore-{role}-{os.getpid()}-{uuid.uuid4().hex[:12]}")
+
+
+@atexit.register
+def _release_live_agents() -> None:
+    with _lock:
+        agents = list(_live_agents.values())
+    for handle in agents:
+        handle.release()
