@@ -25,7 +25,8 @@ from pathlib import Path
 import kvstore
 from kvstore._process import ServerProcess
 from kvstore.daemon.moves import copy_range
-from kvstore.daemon.segments import FileSegment, ShmSegment
+from kvstore.daemon.backends import ShmBackend
+from kvstore.daemon.ssd import SsdBackend
 from kvstore.status_cli import fetch_status
 
 OUT_DIR = Path(__file__).resolve().parent / "out"
@@ -35,11 +36,11 @@ DRAM_BYTES = 256 * MiB
 
 
 def copy_ceiling_gbps(ssd_dir: str, total_bytes: int) -> float:
-    """``copy_range`` shm -> mapped file, VALUE_BYTES at a time, over ``total_bytes``."""
-    shm = ShmSegment("ceil-dram", total_bytes, name_prefix="kvstore-bench")
-    ssd = FileSegment("ceil-ssd", total_bytes, directory=ssd_dir, name_prefix="kvstore-bench")
+    """``copy_range`` shm -> the SSD backend, VALUE_BYTES at a time, over ``total_bytes``."""
+    shm = ShmBackend("ceil-dram", total_bytes, name_prefix="kvstore-bench")
+    ssd = SsdBackend("ceil-ssd", total_bytes, directory=ssd_dir, node_id="bench-ceiling")
     try:
-        shm.view[:] = b"\x5a" * total_bytes
+        shm.write_from(0, memoryview(b"\x5a" * total_bytes))
         copy_range(shm, 0, ssd, 0, VALUE_BYTES)                # first touch of the file
         started = time.perf_counter()
         for offset in range(0, total_bytes, VALUE_BYTES):

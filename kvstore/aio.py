@@ -27,6 +27,7 @@ DEFAULT_MAX_WORKERS = 4
 _ASYNC_METHODS = (
     "put", "batch_put", "get", "batch_get", "get_into", "batch_get_into", "exists",
     "batch_exists", "remove", "remove_prefix", "pin", "unpin", "match_prefix", "stats",
+    "register_memory",
 )
 
 

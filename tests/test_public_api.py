@@ -49,7 +49,7 @@ def test_every_name_of_api_md_python_section_resolves():
 
 STORE_METHODS = ["put", "get", "get_into", "exists", "remove", "batch_put", "batch_get",
                  "batch_get_into", "batch_exists", "match_prefix", "remove_prefix", "pin",
-                 "unpin", "stats", "close"]
+                 "unpin", "stats", "register_memory", "close"]
 
 
 def test_store_methods_exist_on_both_stores():

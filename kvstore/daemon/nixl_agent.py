@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from kvstore.daemon.segments import MappedSegment, Segment
+from kvstore.daemon.backends import Backend, MappedBackend
 from kvstore.tiers import Tier
 from kvstore.transport import nixl_meta
 from kvstore.transport.nixl_lib import AgentHandle, new_agent
@@ -23,14 +23,14 @@ from kvstore.transport.nixl_lib import AgentHandle, new_agent
 class DaemonNixlAgent:
     """One agent per daemon process, holding the registrations of its DRAM segments."""
 
-    def __init__(self, segments: list[Segment]):
+    def __init__(self, segments: list[Backend]):
         self._handle: AgentHandle | None = new_agent("daemon")
         registered: dict[str, nixl_meta.RemoteSegment] = {}
         try:
             for segment in segments:
-                if segment.tier != Tier.DRAM or not isinstance(segment, MappedSegment):
+                if segment.tier != Tier.DRAM or not isinstance(segment, MappedBackend):
                     continue
-                address = np.frombuffer(segment.view, dtype=np.uint8).ctypes.data
+                address = np.frombuffer(segment.mapping_view, dtype=np.uint8).ctypes.data
                 self._handle.register(address, segment.size_bytes)
                 registered[segment.segment_id] = nixl_meta.RemoteSegment(
                     address, segment.size_bytes, "DRAM", 0)

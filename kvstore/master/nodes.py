@@ -28,7 +28,7 @@ MAX_LOG_ENTRIES = 1 << 21
 class SegmentSpace:
     """The master's view of one region a node contributes in one tier: its capacity, its
     allocator and how many replicas it holds (the bytes live in the daemon's own ``Segment``,
-    ``kvstore/daemon/segments.py``)."""
+    ``kvstore/daemon/backends.py``)."""
 
     __slots__ = ("segment_id", "node", "tier", "capacity_bytes", "shm_name", "path",
                  "allocator", "num_replicas", "alive", "outgoing_bytes", "hits", "demotions",
