@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import sys
+import time
 from pathlib import Path
 
 from kvstore.bench.transfer_cli import command
@@ -50,11 +51,14 @@ def check_targets(result: dict) -> list[tuple[str, bool, str]]:
 
 def main() -> int:
     args = ["--json", str(OUT_PATH), *sys.argv[1:]]
+    started_s = time.time()
     try:
-        command.main(args=args, standalone_mode=False)
+        command.main(args=args, standalone_mode=False, prog_name="transfer_bench.py")
     except SystemExit as exc:
         if exc.code:
             return int(exc.code)
+    if not OUT_PATH.exists() or OUT_PATH.stat().st_mtime < started_s:
+        return 0  # --help: nothing was measured
     result = json.loads(OUT_PATH.read_text())
     print()
     for name, ok, detail in check_targets(result):

@@ -78,16 +78,16 @@ def make_client(path: str, address: str, fast_port: int) -> RawCalls:
     return RawCalls(GrpcCarrier(address))
 
 
-def populate(address: str) -> list[str]:
+def populate(address: str, num_keys: int = NUM_KEYS) -> list[str]:
     from kvstore.v1 import master_pb2 as pb
-    keys = [f"bench/model-x/L32/xxh64v1/{i:016x}" for i in range(NUM_KEYS)]
+    keys = [f"bench/model-x/L32/xxh64v1/{i:016x}" for i in range(num_keys)]
     with make_client("grpc", address, 0) as client:
         for n in range(4):
             client.call("RegisterNode", pb.RegisterNodeRequest(node=pb.NodeInfo(
                 node_id=f"node{n}", host_id=f"host{n}", data_addr=f"127.0.0.1:{7000 + n}",
                 segments=[pb.SegmentInfo(segment_id="dram0", tier=pb.TIER_DRAM,
                                          capacity_bytes=1 << 40, shm_name=f"/kv{n}")])))
-        for i in range(0, NUM_KEYS, 8192):
+        for i in range(0, num_keys, 8192):
             chunk = keys[i:i + 8192]
             client.call("PutStart", pb.PutStartRequest(keys=chunk, sizes=[VALUE_BYTES] * len(chunk),
                                                        client_id="bench"))
@@ -96,13 +96,13 @@ def populate(address: str) -> list[str]:
 
 
 def client_worker(target: tuple, op: str, batch: int, worker: int, seconds: float,
-                  start_at: float, out: mp.Queue) -> None:
+                  start_at: float, out: mp.Queue, num_keys: int = NUM_KEYS) -> None:
     """Call ``op`` in a loop for ``seconds`` (starting at wall time ``start_at``); put the
     per-call latencies (seconds) on ``out``."""
     import random
     from kvstore.v1 import master_pb2 as pb
     rng = random.Random(worker)
-    keys = [f"bench/model-x/L32/xxh64v1/{i:016x}" for i in range(NUM_KEYS)]
+    keys = [f"bench/model-x/L32/xxh64v1/{i:016x}" for i in range(num_keys)]
     if op == "get_replicas":
         requests = [pb.GetReplicasRequest(keys=rng.sample(keys, batch)) for _ in range(32)]
     elif op == "exists":
@@ -136,13 +136,14 @@ def client_worker(target: tuple, op: str, batch: int, worker: int, seconds: floa
     out.put(latencies)
 
 
-def run_cell(target: tuple, op: str, batch: int, num_clients: int, seconds: float) -> dict:
+def run_cell(target: tuple, op: str, batch: int, num_clients: int, seconds: float,
+             num_keys: int = NUM_KEYS) -> dict:
     """``target``: (path, address, fast_port) as ``make_client`` takes them."""
     ctx = mp.get_context("spawn")
     out = ctx.Queue()
     start_at = time.time() + 1.5 + 0.3 * num_clients       # lets every process import first
     procs = [ctx.Process(target=client_worker,
-                         args=(target, op, batch, w, seconds, start_at, out))
+                         args=(target, op, batch, w, seconds, start_at, out, num_keys))
              for w in range(num_clients)]
     for p in procs:
         p.start()
@@ -157,7 +158,7 @@ def run_cell(target: tuple, op: str, batch: int, num_clients: int, seconds: floa
             "p99_us": merged[min(num_calls - 1, int(num_calls * 0.99))] * 1e6 if merged else None}
 
 
-def in_process_ceiling() -> dict:
+def in_process_ceiling(num_keys: int = NUM_KEYS) -> dict:
     """Keys/s of the master's whole request path for batches of 1024 with no transport:
     parse the request bytes, run the service method, serialize the reply (with the GC
     thresholds the master process uses). No RPC can move keys faster than this."""
@@ -173,7 +174,7 @@ def in_process_ceiling() -> dict:
         node_id="n", host_id="h", data_addr="127.0.0.1:1",
         segments=[pb.SegmentInfo(segment_id="d", tier=pb.TIER_DRAM, capacity_bytes=1 << 40)])),
         0.0)
-    keys = [f"bench/model-x/L32/xxh64v1/{i:016x}" for i in range(NUM_KEYS)]
+    keys = [f"bench/model-x/L32/xxh64v1/{i:016x}" for i in range(num_keys)]
 
     def rate(method: str, request_class, payloads: list[bytes], num_keys: int) -> float:
         handler = getattr(service, method)
@@ -182,7 +183,7 @@ def in_process_ceiling() -> dict:
             handler(request_class.FromString(payload), 1.0).SerializeToString()
         return num_keys / (time.perf_counter() - started)
 
-    chunks = [keys[i:i + 1024] for i in range(0, NUM_KEYS, 1024)]
+    chunks = [keys[i:i + 1024] for i in range(0, num_keys, 1024)]
     starts = [pb.PutStartRequest(keys=c, sizes=[VALUE_BYTES] * len(c), client_id="c")
               .SerializeToString() for c in chunks]
     ends = [pb.PutEndRequest(keys=c, client_id="c").SerializeToString() for c in chunks]
@@ -190,7 +191,7 @@ def in_process_ceiling() -> dict:
     for start, end in zip(starts, ends):
         service.PutStart(pb.PutStartRequest.FromString(start), 0.0).SerializeToString()
         service.PutEnd(pb.PutEndRequest.FromString(end), 0.0).SerializeToString()
-    put_rate = NUM_KEYS / (time.perf_counter() - started)
+    put_rate = num_keys / (time.perf_counter() - started)
     batches = [random.Random(i).sample(keys, 1024) for i in range(100)]
     gets = [pb.GetReplicasRequest(keys=b).SerializeToString() for b in batches]
     exists = [pb.ExistsRequest(keys=b).SerializeToString() for b in batches]
@@ -212,11 +213,14 @@ PATHS = ("grpc", "fast")
               help="Comma-separated gRPC modes of the master: threads, aio.")
 @click.option("--paths", default=",".join(PATHS), show_default=True,
               help="Comma-separated client metadata paths: grpc, fast.")
-@click.option("--seconds", type=click.FloatRange(min=0.05), default=2.0, show_default=True,
-              help="Seconds per cell (0.5 with --quick).")
+@click.option("--seconds", type=click.FloatRange(min=0.05), default=None,
+              help="Seconds per cell (default 2, or 0.5 with --quick).")
+@click.option("--num-keys", type=click.IntRange(min=1024), default=NUM_KEYS, show_default=True,
+              help="Keys stored before the cells run (and sampled by them).")
 @click.option("--json", "json_path", default="bench/out/master_bench.json", show_default=True,
               type=click.Path(dir_okay=False), help="Where to write every figure.")
-def command(quick: bool, modes: str, paths: str, seconds: float, json_path: str) -> None:
+def command(quick: bool, modes: str, paths: str, seconds: float | None, num_keys: int,
+            json_path: str) -> None:
     """Metadata operations per second and latency by batch size, beside the master's ceiling."""
     from tqdm import tqdm
 
@@ -225,10 +229,10 @@ def command(quick: bool, modes: str, paths: str, seconds: float, json_path: str)
     for items, allowed, flag in ((mode_list, MODES, "--modes"), (path_list, PATHS, "--paths")):
         if not items or any(item not in allowed for item in items):
             raise click.BadParameter(f"expected some of {', '.join(allowed)}", param_hint=flag)
-    seconds = 0.5 if quick else seconds
+    seconds = seconds or (0.5 if quick else 2.0)
     batches = (1, 1024) if quick else BATCHES
     clients = (1,) if quick else CLIENTS
-    ceiling = in_process_ceiling()
+    ceiling = in_process_ceiling(num_keys)
     results = {"command": sys.argv, "ceiling_in_process": ceiling, "modes": {},
                "loadavg_at_start": os.getloadavg(), "date": time.strftime("%Y-%m-%d %H:%M UTC",
                                                                             time.gmtime())}
@@ -245,12 +249,12 @@ def command(quick: bool, modes: str, paths: str, seconds: float, json_path: str)
         proc, address, fast_port = start_master(mode)
         target = (path, address, fast_port)
         try:
-            populate(address)
-            floor = run_cell(target, "empty", 0, 1, seconds)
+            populate(address, num_keys)
+            floor = run_cell(target, "empty", 0, 1, seconds, num_keys)
             progress.update(1)
             rows = []
             for op, batch, n in cells:
-                rows.append(run_cell(target, op, batch, n, seconds))
+                rows.append(run_cell(target, op, batch, n, seconds, num_keys))
                 rows[-1]["pct_of_ceiling"] = (100 * rows[-1]["keys_per_s"]
                                               / ceiling[_CEILING_KEY[op]])
                 progress.update(1)

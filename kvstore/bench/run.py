@@ -31,7 +31,8 @@ def run_transfer(master_addr: str | None, token: str | None, kinds: list[str],
     try:
         if master_addr is None:
             largest_batch = max(s * batch_items(s, settings["batch"]) for s in sizes)
-            servers = start_cluster(dram_bytes=max(4 * largest_batch * concurrency, 2 * 1024**3))
+            servers = start_cluster(dram_bytes=settings["dram_bytes"]
+                                    or max(4 * largest_batch * concurrency, 2 * 1024**3))
             master_addr = servers[0].address
         total = 4 * len(kinds) * len(sizes) * len(levels)
         with tqdm(total=total, desc="bench transfer", unit="case", leave=False) as progress:

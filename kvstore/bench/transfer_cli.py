@@ -91,6 +91,9 @@ def parse_sizes(text: str) -> list[int]:
               show_default=True, help="Client threads per process (client level).")
 @click.option("--processes", "num_processes", type=click.IntRange(min=1), default=1,
               show_default=True, help="Client processes (client level).")
+@click.option("--dram", default=None,
+              help="DRAM of the local daemon (default: 4 x the largest batch x concurrency, "
+                   "at least 2GiB).")
 @click.option("--duration", default="0.25s", show_default=True,
               help="Time per measurement (3 rounds, at least 2 calls each).")
 @click.option("--total", default=None,
@@ -102,7 +105,7 @@ def parse_sizes(text: str) -> list[int]:
 @click.option("--plot", "plot_path", default=None, type=click.Path(dir_okay=False),
               help="Write a PNG: GB/s against value size (needs kvstore[plot]).")
 def command(master_addr, token, transports, levels, sizes, batch, num_threads, num_processes,
-            duration, total, verify_all, json_path, plot_path):
+            dram, duration, total, verify_all, json_path, plot_path):
     """Measure put/get bandwidth and latency by size, batch, concurrency and transport."""
     from kvstore.bench.measure import Budget
 
@@ -112,10 +115,14 @@ def command(master_addr, token, transports, levels, sizes, batch, num_threads, n
     try:
         duration_s = parse_duration(duration)
         total_bytes = None if total is None else parse_size(total)
+        dram_bytes = None if dram is None else parse_size(dram)
     except (KVStoreError, ValueError) as exc:
         raise click.BadParameter(str(exc)) from exc
-    if duration_s <= 0 or (total_bytes is not None and total_bytes <= 0):
-        raise click.BadParameter("--duration and --total must be above 0")
+    if duration_s <= 0 or (total_bytes is not None and total_bytes <= 0) or (
+            dram_bytes is not None and dram_bytes <= 0):
+        raise click.BadParameter("--duration, --total and --dram must be above 0")
+    if dram_bytes is not None and master_addr is not None:
+        raise click.UsageError("--dram sizes the local daemon: not with --master")
     if plot_path is not None:
         from kvstore.bench.plot import require_matplotlib
         require_matplotlib()  # before measuring: a missing extra must not cost a whole run
@@ -129,7 +136,8 @@ def command(master_addr, token, transports, levels, sizes, batch, num_threads, n
     budget = Budget(duration_s=duration_s, total_bytes=total_bytes)
     settings = {"transports": kinds, "levels": level_list, "sizes": size_list, "batch": batch,
                 "threads": num_threads, "processes": num_processes, "duration_s": duration_s,
-                "total_bytes": total_bytes, "verify": verify_all, "master": master_addr}
+                "total_bytes": total_bytes, "verify": verify_all, "master": master_addr,
+                "dram_bytes": dram_bytes}
     from kvstore.bench.run import run_transfer
 
     result = run_transfer(master_addr, token, kinds, level_list, size_list, budget, settings)
