@@ -33,9 +33,6 @@ def _shape(model_path, num_layers, num_kv_heads, head_dim, dtype, measured) -> M
 
     flags = (num_layers, num_kv_heads, head_dim)
     if measured is not None:
-        if model_path or any(v is not None for v in flags):
-            raise click.UsageError("--measure times the demo's model: it takes no --model or "
-                                   "shape flags")
         return measured
     if model_path:
         if any(v is not None for v in flags):
@@ -182,6 +179,10 @@ def command(model_path, num_layers, num_kv_heads, head_dim, dtype, prompt_len, o
             not measure and (prefill_tps is None or decode_step_ms is None)):
         raise click.UsageError("the engine: give --prefill-tps and --decode-step-ms, or "
                                "--measure")
+    if measure and (model_path or any(v is not None for v in (num_layers, num_kv_heads,
+                                                               head_dim))):
+        raise click.UsageError("--measure times the demo's model: it takes no --model or "
+                               "shape flags")
     try:
         if output_len <= 0 or block_size <= 0:
             raise InvalidArgumentError("--output-len and --block-size must be above 0")
