@@ -3,7 +3,7 @@ with options, kvstore/bench/transfer_cli.py).
 
 Starts a master and a daemon process on loopback, then measures put/get GB/s for 64 KiB..64 MiB
 values, single and batched, over shm and tcp, at the transport level and through
-``kvstore.connect``, beside a single-thread cold memcpy ceiling measured in the same run, with
+``kvstore.connect``, beside a single-thread memcpy ceiling measured in the same run, with
 p50/p90/p99 latency. Prints the table and writes bench/out/transfer.json, then checks the targets
 of issue 3 and prints PASS/MISS for each (exit 0 either way: speed is recorded, not asserted).
 """

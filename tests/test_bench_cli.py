@@ -259,16 +259,21 @@ def test_total_budget_moves_at_least_the_bytes_asked_for():
     assert num_calls == len(samples) == len(calls) == 10  # 30 kB over 3 rounds of 1 kB calls
 
 
-def test_cold_copy_copies_between_distinct_buffers():
+def test_cold_copy_cycles_through_the_cases_working_set():
     from kvstore.bench.measure import ColdCopy
 
     cold = ColdCopy()
-    copy = cold.fn(1 << 20, num_items=4)
+    copy = cold.fn(1 << 20, num_items=4, working_set_bytes=16 << 20)
     cold._src[:] = 7
     copy()
     copy()
     touched = np.flatnonzero(cold._dst[::1 << 20] == 7)
     assert list(touched) == list(range(8))  # 8 distinct 1 MiB slots, not one reused
+    single = cold.fn(1 << 20)  # a working set of one value: the same pair every call
+    cold._src[:] = 9
+    single()
+    single()
+    assert list(np.flatnonzero(cold._dst[::1 << 20] == 9)) == [0]
 
 
 def test_batches_move_about_64_mib_in_at_most_128_items():

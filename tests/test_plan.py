@@ -236,3 +236,22 @@ def test_plan_measure_times_the_demo_model(tmp_path):
     row = data["rows"][0]
     assert row["prefill_ms"] == pytest.approx(128 / data["engine"]["prefill_tokens_per_s"] * 1e3)
     assert math.isfinite(row["ttft_pd_ms"])
+
+
+@pytest.mark.parametrize("prefix, target", [
+    ("bench transfer", "kvstore.bench.transfer_cli:command"),
+    ("bench master", "kvstore.bench.master:command"),
+    ("bench kernels", "kvstore.bench.kernels:command"),
+    ("plan", "kvstore.plan.cli:command")])
+def test_every_flag_is_in_operations_md(prefix, target):
+    import importlib
+    from pathlib import Path
+
+    module_name, attribute = target.split(":")
+    command = getattr(importlib.import_module(module_name), attribute)
+    docs = (Path(__file__).resolve().parent.parent / "docs" / "OPERATIONS.md").read_text()
+    rows = [line for line in docs.splitlines() if line.startswith(f"| `{prefix} ")]
+    flags = [opt for param in command.params for opt in param.opts if opt.startswith("--")]
+    assert flags
+    for flag in flags:
+        assert any(f"{flag}`" in row or f"{flag} " in row for row in rows), flag

@@ -6,7 +6,7 @@ workers share one); every thread runs the same operation in a loop for the budge
 duration, all starting at one moment, and the row's GB/s is every byte moved over the wall
 time. The get phases read keys put before them; the puts write fresh keys. Each thread
 checks the bytes of its last get (``kvstore.bench.verify``); a mismatch aborts the run. The
-ceiling stays a single-thread cold memcpy, measured in this process between the phases.
+ceiling stays a single-thread memcpy of the case's pattern, measured here between the phases.
 """
 
 from __future__ import annotations
@@ -114,7 +114,8 @@ def concurrent_cases(master_addr, kinds, sizes, settings: CaseSettings, num_thre
                         moved = sum(p[0] for p in parts)
                         elapsed_s = max(p[2] for p in parts)
                         samples = [s for p in parts for s in p[1]]
-                        copy = settings.ceiling.fn(size_bytes, items)
+                        copy = settings.ceiling.fn(size_bytes, items,
+                                                   size_bytes * num_items)
                         memcpy_gbps = rate(copy, size_bytes * items, settings.budget)
                         # NOTE: no CPU s/GB here: the worker processes' CPU is not probed
                         figure = Figure(moved / elapsed_s / 1e9, memcpy_gbps, None,

@@ -1,4 +1,4 @@
-"""Measuring primitives of ``kvstore bench``: rates beside a cold memcpy ceiling, latency
+"""Measuring primitives of ``kvstore bench``: rates beside a memcpy ceiling, latency
 percentiles, a raw loopback TCP ceiling and CPU accounting. No kvstore state is touched."""
 
 from __future__ import annotations
@@ -24,11 +24,6 @@ while True:
         received += conn.recv_into(buffer[received:length])
     conn.sendall(b"k")
 """
-
-#: the cold memcpy ceiling cycles over distinct buffers in a working set this large (far
-#: beyond the caches), as a store's copies do
-COLD_WORKING_SET_BYTES = 256 * 1024 * 1024
-
 
 @dataclasses.dataclass(frozen=True)
 class Budget:
@@ -113,22 +108,23 @@ def rate(fn, bytes_per_call: int, budget: Budget) -> float:
 
 
 class ColdCopy:
-    """Single-thread memcpy (numpy copyto) with the access pattern of a store's copies:
-    ``num_items`` copies of ``size_bytes`` per call, each between distinct buffers cycling
-    through a working set of at least COLD_WORKING_SET_BYTES (cold caches). The working set
-    is allocated and touched once, on first use, and reused by every later call."""
+    """Single-thread memcpy (numpy copyto) with the access pattern of a case: ``num_items``
+    copies of ``size_bytes`` per call, each between a distinct pair of buffers, cycling
+    through ``working_set_bytes`` (the case's distinct values: a batch's worth), so the
+    ceiling is as cold or as hot in the caches as the case it bounds. One pair of arrays is
+    allocated and touched on first use and reused (grown when needed) by later calls."""
 
     def __init__(self) -> None:
         self._src = self._dst = None
 
-    def fn(self, size_bytes: int, num_items: int = 1):
+    def fn(self, size_bytes: int, num_items: int = 1, working_set_bytes: int = 0):
         import numpy as np
 
-        need_bytes = max(COLD_WORKING_SET_BYTES, 2 * size_bytes * num_items)
+        num_slots = max(num_items, working_set_bytes // size_bytes, 1)
+        need_bytes = num_slots * size_bytes
         if self._src is None or self._src.nbytes < need_bytes:
             self._src = np.ones(need_bytes, np.uint8)
             self._dst = np.ones(need_bytes, np.uint8)
-        num_slots = self._src.nbytes // size_bytes
         src, dst = self._src, self._dst
         state = {"slot": 0}
 
@@ -154,13 +150,13 @@ class Figure:
 
 
 def rate_beside_memcpy(fn, size_bytes: int, num_items: int, budget: Budget, cpu_probe,
-                       ceiling: ColdCopy) -> Figure:
-    """``fn`` (moving ``num_items`` values of ``size_bytes`` per call) beside a cold memcpy
-    of the same pattern. Rounds of ``fn`` and of the memcpy alternate and the best of each is
+                       ceiling: ColdCopy, working_set_bytes: int = 0) -> Figure:
+    """``fn`` (moving ``num_items`` values of ``size_bytes`` per call, cycling through
+    ``working_set_bytes`` of distinct values) beside a memcpy of the same pattern. Rounds of ``fn`` and of the memcpy alternate and the best of each is
     kept, so the ceiling is measured in the same moments as the figure it bounds; CPU and
     latency are counted in ``fn``'s rounds only."""
     bytes_per_call = size_bytes * num_items
-    copy = ceiling.fn(size_bytes, num_items)
+    copy = ceiling.fn(size_bytes, num_items, working_set_bytes)
     fn()
     copy()
     best_gbps = best_copy_gbps = cpu_s = 0.0

@@ -40,7 +40,7 @@ def plot_transfer(rows: list[dict], loopback_by_size: dict[int, float], path: st
         points.sort()
         ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", markersize=3,
                 label=f"{level} {kind} {op} {mode}")
-    for name, values in (("memcpy (1 thread, cold)", ceiling),
+    for name, values in (("memcpy (1 thread, same pattern)", ceiling),
                          ("loopback TCP", loopback_by_size)):
         if values:
             sizes = sorted(values)

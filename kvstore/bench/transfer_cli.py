@@ -5,8 +5,8 @@ Two levels, both across processes: ``transport`` (each transport against fixed r
 private daemon's segment: the data path alone) and ``client`` (``kvstore.connect`` put/get:
 master round trips, allocation and checksums included; from ``--threads`` x ``--processes``
 workers when either is above 1). Every figure is printed beside a ceiling measured in the same
-run, as a ratio: a single-thread cold memcpy with the same access pattern (rounds interleaved
-with the figure's own), and for tcp rows raw Python TCP over loopback to another process.
+run, as a ratio: a single-thread memcpy with the same access pattern (as many distinct buffers
+as the case touches; rounds interleaved with the figure's own), and for tcp rows raw Python TCP over loopback to another process.
 ``cpu s/GB`` (this process plus our master and daemon) hardly depends on what else runs, so it
 compares busy runs. The load average at start and end is recorded.
 
