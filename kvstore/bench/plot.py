@@ -24,8 +24,9 @@ def require_matplotlib():
 
 def plot_transfer(rows: list[dict], loopback_by_size: dict[int, float], path: str,
                   title: str) -> None:
-    """GB/s against value size (log scale): one solid line per (level, transport, mode, op),
-    the memcpy ceiling (best per size over the run) and the loopback ceiling dashed."""
+    """GB/s against value size (log scale): one line per (level, transport, mode, op), solid
+    for the client level, dotted for the transport level; the memcpy ceiling (best per size
+    over the run) and the loopback ceiling dashed."""
     plt = require_matplotlib()
     fig, ax = plt.subplots(figsize=(7.5, 4.5), dpi=90)
     lines: dict[tuple, list[tuple[int, float]]] = {}
@@ -36,10 +37,12 @@ def plot_transfer(rows: list[dict], loopback_by_size: dict[int, float], path: st
         if row["mode"] == "single":
             ceiling[row["size_bytes"]] = max(ceiling.get(row["size_bytes"], 0.0),
                                              row["memcpy_gbps"])
-    for (level, kind, mode, op), points in sorted(lines.items()):
+    colors = plt.get_cmap("tab20").colors
+    for i, ((level, kind, mode, op), points) in enumerate(sorted(lines.items())):
         points.sort()
-        ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", markersize=3,
-                label=f"{level} {kind} {op} {mode}")
+        ax.plot([p[0] for p in points], [p[1] for p in points], color=colors[i % len(colors)],
+                marker="o" if op == "get" else "s", markersize=3,
+                linestyle="-" if level == "client" else ":", label=f"{level} {kind} {op} {mode}")
     for name, values in (("memcpy (1 thread, same pattern)", ceiling),
                          ("loopback TCP", loopback_by_size)):
         if values:
