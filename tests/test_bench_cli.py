@@ -113,6 +113,27 @@ def test_ctrl_c_prints_and_writes_what_was_measured(tmp_path):
     assert "GB/s" in stdout
 
 
+@pytest.mark.slow
+def test_sigterm_stops_the_servers_it_started(tmp_path):
+    proc = subprocess.Popen([str(KVSTORE_BIN), "bench", "transfer", "--levels", "transport",
+                             "--transports", "shm", "--sizes", "64KiB", "--duration", "30",
+                             "--dram", "64MiB", "--json", str(tmp_path / "t.json")],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    children: list[str] = []
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and len(children) < 2:
+        children = Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()
+        time.sleep(0.1)
+    assert len(children) >= 2, "the bench did not start its master and daemon"
+    time.sleep(1.0)
+    proc.terminate()
+    proc.communicate(timeout=60)
+    assert proc.returncode == 143
+    for pid in children:
+        assert not Path(f"/proc/{pid}").exists() or \
+            Path(f"/proc/{pid}/stat").read_text().split()[2] == "Z", pid
+
+
 @pytest.mark.parametrize("args, message", [
     (["--transports", "shm,foo"], "unknown transport foo"),
     (["--levels", "wire"], "unknown level wire"),

@@ -1,8 +1,13 @@
 """One run of ``kvstore bench transfer`` once its flags are checked: the cluster (its own or
 ``--master``'s), the ceilings, the cases under a progress bar, the table and the JSON
-document. Ctrl-C stops the cases and keeps what was measured so far (marked interrupted)."""
+document. Ctrl-C stops the cases and keeps what was measured so far (marked interrupted);
+SIGTERM stops them too (exit status 143), the servers stopped either way."""
 
 from __future__ import annotations
+
+import contextlib
+import signal
+import sys
 
 import click
 
@@ -10,6 +15,25 @@ from kvstore.bench.measure import Budget, ColdCopy, loopback_gbps, make_cpu_prob
 from kvstore.bench.report import document, format_table, loadavg
 from kvstore.bench.transfer import CaseSettings, batch_items, client_cases, first_node, \
     transport_cases
+
+
+@contextlib.contextmanager
+def _signals_held():
+    """Hold SIGINT and SIGTERM while the servers start, and deliver them once they have: a
+    ServerProcess interrupted while it waits for its server could not be stopped. Signals
+    this process ignores stay ignored."""
+    pending: list[int] = []
+    previous = {}
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        if signal.getsignal(signum) is not signal.SIG_IGN:
+            previous[signum] = signal.signal(signum, lambda num, frame: pending.append(num))
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+        if pending:
+            signal.raise_signal(pending[0])
 
 
 def run_transfer(master_addr: str | None, token: str | None, kinds: list[str],
@@ -20,6 +44,9 @@ def run_transfer(master_addr: str | None, token: str | None, kinds: list[str],
     from kvstore.bench.concurrent import concurrent_cases
     from kvstore.bench.transfer_cli import start_cluster
 
+    # NOTE: SIGTERM stops the run like an error (exit status 143): the finally below still
+    # stops our master and daemon, which would otherwise outlive us
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     load_at_start = loadavg()
     concurrency = settings["threads"] * settings["processes"]
     if master_addr is not None:
@@ -31,8 +58,9 @@ def run_transfer(master_addr: str | None, token: str | None, kinds: list[str],
     try:
         if master_addr is None:
             largest_batch = max(s * batch_items(s, settings["batch"]) for s in sizes)
-            servers = start_cluster(dram_bytes=settings["dram_bytes"]
-                                    or max(4 * largest_batch * concurrency, 2 * 1024**3))
+            with _signals_held():
+                servers = start_cluster(dram_bytes=settings["dram_bytes"]
+                                        or max(4 * largest_batch * concurrency, 2 * 1024**3))
             master_addr = servers[0].address
         total = 4 * len(kinds) * len(sizes) * len(levels)
         with tqdm(total=total, desc="bench transfer", unit="case", leave=False) as progress:
