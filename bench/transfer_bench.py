@@ -49,17 +49,29 @@ def check_targets(result: dict) -> list[tuple[str, bool, str]]:
     return checks
 
 
+def _json_path(args: list[str]) -> Path:
+    """Where the command writes its JSON: the value of the last --json."""
+    path = OUT_PATH
+    for i, arg in enumerate(args):
+        if arg == "--json" and i + 1 < len(args):
+            path = Path(args[i + 1])
+        elif arg.startswith("--json="):
+            path = Path(arg.split("=", 1)[1])
+    return path
+
+
 def main() -> int:
     args = ["--json", str(OUT_PATH), *sys.argv[1:]]
+    out_path = _json_path(args)
     started_s = time.time()
     try:
         command.main(args=args, standalone_mode=False, prog_name="transfer_bench.py")
     except SystemExit as exc:
         if exc.code:
             return int(exc.code)
-    if not OUT_PATH.exists() or OUT_PATH.stat().st_mtime < started_s:
+    if not out_path.exists() or out_path.stat().st_mtime < started_s:
         return 0  # --help: nothing was measured
-    result = json.loads(OUT_PATH.read_text())
+    result = json.loads(out_path.read_text())
     print()
     for name, ok, detail in check_targets(result):
         print(f"{'PASS' if ok else 'MISS'}  {name}: {detail}")

@@ -152,6 +152,19 @@ def test_transfer_bad_arguments_are_usage_errors(args, message):
     assert message in result.stderr and "Traceback" not in result.stderr
 
 
+@pytest.mark.slow
+def test_recorded_transfer_bench_command_still_runs(tmp_path):
+    # bench/RESULTS.md records `bench/transfer_bench.py --min-time 0.6` (the old flag name)
+    result = subprocess.run([sys.executable, str(REPO / "bench" / "transfer_bench.py"),
+                             "--min-time", "0.01", "--sizes", "64KiB,4MiB", "--dram", "256MiB",
+                             "--json", str(tmp_path / "t.json")],
+                            capture_output=True, text=True, timeout=180)
+    assert result.returncode == 0, result.stderr
+    data = json.loads((tmp_path / "t.json").read_text())
+    assert data["settings"]["duration_s"] == 0.01 and len(data["rows"]) == 32
+    assert "PASS" in result.stdout or "MISS" in result.stdout
+
+
 def test_transports_flag_takes_the_kinds_kvstore_transport_lists():
     from kvstore.transport import TRANSPORT_KINDS
 

@@ -96,6 +96,8 @@ def parse_sizes(text: str) -> list[int]:
                    "at least 2GiB).")
 @click.option("--duration", default="0.25s", show_default=True,
               help="Time per measurement (3 rounds, at least 2 calls each).")
+@click.option("--min-time", "min_time_s", type=float, default=None,
+              help="The old name of --duration, in seconds (recorded commands use it).")
 @click.option("--total", default=None,
               help="Instead of --duration: bytes each measurement moves (e.g. 4GiB).")
 @click.option("--verify", "verify_all", is_flag=True,
@@ -105,7 +107,7 @@ def parse_sizes(text: str) -> list[int]:
 @click.option("--plot", "plot_path", default=None, type=click.Path(dir_okay=False),
               help="Write a PNG: GB/s against value size (needs kvstore[plot]).")
 def command(master_addr, token, transports, levels, sizes, batch, num_threads, num_processes,
-            dram, duration, total, verify_all, json_path, plot_path):
+            dram, duration, min_time_s, total, verify_all, json_path, plot_path):
     """Measure put/get bandwidth and latency by size, batch, concurrency and transport."""
     from kvstore.bench.measure import Budget
 
@@ -113,7 +115,7 @@ def command(master_addr, token, transports, levels, sizes, batch, num_threads, n
     level_list = _split(levels, "level", LEVELS)
     size_list = parse_sizes(sizes)
     try:
-        duration_s = parse_duration(duration)
+        duration_s = parse_duration(duration) if min_time_s is None else min_time_s
         total_bytes = None if total is None else parse_size(total)
         dram_bytes = None if dram is None else parse_size(dram)
     except (KVStoreError, ValueError) as exc:
