@@ -17,6 +17,7 @@ _COMMANDS = {
     "status": "kvstore.status_cli:command",
     "bench": "kvstore.bench.cli:command",
     "demo": "kvstore.demo.cli:command",
+    "plan": "kvstore.plan.cli:command",
 }
 
 

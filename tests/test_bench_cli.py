@@ -1,69 +1,315 @@
-"""`kvstore bench` runs end to end on a cluster of its own and writes what it printed; its
-measuring primitives (kvstore.bench.measure) and batch sizing (kvstore.bench.transfer)."""
+"""`kvstore bench` end to end on a cluster of its own (transfer, master, kernels; tiny sizes),
+its bad arguments, the byte check that aborts a run, its plot with and without matplotlib,
+and its measuring primitives (kvstore.bench.measure) and batch sizing (kvstore.bench.transfer).
+"""
 
 from __future__ import annotations
 
 import json
+import os
+import signal
 import subprocess
+import sys
+import time
+from pathlib import Path
 
+import click
+import numpy as np
 import pytest
 from servers import KVSTORE_BIN
 
+REPO = Path(__file__).resolve().parent.parent
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def run_kvstore(*args, env=None, timeout=180):
+    return subprocess.run([str(KVSTORE_BIN), *args], capture_output=True, text=True,
+                          timeout=timeout, env=env)
+
+
+def without_matplotlib(tmp_path) -> dict:
+    """An environment in which `import matplotlib` fails (a sitecustomize on PYTHONPATH)."""
+    site = tmp_path / "nompl"
+    site.mkdir()
+    (site / "sitecustomize.py").write_text('import sys\nsys.modules["matplotlib"] = None\n')
+    return {**os.environ, "PYTHONPATH": str(site)}
+
 
 @pytest.mark.slow
-def test_bench_cli_writes_a_row_per_case(tmp_path):
-    out_path = tmp_path / "transfer.json"
-    result = subprocess.run(
-        [str(KVSTORE_BIN), "bench", "--levels", "transport", "--transports", "shm,tcp",
-         "--sizes", "64KiB,1MiB", "--min-time", "0.03", "--json", str(out_path)],
-        capture_output=True, text=True, timeout=120)
+def test_transfer_writes_every_figure_table_and_plot(tmp_path):
+    out_path, png_path = tmp_path / "transfer.json", tmp_path / "transfer.png"
+    result = run_kvstore("bench", "transfer", "--transports", "shm,tcp", "--sizes", "64KiB,1MiB",
+                         "--duration", "0.02", "--dram", "512MiB", "--json", str(out_path), "--plot", str(png_path))
     assert result.returncode == 0, result.stderr
     data = json.loads(out_path.read_text())
-    cases = {(r["transport"], r["size_bytes"], r["mode"], r["op"]) for r in data["rows"]}
-    assert len(cases) == len(data["rows"]) == 2 * 2 * 2 * 2
-    rows = data["rows"]
-    assert all(r["gbps"] > 0 and r["memcpy_gbps"] > 0 and r["cpu_s_per_gb"] > 0 for r in rows)
-    assert all((r["batch_items"] == 1) == (r["mode"] == "single") for r in rows)
-    # latency percentiles where the bench promises them (single 64 KiB calls), ordered
-    singles = [r for r in rows if r["size_bytes"] == 65536 and r["mode"] == "single"]
-    assert singles and all(0 < r["p50_us"] <= r["p99_us"] for r in singles)
-    # the loopback ceiling is recorded for every size, and the load the figures ran under
-    assert set(data["loopback_gbps"]) == {"65536", "1048576"} and data["loadavg_1m"] >= 0
-    # what it printed is what it wrote: one table line per JSON row, same figures
-    printed = [line.split() for line in result.stdout.splitlines()
-               if line.startswith("transport ")]
-    assert len(printed) == len(rows)
-    for fields, row in zip(printed, rows):
-        assert fields[1] == row["transport"] and fields[5] == row["batch_items"].__str__()
-        assert fields[6] == row["op"] and float(fields[7]) == pytest.approx(row["gbps"], abs=0.006)
-        assert float(fields[8]) == pytest.approx(row["memcpy_gbps"], abs=0.006)
-        assert fields[9] == f"{100 * row['gbps'] / row['memcpy_gbps']:.0f}%"
+    cases = {(r["level"], r["transport"], r["size_bytes"], r["mode"], r["op"])
+             for r in data["rows"]}
+    assert len(cases) == len(data["rows"]) == 2 * 2 * 2 * 2 * 2
+    for row in data["rows"]:
+        assert row["gbps"] > 0 and row["memcpy_gbps"] > 0 and row["cpu_s_per_gb"] > 0
+        assert 0 < row["p50_us"] <= row["p90_us"] <= row["p99_us"]
+        assert row["batch_items"] == (1 if row["mode"] == "single" else
+                                      {65536: 128, 1048576: 64}[row["size_bytes"]])
+    assert set(data["loopback_gbps"]) == {"65536", "1048576"}
+    assert data["command"][-4:] == ["--json", str(out_path), "--plot", str(png_path)]
+    assert data["machine"]["cpu_count"] >= 1 and data["machine"]["versions"]["numpy"]
+    assert data["interrupted"] is False and len(data["loadavg_at_start"]) == 3
+    assert "%memcpy" in result.stdout and "%loopbk" in result.stdout
+    assert "p90 us" in result.stdout and "load average" in result.stdout
+    assert png_path.read_bytes()[:8] == PNG_MAGIC
+
+    # kvstore plan uses what the bench measured as the link
+    plan = run_kvstore("plan", "--from-bench", str(out_path), "--num-layers", "8",
+                       "--num-kv-heads", "4", "--head-dim", "64", "--dtype", "float32",
+                       "--prefill-tps", "2000", "--decode-step-ms", "20", "--json",
+                       str(tmp_path / "plan.json"))
+    assert plan.returncode == 0, plan.stderr
+    link = json.loads((tmp_path / "plan.json").read_text())["link"]
+    # 16 tokens x 16 KiB = 256 KiB blocks: the nearest measured size is 64 KiB
+    used = [r for r in data["rows"] if r["level"] == "client" and r["mode"] == "batch"
+            and r["size_bytes"] == 65536]
+    best = max(1 / (1 / p["gbps"] + 1 / g["gbps"]) for p in used for g in used
+               if p["transport"] == g["transport"] and p["op"] == "put" and g["op"] == "get")
+    assert link["bytes_per_s"] == pytest.approx(best * 1e9)
+    assert "client" in link["source"] and "65536 B" in link["source"]
 
 
-def test_bench_cli_help_lists_options():
-    result = subprocess.run([str(KVSTORE_BIN), "bench", "--help"], capture_output=True,
-                            text=True, timeout=60)
+@pytest.mark.slow
+def test_transfer_from_several_threads_and_processes(tmp_path):
+    out_path = tmp_path / "transfer.json"
+    result = run_kvstore("bench", "transfer", "--levels", "client", "--transports", "shm",
+                         "--sizes", "64KiB", "--batch", "4", "--threads", "2", "--processes",
+                         "2", "--duration", "0.05", "--verify", "--dram", "256MiB", "--json", str(out_path))
+    assert result.returncode == 0, result.stderr
+    rows = json.loads(out_path.read_text())["rows"]
+    assert len(rows) == 4
+    assert all(r["concurrency"] == 4 and r["gbps"] > 0 for r in rows)
+    assert {r["batch_items"] for r in rows if r["mode"] == "batch"} == {4}
+    assert all(r["cpu_s_per_gb"] is None for r in rows)  # worker CPU is not probed
+
+
+@pytest.mark.slow
+def test_ctrl_c_prints_and_writes_what_was_measured(tmp_path):
+    out_path = tmp_path / "transfer.json"
+    proc = subprocess.Popen([str(KVSTORE_BIN), "bench", "transfer", "--levels", "transport",
+                             "--transports", "shm", "--sizes", "64KiB,128KiB,256KiB,512KiB",
+                             "--duration", "2", "--dram", "256MiB", "--json", str(out_path)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and proc.poll() is None:
+        # the daemon process started by the bench shows as a child once the cluster is up
+        children = Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()
+        if len(children) >= 2:
+            break
+        time.sleep(0.1)
+    time.sleep(2.5)  # into the first measurements (each runs 2 s)
+    proc.send_signal(signal.SIGINT)
+    stdout, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 130, stderr
+    assert "interrupted" in stderr
+    data = json.loads(out_path.read_text())
+    assert data["interrupted"] is True
+    assert len(data["rows"]) < 16  # stopped before the end
+    assert "GB/s" in stdout
+
+
+@pytest.mark.slow
+def test_sigterm_stops_the_servers_it_started(tmp_path):
+    proc = subprocess.Popen([str(KVSTORE_BIN), "bench", "transfer", "--levels", "transport",
+                             "--transports", "shm", "--sizes", "64KiB", "--duration", "30",
+                             "--dram", "64MiB", "--json", str(tmp_path / "t.json")],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    children: list[str] = []
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and len(children) < 2:
+        children = Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()
+        time.sleep(0.1)
+    assert len(children) >= 2, "the bench did not start its master and daemon"
+    time.sleep(1.0)
+    proc.terminate()
+    # NOTE: a SIGTERM that comes while the servers start waits until they have (up to their
+    # start timeout on a loaded machine), so that they can be stopped
+    proc.communicate(timeout=180)
+    assert proc.returncode == 143
+    for pid in children:
+        assert not Path(f"/proc/{pid}").exists() or \
+            Path(f"/proc/{pid}/stat").read_text().split()[2] == "Z", pid
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--transports", "shm,foo"], "unknown transport foo"),
+    (["--levels", "wire"], "unknown level wire"),
+    (["--sizes", "0"], "must be above 0"),
+    (["--sizes", "12parsecs"], "--sizes"),
+    (["--threads", "-1"], "--threads"),
+    (["--processes", "0"], "--processes"),
+    (["--batch", "0"], "--batch"),
+    (["--duration", "0"], "must be above 0"),
+    (["--master", "127.0.0.1:1", "--dram", "1GiB"], "not with --master"),
+    (["--master", "127.0.0.1:1", "--levels", "client"], "cannot reach the master"),
+])
+def test_transfer_bad_arguments_are_usage_errors(args, message):
+    result = run_kvstore("bench", "transfer", *args, timeout=60)
+    assert result.returncode == 2, (result.stdout, result.stderr)
+    assert message in result.stderr and "Traceback" not in result.stderr
+
+
+@pytest.mark.slow
+def test_recorded_transfer_bench_command_still_runs(tmp_path):
+    # bench/RESULTS.md records `bench/transfer_bench.py --min-time 0.6` (the old flag name)
+    result = subprocess.run([sys.executable, str(REPO / "bench" / "transfer_bench.py"),
+                             "--min-time", "0.01", "--sizes", "64KiB,4MiB", "--dram", "256MiB",
+                             "--json", str(tmp_path / "t.json")],
+                            capture_output=True, text=True, timeout=180)
+    assert result.returncode == 0, result.stderr
+    data = json.loads((tmp_path / "t.json").read_text())
+    assert data["settings"]["duration_s"] == 0.01 and len(data["rows"]) == 32
+    assert "PASS" in result.stdout or "MISS" in result.stdout
+
+
+def test_transports_flag_takes_the_kinds_kvstore_transport_lists():
+    from kvstore.transport import TRANSPORT_KINDS
+
+    result = run_kvstore("bench", "transfer", "--help", timeout=60)
+    assert f"of: {', '.join(TRANSPORT_KINDS)}" in " ".join(result.stdout.split())
+
+
+def test_plot_without_matplotlib_says_how_to_install_it(tmp_path):
+    out_path = tmp_path / "t.json"
+    result = run_kvstore("bench", "transfer", "--sizes", "64KiB", "--plot",
+                         str(tmp_path / "t.png"), "--json", str(out_path),
+                         env=without_matplotlib(tmp_path), timeout=60)
+    assert result.returncode == 2
+    assert "pip install 'kvstore[plot]'" in result.stderr
+    assert not out_path.exists()  # refused before anything was measured
+
+
+def test_bench_group_lists_its_subcommands():
+    result = run_kvstore("bench", "--help", timeout=60)
     assert result.returncode == 0
-    for option in ("--master", "--transports", "--levels", "--sizes", "--min-time", "--json"):
+    for name in ("transfer", "master", "kernels"):
+        assert name in result.stdout
+
+
+def test_the_bench_scripts_are_callers_of_the_commands():
+    for script, option in (("transfer_bench.py", "--duration"), ("master_bench.py", "--quick"),
+                           ("kernels_bench.py", "--layout")):
+        result = subprocess.run([sys.executable, str(REPO / "bench" / script), "--help"],
+                                capture_output=True, text=True, timeout=120)
+        assert result.returncode == 0, result.stderr
         assert option in result.stdout
 
 
-def test_measure_primitives_report_what_they_timed():
-    import time
+@pytest.mark.slow
+def test_kernels_reports_each_op_beside_the_ceiling(tmp_path):
+    out_path = tmp_path / "kernels.json"
+    result = run_kvstore("bench", "kernels", "--layout", "kv_first", "--dtype", "float16",
+                         "--num-layers", "2", "--num-blocks", "16", "--num-pages", "8",
+                         "--block-size", "4", "--num-heads", "2", "--head-dim", "32",
+                         "--rounds", "1", "--json", str(out_path))
+    assert result.returncode == 0, result.stderr
+    data = json.loads(out_path.read_text())
+    assert data["layout"] == "kv_first" and data["dtype"] == "float16"
+    ops = {r["op"]: r for r in data["rows"]}
+    assert {"gather", "scatter", "gather_quantize", "memcpy (1 thread)"} <= set(ops)
+    assert ops["memcpy (1 thread)"]["pct_of_ceiling"] == pytest.approx(100)
+    assert data["num_bytes"] == 2 * 8 * 2 * 4 * 2 * 32 * 2  # layers x pages x K/V x page x fp16
 
-    from kvstore.bench.measure import latencies_us, make_cpu_probe, rate, rate_beside_memcpy
+
+def test_kernels_bad_arguments_are_usage_errors():
+    result = run_kvstore("bench", "kernels", "--num-pages", "9", "--num-blocks", "8",
+                         timeout=120)
+    assert result.returncode == 2 and "--num-pages" in result.stderr
+
+
+@pytest.mark.slow
+def test_master_reports_rates_beside_the_in_process_ceiling(tmp_path):
+    out_path = tmp_path / "master.json"
+    result = run_kvstore("bench", "master", "--quick", "--modes", "threads", "--paths", "fast",
+                         "--seconds", "0.1", "--num-keys", "4096", "--json", str(out_path), timeout=240)
+    assert result.returncode == 0, result.stderr
+    data = json.loads(out_path.read_text())
+    rows = data["modes"]["threads/fast"]["rows"]
+    assert {(r["op"], r["batch"]) for r in rows} == {
+        (op, b) for op in ("get_replicas", "exists", "put") for b in (1, 1024)}
+    assert all(r["keys_per_s"] > 0 and 0 < r["pct_of_ceiling"] for r in rows)
+    assert data["ceiling_in_process"]["get_replicas_keys_per_s"] > 0
+    assert "%ceiling" in result.stdout
+
+
+def test_master_bad_mode_is_a_usage_error():
+    result = run_kvstore("bench", "master", "--modes", "fibers", timeout=60)
+    assert result.returncode == 2 and "--modes" in result.stderr
+
+
+def test_check_bytes_catches_an_injected_corruption():
+    from kvstore.bench.verify import SAMPLE_WINDOW_BYTES, check_bytes, sample_offsets
+
+    expected = np.random.default_rng(0).integers(0, 256, 1 << 20, np.uint8)
+    check_bytes(expected, expected.copy(), verify_all=True, what="ok")
+    check_bytes(expected, expected.copy(), verify_all=False, what="ok")
+    sampled = sample_offsets(expected.nbytes)
+    assert sampled[0] == 0 and sampled[-1] == expected.nbytes - SAMPLE_WINDOW_BYTES
+    # in a sampled window: both checks catch it
+    corrupt = expected.copy()
+    corrupt[sampled[5] + 3] ^= 0xFF
+    for verify_all in (True, False):
+        with pytest.raises(click.ClickException, match=f"offset {sampled[5] + 3}"):
+            check_bytes(expected, corrupt, verify_all=verify_all, what="case x")
+    # between two windows: only --verify (every byte) catches it
+    corrupt = expected.copy()
+    between = sampled[5] + SAMPLE_WINDOW_BYTES + 100
+    assert between < sampled[6]
+    corrupt[between] ^= 0x01
+    check_bytes(expected, corrupt, verify_all=False, what="sampled")
+    with pytest.raises(click.ClickException, match="1 of 1048576 bytes"):
+        check_bytes(expected, corrupt, verify_all=True, what="all")
+    with pytest.raises(click.ClickException, match="read 10 bytes"):
+        check_bytes(expected, expected[:10], verify_all=False, what="short")
+
+
+def test_measure_primitives_report_what_they_timed():
+    from kvstore.bench.measure import Budget, ColdCopy, make_cpu_probe, percentiles_us, rate, \
+        rate_beside_memcpy
 
     def sleep_1ms():
         time.sleep(0.001)
 
-    gbps = rate(sleep_1ms, 1_000_000, min_time_s=0.03)
-    assert 0 < gbps < 1.0  # 1 MB per >= 1 ms is at most 1 GB/s
-    p50_us, p99_us = latencies_us(sleep_1ms, 20)
-    assert 1000 <= p50_us <= p99_us
-    probe = make_cpu_probe([])
-    fn_gbps, memcpy_gbps, cpu_s_per_gb = rate_beside_memcpy(sleep_1ms, 1_000_000, 0.03, probe)
-    assert 0 < fn_gbps < 1.0 < memcpy_gbps  # a memcpy of 1 MB takes far less than 1 ms
-    assert 0 <= cpu_s_per_gb < 0.5  # sleeping 1 ms per MB uses far less than 0.5 ms of CPU
+    budget = Budget(duration_s=0.03)
+    assert 0 < rate(sleep_1ms, 1_000_000, budget) < 1.0  # 1 MB per >= 1 ms: <= 1 GB/s
+    figure = rate_beside_memcpy(sleep_1ms, 1_000_000, 1, budget, make_cpu_probe([]),
+                                ColdCopy())
+    assert 0 < figure.gbps < 1.0 < figure.memcpy_gbps  # a 1 MB memcpy takes far below 1 ms
+    assert 0 <= figure.cpu_s_per_gb < 0.5  # sleeping 1 ms per MB uses far less CPU
+    assert 1000 <= figure.latency_us["p50_us"] <= figure.latency_us["p99_us"]
+    assert percentiles_us([i / 1e6 for i in range(1, 101)]) == {
+        "p50_us": pytest.approx(50), "p90_us": pytest.approx(90), "p99_us": pytest.approx(99)}
+    assert percentiles_us([]) == {}
+
+
+def test_total_budget_moves_at_least_the_bytes_asked_for():
+    from kvstore.bench.measure import Budget, _round
+
+    calls = []
+    num_calls, _, samples = _round(lambda: calls.append(1), 1000, Budget(total_bytes=30_000))
+    assert num_calls == len(samples) == len(calls) == 10  # 30 kB over 3 rounds of 1 kB calls
+
+
+def test_cold_copy_cycles_through_the_cases_working_set():
+    from kvstore.bench.measure import ColdCopy
+
+    cold = ColdCopy()
+    copy = cold.fn(1 << 20, num_items=4, working_set_bytes=16 << 20)
+    cold._src[:] = 7
+    copy()
+    copy()
+    touched = np.flatnonzero(cold._dst[::1 << 20] == 7)
+    assert list(touched) == list(range(8))  # 8 distinct 1 MiB slots, not one reused
+    single = cold.fn(1 << 20)  # a working set of one value: the same pair every call
+    cold._src[:] = 9
+    single()
+    single()
+    assert list(np.flatnonzero(cold._dst[::1 << 20] == 9)) == [0]
 
 
 def test_batches_move_about_64_mib_in_at_most_128_items():
@@ -72,3 +318,4 @@ def test_batches_move_about_64_mib_in_at_most_128_items():
     assert batch_items(64 * 1024) == 128
     assert batch_items(1024 * 1024) == 64
     assert batch_items(256 * 1024 * 1024) == 1
+    assert batch_items(1024 * 1024, batch=3) == 3

@@ -14,13 +14,14 @@ import pytest
 from servers import KVSTORE_BIN
 
 OPERATIONS = Path(__file__).resolve().parents[1] / "docs" / "OPERATIONS.md"
-COMMANDS = ["master", "daemon", "status", "bench", "demo"]
+COMMANDS = ["master", "daemon", "status", "bench transfer", "bench master", "bench kernels",
+            "plan", "demo"]
 _FLAG_RE = re.compile(r"--[a-z][a-z0-9-]*")
 
 
 def help_flags(command: str) -> set[str]:
     """The long flags of ``kvstore COMMAND --help``, read from its option column."""
-    result = subprocess.run([str(KVSTORE_BIN), command, "--help"], capture_output=True,
+    result = subprocess.run([str(KVSTORE_BIN), *command.split(), "--help"], capture_output=True,
                             text=True, timeout=60)
     assert result.returncode == 0, result.stderr
     flags: set[str] = set()

@@ -3,7 +3,7 @@ percentiles, a raw loopback TCP ceiling and CPU accounting. No kvstore state is 
 
 from __future__ import annotations
 
-import statistics
+import dataclasses
 import time
 from pathlib import Path
 
@@ -25,8 +25,35 @@ while True:
     conn.sendall(b"k")
 """
 
+@dataclasses.dataclass(frozen=True)
+class Budget:
+    """How long one measurement runs: ``duration_s`` seconds, or (when ``total_bytes`` is set)
+    until that many bytes moved; split over ``num_rounds`` rounds of at least 2 calls."""
 
-def loopback_gbps(sizes: list[int], min_time_s: float) -> dict[int, float]:
+    duration_s: float = 0.25
+    total_bytes: int | None = None
+    num_rounds: int = 3
+
+    def round_done(self, num_calls: int, elapsed_s: float, bytes_per_call: int) -> bool:
+        if num_calls < 2:
+            return False
+        if self.total_bytes is not None:
+            return num_calls * bytes_per_call >= self.total_bytes / self.num_rounds
+        return elapsed_s >= self.duration_s / self.num_rounds
+
+
+def percentiles_us(samples_s: list[float]) -> dict[str, float]:
+    """p50/p90/p99 in microseconds of per-call seconds (nearest rank; {} when empty)."""
+    if not samples_s:
+        return {}
+    ordered = sorted(samples_s)
+
+    def rank(q: float) -> float:
+        return ordered[min(len(ordered) - 1, max(0, int(round(q * len(ordered))) - 1))] * 1e6
+    return {"p50_us": rank(0.50), "p90_us": rank(0.90), "p99_us": rank(0.99)}
+
+
+def loopback_gbps(sizes: list[int], budget: Budget) -> dict[int, float]:
     """Raw Python TCP over loopback to another process (sendall / recv_into, one stream):
     the ceiling a single tcp stream of ours can approach, in GB/s per size."""
     import socket
@@ -49,75 +76,104 @@ def loopback_gbps(sizes: list[int], min_time_s: float) -> dict[int, float]:
                     sock.sendall(header)
                     sock.sendall(payload)
                     sock.recv(1)
-                result[size_bytes] = rate(send_one, size_bytes, min_time_s)
+                result[size_bytes] = rate(send_one, size_bytes, budget)
             return result
     finally:
         sink.kill()
         sink.wait()
 
 
-def _round(fn, round_s: float) -> tuple[int, float]:
-    """Call ``fn`` for at least ``round_s`` (and twice); return (calls, elapsed seconds)."""
-    num_calls, started_s = 0, time.perf_counter()
+def _round(fn, bytes_per_call: int, budget: Budget) -> tuple[int, float, list[float]]:
+    """Call ``fn`` until ``budget`` says the round is done; (calls, elapsed s, per-call s)."""
+    samples, started_s = [], time.perf_counter()
     while True:
+        call_started_s = time.perf_counter()
         fn()
-        num_calls += 1
-        elapsed_s = time.perf_counter() - started_s
-        if num_calls >= 2 and elapsed_s >= round_s:
-            return num_calls, elapsed_s
+        now_s = time.perf_counter()
+        samples.append(now_s - call_started_s)
+        if budget.round_done(len(samples), now_s - started_s, bytes_per_call):
+            return len(samples), now_s - started_s, samples
 
 
-def _round_gbps(fn, bytes_per_call: int, round_s: float) -> float:
-    num_calls, elapsed_s = _round(fn, round_s)
-    return bytes_per_call * num_calls / elapsed_s / 1e9
-
-
-def rate(fn, bytes_per_call: int, min_time_s: float, num_rounds: int = 3) -> float:
-    """GB/s of ``fn``: the best of ``num_rounds`` rounds of at least ``min_time_s / num_rounds``
-    (and 2 calls) each. NOTE: best-of-rounds, for the ceilings too, because the machine may be
-    shared: a round that another process interrupted says nothing about our code."""
+def rate(fn, bytes_per_call: int, budget: Budget) -> float:
+    """GB/s of ``fn``: the best of the budget's rounds. NOTE: best-of-rounds, for the ceilings
+    too, because the machine may be shared: a round that another process interrupted says
+    nothing about our code."""
     fn()  # warm-up
-    return max(_round_gbps(fn, bytes_per_call, min_time_s / num_rounds)
-               for _ in range(num_rounds))
+    best_gbps = 0.0
+    for _ in range(budget.num_rounds):
+        num_calls, elapsed_s, _ = _round(fn, bytes_per_call, budget)
+        best_gbps = max(best_gbps, bytes_per_call * num_calls / elapsed_s / 1e9)
+    return best_gbps
 
 
-def rate_beside_memcpy(fn, bytes_per_call: int, min_time_s: float, cpu_probe,
-                       num_rounds: int = 3) -> tuple[float, float, float]:
-    """(GB/s of ``fn``, GB/s of one memcpy of ``bytes_per_call``, CPU s/GB of ``fn``).
+class ColdCopy:
+    """Single-thread memcpy (numpy copyto) with the access pattern of a case: ``num_items``
+    copies of ``size_bytes`` per call, each between a distinct pair of buffers, cycling
+    through ``working_set_bytes`` (the case's distinct values: a batch's worth), so the
+    ceiling is as cold or as hot in the caches as the case it bounds. One pair of arrays is
+    allocated and touched on first use and reused (grown when needed) by later calls."""
 
-    Rounds of ``fn`` and of the memcpy alternate and the best of each is kept, so the ceiling
-    is measured in the same moments as the figure it bounds; CPU is counted in ``fn``'s
-    rounds only.
-    """
-    import numpy as np
+    def __init__(self) -> None:
+        self._src = self._dst = None
 
-    src = np.ones(bytes_per_call, np.uint8)
-    dst = np.empty_like(src)
-    copy = lambda: np.copyto(dst, src)  # noqa: E731
+    def fn(self, size_bytes: int, num_items: int = 1, working_set_bytes: int = 0):
+        import numpy as np
+
+        num_slots = max(num_items, working_set_bytes // size_bytes, 1)
+        need_bytes = num_slots * size_bytes
+        if self._src is None or self._src.nbytes < need_bytes:
+            self._src = np.ones(need_bytes, np.uint8)
+            self._dst = np.ones(need_bytes, np.uint8)
+        src, dst = self._src, self._dst
+        state = {"slot": 0}
+
+        def copy() -> None:
+            slot = state["slot"]
+            for _ in range(num_items):
+                offset = slot * size_bytes
+                np.copyto(dst[offset:offset + size_bytes], src[offset:offset + size_bytes])
+                slot = (slot + 1) % num_slots
+            state["slot"] = slot
+        return copy
+
+
+@dataclasses.dataclass
+class Figure:
+    """One measurement: GB/s of the call, GB/s of its memcpy ceiling in the same moments,
+    CPU seconds per GB, and p50/p90/p99 of the call's latency in microseconds."""
+
+    gbps: float
+    memcpy_gbps: float
+    cpu_s_per_gb: float
+    latency_us: dict[str, float]
+
+
+def rate_beside_memcpy(fn, size_bytes: int, num_items: int, budget: Budget, cpu_probe,
+                       ceiling: ColdCopy, working_set_bytes: int = 0) -> Figure:
+    """``fn`` (moving ``num_items`` values of ``size_bytes`` per call, cycling through
+    ``working_set_bytes`` of distinct values) beside a memcpy of the same pattern. Rounds of ``fn`` and of the memcpy alternate and the best of each is
+    kept, so the ceiling is measured in the same moments as the figure it bounds; CPU and
+    latency are counted in ``fn``'s rounds only."""
+    bytes_per_call = size_bytes * num_items
+    copy = ceiling.fn(size_bytes, num_items, working_set_bytes)
     fn()
     copy()
     best_gbps = best_copy_gbps = cpu_s = 0.0
-    total_calls = 0
-    for _ in range(num_rounds):
+    samples: list[float] = []
+    copy_budget = dataclasses.replace(budget, duration_s=budget.duration_s / 2,
+                                      total_bytes=None if budget.total_bytes is None
+                                      else budget.total_bytes // 2)
+    for _ in range(budget.num_rounds):
         cpu_before_s = cpu_probe()
-        num_calls, elapsed_s = _round(fn, min_time_s / num_rounds)
+        num_calls, elapsed_s, round_samples = _round(fn, bytes_per_call, budget)
         cpu_s += cpu_probe() - cpu_before_s
-        total_calls += num_calls
+        samples += round_samples
         best_gbps = max(best_gbps, bytes_per_call * num_calls / elapsed_s / 1e9)
-        best_copy_gbps = max(best_copy_gbps,
-                             _round_gbps(copy, bytes_per_call, min_time_s / num_rounds / 2))
-    return best_gbps, best_copy_gbps, cpu_s / (total_calls * bytes_per_call / 1e9)
-
-
-def latencies_us(fn, num_calls: int) -> tuple[float, float]:
-    fn()
-    samples = []
-    for _ in range(num_calls):
-        started_s = time.perf_counter()
-        fn()
-        samples.append((time.perf_counter() - started_s) * 1e6)
-    samples.sort()
-    return statistics.median(samples), samples[int(len(samples) * 0.99) - 1]
+        copy_calls, copy_s, _ = _round(copy, bytes_per_call, copy_budget)
+        best_copy_gbps = max(best_copy_gbps, bytes_per_call * copy_calls / copy_s / 1e9)
+    return Figure(best_gbps, best_copy_gbps, cpu_s / (len(samples) * bytes_per_call / 1e9),
+                  percentiles_us(samples))
 
 
 def make_cpu_probe(pids: list[int]):

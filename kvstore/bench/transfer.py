@@ -1,112 +1,169 @@
-"""The cases ``kvstore bench`` measures: put/get over each transport against a daemon's segment
-(``transport_cases``) and through ``kvstore.connect`` (``client_cases``).
+"""The cases ``kvstore bench transfer`` measures: put/get over each transport against a
+daemon's segment (``transport_cases``) and through ``kvstore.connect`` (``client_cases``;
+``kvstore.bench.concurrent`` runs the latter from several threads or processes).
 
 Each case yields four rows (put/get, single/batched) for one (level, transport, size); a
-batch moves about ``BATCH_BYTES`` in at most ``MAX_BATCH_ITEMS`` items. Bytes read back are
-compared with bytes written after each case (click.ClickException when they differ), so a
-fast but wrong path never reports a figure. Rates come from ``kvstore.bench.measure``.
+batch moves about ``BATCH_BYTES`` in at most ``MAX_BATCH_ITEMS`` items unless ``--batch``
+says how many. The bytes read back are checked after each case (``kvstore.bench.verify``:
+all of them with ``--verify``, else a sample), so a fast but wrong path never reports a
+figure. Rates come from ``kvstore.bench.measure``.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import time
+from typing import Any, Callable
 
 import click
 
-from kvstore.bench.measure import latencies_us, rate_beside_memcpy
+from kvstore.bench.measure import Budget, ColdCopy, rate_beside_memcpy
+from kvstore.bench.verify import check_bytes
 
 BATCH_BYTES = 64 * 1024 * 1024        # a batch moves about this much (at most 128 items)
 MAX_BATCH_ITEMS = 128
-LATENCY_SIZE_BYTES = 64 * 1024
 
 
-def batch_items(size_bytes: int) -> int:
-    """Values of ``size_bytes`` per batched call: about BATCH_BYTES, 1 to MAX_BATCH_ITEMS."""
+def batch_items(size_bytes: int, batch: int | None = None) -> int:
+    """Values of ``size_bytes`` per batched call: ``batch`` when given, else about
+    BATCH_BYTES in 1 to MAX_BATCH_ITEMS items."""
+    if batch is not None:
+        return batch
     return max(1, min(MAX_BATCH_ITEMS, BATCH_BYTES // size_bytes))
 
 
-def first_node(master_addr: str, token: str | None):
-    """The first storage node the master lists (click.ClickException when there is none)."""
+@dataclasses.dataclass
+class CaseSettings:
+    """What every case shares: the budget per measurement, byte checking, the batch size
+    override, CPU accounting, the memcpy ceiling and the progress bar (``update(1)`` per row)."""
+
+    budget: Budget
+    verify_all: bool
+    batch: int | None
+    cpu_probe: Callable[[], float]
+    ceiling: ColdCopy
+    progress: Any
+    token: str | None = None
+
+
+def first_node(master_addr: str, token: str | None, timeout_s: float = 5.0):
+    """The first storage node the master lists. Raises click.UsageError when the master
+    cannot be reached, click.ClickException when it lists no node."""
+    import grpc
+
+    from kvstore._errors import KVStoreError
     from kvstore.rpc import grpc_client
 
-    with grpc_client(master_addr, token=token) as client:
-        nodes = client.list_nodes()
+    try:
+        with grpc_client(master_addr, token=token, rpc_timeout_s=timeout_s) as client:
+            nodes = client.list_nodes()
+    except (KVStoreError, grpc.RpcError, OSError, ValueError) as exc:
+        raise click.UsageError(f"--master {master_addr}: cannot reach the master: {exc}") \
+            from exc
     if not nodes:
         raise click.ClickException(f"master {master_addr} lists no storage node")
     return nodes[0]
 
 
-def transport_cases(node, kinds, sizes, token, min_time_s, progress, cpu_probe):
-    """Rows for the transport level: fixed ranges at the start of the node's first segment."""
+def transport_cases(node, kinds, sizes, settings: CaseSettings, rows: list) -> None:
+    """Append the transport level's rows to ``rows``: fixed ranges at the start of the node's
+    first shared-memory segment (only a private daemon: nothing else lives there)."""
     import numpy as np
 
     from kvstore.transport import make_transports
     from kvstore.transport.base import Target
 
     segment = next(s for s in node.segments if s.shm_name)
-    rows = []
     for kind in kinds:
-        transport = make_transports(kind, token=token)[0]
-        for size_bytes in sizes:
-            num_items = batch_items(size_bytes)
-            src = np.random.default_rng(0).integers(0, 256, size_bytes * num_items, np.uint8)
-            dst = np.empty_like(src)
-            targets = [Target(node.node_id, node.host_id, node.data_addr, segment.segment_id,
-                              segment.shm_name, i * size_bytes, size_bytes)
-                       for i in range(num_items)]
-            srcs = [memoryview(src[i * size_bytes:(i + 1) * size_bytes]) for i in range(num_items)]
-            dsts = [memoryview(dst[i * size_bytes:(i + 1) * size_bytes]) for i in range(num_items)]
-            _check(transport.write_many(list(zip(targets, srcs)), timeout_s=60))
-            put_one = lambda: transport.write(targets[0], srcs[0], timeout_s=60)  # noqa: E731
-            get_one = lambda: transport.read_into(targets[0], dsts[0], timeout_s=60)  # noqa: E731
-            put_many = lambda: _check(transport.write_many(list(zip(targets, srcs)), timeout_s=60))  # noqa: E731,E501
-            get_many = lambda: _check(transport.read_many(list(zip(targets, dsts)), timeout_s=60))  # noqa: E731,E501
-            rows += _measure("transport", kind, size_bytes, num_items, put_one, get_one,
-                             put_many, get_many, min_time_s, progress, cpu_probe)
-            if not np.array_equal(src, dst):
-                raise click.ClickException(f"{kind}: bytes read differ from bytes written")
-        transport.close()
-    return rows
+        transport = make_transports(kind, token=settings.token)[0]
+        try:
+            for size_bytes in sizes:
+                num_items = batch_items(size_bytes, settings.batch)
+                src = np.random.default_rng(0).integers(0, 256, size_bytes * num_items,
+                                                        np.uint8)
+                dst = np.empty_like(src)
+                targets = [Target(node.node_id, node.host_id, node.data_addr,
+                                  segment.segment_id, segment.shm_name, i * size_bytes,
+                                  size_bytes) for i in range(num_items)]
+                srcs = [memoryview(src[i * size_bytes:(i + 1) * size_bytes])
+                        for i in range(num_items)]
+                dsts = [memoryview(dst[i * size_bytes:(i + 1) * size_bytes])
+                        for i in range(num_items)]
+                _check(transport.write_many(list(zip(targets, srcs)), timeout_s=60))
+                turn = _Turns(num_items)  # single calls cycle through the batch's ranges
+                ops = {
+                    "put_one": lambda: transport.write(*_at(targets, srcs, turn()),
+                                                       timeout_s=60),
+                    "get_one": lambda: transport.read_into(*_at(targets, dsts, turn()),
+                                                           timeout_s=60),
+                    "put_many": lambda: _check(transport.write_many(list(zip(targets, srcs)),
+                                                                    timeout_s=60)),
+                    "get_many": lambda: _check(transport.read_many(list(zip(targets, dsts)),
+                                                                   timeout_s=60)),
+                }
+                rows += measure_case("transport", kind, size_bytes, num_items, ops, settings)
+                check_bytes(src, dst, verify_all=settings.verify_all,
+                            what=f"transport {kind} {size_bytes} B")
+        finally:
+            transport.close()
 
 
-def client_cases(master_addr, kinds, sizes, token, min_time_s, progress, cpu_probe):
-    """Rows for the client level: kvstore.connect put/get with fresh keys per put."""
+def client_cases(master_addr, kinds, sizes, settings: CaseSettings, rows: list) -> None:
+    """Append the client level's rows to ``rows``: kvstore.connect put/get, fresh keys per
+    put, removed after each case."""
     import itertools
 
     import numpy as np
 
     import kvstore
 
-    rows = []
     counter = itertools.count()
     for kind in kinds:
-        store = kvstore.connect(master_addr, token=token, transport=kind)
-        for size_bytes in sizes:
-            num_items = batch_items(size_bytes)
-            src = np.random.default_rng(1).integers(0, 256, size_bytes, np.uint8)
-            outs = [np.empty(size_bytes, np.uint8) for _ in range(num_items)]
-            prefix = f"bench/{time.time_ns()}/{kind}/{size_bytes}"
-            keys = [f"{prefix}/fixed/{i}" for i in range(num_items)]
-            store.batch_put(keys, [src] * num_items)
+        with kvstore.connect(master_addr, token=settings.token, transport=kind) as store:
+            for size_bytes in sizes:
+                num_items = batch_items(size_bytes, settings.batch)
+                src = np.random.default_rng(1).integers(0, 256, size_bytes, np.uint8)
+                outs = [np.empty(size_bytes, np.uint8) for _ in range(num_items)]
+                prefix = f"bench/{time.time_ns()}/{kind}/{size_bytes}"
+                keys = [f"{prefix}/fixed/{i}" for i in range(num_items)]
+                _check(store.batch_put(keys, [src] * num_items))
 
-            # NOTE: fresh keys per put (a second put of a key is a no-op); they are removed
-            # after the case, and the master evicts old ones if a case outgrows the pool.
-            def put_one():
-                store.put(f"{prefix}/{next(counter)}", src)
+                # NOTE: fresh keys per put (a second put of a key is a no-op); they are
+                # removed after the case, and the master evicts old ones if a case outgrows
+                # the pool.
+                def put_one():
+                    store.put(f"{prefix}/{next(counter)}", src)
 
-            def put_many():
-                batch = [f"{prefix}/{next(counter)}" for _ in range(num_items)]
-                _check(store.batch_put(batch, [src] * num_items))
+                def put_many():
+                    batch = [f"{prefix}/{next(counter)}" for _ in range(num_items)]
+                    _check(store.batch_put(batch, [src] * num_items))
 
-            get_one = lambda: store.get_into(keys[0], outs[0])  # noqa: E731
-            get_many = lambda: _check(store.batch_get_into(keys, outs))  # noqa: E731
-            rows += _measure("client", kind, size_bytes, num_items, put_one, get_one,
-                             put_many, get_many, min_time_s, progress, cpu_probe)
-            if not np.array_equal(outs[-1], src):
-                raise click.ClickException(f"client {kind}: bytes read differ from bytes put")
-            store.remove_prefix(prefix, force=True)
-        store.close()
-    return rows
+                turn = _Turns(num_items)  # single gets cycle through the batch's keys
+                ops = {"put_one": put_one, "put_many": put_many,
+                       "get_one": lambda: store.get_into(*_at(keys, outs, turn())),
+                       "get_many": lambda: _check(store.batch_get_into(keys, outs))}
+                try:
+                    rows += measure_case("client", kind, size_bytes, num_items, ops, settings)
+                    for i, out in enumerate(outs):
+                        check_bytes(src, out, verify_all=settings.verify_all,
+                                    what=f"client {kind} {size_bytes} B item {i}")
+                finally:
+                    store.remove_prefix(prefix, force=True)
+
+
+class _Turns:
+    """0, 1, ..., n - 1, 0, 1, ... one per call."""
+
+    def __init__(self, n: int) -> None:
+        self._n, self._next = n, 0
+
+    def __call__(self) -> int:
+        turn, self._next = self._next, (self._next + 1) % self._n
+        return turn
+
+
+def _at(firsts, seconds, i: int) -> tuple:
+    return firsts[i], seconds[i]
 
 
 def _check(results) -> None:
@@ -116,22 +173,30 @@ def _check(results) -> None:
             raise result
 
 
-def _measure(level, kind, size_bytes, num_items, put_one, get_one, put_many, get_many,
-             min_time_s, progress, cpu_probe):
-    rows = []
+def measure_case(level: str, kind: str, size_bytes: int, num_items: int, ops: dict,
+                 settings: CaseSettings, *, concurrency: int = 1) -> list[dict]:
+    """Four rows, put/get x single/batch, for one case; ``ops`` maps put_one, get_one,
+    put_many, get_many to a call. Rows come back in table order (put/get single, then
+    batch); each updates the progress bar as it is measured."""
+    rows = {}
     # NOTE: gets run first: at the client level the puts may fill the pool and make the
     # master evict the objects the gets read
-    for mode, op, fn, num_bytes in (("single", "get", get_one, size_bytes),
-                                    ("batch", "get", get_many, size_bytes * num_items),
-                                    ("single", "put", put_one, size_bytes),
-                                    ("batch", "put", put_many, size_bytes * num_items)):
-        gbps, memcpy_gbps, cpu_s_per_gb = rate_beside_memcpy(fn, num_bytes, min_time_s,
-                                                              cpu_probe)
-        row = {"level": level, "transport": kind, "size_bytes": size_bytes, "mode": mode,
-               "batch_items": num_items if mode == "batch" else 1, "op": op, "gbps": gbps,
-               "memcpy_gbps": memcpy_gbps, "cpu_s_per_gb": cpu_s_per_gb}
-        if size_bytes == LATENCY_SIZE_BYTES and mode == "single":
-            row["p50_us"], row["p99_us"] = latencies_us(fn, 300)
-        rows.append(row)
-        progress.update(1)
-    return [rows[2], rows[0], rows[3], rows[1]]  # table order: put/get single, put/get batch
+    for mode, op in (("single", "get"), ("batch", "get"), ("single", "put"), ("batch", "put")):
+        items = num_items if mode == "batch" else 1
+        fn = ops[f"{op}_{'one' if mode == 'single' else 'many'}"]
+        # NOTE: the ceiling copies through as many distinct buffers as the case touches
+        # (its batch of values), so both are equally cold in the caches
+        figure = rate_beside_memcpy(fn, size_bytes, items, settings.budget, settings.cpu_probe,
+                                    settings.ceiling, working_set_bytes=size_bytes * num_items)
+        rows[mode, op] = make_row(level, kind, size_bytes, mode, items, op, figure, concurrency)
+        settings.progress.update(1)
+    return [rows[k] for k in (("single", "put"), ("single", "get"), ("batch", "put"),
+                              ("batch", "get"))]
+
+
+def make_row(level, kind, size_bytes, mode, items, op, figure, concurrency) -> dict:
+    """One row of the table and of the JSON."""
+    return {"level": level, "transport": kind, "size_bytes": size_bytes, "mode": mode,
+            "batch_items": items, "op": op, "concurrency": concurrency, "gbps": figure.gbps,
+            "memcpy_gbps": figure.memcpy_gbps, "cpu_s_per_gb": figure.cpu_s_per_gb,
+            **figure.latency_us}

@@ -1,0 +1,297 @@
+"""``kvstore bench master``: metadata RPC throughput and latency against a real ``kvstore
+master`` (the code of bench/master_bench.py, which now calls this command).
+
+For get_replicas, exists and put_start+put_end, at batch sizes 1, 32 and 1024, from 1 and
+from 4 client processes, it reports keys/s and p50/p99 call latency. Two ceilings are measured
+in the same run: the gRPC floor (an empty Exists round trip from one client: no call can be
+faster) and the master's in-process key rate (request bytes parsed, the service method run,
+the reply serialized, with no transport: no RPC can move more keys/s); each row's keys/s is
+printed as a ratio of the latter. Runs each gRPC mode of the master (the thread pool and
+grpc.aio), and each metadata path of the client: gRPC and the framed fast path (``--paths``).
+Prints a table, writes ``--json`` and says PASS/MISS against the targets of issue 2
+(get_replicas batch 1024 >= 400k keys/s with p50 < 2.5 ms; exists >= 1M keys/s; single-key
+p50 < 300 us); exit status 0 either way: speed is recorded, not asserted.
+"""
+
+from __future__ import annotations
+
+import json
+import multiprocessing as mp
+import os
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import click
+
+KVSTORE_BIN = Path(sys.executable).with_name("kvstore")
+NUM_KEYS = 200_000
+VALUE_BYTES = 64 * 1024
+BATCHES = (1, 32, 1024)
+CLIENTS = (1, 4)
+
+
+def start_master(mode: str) -> tuple[subprocess.Popen, str, int]:
+    """The master process, its gRPC address and its fast-path port."""
+    proc = subprocess.Popen([str(KVSTORE_BIN), "master", "--port", "0", "--grpc-mode", mode,
+                             "--log-level", "WARNING", "--pending-timeout", "1h",
+                             "--node-ttl", "1h", "--heartbeat-interval", "10s"],
+                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    address = None
+    for line in proc.stdout:
+        match = re.match(r"^listening on (\S+:\d+)", line.strip())
+        if match:
+            address = match.group(1)
+        match = re.match(r"^fast metadata on \S+:(\d+)", line.strip())
+        if match and address:
+            return proc, address, int(match.group(1))
+    raise RuntimeError("kvstore master exited before listening")
+
+
+class RawCalls:
+    """``call(method name, request message)`` through kvstore.rpc's MasterClient and carrier,
+    without the typed verbs' decoding: this benchmark measures the master, not the client."""
+
+    def __init__(self, carrier):
+        from kvstore.rpc import MasterClient
+        from kvstore.rpc.methods import METHODS
+        self._client = MasterClient(carrier)
+        self._methods = METHODS
+
+    def call(self, name, request):
+        return self._client.call(self._methods[name], request)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc_info):
+        self._client.close()
+
+
+def make_client(path: str, address: str, fast_port: int) -> RawCalls:
+    from kvstore.rpc import GrpcCarrier
+    from kvstore.rpc.fast_carrier import FastCarrier
+    if path == "fast":
+        return RawCalls(FastCarrier(address.rsplit(":", 1)[0], fast_port))
+    return RawCalls(GrpcCarrier(address))
+
+
+def populate(address: str, num_keys: int = NUM_KEYS) -> list[str]:
+    from kvstore.v1 import master_pb2 as pb
+    keys = [f"bench/model-x/L32/xxh64v1/{i:016x}" for i in range(num_keys)]
+    with make_client("grpc", address, 0) as client:
+        for n in range(4):
+            client.call("RegisterNode", pb.RegisterNodeRequest(node=pb.NodeInfo(
+                node_id=f"node{n}", host_id=f"host{n}", data_addr=f"127.0.0.1:{7000 + n}",
+                segments=[pb.SegmentInfo(segment_id="dram0", tier=pb.TIER_DRAM,
+                                         capacity_bytes=1 << 40, shm_name=f"/kv{n}")])))
+        for i in range(0, num_keys, 8192):
+            chunk = keys[i:i + 8192]
+            client.call("PutStart", pb.PutStartRequest(keys=chunk, sizes=[VALUE_BYTES] * len(chunk),
+                                                       client_id="bench"))
+            client.call("PutEnd", pb.PutEndRequest(keys=chunk, client_id="bench"))
+    return keys
+
+
+def client_worker(target: tuple, op: str, batch: int, worker: int, seconds: float,
+                  start_at: float, out: mp.Queue, num_keys: int = NUM_KEYS) -> None:
+    """Call ``op`` in a loop for ``seconds`` (starting at wall time ``start_at``); put the
+    per-call latencies (seconds) on ``out``."""
+    import random
+    from kvstore.v1 import master_pb2 as pb
+    rng = random.Random(worker)
+    keys = [f"bench/model-x/L32/xxh64v1/{i:016x}" for i in range(num_keys)]
+    if op == "get_replicas":
+        requests = [pb.GetReplicasRequest(keys=rng.sample(keys, batch)) for _ in range(32)]
+    elif op == "exists":
+        requests = [pb.ExistsRequest(keys=rng.sample(keys, batch)) for _ in range(32)]
+    else:                                      # "empty" (the gRPC floor) and "put"
+        requests = [pb.ExistsRequest()]
+    method = {"get_replicas": "GetReplicas", "exists": "Exists", "empty": "Exists"}.get(op)
+    latencies = []
+    with make_client(*target) as client:
+        call = client.call
+        for request in requests[:4]:                       # warm up the channel
+            call(method or "Exists", request)
+        while time.time() < start_at:
+            time.sleep(0.001)
+        deadline = time.perf_counter() + seconds
+        n = 0
+        if op == "put":
+            tag = f"put/{worker}/{time.time_ns()}/"
+            sizes = [VALUE_BYTES] * batch
+            while (now := time.perf_counter()) < deadline:
+                chunk = [f"{tag}{n * batch + j}" for j in range(batch)]
+                n += 1
+                call("PutStart", pb.PutStartRequest(keys=chunk, sizes=sizes, client_id=tag))
+                call("PutEnd", pb.PutEndRequest(keys=chunk, client_id=tag))
+                latencies.append(time.perf_counter() - now)
+        else:
+            while (now := time.perf_counter()) < deadline:
+                call(method, requests[n % len(requests)])
+                n += 1
+                latencies.append(time.perf_counter() - now)
+    out.put(latencies)
+
+
+def run_cell(target: tuple, op: str, batch: int, num_clients: int, seconds: float,
+             num_keys: int = NUM_KEYS) -> dict:
+    """``target``: (path, address, fast_port) as ``make_client`` takes them."""
+    ctx = mp.get_context("spawn")
+    out = ctx.Queue()
+    start_at = time.time() + 1.5 + 0.3 * num_clients       # lets every process import first
+    procs = [ctx.Process(target=client_worker,
+                         args=(target, op, batch, w, seconds, start_at, out, num_keys))
+             for w in range(num_clients)]
+    for p in procs:
+        p.start()
+    all_latencies = [out.get(timeout=seconds + 120) for _ in procs]
+    for p in procs:
+        p.join()
+    merged = sorted(x for lat in all_latencies for x in lat)
+    num_calls = len(merged)
+    return {"op": op, "batch": batch, "clients": num_clients, "calls": num_calls,
+            "keys_per_s": num_calls * batch / seconds,
+            "p50_us": merged[num_calls // 2] * 1e6 if merged else None,
+            "p99_us": merged[min(num_calls - 1, int(num_calls * 0.99))] * 1e6 if merged else None}
+
+
+def in_process_ceiling(num_keys: int = NUM_KEYS) -> dict:
+    """Keys/s of the master's whole request path for batches of 1024 with no transport:
+    parse the request bytes, run the service method, serialize the reply (with the GC
+    thresholds the master process uses). No RPC can move keys faster than this."""
+    import gc
+    import random
+    from kvstore.master.config import MasterConfig
+    from kvstore.master.service import MasterService
+    from kvstore.master.state import MasterState
+    from kvstore.v1 import master_pb2 as pb
+    gc.set_threshold(100_000, 50, 100)
+    service = MasterService(MasterState(MasterConfig(), 0.0))
+    service.RegisterNode(pb.RegisterNodeRequest(node=pb.NodeInfo(
+        node_id="n", host_id="h", data_addr="127.0.0.1:1",
+        segments=[pb.SegmentInfo(segment_id="d", tier=pb.TIER_DRAM, capacity_bytes=1 << 40)])),
+        0.0)
+    keys = [f"bench/model-x/L32/xxh64v1/{i:016x}" for i in range(num_keys)]
+
+    def rate(method: str, request_class, payloads: list[bytes], num_keys: int) -> float:
+        handler = getattr(service, method)
+        started = time.perf_counter()
+        for payload in payloads:
+            handler(request_class.FromString(payload), 1.0).SerializeToString()
+        return num_keys / (time.perf_counter() - started)
+
+    chunks = [keys[i:i + 1024] for i in range(0, num_keys, 1024)]
+    starts = [pb.PutStartRequest(keys=c, sizes=[VALUE_BYTES] * len(c), client_id="c")
+              .SerializeToString() for c in chunks]
+    ends = [pb.PutEndRequest(keys=c, client_id="c").SerializeToString() for c in chunks]
+    started = time.perf_counter()
+    for start, end in zip(starts, ends):
+        service.PutStart(pb.PutStartRequest.FromString(start), 0.0).SerializeToString()
+        service.PutEnd(pb.PutEndRequest.FromString(end), 0.0).SerializeToString()
+    put_rate = num_keys / (time.perf_counter() - started)
+    batches = [random.Random(i).sample(keys, 1024) for i in range(100)]
+    gets = [pb.GetReplicasRequest(keys=b).SerializeToString() for b in batches]
+    exists = [pb.ExistsRequest(keys=b).SerializeToString() for b in batches]
+    return {"get_replicas_keys_per_s": rate("GetReplicas", pb.GetReplicasRequest, gets,
+                                            1024 * len(batches)),
+            "exists_keys_per_s": rate("Exists", pb.ExistsRequest, exists, 1024 * len(batches)),
+            "put_keys_per_s": put_rate}
+
+
+_CEILING_KEY = {"get_replicas": "get_replicas_keys_per_s", "exists": "exists_keys_per_s",
+                "put": "put_keys_per_s"}
+MODES = ("threads", "aio")
+PATHS = ("grpc", "fast")
+
+
+@click.command("master")
+@click.option("--quick", is_flag=True, help="Fewer cells, shorter runs.")
+@click.option("--modes", default=",".join(MODES), show_default=True,
+              help="Comma-separated gRPC modes of the master: threads, aio.")
+@click.option("--paths", default=",".join(PATHS), show_default=True,
+              help="Comma-separated client metadata paths: grpc, fast.")
+@click.option("--seconds", type=click.FloatRange(min=0.05), default=None,
+              help="Seconds per cell (default 2, or 0.5 with --quick).")
+@click.option("--num-keys", type=click.IntRange(min=1024), default=NUM_KEYS, show_default=True,
+              help="Keys stored before the cells run (and sampled by them).")
+@click.option("--json", "json_path", default="bench/out/master_bench.json", show_default=True,
+              type=click.Path(dir_okay=False), help="Where to write every figure.")
+def command(quick: bool, modes: str, paths: str, seconds: float | None, num_keys: int,
+            json_path: str) -> None:
+    """Metadata operations per second and latency by batch size, beside the master's ceiling."""
+    from tqdm import tqdm
+
+    mode_list = [m for m in modes.split(",") if m]
+    path_list = [p for p in paths.split(",") if p]
+    for items, allowed, flag in ((mode_list, MODES, "--modes"), (path_list, PATHS, "--paths")):
+        if not items or any(item not in allowed for item in items):
+            raise click.BadParameter(f"expected some of {', '.join(allowed)}", param_hint=flag)
+    seconds = seconds or (0.5 if quick else 2.0)
+    batches = (1, 1024) if quick else BATCHES
+    clients = (1,) if quick else CLIENTS
+    ceiling = in_process_ceiling(num_keys)
+    results = {"command": sys.argv, "ceiling_in_process": ceiling, "modes": {},
+               "loadavg_at_start": os.getloadavg(), "date": time.strftime("%Y-%m-%d %H:%M UTC",
+                                                                            time.gmtime())}
+    print(f"in-process ceiling (request bytes -> reply bytes, no transport, batch 1024): "
+          f"get_replicas "
+          f"{ceiling['get_replicas_keys_per_s']:,.0f} keys/s, exists "
+          f"{ceiling['exists_keys_per_s']:,.0f} keys/s, put_start+put_end "
+          f"{ceiling['put_keys_per_s']:,.0f} keys/s")
+    cells = [(op, batch, n) for op in ("get_replicas", "exists", "put") for batch in batches
+             for n in clients]
+    progress = tqdm(total=len(mode_list) * len(path_list) * (len(cells) + 1),
+                    desc="bench master", unit="cell", leave=False)
+    for mode, path in [(m, p) for m in mode_list for p in path_list]:
+        proc, address, fast_port = start_master(mode)
+        target = (path, address, fast_port)
+        try:
+            populate(address, num_keys)
+            floor = run_cell(target, "empty", 0, 1, seconds, num_keys)
+            progress.update(1)
+            rows = []
+            for op, batch, n in cells:
+                rows.append(run_cell(target, op, batch, n, seconds, num_keys))
+                rows[-1]["pct_of_ceiling"] = (100 * rows[-1]["keys_per_s"]
+                                              / ceiling[_CEILING_KEY[op]])
+                progress.update(1)
+        finally:
+            proc.terminate()
+            proc.wait(timeout=10)
+        mode = f"{mode}/{path}"
+        results["modes"][mode] = {"floor_p50_us": floor["p50_us"], "rows": rows}
+        progress.write(f"\nmaster {mode}: floor (empty Exists, 1 client) p50 "
+                       f"{floor['p50_us']:.0f} us")
+        progress.write(f"{'op':<14}{'batch':>6}{'clients':>8}{'keys/s':>14}{'%ceiling':>9}"
+                       f"{'p50 us':>10}{'p99 us':>10}")
+        for r in rows:
+            progress.write(f"{r['op']:<14}{r['batch']:>6}{r['clients']:>8}"
+                           f"{r['keys_per_s']:>14,.0f}{r['pct_of_ceiling']:>8.1f}%"
+                           f"{r['p50_us']:>10.0f}{r['p99_us']:>10.0f}")
+    progress.close()
+    checks = []
+    for mode, data in results["modes"].items():
+        by = {(r["op"], r["batch"], r["clients"]): r for r in data["rows"]}
+        best_get = max((r for k, r in by.items() if k[0] == "get_replicas" and k[1] == 1024),
+                       key=lambda r: r["keys_per_s"])
+        best_exists = max((r for k, r in by.items() if k[0] == "exists" and k[1] == 1024),
+                          key=lambda r: r["keys_per_s"])
+        single = by[("get_replicas", 1, 1)]
+        checks += [
+            (mode, "get_replicas x1024 >= 400k keys/s, p50 < 2.5 ms",
+             best_get["keys_per_s"] >= 400_000 and by[("get_replicas", 1024, 1)]["p50_us"] < 2500),
+            (mode, "exists x1024 >= 1M keys/s", best_exists["keys_per_s"] >= 1_000_000),
+            (mode, "single-key get_replicas p50 < 300 us", single["p50_us"] < 300),
+        ]
+    results["loadavg_at_end"] = os.getloadavg()
+    print(f"\nload average (1/5/15 min) at start {results['loadavg_at_start']}, "
+          f"at end {results['loadavg_at_end']} on {os.cpu_count()} cores")
+    for mode, what, ok in checks:
+        print(f"{'PASS' if ok else 'MISS'}  [{mode}] {what}")
+    results["checks"] = [{"mode": m, "target": w, "pass": ok} for m, w, ok in checks]
+    Path(json_path).parent.mkdir(parents=True, exist_ok=True)
+    Path(json_path).write_text(json.dumps(results, indent=2))
+    print(f"\nwrote {json_path}")

@@ -1,0 +1,89 @@
+"""One run of ``kvstore bench transfer`` once its flags are checked: the cluster (its own or
+``--master``'s), the ceilings, the cases under a progress bar, the table and the JSON
+document. Ctrl-C stops the cases and keeps what was measured so far (marked interrupted);
+SIGTERM stops them too (exit status 143), the servers stopped either way."""
+
+from __future__ import annotations
+
+import contextlib
+import signal
+import sys
+
+import click
+
+from kvstore.bench.measure import Budget, ColdCopy, loopback_gbps, make_cpu_probe
+from kvstore.bench.report import document, format_table, loadavg
+from kvstore.bench.transfer import CaseSettings, batch_items, client_cases, first_node, \
+    transport_cases
+
+
+@contextlib.contextmanager
+def _signals_held():
+    """Hold SIGINT and SIGTERM while the servers start, and deliver them once they have: a
+    ServerProcess interrupted while it waits for its server could not be stopped. Signals
+    this process ignores stay ignored."""
+    pending: list[int] = []
+    previous = {}
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        if signal.getsignal(signum) is not signal.SIG_IGN:
+            previous[signum] = signal.signal(signum, lambda num, frame: pending.append(num))
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+        if pending:
+            signal.raise_signal(pending[0])
+
+
+def run_transfer(master_addr: str | None, token: str | None, kinds: list[str],
+                 levels: list[str], sizes: list[int], budget: Budget, settings: dict) -> dict:
+    """Measure, print the table, and return the JSON document (see ``bench.report``)."""
+    from tqdm import tqdm
+
+    from kvstore.bench.concurrent import concurrent_cases
+    from kvstore.bench.transfer_cli import start_cluster
+
+    # NOTE: SIGTERM stops the run like an error (exit status 143): the finally below still
+    # stops our master and daemon, which would otherwise outlive us
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+    load_at_start = loadavg()
+    concurrency = settings["threads"] * settings["processes"]
+    if master_addr is not None:
+        first_node(master_addr, token)  # an unreachable master is a usage error, up front
+    servers = ()
+    rows: list[dict] = []
+    loopback_by_size: dict[int, float] = {}
+    interrupted = False
+    try:
+        if master_addr is None:
+            largest_batch = max(s * batch_items(s, settings["batch"]) for s in sizes)
+            with _signals_held():
+                servers = start_cluster(dram_bytes=settings["dram_bytes"]
+                                        or max(4 * largest_batch * concurrency, 2 * 1024**3))
+            master_addr = servers[0].address
+        total = 4 * len(kinds) * len(sizes) * len(levels)
+        with tqdm(total=total, desc="bench transfer", unit="case", leave=False) as progress:
+            if "tcp" in kinds:
+                loopback_by_size = loopback_gbps(sizes, budget)
+            node = first_node(master_addr, token)
+            case = CaseSettings(budget, settings["verify"], settings["batch"],
+                                make_cpu_probe([s.proc.pid for s in servers]), ColdCopy(),
+                                progress, token)
+            if "transport" in levels:
+                transport_cases(node, kinds, sizes, case, rows)
+            if "client" in levels and concurrency > 1:
+                concurrent_cases(master_addr, kinds, sizes, case, settings["threads"],
+                                 settings["processes"], rows)
+            elif "client" in levels:
+                client_cases(master_addr, kinds, sizes, case, rows)
+    except KeyboardInterrupt:
+        interrupted = True
+        click.echo(f"\ninterrupted: {len(rows)} figure(s) measured so far", err=True)
+    finally:
+        for server in reversed(servers):  # the daemon first: it deregisters from a live master
+            server.close()
+    click.echo(format_table(rows, loopback_by_size))
+    load = loadavg()
+    click.echo(f"load average (1/5/15 min): {load_at_start} at start, {load} at end")
+    return document(rows, loopback_by_size, settings, load_at_start, interrupted)
