@@ -293,7 +293,9 @@ def test_lz4_round_trips_compressible_and_incompressible_data_across_reopen(tmp_
 def test_lz4_daemon_serves_compressed_objects_before_and_after_a_restart(tmp_path):
     values = {"zip/text": _compressible(5 << 20), "zip/noise": _bytes(2 << 20, 5),
               "zip/tiny": b"x" * 100}
-    with ServerProcess(["master", "--port", "0", "--heartbeat-interval", "100ms"]) as master:
+    # NOTE: --promote off: the gets below must read the SSD copies, not move them to DRAM
+    with ServerProcess(["master", "--port", "0", "--heartbeat-interval", "100ms",
+                        "--promote", "off"]) as master:
         with _daemon(master, tmp_path, "--ssd-codec", "lz4"), \
                 kvstore.connect(master.address, transport="tcp") as store:
             for key, value in values.items():
