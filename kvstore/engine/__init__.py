@@ -1,6 +1,6 @@
 """What an inference engine imports to keep its KV cache in kvstore: prefix-chunk keys, the
 stored block form, the paged-KV connector and its results, heterogeneous tensor parallelism,
-and the adapters (transformers cache, vLLM-shaped connector). The demo lives in kvstore.demo.
+and the adapters (transformers cache, vLLM connector). The demo lives in kvstore.demo.
 
 ``prefix_keys`` and ``KeyNamespace`` need neither torch nor the kernels; the connectors load
 ``kvstore.ops`` when they first move bytes.
@@ -21,7 +21,8 @@ _LAZY = {
     "PagedCache": "kvstore.engine.hf_cache",
     "cache_to_pages": "kvstore.engine.hf_cache",
     "pages_to_cache": "kvstore.engine.hf_cache",
-    "KVStoreConnectorV1": "kvstore.engine.vllm_connector",
+    "KVStoreConnector": "kvstore.engine.vllm",
+    "KVStoreConnectorV1": "kvstore.engine.vllm",
     "DynamicCacheConnector": "kvstore.engine.hf_connector",
 }
 

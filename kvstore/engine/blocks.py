@@ -8,11 +8,15 @@ One store object holds one block (page) of one tensor-parallel shard, all layers
           (one symmetric scale per (layer, K/V, token, head)); scheme in ``kvstore.ops.int8``
 
 The payload is the one-page slice of what ``kvstore.ops.gather_pages`` produces, so the form
-does not depend on the cache layout (``[2, num_blocks, ...]``, ``[num_blocks, 2, ...]``): a
-block saved from one layout loads into the other. A batch of blocks sits in a staging tensor
-``[num_blocks, block_bytes]`` (uint8), one row per object, so one batched put or get moves a
-request's blocks. Pages to rows costs the gather (fused with INT8 quantization when asked)
-plus one copy that makes each block's rows contiguous; rows to pages the reverse.
+does not depend on the cache layout (``[2, num_blocks, ...]``, ``[num_blocks, 2, ...]``, or
+``head_major``, vLLM's CPU cache ``[num_blocks, num_kv_heads, block_size, 2 * head_dim]`` whose
+memory per head is K rows then V rows): a block saved from one layout loads into the other.
+NOTE: ``head_major`` pages are not dense in (token, head) order, which the kernels need, so
+it is copied with torch indexing (one gather or scatter per layer) instead. A batch of
+blocks sits in a staging tensor ``[num_blocks, block_bytes]`` (uint8), one row per object,
+so one batched put or get moves a request's blocks. Pages to rows costs the gather (fused
+with INT8 quantization when asked) plus one copy that makes each block's rows contiguous;
+rows to pages the reverse.
 """
 
 from __future__ import annotations
@@ -98,6 +102,8 @@ class BlockFormat:
     def of_layers(layers: Sequence[torch.Tensor], quantize: str | None,
                   layout: str | None = None) -> "BlockFormat":
         """The format of a paged cache (validated by ``kvstore.ops``; InvalidArgumentError)."""
+        if layout == "head_major":
+            return _head_major_format(layers, quantize)
         from kvstore import ops
 
         gathered = tuple(ops.gathered_shape(list(layers), 1, layout=layout))
@@ -106,6 +112,44 @@ class BlockFormat:
         detected = layout or ("mla" if page_dim == 1 else
                               "kv_first" if layers[0].shape[0] == 2 else "block_first")
         return BlockFormat(block_shape, page_dim, layers[0].dtype, detected, quantize)
+
+
+def _head_major_format(layers: Sequence[torch.Tensor], quantize: str | None) -> BlockFormat:
+    first = layers[0] if layers else None
+    if first is None or first.dim() != 4 or first.shape[-1] % 2:
+        raise InvalidArgumentError("head_major layers must be [num_blocks, num_kv_heads, "
+                                   "block_size, 2 * head_dim]")
+    for i, layer in enumerate(layers):
+        if (layer.shape, layer.dtype, layer.device) != (first.shape, first.dtype, first.device):
+            raise InvalidArgumentError(f"layers[{i}] differs from layers[0] in shape, dtype or "
+                                       f"device")
+        if not layer.is_contiguous():
+            raise InvalidArgumentError(f"head_major layers[{i}] must be contiguous")
+    if first.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        raise InvalidArgumentError(f"cache dtype must be fp16, bf16 or fp32, not {first.dtype}")
+    _, num_heads, block_size, two_dim = first.shape
+    shape = (len(layers), 2, block_size, num_heads, two_dim // 2)
+    return BlockFormat(shape, 2, first.dtype, "head_major", quantize)
+
+
+def _head_major_payload(layers: Sequence[torch.Tensor], block_ids: torch.Tensor,
+                        fmt: BlockFormat) -> torch.Tensor:
+    """``[n, layers, 2, block_size, heads, head_dim]`` (contiguous) of pages ``block_ids``."""
+    _, _, block_size, num_heads, head_dim = fmt.block_shape
+    per_layer = [layer.index_select(0, block_ids).view(-1, num_heads, 2, block_size, head_dim)
+                 for layer in layers]
+    return torch.stack(per_layer, 1).permute(0, 1, 3, 4, 2, 5).contiguous()
+
+
+def _head_major_scatter(payload: torch.Tensor, layers: Sequence[torch.Tensor],
+                        block_ids: torch.Tensor) -> None:
+    """The inverse of _head_major_payload: ``payload[:, l]`` into pages ``block_ids``."""
+    if len(set(block_ids.tolist())) != len(block_ids):
+        raise InvalidArgumentError("block ids must be distinct")
+    heads_first = payload.permute(0, 1, 4, 2, 3, 5)  # [n, L, heads, 2, block_size, head_dim]
+    for i, layer in enumerate(layers):
+        layer.index_copy_(0, block_ids, heads_first[:, i].reshape(-1, *layer.shape[1:])
+                          .to(layer.dtype))
 
 
 def _to_rows(gathered: torch.Tensor, fmt: BlockFormat, rows: torch.Tensor) -> None:
@@ -134,6 +178,15 @@ def gather_blocks(layers: Sequence[torch.Tensor], block_ids: torch.Tensor, fmt: 
     stored form. A GPU cache is gathered (and quantized) on the GPU, then downloaded once."""
     from kvstore import ops
 
+    if fmt.layout == "head_major":
+        payload = _head_major_payload(layers, block_ids, fmt)
+        if fmt.quantize == "int8":
+            q, scales = ops.quantize_int8(payload, fmt.head_dim)
+            rows[:, :fmt.num_values].view(torch.int8).view(q.shape).copy_(q)
+            rows[:, fmt.num_values:].view(torch.float32).view(scales.shape).copy_(scales)
+        else:
+            rows.view(fmt.dtype).view(payload.shape).copy_(payload)
+        return rows
     if fmt.quantize == "int8":
         q, scales = ops.gather_quantize(list(layers), block_ids, fmt.head_dim, layout=fmt.layout)
         _to_rows(q, fmt, rows[:, :fmt.num_values])
@@ -148,6 +201,9 @@ def scatter_blocks(rows: torch.Tensor, layers: Sequence[torch.Tensor], block_ids
     """Copy ``rows`` (stored form) into pages ``block_ids`` of ``layers``."""
     from kvstore import ops
 
+    if fmt.layout == "head_major":
+        _head_major_scatter(decode_rows(rows, fmt), layers, block_ids)
+        return
     shape = fmt.gathered_shape(rows.shape[0])
     device = layers[0].device  # staging rows live on the host; a GPU cache gets one upload
     if fmt.quantize == "int8":

@@ -1,4 +1,4 @@
-"""The vLLM-shaped connector driven the way vLLM's scheduler and worker call it, on paged caches
+"""The vLLM connector driven the way vLLM's scheduler and worker call it, on paged caches
 of two engines: blocks saved by one are loaded by the other into different block ids."""
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import torch
 import kvstore
 from kvstore import InvalidArgumentError
 from kvstore.engine import KeyNamespace
-from kvstore.engine.vllm_connector import (ConnectorConfig, KVConnectorRole, KVStoreConnectorV1,
+from kvstore.engine.vllm import (ConnectorConfig, KVConnectorRole, KVStoreConnectorV1,
                                            KVStoreConnectorMetadata)
 
 NUM_LAYERS, BLOCK_SIZE, NUM_HEADS, HEAD_DIM = 3, 16, 2, 8

@@ -1,4 +1,11 @@
-"""A KV connector shaped like vLLM's KV connector v1 interface, on PagedKVConnector.
+"""kvstore as a vLLM (v1) KV connector, on PagedKVConnector.
+
+Selected by configuration, no vLLM patch::
+
+    KVTransferConfig(kv_connector="KVStoreConnector",
+                     kv_connector_module_path="kvstore.engine.vllm", kv_role="kv_both",
+                     kv_load_failure_policy="recompute",
+                     kv_connector_extra_config={"master": "HOST:PORT"})
 
 vLLM creates one instance per role. The scheduler-side instance decides what to load and save;
 the worker-side instance (one per GPU worker) moves the bytes:
@@ -18,18 +25,27 @@ Rules:
   gather kernel reads every layer in one pass, so ``save_kv_layer`` only marks progress and
   the save happens in ``wait_for_save``; likewise the whole load happens in ``start_load_kv``.
 - A block that fails to load is reported by ``get_block_ids_with_load_errors`` and the
-  engine recomputes it; nothing raises for the whole step.
+  engine recomputes it (with ``kv_load_failure_policy="recompute"``; vLLM's default "fail"
+  fails the request instead); nothing raises for the whole step.
+- ``kv_role``: ``kv_producer`` only saves, ``kv_consumer`` only loads, ``kv_both`` does both.
+- Caches: vLLM's CUDA layout ``[2, num_blocks, block_size, heads, head_dim]`` and its CPU
+  layout ``[num_blocks, heads, block_size, 2 * head_dim]`` (``head_major`` in
+  ``kvstore.engine.blocks``); both store the same block form, so keys and bytes are shared
+  with every other PagedKVConnector user.
 
 When vLLM is importable the class subclasses ``KVConnectorBase_V1`` and reads its settings
-from ``kv_transfer_config.kv_connector_extra_config``: ``kvstore_master`` (required, there is
-no default address: without it construction raises ConfigError) and ``quantize``. Without vLLM
-(as here) it is driven directly with a ``ConnectorConfig`` and a store.
+from ``kv_transfer_config.kv_connector_extra_config``: ``master`` (HOST:PORT; required, there
+is no default address: without it construction raises ConfigError; ``kvstore_master`` is the
+older spelling), ``token``, ``transport``, ``quantize`` (None or "int8") and ``namespace``
+(the model part of the keys; default: the model name). Without vLLM it is driven directly
+with a ``ConnectorConfig`` and a store.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import enum
+import time
 from typing import Any
 
 import torch
@@ -90,6 +106,20 @@ class KVStoreConnectorMetadata(_MetaBase):  # type: ignore[misc, valid-type]
 
 
 @dataclasses.dataclass
+class TransferStats:
+    """What one worker-side connector moved since it started (cumulative): blocks loaded and
+    failed, bytes and wall seconds of loads and saves (store I/O plus gather/scatter)."""
+
+    num_blocks_loaded: int = 0
+    num_blocks_failed: int = 0
+    bytes_loaded: int = 0
+    load_s: float = 0.0
+    num_blocks_saved: int = 0
+    bytes_saved: int = 0
+    save_s: float = 0.0
+
+
+@dataclasses.dataclass
 class _Tracked:
     token_ids: list[int]
     block_ids: list[int]
@@ -106,7 +136,7 @@ def _block_id_list(blocks: Any) -> list[int]:
     return [int(b) for b in blocks]
 
 
-class KVStoreConnectorV1(_Base):  # type: ignore[misc, valid-type]
+class KVStoreConnector(_Base):  # type: ignore[misc, valid-type]
     """kvstore as a vLLM v1 KV connector (see the module docstring for the call order)."""
 
     def __init__(self, vllm_config: Any = None, role: Any = KVConnectorRole.SCHEDULER,
@@ -117,9 +147,11 @@ class KVStoreConnectorV1(_Base):  # type: ignore[misc, valid-type]
         if config is None:
             config, store = _from_vllm_config(vllm_config, store)
         if store is None:
-            raise InvalidArgumentError("KVStoreConnectorV1 needs a store (or a vLLM config "
-                                       "naming kvstore_master)")
-        self.role = role
+            raise InvalidArgumentError("KVStoreConnector needs a store (or a vLLM config "
+                                       "naming the master)")
+        if _Base is object:
+            self._role = role
+        self._saves, self._loads = _role_flags(vllm_config)
         self.store = store
         self.config = config
         self._tracked: dict[str, _Tracked] = {}      # scheduler: requests being prefilled
@@ -128,13 +160,22 @@ class KVStoreConnectorV1(_Base):  # type: ignore[misc, valid-type]
         self._meta: KVStoreConnectorMetadata | None = None
         self._paged: PagedKVConnector | None = None  # worker: set by register_kv_caches
         self._load_error_block_ids: set[int] = set()
+        self.stats = TransferStats()
+
+    if _Base is object:
+        @property
+        def role(self) -> Any:
+            return self._role
 
     # == scheduler side =======================================================================
     def get_num_new_matched_tokens(self, request: Any, num_computed_tokens: int,
                                    ) -> tuple[int | None, bool]:
         """Tokens beyond ``num_computed_tokens`` that can be loaded from the store, and
-        whether the load is asynchronous (never, here). One ``match_prefix`` RPC."""
-        tokens = list(request.prompt_token_ids)
+        whether the load is asynchronous (never, here). One ``match_prefix`` RPC; none for a
+        producer-only connector (it never loads)."""
+        if not self._loads:
+            return 0, False
+        tokens = list(request.prompt_token_ids or [])
         limit = loadable_tokens(len(tokens), self.config.block_size)
         keys = prefix_keys(tokens[:limit], chunk_size=self.config.block_size,
                            namespace=self.config.key_namespace())
@@ -145,7 +186,7 @@ class KVStoreConnectorV1(_Base):  # type: ignore[misc, valid-type]
     def update_state_after_alloc(self, request: Any, blocks: Any, num_external_tokens: int) -> None:
         """Remember the request's pages; schedule a load when external tokens were granted."""
         block_ids = _block_id_list(blocks)
-        tokens = list(request.prompt_token_ids)
+        tokens = list(request.prompt_token_ids or [])
         self._tracked[request.request_id] = _Tracked(tokens, block_ids)
         # get_num_new_matched_tokens ran first (vLLM's order); without it, trust the caller
         num_hit = self._num_hit_tokens.pop(request.request_id, num_external_tokens)
@@ -160,7 +201,7 @@ class KVStoreConnectorV1(_Base):  # type: ignore[misc, valid-type]
         self._pending_loads.clear()
         for new in getattr(scheduler_output, "scheduled_new_reqs", []):
             tracked = self._tracked.setdefault(
-                new.req_id, _Tracked(list(new.prompt_token_ids), []))
+                new.req_id, _Tracked(list(new.prompt_token_ids or []), []))
             tracked.block_ids = _block_id_list(new.block_ids)
             tracked.num_computed_tokens = new.num_computed_tokens
         cached = getattr(scheduler_output, "scheduled_cached_reqs", None)
@@ -172,9 +213,10 @@ class KVStoreConnectorV1(_Base):  # type: ignore[misc, valid-type]
             if req_id not in num_scheduled:
                 continue
             tracked.num_computed_tokens += num_scheduled[req_id]
-            if tracked.num_computed_tokens >= len(tracked.token_ids):
+            if tracked.num_computed_tokens >= len(tracked.token_ids) and self._saves:
                 meta.requests.append(ReqMeta(req_id, tracked.token_ids, tracked.block_ids,
                                              len(tracked.token_ids), True))
+            if tracked.num_computed_tokens >= len(tracked.token_ids):
                 del self._tracked[req_id]  # prompt done: decode steps save nothing
         return meta
 
@@ -189,10 +231,13 @@ class KVStoreConnectorV1(_Base):  # type: ignore[misc, valid-type]
 
     # == worker side ==========================================================================
     def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
-        """The worker's per-layer paged caches, in layer order."""
-        paged = PagedKVConnector(self.store, list(kv_caches.values()),
-                                 block_size=self.config.block_size,
-                                 quantize=self.config.quantize, namespace=self.config.namespace)
+        """The worker's per-layer paged caches, in layer order: 5-D (vLLM's CUDA layouts) or
+        4-D ``[num_blocks, heads, block_size, 2 * head_dim]`` (its CPU layout)."""
+        layers = list(kv_caches.values())
+        layout = "head_major" if layers and layers[0].dim() == 4 else None
+        paged = PagedKVConnector(self.store, layers, block_size=self.config.block_size,
+                                 quantize=self.config.quantize, namespace=self.config.namespace,
+                                 layout=layout)
         if paged.namespace != self.config.key_namespace():
             raise InvalidArgumentError(
                 f"the KV caches key as {paged.namespace} but the scheduler side keys as "
@@ -208,11 +253,17 @@ class KVStoreConnectorV1(_Base):  # type: ignore[misc, valid-type]
     def start_load_kv(self, forward_context: Any = None, **kwargs: Any) -> None:
         """Load every granted request's blocks (synchronously, all layers)."""
         for req in self._step_requests(is_store=False):
+            start_s = time.perf_counter()
             result = self._worker().load_blocks(req.token_ids[:req.num_tokens], req.block_ids,
                                                 num_computed_tokens=req.num_local_tokens)
             loaded_blocks = result.num_tokens_loaded // self.config.block_size
             wanted_blocks = req.num_tokens // self.config.block_size
-            self._load_error_block_ids.update(req.block_ids[loaded_blocks:wanted_blocks])
+            failed = req.block_ids[loaded_blocks:wanted_blocks]
+            self._load_error_block_ids.update(failed)
+            self.stats.load_s += time.perf_counter() - start_s
+            self.stats.bytes_loaded += result.num_bytes_read
+            self.stats.num_blocks_loaded += result.num_bytes_read // self._block_bytes()
+            self.stats.num_blocks_failed += len(failed)
 
     def wait_for_layer_load(self, layer_name: str) -> None:
         """Nothing to wait for: start_load_kv loaded every layer."""
@@ -224,7 +275,11 @@ class KVStoreConnectorV1(_Base):  # type: ignore[misc, valid-type]
     def wait_for_save(self) -> None:
         """Save the full prompt blocks of every request this step completed."""
         for req in self._step_requests(is_store=True):
-            self._worker().save_blocks(req.token_ids, req.block_ids)
+            start_s = time.perf_counter()
+            result = self._worker().save_blocks(req.token_ids, req.block_ids)
+            self.stats.save_s += time.perf_counter() - start_s
+            self.stats.bytes_saved += result.num_bytes_written
+            self.stats.num_blocks_saved += result.num_bytes_written // self._block_bytes()
 
     def get_finished(self, finished_req_ids: set[str]) -> tuple[set[str] | None, set[str] | None]:
         """No asynchronous sends or receives are ever pending."""
@@ -240,6 +295,9 @@ class KVStoreConnectorV1(_Base):  # type: ignore[misc, valid-type]
         if self._meta is None:
             return []
         return [req for req in self._meta.requests if req.is_store == is_store]
+
+    def _block_bytes(self) -> int:
+        return self._worker().format.block_bytes
 
     def _worker(self) -> PagedKVConnector:
         if self._paged is None:
@@ -257,10 +315,21 @@ def _cached_new_blocks(cached: Any) -> list[tuple[str, Any]]:
     return [(c.req_id, c.new_block_ids) for c in cached if c.new_block_ids is not None]
 
 
+def _role_flags(vllm_config: Any) -> tuple[bool, bool]:
+    """(saves, loads) from ``kv_role``; both without a vLLM config or role (driven directly)."""
+    role = getattr(getattr(vllm_config, "kv_transfer_config", None), "kv_role", None)
+    if role is None:
+        return True, True
+    if role not in ("kv_producer", "kv_consumer", "kv_both"):
+        raise ConfigError(f"kv_role must be kv_producer, kv_consumer or kv_both, not {role!r}")
+    return role != "kv_consumer", role != "kv_producer"
+
+
 def _from_vllm_config(vllm_config: Any, store: Any) -> tuple[ConnectorConfig, Any]:
     """Settings from a vLLM config: model name, block size, TP rank/size, and the extra config
-    keys ``kvstore_master`` (HOST:PORT; required unless a store is given, else ConfigError)
-    and ``quantize``."""
+    keys ``master`` (HOST:PORT; required unless a store is given, else ConfigError; the older
+    spelling ``kvstore_master`` works too), ``token``, ``transport``, ``quantize`` and
+    ``namespace``."""
     if vllm_config is None:
         raise InvalidArgumentError("pass config= (ConnectorConfig) or a vLLM config")
     extra = dict(getattr(vllm_config.kv_transfer_config, "kv_connector_extra_config", {}) or {})
@@ -268,7 +337,7 @@ def _from_vllm_config(vllm_config: Any, store: Any) -> tuple[ConnectorConfig, An
     tp_size = parallel.tensor_parallel_size
     tp_rank = getattr(parallel, "rank", 0) % tp_size
     model = "".join(c if c.isalnum() or c in "._-" else "_"
-                    for c in str(vllm_config.model_config.model))
+                    for c in str(extra.get("namespace") or vllm_config.model_config.model))
     namespace = KeyNamespace(model=model, tp_rank=tp_rank, tp_size=tp_size)
     kv_dtype = str(vllm_config.model_config.dtype).removeprefix("torch.")
     config = ConnectorConfig(namespace, vllm_config.cache_config.block_size,
@@ -276,11 +345,16 @@ def _from_vllm_config(vllm_config: Any, store: Any) -> tuple[ConnectorConfig, An
     if store is None:
         import kvstore
 
-        master = extra.get("kvstore_master")
+        master = extra.get("master") or extra.get("kvstore_master")
         if not master:
             # NOTE: no default address: a guessed master would connect to the wrong cluster
             # (or hang on none) far from the config line that forgot it.
-            raise ConfigError('kv_transfer_config.kv_connector_extra_config["kvstore_master"] '
-                              'must name the kvstore master (HOST:PORT)')
-        store = kvstore.connect(master)
+            raise ConfigError('kv_transfer_config.kv_connector_extra_config["master"] must name '
+                              'the kvstore master (HOST:PORT); the older spelling '
+                              'kv_connector_extra_config["kvstore_master"] works too')
+        store = kvstore.connect(master, token=extra.get("token"),
+                                transport=extra.get("transport", "auto"))
     return config, store
+
+
+KVStoreConnectorV1 = KVStoreConnector  # NOTE: the spelling kvstore.engine exported before
