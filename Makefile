@@ -39,17 +39,23 @@ test: $(STAMP)
 	$(MAKE) test-sglang
 	$(MAKE) test-vllm
 
-$(VLLM_STAMP): scripts/setup_vllm.sh $(SOURCES)
+$(VLLM_STAMP): scripts/setup_vllm.sh pyproject.toml
 	PYTHON=$(PYTHON) VENV=$(VLLM_VENV) bash scripts/setup_vllm.sh
 
-install-vllm: $(VLLM_STAMP)
+# NOTE: our package alone is reinstalled there when it changes (seconds), not the whole
+# virtualenv (minutes).
+$(VLLM_VENV)/.kvstore-package: $(VLLM_STAMP) $(SOURCES)
+	$(VLLM_VENV)/bin/python -m pip install -q --no-build-isolation --no-deps -e .
+	@touch $@
+
+install-vllm: $(VLLM_VENV)/.kvstore-package
 
 # The real-vLLM tests (tests/test_engine_vllm_real.py); the main suite skips them.
-test-vllm: $(VLLM_STAMP)
+test-vllm: install-vllm
 	$(VLLM_VENV)/bin/python -m pytest -q -p no:cacheprovider tests/test_engine_vllm_real.py
 
 # The SGLang HiCache backend tests (tests/test_engine_sglang.py); the main suite skips them.
-test-sglang: $(VLLM_STAMP)
+test-sglang: install-vllm
 	$(VLLM_VENV)/bin/python -m pytest -q -p no:cacheprovider tests/test_engine_sglang.py
 
 bench: $(STAMP)
