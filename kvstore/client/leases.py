@@ -20,6 +20,10 @@ log = logging.getLogger("kvstore.client.leases")
 
 #: Deadline of one ReleaseLeases call (seconds); a late release only costs TTL time.
 RELEASE_TIMEOUT_S = 2.0
+#: How long ids gather after the first one before the thread sends them. NOTE: a loop of
+#: single gets then costs one release call per window instead of one per get (each call is a
+#: master round trip and a wake-up that competes with the next get).
+COALESCE_S = 0.005
 
 
 class LeaseReleaser:
@@ -46,7 +50,8 @@ class LeaseReleaser:
                 self._thread = threading.Thread(target=self._run, daemon=True,
                                                 name="kvstore-lease-release")
                 self._thread.start()
-            self._cond.notify()
+            if len(self._ids) == 1:     # the first of a window wakes the thread
+                self._cond.notify()
 
     def close(self) -> None:
         """Send what is queued (best effort) and stop the thread. Idempotent."""
@@ -62,6 +67,8 @@ class LeaseReleaser:
             with self._cond:
                 while not self._ids and not self._closed:
                     self._cond.wait()
+                if not self._closed:
+                    self._cond.wait(COALESCE_S)   # let more ids gather (close wakes it)
                 ids, self._ids = self._ids, []
                 closed = self._closed
             if ids:

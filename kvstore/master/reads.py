@@ -19,6 +19,8 @@ def get_replicas(state, keys, lease_ttl_s: float, now_s: float):
     never shortens; one more holder, see ``leases``) and mark it used (LRU). Safe to retry
     (a retry only lengthens leases; its extra hold ends with its TTL). In a tiered cluster,
     objects read from SSD may be queued for promotion (``tiering.maybe_promote``).
+    Per-segment hit counters are counted by the reply encoder (``replies``), from the
+    segment column it builds anyway.
 
     Returns ``(objs, missing, lease_id)``: ``objs[i]`` is key i's ObjectMeta, or None when
     it has no COMPLETE object; then ``missing[i]`` is ``(status, problem)``:
@@ -55,7 +57,6 @@ def get_replicas(state, keys, lease_ttl_s: float, now_s: float):
         else:
             obj.readers = 1          # every earlier hold has expired
             obj.lease_until_s = lease_until_s
-        obj.replicas[0][0].hits += 1
     state.hits += len(found)
     state.misses += len(missing)
     if not found:
