@@ -9,7 +9,9 @@ import numpy as np
 import pytest
 import torch
 
-from kvstore._process import ServerProcess
+from client_cluster import Cluster
+from servers import ServerProcess
+
 from kvstore.compat.mooncake import (ErrorCode, MooncakeDistributedStore, ReplicateConfig,
                                      SoftPinAction)
 
@@ -18,12 +20,10 @@ BLOCK_BYTES = 4096
 
 @pytest.fixture(scope="module")
 def cluster():
-    master = ServerProcess(["master", "--host", "127.0.0.1", "--port", "0"])
-    daemon = ServerProcess(["daemon", "--master", master.address, "--host", "127.0.0.1",
-                            "--port", "0", "--dram", "64MiB"])
-    yield master.address
-    daemon.close()
-    master.close()
+    """A master and one daemon (64 MiB DRAM) that the master lists as registered."""
+    cluster = Cluster(num_daemons=1, dram="64MiB")
+    yield cluster.address
+    cluster.close()
 
 
 @pytest.fixture

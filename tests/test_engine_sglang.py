@@ -17,8 +17,9 @@ pytest.importorskip("sglang.srt.mem_cache.hicache_storage",
 from sglang.srt.mem_cache.hicache_storage import HiCacheStorage, HiCacheStorageConfig  # noqa: E402
 from sglang.srt.mem_cache.storage.backend_factory import StorageBackendFactory  # noqa: E402
 
+from client_cluster import Cluster  # noqa: E402
+
 from kvstore import ConfigError  # noqa: E402
-from kvstore._process import ServerProcess  # noqa: E402
 from kvstore.engine.sglang import KVStoreHiCacheStorage  # noqa: E402
 
 PAGE_SIZE, NUM_LAYERS, NUM_HEADS, HEAD_DIM, DEVICE_TOKENS = 16, 2, 2, 32, 256
@@ -26,12 +27,10 @@ PAGE_SIZE, NUM_LAYERS, NUM_HEADS, HEAD_DIM, DEVICE_TOKENS = 16, 2, 2, 32, 256
 
 @pytest.fixture(scope="module")
 def master():
-    master = ServerProcess(["master", "--host", "127.0.0.1", "--port", "0"])
-    daemon = ServerProcess(["daemon", "--master", master.address, "--host", "127.0.0.1",
-                            "--port", "0", "--dram", "64MiB"])
-    yield master.address
-    daemon.close()
-    master.close()
+    """A master and one daemon (64 MiB DRAM) that the master lists as registered."""
+    cluster = Cluster(num_daemons=1, dram="64MiB")
+    yield cluster.address
+    cluster.close()
 
 
 class PageFirstHostPool:
