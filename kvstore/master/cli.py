@@ -56,7 +56,8 @@ def _duration(ctx, param, value):
               help="Give up a tier move (free its destination) not acknowledged by then.")
 @click.option("--commit-timeout", default="2s", show_default=True, callback=_duration,
               help="A put (or remove) waits this long for its replicas' daemons to "
-                   "acknowledge the commit; a put not acknowledged fails, retryable.")
+                   "acknowledge the commit; a put not acknowledged fails, retryable. "
+                   "0: do not wait (faster, not durable).")
 @click.option("--promote", default="on-hit", show_default=True,
               help="Promote objects read from SSD to DRAM: off, on-hit or after:N reads.")
 @click.option("--max-batch", default=65536, show_default=True, type=int,

@@ -218,7 +218,9 @@ def make_invoker(service: MasterService, name: str, clock, metrics, transport: s
     lock, state = service.lock, service.state
     method_metrics = metrics.for_method(name, transport) if metrics else None
     perf_counter = time.perf_counter
-    durable = name in DURABLE_METHODS
+    # NOTE: --commit-timeout 0 turns the wait off: replies no longer wait for the daemons
+    # (changes are still pushed at once); a crash can then lose what was just acknowledged
+    durable = name in DURABLE_METHODS and state.config.commit_timeout_s > 0
     membership = name in ("RegisterNode", "UnregisterNode")
     touched = state.touched
 
