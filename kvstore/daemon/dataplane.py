@@ -63,6 +63,9 @@ class DataPlaneServer(ThreadedTcpServer):
         self.stats = DataPlaneStats()
         self.address = ""
         self._local = threading.local()
+        # COMMIT handler: (base_seq, body) -> the table's sequence after applying it; set by
+        # the daemon once its object table exists (None: COMMIT answered INTERNAL)
+        self.on_commit = None
 
     def start(self) -> str:
         """Bind, listen and start accepting; return the bound "host:port"."""
@@ -123,6 +126,8 @@ class DataPlaneServer(ThreadedTcpServer):
                 raise _BadFrame("PING carries no segment id")
             conn.sendall(data_frames.encode_reply(Status.OK, request_id))
             return True
+        if op_code == Op.COMMIT:
+            return self._commit(conn, seg_len, request_id, offset, length)
         if op_code not in (Op.READ, Op.WRITE):
             raise _BadFrame(f"unknown op {op_code}")
         if not 0 < seg_len <= data_frames.MAX_SEGMENT_ID_BYTES:
@@ -150,6 +155,31 @@ class DataPlaneServer(ThreadedTcpServer):
                                                                      length), offset, length)
             self.stats.num_reads += 1
             self.stats.bytes_read += length
+        return True
+
+    def _commit(self, conn: socket.socket, seg_len: int, request_id: int, base_seq: int,
+                length: int) -> bool:
+        """Apply a change set from the master (durable commit); reply once it is durable."""
+        if seg_len:
+            raise _BadFrame("COMMIT carries no segment id")
+        if length > data_frames.MAX_COMMIT_BYTES:
+            raise _BadFrame(f"COMMIT body of {length} bytes exceeds "
+                            f"{data_frames.MAX_COMMIT_BYTES}")
+        body = data_frames.recv_exact(conn, length)
+        handler = self.on_commit
+        if handler is None:
+            conn.sendall(data_frames.encode_reply(Status.INTERNAL, request_id, 0,
+                                                  "this node keeps no object table"))
+            return True
+        try:
+            applied_seq = handler(base_seq, body)
+        except Exception as exc:  # noqa: BLE001 - a bad body or a failed sync: say so
+            self.stats.num_errors += 1
+            log.warning("data plane: COMMIT failed: %s", exc)
+            conn.sendall(data_frames.encode_reply(Status.INTERNAL, request_id, 0,
+                                                  f"commit failed: {exc}"))
+            return True
+        conn.sendall(data_frames.encode_reply(Status.OK, request_id, applied_seq))
         return True
 
     def _staging(self) -> memoryview:

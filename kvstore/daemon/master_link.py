@@ -87,17 +87,23 @@ class MasterLink:
             delay_s = min(delay_s * 2, RETRY_MAX_S)
 
     def _register_once(self) -> Registration:
-        node, inventory = self._node, self._table.to_inventory()
+        # NOTE: from before the inventory is taken until the sequence is reset, commit pushes
+        # are refused (the master retries them), so none is lost to the reset
+        self._table.begin_registration()
         try:
-            reply = self._client.register_node(node, inventory)
-        except KVStoreError as exc:
-            if getattr(exc, "code", None) != grpc.StatusCode.ALREADY_EXISTS:
-                raise
-            log.warning("master still lists node %s; unregistering the stale entry",
-                        node.node_id)
-            self._client.unregister_node(node.node_id)
-            reply = self._client.register_node(node, inventory)
-        self._table.reset_sequence()
+            node, inventory = self._node, self._table.to_inventory()
+            try:
+                reply = self._client.register_node(node, inventory)
+            except KVStoreError as exc:
+                if getattr(exc, "code", None) != grpc.StatusCode.ALREADY_EXISTS:
+                    raise
+                log.warning("master still lists node %s; unregistering the stale entry",
+                            node.node_id)
+                self._client.unregister_node(node.node_id)
+                reply = self._client.register_node(node, inventory)
+            self._table.reset_sequence()
+        finally:
+            self._table.end_registration()
         self.heartbeat_interval_s = max(reply.heartbeat_interval_s, 0.01)
         self.master_id = reply.master_id
         self.num_registrations += 1

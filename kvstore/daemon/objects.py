@@ -52,6 +52,7 @@ class ObjectTable:
         self._key_to_object: dict[str, StoredObject] = {}
         self._segment_to_backend = {b.segment_id: b for b in backends or []}
         self.acked_seq = 0
+        self._registering = False    # pushes are refused while a registration runs
 
     def seed(self, key: str, stored: StoredObject) -> None:
         """Insert an object recovered from this node's own storage (an SSD index at start),
@@ -67,23 +68,38 @@ class ObjectTable:
         with self._lock:
             return self._key_to_object.get(key)
 
+    def begin_registration(self) -> None:
+        """Refuse commit pushes until ``reset_sequence`` or ``end_registration``: a push to
+        the new registration applied before the reset would be forgotten by it."""
+        with self._lock:
+            self._registering = True
+
+    def end_registration(self) -> None:
+        with self._lock:
+            self._registering = False
+
     def reset_sequence(self) -> None:
         """A (re-)registration starts a new sequence with the master: nothing acked yet."""
         with self._lock:
             self.acked_seq = 0
+            self._registering = False
 
     def apply(self, response: HeartbeatChanges) -> int:
         """Apply one heartbeat change set; return the number of entries it touched.
 
-        Change sets at or below the acked sequence (a reply to a retried heartbeat) are
-        ignored, so applying one twice is harmless.
+        Change sets at or below the acked sequence (a reply to a retried heartbeat, or
+        changes a commit push already brought) are ignored, so applying one twice is
+        harmless; so is one whose ``base_seq`` is past the acked sequence (a gap: changes
+        in between are missing, and the master resends from what this table acknowledges).
+        Applying one that starts earlier is correct: it carries each key's last change.
         """
-        if not response.full_resync and response.seq <= self.acked_seq:
-            return 0
         added = response.added
         backends = self._segment_to_backend
         touched: set = set()
         with self._lock:
+            if not response.full_resync and (response.seq <= self.acked_seq
+                                              or response.base_seq > self.acked_seq):
+                return 0
             if response.full_resync:
                 self._key_to_object.clear()
                 for backend in backends.values():
@@ -115,6 +131,22 @@ class ObjectTable:
                 backend.sync()
             self.acked_seq = response.seq
         return len(added.keys) + len(response.removed_keys)
+
+    def apply_pushed(self, base_seq: int, body: bytes) -> int:
+        """Apply a COMMIT push (a serialized HeartbeatResponse whose changes follow
+        ``base_seq``); return the sequence the table holds afterwards, every backend
+        touched synced (the data plane's COMMIT handler). Raises DecodeError for a body
+        that does not parse."""
+        from kvstore.rpc.messages import heartbeat_changes
+        from kvstore.v1 import master_pb2 as pb
+
+        reply = pb.HeartbeatResponse.FromString(body)
+        reply.base_seq = base_seq
+        with self._lock:
+            if self._registering:
+                raise RuntimeError("registering with the master; push again")
+        self.apply(heartbeat_changes(reply))
+        return self.acked_seq
 
     def to_inventory(self) -> Inventory:
         """The whole table as an Inventory (parallel lists, one entry per object)."""

@@ -108,6 +108,7 @@ class Daemon:
                 self.objects.seed(entry.key, StoredObject(segment.segment_id, entry.offset,
                                                           entry.length, entry.checksum,
                                                           entry.codec))
+        self.dataplane.on_commit = self.objects.apply_pushed
         self.master_link = MasterLink(self._master_client, self.node_spec(), self.objects,
                                       clock=self._clock, stop_event=self._interrupted,
                                       segments={s.segment_id: s for s in self.segments})
@@ -122,7 +123,8 @@ class Daemon:
                         segments=[SegmentSpec(s.segment_id, s.tier, s.size_bytes, s.shm_name,
                                               s.path) for s in self.segments],
                         incarnation=self.incarnation,
-                        nixl_metadata=self.nixl_agent.metadata if self.nixl_agent else b"")
+                        nixl_metadata=self.nixl_agent.metadata if self.nixl_agent else b"",
+                        commit_push=True)
 
     def _create_segments(self) -> list[Backend]:
         config = self.config

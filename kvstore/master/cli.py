@@ -54,6 +54,10 @@ def _duration(ctx, param, value):
               help="... down to this fraction.")
 @click.option("--move-timeout", default="30s", show_default=True, callback=_duration,
               help="Give up a tier move (free its destination) not acknowledged by then.")
+@click.option("--commit-timeout", default="2s", show_default=True, callback=_duration,
+              help="A put (or remove) waits this long for its replicas' daemons to "
+                   "acknowledge the commit; a put not acknowledged fails, retryable. "
+                   "0: do not wait (faster, not durable).")
 @click.option("--promote", default="on-hit", show_default=True,
               help="Promote objects read from SSD to DRAM: off, on-hit or after:N reads.")
 @click.option("--max-batch", default=65536, show_default=True, type=int,
@@ -73,7 +77,8 @@ def _duration(ctx, param, value):
               type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"]))
 def command(host, port, token, metrics_port, metrics_host, lease_ttl, node_ttl, heartbeat_interval,
             pending_timeout, high_watermark, low_watermark, max_batch, max_changes_per_heartbeat,
-            move_timeout, promote, grpc_mode, num_threads, fast_port, no_fast_rpc, log_level):
+            move_timeout, commit_timeout, promote, grpc_mode, num_threads, fast_port, no_fast_rpc,
+            log_level):
     """Run the metadata master."""
     logging.basicConfig(stream=sys.stderr, level=log_level,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -86,7 +91,8 @@ def command(host, port, token, metrics_port, metrics_host, lease_ttl, node_ttl, 
             low_watermark=low_watermark, max_batch=max_batch,
             max_changes_per_heartbeat=max_changes_per_heartbeat, grpc_mode=grpc_mode,
             num_threads=num_threads, fast_port=None if no_fast_rpc else fast_port,
-            move_timeout_s=move_timeout, promote=promote)
+            move_timeout_s=move_timeout, commit_timeout_s=commit_timeout,
+            promote=promote)
         # NOTE: the master holds millions of long-lived metadata objects and makes no
         # reference cycles per key (dropped objects are freed by reference counting). The
         # default thresholds make the cycle collector rescan them all every few batches

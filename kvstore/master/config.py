@@ -52,6 +52,7 @@ class MasterConfig:
     fast_port: int | None = 0            # framed-TCP metadata path (0: pick); None: off
     move_timeout_s: float = 30.0         # a tier move not acknowledged by then is given up
     promote: str = "on-hit"              # SSD -> DRAM promotion: off | on-hit | after:N
+    commit_timeout_s: float = 2.0        # a put/remove waits this long for daemons' acks; 0: no wait
 
     @property
     def promote_after(self) -> int:
@@ -76,6 +77,8 @@ class MasterConfig:
                      "move_timeout_s"):
             if not getattr(self, name) > 0:
                 raise ConfigError(f"{name} must be > 0, got {getattr(self, name)}")
+        if not self.commit_timeout_s >= 0:
+            raise ConfigError(f"commit_timeout_s must be >= 0, got {self.commit_timeout_s}")
         if self.heartbeat_interval_s >= self.node_ttl_s:
             raise ConfigError(f"heartbeat interval ({self.heartbeat_interval_s}s) must be "
                               f"shorter than the node TTL ({self.node_ttl_s}s)")

@@ -9,6 +9,12 @@ oldest entry still kept (the log is bounded, and forgets what was acknowledged),
 the master's sequence, the reply is a full resync: the whole table. Adoption of an inventory
 sets a baseline sequence 1 without a log entry, so the daemon's first heartbeat after
 registration (acked 0) is a full resync.
+
+Durable commit (``commits.CommitPusher``): the same changes are also pushed to the daemon as
+soon as they are logged; ``durable_seq`` is the highest sequence the daemon confirmed it
+applied (by a push reply or a heartbeat's ack), and every change logged adds the node to
+``touched`` (the state's set, read by the service after each call), so a put or remove can
+wait until its nodes' ``durable_seq`` covers it.
 """
 
 from __future__ import annotations
@@ -86,11 +92,16 @@ class Node:
 
     __slots__ = ("node_id", "host_id", "data_addr", "segments", "last_heartbeat_s", "keys",
                  "seq", "log", "incarnation", "outbox",
-                 "nixl_metadata")
+                 "nixl_metadata", "durable_seq", "touched", "commit_push", "beat_durable")
 
     def __init__(self, node_id: str, host_id: str, data_addr: str, now_s: float,
-                 incarnation: str = ""):
+                 incarnation: str = "", touched: set | None = None):
         self.node_id = node_id
+        self.durable_seq = 0      # the last sequence the daemon confirmed it applied
+        self.commit_push = False  # its daemon takes COMMIT pushes (else: heartbeats only)
+        self.beat_durable = 0     # durable_seq when the last heartbeat was answered
+        # NOTE: the state's set of nodes that logged a change during the current call
+        self.touched = touched if touched is not None else set()
         self.incarnation = incarnation
         self.outbox: list = []     # tier moves (tiering.Move) for the next heartbeat reply
         self.host_id = host_id
@@ -110,12 +121,16 @@ class Node:
 
     def log_added(self, key: str, segment: SegmentSpace, offset: int, size_bytes: int,
                   checksum: int, codec: int) -> None:
+        if self.commit_push:
+            self.touched.add(self)
         self.seq += 1
         self.log.append((self.seq, key, segment.segment_id, offset, size_bytes, checksum, codec))
         if len(self.log) > MAX_LOG_ENTRIES:
             self.log.popleft()
 
     def log_removed(self, key: str) -> None:
+        if self.commit_push:
+            self.touched.add(self)
         self.seq += 1
         self.log.append((self.seq, key, None, 0, 0, 0, 0))
         if len(self.log) > MAX_LOG_ENTRIES:
@@ -126,7 +141,12 @@ class Node:
 
         Returns ``(full_resync, seq, added, removed_keys)`` where ``added`` is a list of
         ``(key, segment_id, offset, length, checksum, codec)``. Forgets acknowledged entries.
+        ``acked_seq`` below ``durable_seq`` (a heartbeat sent before a push's reply) counts
+        as ``durable_seq``: the daemon's table is already there, and the reply's base says so.
         """
+        if acked_seq > self.durable_seq and acked_seq <= self.seq:
+            self.durable_seq = acked_seq
+        acked_seq = max(acked_seq, self.durable_seq)
         log = self.log
         while log and log[0][0] <= acked_seq:
             log.popleft()

@@ -56,8 +56,10 @@ def register_node(state, info, inventory, now_s: float) -> int:
     check_id(info.incarnation, "incarnation", allow_empty=True)
     if len(info.nixl_metadata) > MAX_NIXL_METADATA_BYTES:
         raise invalid(f"nixl_metadata is longer than {MAX_NIXL_METADATA_BYTES} bytes")
-    node = Node(info.node_id, info.host_id, info.data_addr, now_s, info.incarnation)
+    node = Node(info.node_id, info.host_id, info.data_addr, now_s, info.incarnation,
+                state.touched)
     node.nixl_metadata = info.nixl_metadata
+    node.commit_push = info.commit_push
     for seg in info.segments:
         check_id(seg.segment_id, "segment_id")
         if seg.segment_id in node.segments:
@@ -149,6 +151,11 @@ def heartbeat(state, node_id: str, acked_seq: int, now_s: float, moves_done=(),
     if node is None:
         return None
     node.last_heartbeat_s = now_s
+    # NOTE: an ack below what the daemon confirmed is normally a beat sent before a push's
+    # reply arrived (then durable_seq moved since the last beat). If nothing was confirmed
+    # since, the daemon's table really is behind: trust the ack, so it gets what it lacks.
+    if acked_seq < node.durable_seq == node.beat_durable:
+        node.durable_seq = acked_seq
     moved = []
     if moves_done or moves_failed:
         moved = tiering.settle(state, node, moves_done, moves_failed, now_s)
@@ -163,6 +170,7 @@ def heartbeat(state, node_id: str, acked_seq: int, now_s: float, moves_done=(),
             eviction.relieve_pressure(state, now_s)
     changes = node.changes_after(acked_seq, state.objects,
                                  state.config.max_changes_per_heartbeat)
+    node.beat_durable = node.durable_seq
     return (*changes, tiering.take_outbox(node) if node.outbox else [], moved)
 
 

@@ -312,8 +312,9 @@ def _replica_columns(objs, missing, client_host_id: str):
             list(segment_to_index), messages)
 
 
-def heartbeat(master_id: str, result) -> pb.HeartbeatResponse:
-    """From ``state.heartbeat``'s result (None: the node is unknown)."""
+def heartbeat(master_id: str, result, base_seq: int = 0) -> pb.HeartbeatResponse:
+    """From ``state.heartbeat``'s result (None: the node is unknown); ``base_seq``: the
+    sequence the changes follow (also the body of a commit push, ``commits``)."""
     if result is None:
         return pb.HeartbeatResponse(known=False, master_id=master_id)
     full_resync, seq, added, removed, moves, _ = result
@@ -325,7 +326,7 @@ def heartbeat(master_id: str, result) -> pb.HeartbeatResponse:
         inventory = None
     return pb.HeartbeatResponse(
         known=True, master_id=master_id, seq=seq, full_resync=full_resync, added=inventory,
-        removed_keys=removed,
+        removed_keys=removed, base_seq=base_seq,
         moves=[pb.TierMove(move_id=m.move_id, key=m.obj.key, src_segment_id=m.src.segment_id,
                            src_offset=m.src_offset, dst_segment_id=m.dst.segment_id,
                            dst_offset=m.dst_offset, length=m.size_bytes) for m in moves])

@@ -21,6 +21,7 @@ import grpc
 from kvstore._errors import ConfigError
 from kvstore.master.auth import AsyncTokenInterceptor, TokenInterceptor
 from kvstore.master.clock import MonotonicClock
+from kvstore.master.commits import CommitPusher
 from kvstore.master.config import MasterConfig
 from kvstore.master.fast_server import FastRpcServer
 from kvstore.master.metrics import MasterMetrics
@@ -53,6 +54,9 @@ class MasterServer:
         self.clock = clock or MonotonicClock()
         self.state = MasterState(config, self.clock.monotonic())
         self.service = MasterService(self.state)
+        # NOTE: commit deadlines run on the real clock: they bound how long a daemon may take
+        # to answer, which an injected (test) clock does not model
+        self.service.commits = CommitPusher(self.state, self.service.lock, token=config.token)
         self.metrics = MasterMetrics(self.service)
         self.address: str | None = None
         self._grpc_server = None
@@ -103,7 +107,16 @@ class MasterServer:
         while not self._stop_sweeper.wait(SWEEPER_PERIOD_S):
             try:
                 with service.lock:
+                    state.touched.clear()
+                    num_nodes = len(state.nodes)
                     state.maybe_sweep(clock.monotonic())
+                    needs = {node: node.seq for node in state.touched}
+                    state.touched.clear()
+                    dropped = len(state.nodes) != num_nodes
+                if needs:        # evictions of a pressure pass: to the daemons at once
+                    service.commits.kick(needs)
+                if dropped:
+                    service.commits.forget()
             except Exception:  # a bug here must not stop liveness checks for good
                 log.exception("sweep failed")
 
@@ -139,6 +152,7 @@ class MasterServer:
         self._stop_sweeper.set()
         if self._sweeper.is_alive():
             self._sweeper.join()
+        self.service.commits.stop()
         if self._metrics_server is not None:
             self._metrics_server.shutdown()
             self._metrics_server.server_close()

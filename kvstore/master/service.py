@@ -6,7 +6,11 @@ Error handling: ``Rejected`` from the state becomes the status it names: on the 
 Anything else escaping a handler is a master bug: it is logged with its traceback and
 answered INTERNAL, and the master keeps serving.
 Every call runs under one lock (state is not thread-safe) after ``maybe_sweep`` with one
-clock read, so a request sees one instant.
+clock read, so a request sees one instant. Durable commit: after a PutEnd, Remove or
+RemovePrefix that logged changes, the reply waits, outside the lock, until the daemons of
+the nodes it touched confirmed them (``commits.CommitPusher``, at most ``--commit-timeout``);
+other calls that logged changes (PutStart's evictions, tier-move switches) push them in the
+background.
 """
 
 from __future__ import annotations
@@ -15,9 +19,12 @@ import logging
 import threading
 import time
 
+import asyncio
+
 import grpc
 
 from kvstore.master import replies
+from kvstore.master.objects import ITEM_OK, ITEM_UNCOMMITTED
 from kvstore.master.state import MasterState
 from kvstore.master.validation import Rejected, check_batch, check_id, invalid
 from kvstore.v1 import master_pb2 as pb
@@ -48,6 +55,7 @@ class MasterService:
         self.fast_port = 0  # set by the server once the fast path is bound; 0: none
         self.lock = threading.Lock()
         self.replies = replies.ReplyEncoder(state)
+        self.commits = None   # commits.CommitPusher, set by the server; None: no waiting
 
     # -- registration -------------------------------------------------------------------------
 
@@ -66,11 +74,13 @@ class MasterService:
     def Heartbeat(self, request, now_s):
         result = self.state.heartbeat(request.node_id, request.acked_seq, now_s,
                                       request.moves_done, request.moves_failed)
+        base_seq = 0
         if result is not None:
             add_row = self.replies.rows.add
             for obj in result[-1]:          # moved objects: their cached rows are stale
                 add_row(obj)
-        return replies.heartbeat(self.state.master_id, result)
+            base_seq = self.state.nodes[request.node_id].durable_seq
+        return replies.heartbeat(self.state.master_id, result, base_seq)
 
     def UnregisterNode(self, request, now_s):
         num_dropped = self.state.unregister_node(request.node_id)
@@ -93,6 +103,31 @@ class MasterService:
         for obj in committed:
             add_row(obj)
         return pb.PutEndResponse(statuses=statuses)
+
+    def uncommitted(self, request, reply, failed_nodes, now_s) -> None:
+        """After a PutEnd whose commit ``failed_nodes`` did not confirm in time: drop each
+        object that still has a replica there (or lost every replica meanwhile) and answer
+        its key ITEM_UNCOMMITTED, naming the node. Keys all of whose replicas confirmed
+        stay OK."""
+        failed = set(failed_nodes)
+        objects, timeout_s = self.state.objects, self.state.config.commit_timeout_s
+        messages = list(reply.error_messages) or [""] * len(request.keys)
+        for i, key in enumerate(request.keys):
+            if reply.statuses[i] != ITEM_OK:
+                continue
+            obj = objects.get(key)
+            if obj is None or obj.client_id != request.client_id:
+                reply.statuses[i] = ITEM_UNCOMMITTED
+                messages[i] = "its replicas' nodes were dropped before confirming the commit"
+                continue
+            silent = sorted(s.node.node_id for s, _ in obj.replicas if s.node in failed)
+            if silent:
+                self.state.drop_object(obj, now_s)
+                reply.statuses[i] = ITEM_UNCOMMITTED
+                messages[i] = (f"node(s) {', '.join(silent)} did not confirm the commit "
+                               f"within {timeout_s:g}s; the object was dropped")
+        del reply.error_messages[:]
+        reply.error_messages.extend(messages)
 
     def PutRevoke(self, request, now_s):
         return pb.PutRevokeResponse(statuses=self.state.put_revoke(request.keys,
@@ -166,6 +201,8 @@ class MasterService:
 METHODS = ("RegisterNode", "Heartbeat", "UnregisterNode", "PutStart", "PutEnd", "PutRevoke",
            "GetReplicas", "RenewLease", "Exists", "Remove", "RemovePrefix", "Pin", "Unpin",
            "MatchPrefix", "Stats", "ListNodes", "ReleaseLeases")
+#: The calls whose reply waits until the changes they logged are durable on the daemons.
+DURABLE_METHODS = frozenset({"PutEnd", "Remove", "RemovePrefix"})
 
 
 def make_invoker(service: MasterService, name: str, clock, metrics, transport: str):
@@ -181,15 +218,23 @@ def make_invoker(service: MasterService, name: str, clock, metrics, transport: s
     lock, state = service.lock, service.state
     method_metrics = metrics.for_method(name, transport) if metrics else None
     perf_counter = time.perf_counter
+    # NOTE: --commit-timeout 0 turns the wait off: replies no longer wait for the daemons
+    # (changes are still pushed at once); a crash can then lose what was just acknowledged
+    durable = name in DURABLE_METHODS and state.config.commit_timeout_s > 0
+    membership = name in ("RegisterNode", "UnregisterNode")
+    touched = state.touched
 
     def invoke(request):
         started = perf_counter()
         with lock:
             try:
+                touched.clear()
                 now_s = clock.monotonic()
                 if now_s >= state.next_sweep_s:
                     state.sweep(now_s)
-                return method(request, now_s)
+                reply = method(request, now_s)
+                needs = {node: node.seq for node in touched} if touched else None
+                touched.clear()
             except Rejected:
                 raise
             except Exception as exc:
@@ -200,8 +245,42 @@ def make_invoker(service: MasterService, name: str, clock, metrics, transport: s
                 # NOTE: under the lock: the recorder updates plain counters (metrics.py)
                 if method_metrics is not None:
                     method_metrics(perf_counter() - started)
+        commits = service.commits
+        if commits is not None:
+            if needs and durable:
+                _settle(service, name, request, reply, commits.wait(
+                    needs, state.config.commit_timeout_s), clock)
+            elif needs:
+                commits.kick(needs)
+            if membership:
+                commits.forget()
+        return reply
 
     return invoke
+
+
+def _settle(service: MasterService, name: str, request, reply, failed_nodes, clock) -> None:
+    """After the wait of a durable call: a PutEnd's keys on ``failed_nodes`` become
+    ITEM_UNCOMMITTED (their objects dropped, the removals pushed in the background); a
+    removal that a node did not confirm is logged (the node learns it from a later push or
+    heartbeat, or is dropped past its TTL)."""
+    if not failed_nodes:
+        return
+    ids = ", ".join(sorted(node.node_id for node in failed_nodes))
+    if name != "PutEnd":
+        log.warning("%s: node(s) %s did not confirm the removal within %gs", name, ids,
+                    service.state.config.commit_timeout_s)
+        return
+    state = service.state
+    with service.lock:
+        state.touched.clear()
+        service.uncommitted(request, reply, failed_nodes, clock.monotonic())
+        needs = {node: node.seq for node in state.touched}
+        state.touched.clear()
+    log.warning("PutEnd: node(s) %s did not confirm the commit within %gs; the put fails",
+                ids, state.config.commit_timeout_s)
+    if needs:
+        service.commits.kick(needs)
 
 
 def make_handlers(service: MasterService, clock, metrics, *, asynchronous: bool):
@@ -210,9 +289,15 @@ def make_handlers(service: MasterService, clock, metrics, *, asynchronous: bool)
     for name in METHODS:
         request_class = getattr(pb, f"{name}Request")
         response_class = getattr(pb, f"{name}Response")
-        fn = _grpc_adapter(make_invoker(service, name, clock, metrics, "grpc"), response_class)
-        if asynchronous:
-            fn = _make_async(fn)
+        invoke = make_invoker(service, name, clock, metrics, "grpc")
+        if asynchronous and name in DURABLE_METHODS:
+            # NOTE: these wait for daemons' confirmations: off the event loop, or one slow
+            # daemon would stall every call
+            fn = _async_in_executor(invoke, response_class)
+        elif asynchronous:
+            fn = _make_async(_grpc_adapter(invoke, response_class))
+        else:
+            fn = _grpc_adapter(invoke, response_class)
         handlers[name] = grpc.unary_unary_rpc_method_handler(
             fn, request_deserializer=request_class.FromString,
             response_serializer=response_class.SerializeToString)
@@ -236,4 +321,15 @@ def _grpc_adapter(invoke, response_class):
 def _make_async(fn):
     async def handler(request, context):
         return fn(request, context)
+    return handler
+
+
+def _async_in_executor(invoke, response_class):
+    async def handler(request, context):
+        try:
+            return await asyncio.get_running_loop().run_in_executor(None, invoke, request)
+        except Rejected as exc:
+            context.set_code(exc.code)
+            context.set_details(exc.message)
+            return response_class()
     return handler

@@ -13,6 +13,8 @@ Structures:
                lease ends (TTL, or the last reader's release), so a reader never sees reuse.
   ``leases``   the lease ids of GetReplicas calls (``leases.LeaseBook``).
   ``moves``    move id -> tier move in flight (``tiering.Move``).
+  ``touched``  the nodes that logged a change during the current call (cleared by the
+               service before each call): whose daemons a put or remove waits for.
 
 Every method takes ``now_s`` from the caller's clock read (one ``now`` per request, so a
 sweep and a batch see one instant). Not thread-safe: the service serializes calls with a
@@ -71,6 +73,7 @@ class MasterState:
         self.moves: dict[int, tiering.Move] = {}
         self.next_move_id = 0
         self.tiered = False     # some node has two tiers or more (moves are possible)
+        self.touched: set[Node] = set()
 
     # -- membership, reads, remove/pin: see their modules ------------------------------------
 
@@ -206,8 +209,14 @@ class MasterState:
                 committed.append(obj)
                 continue
             obj = objects.get(key)
-            statuses.append(ITEM_OK if obj is not None and obj.client_id == client_id
-                            else ITEM_NOT_FOUND)
+            if obj is not None and obj.client_id == client_id:
+                # NOTE: a retried put_end must not answer before the commit is durable
+                # either: its nodes are waited for like those of a first commit
+                self.touched.update(segment.node for segment, _ in obj.replicas
+                                    if segment.node.commit_push)
+                statuses.append(ITEM_OK)
+            else:
+                statuses.append(ITEM_NOT_FOUND)
         return statuses, committed
 
     def put_revoke(self, keys, client_id: str):

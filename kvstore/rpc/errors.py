@@ -15,7 +15,7 @@ import grpc
 
 from kvstore._errors import (
     AuthenticationError, CapacityError, InvalidArgumentError, KeyNotFoundError, KVStoreError,
-    MasterUnavailableError,
+    MasterUnavailableError, TransferError,
 )
 from kvstore.v1 import master_pb2 as pb
 
@@ -55,6 +55,9 @@ _STATUS_TO_ERROR: dict[int, tuple[type[KVStoreError], str]] = {
     pb.ITEM_PINNED: (KVStoreError, "is hard-pinned (pass force=True)"),
     # NOTE: a pending object is not readable yet: to a reader it does not exist.
     pb.ITEM_PENDING: (KeyNotFoundError, "is still being written"),
+    # NOTE: a replica's daemon did not confirm it knows the commit: like a failed write, the
+    # put is not done (the object was dropped); retrying it is safe (content-addressed keys)
+    pb.ITEM_UNCOMMITTED: (TransferError, "not acknowledged by a replica's daemon; retry"),
 }
 
 

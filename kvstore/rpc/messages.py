@@ -170,7 +170,7 @@ def node_info(node: NodeSpec) -> pb.NodeInfo:
     return pb.NodeInfo(node_id=node.node_id, host_id=node.host_id, data_addr=node.data_addr,
                        segments=[_segment_info(s) for s in node.segments],
                        incarnation=node.incarnation,
-                       nixl_metadata=node.nixl_metadata)
+                       nixl_metadata=node.nixl_metadata, commit_push=node.commit_push)
 
 
 def _segment_info(segment: SegmentSpec) -> pb.SegmentInfo:
@@ -196,7 +196,7 @@ def heartbeat_changes(reply: pb.HeartbeatResponse) -> HeartbeatChanges:
         master_id=reply.master_id, seq=reply.seq, full_resync=reply.full_resync,
         added=Inventory(list(added.keys), list(added.segment_ids), list(added.offsets),
                         list(added.lengths), list(added.checksums), list(added.codecs)),
-        removed_keys=list(reply.removed_keys),
+        removed_keys=list(reply.removed_keys), base_seq=reply.base_seq,
         moves=[TierMove(m.move_id, m.key, m.src_segment_id, m.src_offset, m.dst_segment_id,
                         m.dst_offset, m.length) for m in reply.moves])
 

@@ -61,6 +61,7 @@ class NodeSpec:
     segments: list[SegmentSpec]
     incarnation: str = ""     # changes each time the daemon process starts
     nixl_metadata: bytes = b""  # daemon --nixl: kvstore.transport.nixl_meta; b"" without
+    commit_push: bool = False  # takes COMMIT pushes (durable commit waits for this node)
 
 
 @dataclass(slots=True)
@@ -109,7 +110,7 @@ class HeartbeatChanges:
     """Changes to a node's object table since the sequence it acknowledged: ``full_resync``
     means discard the table first (``added`` is then all of it); then apply ``added``, then
     ``removed_keys``; ``seq`` is the sequence to acknowledge next. ``moves``: the tier moves
-    to make before the next heartbeat."""
+    to make before the next heartbeat. The same shape is the body of a COMMIT push."""
 
     master_id: str
     seq: int
@@ -117,6 +118,7 @@ class HeartbeatChanges:
     added: Inventory
     removed_keys: list[str]
     moves: list[TierMove] = field(default_factory=list)
+    base_seq: int = 0   # the sequence the changes follow; a table behind it applies nothing
 
 
 @dataclass(frozen=True, slots=True)

@@ -17,7 +17,12 @@ Request (client -> server), 26-byte header, then the segment id, then for WRITE 
             segment_id (seg_len bytes, UTF-8) | payload (length bytes; WRITE only)
 
     op: READ (1) returns ``length`` bytes of the segment from ``offset``; WRITE (2) stores the
-    payload there; PING (3) carries no range (offset = length = 0 and seg_len = 0).
+    payload there; PING (3) carries no range (offset = length = 0 and seg_len = 0);
+    COMMIT (4, sent by the master: durable commit) carries no segment id (seg_len = 0),
+    ``offset`` is the change sequence the body follows and the payload (``length`` bytes, at
+    most ``MAX_COMMIT_BYTES``) is a serialized ``kvstore.v1.HeartbeatResponse`` change set
+    for the node's object table; the reply's ``length`` is the sequence the table holds
+    after applying it (no payload), sent only once the change is durable on the node.
 
 Reply (server -> client), 16-byte header, then the message, then for a READ that succeeded the
 payload::
@@ -52,6 +57,8 @@ REQUEST_MAGIC = b"KQ"
 PROTOCOL_VERSION = 1
 
 MAX_SEGMENT_ID_BYTES = 255
+#: Largest COMMIT body (a full resync of a big table; the master's gRPC cap too).
+MAX_COMMIT_BYTES = 256 << 20
 MAX_MESSAGE_BYTES = 4096
 
 REQUEST = struct.Struct("<2sBBHIQQ")
@@ -66,6 +73,7 @@ class Op(enum.IntEnum):
     READ = 1
     WRITE = 2
     PING = 3
+    COMMIT = 4
 
 
 class Status(enum.IntEnum):

@@ -1,0 +1,146 @@
+"""Durable commit (issue 10): what a put costs, and the round trips the two designs add.
+
+Against a real master process and daemon process on this host (shm, fast metadata path):
+  - 64 KiB ``put`` p50/p99 (one key per call) and ``batch_put`` of 128 x 64 KiB in GB/s:
+    run it from a tree before the change and from one after it, interleaved;
+  - the pieces the two designs of the issue are made of: a master round trip (Exists, the
+    cost of PutEnd's wire), a daemon data-plane round trip (PING), and the two sent together
+    and both awaited (the critical path of "the client commits to the daemons in parallel
+    with PutEnd"). The master-forwards design adds one daemon round trip after PutEnd's
+    work, measured whole by the put p50 difference.
+Prints a table and writes bench/out/commit_bench.json (facts: tree, load average).
+
+    .venv/bin/python bench/commit_bench.py [--puts 2000] [--batches 40] [--rounds 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+import statistics
+import subprocess
+import time
+from pathlib import Path
+
+import kvstore
+from kvstore._process import ServerProcess
+from kvstore.rpc import connect_master
+from kvstore.transport import data_frames
+from kvstore.transport.data_frames import Op
+
+OUT_DIR = Path(__file__).resolve().parent / "out"
+VALUE_BYTES = 64 * 1024
+BATCH = 128
+
+
+def _tree() -> str:
+    root = Path(kvstore.__file__).resolve().parent.parent
+    try:
+        return subprocess.run(["git", "-C", str(root), "rev-parse", "--short", "HEAD"],
+                              capture_output=True, text=True, check=True).stdout.strip() \
+            + f" ({root})"
+    except (OSError, subprocess.CalledProcessError):
+        return str(root)
+
+
+def _put_latency_us(store, num_puts: int) -> tuple[float, float]:
+    value = os.urandom(VALUE_BYTES)
+    samples = []
+    for i in range(num_puts):
+        started = time.perf_counter()
+        store.put(f"lat/{time.monotonic_ns()}/{i}", value)
+        samples.append((time.perf_counter() - started) * 1e6)
+    samples.sort()
+    return statistics.median(samples), samples[int(len(samples) * 0.99)]
+
+
+def _batch_gbps(store, num_batches: int) -> float:
+    values = [os.urandom(VALUE_BYTES) for _ in range(BATCH)]
+    started = time.perf_counter()
+    for b in range(num_batches):
+        keys = [f"batch/{time.monotonic_ns()}/{b}/{i}" for i in range(BATCH)]
+        results = store.batch_put(keys, values)
+        assert all(r is None for r in results), results[:3]
+    return num_batches * BATCH * VALUE_BYTES / (time.perf_counter() - started) / 1e9
+
+
+def _data_plane(address: str) -> socket.socket:
+    host, _, port = address.rpartition(":")
+    sock = socket.create_connection((host, int(port)))
+    data_frames.configure_socket(sock)
+    sock.sendall(data_frames.encode_hello(None))
+    _read_reply(sock)
+    return sock
+
+
+def _read_reply(sock: socket.socket) -> None:
+    header = data_frames.recv_exact(sock, data_frames.REPLY.size)
+    msg_len = data_frames.REPLY.unpack(header)[2]
+    if msg_len:
+        data_frames.recv_exact(sock, msg_len)
+
+
+def _round_trips_us(master_address: str, daemon_address: str, count: int) -> dict:
+    """p50 of a master round trip, a daemon PING, and both sent at once (both awaited)."""
+    client, _ = connect_master(master_address, metadata="fast")
+    sock = _data_plane(daemon_address)
+    ping = data_frames.encode_request(Op.PING, b"", 1, 0, 0)
+    master_us, daemon_us, both_us = [], [], []
+    try:
+        for _ in range(count):
+            started = time.perf_counter()
+            client.exists(["k"])
+            master_us.append((time.perf_counter() - started) * 1e6)
+            started = time.perf_counter()
+            sock.sendall(ping)
+            _read_reply(sock)
+            daemon_us.append((time.perf_counter() - started) * 1e6)
+            started = time.perf_counter()
+            sock.sendall(ping)            # the client's commit to the daemon, then PutEnd
+            client.exists(["k"])
+            _read_reply(sock)
+            both_us.append((time.perf_counter() - started) * 1e6)
+    finally:
+        sock.close()
+        client.close()
+    return {"master_rtt_p50_us": statistics.median(master_us),
+            "daemon_rtt_p50_us": statistics.median(daemon_us),
+            "parallel_p50_us": statistics.median(both_us)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--puts", type=int, default=2000)
+    parser.add_argument("--batches", type=int, default=40)
+    parser.add_argument("--rounds", type=int, default=3)
+    args = parser.parse_args()
+    rows = []
+    with ServerProcess(["master", "--host", "127.0.0.1", "--port", "0"]) as master, \
+            ServerProcess(["daemon", "--master", master.address, "--host", "127.0.0.1",
+                           "--port", "0", "--dram", "1GiB"]) as daemon:
+        with kvstore.connect(master.address, transport="auto") as store:
+            store.put("warm", b"w" * VALUE_BYTES)
+            for _ in range(args.rounds):
+                p50, p99 = _put_latency_us(store, args.puts)
+                gbps = _batch_gbps(store, args.batches)
+                store.remove_prefix("lat/")
+                store.remove_prefix("batch/")
+                trips = _round_trips_us(master.address, daemon.address, 500)
+                rows.append({"put_p50_us": p50, "put_p99_us": p99, "batch_put_gbps": gbps,
+                             **trips, "loadavg": Path("/proc/loadavg").read_text().split()[:3]})
+    print(f"tree: {_tree()}")
+    print(f"{'put p50 us':>11} {'put p99 us':>11} {'batch GB/s':>11} {'master rtt':>11} "
+          f"{'daemon rtt':>11} {'both, par.':>11}  load")
+    for r in rows:
+        print(f"{r['put_p50_us']:11.0f} {r['put_p99_us']:11.0f} {r['batch_put_gbps']:11.2f} "
+              f"{r['master_rtt_p50_us']:11.0f} {r['daemon_rtt_p50_us']:11.0f} "
+              f"{r['parallel_p50_us']:11.0f}  {' '.join(r['loadavg'])}")
+    OUT_DIR.mkdir(exist_ok=True)
+    (OUT_DIR / "commit_bench.json").write_text(json.dumps({"tree": _tree(), "rows": rows},
+                                                          indent=2))
+
+
+if __name__ == "__main__":
+    main()

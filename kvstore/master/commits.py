@@ -1,0 +1,261 @@
+"""Durable commit: pushing each node's logged changes to its daemon, and waiting for them.
+
+Guarantee: ``wait`` returns only once every node it is given has confirmed (``durable_seq``)
+that its daemon's object table holds the changes up to the sequence named, or once the
+deadline passed (then it names the nodes that did not confirm). The daemon confirms after
+its table applied the change set and every backend touched synced (an SSD object is in its
+on-disk index), so a put answered after ``wait`` survives a master crash (the daemon's
+inventory brings it back) and a removal or eviction is never resurrected by one.
+
+Mechanism: the master opens one data-plane connection per node (``transport.data_frames``
+hello with the cluster token) and sends COMMIT frames whose body is a ``HeartbeatResponse``
+with the node's changes after ``durable_seq`` (``Node.changes_after``, the heartbeat's own
+change-set code); the reply's ``length`` is the sequence the daemon's table now holds.
+Batching: at most one push per node is in flight; the caller that finds a node idle sends
+the push itself (no thread hand-off on an idle master) and every caller that arrives while
+it is in flight waits for it, then one of them sends everything logged meanwhile in one
+frame: one message per daemon per batch, however many PutEnds run at once. Changes nobody
+waits for (evictions in a sweep, tier-move switches) are pushed by a background thread
+(``kick``).
+
+Error handling: a connection that fails (refused, reset, wrong token, a timeout) is closed
+and retried after ``RETRY_S`` until the caller's deadline; a node dropped from the state
+fails at once. Heartbeats acknowledge the same sequence, so a daemon that cannot take
+pushes (an older version) still confirms within one heartbeat interval. Never raises to
+its callers.
+
+Threading: a ``Condition`` guards the channels' busy flags; pushes run outside it and take
+the service lock only to read the log (never the other way round).
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+import threading
+import time
+
+from kvstore.master import replies
+from kvstore.transport import data_frames
+from kvstore.transport.data_frames import Op, Status
+
+log = logging.getLogger("kvstore.master.commits")
+
+#: Pause before a failed node's connection is tried again (seconds).
+RETRY_S = 0.05
+#: Longest a waiter sleeps before looking again (a heartbeat may have confirmed meanwhile).
+POLL_S = 0.05
+#: How long the background pusher gives changes that nobody waits for.
+BACKGROUND_TIMEOUT_S = 5.0
+
+
+class _Channel:
+    """One node's connection and whether a push on it is in flight."""
+
+    __slots__ = ("node", "sock", "busy", "retry_at_s", "request_id", "warned")
+
+    def __init__(self, node) -> None:
+        self.node = node
+        self.sock: socket.socket | None = None
+        self.busy = False
+        self.retry_at_s = 0.0
+        self.request_id = 0
+        self.warned = False
+
+    def close(self) -> None:
+        if self.sock is not None:
+            try:
+                self.sock.close()
+            except OSError:
+                pass
+            self.sock = None
+
+
+class CommitPusher:
+    """Pushes committed changes of ``state``'s nodes to their daemons (see the module)."""
+
+    def __init__(self, state, lock: threading.Lock, *, token: str | None,
+                 clock=time.monotonic):
+        self._state = state
+        self._lock = lock           # the service lock: the state is read only under it
+        self._token = token
+        self._clock = clock
+        self._cond = threading.Condition()
+        self._channels: dict[object, _Channel] = {}
+        self._kicked: dict[object, int] = {}
+        self._wake = threading.Event()
+        self._stopped = False
+        self._thread = threading.Thread(target=self._background, daemon=True,
+                                        name="kvstore-master-commits")
+        self._thread.start()
+
+    # -- waiting ----------------------------------------------------------------------------
+
+    def wait(self, needs: dict, timeout_s: float) -> list:
+        """Push until each node in ``needs`` (node -> sequence) confirmed that sequence, for
+        at most ``timeout_s``; return the nodes that did not (empty: all durable)."""
+        deadline_s = self._clock() + timeout_s
+        pending = {n: s for n, s in needs.items() if n.durable_seq < s}
+        while pending:
+            nodes = self._state.nodes
+            failed = [n for n in pending if nodes.get(n.node_id) is not n]
+            for node in failed:             # dropped or replaced: it will never confirm
+                del pending[node]
+            now_s = self._clock()
+            if now_s >= deadline_s:
+                return failed + list(pending)
+            mine = []
+            with self._cond:
+                for node in pending:
+                    channel = self._channels.get(node)
+                    if channel is None:
+                        channel = self._channels[node] = _Channel(node)
+                    if not channel.busy and channel.retry_at_s <= now_s:
+                        channel.busy = True
+                        mine.append(channel)
+                if not mine:
+                    self._cond.wait(min(POLL_S, deadline_s - now_s))
+            if mine:
+                self._push(mine, deadline_s)
+            if failed:
+                return failed + [n for n, s in pending.items() if n.durable_seq < s]
+            pending = {n: s for n, s in pending.items() if n.durable_seq < s}
+        return []
+
+    def kick(self, nodes) -> None:
+        """Push these nodes' new changes in the background (nobody waits for them)."""
+        with self._cond:
+            for node in nodes:
+                self._kicked[node] = node.seq
+        self._wake.set()
+
+    def _background(self) -> None:
+        while True:
+            self._wake.wait()
+            self._wake.clear()
+            if self._stopped:
+                return
+            with self._cond:
+                needs, self._kicked = self._kicked, {}
+            try:
+                self.wait(needs, BACKGROUND_TIMEOUT_S)
+            except Exception:  # noqa: BLE001 - the pusher thread must never die
+                log.exception("background commit push failed")
+
+    def forget(self) -> None:
+        """Close the channels of nodes no longer registered (called after a membership
+        change, under no lock)."""
+        nodes = self._state.nodes
+        with self._cond:
+            gone = [n for n, c in self._channels.items()
+                    if nodes.get(n.node_id) is not n and not c.busy]
+            for node in gone:
+                self._channels.pop(node).close()
+
+    def stop(self) -> None:
+        self._stopped = True
+        self._wake.set()
+        self._thread.join(timeout=5)
+        with self._cond:
+            for channel in self._channels.values():
+                channel.close()
+            self._channels.clear()
+
+    # -- pushing ----------------------------------------------------------------------------
+
+    def _push(self, channels: list[_Channel], deadline_s: float) -> None:
+        """One push on each channel (all sent, then all replies read); clears ``busy``."""
+        try:
+            frames = []
+            with self._lock:
+                state = self._state
+                for channel in channels:
+                    node = channel.node
+                    if node.durable_seq >= node.seq or state.nodes.get(node.node_id) is not node:
+                        frames.append(None)
+                        continue
+                    base_seq = node.durable_seq
+                    changes = node.changes_after(base_seq, state.objects,
+                                                 state.config.max_changes_per_heartbeat)
+                    body = replies.heartbeat(state.master_id, (*changes, (), ()),
+                                             base_seq).SerializeToString()
+                    frames.append((base_seq, changes[1], body))
+            sent = []
+            for channel, frame in zip(channels, frames):
+                if frame is not None and self._send(channel, frame, deadline_s):
+                    sent.append((channel, frame[1]))
+            for channel, seq in sent:
+                self._receive(channel, seq, deadline_s)
+        finally:
+            with self._cond:
+                for channel in channels:
+                    channel.busy = False
+                self._cond.notify_all()
+
+    def _send(self, channel: _Channel, frame: tuple, deadline_s: float) -> bool:
+        base_seq, _, body = frame
+        try:
+            if channel.sock is None:
+                channel.sock = self._connect(channel.node.data_addr, deadline_s)
+            channel.sock.settimeout(max(deadline_s - self._clock(), 0.001))
+            channel.request_id += 1
+            data_frames.sendmsg_all(channel.sock, [data_frames.encode_request(
+                Op.COMMIT, b"", channel.request_id, base_seq, len(body)), body])
+            return True
+        except (OSError, data_frames.PeerClosedError, _Refused) as exc:
+            self._failed(channel, exc)
+            return False
+
+    def _receive(self, channel: _Channel, seq: int, deadline_s: float) -> None:
+        try:
+            channel.sock.settimeout(max(deadline_s - self._clock(), 0.001))
+            status, applied_seq, message = _read_reply(channel.sock)
+            if status != Status.OK:
+                raise _Refused(f"COMMIT refused: {Status(status).name}: {message}")
+        except (OSError, data_frames.PeerClosedError, _Refused, ValueError) as exc:
+            self._failed(channel, exc)
+            return
+        node = channel.node
+        # NOTE: a daemon behind the push's base applied nothing (a gap) and answers its own
+        # sequence; only what it confirms counts. Under the service lock, like the
+        # heartbeat's update, so durable_seq never goes back.
+        with self._lock:
+            if node.durable_seq < applied_seq <= node.seq:
+                node.durable_seq = applied_seq
+        channel.warned = False
+
+    def _connect(self, address: str, deadline_s: float) -> socket.socket:
+        host, _, port = address.rpartition(":")
+        sock = socket.create_connection((host.strip("[]"), int(port)),
+                                        timeout=max(deadline_s - self._clock(), 0.001))
+        try:
+            data_frames.configure_socket(sock)
+            sock.sendall(data_frames.encode_hello(self._token))
+            status, _, message = _read_reply(sock)
+            if status != Status.OK:
+                raise _Refused(f"data-plane handshake refused: {Status(status).name}: "
+                               f"{message}")
+        except BaseException:
+            sock.close()
+            raise
+        return sock
+
+    def _failed(self, channel: _Channel, exc: BaseException) -> None:
+        channel.close()
+        channel.retry_at_s = self._clock() + RETRY_S
+        if not channel.warned:   # NOTE: once per outage, not once per retry
+            channel.warned = True
+            log.warning("commit push to node %s (%s) failed: %s; retrying (heartbeats also "
+                        "confirm)", channel.node.node_id, channel.node.data_addr, exc)
+
+
+class _Refused(Exception):
+    """The daemon answered with an error status."""
+
+
+def _read_reply(sock: socket.socket) -> tuple[int, int, str]:
+    """(status, length field, message) of one data-plane reply without payload."""
+    header = data_frames.recv_exact(sock, data_frames.REPLY.size)
+    status, _, msg_len, _, length = data_frames.REPLY.unpack(header)
+    message = data_frames.recv_exact(sock, msg_len).decode(errors="replace") if msg_len else ""
+    return status, length, message
