@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import grpc
 
+from kvstore import capability
 from kvstore.master import eviction, tiering
 from kvstore.master.nodes import Node, SegmentSpace
 from kvstore.master.objects import CODECS, COMPLETE, ObjectMeta
@@ -58,6 +59,8 @@ def register_node(state, info, inventory, now_s: float) -> int:
         raise invalid(f"nixl_metadata is longer than {MAX_NIXL_METADATA_BYTES} bytes")
     node = Node(info.node_id, info.host_id, info.data_addr, now_s, info.incarnation)
     node.nixl_metadata = info.nixl_metadata
+    if info.write_capabilities:
+        node.capability_secret = capability.new_secret()   # rotates with each registration
     for seg in info.segments:
         check_id(seg.segment_id, "segment_id")
         if seg.segment_id in node.segments:
