@@ -10,6 +10,7 @@ min-max range, writes JSON, and records the load average before each run.
         --python /work/base/.venv/bin/python --python .venv/bin/python --rounds 3
 
 Run with ``--child`` by the driver: measures one interpreter's kvstore and prints JSON.
+``--capability-ab``: same code, a daemon with and one without ``--no-write-capabilities``.
 """
 
 from __future__ import annotations
@@ -93,6 +94,59 @@ def _child(duration_s: float) -> dict:
     return results
 
 
+def _capability_ab(rounds: int) -> None:
+    """Same code, two clusters: one daemon checks capabilities, one runs with
+    ``--no-write-capabilities``; interleaved rounds of 60 single 64 KiB puts and one batched
+    put of 32 x 1 MiB each, over tcp. Prints median and range per side."""
+    import numpy as np
+
+    import kvstore
+    from kvstore._process import ServerProcess
+
+    servers, stores = [], {}
+    try:
+        for name, extra in (("capabilities", []), ("no-capabilities",
+                                                   ["--no-write-capabilities"])):
+            master = ServerProcess(["master", "--host", "127.0.0.1", "--port", "0"])
+            servers.append(master)
+            servers.append(ServerProcess(["daemon", "--master", master.address, "--host",
+                                          "127.0.0.1", "--port", "0", "--dram", "1GiB",
+                                          *extra]))
+            stores[name] = master.address
+        time.sleep(1.0)  # NOTE: registration is asynchronous; a bench, not a test
+        value = np.random.default_rng(1).integers(0, 256, 64 * KIB, np.uint8)
+        big = np.random.default_rng(2).integers(0, 256, MIB, np.uint8)
+        p50s: dict[str, list[float]] = {n: [] for n in stores}
+        rates: dict[str, list[float]] = {n: [] for n in stores}
+        opened = {n: kvstore.connect(a, transport="tcp") for n, a in stores.items()}
+        for r in range(rounds):
+            for name, store in opened.items():
+                latencies = []
+                for i in range(60):
+                    t0 = time.perf_counter()
+                    store.put(f"k{r}-{i}", value)
+                    latencies.append(time.perf_counter() - t0)
+                    store.remove(f"k{r}-{i}")
+                p50s[name].append(statistics.median(latencies) * 1e6)
+                keys = [f"b{r}-{j}" for j in range(32)]
+                t0 = time.perf_counter()
+                assert not any(store.batch_put(keys, [big] * 32))
+                rates[name].append(32 * MIB / (time.perf_counter() - t0) / 1e9)
+                for key in keys:
+                    store.remove(key)
+        for name in stores:
+            p, g = sorted(p50s[name]), sorted(rates[name])
+            print(f"{name:16s} put 64KiB p50 {statistics.median(p):7.0f} us ({p[0]:.0f}-"
+                  f"{p[-1]:.0f})   batched 32 x 1MiB {statistics.median(g):5.2f} GB/s "
+                  f"({g[0]:.2f}-{g[-1]:.2f})")
+        for store in opened.values():
+            store.close()
+    finally:
+        for server in servers:
+            server.close()
+    print("load average:", open("/proc/loadavg").read().split()[:3])
+
+
 def _driver(args) -> None:
     runs: dict[str, list[dict]] = {p: [] for p in args.python}
     loads = []
@@ -124,7 +178,13 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--duration", type=float, default=1.0)
     parser.add_argument("--json", default="bench/out/security.json")
+    parser.add_argument("--capability-ab", action="store_true",
+                        help="this interpreter only: daemons with and without capability "
+                             "checks side by side")
     args = parser.parse_args()
+    if args.capability_ab:
+        _capability_ab(args.rounds)
+        return
     if args.child:
         print(json.dumps(_child(args.duration)))
         return
