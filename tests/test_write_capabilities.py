@@ -92,6 +92,9 @@ def put_victim(store, key: str, seed: int) -> bytes:
 
 def test_overwrite_of_committed_object_without_capability_is_refused(store, master):
     value = put_victim(store, "victim-0", 1)
+    # the put itself wrote over tcp with the capabilities of a fast-path PutStart reply
+    assert store.stats()["metadata"] == "fast"
+    assert store.stats()["transfers"]["tcp"]["num_writes"] == 1
     target = replica_of(master, "victim-0")
     status, message = raw_write(target, 0, b"\xee" * OVERWRITE_BYTES)
     assert status == Status.CAPABILITY_REFUSED, message
