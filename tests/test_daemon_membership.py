@@ -87,7 +87,9 @@ class DaemonPopen:
 def test_daemon_registers_its_segments(tmp_path):
     with ServerProcess(["master", "--port", "0"]) as master, \
             ServerProcess(["daemon", "--master", master.address, "--dram", "16MiB",
-                           "--ssd", f"{tmp_path}:8MiB", "--node-id", "reg-node"]) as daemon:
+                           "--ssd", f"{tmp_path}:8MiB", "--node-id", "reg-node",
+                           # NOTE: writes a range of its own choosing (not allocated)
+                           "--no-write-capabilities"]) as daemon:
         (node,) = list_nodes(master.address)
         assert (node.node_id, node.data_addr, node.host_id) == \
             ("reg-node", daemon.address, local_host_id())
@@ -158,7 +160,8 @@ def put_objects(master_addr: str, num_objects: int, size_bytes: int) -> dict[str
             segment = reply.segments[reply.replica_segment[j]]
             node = reply.nodes[segment.node_index]
             target = Target(node.node_id, node.host_id, node.data_addr, segment.segment_id,
-                            segment.shm_name, reply.replica_offset[j], size_bytes)
+                            segment.shm_name, reply.replica_offset[j], size_bytes,
+                            reply.replica_capability[j])
             transport.write(target, memoryview(values[key]), timeout_s=10)
         client.call("PutEnd", master_pb2.PutEndRequest(
             keys=keys, client_id="writer",
@@ -235,8 +238,8 @@ def test_daemon_waits_for_a_master_that_starts_later():
 def test_token_is_required_by_master_and_data_plane():
     env = {"KVSTORE_TOKEN": "tok"}
     with ServerProcess(["master", "--port", "0"], env=env) as master, \
-            ServerProcess(["daemon", "--master", master.address, "--dram", "4MiB"],
-                          env=env) as daemon:
+            ServerProcess(["daemon", "--master", master.address, "--dram", "4MiB",
+                           "--no-write-capabilities"], env=env) as daemon:
         (node,) = list_nodes(master.address, token="tok")
         target = Target(node.node_id, node.host_id, daemon.address, "dram0", "", 0, 3)
         with TcpTransport(token="tok") as transport:

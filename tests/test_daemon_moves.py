@@ -72,3 +72,37 @@ def test_move_runner_reports_done_and_failed_and_wakes_the_heartbeat(segments):
         assert runner.take_results() == ([1], [])
     finally:
         runner.stop()
+
+
+def test_move_runner_checks_each_destination_like_a_write(segments):
+    """With a write guard holding the node's secret, a move lands only with the master's
+    capability for exactly its destination range, and never over a committed object."""
+    from kvstore import capability
+    from kvstore.daemon.write_guard import WriteGuard
+
+    dram, ssd = segments
+    dram.write_from(0, memoryview(b"\x07" * MiB))
+    ssd.write_from(5 * MiB, memoryview(b"\x05" * MiB))
+    secret = capability.new_secret()
+    guard = WriteGuard("n1")
+    guard.set_secret(secret)
+    guard.note_stored("ssd0", "committed", 5 * MiB, MiB, seq=9)   # learnt after seq 3
+
+    def cap(offset: int, node_seq: int = 3) -> bytes:
+        return capability.issue(secret, "n1", "ssd0", offset, MiB, "a",
+                                capability.MASTER_WRITER, 2**62, node_seq)
+
+    woke = threading.Event()
+    runner = MoveRunner({"dram0": dram, "ssd0": ssd}, woke.set, guard)
+    try:
+        runner.submit([TierMove(1, "a", "dram0", 0, "ssd0", 2 * MiB, MiB, cap(2 * MiB)),
+                       TierMove(2, "a", "dram0", 0, "ssd0", 3 * MiB, MiB),        # none
+                       TierMove(3, "a", "dram0", 0, "ssd0", 4 * MiB, MiB, cap(2 * MiB)),
+                       TierMove(4, "a", "dram0", 0, "ssd0", 5 * MiB, MiB, cap(5 * MiB))])
+        assert woke.wait(10)
+        assert runner.take_results() == ([1], [2, 3, 4])
+        assert _read(ssd, 2 * MiB, 3 * MiB) == b"\x07" * MiB
+        assert _read(ssd, 3 * MiB, 5 * MiB) == b"\0" * (2 * MiB)
+        assert _read(ssd, 5 * MiB, 6 * MiB) == b"\x05" * MiB               # intact
+    finally:
+        runner.stop()

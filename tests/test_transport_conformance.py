@@ -40,7 +40,10 @@ KINDS = ["shm", pytest.param("nixl", marks=pytest.mark.skipif(not NIXL, reason=N
 @pytest.fixture(scope="module")
 def cluster():
     with ServerProcess(["master", "--port", "0"]) as master:
-        with ServerProcess(["daemon", "--master", master.address, "--dram",
+        # NOTE: the transports are tested on ranges the test picks, not ones the master
+        # allocated: the daemon's write capabilities are tested in test_write_capabilities
+        with ServerProcess(["daemon", "--no-write-capabilities", "--master", master.address,
+                            "--dram",
                             str(SEGMENT_BYTES), "--node-id", "conformance-node"]
                            + (["--nixl"] if NIXL else [])) as daemon:
             with RawMaster.over_grpc(master.address) as client:

@@ -71,7 +71,7 @@ def run_transfer(master_addr: str | None, token: str | None, kinds: list[str],
                                 make_cpu_probe([s.proc.pid for s in servers]), ColdCopy(),
                                 progress, token)
             if "transport" in levels:
-                transport_cases(node, kinds, sizes, case, rows)
+                transport_cases(master_addr, node, kinds, sizes, case, rows)
             if "client" in levels and concurrency > 1:
                 concurrent_cases(master_addr, kinds, sizes, case, settings["threads"],
                                  settings["processes"], rows)

@@ -65,15 +65,37 @@ def first_node(master_addr: str, token: str | None, timeout_s: float = 5.0):
     return nodes[0]
 
 
-def transport_cases(node, kinds, sizes, settings: CaseSettings, rows: list) -> None:
-    """Append the transport level's rows to ``rows``: fixed ranges at the start of the node's
-    first shared-memory segment (only a private daemon: nothing else lives there)."""
+def transport_cases(master_addr: str, node, kinds, sizes, settings: CaseSettings,
+                    rows: list) -> None:
+    """Append the transport level's rows to ``rows``: ranges of the node's DRAM segment
+    allocated by one PutStart per size (so tcp writes carry the master's write capabilities,
+    as a client's do), given back by PutRevoke after (only a private daemon)."""
+    from kvstore.rpc import grpc_client
+    from kvstore.tiers import Tier
+
+    with grpc_client(master_addr, token=settings.token) as master:
+        size_to_targets = {}
+        for size_bytes in sizes:
+            keys = [f"bench-transport-{size_bytes}-{i}"
+                    for i in range(batch_items(size_bytes, settings.batch))]
+            slots = master.put_start(keys, [size_bytes] * len(keys), client_id="bench",
+                                     tier=Tier.DRAM, near_node_id=node.node_id)
+            _check(slots)
+            size_to_targets[size_bytes] = [targets[0] for targets in slots]
+        try:
+            _transport_cases(size_to_targets, kinds, sizes, settings, rows)
+        finally:
+            for size_bytes, targets in size_to_targets.items():
+                master.put_revoke([f"bench-transport-{size_bytes}-{i}"
+                                   for i in range(len(targets))], client_id="bench")
+
+
+def _transport_cases(size_to_targets, kinds, sizes, settings: CaseSettings,
+                     rows: list) -> None:
     import numpy as np
 
     from kvstore.transport import make_transports
-    from kvstore.transport.base import Target
 
-    segment = next(s for s in node.segments if s.shm_name)
     for kind in kinds:
         transport = make_transports(kind, token=settings.token)[0]
         try:
@@ -82,9 +104,7 @@ def transport_cases(node, kinds, sizes, settings: CaseSettings, rows: list) -> N
                 src = np.random.default_rng(0).integers(0, 256, size_bytes * num_items,
                                                         np.uint8)
                 dst = np.empty_like(src)
-                targets = [Target(node.node_id, node.host_id, node.data_addr,
-                                  segment.segment_id, segment.shm_name, i * size_bytes,
-                                  size_bytes) for i in range(num_items)]
+                targets = size_to_targets[size_bytes]
                 srcs = [memoryview(src[i * size_bytes:(i + 1) * size_bytes])
                         for i in range(num_items)]
                 dsts = [memoryview(dst[i * size_bytes:(i + 1) * size_bytes])

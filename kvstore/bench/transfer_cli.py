@@ -38,7 +38,10 @@ def start_cluster(dram_bytes: int) -> tuple[ServerProcess, ServerProcess]:
     """A master and a daemon process of our own (click.ClickException, with the server's
     log, when one does not start; nothing is left running then)."""
     try:
-        master = ServerProcess(["master", "--port", "0", "--log-level", "WARNING"])
+        # NOTE: the transport level writes ranges allocated once by PutStart (with their
+        # write capabilities) for the whole run: they must stay allocated that long
+        master = ServerProcess(["master", "--port", "0", "--log-level", "WARNING",
+                                "--pending-timeout", "1h"])
     except KVStoreError as exc:
         raise click.ClickException(str(exc)) from exc
     try:

@@ -27,7 +27,9 @@ class ClientConfig:
     transport: str = "auto"          # "auto": shm where the replica is on this host, else tcp
     timeout_s: float = 30.0          # deadline of one call: RPCs and transfers together
     lease_ttl_s: float | None = None  # read lease a get asks for; None: the master's default
-    verify: bool = False             # verify checksums of shm reads too (tcp always verifies)
+    # verify checksums of shm reads too (every other transport always verifies); False: for
+    # callers who trust every process on the host (see docs/ARCHITECTURE.md, Checksums)
+    verify: bool = True
     rpc_timeout_s: float = 10.0      # deadline of one master RPC within a call
     # master calls: "auto" (the framed fast path when the master offers one, else gRPC),
     # "grpc", or "fast" (connect fails if the master offers no fast path)

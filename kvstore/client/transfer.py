@@ -6,9 +6,10 @@ the ones reachable by the most preferred transport come first (same host first),
 each transport one ``write_many``/``read_many`` per round, never one call per key.
 
 Reads fall back: a key whose read fails (or, when verified, whose bytes do not match the
-checksum) is retried on its next replica before it is reported. Verification is done when
-the caller asks and always for bytes that crossed a network (any transport but shm), so no
-reader ever gets bytes that are not the object's. Thread-safe.
+checksum) is retried on its next replica before it is reported. Verification is always done
+for bytes that crossed a network (any transport but shm) and for shm reads unless the caller
+turned it off (``verify=False``: it trusts every process that can map the segment), so no
+reader gets bytes that are not the object's. Thread-safe.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from kvstore.transport.base import Target, Transport
 
 logger = logging.getLogger("kvstore.client")
 
-# Transports whose bytes never leave this host's memory: verified only on request.
+# Transports whose bytes never leave this host's memory: verified unless the caller opts out.
 _LOCAL_TRANSPORTS = frozenset({"shm"})
 
 
@@ -233,6 +234,9 @@ def _as_transfer_error(exc: BaseException, key: str, target: Target) -> KVStoreE
     if isinstance(exc, KVStoreError):
         if not exc.keys:
             exc.keys = [key]
+            # NOTE: transports name nodes and ranges, not keys; the caller needs the key
+            if exc.args and isinstance(exc.args[0], str) and repr(key) not in exc.args[0]:
+                exc.args = (f"{key!r}: {exc.args[0]}", *exc.args[1:])
         return exc
     error = TransferError(f"transfer of {key!r} with node {target.node_id!r} "
                           f"({target.data_addr}) failed: {exc!r}", keys=[key])

@@ -73,13 +73,17 @@ def _tier_spec(ctx, param, value):
 @click.option("--nixl/--no-nixl", default=False, show_default=True,
               help="Register the DRAM segment with a NIXL agent (UCX) and publish it through "
                    "the master, for one-sided reads and writes (needs kvstore[nixl]).")
+@click.option("--write-capabilities/--no-write-capabilities", default=True, show_default=True,
+              help="Refuse data-plane WRITEs without the master's capability for exactly "
+                   "that range (off: accept any authenticated WRITE, as before capabilities; "
+                   "for clients older than them).")
 @click.option("--rpc-timeout", default=5.0, show_default=True, type=float,
               help="Seconds per master RPC.")
 @click.option("--log-level", default="INFO", show_default=True,
               type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"]))
 def command(master_addr, host, port, dram, ssd, ssd_codec, gpu, token, metrics_port,
-            metrics_host, node_id, standalone, reap_orphans, prefault, nixl, rpc_timeout,
-            log_level):
+            metrics_host, node_id, standalone, reap_orphans, prefault, nixl,
+            write_capabilities, rpc_timeout, log_level):
     """Run a storage node: DRAM/SSD/HBM segments served over a data plane."""
     logging.basicConfig(stream=sys.stderr, level=log_level,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -99,7 +103,8 @@ def command(master_addr, host, port, dram, ssd, ssd_codec, gpu, token, metrics_p
             dram_bytes=dram, ssd_dir=ssd[0], ssd_bytes=ssd[1], ssd_codec=ssd_codec,
             gpu_device=gpu[0], gpu_bytes=gpu[1], token=token, metrics_port=metrics_port,
             metrics_host=metrics_host, rpc_timeout_s=rpc_timeout,
-            reap_orphans=reap_orphans, prefault=prefault, nixl=nixl, **extra)
+            reap_orphans=reap_orphans, prefault=prefault, nixl=nixl,
+            write_capabilities=write_capabilities, **extra)
     except KVStoreError as exc:
         raise click.ClickException(str(exc)) from exc
     daemon = Daemon(config)

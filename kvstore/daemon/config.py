@@ -65,6 +65,7 @@ class DaemonConfig:
     handshake_timeout_s: float = 10.0
     reap_orphans: bool = True
     prefault: bool = True       # allocate and map every DRAM page at start (see kvstore/_posix_shm.py)
+    write_capabilities: bool = True  # ask the master for a secret; refuse WRITEs without capability
     nixl: bool = False          # register DRAM with a NIXL agent, publish it (daemon/nixl_agent.py)
 
     def __post_init__(self) -> None:

@@ -21,9 +21,11 @@ import socket
 import threading
 from dataclasses import dataclass
 
+from kvstore._principal import principal_for_token
 from kvstore._tcpserver import ThreadedTcpServer
 from kvstore._wire import BadHello, read_hello, tokens_equal
 from kvstore.daemon.backends import Backend
+from kvstore.daemon.write_guard import CapabilityRefused, RangeCommitted, WriteGuard
 from kvstore.transport import data_frames
 from kvstore.transport.data_frames import Op, Status
 
@@ -53,12 +55,13 @@ class DataPlaneServer(ThreadedTcpServer):
 
     def __init__(self, segments: list[Backend], *, node_id: str, host: str, port: int = 0,
                  token: str | None = None, max_connections: int = 1024,
-                 handshake_timeout_s: float = 10.0):
+                 handshake_timeout_s: float = 10.0, guard: WriteGuard | None = None):
         super().__init__(host=host, port=port, max_connections=max_connections,
                          name="kvstore-dataplane", log=log)
         self.node_id = node_id
         self._segment_id_to_segment = {s.segment_id.encode(): s for s in segments}
         self._token = token
+        self._guard = guard if guard is not None else WriteGuard(node_id)
         self._handshake_timeout_s = handshake_timeout_s
         self.stats = DataPlaneStats()
         self.address = ""
@@ -80,9 +83,10 @@ class DataPlaneServer(ThreadedTcpServer):
         try:
             data_frames.configure_socket(conn)
             conn.settimeout(self._handshake_timeout_s)
-            if self._handshake(conn):
+            principal = self._handshake(conn)
+            if principal is not None:
                 conn.settimeout(None)
-                while self._serve_one(conn):
+                while self._serve_one(conn, principal):
                     pass
         except _BadFrame as exc:
             self.stats.num_errors += 1
@@ -95,7 +99,8 @@ class DataPlaneServer(ThreadedTcpServer):
             self.stats.num_errors += 1
             raise
 
-    def _handshake(self, conn: socket.socket) -> bool:
+    def _handshake(self, conn: socket.socket) -> str | None:
+        """The connection's principal once its hello is accepted; None if refused."""
         try:
             token = read_hello(lambda n: data_frames.recv_exact(conn, n),
                                data_frames.HELLO_MAGIC, data_frames.PROTOCOL_VERSION)
@@ -105,11 +110,11 @@ class DataPlaneServer(ThreadedTcpServer):
             self.stats.num_errors += 1
             log.warning("data plane: wrong token from %s", conn.getpeername())
             self._reply_quietly(conn, Status.AUTH_FAILED, "wrong or missing token")
-            return False
+            return None
         conn.sendall(data_frames.encode_reply(Status.OK, 0, 0, self.node_id))
-        return True
+        return principal_for_token(token)
 
-    def _serve_one(self, conn: socket.socket) -> bool:
+    def _serve_one(self, conn: socket.socket, principal: str) -> bool:
         """Serve one request; False when the connection must end (clean close or refusal)."""
         header = bytearray(data_frames.REQUEST.size)
         view = memoryview(header)
@@ -118,7 +123,8 @@ class DataPlaneServer(ThreadedTcpServer):
             return False  # clean close between requests
         if first < len(header):
             data_frames.recv_exact_into(conn, view[first:])
-        magic, op_code, _, seg_len, request_id, offset, length = data_frames.REQUEST.unpack(header)
+        magic, op_code, flags, seg_len, request_id, offset, length = \
+            data_frames.REQUEST.unpack(header)
         if magic != data_frames.REQUEST_MAGIC:
             raise _BadFrame(f"bad request magic {bytes(magic)!r}")
         if op_code == Op.PING:
@@ -133,12 +139,21 @@ class DataPlaneServer(ThreadedTcpServer):
         if not 0 < seg_len <= data_frames.MAX_SEGMENT_ID_BYTES:
             raise _BadFrame(f"segment id length {seg_len}")
         segment = self._segment_id_to_segment.get(data_frames.recv_exact(conn, seg_len))
+        blob = b""
+        if flags & data_frames.FLAG_CAPABILITY:
+            if op_code != Op.WRITE:
+                raise _BadFrame("only a WRITE carries a capability")
+            (cap_len,) = data_frames.CAPABILITY_LENGTH.unpack(
+                data_frames.recv_exact(conn, data_frames.CAPABILITY_LENGTH.size))
+            blob = data_frames.recv_exact(conn, cap_len)
         status, message = Status.OK, ""
         if segment is None:
             status, message = Status.NO_SEGMENT, "no such segment on this node"
         elif not segment.check_range(offset, length):
             status, message = Status.OUT_OF_RANGE, (
                 f"range [{offset}, +{length}) outside segment of {segment.size_bytes} bytes")
+        elif op_code == Op.WRITE:
+            status, message = self._check_write(segment, offset, length, blob, principal)
         if status != Status.OK:
             self.stats.num_errors += 1
             conn.sendall(data_frames.encode_reply(status, request_id, 0, message))
@@ -181,6 +196,21 @@ class DataPlaneServer(ThreadedTcpServer):
             return True
         conn.sendall(data_frames.encode_reply(Status.OK, request_id, applied_seq))
         return True
+
+    def _check_write(self, segment: Backend, offset: int, length: int, blob: bytes,
+                     principal: str) -> tuple[Status, str]:
+        """(OK, "") if the guard allows the write, else the refusal's status and reason."""
+        try:
+            self._guard.check(segment.segment_id, offset, length, blob, principal)
+        except CapabilityRefused as exc:
+            log.warning("data plane: write of %s [%d, +%d) refused: %s", segment.segment_id,
+                        offset, length, exc)
+            return Status.CAPABILITY_REFUSED, str(exc)
+        except RangeCommitted as exc:
+            log.warning("data plane: write of %s [%d, +%d) refused: %s", segment.segment_id,
+                        offset, length, exc)
+            return Status.RANGE_COMMITTED, str(exc)
+        return Status.OK, ""
 
     def _staging(self) -> memoryview:
         staging = getattr(self._local, "staging", None)

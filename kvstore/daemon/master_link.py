@@ -32,6 +32,7 @@ from kvstore._deadline import Deadline
 from kvstore._errors import KVStoreError, MasterUnavailableError
 from kvstore.daemon.moves import MoveRunner
 from kvstore.daemon.objects import ObjectTable
+from kvstore.daemon.write_guard import WriteGuard
 from kvstore.rpc import MasterClient, NodeSpec, Registration
 
 log = logging.getLogger("kvstore.daemon.master_link")
@@ -48,7 +49,8 @@ class MasterLink:
 
     def __init__(self, client: MasterClient, node: NodeSpec, table: ObjectTable, *,
                  clock: Callable[[], float] = time.monotonic,
-                 stop_event: threading.Event | None = None, segments=None):
+                 stop_event: threading.Event | None = None, segments=None,
+                 guard: WriteGuard | None = None):
         self._client = client
         self._node = node
         self._table = table
@@ -57,7 +59,8 @@ class MasterLink:
         self._stop = stop_event or threading.Event()
         self._wake = threading.Event()     # an early heartbeat (a move batch finished)
         # segment id -> segment: the tier moves' backends (None: moves are refused)
-        self.moves = MoveRunner(segments, self._wake.set) if segments else None
+        self.moves = MoveRunner(segments, self._wake.set, guard) if segments else None
+        self._guard = guard      # given each registration's capability secret
         self._thread: threading.Thread | None = None
         self.heartbeat_interval_s = 1.0
         self._moving = False      # the last beat acknowledged or received moves
@@ -102,6 +105,8 @@ class MasterLink:
                 self._client.unregister_node(node.node_id)
                 reply = self._client.register_node(node, inventory)
             self._table.reset_sequence()
+            if self._guard is not None:
+                self._guard.set_secret(reply.capability_secret)
         finally:
             self._table.end_registration()
         self.heartbeat_interval_s = max(reply.heartbeat_interval_s, 0.01)

@@ -25,7 +25,9 @@ import threading
 from typing import Callable, Mapping
 
 from kvstore._errors import InvalidArgumentError
+from kvstore.capability import MASTER_WRITER
 from kvstore.daemon.backends import Backend
+from kvstore.daemon.write_guard import CapabilityRefused, RangeCommitted, WriteGuard
 from kvstore.rpc.results import TierMove
 
 log = logging.getLogger("kvstore.daemon.moves")
@@ -72,8 +74,10 @@ class MoveRunner:
     """Runs the master's tier moves on one worker thread. Thread-safe."""
 
     def __init__(self, segments: Mapping[str, object],
-                 on_batch_done: Callable[[], None] = lambda: None):
+                 on_batch_done: Callable[[], None] = lambda: None,
+                 guard: WriteGuard | None = None):
         self._segments = dict(segments)
+        self._guard = guard    # checks each destination range like a WRITE (None: no check)
         self._on_batch_done = on_batch_done
         self._queue: queue.Queue[list[TierMove] | None] = queue.Queue()
         self._lock = threading.Lock()
@@ -134,6 +138,13 @@ class MoveRunner:
             log.warning("move %d of %r: bad segments %s -> %s", move.move_id, move.key,
                         move.src_segment_id, move.dst_segment_id)
             return False
+        if self._guard is not None:
+            try:
+                self._guard.check(move.dst_segment_id, move.dst_offset, move.length,
+                                  move.dst_capability, MASTER_WRITER)
+            except (CapabilityRefused, RangeCommitted) as exc:
+                log.warning("move %d of %r refused: %s", move.move_id, move.key, exc)
+                return False
         try:
             copy_range(src, move.src_offset, dst, move.dst_offset, move.length)
         except (ValueError, TypeError, OSError, BufferError) as exc:

@@ -28,6 +28,7 @@ from kvstore.rpc import HeartbeatChanges, Inventory
 
 if TYPE_CHECKING:
     from kvstore.daemon.backends import Backend
+    from kvstore.daemon.write_guard import WriteGuard
 
 #: Codec (kvstore.v1.Codec) recorded when a change names none: the raw bytes.
 CODEC_RAW = 0
@@ -47,8 +48,10 @@ class StoredObject:
 class ObjectTable:
     """key -> StoredObject for the replicas on this node, plus the last applied sequence."""
 
-    def __init__(self, backends: "list[Backend] | None" = None) -> None:
+    def __init__(self, backends: "list[Backend] | None" = None,
+                 guard: "WriteGuard | None" = None) -> None:
         self._lock = threading.Lock()
+        self._guard = guard       # told every committed range, to refuse writes over it
         self._key_to_object: dict[str, StoredObject] = {}
         self._segment_to_backend = {b.segment_id: b for b in backends or []}
         self.acked_seq = 0
@@ -100,8 +103,11 @@ class ObjectTable:
             if not response.full_resync and (response.seq <= self.acked_seq
                                               or response.base_seq > self.acked_seq):
                 return 0
+            guard = self._guard
             if response.full_resync:
                 self._key_to_object.clear()
+                if guard is not None:
+                    guard.note_reset()
                 for backend in backends.values():
                     backend.note_reset()
                     touched.add(backend)
@@ -117,13 +123,20 @@ class ObjectTable:
                         and old != stored:
                     backend.note_freed(key, old.offset, old.length)
                     touched.add(backend)
+                if guard is not None and old is not None:
+                    guard.note_freed(old.segment_id, key, old.offset)
                 self._key_to_object[key] = stored
+                if guard is not None:
+                    guard.note_stored(stored.segment_id, key, stored.offset, stored.length,
+                                      response.seq)
                 if (backend := backends.get(stored.segment_id)) is not None and old != stored:
                     backend.note_stored(key, stored.offset, stored.length, stored.checksum,
                                         stored.codec)
                     touched.add(backend)
             for key in response.removed_keys:
                 old = self._key_to_object.pop(key, None)
+                if old is not None and guard is not None:
+                    guard.note_freed(old.segment_id, key, old.offset)
                 if old is not None and (backend := backends.get(old.segment_id)) is not None:
                     backend.note_freed(key, old.offset, old.length)
                     touched.add(backend)

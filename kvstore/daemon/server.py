@@ -26,6 +26,7 @@ from typing import Callable
 from kvstore._errors import ConfigError
 from kvstore.daemon.config import DaemonConfig
 from kvstore.daemon.dataplane import DataPlaneServer
+from kvstore.daemon.write_guard import WriteGuard
 from kvstore.daemon.backends import Backend, ShmBackend
 from kvstore.transport.hostid import local_host_id
 
@@ -65,11 +66,12 @@ class Daemon:
             if self.config.nixl:
                 from kvstore.daemon.nixl_agent import DaemonNixlAgent
                 self.nixl_agent = DaemonNixlAgent(self.segments)
+            self.guard = WriteGuard(self.node_id)
             self.dataplane = DataPlaneServer(
                 self.segments, node_id=self.node_id, host=self.config.host,
                 port=self.config.port, token=self.config.token,
                 max_connections=self.config.max_connections,
-                handshake_timeout_s=self.config.handshake_timeout_s)
+                handshake_timeout_s=self.config.handshake_timeout_s, guard=self.guard)
             try:
                 self.address = self.dataplane.start()
             except OSError as exc:
@@ -101,7 +103,7 @@ class Daemon:
 
         self._master_client = grpc_client(self.config.master_addr, token=self.config.token,
                                           rpc_timeout_s=self.config.rpc_timeout_s)
-        self.objects = ObjectTable(self.segments)
+        self.objects = ObjectTable(self.segments, self.guard)
         from kvstore.daemon.objects import StoredObject
         for segment in self.segments:
             for entry in getattr(segment, "recovered", ()):
@@ -111,7 +113,8 @@ class Daemon:
         self.dataplane.on_commit = self.objects.apply_pushed
         self.master_link = MasterLink(self._master_client, self.node_spec(), self.objects,
                                       clock=self._clock, stop_event=self._interrupted,
-                                      segments={s.segment_id: s for s in self.segments})
+                                      segments={s.segment_id: s for s in self.segments},
+                                      guard=self.guard)
         self.master_link.register(timeout_s=self.config.register_timeout_s)
         self.master_link.start_heartbeats()
 
@@ -124,7 +127,8 @@ class Daemon:
                                               s.path) for s in self.segments],
                         incarnation=self.incarnation,
                         nixl_metadata=self.nixl_agent.metadata if self.nixl_agent else b"",
-                        commit_push=True)
+                        commit_push=True,
+                        write_capabilities=self.config.write_capabilities)
 
     def _create_segments(self) -> list[Backend]:
         config = self.config

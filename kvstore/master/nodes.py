@@ -92,7 +92,8 @@ class Node:
 
     __slots__ = ("node_id", "host_id", "data_addr", "segments", "last_heartbeat_s", "keys",
                  "seq", "log", "incarnation", "outbox",
-                 "nixl_metadata", "durable_seq", "touched", "commit_push", "beat_durable")
+                 "nixl_metadata", "durable_seq", "touched", "commit_push", "beat_durable",
+                 "capability_secret")
 
     def __init__(self, node_id: str, host_id: str, data_addr: str, now_s: float,
                  incarnation: str = "", touched: set | None = None):
@@ -111,6 +112,9 @@ class Node:
         self.keys: set[str] = set()
         self.seq = 0
         self.nixl_metadata = b""  # published as registered, returned by ListNodes
+        # key of this node's write capabilities (kvstore/capability.py); None: the daemon
+        # does not check them (an older daemon), so none are issued for it
+        self.capability_secret: bytes | None = None
         # entries: (seq, key, segment_id, offset, length, checksum, codec); segment_id None
         # marks a removal
         self.log: deque[tuple] = deque()

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import grpc
 
+from kvstore import capability
 from kvstore.master import eviction, tiering
 from kvstore.master.nodes import Node, SegmentSpace
 from kvstore.master.objects import CODECS, COMPLETE, ObjectMeta
@@ -60,6 +61,8 @@ def register_node(state, info, inventory, now_s: float) -> int:
                 state.touched)
     node.nixl_metadata = info.nixl_metadata
     node.commit_push = info.commit_push
+    if info.write_capabilities:
+        node.capability_secret = capability.new_secret()   # rotates with each registration
     for seg in info.segments:
         check_id(seg.segment_id, "segment_id")
         if seg.segment_id in node.segments:

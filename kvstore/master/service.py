@@ -24,6 +24,7 @@ import asyncio
 import grpc
 
 from kvstore.master import replies
+from kvstore.master.capabilities import CapabilityIssuer
 from kvstore.master.objects import ITEM_OK, ITEM_UNCOMMITTED
 from kvstore.master.state import MasterState
 from kvstore.master.validation import Rejected, check_batch, check_id, invalid
@@ -49,8 +50,10 @@ class MasterService:
     the one layer that turns the state's results into replies (those with tables or packed
     arrays through ``replies.ReplyEncoder``, which holds the encoder's caches)."""
 
-    def __init__(self, state: MasterState, *, metrics_port: int | None = None):
+    def __init__(self, state: MasterState, *, metrics_port: int | None = None,
+                 wall_clock=time.time):
         self.state = state
+        self.capabilities = CapabilityIssuer(state.config, wall_clock)
         self.metrics_port = metrics_port or 0
         self.fast_port = 0  # set by the server once the fast path is bound; 0: none
         self.lock = threading.Lock()
@@ -69,7 +72,8 @@ class MasterService:
         return pb.RegisterNodeResponse(
             heartbeat_interval_ms=int(config.heartbeat_interval_s * 1000),
             node_ttl_ms=int(config.node_ttl_s * 1000), master_id=self.state.master_id,
-            num_objects_adopted=num_adopted)
+            num_objects_adopted=num_adopted,
+            capability_secret=self.state.nodes[request.node.node_id].capability_secret or b"")
 
     def Heartbeat(self, request, now_s):
         result = self.state.heartbeat(request.node_id, request.acked_seq, now_s,
@@ -80,7 +84,12 @@ class MasterService:
             for obj in result[-1]:          # moved objects: their cached rows are stale
                 add_row(obj)
             base_seq = self.state.nodes[request.node_id].durable_seq
-        return replies.heartbeat(self.state.master_id, result, base_seq)
+        reply = replies.heartbeat(self.state.master_id, result, base_seq)
+        if reply.moves:
+            node = self.state.nodes[request.node_id]
+            for move in reply.moves:
+                move.dst_capability = self.capabilities.for_move(node, move)
+        return reply
 
     def UnregisterNode(self, request, now_s):
         num_dropped = self.state.unregister_node(request.node_id)
@@ -90,11 +99,17 @@ class MasterService:
     # -- put ----------------------------------------------------------------------------------
 
     def PutStart(self, request, now_s):
-        return self.replies.put_start(*self.state.put_start(
-            request.keys, self.replies.sizes.intern(request.sizes), request.replicas,
+        sizes = self.replies.sizes.intern(request.sizes)
+        statuses, messages, all_picks = self.state.put_start(
+            request.keys, sizes, request.replicas,
             request.preferred_tier, request.near_host_id, request.client_id,
             _checked_ttl_s(request.soft_pin_ttl_ms, MAX_PIN_TTL_MS, "soft_pin_ttl_ms"),
-            request.hard_pin, request.codec, now_s, request.near_node_id))
+            request.hard_pin, request.codec, now_s, request.near_node_id)
+        reply = self.replies.put_start(statuses, messages, all_picks)
+        caps = self.capabilities.for_put(request.keys, sizes, all_picks)
+        if caps is not None:
+            reply.replica_capability.extend(caps)
+        return reply
 
     def PutEnd(self, request, now_s):
         statuses, committed = self.state.put_end(request.keys, request.client_id,

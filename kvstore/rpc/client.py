@@ -210,7 +210,8 @@ class MasterClient:
         return Registration(master_id=reply.master_id,
                             heartbeat_interval_s=reply.heartbeat_interval_ms / 1000.0,
                             node_ttl_s=reply.node_ttl_ms / 1000.0,
-                            num_objects_adopted=reply.num_objects_adopted)
+                            num_objects_adopted=reply.num_objects_adopted,
+                            capability_secret=reply.capability_secret)
 
     def heartbeat(self, node_id: str, acked_seq: int, *, moves_done: Sequence[int] = (),
                   moves_failed: Sequence[int] = (), deadline: Deadline | None = None,

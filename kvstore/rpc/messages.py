@@ -66,11 +66,14 @@ def _segment_prefixes(reply: Any) -> list[tuple[str, str, str, str, str]]:
     return prefixes
 
 
-def decode_targets(reply: Any, sizes: Sequence[int], ok: Sequence[bool]) -> list[list[Target]]:
+def decode_targets(reply: Any, sizes: Sequence[int], ok: Sequence[bool],
+                   capabilities: Sequence[bytes] = ()) -> list[list[Target]]:
     """The replica Targets of each key of a PutStart or GetReplicas reply.
 
     ``sizes[i]`` is the object size of key i (the length of each of its Targets); keys with
-    ``ok[i]`` False get an empty list. Raises KVStoreError on out-of-range indices.
+    ``ok[i]`` False get an empty list. ``capabilities``: PutStart's, one per replica (empty:
+    none). Raises KVStoreError on out-of-range indices or a capability list of another
+    length than the replicas'.
     """
     prefixes = _segment_prefixes(reply)
     starts, counts = reply.replica_start, reply.replica_count
@@ -81,7 +84,7 @@ def decode_targets(reply: Any, sizes: Sequence[int], ok: Sequence[bool]) -> list
         starts, counts = list(starts), list(counts)
         segment_indices, offsets = list(segment_indices), list(offsets)
     num_replicas = len(segment_indices)
-    if len(offsets) != num_replicas:
+    if len(offsets) != num_replicas or (capabilities and len(capabilities) != num_replicas):
         raise KVStoreError("malformed master reply: replica arrays differ in length")
     num_prefixes = len(prefixes)
     targets: list[list[Target]] = []
@@ -103,7 +106,10 @@ def decode_targets(reply: Any, sizes: Sequence[int], ok: Sequence[bool]) -> list
             if index >= num_prefixes:
                 raise KVStoreError(f"malformed master reply: replica {j} names segment "
                                    f"{index} of {num_prefixes}")
-            key_targets.append(Target(*prefixes[index], offsets[j], size))
+            if capabilities:
+                key_targets.append(Target(*prefixes[index], offsets[j], size, capabilities[j]))
+            else:
+                key_targets.append(Target(*prefixes[index], offsets[j], size))
         targets.append(key_targets)
     return targets
 
@@ -117,7 +123,7 @@ def put_slots(reply: pb.PutStartResponse, keys: Sequence[str], sizes: Sequence[i
     check_length(reply, "statuses", len(keys), "PutStart")
     statuses = reply.statuses
     ok = [status == OK for status in statuses]
-    targets = decode_targets(reply, sizes, ok)
+    targets = decode_targets(reply, sizes, ok, reply.replica_capability)
     messages = reply.error_messages
     results: list[list[Target] | KVStoreError | None] = []
     for i, key in enumerate(keys):
@@ -170,7 +176,8 @@ def node_info(node: NodeSpec) -> pb.NodeInfo:
     return pb.NodeInfo(node_id=node.node_id, host_id=node.host_id, data_addr=node.data_addr,
                        segments=[_segment_info(s) for s in node.segments],
                        incarnation=node.incarnation,
-                       nixl_metadata=node.nixl_metadata, commit_push=node.commit_push)
+                       nixl_metadata=node.nixl_metadata, commit_push=node.commit_push,
+                       write_capabilities=node.write_capabilities)
 
 
 def _segment_info(segment: SegmentSpec) -> pb.SegmentInfo:
@@ -198,7 +205,7 @@ def heartbeat_changes(reply: pb.HeartbeatResponse) -> HeartbeatChanges:
                         list(added.lengths), list(added.checksums), list(added.codecs)),
         removed_keys=list(reply.removed_keys), base_seq=reply.base_seq,
         moves=[TierMove(m.move_id, m.key, m.src_segment_id, m.src_offset, m.dst_segment_id,
-                        m.dst_offset, m.length) for m in reply.moves])
+                        m.dst_offset, m.length, m.dst_capability) for m in reply.moves])
 
 
 # ---- observability -----------------------------------------------------------------------

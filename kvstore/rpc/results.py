@@ -62,6 +62,7 @@ class NodeSpec:
     incarnation: str = ""     # changes each time the daemon process starts
     nixl_metadata: bytes = b""  # daemon --nixl: kvstore.transport.nixl_meta; b"" without
     commit_push: bool = False  # takes COMMIT pushes (durable commit waits for this node)
+    write_capabilities: bool = False  # the node verifies write capabilities (asks a secret)
 
 
 @dataclass(slots=True)
@@ -88,6 +89,7 @@ class Registration:
     heartbeat_interval_s: float
     node_ttl_s: float
     num_objects_adopted: int
+    capability_secret: bytes = b""   # key of this node's write capabilities; b"": none
 
 
 @dataclass(frozen=True, slots=True)
@@ -103,6 +105,7 @@ class TierMove:
     dst_segment_id: str
     dst_offset: int
     length: int
+    dst_capability: bytes = b""   # the master's permission to write the destination range
 
 
 @dataclass(frozen=True, slots=True)

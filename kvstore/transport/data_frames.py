@@ -10,11 +10,19 @@ status OK and, as its message, the daemon's node_id (so a client notices it reac
 different daemon than the one it meant), or status AUTH_FAILED / BAD_FRAME, after which it
 closes.
 
-Request (client -> server), 26-byte header, then the segment id, then for WRITE the payload::
+Request (client -> server), 26-byte header, then the segment id, then for WRITE the
+capability (when flagged) and the payload::
 
-    REQUEST magic "KQ" | op u8 | flags u8 (0) | seg_len u16 (1..255) | request_id u32 |
+    REQUEST magic "KQ" | op u8 | flags u8 | seg_len u16 (1..255) | request_id u32 |
             offset u64 | length u64
-            segment_id (seg_len bytes, UTF-8) | payload (length bytes; WRITE only)
+            segment_id (seg_len bytes, UTF-8) |
+            [cap_len u16 | capability (cap_len bytes)]  (WRITE with FLAG_CAPABILITY only) |
+            payload (length bytes; WRITE only)
+
+    flags: FLAG_CAPABILITY (1) on a WRITE: a write capability (``kvstore/capability.py``)
+    follows the segment id; other bits 0. A daemon whose master gave it a capability secret
+    refuses a WRITE without a valid one (CAPABILITY_REFUSED) and one over a range committed
+    after its capability was issued (RANGE_COMMITTED), before a byte of the payload lands.
 
     op: READ (1) returns ``length`` bytes of the segment from ``offset``; WRITE (2) stores the
     payload there; PING (3) carries no range (offset = length = 0 and seg_len = 0);
@@ -62,6 +70,8 @@ MAX_COMMIT_BYTES = 256 << 20
 MAX_MESSAGE_BYTES = 4096
 
 REQUEST = struct.Struct("<2sBBHIQQ")
+CAPABILITY_LENGTH = struct.Struct("<H")
+FLAG_CAPABILITY = 1
 REPLY = struct.Struct("<BBHIQ")
 
 # NOTE: loopback and LAN sockets move bulk bytes fastest with large kernel buffers; 4 MiB is
@@ -83,6 +93,8 @@ class Status(enum.IntEnum):
     NO_SEGMENT = 3      # the daemon has no segment with this id
     OUT_OF_RANGE = 4    # offset + length runs past the end of the segment
     INTERNAL = 5        # the server failed (e.g. an I/O error on a file segment)
+    CAPABILITY_REFUSED = 6  # WRITE without a valid capability for exactly this range
+    RANGE_COMMITTED = 7     # WRITE over an object committed after its capability was issued
 
 
 def encode_hello(token: str | None) -> bytes:
@@ -90,8 +102,14 @@ def encode_hello(token: str | None) -> bytes:
     return _encode_hello(HELLO_MAGIC, PROTOCOL_VERSION, token)
 
 
-def encode_request(op: Op, segment_id: bytes, request_id: int, offset: int, length: int) -> bytes:
-    """Header plus segment id of one request (the WRITE payload is sent after it)."""
+def encode_request(op: Op, segment_id: bytes, request_id: int, offset: int, length: int,
+                   capability: bytes = b"") -> bytes:
+    """Header plus segment id (plus, for a WRITE given one, the capability) of one request;
+    the WRITE payload is sent after it."""
+    if capability:
+        return REQUEST.pack(REQUEST_MAGIC, op, FLAG_CAPABILITY, len(segment_id),
+                            request_id & 0xFFFFFFFF, offset, length) + segment_id + \
+            CAPABILITY_LENGTH.pack(len(capability)) + capability
     return REQUEST.pack(REQUEST_MAGIC, op, 0, len(segment_id), request_id & 0xFFFFFFFF,
                         offset, length) + segment_id
 

@@ -114,8 +114,8 @@ class TcpTransport(Transport):
 
     def _transfer_stripe(self, op: Op, target: Target, buffer: memoryview, start: int,
                          length: int, deadline: Deadline) -> None:
-        stripe = Target(target.node_id, target.host_id, target.data_addr, target.segment_id,
-                        target.shm_name, target.offset + start, length)
+        # NOTE: the stripe keeps the whole range's capability, which allows any part of it
+        stripe = target._replace(offset=target.offset + start, length=length)
         self._transfer_once(op, stripe, buffer[start:start + length], deadline)
 
     def _transfer_once(self, op: Op, target: Target, buffer: memoryview,
@@ -150,8 +150,11 @@ class TcpTransport(Transport):
                   deadline: Deadline) -> None:
         conn.set_deadline(deadline)
         segment_id = target.segment_id.encode()
-        conn.send_request(op, segment_id, target.offset, target.length,
-                          buffer if op == Op.WRITE else None)
+        if op == Op.WRITE:
+            conn.send_request(op, segment_id, target.offset, target.length, buffer,
+                              target.capability)
+        else:
+            conn.send_request(op, segment_id, target.offset, target.length)
         self._receive(conn, op, target, buffer)
 
     def _receive(self, conn: Connection, op: Op, target: Target, buffer: memoryview) -> None:
@@ -235,8 +238,12 @@ class TcpTransport(Transport):
                 while next_pos < len(group) and len(in_flight) < PIPELINE_DEPTH:
                     index = group[next_pos]
                     target = items[index][0]
-                    conn.send_request(op, target.segment_id.encode(), target.offset,
-                                      target.length, views[index] if op == Op.WRITE else None)
+                    if op == Op.WRITE:
+                        conn.send_request(op, target.segment_id.encode(), target.offset,
+                                          target.length, views[index], target.capability)
+                    else:
+                        conn.send_request(op, target.segment_id.encode(), target.offset,
+                                          target.length)
                     in_flight.append(index)
                     next_pos += 1
                 index = in_flight.popleft()

@@ -84,10 +84,12 @@ class Connection:
         self.node_id = message
 
     def send_request(self, op: Op, segment_id: bytes, offset: int, length: int,
-                     payload: memoryview | None = None) -> None:
-        """Send one request (and, for WRITE, its payload) in as few syscalls as possible."""
+                     payload: memoryview | None = None, capability: bytes = b"") -> None:
+        """Send one request (and, for WRITE, its capability and payload) in as few syscalls
+        as possible."""
         self._next_request_id += 1
-        header = data_frames.encode_request(op, segment_id, self._next_request_id, offset, length)
+        header = data_frames.encode_request(op, segment_id, self._next_request_id, offset,
+                                            length, capability)
         if payload is None or len(payload) == 0:
             self.sock.sendall(header)
         else:

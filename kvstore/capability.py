@@ -1,0 +1,128 @@
+"""Write capabilities: the master's signed permission to write one allocated range.
+
+Why: the data plane's token proves only that a client belongs to the cluster. Without more,
+any such client could WRITE anywhere in a daemon's segments, including over committed
+objects of other writers. A capability names exactly one range the master allocated for one
+object and one writer, for a limited time, and a daemon can verify it without asking the
+master.
+
+Format (little-endian), at most ``MAX_CAPABILITY_BYTES``::
+
+    version u8 (1) | offset u64 | length u64 | expiry_ms u64 | node_seq u64 |
+    object_id 16 bytes | writer_len u8 | writer (UTF-8) | mac 16 bytes
+
+``mac`` is keyed BLAKE2b-128 (the node's secret as key) over everything before it plus the
+node id and the segment id, so a capability is valid only on the node and segment it was
+issued for. ``object_id`` is ``object_id(key)``; ``expiry_ms`` is Unix time in ms (the
+master's wall clock; hosts are expected to keep their clocks in sync: skew lengthens or
+shortens the window by as much). ``writer`` is the principal the master's auth layer
+assigned to the caller (``kvstore._principal``). ``node_seq`` is the node's change sequence
+at the master when it issued the capability (the master knew every commit and removal up to
+it): a daemon refuses a write over an object committed after that sequence (the capability
+is stale: a replay after the put ended, or a range freed and allocated again since), and
+trusts the master about objects at or before it (their removal may not have reached the
+daemon yet).
+
+Secrets: ``new_secret()`` per node, made by the master at each registration (so a daemon's
+re-registration rotates it) and sent in the registration reply; never written to disk.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import secrets
+import struct
+from typing import NamedTuple
+
+VERSION = 1
+SECRET_BYTES = 32
+MAC_BYTES = 16
+OBJECT_ID_BYTES = 16
+MAX_WRITER_BYTES = 255
+#: The writer named in the capabilities of tier moves (the daemon copies on the master's order)
+MASTER_WRITER = "kvstore-master"
+_FIXED = struct.Struct("<BQQQQ16sB")
+MAX_CAPABILITY_BYTES = _FIXED.size + MAX_WRITER_BYTES + MAC_BYTES
+
+
+class Capability(NamedTuple):
+    """A decoded, verified capability: the range it allows and for whom."""
+
+    offset: int
+    length: int
+    expiry_ms: int
+    node_seq: int
+    object_id: bytes
+    writer: str
+
+
+class CapabilityRefused(Exception):
+    """A capability is missing, malformed, forged, for another range or node, or expired.
+    ``str()`` is the reason, meant for the refused client."""
+
+
+def new_secret() -> bytes:
+    """A fresh random per-node key."""
+    return secrets.token_bytes(SECRET_BYTES)
+
+
+def object_id(key: str) -> bytes:
+    """The object identity a capability binds: a 128-bit digest of the key."""
+    return hashlib.blake2b(key.encode(), digest_size=OBJECT_ID_BYTES).digest()
+
+
+def _mac(secret: bytes, body: bytes, node_id: str, segment_id: str) -> bytes:
+    mac = hashlib.blake2b(body, key=secret, digest_size=MAC_BYTES)
+    mac.update(b"\0" + node_id.encode() + b"\0" + segment_id.encode())
+    return mac.digest()
+
+
+def issue(secret: bytes, node_id: str, segment_id: str, offset: int, length: int,
+          key: str, writer: str, expiry_ms: int, node_seq: int) -> bytes:
+    """The capability for writing ``[offset, offset + length)`` of ``segment_id`` on
+    ``node_id`` for ``key``'s object, by ``writer``, until ``expiry_ms``, issued when the
+    node's change sequence was ``node_seq``. Raises ValueError
+    for a writer longer than MAX_WRITER_BYTES (a master-side bug, never user input)."""
+    writer_bytes = writer.encode()
+    if len(writer_bytes) > MAX_WRITER_BYTES:
+        raise ValueError(f"writer identity longer than {MAX_WRITER_BYTES} bytes")
+    body = _FIXED.pack(VERSION, offset, length, expiry_ms, node_seq, object_id(key),
+                       len(writer_bytes)) + writer_bytes
+    return body + _mac(secret, body, node_id, segment_id)
+
+
+def check(secret: bytes, node_id: str, segment_id: str, blob: bytes, offset: int,
+          length: int, writer: str, now_ms: int) -> Capability:
+    """Verify that ``blob`` allows ``writer`` to write ``[offset, offset + length)`` of
+    ``segment_id`` on ``node_id`` at ``now_ms``; the range may be a part of the
+    capability's range (a striped write), never reach outside it.
+
+    Returns the decoded Capability. Raises CapabilityRefused naming the reason: missing,
+    malformed, bad MAC (forged, or issued for another node, segment or secret), expired,
+    another writer, or a range outside the allowed one.
+    """
+    if not blob:
+        raise CapabilityRefused("no write capability (the master issues one per allocated "
+                                "range with PutStart)")
+    if len(blob) < _FIXED.size + MAC_BYTES or len(blob) > MAX_CAPABILITY_BYTES:
+        raise CapabilityRefused(f"malformed write capability ({len(blob)} bytes)")
+    version, cap_offset, cap_length, expiry_ms, node_seq, obj_id, writer_len = \
+        _FIXED.unpack_from(blob)
+    body_len = _FIXED.size + writer_len
+    if version != VERSION or len(blob) != body_len + MAC_BYTES:
+        raise CapabilityRefused("malformed write capability")
+    body = blob[:body_len]
+    if not hmac.compare_digest(_mac(secret, body, node_id, segment_id), blob[body_len:]):
+        raise CapabilityRefused("write capability does not verify (forged, or issued for "
+                                "another node, segment or registration)")
+    cap_writer = body[_FIXED.size:].decode("utf-8", "replace")
+    if now_ms >= expiry_ms:
+        raise CapabilityRefused(f"write capability expired {now_ms - expiry_ms} ms ago")
+    if cap_writer != writer:
+        raise CapabilityRefused(f"write capability belongs to writer {cap_writer!r}")
+    if offset < cap_offset or offset + length > cap_offset + cap_length:
+        raise CapabilityRefused(
+            f"write capability allows [{cap_offset}, +{cap_length}), not "
+            f"[{offset}, +{length})")
+    return Capability(cap_offset, cap_length, expiry_ms, node_seq, obj_id, cap_writer)

@@ -1,0 +1,112 @@
+"""The daemon's check of every write into its segments: a data-plane WRITE or a tier move.
+
+Rule (once the master gave this node a capability secret at registration): a write of
+``[offset, offset + length)`` in a segment is allowed iff
+  1. it carries a capability (``kvstore/capability.py``) that verifies with this node's
+     secret, for this node and segment, not expired, whose writer is the principal of the
+     connection it came on, and whose range contains the written range; and
+  2. the range overlaps no object this node's table learnt as committed after the
+     capability was issued (``Capability.node_seq``): a capability replayed after its put
+     ended, or kept past a remove that let the master allocate the range again, is refused.
+Objects the table learnt at or before ``node_seq`` are the master's to judge: it allocated
+the range knowing them, so their removal is on its way to this node.
+
+Before the first registration with a secret (an older master), every write is allowed, as
+before capabilities existed. The committed ranges are kept per segment in a sorted map
+(offset -> end, seq), updated by ``ObjectTable.apply`` through ``note_*``; a check costs one
+keyed BLAKE2b and one bisection. Thread-safe: one lock.
+
+Window: an object committed less than a heartbeat ago is not yet in this node's table, so a
+replay of its still-valid capability in that window is not refused (see docs/ARCHITECTURE.md,
+"Write capabilities"); readers' checksums are the backstop.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from typing import Callable
+
+from sortedcontainers import SortedDict
+
+from kvstore import capability
+from kvstore.capability import CapabilityRefused
+
+
+class RangeCommitted(Exception):
+    """The written range overlaps an object committed after the capability was issued."""
+
+
+class WriteGuard:
+    """Decides whether a write may land; see the module docstring for the rule."""
+
+    def __init__(self, node_id: str, *, wall_clock: Callable[[], float] = time.time):
+        self.node_id = node_id
+        self._wall_clock = wall_clock
+        self._lock = threading.Lock()
+        self._secret: bytes | None = None
+        # segment id -> SortedDict(offset -> (end, seq, key)) of the committed objects there
+        self._segment_to_ranges: dict[str, SortedDict] = {}
+
+    @property
+    def enforcing(self) -> bool:
+        """True once the master gave this node a secret (writes need capabilities)."""
+        return self._secret is not None
+
+    def set_secret(self, secret: bytes | None) -> None:
+        """The secret of the current registration (b"" or None: the master issues none).
+        Capabilities of earlier registrations stop verifying at once. The committed ranges
+        are forgotten until the registration's first (full) change set: their sequences
+        belong to the previous registration, and no valid capability predates this one."""
+        with self._lock:
+            self._secret = secret or None
+            self._segment_to_ranges.clear()
+
+    def check(self, segment_id: str, offset: int, length: int, blob: bytes,
+              writer: str) -> None:
+        """Allow the write or raise CapabilityRefused / RangeCommitted with the reason.
+        ``writer``: the principal of the connection (or MASTER_WRITER for tier moves)."""
+        secret = self._secret
+        if secret is None:
+            return
+        cap = capability.check(secret, self.node_id, segment_id, blob, offset, length, writer,
+                               int(self._wall_clock() * 1000))
+        with self._lock:
+            ranges = self._segment_to_ranges.get(segment_id)
+            if not ranges:
+                return
+            end = offset + length
+            # the object starting before offset (it may reach into the range), then every
+            # one starting inside it
+            starts = list(ranges.irange(offset, end, inclusive=(True, False)))
+            before = ranges.bisect_left(offset)
+            if before:
+                starts.append(ranges.peekitem(before - 1)[0])
+            for start in starts:
+                obj_end, seq, key = ranges[start]
+                if offset < obj_end and seq > cap.node_seq:
+                    raise RangeCommitted(
+                        f"range [{offset}, +{length}) overlaps {key!r}, committed at "
+                        f"[{start}, {obj_end}) after the capability was issued")
+
+    # ---- the object table's changes (kvstore.daemon.objects.ObjectTable.apply) ---------
+    def note_stored(self, segment_id: str, key: str, offset: int, length: int,
+                    seq: int) -> None:
+        with self._lock:
+            ranges = self._segment_to_ranges.setdefault(segment_id, SortedDict())
+            ranges[offset] = (offset + length, seq, key)
+
+    def note_freed(self, segment_id: str, key: str, offset: int) -> None:
+        with self._lock:
+            ranges = self._segment_to_ranges.get(segment_id)
+            # NOTE: only if still this key's: a change set adds before it removes, so
+            # another object may already start at this offset
+            if ranges is not None and ranges.get(offset, (0, 0, None))[2] == key:
+                del ranges[offset]
+
+    def note_reset(self) -> None:
+        with self._lock:
+            self._segment_to_ranges.clear()
+
+
+__all__ = ["CapabilityRefused", "RangeCommitted", "WriteGuard"]
