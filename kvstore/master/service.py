@@ -48,6 +48,8 @@ class MasterService:
         self.fast_port = 0  # set by the server once the fast path is bound; 0: none
         self.lock = threading.Lock()
         self.replies = replies.ReplyEncoder(state)
+        # the HA fence (``kvstore.ha.leadership.Leadership``); None: a master without etcd
+        self.leadership = None
 
     # -- registration -------------------------------------------------------------------------
 
@@ -179,6 +181,8 @@ def make_invoker(service: MasterService, name: str, clock, metrics, transport: s
     """
     method = getattr(service, name)
     lock, state = service.lock, service.state
+    leadership = service.leadership
+    nodes = state.nodes
     method_metrics = metrics.for_method(name, transport) if metrics else None
     perf_counter = time.perf_counter
 
@@ -186,10 +190,15 @@ def make_invoker(service: MasterService, name: str, clock, metrics, transport: s
         started = perf_counter()
         with lock:
             try:
+                if leadership is not None:       # HA: refuse unless serving (the fence)
+                    leadership.check(name, request.epoch, nodes)
                 now_s = clock.monotonic()
                 if now_s >= state.next_sweep_s:
                     state.sweep(now_s)
-                return method(request, now_s)
+                reply = method(request, now_s)
+                if leadership is not None:
+                    reply.epoch = leadership.epoch
+                return reply
             except Rejected:
                 raise
             except Exception as exc:
