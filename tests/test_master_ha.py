@@ -91,6 +91,7 @@ def test_sigkill_leader_under_load_standby_takes_over(etcd):
                                 for w in workers) - killed_at
         # the lease lasts ELECTION_TTL_S (3 s) after the last renewal; then a standby, the
         # daemons and the client each find the new leader within a poll or two
+        print(f"failover: a put acknowledged {first_put_after_s:.2f}s after the SIGKILL")
         assert first_put_after_s < 5.0, first_put_after_s
         for worker in workers:     # some more puts and gets on the new leader
             n = len(worker.of("acked"))
@@ -193,9 +194,11 @@ def test_etcd_outage_leader_steps_down_and_cluster_recovers(etcd):
             store.get("outage/0", timeout_s=2)        # no leader while etcd is down
 
         etcd.start()
+        back_at = time.monotonic()
         new_leader = cluster.wait_leader(min_epoch=leader.epoch + 1, timeout_s=30)
         assert new_leader.grpc_address != leader.grpc_address
         assert store.get("outage/0", timeout_s=30) == _value(0)   # rebuilt from the daemon
+        print(f"etcd outage: served again {time.monotonic() - back_at:.2f}s after etcd returned")
         assert store.put("outage/1", _value(1)) is None
         store.close()
     finally:
@@ -294,3 +297,55 @@ def test_master_address_forms_are_checked():
     for bad in ("etcd://h:1", "etcd://h/c", "etcd://h:1/", "a:1,", "a", "etcd://h:1/x y"):
         with pytest.raises(ConfigError):
             MasterSpec.parse(bad)
+    with pytest.raises(kvstore.InvalidArgumentError, match="etcd://HOST:PORT/CLUSTER"):
+        kvstore.connect("etcd://127.0.0.1:1")
+
+
+# ---- without etcd, and the client's side of the fence ---------------------------------------
+
+def test_plain_address_list_moves_to_the_next_master():
+    from servers import ServerProcess
+
+    first = ServerProcess(["master", "--host", "127.0.0.1", "--port", "0"])
+    second = ServerProcess(["master", "--host", "127.0.0.1", "--port", "0"])
+    spec = f"{first.address},{second.address}"
+    daemon = ServerProcess(["daemon", "--master", spec, "--host", "127.0.0.1", "--port", "0",
+                            "--dram", "16MiB"])
+    try:
+        store = kvstore.connect(spec, timeout_s=30)
+        assert store.put("list/0", _value(0)) is None
+        _wait_daemons_reported(first.address, time.monotonic(), 1)   # NOTE: see above
+        first.kill()
+        # the daemon re-registers with the second master (with its inventory); without etcd
+        # that master does not wait for it (no takeover), so the test does
+        _wait(lambda: [n.num_objects for n in _nodes(second.address)] == [1], 30,
+              "daemon registered with the second master")
+        assert store.get("list/0") == _value(0)     # the client moves after one failed call
+        assert store.put("list/1", _value(1)) is None
+        assert [n.num_objects for n in _nodes(second.address)] == [2]
+        store.close()
+    finally:
+        for process in (daemon, first, second):
+            process.close()
+
+
+def test_client_drops_a_reply_with_an_older_epoch():
+    from servers import ServerProcess
+
+    from kvstore.ha.carrier import FailoverCarrier
+    from kvstore.ha.cluster import MasterSpec
+    from kvstore.rpc import GrpcCarrier, MasterClient
+    from kvstore.rpc.errors import ConnectionLostError
+
+    master = ServerProcess(["master", "--host", "127.0.0.1", "--port", "0"])   # epoch 0
+    try:
+        carrier = FailoverCarrier(MasterSpec.parse(f"{master.address},{master.address}"),
+                                  lambda info: GrpcCarrier(info.grpc_address))
+        with MasterClient(carrier, rpc_timeout_s=5) as client:
+            assert client.stats().master_id           # epoch 0 seen: accepted
+            carrier.epoch = 7                         # as if a leader of epoch 7 answered before
+            with pytest.raises(ConnectionLostError) as info:
+                client.remove(["k"])                  # not retried: the error comes back
+            assert "older than the 7 already seen" in str(info.value)
+    finally:
+        master.close()

@@ -125,6 +125,11 @@ class Election:
         try:
             if self.etcd.get(self.keys.leader) is not None:
                 return
+            # NOTE: renew first: after an etcd outage the last renewal is old, and a leader
+            # trusts its lease only from the last renewal it sent
+            self._renew()
+            if self._clock() - self._last_renewal_s > self._trust_s() / 2:
+                return
             created, revision = self.etcd.create(self.keys.leader, self.info.to_json(),
                                                  lease_id=self._lease_id)
             if not created:

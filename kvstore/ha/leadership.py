@@ -51,8 +51,9 @@ class Role(enum.Enum):
 
 
 class Leadership:
-    """The role of one master; changed by the election thread, read per call (both under
-    the service lock)."""
+    """The role of one master: changed by the election thread (each change a few attribute
+    writes, ordered so that a call checked meanwhile sees a consistent state), read by
+    every call under the service lock (which also moves TAKING_OVER to LEADING)."""
 
     def __init__(self, cluster: str, *, takeover_wait_s: float, clock=time.monotonic):
         self.cluster = cluster
@@ -68,10 +69,13 @@ class Leadership:
     # ---- changes (election thread) ---------------------------------------------------------
 
     def elect(self, epoch: int, lease_valid_until_s: float, expected_nodes) -> None:
-        self.role, self.epoch = Role.TAKING_OVER, epoch
+        # NOTE: the role last: a call checked meanwhile (under the service lock, while this
+        # runs on the election thread) sees a standby, or a leader with its lease and epoch
+        self.epoch = epoch
         self.lease_valid_until_s = lease_valid_until_s
         self._expected_nodes = frozenset(expected_nodes)
         self._takeover_until_s = self.clock() + self.takeover_wait_s
+        self.role = Role.TAKING_OVER
         log.info("elected leader of cluster %s, epoch %d: taking over, waiting up to %.1fs "
                  "for %d daemons", self.cluster, epoch, self.takeover_wait_s,
                  len(self._expected_nodes))

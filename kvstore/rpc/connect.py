@@ -11,7 +11,7 @@ carrier open, not two. "grpc" stays on gRPC.
 from __future__ import annotations
 
 from kvstore._deadline import Deadline
-from kvstore._errors import InvalidArgumentError, MasterUnavailableError
+from kvstore._errors import ConfigError, InvalidArgumentError, MasterUnavailableError
 from kvstore.rpc.client import MasterClient
 from kvstore.rpc.fast_carrier import FastCarrier
 from kvstore.rpc.grpc_carrier import GrpcCarrier
@@ -102,9 +102,13 @@ def _connect_cluster(address: str, *, token, rpc_timeout_s, metadata, reply_spin
         host, port = fast_address.rsplit(":", 1)
         return FastCarrier(host.strip("[]"), int(port), token=token, reply_spin_s=reply_spin_s)
 
+    try:
+        spec = MasterSpec.parse(address)
+    except ConfigError as exc:
+        raise InvalidArgumentError(str(exc)) from exc
     # NOTE: clients poll the leader key too (CLIENT_WATCH_S), so a call waiting on a paused
     # leader moves on when a new one is elected, not when its RPC timeout ends.
-    client = MasterClient(FailoverCarrier(MasterSpec.parse(address), open_carrier,
+    client = MasterClient(FailoverCarrier(spec, open_carrier,
                                           watch_s=CLIENT_WATCH_S),
                           rpc_timeout_s=rpc_timeout_s)
     try:
