@@ -190,8 +190,12 @@ def test_etcd_outage_leader_steps_down_and_cluster_recovers(etcd):
         assert old.proc.wait(timeout=ELECTION_TTL_S + 10) == 75
         assert served_s < ELECTION_TTL_S
         assert time.monotonic() - stopped_at >= ELECTION_TTL_S * 0.8
-        with pytest.raises(MasterUnavailableError):
+        with pytest.raises(MasterUnavailableError) as info:
             store.get("outage/0", timeout_s=2)        # no leader while etcd is down
+        assert info.value.keys == ["outage/0"]        # the error names its keys
+        with pytest.raises(MasterUnavailableError) as info:
+            store.put("outage/x", b"x", timeout_s=2)
+        assert info.value.keys == ["outage/x"]
 
         etcd.start()
         back_at = time.monotonic()
