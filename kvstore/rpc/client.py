@@ -14,6 +14,10 @@ Call policy, the same over both carriers (``carrier``: gRPC or the framed fast p
 - Retries: a retryable method (``kvstore.rpc.methods``: idempotent ones) whose connection
   broke before its reply is sent once more, if the deadline allows; any other failure, and
   any failure of a non-idempotent method (PutStart above all: it allocates), is raised.
+  A call the master refused without running it (``NotServingError``: a standby, or a leader
+  taking over) may be sent again whatever its method. Over a carrier that follows a
+  cluster's leader (``failover``: ``kvstore.ha.carrier``) both go on, every
+  ``RETRY_PAUSE_S``, until the deadline.
 - The token: given to the carrier once, sent with every call.
 
 Thread-safe (the carriers are).
