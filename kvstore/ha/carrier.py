@@ -151,8 +151,9 @@ class FailoverCarrier(Carrier):
             raise ConnectionLostError(
                 f"master {info.grpc_address} answered with epoch {epoch}, older than the "
                 f"{self.epoch} already seen: a deposed leader; its answer is ignored")
-        if epoch > self.epoch:
-            self.epoch = epoch
+        if epoch > self.epoch:            # rare (once per leader): the lock keeps it a max
+            with self._lock:
+                self.epoch = max(self.epoch, epoch)
         return reply
 
     def _drop(self) -> None:
