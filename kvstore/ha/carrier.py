@@ -71,11 +71,6 @@ class FailoverCarrier(Carrier):
         info = self._info
         return info.grpc_address if info is not None else self.spec.describe()
 
-    @property
-    def leader(self) -> MasterInfo | None:
-        """The master calls go to now (None before the first call or after a failure)."""
-        return self._info
-
     def position(self) -> tuple[int, int]:
         """Where calls go now: (epoch seen, address turn); see ``moved_since``."""
         return self.epoch, self._next_address
