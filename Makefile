@@ -34,7 +34,10 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/kvstore demo
 
+# NOTE: etcd (Debian etcd-server) for the master HA tests; the script is a no-op when etcd is
+# there, and says why (the tests then skip) where it cannot install it.
 test: $(STAMP)
+	bash scripts/install_etcd.sh
 	$(BIN)/python -m pytest -q
 	$(MAKE) test-sglang
 	$(MAKE) test-vllm

@@ -18,11 +18,14 @@ def fetch_status(address: str, token: str | None, timeout_s: float = 5.0) -> dic
     ``kvstore`` error of the failed call (MasterUnavailableError, AuthenticationError, ...)."""
     from kvstore.rpc import grpc_client
 
+    cluster = _cluster_status(address, timeout_s) if address.startswith("etcd://") else None
     with grpc_client(address, token=token, rpc_timeout_s=timeout_s) as client:
         stats = client.stats()
         nodes = client.list_nodes()
+        served_by, epoch = client.address, client.epoch
     return {
-        "address": address, "master_id": stats.master_id, "uptime_s": stats.uptime_s,
+        "address": served_by, "cluster": cluster, "epoch": epoch,
+        "master_id": stats.master_id, "uptime_s": stats.uptime_s,
         "num_nodes": stats.num_nodes, "num_objects": stats.num_objects,
         "num_pending": stats.num_pending, "num_leased": stats.num_leased,
         "hits": stats.hits, "misses": stats.misses, "evictions": stats.evictions,
@@ -38,6 +41,23 @@ def fetch_status(address: str, token: str | None, timeout_s: float = 5.0) -> dic
                    "nixl": _nixl_summary(n.node_id, n.nixl_metadata)}
                   for n in nodes],
     }
+
+
+def _cluster_status(address: str, timeout_s: float) -> dict:
+    """The leader (with its epoch) and the standbys of the etcd cluster ``address`` names."""
+    from kvstore.ha.cluster import ClusterKeys, MasterSpec, read_members, wait_for_leader
+    from kvstore.ha.etcd import EtcdClient
+
+    spec = MasterSpec.parse(address)
+    etcd, keys = EtcdClient(spec.etcd_url, timeout_s=min(timeout_s, 5.0)), ClusterKeys(spec.cluster)
+    leader = wait_for_leader(etcd, keys, min_epoch=1, timeout_s=timeout_s)
+    standbys = [m for m in read_members(etcd, keys) if m.master_id != leader.master_id]
+
+    def entry(m):
+        return {"master_id": m.master_id, "grpc": m.grpc_address, "fast": m.fast_address}
+
+    return {"name": spec.cluster, "etcd": spec.etcd_url, "epoch": leader.epoch,
+            "leader": entry(leader), "standbys": [entry(m) for m in standbys]}
 
 
 def _tier_entry(t) -> dict:
@@ -70,6 +90,12 @@ def render_table(status: dict) -> str:
              f"objects {status['num_objects']} (pending {status['num_pending']}, leased "
              f"{status['num_leased']})  hits {status['hits']}  misses {status['misses']}  "
              f"evictions {status['evictions']}", ""]
+    cluster = status.get("cluster")
+    if cluster:
+        standbys = ", ".join(f"{m['master_id']} at {m['grpc']}" for m in cluster["standbys"])
+        lines[:0] = [f"cluster {cluster['name']} (etcd {cluster['etcd']}): leader "
+                     f"{cluster['leader']['master_id']} at {cluster['leader']['grpc']}, epoch "
+                     f"{cluster['epoch']}; standbys: {standbys or 'none'}"]
     lines += _columns([_TIER_HEADER] + [_tier_row("*", t) for t in status["tiers"]]) + [""]
     rows = [("NODE", "HOST", "DATA ADDR", "SEGMENTS", "USED", "OBJECTS", "LAST HEARTBEAT",
              "NIXL")]
@@ -105,7 +131,8 @@ def _columns(rows: list[tuple[str, ...]]) -> list[str]:
 
 
 @click.command("status")
-@click.option("--master", "address", required=True, help="HOST:PORT of the master.")
+@click.option("--master", "address", required=True,
+              help="HOST:PORT of the master, or etcd://HOST:PORT/CLUSTER (its leader).")
 @click.option("--token", envvar="KVSTORE_TOKEN", default=None,
               help="The master's token [env KVSTORE_TOKEN].")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")

@@ -10,3 +10,17 @@ import pytest
 def _scrub_token(monkeypatch: pytest.MonkeyPatch) -> None:
     """No test inherits a KVSTORE_TOKEN from the environment it runs in."""
     monkeypatch.delenv("KVSTORE_TOKEN", raising=False)
+
+
+@pytest.fixture
+def etcd():
+    """A real etcd on loopback (tests/etcd_server.py); skips where etcd is not installed."""
+    from etcd_server import ETCD_BIN, SKIP_REASON, EtcdServer
+
+    if ETCD_BIN is None:
+        pytest.skip(SKIP_REASON)
+    server = EtcdServer()
+    try:
+        yield server
+    finally:
+        server.close()

@@ -22,7 +22,9 @@ __all__ = ["KVStore", "connect", "local"]
 
 def connect(address: str, token: str | None = None, transport: str = "auto",
             **options: Any) -> KVStore:
-    """A KVStore client of the cluster whose master listens on ``address`` ("host:port").
+    """A KVStore client of the cluster whose master listens on ``address`` ("host:port"),
+    or of the leader of an etcd cluster (``"etcd://HOST:PORT/CLUSTER"``: followed across
+    failovers, docs/OPERATIONS.md, Master HA; ``"host:port,host:port"`` without etcd).
 
     ``token`` falls back to the KVSTORE_TOKEN environment variable. ``transport``: "auto"
     (shm for replicas on this host, tcp otherwise), "shm" (same-host replicas only) or "tcp".

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
 from kvstore._deadline import Deadline
-from kvstore._errors import InvalidArgumentError, KVStoreError
+from kvstore._errors import InvalidArgumentError, KVStoreError, MasterUnavailableError
 from kvstore.client.checksum import is_empty_marker
 from kvstore.client.key_checks import check_key
 from kvstore.client.transfer import ReadJob, Transfers
@@ -61,9 +61,13 @@ def get_batch(master: MasterClient, transfers: Transfers, keys: Sequence[Any],
         dsts.append(dst)
     if not names:
         return results
-    found, lease_id = master.get_replicas_leased(
-        names, client_host_id=settings.host_id, lease_ttl_s=settings.lease_ttl_s,
-        deadline=settings.deadline)
+    try:
+        found, lease_id = master.get_replicas_leased(
+            names, client_host_id=settings.host_id, lease_ttl_s=settings.lease_ttl_s,
+            deadline=settings.deadline)
+    except MasterUnavailableError as exc:
+        exc.keys = exc.keys or list(names)   # what failed, so an engine can recompute
+        raise
     jobs = []
     for j, key in enumerate(names):
         i = indices[j]

@@ -15,7 +15,9 @@ from dataclasses import dataclass
 from typing import Any, Sequence
 
 from kvstore._deadline import Deadline
-from kvstore._errors import InvalidArgumentError, KVStoreError
+from kvstore._errors import (
+    InvalidArgumentError, KeyNotFoundError, KVStoreError, MasterUnavailableError,
+)
 from kvstore.client.checksum import EMPTY_CHECKSUM, EMPTY_PLACEHOLDER, checksum
 from kvstore.client.key_checks import check_key
 from kvstore.client.transfer import Transfers
@@ -79,10 +81,51 @@ def put_batch(master: MasterClient, transfers: Transfers, keys: Sequence[Any],
         sizes.append(src.nbytes)
         sources.append(src)
     if names:
-        _put_valid(master, transfers, indices, names, sizes, sources, settings, results)
+        _put_across_failover(master, transfers, indices, names, sizes, sources, settings,
+                             results)
     for i, first in duplicate_of.items():
         results[i] = results[first]
     return results
+
+
+def _put_across_failover(master: MasterClient, transfers: Transfers, indices: list[int],
+                         names: list[str], sizes: list[int], sources: list[memoryview],
+                         settings: PutSettings, results: list[KVStoreError | None]) -> None:
+    """``_put_valid``, done again whole for the keys a master failover interrupted.
+
+    Rule: over a carrier that follows a cluster's leader (``kvstore.ha.carrier``), a put
+    whose master failed (MasterUnavailableError) or whose PutEnd found its keys no longer
+    pending (KeyNotFoundError: the new leader never saw the PutStart) is sent again from
+    PutStart to the new leader while the deadline allows. Safe: keys are content-addressed,
+    and a new leader holds no PENDING object of the old one, so nothing is committed twice
+    (a key the old leader committed is ALREADY_EXISTS there: a success). Without failover,
+    or once the deadline passed, the error stays with its keys.
+    """
+    carrier = master.carrier
+    while True:
+        position = carrier.position() if getattr(carrier, "failover", False) else None
+        try:
+            _put_valid(master, transfers, indices, names, sizes, sources, settings, results)
+        except MasterUnavailableError as exc:
+            if position is None or not carrier.moved_since(position, settings.deadline):
+                exc.keys = exc.keys or list(names)   # what failed, so an engine can recompute
+                raise
+        else:
+            if position is None or position[0] == master.epoch:
+                return
+            retry = [j for j, i in enumerate(indices) if isinstance(results[i], KeyNotFoundError)]
+            if not retry:
+                return
+            indices = [indices[j] for j in retry]
+            names = [names[j] for j in retry]
+            sizes = [sizes[j] for j in retry]
+            sources = [sources[j] for j in retry]
+        if settings.deadline.expired():
+            raise MasterUnavailableError(f"put of {len(names)} keys (first {names[0]!r}): "
+                                         "the master failed over and the deadline passed",
+                                         keys=list(names))
+        for i in indices:
+            results[i] = None
 
 
 def _put_valid(master: MasterClient, transfers: Transfers, indices: list[int],

@@ -39,7 +39,8 @@ def _tier_spec(ctx, param, value):
 
 @click.command("daemon")
 @click.option("--master", "master_addr", default=None, metavar="HOST:PORT",
-              help="Address of the metadata master (required unless --standalone).")
+              help="The metadata master (required unless --standalone): HOST:PORT, "
+                   "HOST:PORT,HOST:PORT,... or etcd://HOST:PORT/CLUSTER (its leader).")
 @click.option("--host", default="127.0.0.1", show_default=True,
               help="Address the data plane binds (exactly this one).")
 @click.option("--port", default=0, show_default=True, type=int, help="0: pick a free port.")

@@ -71,8 +71,9 @@ class DaemonConfig:
     def __post_init__(self) -> None:
         if not self.host:
             raise ConfigError("host must not be empty (bind address of the data plane)")
-        if self.master_addr is not None and ":" not in self.master_addr:
-            raise ConfigError(f"master address must be HOST:PORT, got {self.master_addr!r}")
+        if self.master_addr is not None:
+            from kvstore.ha.cluster import MasterSpec
+            MasterSpec.parse(self.master_addr)   # HOST:PORT, a list, or etcd://HOST:PORT/NAME
         _check_port("port", self.port)
         if self.metrics_host is not None and not self.metrics_host:
             raise ConfigError("metrics_host must not be empty (omit it to use the host)")

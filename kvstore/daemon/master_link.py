@@ -140,6 +140,10 @@ class MasterLink:
         if changes.moves and self.moves is not None:
             self.moves.submit(changes.moves)   # without segments: the master times them out
 
+    def wake(self) -> None:
+        """Heartbeat now (the cluster's leader changed: the new one waits for this node)."""
+        self._wake.set()
+
     def start_heartbeats(self) -> None:
         self._thread = threading.Thread(target=self._heartbeat_loop, daemon=True,
                                         name="kvstore-daemon-heartbeat")

@@ -31,6 +31,8 @@ from kvstore.daemon.backends import Backend, ShmBackend
 from kvstore.transport.hostid import local_host_id
 
 log = logging.getLogger("kvstore.daemon")
+#: How often a daemon of an etcd cluster reads the leader key (``kvstore.ha.carrier``).
+LEADER_WATCH_S = 0.2
 
 
 class Daemon:
@@ -101,8 +103,11 @@ class Daemon:
         from kvstore.daemon.objects import ObjectTable
         from kvstore.rpc import grpc_client
 
+        # NOTE: a daemon of an etcd cluster polls the leader key (LEADER_WATCH_S): a new
+        # leader waits for its daemons before it serves, so they must find it at once.
         self._master_client = grpc_client(self.config.master_addr, token=self.config.token,
-                                          rpc_timeout_s=self.config.rpc_timeout_s)
+                                          rpc_timeout_s=self.config.rpc_timeout_s,
+                                          watch_s=LEADER_WATCH_S)
         self.objects = ObjectTable(self.segments, self.guard)
         from kvstore.daemon.objects import StoredObject
         for segment in self.segments:
@@ -115,6 +120,9 @@ class Daemon:
                                       clock=self._clock, stop_event=self._interrupted,
                                       segments={s.segment_id: s for s in self.segments},
                                       guard=self.guard)
+        on_change = getattr(self._master_client.carrier, "on_change", None)
+        if on_change is not None:
+            on_change(self.master_link.wake)
         self.master_link.register(timeout_s=self.config.register_timeout_s)
         self.master_link.start_heartbeats()
 

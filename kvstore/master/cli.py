@@ -73,12 +73,20 @@ def _duration(ctx, param, value):
               help="Port of the framed-TCP metadata path (same host); 0: pick a free port.")
 @click.option("--no-fast-rpc", is_flag=True, default=False,
               help="Serve metadata over gRPC only (clients in metadata='auto' use gRPC).")
+@click.option("--etcd", default=None, metavar="http://HOST:PORT",
+              help="etcd to elect a leader in (master HA; with --cluster).")
+@click.option("--cluster", default=None, metavar="NAME",
+              help="Name of this master's cluster in etcd (with --etcd).")
+@click.option("--election-ttl", default=3, show_default=True, type=int,
+              help="Seconds of the leader's etcd lease: how long a dead leader holds on.")
+@click.option("--takeover-wait", default="3s", show_default=True, callback=_duration,
+              help="Longest a new leader waits for the daemons before it serves.")
 @click.option("--log-level", default="INFO", show_default=True,
               type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"]))
 def command(host, port, token, metrics_port, metrics_host, lease_ttl, node_ttl, heartbeat_interval,
             pending_timeout, high_watermark, low_watermark, max_batch, max_changes_per_heartbeat,
             move_timeout, commit_timeout, promote, grpc_mode, num_threads, fast_port, no_fast_rpc,
-            log_level):
+            etcd, cluster, election_ttl, takeover_wait, log_level):
     """Run the metadata master."""
     logging.basicConfig(stream=sys.stderr, level=log_level,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -92,7 +100,8 @@ def command(host, port, token, metrics_port, metrics_host, lease_ttl, node_ttl, 
             max_changes_per_heartbeat=max_changes_per_heartbeat, grpc_mode=grpc_mode,
             num_threads=num_threads, fast_port=None if no_fast_rpc else fast_port,
             move_timeout_s=move_timeout, commit_timeout_s=commit_timeout,
-            promote=promote)
+            promote=promote, etcd=etcd, cluster=cluster,
+            election_ttl_s=election_ttl, takeover_wait_s=takeover_wait)
         # NOTE: the master holds millions of long-lived metadata objects and makes no
         # reference cycles per key (dropped objects are freed by reference counting). The
         # default thresholds make the cycle collector rescan them all every few batches
@@ -107,6 +116,15 @@ def command(host, port, token, metrics_port, metrics_host, lease_ttl, node_ttl, 
             _serve_threads(server)
     except ConfigError as exc:
         raise click.ClickException(str(exc)) from exc
+    if server.election is not None and server.service.leadership.deposed_reason:
+        # NOTE: a deposed leader exits rather than stand by with its stale tables; its
+        # supervisor restarts it as a fresh standby (docs/OPERATIONS.md, Master HA).
+        click.echo(f"stepped down: {server.service.leadership.deposed_reason}", err=True)
+        sys.exit(DEPOSED_EXIT_STATUS)
+
+
+#: Exit status of a master that stepped down as leader (EX_TEMPFAIL: restart me).
+DEPOSED_EXIT_STATUS = 75
 
 
 def _announce(server: MasterServer) -> None:
@@ -122,6 +140,7 @@ async def _serve_aio(server: MasterServer) -> None:
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stopping.set)
+    server.on_deposed = lambda reason: loop.call_soon_threadsafe(stopping.set)
     await server.start_aio()
     _announce(server)
     await stopping.wait()
@@ -133,6 +152,7 @@ def _serve_threads(server: MasterServer) -> None:
     stopping = threading.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda *_: stopping.set())
+    server.on_deposed = lambda reason: stopping.set()
     server.start_threads()
     _announce(server)
     while not stopping.wait(1.0):

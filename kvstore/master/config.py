@@ -53,6 +53,10 @@ class MasterConfig:
     move_timeout_s: float = 30.0         # a tier move not acknowledged by then is given up
     promote: str = "on-hit"              # SSD -> DRAM promotion: off | on-hit | after:N
     commit_timeout_s: float = 2.0        # a put/remove waits this long for daemons' acks; 0: no wait
+    etcd: str | None = None              # http://HOST:PORT of etcd: elect a leader (HA)
+    cluster: str | None = None           # the cluster's name in etcd (with ``etcd``)
+    election_ttl_s: int = 3              # TTL of the leader's etcd lease, whole seconds
+    takeover_wait_s: float = 3.0         # a new leader waits this long at most for daemons
 
     @property
     def promote_after(self) -> int:
@@ -93,3 +97,17 @@ class MasterConfig:
             raise ConfigError(f"grpc mode must be one of {GRPC_MODES}, got {self.grpc_mode!r}")
         if not 1 <= self.num_threads <= 256:
             raise ConfigError(f"num threads must be in 1..256, got {self.num_threads}")
+        if (self.etcd is None) != (self.cluster is None):
+            raise ConfigError("--etcd and --cluster go together (HA: both; one master: neither)")
+        if self.etcd is not None:
+            from kvstore.ha.cluster import check_cluster
+            from kvstore.ha.etcd import check_url
+            check_url(self.etcd)
+            check_cluster(self.cluster)
+            if self.host in ("0.0.0.0", "::"):
+                raise ConfigError("with --etcd the master publishes --host as its address: "
+                                  "bind a reachable address, not a wildcard")
+        if not 2 <= self.election_ttl_s <= 60:
+            raise ConfigError(f"election TTL must be 2..60 s, got {self.election_ttl_s}")
+        if not 0 <= self.takeover_wait_s <= 600:
+            raise ConfigError(f"takeover wait must be 0..600 s, got {self.takeover_wait_s}")

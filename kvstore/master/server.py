@@ -57,6 +57,13 @@ class MasterServer:
         # NOTE: commit deadlines run on the real clock: they bound how long a daemon may take
         # to answer, which an injected (test) clock does not model
         self.service.commits = CommitPusher(self.state, self.service.lock, token=config.token)
+        self.election = None     # set by ``_start_election`` with --etcd
+        if config.etcd is not None:
+            from kvstore.ha.leadership import Leadership
+            self.service.leadership = Leadership(config.cluster,
+                                                 takeover_wait_s=config.takeover_wait_s)
+        #: called once (from the election thread) when this master steps down
+        self.on_deposed = lambda reason: None
         self.metrics = MasterMetrics(self.service)
         self.address: str | None = None
         self._grpc_server = None
@@ -101,6 +108,26 @@ class MasterServer:
             self._fast_server = fast
             self.fast_address = format_address(self.config.host, fast.port)
         self._sweeper.start()
+        if self.service.leadership is not None:
+            self._start_election()
+
+    def _start_election(self) -> None:
+        """Join the cluster in etcd and campaign (``kvstore.ha.election``); the service
+        answers UNAVAILABLE until this master is elected and has taken over."""
+        from kvstore.ha.cluster import ClusterKeys, MasterInfo
+        from kvstore.ha.election import Election
+        from kvstore.ha.etcd import EtcdClient
+
+        def node_ids():
+            with self.service.lock:
+                return list(self.state.nodes)
+
+        info = MasterInfo(self.state.master_id, self.address, self.fast_address)
+        self.election = Election(EtcdClient(self.config.etcd), ClusterKeys(self.config.cluster),
+                                 info, self.service.leadership,
+                                 lease_ttl_s=self.config.election_ttl_s, node_ids=node_ids,
+                                 on_deposed=lambda reason: self.on_deposed(reason))
+        self.election.start()
 
     def _sweep_loop(self) -> None:
         service, state, clock = self.service, self.state, self.clock
@@ -147,6 +174,8 @@ class MasterServer:
         return self.address
 
     def _stop_side_services(self) -> None:
+        if self.election is not None:
+            self.election.stop()
         if self._fast_server is not None:
             self._fast_server.stop()
         self._stop_sweeper.set()

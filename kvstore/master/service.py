@@ -59,6 +59,8 @@ class MasterService:
         self.lock = threading.Lock()
         self.replies = replies.ReplyEncoder(state)
         self.commits = None   # commits.CommitPusher, set by the server; None: no waiting
+        # the HA fence (``kvstore.ha.leadership.Leadership``); None: a master without etcd
+        self.leadership = None
 
     # -- registration -------------------------------------------------------------------------
 
@@ -231,6 +233,8 @@ def make_invoker(service: MasterService, name: str, clock, metrics, transport: s
     """
     method = getattr(service, name)
     lock, state = service.lock, service.state
+    leadership = service.leadership
+    nodes = state.nodes
     method_metrics = metrics.for_method(name, transport) if metrics else None
     perf_counter = time.perf_counter
     # NOTE: --commit-timeout 0 turns the wait off: replies no longer wait for the daemons
@@ -243,6 +247,8 @@ def make_invoker(service: MasterService, name: str, clock, metrics, transport: s
         started = perf_counter()
         with lock:
             try:
+                if leadership is not None:       # HA: refuse unless serving (the fence)
+                    leadership.check(name, request.epoch, nodes)
                 touched.clear()
                 now_s = clock.monotonic()
                 if now_s >= state.next_sweep_s:
@@ -250,6 +256,8 @@ def make_invoker(service: MasterService, name: str, clock, metrics, transport: s
                 reply = method(request, now_s)
                 needs = {node: node.seq for node in touched} if touched else None
                 touched.clear()
+                if leadership is not None:
+                    reply.epoch = leadership.epoch
             except Rejected:
                 raise
             except Exception as exc:

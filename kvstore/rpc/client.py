@@ -14,6 +14,10 @@ Call policy, the same over both carriers (``carrier``: gRPC or the framed fast p
 - Retries: a retryable method (``kvstore.rpc.methods``: idempotent ones) whose connection
   broke before its reply is sent once more, if the deadline allows; any other failure, and
   any failure of a non-idempotent method (PutStart above all: it allocates), is raised.
+  A call the master refused without running it (``NotServingError``: a standby, or a leader
+  taking over) may be sent again whatever its method. Over a carrier that follows a
+  cluster's leader (``failover``: ``kvstore.ha.carrier``) both go on, every
+  ``RETRY_PAUSE_S``, until the deadline.
 - The token: given to the carrier once, sent with every call.
 
 Thread-safe (the carriers are).
@@ -21,13 +25,14 @@ Thread-safe (the carriers are).
 
 from __future__ import annotations
 
+import time
 from typing import Any, Sequence
 
 from kvstore._deadline import Deadline
 from kvstore._errors import KVStoreError, MasterUnavailableError
 from kvstore.rpc import messages
 from kvstore.rpc.carrier import Carrier
-from kvstore.rpc.errors import ConnectionLostError, item_error, malformed
+from kvstore.rpc.errors import ConnectionLostError, NotServingError, item_error, malformed
 from kvstore.rpc.methods import METHODS, Method
 from kvstore.rpc.results import (
     HeartbeatChanges, Inventory, MasterStats, NodeSpec, NodeStatus, Registration, ReplicaSet,
@@ -38,6 +43,8 @@ from kvstore.v1 import master_pb2 as pb
 
 #: Attempts of a retryable method whose connection broke (the first one included).
 RETRYABLE_ATTEMPTS = 2
+#: Pause between resends over a carrier that follows a cluster's leader.
+RETRY_PAUSE_S = 0.1
 
 _M = METHODS
 
@@ -56,6 +63,11 @@ class MasterClient:
     @property
     def address(self) -> str:
         return self.carrier.address
+
+    @property
+    def epoch(self) -> int:
+        """The highest leader epoch seen (0: not in an etcd cluster)."""
+        return getattr(self.carrier, "epoch", 0)
 
     @property
     def path(self) -> str:
@@ -273,15 +285,45 @@ class _Call:
                                           self._deadline.timeout_s(self._client.rpc_timeout_s))
 
     def result(self) -> Any:
-        resends_left = RETRYABLE_ATTEMPTS - 1 if self._method.retryable else 0
+        # NOTE: a carrier that follows a cluster's leader (``kvstore.ha.carrier``) resends
+        # until the deadline: a failover takes seconds, and the new leader is another master.
+        failover = getattr(self._client.carrier, "failover", False)
+        resends_left = (RETRYABLE_ATTEMPTS - 1) if self._method.retryable else 0
         while True:
             try:
                 return self._pending.result()
-            except ConnectionLostError:
-                if not resends_left or self._deadline.expired():
+            except NotServingError:
+                # the master did not run it: safe to send again, whatever the method
+                if self._deadline.expired() or not (failover or resends_left):
                     raise
-                resends_left -= 1
-            self._pending = self._send()
+                resends_left = max(resends_left - 1, 0)
+            except ConnectionLostError:
+                if self._deadline.expired() or not (resends_left or
+                                                    (failover and self._method.retryable)):
+                    raise
+                resends_left = max(resends_left - 1, 0)
+            if failover:
+                time.sleep(min(RETRY_PAUSE_S, max(self._deadline.timeout_s(RETRY_PAUSE_S), 0)))
+            self._pending = self._send_retry()
+
+    def _send_retry(self):
+        try:
+            return self._send()
+        except ConnectionLostError as exc:   # the next master is not there yet
+            return _Failed(exc)
+
+
+class _Failed:
+    """A resend that failed before it was sent: ``result()`` raises its error, so the
+    policy's loop decides again."""
+
+    __slots__ = ("_error",)
+
+    def __init__(self, error: KVStoreError):
+        self._error = error
+
+    def result(self) -> Any:
+        raise self._error
 
 
 class _Result:

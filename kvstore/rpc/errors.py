@@ -25,6 +25,16 @@ class ConnectionLostError(MasterUnavailableError):
     may or may not have run there."""
 
 
+#: How a master's UNAVAILABLE text starts when it refused a call without running it (a
+#: standby, a leader taking over or one that stepped down: ``kvstore.ha.leadership``).
+NOT_SERVING = "NOT_SERVING"
+
+
+class NotServingError(ConnectionLostError):
+    """The master answered that it did not run the call (it is not the serving leader):
+    sending it again, to the same or another master, is safe for every method."""
+
+
 _CODE_TO_ERROR: dict[grpc.StatusCode, type[KVStoreError]] = {
     grpc.StatusCode.INVALID_ARGUMENT: InvalidArgumentError,
     grpc.StatusCode.OUT_OF_RANGE: InvalidArgumentError,
@@ -41,7 +51,10 @@ CODE_NUMBER_TO_STATUS = {code.value[0]: code for code in grpc.StatusCode}
 def status_error(code: grpc.StatusCode, details: str, method: str) -> KVStoreError:
     """The kvstore error for a master call that failed whole with gRPC status ``code``.
     Its ``code`` attribute keeps the status (e.g. ALREADY_EXISTS for a registration)."""
-    error = _CODE_TO_ERROR.get(code, KVStoreError)(f"master {method}: {code.name}: {details}")
+    error_class = _CODE_TO_ERROR.get(code, KVStoreError)
+    if code == grpc.StatusCode.UNAVAILABLE and details.startswith(NOT_SERVING):
+        error_class = NotServingError
+    error = error_class(f"master {method}: {code.name}: {details}")
     error.code = code
     return error
 
