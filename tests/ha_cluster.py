@@ -85,16 +85,10 @@ import kvstore
 
 spec, worker, size = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
 store = kvstore.connect(spec, timeout_s=30)
-paused = threading.Event()
 
 def control():
     for line in sys.stdin:
-        command = line.strip()
-        if command == "pause":
-            paused.set()
-        elif command == "resume":
-            paused.clear()
-        elif command == "stop":
+        if line.strip() == "stop":
             break
     stopping.set()
 
@@ -107,19 +101,6 @@ acked, i = [], 0
 def emit(**fields):
     sys.stdout.write(json.dumps(fields) + "\n"); sys.stdout.flush()
 while not stopping.is_set():
-    if paused.is_set():
-        emit(event="paused", n=len(acked))
-        while paused.is_set() and not stopping.is_set():
-            time.sleep(0.01)
-            if acked:
-                j = acked[int(time.monotonic() * 1000) % len(acked)]
-                try:
-                    got = store.get(f"ha/{worker}/{j}")
-                    if got != value(j):
-                        emit(event="wrong", key=f"ha/{worker}/{j}")
-                except kvstore.KVStoreError as exc:
-                    emit(event="get_error", key=f"ha/{worker}/{j}", error=str(exc)[:300])
-        continue
     key = f"ha/{worker}/{i}"
     try:
         store.put(key, value(i))

@@ -13,7 +13,9 @@ Trigger and rule:
   process was paused, or etcd lost it) or no answer until that trust ends: ``depose`` and
   call ``on_deposed`` (the master process exits with status 75; its supervisor restarts it
   as a fresh standby, so a deposed master never serves from its stale tables).
-- While leading, the daemons' node ids are written to ``nodes`` when they change.
+- While leading, the daemons' node ids are written to ``nodes`` when they change: by this
+  thread's loop, and by ``publish_nodes`` before a RegisterNode is answered (so a daemon
+  that holds acknowledged objects is always listed, and a new leader waits for it).
 
 etcd unreachable at start: retried every ``POLL_S``, logged once per outage; the master
 serves nothing meanwhile (it is a standby).
@@ -58,6 +60,7 @@ class Election:
         self._granted_ttl_s = lease_ttl_s
         self._last_renewal_s = 0.0       # when the last renewal (or the grant) was sent
         self._published_nodes: list[str] | None = None
+        self._publish_lock = threading.Lock()   # the loop and RegisterNode both publish
         self._thread = threading.Thread(target=self._run, name="kvstore-election", daemon=True)
 
     def start(self) -> None:
@@ -87,7 +90,7 @@ class Election:
                 if self.leadership.role is Role.STANDBY:
                     self._campaign()
                 elif self.leadership.role is not Role.DEPOSED:
-                    self._publish_nodes()
+                    self.publish_nodes()
                 if self._clock() >= next_renewal_s:
                     next_renewal_s = self._clock() + renew_every_s
                     self._renew()
@@ -179,12 +182,16 @@ class Election:
             log.warning("ignoring a malformed %s", self.keys.nodes.decode())
             return []
 
-    def _publish_nodes(self) -> None:
-        node_ids = sorted(self._node_ids())
-        if self.leadership.role is not Role.LEADING or node_ids == self._published_nodes:
-            return
-        try:
-            self.etcd.put(self.keys.nodes, json.dumps(node_ids).encode())
-            self._published_nodes = node_ids
-        except EtcdUnavailableError as exc:
-            log.warning("could not publish the node list: %s", exc)
+    def publish_nodes(self) -> None:
+        """Write the node ids the master knows to ``nodes`` if they changed (leader only).
+        Never raises: etcd unreachable is logged (the lease then runs out and this master
+        steps down)."""
+        with self._publish_lock:
+            node_ids = sorted(self._node_ids())
+            if self.leadership.role is not Role.LEADING or node_ids == self._published_nodes:
+                return
+            try:
+                self.etcd.put(self.keys.nodes, json.dumps(node_ids).encode())
+                self._published_nodes = node_ids
+            except EtcdUnavailableError as exc:
+                log.warning("could not publish the node list: %s", exc)

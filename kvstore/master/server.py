@@ -127,6 +127,7 @@ class MasterServer:
                                  info, self.service.leadership,
                                  lease_ttl_s=self.config.election_ttl_s, node_ids=node_ids,
                                  on_deposed=lambda reason: self.on_deposed(reason))
+        self.service.on_registered = self.election.publish_nodes
         self.election.start()
 
     def _sweep_loop(self) -> None:

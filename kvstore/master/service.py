@@ -61,6 +61,9 @@ class MasterService:
         self.commits = None   # commits.CommitPusher, set by the server; None: no waiting
         # the HA fence (``kvstore.ha.leadership.Leadership``); None: a master without etcd
         self.leadership = None
+        # called after a RegisterNode is handled and before it is answered, off the lock (HA:
+        # the node list goes to etcd, so a new leader waits for every daemon holding data)
+        self.on_registered = None
 
     # -- registration -------------------------------------------------------------------------
 
@@ -220,6 +223,9 @@ METHODS = ("RegisterNode", "Heartbeat", "UnregisterNode", "PutStart", "PutEnd", 
            "MatchPrefix", "Stats", "ListNodes", "ReleaseLeases")
 #: The calls whose reply waits until the changes they logged are durable on the daemons.
 DURABLE_METHODS = frozenset({"PutEnd", "Remove", "RemovePrefix"})
+#: The calls that may wait on something outside the master (daemons, etcd): run off the
+#: aio event loop.
+OFF_LOOP_METHODS = DURABLE_METHODS | {"RegisterNode"}
 
 
 def make_invoker(service: MasterService, name: str, clock, metrics, transport: str):
@@ -277,6 +283,8 @@ def make_invoker(service: MasterService, name: str, clock, metrics, transport: s
                 commits.kick(needs)
             if membership:
                 commits.forget()
+        if name == "RegisterNode" and service.on_registered is not None:
+            service.on_registered()
         return reply
 
     return invoke
@@ -313,9 +321,9 @@ def make_handlers(service: MasterService, clock, metrics, *, asynchronous: bool)
         request_class = getattr(pb, f"{name}Request")
         response_class = getattr(pb, f"{name}Response")
         invoke = make_invoker(service, name, clock, metrics, "grpc")
-        if asynchronous and name in DURABLE_METHODS:
-            # NOTE: these wait for daemons' confirmations: off the event loop, or one slow
-            # daemon would stall every call
+        if asynchronous and name in OFF_LOOP_METHODS:
+            # NOTE: these wait for daemons' confirmations or etcd: off the event loop, or one
+            # slow daemon (or etcd) would stall every call
             fn = _async_in_executor(invoke, response_class)
         elif asynchronous:
             fn = _make_async(_grpc_adapter(invoke, response_class))
