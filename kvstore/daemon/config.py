@@ -13,6 +13,7 @@ import socket
 from dataclasses import dataclass, field
 
 from kvstore._errors import ConfigError
+from kvstore._tls import TLSConfig
 from kvstore._units import parse_size
 from kvstore._wire import MAX_TOKEN_BYTES
 
@@ -66,6 +67,8 @@ class DaemonConfig:
     reap_orphans: bool = True
     prefault: bool = True       # allocate and map every DRAM page at start (see kvstore/_posix_shm.py)
     nixl: bool = False          # register DRAM with a NIXL agent, publish it (daemon/nixl_agent.py)
+    tls: TLSConfig | None = None  # serve the data plane with it; call the master with it
+    tls_master_ca: str | None = None  # CA that verifies the master (None: tls.ca)
 
     def __post_init__(self) -> None:
         if not self.host:
@@ -100,6 +103,19 @@ class DaemonConfig:
             raise ConfigError(f"max_connections must be >= 1, got {self.max_connections}")
         if self.handshake_timeout_s <= 0:
             raise ConfigError("handshake_timeout_s must be > 0")
+        if self.tls is not None:
+            self.tls.server_context()   # ConfigError now for files that are not PEM
+        if self.tls_master_ca is not None and self.tls is None:
+            raise ConfigError("--tls-master-ca needs --tls-cert and --tls-key")
+
+    @property
+    def master_tls(self) -> TLSConfig | None:
+        """What the daemon's link to its master uses: its own certificate (the master may
+        require one), verifying the master with ``tls_master_ca`` or else ``tls.ca``."""
+        if self.tls is None:
+            return None
+        return TLSConfig(ca=self.tls_master_ca or self.tls.ca, cert=self.tls.cert,
+                         key=self.tls.key)
 
 
 def _check_port(name: str, port: int) -> None:

@@ -67,7 +67,7 @@ class Daemon:
                 self.nixl_agent = DaemonNixlAgent(self.segments)
             self.dataplane = DataPlaneServer(
                 self.segments, node_id=self.node_id, host=self.config.host,
-                port=self.config.port, token=self.config.token,
+                port=self.config.port, token=self.config.token, tls=self.config.tls,
                 max_connections=self.config.max_connections,
                 handshake_timeout_s=self.config.handshake_timeout_s)
             try:
@@ -100,7 +100,8 @@ class Daemon:
         from kvstore.rpc import grpc_client
 
         self._master_client = grpc_client(self.config.master_addr, token=self.config.token,
-                                          rpc_timeout_s=self.config.rpc_timeout_s)
+                                          rpc_timeout_s=self.config.rpc_timeout_s,
+                                          tls=self.config.master_tls)
         self.objects = ObjectTable(self.segments)
         from kvstore.daemon.objects import StoredObject
         for segment in self.segments:

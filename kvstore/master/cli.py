@@ -17,6 +17,8 @@ import threading
 import click
 
 from kvstore._errors import ConfigError
+from kvstore._tls import exposure_warning
+from kvstore._tls_options import tls_from_flags, tls_options
 from kvstore._units import parse_duration
 from kvstore.master.config import GRPC_MODES, MasterConfig
 from kvstore.master.server import MasterServer
@@ -69,11 +71,13 @@ def _duration(ctx, param, value):
               help="Port of the framed-TCP metadata path (same host); 0: pick a free port.")
 @click.option("--no-fast-rpc", is_flag=True, default=False,
               help="Serve metadata over gRPC only (clients in metadata='auto' use gRPC).")
+@tls_options("server")
 @click.option("--log-level", default="INFO", show_default=True,
               type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"]))
 def command(host, port, token, metrics_port, metrics_host, lease_ttl, node_ttl, heartbeat_interval,
             pending_timeout, high_watermark, low_watermark, max_batch, max_changes_per_heartbeat,
-            move_timeout, promote, grpc_mode, num_threads, fast_port, no_fast_rpc, log_level):
+            move_timeout, promote, grpc_mode, num_threads, fast_port, no_fast_rpc, tls_ca,
+            tls_cert, tls_key, log_level):
     """Run the metadata master."""
     logging.basicConfig(stream=sys.stderr, level=log_level,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -86,7 +90,8 @@ def command(host, port, token, metrics_port, metrics_host, lease_ttl, node_ttl, 
             low_watermark=low_watermark, max_batch=max_batch,
             max_changes_per_heartbeat=max_changes_per_heartbeat, grpc_mode=grpc_mode,
             num_threads=num_threads, fast_port=None if no_fast_rpc else fast_port,
-            move_timeout_s=move_timeout, promote=promote)
+            move_timeout_s=move_timeout, promote=promote,
+            tls=tls_from_flags(tls_ca, tls_cert, tls_key))
         # NOTE: the master holds millions of long-lived metadata objects and makes no
         # reference cycles per key (dropped objects are freed by reference counting). The
         # default thresholds make the cycle collector rescan them all every few batches
@@ -104,11 +109,16 @@ def command(host, port, token, metrics_port, metrics_host, lease_ttl, node_ttl, 
 
 
 def _announce(server: MasterServer) -> None:
+    config = server.config
     print(f"listening on {server.address}", flush=True)
     if server.fast_address is not None:
         print(f"fast metadata on {server.fast_address}", flush=True)
-    log.info("master %s listening on %s (%s mode%s)", server.state.master_id, server.address,
-             server.config.grpc_mode, ", token required" if server.config.token else "")
+    warning = exposure_warning(config.host, token=config.token, tls=config.tls)
+    if warning:
+        log.warning("%s", warning)
+    tls = "" if config.tls is None else (", mutual TLS" if config.tls.mutual else ", TLS")
+    log.info("master %s listening on %s (%s mode%s%s)", server.state.master_id, server.address,
+             config.grpc_mode, ", token required" if config.token else "", tls)
 
 
 async def _serve_aio(server: MasterServer) -> None:

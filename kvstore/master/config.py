@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from kvstore._errors import ConfigError
+from kvstore._tls import TLSConfig
 
 #: Longest key the master accepts, in UTF-8 bytes.
 MAX_KEY_BYTES = 1024
@@ -52,6 +53,7 @@ class MasterConfig:
     fast_port: int | None = 0            # framed-TCP metadata path (0: pick); None: off
     move_timeout_s: float = 30.0         # a tier move not acknowledged by then is given up
     promote: str = "on-hit"              # SSD -> DRAM promotion: off | on-hit | after:N
+    tls: TLSConfig | None = None         # --tls-cert/--tls-key (+ --tls-ca: mutual TLS)
 
     @property
     def promote_after(self) -> int:
@@ -72,6 +74,8 @@ class MasterConfig:
         if self.token is not None and (not self.token or any(c.isspace() for c in self.token)):
             raise ConfigError("token must be non-empty and contain no whitespace")
         promote_after(self.promote)
+        if self.tls is not None:
+            self.tls.server_context()   # ConfigError now for files that are not PEM
         for name in ("lease_ttl_s", "node_ttl_s", "heartbeat_interval_s", "pending_timeout_s",
                      "move_timeout_s"):
             if not getattr(self, name) > 0:

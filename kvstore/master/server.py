@@ -65,8 +65,10 @@ class MasterServer:
 
     def _bind(self, server) -> None:
         target = format_address(self.config.host, self.config.port)
+        tls = self.config.tls
         try:
-            port = server.add_insecure_port(target)
+            port = (server.add_secure_port(target, tls.grpc_server_credentials())
+                    if tls is not None else server.add_insecure_port(target))
         except RuntimeError as exc:
             raise ConfigError(f"cannot bind the master to {target}: {exc}") from exc
         if not port:
@@ -88,7 +90,8 @@ class MasterServer:
             log.info("metrics on %s", format_address(metrics_host, self.service.metrics_port))
         if self.config.fast_port is not None:
             fast = FastRpcServer(self.service, self.clock, self.metrics, host=self.config.host,
-                                 port=self.config.fast_port, token=self.config.token)
+                                 port=self.config.fast_port, token=self.config.token,
+                                 tls=self.config.tls)
             try:
                 self.service.fast_port = fast.start()
             except OSError as exc:

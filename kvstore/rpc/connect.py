@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from kvstore._deadline import Deadline
 from kvstore._errors import InvalidArgumentError, MasterUnavailableError
+from kvstore._tls import TLSConfig
 from kvstore.rpc.client import MasterClient
 from kvstore.rpc.fast_carrier import FastCarrier
 from kvstore.rpc.grpc_carrier import GrpcCarrier
@@ -23,16 +24,20 @@ METADATA_PATHS = ("auto", "grpc", "fast")
 
 def connect_master(address: str, *, token: str | None = None, rpc_timeout_s: float = 10.0,
                    metadata: str = "auto", reply_spin_s: float = 0.0,
-                   deadline: Deadline | None = None) -> tuple[MasterClient, MasterStats]:
-    """A MasterClient of the master at ``address`` ("host:port") and its Stats.
+                   deadline: Deadline | None = None,
+                   tls: TLSConfig | None = None) -> tuple[MasterClient, MasterStats]:
+    """A MasterClient of the master at ``address`` ("host:port") and its Stats; with
+    ``tls``, both paths are TLS connections.
 
-    Raises InvalidArgumentError (unknown ``metadata``), AuthenticationError (token refused),
+    Raises InvalidArgumentError (unknown ``metadata``), AuthenticationError (token refused,
+    TLS handshake refused),
     MasterUnavailableError (unreachable; or ``metadata="fast"`` and the master offers no
     fast path). Nothing is left open when it raises.
     """
     if metadata not in METADATA_PATHS:
         raise InvalidArgumentError(f"metadata must be one of {METADATA_PATHS}, got {metadata!r}")
-    client = MasterClient(GrpcCarrier(address, token=token), rpc_timeout_s=rpc_timeout_s)
+    client = MasterClient(GrpcCarrier(address, token=token, tls=tls),
+                          rpc_timeout_s=rpc_timeout_s)
     try:
         stats = client.stats(deadline=deadline)
         if metadata == "grpc" or (metadata == "auto" and not stats.fast_port):
@@ -46,7 +51,7 @@ def connect_master(address: str, *, token: str | None = None, rpc_timeout_s: flo
         raise
     client.close()
     host = address.rsplit(":", 1)[0].strip("[]")
-    fast = MasterClient(FastCarrier(host, stats.fast_port, token=token,
+    fast = MasterClient(FastCarrier(host, stats.fast_port, token=token, tls=tls,
                                     reply_spin_s=reply_spin_s), rpc_timeout_s=rpc_timeout_s)
     try:
         stats = fast.stats(deadline=deadline)   # reachable, and our token is accepted there
@@ -56,7 +61,8 @@ def connect_master(address: str, *, token: str | None = None, rpc_timeout_s: flo
     return fast, stats
 
 
-def grpc_client(address: str, *, token: str | None = None,
-                rpc_timeout_s: float = 10.0) -> MasterClient:
+def grpc_client(address: str, *, token: str | None = None, rpc_timeout_s: float = 10.0,
+                tls: TLSConfig | None = None) -> MasterClient:
     """A MasterClient over gRPC, without a discovery call: what daemons and tools use."""
-    return MasterClient(GrpcCarrier(address, token=token), rpc_timeout_s=rpc_timeout_s)
+    return MasterClient(GrpcCarrier(address, token=token, tls=tls),
+                        rpc_timeout_s=rpc_timeout_s)
