@@ -78,7 +78,7 @@ def main() -> int:
                       f"(load {' '.join(map(str, _loadavg()))})", file=sys.stderr, flush=True)
                 runs[name].append(_run(binary, extra, args.duration,
                                        Path(tmp) / f"{name}-{round_index}.json"))
-    print(f"{'level':<10} {'figure':<16} " + " ".join(f"{name:>17}" for name in variants)
+    print(f"{'level':<10} {'figure':<18} " + " ".join(f"{name:>17}" for name in variants)
           + f" {'tls/plain':>9}")
     table = []
     for level in ("transport", "client"):
@@ -87,10 +87,12 @@ def main() -> int:
                       for name in variants}
             medians = {name: statistics.median(v) for name, v in values.items()}
             ratio = medians["tls"] / medians["plain"] if medians["plain"] else float("nan")
-            unit = "GB/s" if figure == "gbps" else "us"
-            label = f"{size} {op} {'p50' if figure == 'p50_us' else ''}".replace("  ", " ")
-            cells = " ".join(f"{min(v):>7.2f}-{max(v):<7.2f}{unit[:1]}" for v in values.values())
-            print(f"{level:<10} {label:<16} {cells} {ratio:>9.2f}")
+            gbps = figure == "gbps"
+            label = f"{size} {op} " + ("GB/s" if gbps else "p50 us")
+            cells = " ".join(f"{min(v):.2f}-{max(v):.2f}" if gbps else f"{min(v):.0f}-{max(v):.0f}"
+                             for v in values.values())
+            cells = " ".join(f"{cell:>17}" for cell in cells.split(" "))
+            print(f"{level:<10} {label:<18} {cells} {ratio:>9.2f}")
             table.append({"level": level, "size": size, "op": op, "figure": figure,
                           "values": values, "medians": medians, "tls_over_plain": ratio})
     loads = [run["load_before"][0] for name in runs for run in runs[name]]

@@ -274,6 +274,8 @@ def test_tls_config_validation(certs, tmp_path):
         TLSConfig(ca=str(certs / "ca.pem")).server_context()
     with pytest.raises(kvstore.InvalidArgumentError, match="tls must be"):
         kvstore.connect("127.0.0.1:1", tls={"ca": "x"})
+    with pytest.raises(kvstore.InvalidArgumentError, match="plain text"):
+        kvstore.local(dram="8MiB", tls=TLSConfig(ca=str(certs / "ca.pem")))
 
 
 def test_servers_refuse_bad_tls_flags(certs, tmp_path):
