@@ -331,3 +331,51 @@ def test_a_daemon_that_cannot_verify_its_master_exits_with_the_reason(server_onl
     assert result.returncode != 0
     assert "TLS handshake" in result.stderr and "listening on" not in result.stdout
     assert server_only.alive()
+
+
+# ---- the data plane alone, over TLS ---------------------------------------------------------
+
+DATA_SIZES = [0, 1, 4095, 64 * 1024, 1024 * 1024 + 1, 16 * 1024 * 1024]
+
+
+@pytest.fixture(scope="module")
+def tls_data_plane(certs):
+    """A standalone daemon (no master: its segment holds no one's objects) serving mutual
+    TLS; targets name it by address, segment "dram0"."""
+    with ServerProcess(["daemon", "--standalone", "--dram", "48MiB",
+                        *_server_tls_args(certs, mutual=True)]) as daemon:
+        yield daemon
+
+
+def _raw_target(daemon: ServerProcess, offset: int, length: int) -> Target:
+    return Target("", "", daemon.address, "dram0", "", offset, length)
+
+
+def test_tls_data_plane_moves_exact_bytes_and_refuses_out_of_range(tls_data_plane, certs):
+    transport = TcpTransport(tls=_client_tls(certs))
+    try:
+        offset = 0
+        for size in DATA_SIZES:     # single ranges, striped from 2 MiB up
+            data = np.random.default_rng(size).integers(0, 256, size, dtype=np.uint8)
+            target = _raw_target(tls_data_plane, offset, size)
+            transport.write(target, memoryview(data), timeout_s=30)
+            out = np.zeros(size, dtype=np.uint8)
+            transport.read_into(target, memoryview(out), timeout_s=30)
+            assert np.array_equal(out, data), size
+            offset += size + 4096
+        # a batch with one bad item: the others are moved, the bad one is refused alone
+        sources = [np.full(64 * 1024, i, dtype=np.uint8) for i in range(6)]
+        targets = [_raw_target(tls_data_plane, 40 * 1024 * 1024 + i * 65536, 65536)
+                   for i in range(6)]
+        targets[3] = _raw_target(tls_data_plane, 48 * 1024 * 1024, 65536)   # past the end
+        results = transport.write_many(list(zip(targets, map(memoryview, sources))),
+                                       timeout_s=30)
+        assert [r is None for r in results] == [True, True, True, False, True, True]
+        assert isinstance(results[3], kvstore.TransferError)
+        outs = [np.zeros(65536, dtype=np.uint8) for _ in range(6)]
+        results = transport.read_many(list(zip(targets, map(memoryview, outs))), timeout_s=30)
+        assert [r is None for r in results] == [True, True, True, False, True, True]
+        for i in (0, 1, 2, 4, 5):
+            assert np.array_equal(outs[i], sources[i])
+    finally:
+        transport.close()
