@@ -44,8 +44,9 @@ def tls_options(role: str):
 
 def tls_from_flags(tls_ca: str | None, tls_cert: str | None,
                    tls_key: str | None) -> TLSConfig | None:
-    """The TLSConfig the flags name (None when none is given); click.BadParameter for an
-    invalid combination or a missing file."""
+    """The client's TLSConfig the flags name (None when none is given); click.BadParameter
+    for an invalid combination or a missing file. (Servers map the flags 1:1 to their
+    config's ``tls_*`` fields instead.)"""
     if tls_ca is None and tls_cert is None and tls_key is None:
         return None
     try:

@@ -16,7 +16,7 @@ import click
 
 from kvstore._errors import ConfigError, KVStoreError
 from kvstore._tls import exposure_warning
-from kvstore._tls_options import tls_from_flags, tls_options
+from kvstore._tls_options import tls_options
 from kvstore._units import parse_size
 
 log = logging.getLogger("kvstore.daemon")
@@ -106,7 +106,7 @@ def command(master_addr, host, port, dram, ssd, ssd_codec, gpu, token, metrics_p
             gpu_device=gpu[0], gpu_bytes=gpu[1], token=token, metrics_port=metrics_port,
             metrics_host=metrics_host, rpc_timeout_s=rpc_timeout,
             reap_orphans=reap_orphans, prefault=prefault, nixl=nixl,
-            tls=tls_from_flags(tls_ca, tls_cert, tls_key), tls_master_ca=tls_master_ca,
+            tls_cert=tls_cert, tls_key=tls_key, tls_ca=tls_ca, tls_master_ca=tls_master_ca,
             **extra)
     except KVStoreError as exc:
         raise click.ClickException(str(exc)) from exc

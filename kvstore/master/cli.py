@@ -18,7 +18,7 @@ import click
 
 from kvstore._errors import ConfigError
 from kvstore._tls import exposure_warning
-from kvstore._tls_options import tls_from_flags, tls_options
+from kvstore._tls_options import tls_options
 from kvstore._units import parse_duration
 from kvstore.master.config import GRPC_MODES, MasterConfig
 from kvstore.master.server import MasterServer
@@ -91,7 +91,7 @@ def command(host, port, token, metrics_port, metrics_host, lease_ttl, node_ttl, 
             max_changes_per_heartbeat=max_changes_per_heartbeat, grpc_mode=grpc_mode,
             num_threads=num_threads, fast_port=None if no_fast_rpc else fast_port,
             move_timeout_s=move_timeout, promote=promote,
-            tls=tls_from_flags(tls_ca, tls_cert, tls_key))
+            tls_cert=tls_cert, tls_key=tls_key, tls_ca=tls_ca)
         # NOTE: the master holds millions of long-lived metadata objects and makes no
         # reference cycles per key (dropped objects are freed by reference counting). The
         # default thresholds make the cycle collector rescan them all every few batches

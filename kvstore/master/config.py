@@ -53,7 +53,16 @@ class MasterConfig:
     fast_port: int | None = 0            # framed-TCP metadata path (0: pick); None: off
     move_timeout_s: float = 30.0         # a tier move not acknowledged by then is given up
     promote: str = "on-hit"              # SSD -> DRAM promotion: off | on-hit | after:N
-    tls: TLSConfig | None = None         # --tls-cert/--tls-key (+ --tls-ca: mutual TLS)
+    tls_cert: str | None = None          # PEM chain: serve TLS on both ports (with tls_key)
+    tls_key: str | None = None
+    tls_ca: str | None = None            # PEM CA: require client certificates (mutual TLS)
+
+    @property
+    def tls(self) -> TLSConfig | None:
+        """The TLS files as one ``TLSConfig`` (None: plain text)."""
+        if self.tls_cert is None and self.tls_key is None and self.tls_ca is None:
+            return None
+        return TLSConfig(ca=self.tls_ca, cert=self.tls_cert, key=self.tls_key)
 
     @property
     def promote_after(self) -> int:
@@ -74,8 +83,9 @@ class MasterConfig:
         if self.token is not None and (not self.token or any(c.isspace() for c in self.token)):
             raise ConfigError("token must be non-empty and contain no whitespace")
         promote_after(self.promote)
-        if self.tls is not None:
-            self.tls.server_context()   # ConfigError now for files that are not PEM
+        tls = self.tls      # ConfigError for a cert without its key, a missing file
+        if tls is not None:
+            tls.server_context()   # ... and now for files that are not PEM
         for name in ("lease_ttl_s", "node_ttl_s", "heartbeat_interval_s", "pending_timeout_s",
                      "move_timeout_s"):
             if not getattr(self, name) > 0:
