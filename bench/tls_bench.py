@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -61,6 +62,9 @@ def main() -> int:
     parser.add_argument("--before", default=None, metavar="KVSTORE",
                         help="another build's kvstore executable: its plain runs join")
     args = parser.parse_args()
+    if shutil.which("openssl") is None:
+        print("tls_bench: skipped: openssl is not installed (no certificates to serve)")
+        return 0
     kvstore_bin = str(Path(sys.executable).with_name("kvstore"))
     with tempfile.TemporaryDirectory() as tmp:
         certs = Path(tmp) / "certs"

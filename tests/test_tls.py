@@ -11,6 +11,7 @@ and the servers must keep serving the clients that are right afterwards.
 
 from __future__ import annotations
 
+import json
 import shutil
 import subprocess
 import time
@@ -379,3 +380,22 @@ def test_tls_data_plane_moves_exact_bytes_and_refuses_out_of_range(tls_data_plan
             assert np.array_equal(outs[i], sources[i])
     finally:
         transport.close()
+
+
+def test_bench_transfer_over_tls_locally_and_against_a_master(mutual, certs, tmp_path):
+    tls = _client_tls(certs)
+    server_files = ["--tls-ca", tls.ca, "--tls-cert", str(certs / "server.pem"), "--tls-key",
+                    str(certs / "server.key")]
+    client_files = ["--tls-ca", tls.ca, "--tls-cert", tls.cert, "--tls-key", tls.key]
+    for name, extra in (("local", ["--dram", "128MiB", *server_files]),
+                        ("remote", ["--master", mutual.address, "--token", TOKEN,
+                                    "--levels", "client", *client_files])):
+        out = tmp_path / f"{name}.json"
+        result = subprocess.run([str(KVSTORE_BIN), "bench", "transfer", "--transports", "tcp",
+                                 "--sizes", "64KiB", "--duration", "0.02", "--json", str(out),
+                                 *extra], capture_output=True, text=True, timeout=300)
+        assert result.returncode == 0, result.stderr[-3000:]
+        document = json.loads(out.read_text())
+        assert document["settings"]["tls"] is True
+        assert {row["transport"] for row in document["rows"]} == {"tcp"}
+        assert all(row["gbps"] > 0 for row in document["rows"])
