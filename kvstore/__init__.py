@@ -32,6 +32,7 @@ __version__ = "0.1.0"
 # public name -> module that defines it (imported on first access)
 _LAZY = {
     "KVStore": "kvstore.client",
+    "TLSConfig": "kvstore._tls",
     "connect": "kvstore.client",
     "local": "kvstore.client",
     "aio": "kvstore.aio",

@@ -4,7 +4,7 @@
     ├── InvalidArgumentError         a caller's argument is wrong (bad key, size, dtype, shape)
     ├── KeyNotFoundError             no complete object under the key
     ├── CapacityError                no space left, even after eviction
-    ├── AuthenticationError          missing or wrong token
+    ├── AuthenticationError          missing or wrong token; a refused TLS handshake
     ├── ClosedError                  you closed this store/connection and then used it
     ├── ChecksumError                bytes read do not match the object's checksum
     ├── TransferError                moving bytes failed (peer died, network, deadline)
@@ -49,7 +49,9 @@ class CapacityError(KVStoreError):
 
 
 class AuthenticationError(KVStoreError):
-    """The master or a daemon refused the token (missing or wrong)."""
+    """The master or a daemon refused the token (missing or wrong), or a TLS handshake
+    failed (a certificate that does not verify, a missing client certificate, TLS on one
+    side only)."""
 
 
 class ClosedError(KVStoreError):

@@ -13,6 +13,12 @@ Each connection's socket is closed by this class when ``handle_connection`` retu
 
 Error handling: an exception escaping ``handle_connection`` is logged and ends only that
 connection; the server keeps serving every other client.
+
+TLS (``ssl_context`` given): each connection's thread peeks at its first byte (within
+``handshake_timeout_s``); a plain-text client (not a TLS handshake record) is sent
+``plaintext_refusal()`` in plain text and closed; any other connection does the server-side
+handshake, and one that fails (wrong CA, no client certificate under mutual TLS, garbage) is
+logged and closed. ``handle_connection`` then sees the TLS socket, as if it were the plain one.
 """
 
 from __future__ import annotations
@@ -20,14 +26,20 @@ from __future__ import annotations
 import abc
 import logging
 import socket
+import ssl
 import threading
+
+from kvstore._tls import TLS_HANDSHAKE_BYTE
 
 
 class ThreadedTcpServer(abc.ABC):
     """Subclasses implement ``handle_connection``; ``name`` labels threads and log lines."""
 
     def __init__(self, *, host: str, port: int, max_connections: int, name: str,
-                 log: logging.Logger):
+                 log: logging.Logger, ssl_context: ssl.SSLContext | None = None,
+                 handshake_timeout_s: float = 10.0):
+        self._ssl_context = ssl_context
+        self._handshake_timeout_s = handshake_timeout_s
         self._host = host
         self._port = port
         self._max_connections = max_connections
@@ -45,6 +57,31 @@ class ThreadedTcpServer(abc.ABC):
 
     def on_accept(self) -> None:
         """Called in the accept thread for every connection taken on (stats hook)."""
+
+    def plaintext_refusal(self) -> bytes:
+        """What a plain-text client of a TLS server is sent before the close: the
+        protocol's error frame saying TLS is required."""
+        return b""
+
+    def _secure(self, conn: socket.socket, peer: tuple) -> socket.socket | None:
+        """The connection after the server-side TLS handshake; None when refused."""
+        conn.settimeout(self._handshake_timeout_s)
+        try:
+            first = conn.recv(1, socket.MSG_PEEK)
+            if not first:
+                return None     # closed before a byte came
+            if first[0] != TLS_HANDSHAKE_BYTE:
+                self._log.warning("%s: refusing %s: plain text on a TLS port", self._name, peer)
+                conn.sendall(self.plaintext_refusal())
+                return None
+            return self._ssl_context.wrap_socket(conn, server_side=True)
+        except ssl.SSLError as exc:
+            self._log.warning("%s: TLS handshake with %s failed: %s", self._name, peer,
+                              getattr(exc, "reason", None) or exc)
+        except OSError as exc:
+            self._log.debug("%s: %s left before the TLS handshake ended: %s", self._name,
+                            peer, exc)
+        return None
 
     def bind_and_listen(self) -> tuple[str, int]:
         """Bind exactly (host, port), listen and start accepting; return (host, port) bound.
@@ -115,11 +152,20 @@ class ThreadedTcpServer(abc.ABC):
             thread.start()
 
     def _run_connection(self, conn: socket.socket, peer: tuple) -> None:
+        served = conn
         try:
-            self.handle_connection(conn, peer)
+            if self._ssl_context is not None:
+                served = self._secure(conn, peer)
+                if served is None:
+                    return
+                with self._lock:   # stop() must shut down the socket now in use
+                    self._conn_to_thread[served] = self._conn_to_thread.pop(conn)
+            self.handle_connection(served, peer)
         except Exception:  # noqa: BLE001 - one connection's bug must not end the server
             self._log.exception("%s: connection from %s failed", self._name, peer)
         finally:
             with self._lock:
                 self._conn_to_thread.pop(conn, None)
+                self._conn_to_thread.pop(served, None)
+            served.close()
             conn.close()

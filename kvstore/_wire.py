@@ -9,13 +9,15 @@ The server reads it with ``read_hello`` and compares the token with ``tokens_equ
 time; a server without a token accepts any, an empty one included), then answers in its own
 reply format. Integers are little-endian. ``recv_exact_into``/``recv_exact`` read exactly a
 length (``PeerClosedError`` if the peer closes first) and ``sendmsg_all`` sends a header and
-a payload in as few system calls as the kernel allows, copying neither.
+a payload in as few system calls as the kernel allows, copying neither (over TLS: one
+``sendall`` per buffer, the encryption being the copy).
 """
 
 from __future__ import annotations
 
 import hmac
 import socket
+import ssl
 import struct
 from typing import Callable
 
@@ -87,6 +89,11 @@ def sendmsg_all(sock: socket.socket, buffers: list) -> None:
     """Send every buffer, in order, with as few ``sendmsg`` calls as the kernel allows
     (a small header and a large payload go in one system call, neither copied)."""
     views = [memoryview(buffer).cast("B") for buffer in buffers if len(buffer)]
+    if isinstance(sock, ssl.SSLSocket):
+        # NOTE: TLS has no sendmsg: each buffer is encrypted into its own records anyway
+        for view in views:
+            sock.sendall(view)
+        return
     while views:
         sent = sock.sendmsg(views)
         while views and sent >= len(views[0]):

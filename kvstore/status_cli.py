@@ -10,16 +10,19 @@ import json
 import click
 
 from kvstore._errors import KVStoreError
+from kvstore._tls import TLSConfig
+from kvstore._tls_options import tls_from_flags, tls_options
 from kvstore._units import format_size
 
 
-def fetch_status(address: str, token: str | None, timeout_s: float = 5.0) -> dict:
+def fetch_status(address: str, token: str | None, timeout_s: float = 5.0,
+                 tls: TLSConfig | None = None) -> dict:
     """Stats and node list of the master at ``address`` as plain data. Raises the
     ``kvstore`` error of the failed call (MasterUnavailableError, AuthenticationError, ...)."""
     from kvstore.rpc import grpc_client
 
     cluster = _cluster_status(address, timeout_s) if address.startswith("etcd://") else None
-    with grpc_client(address, token=token, rpc_timeout_s=timeout_s) as client:
+    with grpc_client(address, token=token, rpc_timeout_s=timeout_s, tls=tls) as client:
         stats = client.stats()
         nodes = client.list_nodes()
         served_by, epoch = client.address, client.epoch
@@ -138,10 +141,13 @@ def _columns(rows: list[tuple[str, ...]]) -> list[str]:
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
 @click.option("--timeout", "timeout_s", default=5.0, show_default=True, type=float,
               help="Seconds to wait for the master.")
-def command(address: str, token: str | None, as_json: bool, timeout_s: float) -> None:
+@tls_options("client")
+def command(address: str, token: str | None, as_json: bool, timeout_s: float,
+            tls_ca: str | None, tls_cert: str | None, tls_key: str | None) -> None:
     """Show a master's nodes, tiers and counters."""
     try:
-        status = fetch_status(address, token, timeout_s)
+        status = fetch_status(address, token, timeout_s, tls_from_flags(tls_ca, tls_cert,
+                                                                        tls_key))
     except KVStoreError as exc:
         raise click.ClickException(str(exc)) from exc
     click.echo(json.dumps(status, indent=2) if as_json else render_table(status))

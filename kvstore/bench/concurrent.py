@@ -21,10 +21,10 @@ from kvstore.bench.transfer import CaseSettings, batch_items, make_row
 _STORE = {}  # the store of this worker process: {"store": KVStore}
 
 
-def _connect(master_addr: str, token: str | None, kind: str) -> None:
+def _connect(master_addr: str, token: str | None, kind: str, tls) -> None:
     import kvstore
 
-    _STORE["store"] = kvstore.connect(master_addr, token=token, transport=kind)
+    _STORE["store"] = kvstore.connect(master_addr, token=token, transport=kind, tls=tls)
 
 
 def _thread_loop(store, op, mode, keys, prefix, size_bytes, num_items, deadline_s, verify_all,
@@ -93,9 +93,10 @@ def concurrent_cases(master_addr, kinds, sizes, settings: CaseSettings, num_thre
     duration_s = settings.budget.duration_s
     ctx = mp.get_context("spawn")
     for kind in kinds:
-        with kvstore.connect(master_addr, token=settings.token, transport=kind) as store, \
+        with kvstore.connect(master_addr, token=settings.token, transport=kind,
+                             tls=settings.tls) as store, \
                 ctx.Pool(num_processes, initializer=_connect,
-                         initargs=(master_addr, settings.token, kind)) as pool:
+                         initargs=(master_addr, settings.token, kind, settings.tls)) as pool:
             for size_bytes in sizes:
                 num_items = batch_items(size_bytes, settings.batch)
                 src = np.random.default_rng(1).integers(0, 256, size_bytes, np.uint8)

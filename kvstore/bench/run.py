@@ -37,8 +37,11 @@ def _signals_held():
 
 
 def run_transfer(master_addr: str | None, token: str | None, kinds: list[str],
-                 levels: list[str], sizes: list[int], budget: Budget, settings: dict) -> dict:
-    """Measure, print the table, and return the JSON document (see ``bench.report``)."""
+                 levels: list[str], sizes: list[int], budget: Budget, settings: dict, *,
+                 tls=None) -> dict:
+    """Measure, print the table, and return the JSON document (see ``bench.report``).
+    ``tls`` (a ``kvstore.TLSConfig``): every connection is TLS, and a local cluster serves
+    it (``start_cluster``)."""
     from tqdm import tqdm
 
     from kvstore.bench.concurrent import concurrent_cases
@@ -50,7 +53,7 @@ def run_transfer(master_addr: str | None, token: str | None, kinds: list[str],
     load_at_start = loadavg()
     concurrency = settings["threads"] * settings["processes"]
     if master_addr is not None:
-        first_node(master_addr, token)  # an unreachable master is a usage error, up front
+        first_node(master_addr, token, tls=tls)  # an unreachable master: a usage error, now
     servers = ()
     rows: list[dict] = []
     loopback_by_size: dict[int, float] = {}
@@ -60,16 +63,17 @@ def run_transfer(master_addr: str | None, token: str | None, kinds: list[str],
             largest_batch = max(s * batch_items(s, settings["batch"]) for s in sizes)
             with _signals_held():
                 servers = start_cluster(dram_bytes=settings["dram_bytes"]
-                                        or max(4 * largest_batch * concurrency, 2 * 1024**3))
+                                        or max(4 * largest_batch * concurrency, 2 * 1024**3),
+                                        tls=tls)
             master_addr = servers[0].address
         total = 4 * len(kinds) * len(sizes) * len(levels)
         with tqdm(total=total, desc="bench transfer", unit="case", leave=False) as progress:
             if "tcp" in kinds:
                 loopback_by_size = loopback_gbps(sizes, budget)
-            node = first_node(master_addr, token)
+            node = first_node(master_addr, token, tls=tls)
             case = CaseSettings(budget, settings["verify"], settings["batch"],
                                 make_cpu_probe([s.proc.pid for s in servers]), ColdCopy(),
-                                progress, token)
+                                progress, token, tls)
             if "transport" in levels:
                 transport_cases(master_addr, node, kinds, sizes, case, rows)
             if "client" in levels and concurrency > 1:

@@ -44,9 +44,10 @@ class CaseSettings:
     ceiling: ColdCopy
     progress: Any
     token: str | None = None
+    tls: Any = None     # kvstore.TLSConfig of every connection (None: plain text)
 
 
-def first_node(master_addr: str, token: str | None, timeout_s: float = 5.0):
+def first_node(master_addr: str, token: str | None, timeout_s: float = 5.0, tls=None):
     """The first storage node the master lists. Raises click.UsageError when the master
     cannot be reached, click.ClickException when it lists no node."""
     import grpc
@@ -55,7 +56,7 @@ def first_node(master_addr: str, token: str | None, timeout_s: float = 5.0):
     from kvstore.rpc import grpc_client
 
     try:
-        with grpc_client(master_addr, token=token, rpc_timeout_s=timeout_s) as client:
+        with grpc_client(master_addr, token=token, rpc_timeout_s=timeout_s, tls=tls) as client:
             nodes = client.list_nodes()
     except (KVStoreError, grpc.RpcError, OSError, ValueError) as exc:
         raise click.UsageError(f"--master {master_addr}: cannot reach the master: {exc}") \
@@ -97,7 +98,7 @@ def _transport_cases(size_to_targets, kinds, sizes, settings: CaseSettings,
     from kvstore.transport import make_transports
 
     for kind in kinds:
-        transport = make_transports(kind, token=settings.token)[0]
+        transport = make_transports(kind, token=settings.token, tls=settings.tls)[0]
         try:
             for size_bytes in sizes:
                 num_items = batch_items(size_bytes, settings.batch)
@@ -139,7 +140,8 @@ def client_cases(master_addr, kinds, sizes, settings: CaseSettings, rows: list) 
 
     counter = itertools.count()
     for kind in kinds:
-        with kvstore.connect(master_addr, token=settings.token, transport=kind) as store:
+        with kvstore.connect(master_addr, token=settings.token, transport=kind,
+                             tls=settings.tls) as store:
             for size_bytes in sizes:
                 num_items = batch_items(size_bytes, settings.batch)
                 src = np.random.default_rng(1).integers(0, 256, size_bytes, np.uint8)

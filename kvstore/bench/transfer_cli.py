@@ -27,6 +27,7 @@ import click
 
 from kvstore._errors import KVStoreError
 from kvstore._process import ServerProcess
+from kvstore._tls_options import tls_from_flags, tls_options
 from kvstore._units import parse_duration, parse_size
 from kvstore.transport import TRANSPORT_KINDS
 
@@ -34,19 +35,24 @@ DEFAULT_SIZES = ("64KiB", "256KiB", "1MiB", "4MiB", "16MiB", "64MiB")
 LEVELS = ("transport", "client")
 
 
-def start_cluster(dram_bytes: int) -> tuple[ServerProcess, ServerProcess]:
+def start_cluster(dram_bytes: int, tls=None) -> tuple[ServerProcess, ServerProcess]:
     """A master and a daemon process of our own (click.ClickException, with the server's
-    log, when one does not start; nothing is left running then)."""
+    log, when one does not start; nothing is left running then); with ``tls`` both serve
+    TLS with its files (mutual TLS when it has a CA)."""
+    tls_args = []
+    for flag, path in (("--tls-ca", tls and tls.ca), ("--tls-cert", tls and tls.cert),
+                       ("--tls-key", tls and tls.key)):
+        tls_args += [flag, path] if path else []
     try:
         # NOTE: the transport level writes ranges allocated once by PutStart (with their
         # write capabilities) for the whole run: they must stay allocated that long
         master = ServerProcess(["master", "--port", "0", "--log-level", "WARNING",
-                                "--pending-timeout", "1h"])
+                                "--pending-timeout", "1h", *tls_args])
     except KVStoreError as exc:
         raise click.ClickException(str(exc)) from exc
     try:
         daemon = ServerProcess(["daemon", "--master", master.address, "--dram", str(dram_bytes),
-                                "--log-level", "WARNING"])
+                                "--log-level", "WARNING", *tls_args])
     except KVStoreError as exc:
         master.close()
         raise click.ClickException(str(exc)) from exc
@@ -109,8 +115,10 @@ def parse_sizes(text: str) -> list[int]:
               type=click.Path(dir_okay=False), help="Where to write every figure.")
 @click.option("--plot", "plot_path", default=None, type=click.Path(dir_okay=False),
               help="Write a PNG: GB/s against value size (needs kvstore[plot]).")
+@tls_options("client")
 def command(master_addr, token, transports, levels, sizes, batch, num_threads, num_processes,
-            dram, duration, min_time_s, total, verify_all, json_path, plot_path):
+            dram, duration, min_time_s, total, verify_all, json_path, plot_path, tls_ca,
+            tls_cert, tls_key):
     """Measure put/get bandwidth and latency by size, batch, concurrency and transport."""
     from kvstore.bench.measure import Budget
 
@@ -145,7 +153,12 @@ def command(master_addr, token, transports, levels, sizes, batch, num_threads, n
                 "dram_bytes": dram_bytes}
     from kvstore.bench.run import run_transfer
 
-    result = run_transfer(master_addr, token, kinds, level_list, size_list, budget, settings)
+    tls = tls_from_flags(tls_ca, tls_cert, tls_key)
+    if tls is not None and master_addr is None and tls.cert is None:
+        raise click.UsageError("a local cluster serves TLS with --tls-cert and --tls-key")
+    settings["tls"] = tls is not None
+    result = run_transfer(master_addr, token, kinds, level_list, size_list, budget, settings,
+                          tls=tls)
     Path(json_path).parent.mkdir(parents=True, exist_ok=True)
     Path(json_path).write_text(json.dumps(result, indent=2))
     click.echo(f"wrote {json_path}")

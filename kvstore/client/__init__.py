@@ -29,13 +29,15 @@ def connect(address: str, token: str | None = None, transport: str = "auto",
     ``token`` falls back to the KVSTORE_TOKEN environment variable. ``transport``: "auto"
     (shm for replicas on this host, tcp otherwise), "shm" (same-host replicas only) or "tcp".
     ``options`` are ClientConfig fields (timeout_s, lease_ttl_s, verify, rpc_timeout_s,
-    metadata). ``metadata``: how master calls travel: "auto" (default; the master's framed
+    metadata, tls). ``tls``: a ``kvstore.TLSConfig``; every connection to the master and to
+    daemons' data planes is then TLS (shm is not a network path: docs/ARCHITECTURE.md, TLS). ``metadata``: how master calls travel: "auto" (default; the master's framed
     fast path when its Stats advertises one, gRPC otherwise), "grpc", or "fast" (raises
     MasterUnavailableError if the master offers no fast path). Both carry the same messages
     and give the same results and errors.
 
     Checks the master answers before returning. Raises InvalidArgumentError (bad argument or
-    unknown option), AuthenticationError (token refused), MasterUnavailableError.
+    unknown option), AuthenticationError (token or TLS handshake refused),
+    MasterUnavailableError.
     """
     if not isinstance(address, str) or not address:
         raise InvalidArgumentError(f"address must be a non-empty 'host:port' str, got {address!r}")

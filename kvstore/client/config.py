@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from kvstore._errors import InvalidArgumentError
+from kvstore._tls import TLSConfig
 from kvstore.rpc.connect import METADATA_PATHS
 from kvstore.transport import TRANSPORT_KINDS
 
@@ -37,6 +38,8 @@ class ClientConfig:
     # fast path only: poll for each master reply this long before blocking (0: block at
     # once); trades up to this much CPU per master call for latency
     reply_spin_s: float = 0.0002
+    # TLS on every connection to the master (both paths) and to daemons' data planes
+    tls: TLSConfig | None = None
 
     def __post_init__(self) -> None:
         if self.transport not in TRANSPORT_KINDS:
@@ -47,6 +50,9 @@ class ClientConfig:
         if self.metadata not in METADATA_PATHS:
             raise InvalidArgumentError(
                 f"metadata must be one of {METADATA_PATHS}, got {self.metadata!r}")
+        if self.tls is not None and not isinstance(self.tls, TLSConfig):
+            raise InvalidArgumentError(
+                f"tls must be a kvstore.TLSConfig or None, got {type(self.tls).__name__}")
         check_timeout(self.timeout_s, "timeout_s")
         check_timeout(self.rpc_timeout_s, "rpc_timeout_s")
         if self.lease_ttl_s is not None:

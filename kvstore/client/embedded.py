@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from kvstore._errors import InvalidArgumentError
 from kvstore._units import parse_size
 from kvstore.client.config import make_config
 from kvstore.client.store import KVStore
@@ -22,9 +23,15 @@ def local(dram: str | int = "1GiB", ssd: str | None = None, **options: Any) -> K
     """A KVStore over a master and a daemon with ``dram`` bytes of DRAM (and the optional SSD
     tier ``ssd``, "DIR:SIZE") running inside this process.
 
-    ``options`` are those of ``kvstore.connect`` (token, transport, timeout_s, ...). Raises
-    ConfigError for a bad size or SSD spec; the servers are stopped if startup fails.
+    ``options`` are those of ``kvstore.connect`` (token, transport, timeout_s, ...) but
+    ``tls``: the embedded servers serve plain text on 127.0.0.1 only. Raises ConfigError for
+    a bad size or SSD spec, InvalidArgumentError for ``tls``; the servers are stopped if
+    startup fails.
     """
+    if options.get("tls") is not None:
+        raise InvalidArgumentError("kvstore.local serves plain text on 127.0.0.1 only: tls= "
+                                   "is for kvstore.connect to a cluster started with "
+                                   "--tls-cert")
     from kvstore.daemon.config import DaemonConfig, split_tier_spec
     from kvstore.daemon.server import run_in_thread as run_daemon
     from kvstore.master.config import MasterConfig

@@ -100,7 +100,7 @@ class KVStore:
         self._closing_guard = _ClosingGuard(self)
         self._master: MasterClient | None = None   # set by _connect_master
         self._transfers = Transfers(make_transports(kind=config.transport, token=config.token,
-                                                    nodes=self._nixl_nodes))
+                                                    nodes=self._nixl_nodes, tls=config.tls))
         self._leases: LeaseReleaser | None = None   # set by _connect_master
 
     # ---- put ----------------------------------------------------------------------------
@@ -289,7 +289,8 @@ class KVStore:
         ``max_batch``. Raises what connect_master raises."""
         self._master, stats = connect_master(
             self.address, token=self.config.token, rpc_timeout_s=self.config.rpc_timeout_s,
-            metadata=self.config.metadata, reply_spin_s=self.config.reply_spin_s)
+            metadata=self.config.metadata, reply_spin_s=self.config.reply_spin_s,
+            tls=self.config.tls)
         self._max_batch = stats.max_batch or self._max_batch
         self._leases = LeaseReleaser(self._master)
 

@@ -15,6 +15,8 @@ import threading
 import click
 
 from kvstore._errors import ConfigError, KVStoreError
+from kvstore._tls import exposure_warning
+from kvstore._tls_options import tls_options
 from kvstore._units import parse_size
 
 log = logging.getLogger("kvstore.daemon")
@@ -80,11 +82,15 @@ def _tier_spec(ctx, param, value):
                    "for clients older than them).")
 @click.option("--rpc-timeout", default=5.0, show_default=True, type=float,
               help="Seconds per master RPC.")
+@tls_options("server")
+@click.option("--tls-master-ca", default=None, metavar="FILE",
+              help="PEM CA bundle that verifies the master, when it is not --tls-ca (a "
+                   "server-only TLS data plane with a private CA).")
 @click.option("--log-level", default="INFO", show_default=True,
               type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"]))
 def command(master_addr, host, port, dram, ssd, ssd_codec, gpu, token, metrics_port,
             metrics_host, node_id, standalone, reap_orphans, prefault, nixl,
-            write_capabilities, rpc_timeout, log_level):
+            write_capabilities, rpc_timeout, tls_ca, tls_cert, tls_key, tls_master_ca, log_level):
     """Run a storage node: DRAM/SSD/HBM segments served over a data plane."""
     logging.basicConfig(stream=sys.stderr, level=log_level,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -105,7 +111,9 @@ def command(master_addr, host, port, dram, ssd, ssd_codec, gpu, token, metrics_p
             gpu_device=gpu[0], gpu_bytes=gpu[1], token=token, metrics_port=metrics_port,
             metrics_host=metrics_host, rpc_timeout_s=rpc_timeout,
             reap_orphans=reap_orphans, prefault=prefault, nixl=nixl,
-            write_capabilities=write_capabilities, **extra)
+            write_capabilities=write_capabilities,
+            tls_cert=tls_cert, tls_key=tls_key, tls_ca=tls_ca, tls_master_ca=tls_master_ca,
+            **extra)
     except KVStoreError as exc:
         raise click.ClickException(str(exc)) from exc
     daemon = Daemon(config)
@@ -125,6 +133,9 @@ def command(master_addr, host, port, dram, ssd, ssd_codec, gpu, token, metrics_p
             return
         raise click.ClickException(str(exc)) from exc
     print(f"listening on {daemon.address}", flush=True)
+    warning = exposure_warning(config.host, token=config.token, tls=config.tls)
+    if warning:
+        log.warning("%s", warning)
     try:
         while not stopping.wait(1.0):
             pass

@@ -13,6 +13,7 @@ import socket
 from dataclasses import dataclass, field
 
 from kvstore._errors import ConfigError
+from kvstore._tls import TLSConfig
 from kvstore._units import parse_size
 from kvstore._wire import MAX_TOKEN_BYTES
 
@@ -67,6 +68,10 @@ class DaemonConfig:
     prefault: bool = True       # allocate and map every DRAM page at start (see kvstore/_posix_shm.py)
     write_capabilities: bool = True  # ask the master for a secret; refuse WRITEs without capability
     nixl: bool = False          # register DRAM with a NIXL agent, publish it (daemon/nixl_agent.py)
+    tls_cert: str | None = None   # PEM chain: serve the data plane over TLS (with tls_key);
+    tls_key: str | None = None    # ... and present them to the master
+    tls_ca: str | None = None     # PEM CA: mutual TLS on the data plane; verifies the master
+    tls_master_ca: str | None = None  # CA that verifies the master (None: tls_ca)
 
     def __post_init__(self) -> None:
         if not self.host:
@@ -102,6 +107,27 @@ class DaemonConfig:
             raise ConfigError(f"max_connections must be >= 1, got {self.max_connections}")
         if self.handshake_timeout_s <= 0:
             raise ConfigError("handshake_timeout_s must be > 0")
+        tls = self.tls      # ConfigError for a cert without its key, a missing file
+        if tls is not None:
+            tls.server_context()   # ... and now for files that are not PEM
+        if self.tls_master_ca is not None and tls is None:
+            raise ConfigError("--tls-master-ca needs --tls-cert and --tls-key")
+
+    @property
+    def tls(self) -> TLSConfig | None:
+        """The data plane's TLS files as one ``TLSConfig`` (None: plain text)."""
+        if self.tls_cert is None and self.tls_key is None and self.tls_ca is None:
+            return None
+        return TLSConfig(ca=self.tls_ca, cert=self.tls_cert, key=self.tls_key)
+
+    @property
+    def master_tls(self) -> TLSConfig | None:
+        """What the daemon's link to its master uses: its own certificate (the master may
+        require one), verifying the master with ``tls_master_ca`` or else ``tls.ca``."""
+        if self.tls is None:
+            return None
+        return TLSConfig(ca=self.tls_master_ca or self.tls_ca, cert=self.tls_cert,
+                         key=self.tls_key)
 
 
 def _check_port(name: str, port: int) -> None:

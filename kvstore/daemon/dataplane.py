@@ -11,6 +11,11 @@ thread, one thread per connection with blocking sockets; at most ``max_connectio
 Error handling: a bad frame ends only its own connection (after an error reply where the
 format allows one); the server keeps serving every other client. A client that connects and
 sends no complete handshake within ``handshake_timeout_s`` is disconnected.
+
+TLS (``tls``): see ``kvstore._tcpserver``; a plain-text client gets AUTH_FAILED ("this data
+plane requires TLS") and a close. Over TLS every payload is encrypted and decrypted by this
+process: a WRITE still lands in the mapping by ``recv_into``, a READ is sent with one
+``sendall`` of the view, with no copy in Python.
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ from dataclasses import dataclass
 
 from kvstore._principal import principal_for_token
 from kvstore._tcpserver import ThreadedTcpServer
+from kvstore._tls import TLSConfig
 from kvstore._wire import BadHello, read_hello, tokens_equal
 from kvstore.daemon.backends import Backend
 from kvstore.daemon.write_guard import CapabilityRefused, RangeCommitted, WriteGuard
@@ -54,10 +60,13 @@ class DataPlaneServer(ThreadedTcpServer):
     """Serves the segments given to it over TCP on exactly ``host``:``port`` (0 = pick)."""
 
     def __init__(self, segments: list[Backend], *, node_id: str, host: str, port: int = 0,
-                 token: str | None = None, max_connections: int = 1024,
-                 handshake_timeout_s: float = 10.0, guard: WriteGuard | None = None):
+                 token: str | None = None, tls: TLSConfig | None = None,
+                 max_connections: int = 1024, handshake_timeout_s: float = 10.0,
+                 guard: WriteGuard | None = None):
         super().__init__(host=host, port=port, max_connections=max_connections,
-                         name="kvstore-dataplane", log=log)
+                         name="kvstore-dataplane", log=log,
+                         ssl_context=tls.server_context() if tls is not None else None,
+                         handshake_timeout_s=handshake_timeout_s)
         self.node_id = node_id
         self._segment_id_to_segment = {s.segment_id.encode(): s for s in segments}
         self._token = token
@@ -78,6 +87,12 @@ class DataPlaneServer(ThreadedTcpServer):
 
     def on_accept(self) -> None:
         self.stats.num_connections += 1
+
+    def plaintext_refusal(self) -> bytes:
+        self.stats.num_errors += 1
+        return data_frames.encode_reply(Status.AUTH_FAILED, 0, 0,
+                                        "this data plane requires TLS: connect with "
+                                        "tls=TLSConfig(...)")
 
     def handle_connection(self, conn: socket.socket, peer: tuple) -> None:
         try:

@@ -71,7 +71,7 @@ class Daemon:
             self.guard = WriteGuard(self.node_id)
             self.dataplane = DataPlaneServer(
                 self.segments, node_id=self.node_id, host=self.config.host,
-                port=self.config.port, token=self.config.token,
+                port=self.config.port, token=self.config.token, tls=self.config.tls,
                 max_connections=self.config.max_connections,
                 handshake_timeout_s=self.config.handshake_timeout_s, guard=self.guard)
             try:
@@ -107,7 +107,7 @@ class Daemon:
         # leader waits for its daemons before it serves, so they must find it at once.
         self._master_client = grpc_client(self.config.master_addr, token=self.config.token,
                                           rpc_timeout_s=self.config.rpc_timeout_s,
-                                          watch_s=LEADER_WATCH_S)
+                                          watch_s=LEADER_WATCH_S, tls=self.config.master_tls)
         self.objects = ObjectTable(self.segments, self.guard)
         from kvstore.daemon.objects import StoredObject
         for segment in self.segments:

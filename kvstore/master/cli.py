@@ -17,6 +17,8 @@ import threading
 import click
 
 from kvstore._errors import ConfigError
+from kvstore._tls import exposure_warning
+from kvstore._tls_options import tls_options
 from kvstore._units import parse_duration
 from kvstore.master.config import GRPC_MODES, MasterConfig
 from kvstore.master.server import MasterServer
@@ -81,12 +83,17 @@ def _duration(ctx, param, value):
               help="Seconds of the leader's etcd lease: how long a dead leader holds on.")
 @click.option("--takeover-wait", default="3s", show_default=True, callback=_duration,
               help="Longest a new leader waits for the daemons before it serves.")
+@tls_options("server")
+@click.option("--tls-daemon-ca", default=None, metavar="FILE",
+              help="PEM CA bundle that verifies the daemons' data planes (commit pushes), "
+                   "when it is not --tls-ca (server-only TLS with a private CA).")
 @click.option("--log-level", default="INFO", show_default=True,
               type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"]))
 def command(host, port, token, metrics_port, metrics_host, lease_ttl, node_ttl, heartbeat_interval,
             pending_timeout, high_watermark, low_watermark, max_batch, max_changes_per_heartbeat,
             move_timeout, commit_timeout, promote, grpc_mode, num_threads, fast_port, no_fast_rpc,
-            etcd, cluster, election_ttl, takeover_wait, log_level):
+            etcd, cluster, election_ttl, takeover_wait, tls_ca, tls_cert, tls_key, tls_daemon_ca,
+            log_level):
     """Run the metadata master."""
     logging.basicConfig(stream=sys.stderr, level=log_level,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -101,7 +108,8 @@ def command(host, port, token, metrics_port, metrics_host, lease_ttl, node_ttl, 
             num_threads=num_threads, fast_port=None if no_fast_rpc else fast_port,
             move_timeout_s=move_timeout, commit_timeout_s=commit_timeout,
             promote=promote, etcd=etcd, cluster=cluster,
-            election_ttl_s=election_ttl, takeover_wait_s=takeover_wait)
+            election_ttl_s=election_ttl, takeover_wait_s=takeover_wait,
+            tls_cert=tls_cert, tls_key=tls_key, tls_ca=tls_ca, tls_daemon_ca=tls_daemon_ca)
         # NOTE: the master holds millions of long-lived metadata objects and makes no
         # reference cycles per key (dropped objects are freed by reference counting). The
         # default thresholds make the cycle collector rescan them all every few batches
@@ -128,11 +136,16 @@ DEPOSED_EXIT_STATUS = 75
 
 
 def _announce(server: MasterServer) -> None:
+    config = server.config
     print(f"listening on {server.address}", flush=True)
     if server.fast_address is not None:
         print(f"fast metadata on {server.fast_address}", flush=True)
-    log.info("master %s listening on %s (%s mode%s)", server.state.master_id, server.address,
-             server.config.grpc_mode, ", token required" if server.config.token else "")
+    warning = exposure_warning(config.host, token=config.token, tls=config.tls)
+    if warning:
+        log.warning("%s", warning)
+    tls = "" if config.tls is None else (", mutual TLS" if config.tls.mutual else ", TLS")
+    log.info("master %s listening on %s (%s mode%s%s)", server.state.master_id, server.address,
+             config.grpc_mode, ", token required" if config.token else "", tls)
 
 
 async def _serve_aio(server: MasterServer) -> None:

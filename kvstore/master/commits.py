@@ -35,6 +35,7 @@ import socket
 import threading
 import time
 
+from kvstore._tls import TLSConfig, wrap_client
 from kvstore.master import replies
 from kvstore.transport import data_frames
 from kvstore.transport.data_frames import Op, Status
@@ -75,10 +76,12 @@ class CommitPusher:
     """Pushes committed changes of ``state``'s nodes to their daemons (see the module)."""
 
     def __init__(self, state, lock: threading.Lock, *, token: str | None,
-                 clock=time.monotonic):
+                 tls: TLSConfig | None = None, clock=time.monotonic):
         self._state = state
         self._lock = lock           # the service lock: the state is read only under it
         self._token = token
+        self._tls = tls             # None: plain text; else the data planes serve TLS
+        self._tls_context = tls.client_context() if tls is not None else None
         self._clock = clock
         self._cond = threading.Condition()
         self._channels: dict[object, _Channel] = {}
@@ -230,6 +233,9 @@ class CommitPusher:
                                         timeout=max(deadline_s - self._clock(), 0.001))
         try:
             data_frames.configure_socket(sock)
+            if self._tls is not None:
+                sock = wrap_client(sock, self._tls_context, host.strip("[]"), self._tls,
+                                   f"the data plane at {address}")
             sock.sendall(data_frames.encode_hello(self._token))
             status, _, message = _read_reply(sock)
             if status != Status.OK:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from kvstore._errors import ConfigError
+from kvstore._tls import TLSConfig
 
 #: Longest key the master accepts, in UTF-8 bytes.
 MAX_KEY_BYTES = 1024
@@ -57,6 +58,27 @@ class MasterConfig:
     cluster: str | None = None           # the cluster's name in etcd (with ``etcd``)
     election_ttl_s: int = 3              # TTL of the leader's etcd lease, whole seconds
     takeover_wait_s: float = 3.0         # a new leader waits this long at most for daemons
+    tls_cert: str | None = None          # PEM chain: serve TLS on both ports (with tls_key)
+    tls_key: str | None = None
+    tls_ca: str | None = None            # PEM CA: require client certificates (mutual TLS)
+    tls_daemon_ca: str | None = None     # PEM CA verifying daemons (commit pushes); None: tls_ca
+
+    @property
+    def tls(self) -> TLSConfig | None:
+        """The TLS files as one ``TLSConfig`` (None: plain text)."""
+        if self.tls_cert is None and self.tls_key is None and self.tls_ca is None:
+            return None
+        return TLSConfig(ca=self.tls_ca, cert=self.tls_cert, key=self.tls_key)
+
+    @property
+    def daemon_tls(self) -> TLSConfig | None:
+        """How the master calls the daemons' data planes (commit pushes): with its own
+        certificate, verifying theirs with ``tls_daemon_ca``, else ``tls_ca``, else the
+        system's trust store. None: plain text (the master serves no TLS)."""
+        if self.tls is None:
+            return None
+        return TLSConfig(ca=self.tls_daemon_ca or self.tls_ca, cert=self.tls_cert,
+                         key=self.tls_key)
 
     @property
     def promote_after(self) -> int:
@@ -77,6 +99,9 @@ class MasterConfig:
         if self.token is not None and (not self.token or any(c.isspace() for c in self.token)):
             raise ConfigError("token must be non-empty and contain no whitespace")
         promote_after(self.promote)
+        tls = self.tls      # ConfigError for a cert without its key, a missing file
+        if tls is not None:
+            tls.server_context()   # ... and now for files that are not PEM
         for name in ("lease_ttl_s", "node_ttl_s", "heartbeat_interval_s", "pending_timeout_s",
                      "move_timeout_s"):
             if not getattr(self, name) > 0:

@@ -9,6 +9,9 @@ Threading and resource handling: ``kvstore._tcpserver.ThreadedTcpServer`` (one t
 connection with blocking sockets, TCP_NODELAY here; measured fastest for small
 request/reply). Calls are serialized by the service lock anyway.
 
+TLS (``tls``): see ``kvstore._tcpserver``; a plain-text client gets UNAUTHENTICATED
+("this master requires TLS") and a close.
+
 Error handling: a connection that fails the handshake (bad magic or version, wrong token)
 gets an error frame and is closed; an oversized body gets RESOURCE_EXHAUSTED and a close; a
 truncated frame ends the connection; an unknown method id (UNIMPLEMENTED) or a body that is
@@ -25,6 +28,7 @@ import grpc
 from google.protobuf.message import DecodeError
 
 from kvstore._tcpserver import ThreadedTcpServer
+from kvstore._tls import TLSConfig
 from kvstore._wire import BadHello, PeerClosedError, read_hello, tokens_equal
 from kvstore.master.service import MasterService, make_invoker
 from kvstore.master.validation import Rejected
@@ -48,10 +52,12 @@ class FastRpcServer(ThreadedTcpServer):
     """Serves ``service`` on exactly ``host``:``port`` (0 = pick a free port)."""
 
     def __init__(self, service: MasterService, clock, metrics, *, host: str, port: int = 0,
-                 token: str | None = None, max_connections: int = 1024,
-                 handshake_timeout_s: float = 10.0):
+                 token: str | None = None, tls: TLSConfig | None = None,
+                 max_connections: int = 1024, handshake_timeout_s: float = 10.0):
         super().__init__(host=host, port=port, max_connections=max_connections,
-                         name="kvstore-master-fast", log=log)
+                         name="kvstore-master-fast", log=log,
+                         ssl_context=tls.server_context() if tls is not None else None,
+                         handshake_timeout_s=handshake_timeout_s)
         self._token = token
         self._master_id = service.state.master_id
         self._handshake_timeout_s = handshake_timeout_s
@@ -66,6 +72,11 @@ class FastRpcServer(ThreadedTcpServer):
         """Bind, listen and start accepting; return the bound port. Raises OSError."""
         self.port = self.bind_and_listen()[1]
         return self.port
+
+    def plaintext_refusal(self) -> bytes:
+        return ff.encode_error(grpc.StatusCode.UNAUTHENTICATED, 0,
+                               "this master requires TLS: connect with tls=TLSConfig(...) "
+                               "(--tls-ca/--tls-cert/--tls-key)")
 
     def handle_connection(self, conn: socket.socket, peer: tuple) -> None:
         reader = None

@@ -56,7 +56,8 @@ class MasterServer:
         self.service = MasterService(self.state)
         # NOTE: commit deadlines run on the real clock: they bound how long a daemon may take
         # to answer, which an injected (test) clock does not model
-        self.service.commits = CommitPusher(self.state, self.service.lock, token=config.token)
+        self.service.commits = CommitPusher(self.state, self.service.lock, token=config.token,
+                                            tls=config.daemon_tls)
         self.election = None     # set by ``_start_election`` with --etcd
         if config.etcd is not None:
             from kvstore.ha.leadership import Leadership
@@ -76,8 +77,10 @@ class MasterServer:
 
     def _bind(self, server) -> None:
         target = format_address(self.config.host, self.config.port)
+        tls = self.config.tls
         try:
-            port = server.add_insecure_port(target)
+            port = (server.add_secure_port(target, tls.grpc_server_credentials())
+                    if tls is not None else server.add_insecure_port(target))
         except RuntimeError as exc:
             raise ConfigError(f"cannot bind the master to {target}: {exc}") from exc
         if not port:
@@ -99,7 +102,8 @@ class MasterServer:
             log.info("metrics on %s", format_address(metrics_host, self.service.metrics_port))
         if self.config.fast_port is not None:
             fast = FastRpcServer(self.service, self.clock, self.metrics, host=self.config.host,
-                                 port=self.config.fast_port, token=self.config.token)
+                                 port=self.config.fast_port, token=self.config.token,
+                                 tls=self.config.tls)
             try:
                 self.service.fast_port = fast.start()
             except OSError as exc:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from kvstore._deadline import Deadline
 from kvstore._errors import ConfigError, InvalidArgumentError, MasterUnavailableError
+from kvstore._tls import TLSConfig
 from kvstore.rpc.client import MasterClient
 from kvstore.rpc.fast_carrier import FastCarrier
 from kvstore.rpc.grpc_carrier import GrpcCarrier
@@ -25,10 +26,13 @@ METADATA_PATHS = ("auto", "grpc", "fast")
 
 def connect_master(address: str, *, token: str | None = None, rpc_timeout_s: float = 10.0,
                    metadata: str = "auto", reply_spin_s: float = 0.0,
-                   deadline: Deadline | None = None) -> tuple[MasterClient, MasterStats]:
-    """A MasterClient of the master at ``address`` ("host:port") and its Stats.
+                   deadline: Deadline | None = None,
+                   tls: TLSConfig | None = None) -> tuple[MasterClient, MasterStats]:
+    """A MasterClient of the master at ``address`` ("host:port") and its Stats; with
+    ``tls``, both paths are TLS connections.
 
-    Raises InvalidArgumentError (unknown ``metadata``), AuthenticationError (token refused),
+    Raises InvalidArgumentError (unknown ``metadata``), AuthenticationError (token refused,
+    TLS handshake refused),
     MasterUnavailableError (unreachable; or ``metadata="fast"`` and the master offers no
     fast path). Nothing is left open when it raises.
     """
@@ -36,8 +40,10 @@ def connect_master(address: str, *, token: str | None = None, rpc_timeout_s: flo
         raise InvalidArgumentError(f"metadata must be one of {METADATA_PATHS}, got {metadata!r}")
     if "," in address or address.startswith("etcd://"):
         return _connect_cluster(address, token=token, rpc_timeout_s=rpc_timeout_s,
-                                metadata=metadata, reply_spin_s=reply_spin_s, deadline=deadline)
-    client = MasterClient(GrpcCarrier(address, token=token), rpc_timeout_s=rpc_timeout_s)
+                                metadata=metadata, reply_spin_s=reply_spin_s, deadline=deadline,
+                                tls=tls)
+    client = MasterClient(GrpcCarrier(address, token=token, tls=tls),
+                          rpc_timeout_s=rpc_timeout_s)
     try:
         stats = client.stats(deadline=deadline)
         if metadata == "grpc" or (metadata == "auto" and not stats.fast_port):
@@ -51,7 +57,7 @@ def connect_master(address: str, *, token: str | None = None, rpc_timeout_s: flo
         raise
     client.close()
     host = address.rsplit(":", 1)[0].strip("[]")
-    fast = MasterClient(FastCarrier(host, stats.fast_port, token=token,
+    fast = MasterClient(FastCarrier(host, stats.fast_port, token=token, tls=tls,
                                     reply_spin_s=reply_spin_s), rpc_timeout_s=rpc_timeout_s)
     try:
         stats = fast.stats(deadline=deadline)   # reachable, and our token is accepted there
@@ -62,7 +68,7 @@ def connect_master(address: str, *, token: str | None = None, rpc_timeout_s: flo
 
 
 def grpc_client(address: str, *, token: str | None = None, rpc_timeout_s: float = 10.0,
-                watch_s: float | None = None) -> MasterClient:
+                watch_s: float | None = None, tls: TLSConfig | None = None) -> MasterClient:
     """A MasterClient over gRPC, without a discovery call: what daemons and tools use.
     ``address`` may name a cluster (``kvstore.ha.cluster.MasterSpec``): the client then
     follows its leader (``watch_s``: also poll the leader key that often)."""
@@ -70,14 +76,14 @@ def grpc_client(address: str, *, token: str | None = None, rpc_timeout_s: float 
         from kvstore.ha.carrier import FailoverCarrier
         from kvstore.ha.cluster import MasterSpec
         carrier = FailoverCarrier(MasterSpec.parse(address),
-                                  lambda info: GrpcCarrier(info.grpc_address, token=token),
+                                  lambda info: GrpcCarrier(info.grpc_address, token=token, tls=tls),
                                   watch_s=watch_s)
         return MasterClient(carrier, rpc_timeout_s=rpc_timeout_s)
-    return MasterClient(GrpcCarrier(address, token=token), rpc_timeout_s=rpc_timeout_s)
+    return MasterClient(GrpcCarrier(address, token=token, tls=tls), rpc_timeout_s=rpc_timeout_s)
 
 
 def _connect_cluster(address: str, *, token, rpc_timeout_s, metadata, reply_spin_s,
-                     deadline) -> tuple[MasterClient, MasterStats]:
+                     deadline, tls) -> tuple[MasterClient, MasterStats]:
     """``connect_master`` for a cluster spec: a client that follows the leader, on the
     fast path the leader publishes (etcd) or offers (plain lists: one gRPC Stats each time
     it moves to another master), per ``metadata``."""
@@ -86,10 +92,10 @@ def _connect_cluster(address: str, *, token, rpc_timeout_s, metadata, reply_spin
 
     def open_carrier(info):
         if metadata == "grpc":
-            return GrpcCarrier(info.grpc_address, token=token)
+            return GrpcCarrier(info.grpc_address, token=token, tls=tls)
         fast_address = info.fast_address
         if fast_address is None and not info.epoch:      # a plain address: ask it
-            with MasterClient(GrpcCarrier(info.grpc_address, token=token),
+            with MasterClient(GrpcCarrier(info.grpc_address, token=token, tls=tls),
                               rpc_timeout_s=rpc_timeout_s) as probe:
                 fast_port = probe.stats(deadline=deadline).fast_port
             host = info.grpc_address.rsplit(":", 1)[0]
@@ -98,9 +104,10 @@ def _connect_cluster(address: str, *, token, rpc_timeout_s, metadata, reply_spin
             if metadata == "fast":
                 raise MasterUnavailableError(f"metadata='fast' but master {info.grpc_address} "
                                              "offers no fast path")
-            return GrpcCarrier(info.grpc_address, token=token)
+            return GrpcCarrier(info.grpc_address, token=token, tls=tls)
         host, port = fast_address.rsplit(":", 1)
-        return FastCarrier(host.strip("[]"), int(port), token=token, reply_spin_s=reply_spin_s)
+        return FastCarrier(host.strip("[]"), int(port), token=token, tls=tls,
+                           reply_spin_s=reply_spin_s)
 
     try:
         spec = MasterSpec.parse(address)

@@ -20,14 +20,17 @@ TRANSPORT_KINDS = ("auto", "shm", "nixl", "tcp")
 
 
 def make_transports(kind: str = "auto", *, token: str | None = None,
-                    nodes: Callable[[], Mapping[str, bytes]] | None = None) -> list[Transport]:
+                    nodes: Callable[[], Mapping[str, bytes]] | None = None,
+                    tls=None) -> list[Transport]:
     """The transports a client should try for ``kind``, best first.
 
     "auto": [shm, nixl, tcp] (shm serves same-host DRAM replicas, nixl the DRAM of nodes that
     publish a NIXL agent, tcp everything else; nixl only where NIXL is installed and
     ``nodes`` is given); "shm": only shared memory (same-host DRAM replicas only); "nixl": only
     NIXL (raises ConfigError now if NIXL cannot be imported); "tcp": only the data-plane
-    server. ``token`` authenticates to the daemons' data planes; ``nodes`` returns
+    server. ``token`` authenticates to the daemons' data planes, over TLS when ``tls`` (a
+    ``kvstore.TLSConfig``) is given (shm is unaffected: see docs/ARCHITECTURE.md, TLS);
+    ``nodes`` returns
     ``{node_id: nixl_metadata}`` of the registered nodes (the client's ListNodes). Raises
     InvalidArgumentError for any other kind, listing the accepted ones. The caller owns the
     transports and closes them.
@@ -41,7 +44,7 @@ def make_transports(kind: str = "auto", *, token: str | None = None,
     if kind == "shm":
         return [ShmTransport()]
     if kind == "tcp":
-        return [TcpTransport(token=token)]
+        return [TcpTransport(token=token, tls=tls)]
     if kind == "nixl":
         from kvstore.transport.nixl import NixlTransport
         from kvstore.transport.nixl_lib import load_nixl
@@ -49,8 +52,8 @@ def make_transports(kind: str = "auto", *, token: str | None = None,
         return [NixlTransport(nodes=nodes)]
     if nodes is not None and nixl_installed():
         from kvstore.transport.nixl import NixlTransport
-        return [ShmTransport(), NixlTransport(nodes=nodes), TcpTransport(token=token)]
-    return [ShmTransport(), TcpTransport(token=token)]
+        return [ShmTransport(), NixlTransport(nodes=nodes), TcpTransport(token=token, tls=tls)]
+    return [ShmTransport(), TcpTransport(token=token, tls=tls)]
 
 
 def nixl_installed() -> bool:

@@ -11,7 +11,8 @@ Retries: every operation is idempotent (a write stores the same bytes at the sam
 an operation that failed on a pooled connection that had gone stale (the daemon restarted or
 closed it) is retried once on a fresh connection. Errors: ``TransferError`` naming the node
 (``TransferTimeoutError`` past ``timeout_s``), ``AuthenticationError`` when the daemon refuses
-the token, ``InvalidArgumentError`` for a buffer whose size differs from the range.
+the token or the TLS handshake fails, ``InvalidArgumentError`` for a buffer whose size
+differs from the range. With ``tls`` (``kvstore.TLSConfig``) every connection is TLS.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from typing import Sequence
 
 from kvstore._deadline import Deadline
 from kvstore._errors import ClosedError, InvalidArgumentError, TransferError
+from kvstore._tls import TLSConfig
 from kvstore.transport import byte_views
 from kvstore.transport.base import Target, Transport
 from kvstore.transport.data_frames import MAX_TOKEN_BYTES, Op, Status, recv_exact_into
@@ -45,7 +47,7 @@ class TcpTransport(Transport):
 
     def __init__(self, token: str | None = None, num_streams: int = DEFAULT_NUM_STREAMS, *,
                  stripe_min_bytes: int = DEFAULT_STRIPE_MIN_BYTES,
-                 max_idle_per_node: int = 32):
+                 max_idle_per_node: int = 32, tls: TLSConfig | None = None):
         if num_streams < 1:
             raise InvalidArgumentError(f"num_streams must be >= 1, got {num_streams}")
         if stripe_min_bytes < 1:
@@ -54,7 +56,7 @@ class TcpTransport(Transport):
             raise InvalidArgumentError(f"token longer than {MAX_TOKEN_BYTES} bytes")
         self.num_streams = num_streams
         self.stripe_min_bytes = stripe_min_bytes
-        self._pool = ConnectionPool(token=token, max_idle_per_node=max_idle_per_node)
+        self._pool = ConnectionPool(token=token, max_idle_per_node=max_idle_per_node, tls=tls)
         self._executor = concurrent.futures.ThreadPoolExecutor(
             max_workers=max(1, num_streams - 1), thread_name_prefix="kvstore-tcp")
         self._closed = False

@@ -13,12 +13,14 @@ from __future__ import annotations
 
 import collections
 import socket
+import ssl
 import threading
 
 from kvstore._deadline import Deadline
 from kvstore._errors import (
     AuthenticationError, ClosedError, TransferError, TransferTimeoutError,
 )
+from kvstore._tls import TLSConfig, handshake_error, wrap_client
 from kvstore.transport import data_frames
 from kvstore.transport.data_frames import Op, Status
 
@@ -61,7 +63,8 @@ def timeout_left_s(deadline: Deadline, node_id: str) -> float:
 class Connection:
     """An open, authenticated data-plane connection. Not thread-safe: one user at a time."""
 
-    def __init__(self, data_addr: str, *, token: str | None, deadline: Deadline, node_id: str):
+    def __init__(self, data_addr: str, *, token: str | None, deadline: Deadline, node_id: str,
+                 tls: tuple[ssl.SSLContext, TLSConfig] | None = None):
         host, port = split_address(data_addr)
         self.data_addr = data_addr
         self.node_id = node_id
@@ -70,14 +73,22 @@ class Connection:
         self._next_request_id = 0
         try:
             data_frames.configure_socket(self.sock)
+            if tls is not None:
+                self.sock = wrap_client(self.sock, tls[0], host, tls[1], f"tcp {data_addr}")
             self.sock.sendall(data_frames.encode_hello(token))
             status, message, _ = self.read_reply()
+        except ssl.SSLError as exc:
+            # NOTE: under TLS 1.3 a refused client certificate shows here, after the
+            # client's side of the handshake, as the server's alert
+            self.sock.close()
+            raise handshake_error(exc, f"tcp {data_addr}") from exc
         except BaseException:
             self.sock.close()
             raise
         if status == Status.AUTH_FAILED:
             self.sock.close()
-            raise AuthenticationError(f"tcp {data_addr}: data plane refused the token: {message}")
+            raise AuthenticationError(f"tcp {data_addr}: data plane refused the connection: "
+                                      f"{message}")
         if status != Status.OK:
             self.sock.close()
             raise TransferError(f"tcp {data_addr}: handshake refused: {status.name} {message}")
@@ -118,10 +129,13 @@ class Connection:
 
 
 class ConnectionPool:
-    """Idle connections per data address, up to ``max_idle_per_node`` each. Thread-safe."""
+    """Idle connections per data address, up to ``max_idle_per_node`` each. Thread-safe.
+    With ``tls`` every new connection is a TLS connection (one context for all)."""
 
-    def __init__(self, *, token: str | None, max_idle_per_node: int):
+    def __init__(self, *, token: str | None, max_idle_per_node: int,
+                 tls: TLSConfig | None = None):
         self.token = token
+        self._tls = (tls.client_context(), tls) if tls is not None else None
         self.max_idle_per_node = max_idle_per_node
         self._lock = threading.Lock()
         self._addr_to_idle: dict[str, collections.deque[Connection]] = {}
@@ -143,7 +157,8 @@ class ConnectionPool:
         for conn in stale or ():
             conn.close()  # they lead to another node than the one now at this address
         try:
-            conn = Connection(data_addr, token=self.token, deadline=deadline, node_id=node_id)
+            conn = Connection(data_addr, token=self.token, deadline=deadline, node_id=node_id,
+                              tls=self._tls)
         except OSError as exc:
             raise map_os_error(exc, node_id, f"connect {data_addr}") from exc
         if node_id and conn.node_id != node_id:
