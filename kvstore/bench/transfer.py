@@ -74,7 +74,7 @@ def transport_cases(master_addr: str, node, kinds, sizes, settings: CaseSettings
     from kvstore.rpc import grpc_client
     from kvstore.tiers import Tier
 
-    with grpc_client(master_addr, token=settings.token) as master:
+    with grpc_client(master_addr, token=settings.token, tls=settings.tls) as master:
         size_to_targets = {}
         for size_bytes in sizes:
             keys = [f"bench-transport-{size_bytes}-{i}"
