@@ -263,6 +263,7 @@ class KVStore:
         (preference order) and, per transport, reads/writes/bytes/errors it served."""
         stats = self._call("stats")
         master = dataclasses.asdict(stats)
+        del master["data_token"]     # a secret, not a figure
         master["tiers"] = [{"tier": usage.tier.label if usage.tier else None,
                             "capacity_bytes": usage.capacity_bytes,
                             "used_bytes": usage.used_bytes, "num_objects": usage.num_replicas,
@@ -291,6 +292,12 @@ class KVStore:
             self.address, token=self.config.token, rpc_timeout_s=self.config.rpc_timeout_s,
             metadata=self.config.metadata, reply_spin_s=self.config.reply_spin_s)
         self._max_batch = stats.max_batch or self._max_batch
+        if stats.data_token:
+            # NOTE: a tenant's token opens only the master; the daemons' data planes take
+            # the token the master hands to tenants (kvstore/_wire.py data_plane_token)
+            self._transfers.close()
+            self._transfers = Transfers(make_transports(
+                kind=self.config.transport, token=stats.data_token, nodes=self._nixl_nodes))
         self._leases = LeaseReleaser(self._master)
 
     @property

@@ -20,6 +20,7 @@ from kvstore._errors import ConfigError
 from kvstore._units import parse_duration
 from kvstore.master.config import GRPC_MODES, MasterConfig
 from kvstore.master.server import MasterServer
+from kvstore.master.tenants import load_tenants
 
 log = logging.getLogger("kvstore.master")
 
@@ -36,6 +37,9 @@ def _duration(ctx, param, value):
 @click.option("--port", default=50051, show_default=True, type=int, help="0: pick a free port.")
 @click.option("--token", envvar="KVSTORE_TOKEN", default=None,
               help="Require 'authorization: Bearer TOKEN' on every call [env KVSTORE_TOKEN].")
+@click.option("--tenants", "tenants_file", default=None, metavar="FILE",
+              help="Tenants (TOML or JSON: name, token, namespace, quota per tier); "
+                   "needs --token, which daemons and operators then use.")
 @click.option("--metrics-port", type=int, default=None, help="Serve Prometheus metrics here.")
 @click.option("--metrics-host", default=None,
               help="Address the metrics port binds (default: --host).")
@@ -71,13 +75,14 @@ def _duration(ctx, param, value):
               help="Serve metadata over gRPC only (clients in metadata='auto' use gRPC).")
 @click.option("--log-level", default="INFO", show_default=True,
               type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"]))
-def command(host, port, token, metrics_port, metrics_host, lease_ttl, node_ttl, heartbeat_interval,
-            pending_timeout, high_watermark, low_watermark, max_batch, max_changes_per_heartbeat,
+def command(host, port, token, tenants_file, metrics_port, metrics_host, lease_ttl, node_ttl,
+            heartbeat_interval, pending_timeout, high_watermark, low_watermark, max_batch, max_changes_per_heartbeat,
             move_timeout, promote, grpc_mode, num_threads, fast_port, no_fast_rpc, log_level):
     """Run the metadata master."""
     logging.basicConfig(stream=sys.stderr, level=log_level,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
+        tenants = load_tenants(tenants_file) if tenants_file else ()
         config = MasterConfig(
             host=host, port=port, token=token or None,   # an empty KVSTORE_TOKEN: no token
             metrics_port=metrics_port, metrics_host=metrics_host,
@@ -86,7 +91,7 @@ def command(host, port, token, metrics_port, metrics_host, lease_ttl, node_ttl, 
             low_watermark=low_watermark, max_batch=max_batch,
             max_changes_per_heartbeat=max_changes_per_heartbeat, grpc_mode=grpc_mode,
             num_threads=num_threads, fast_port=None if no_fast_rpc else fast_port,
-            move_timeout_s=move_timeout, promote=promote)
+            move_timeout_s=move_timeout, promote=promote, tenants=tenants)
         # NOTE: the master holds millions of long-lived metadata objects and makes no
         # reference cycles per key (dropped objects are freed by reference counting). The
         # default thresholds make the cycle collector rescan them all every few batches
@@ -109,6 +114,9 @@ def _announce(server: MasterServer) -> None:
         print(f"fast metadata on {server.fast_address}", flush=True)
     log.info("master %s listening on %s (%s mode%s)", server.state.master_id, server.address,
              server.config.grpc_mode, ", token required" if server.config.token else "")
+    if server.config.tenants:
+        log.info("%d tenant(s): %s", len(server.config.tenants),
+                 ", ".join(t.name for t in server.config.tenants))
 
 
 async def _serve_aio(server: MasterServer) -> None:

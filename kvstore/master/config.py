@@ -52,6 +52,8 @@ class MasterConfig:
     fast_port: int | None = 0            # framed-TCP metadata path (0: pick); None: off
     move_timeout_s: float = 30.0         # a tier move not acknowledged by then is given up
     promote: str = "on-hit"              # SSD -> DRAM promotion: off | on-hit | after:N
+    # ``--tenants FILE`` as loaded by ``tenants.load_tenants``; (): no tenants
+    tenants: tuple = ()
 
     @property
     def promote_after(self) -> int:
@@ -72,6 +74,11 @@ class MasterConfig:
         if self.token is not None and (not self.token or any(c.isspace() for c in self.token)):
             raise ConfigError("token must be non-empty and contain no whitespace")
         promote_after(self.promote)
+        if self.tenants and self.token is None:
+            raise ConfigError("tenants need a cluster token (--token or KVSTORE_TOKEN): the "
+                              "daemons and operators authenticate with it, tenants with theirs")
+        if any(tenant.token == self.token for tenant in self.tenants):
+            raise ConfigError("a tenant's token must differ from the cluster token (--token)")
         for name in ("lease_ttl_s", "node_ttl_s", "heartbeat_interval_s", "pending_timeout_s",
                      "move_timeout_s"):
             if not getattr(self, name) > 0:

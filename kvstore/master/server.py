@@ -19,7 +19,7 @@ from concurrent.futures import ThreadPoolExecutor
 import grpc
 
 from kvstore._errors import ConfigError
-from kvstore.master.auth import AsyncTokenInterceptor, TokenInterceptor
+from kvstore.master.auth import AsyncTokenInterceptor, Authenticator, TokenInterceptor
 from kvstore.master.clock import MonotonicClock
 from kvstore.master.config import MasterConfig
 from kvstore.master.fast_server import FastRpcServer
@@ -52,7 +52,8 @@ class MasterServer:
         self.config = config
         self.clock = clock or MonotonicClock()
         self.state = MasterState(config, self.clock.monotonic())
-        self.service = MasterService(self.state)
+        self.authenticator = Authenticator(config.token, config.tenants)
+        self.service = MasterService(self.state, data_token=self.authenticator.data_token)
         self.metrics = MasterMetrics(self.service)
         self.address: str | None = None
         self._grpc_server = None
@@ -88,7 +89,8 @@ class MasterServer:
             log.info("metrics on %s", format_address(metrics_host, self.service.metrics_port))
         if self.config.fast_port is not None:
             fast = FastRpcServer(self.service, self.clock, self.metrics, host=self.config.host,
-                                 port=self.config.fast_port, token=self.config.token)
+                                 port=self.config.fast_port,
+                                 authenticator=self.authenticator)
             try:
                 self.service.fast_port = fast.start()
             except OSError as exc:
@@ -108,7 +110,9 @@ class MasterServer:
                 log.exception("sweep failed")
 
     def _interceptors(self, asynchronous: bool):
-        if self.config.token is None:
+        # NOTE: with tenants the handlers resolve each call's principal themselves
+        # (service.make_handlers); an interceptor cannot pass it on
+        if self.config.token is None or self.authenticator.tenanted:
             return ()
         return ((AsyncTokenInterceptor if asynchronous else TokenInterceptor)(self.config.token),)
 
@@ -116,7 +120,8 @@ class MasterServer:
         server = grpc.server(ThreadPoolExecutor(self.config.num_threads),
                              interceptors=self._interceptors(False), options=SERVER_OPTIONS)
         server.add_generic_rpc_handlers((make_handlers(
-            self.service, self.clock, self.metrics, asynchronous=False),))
+            self.service, self.clock, self.metrics, asynchronous=False,
+            authenticator=self.authenticator),))
         self._bind(server)
         self._start_side_services()
         server.start()
@@ -126,7 +131,8 @@ class MasterServer:
     async def start_aio(self) -> str:
         server = grpc.aio.server(interceptors=self._interceptors(True), options=SERVER_OPTIONS)
         server.add_generic_rpc_handlers((make_handlers(
-            self.service, self.clock, self.metrics, asynchronous=True),))
+            self.service, self.clock, self.metrics, asynchronous=True,
+            authenticator=self.authenticator),))
         self._bind(server)
         self._start_side_services()
         await server.start()

@@ -17,8 +17,9 @@ import time
 
 import grpc
 
-from kvstore.master import replies
+from kvstore.master import auth, replies
 from kvstore.master.state import MasterState
+from kvstore.master.tenancy import CLUSTER, scope_request
 from kvstore.master.validation import Rejected, check_batch, check_id, invalid
 from kvstore.v1 import master_pb2 as pb
 
@@ -38,12 +39,16 @@ def _checked_ttl_s(ttl_ms: int, max_ms: int, name: str) -> float:
 
 
 class MasterService:
-    """Implements every Master RPC as ``method(request, now_s) -> reply`` over ``state``:
+    """Implements every Master RPC as ``method(request, now_s, caller) -> reply`` over
+    ``state``, ``caller`` being the ``tenancy.Principal`` the call comes from (its request
+    already scoped into the caller's namespace by the invoker):
     the one layer that turns the state's results into replies (those with tables or packed
     arrays through ``replies.ReplyEncoder``, which holds the encoder's caches)."""
 
-    def __init__(self, state: MasterState, *, metrics_port: int | None = None):
+    def __init__(self, state: MasterState, *, metrics_port: int | None = None,
+                 data_token: str = ""):
         self.state = state
+        self.data_token = data_token   # Stats' data_token for tenants (auth.Authenticator)
         self.metrics_port = metrics_port or 0
         self.fast_port = 0  # set by the server once the fast path is bound; 0: none
         self.lock = threading.Lock()
@@ -51,7 +56,7 @@ class MasterService:
 
     # -- registration -------------------------------------------------------------------------
 
-    def RegisterNode(self, request, now_s):
+    def RegisterNode(self, request, now_s, caller=CLUSTER):
         num_adopted = self.state.register_node(request.node, request.inventory, now_s)
         if num_adopted:
             self.replies.rows.forget()      # adoption may have added a replica to an object
@@ -63,7 +68,7 @@ class MasterService:
             node_ttl_ms=int(config.node_ttl_s * 1000), master_id=self.state.master_id,
             num_objects_adopted=num_adopted)
 
-    def Heartbeat(self, request, now_s):
+    def Heartbeat(self, request, now_s, caller=CLUSTER):
         result = self.state.heartbeat(request.node_id, request.acked_seq, now_s,
                                       request.moves_done, request.moves_failed)
         if result is not None:
@@ -72,21 +77,21 @@ class MasterService:
                 add_row(obj)
         return replies.heartbeat(self.state.master_id, result)
 
-    def UnregisterNode(self, request, now_s):
+    def UnregisterNode(self, request, now_s, caller=CLUSTER):
         num_dropped = self.state.unregister_node(request.node_id)
         log.info("node %s unregistered (%d objects dropped)", request.node_id, num_dropped)
         return pb.UnregisterNodeResponse(num_objects_dropped=num_dropped)
 
     # -- put ----------------------------------------------------------------------------------
 
-    def PutStart(self, request, now_s):
+    def PutStart(self, request, now_s, caller=CLUSTER):
         return self.replies.put_start(*self.state.put_start(
             request.keys, self.replies.sizes.intern(request.sizes), request.replicas,
             request.preferred_tier, request.near_host_id, request.client_id,
             _checked_ttl_s(request.soft_pin_ttl_ms, MAX_PIN_TTL_MS, "soft_pin_ttl_ms"),
-            request.hard_pin, request.codec, now_s, request.near_node_id))
+            request.hard_pin, request.codec, now_s, request.near_node_id, caller.tenant))
 
-    def PutEnd(self, request, now_s):
+    def PutEnd(self, request, now_s, caller=CLUSTER):
         statuses, committed = self.state.put_end(request.keys, request.client_id,
                                                  request.checksums, now_s)
         add_row = self.replies.rows.add
@@ -94,7 +99,7 @@ class MasterService:
             add_row(obj)
         return pb.PutEndResponse(statuses=statuses)
 
-    def PutRevoke(self, request, now_s):
+    def PutRevoke(self, request, now_s, caller=CLUSTER):
         return pb.PutRevokeResponse(statuses=self.state.put_revoke(request.keys,
                                                                    request.client_id))
 
@@ -104,7 +109,7 @@ class MasterService:
         return (_checked_ttl_s(lease_ttl_ms, MAX_LEASE_TTL_MS, "lease_ttl_ms") if lease_ttl_ms
                 else self.state.config.lease_ttl_s)
 
-    def GetReplicas(self, request, now_s):
+    def GetReplicas(self, request, now_s, caller=CLUSTER):
         check_id(request.client_host_id, "client_host_id", allow_empty=True)
         lease_ttl_s = self._lease_ttl_s(request.lease_ttl_ms)
         objs, missing, lease_id = self.state.get_replicas(request.keys, lease_ttl_s, now_s)
@@ -112,41 +117,43 @@ class MasterService:
         reply.lease_id = lease_id
         return reply
 
-    def ReleaseLeases(self, request, now_s):
+    def ReleaseLeases(self, request, now_s, caller=CLUSTER):
         check_batch(len(request.lease_ids), self.state.config.max_batch)
         return pb.ReleaseLeasesResponse(
-            num_released=self.state.release_leases(request.lease_ids, now_s))
+            num_released=self.state.release_leases(
+                request.lease_ids, now_s,
+                caller.tenant.key_prefix if caller.tenant is not None else None))
 
-    def RenewLease(self, request, now_s):
+    def RenewLease(self, request, now_s, caller=CLUSTER):
         return pb.RenewLeaseResponse(statuses=self.state.renew_lease(
             request.keys, self._lease_ttl_s(request.lease_ttl_ms), now_s))
 
-    def Exists(self, request, now_s):
+    def Exists(self, request, now_s, caller=CLUSTER):
         return pb.ExistsResponse(exists=self.state.exists(request.keys))
 
-    def Remove(self, request, now_s):
+    def Remove(self, request, now_s, caller=CLUSTER):
         statuses, messages = self.state.remove(request.keys, request.force, now_s)
         return pb.RemoveResponse(statuses=statuses, error_messages=messages)
 
-    def RemovePrefix(self, request, now_s):
+    def RemovePrefix(self, request, now_s, caller=CLUSTER):
         num_removed, num_skipped = self.state.remove_prefix(request.prefix, request.force,
                                                             now_s)
         return pb.RemovePrefixResponse(num_removed=num_removed, num_skipped=num_skipped)
 
-    def Pin(self, request, now_s):
+    def Pin(self, request, now_s, caller=CLUSTER):
         ttl_s = _checked_ttl_s(request.ttl_ms, MAX_PIN_TTL_MS, "ttl_ms")
         return pb.PinResponse(statuses=self.state.pin(request.keys, ttl_s,
                                                       request.hard, now_s))
 
-    def Unpin(self, request, now_s):
+    def Unpin(self, request, now_s, caller=CLUSTER):
         return pb.UnpinResponse(statuses=self.state.unpin(request.keys))
 
-    def MatchPrefix(self, request, now_s):
+    def MatchPrefix(self, request, now_s, caller=CLUSTER):
         return self.replies.match_prefix(self.state.match_prefix(request.keys))
 
     # -- observability ------------------------------------------------------------------------
 
-    def Stats(self, request, now_s):
+    def Stats(self, request, now_s, caller=CLUSTER):
         state = self.state
         return pb.StatsResponse(
             master_id=state.master_id, num_nodes=len(state.nodes),
@@ -156,9 +163,10 @@ class MasterService:
             misses=state.misses, evictions=state.evictions,
             num_leased=state.num_leased(now_s), uptime_s=now_s - state.started_s,
             metrics_port=self.metrics_port, max_batch=state.config.max_batch,
-            fast_port=self.fast_port)
+            fast_port=self.fast_port, tenants=replies.tenant_usages(state.tenants, caller),
+            data_token=self.data_token if caller.tenant is not None else "")
 
-    def ListNodes(self, request, now_s):
+    def ListNodes(self, request, now_s, caller=CLUSTER):
         return pb.ListNodesResponse(nodes=replies.node_infos(self.state.nodes.values(), now_s))
 
 
@@ -172,24 +180,31 @@ def make_invoker(service: MasterService, name: str, clock, metrics, transport: s
     """``invoke(request) -> reply`` for RPC ``name``, with no gRPC context: the core that both
     the gRPC adapter and the framed fast path (``fast_server``) call, so both run the same code.
 
-    Runs the handler under the service lock after the due sweep (one clock read per call)
-    and records the call in ``metrics`` labelled with ``transport``. Raises ``Rejected``
-    with the status to answer: the handler's own, or INTERNAL for a master bug (logged with
-    its traceback; the master keeps serving).
+    ``invoke(request, caller)``: ``caller`` is the ``tenancy.Principal`` the transport
+    authenticated (default: the cluster principal); a tenant's request is scoped into its
+    namespace first (``tenancy.scope_request``), then the handler runs under the service
+    lock after the due sweep (one clock read per call), and the call is recorded in
+    ``metrics`` labelled with ``transport`` (and counted for the tenant). Raises ``Rejected``
+    with the status to answer: the handler's own, PERMISSION_DENIED for a daemon RPC from a
+    tenant, or INTERNAL for a master bug (logged with its traceback; the master keeps
+    serving).
     """
     method = getattr(service, name)
     lock, state = service.lock, service.state
     method_metrics = metrics.for_method(name, transport) if metrics else None
     perf_counter = time.perf_counter
 
-    def invoke(request):
+    def invoke(request, caller=CLUSTER):
         started = perf_counter()
         with lock:
             try:
+                if caller.tenant is not None:
+                    state.tenants.count_call(caller.tenant, name)
+                    request = scope_request(caller, name, request)
                 now_s = clock.monotonic()
                 if now_s >= state.next_sweep_s:
                     state.sweep(now_s)
-                return method(request, now_s)
+                return method(request, now_s, caller)
             except Rejected:
                 raise
             except Exception as exc:
@@ -204,13 +219,20 @@ def make_invoker(service: MasterService, name: str, clock, metrics, transport: s
     return invoke
 
 
-def make_handlers(service: MasterService, clock, metrics, *, asynchronous: bool):
-    """A ``grpc.GenericRpcHandler`` for every method, sync or async."""
+def make_handlers(service: MasterService, clock, metrics, *, asynchronous: bool,
+                  authenticator=None):
+    """A ``grpc.GenericRpcHandler`` for every method, sync or async. With a tenanted
+    ``authenticator`` (``auth.Authenticator``) each call's principal is resolved from its
+    metadata (UNAUTHENTICATED when refused); otherwise every call is the cluster
+    principal's (the token interceptor, if any, has already checked it)."""
     handlers = {}
+    if authenticator is None or not authenticator.tenanted:
+        authenticator = None
     for name in METHODS:
         request_class = getattr(pb, f"{name}Request")
         response_class = getattr(pb, f"{name}Response")
-        fn = _grpc_adapter(make_invoker(service, name, clock, metrics, "grpc"), response_class)
+        fn = _grpc_adapter(make_invoker(service, name, clock, metrics, "grpc"), response_class,
+                           authenticator)
         if asynchronous:
             fn = _make_async(fn)
         handlers[name] = grpc.unary_unary_rpc_method_handler(
@@ -219,12 +241,17 @@ def make_handlers(service: MasterService, clock, metrics, *, asynchronous: bool)
     return grpc.method_handlers_generic_handler("kvstore.v1.Master", handlers)
 
 
-def _grpc_adapter(invoke, response_class):
+def _grpc_adapter(invoke, response_class, authenticator=None):
     """Turns ``Rejected`` into the call's gRPC status (the reply body is then dropped)."""
 
     def handler(request, context):
         try:
-            return invoke(request)
+            if authenticator is None:
+                return invoke(request)
+            caller = authenticator.principal_of_metadata(context.invocation_metadata())
+            if caller is None:
+                raise Rejected(grpc.StatusCode.UNAUTHENTICATED, auth.MESSAGE)
+            return invoke(request, caller)
         except Rejected as exc:
             context.set_code(exc.code)
             context.set_details(exc.message)
