@@ -76,8 +76,9 @@ def _duration(ctx, param, value):
 @click.option("--log-level", default="INFO", show_default=True,
               type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"]))
 def command(host, port, token, tenants_file, metrics_port, metrics_host, lease_ttl, node_ttl,
-            heartbeat_interval, pending_timeout, high_watermark, low_watermark, max_batch, max_changes_per_heartbeat,
-            move_timeout, promote, grpc_mode, num_threads, fast_port, no_fast_rpc, log_level):
+            heartbeat_interval, pending_timeout, high_watermark, low_watermark, max_batch,
+            max_changes_per_heartbeat, move_timeout, promote, grpc_mode, num_threads, fast_port,
+            no_fast_rpc, log_level):
     """Run the metadata master."""
     logging.basicConfig(stream=sys.stderr, level=log_level,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
