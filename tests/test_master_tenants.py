@@ -149,6 +149,10 @@ def _status(cluster, token: str) -> dict:
 def test_status_shows_usage_per_tenant(cluster):
     with _connect(cluster, "beta-secret") as b:
         b.put("status/x", payload(10_000, 5))
+        mine = b.stats()["master"]
+        assert "data_token" not in mine
+        assert [t["name"] for t in mine["tenants"]] == ["beta"]
+        assert mine["tenants"][0]["tier_to_used_bytes"]["dram"] >= 10_000
         try:
             everyone = _status(cluster, CLUSTER_TOKEN)
             own = _status(cluster, "beta-secret")

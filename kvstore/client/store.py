@@ -264,6 +264,10 @@ class KVStore:
         stats = self._call("stats")
         master = dataclasses.asdict(stats)
         del master["data_token"]     # a secret, not a figure
+        for tenant in master["tenants"]:
+            for name in ("tier_to_used_bytes", "tier_to_quota_bytes"):
+                tenant[name] = {tier.label if tier else None: num_bytes
+                                for tier, num_bytes in tenant[name].items()}
         master["tiers"] = [{"tier": usage.tier.label if usage.tier else None,
                             "capacity_bytes": usage.capacity_bytes,
                             "used_bytes": usage.used_bytes, "num_objects": usage.num_replicas,

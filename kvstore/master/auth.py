@@ -7,9 +7,10 @@ a tenant's principal for a tenant's token (``--tenants``), None for anything els
 is refused with UNAUTHENTICATED). Tokens are compared in constant time
 (``kvstore._wire.tokens_equal``), every candidate always, as on the data plane.
 
-Without tenants the gRPC server refuses unauthenticated calls with an interceptor, as before
-(``TokenInterceptor``); with tenants the handler adapter resolves the principal per call
-(``principal_of_metadata``), since an interceptor cannot hand it to the handler.
+With a token the gRPC server refuses unauthenticated calls with an interceptor, before their
+request is read (``TokenInterceptor``); with tenants the handler adapter resolves the
+principal again per call (``principal_of_metadata``), since an interceptor cannot hand it to
+the handler.
 """
 
 from __future__ import annotations
@@ -58,9 +59,6 @@ def _bearer(metadata) -> bytes | None:
     return None
 
 
-def _authorized(token: str, metadata) -> bool:
-    given = _bearer(metadata)
-    return given is not None and tokens_equal(token, given)
 
 
 def _deny(request, context):
@@ -72,26 +70,27 @@ async def _deny_async(request, context):
 
 
 class TokenInterceptor(grpc.ServerInterceptor):
-    """For the thread-pool server."""
+    """For the thread-pool server: refuses a call whose token no principal holds, before
+    its request is read."""
 
-    def __init__(self, token: str):
-        self._token = token
+    def __init__(self, authenticator: Authenticator):
+        self._authorized = authenticator.principal_of_metadata
         self._deny = grpc.unary_unary_rpc_method_handler(_deny)
 
     def intercept_service(self, continuation, handler_call_details):
-        if _authorized(self._token, handler_call_details.invocation_metadata):
+        if self._authorized(handler_call_details.invocation_metadata) is not None:
             return continuation(handler_call_details)
         return self._deny
 
 
 class AsyncTokenInterceptor(grpc.aio.ServerInterceptor):
-    """For the grpc.aio server."""
+    """For the grpc.aio server (as ``TokenInterceptor``)."""
 
-    def __init__(self, token: str):
-        self._token = token
+    def __init__(self, authenticator: Authenticator):
+        self._authorized = authenticator.principal_of_metadata
         self._deny = grpc.unary_unary_rpc_method_handler(_deny_async)
 
     async def intercept_service(self, continuation, handler_call_details):
-        if _authorized(self._token, handler_call_details.invocation_metadata):
+        if self._authorized(handler_call_details.invocation_metadata) is not None:
             return await continuation(handler_call_details)
         return self._deny

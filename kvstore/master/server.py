@@ -110,11 +110,10 @@ class MasterServer:
                 log.exception("sweep failed")
 
     def _interceptors(self, asynchronous: bool):
-        # NOTE: with tenants the handlers resolve each call's principal themselves
-        # (service.make_handlers); an interceptor cannot pass it on
-        if self.config.token is None or self.authenticator.tenanted:
+        if self.config.token is None:
             return ()
-        return ((AsyncTokenInterceptor if asynchronous else TokenInterceptor)(self.config.token),)
+        return ((AsyncTokenInterceptor if asynchronous else TokenInterceptor)(
+            self.authenticator),)
 
     def start_threads(self) -> str:
         server = grpc.server(ThreadPoolExecutor(self.config.num_threads),
