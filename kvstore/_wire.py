@@ -66,6 +66,14 @@ def tokens_equal(expected: str | None, given: bytes) -> bool:
     return hmac.compare_digest(expected.encode(), given)
 
 
+def data_plane_token(cluster_token: str) -> str:
+    """The token a tenant's client presents to the daemons' data planes: an HMAC of the
+    cluster token, so the master can hand it to tenants (Stats ``data_token``) without
+    handing them the cluster token, which would let them register nodes or act as the
+    cluster. Daemons accept it beside their own token."""
+    return hmac.new(cluster_token.encode(), b"kvstore data plane v1", "sha256").hexdigest()
+
+
 def recv_exact_into(sock: socket.socket, view: memoryview) -> None:
     """Fill ``view`` from ``sock`` entirely (in place: a payload lands in its destination
     with no intermediate copy); raise PeerClosedError if the peer closes first."""

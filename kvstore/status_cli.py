@@ -1,7 +1,9 @@
 """``kvstore status``: what a master knows, as a table (default) or JSON (``--json``): the
 cluster's tiers, then each node's tiers with their counters (hits: reads served, counted on
 an object's first listed replica; demotions: objects moved out to a slower tier; promotions:
-moved in from a slower tier; evictions: dropped). A node's counters leave with it."""
+moved in from a slower tier; evictions: dropped). A node's counters leave with it. On a
+master with tenants, each tenant's usage per tier against its quota (all tenants with the
+cluster token, only the caller's own with a tenant's token)."""
 
 from __future__ import annotations
 
@@ -35,6 +37,13 @@ def fetch_status(address: str, token: str | None, timeout_s: float = 5.0,
         "metrics_port": stats.metrics_port, "max_batch": stats.max_batch,
         "fast_port": stats.fast_port,
         "tiers": [_tier_entry(t) for t in stats.tiers],
+        "tenants": [{"name": t.name, "namespace": t.namespace, "num_objects": t.num_objects,
+                     "num_refused": t.num_refused,
+                     "tiers": [{"tier": _tier_name(tier), "used_bytes": used,
+                                "quota_bytes": t.tier_to_quota_bytes.get(tier)}
+                               for tier, used in sorted(t.tier_to_used_bytes.items(),
+                                                        key=lambda item: item[0] or 0)]}
+                    for t in stats.tenants],
         "nodes": [{"node_id": n.node_id, "host_id": n.host_id, "data_addr": n.data_addr,
                    "used_bytes": n.used_bytes, "num_objects": n.num_objects,
                    "last_heartbeat_age_s": round(n.last_heartbeat_age_s, 3),
@@ -114,7 +123,17 @@ def render_table(status: dict) -> str:
     per_node = [_tier_row(n["node_id"], t) for n in status["nodes"] for t in n["tiers"]]
     if per_node:
         lines += ["", *_columns([_TIER_HEADER] + per_node)]
+    tenant_rows = [(t["name"], t["namespace"] + "/", x["tier"], format_size(x["used_bytes"]),
+                    "-" if x["quota_bytes"] is None else format_size(x["quota_bytes"]),
+                    str(t["num_objects"]), str(t["num_refused"]))
+                   for t in status["tenants"] for x in t["tiers"] or [_NO_TIER]]
+    if tenant_rows:
+        lines += ["", *_columns([("TENANT", "KEYS UNDER", "TIER", "USED", "QUOTA", "OBJECTS",
+                                  "REFUSED")] + tenant_rows)]
     return "\n".join(lines)
+
+
+_NO_TIER = {"tier": "-", "used_bytes": 0, "quota_bytes": None}
 
 
 _TIER_HEADER = ("NODE", "TIER", "USED", "CAPACITY", "USE%", "OBJECTS", "HITS", "DEMOTIONS",

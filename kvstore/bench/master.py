@@ -21,6 +21,7 @@ import os
 import re
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -33,11 +34,22 @@ BATCHES = (1, 32, 1024)
 CLIENTS = (1, 4)
 
 
-def start_master(mode: str) -> tuple[subprocess.Popen, str, int]:
-    """The master process, its gRPC address and its fast-path port."""
+#: ``--tenant``: the cluster token (registration) and the one tenant's (every cell's calls)
+CLUSTER_TOKEN = "bench-cluster"
+TENANT_TOKEN = "bench-tenant"
+TENANTS_TOML = (f'[[tenant]]\nname = "bench"\ntoken = "{TENANT_TOKEN}"\n'
+                '[tenant.quota]\ndram = "1024TiB"\n')
+
+
+def start_master(mode: str, tenants_file: str | None = None,
+                 ) -> tuple[subprocess.Popen, str, int]:
+    """The master process, its gRPC address and its fast-path port; with
+    ``tenants_file``, started with the cluster token and that file."""
+    tenant_args = (["--token", CLUSTER_TOKEN, "--tenants", tenants_file] if tenants_file
+                   else [])
     proc = subprocess.Popen([str(KVSTORE_BIN), "master", "--port", "0", "--grpc-mode", mode,
                              "--log-level", "WARNING", "--pending-timeout", "1h",
-                             "--node-ttl", "1h", "--heartbeat-interval", "10s"],
+                             "--node-ttl", "1h", "--heartbeat-interval", "10s", *tenant_args],
                             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
     address = None
     for line in proc.stdout:
@@ -70,23 +82,25 @@ class RawCalls:
         self._client.close()
 
 
-def make_client(path: str, address: str, fast_port: int) -> RawCalls:
+def make_client(path: str, address: str, fast_port: int, token: str | None = None,
+                ) -> RawCalls:
     from kvstore.rpc import GrpcCarrier
     from kvstore.rpc.fast_carrier import FastCarrier
     if path == "fast":
-        return RawCalls(FastCarrier(address.rsplit(":", 1)[0], fast_port))
-    return RawCalls(GrpcCarrier(address))
+        return RawCalls(FastCarrier(address.rsplit(":", 1)[0], fast_port, token=token))
+    return RawCalls(GrpcCarrier(address, token=token))
 
 
-def populate(address: str, num_keys: int = NUM_KEYS) -> list[str]:
+def populate(address: str, num_keys: int = NUM_KEYS, tenant: bool = False) -> list[str]:
     from kvstore.v1 import master_pb2 as pb
     keys = [f"bench/model-x/L32/xxh64v1/{i:016x}" for i in range(num_keys)]
-    with make_client("grpc", address, 0) as client:
+    with make_client("grpc", address, 0, CLUSTER_TOKEN if tenant else None) as admin:
         for n in range(4):
-            client.call("RegisterNode", pb.RegisterNodeRequest(node=pb.NodeInfo(
+            admin.call("RegisterNode", pb.RegisterNodeRequest(node=pb.NodeInfo(
                 node_id=f"node{n}", host_id=f"host{n}", data_addr=f"127.0.0.1:{7000 + n}",
                 segments=[pb.SegmentInfo(segment_id="dram0", tier=pb.TIER_DRAM,
                                          capacity_bytes=1 << 40, shm_name=f"/kv{n}")])))
+    with make_client("grpc", address, 0, TENANT_TOKEN if tenant else None) as client:
         for i in range(0, num_keys, 8192):
             chunk = keys[i:i + 8192]
             client.call("PutStart", pb.PutStartRequest(keys=chunk, sizes=[VALUE_BYTES] * len(chunk),
@@ -111,7 +125,7 @@ def client_worker(target: tuple, op: str, batch: int, worker: int, seconds: floa
         requests = [pb.ExistsRequest()]
     method = {"get_replicas": "GetReplicas", "exists": "Exists", "empty": "Exists"}.get(op)
     latencies = []
-    with make_client(*target) as client:
+    with make_client(*target) as client:   # target: (path, address, fast_port, token)
         call = client.call
         for request in requests[:4]:                       # warm up the channel
             call(method or "Exists", request)
@@ -138,7 +152,7 @@ def client_worker(target: tuple, op: str, batch: int, worker: int, seconds: floa
 
 def run_cell(target: tuple, op: str, batch: int, num_clients: int, seconds: float,
              num_keys: int = NUM_KEYS) -> dict:
-    """``target``: (path, address, fast_port) as ``make_client`` takes them."""
+    """``target``: (path, address, fast_port, token) as ``make_client`` takes them."""
     ctx = mp.get_context("spawn")
     out = ctx.Queue()
     start_at = time.time() + 1.5 + 0.3 * num_clients       # lets every process import first
@@ -217,10 +231,12 @@ PATHS = ("grpc", "fast")
               help="Seconds per cell (default 2, or 0.5 with --quick).")
 @click.option("--num-keys", type=click.IntRange(min=1024), default=NUM_KEYS, show_default=True,
               help="Keys stored before the cells run (and sampled by them).")
+@click.option("--tenant", is_flag=True,
+              help="Start the master with --tenants and make every call as that tenant.")
 @click.option("--json", "json_path", default="bench/out/master_bench.json", show_default=True,
               type=click.Path(dir_okay=False), help="Where to write every figure.")
 def command(quick: bool, modes: str, paths: str, seconds: float | None, num_keys: int,
-            json_path: str) -> None:
+            tenant: bool, json_path: str) -> None:
     """Metadata operations per second and latency by batch size, beside the master's ceiling."""
     from tqdm import tqdm
 
@@ -234,6 +250,7 @@ def command(quick: bool, modes: str, paths: str, seconds: float | None, num_keys
     clients = (1,) if quick else CLIENTS
     ceiling = in_process_ceiling(num_keys)
     results = {"command": sys.argv, "ceiling_in_process": ceiling, "modes": {},
+               "tenant": tenant,
                "loadavg_at_start": os.getloadavg(), "date": time.strftime("%Y-%m-%d %H:%M UTC",
                                                                             time.gmtime())}
     print(f"in-process ceiling (request bytes -> reply bytes, no transport, batch 1024): "
@@ -245,11 +262,16 @@ def command(quick: bool, modes: str, paths: str, seconds: float | None, num_keys
              for n in clients]
     progress = tqdm(total=len(mode_list) * len(path_list) * (len(cells) + 1),
                     desc="bench master", unit="cell", leave=False)
+    tenants_dir = tempfile.TemporaryDirectory(prefix="kvstore-bench-")
+    tenants_file = None
+    if tenant:
+        tenants_file = str(Path(tenants_dir.name) / "tenants.toml")
+        Path(tenants_file).write_text(TENANTS_TOML)
     for mode, path in [(m, p) for m in mode_list for p in path_list]:
-        proc, address, fast_port = start_master(mode)
-        target = (path, address, fast_port)
+        proc, address, fast_port = start_master(mode, tenants_file)
+        target = (path, address, fast_port, TENANT_TOKEN if tenant else None)
         try:
-            populate(address, num_keys)
+            populate(address, num_keys, tenant)
             floor = run_cell(target, "empty", 0, 1, seconds, num_keys)
             progress.update(1)
             rows = []
@@ -272,6 +294,7 @@ def command(quick: bool, modes: str, paths: str, seconds: float | None, num_keys
                            f"{r['keys_per_s']:>14,.0f}{r['pct_of_ceiling']:>8.1f}%"
                            f"{r['p50_us']:>10.0f}{r['p99_us']:>10.0f}")
     progress.close()
+    tenants_dir.cleanup()
     checks = []
     for mode, data in results["modes"].items():
         by = {(r["op"], r["batch"], r["clients"]): r for r in data["rows"]}

@@ -263,6 +263,11 @@ class KVStore:
         (preference order) and, per transport, reads/writes/bytes/errors it served."""
         stats = self._call("stats")
         master = dataclasses.asdict(stats)
+        del master["data_token"]     # a secret, not a figure
+        for tenant in master["tenants"]:
+            for name in ("tier_to_used_bytes", "tier_to_quota_bytes"):
+                tenant[name] = {tier.label if tier else None: num_bytes
+                                for tier, num_bytes in tenant[name].items()}
         master["tiers"] = [{"tier": usage.tier.label if usage.tier else None,
                             "capacity_bytes": usage.capacity_bytes,
                             "used_bytes": usage.used_bytes, "num_objects": usage.num_replicas,
@@ -292,6 +297,12 @@ class KVStore:
             metadata=self.config.metadata, reply_spin_s=self.config.reply_spin_s,
             tls=self.config.tls)
         self._max_batch = stats.max_batch or self._max_batch
+        if stats.data_token:
+            # NOTE: a tenant's token opens only the master; the daemons' data planes take
+            # the token the master hands to tenants (kvstore/_wire.py data_plane_token)
+            self._transfers.close()
+            self._transfers = Transfers(make_transports(
+                kind=self.config.transport, token=stats.data_token, nodes=self._nixl_nodes))
         self._leases = LeaseReleaser(self._master)
 
     @property

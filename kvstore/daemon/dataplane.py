@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from kvstore._principal import principal_for_token
 from kvstore._tcpserver import ThreadedTcpServer
 from kvstore._tls import TLSConfig
-from kvstore._wire import BadHello, read_hello, tokens_equal
+from kvstore._wire import BadHello, data_plane_token, read_hello, tokens_equal
 from kvstore.daemon.backends import Backend
 from kvstore.daemon.write_guard import CapabilityRefused, RangeCommitted, WriteGuard
 from kvstore.transport import data_frames
@@ -71,6 +71,9 @@ class DataPlaneServer(ThreadedTcpServer):
         self._segment_id_to_segment = {s.segment_id.encode(): s for s in segments}
         self._token = token
         self._guard = guard if guard is not None else WriteGuard(node_id)
+        # NOTE: tenants' clients present this one (the master hands it to them), so that
+        # no tenant needs the cluster token; kvstore/_wire.py data_plane_token
+        self._tenant_token = data_plane_token(token) if token else None
         self._handshake_timeout_s = handshake_timeout_s
         self.stats = DataPlaneStats()
         self.address = ""
@@ -121,7 +124,7 @@ class DataPlaneServer(ThreadedTcpServer):
                                data_frames.HELLO_MAGIC, data_frames.PROTOCOL_VERSION)
         except BadHello as exc:
             raise _BadFrame(str(exc)) from exc
-        if not tokens_equal(self._token, token):
+        if not (tokens_equal(self._token, token) or tokens_equal(self._tenant_token, token)):
             self.stats.num_errors += 1
             log.warning("data plane: wrong token from %s", conn.getpeername())
             self._reply_quietly(conn, Status.AUTH_FAILED, "wrong or missing token")

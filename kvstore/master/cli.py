@@ -22,6 +22,7 @@ from kvstore._tls_options import tls_options
 from kvstore._units import parse_duration
 from kvstore.master.config import GRPC_MODES, MasterConfig
 from kvstore.master.server import MasterServer
+from kvstore.master.tenants import load_tenants
 
 log = logging.getLogger("kvstore.master")
 
@@ -38,6 +39,9 @@ def _duration(ctx, param, value):
 @click.option("--port", default=50051, show_default=True, type=int, help="0: pick a free port.")
 @click.option("--token", envvar="KVSTORE_TOKEN", default=None,
               help="Require 'authorization: Bearer TOKEN' on every call [env KVSTORE_TOKEN].")
+@click.option("--tenants", "tenants_file", default=None, metavar="FILE",
+              help="Tenants (TOML or JSON: name, token, namespace, quota per tier); "
+                   "needs --token, which daemons and operators then use.")
 @click.option("--metrics-port", type=int, default=None, help="Serve Prometheus metrics here.")
 @click.option("--metrics-host", default=None,
               help="Address the metrics port binds (default: --host).")
@@ -89,15 +93,16 @@ def _duration(ctx, param, value):
                    "when it is not --tls-ca (server-only TLS with a private CA).")
 @click.option("--log-level", default="INFO", show_default=True,
               type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"]))
-def command(host, port, token, metrics_port, metrics_host, lease_ttl, node_ttl, heartbeat_interval,
-            pending_timeout, high_watermark, low_watermark, max_batch, max_changes_per_heartbeat,
-            move_timeout, commit_timeout, promote, grpc_mode, num_threads, fast_port, no_fast_rpc,
-            etcd, cluster, election_ttl, takeover_wait, tls_ca, tls_cert, tls_key, tls_daemon_ca,
-            log_level):
+def command(host, port, token, tenants_file, metrics_port, metrics_host, lease_ttl, node_ttl,
+            heartbeat_interval, pending_timeout, high_watermark, low_watermark, max_batch,
+            max_changes_per_heartbeat, move_timeout, commit_timeout, promote, grpc_mode,
+            num_threads, fast_port, no_fast_rpc, etcd, cluster, election_ttl, takeover_wait,
+            tls_ca, tls_cert, tls_key, tls_daemon_ca, log_level):
     """Run the metadata master."""
     logging.basicConfig(stream=sys.stderr, level=log_level,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
+        tenants = load_tenants(tenants_file) if tenants_file else ()
         config = MasterConfig(
             host=host, port=port, token=token or None,   # an empty KVSTORE_TOKEN: no token
             metrics_port=metrics_port, metrics_host=metrics_host,
@@ -109,7 +114,8 @@ def command(host, port, token, metrics_port, metrics_host, lease_ttl, node_ttl, 
             move_timeout_s=move_timeout, commit_timeout_s=commit_timeout,
             promote=promote, etcd=etcd, cluster=cluster,
             election_ttl_s=election_ttl, takeover_wait_s=takeover_wait,
-            tls_cert=tls_cert, tls_key=tls_key, tls_ca=tls_ca, tls_daemon_ca=tls_daemon_ca)
+            tls_cert=tls_cert, tls_key=tls_key, tls_ca=tls_ca, tls_daemon_ca=tls_daemon_ca,
+            tenants=tenants)
         # NOTE: the master holds millions of long-lived metadata objects and makes no
         # reference cycles per key (dropped objects are freed by reference counting). The
         # default thresholds make the cycle collector rescan them all every few batches
@@ -146,6 +152,9 @@ def _announce(server: MasterServer) -> None:
     tls = "" if config.tls is None else (", mutual TLS" if config.tls.mutual else ", TLS")
     log.info("master %s listening on %s (%s mode%s%s)", server.state.master_id, server.address,
              config.grpc_mode, ", token required" if config.token else "", tls)
+    if config.tenants:
+        log.info("%d tenant(s): %s", len(config.tenants),
+                 ", ".join(t.name for t in config.tenants))
 
 
 async def _serve_aio(server: MasterServer) -> None:

@@ -62,6 +62,8 @@ class MasterConfig:
     tls_key: str | None = None
     tls_ca: str | None = None            # PEM CA: require client certificates (mutual TLS)
     tls_daemon_ca: str | None = None     # PEM CA verifying daemons (commit pushes); None: tls_ca
+    # ``--tenants FILE`` as loaded by ``tenants.load_tenants``; (): no tenants
+    tenants: tuple = ()
 
     @property
     def tls(self) -> TLSConfig | None:
@@ -102,6 +104,11 @@ class MasterConfig:
         tls = self.tls      # ConfigError for a cert without its key, a missing file
         if tls is not None:
             tls.server_context()   # ... and now for files that are not PEM
+        if self.tenants and self.token is None:
+            raise ConfigError("tenants need a cluster token (--token or KVSTORE_TOKEN): the "
+                              "daemons and operators authenticate with it, tenants with theirs")
+        if any(tenant.token == self.token for tenant in self.tenants):
+            raise ConfigError("a tenant's token must differ from the cluster token (--token)")
         for name in ("lease_ttl_s", "node_ttl_s", "heartbeat_interval_s", "pending_timeout_s",
                      "move_timeout_s"):
             if not getattr(self, name) > 0:

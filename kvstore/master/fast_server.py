@@ -29,7 +29,8 @@ from google.protobuf.message import DecodeError
 
 from kvstore._tcpserver import ThreadedTcpServer
 from kvstore._tls import TLSConfig
-from kvstore._wire import BadHello, PeerClosedError, read_hello, tokens_equal
+from kvstore._wire import BadHello, PeerClosedError, read_hello
+from kvstore.master.auth import Authenticator
 from kvstore.master.service import MasterService, make_invoker
 from kvstore.master.validation import Rejected
 from kvstore.rpc import fast_frames as ff
@@ -52,13 +53,13 @@ class FastRpcServer(ThreadedTcpServer):
     """Serves ``service`` on exactly ``host``:``port`` (0 = pick a free port)."""
 
     def __init__(self, service: MasterService, clock, metrics, *, host: str, port: int = 0,
-                 token: str | None = None, tls: TLSConfig | None = None,
+                 authenticator: Authenticator | None = None, tls: TLSConfig | None = None,
                  max_connections: int = 1024, handshake_timeout_s: float = 10.0):
         super().__init__(host=host, port=port, max_connections=max_connections,
                          name="kvstore-master-fast", log=log,
                          ssl_context=tls.server_context() if tls is not None else None,
                          handshake_timeout_s=handshake_timeout_s)
-        self._token = token
+        self._authenticator = authenticator or Authenticator(None)
         self._master_id = service.state.master_id
         self._handshake_timeout_s = handshake_timeout_s
         # method id -> (request class, invoke); built once so a request costs two lookups
@@ -84,9 +85,9 @@ class FastRpcServer(ThreadedTcpServer):
             conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             conn.settimeout(self._handshake_timeout_s)
             reader = conn.makefile("rb", buffering=_READ_BUFFER_BYTES)
-            self._handshake(conn, reader)
+            caller = self._handshake(conn, reader)
             conn.settimeout(None)
-            while self._serve_one(conn, reader):
+            while self._serve_one(conn, reader, caller):
                 pass
         except _CloseAfter as exc:
             log.warning("fast path: closing %s: %s", peer, exc)
@@ -101,7 +102,9 @@ class FastRpcServer(ThreadedTcpServer):
             if reader is not None:  # it holds the descriptor open until closed too
                 reader.close()
 
-    def _handshake(self, conn: socket.socket, reader) -> None:
+    def _handshake(self, conn: socket.socket, reader):
+        """Read the hello; return the principal of its token (every request of this
+        connection is that principal's)."""
         def read_exact(num_bytes: int) -> bytes:
             data = reader.read(num_bytes)
             if len(data) < num_bytes:
@@ -113,12 +116,14 @@ class FastRpcServer(ThreadedTcpServer):
         except BadHello as exc:
             raise _CloseAfter(ff.encode_error(grpc.StatusCode.INVALID_ARGUMENT, 0, str(exc)),
                               "bad hello") from exc
-        if not tokens_equal(self._token, token):
+        caller = self._authenticator.principal(token)
+        if caller is None:
             raise _CloseAfter(ff.encode_error(grpc.StatusCode.UNAUTHENTICATED, 0,
                                               "missing or wrong token"), "wrong token")
         conn.sendall(ff.encode_reply(grpc.StatusCode.OK, 0, self._master_id.encode()))
+        return caller
 
-    def _serve_one(self, conn: socket.socket, reader) -> bool:
+    def _serve_one(self, conn: socket.socket, reader, caller) -> bool:
         """Serve one request; False on a clean close between requests."""
         header = reader.read(ff.REQUEST.size)
         if not header:
@@ -148,7 +153,7 @@ class FastRpcServer(ThreadedTcpServer):
             return True
         try:
             frame = ff.encode_reply(grpc.StatusCode.OK, request_id,
-                                    invoke(request).SerializeToString())
+                                    invoke(request, caller).SerializeToString())
         except Rejected as exc:
             frame = ff.encode_error(exc.code, request_id, exc.message)
         conn.sendall(frame)

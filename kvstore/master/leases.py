@@ -46,14 +46,20 @@ class LeaseBook:
         heapq.heappush(self._expiry, (until_s, lease_id))
         return lease_id
 
-    def release(self, state, lease_ids, now_s: float) -> int:
+    def release(self, state, lease_ids, now_s: float, key_prefix: str | None = None) -> int:
         """End the holds named by ``lease_ids``; return how many were still held. Unknown,
-        already released or expired ids are ignored (idempotent)."""
+        already released or expired ids are ignored (idempotent). With ``key_prefix`` (a
+        tenant's namespace), ids of holds on other keys are ignored too and stay held: one
+        call's objects all share its caller's namespace."""
         num_released = 0
         records = self._records
         for lease_id in lease_ids:
-            record = records.pop(lease_id, None)
-            if record is None or record[0] <= now_s:
+            record = records.get(lease_id)
+            if record is None or (key_prefix is not None
+                                  and not record[1][0].key.startswith(key_prefix)):
+                continue
+            del records[lease_id]
+            if record[0] <= now_s:
                 continue
             num_released += 1
             for obj in record[1]:

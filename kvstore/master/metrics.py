@@ -7,8 +7,12 @@ master's lock:
 ``kvstore_master_objects``, ``kvstore_master_pending_objects``, ``kvstore_master_nodes``,
 ``kvstore_master_tier_replicas{tier}``, ``kvstore_master_tier_used_bytes{tier}``,
 ``kvstore_master_tier_capacity_bytes{tier}``, ``kvstore_master_hits_total``,
-``kvstore_master_misses_total``, ``kvstore_master_evictions_total``. Each master has its own
-registry, so several embedded masters in one process do not collide.
+``kvstore_master_misses_total``, ``kvstore_master_evictions_total``; with tenants, per
+tenant: ``kvstore_master_tenant_used_bytes{tenant,tier}``,
+``kvstore_master_tenant_quota_bytes{tenant,tier}`` (tiers with a quota),
+``kvstore_master_tenant_objects{tenant}``, ``kvstore_master_tenant_refused_total{tenant}``
+(keys refused for the quota) and ``kvstore_master_tenant_rpc_total{tenant,method}``. Each
+master has its own registry, so several embedded masters in one process do not collide.
 
 NOTE: RPC counts and latencies are plain counters updated under the service lock (each call
 already holds it) and turned into Prometheus families at scrape time: prometheus_client's
@@ -69,6 +73,40 @@ def _rpc_families(rpc_stats: dict[tuple[str, str], list]):
     return calls, latency
 
 
+def _tenant_rows(book) -> list[tuple]:
+    """A copy of each tenant's figures, taken under the lock."""
+    if book is None:
+        return []
+    return [(u.tenant.name, dict(u.tier_to_used_bytes), dict(u.tenant.tier_to_quota_bytes),
+             u.num_objects, u.num_refused, dict(u.method_to_calls))
+            for u in book.usages.values()]
+
+
+def _tenant_families(rows: list[tuple]):
+    if not rows:
+        return
+    used = GaugeMetricFamily("kvstore_master_tenant_used_bytes",
+                             "Bytes of a tenant's replicas per tier", labels=["tenant", "tier"])
+    quota = GaugeMetricFamily("kvstore_master_tenant_quota_bytes", "A tenant's quota per tier",
+                              labels=["tenant", "tier"])
+    objects = GaugeMetricFamily("kvstore_master_tenant_objects",
+                                "A tenant's objects (pending and complete)", labels=["tenant"])
+    refused = CounterMetricFamily("kvstore_master_tenant_refused",
+                                  "A tenant's keys refused for its quota", labels=["tenant"])
+    calls = CounterMetricFamily("kvstore_master_tenant_rpc", "Master RPCs a tenant called",
+                                labels=["tenant", "method"])
+    for name, tier_to_used, tier_to_quota, num_objects, num_refused, method_to_calls in rows:
+        for tier, num_bytes in sorted(tier_to_used.items()):
+            used.add_metric([name, tier.label], num_bytes)
+        for tier, num_bytes in sorted(tier_to_quota.items()):
+            quota.add_metric([name, tier.label], num_bytes)
+        objects.add_metric([name], num_objects)
+        refused.add_metric([name], num_refused)
+        for method, num_calls in sorted(method_to_calls.items()):
+            calls.add_metric([name, method], num_calls)
+    yield from (used, quota, objects, refused, calls)
+
+
 class _StateCollector:
     def __init__(self, service, rpc_stats: dict[tuple[str, str], list]):
         self._service = service
@@ -88,7 +126,9 @@ class _StateCollector:
             moves = (state.demotions, state.promotions, len(state.moves))
             rpc_stats = {key: [n, total, list(counts)]
                          for key, (n, total, counts) in self._rpc_stats.items()}
+            tenants = _tenant_rows(state.tenants)
         yield from _rpc_families(rpc_stats)
+        yield from _tenant_families(tenants)
         objects, pending, nodes, hits, misses, evictions = values
         yield GaugeMetricFamily("kvstore_master_objects", "COMPLETE objects", value=objects)
         yield GaugeMetricFamily("kvstore_master_pending_objects", "PENDING objects",

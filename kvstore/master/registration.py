@@ -128,11 +128,16 @@ def _adopt(state, node: Node, inv) -> int:
             if existing is None:
                 codec = inv.codecs[i] if inv.codecs and inv.codecs[i] in CODECS else 0
                 checksum = inv.checksums[i] if inv.checksums else 0
-                objects[key] = ObjectMeta(key, length, [(segment, offset)], codec, "", 0.0,
-                                          False, state=COMPLETE, checksum=checksum)
-                objects[key].last_used = state.use_count
+                existing = objects[key] = ObjectMeta(
+                    key, length, [(segment, offset)], codec, "", 0.0, False, state=COMPLETE,
+                    checksum=checksum)
+                existing.last_used = state.use_count
+                if state.tenants is not None:
+                    state.tenants.object_added(existing)
             else:
                 existing.replicas.append((segment, offset))
+                if state.tenants is not None:
+                    state.tenants.replica_added(existing, segment.tier)
             segment.num_replicas += 1
             node.keys.add(key)
             num_adopted += 1
@@ -201,8 +206,13 @@ def drop_node(state, node: Node) -> int:
         obj = table.get(key)
         if obj is None:
             continue
-        obj.replicas = [r for r in obj.replicas if r[0].node is not node]
-        if not obj.replicas:
+        kept = [r for r in obj.replicas if r[0].node is not node]
+        if state.tenants is not None:
+            for segment, _ in obj.replicas:
+                if segment.node is node:
+                    state.tenants.replica_lost(obj, segment.tier, not kept)
+        obj.replicas = kept
+        if not kept:
             del table[key]
             num_dropped += 1
     node.keys.clear()

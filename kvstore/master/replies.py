@@ -366,3 +366,24 @@ def node_infos(nodes, now_s: float) -> list[pb.NodeInfo]:
             tiers=tier_stats(node.segments.values()), incarnation=node.incarnation,
             nixl_metadata=node.nixl_metadata))
     return infos
+
+
+def tenant_usages(book, caller) -> list[pb.TenantUsage]:
+    """Stats' TenantUsage rows: every tenant for the cluster principal, only its own for a
+    tenant, none without tenants (``book`` None)."""
+    if book is None:
+        return []
+    usages = (book.usages.values() if caller.tenant is None
+              else (book.usages[caller.tenant.name],))
+    rows = []
+    for usage in usages:
+        tenant = usage.tenant
+        quotas = tenant.tier_to_quota_bytes
+        tiers = [pb.TenantTier(tier=tier, used_bytes=used, has_quota=tier in quotas,
+                               quota_bytes=quotas.get(tier, 0))
+                 for tier, used in sorted(usage.tier_to_used_bytes.items())
+                 if used or tier in quotas]
+        rows.append(pb.TenantUsage(name=tenant.name, namespace=tenant.namespace,
+                                   num_objects=usage.num_objects, tiers=tiers,
+                                   num_refused=usage.num_refused))
+    return rows

@@ -19,7 +19,7 @@ from concurrent.futures import ThreadPoolExecutor
 import grpc
 
 from kvstore._errors import ConfigError
-from kvstore.master.auth import AsyncTokenInterceptor, TokenInterceptor
+from kvstore.master.auth import AsyncTokenInterceptor, Authenticator, TokenInterceptor
 from kvstore.master.clock import MonotonicClock
 from kvstore.master.commits import CommitPusher
 from kvstore.master.config import MasterConfig
@@ -53,7 +53,8 @@ class MasterServer:
         self.config = config
         self.clock = clock or MonotonicClock()
         self.state = MasterState(config, self.clock.monotonic())
-        self.service = MasterService(self.state)
+        self.authenticator = Authenticator(config.token, config.tenants)
+        self.service = MasterService(self.state, data_token=self.authenticator.data_token)
         # NOTE: commit deadlines run on the real clock: they bound how long a daemon may take
         # to answer, which an injected (test) clock does not model
         self.service.commits = CommitPusher(self.state, self.service.lock, token=config.token,
@@ -102,8 +103,8 @@ class MasterServer:
             log.info("metrics on %s", format_address(metrics_host, self.service.metrics_port))
         if self.config.fast_port is not None:
             fast = FastRpcServer(self.service, self.clock, self.metrics, host=self.config.host,
-                                 port=self.config.fast_port, token=self.config.token,
-                                 tls=self.config.tls)
+                                 port=self.config.fast_port,
+                                 authenticator=self.authenticator, tls=self.config.tls)
             try:
                 self.service.fast_port = fast.start()
             except OSError as exc:
@@ -155,13 +156,15 @@ class MasterServer:
     def _interceptors(self, asynchronous: bool):
         if self.config.token is None:
             return ()
-        return ((AsyncTokenInterceptor if asynchronous else TokenInterceptor)(self.config.token),)
+        return ((AsyncTokenInterceptor if asynchronous else TokenInterceptor)(
+            self.authenticator),)
 
     def start_threads(self) -> str:
         server = grpc.server(ThreadPoolExecutor(self.config.num_threads),
                              interceptors=self._interceptors(False), options=SERVER_OPTIONS)
         server.add_generic_rpc_handlers((make_handlers(
-            self.service, self.clock, self.metrics, asynchronous=False),))
+            self.service, self.clock, self.metrics, asynchronous=False,
+            authenticator=self.authenticator),))
         self._bind(server)
         self._start_side_services()
         server.start()
@@ -171,7 +174,8 @@ class MasterServer:
     async def start_aio(self) -> str:
         server = grpc.aio.server(interceptors=self._interceptors(True), options=SERVER_OPTIONS)
         server.add_generic_rpc_handlers((make_handlers(
-            self.service, self.clock, self.metrics, asynchronous=True),))
+            self.service, self.clock, self.metrics, asynchronous=True,
+            authenticator=self.authenticator),))
         self._bind(server)
         self._start_side_services()
         await server.start()

@@ -23,10 +23,11 @@ import asyncio
 
 import grpc
 
-from kvstore.master import replies
+from kvstore.master import auth, replies
 from kvstore.master.capabilities import CapabilityIssuer
 from kvstore.master.objects import ITEM_OK, ITEM_UNCOMMITTED
 from kvstore.master.state import MasterState
+from kvstore.master.tenancy import CLUSTER, scope_request
 from kvstore.master.validation import Rejected, check_batch, check_id, invalid
 from kvstore.v1 import master_pb2 as pb
 
@@ -46,14 +47,17 @@ def _checked_ttl_s(ttl_ms: int, max_ms: int, name: str) -> float:
 
 
 class MasterService:
-    """Implements every Master RPC as ``method(request, now_s) -> reply`` over ``state``:
+    """Implements every Master RPC as ``method(request, now_s, caller) -> reply`` over
+    ``state``, ``caller`` being the ``tenancy.Principal`` the call comes from (its request
+    already scoped into the caller's namespace by the invoker):
     the one layer that turns the state's results into replies (those with tables or packed
     arrays through ``replies.ReplyEncoder``, which holds the encoder's caches)."""
 
     def __init__(self, state: MasterState, *, metrics_port: int | None = None,
-                 wall_clock=time.time):
+                 wall_clock=time.time, data_token: str = ""):
         self.state = state
         self.capabilities = CapabilityIssuer(state.config, wall_clock)
+        self.data_token = data_token   # Stats' data_token for tenants (auth.Authenticator)
         self.metrics_port = metrics_port or 0
         self.fast_port = 0  # set by the server once the fast path is bound; 0: none
         self.lock = threading.Lock()
@@ -67,7 +71,7 @@ class MasterService:
 
     # -- registration -------------------------------------------------------------------------
 
-    def RegisterNode(self, request, now_s):
+    def RegisterNode(self, request, now_s, caller=CLUSTER):
         num_adopted = self.state.register_node(request.node, request.inventory, now_s)
         if num_adopted:
             self.replies.rows.forget()      # adoption may have added a replica to an object
@@ -80,7 +84,7 @@ class MasterService:
             num_objects_adopted=num_adopted,
             capability_secret=self.state.nodes[request.node.node_id].capability_secret or b"")
 
-    def Heartbeat(self, request, now_s):
+    def Heartbeat(self, request, now_s, caller=CLUSTER):
         result = self.state.heartbeat(request.node_id, request.acked_seq, now_s,
                                       request.moves_done, request.moves_failed)
         base_seq = 0
@@ -96,27 +100,27 @@ class MasterService:
                 move.dst_capability = self.capabilities.for_move(node, move)
         return reply
 
-    def UnregisterNode(self, request, now_s):
+    def UnregisterNode(self, request, now_s, caller=CLUSTER):
         num_dropped = self.state.unregister_node(request.node_id)
         log.info("node %s unregistered (%d objects dropped)", request.node_id, num_dropped)
         return pb.UnregisterNodeResponse(num_objects_dropped=num_dropped)
 
     # -- put ----------------------------------------------------------------------------------
 
-    def PutStart(self, request, now_s):
+    def PutStart(self, request, now_s, caller=CLUSTER):
         sizes = self.replies.sizes.intern(request.sizes)
         statuses, messages, all_picks = self.state.put_start(
             request.keys, sizes, request.replicas,
             request.preferred_tier, request.near_host_id, request.client_id,
             _checked_ttl_s(request.soft_pin_ttl_ms, MAX_PIN_TTL_MS, "soft_pin_ttl_ms"),
-            request.hard_pin, request.codec, now_s, request.near_node_id)
+            request.hard_pin, request.codec, now_s, request.near_node_id, caller.tenant)
         reply = self.replies.put_start(statuses, messages, all_picks)
         caps = self.capabilities.for_put(request.keys, sizes, all_picks)
         if caps is not None:
             reply.replica_capability.extend(caps)
         return reply
 
-    def PutEnd(self, request, now_s):
+    def PutEnd(self, request, now_s, caller=CLUSTER):
         statuses, committed = self.state.put_end(request.keys, request.client_id,
                                                  request.checksums, now_s)
         add_row = self.replies.rows.add
@@ -149,7 +153,7 @@ class MasterService:
         del reply.error_messages[:]
         reply.error_messages.extend(messages)
 
-    def PutRevoke(self, request, now_s):
+    def PutRevoke(self, request, now_s, caller=CLUSTER):
         return pb.PutRevokeResponse(statuses=self.state.put_revoke(request.keys,
                                                                    request.client_id))
 
@@ -159,7 +163,7 @@ class MasterService:
         return (_checked_ttl_s(lease_ttl_ms, MAX_LEASE_TTL_MS, "lease_ttl_ms") if lease_ttl_ms
                 else self.state.config.lease_ttl_s)
 
-    def GetReplicas(self, request, now_s):
+    def GetReplicas(self, request, now_s, caller=CLUSTER):
         check_id(request.client_host_id, "client_host_id", allow_empty=True)
         lease_ttl_s = self._lease_ttl_s(request.lease_ttl_ms)
         objs, missing, lease_id = self.state.get_replicas(request.keys, lease_ttl_s, now_s)
@@ -167,41 +171,43 @@ class MasterService:
         reply.lease_id = lease_id
         return reply
 
-    def ReleaseLeases(self, request, now_s):
+    def ReleaseLeases(self, request, now_s, caller=CLUSTER):
         check_batch(len(request.lease_ids), self.state.config.max_batch)
         return pb.ReleaseLeasesResponse(
-            num_released=self.state.release_leases(request.lease_ids, now_s))
+            num_released=self.state.release_leases(
+                request.lease_ids, now_s,
+                caller.tenant.key_prefix if caller.tenant is not None else None))
 
-    def RenewLease(self, request, now_s):
+    def RenewLease(self, request, now_s, caller=CLUSTER):
         return pb.RenewLeaseResponse(statuses=self.state.renew_lease(
             request.keys, self._lease_ttl_s(request.lease_ttl_ms), now_s))
 
-    def Exists(self, request, now_s):
+    def Exists(self, request, now_s, caller=CLUSTER):
         return pb.ExistsResponse(exists=self.state.exists(request.keys))
 
-    def Remove(self, request, now_s):
+    def Remove(self, request, now_s, caller=CLUSTER):
         statuses, messages = self.state.remove(request.keys, request.force, now_s)
         return pb.RemoveResponse(statuses=statuses, error_messages=messages)
 
-    def RemovePrefix(self, request, now_s):
+    def RemovePrefix(self, request, now_s, caller=CLUSTER):
         num_removed, num_skipped = self.state.remove_prefix(request.prefix, request.force,
                                                             now_s)
         return pb.RemovePrefixResponse(num_removed=num_removed, num_skipped=num_skipped)
 
-    def Pin(self, request, now_s):
+    def Pin(self, request, now_s, caller=CLUSTER):
         ttl_s = _checked_ttl_s(request.ttl_ms, MAX_PIN_TTL_MS, "ttl_ms")
         return pb.PinResponse(statuses=self.state.pin(request.keys, ttl_s,
                                                       request.hard, now_s))
 
-    def Unpin(self, request, now_s):
+    def Unpin(self, request, now_s, caller=CLUSTER):
         return pb.UnpinResponse(statuses=self.state.unpin(request.keys))
 
-    def MatchPrefix(self, request, now_s):
+    def MatchPrefix(self, request, now_s, caller=CLUSTER):
         return self.replies.match_prefix(self.state.match_prefix(request.keys))
 
     # -- observability ------------------------------------------------------------------------
 
-    def Stats(self, request, now_s):
+    def Stats(self, request, now_s, caller=CLUSTER):
         state = self.state
         return pb.StatsResponse(
             master_id=state.master_id, num_nodes=len(state.nodes),
@@ -211,9 +217,10 @@ class MasterService:
             misses=state.misses, evictions=state.evictions,
             num_leased=state.num_leased(now_s), uptime_s=now_s - state.started_s,
             metrics_port=self.metrics_port, max_batch=state.config.max_batch,
-            fast_port=self.fast_port)
+            fast_port=self.fast_port, tenants=replies.tenant_usages(state.tenants, caller),
+            data_token=self.data_token if caller.tenant is not None else "")
 
-    def ListNodes(self, request, now_s):
+    def ListNodes(self, request, now_s, caller=CLUSTER):
         return pb.ListNodesResponse(nodes=replies.node_infos(self.state.nodes.values(), now_s))
 
 
@@ -232,10 +239,14 @@ def make_invoker(service: MasterService, name: str, clock, metrics, transport: s
     """``invoke(request) -> reply`` for RPC ``name``, with no gRPC context: the core that both
     the gRPC adapter and the framed fast path (``fast_server``) call, so both run the same code.
 
-    Runs the handler under the service lock after the due sweep (one clock read per call)
-    and records the call in ``metrics`` labelled with ``transport``. Raises ``Rejected``
-    with the status to answer: the handler's own, or INTERNAL for a master bug (logged with
-    its traceback; the master keeps serving).
+    ``invoke(request, caller)``: ``caller`` is the ``tenancy.Principal`` the transport
+    authenticated (default: the cluster principal); a tenant's request is scoped into its
+    namespace first (``tenancy.scope_request``), then the handler runs under the service
+    lock after the due sweep (one clock read per call), and the call is recorded in
+    ``metrics`` labelled with ``transport`` (and counted for the tenant). Raises ``Rejected``
+    with the status to answer: the handler's own, PERMISSION_DENIED for a daemon RPC from a
+    tenant, or INTERNAL for a master bug (logged with its traceback; the master keeps
+    serving).
     """
     method = getattr(service, name)
     lock, state = service.lock, service.state
@@ -249,17 +260,20 @@ def make_invoker(service: MasterService, name: str, clock, metrics, transport: s
     membership = name in ("RegisterNode", "UnregisterNode")
     touched = state.touched
 
-    def invoke(request):
+    def invoke(request, caller=CLUSTER):
         started = perf_counter()
         with lock:
             try:
                 if leadership is not None:       # HA: refuse unless serving (the fence)
                     leadership.check(name, request.epoch, nodes)
+                if caller.tenant is not None:
+                    state.tenants.count_call(caller.tenant, name)
+                    request = scope_request(caller, name, request)
                 touched.clear()
                 now_s = clock.monotonic()
                 if now_s >= state.next_sweep_s:
                     state.sweep(now_s)
-                reply = method(request, now_s)
+                reply = method(request, now_s, caller)
                 needs = {node: node.seq for node in touched} if touched else None
                 touched.clear()
                 if leadership is not None:
@@ -314,9 +328,15 @@ def _settle(service: MasterService, name: str, request, reply, failed_nodes, clo
         service.commits.kick(needs)
 
 
-def make_handlers(service: MasterService, clock, metrics, *, asynchronous: bool):
-    """A ``grpc.GenericRpcHandler`` for every method, sync or async."""
+def make_handlers(service: MasterService, clock, metrics, *, asynchronous: bool,
+                  authenticator=None):
+    """A ``grpc.GenericRpcHandler`` for every method, sync or async. With a tenanted
+    ``authenticator`` (``auth.Authenticator``) each call's principal is resolved from its
+    metadata (UNAUTHENTICATED when refused); otherwise every call is the cluster
+    principal's (the token interceptor, if any, has already checked it)."""
     handlers = {}
+    if authenticator is None or not authenticator.tenanted:
+        authenticator = None
     for name in METHODS:
         request_class = getattr(pb, f"{name}Request")
         response_class = getattr(pb, f"{name}Response")
@@ -324,23 +344,34 @@ def make_handlers(service: MasterService, clock, metrics, *, asynchronous: bool)
         if asynchronous and name in OFF_LOOP_METHODS:
             # NOTE: these wait for daemons' confirmations or etcd: off the event loop, or one
             # slow daemon (or etcd) would stall every call
-            fn = _async_in_executor(invoke, response_class)
+            fn = _async_in_executor(invoke, response_class, authenticator)
         elif asynchronous:
-            fn = _make_async(_grpc_adapter(invoke, response_class))
+            fn = _make_async(_grpc_adapter(invoke, response_class, authenticator))
         else:
-            fn = _grpc_adapter(invoke, response_class)
+            fn = _grpc_adapter(invoke, response_class, authenticator)
         handlers[name] = grpc.unary_unary_rpc_method_handler(
             fn, request_deserializer=request_class.FromString,
             response_serializer=response_class.SerializeToString)
     return grpc.method_handlers_generic_handler("kvstore.v1.Master", handlers)
 
 
-def _grpc_adapter(invoke, response_class):
+def _caller_of(context, authenticator):
+    """The call's principal: the cluster's without a tenanted ``authenticator``; raises
+    Rejected (UNAUTHENTICATED) for a token it refuses."""
+    if authenticator is None:
+        return CLUSTER
+    caller = authenticator.principal_of_metadata(context.invocation_metadata())
+    if caller is None:
+        raise Rejected(grpc.StatusCode.UNAUTHENTICATED, auth.MESSAGE)
+    return caller
+
+
+def _grpc_adapter(invoke, response_class, authenticator=None):
     """Turns ``Rejected`` into the call's gRPC status (the reply body is then dropped)."""
 
     def handler(request, context):
         try:
-            return invoke(request)
+            return invoke(request, _caller_of(context, authenticator))
         except Rejected as exc:
             context.set_code(exc.code)
             context.set_details(exc.message)
@@ -355,10 +386,14 @@ def _make_async(fn):
     return handler
 
 
-def _async_in_executor(invoke, response_class):
+def _async_in_executor(invoke, response_class, authenticator=None):
+    """Like ``_grpc_adapter`` for grpc.aio, running ``invoke`` on the default executor (the
+    principal is resolved and the status set on the event loop, where the context lives)."""
     async def handler(request, context):
         try:
-            return await asyncio.get_running_loop().run_in_executor(None, invoke, request)
+            caller = _caller_of(context, authenticator)
+            return await asyncio.get_running_loop().run_in_executor(None, invoke, request,
+                                                                    caller)
         except Rejected as exc:
             context.set_code(exc.code)
             context.set_details(exc.message)

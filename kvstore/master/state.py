@@ -39,6 +39,7 @@ from kvstore.master.objects import (
     ITEM_OK, PENDING, ObjectMeta,
 )
 from kvstore.master.placement import place, rank_segments
+from kvstore.master.tenancy import TenantBook
 from kvstore.master.validation import check_batch, check_id, check_parallel, invalid, key_problem
 from kvstore.tiers import TIERS_FASTEST_FIRST, Tier
 
@@ -74,6 +75,8 @@ class MasterState:
         self.next_move_id = 0
         self.tiered = False     # some node has two tiers or more (moves are possible)
         self.touched: set[Node] = set()
+        # usage per tenant (tenancy.py), kept by the hooks below; None: no tenants file
+        self.tenants = TenantBook(config.tenants) if config.tenants else None
 
     # -- membership, reads, remove/pin: see their modules ------------------------------------
 
@@ -91,8 +94,8 @@ class MasterState:
     def get_replicas(self, keys, lease_ttl_s: float, now_s: float):
         return reads.get_replicas(self, keys, lease_ttl_s, now_s)
 
-    def release_leases(self, lease_ids, now_s: float) -> int:
-        return self.leases.release(self, lease_ids, now_s)
+    def release_leases(self, lease_ids, now_s: float, key_prefix: str | None = None) -> int:
+        return self.leases.release(self, lease_ids, now_s, key_prefix)
 
     def renew_lease(self, keys, lease_ttl_s: float, now_s: float):
         return reads.renew_lease(self, keys, lease_ttl_s, now_s)
@@ -119,11 +122,12 @@ class MasterState:
 
     def put_start(self, keys, sizes, num_replicas: int, preferred_tier: int, near_host_id: str,
                   client_id: str, soft_pin_ttl_s: float, hard_pin: bool, codec: int,
-                  now_s: float, near_node_id: str = ""):
+                  now_s: float, near_node_id: str = "", tenant=None):
         """Allocate and record PENDING objects (placed by ``placement``: preferred tier,
         then ``near_node_id``, then ``near_host_id``). Per key: ITEM_OK with its replicas,
         ITEM_ALREADY_EXISTS (COMPLETE or PENDING under the key, nothing allocated),
-        ITEM_NO_SPACE (fewer than ``num_replicas`` nodes have room even after eviction),
+        ITEM_NO_SPACE (fewer than ``num_replicas`` nodes have room even after eviction; or,
+        for a ``tenant`` with quotas, no tier within its quota has room: ``tenancy``),
         ITEM_INVALID (bad key or size). Not idempotent: a retry of an OK key answers
         ALREADY_EXISTS. Returns ``(statuses, messages, picks)`` where ``picks[i]`` is the
         list of ``(segment, offset)`` of key i (empty unless OK)."""
@@ -147,6 +151,7 @@ class MasterState:
         # NOTE: once eviction could not make room for some size, it cannot for a larger one
         # in this same call either (nothing is freed meanwhile): skip the futile rescans.
         hopeless_size = None
+        book = self.tenants if tenant is not None and tenant.tier_to_quota_bytes else None
         for i, (key, size) in enumerate(zip(keys, sizes)):
             problem = key_problem(key) if size > 0 else "size must be > 0"
             if problem is None and (key in objects or key in pending):
@@ -154,21 +159,27 @@ class MasterState:
                 all_picks.append(())
                 continue
             picks = None
+            key_classes = classes
             if problem is None:
                 self._turn += 1
-                picks = place(classes, size, num_replicas, self._turn)
-                if picks is None and (hopeless_size is None or size < hopeless_size):
-                    if eviction.make_room(self, classes, size, num_replicas, now_s):
-                        picks = place(classes, size, num_replicas, self._turn)
-                    else:
+                if book is not None:
+                    key_classes = book.allowed_classes(tenant, classes, size, num_replicas)
+                picks = place(key_classes, size, num_replicas, self._turn)
+                # NOTE: the hopeless shortcut holds only for the call's one set of classes
+                if picks is None and (key_classes is not classes or hopeless_size is None
+                                      or size < hopeless_size):
+                    if eviction.make_room(self, key_classes, size, num_replicas, now_s):
+                        picks = place(key_classes, size, num_replicas, self._turn)
+                    elif key_classes is classes:
                         hopeless_size = size
             if picks is None:
                 statuses.append(ITEM_INVALID if problem else ITEM_NO_SPACE)
                 if messages is None:
                     messages = [""] * len(keys)
-                messages[i] = problem or (f"no space for {size} bytes on {num_replicas} "
-                                          f"distinct node(s) of {len(self.nodes)} live, even "
-                                          "after eviction")
+                messages[i] = problem or (
+                    book.refusal(tenant, size) if key_classes is not classes else
+                    f"no space for {size} bytes on {num_replicas} distinct node(s) of "
+                    f"{len(self.nodes)} live, even after eviction")
                 all_picks.append(())
                 continue
             obj = ObjectMeta(key, size, picks, codec, client_id, soft_pin_ttl_s, hard_pin)
@@ -177,6 +188,8 @@ class MasterState:
                 segment.node.keys.add(key)
                 segment.num_replicas += 1
             self._pending_queue.append((deadline_s, obj))
+            if self.tenants is not None:
+                self.tenants.object_added(obj)
             statuses.append(ITEM_OK)
             all_picks.append(picks)
         eviction.relieve_pressure(self, now_s)
@@ -244,6 +257,8 @@ class MasterState:
         replica until the lease ends."""
         complete = obj.state is COMPLETE
         del (self.objects if complete else self.pending)[obj.key]
+        if self.tenants is not None:
+            self.tenants.object_dropped(obj)
         for segment, offset in obj.replicas:
             segment.num_replicas -= 1
             node = segment.node

@@ -117,6 +117,8 @@ def _complete(state, move: Move, now_s: float):
     _finish(state, move)
     replicas = obj.replicas
     replicas[replicas.index(source)] = (dst, move.dst_offset)
+    if state.tenants is not None:
+        state.tenants.replica_moved(obj, src.tier, dst.tier)
     src.num_replicas -= 1
     dst.num_replicas += 1
     src.node.log_added(obj.key, dst, move.dst_offset, obj.size_bytes, obj.checksum, obj.codec)

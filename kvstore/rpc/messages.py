@@ -16,7 +16,7 @@ from kvstore._errors import KVStoreError
 from kvstore.rpc.errors import item_error, malformed
 from kvstore.rpc.results import (
     HeartbeatChanges, Inventory, MasterStats, NodeSpec, NodeStatus, ReplicaSet, SegmentSpec,
-    TierMove, TierUsage,
+    TenantStatus, TierMove, TierUsage,
 )
 from kvstore.tiers import Tier
 from kvstore.transport.base import Target
@@ -225,7 +225,12 @@ def master_stats(reply: pb.StatsResponse) -> MasterStats:
         evictions=reply.evictions,
         tiers=tier_usages(reply.tiers),
         max_batch=reply.max_batch, metrics_port=reply.metrics_port or None,
-        fast_port=reply.fast_port or None)
+        fast_port=reply.fast_port or None,
+        tenants=[TenantStatus(t.name, t.namespace, t.num_objects,
+                              {_tier(x.tier): x.used_bytes for x in t.tiers},
+                              {_tier(x.tier): x.quota_bytes for x in t.tiers if x.has_quota},
+                              t.num_refused) for t in reply.tenants],
+        data_token=reply.data_token or None)
 
 
 def tier_usages(tiers) -> list[TierUsage]:

@@ -142,6 +142,20 @@ class TierUsage:
 
 
 @dataclass(frozen=True, slots=True)
+class TenantStatus:
+    """One tenant's usage (Stats): ``tier_to_used_bytes`` of every tier it uses or has a
+    quota in, ``tier_to_quota_bytes`` of the tiers with a quota; keys refused for the quota
+    since the master started (``num_refused``)."""
+
+    name: str
+    namespace: str
+    num_objects: int
+    tier_to_used_bytes: dict
+    tier_to_quota_bytes: dict
+    num_refused: int
+
+
+@dataclass(frozen=True, slots=True)
 class MasterStats:
     """Cluster figures (Stats)."""
 
@@ -158,6 +172,10 @@ class MasterStats:
     max_batch: int
     metrics_port: int | None    # None: no metrics endpoint
     fast_port: int | None       # None: no fast metadata path
+    # tenants (master --tenants): all for the cluster token, the caller's own for a tenant
+    tenants: list["TenantStatus"] = field(default_factory=list)
+    # the token for the daemons' data planes, when it is not the caller's own (tenants)
+    data_token: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
