@@ -40,7 +40,7 @@ inline void prefetch_l2(const char* p) {
 // evict the cache for it); glibc's memcpy does the same for large single copies, which our
 // runs of a few KiB each never are. A gather's runs start at random places, where the
 // hardware prefetcher has to warm up again for every run: prefetching the next run while
-// this one copies keeps loads in flight across run boundaries (1.2-1.3x the bytes per
+// this one copies keeps loads in flight across run boundaries (1.1-1.4x the bytes per
 // CPU-second on 32 KiB runs, bench/RESULTS.md "Kernels against the best copy"). The caller
 // issues a fence before the data is shared.
 inline void copy_streaming(char* dst, const char* src, size_t num_bytes,
