@@ -131,6 +131,25 @@ def test_gather_quantize_equals_composition(layout, dtype, block_size, head_dim)
     assert torch.equal(bits(scales), bits(want_scales))
 
 
+@pytest.mark.parametrize("num_layers,block_size,num_heads,head_dim,dtype", [
+    (8, 16, 8, 128, torch.bfloat16),  # 32 KiB runs: each next run is prefetched
+    (2, 17, 4, 1024, torch.float32),  # 272 KiB runs, past the prefetch limit
+])
+def test_large_gather_quantize_equals_composition(num_layers, block_size, num_heads, head_dim,
+                                                  dtype):
+    """Over 8 MiB the fused gather prefetches each next run's source when runs are at most
+    256 KiB; either way it writes the reference's bytes of quantize(gather(...))."""
+    layers = make_layers("block_first", num_layers, 24, block_size, head_dim, dtype,
+                         num_heads=num_heads)
+    ids = torch.randperm(24, generator=torch.Generator().manual_seed(3))[:19]
+    gathered = ref_gather(layers, ids.tolist(), "block_first")
+    assert gathered.nbytes > 8 << 20
+    q, scales = gather_quantize(layers, ids)
+    want_q, want_scales = ref_quantize(gathered, head_dim)
+    assert torch.equal(q, want_q)
+    assert torch.equal(bits(scales), bits(want_scales))
+
+
 @pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("block_size,head_dim", SHAPES)

@@ -87,6 +87,30 @@ def test_copies_past_the_thread_and_streaming_store_thresholds_are_exact():
     assert all(torch.equal(a, b) for a, b in zip(dst, expected))
 
 
+@pytest.mark.parametrize("layout,num_layers,block_size,num_heads,head_dim,dtype", [
+    ("kv_first", 8, 16, 8, 128, torch.bfloat16),  # 32 KiB runs: each next run is prefetched
+    ("block_first", 2, 17, 4, 1024, torch.float32),  # 272 KiB runs, past the prefetch limit
+])
+def test_copies_on_both_sides_of_the_prefetch_run_limit_are_exact(layout, num_layers, block_size,
+                                                                   num_heads, head_dim, dtype):
+    """Gathers over 8 MiB prefetch the next run's source while copying one when runs are at
+    most 256 KiB (csrc/cpu/stream_copy.h); on either side of that limit the bytes are the
+    reference's, thread boundaries included (last run of a thread: nothing to prefetch)."""
+    num_blocks = 24
+    layers = make_layers(layout, num_layers, num_blocks, block_size, head_dim, dtype,
+                         num_heads=num_heads)
+    ids = torch.randperm(num_blocks, generator=torch.Generator().manual_seed(7))[:19]
+    out = torch.full(gathered_shape(layers, len(ids)), POISON, dtype=dtype)
+    gather_pages(layers, ids, out=out)
+    assert out.nbytes > 8 << 20  # past the non-temporal (and prefetching) threshold
+    assert torch.equal(out, ref_gather(layers, ids.tolist(), layout))
+    dst = [torch.full_like(t, POISON) for t in layers]
+    scatter_pages(out, dst, ids)
+    expected = [torch.full_like(t, POISON) for t in layers]
+    ref_scatter(out, expected, ids.tolist(), layout)
+    assert all(torch.equal(a, b) for a, b in zip(dst, expected))
+
+
 def test_out_may_be_a_larger_byte_buffer():
     layers = make_layers("kv_first", 2, 5, 16, 64, torch.bfloat16)
     need = gathered_nbytes(layers, 3)

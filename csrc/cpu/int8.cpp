@@ -9,6 +9,7 @@
 #include "kvops/index.h"
 #include "kvops/int8.h"
 #include "parallel.h"
+#include "stream_copy.h"
 
 namespace kvops {
 namespace {
@@ -25,15 +26,22 @@ namespace {
 #define KVOPS_CPU_CLONES
 #endif
 
-// Quantizes num_groups groups; returns how many held inf or NaN.
+// Quantizes num_groups groups; returns how many held inf or NaN. With next (not null), also
+// prefetches next[0, num_groups * group_size), group by group (see copy_streaming).
 template <typename T>
 __attribute__((always_inline)) inline int32_t quantize_groups_impl(
     const T* x,       // [num_groups, group_size]
     int64_t num_groups, int64_t group_size,
     int8_t* q,        // [num_groups, group_size]
-    float* scales) {  // [num_groups]
+    float* scales,    // [num_groups]
+    const T* next) {  // [num_groups, group_size] or null
   int32_t num_nonfinite = 0;
+  const int64_t group_bytes = group_size * static_cast<int64_t>(sizeof(T));
   for (int64_t g = 0; g < num_groups; ++g) {
+    if (next != nullptr) {
+      const char* ahead = reinterpret_cast<const char*>(next + g * group_size);
+      for (int64_t b = 0; b < group_bytes; b += 64) prefetch_l2(ahead + b);
+    }
     const T* xg = x + g * group_size;
     int8_t* qg = q + g * group_size;
     using M = Magnitude<T>;
@@ -80,8 +88,8 @@ __attribute__((always_inline)) inline void dequantize_groups_impl(
 // One multiversioned overload per element type (target_clones does not apply to templates).
 #define KVOPS_GROUP_KERNELS(T)                                                                 \
   KVOPS_CPU_CLONES int32_t quantize_groups(const T* x, int64_t num_groups, int64_t group_size, \
-                                           int8_t* q, float* scales) {                         \
-    return quantize_groups_impl(x, num_groups, group_size, q, scales);                         \
+                                           int8_t* q, float* scales, const T* next) {          \
+    return quantize_groups_impl(x, num_groups, group_size, q, scales, next);                   \
   }                                                                                            \
   KVOPS_CPU_CLONES void dequantize_groups(const int8_t* q, const float* scales,                \
                                           int64_t num_groups, int64_t group_size, T* out) {    \
@@ -115,7 +123,7 @@ extern "C" int kvops_quantize_int8(const void* x, int dtype, int64_t num_groups,
     const scalar_t* xs = static_cast<const scalar_t*>(x);
     parallel_for(num_groups, exec->num_threads, [&](int64_t begin, int64_t end) {
       bad += quantize_groups(xs + begin * group_size, end - begin, group_size,
-                             q + begin * group_size, scales + begin);
+                             q + begin * group_size, scales + begin, nullptr);
     });
   });
   *num_nonfinite += bad.load();
@@ -144,16 +152,28 @@ extern "C" int kvops_gather_quantize(const kvops_pages* pages, int dtype, int64_
   const int64_t groups_per_run = g.page_elems / group_size;
   std::atomic<int32_t> bad{0};
   KVOPS_DISPATCH_FLOATING(dtype, {
+    const int64_t run_bytes = g.page_elems * static_cast<int64_t>(sizeof(scalar_t));
+    // NOTE: the same rule as copy_pages' (stream_copy.h): each next run's source is fetched
+    // while this one is quantized, where runs are random and fit L2 twice over.
+    const bool prefetch = num_runs(g) * run_bytes >= kStreamingMinBytes &&
+                          run_bytes <= kPrefetchMaxRunBytes;
+    auto cache_run = [&](int64_t layer, int64_t kv, int64_t page) {
+      return static_cast<const scalar_t*>(pages->layer_ptrs[layer]) +
+             cache_run_offset(g, pages->block_ids[page], kv);
+    };
     parallel_for(num_runs(g), exec->num_threads, [&](int64_t begin, int64_t end) {
       int32_t local_bad = 0;
+      int64_t layer, kv, page;
+      run_coords(g, begin, &layer, &kv, &page);
       for (int64_t run = begin; run < end; ++run) {
-        int64_t layer, kv, page;
-        run_coords(g, run, &layer, &kv, &page);
-        const scalar_t* cache = static_cast<const scalar_t*>(pages->layer_ptrs[layer]) +
-                                cache_run_offset(g, pages->block_ids[page], kv);
+        const scalar_t* cache = cache_run(layer, kv, page);
         float* run_scales = scales + gathered_scale_offset(g, layer, kv, page, group_size);
-        local_bad += quantize_groups(cache, groups_per_run, group_size,
-                                     q + gathered_run_offset(g, layer, kv, page), run_scales);
+        int8_t* run_q = q + gathered_run_offset(g, layer, kv, page);
+        const bool has_next = run + 1 < end;
+        if (has_next) run_coords(g, run + 1, &layer, &kv, &page);  // the next run's
+        const scalar_t* next = prefetch && has_next ? cache_run(layer, kv, page) : nullptr;
+        local_bad += quantize_groups(cache, groups_per_run, group_size, run_q, run_scales,
+                                     next);
       }
       bad += local_bad;
     });
