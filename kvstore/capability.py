@@ -72,6 +72,17 @@ def object_id(key: str) -> bytes:
     return hashlib.blake2b(key.encode(), digest_size=OBJECT_ID_BYTES).digest()
 
 
+def commit_mac(secret: bytes, node_id: str, base_seq: int, body: bytes) -> bytes:
+    """The MAC a master appends to a COMMIT push for ``node_id`` (keyed by the node's
+    secret of this registration): only that master, in this registration, can change the
+    daemon's object table; a client holding the cluster token, or a deposed master whose
+    node has re-registered since, cannot."""
+    mac = hashlib.blake2b(b"commit\0" + node_id.encode() + b"\0" +
+                          base_seq.to_bytes(8, "little"), key=secret, digest_size=MAC_BYTES)
+    mac.update(body)
+    return mac.digest()
+
+
 def _mac(secret: bytes, body: bytes, node_id: str, segment_id: str) -> bytes:
     mac = hashlib.blake2b(body, key=secret, digest_size=MAC_BYTES)
     mac.update(b"\0" + node_id.encode() + b"\0" + segment_id.encode())

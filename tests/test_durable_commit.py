@@ -19,10 +19,12 @@ from client_cluster import payload
 from servers import ServerProcess
 
 import kvstore
+from kvstore import capability
 from kvstore.daemon.objects import ObjectTable
 from kvstore.rpc import HeartbeatChanges, Inventory
 from kvstore.transport import data_frames
 from kvstore.transport.data_frames import Op, Status
+from kvstore.v1 import master_pb2
 
 SLOW_BEAT = ("--heartbeat-interval", "3s", "--node-ttl", "60s")
 VALUE_BYTES = 64 * 1024
@@ -181,8 +183,16 @@ def test_bad_commit_frames_are_refused_and_nothing_stored_is_lost():
                 garbage = b"\xff" * 64            # not a HeartbeatResponse
                 sock.sendall(data_frames.encode_request(Op.COMMIT, b"", 1, 0, len(garbage))
                              + garbage)
+                status, _, message = _reply(sock)   # unsigned: only the master may commit
+                assert status == Status.CAPABILITY_REFUSED and "not signed" in message
+                # a push that removes keep/1, signed with a made-up key: refused
+                forged = master_pb2.HeartbeatResponse(master_id="x", seq=10**6,
+                                                      removed_keys=["keep/1"])
+                body = forged.SerializeToString() + capability.commit_mac(
+                    b"\x07" * capability.SECRET_BYTES, "n", 0, forged.SerializeToString())
+                sock.sendall(data_frames.encode_commit(4, 0, len(body), True) + body)
                 status, _, message = _reply(sock)
-                assert status == Status.INTERNAL and "commit failed" in message
+                assert status == Status.CAPABILITY_REFUSED and "does not verify" in message
                 sock.sendall(data_frames.encode_request(Op.PING, b"", 2, 0, 0))
                 assert _reply(sock)[0] == Status.OK          # the connection stays usable
                 sock.sendall(data_frames.encode_request(Op.COMMIT, b"seg", 3, 0, 0))
@@ -192,7 +202,7 @@ def test_bad_commit_frames_are_refused_and_nothing_stored_is_lost():
             store.put("keep/2", b"l" * 3000)              # the master's pushes still land
             assert store.get("keep/1") == b"k" * 3000
             assert store.get("keep/2") == b"l" * 3000
-            assert "COMMIT failed" in daemon.stderr()
+            assert "COMMIT refused" in daemon.stderr()
 
 
 def _changes(seq, base_seq, keys, full_resync=False):

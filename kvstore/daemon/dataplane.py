@@ -151,7 +151,8 @@ class DataPlaneServer(ThreadedTcpServer):
             conn.sendall(data_frames.encode_reply(Status.OK, request_id))
             return True
         if op_code == Op.COMMIT:
-            return self._commit(conn, seg_len, request_id, offset, length)
+            return self._commit(conn, seg_len, request_id, offset, length,
+                                bool(flags & data_frames.FLAG_SIGNED))
         if op_code not in (Op.READ, Op.WRITE):
             raise _BadFrame(f"unknown op {op_code}")
         if not 0 < seg_len <= data_frames.MAX_SEGMENT_ID_BYTES:
@@ -191,14 +192,23 @@ class DataPlaneServer(ThreadedTcpServer):
         return True
 
     def _commit(self, conn: socket.socket, seg_len: int, request_id: int, base_seq: int,
-                length: int) -> bool:
-        """Apply a change set from the master (durable commit); reply once it is durable."""
+                length: int, signed: bool) -> bool:
+        """Apply a change set from the master (durable commit); reply once it is durable.
+        A node with a capability secret applies only pushes its master signed."""
         if seg_len:
             raise _BadFrame("COMMIT carries no segment id")
         if length > data_frames.MAX_COMMIT_BYTES:
             raise _BadFrame(f"COMMIT body of {length} bytes exceeds "
                             f"{data_frames.MAX_COMMIT_BYTES}")
         body = data_frames.recv_exact(conn, length)
+        try:
+            body = self._guard.verify_commit(base_seq, body, signed)
+        except CapabilityRefused as exc:
+            self.stats.num_errors += 1
+            log.warning("data plane: COMMIT refused: %s", exc)
+            conn.sendall(data_frames.encode_reply(Status.CAPABILITY_REFUSED, request_id, 0,
+                                                  str(exc)))
+            return True
         handler = self.on_commit
         if handler is None:
             conn.sendall(data_frames.encode_reply(Status.INTERNAL, request_id, 0,

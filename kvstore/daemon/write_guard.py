@@ -23,6 +23,7 @@ replay of its still-valid capability in that window is not refused (see docs/ARC
 
 from __future__ import annotations
 
+import hmac
 import threading
 import time
 from typing import Callable
@@ -61,6 +62,23 @@ class WriteGuard:
         with self._lock:
             self._secret = secret or None
             self._segment_to_ranges.clear()
+
+    def verify_commit(self, base_seq: int, body: bytes, signed: bool) -> bytes:
+        """The change set of a COMMIT push (``body`` without its MAC) if this node may apply
+        it; raises CapabilityRefused when the node has a secret and the push is unsigned or
+        its MAC does not verify (a forged push, or one of an earlier registration's master).
+        Without a secret (an older master) every push is accepted, as before."""
+        secret = self._secret
+        if secret is None:
+            return body[:-capability.MAC_BYTES] if signed else body
+        if not signed or len(body) < capability.MAC_BYTES:
+            raise CapabilityRefused("COMMIT not signed by this node's master")
+        changes, mac = body[:-capability.MAC_BYTES], body[-capability.MAC_BYTES:]
+        expected = capability.commit_mac(secret, self.node_id, base_seq, changes)
+        if not hmac.compare_digest(mac, expected):
+            raise CapabilityRefused("COMMIT signature does not verify (another master, or "
+                                    "an earlier registration)")
+        return changes
 
     def check(self, segment_id: str, offset: int, length: int, blob: bytes,
               writer: str) -> None:

@@ -35,6 +35,7 @@ import socket
 import threading
 import time
 
+from kvstore import capability
 from kvstore._tls import TLSConfig, wrap_client
 from kvstore.master import replies
 from kvstore.transport import data_frames
@@ -182,7 +183,10 @@ class CommitPusher:
                                                  state.config.max_changes_per_heartbeat)
                     body = replies.heartbeat(state.master_id, (*changes, (), ()),
                                              base_seq).SerializeToString()
-                    frames.append((base_seq, changes[1], body))
+                    secret = node.capability_secret
+                    if secret:       # NOTE: the daemon then accepts only signed pushes
+                        body += capability.commit_mac(secret, node.node_id, base_seq, body)
+                    frames.append((base_seq, changes[1], body, bool(secret)))
             sent = []
             for channel, frame in zip(channels, frames):
                 if frame is not None and self._send(channel, frame, deadline_s):
@@ -196,14 +200,14 @@ class CommitPusher:
                 self._cond.notify_all()
 
     def _send(self, channel: _Channel, frame: tuple, deadline_s: float) -> bool:
-        base_seq, _, body = frame
+        base_seq, _, body, signed = frame
         try:
             if channel.sock is None:
                 channel.sock = self._connect(channel.node.data_addr, deadline_s)
             channel.sock.settimeout(max(deadline_s - self._clock(), 0.001))
             channel.request_id += 1
-            data_frames.sendmsg_all(channel.sock, [data_frames.encode_request(
-                Op.COMMIT, b"", channel.request_id, base_seq, len(body)), body])
+            data_frames.sendmsg_all(channel.sock, [data_frames.encode_commit(
+                channel.request_id, base_seq, len(body), signed), body])
             return True
         except (OSError, data_frames.PeerClosedError, _Refused) as exc:
             self._failed(channel, exc)

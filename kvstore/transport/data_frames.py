@@ -72,6 +72,8 @@ MAX_MESSAGE_BYTES = 4096
 REQUEST = struct.Struct("<2sBBHIQQ")
 CAPABILITY_LENGTH = struct.Struct("<H")
 FLAG_CAPABILITY = 1
+#: On a COMMIT: the body ends with the master's MAC (``capability.commit_mac``).
+FLAG_SIGNED = 2
 REPLY = struct.Struct("<BBHIQ")
 
 # NOTE: loopback and LAN sockets move bulk bytes fastest with large kernel buffers; 4 MiB is
@@ -112,6 +114,12 @@ def encode_request(op: Op, segment_id: bytes, request_id: int, offset: int, leng
             CAPABILITY_LENGTH.pack(len(capability)) + capability
     return REQUEST.pack(REQUEST_MAGIC, op, 0, len(segment_id), request_id & 0xFFFFFFFF,
                         offset, length) + segment_id
+
+
+def encode_commit(request_id: int, base_seq: int, body_len: int, signed: bool) -> bytes:
+    """Header of a COMMIT push whose body (``body_len`` bytes, MAC included) follows."""
+    return REQUEST.pack(REQUEST_MAGIC, Op.COMMIT, FLAG_SIGNED if signed else 0, 0,
+                        request_id & 0xFFFFFFFF, base_seq, body_len)
 
 
 def encode_reply(status: Status, request_id: int, length: int = 0, message: str = "") -> bytes:
