@@ -57,9 +57,11 @@ from typing import Any
 
 import torch
 
-from kvstore._errors import ConfigError, InvalidArgumentError
+from kvstore._errors import InvalidArgumentError
 from kvstore.engine.connector import PagedKVConnector
-from kvstore.engine.keys import KeyNamespace, loadable_tokens, prefix_keys
+from kvstore.engine.keys import loadable_tokens, prefix_keys
+from kvstore.engine.vllm_config import (ConnectorConfig, block_id_list, cached_new_blocks,
+                                        config_from_vllm, role_flags)
 from kvstore.engine.vllm_saver import AsyncSaver, SaveJob
 
 try:  # NOTE: vLLM moves these names between releases; any import failure means "no vLLM".
@@ -73,26 +75,6 @@ except Exception:  # noqa: BLE001 (ImportError, or a broken vLLM install)
 
         SCHEDULER = 0
         WORKER = 1
-
-
-@dataclasses.dataclass(frozen=True)
-class ConnectorConfig:
-    """``namespace`` (model, TP rank/size), ``block_size`` (tokens per page), ``quantize``
-    (None or "int8"), ``kv_dtype`` (the cache dtype, e.g. "float16"), ``async_save`` (saves
-    run on a background thread and vLLM frees a request's pages once its save ended; both
-    sides must agree). The scheduler has no cache to look at, so it builds keys from these;
-    the worker checks its cache agrees."""
-
-    namespace: KeyNamespace
-    block_size: int
-    quantize: str | None = None
-    kv_dtype: str = "float32"
-    async_save: bool = True
-
-    def key_namespace(self) -> KeyNamespace:
-        """The namespace both sides key blocks under (layout, dtype, quantization filled)."""
-        return dataclasses.replace(self.namespace, layout=f"L2BHD{self.block_size}",
-                                   dtype=self.kv_dtype, quantization=self.quantize)
 
 
 @dataclasses.dataclass
@@ -124,7 +106,8 @@ class TransferStats:
     failed, bytes and wall seconds of loads and saves (store I/O plus gather/scatter; for
     asynchronous saves the background thread's seconds), saves that failed, and the seconds
     the engine's steps spent in ``wait_for_save`` (``save_wait_s``: the whole save when
-    synchronous, the hand-over when asynchronous)."""
+    synchronous, the hand-over when asynchronous), and the requests ``get_finished``
+    reported as finished sends (``num_finished_sends``)."""
 
     num_blocks_loaded: int = 0
     num_blocks_failed: int = 0
@@ -135,6 +118,7 @@ class TransferStats:
     save_s: float = 0.0
     num_saves_failed: int = 0
     save_wait_s: float = 0.0
+    num_finished_sends: int = 0
 
 
 @dataclasses.dataclass
@@ -142,16 +126,6 @@ class _Tracked:
     token_ids: list[int]
     block_ids: list[int]
     num_computed_tokens: int = 0
-
-
-def _block_id_list(blocks: Any) -> list[int]:
-    """vLLM's KVCacheBlocks (``get_block_ids()`` -> one list per KV-cache group), a tuple of
-    lists as in NewRequestData, or a plain list of ints."""
-    if hasattr(blocks, "get_block_ids"):
-        blocks = blocks.get_block_ids()
-    if isinstance(blocks, tuple):
-        blocks = blocks[0] if blocks else []
-    return [int(b) for b in blocks]
 
 
 class KVStoreConnector(_Base):  # type: ignore[misc, valid-type]
@@ -163,13 +137,13 @@ class KVStoreConnector(_Base):  # type: ignore[misc, valid-type]
         if _Base is not object:
             super().__init__(vllm_config, role, kv_cache_config)
         if config is None:
-            config, store = _from_vllm_config(vllm_config, store)
+            config, store = config_from_vllm(vllm_config, store)
         if store is None:
             raise InvalidArgumentError("KVStoreConnector needs a store (or a vLLM config "
                                        "naming the master)")
         if _Base is object:
             self._role = role
-        self._saves, self._loads = _role_flags(vllm_config)
+        self._saves, self._loads = role_flags(vllm_config)
         self.store = store
         self.config = config
         self._tracked: dict[str, _Tracked] = {}      # scheduler: requests being prefilled
@@ -206,7 +180,7 @@ class KVStoreConnector(_Base):  # type: ignore[misc, valid-type]
 
     def update_state_after_alloc(self, request: Any, blocks: Any, num_external_tokens: int) -> None:
         """Remember the request's pages; schedule a load when external tokens were granted."""
-        block_ids = _block_id_list(blocks)
+        block_ids = block_id_list(blocks)
         tokens = list(request.prompt_token_ids or [])
         self._tracked[request.request_id] = _Tracked(tokens, block_ids)
         # get_num_new_matched_tokens ran first (vLLM's order); without it, trust the caller
@@ -227,12 +201,12 @@ class KVStoreConnector(_Base):  # type: ignore[misc, valid-type]
         for new in getattr(scheduler_output, "scheduled_new_reqs", []):
             tracked = self._tracked.setdefault(
                 new.req_id, _Tracked(list(new.prompt_token_ids or []), []))
-            tracked.block_ids = _block_id_list(new.block_ids)
+            tracked.block_ids = block_id_list(new.block_ids)
             tracked.num_computed_tokens = new.num_computed_tokens
         cached = getattr(scheduler_output, "scheduled_cached_reqs", None)
-        for req_id, new_blocks in _cached_new_blocks(cached):
+        for req_id, new_blocks in cached_new_blocks(cached):
             if req_id in self._tracked:
-                self._tracked[req_id].block_ids += _block_id_list(new_blocks)
+                self._tracked[req_id].block_ids += block_id_list(new_blocks)
         num_scheduled = getattr(scheduler_output, "num_scheduled_tokens", {})
         for req_id, tracked in list(self._tracked.items()):
             if req_id not in num_scheduled:
@@ -336,7 +310,10 @@ class KVStoreConnector(_Base):  # type: ignore[misc, valid-type]
         ended; vLLM frees their pages. Nothing is ever received asynchronously."""
         if self._saver is None:
             return None, None
-        return self._saver.finished(finished_req_ids) or None, None
+        done = self._saver.finished(finished_req_ids)
+        with self._stats_lock:
+            self.stats.num_finished_sends += len(done)
+        return done or None, None
 
     def shutdown(self) -> None:
         """Wait for the pending saves (up to 60 s), then stop the save thread. Idempotent."""
@@ -372,62 +349,6 @@ class KVStoreConnector(_Base):  # type: ignore[misc, valid-type]
         if self._paged is None:
             raise InvalidArgumentError("register_kv_caches must be called before transfers")
         return self._paged
-
-
-def _cached_new_blocks(cached: Any) -> list[tuple[str, Any]]:
-    """(req_id, new block ids) of continuing requests: vLLM's CachedRequestData holds parallel
-    lists ``req_ids`` / ``new_block_ids`` (older releases: a list of per-request objects)."""
-    if cached is None:
-        return []
-    if hasattr(cached, "req_ids"):
-        return [(r, b) for r, b in zip(cached.req_ids, cached.new_block_ids) if b is not None]
-    return [(c.req_id, c.new_block_ids) for c in cached if c.new_block_ids is not None]
-
-
-def _role_flags(vllm_config: Any) -> tuple[bool, bool]:
-    """(saves, loads) from ``kv_role``; both without a vLLM config or role (driven directly)."""
-    role = getattr(getattr(vllm_config, "kv_transfer_config", None), "kv_role", None)
-    if role is None:
-        return True, True
-    if role not in ("kv_producer", "kv_consumer", "kv_both"):
-        raise ConfigError(f"kv_role must be kv_producer, kv_consumer or kv_both, not {role!r}")
-    return role != "kv_consumer", role != "kv_producer"
-
-
-def _from_vllm_config(vllm_config: Any, store: Any) -> tuple[ConnectorConfig, Any]:
-    """Settings from a vLLM config: model name, block size, TP rank/size, and the extra config
-    keys ``master`` (HOST:PORT; required unless a store is given, else ConfigError; the older
-    spelling ``kvstore_master`` works too), ``token``, ``transport``, ``quantize``,
-    ``namespace`` and ``async_save`` (a bool, else ConfigError)."""
-    if vllm_config is None:
-        raise InvalidArgumentError("pass config= (ConnectorConfig) or a vLLM config")
-    extra = dict(getattr(vllm_config.kv_transfer_config, "kv_connector_extra_config", {}) or {})
-    parallel = vllm_config.parallel_config
-    tp_size = parallel.tensor_parallel_size
-    tp_rank = getattr(parallel, "rank", 0) % tp_size
-    model = "".join(c if c.isalnum() or c in "._-" else "_"
-                    for c in str(extra.get("namespace") or vllm_config.model_config.model))
-    namespace = KeyNamespace(model=model, tp_rank=tp_rank, tp_size=tp_size)
-    kv_dtype = str(vllm_config.model_config.dtype).removeprefix("torch.")
-    async_save = extra.get("async_save", True)
-    if not isinstance(async_save, bool):
-        raise ConfigError(f'kv_connector_extra_config["async_save"] must be true or false, '
-                          f'not {async_save!r}')
-    config = ConnectorConfig(namespace, vllm_config.cache_config.block_size,
-                             extra.get("quantize"), kv_dtype, async_save)
-    if store is None:
-        import kvstore
-
-        master = extra.get("master") or extra.get("kvstore_master")
-        if not master:
-            # NOTE: no default address: a guessed master would connect to the wrong cluster
-            # (or hang on none) far from the config line that forgot it.
-            raise ConfigError('kv_transfer_config.kv_connector_extra_config["master"] must name '
-                              'the kvstore master (HOST:PORT); the older spelling '
-                              'kv_connector_extra_config["kvstore_master"] works too')
-        store = kvstore.connect(master, token=extra.get("token"),
-                                transport=extra.get("transport", "auto"))
-    return config, store
 
 
 KVStoreConnectorV1 = KVStoreConnector  # NOTE: the spelling kvstore.engine exported before
