@@ -295,9 +295,17 @@ class KVStoreConnector(_Base):  # type: ignore[misc, valid-type]
         """Save (or, with ``async_save``, hand to the save thread) the full prompt blocks of
         every request this step completed."""
         wait_start_s = time.perf_counter()
+        ready = None
         for req in self._step_requests(is_store=True):
             if self._saver is not None:
-                self._saver.submit(SaveJob(req.request_id, req.token_ids, req.block_ids))
+                if ready is None and self._worker().layers[0].is_cuda:
+                    # NOTE: the forward's kernels may still run on the engine's stream; the
+                    # save thread reads the pages only after this event (not tested here:
+                    # no GPU on this machine)
+                    ready = torch.cuda.Event()
+                    ready.record()
+                self._saver.submit(SaveJob(req.request_id, req.token_ids, req.block_ids,
+                                           ready))
                 continue
             start_s = time.perf_counter()
             result = self._worker().save_blocks(req.token_ids, req.block_ids)

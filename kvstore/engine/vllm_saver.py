@@ -44,11 +44,14 @@ _STOP = object()
 
 @dataclasses.dataclass
 class SaveJob:
-    """One request's save: its prompt ``token_ids`` and the pages ``block_ids`` holding them."""
+    """One request's save: its prompt ``token_ids`` and the pages ``block_ids`` holding them;
+    ``ready``: None, or an event (``synchronize()``) the save thread waits on before reading
+    the pages (a GPU cache: the step's forward may still be writing them)."""
 
     request_id: str
     token_ids: list[int]
     block_ids: list[int]
+    ready: Any = None
 
 
 class AsyncSaver:
@@ -126,6 +129,8 @@ class AsyncSaver:
                 return
             start_s = self._clock()
             try:
+                if job.ready is not None:
+                    job.ready.synchronize()
                 result = self._save(job)
             except Exception:  # noqa: BLE001
                 # NOTE: a save never takes the engine down: the blocks are just not stored
