@@ -150,26 +150,25 @@ def _head_major_pages(layer: torch.Tensor, fmt: BlockFormat) -> torch.Tensor:
 def _head_major_gather_into(layers: Sequence[torch.Tensor], block_ids: torch.Tensor,
                             fmt: BlockFormat, target: torch.Tensor) -> None:
     """Pages ``block_ids`` into ``target`` (``[n, layers, 2, block_size, heads, head_dim]``,
-    the cache dtype) page by page. NOTE: copies between views, no temporary: a fresh
-    index_select/stack output per call cost 50-100x the copy itself here (page faults on
-    new memory), 1.3 s for 64 MiB at load 15."""
+    the cache dtype), one layer at a time: one index_select and one strided copy into its
+    slice. NOTE: not the whole payload at once: stacking every layer and making it contiguous
+    allocated two more request-sized temporaries per call, whose page faults cost 10-20x the
+    copy itself here (1.3 s for 64 MiB at load 15); nor page by page: 512 small copies each
+    start torch's thread pool, which stalls on a loaded machine."""
     for i, layer in enumerate(layers):
         pages = _head_major_pages(layer, fmt)
-        for j, block_id in enumerate(block_ids.tolist()):
-            target[j, i].copy_(pages[block_id].permute(1, 2, 0, 3))
+        target[:, i].copy_(pages.index_select(0, block_ids).permute(0, 2, 3, 1, 4))
 
 
 def _head_major_scatter(payload: torch.Tensor, layers: Sequence[torch.Tensor],
                         block_ids: torch.Tensor, fmt: BlockFormat) -> None:
-    """The inverse of _head_major_gather_into: ``payload[:, l]`` into pages ``block_ids``,
-    page by page between views (no temporary, see there)."""
-    ids = block_ids.tolist()
-    if len(set(ids)) != len(ids):
+    """The inverse of _head_major_gather_into: ``payload[:, l]`` into pages ``block_ids``, one
+    index_copy_ per layer from a strided view (no temporary, see there)."""
+    if len(set(block_ids.tolist())) != len(block_ids):
         raise InvalidArgumentError("block ids must be distinct")
     for i, layer in enumerate(layers):
         pages = _head_major_pages(layer, fmt)
-        for j, block_id in enumerate(ids):
-            pages[block_id].copy_(payload[j, i].permute(2, 0, 1, 3))
+        pages.index_copy_(0, block_ids, payload[:, i].permute(0, 3, 1, 2, 4))
 
 
 def _to_rows(gathered: torch.Tensor, fmt: BlockFormat, rows: torch.Tensor) -> None:
