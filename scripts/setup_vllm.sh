@@ -20,8 +20,13 @@ $PIP uninstall -q -y torchvision torchaudio torchcodec 2>/dev/null || true
 # SGLang pins torch 2.14 and CUDA stacks: --no-deps, plus what importing its HiCacheStorage
 # and storage backend factory needs that vLLM did not bring (the rest of the list:
 # psutil pybase64 requests packaging pillow starlette msgspec pydantic pyzmq tqdm aiohttp
-# triton come with vLLM). NOTE: SGLang's host KV pool module is not importable here: it
-# imports torchvision, which must stay out (see above).
+# triton come with vLLM). NOTE: SGLang's host KV pool module (mem_cache/memory_pool_host.py,
+# pool_host/) is not importable here: it imports torchvision (sglang/srt/configs ->
+# multimodal/internvl_utils.py), and the one torchvision wheel for torch 2.13 (0.28.0, on
+# disk; 0.29.x need torch 2.14) is a CUDA 13 build whose _C.so needs libc10_cuda.so,
+# libtorch_cuda.so and libcudart.so.13, absent beside the CPU torch: its ops never register
+# ("operator torchvision::nms does not exist"), and with it installed transformers imports it,
+# so even `import sglang` fails. It must stay out.
 $PIP install -q --no-deps "sglang==$SGLANG_VERSION"
 $PIP install -q orjson ipython
 # Our own package: its build needs these in the venv (no build isolation: pip must not fetch

@@ -37,8 +37,9 @@ class PageFirstHostPool:
     """SGLang's MHA host KV pool in its ``page_first`` layout: ``kv_buffer`` shaped ``(2, size,
     layers, heads, head_dim)`` and ``get_page_buffer_meta`` as MHATokenToKVPoolHost computes it
     (sglang/srt/mem_cache/pool_host/mha.py). NOTE: SGLang's own class cannot be imported here:
-    its module imports torchvision (through sglang.srt.configs), whose registry build fails on
-    the CPU torch ("operator torchvision::nms does not exist")."""
+    its module imports torchvision (sglang.srt.configs -> multimodal/internvl_utils.py), and the
+    one torchvision wheel for torch 2.13 (0.28.0) is a CUDA 13 build whose ops cannot load
+    beside the CPU torch (scripts/setup_vllm.sh says why in full)."""
 
     layout = "page_first"
     page_size = PAGE_SIZE

@@ -1,9 +1,12 @@
 """The vLLM connector driven the way vLLM's scheduler and worker call it, on paged caches
-of two engines: blocks saved by one are loaded by the other into different block ids."""
+of two engines: blocks saved by one are loaded by the other into different block ids; saves
+synchronous (async_save=False) and on the background thread (the default)."""
 
 from __future__ import annotations
 
 from types import SimpleNamespace
+
+import time
 
 import pytest
 import torch
@@ -36,8 +39,10 @@ class Engine:
             for i in range(NUM_LAYERS)}
         self.worker.register_kv_caches(self.kv_caches)
 
-    def step(self, scheduler_output, compute_blocks: list[int], seed: int) -> None:
-        """One engine step: build metadata, load, per-layer forward and save hooks, save."""
+    def step(self, scheduler_output, compute_blocks: list[int], seed: int,
+             finished_req_ids: frozenset = frozenset()) -> tuple:
+        """One engine step: build metadata, load, per-layer forward and save hooks, save;
+        returns get_finished's answer."""
         meta = self.scheduler.build_connector_meta(scheduler_output)
         assert isinstance(meta, KVStoreConnectorMetadata)
         self.worker.bind_connector_metadata(meta)
@@ -50,7 +55,24 @@ class Engine:
             self.worker.save_kv_layer(name, kv, attn_metadata=None)
         self.worker.wait_for_save()
         self.worker.clear_connector_metadata()
-        assert self.worker.get_finished(set()) == (None, None)
+        finished = self.worker.get_finished(set(finished_req_ids))
+        if not self.scheduler.config.async_save:
+            assert finished == (None, None)
+        return finished
+
+    def wait_finished_sending(self, req_id: str, timeout_s: float = 30.0) -> None:
+        """Empty steps, as vLLM runs while a finished request's pages wait on a save, until
+        the worker reports the request among the finished sends."""
+        finished_req_ids = {req_id}
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            sending, _ = self.step(_output(), [], seed=0, finished_req_ids=finished_req_ids)
+            if sending:
+                assert sending == {req_id}
+                return
+            finished_req_ids = set()  # vLLM names a finished request once
+            time.sleep(0.01)
+        raise AssertionError(f"{req_id} was never reported as finished sending")
 
 
 def _request(req_id: str = "req-1", num_computed_tokens: int = 0):
@@ -67,14 +89,16 @@ def _new_req(req_id: str, ids: list[int], num_computed: int = 0):
                            num_computed_tokens=num_computed)
 
 
-def _output(new=(), cached=None, scheduled=None):
+def _output(new=(), cached=None, scheduled=None, preempted=None):
     cached = cached or SimpleNamespace(req_ids=[], new_block_ids=[])
     return SimpleNamespace(scheduled_new_reqs=list(new), scheduled_cached_reqs=cached,
-                           num_scheduled_tokens=scheduled or {}, finished_req_ids=set())
+                           num_scheduled_tokens=scheduled or {}, finished_req_ids=set(),
+                           preempted_req_ids=preempted or set())
 
 
-def _config(model: str) -> ConnectorConfig:
-    return ConnectorConfig(KeyNamespace(model=model), BLOCK_SIZE, kv_dtype="float16")
+def _config(model: str, async_save: bool = False) -> ConnectorConfig:
+    return ConnectorConfig(KeyNamespace(model=model), BLOCK_SIZE, kv_dtype="float16",
+                           async_save=async_save)
 
 
 def test_prefill_engine_saves_and_decode_engine_loads_into_other_blocks(store) -> None:
@@ -182,3 +206,67 @@ def test_a_vllm_config_with_a_store_needs_no_master_address(store) -> None:
     assert connector.config.namespace == KeyNamespace(model="org_model-7b", tp_rank=1, tp_size=2)
     assert (connector.config.block_size, connector.config.quantize,
             connector.config.kv_dtype) == (BLOCK_SIZE, "int8", "float16")
+
+
+def test_async_save_keeps_the_pages_until_the_save_is_reported_finished(store) -> None:
+    prefill = Engine(store, _config("vllm-async", async_save=True), 10)
+    request = _request("as")
+    src_ids = [7, 3, 9, 0, 5, 2]
+    prefill.scheduler.update_state_after_alloc(request, _blocks(src_ids), 0)
+    prefill.step(_output([_new_req("as", src_ids)], scheduled={"as": len(PROMPT)}),
+                 src_ids, seed=11)
+    # the save was handed over: vLLM must keep the pages until get_finished names it
+    assert prefill.scheduler.request_finished(request, src_ids) == (True, None)
+    prefill.wait_finished_sending("as")
+    assert prefill.worker.stats.num_blocks_saved == 5
+    assert prefill.worker.stats.num_saves_failed == 0
+    decode = Engine(store, _config("vllm-async"), 8)
+    assert decode.scheduler.get_num_new_matched_tokens(request, 0) == (5 * BLOCK_SIZE, False)
+    dst_ids = [1, 6, 0, 4, 2, 7]
+    decode.scheduler.update_state_after_alloc(request, _blocks(dst_ids), 5 * BLOCK_SIZE)
+    decode.step(_output([_new_req("as", dst_ids, 5 * BLOCK_SIZE)], scheduled={"as": 3}),
+                [dst_ids[5]], seed=12)
+    for name in prefill.kv_caches:
+        for src, dst in zip(src_ids[:5], dst_ids[:5]):
+            assert torch.equal(prefill.kv_caches[name][:, src], decode.kv_caches[name][:, dst])
+    # a request that saved nothing (a consumer-only step) is freed at once
+    assert decode.scheduler.request_finished(request, dst_ids) == (False, None)
+    prefill.worker.shutdown()
+
+
+def test_a_failed_async_save_stores_nothing_and_still_frees_the_pages(store) -> None:
+    engine = Engine(store, _config("vllm-async-fail", async_save=True), 10)
+    request = _request("bad")
+    ids = [0, 1, 2, 3, 4, 99]  # page 99 does not exist: the save thread's gather refuses it
+    engine.scheduler.update_state_after_alloc(request, _blocks(ids), 0)
+    engine.step(_output([_new_req("bad", ids)], scheduled={"bad": len(PROMPT)}), ids[:5],
+                seed=13)
+    assert engine.scheduler.request_finished(request, ids) == (True, None)
+    engine.wait_finished_sending("bad")
+    assert engine.worker.stats.num_saves_failed == 1
+    assert engine.worker.stats.num_blocks_saved == 0
+    probe = Engine(store, _config("vllm-async-fail"), 4)
+    assert probe.scheduler.get_num_new_matched_tokens(request, 0) == (0, False)  # recompute
+    engine.worker.shutdown()
+
+
+def test_a_preempted_requests_pending_save_ends_before_its_pages_are_reused(store) -> None:
+    engine = Engine(store, _config("vllm-async-preempt", async_save=True), 10)
+    request = _request("p")
+    ids = [2, 4, 6, 8, 1, 3]
+    engine.scheduler.update_state_after_alloc(request, _blocks(ids), 0)
+    engine.step(_output([_new_req("p", ids)], scheduled={"p": len(PROMPT)}), ids, seed=14)
+    # the next step's scheduler preempted it: the metadata names it, and the worker's
+    # handle_preemptions (before that step's forward) returns only once its save ended
+    meta = engine.scheduler.build_connector_meta(_output(preempted={"p"}))
+    assert meta.preempted_req_ids == {"p"}
+    engine.worker.handle_preemptions(meta)
+    assert engine.worker._saver.num_pending() == 0
+    assert engine.worker.stats.num_blocks_saved == 5
+    engine.worker.shutdown()
+
+
+def test_async_save_in_the_vllm_config_must_be_a_bool() -> None:
+    with pytest.raises(kvstore.ConfigError, match="async_save"):
+        KVStoreConnectorV1(_vllm_config({"async_save": "yes"}), KVConnectorRole.SCHEDULER,
+                           store=object())

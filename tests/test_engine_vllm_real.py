@@ -47,8 +47,11 @@ def prompts() -> list[list[int]]:
 
 
 def _run(tmp_path: Path, name: str, model: str, prompts, connector=None) -> dict:
+    saves_async = bool(connector) and connector["role"] != "kv_consumer" and connector[
+        "extra"].get("async_save", True)
     spec = {"model": model, "prompts": prompts, "max_tokens": MAX_TOKENS,
-            "block_size": BLOCK_SIZE, "connector": connector}
+            "block_size": BLOCK_SIZE, "connector": connector,
+            "num_delayed_frees": len(prompts) if saves_async else 0}
     spec_path, out_path = tmp_path / f"{name}.json", tmp_path / f"{name}.out.json"
     spec_path.write_text(json.dumps(spec))
     start_s = time.monotonic()
@@ -105,6 +108,10 @@ def test_consumer_loads_what_the_producer_saved_and_generates_the_plain_tokens(
     full_blocks = [(n - 1) // BLOCK_SIZE for n in PROMPT_LENGTHS]  # never the last token
     assert producer["stats"]["num_blocks_saved"] == sum(n // BLOCK_SIZE for n in PROMPT_LENGTHS)
     assert producer["stats"]["num_blocks_loaded"] == 0  # a producer never loads
+    # saves are asynchronous: vLLM kept each request's pages until get_finished named it,
+    # once per request (a name vLLM had not delayed would fail its scheduler's assertion)
+    assert producer["stats"]["num_finished_sends"] == len(PROMPT_LENGTHS)
+    assert producer["stats"]["num_saves_failed"] == 0
     assert consumer["stats"]["num_blocks_loaded"] == sum(full_blocks)
     assert consumer["stats"]["num_blocks_failed"] == 0
     for n, blocks, got, want in zip(PROMPT_LENGTHS, full_blocks, consumer["requests"],
@@ -113,6 +120,34 @@ def test_consumer_loads_what_the_producer_saved_and_generates_the_plain_tokens(
         assert got["tokens"] == want["tokens"]
     for run in (producer, plain):
         assert all(r["num_cached_tokens"] == 0 for r in run["requests"])
+    assert [r["tokens"] for r in producer["requests"]] == [r["tokens"] for r in plain["requests"]]
+
+
+def test_failed_async_saves_leave_the_producer_right_and_the_consumer_recomputes(
+        tmp_path, model_dir, prompts, plain) -> None:
+    """A master with no daemon while the producer saves: every put fails on the save
+    thread. The producer's own tokens are still the plain run's, its pages are still handed
+    back, nothing is listed; a consumer (once a daemon joined) recomputes everything."""
+    master = ServerProcess(["master", "--host", "127.0.0.1", "--port", "0"])
+    daemon = None
+    try:
+        producer = _run(tmp_path, "producer", model_dir, prompts,
+                        _connector("kv_producer", master.address))
+        daemon = ServerProcess(["daemon", "--master", master.address, "--host", "127.0.0.1",
+                                "--port", "0", "--dram", "64MiB"])
+        consumer = _run(tmp_path, "consumer", model_dir, prompts,
+                        _connector("kv_consumer", master.address))
+    finally:
+        for server in (daemon, master):
+            if server is not None:
+                server.close()
+    assert producer["stats"]["num_blocks_saved"] == 0
+    assert producer["stats"]["num_saves_failed"] == len(PROMPT_LENGTHS)
+    assert producer["stats"]["num_finished_sends"] == len(PROMPT_LENGTHS)
+    assert consumer["stats"]["num_blocks_loaded"] == consumer["stats"]["num_blocks_failed"] == 0
+    assert all(r["num_cached_tokens"] == 0 for r in consumer["requests"])
+    for run in (producer, consumer):
+        assert [r["tokens"] for r in run["requests"]] == [r["tokens"] for r in plain["requests"]]
 
 
 def test_a_daemon_killed_between_save_and_load_makes_the_consumer_recompute(

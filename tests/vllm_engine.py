@@ -15,6 +15,7 @@ import dataclasses
 import json
 import os
 import sys
+import time
 
 
 def main() -> None:
@@ -46,7 +47,16 @@ def main() -> None:
     if transfer is not None:
         from vllm.distributed.kv_transfer import get_kv_transfer_group
 
-        result["stats"] = dataclasses.asdict(get_kv_transfer_group().stats)
+        connector = get_kv_transfer_group()
+        # NOTE: generate() returns when the outputs are done; a request's asynchronous save
+        # may end after that (vLLM frees its pages then). Empty steps until every delayed
+        # request was reported (each reported once, so the count is exact), then shutdown.
+        num_delayed = spec.get("num_delayed_frees", 0)
+        deadline = time.monotonic() + 120
+        while connector.stats.num_finished_sends < num_delayed and time.monotonic() < deadline:
+            llm.llm_engine.step()
+        connector.shutdown()
+        result["stats"] = dataclasses.asdict(connector.stats)
     json.dump(result, open(sys.argv[2], "w"))
 
 

@@ -141,15 +141,37 @@ def _head_major_payload(layers: Sequence[torch.Tensor], block_ids: torch.Tensor,
     return torch.stack(per_layer, 1).permute(0, 1, 3, 4, 2, 5).contiguous()
 
 
+def _head_major_pages(layer: torch.Tensor, fmt: BlockFormat) -> torch.Tensor:
+    """A head_major layer as ``[num_blocks, heads, 2, block_size, head_dim]`` (a view)."""
+    _, _, block_size, num_heads, head_dim = fmt.block_shape
+    return layer.view(layer.shape[0], num_heads, 2, block_size, head_dim)
+
+
+def _head_major_gather_into(layers: Sequence[torch.Tensor], block_ids: torch.Tensor,
+                            fmt: BlockFormat, target: torch.Tensor) -> None:
+    """Pages ``block_ids`` into ``target`` (``[n, layers, 2, block_size, heads, head_dim]``,
+    the cache dtype), one layer at a time: one index_select and one strided copy into its
+    slice. NOTE: not the whole payload at once: stacking every layer and making it contiguous
+    allocated two more request-sized temporaries per call, whose page faults cost 10-20x the
+    copy itself here (1.3 s for 64 MiB at load 15); nor page by page: 512 small copies each
+    start torch's thread pool, which stalls on a loaded machine."""
+    for i, layer in enumerate(layers):
+        pages = _head_major_pages(layer, fmt)
+        target[:, i].copy_(pages.index_select(0, block_ids).permute(0, 2, 3, 1, 4))
+
+
 def _head_major_scatter(payload: torch.Tensor, layers: Sequence[torch.Tensor],
                         block_ids: torch.Tensor) -> None:
-    """The inverse of _head_major_payload: ``payload[:, l]`` into pages ``block_ids``."""
+    """The inverse of _head_major_gather_into: ``payload[:, l]`` into pages ``block_ids``, one
+    index_copy_ per layer from a contiguous copy of that layer's slice. NOTE: that one
+    layer-sized temporary is cheaper on a quiet machine than index_copy_ from the strided
+    view (13-22 ms against 20-32 ms for 64 MiB at load 3), dearer under load (78-330 against
+    49-123 ms at load 6-7); the quiet figure decides."""
     if len(set(block_ids.tolist())) != len(block_ids):
         raise InvalidArgumentError("block ids must be distinct")
     heads_first = payload.permute(0, 1, 4, 2, 3, 5)  # [n, L, heads, 2, block_size, head_dim]
     for i, layer in enumerate(layers):
-        layer.index_copy_(0, block_ids, heads_first[:, i].reshape(-1, *layer.shape[1:])
-                          .to(layer.dtype))
+        layer.index_copy_(0, block_ids, heads_first[:, i].reshape(-1, *layer.shape[1:]))
 
 
 def _to_rows(gathered: torch.Tensor, fmt: BlockFormat, rows: torch.Tensor) -> None:
@@ -179,13 +201,14 @@ def gather_blocks(layers: Sequence[torch.Tensor], block_ids: torch.Tensor, fmt: 
     from kvstore import ops
 
     if fmt.layout == "head_major":
+        if fmt.quantize != "int8":
+            target = rows.view(fmt.dtype).view(len(block_ids), *fmt.block_shape)
+            _head_major_gather_into(layers, block_ids, fmt, target)
+            return rows
         payload = _head_major_payload(layers, block_ids, fmt)
-        if fmt.quantize == "int8":
-            q, scales = ops.quantize_int8(payload, fmt.head_dim)
-            rows[:, :fmt.num_values].view(torch.int8).view(q.shape).copy_(q)
-            rows[:, fmt.num_values:].view(torch.float32).view(scales.shape).copy_(scales)
-        else:
-            rows.view(fmt.dtype).view(payload.shape).copy_(payload)
+        q, scales = ops.quantize_int8(payload, fmt.head_dim)
+        rows[:, :fmt.num_values].view(torch.int8).view(q.shape).copy_(q)
+        rows[:, fmt.num_values:].view(torch.float32).view(scales.shape).copy_(scales)
         return rows
     if fmt.quantize == "int8":
         q, scales = ops.gather_quantize(list(layers), block_ids, fmt.head_dim, layout=fmt.layout)

@@ -19,11 +19,17 @@ the worker-side instance (one per GPU worker) moves the bytes:
 Rules:
 - Loads: only full blocks, and never the prompt's last token (the engine must compute at least
   one token to get logits), matching vLLM's own connectors.
-- Saves: a request's full prompt blocks are saved in the step whose forward completes its
-  prompt (chunked prefill saves once, at the end).
-- Both run synchronously inside the step (``get_finished`` reports nothing pending). NOTE: the
-  gather kernel reads every layer in one pass, so ``save_kv_layer`` only marks progress and
-  the save happens in ``wait_for_save``; likewise the whole load happens in ``start_load_kv``.
+- Saves: a request's full prompt blocks are saved from the step whose forward completes its
+  prompt (chunked prefill saves once, at the end). Asynchronous by default
+  (``async_save``): ``wait_for_save`` hands the save to a background thread
+  (``kvstore.engine.vllm_saver``) and returns; the scheduler side's ``request_finished``
+  returns True for every request with a save, so vLLM keeps its pages until
+  ``get_finished`` reports it among the finished sends (its save ended, ok or failed). A
+  preempted request's pending save is waited for in ``handle_preemptions``, before vLLM
+  reuses its pages. With ``async_save`` False the save ends inside ``wait_for_save`` and
+  pages are freed at once. A failed save only leaves blocks unstored (consumers recompute).
+- Loads run synchronously in ``start_load_kv`` (all layers in one pass), and
+  ``save_kv_layer`` only marks progress: the gather kernel reads every layer at once.
 - A block that fails to load is reported by ``get_block_ids_with_load_errors`` and the
   engine recomputes it (with ``kv_load_failure_policy="recompute"``; vLLM's default "fail"
   fails the request instead); nothing raises for the whole step.
@@ -37,22 +43,26 @@ When vLLM is importable the class subclasses ``KVConnectorBase_V1`` and reads it
 from ``kv_transfer_config.kv_connector_extra_config``: ``master`` (HOST:PORT; required, there
 is no default address: without it construction raises ConfigError; ``kvstore_master`` is the
 older spelling), ``token``, ``transport``, ``quantize`` (None or "int8") and ``namespace``
-(the model part of the keys; default: the model name). Without vLLM it is driven directly
-with a ``ConnectorConfig`` and a store.
+(the model part of the keys; default: the model name) and ``async_save`` (default True).
+Without vLLM it is driven directly with a ``ConnectorConfig`` and a store.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import enum
+import threading
 import time
 from typing import Any
 
 import torch
 
-from kvstore._errors import ConfigError, InvalidArgumentError
+from kvstore._errors import InvalidArgumentError
 from kvstore.engine.connector import PagedKVConnector
-from kvstore.engine.keys import KeyNamespace, loadable_tokens, prefix_keys
+from kvstore.engine.keys import loadable_tokens, prefix_keys
+from kvstore.engine.vllm_config import (ConnectorConfig, block_id_list, cached_new_blocks,
+                                        config_from_vllm, role_flags)
+from kvstore.engine.vllm_saver import AsyncSaver, SaveJob
 
 try:  # NOTE: vLLM moves these names between releases; any import failure means "no vLLM".
     from vllm.distributed.kv_transfer.kv_connector.v1.base import (  # type: ignore
@@ -65,23 +75,6 @@ except Exception:  # noqa: BLE001 (ImportError, or a broken vLLM install)
 
         SCHEDULER = 0
         WORKER = 1
-
-
-@dataclasses.dataclass(frozen=True)
-class ConnectorConfig:
-    """``namespace`` (model, TP rank/size), ``block_size`` (tokens per page), ``quantize``
-    (None or "int8"), ``kv_dtype`` (the cache dtype, e.g. "float16"). The scheduler has no
-    cache to look at, so it builds keys from these; the worker checks its cache agrees."""
-
-    namespace: KeyNamespace
-    block_size: int
-    quantize: str | None = None
-    kv_dtype: str = "float32"
-
-    def key_namespace(self) -> KeyNamespace:
-        """The namespace both sides key blocks under (layout, dtype, quantization filled)."""
-        return dataclasses.replace(self.namespace, layout=f"L2BHD{self.block_size}",
-                                   dtype=self.kv_dtype, quantization=self.quantize)
 
 
 @dataclasses.dataclass
@@ -100,15 +93,21 @@ class ReqMeta:
 
 @dataclasses.dataclass
 class KVStoreConnectorMetadata(_MetaBase):  # type: ignore[misc, valid-type]
-    """What the scheduler tells the workers for one step."""
+    """What the scheduler tells the workers for one step: transfers, and the requests vLLM
+    preempted (their pages are reused this step, so their pending saves must end first)."""
 
     requests: list[ReqMeta] = dataclasses.field(default_factory=list)
+    preempted_req_ids: set[str] = dataclasses.field(default_factory=set)
 
 
 @dataclasses.dataclass
 class TransferStats:
     """What one worker-side connector moved since it started (cumulative): blocks loaded and
-    failed, bytes and wall seconds of loads and saves (store I/O plus gather/scatter)."""
+    failed, bytes and wall seconds of loads and saves (store I/O plus gather/scatter; for
+    asynchronous saves the background thread's seconds), saves that failed, and the seconds
+    the engine's steps spent in ``wait_for_save`` (``save_wait_s``: the whole save when
+    synchronous, the hand-over when asynchronous), and the requests ``get_finished``
+    reported as finished sends (``num_finished_sends``)."""
 
     num_blocks_loaded: int = 0
     num_blocks_failed: int = 0
@@ -117,6 +116,9 @@ class TransferStats:
     num_blocks_saved: int = 0
     bytes_saved: int = 0
     save_s: float = 0.0
+    num_saves_failed: int = 0
+    save_wait_s: float = 0.0
+    num_finished_sends: int = 0
 
 
 @dataclasses.dataclass
@@ -124,16 +126,6 @@ class _Tracked:
     token_ids: list[int]
     block_ids: list[int]
     num_computed_tokens: int = 0
-
-
-def _block_id_list(blocks: Any) -> list[int]:
-    """vLLM's KVCacheBlocks (``get_block_ids()`` -> one list per KV-cache group), a tuple of
-    lists as in NewRequestData, or a plain list of ints."""
-    if hasattr(blocks, "get_block_ids"):
-        blocks = blocks.get_block_ids()
-    if isinstance(blocks, tuple):
-        blocks = blocks[0] if blocks else []
-    return [int(b) for b in blocks]
 
 
 class KVStoreConnector(_Base):  # type: ignore[misc, valid-type]
@@ -145,21 +137,24 @@ class KVStoreConnector(_Base):  # type: ignore[misc, valid-type]
         if _Base is not object:
             super().__init__(vllm_config, role, kv_cache_config)
         if config is None:
-            config, store = _from_vllm_config(vllm_config, store)
+            config, store = config_from_vllm(vllm_config, store)
         if store is None:
             raise InvalidArgumentError("KVStoreConnector needs a store (or a vLLM config "
                                        "naming the master)")
         if _Base is object:
             self._role = role
-        self._saves, self._loads = _role_flags(vllm_config)
+        self._saves, self._loads = role_flags(vllm_config)
         self.store = store
         self.config = config
         self._tracked: dict[str, _Tracked] = {}      # scheduler: requests being prefilled
+        self._saving_req_ids: set[str] = set()      # scheduler: requests with a save emitted
         self._pending_loads: dict[str, ReqMeta] = {}
         self._num_hit_tokens: dict[str, int] = {}   # scheduler: store hits being allocated
         self._meta: KVStoreConnectorMetadata | None = None
         self._paged: PagedKVConnector | None = None  # worker: set by register_kv_caches
         self._load_error_block_ids: set[int] = set()
+        self._saver: AsyncSaver | None = None       # worker: set by register_kv_caches
+        self._stats_lock = threading.Lock()
         self.stats = TransferStats()
 
     if _Base is object:
@@ -185,7 +180,7 @@ class KVStoreConnector(_Base):  # type: ignore[misc, valid-type]
 
     def update_state_after_alloc(self, request: Any, blocks: Any, num_external_tokens: int) -> None:
         """Remember the request's pages; schedule a load when external tokens were granted."""
-        block_ids = _block_id_list(blocks)
+        block_ids = block_id_list(blocks)
         tokens = list(request.prompt_token_ids or [])
         self._tracked[request.request_id] = _Tracked(tokens, block_ids)
         # get_num_new_matched_tokens ran first (vLLM's order); without it, trust the caller
@@ -197,17 +192,21 @@ class KVStoreConnector(_Base):  # type: ignore[misc, valid-type]
 
     def build_connector_meta(self, scheduler_output: Any) -> KVStoreConnectorMetadata:
         """Loads granted since the last step, plus saves of prompts this step completes."""
-        meta = KVStoreConnectorMetadata(list(self._pending_loads.values()))
+        preempted = set(getattr(scheduler_output, "preempted_req_ids", None) or ())
+        meta = KVStoreConnectorMetadata(list(self._pending_loads.values()), preempted)
         self._pending_loads.clear()
+        for req_id in preempted:
+            # NOTE: its pages are gone; a prompt resumed after preemption is not saved
+            self._tracked.pop(req_id, None)
         for new in getattr(scheduler_output, "scheduled_new_reqs", []):
             tracked = self._tracked.setdefault(
                 new.req_id, _Tracked(list(new.prompt_token_ids or []), []))
-            tracked.block_ids = _block_id_list(new.block_ids)
+            tracked.block_ids = block_id_list(new.block_ids)
             tracked.num_computed_tokens = new.num_computed_tokens
         cached = getattr(scheduler_output, "scheduled_cached_reqs", None)
-        for req_id, new_blocks in _cached_new_blocks(cached):
+        for req_id, new_blocks in cached_new_blocks(cached):
             if req_id in self._tracked:
-                self._tracked[req_id].block_ids += _block_id_list(new_blocks)
+                self._tracked[req_id].block_ids += block_id_list(new_blocks)
         num_scheduled = getattr(scheduler_output, "num_scheduled_tokens", {})
         for req_id, tracked in list(self._tracked.items()):
             if req_id not in num_scheduled:
@@ -216,18 +215,24 @@ class KVStoreConnector(_Base):  # type: ignore[misc, valid-type]
             if tracked.num_computed_tokens >= len(tracked.token_ids) and self._saves:
                 meta.requests.append(ReqMeta(req_id, tracked.token_ids, tracked.block_ids,
                                              len(tracked.token_ids), True))
+                if self.config.async_save:
+                    self._saving_req_ids.add(req_id)
             if tracked.num_computed_tokens >= len(tracked.token_ids):
                 del self._tracked[req_id]  # prompt done: decode steps save nothing
         return meta
 
     def update_connector_output(self, connector_output: Any) -> None:
-        """Nothing to track: every transfer finishes inside its step."""
+        """Nothing to track: vLLM itself frees the pages of the finished sends reported."""
 
     def request_finished(self, request: Any, block_ids: list[int]) -> tuple[bool, dict | None]:
-        """Saves are synchronous, so the pages may be freed at once (False), no params."""
+        """True (keep the pages until ``get_finished`` names the request) when a save of the
+        request was handed to the workers' background threads; False (free now) otherwise:
+        no save, or synchronous saves. No transfer params."""
         for state in (self._tracked, self._pending_loads, self._num_hit_tokens):
             state.pop(request.request_id, None)
-        return False, None
+        delay_free = request.request_id in self._saving_req_ids
+        self._saving_req_ids.discard(request.request_id)
+        return delay_free, None
 
     # == worker side ==========================================================================
     def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
@@ -243,6 +248,20 @@ class KVStoreConnector(_Base):  # type: ignore[misc, valid-type]
                 f"the KV caches key as {paged.namespace} but the scheduler side keys as "
                 f"{self.config.key_namespace()}: set ConnectorConfig.kv_dtype to the cache dtype")
         self._paged = paged
+        if self.config.async_save and self._saves:
+            # NOTE: a connector of its own: PagedKVConnector reuses its staging buffer, so
+            # the save thread must not share the loads' one.
+            saving = PagedKVConnector(self.store, layers, block_size=self.config.block_size,
+                                      quantize=self.config.quantize,
+                                      namespace=self.config.namespace, layout=layout)
+            self._saver = AsyncSaver(lambda job: saving.save_blocks(job.token_ids, job.block_ids),
+                                     on_saved=self._count_save)
+
+    def handle_preemptions(self, kv_connector_metadata: KVStoreConnectorMetadata) -> None:
+        """Before vLLM reuses preempted requests' pages: wait for their pending saves."""
+        preempted = getattr(kv_connector_metadata, "preempted_req_ids", None)
+        if self._saver is not None and preempted:
+            self._saver.wait_for(preempted)
 
     def bind_connector_metadata(self, connector_metadata: KVStoreConnectorMetadata) -> None:
         self._meta = connector_metadata
@@ -273,17 +292,41 @@ class KVStoreConnector(_Base):  # type: ignore[misc, valid-type]
         """Nothing per layer: wait_for_save gathers all layers in one pass."""
 
     def wait_for_save(self) -> None:
-        """Save the full prompt blocks of every request this step completed."""
+        """Save (or, with ``async_save``, hand to the save thread) the full prompt blocks of
+        every request this step completed."""
+        wait_start_s = time.perf_counter()
+        ready = None
         for req in self._step_requests(is_store=True):
+            if self._saver is not None:
+                if ready is None and self._worker().layers[0].is_cuda:
+                    # NOTE: the forward's kernels may still run on the engine's stream; the
+                    # save thread reads the pages only after this event (not tested here:
+                    # no GPU on this machine)
+                    ready = torch.cuda.Event()
+                    ready.record()
+                self._saver.submit(SaveJob(req.request_id, req.token_ids, req.block_ids,
+                                           ready))
+                continue
             start_s = time.perf_counter()
             result = self._worker().save_blocks(req.token_ids, req.block_ids)
-            self.stats.save_s += time.perf_counter() - start_s
-            self.stats.bytes_saved += result.num_bytes_written
-            self.stats.num_blocks_saved += result.num_bytes_written // self._block_bytes()
+            self._count_save(result, time.perf_counter() - start_s)
+        with self._stats_lock:
+            self.stats.save_wait_s += time.perf_counter() - wait_start_s
 
     def get_finished(self, finished_req_ids: set[str]) -> tuple[set[str] | None, set[str] | None]:
-        """No asynchronous sends or receives are ever pending."""
-        return None, None
+        """Finished sends: requests vLLM finished (now or before) whose asynchronous saves all
+        ended; vLLM frees their pages. Nothing is ever received asynchronously."""
+        if self._saver is None:
+            return None, None
+        done = self._saver.finished(finished_req_ids)
+        with self._stats_lock:
+            self.stats.num_finished_sends += len(done)
+        return done or None, None
+
+    def shutdown(self) -> None:
+        """Wait for the pending saves (up to 60 s), then stop the save thread. Idempotent."""
+        if self._saver is not None:
+            self._saver.close()
 
     def get_block_ids_with_load_errors(self) -> set[int]:
         """Pages whose load failed since the last call (the engine recomputes them)."""
@@ -291,6 +334,17 @@ class KVStoreConnector(_Base):  # type: ignore[misc, valid-type]
         return failed
 
     # == helpers ==============================================================================
+    def _count_save(self, result: Any, seconds: float) -> None:
+        """Add one save's figures; ``result`` None: the save raised (logged by the saver)."""
+        with self._stats_lock:
+            self.stats.save_s += seconds
+            if result is None:
+                self.stats.num_saves_failed += 1
+                return
+            self.stats.bytes_saved += result.num_bytes_written
+            self.stats.num_blocks_saved += result.num_bytes_written // self._block_bytes()
+            self.stats.num_saves_failed += bool(result.failed_keys)
+
     def _step_requests(self, *, is_store: bool) -> list[ReqMeta]:
         if self._meta is None:
             return []
@@ -303,58 +357,6 @@ class KVStoreConnector(_Base):  # type: ignore[misc, valid-type]
         if self._paged is None:
             raise InvalidArgumentError("register_kv_caches must be called before transfers")
         return self._paged
-
-
-def _cached_new_blocks(cached: Any) -> list[tuple[str, Any]]:
-    """(req_id, new block ids) of continuing requests: vLLM's CachedRequestData holds parallel
-    lists ``req_ids`` / ``new_block_ids`` (older releases: a list of per-request objects)."""
-    if cached is None:
-        return []
-    if hasattr(cached, "req_ids"):
-        return [(r, b) for r, b in zip(cached.req_ids, cached.new_block_ids) if b is not None]
-    return [(c.req_id, c.new_block_ids) for c in cached if c.new_block_ids is not None]
-
-
-def _role_flags(vllm_config: Any) -> tuple[bool, bool]:
-    """(saves, loads) from ``kv_role``; both without a vLLM config or role (driven directly)."""
-    role = getattr(getattr(vllm_config, "kv_transfer_config", None), "kv_role", None)
-    if role is None:
-        return True, True
-    if role not in ("kv_producer", "kv_consumer", "kv_both"):
-        raise ConfigError(f"kv_role must be kv_producer, kv_consumer or kv_both, not {role!r}")
-    return role != "kv_consumer", role != "kv_producer"
-
-
-def _from_vllm_config(vllm_config: Any, store: Any) -> tuple[ConnectorConfig, Any]:
-    """Settings from a vLLM config: model name, block size, TP rank/size, and the extra config
-    keys ``master`` (HOST:PORT; required unless a store is given, else ConfigError; the older
-    spelling ``kvstore_master`` works too), ``token``, ``transport``, ``quantize`` and
-    ``namespace``."""
-    if vllm_config is None:
-        raise InvalidArgumentError("pass config= (ConnectorConfig) or a vLLM config")
-    extra = dict(getattr(vllm_config.kv_transfer_config, "kv_connector_extra_config", {}) or {})
-    parallel = vllm_config.parallel_config
-    tp_size = parallel.tensor_parallel_size
-    tp_rank = getattr(parallel, "rank", 0) % tp_size
-    model = "".join(c if c.isalnum() or c in "._-" else "_"
-                    for c in str(extra.get("namespace") or vllm_config.model_config.model))
-    namespace = KeyNamespace(model=model, tp_rank=tp_rank, tp_size=tp_size)
-    kv_dtype = str(vllm_config.model_config.dtype).removeprefix("torch.")
-    config = ConnectorConfig(namespace, vllm_config.cache_config.block_size,
-                             extra.get("quantize"), kv_dtype)
-    if store is None:
-        import kvstore
-
-        master = extra.get("master") or extra.get("kvstore_master")
-        if not master:
-            # NOTE: no default address: a guessed master would connect to the wrong cluster
-            # (or hang on none) far from the config line that forgot it.
-            raise ConfigError('kv_transfer_config.kv_connector_extra_config["master"] must name '
-                              'the kvstore master (HOST:PORT); the older spelling '
-                              'kv_connector_extra_config["kvstore_master"] works too')
-        store = kvstore.connect(master, token=extra.get("token"),
-                                transport=extra.get("transport", "auto"))
-    return config, store
 
 
 KVStoreConnectorV1 = KVStoreConnector  # NOTE: the spelling kvstore.engine exported before
