@@ -108,7 +108,10 @@ def _time_s(call: Callable[[], object], device: str) -> float:
     return time.perf_counter() - start
 
 
-def run(args) -> dict:
+def run(args, progress=None, partial: list | None = None) -> dict:
+    """Measure every op of ``args.device`` and return the result document. The samples are
+    kept in ``partial`` (appended before the first round) as they come, so that a Ctrl-C
+    can still report them (``summarize``); ``progress`` gets ``update(1)`` per op timed."""
     layers, ids = _cache(args)
     calls, num_bytes = _ops(layers, ids, args)
     if args.only:  # the ceiling always runs: every figure is compared with it
@@ -117,27 +120,43 @@ def run(args) -> dict:
     for call in calls.values():  # warm up: first touch, thread start, lazy loads
         call()
     times_s: dict[str, list[float]] = {name: [] for name in calls}
+    state = {"args": args, "num_bytes": num_bytes, "times_s": times_s}
+    if partial is not None:
+        partial.append(state)
     for _ in range(args.rounds):
         for name, call in calls.items():
             times_s[name].append(_time_s(call, args.device))
+            if progress is not None:
+                progress.update(1)
+    return summarize(state)
+
+
+def summarize(state: dict) -> dict:
+    """The result document of ``run`` from the samples so far (ops not yet timed left out;
+    ``pct_of_ceiling`` None while the ceiling has no sample)."""
+    args, num_bytes = state["args"], state["num_bytes"]
     rows = []
-    for name, samples in times_s.items():
+    for name, samples in state["times_s"].items():
+        if not samples:
+            continue
         best, median = min(samples), statistics.median(samples)
-        rows.append({"op": name, "best_s": best, "median_s": median,
+        rows.append({"op": name, "best_s": best, "median_s": median, "rounds": len(samples),
                      "gbps": num_bytes / best / 1e9, "median_gbps": num_bytes / median / 1e9})
-    ceiling = next(r for r in rows if r["op"] in ("memcpy (1 thread)", "device copy (D2D)"))
+    ceiling = next((r for r in rows if r["op"] in ("memcpy (1 thread)", "device copy (D2D)")),
+                   None)
     for r in rows:
-        r["pct_of_ceiling"] = 100.0 * r["gbps"] / ceiling["gbps"]
+        r["pct_of_ceiling"] = None if ceiling is None else 100.0 * r["gbps"] / ceiling["gbps"]
     return {"device": args.device, "layout": args.layout, "dtype": args.dtype,
             "num_bytes": num_bytes, "threads": torch.get_num_threads(),
             "config": {k: getattr(args, k) for k in ("num_layers", "num_blocks", "block_size",
                                                      "num_heads", "head_dim", "num_pages",
                                                      "rounds")},
-            "ceiling": ceiling["op"], "rows": rows}
+            "ceiling": None if ceiling is None else ceiling["op"], "rows": rows}
 
 
 def check_targets(result: dict) -> list[tuple[str, bool, str]]:
-    pct = {r["op"]: r["pct_of_ceiling"] for r in result["rows"]}
+    pct = {r["op"]: r["pct_of_ceiling"] for r in result["rows"]
+           if r["pct_of_ceiling"] is not None}
     if result["device"] == "cpu":
         goals = [("gather", 70), ("scatter", 70), ("gather_quantize", 50)]
     else:
@@ -152,8 +171,8 @@ def _print(result: dict, rounds: int) -> None:
           f"best (median) of {rounds}")
     print(f"{'op':<30}{'GB/s':>8}{'median':>9}{'% ceiling':>11}")
     for r in result["rows"]:
-        print(f"{r['op']:<30}{r['gbps']:>8.2f}{r['median_gbps']:>9.2f}"
-              f"{r['pct_of_ceiling']:>10.0f}%")
+        pct = "" if r["pct_of_ceiling"] is None else f"{r['pct_of_ceiling']:.0f}%"
+        print(f"{r['op']:<30}{r['gbps']:>8.2f}{r['median_gbps']:>9.2f}{pct:>11}")
     for name, ok, detail in check_targets(result):
         print(f"{'PASS' if ok else 'MISS'}  {name}: {detail}")
     print()
@@ -196,13 +215,32 @@ def command(json_path: str, **options) -> None:
         devices = [options["device"]]
     if "cuda" in devices and not torch.cuda.is_available():
         raise click.UsageError("--device cuda: no CUDA device (or a CPU build of torch)")
-    results = []
-    for device in devices:
-        args = argparse.Namespace(**{**options, "device": device})
-        results.append(run(args))
-        _print(results[-1], args.rounds)
+    from tqdm import tqdm
+
+    results, partial = [], []
+    interrupted = False
+    progress = tqdm(total=None, desc="bench kernels", unit="op", leave=False)
+    try:
+        for device in devices:
+            args = argparse.Namespace(**{**options, "device": device})
+            results.append(run(args, progress, partial))
+    except KeyboardInterrupt:
+        # NOTE: like `bench transfer`: what was measured is printed and written, exit 130
+        interrupted = True
+        if len(partial) > len(results):
+            results.append(summarize(partial[-1]))
+        results = [r for r in results if r["rows"]]
+        progress.write(f"\ninterrupted: {sum(len(r['rows']) for r in results)} op(s) "
+                       "measured so far")
+    finally:
+        progress.close()
+    for result in results:
+        _print(result, options["rounds"])
     out = {"command": sys.argv, "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-           "results": results, **results[0]}  # NOTE: results[0] flat: older readers of the JSON
+           "interrupted": interrupted, "results": results,
+           **(results[0] if results else {})}  # NOTE: results[0] flat: older readers of the JSON
     Path(json_path).parent.mkdir(parents=True, exist_ok=True)
     Path(json_path).write_text(json.dumps(out, indent=2))
     print(f"wrote {json_path}")
+    if interrupted:
+        raise SystemExit(130)

@@ -13,8 +13,8 @@ import click
 
 from kvstore.bench.measure import Budget, ColdCopy, loopback_gbps, make_cpu_probe
 from kvstore.bench.report import document, format_table, loadavg
-from kvstore.bench.transfer import CaseSettings, batch_items, client_cases, first_node, \
-    transport_cases
+from kvstore.bench.placement import pick_node
+from kvstore.bench.transfer import CaseSettings, batch_items, client_cases, transport_cases
 
 
 @contextlib.contextmanager
@@ -50,11 +50,13 @@ def run_transfer(master_addr: str | None, token: str | None, kinds: list[str],
     load_at_start = loadavg()
     concurrency = settings["threads"] * settings["processes"]
     if master_addr is not None:
-        first_node(master_addr, token)  # an unreachable master is a usage error, up front
+        # an unreachable master or an unknown --target-node is a usage error, up front
+        pick_node(master_addr, token, settings["target_node"])
     servers = ()
     rows: list[dict] = []
     loopback_by_size: dict[int, float] = {}
     interrupted = False
+    case = None
     try:
         if master_addr is None:
             largest_batch = max(s * batch_items(s, settings["batch"]) for s in sizes)
@@ -66,10 +68,10 @@ def run_transfer(master_addr: str | None, token: str | None, kinds: list[str],
         with tqdm(total=total, desc="bench transfer", unit="case", leave=False) as progress:
             if "tcp" in kinds:
                 loopback_by_size = loopback_gbps(sizes, budget)
-            node = first_node(master_addr, token)
+            node = pick_node(master_addr, token, settings["target_node"])
             case = CaseSettings(budget, settings["verify"], settings["batch"],
                                 make_cpu_probe([s.proc.pid for s in servers]), ColdCopy(),
-                                progress, token)
+                                progress, token, settings["target_node"])
             if "transport" in levels:
                 transport_cases(node, kinds, sizes, case, rows)
             if "client" in levels and concurrency > 1:
@@ -86,4 +88,6 @@ def run_transfer(master_addr: str | None, token: str | None, kinds: list[str],
     click.echo(format_table(rows, loopback_by_size))
     load = loadavg()
     click.echo(f"load average (1/5/15 min): {load_at_start} at start, {load} at end")
-    return document(rows, loopback_by_size, settings, load_at_start, interrupted)
+    result = document(rows, loopback_by_size, settings, load_at_start, interrupted)
+    result["placement"] = case.placement if case is not None else {}
+    return result

@@ -44,25 +44,8 @@ class CaseSettings:
     ceiling: ColdCopy
     progress: Any
     token: str | None = None
-
-
-def first_node(master_addr: str, token: str | None, timeout_s: float = 5.0):
-    """The first storage node the master lists. Raises click.UsageError when the master
-    cannot be reached, click.ClickException when it lists no node."""
-    import grpc
-
-    from kvstore._errors import KVStoreError
-    from kvstore.rpc import grpc_client
-
-    try:
-        with grpc_client(master_addr, token=token, rpc_timeout_s=timeout_s) as client:
-            nodes = client.list_nodes()
-    except (KVStoreError, grpc.RpcError, OSError, ValueError) as exc:
-        raise click.UsageError(f"--master {master_addr}: cannot reach the master: {exc}") \
-            from exc
-    if not nodes:
-        raise click.ClickException(f"master {master_addr} lists no storage node")
-    return nodes[0]
+    target_node: str | None = None   # --target-node: every put goes there (checked)
+    placement: dict = dataclasses.field(default_factory=dict)  # case -> {node: replicas}
 
 
 def transport_cases(node, kinds, sizes, settings: CaseSettings, rows: list) -> None:
@@ -110,14 +93,19 @@ def transport_cases(node, kinds, sizes, settings: CaseSettings, rows: list) -> N
 
 def client_cases(master_addr, kinds, sizes, settings: CaseSettings, rows: list) -> None:
     """Append the client level's rows to ``rows``: kvstore.connect put/get, fresh keys per
-    put, removed after each case."""
+    put, removed after each case. Every put asks for ``settings.target_node`` (when set), and
+    before the removal the master is asked where the case's keys went
+    (``kvstore.bench.placement``: an error when one is elsewhere); the counts go to
+    ``settings.placement``."""
     import itertools
 
     import numpy as np
 
     import kvstore
+    from kvstore.bench.placement import check_placement
 
     counter = itertools.count()
+    near = settings.target_node
     for kind in kinds:
         with kvstore.connect(master_addr, token=settings.token, transport=kind) as store:
             for size_bytes in sizes:
@@ -126,17 +114,20 @@ def client_cases(master_addr, kinds, sizes, settings: CaseSettings, rows: list) 
                 outs = [np.empty(size_bytes, np.uint8) for _ in range(num_items)]
                 prefix = f"bench/{time.time_ns()}/{kind}/{size_bytes}"
                 keys = [f"{prefix}/fixed/{i}" for i in range(num_items)]
-                _check(store.batch_put(keys, [src] * num_items))
+                _check(store.batch_put(keys, [src] * num_items, near_node=near))
+                put_keys = list(keys)
 
                 # NOTE: fresh keys per put (a second put of a key is a no-op); they are
                 # removed after the case, and the master evicts old ones if a case outgrows
                 # the pool.
                 def put_one():
-                    store.put(f"{prefix}/{next(counter)}", src)
+                    put_keys.append(f"{prefix}/{next(counter)}")
+                    store.put(put_keys[-1], src, near_node=near)
 
                 def put_many():
                     batch = [f"{prefix}/{next(counter)}" for _ in range(num_items)]
-                    _check(store.batch_put(batch, [src] * num_items))
+                    put_keys.extend(batch)
+                    _check(store.batch_put(batch, [src] * num_items, near_node=near))
 
                 turn = _Turns(num_items)  # single gets cycle through the batch's keys
                 ops = {"put_one": put_one, "put_many": put_many,
@@ -147,6 +138,9 @@ def client_cases(master_addr, kinds, sizes, settings: CaseSettings, rows: list) 
                     for i, out in enumerate(outs):
                         check_bytes(src, out, verify_all=settings.verify_all,
                                     what=f"client {kind} {size_bytes} B item {i}")
+                    what = f"client {kind} {size_bytes} B"
+                    settings.placement[what] = check_placement(
+                        master_addr, settings.token, put_keys, near, what)
                 finally:
                     store.remove_prefix(prefix, force=True)
 

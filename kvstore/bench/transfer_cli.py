@@ -13,7 +13,9 @@ compares busy runs. The load average at start and end is recorded.
 Without ``--master`` it starts its own ``kvstore master`` and ``kvstore daemon`` (port 0; a
 server that fails to start is quoted from its log) and stops them at the end, on error and on
 Ctrl-C. With ``--master`` it measures an existing cluster (client level only: the transport
-level writes fixed ranges and needs a private daemon). Ctrl-C prints and writes what was
+level writes fixed ranges and needs a private daemon); ``--target-node NODE`` then puts every
+value on that node (run ``kvstore daemon`` on host A, the bench on host B: the A-B link is
+measured) and checks with the master that each one landed there. Ctrl-C prints and writes what was
 measured so far (exit status 130). Bad arguments and an unreachable master are usage errors
 (exit status 2); bytes read that differ from bytes written abort with exit status 1.
 """
@@ -78,6 +80,9 @@ def parse_sizes(text: str) -> list[int]:
 @click.command("transfer")
 @click.option("--master", "master_addr", default=None, metavar="HOST:PORT",
               help="Measure this cluster (client level only). Default: start a local one.")
+@click.option("--target-node", "target_node", default=None, metavar="NODE",
+              help="With --master: put every value on this node (its node id, as `kvstore "
+                   "status` lists it); a put that lands elsewhere is an error.")
 @click.option("--token", envvar="KVSTORE_TOKEN", default=None, help="[env KVSTORE_TOKEN]")
 @click.option("--transports", default="shm,tcp", show_default=True,
               help=f"Comma-separated, of: {', '.join(TRANSPORT_KINDS)}.")
@@ -106,7 +111,7 @@ def parse_sizes(text: str) -> list[int]:
               type=click.Path(dir_okay=False), help="Where to write every figure.")
 @click.option("--plot", "plot_path", default=None, type=click.Path(dir_okay=False),
               help="Write a PNG: GB/s against value size (needs kvstore[plot]).")
-def command(master_addr, token, transports, levels, sizes, batch, num_threads, num_processes,
+def command(master_addr, target_node, token, transports, levels, sizes, batch, num_threads, num_processes,
             dram, duration, min_time_s, total, verify_all, json_path, plot_path):
     """Measure put/get bandwidth and latency by size, batch, concurrency and transport."""
     from kvstore.bench.measure import Budget
@@ -123,6 +128,11 @@ def command(master_addr, token, transports, levels, sizes, batch, num_threads, n
     if duration_s <= 0 or (total_bytes is not None and total_bytes <= 0) or (
             dram_bytes is not None and dram_bytes <= 0):
         raise click.BadParameter("--duration, --total and --dram must be above 0")
+    if target_node is not None and master_addr is None:
+        raise click.UsageError("--target-node names a node of an existing cluster: give "
+                               "--master too")
+    if target_node is not None and not target_node.strip():
+        raise click.BadParameter("must be a node id", param_hint="--target-node")
     if dram_bytes is not None and master_addr is not None:
         raise click.UsageError("--dram sizes the local daemon: not with --master")
     if plot_path is not None:
@@ -139,7 +149,7 @@ def command(master_addr, token, transports, levels, sizes, batch, num_threads, n
     settings = {"transports": kinds, "levels": level_list, "sizes": size_list, "batch": batch,
                 "threads": num_threads, "processes": num_processes, "duration_s": duration_s,
                 "total_bytes": total_bytes, "verify": verify_all, "master": master_addr,
-                "dram_bytes": dram_bytes}
+                "target_node": target_node, "dram_bytes": dram_bytes}
     from kvstore.bench.run import run_transfer
 
     result = run_transfer(master_addr, token, kinds, level_list, size_list, budget, settings)
