@@ -4,7 +4,7 @@ in-process key rates on one core.
 For each object count it builds the master's state in this process (``MasterService`` over
 ``MasterState``, the code ``kvstore master`` runs, no transport), registers ``--nodes`` nodes,
 stores the objects through PutStart/PutEnd in batches of 1024 with engine-style keys
-(``vllm/<model>/<layout>/b2v1c16/<32 hex>``, 80 characters, what ``kvstore.engine.keys``
+(``vllm/<model>/<layout>/b2v1c16/<32 hex>``, 82 characters, what ``kvstore.engine.keys``
 makes), drains each node's change log with heartbeats (as the daemons' acknowledgements do),
 reads every key once with GetReplicas (which caches a reply row per object) and reports:
 
@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import multiprocessing
 import os
 import sys
 import time
@@ -81,6 +82,10 @@ def build(num_objects: int, num_nodes: int) -> tuple[object, float]:
 
 
 def measure(num_objects: int, num_nodes: int, use_tracemalloc: bool) -> dict:
+    """One count's figures (run in a process of its own: see main)."""
+    # NOTE: the master process runs with these GC thresholds (kvstore/master/cli.py)
+    gc.set_threshold(100_000, 50, 100)
+    import kvstore.master.service  # noqa: F401  (imports are not the objects' memory)
     gc.collect()
     rss_before = rss_bytes()
     if use_tracemalloc:
@@ -114,15 +119,20 @@ def main() -> None:
         parser.error("--objects and --nodes must be above 0")
     from kvstore.bench.master import in_process_ceiling
 
-    # NOTE: the master process runs with these GC thresholds (kvstore/master/cli.py)
-    gc.set_threshold(100_000, 50, 100)
+    gc.set_threshold(100_000, 50, 100)   # as in measure
     load_at_start = os.getloadavg()
     rows = []
+    # NOTE: each measurement in a fresh process: memory an earlier one freed would be reused
+    # and hide from the RSS growth; tracemalloc (which slows the puts) in a separate one
+    ctx = multiprocessing.get_context("spawn")
     for count in counts:
-        rows.append(measure(count, args.nodes, count <= args.tracemalloc_max))
-        if count <= args.tracemalloc_max:  # the same count again without tracemalloc's cost
-            rows[-1]["rss_bytes_per_object"] = measure(count, args.nodes, False)[
-                "rss_bytes_per_object"]
+        with ctx.Pool(1) as pool:
+            row = pool.apply(measure, (count, args.nodes, False))
+        if count <= args.tracemalloc_max:
+            with ctx.Pool(1) as pool:
+                row["tracemalloc_bytes_per_object"] = pool.apply(
+                    measure, (count, args.nodes, True))["tracemalloc_bytes_per_object"]
+        rows.append(row)
     rates = in_process_ceiling(200_000)
     print(f"{'objects':>10} {'nodes':>5} {'tracemalloc B/obj':>18} {'RSS B/obj':>10} "
           f"{'put keys/s':>11}")
