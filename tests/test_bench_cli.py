@@ -54,7 +54,7 @@ def test_transfer_writes_every_figure_table_and_plot(tmp_path):
     assert data["command"][-4:] == ["--json", str(out_path), "--plot", str(png_path)]
     assert data["machine"]["cpu_count"] >= 1 and data["machine"]["versions"]["numpy"]
     assert data["interrupted"] is False and len(data["loadavg_at_start"]) == 3
-    assert "%memcpy" in result.stdout and "%loopbk" in result.stdout
+    assert "%memcpy" in result.stdout and "%link" in result.stdout
     assert "p90 us" in result.stdout and "load average" in result.stdout
     assert png_path.read_bytes()[:8] == PNG_MAGIC
 
@@ -72,6 +72,26 @@ def test_transfer_writes_every_figure_table_and_plot(tmp_path):
                if p["transport"] == g["transport"] and p["op"] == "put" and g["op"] == "get")
     assert link["bytes_per_s"] == pytest.approx(best * 1e9)
     assert "client" in link["source"] and "65536 B" in link["source"]
+
+
+@pytest.mark.slow
+def test_nixl_rows_stand_beside_raw_nixl(tmp_path):
+    from kvstore.transport import nixl_installed
+
+    if not nixl_installed():
+        pytest.skip("NIXL is not installed (make install puts it in .venv: requirements-nixl.txt)")
+    out_path = tmp_path / "transfer.json"
+    result = run_kvstore("bench", "transfer", "--transports", "nixl", "--sizes", "64KiB,256KiB",
+                         "--batch", "4", "--duration", "0.02", "--dram", "256MiB", "--json",
+                         str(out_path))
+    assert result.returncode == 0, result.stderr
+    data = json.loads(out_path.read_text())
+    # the bench's daemon runs with --nixl; raw NIXL WRITE/READ per size is the link ceiling
+    assert set(data["raw_nixl_gbps"]) == {"65536", "262144"}
+    assert all(v["put"] > 0 and v["get"] > 0 for v in data["raw_nixl_gbps"].values())
+    assert len(data["rows"]) == 16 and {r["transport"] for r in data["rows"]} == {"nixl"}
+    nixl_lines = [line for line in result.stdout.splitlines() if " nixl " in line]
+    assert len(nixl_lines) == 16 and all(line.count("%") == 2 for line in nixl_lines)
 
 
 @pytest.mark.slow

@@ -55,6 +55,7 @@ def run_transfer(master_addr: str | None, token: str | None, kinds: list[str],
     servers = ()
     rows: list[dict] = []
     loopback_by_size: dict[int, float] = {}
+    raw_nixl_by_size: dict[int, dict[str, float]] = {}
     interrupted = False
     case = None
     try:
@@ -62,13 +63,18 @@ def run_transfer(master_addr: str | None, token: str | None, kinds: list[str],
             largest_batch = max(s * batch_items(s, settings["batch"]) for s in sizes)
             with _signals_held():
                 servers = start_cluster(dram_bytes=settings["dram_bytes"]
-                                        or max(4 * largest_batch * concurrency, 2 * 1024**3))
+                                        or max(4 * largest_batch * concurrency, 2 * 1024**3),
+                                        nixl="nixl" in kinds)
             master_addr = servers[0].address
         total = 4 * len(kinds) * len(sizes) * len(levels)
         with tqdm(total=total, desc="bench transfer", unit="case", leave=False) as progress:
             if "tcp" in kinds:
                 loopback_by_size = loopback_gbps(sizes, budget)
             node = pick_node(master_addr, token, settings["target_node"])
+            if "nixl" in kinds:
+                from kvstore.bench.nixl_ceiling import raw_nixl_gbps
+
+                raw_nixl_by_size = raw_nixl_gbps(master_addr, token, node, sizes, budget)
             case = CaseSettings(budget, settings["verify"], settings["batch"],
                                 make_cpu_probe([s.proc.pid for s in servers]), ColdCopy(),
                                 progress, token, settings["target_node"])
@@ -85,9 +91,10 @@ def run_transfer(master_addr: str | None, token: str | None, kinds: list[str],
     finally:
         for server in reversed(servers):  # the daemon first: it deregisters from a live master
             server.close()
-    click.echo(format_table(rows, loopback_by_size))
+    click.echo(format_table(rows, loopback_by_size, raw_nixl_by_size))
     load = loadavg()
     click.echo(f"load average (1/5/15 min): {load_at_start} at start, {load} at end")
     result = document(rows, loopback_by_size, settings, load_at_start, interrupted)
+    result["raw_nixl_gbps"] = {str(k): v for k, v in raw_nixl_by_size.items()}
     result["placement"] = case.placement if case is not None else {}
     return result

@@ -58,7 +58,8 @@ def transport_cases(node, kinds, sizes, settings: CaseSettings, rows: list) -> N
 
     segment = next(s for s in node.segments if s.shm_name)
     for kind in kinds:
-        transport = make_transports(kind, token=settings.token)[0]
+        transport = make_transports(kind, token=settings.token,
+                                    nodes=lambda: {node.node_id: node.nixl_metadata})[0]
         try:
             for size_bytes in sizes:
                 num_items = batch_items(size_bytes, settings.batch)

@@ -6,7 +6,9 @@ private daemon's segment: the data path alone) and ``client`` (``kvstore.connect
 master round trips, allocation and checksums included; from ``--threads`` x ``--processes``
 workers when either is above 1). Every figure is printed beside a ceiling measured in the same
 run, as a ratio: a single-thread memcpy with the same access pattern (as many distinct buffers
-as the case touches; rounds interleaved with the figure's own), and for tcp rows raw Python TCP over loopback to another process.
+as the case touches; rounds interleaved with the figure's own), and a link ceiling: for tcp
+rows raw Python TCP over loopback to another process, for nixl rows raw NIXL (one agent of
+this process, WRITE/READ into the daemon's segment, no kvstore code: ``bench.nixl_ceiling``).
 ``cpu s/GB`` (this process plus our master and daemon) hardly depends on what else runs, so it
 compares busy runs. The load average at start and end is recorded.
 
@@ -36,16 +38,17 @@ DEFAULT_SIZES = ("64KiB", "256KiB", "1MiB", "4MiB", "16MiB", "64MiB")
 LEVELS = ("transport", "client")
 
 
-def start_cluster(dram_bytes: int) -> tuple[ServerProcess, ServerProcess]:
-    """A master and a daemon process of our own (click.ClickException, with the server's
-    log, when one does not start; nothing is left running then)."""
+def start_cluster(dram_bytes: int, nixl: bool = False) -> tuple[ServerProcess, ServerProcess]:
+    """A master and a daemon process of our own, the daemon with a NIXL agent when ``nixl``
+    (click.ClickException, with the server's log, when one does not start; nothing is left
+    running then)."""
     try:
         master = ServerProcess(["master", "--port", "0", "--log-level", "WARNING"])
     except KVStoreError as exc:
         raise click.ClickException(str(exc)) from exc
     try:
         daemon = ServerProcess(["daemon", "--master", master.address, "--dram", str(dram_bytes),
-                                "--log-level", "WARNING"])
+                                "--log-level", "WARNING", *(["--nixl"] if nixl else [])])
     except KVStoreError as exc:
         master.close()
         raise click.ClickException(str(exc)) from exc
@@ -161,6 +164,7 @@ def command(master_addr, target_node, token, transports, levels, sizes, batch, n
 
         load = result["loadavg_at_start"]
         plot_transfer(result["rows"], {int(k): v for k, v in result["loopback_gbps"].items()},
+                      {int(k): v for k, v in result["raw_nixl_gbps"].items()},
                       plot_path, f"kvstore bench transfer on {result['machine']['host']} "
                       f"({result['date']}, load {load[0] if load else '?'})")
         click.echo(f"wrote {plot_path}")
