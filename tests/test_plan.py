@@ -216,6 +216,9 @@ def test_plan_with_a_requests_file_shows_percentiles(tmp_path):
       "--head-dim", "8"], "takes no --model"),
     (["--from-bench", "/nonexistent.json", "--prefill-tps", "1", "--decode-step-ms", "1",
       "--num-layers", "2", "--num-kv-heads", "2", "--head-dim", "8"], "cannot read"),
+    (["--bandwidth", "1GB/s", "--prefill-tps", "1", "--decode-step-ms", "1", "--num-layers",
+      "2", "--num-kv-heads", "2", "--head-dim", "8", "--threads", "1"], "give --measure too"),
+    (["--bandwidth", "1GB/s", "--measure", "--threads", "0"], "--threads"),
 ])
 def test_plan_bad_arguments_are_usage_errors(args, message):
     result = run_plan(*args)
@@ -244,7 +247,7 @@ def test_plan_measure_times_the_demo_model(tmp_path):
     pytest.importorskip("transformers")
     out = tmp_path / "plan.json"
     result = run_plan("--measure", "--model-size", "tiny", "--prompt-len", "128",
-                      "--bandwidth", "5GB/s", "--json", str(out))
+                      "--bandwidth", "5GB/s", "--threads", "1", "--json", str(out))
     assert result.returncode == 0, result.stderr
     data = json.loads(out.read_text())
     # the tiny demo model: 2 layers x 2 KV heads x 32 head dim in fp32
@@ -254,6 +257,10 @@ def test_plan_measure_times_the_demo_model(tmp_path):
     row = data["rows"][0]
     assert row["prefill_ms"] == pytest.approx(128 / data["engine"]["prefill_tokens_per_s"] * 1e3)
     assert math.isfinite(row["ttft_pd_ms"])
+    # 128 tokens: 7 blocks of 16 load, the decode side computes the last 16 in its first step
+    assert row["kv_tokens_moved"] == 112
+    assert row["first_step_ms"] == pytest.approx(
+        data["engine"]["decode_step_ms"] + 15 / data["engine"]["prefill_tokens_per_s"] * 1e3)
 
 
 @pytest.mark.parametrize("prefix, target", [

@@ -158,6 +158,9 @@ def plot_plan(result: dict, shape, engine, link, path: str) -> None:
               help="Measure both on the demo's model on this machine (needs kvstore[hf]).")
 @click.option("--model-size", type=click.Choice(["small", "tiny"]), default="small",
               show_default=True, help="With --measure: the demo model's shape.")
+@click.option("--threads", "num_threads", type=click.IntRange(min=1), default=None,
+              help="With --measure: torch threads, as `kvstore demo --threads` (default: "
+                   "torch's choice).")
 @click.option("--chunk-size", type=int, default=512, show_default=True,
               help="Tokens per chunk of colocated chunked prefill.")
 @click.option("--decode-batch", type=int, default=16, show_default=True,
@@ -168,8 +171,8 @@ def plot_plan(result: dict, shape, engine, link, path: str) -> None:
               help="Write a PNG: TTFT with PD and colocated by prompt length (kvstore[plot]).")
 def command(model_path, num_layers, num_kv_heads, head_dim, dtype, prompt_len, output_len,
             requests_path, bandwidth, bench_path, bench_transport, block_size, quantize,
-            prefill_tps, decode_step_ms, measure, model_size, chunk_size, decode_batch,
-            json_path, plot_path):
+            prefill_tps, decode_step_ms, measure, model_size, num_threads, chunk_size,
+            decode_batch, json_path, plot_path):
     """Is PD worth it here? TTFT with PD beside colocated chunked prefill, P:D, verdict."""
     from kvstore.plan.inputs import bandwidth_from_bench
 
@@ -182,6 +185,8 @@ def command(model_path, num_layers, num_kv_heads, head_dim, dtype, prompt_len, o
             not measure and (prefill_tps is None or decode_step_ms is None)):
         raise click.UsageError("the engine: give --prefill-tps and --decode-step-ms, or "
                                "--measure")
+    if num_threads is not None and not measure:
+        raise click.UsageError("--threads sets the threads of --measure: give --measure too")
     if measure and (model_path or any(v is not None for v in (num_layers, num_kv_heads,
                                                                head_dim))):
         raise click.UsageError("--measure times the demo's model: it takes no --model or "
@@ -198,8 +203,8 @@ def command(model_path, num_layers, num_kv_heads, head_dim, dtype, prompt_len, o
 
             click.echo(f"measuring the demo's {model_size} model at {round(mean_prompt)} "
                        "prompt tokens ...", err=True)
-            measured, prefill_tps, step_s = measure_demo_model(round(mean_prompt), model_size,
-                                                               block_size)
+            measured, prefill_tps, step_s = measure_demo_model(
+                round(mean_prompt), model_size, block_size, num_threads=num_threads)
             decode_step_ms = step_s * 1e3
             speeds_source = f"measured on this machine, demo {model_size} model"
         shape = _shape(model_path, num_layers, num_kv_heads, head_dim, dtype, measured)
