@@ -95,6 +95,25 @@ def test_nixl_rows_stand_beside_raw_nixl(tmp_path):
 
 
 @pytest.mark.slow
+def test_ssd_rows_stand_beside_the_disk(tmp_path):
+    out_path, ssd_dir = tmp_path / "transfer.json", tmp_path / "ssd"
+    result = run_kvstore("bench", "transfer", "--levels", "client", "--transports", "shm",
+                         "--sizes", "64KiB,256KiB", "--batch", "4", "--duration", "0.02",
+                         "--dram", "256MiB", "--ssd", str(ssd_dir), "--json", str(out_path))
+    assert result.returncode == 0, result.stderr
+    data = json.loads(out_path.read_text())
+    ssd_rows = [r for r in data["rows"] if r["level"] == "ssd"]
+    assert len(ssd_rows) == 8 and {r["transport"] for r in ssd_rows} == {"tcp"}
+    assert set(data["disk_gbps"]) == {"65536", "262144"} and data["disk_io"] in (
+        "O_DIRECT", "buffered")
+    assert all(v["put"] > 0 and v["get"] > 0 for v in data["disk_gbps"].values())
+    assert data["settings"]["ssd_dir"] == str(ssd_dir)
+    ssd_lines = [line for line in result.stdout.splitlines() if line.startswith("ssd       tcp")]
+    assert len(ssd_lines) == 8 and all(line.count("%") == 2 for line in ssd_lines)
+    assert list(ssd_dir.iterdir()) == []  # the SSD segment and the disk's test file are gone
+
+
+@pytest.mark.slow
 def test_transfer_from_several_threads_and_processes(tmp_path):
     out_path = tmp_path / "transfer.json"
     result = run_kvstore("bench", "transfer", "--levels", "client", "--transports", "shm",
@@ -233,6 +252,7 @@ def test_sigterm_stops_the_servers_it_started(tmp_path):
     (["--master", "127.0.0.1:1", "--dram", "1GiB"], "not with --master"),
     (["--master", "127.0.0.1:1", "--levels", "client"], "cannot reach the master"),
     (["--target-node", "a"], "give --master too"),
+    (["--master", "127.0.0.1:1", "--ssd", "/tmp"], "not with --master"),
 ])
 def test_transfer_bad_arguments_are_usage_errors(args, message):
     result = run_kvstore("bench", "transfer", *args, timeout=60)

@@ -23,11 +23,12 @@ def require_matplotlib():
 
 
 def plot_transfer(rows: list[dict], loopback_by_size: dict[int, float],
-                  raw_nixl_by_size: dict[int, dict[str, float]], path: str,
-                  title: str) -> None:
+                  raw_nixl_by_size: dict[int, dict[str, float]],
+                  disk_by_size: dict[int, dict[str, float]], path: str, title: str) -> None:
     """GB/s against value size (log scale): one line per (level, transport, mode, op), solid
     for the client level, dotted for the transport level; the memcpy ceiling (best per size
-    over the run), the loopback ceiling and the raw NIXL ceilings (WRITE, READ) dashed."""
+    over the run), the loopback ceiling, the raw NIXL ceilings (WRITE, READ) and the disk's
+    (write, read) dashed."""
     plt = require_matplotlib()
     fig, ax = plt.subplots(figsize=(7.5, 4.5), dpi=90)
     lines: dict[tuple, list[tuple[int, float]]] = {}
@@ -48,11 +49,14 @@ def plot_transfer(rows: list[dict], loopback_by_size: dict[int, float],
     raw_read = {size: ops["get"] for size, ops in raw_nixl_by_size.items()}
     for name, values in (("memcpy (1 thread, same pattern)", ceiling),
                          ("loopback TCP", loopback_by_size), ("raw NIXL WRITE", raw_write),
-                         ("raw NIXL READ", raw_read)):
+                         ("raw NIXL READ", raw_read),
+                         ("disk write", {s: d["put"] for s, d in disk_by_size.items()}),
+                         ("disk read", {s: d["get"] for s, d in disk_by_size.items()})):
         if values:
             sizes = sorted(values)
             color = {"memcpy": "black", "loopback": "grey", "raw NIXL WRITE": "tab:red",
-                     "raw NIXL READ": "tab:purple"}
+                     "raw NIXL READ": "tab:purple", "disk write": "tab:brown",
+                     "disk read": "tab:olive"}
             ax.plot(sizes, [values[s] for s in sizes], linestyle="--",
                     color=next(c for k, c in color.items() if name.startswith(k)),
                     label=f"ceiling: {name}")

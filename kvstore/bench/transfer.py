@@ -92,12 +92,14 @@ def transport_cases(node, kinds, sizes, settings: CaseSettings, rows: list) -> N
             transport.close()
 
 
-def client_cases(master_addr, kinds, sizes, settings: CaseSettings, rows: list) -> None:
+def client_cases(master_addr, kinds, sizes, settings: CaseSettings, rows: list,
+                 tier: str | None = None) -> None:
     """Append the client level's rows to ``rows``: kvstore.connect put/get, fresh keys per
     put, removed after each case. Every put asks for ``settings.target_node`` (when set), and
     before the removal the master is asked where the case's keys went
     (``kvstore.bench.placement``: an error when one is elsewhere); the counts go to
-    ``settings.placement``."""
+    ``settings.placement``. With ``tier`` ("ssd") every put asks for that tier and the rows'
+    level is the tier's name."""
     import itertools
 
     import numpy as np
@@ -113,9 +115,9 @@ def client_cases(master_addr, kinds, sizes, settings: CaseSettings, rows: list) 
                 num_items = batch_items(size_bytes, settings.batch)
                 src = np.random.default_rng(1).integers(0, 256, size_bytes, np.uint8)
                 outs = [np.empty(size_bytes, np.uint8) for _ in range(num_items)]
-                prefix = f"bench/{time.time_ns()}/{kind}/{size_bytes}"
+                prefix = f"bench/{time.time_ns()}/{tier or kind}/{size_bytes}"
                 keys = [f"{prefix}/fixed/{i}" for i in range(num_items)]
-                _check(store.batch_put(keys, [src] * num_items, near_node=near))
+                _check(store.batch_put(keys, [src] * num_items, near_node=near, tier=tier))
                 put_keys = list(keys)
 
                 # NOTE: fresh keys per put (a second put of a key is a no-op); they are
@@ -123,23 +125,25 @@ def client_cases(master_addr, kinds, sizes, settings: CaseSettings, rows: list) 
                 # the pool.
                 def put_one():
                     put_keys.append(f"{prefix}/{next(counter)}")
-                    store.put(put_keys[-1], src, near_node=near)
+                    store.put(put_keys[-1], src, near_node=near, tier=tier)
 
                 def put_many():
                     batch = [f"{prefix}/{next(counter)}" for _ in range(num_items)]
                     put_keys.extend(batch)
-                    _check(store.batch_put(batch, [src] * num_items, near_node=near))
+                    _check(store.batch_put(batch, [src] * num_items, near_node=near,
+                                           tier=tier))
 
                 turn = _Turns(num_items)  # single gets cycle through the batch's keys
                 ops = {"put_one": put_one, "put_many": put_many,
                        "get_one": lambda: store.get_into(*_at(keys, outs, turn())),
                        "get_many": lambda: _check(store.batch_get_into(keys, outs))}
                 try:
-                    rows += measure_case("client", kind, size_bytes, num_items, ops, settings)
+                    level = tier or "client"
+                    rows += measure_case(level, kind, size_bytes, num_items, ops, settings)
                     for i, out in enumerate(outs):
                         check_bytes(src, out, verify_all=settings.verify_all,
-                                    what=f"client {kind} {size_bytes} B item {i}")
-                    what = f"client {kind} {size_bytes} B"
+                                    what=f"{level} {kind} {size_bytes} B item {i}")
+                    what = f"{level} {kind} {size_bytes} B"
                     settings.placement[what] = check_placement(
                         master_addr, settings.token, put_keys, near, what)
                 finally:

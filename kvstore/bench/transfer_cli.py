@@ -38,17 +38,21 @@ DEFAULT_SIZES = ("64KiB", "256KiB", "1MiB", "4MiB", "16MiB", "64MiB")
 LEVELS = ("transport", "client")
 
 
-def start_cluster(dram_bytes: int, nixl: bool = False) -> tuple[ServerProcess, ServerProcess]:
+def start_cluster(dram_bytes: int, nixl: bool = False, ssd: str | None = None
+                  ) -> tuple[ServerProcess, ServerProcess]:
     """A master and a daemon process of our own, the daemon with a NIXL agent when ``nixl``
-    (click.ClickException, with the server's log, when one does not start; nothing is left
-    running then)."""
+    and an SSD segment when ``ssd`` ("DIR:SIZE"; the master then promotes nothing, so gets
+    read the SSD tier). click.ClickException, with the server's log, when one does not start;
+    nothing is left running then."""
     try:
-        master = ServerProcess(["master", "--port", "0", "--log-level", "WARNING"])
+        master = ServerProcess(["master", "--port", "0", "--log-level", "WARNING",
+                                *(["--promote", "off"] if ssd else [])])
     except KVStoreError as exc:
         raise click.ClickException(str(exc)) from exc
     try:
         daemon = ServerProcess(["daemon", "--master", master.address, "--dram", str(dram_bytes),
-                                "--log-level", "WARNING", *(["--nixl"] if nixl else [])])
+                                "--log-level", "WARNING", *(["--nixl"] if nixl else []),
+                                *(["--ssd", ssd, "--no-reap-orphans"] if ssd else [])])
     except KVStoreError as exc:
         master.close()
         raise click.ClickException(str(exc)) from exc
@@ -108,6 +112,9 @@ def parse_sizes(text: str) -> list[int]:
               help="The old name of --duration, in seconds (recorded commands use it).")
 @click.option("--total", default=None,
               help="Instead of --duration: bytes each measurement moves (e.g. 4GiB).")
+@click.option("--ssd", "ssd_dir", default=None, type=click.Path(file_okay=False),
+              help="Also measure the SSD tier in this directory (own cluster: its daemon "
+                   "gets an SSD segment there), beside the disk's own bandwidth.")
 @click.option("--verify", "verify_all", is_flag=True,
               help="Check every byte read (default: a sample of each value).")
 @click.option("--json", "json_path", default="bench/out/transfer.json", show_default=True,
@@ -115,7 +122,7 @@ def parse_sizes(text: str) -> list[int]:
 @click.option("--plot", "plot_path", default=None, type=click.Path(dir_okay=False),
               help="Write a PNG: GB/s against value size (needs kvstore[plot]).")
 def command(master_addr, target_node, token, transports, levels, sizes, batch, num_threads, num_processes,
-            dram, duration, min_time_s, total, verify_all, json_path, plot_path):
+            dram, duration, min_time_s, total, ssd_dir, verify_all, json_path, plot_path):
     """Measure put/get bandwidth and latency by size, batch, concurrency and transport."""
     from kvstore.bench.measure import Budget
 
@@ -136,6 +143,13 @@ def command(master_addr, target_node, token, transports, levels, sizes, batch, n
                                "--master too")
     if target_node is not None and not target_node.strip():
         raise click.BadParameter("must be a node id", param_hint="--target-node")
+    if ssd_dir is not None and master_addr is not None:
+        raise click.UsageError("--ssd gives the bench's own daemon an SSD segment: not with "
+                               "--master")
+    if ssd_dir is not None:
+        import os
+
+        os.makedirs(ssd_dir, exist_ok=True)
     if dram_bytes is not None and master_addr is not None:
         raise click.UsageError("--dram sizes the local daemon: not with --master")
     if plot_path is not None:
@@ -152,7 +166,7 @@ def command(master_addr, target_node, token, transports, levels, sizes, batch, n
     settings = {"transports": kinds, "levels": level_list, "sizes": size_list, "batch": batch,
                 "threads": num_threads, "processes": num_processes, "duration_s": duration_s,
                 "total_bytes": total_bytes, "verify": verify_all, "master": master_addr,
-                "target_node": target_node, "dram_bytes": dram_bytes}
+                "target_node": target_node, "dram_bytes": dram_bytes, "ssd_dir": ssd_dir}
     from kvstore.bench.run import run_transfer
 
     result = run_transfer(master_addr, token, kinds, level_list, size_list, budget, settings)
@@ -165,6 +179,7 @@ def command(master_addr, target_node, token, transports, levels, sizes, batch, n
         load = result["loadavg_at_start"]
         plot_transfer(result["rows"], {int(k): v for k, v in result["loopback_gbps"].items()},
                       {int(k): v for k, v in result["raw_nixl_gbps"].items()},
+                      {int(k): v for k, v in result["disk_gbps"].items()},
                       plot_path, f"kvstore bench transfer on {result['machine']['host']} "
                       f"({result['date']}, load {load[0] if load else '?'})")
         click.echo(f"wrote {plot_path}")
