@@ -75,7 +75,7 @@ def run_transfer(master_addr: str | None, token: str | None, kinds: list[str],
             if "tcp" in kinds:
                 loopback_by_size = loopback_gbps(sizes, budget)
             node = pick_node(master_addr, token, settings["target_node"])
-            if "nixl" in kinds:  # NOTE: the SSD cases are tcp whatever --transports says
+            if "nixl" in kinds:
                 from kvstore.bench.nixl_ceiling import raw_nixl_gbps
 
                 raw_nixl_by_size = raw_nixl_gbps(master_addr, token, node, sizes, budget)
@@ -90,8 +90,9 @@ def run_transfer(master_addr: str | None, token: str | None, kinds: list[str],
             elif "client" in levels:
                 client_cases(master_addr, kinds, sizes, case, rows)
             if settings.get("ssd_dir"):
-                # NOTE: the SSD tier is served over the data plane (tcp), one connection and
-                # thread per client: the disk ceiling uses the same pattern
+                # NOTE: the SSD tier is served over the data plane (tcp, whatever --transports
+                # says), one connection and thread per client: the disk ceiling uses the same
+                # pattern
                 disk_by_size, direct = disk_gbps(settings["ssd_dir"], sizes, budget)
                 disk_io = "O_DIRECT" if direct else "buffered"
                 client_cases(master_addr, ["tcp"], sizes, case, rows, tier="ssd")

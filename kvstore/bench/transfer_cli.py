@@ -9,6 +9,9 @@ run, as a ratio: a single-thread memcpy with the same access pattern (as many di
 as the case touches; rounds interleaved with the figure's own), and a link ceiling: for tcp
 rows raw Python TCP over loopback to another process, for nixl rows raw NIXL (one agent of
 this process, WRITE/READ into the daemon's segment, no kvstore code: ``bench.nixl_ceiling``).
+``--ssd DIR`` adds the SSD tier (level ``ssd``: the client cases over tcp with tier "ssd" on
+an SSD segment of the bench's daemon in DIR) beside the disk's own bandwidth in DIR
+(``measure.disk_gbps``).
 ``cpu s/GB`` (this process plus our master and daemon) hardly depends on what else runs, so it
 compares busy runs. The load average at start and end is recorded.
 
