@@ -19,6 +19,7 @@ import json
 import multiprocessing as mp
 import os
 import re
+import signal
 import subprocess
 import sys
 import time
@@ -101,7 +102,6 @@ def client_worker(target: tuple, op: str, batch: int, worker: int, seconds: floa
     per-call latencies (seconds) on ``out``. Ignores SIGINT: a Ctrl-C reaches the whole
     process group, and the parent stops its workers itself."""
     import random
-    import signal
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     from kvstore.v1 import master_pb2 as pb
@@ -149,16 +149,25 @@ def run_cell(target: tuple, op: str, batch: int, num_clients: int, seconds: floa
     procs = [ctx.Process(target=client_worker,
                          args=(target, op, batch, w, seconds, start_at, out, num_keys))
              for w in range(num_clients)]
-    for p in procs:
-        p.start()
+    # NOTE: SIGINT is held while the workers start: a Ctrl-C in the middle of a spawn's
+    # handover would leave the child half-fed (a traceback from its bootstrap); it is
+    # delivered once they all run (the mask is inherited: the workers ignore SIGINT anyway)
+    started = []
     try:
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+        try:
+            for p in procs:
+                p.start()
+                started.append(p)
+        finally:
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
         all_latencies = [out.get(timeout=seconds + 120) for _ in procs]
     except BaseException:
-        for p in procs:  # NOTE: on Ctrl-C (or an error) the workers are stopped, not awaited
+        for p in started:  # NOTE: on Ctrl-C (or an error) the workers are stopped, not awaited
             p.terminate()
         raise
     finally:
-        for p in procs:
+        for p in started:
             p.join()
     merged = sorted(x for lat in all_latencies for x in lat)
     num_calls = len(merged)
