@@ -27,43 +27,15 @@ import numpy as np
 import kvstore
 from kvstore._process import ServerProcess
 from kvstore._units import parse_size
-from kvstore.bench.measure import rate
+from kvstore.bench.measure import Budget, rate
+from kvstore.bench.nixl_ceiling import RawNixl
 from kvstore.rpc import grpc_client
 from kvstore.transport import make_transports, nixl_meta
 from kvstore.transport.base import Target
-from kvstore.transport.nixl_lib import new_agent
 
 OUT_PATH = Path(__file__).resolve().parent / "out" / "nixl.json"
 MIB = 1024 * 1024
 DEFAULT_SIZES = "64KiB,1MiB,4MiB,16MiB"
-
-
-class RawNixl:
-    """Raw NIXL: one agent, one registered buffer, one transfer per call, polled to DONE."""
-
-    def __init__(self, info: nixl_meta.NodeNixlInfo, target: Target, size_bytes: int):
-        self.handle = new_agent("bench")
-        self.buffer = np.ones(size_bytes, dtype=np.uint8)
-        self.handle.register(self.buffer.ctypes.data, size_bytes)
-        agent = self.handle.agent
-        self.remote_name = agent.add_remote_agent(info.agent_metadata)
-        address = info.segments[target.segment_id].address + target.offset
-        self.local = agent.get_xfer_descs([(self.buffer.ctypes.data, size_bytes, 0)], "DRAM")
-        self.remote = agent.get_xfer_descs([(address, size_bytes, 0)], "DRAM")
-
-    def run(self, op: str) -> None:
-        agent = self.handle.agent
-        xfer = agent.initialize_xfer(op, self.local, self.remote, self.remote_name)
-        state = agent.transfer(xfer)
-        while state == "PROC":
-            state = agent.check_xfer_state(xfer)
-        if state != "DONE":
-            raise RuntimeError(f"raw NIXL {op} ended {state}")
-        self.backend = agent.query_xfer_backend(xfer)
-        xfer.release()
-
-    def close(self) -> None:
-        self.handle.release()
 
 
 def pinned_range(store, master: str, key: str, size: int) -> Target:
@@ -85,7 +57,8 @@ def measure(master: str, sizes: list[int], time_s: float) -> list[dict]:
             kvstore.connect(master, transport="nixl") as store:
         for size in sizes:
             target = pinned_range(store, master, f"bench-range-{size}", size)
-            raw = RawNixl(info, target, size)
+            raw = RawNixl(info.agent_metadata,
+                          info.segments[target.segment_id].address + target.offset, size)
             registered = np.ones(size, dtype=np.uint8)
             transport.register_memory(memoryview(registered))
             plain = np.ones(size, dtype=np.uint8)
@@ -115,14 +88,15 @@ def measure(master: str, sizes: list[int], time_s: float) -> list[dict]:
             best: dict[tuple[str, str], float] = {case: 0.0 for case in cases}
             for _ in range(3):
                 for case, fn in cases.items():
-                    best[case] = max(best[case], rate(fn, size, time_s / 3, num_rounds=1))
+                    best[case] = max(best[case], rate(fn, size, Budget(time_s / 3,
+                                                                       num_rounds=1)))
                 store.remove_prefix(f"bench-{size}-")
             raw.close()
             for (level, op), gbps in best.items():
                 ceiling = best[("raw NIXL", op)]
                 rows.append({"size_bytes": size, "level": level, "op": op, "gbps": gbps,
                              "raw_nixl_gbps": ceiling, "of_raw": gbps / ceiling,
-                             "backend": getattr(raw, "backend", "UCX")})
+                             "backend": raw.backend or "UCX"})
     return rows
 
 

@@ -54,7 +54,7 @@ def test_transfer_writes_every_figure_table_and_plot(tmp_path):
     assert data["command"][-4:] == ["--json", str(out_path), "--plot", str(png_path)]
     assert data["machine"]["cpu_count"] >= 1 and data["machine"]["versions"]["numpy"]
     assert data["interrupted"] is False and len(data["loadavg_at_start"]) == 3
-    assert "%memcpy" in result.stdout and "%loopbk" in result.stdout
+    assert "%memcpy" in result.stdout and "%link" in result.stdout
     assert "p90 us" in result.stdout and "load average" in result.stdout
     assert png_path.read_bytes()[:8] == PNG_MAGIC
 
@@ -75,6 +75,45 @@ def test_transfer_writes_every_figure_table_and_plot(tmp_path):
 
 
 @pytest.mark.slow
+def test_nixl_rows_stand_beside_raw_nixl(tmp_path):
+    from kvstore.transport import nixl_installed
+
+    if not nixl_installed():
+        pytest.skip("NIXL is not installed (make install puts it in .venv: requirements-nixl.txt)")
+    out_path = tmp_path / "transfer.json"
+    result = run_kvstore("bench", "transfer", "--transports", "nixl", "--sizes", "64KiB,256KiB",
+                         "--batch", "4", "--duration", "0.02", "--dram", "256MiB", "--json",
+                         str(out_path))
+    assert result.returncode == 0, result.stderr
+    data = json.loads(out_path.read_text())
+    # the bench's daemon runs with --nixl; raw NIXL WRITE/READ per size is the link ceiling
+    assert set(data["raw_nixl_gbps"]) == {"65536", "262144"}
+    assert all(v["put"] > 0 and v["get"] > 0 for v in data["raw_nixl_gbps"].values())
+    assert len(data["rows"]) == 16 and {r["transport"] for r in data["rows"]} == {"nixl"}
+    nixl_lines = [line for line in result.stdout.splitlines() if " nixl " in line]
+    assert len(nixl_lines) == 16 and all(line.count("%") == 2 for line in nixl_lines)
+
+
+@pytest.mark.slow
+def test_ssd_rows_stand_beside_the_disk(tmp_path):
+    out_path, ssd_dir = tmp_path / "transfer.json", tmp_path / "ssd"
+    result = run_kvstore("bench", "transfer", "--levels", "client", "--transports", "shm",
+                         "--sizes", "64KiB,256KiB", "--batch", "4", "--duration", "0.02",
+                         "--dram", "256MiB", "--ssd", str(ssd_dir), "--json", str(out_path))
+    assert result.returncode == 0, result.stderr
+    data = json.loads(out_path.read_text())
+    ssd_rows = [r for r in data["rows"] if r["level"] == "ssd"]
+    assert len(ssd_rows) == 8 and {r["transport"] for r in ssd_rows} == {"tcp"}
+    assert set(data["disk_gbps"]) == {"65536", "262144"} and data["disk_io"] in (
+        "O_DIRECT", "buffered")
+    assert all(v["put"] > 0 and v["get"] > 0 for v in data["disk_gbps"].values())
+    assert data["settings"]["ssd_dir"] == str(ssd_dir)
+    ssd_lines = [line for line in result.stdout.splitlines() if line.startswith("ssd       tcp")]
+    assert len(ssd_lines) == 8 and all(line.count("%") == 2 for line in ssd_lines)
+    assert list(ssd_dir.iterdir()) == []  # the SSD segment and the disk's test file are gone
+
+
+@pytest.mark.slow
 def test_transfer_from_several_threads_and_processes(tmp_path):
     out_path = tmp_path / "transfer.json"
     result = run_kvstore("bench", "transfer", "--levels", "client", "--transports", "shm",
@@ -86,6 +125,71 @@ def test_transfer_from_several_threads_and_processes(tmp_path):
     assert all(r["concurrency"] == 4 and r["gbps"] > 0 for r in rows)
     assert {r["batch_items"] for r in rows if r["mode"] == "batch"} == {4}
     assert all(r["cpu_s_per_gb"] is None for r in rows)  # worker CPU is not probed
+
+
+def _node_hits(address: str) -> dict[str, int]:
+    """Reads each node served, as the master counts them (TierStats.hits)."""
+    from kvstore.rpc import grpc_client
+
+    with grpc_client(address) as client:
+        return {n.node_id: sum(t.hits for t in n.tiers) for n in client.list_nodes()}
+
+
+@pytest.mark.slow
+def test_target_node_puts_every_value_on_the_chosen_node(tmp_path):
+    from client_cluster import Cluster
+
+    cluster = Cluster(num_daemons=2, dram="256MiB")
+    try:
+        node_ids = sorted(_node_hits(cluster.address))
+        args = ["bench", "transfer", "--master", cluster.address, "--levels", "client",
+                "--transports", "shm", "--sizes", "64KiB,256KiB", "--batch", "4",
+                "--duration", "0.02"]
+        # without --target-node the master spreads the puts over both nodes: the control
+        spread = run_kvstore(*args, "--json", str(tmp_path / "spread.json"))
+        assert spread.returncode == 0, spread.stderr
+        placement = json.loads((tmp_path / "spread.json").read_text())["placement"]
+        assert {node for counts in placement.values() for node in counts} == set(node_ids)
+
+        target, other = node_ids
+        hits_before = _node_hits(cluster.address)
+        pinned = run_kvstore(*args, "--target-node", target, "--json", str(tmp_path / "t.json"))
+        assert pinned.returncode == 0, pinned.stderr
+        data = json.loads((tmp_path / "t.json").read_text())
+        assert data["settings"]["target_node"] == target
+        assert len(data["rows"]) == 8 and len(data["placement"]) == 2
+        for counts in data["placement"].values():
+            # the fixed keys, the single puts (>= 2 calls x 3 rounds) and the batched puts
+            assert set(counts) == {target} and counts[target] >= 4 + 6 + 6 * 4
+        hits_after = _node_hits(cluster.address)
+        # the master's own counters: every get of the pinned run was served by the target
+        assert hits_after[other] == hits_before[other]
+        assert hits_after[target] > hits_before[target]
+
+        unknown = run_kvstore(*args, "--target-node", "no-such-node", timeout=60)
+        assert unknown.returncode == 2, unknown.stderr
+        assert "--target-node no-such-node" in unknown.stderr and target in unknown.stderr
+        assert other in unknown.stderr and "Traceback" not in unknown.stderr
+    finally:
+        cluster.close()
+
+
+@pytest.mark.slow
+def test_a_target_node_without_room_stops_the_run(tmp_path):
+    from client_cluster import Cluster
+
+    cluster = Cluster(num_daemons=2, dram="8MiB")
+    try:
+        target = sorted(_node_hits(cluster.address))[0]
+        result = run_kvstore("bench", "transfer", "--master", cluster.address, "--levels",
+                             "client", "--transports", "shm", "--sizes", "1MiB", "--batch", "4",
+                             "--duration", "0.3", "--target-node", target, "--json",
+                             str(tmp_path / "t.json"))
+        assert result.returncode == 1, (result.stdout, result.stderr)
+        assert f"than --target-node {target}" in result.stderr
+        assert "Traceback" not in result.stderr
+    finally:
+        cluster.close()
 
 
 @pytest.mark.slow
@@ -147,6 +251,8 @@ def test_sigterm_stops_the_servers_it_started(tmp_path):
     (["--duration", "0"], "must be above 0"),
     (["--master", "127.0.0.1:1", "--dram", "1GiB"], "not with --master"),
     (["--master", "127.0.0.1:1", "--levels", "client"], "cannot reach the master"),
+    (["--target-node", "a"], "give --master too"),
+    (["--master", "127.0.0.1:1", "--ssd", "/tmp"], "not with --master"),
 ])
 def test_transfer_bad_arguments_are_usage_errors(args, message):
     result = run_kvstore("bench", "transfer", *args, timeout=60)
@@ -258,6 +364,71 @@ def test_master_reports_rates_beside_the_in_process_ceiling(tmp_path):
     assert all(r["keys_per_s"] > 0 and 0 < r["pct_of_ceiling"] for r in rows)
     assert data["ceiling_in_process"]["get_replicas_keys_per_s"] > 0
     assert "%ceiling" in result.stdout
+
+
+def _interrupt_after(args: list[str], unit: str, count: int, timeout_s: float = 180):
+    """Start ``kvstore ARGS``, wait until its progress bar (stderr) counts ``count`` of
+    ``unit``, send SIGINT, and return (exit status, stdout, stderr)."""
+    import re
+    import threading
+
+    proc = subprocess.Popen([str(KVSTORE_BIN), *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    seen = bytearray()
+    reached = threading.Event()
+    # tqdm's "3/6 [00:01<00:02, ...]" (with a total) or "30op [00:01, ...]" (without)
+    pattern = re.compile(rb"(\d+)(?:/\d+|" + unit.encode() + rb") \[")
+
+    def read_stderr():
+        while chunk := proc.stderr.read1(4096):
+            seen.extend(chunk)
+            counts = [int(m.group(1)) for m in pattern.finditer(seen)]
+            if counts and max(counts) >= count:
+                reached.set()
+        reached.set()  # EOF: the process ended
+
+    reader = threading.Thread(target=read_stderr, daemon=True)
+    reader.start()
+    assert reached.wait(timeout_s), seen.decode(errors="replace")[-2000:]
+    assert proc.poll() is None, ("ended before the interrupt", seen.decode(errors="replace"))
+    proc.send_signal(signal.SIGINT)
+    stdout = proc.stdout.read()
+    proc.wait(timeout=60)
+    reader.join(timeout=10)
+    return proc.returncode, stdout.decode(), seen.decode(errors="replace")
+
+
+@pytest.mark.slow
+def test_master_ctrl_c_prints_and_writes_what_was_measured(tmp_path):
+    out_path = tmp_path / "master.json"
+    # the ceiling, the floor and one cell of six, each cell 3 s: then Ctrl-C
+    status, stdout, stderr = _interrupt_after(
+        ["bench", "master", "--quick", "--modes", "aio", "--paths", "fast", "--seconds", "3",
+         "--num-keys", "2048", "--json", str(out_path)], "cell", 3)
+    assert status == 130, stderr
+    assert "interrupted" in stdout and "Traceback" not in stderr
+    data = json.loads(out_path.read_text())
+    assert data["interrupted"] is True and data["ceiling_in_process"]["put_keys_per_s"] > 0
+    rows = data["modes"]["aio/fast"]["rows"]
+    assert 1 <= len(rows) < 6 and all(r["keys_per_s"] > 0 for r in rows)
+    assert "keys/s" in stdout and not any(line.startswith("PASS") for line in
+                                          stdout.splitlines())
+
+
+@pytest.mark.slow
+def test_kernels_ctrl_c_prints_and_writes_what_was_measured(tmp_path):
+    out_path = tmp_path / "kernels.json"
+    status, stdout, stderr = _interrupt_after(
+        ["bench", "kernels", "--num-layers", "2", "--num-blocks", "64", "--num-pages", "32",
+         "--rounds", "100000", "--json", str(out_path)], "op", 30)
+    assert status == 130, stderr
+    assert "interrupted" in stdout and "Traceback" not in stderr
+    data = json.loads(out_path.read_text())
+    assert data["interrupted"] is True
+    ops = {r["op"]: r for r in data["rows"]}
+    assert "gather" in ops and ops["memcpy (1 thread)"]["pct_of_ceiling"] == pytest.approx(100)
+    assert 1 <= ops["gather"]["rounds"] < 100000
+    assert "GB/s" in stdout
 
 
 def test_master_bad_mode_is_a_usage_error():

@@ -16,7 +16,7 @@ from test_bench_cli import PNG_MAGIC, without_matplotlib
 from kvstore._errors import InvalidArgumentError
 from kvstore.plan.inputs import read_workload, shape_from_config
 from kvstore.plan.model import Engine, Link, ModelShape, crossover_tokens, parse_bandwidth, \
-    pd_ratio, request_figures
+    pd_ratio, request_figures, transfer_s
 
 LLAMA2_7B = {"architectures": ["LlamaForCausalLM"], "hidden_size": 4096,
              "num_attention_heads": 32, "num_hidden_layers": 32, "num_key_value_heads": 32,
@@ -43,11 +43,27 @@ def test_llama2_7b_kv_bytes_and_transfer_time(llama2_config):
     assert shape.kv_bytes_per_token == 2 * 32 * 32 * 128 * 2 == 524_288
     assert shape.kv_bytes_per_token_int8 == 2 * 32 * 32 * (128 + 4)  # int8 + one fp32 scale
     link = Link(parse_bandwidth("200Gb/s"))
+    assert transfer_s(1000, shape, link) * 1e3 == pytest.approx(20.97, abs=0.01)  # "about 21"
     figures = request_figures(1000, shape, Engine(10_000, 0.03), link)
-    assert figures["transfer_ms"] == pytest.approx(20.97, abs=0.01)  # "about 21 ms"
     assert figures["kv_bytes_per_request"] == 524_288_000
+    # the decode side loads the 62 whole blocks of 16 that leave a token: 992 tokens move
+    assert figures["kv_tokens_moved"] == 992
+    assert figures["transfer_ms"] == pytest.approx(20.97 * 992 / 1000, abs=0.01)
     int8 = request_figures(1000, shape, Engine(10_000, 0.03), Link(link.bytes_per_s, "int8"))
-    assert int8["transfer_ms"] == pytest.approx(20.97 * 132 / 256, abs=0.01)
+    assert int8["transfer_ms"] == pytest.approx(20.97 * 992 / 1000 * 132 / 256, abs=0.01)
+
+
+@pytest.mark.parametrize("prompt, moved, tail", [(1, 0, 1), (16, 0, 16), (17, 16, 1),
+                                                 (2048, 2032, 16), (2049, 2048, 1)])
+def test_the_decode_side_computes_the_prompt_after_its_whole_blocks(prompt, moved, tail):
+    # as kvstore demo and the connectors do: whole blocks load, never the last token; the
+    # first step is one forward of the rest: a decode step plus its extra tokens' prefill
+    engine = Engine(prefill_tokens_per_s=1000, decode_step_s=0.05, block_tokens=16)
+    figures = request_figures(prompt, ModelShape(2, 2, 64), engine, Link(1e9))
+    assert figures["kv_tokens_moved"] == moved
+    assert figures["first_step_ms"] == pytest.approx(50 + (tail - 1) * 1.0)
+    assert figures["ttft_pd_ms"] == pytest.approx(
+        prompt + figures["transfer_ms"] + figures["first_step_ms"])
 
 
 def test_gqa_config_and_overrides(tmp_path):
@@ -72,11 +88,12 @@ def test_parse_bandwidth_refuses_nonsense(text):
         parse_bandwidth(text)
 
 
-@pytest.mark.parametrize("step_ms, chunk, gbps", [(30, 512, 25), (5, 256, 10), (12, 2048, 100),
-                                                  (20, 512, 5)])
-def test_crossover_matches_a_brute_force_scan(step_ms, chunk, gbps):
+@pytest.mark.parametrize("step_ms, chunk, gbps, block, tps", [
+    (30, 512, 25, 16, 8000), (5, 256, 10, 16, 8000), (12, 2048, 100, 16, 8000),
+    (20, 512, 5, 16, 8000), (20, 512, 5, 64, 500), (8, 100, 3, 48, 2000), (2, 8, 1, 16, 300)])
+def test_crossover_matches_a_brute_force_scan(step_ms, chunk, gbps, block, tps):
     shape = ModelShape(32, 8, 128)
-    engine, link = Engine(8000, step_ms / 1e3, chunk), Link(gbps * 1e9)
+    engine, link = Engine(tps, step_ms / 1e3, chunk, block_tokens=block), Link(gbps * 1e9)
     crossover = crossover_tokens(shape, engine, link)
     assert crossover is not None
     wins = [request_figures(n, shape, engine, link)["pd_wins"]
@@ -151,8 +168,9 @@ def test_plan_command_table_json_and_plot(tmp_path, llama2_config):
     assert data["model"]["kv_bytes_per_token"] == 524_288
     assert [r["prompt_tokens"] for r in data["rows"]] == [1000, 8000]
     row = data["rows"][0]
-    assert row["kv_bytes_per_token"] == 524_288 and row["transfer_ms"] == pytest.approx(20.97,
-                                                                                       abs=0.01)
+    assert row["kv_bytes_per_token"] == 524_288  # 992 of the 1,000 tokens' KV moves:
+    assert row["transfer_ms"] == pytest.approx(20.97 * 992 / 1000, abs=0.01)
+    assert data["engine"]["block_tokens"] == 16 and "1st step ms" in result.stdout
     assert data["crossover_prompt_tokens"] == 513
     assert "513 tokens" in data["verdict"] and "513 tokens" in result.stdout
     assert data["pd_ratio"]["pd_ratio"] in result.stdout
@@ -198,6 +216,9 @@ def test_plan_with_a_requests_file_shows_percentiles(tmp_path):
       "--head-dim", "8"], "takes no --model"),
     (["--from-bench", "/nonexistent.json", "--prefill-tps", "1", "--decode-step-ms", "1",
       "--num-layers", "2", "--num-kv-heads", "2", "--head-dim", "8"], "cannot read"),
+    (["--bandwidth", "1GB/s", "--prefill-tps", "1", "--decode-step-ms", "1", "--num-layers",
+      "2", "--num-kv-heads", "2", "--head-dim", "8", "--threads", "1"], "give --measure too"),
+    (["--bandwidth", "1GB/s", "--measure", "--threads", "0"], "--threads"),
 ])
 def test_plan_bad_arguments_are_usage_errors(args, message):
     result = run_plan(*args)
@@ -226,7 +247,7 @@ def test_plan_measure_times_the_demo_model(tmp_path):
     pytest.importorskip("transformers")
     out = tmp_path / "plan.json"
     result = run_plan("--measure", "--model-size", "tiny", "--prompt-len", "128",
-                      "--bandwidth", "5GB/s", "--json", str(out))
+                      "--bandwidth", "5GB/s", "--threads", "1", "--json", str(out))
     assert result.returncode == 0, result.stderr
     data = json.loads(out.read_text())
     # the tiny demo model: 2 layers x 2 KV heads x 32 head dim in fp32
@@ -236,6 +257,10 @@ def test_plan_measure_times_the_demo_model(tmp_path):
     row = data["rows"][0]
     assert row["prefill_ms"] == pytest.approx(128 / data["engine"]["prefill_tokens_per_s"] * 1e3)
     assert math.isfinite(row["ttft_pd_ms"])
+    # 128 tokens: 7 blocks of 16 load, the decode side computes the last 16 in its first step
+    assert row["kv_tokens_moved"] == 112
+    assert row["first_step_ms"] == pytest.approx(
+        data["engine"]["decode_step_ms"] + 15 / data["engine"]["prefill_tokens_per_s"] * 1e3)
 
 
 @pytest.mark.parametrize("prefix, target", [

@@ -7,6 +7,8 @@ duration, all starting at one moment, and the row's GB/s is every byte moved ove
 time. The get phases read keys put before them; the puts write fresh keys. Each thread
 checks the bytes of its last get (``kvstore.bench.verify``); a mismatch aborts the run. The
 ceiling stays a single-thread memcpy of the case's pattern, measured here between the phases.
+With ``--target-node`` every put asks for that node and the workers hand back the keys they
+put, whose placement is checked like the single-client cases' (``kvstore.bench.placement``).
 """
 
 from __future__ import annotations
@@ -28,14 +30,14 @@ def _connect(master_addr: str, token: str | None, kind: str, tls) -> None:
 
 
 def _thread_loop(store, op, mode, keys, prefix, size_bytes, num_items, deadline_s, verify_all,
-                 tag):
+                 tag, near):
     import numpy as np
 
     from kvstore.bench.verify import check_bytes
 
     src = np.random.default_rng(1).integers(0, 256, size_bytes, np.uint8)
     outs = [np.empty(size_bytes, np.uint8) for _ in range(num_items if mode == "batch" else 1)]
-    samples, moved, n = [], 0, 0
+    samples, moved, n, put_keys = [], 0, 0, []
     while True:
         started_s = time.perf_counter()
         if op == "get" and mode == "single":
@@ -43,10 +45,12 @@ def _thread_loop(store, op, mode, keys, prefix, size_bytes, num_items, deadline_
         elif op == "get":
             _raise_first(store.batch_get_into(keys[:num_items], outs))
         elif mode == "single":
-            store.put(f"{prefix}/{tag}/{n}", src)
+            put_keys.append(f"{prefix}/{tag}/{n}")
+            store.put(put_keys[-1], src, near_node=near)
         else:
-            _raise_first(store.batch_put([f"{prefix}/{tag}/{n}/{i}" for i in range(num_items)],
-                                         [src] * num_items))
+            batch = [f"{prefix}/{tag}/{n}/{i}" for i in range(num_items)]
+            put_keys += batch
+            _raise_first(store.batch_put(batch, [src] * num_items, near_node=near))
         n += 1
         now_s = time.perf_counter()
         samples.append(now_s - started_s)
@@ -56,7 +60,7 @@ def _thread_loop(store, op, mode, keys, prefix, size_bytes, num_items, deadline_
     if op == "get":
         for i, out in enumerate(outs):
             check_bytes(src, out, verify_all=verify_all, what=f"client {size_bytes} B item {i}")
-    return moved, samples
+    return moved, samples, put_keys
 
 
 def _raise_first(results) -> None:
@@ -65,10 +69,11 @@ def _raise_first(results) -> None:
             raise result
 
 
-def run_phase(args) -> tuple[int, list[float], float]:
-    """One process's share of a phase: (bytes moved, per-call seconds, wall seconds)."""
+def run_phase(args) -> tuple[int, list[float], float, list[str]]:
+    """One process's share of a phase: (bytes moved, per-call seconds, wall seconds, keys
+    put: only with a target node, whose placement is then checked)."""
     (op, mode, keys, prefix, size_bytes, num_items, num_threads, start_at, duration_s,
-     verify_all, worker) = args
+     verify_all, worker, near) = args
     store = _STORE["store"]
     while time.time() < start_at:
         time.sleep(0.0005)
@@ -76,11 +81,12 @@ def run_phase(args) -> tuple[int, list[float], float]:
     deadline_s = started_s + duration_s
     with ThreadPoolExecutor(num_threads) as pool:
         futures = [pool.submit(_thread_loop, store, op, mode, keys, prefix, size_bytes,
-                               num_items, deadline_s, verify_all, f"w{worker}.{t}")
+                               num_items, deadline_s, verify_all, f"w{worker}.{t}", near)
                    for t in range(num_threads)]
         results = [f.result() for f in futures]
     elapsed_s = time.perf_counter() - started_s
-    return (sum(r[0] for r in results), [s for r in results for s in r[1]], elapsed_s)
+    return (sum(r[0] for r in results), [s for r in results for s in r[1]], elapsed_s,
+            [k for r in results for k in r[2]] if near else [])
 
 
 def concurrent_cases(master_addr, kinds, sizes, settings: CaseSettings, num_threads: int,
@@ -89,8 +95,10 @@ def concurrent_cases(master_addr, kinds, sizes, settings: CaseSettings, num_thre
     import numpy as np
 
     import kvstore
+    from kvstore.bench.placement import check_placement
 
     duration_s = settings.budget.duration_s
+    near = settings.target_node
     ctx = mp.get_context("spawn")
     for kind in kinds:
         with kvstore.connect(master_addr, token=settings.token, transport=kind,
@@ -102,7 +110,8 @@ def concurrent_cases(master_addr, kinds, sizes, settings: CaseSettings, num_thre
                 src = np.random.default_rng(1).integers(0, 256, size_bytes, np.uint8)
                 prefix = f"bench/{time.time_ns()}/{kind}/{size_bytes}"
                 keys = [f"{prefix}/fixed/{i}" for i in range(num_items)]
-                _raise_first(store.batch_put(keys, [src] * num_items))
+                _raise_first(store.batch_put(keys, [src] * num_items, near_node=near))
+                put_keys = list(keys)
                 by_mode = {}
                 try:
                     for mode, op in (("single", "get"), ("batch", "get"), ("single", "put"),
@@ -111,10 +120,12 @@ def concurrent_cases(master_addr, kinds, sizes, settings: CaseSettings, num_thre
                         start_at = time.time() + 0.2
                         parts = pool.map(run_phase, [
                             (op, mode, keys, prefix, size_bytes, items, num_threads, start_at,
-                             duration_s, settings.verify_all, w) for w in range(num_processes)])
+                             duration_s, settings.verify_all, w, near)
+                            for w in range(num_processes)])
                         moved = sum(p[0] for p in parts)
                         elapsed_s = max(p[2] for p in parts)
                         samples = [s for p in parts for s in p[1]]
+                        put_keys += [k for p in parts for k in p[3]]
                         copy = settings.ceiling.fn(size_bytes, items,
                                                    size_bytes * num_items)
                         memcpy_gbps = rate(copy, size_bytes * items, settings.budget)
@@ -124,6 +135,9 @@ def concurrent_cases(master_addr, kinds, sizes, settings: CaseSettings, num_thre
                         by_mode[mode, op] = make_row("client", kind, size_bytes, mode, items,
                                                      op, figure, num_threads * num_processes)
                         settings.progress.update(1)
+                    what = f"client {kind} {size_bytes} B x{num_threads * num_processes}"
+                    settings.placement[what] = check_placement(
+                        master_addr, settings.token, put_keys, near, what, tls=settings.tls)
                 finally:
                     store.remove_prefix(prefix, force=True)
                 rows += [by_mode[k] for k in (("single", "put"), ("single", "get"),

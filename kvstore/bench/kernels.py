@@ -147,7 +147,10 @@ def _time_s(call: Callable[[], object], device: str) -> tuple[float, float]:
     return time.perf_counter() - start, time.process_time() - start_cpu
 
 
-def run(args) -> dict:
+def run(args, progress=None, partial: list | None = None) -> dict:
+    """Measure every op of ``args.device`` and return the result document. The samples are
+    kept in ``partial`` (appended before the first round) as they come, so that a Ctrl-C
+    can still report them (``summarize``); ``progress`` gets ``update(1)`` per op timed."""
     layers, ids = _cache(args)
     calls, num_bytes = _ops(layers, ids, args)
     if args.only:  # the ceilings always run: every figure is compared with them
@@ -156,6 +159,9 @@ def run(args) -> dict:
     for call in calls.values():  # warm up: first touch, thread start, lazy loads
         call()
     times_s: dict[str, list[tuple[float, float]]] = {name: [] for name in calls}
+    state = {"args": args, "num_bytes": num_bytes, "times_s": times_s}
+    if partial is not None:
+        partial.append(state)
     for _ in range(args.rounds):
         for name, call in calls.items():
             # NOTE: torch's OpenMP workers spin for a while after each parallel region (torch
@@ -164,36 +170,49 @@ def run(args) -> dict:
             # after a memcpy). Idle time, untimed, lets them sleep first.
             time.sleep(SETTLE_S)
             times_s[name].append(_time_s(call, args.device))
+            if progress is not None:
+                progress.update(1)
+    return summarize(state)
+
+
+def summarize(state: dict) -> dict:
+    """The result document of ``run`` from the samples so far (ops not yet timed left out;
+    ``pct_of_ceiling`` None while the ceiling has no sample)."""
+    args, num_bytes = state["args"], state["num_bytes"]
     rows = []
-    for name, samples in times_s.items():
+    for name, samples in state["times_s"].items():
+        if not samples:
+            continue
         wall = [w for w, _ in samples]
         best, median = min(wall), statistics.median(wall)
         # NOTE: GB per CPU-second (all threads) stays comparable when other processes take
         # the cores: a preempted round loses wall time, not CPU time. Threads that spin
         # waiting (torch's OpenMP pool) count too, so it favours nothing over the kernels.
         cpu_s = statistics.median(c for _, c in samples)
-        rows.append({"op": name, "best_s": best, "median_s": median,
+        rows.append({"op": name, "best_s": best, "median_s": median, "rounds": len(samples),
                      "gbps": num_bytes / best / 1e9, "median_gbps": num_bytes / median / 1e9,
                      "median_cpu_s": cpu_s, "gb_per_cpu_s": num_bytes / max(cpu_s, 1e-9) / 1e9})
-    ceiling = next(r for r in rows if r["op"] in ONE_THREAD_CEILINGS)
+    ceiling = next((r for r in rows if r["op"] in ONE_THREAD_CEILINGS), None)
     copies = [r for r in rows if r["op"].startswith(COPY_PREFIXES)]
-    best = max(copies, key=lambda r: r["gbps"])
-    best_median = max(r["median_gbps"] for r in copies)
-    for r in rows:
-        r["pct_of_ceiling"] = 100.0 * r["gbps"] / ceiling["gbps"]
-        r["of_best_copy"] = r["gbps"] / best["gbps"]
-        r["median_of_best_copy"] = r["median_gbps"] / best_median
+    best = max(copies, key=lambda r: r["gbps"]) if copies else None
+    best_median = max((r["median_gbps"] for r in copies), default=None)
+    for r in rows:   # None while a Ctrl-C came before the ceiling or the copies had a sample
+        r["pct_of_ceiling"] = None if ceiling is None else 100.0 * r["gbps"] / ceiling["gbps"]
+        r["of_best_copy"] = None if best is None else r["gbps"] / best["gbps"]
+        r["median_of_best_copy"] = None if best is None else r["median_gbps"] / best_median
     return {"device": args.device, "layout": args.layout, "dtype": args.dtype,
             "num_bytes": num_bytes, "threads": torch.get_num_threads(),
             "config": {k: getattr(args, k) for k in ("num_layers", "num_blocks", "block_size",
                                                      "num_heads", "head_dim", "num_pages",
                                                      "rounds")},
-            "ceiling": ceiling["op"], "best_copy": best["op"], "rows": rows}
+            "ceiling": None if ceiling is None else ceiling["op"],
+            "best_copy": None if best is None else best["op"], "rows": rows}
 
 
 def check_targets(result: dict) -> list[tuple[str, bool, str]]:
     """Issue 15's targets, as ratios of the best copy measured in the same run."""
-    ratio = {r["op"]: r["of_best_copy"] for r in result["rows"]}
+    ratio = {r["op"]: r["of_best_copy"] for r in result["rows"]
+             if r["of_best_copy"] is not None}
     if result["device"] == "cpu":
         goals = [("gather", 0.8), ("scatter", 0.8), ("gather_quantize", 0.6)]
     else:
@@ -210,9 +229,12 @@ def _print(result: dict, rounds: int) -> None:
     print(f"{'op':<30}{'GB/s':>8}{'median':>9}{'x best copy':>13}{'(median)':>10}"
           f"{'% ceiling':>11}{'GB/cpu-s':>10}")
     for r in result["rows"]:
+        def fmt(value, spec, suffix=""):
+            return "" if value is None else f"{value:{spec}}{suffix}"
         print(f"{r['op']:<30}{r['gbps']:>8.2f}{r['median_gbps']:>9.2f}"
-              f"{r['of_best_copy']:>12.2f}x{r['median_of_best_copy']:>9.2f}x"
-              f"{r['pct_of_ceiling']:>10.0f}%{r['gb_per_cpu_s']:>10.2f}")
+              f"{fmt(r['of_best_copy'], '.2f', 'x'):>13}"
+              f"{fmt(r['median_of_best_copy'], '.2f', 'x'):>10}"
+              f"{fmt(r['pct_of_ceiling'], '.0f', '%'):>11}{r['gb_per_cpu_s']:>10.2f}")
     for name, ok, detail in check_targets(result):
         print(f"{'PASS' if ok else 'MISS'}  {name}: {detail}")
     print()
@@ -255,13 +277,32 @@ def command(json_path: str, **options) -> None:
         devices = [options["device"]]
     if "cuda" in devices and not torch.cuda.is_available():
         raise click.UsageError("--device cuda: no CUDA device (or a CPU build of torch)")
-    results = []
-    for device in devices:
-        args = argparse.Namespace(**{**options, "device": device})
-        results.append(run(args))
-        _print(results[-1], args.rounds)
+    from tqdm import tqdm
+
+    results, partial = [], []
+    interrupted = False
+    progress = tqdm(total=None, desc="bench kernels", unit="op", leave=False)
+    try:
+        for device in devices:
+            args = argparse.Namespace(**{**options, "device": device})
+            results.append(run(args, progress, partial))
+    except KeyboardInterrupt:
+        # NOTE: like `bench transfer`: what was measured is printed and written, exit 130
+        interrupted = True
+        if len(partial) > len(results):
+            results.append(summarize(partial[-1]))
+        results = [r for r in results if r["rows"]]
+        progress.write(f"\ninterrupted: {sum(len(r['rows']) for r in results)} op(s) "
+                       "measured so far")
+    finally:
+        progress.close()
+    for result in results:
+        _print(result, options["rounds"])
     out = {"command": sys.argv, "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-           "results": results, **results[0]}  # NOTE: results[0] flat: older readers of the JSON
+           "interrupted": interrupted, "results": results,
+           **(results[0] if results else {})}  # NOTE: results[0] flat: older readers of the JSON
     Path(json_path).parent.mkdir(parents=True, exist_ok=True)
     Path(json_path).write_text(json.dumps(out, indent=2))
     print(f"wrote {json_path}")
+    if interrupted:
+        raise SystemExit(130)

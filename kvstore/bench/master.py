@@ -19,6 +19,7 @@ import json
 import multiprocessing as mp
 import os
 import re
+import signal
 import subprocess
 import sys
 import tempfile
@@ -112,8 +113,11 @@ def populate(address: str, num_keys: int = NUM_KEYS, tenant: bool = False) -> li
 def client_worker(target: tuple, op: str, batch: int, worker: int, seconds: float,
                   start_at: float, out: mp.Queue, num_keys: int = NUM_KEYS) -> None:
     """Call ``op`` in a loop for ``seconds`` (starting at wall time ``start_at``); put the
-    per-call latencies (seconds) on ``out``."""
+    per-call latencies (seconds) on ``out``. Ignores SIGINT: a Ctrl-C reaches the whole
+    process group, and the parent stops its workers itself."""
     import random
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     from kvstore.v1 import master_pb2 as pb
     rng = random.Random(worker)
     keys = [f"bench/model-x/L32/xxh64v1/{i:016x}" for i in range(num_keys)]
@@ -159,11 +163,26 @@ def run_cell(target: tuple, op: str, batch: int, num_clients: int, seconds: floa
     procs = [ctx.Process(target=client_worker,
                          args=(target, op, batch, w, seconds, start_at, out, num_keys))
              for w in range(num_clients)]
-    for p in procs:
-        p.start()
-    all_latencies = [out.get(timeout=seconds + 120) for _ in procs]
-    for p in procs:
-        p.join()
+    # NOTE: SIGINT is held while the workers start: a Ctrl-C in the middle of a spawn's
+    # handover would leave the child half-fed (a traceback from its bootstrap); it is
+    # delivered once they all run (the mask is inherited: the workers ignore SIGINT anyway)
+    started = []
+    try:
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+        try:
+            for p in procs:
+                p.start()
+                started.append(p)
+        finally:
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+        all_latencies = [out.get(timeout=seconds + 120) for _ in procs]
+    except BaseException:
+        for p in started:  # NOTE: on Ctrl-C (or an error) the workers are stopped, not awaited
+            p.terminate()
+        raise
+    finally:
+        for p in started:
+            p.join()
     merged = sorted(x for lat in all_latencies for x in lat)
     num_calls = len(merged)
     return {"op": op, "batch": batch, "clients": num_clients, "calls": num_calls,
@@ -248,55 +267,36 @@ def command(quick: bool, modes: str, paths: str, seconds: float | None, num_keys
     seconds = seconds or (0.5 if quick else 2.0)
     batches = (1, 1024) if quick else BATCHES
     clients = (1,) if quick else CLIENTS
-    ceiling = in_process_ceiling(num_keys)
-    results = {"command": sys.argv, "ceiling_in_process": ceiling, "modes": {},
-               "tenant": tenant,
-               "loadavg_at_start": os.getloadavg(), "date": time.strftime("%Y-%m-%d %H:%M UTC",
-                                                                            time.gmtime())}
-    print(f"in-process ceiling (request bytes -> reply bytes, no transport, batch 1024): "
-          f"get_replicas "
-          f"{ceiling['get_replicas_keys_per_s']:,.0f} keys/s, exists "
-          f"{ceiling['exists_keys_per_s']:,.0f} keys/s, put_start+put_end "
-          f"{ceiling['put_keys_per_s']:,.0f} keys/s")
+    results = {"command": sys.argv, "ceiling_in_process": None, "modes": {},
+               "tenant": tenant, "interrupted": False, "loadavg_at_start": os.getloadavg(),
+               "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
     cells = [(op, batch, n) for op in ("get_replicas", "exists", "put") for batch in batches
              for n in clients]
-    progress = tqdm(total=len(mode_list) * len(path_list) * (len(cells) + 1),
+    progress = tqdm(total=len(mode_list) * len(path_list) * (len(cells) + 1) + 1,
                     desc="bench master", unit="cell", leave=False)
     tenants_dir = tempfile.TemporaryDirectory(prefix="kvstore-bench-")
     tenants_file = None
     if tenant:
         tenants_file = str(Path(tenants_dir.name) / "tenants.toml")
         Path(tenants_file).write_text(TENANTS_TOML)
-    for mode, path in [(m, p) for m in mode_list for p in path_list]:
-        proc, address, fast_port = start_master(mode, tenants_file)
-        target = (path, address, fast_port, TENANT_TOKEN if tenant else None)
-        try:
-            populate(address, num_keys, tenant)
-            floor = run_cell(target, "empty", 0, 1, seconds, num_keys)
-            progress.update(1)
-            rows = []
-            for op, batch, n in cells:
-                rows.append(run_cell(target, op, batch, n, seconds, num_keys))
-                rows[-1]["pct_of_ceiling"] = (100 * rows[-1]["keys_per_s"]
-                                              / ceiling[_CEILING_KEY[op]])
-                progress.update(1)
-        finally:
-            proc.terminate()
-            proc.wait(timeout=10)
-        mode = f"{mode}/{path}"
-        results["modes"][mode] = {"floor_p50_us": floor["p50_us"], "rows": rows}
-        progress.write(f"\nmaster {mode}: floor (empty Exists, 1 client) p50 "
-                       f"{floor['p50_us']:.0f} us")
-        progress.write(f"{'op':<14}{'batch':>6}{'clients':>8}{'keys/s':>14}{'%ceiling':>9}"
-                       f"{'p50 us':>10}{'p99 us':>10}")
-        for r in rows:
-            progress.write(f"{r['op']:<14}{r['batch']:>6}{r['clients']:>8}"
-                           f"{r['keys_per_s']:>14,.0f}{r['pct_of_ceiling']:>8.1f}%"
-                           f"{r['p50_us']:>10.0f}{r['p99_us']:>10.0f}")
-    progress.close()
-    tenants_dir.cleanup()
+    try:
+        _measure(results, mode_list, path_list, cells, seconds, num_keys, progress,
+                 tenants_file)
+    except KeyboardInterrupt:
+        # NOTE: like `bench transfer`: what was measured is printed and written, exit 130
+        results["interrupted"] = True
+        progress.write(f"\ninterrupted: "
+                       f"{sum(len(m['rows']) for m in results['modes'].values())} cell(s) "
+                       "measured so far")
+    finally:
+        progress.close()
+        tenants_dir.cleanup()
+    for mode, data in results["modes"].items():
+        _print_mode(mode, data)
     checks = []
     for mode, data in results["modes"].items():
+        if len(data["rows"]) < len(cells):
+            continue  # interrupted: an incomplete mode is not judged
         by = {(r["op"], r["batch"], r["clients"]): r for r in data["rows"]}
         best_get = max((r for k, r in by.items() if k[0] == "get_replicas" and k[1] == 1024),
                        key=lambda r: r["keys_per_s"])
@@ -318,3 +318,49 @@ def command(quick: bool, modes: str, paths: str, seconds: float | None, num_keys
     Path(json_path).parent.mkdir(parents=True, exist_ok=True)
     Path(json_path).write_text(json.dumps(results, indent=2))
     print(f"\nwrote {json_path}")
+    if results["interrupted"]:
+        raise SystemExit(130)
+
+
+def _measure(results: dict, mode_list, path_list, cells, seconds: float, num_keys: int,
+             progress, tenants_file: str | None = None) -> None:
+    """Fill ``results`` (the ceiling, then each mode's rows as they are measured, so a
+    Ctrl-C keeps every finished cell); each master started is stopped, on error too. With
+    ``tenants_file`` the masters have tenants and every client uses a tenant's token."""
+    ceiling = in_process_ceiling(num_keys)
+    results["ceiling_in_process"] = ceiling
+    progress.update(1)
+    progress.write(f"in-process ceiling (request bytes -> reply bytes, no transport, batch "
+                   f"1024): get_replicas {ceiling['get_replicas_keys_per_s']:,.0f} keys/s, "
+                   f"exists {ceiling['exists_keys_per_s']:,.0f} keys/s, put_start+put_end "
+                   f"{ceiling['put_keys_per_s']:,.0f} keys/s")
+    for mode, path in [(m, p) for m in mode_list for p in path_list]:
+        proc, address, fast_port = start_master(mode, tenants_file)
+        target = (path, address, fast_port, TENANT_TOKEN if tenants_file else None)
+        try:
+            populate(address, num_keys, tenants_file is not None)
+            floor = run_cell(target, "empty", 0, 1, seconds, num_keys)
+            progress.update(1)
+            data = results["modes"][f"{mode}/{path}"] = {"floor_p50_us": floor["p50_us"],
+                                                         "rows": []}
+            for op, batch, n in cells:
+                row = run_cell(target, op, batch, n, seconds, num_keys)
+                row["pct_of_ceiling"] = 100 * row["keys_per_s"] / ceiling[_CEILING_KEY[op]]
+                data["rows"].append(row)
+                progress.update(1)
+        finally:
+            proc.terminate()
+            proc.wait(timeout=10)
+
+
+def _print_mode(mode: str, data: dict) -> None:
+    print(f"\nmaster {mode}: floor (empty Exists, 1 client) p50 {data['floor_p50_us']:.0f} us")
+    print(f"{'op':<14}{'batch':>6}{'clients':>8}{'keys/s':>14}{'%ceiling':>9}"
+          f"{'p50 us':>10}{'p99 us':>10}")
+    for r in data["rows"]:
+        print(f"{r['op']:<14}{r['batch']:>6}{r['clients']:>8}{r['keys_per_s']:>14,.0f}"
+              f"{r['pct_of_ceiling']:>8.1f}%{_us(r['p50_us'])}{_us(r['p99_us'])}")
+
+
+def _us(value) -> str:
+    return f"{'':>10}" if value is None else f"{value:>10.0f}"

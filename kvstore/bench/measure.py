@@ -196,3 +196,56 @@ def make_cpu_probe(pids: list[int]):
                 pass
         return total_s
     return probe
+
+
+def disk_gbps(directory: str, sizes: list[int], budget: Budget) -> tuple[dict, bool]:
+    """The disk's own bandwidth in ``directory`` with the SSD tier's I/O pattern: one thread
+    (the tier serves a connection on one), requests of at most CHUNK_BYTES (8 MiB) in whole
+    4 KiB blocks, O_DIRECT where the filesystem allows it (else buffered, as the tier falls
+    back), no fsync (the tier issues none), cycling through a file of 4 values or 64 MiB.
+    Returns ``({size: {"put": write GB/s, "get": read GB/s}}, direct)``; the file is removed."""
+    import mmap
+    import os
+
+    from kvstore.daemon.aligned_io import BLOCK_BYTES, CHUNK_BYTES
+
+    path = os.path.join(directory, f"kvstore-bench-disk-{os.getpid()}.tmp")
+    request_bytes = min(CHUNK_BYTES, -(-max(sizes) // BLOCK_BYTES) * BLOCK_BYTES)
+    buffer = mmap.mmap(-1, request_bytes)          # page-aligned, as O_DIRECT needs
+    buffer.write(os.urandom(request_bytes))
+    try:
+        fd = os.open(path, os.O_CREAT | os.O_RDWR | os.O_TRUNC | os.O_DIRECT, 0o600)
+        direct = True
+    except OSError:
+        fd = os.open(path, os.O_CREAT | os.O_RDWR | os.O_TRUNC, 0o600)
+        direct = False
+    try:
+        figures = {}
+        for size_bytes in sizes:
+            call_bytes = -(-size_bytes // BLOCK_BYTES) * BLOCK_BYTES
+            file_bytes = max(4 * call_bytes, 64 << 20)
+            os.posix_fallocate(fd, 0, file_bytes)
+            state = {"offset": 0}
+
+            def one_call(io) -> None:
+                offset = state["offset"]
+                if offset + call_bytes > file_bytes:
+                    offset = 0
+                done = 0
+                while done < call_bytes:
+                    step = min(request_bytes, call_bytes - done)
+                    io(fd, memoryview(buffer)[:step], offset + done)
+                    done += step
+                state["offset"] = offset + call_bytes
+
+            write = rate(lambda: one_call(lambda f, b, o: os.pwritev(f, [b], o)), size_bytes,
+                         budget)
+            state["offset"] = 0
+            read = rate(lambda: one_call(lambda f, b, o: os.preadv(f, [b], o)), size_bytes,
+                        budget)
+            figures[size_bytes] = {"put": write, "get": read}
+        return figures, direct
+    finally:
+        os.close(fd)
+        os.unlink(path)
+        buffer.close()

@@ -22,11 +22,13 @@ def require_matplotlib():
     return plt
 
 
-def plot_transfer(rows: list[dict], loopback_by_size: dict[int, float], path: str,
-                  title: str) -> None:
+def plot_transfer(rows: list[dict], loopback_by_size: dict[int, float],
+                  raw_nixl_by_size: dict[int, dict[str, float]],
+                  disk_by_size: dict[int, dict[str, float]], path: str, title: str) -> None:
     """GB/s against value size (log scale): one line per (level, transport, mode, op), solid
     for the client level, dotted for the transport level; the memcpy ceiling (best per size
-    over the run) and the loopback ceiling dashed."""
+    over the run), the loopback ceiling, the raw NIXL ceilings (WRITE, READ) and the disk's
+    (write, read) dashed."""
     plt = require_matplotlib()
     fig, ax = plt.subplots(figsize=(7.5, 4.5), dpi=90)
     lines: dict[tuple, list[tuple[int, float]]] = {}
@@ -43,12 +45,21 @@ def plot_transfer(rows: list[dict], loopback_by_size: dict[int, float], path: st
         ax.plot([p[0] for p in points], [p[1] for p in points], color=colors[i % len(colors)],
                 marker="o" if op == "get" else "s", markersize=3,
                 linestyle="-" if level == "client" else ":", label=f"{level} {kind} {op} {mode}")
+    raw_write = {size: ops["put"] for size, ops in raw_nixl_by_size.items()}
+    raw_read = {size: ops["get"] for size, ops in raw_nixl_by_size.items()}
     for name, values in (("memcpy (1 thread, same pattern)", ceiling),
-                         ("loopback TCP", loopback_by_size)):
+                         ("loopback TCP", loopback_by_size), ("raw NIXL WRITE", raw_write),
+                         ("raw NIXL READ", raw_read),
+                         ("disk write", {s: d["put"] for s, d in disk_by_size.items()}),
+                         ("disk read", {s: d["get"] for s, d in disk_by_size.items()})):
         if values:
             sizes = sorted(values)
-            ax.plot(sizes, [values[s] for s in sizes], linestyle="--", color="black"
-                    if name.startswith("memcpy") else "grey", label=f"ceiling: {name}")
+            color = {"memcpy": "black", "loopback": "grey", "raw NIXL WRITE": "tab:red",
+                     "raw NIXL READ": "tab:purple", "disk write": "tab:brown",
+                     "disk read": "tab:olive"}
+            ax.plot(sizes, [values[s] for s in sizes], linestyle="--",
+                    color=next(c for k, c in color.items() if name.startswith(k)),
+                    label=f"ceiling: {name}")
     ax.set_xscale("log", base=2)
     ax.set_xlabel("value size (bytes)")
     ax.set_ylabel("GB/s (1e9 bytes/s)")

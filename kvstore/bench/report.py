@@ -17,15 +17,31 @@ def _cell(value, spec: str) -> str:
     return "" if value is None else format(value, spec)
 
 
-def format_table(rows: list[dict], loopback_by_size: dict[int, float]) -> str:
-    """One line per row: GB/s, the memcpy ceiling and the ratio, the loopback ceiling and
-    ratio for tcp, CPU s/GB, p50/p90/p99 latency of one call."""
+def link_ceiling(row: dict, loopback_by_size: dict[int, float],
+                 raw_nixl_by_size: dict[int, dict[str, float]],
+                 disk_by_size: dict[int, dict[str, float]] | None = None) -> float | None:
+    """The row's link ceiling in GB/s: the disk (write for puts, read for gets) for ssd rows,
+    loopback TCP for tcp rows, raw NIXL of the same op for nixl rows, None for the others."""
+    if row["level"] == "ssd":
+        return (disk_by_size or {}).get(row["size_bytes"], {}).get(row["op"])
+    if row["transport"] == "tcp":
+        return loopback_by_size.get(row["size_bytes"])
+    if row["transport"] == "nixl":
+        return raw_nixl_by_size.get(row["size_bytes"], {}).get(row["op"])
+    return None
+
+
+def format_table(rows: list[dict], loopback_by_size: dict[int, float],
+                 raw_nixl_by_size: dict[int, dict[str, float]] | None = None,
+                 disk_by_size: dict[int, dict[str, float]] | None = None) -> str:
+    """One line per row: GB/s, the memcpy ceiling and the ratio, the link ceiling and ratio
+    (``link_ceiling``), CPU s/GB, p50/p90/p99 latency of one call."""
     header = (f"{'level':<9} {'transport':<9} {'size':>9} {'mode':<6} {'items':>5} {'conc':>4}"
-              f" {'op':<4} {'GB/s':>7} {'memcpy':>7} {'%memcpy':>7} {'loopbk':>7} {'%loopbk':>7}"
+              f" {'op':<4} {'GB/s':>7} {'memcpy':>7} {'%memcpy':>7} {'link':>7} {'%link':>7}"
               f" {'cpu s/GB':>8} {'p50 us':>8} {'p90 us':>8} {'p99 us':>8}")
     lines = [header, "-" * len(header)]
     for row in rows:
-        loopback = loopback_by_size.get(row["size_bytes"]) if row["transport"] == "tcp" else None
+        loopback = link_ceiling(row, loopback_by_size, raw_nixl_by_size or {}, disk_by_size)
         lines.append(
             f"{row['level']:<9} {row['transport']:<9} {format_size(row['size_bytes']):>9} "
             f"{row['mode']:<6} {row['batch_items']:>5} {row['concurrency']:>4} {row['op']:<4} "

@@ -11,10 +11,10 @@ import sys
 
 import click
 
-from kvstore.bench.measure import Budget, ColdCopy, loopback_gbps, make_cpu_probe
+from kvstore.bench.measure import Budget, ColdCopy, disk_gbps, loopback_gbps, make_cpu_probe
 from kvstore.bench.report import document, format_table, loadavg
-from kvstore.bench.transfer import CaseSettings, batch_items, client_cases, first_node, \
-    transport_cases
+from kvstore.bench.placement import pick_node
+from kvstore.bench.transfer import CaseSettings, batch_items, client_cases, transport_cases
 
 
 @contextlib.contextmanager
@@ -53,27 +53,39 @@ def run_transfer(master_addr: str | None, token: str | None, kinds: list[str],
     load_at_start = loadavg()
     concurrency = settings["threads"] * settings["processes"]
     if master_addr is not None:
-        first_node(master_addr, token, tls=tls)  # an unreachable master: a usage error, now
+        # an unreachable master or an unknown --target-node is a usage error, up front
+        pick_node(master_addr, token, settings["target_node"], tls=tls)
     servers = ()
     rows: list[dict] = []
     loopback_by_size: dict[int, float] = {}
+    raw_nixl_by_size: dict[int, dict[str, float]] = {}
+    disk_by_size: dict[int, dict[str, float]] = {}
+    disk_io = None
     interrupted = False
+    case = None
     try:
         if master_addr is None:
             largest_batch = max(s * batch_items(s, settings["batch"]) for s in sizes)
             with _signals_held():
+                ssd = settings.get("ssd_dir")
                 servers = start_cluster(dram_bytes=settings["dram_bytes"]
                                         or max(4 * largest_batch * concurrency, 2 * 1024**3),
+                                        nixl="nixl" in kinds,
+                                        ssd=ssd and f"{ssd}/store:{2 * largest_batch + 2**28}",
                                         tls=tls)
             master_addr = servers[0].address
-        total = 4 * len(kinds) * len(sizes) * len(levels)
+        total = 4 * len(sizes) * (len(kinds) * len(levels) + bool(settings.get("ssd_dir")))
         with tqdm(total=total, desc="bench transfer", unit="case", leave=False) as progress:
             if "tcp" in kinds:
                 loopback_by_size = loopback_gbps(sizes, budget)
-            node = first_node(master_addr, token, tls=tls)
+            node = pick_node(master_addr, token, settings["target_node"], tls=tls)
+            if "nixl" in kinds:
+                from kvstore.bench.nixl_ceiling import raw_nixl_gbps
+
+                raw_nixl_by_size = raw_nixl_gbps(master_addr, token, node, sizes, budget, tls=tls)
             case = CaseSettings(budget, settings["verify"], settings["batch"],
                                 make_cpu_probe([s.proc.pid for s in servers]), ColdCopy(),
-                                progress, token, tls)
+                                progress, token, tls, settings["target_node"])
             if "transport" in levels:
                 transport_cases(master_addr, node, kinds, sizes, case, rows)
             if "client" in levels and concurrency > 1:
@@ -81,13 +93,32 @@ def run_transfer(master_addr: str | None, token: str | None, kinds: list[str],
                                  settings["processes"], rows)
             elif "client" in levels:
                 client_cases(master_addr, kinds, sizes, case, rows)
+            if settings.get("ssd_dir"):
+                # NOTE: the SSD tier is served over the data plane (tcp, whatever --transports
+                # says), one connection and thread per client: the disk ceiling uses the same
+                # pattern
+                disk_by_size, direct = disk_gbps(settings["ssd_dir"], sizes, budget)
+                disk_io = "O_DIRECT" if direct else "buffered"
+                client_cases(master_addr, ["tcp"], sizes, case, rows, tier="ssd")
     except KeyboardInterrupt:
         interrupted = True
         click.echo(f"\ninterrupted: {len(rows)} figure(s) measured so far", err=True)
     finally:
         for server in reversed(servers):  # the daemon first: it deregisters from a live master
             server.close()
-    click.echo(format_table(rows, loopback_by_size))
+        if servers and settings.get("ssd_dir"):   # the SSD segment the bench's daemon made
+            import shutil
+
+            shutil.rmtree(f"{settings['ssd_dir']}/store", ignore_errors=True)
+    click.echo(format_table(rows, loopback_by_size, raw_nixl_by_size, disk_by_size))
+    if disk_io:
+        click.echo(f"ssd rows: the link ceiling is the disk in {settings['ssd_dir']} ({disk_io}, "
+                   "1 thread, requests of at most 8 MiB)")
     load = loadavg()
     click.echo(f"load average (1/5/15 min): {load_at_start} at start, {load} at end")
-    return document(rows, loopback_by_size, settings, load_at_start, interrupted)
+    result = document(rows, loopback_by_size, settings, load_at_start, interrupted)
+    result["raw_nixl_gbps"] = {str(k): v for k, v in raw_nixl_by_size.items()}
+    result["disk_gbps"] = {str(k): v for k, v in disk_by_size.items()}
+    result["disk_io"] = disk_io
+    result["placement"] = case.placement if case is not None else {}
+    return result

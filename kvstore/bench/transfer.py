@@ -45,25 +45,8 @@ class CaseSettings:
     progress: Any
     token: str | None = None
     tls: Any = None     # kvstore.TLSConfig of every connection (None: plain text)
-
-
-def first_node(master_addr: str, token: str | None, timeout_s: float = 5.0, tls=None):
-    """The first storage node the master lists. Raises click.UsageError when the master
-    cannot be reached, click.ClickException when it lists no node."""
-    import grpc
-
-    from kvstore._errors import KVStoreError
-    from kvstore.rpc import grpc_client
-
-    try:
-        with grpc_client(master_addr, token=token, rpc_timeout_s=timeout_s, tls=tls) as client:
-            nodes = client.list_nodes()
-    except (KVStoreError, grpc.RpcError, OSError, ValueError) as exc:
-        raise click.UsageError(f"--master {master_addr}: cannot reach the master: {exc}") \
-            from exc
-    if not nodes:
-        raise click.ClickException(f"master {master_addr} lists no storage node")
-    return nodes[0]
+    target_node: str | None = None   # --target-node: every put goes there (checked)
+    placement: dict = dataclasses.field(default_factory=dict)  # case -> {node: replicas}
 
 
 def transport_cases(master_addr: str, node, kinds, sizes, settings: CaseSettings,
@@ -84,21 +67,22 @@ def transport_cases(master_addr: str, node, kinds, sizes, settings: CaseSettings
             _check(slots)
             size_to_targets[size_bytes] = [targets[0] for targets in slots]
         try:
-            _transport_cases(size_to_targets, kinds, sizes, settings, rows)
+            _transport_cases(node, size_to_targets, kinds, sizes, settings, rows)
         finally:
             for size_bytes, targets in size_to_targets.items():
                 master.put_revoke([f"bench-transport-{size_bytes}-{i}"
                                    for i in range(len(targets))], client_id="bench")
 
 
-def _transport_cases(size_to_targets, kinds, sizes, settings: CaseSettings,
+def _transport_cases(node, size_to_targets, kinds, sizes, settings: CaseSettings,
                      rows: list) -> None:
     import numpy as np
 
     from kvstore.transport import make_transports
 
     for kind in kinds:
-        transport = make_transports(kind, token=settings.token, tls=settings.tls)[0]
+        transport = make_transports(kind, token=settings.token, tls=settings.tls,
+                                    nodes=lambda: {node.node_id: node.nixl_metadata})[0]
         try:
             for size_bytes in sizes:
                 num_items = batch_items(size_bytes, settings.batch)
@@ -129,16 +113,23 @@ def _transport_cases(size_to_targets, kinds, sizes, settings: CaseSettings,
             transport.close()
 
 
-def client_cases(master_addr, kinds, sizes, settings: CaseSettings, rows: list) -> None:
+def client_cases(master_addr, kinds, sizes, settings: CaseSettings, rows: list,
+                 tier: str | None = None) -> None:
     """Append the client level's rows to ``rows``: kvstore.connect put/get, fresh keys per
-    put, removed after each case."""
+    put, removed after each case. Every put asks for ``settings.target_node`` (when set), and
+    before the removal the master is asked where the case's keys went
+    (``kvstore.bench.placement``: an error when one is elsewhere); the counts go to
+    ``settings.placement``. With ``tier`` ("ssd") every put asks for that tier and the rows'
+    level is the tier's name."""
     import itertools
 
     import numpy as np
 
     import kvstore
+    from kvstore.bench.placement import check_placement
 
     counter = itertools.count()
+    near = settings.target_node
     for kind in kinds:
         with kvstore.connect(master_addr, token=settings.token, transport=kind,
                              tls=settings.tls) as store:
@@ -146,29 +137,37 @@ def client_cases(master_addr, kinds, sizes, settings: CaseSettings, rows: list) 
                 num_items = batch_items(size_bytes, settings.batch)
                 src = np.random.default_rng(1).integers(0, 256, size_bytes, np.uint8)
                 outs = [np.empty(size_bytes, np.uint8) for _ in range(num_items)]
-                prefix = f"bench/{time.time_ns()}/{kind}/{size_bytes}"
+                prefix = f"bench/{time.time_ns()}/{tier or kind}/{size_bytes}"
                 keys = [f"{prefix}/fixed/{i}" for i in range(num_items)]
-                _check(store.batch_put(keys, [src] * num_items))
+                _check(store.batch_put(keys, [src] * num_items, near_node=near, tier=tier))
+                put_keys = list(keys)
 
                 # NOTE: fresh keys per put (a second put of a key is a no-op); they are
                 # removed after the case, and the master evicts old ones if a case outgrows
                 # the pool.
                 def put_one():
-                    store.put(f"{prefix}/{next(counter)}", src)
+                    put_keys.append(f"{prefix}/{next(counter)}")
+                    store.put(put_keys[-1], src, near_node=near, tier=tier)
 
                 def put_many():
                     batch = [f"{prefix}/{next(counter)}" for _ in range(num_items)]
-                    _check(store.batch_put(batch, [src] * num_items))
+                    put_keys.extend(batch)
+                    _check(store.batch_put(batch, [src] * num_items, near_node=near,
+                                           tier=tier))
 
                 turn = _Turns(num_items)  # single gets cycle through the batch's keys
                 ops = {"put_one": put_one, "put_many": put_many,
                        "get_one": lambda: store.get_into(*_at(keys, outs, turn())),
                        "get_many": lambda: _check(store.batch_get_into(keys, outs))}
                 try:
-                    rows += measure_case("client", kind, size_bytes, num_items, ops, settings)
+                    level = tier or "client"
+                    rows += measure_case(level, kind, size_bytes, num_items, ops, settings)
                     for i, out in enumerate(outs):
                         check_bytes(src, out, verify_all=settings.verify_all,
-                                    what=f"client {kind} {size_bytes} B item {i}")
+                                    what=f"{level} {kind} {size_bytes} B item {i}")
+                    what = f"{level} {kind} {size_bytes} B"
+                    settings.placement[what] = check_placement(
+                        master_addr, settings.token, put_keys, near, what, tls=settings.tls)
                 finally:
                     store.remove_prefix(prefix, force=True)
 

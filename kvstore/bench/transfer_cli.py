@@ -6,14 +6,21 @@ private daemon's segment: the data path alone) and ``client`` (``kvstore.connect
 master round trips, allocation and checksums included; from ``--threads`` x ``--processes``
 workers when either is above 1). Every figure is printed beside a ceiling measured in the same
 run, as a ratio: a single-thread memcpy with the same access pattern (as many distinct buffers
-as the case touches; rounds interleaved with the figure's own), and for tcp rows raw Python TCP over loopback to another process.
+as the case touches; rounds interleaved with the figure's own), and a link ceiling: for tcp
+rows raw Python TCP over loopback to another process, for nixl rows raw NIXL (one agent of
+this process, WRITE/READ into the daemon's segment, no kvstore code: ``bench.nixl_ceiling``).
+``--ssd DIR`` adds the SSD tier (level ``ssd``: the client cases over tcp with tier "ssd" on
+an SSD segment of the bench's daemon in DIR) beside the disk's own bandwidth in DIR
+(``measure.disk_gbps``).
 ``cpu s/GB`` (this process plus our master and daemon) hardly depends on what else runs, so it
 compares busy runs. The load average at start and end is recorded.
 
 Without ``--master`` it starts its own ``kvstore master`` and ``kvstore daemon`` (port 0; a
 server that fails to start is quoted from its log) and stops them at the end, on error and on
 Ctrl-C. With ``--master`` it measures an existing cluster (client level only: the transport
-level writes fixed ranges and needs a private daemon). Ctrl-C prints and writes what was
+level writes fixed ranges and needs a private daemon); ``--target-node NODE`` then puts every
+value on that node (run ``kvstore daemon`` on host A, the bench on host B: the A-B link is
+measured) and checks with the master that each one landed there. Ctrl-C prints and writes what was
 measured so far (exit status 130). Bad arguments and an unreachable master are usage errors
 (exit status 2); bytes read that differ from bytes written abort with exit status 1.
 """
@@ -35,10 +42,13 @@ DEFAULT_SIZES = ("64KiB", "256KiB", "1MiB", "4MiB", "16MiB", "64MiB")
 LEVELS = ("transport", "client")
 
 
-def start_cluster(dram_bytes: int, tls=None) -> tuple[ServerProcess, ServerProcess]:
-    """A master and a daemon process of our own (click.ClickException, with the server's
-    log, when one does not start; nothing is left running then); with ``tls`` both serve
-    TLS with its files (mutual TLS when it has a CA)."""
+def start_cluster(dram_bytes: int, nixl: bool = False, ssd: str | None = None,
+                  tls=None) -> tuple[ServerProcess, ServerProcess]:
+    """A master and a daemon process of our own, the daemon with a NIXL agent when ``nixl``
+    and an SSD segment when ``ssd`` ("DIR:SIZE"; the master then promotes nothing, so gets
+    read the SSD tier); with ``tls`` both serve TLS with its files (mutual TLS when it has a
+    CA). click.ClickException, with the server's log, when one does not start; nothing is
+    left running then."""
     tls_args = []
     for flag, path in (("--tls-ca", tls and tls.ca), ("--tls-cert", tls and tls.cert),
                        ("--tls-key", tls and tls.key)):
@@ -47,12 +57,15 @@ def start_cluster(dram_bytes: int, tls=None) -> tuple[ServerProcess, ServerProce
         # NOTE: the transport level writes ranges allocated once by PutStart (with their
         # write capabilities) for the whole run: they must stay allocated that long
         master = ServerProcess(["master", "--port", "0", "--log-level", "WARNING",
-                                "--pending-timeout", "1h", *tls_args])
+                                "--pending-timeout", "1h", *tls_args,
+                                *(["--promote", "off"] if ssd else [])])
     except KVStoreError as exc:
         raise click.ClickException(str(exc)) from exc
     try:
         daemon = ServerProcess(["daemon", "--master", master.address, "--dram", str(dram_bytes),
-                                "--log-level", "WARNING", *tls_args])
+                                "--log-level", "WARNING", *tls_args,
+                                *(["--nixl"] if nixl else []),
+                                *(["--ssd", ssd, "--no-reap-orphans"] if ssd else [])])
     except KVStoreError as exc:
         master.close()
         raise click.ClickException(str(exc)) from exc
@@ -87,6 +100,9 @@ def parse_sizes(text: str) -> list[int]:
 @click.command("transfer")
 @click.option("--master", "master_addr", default=None, metavar="HOST:PORT",
               help="Measure this cluster (client level only). Default: start a local one.")
+@click.option("--target-node", "target_node", default=None, metavar="NODE",
+              help="With --master: put every value on this node (its node id, as `kvstore "
+                   "status` lists it); a put that lands elsewhere is an error.")
 @click.option("--token", envvar="KVSTORE_TOKEN", default=None, help="[env KVSTORE_TOKEN]")
 @click.option("--transports", default="shm,tcp", show_default=True,
               help=f"Comma-separated, of: {', '.join(TRANSPORT_KINDS)}.")
@@ -109,6 +125,9 @@ def parse_sizes(text: str) -> list[int]:
               help="The old name of --duration, in seconds (recorded commands use it).")
 @click.option("--total", default=None,
               help="Instead of --duration: bytes each measurement moves (e.g. 4GiB).")
+@click.option("--ssd", "ssd_dir", default=None, type=click.Path(file_okay=False),
+              help="Also measure the SSD tier in this directory (own cluster: its daemon "
+                   "gets an SSD segment there), beside the disk's own bandwidth.")
 @click.option("--verify", "verify_all", is_flag=True,
               help="Check every byte read (default: a sample of each value).")
 @click.option("--json", "json_path", default="bench/out/transfer.json", show_default=True,
@@ -116,9 +135,9 @@ def parse_sizes(text: str) -> list[int]:
 @click.option("--plot", "plot_path", default=None, type=click.Path(dir_okay=False),
               help="Write a PNG: GB/s against value size (needs kvstore[plot]).")
 @tls_options("client")
-def command(master_addr, token, transports, levels, sizes, batch, num_threads, num_processes,
-            dram, duration, min_time_s, total, verify_all, json_path, plot_path, tls_ca,
-            tls_cert, tls_key):
+def command(master_addr, target_node, token, transports, levels, sizes, batch, num_threads,
+            num_processes, dram, duration, min_time_s, total, ssd_dir, verify_all, json_path,
+            plot_path, tls_ca, tls_cert, tls_key):
     """Measure put/get bandwidth and latency by size, batch, concurrency and transport."""
     from kvstore.bench.measure import Budget
 
@@ -134,6 +153,18 @@ def command(master_addr, token, transports, levels, sizes, batch, num_threads, n
     if duration_s <= 0 or (total_bytes is not None and total_bytes <= 0) or (
             dram_bytes is not None and dram_bytes <= 0):
         raise click.BadParameter("--duration, --total and --dram must be above 0")
+    if target_node is not None and master_addr is None:
+        raise click.UsageError("--target-node names a node of an existing cluster: give "
+                               "--master too")
+    if target_node is not None and not target_node.strip():
+        raise click.BadParameter("must be a node id", param_hint="--target-node")
+    if ssd_dir is not None and master_addr is not None:
+        raise click.UsageError("--ssd gives the bench's own daemon an SSD segment: not with "
+                               "--master")
+    if ssd_dir is not None:
+        import os
+
+        os.makedirs(ssd_dir, exist_ok=True)
     if dram_bytes is not None and master_addr is not None:
         raise click.UsageError("--dram sizes the local daemon: not with --master")
     if plot_path is not None:
@@ -150,7 +181,7 @@ def command(master_addr, token, transports, levels, sizes, batch, num_threads, n
     settings = {"transports": kinds, "levels": level_list, "sizes": size_list, "batch": batch,
                 "threads": num_threads, "processes": num_processes, "duration_s": duration_s,
                 "total_bytes": total_bytes, "verify": verify_all, "master": master_addr,
-                "dram_bytes": dram_bytes}
+                "target_node": target_node, "dram_bytes": dram_bytes, "ssd_dir": ssd_dir}
     from kvstore.bench.run import run_transfer
 
     tls = tls_from_flags(tls_ca, tls_cert, tls_key)
@@ -167,6 +198,8 @@ def command(master_addr, token, transports, levels, sizes, batch, num_threads, n
 
         load = result["loadavg_at_start"]
         plot_transfer(result["rows"], {int(k): v for k, v in result["loopback_gbps"].items()},
+                      {int(k): v for k, v in result["raw_nixl_gbps"].items()},
+                      {int(k): v for k, v in result["disk_gbps"].items()},
                       plot_path, f"kvstore bench transfer on {result['machine']['host']} "
                       f"({result['date']}, load {load[0] if load else '?'})")
         click.echo(f"wrote {plot_path}")

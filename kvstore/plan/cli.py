@@ -81,12 +81,14 @@ def format_table(result: dict) -> str:
         f"{eng['chunk_tokens']}, decode batch {eng['decode_batch']}",
     ]
     header = (f"{'prompt':>7} {'KV/request':>11} {'transfer ms':>11} {'prefill ms':>10} "
-              f"{'TTFT PD ms':>10} {'TTFT colo ms':>12} {'step colo ms':>12} {'faster':>8}")
+              f"{'1st step ms':>11} {'TTFT PD ms':>10} {'TTFT colo ms':>12} "
+              f"{'step colo ms':>12} {'faster':>8}")
     lines += ["", header, "-" * len(header)]
     for r in result["rows"]:
         lines.append(
             f"{r['prompt_tokens']:>7} {format_size(r['kv_bytes_per_request']):>11} "
-            f"{r['transfer_ms']:>11.3f} {r['prefill_ms']:>10.1f} {r['ttft_pd_ms']:>10.1f} "
+            f"{r['transfer_ms']:>11.3f} {r['prefill_ms']:>10.1f} {r['first_step_ms']:>11.1f} "
+            f"{r['ttft_pd_ms']:>10.1f} "
             f"{r['ttft_colocated_ms']:>12.1f} {r['decode_step_colocated_ms']:>12.2f} "
             f"{'PD' if r['pd_wins'] else 'colo':>8}")
     ratio = result["pd_ratio"]
@@ -144,7 +146,8 @@ def plot_plan(result: dict, shape, engine, link, path: str) -> None:
 @click.option("--bench-transport", default=None,
               help="With --from-bench: the transport's rows (default: the fastest).")
 @click.option("--block-size", type=int, default=16, show_default=True,
-              help="Tokens per KV block (picks the bench's value size).")
+              help="Tokens per KV block: the decode side loads whole blocks and computes the "
+                   "rest of the prompt in its first step (also picks the bench's value size).")
 @click.option("--quantize", type=click.Choice(["none", "int8"]), default="none",
               show_default=True, help="KV travels as INT8 with fp32 scales.")
 @click.option("--prefill-tps", type=float, default=None,
@@ -155,6 +158,9 @@ def plot_plan(result: dict, shape, engine, link, path: str) -> None:
               help="Measure both on the demo's model on this machine (needs kvstore[hf]).")
 @click.option("--model-size", type=click.Choice(["small", "tiny"]), default="small",
               show_default=True, help="With --measure: the demo model's shape.")
+@click.option("--threads", "num_threads", type=click.IntRange(min=1), default=None,
+              help="With --measure: torch threads, as `kvstore demo --threads` (default: "
+                   "torch's choice).")
 @click.option("--chunk-size", type=int, default=512, show_default=True,
               help="Tokens per chunk of colocated chunked prefill.")
 @click.option("--decode-batch", type=int, default=16, show_default=True,
@@ -165,8 +171,8 @@ def plot_plan(result: dict, shape, engine, link, path: str) -> None:
               help="Write a PNG: TTFT with PD and colocated by prompt length (kvstore[plot]).")
 def command(model_path, num_layers, num_kv_heads, head_dim, dtype, prompt_len, output_len,
             requests_path, bandwidth, bench_path, bench_transport, block_size, quantize,
-            prefill_tps, decode_step_ms, measure, model_size, chunk_size, decode_batch,
-            json_path, plot_path):
+            prefill_tps, decode_step_ms, measure, model_size, num_threads, chunk_size,
+            decode_batch, json_path, plot_path):
     """Is PD worth it here? TTFT with PD beside colocated chunked prefill, P:D, verdict."""
     from kvstore.plan.inputs import bandwidth_from_bench
 
@@ -179,6 +185,8 @@ def command(model_path, num_layers, num_kv_heads, head_dim, dtype, prompt_len, o
             not measure and (prefill_tps is None or decode_step_ms is None)):
         raise click.UsageError("the engine: give --prefill-tps and --decode-step-ms, or "
                                "--measure")
+    if num_threads is not None and not measure:
+        raise click.UsageError("--threads sets the threads of --measure: give --measure too")
     if measure and (model_path or any(v is not None for v in (num_layers, num_kv_heads,
                                                                head_dim))):
         raise click.UsageError("--measure times the demo's model: it takes no --model or "
@@ -195,12 +203,12 @@ def command(model_path, num_layers, num_kv_heads, head_dim, dtype, prompt_len, o
 
             click.echo(f"measuring the demo's {model_size} model at {round(mean_prompt)} "
                        "prompt tokens ...", err=True)
-            measured, prefill_tps, step_s = measure_demo_model(round(mean_prompt), model_size,
-                                                               block_size)
+            measured, prefill_tps, step_s = measure_demo_model(
+                round(mean_prompt), model_size, block_size, num_threads=num_threads)
             decode_step_ms = step_s * 1e3
             speeds_source = f"measured on this machine, demo {model_size} model"
         shape = _shape(model_path, num_layers, num_kv_heads, head_dim, dtype, measured)
-        engine = Engine(prefill_tps, decode_step_ms / 1e3, chunk_size, decode_batch)
+        engine = Engine(prefill_tps, decode_step_ms / 1e3, chunk_size, decode_batch, block_size)
         if bench_path:
             bytes_per_s, link_source = bandwidth_from_bench(
                 bench_path, block_size * shape.kv_bytes_per_token, bench_transport)
@@ -227,6 +235,7 @@ def command(model_path, num_layers, num_kv_heads, head_dim, dtype, prompt_len, o
         "engine": {"prefill_tokens_per_s": engine.prefill_tokens_per_s,
                    "decode_step_ms": engine.decode_step_s * 1e3,
                    "chunk_tokens": engine.chunk_tokens, "decode_batch": engine.decode_batch,
+                   "block_tokens": engine.block_tokens,
                    "source": speeds_source or "--prefill-tps/--decode-step-ms"},
         "workload": {"num_requests": len(workload), "mean_prompt_tokens": mean_prompt,
                      "mean_output_tokens": mean_output},

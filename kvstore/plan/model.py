@@ -76,15 +76,18 @@ class ModelShape:
 class Engine:
     """How fast one engine instance computes: prefill tokens/s (one prompt at a time, no
     decode beside it), the time of one decode step of the decode batch, the chunk size of
-    colocated chunked prefill and the decode batch (concurrent requests per decode step)."""
+    colocated chunked prefill, the decode batch (concurrent requests per decode step) and the
+    KV block size (tokens per stored block: the decode side loads whole blocks only)."""
 
     prefill_tokens_per_s: float
     decode_step_s: float
     chunk_tokens: int = 512
     decode_batch: int = 16
+    block_tokens: int = 16
 
     def __post_init__(self) -> None:
-        for field in ("prefill_tokens_per_s", "decode_step_s", "chunk_tokens", "decode_batch"):
+        for field in ("prefill_tokens_per_s", "decode_step_s", "chunk_tokens", "decode_batch",
+                      "block_tokens"):
             value = getattr(self, field)
             if not value > 0:
                 raise InvalidArgumentError(f"{field} must be above 0, got {value!r}")
@@ -115,15 +118,35 @@ def transfer_s(num_tokens: int, shape: ModelShape, link: Link) -> float:
     return num_tokens * wire_bytes_per_token(shape, link) / link.bytes_per_s
 
 
+def loaded_tokens(prompt_tokens: int, block_tokens: int) -> int:
+    """Prompt tokens whose KV the decode side loads: whole blocks only, and never the last
+    token (the rule of ``kvstore.engine.keys.loadable_tokens``: the decode side computes at
+    least one position, whose logits give the first token)."""
+    return block_tokens * ((prompt_tokens - 1) // block_tokens)
+
+
+def first_step_s(tail_tokens: int, engine: Engine) -> float:
+    """The decode side's first step: one forward of the ``tail_tokens`` prompt tokens after
+    the loaded blocks (1 to a block) over the loaded cache. Costed as a decode step plus the
+    extra tokens at the prefill rate (a one-token forward is a decode step)."""
+    return engine.decode_step_s + (tail_tokens - 1) / engine.prefill_tokens_per_s
+
+
 def request_figures(prompt_tokens: int, shape: ModelShape, engine: Engine, link: Link) -> dict:
     """Every figure of one prompt length (the JSON/table row): bytes, transfer, TTFT with PD
     and colocated, and the decode step time while a colocated prefill runs beside it."""
     if prompt_tokens <= 0:
         raise InvalidArgumentError(f"prompt length must be above 0, got {prompt_tokens}")
     prefill_s = prompt_tokens / engine.prefill_tokens_per_s
-    move_s = transfer_s(prompt_tokens, shape, link)
+    moved_tokens = loaded_tokens(prompt_tokens, engine.block_tokens)
+    move_s = transfer_s(moved_tokens, shape, link)
+    first_s = first_step_s(prompt_tokens - moved_tokens, engine)
     num_chunks = math.ceil(prompt_tokens / engine.chunk_tokens)
-    ttft_pd_s = prefill_s + move_s + engine.decode_step_s
+    # NOTE: the KV of whole blocks moves; the decode side computes the rest of the prompt (1
+    # to a block of tokens) in its first step, which yields the first token, as `kvstore demo`
+    # and the engine connectors do. Counting a one-token decode step there instead made the
+    # plan's TTFT short of the demo's by a block's forward.
+    ttft_pd_s = prefill_s + move_s + first_s
     # NOTE: colocated, each chunk runs in one engine step beside the running decode batch,
     # so the prompt waits for the batch's decode work once per chunk (and the batch waits
     # for the chunk: the interference below); the last chunk yields the first token.
@@ -134,8 +157,11 @@ def request_figures(prompt_tokens: int, shape: ModelShape, engine: Engine, link:
         "kv_bytes_per_token": shape.kv_bytes_per_token,
         "kv_bytes_per_token_int8": shape.kv_bytes_per_token_int8,
         "kv_bytes_per_request": prompt_tokens * wire_bytes_per_token(shape, link),
+        "kv_tokens_moved": moved_tokens,
+        "kv_bytes_moved": moved_tokens * wire_bytes_per_token(shape, link),
         "prefill_ms": prefill_s * 1e3,
         "transfer_ms": move_s * 1e3,
+        "first_step_ms": first_s * 1e3,
         "ttft_pd_ms": ttft_pd_s * 1e3,
         "ttft_colocated_ms": ttft_colocated_s * 1e3,
         "num_chunks": num_chunks,
@@ -145,22 +171,48 @@ def request_figures(prompt_tokens: int, shape: ModelShape, engine: Engine, link:
     }
 
 
+#: crossover_tokens scans at most this many chunk intervals (a link barely faster than the
+#: break-even point would need more; the verdict then says PD never wins within them)
+MAX_SCANNED_CHUNKS = 1_000_000
+
+
 def crossover_tokens(shape: ModelShape, engine: Engine, link: Link) -> int | None:
     """The smallest prompt length from which on PD's TTFT is below colocated chunked prefill's
     for every longer prompt; None when it never is (the link is too slow for this engine).
 
-    PD wins at P when transfer(P) + d < ceil(P/C) * d, d the decode step, C the chunk. Within
-    a chunk interval ((k-1)C, kC] the left side grows and the right does not, so the interval
-    is won entirely when its end is: (k-1) d > k C b, b the transfer seconds per token, i.e.
-    k > d / (d - C b) when d > C b (never otherwise).
+    PD wins at P when transfer(L(P)) + first(P - L(P)) < ceil(P/C) d, L the loaded tokens
+    (whole blocks of B, never the last token), d the decode step, C the chunk. With P = jB + r
+    (r in 1..B) the left side is jBb + d + (r - 1)t (b transfer, t prefill seconds per token):
+    at most Pb + d + (B - 1)t, so every chunk interval ((k-1)C, kC] is won once
+    kCb + d + (B - 1)t < kd, i.e. for k above (d + (B - 1)t) / (d - Cb) when d > Cb (never
+    otherwise). Below that bound the intervals are checked one by one, from the bound down:
+    an interval is won when its largest left side (at its end or at its last block end) is,
+    and in the highest interval not won the last length lost is found by a scan.
     """
-    per_token_s = wire_bytes_per_token(shape, link) / link.bytes_per_s
-    d, c = engine.decode_step_s, engine.chunk_tokens
-    margin_s = d - c * per_token_s
+    b = wire_bytes_per_token(shape, link) / link.bytes_per_s
+    t = 1 / engine.prefill_tokens_per_s
+    d, c, block = engine.decode_step_s, engine.chunk_tokens, engine.block_tokens
+    margin_s = d - c * b
     if margin_s <= 0:
         return None
-    first_won_interval = math.floor(d / margin_s) + 1
-    return (first_won_interval - 1) * c + 1
+    bound = math.floor((d + (block - 1) * t) / margin_s) + 1   # every k >= bound is won
+    if bound > MAX_SCANNED_CHUNKS:
+        return None
+
+    def gap_s(p: int) -> float:      # PD's TTFT minus colocated's, prefill cancelled out
+        moved = loaded_tokens(p, block)
+        return moved * b + first_step_s(p - moved, engine) - math.ceil(p / c) * d
+
+    for k in range(bound - 1, 0, -1):
+        end = k * c
+        last_block_end = block * (end // block)
+        worst = [end] + ([last_block_end] if last_block_end > end - c else [])
+        if all(gap_s(p) < 0 for p in worst):
+            continue
+        for p in range(end, end - c, -1):       # the last length lost in this interval
+            if gap_s(p) >= 0:
+                return p + 1
+    return 1
 
 
 def pd_ratio(mean_prompt_tokens: float, mean_output_tokens: float, shape: ModelShape,
