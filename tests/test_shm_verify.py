@@ -1,8 +1,8 @@
-"""Readers never receive wrong bytes over shm (issue 14): shm reads are verified by default,
-so bytes flipped in a daemon's segment (here by the test, through its own mapping of the
+"""Readers never receive wrong bytes over shm (issue 14) when they ask: with ``verify=True``
+(per connection or per call; off by default, see docs/ARCHITECTURE.md, Checksums) bytes flipped in a daemon's segment (here by the test, through its own mapping of the
 segment, as any process that maps it could) make a get raise ChecksumError naming the key,
-or fall back to another replica when there is one. ``verify=False`` (per call or per
-connection) is the documented opt-out for callers who trust the host."""
+or fall back to another replica when there is one. Without it (the default) a reader of a
+corrupted shm range gets the bytes as they are."""
 
 from __future__ import annotations
 
@@ -48,7 +48,7 @@ def flip_bytes(target, num_bytes: int = 64) -> None:
 
 def test_corrupted_shm_range_raises_checksum_error(cluster):
     value = payload(VALUE_BYTES, 11)
-    with cluster.connect() as store:
+    with cluster.connect(verify=True) as store:
         store.put("corrupt-one", value)
         (target,) = replicas(cluster, "corrupt-one")
         assert target.shm_name, "the replica must be reachable over shm"
@@ -61,15 +61,17 @@ def test_corrupted_shm_range_raises_checksum_error(cluster):
         out = bytearray(VALUE_BYTES)
         with pytest.raises(ChecksumError):
             store.get_into("corrupt-one", out)
-        # the opt-out: the caller trusts the host and gets the bytes as they are
+        # per call off, and the default: the caller trusts the host, gets the bytes as they are
         assert store.get("corrupt-one", verify=False) != value
-    with cluster.connect(verify=False) as trusting:
+    with cluster.connect() as trusting:
         assert trusting.get("corrupt-one") != value
+        with pytest.raises(ChecksumError):
+            trusting.get("corrupt-one", verify=True)
 
 
 def test_corrupted_shm_replica_falls_back_to_the_other(cluster):
     value = payload(VALUE_BYTES, 12)
-    with cluster.connect() as store:
+    with cluster.connect(verify=True) as store:
         store.put("corrupt-two", value, replicas=2)
         first, second = replicas(cluster, "corrupt-two")
         assert first.node_id != second.node_id and first.shm_name and second.shm_name
