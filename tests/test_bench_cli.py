@@ -193,12 +193,21 @@ def test_a_target_node_without_room_stops_the_run(tmp_path):
 
 
 @pytest.mark.slow
+def _sigint_default() -> None:
+    """In the child before exec: SIGINT back to its default. NOTE: a shell started in the
+    background (`cmd &`, as some CI runners start their jobs) ignores SIGINT, its children
+    inherit that, and Python then never raises KeyboardInterrupt: the Ctrl-C under test
+    would be a no-op."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def test_ctrl_c_prints_and_writes_what_was_measured(tmp_path):
     out_path = tmp_path / "transfer.json"
     proc = subprocess.Popen([str(KVSTORE_BIN), "bench", "transfer", "--levels", "transport",
                              "--transports", "shm", "--sizes", "64KiB,128KiB,256KiB,512KiB",
                              "--duration", "2", "--dram", "256MiB", "--json", str(out_path)],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=_sigint_default)
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline and proc.poll() is None:
         # the daemon process started by the bench shows as a child once the cluster is up
@@ -373,7 +382,8 @@ def _interrupt_after(args: list[str], unit: str, count: int, timeout_s: float = 
     import threading
 
     proc = subprocess.Popen([str(KVSTORE_BIN), *args], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+                            stderr=subprocess.PIPE, env={**os.environ, "PYTHONUNBUFFERED": "1"},
+                            preexec_fn=_sigint_default)
     seen = bytearray()
     reached = threading.Event()
     # tqdm's "3/6 [00:01<00:02, ...]" (with a total) or "30op [00:01, ...]" (without)

@@ -111,13 +111,17 @@ def populate(address: str, num_keys: int = NUM_KEYS, tenant: bool = False) -> li
 
 
 def client_worker(target: tuple, op: str, batch: int, worker: int, seconds: float,
-                  start_at: float, out: mp.Queue, num_keys: int = NUM_KEYS) -> None:
+                  start_at: float, out: mp.Queue, num_keys: int = NUM_KEYS,
+                  ready: mp.Queue | None = None) -> None:
     """Call ``op`` in a loop for ``seconds`` (starting at wall time ``start_at``); put the
     per-call latencies (seconds) on ``out``. Ignores SIGINT: a Ctrl-C reaches the whole
-    process group, and the parent stops its workers itself."""
+    process group, and the parent stops its workers itself. Puts its number on ``ready``
+    once it runs (its bootstrap is over)."""
     import random
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    if ready is not None:
+        ready.put(worker)
     from kvstore.v1 import master_pb2 as pb
     rng = random.Random(worker)
     keys = [f"bench/model-x/L32/xxh64v1/{i:016x}" for i in range(num_keys)]
@@ -158,14 +162,15 @@ def run_cell(target: tuple, op: str, batch: int, num_clients: int, seconds: floa
              num_keys: int = NUM_KEYS) -> dict:
     """``target``: (path, address, fast_port, token) as ``make_client`` takes them."""
     ctx = mp.get_context("spawn")
-    out = ctx.Queue()
+    out, ready = ctx.Queue(), ctx.Queue()
     start_at = time.time() + 1.5 + 0.3 * num_clients       # lets every process import first
     procs = [ctx.Process(target=client_worker,
-                         args=(target, op, batch, w, seconds, start_at, out, num_keys))
+                         args=(target, op, batch, w, seconds, start_at, out, num_keys, ready))
              for w in range(num_clients)]
-    # NOTE: SIGINT is held while the workers start: a Ctrl-C in the middle of a spawn's
-    # handover would leave the child half-fed (a traceback from its bootstrap); it is
-    # delivered once they all run (the mask is inherited: the workers ignore SIGINT anyway)
+    # NOTE: SIGINT is held until every worker runs its function: a Ctrl-C before a spawned
+    # child has read its bootstrap data would stop the parent and leave the child half-fed
+    # (a traceback from its bootstrap); it is delivered once they all said they run (the
+    # mask is inherited: the workers ignore SIGINT anyway)
     started = []
     try:
         signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
@@ -173,6 +178,8 @@ def run_cell(target: tuple, op: str, batch: int, num_clients: int, seconds: floa
             for p in procs:
                 p.start()
                 started.append(p)
+            for _ in procs:
+                ready.get(timeout=120)
         finally:
             signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
         all_latencies = [out.get(timeout=seconds + 120) for _ in procs]
