@@ -31,7 +31,7 @@ $PIP install -q --no-deps "sglang==$SGLANG_VERSION"
 $PIP install -q orjson ipython
 # Our own package: its build needs these in the venv (no build isolation: pip must not fetch
 # another torch), its run needs the rest of our requirements that vLLM did not bring.
-$PIP install -q scikit-build-core grpcio grpcio-tools lz4 xxhash prometheus-client click \
+$PIP install -q scikit-build-core grpcio grpcio-tools lz4 xxhash sortedcontainers prometheus-client click \
     pytest pytest-timeout
 $PIP install -q --no-build-isolation --no-deps -e .
 touch "$VENV/.kvstore-installed"
