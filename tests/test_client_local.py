@@ -242,3 +242,17 @@ def test_local_round_trips_over_either_metadata_path(metadata):
         assert store.remove("m/a", force=True) and not store.remove("m/a", force=True)
         with pytest.raises(KeyNotFoundError):
             store.get("m/a")
+
+
+def test_a_remove_right_after_this_clients_own_get_is_not_blocked_by_its_lease(store):
+    """A get's read lease is released in the background (batched); the same client's remove
+    right after must not find the key "leased by a reader" (its own releases go first)."""
+    for i in range(20):
+        key = f"own-lease/{i}"
+        store.put(key, bytes([i]) * 5000)
+        assert store.get(key) == bytes([i]) * 5000
+        assert store.remove(key) is True
+        assert not store.exists(key)
+    store.put("own-lease/prefix/a", b"a" * 100)
+    assert store.get("own-lease/prefix/a") == b"a" * 100
+    assert store.remove_prefix("own-lease/prefix/") == 1

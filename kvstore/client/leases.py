@@ -34,6 +34,7 @@ class LeaseReleaser:
         self._cond = threading.Condition()
         self._ids: list[int] = []
         self._closed = False
+        self._sending = 0           # release calls in flight (the thread's or a flush's)
         self._thread: threading.Thread | None = None
         self.num_calls = 0
         self.num_released = 0
@@ -53,6 +54,25 @@ class LeaseReleaser:
             if len(self._ids) == 1:     # the first of a window wakes the thread
                 self._cond.notify()
 
+    def flush(self) -> None:
+        """Release every id handed in so far before returning (best effort, as the thread
+        does): the queued ids are sent now, and a release already in flight is waited for.
+        Called before this store's own removes, so a get just returned never makes the same
+        client's remove find its key "leased by a reader"."""
+        with self._cond:
+            ids, self._ids = self._ids, []
+            if ids:
+                self._sending += 1
+        if ids:
+            try:
+                self._send(ids)
+            finally:
+                with self._cond:
+                    self._sending -= 1
+                    self._cond.notify_all()
+        with self._cond:
+            self._cond.wait_for(lambda: not self._sending, timeout=RELEASE_TIMEOUT_S)
+
     def close(self) -> None:
         """Send what is queued (best effort) and stop the thread. Idempotent."""
         with self._cond:
@@ -71,8 +91,15 @@ class LeaseReleaser:
                     self._cond.wait(COALESCE_S)   # let more ids gather (close wakes it)
                 ids, self._ids = self._ids, []
                 closed = self._closed
+                if ids:
+                    self._sending += 1
             if ids:
-                self._send(ids)
+                try:
+                    self._send(ids)
+                finally:
+                    with self._cond:
+                        self._sending -= 1
+                        self._cond.notify_all()
             if closed:
                 return
 

@@ -212,7 +212,9 @@ class KVStore:
         """Remove ``key``; False if it did not exist. Without ``force``, an object that is
         leased by a reader, hard-pinned or still being written is kept and KVStoreError
         raised. With ``force`` it disappears at once, but the master reuses its space only
-        once its read leases lapse (readers in flight keep reading the right bytes)."""
+        once its read leases lapse (readers in flight keep reading the right bytes). This
+        store's own finished reads never hold it: their leases are released first."""
+        self._release_own_leases()
         return _raise_if_error(self._call("remove", [check_key(key)], force=bool(force))[0])
 
     def remove_prefix(self, prefix: str, *, force: bool = False) -> int:
@@ -220,7 +222,12 @@ class KVStore:
         Leased, pinned and pending objects are skipped unless ``force``."""
         if not isinstance(prefix, str) or not prefix:
             raise InvalidArgumentError("prefix must be a non-empty str")
+        self._release_own_leases()
         return self._call("remove_prefix", prefix, force=bool(force))[0]
+
+    def _release_own_leases(self) -> None:
+        if self._leases is not None:
+            self._leases.flush()
 
     def pin(self, key: str, *, ttl_s: float | None = None, hard: bool = False) -> None:
         """Pin ``key`` against eviction: softly for ``ttl_s`` seconds, or hard (until unpin).
