@@ -60,16 +60,8 @@ class LeaseReleaser:
         Called before this store's own removes, so a get just returned never makes the same
         client's remove find its key "leased by a reader"."""
         with self._cond:
-            ids, self._ids = self._ids, []
-            if ids:
-                self._sending += 1
-        if ids:
-            try:
-                self._send(ids)
-            finally:
-                with self._cond:
-                    self._sending -= 1
-                    self._cond.notify_all()
+            ids = self._take()
+        self._send_taken(ids)
         with self._cond:
             self._cond.wait_for(lambda: not self._sending, timeout=RELEASE_TIMEOUT_S)
 
@@ -89,19 +81,29 @@ class LeaseReleaser:
                     self._cond.wait()
                 if not self._closed:
                     self._cond.wait(COALESCE_S)   # let more ids gather (close wakes it)
-                ids, self._ids = self._ids, []
+                ids = self._take()
                 closed = self._closed
-                if ids:
-                    self._sending += 1
-            if ids:
-                try:
-                    self._send(ids)
-                finally:
-                    with self._cond:
-                        self._sending -= 1
-                        self._cond.notify_all()
+            self._send_taken(ids)
             if closed:
                 return
+
+    def _take(self) -> list[int]:
+        """The queued ids, counted as in flight until ``_send_taken`` (under ``_cond``)."""
+        ids, self._ids = self._ids, []
+        if ids:
+            self._sending += 1
+        return ids
+
+    def _send_taken(self, ids: list[int]) -> None:
+        """Send ids from ``_take`` (outside ``_cond``), then wake whoever waits for them."""
+        if not ids:
+            return
+        try:
+            self._send(ids)
+        finally:
+            with self._cond:
+                self._sending -= 1
+                self._cond.notify_all()
 
     def _send(self, ids: list[int]) -> None:
         try:
