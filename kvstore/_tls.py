@@ -63,6 +63,15 @@ class TLSConfig:
         if self.server_name is not None and not self.server_name:
             raise ConfigError("server_name must not be empty (omit it to use the host)")
 
+    @classmethod
+    def from_files(cls, ca: str | None, cert: str | None,
+                   key: str | None) -> "TLSConfig | None":
+        """The config of these files; None when none is given (plain text). Raises
+        ConfigError as the constructor does."""
+        if ca is None and cert is None and key is None:
+            return None
+        return cls(ca=ca, cert=cert, key=key)
+
     @property
     def mutual(self) -> bool:
         """A server with this config requires client certificates."""

@@ -47,9 +47,7 @@ def tls_from_flags(tls_ca: str | None, tls_cert: str | None,
     """The client's TLSConfig the flags name (None when none is given); click.BadParameter
     for an invalid combination or a missing file. (Servers map the flags 1:1 to their
     config's ``tls_*`` fields instead.)"""
-    if tls_ca is None and tls_cert is None and tls_key is None:
-        return None
     try:
-        return TLSConfig(ca=tls_ca, cert=tls_cert, key=tls_key)
+        return TLSConfig.from_files(tls_ca, tls_cert, tls_key)
     except ConfigError as exc:
         raise click.BadParameter(str(exc)) from exc

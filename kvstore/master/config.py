@@ -68,9 +68,7 @@ class MasterConfig:
     @property
     def tls(self) -> TLSConfig | None:
         """The TLS files as one ``TLSConfig`` (None: plain text)."""
-        if self.tls_cert is None and self.tls_key is None and self.tls_ca is None:
-            return None
-        return TLSConfig(ca=self.tls_ca, cert=self.tls_cert, key=self.tls_key)
+        return TLSConfig.from_files(self.tls_ca, self.tls_cert, self.tls_key)
 
     @property
     def daemon_tls(self) -> TLSConfig | None:
