@@ -31,6 +31,7 @@ import numpy as np
 
 import kvstore
 from kvstore._process import ServerProcess
+from kvstore.daemon.aligned_io import open_direct
 
 OUT_PATH = Path(__file__).resolve().parent / "out" / "ssd.json"
 MIB = 1 << 20
@@ -42,12 +43,7 @@ def disk_ceiling(directory: str, num_bytes: int) -> dict:
     path = os.path.join(directory, "disk-ceiling.tmp")
     buffer = mmap.mmap(-1, REQUEST_BYTES)
     buffer.write(np.random.default_rng(0).integers(0, 256, REQUEST_BYTES, np.uint8).tobytes())
-    try:
-        fd = os.open(path, os.O_CREAT | os.O_RDWR | os.O_TRUNC | os.O_DIRECT, 0o600)
-        direct = True
-    except OSError:
-        fd = os.open(path, os.O_CREAT | os.O_RDWR | os.O_TRUNC, 0o600)
-        direct = False
+    fd, direct = open_direct(path, os.O_CREAT | os.O_RDWR | os.O_TRUNC)
     try:
         os.posix_fallocate(fd, 0, num_bytes)
         start = time.perf_counter()

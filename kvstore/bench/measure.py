@@ -207,18 +207,13 @@ def disk_gbps(directory: str, sizes: list[int], budget: Budget) -> tuple[dict, b
     import mmap
     import os
 
-    from kvstore.daemon.aligned_io import BLOCK_BYTES, CHUNK_BYTES
+    from kvstore.daemon.aligned_io import BLOCK_BYTES, CHUNK_BYTES, open_direct
 
     path = os.path.join(directory, f"kvstore-bench-disk-{os.getpid()}.tmp")
     request_bytes = min(CHUNK_BYTES, -(-max(sizes) // BLOCK_BYTES) * BLOCK_BYTES)
     buffer = mmap.mmap(-1, request_bytes)          # page-aligned, as O_DIRECT needs
     buffer.write(os.urandom(request_bytes))
-    try:
-        fd = os.open(path, os.O_CREAT | os.O_RDWR | os.O_TRUNC | os.O_DIRECT, 0o600)
-        direct = True
-    except OSError:
-        fd = os.open(path, os.O_CREAT | os.O_RDWR | os.O_TRUNC, 0o600)
-        direct = False
+    fd, direct = open_direct(path, os.O_CREAT | os.O_RDWR | os.O_TRUNC)
     try:
         figures = {}
         for size_bytes in sizes:

@@ -21,6 +21,15 @@ CHUNK_BYTES = 8 << 20          # one I/O call moves at most this much
 _NUM_BLOCK_LOCKS = 64
 
 
+def open_direct(path: str, flags: int, mode: int = 0o600) -> tuple[int, bool]:
+    """``os.open(path, flags | O_DIRECT)``, or without O_DIRECT where the filesystem
+    refuses it: ``(fd, direct)``. Raises OSError when even the plain open fails."""
+    try:
+        return os.open(path, flags | os.O_DIRECT, mode), True
+    except OSError:
+        return os.open(path, flags, mode), False
+
+
 class AlignedFile:
     """One open file (``direct``: opened with O_DIRECT). Thread-safe."""
 
