@@ -258,6 +258,7 @@ def make_invoker(service: MasterService, name: str, clock, metrics, transport: s
     # (changes are still pushed at once); a crash can then lose what was just acknowledged
     durable = name in DURABLE_METHODS and state.config.commit_timeout_s > 0
     membership = name in ("RegisterNode", "UnregisterNode")
+    registration = name == "RegisterNode"
     touched = state.touched
 
     def invoke(request, caller=CLUSTER):
@@ -297,7 +298,7 @@ def make_invoker(service: MasterService, name: str, clock, metrics, transport: s
                 commits.kick(needs)
             if membership:
                 commits.forget()
-        if name == "RegisterNode" and service.on_registered is not None:
+        if registration and service.on_registered is not None:
             service.on_registered()
         return reply
 
