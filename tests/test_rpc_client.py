@@ -87,3 +87,18 @@ def test_revoke_membership_and_observability(client):
 def test_a_wrong_token_is_refused_on_either_path(master, metadata):
     with pytest.raises(AuthenticationError):
         connect_master(master.address, token="wrong", metadata=metadata)
+
+
+def test_a_call_cancelled_by_a_stopping_master_is_a_lost_connection():
+    # a master that stops mid-call (a leader stepping down) cancels it: the call may or may
+    # not have run, which the call policy handles like a broken connection (idempotent calls
+    # are retried, on the new leader once there is one)
+    import grpc
+
+    from kvstore import MasterUnavailableError
+    from kvstore.rpc.errors import ConnectionLostError, status_error
+
+    error = status_error(grpc.StatusCode.CANCELLED, "CANCELLED", "PutStart")
+    assert isinstance(error, ConnectionLostError) and isinstance(error, MasterUnavailableError)
+    assert error.code == grpc.StatusCode.CANCELLED and "PutStart" in str(error)
+    assert type(status_error(grpc.StatusCode.INTERNAL, "boom", "Exists")) is KVStoreError

@@ -14,17 +14,25 @@ put, whose placement is checked like the single-client cases' (``kvstore.bench.p
 from __future__ import annotations
 
 import multiprocessing as mp
+import signal
 import time
 from concurrent.futures import ThreadPoolExecutor
 
 from kvstore.bench.measure import Figure, percentiles_us, rate
+from kvstore.bench.signals import signals_held
 from kvstore.bench.transfer import CaseSettings, batch_items, make_row
 
 _STORE = {}  # the store of this worker process: {"store": KVStore}
 
 
 def _connect(master_addr: str, token: str | None, kind: str, tls) -> None:
+    """A worker's start: its store; SIGINT ignored (a Ctrl-C reaches the whole process
+    group, and the parent stops its pool itself)."""
+    import signal
+
     import kvstore
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
     _STORE["store"] = kvstore.connect(master_addr, token=token, transport=kind, tls=tls)
 
@@ -101,10 +109,13 @@ def concurrent_cases(master_addr, kinds, sizes, settings: CaseSettings, num_thre
     near = settings.target_node
     ctx = mp.get_context("spawn")
     for kind in kinds:
-        with kvstore.connect(master_addr, token=settings.token, transport=kind,
-                             tls=settings.tls) as store, \
-                ctx.Pool(num_processes, initializer=_connect,
-                         initargs=(master_addr, settings.token, kind, settings.tls)) as pool:
+        # NOTE: SIGINT waits until the pool has started its workers: a Ctrl-C while one
+        # reads its bootstrap data would leave it half-fed (a traceback from the bootstrap)
+        with signals_held(signal.SIGINT, block_in_children=True):
+            pool = ctx.Pool(num_processes, initializer=_connect,
+                            initargs=(master_addr, settings.token, kind, settings.tls))
+        with pool, kvstore.connect(master_addr, token=settings.token, transport=kind,
+                                   tls=settings.tls) as store:
             for size_bytes in sizes:
                 num_items = batch_items(size_bytes, settings.batch)
                 src = np.random.default_rng(1).integers(0, 256, size_bytes, np.uint8)

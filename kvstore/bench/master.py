@@ -28,6 +28,8 @@ from pathlib import Path
 
 import click
 
+from kvstore.bench.signals import signals_held
+
 KVSTORE_BIN = Path(sys.executable).with_name("kvstore")
 NUM_KEYS = 200_000
 VALUE_BYTES = 64 * 1024
@@ -167,21 +169,17 @@ def run_cell(target: tuple, op: str, batch: int, num_clients: int, seconds: floa
     procs = [ctx.Process(target=client_worker,
                          args=(target, op, batch, w, seconds, start_at, out, num_keys, ready))
              for w in range(num_clients)]
-    # NOTE: SIGINT is held until every worker runs its function: a Ctrl-C before a spawned
+    # NOTE: SIGINT waits until every worker runs its function: a Ctrl-C before a spawned
     # child has read its bootstrap data would stop the parent and leave the child half-fed
-    # (a traceback from its bootstrap); it is delivered once they all said they run (the
-    # mask is inherited: the workers ignore SIGINT anyway)
+    # (a traceback from its bootstrap); the workers inherit it blocked and ignore it
     started = []
     try:
-        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
-        try:
+        with signals_held(signal.SIGINT, block_in_children=True):
             for p in procs:
                 p.start()
                 started.append(p)
             for _ in procs:
                 ready.get(timeout=120)
-        finally:
-            signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
         all_latencies = [out.get(timeout=seconds + 120) for _ in procs]
     except BaseException:
         for p in started:  # NOTE: on Ctrl-C (or an error) the workers are stopped, not awaited

@@ -5,7 +5,6 @@ SIGTERM stops them too (exit status 143), the servers stopped either way."""
 
 from __future__ import annotations
 
-import contextlib
 import signal
 import sys
 
@@ -14,26 +13,8 @@ import click
 from kvstore.bench.measure import Budget, ColdCopy, disk_gbps, loopback_gbps, make_cpu_probe
 from kvstore.bench.report import document, format_table, loadavg
 from kvstore.bench.placement import pick_node
+from kvstore.bench.signals import signals_held
 from kvstore.bench.transfer import CaseSettings, batch_items, client_cases, transport_cases
-
-
-@contextlib.contextmanager
-def _signals_held():
-    """Hold SIGINT and SIGTERM while the servers start, and deliver them once they have: a
-    ServerProcess interrupted while it waits for its server could not be stopped. Signals
-    this process ignores stay ignored."""
-    pending: list[int] = []
-    previous = {}
-    for signum in (signal.SIGINT, signal.SIGTERM):
-        if signal.getsignal(signum) is not signal.SIG_IGN:
-            previous[signum] = signal.signal(signum, lambda num, frame: pending.append(num))
-    try:
-        yield
-    finally:
-        for signum, handler in previous.items():
-            signal.signal(signum, handler)
-        if pending:
-            signal.raise_signal(pending[0])
 
 
 def run_transfer(master_addr: str | None, token: str | None, kinds: list[str],
@@ -66,7 +47,9 @@ def run_transfer(master_addr: str | None, token: str | None, kinds: list[str],
     try:
         if master_addr is None:
             largest_batch = max(s * batch_items(s, settings["batch"]) for s in sizes)
-            with _signals_held():
+            # NOTE: SIGINT and SIGTERM wait until the servers have started: a ServerProcess
+            # interrupted while it waits for its server could not be stopped
+            with signals_held(signal.SIGINT, signal.SIGTERM):
                 ssd = settings.get("ssd_dir")
                 servers = start_cluster(dram_bytes=settings["dram_bytes"]
                                         or max(4 * largest_batch * concurrency, 2 * 1024**3),

@@ -5,7 +5,8 @@ gRPC carrier and the fast path, whose error frames carry the gRPC code number), 
 of a batch fails with an ``ItemStatus`` (``item_error``), which names its key.
 
 ``ConnectionLostError`` (a MasterUnavailableError) marks a call whose connection failed
-before any reply was read, or that the master answered UNAVAILABLE: the one case in which
+before any reply was read, or that the master answered UNAVAILABLE (or CANCELLED: it
+stopped mid-call): the one case in which
 the call policy (``kvstore.rpc.client``) retries an idempotent call.
 """
 
@@ -43,6 +44,10 @@ _CODE_TO_ERROR: dict[grpc.StatusCode, type[KVStoreError]] = {
     grpc.StatusCode.UNAUTHENTICATED: AuthenticationError,
     grpc.StatusCode.PERMISSION_DENIED: AuthenticationError,
     grpc.StatusCode.UNAVAILABLE: ConnectionLostError,
+    # NOTE: this client never cancels a call it waits for (a cancelled future raises
+    # FutureCancelledError, not a status): CANCELLED comes from a master that stopped while
+    # the call was in flight (a leader stepping down), so the call may or may not have run
+    grpc.StatusCode.CANCELLED: ConnectionLostError,
     grpc.StatusCode.DEADLINE_EXCEEDED: MasterUnavailableError,
 }
 CODE_NUMBER_TO_STATUS = {code.value[0]: code for code in grpc.StatusCode}
