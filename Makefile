@@ -34,10 +34,12 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/kvstore demo
 
-# NOTE: etcd (Debian etcd-server) for the master HA tests; the script is a no-op when etcd is
-# there, and says why (the tests then skip) where it cannot install it.
+# NOTE: etcd (Debian etcd-server) for the master HA tests, and the RDMA hosts' verbs libraries
+# for the NIXL tests; the scripts are no-ops when those are there, and say why where they
+# cannot install them (the HA tests then skip).
 test: $(STAMP)
 	bash scripts/install_etcd.sh
+	bash scripts/install_rdma_libs.sh
 	$(BIN)/python -m pytest -q
 	$(MAKE) test-sglang
 	$(MAKE) test-vllm

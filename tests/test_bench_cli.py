@@ -203,26 +203,18 @@ def _sigint_default() -> None:
 
 def test_ctrl_c_prints_and_writes_what_was_measured(tmp_path):
     out_path = tmp_path / "transfer.json"
-    proc = subprocess.Popen([str(KVSTORE_BIN), "bench", "transfer", "--levels", "transport",
-                             "--transports", "shm", "--sizes", "64KiB,128KiB,256KiB,512KiB",
-                             "--duration", "2", "--dram", "256MiB", "--json", str(out_path)],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            preexec_fn=_sigint_default)
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline and proc.poll() is None:
-        # the daemon process started by the bench shows as a child once the cluster is up
-        children = Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()
-        if len(children) >= 2:
-            break
-        time.sleep(0.1)
-    time.sleep(2.5)  # into the first measurements (each runs 2 s)
-    proc.send_signal(signal.SIGINT)
-    stdout, stderr = proc.communicate(timeout=60)
-    assert proc.returncode == 130, stderr
-    assert "interrupted" in stderr
+    # NOTE: the Ctrl-C comes once the progress bar counts 5 cases (the first size's rows
+    # are in), so it always lands in the middle of the run (counting the bench's child
+    # processes missed them on a loaded machine, and the signal came after the run ended)
+    status, stdout, stderr = _interrupt_after(
+        ["bench", "transfer", "--levels", "transport", "--transports", "shm",
+         "--sizes", "64KiB,128KiB,256KiB,512KiB", "--duration", "2", "--dram", "256MiB",
+         "--json", str(out_path)], "case", 5)
+    assert status == 130, stderr
+    assert "interrupted" in stderr and "Traceback" not in stderr
     data = json.loads(out_path.read_text())
     assert data["interrupted"] is True
-    assert len(data["rows"]) < 16  # stopped before the end
+    assert 1 <= len(data["rows"]) < 16  # stopped before the end
     assert "GB/s" in stdout
 
 

@@ -52,6 +52,7 @@ def load_nixl() -> ModuleType:
             raise ConfigError(_load_error)
         # NOTE: NIXL logs every agent and backend creation at INFO; keep that to warnings
         os.environ.setdefault("NIXL_LOG_LEVEL", "WARN")
+        _skip_efa_module_without_efa()
         names = ("nixl",) if "torch" in sys.modules else ()
         for name in names + _FLAVOURS:
             try:
@@ -66,6 +67,28 @@ def load_nixl() -> ModuleType:
                 raise ConfigError(_load_error) from exc
         _load_error = _MISSING
         raise ConfigError(_load_error)
+
+
+#: Where the kernel lists RDMA devices (an EFA device's name starts with "efa" there).
+_RDMA_DEVICES_DIR = "/sys/class/infiniband"
+
+
+def _skip_efa_module_without_efa() -> None:
+    """Keep UCX from loading its EFA module on a host with no EFA device (unless the user
+    set ``UCX_MODULES``).
+
+    NOTE: the module in NIXL's wheel links the system's libefa, which loads the system's
+    libibverbs and libnl beside the copies the wheel bundles; the dynamic linker then binds
+    some of the system copies' symbols to the bundled ones, and their destructors crash
+    the process at exit (SIGSEGV in libnl-route's rtnl_tc_unregister, seen here once the
+    Debian package libibverbs1 was installed). The module is of no use without an EFA
+    device; on a host with one it is loaded as UCX chooses."""
+    try:
+        devices = os.listdir(_RDMA_DEVICES_DIR)
+    except OSError:
+        devices = []
+    if not any(name.startswith("efa") for name in devices):
+        os.environ.setdefault("UCX_MODULES", "^efa")
 
 
 def nixl_available() -> bool:
