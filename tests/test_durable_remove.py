@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import signal
+import threading
 import time
 
 import pytest
@@ -147,3 +148,44 @@ def test_remove_of_a_missing_or_bad_key_is_unchanged_by_the_bookkeeping():
                 with pytest.raises(kvstore.InvalidArgumentError):
                     store.remove("")
             assert store.remove("ok/one") is True
+
+
+def test_a_stalled_node_does_not_hold_back_the_other_nodes_confirmations():
+    """A removal waiting on a stalled node (A) and a live one (B) pushes to each from its own
+    thread: a put on B meanwhile is confirmed at once, not after A's commit timeout.
+    Heartbeats (which also confirm) are 30 s apart here, so only the push can confirm."""
+    flags = ("--heartbeat-interval", "30s", "--node-ttl", "120s", "--commit-timeout", "8s")
+    with _master(*flags) as master, _daemon(master, "--node-id", "node-a") as node_a, \
+            _daemon(master, "--node-id", "node-b"):
+        with kvstore.connect(master.address, timeout_s=30) as store, \
+                kvstore.connect(master.address, timeout_s=30) as other:
+            store.put("p/a", b"a" * 4000, near_node="node-a")
+            store.put("p/b", b"b" * 4000, near_node="node-b")
+            errors = []
+
+            def remove_both():
+                try:
+                    store.remove_prefix("p/")
+                except kvstore.TransferError as exc:
+                    errors.append(exc)
+
+            with _Stopped(node_a):
+                remover = threading.Thread(target=remove_both)
+                remover.start()
+                try:
+                    # the master removed both and now waits for the daemons' confirmations
+                    _wait(lambda: other.batch_exists(["p/a", "p/b"]) == [False, False],
+                          "the removal to reach the master")
+                    other.put("q/b", b"q" * 4000, near_node="node-b")
+                except BaseException:
+                    os.kill(node_a.proc.pid, signal.SIGCONT)
+                    remover.join(timeout=30)
+                    raise
+            # NOTE: A runs again only once the put on B returned. Had that put waited for A's
+            # wait to end (8 s: one push for both nodes), the removal would have failed
+            # naming node-a; it returned first, so A confirms in time and the removal is OK
+            remover.join(timeout=30)
+            assert not remover.is_alive()
+            assert errors == [], f"the put on B waited for the stalled node A: {errors}"
+            assert other.get("q/b") == b"q" * 4000
+            assert other.batch_exists(["p/a", "p/b"]) == [False, False]

@@ -286,6 +286,7 @@ def make_invoker(service: MasterService, name: str, clock, metrics, transport: s
     durable = name in DURABLE_METHODS and state.config.commit_timeout_s > 0
     membership = name in ("RegisterNode", "UnregisterNode")
     registration = name == "RegisterNode"
+    removal = name in ("Remove", "RemovePrefix")    # several nodes: pushed in parallel
     touched = state.touched
 
     def invoke(request, caller=CLUSTER):
@@ -320,7 +321,7 @@ def make_invoker(service: MasterService, name: str, clock, metrics, transport: s
         if commits is not None:
             if needs and durable:
                 _settle(service, name, request, reply, commits.wait(
-                    needs, state.config.commit_timeout_s), clock)
+                    needs, state.config.commit_timeout_s, parallel=removal), clock)
             elif needs:
                 commits.kick(needs)
             if membership:
