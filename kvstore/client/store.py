@@ -213,13 +213,20 @@ class KVStore:
         leased by a reader, hard-pinned or still being written is kept and KVStoreError
         raised. With ``force`` it disappears at once, but the master reuses its space only
         once its read leases lapse (readers in flight keep reading the right bytes). This
-        store's own finished reads never hold it: their leases are released first."""
+        store's own finished reads never hold it: their leases are released first.
+        Raises TransferError (naming the node) when a daemon holding a replica did not
+        confirm the removal within the master's --commit-timeout: the object is gone from
+        the master, but a master restarted before that daemon confirms would serve it again;
+        a retry waits for the daemon again and returns only once it confirmed (True; or
+        False when the master's own background push confirmed it first)."""
         self._release_own_leases()
         return _raise_if_error(self._call("remove", [check_key(key)], force=bool(force))[0])
 
     def remove_prefix(self, prefix: str, *, force: bool = False) -> int:
         """Remove every object whose key starts with ``prefix`` (non-empty); return how many.
-        Leased, pinned and pending objects are skipped unless ``force``."""
+        Leased, pinned and pending objects are skipped unless ``force``. Raises
+        TransferError naming the nodes that did not confirm some removal in time (see
+        ``remove``; a retry waits for them again)."""
         if not isinstance(prefix, str) or not prefix:
             raise InvalidArgumentError("prefix must be a non-empty str")
         self._release_own_leases()

@@ -45,6 +45,10 @@ def _tier_spec(ctx, param, value):
                    "HOST:PORT,HOST:PORT,... or etcd://HOST:PORT/CLUSTER (its leader).")
 @click.option("--host", default="127.0.0.1", show_default=True,
               help="Address the data plane binds (exactly this one).")
+@click.option("--advertise-host", default=None, metavar="HOST",
+              help="Host in the data-plane address registered with the master, which "
+                   "clients connect to (default: --host, or for 0.0.0.0/:: the address this "
+                   "machine's hostname resolves to).")
 @click.option("--port", default=0, show_default=True, type=int, help="0: pick a free port.")
 @click.option("--dram", default="1GiB", show_default=True, callback=_size,
               help="DRAM tier size, in POSIX shared memory (e.g. 4GiB; 0: no DRAM tier).")
@@ -88,7 +92,7 @@ def _tier_spec(ctx, param, value):
                    "server-only TLS data plane with a private CA).")
 @click.option("--log-level", default="INFO", show_default=True,
               type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"]))
-def command(master_addr, host, port, dram, ssd, ssd_codec, gpu, token, metrics_port,
+def command(master_addr, host, advertise_host, port, dram, ssd, ssd_codec, gpu, token, metrics_port,
             metrics_host, node_id, standalone, reap_orphans, prefault, nixl,
             write_capabilities, rpc_timeout, tls_ca, tls_cert, tls_key, tls_master_ca, log_level):
     """Run a storage node: DRAM/SSD/HBM segments served over a data plane."""
@@ -107,6 +111,7 @@ def command(master_addr, host, port, dram, ssd, ssd_codec, gpu, token, metrics_p
         extra = {"node_id": node_id} if node_id else {}
         config = DaemonConfig(
             master_addr=None if standalone else master_addr, host=host, port=port,
+            advertise_host=advertise_host,
             dram_bytes=dram, ssd_dir=ssd[0], ssd_bytes=ssd[1], ssd_codec=ssd_codec,
             gpu_device=gpu[0], gpu_bytes=gpu[1], token=token, metrics_port=metrics_port,
             metrics_host=metrics_host, rpc_timeout_s=rpc_timeout,

@@ -12,6 +12,7 @@ import secrets
 import socket
 from dataclasses import dataclass, field
 
+from kvstore._advertise import check_advertise_host
 from kvstore._errors import ConfigError
 from kvstore._tls import TLSConfig
 from kvstore._units import parse_size
@@ -50,6 +51,7 @@ class DaemonConfig:
     master_addr: str | None = None
     host: str = "127.0.0.1"
     port: int = 0
+    advertise_host: str | None = None  # host in the data_addr it registers; None: ``_advertise``
     dram_bytes: int = 1024**3
     ssd_dir: str | None = None
     ssd_bytes: int = 0
@@ -76,6 +78,7 @@ class DaemonConfig:
     def __post_init__(self) -> None:
         if not self.host:
             raise ConfigError("host must not be empty (bind address of the data plane)")
+        check_advertise_host(self.advertise_host)
         if self.master_addr is not None:
             from kvstore.ha.cluster import MasterSpec
             MasterSpec.parse(self.master_addr)   # HOST:PORT, a list, or etcd://HOST:PORT/NAME

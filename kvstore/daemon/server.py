@@ -23,6 +23,7 @@ import threading
 import time
 from typing import Callable
 
+from kvstore._advertise import advertised_host, loopback_warning
 from kvstore._errors import ConfigError
 from kvstore.daemon.config import DaemonConfig
 from kvstore.daemon.dataplane import DataPlaneServer
@@ -51,7 +52,8 @@ class Daemon:
         self._master_client = None
         self._metrics_server = None
         self._interrupted = threading.Event()
-        self.address = ""
+        self.address = ""            # the bound data-plane "host:port"
+        self.advertised_address = ""  # what it registers (--advertise-host; see _advertise)
         self.nixl_agent = None      # daemon/nixl_agent.py, with config.nixl
 
     def interrupt(self) -> None:
@@ -79,6 +81,7 @@ class Daemon:
             except OSError as exc:
                 raise ConfigError(f"cannot bind data plane to {self.config.host}:"
                                   f"{self.config.port}: {exc}") from exc
+            self.advertised_address = self._advertised_address()
             if self.config.metrics_port is not None:
                 from kvstore.daemon.metrics import start_metrics_server
                 self._metrics_server = start_metrics_server(
@@ -126,11 +129,23 @@ class Daemon:
         self.master_link.register(timeout_s=self.config.register_timeout_s)
         self.master_link.start_heartbeats()
 
+    def _advertised_address(self) -> str:
+        """The data-plane address registered with the master (``kvstore._advertise``)."""
+        host, chosen = advertised_host(self.config.host, self.config.advertise_host)
+        address = (f"[{host}]" if ":" in host else host) + ":" + self.address.rpartition(":")[2]
+        if address != self.address:
+            log.info("registering data-plane address %s (%s; bound %s)", address, chosen,
+                     self.address)
+            if chosen.startswith("hostname") and (warning := loopback_warning(host)):
+                log.warning("%s", warning)
+        return address
+
     def node_spec(self):
         """This node as it registers with the master (``kvstore.rpc.NodeSpec``)."""
         from kvstore.rpc import NodeSpec, SegmentSpec
 
-        return NodeSpec(node_id=self.node_id, host_id=self.host_id, data_addr=self.address,
+        return NodeSpec(node_id=self.node_id, host_id=self.host_id,
+                        data_addr=self.advertised_address or self.address,
                         segments=[SegmentSpec(s.segment_id, s.tier, s.size_bytes, s.shm_name,
                                               s.path) for s in self.segments],
                         incarnation=self.incarnation,

@@ -11,10 +11,12 @@ Rules:
   policy sends it again, to the leader etcd names now). So a paused-then-resumed master can
   never change a daemon's table or answer a client.
 - Following: after a failure (``ConnectionLostError``, or any error of a carrier that was
-  replaced meanwhile) the next call looks the leader up again. With ``watch_s`` (daemons),
-  a thread also reads the leader key every ``watch_s`` and switches as soon as it changes,
-  calling the ``on_change`` callbacks (the daemon heartbeats at once, so a new leader hears
-  from it within one lookup, not one heartbeat interval).
+  replaced meanwhile) the next call looks the leader up again. With ``watch_s`` (daemons
+  and clients), a thread follows the leader key through etcd's watch stream
+  (``watch.KeyWatch``) and reads it as soon as it changes (a backstop read every
+  ``WATCHED_POLL_S`` while the stream is open, every ``watch_s`` while it is not), switching
+  when a newer leader is there and calling the ``on_change`` callbacks (the daemon
+  heartbeats at once, so a new leader hears from it within milliseconds of its election).
 - ``resends``: the call policy keeps sending a retryable call (any call refused with
   ``NotServingError``) until its deadline, pausing ``RETRY_PAUSE_S`` between tries.
 
@@ -30,6 +32,7 @@ from typing import Any, Callable
 from kvstore._errors import ClosedError, KVStoreError, MasterUnavailableError
 from kvstore.ha.cluster import ClusterKeys, MasterInfo, MasterSpec, read_leader, wait_for_leader
 from kvstore.ha.etcd import EtcdClient, EtcdUnavailableError
+from kvstore.ha.watch import KeyWatch
 from kvstore.rpc.carrier import Carrier
 from kvstore.rpc.errors import ConnectionLostError
 from kvstore.rpc.methods import Method
@@ -38,6 +41,8 @@ log = logging.getLogger("kvstore.ha")
 
 #: Pause between two tries of one call while the cluster has no serving leader.
 RETRY_PAUSE_S = 0.1
+#: Backstop read of the leader key while the watch stream is open (it wakes the reader).
+WATCHED_POLL_S = 2.0
 
 
 class FailoverCarrier(Carrier):
@@ -59,6 +64,7 @@ class FailoverCarrier(Carrier):
         self.epoch = 0                      # the highest epoch seen in a reply
         self._on_change: list[Callable[[], None]] = []
         self._closed = threading.Event()
+        self._leader_moved = threading.Event()    # set by the watch stream (and close)
         self.name = "grpc"
         self._watcher = None
         if watch_s is not None and self._etcd is not None:
@@ -159,24 +165,38 @@ class FailoverCarrier(Carrier):
     # ---- following the leader key ----------------------------------------------------------
 
     def _watch(self, period_s: float) -> None:
-        while not self._closed.wait(period_s):
-            try:
-                leader = read_leader(self._etcd, self._keys)
-            except EtcdUnavailableError:
-                continue      # keep the current master: it serves until its lease ends
-            current = self._info
-            if leader is None or leader.epoch <= self.epoch or (
-                    current is not None and current.epoch == leader.epoch):
-                continue
-            log.info("cluster %s: new leader %s (epoch %d)", self.spec.cluster,
-                     leader.grpc_address, leader.epoch)
-            with self._lock:
-                self._drop()
-            for callback in self._on_change:
-                callback()
+        stream = KeyWatch(self.spec.etcd_url, self._keys.leader, self._leader_moved.set,
+                          name="kvstore-leader-stream").start()
+        try:
+            while not self._closed.is_set():
+                self._leader_moved.wait(WATCHED_POLL_S if stream.healthy else period_s)
+                self._leader_moved.clear()
+                if self._closed.is_set():
+                    return
+                self._follow()
+        finally:
+            stream.close()
+
+    def _follow(self) -> None:
+        """Read the leader key; switch (and call back) when a newer leader is there."""
+        try:
+            leader = read_leader(self._etcd, self._keys)
+        except EtcdUnavailableError:
+            return        # keep the current master: it serves until its lease ends
+        current = self._info
+        if leader is None or leader.epoch <= self.epoch or (
+                current is not None and current.epoch == leader.epoch):
+            return
+        log.info("cluster %s: new leader %s (epoch %d)", self.spec.cluster,
+                 leader.grpc_address, leader.epoch)
+        with self._lock:
+            self._drop()
+        for callback in self._on_change:
+            callback()
 
     def close(self) -> None:
         self._closed.set()
+        self._leader_moved.set()
         with self._lock:
             self._drop()
 

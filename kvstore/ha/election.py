@@ -6,8 +6,10 @@ Trigger and rule:
   with it (so ``kvstore status`` lists this master as a standby).
 - Campaign: create the ``leader`` key with the lease in one transaction, only if absent.
   Won: the epoch is the revision of that write; ``Leadership.elect`` (taking over, waiting
-  for the daemons listed in ``nodes``). Lost: poll the leader key every ``POLL_S`` and
-  campaign again when it is gone (the leader's lease expired or it stepped down).
+  for the daemons listed in ``nodes``). Lost: follow the leader key through etcd's watch
+  stream (``watch.KeyWatch``, which wakes this thread when the key changes) and campaign
+  again when it is gone (the leader's lease expired or it stepped down); a backstop read
+  comes with each renewal (every TTL / 6), or every ``POLL_S`` while no stream is open.
 - Renew: every TTL / ``RENEWALS_PER_TTL`` (standby or leader). A renewal sent at t moves the
   leader's trust to t + TTL x ``LEASE_SAFETY``. etcd answering TTL 0 (the lease is gone: this
   process was paused, or etcd lost it) or no answer until that trust ends: ``depose`` and
@@ -32,6 +34,7 @@ from typing import Callable
 from kvstore.ha.cluster import POLL_S, ClusterKeys, MasterInfo
 from kvstore.ha.etcd import EtcdClient, EtcdUnavailableError
 from kvstore.ha.leadership import LEASE_SAFETY, Leadership, Role
+from kvstore.ha.watch import KeyWatch
 
 log = logging.getLogger("kvstore.ha")
 
@@ -56,6 +59,8 @@ class Election:
         self._node_ids, self._on_deposed = node_ids, on_deposed
         self._clock = clock
         self._stop = threading.Event()
+        self._wake = threading.Event()      # stop, or the leader key changed (the watch)
+        self._leader_watch: KeyWatch | None = None
         self._lease_id = 0
         self._granted_ttl_s = lease_ttl_s
         self._last_renewal_s = 0.0       # when the last renewal (or the grant) was sent
@@ -70,6 +75,7 @@ class Election:
         """Stop campaigning and give the lease back (the leader key goes at once, so a
         standby takes over without waiting for the TTL). Never raises."""
         self._stop.set()
+        self._wake.set()
         if self._thread.is_alive():
             self._thread.join(timeout=5)
         if self._lease_id:
@@ -84,6 +90,8 @@ class Election:
         try:
             if not self._join():
                 return
+            self._leader_watch = KeyWatch(self.etcd.url, self.keys.leader, self._wake.set,
+                                          name="kvstore-election-watch").start()
             renew_every_s = self._granted_ttl_s / RENEWALS_PER_TTL
             next_renewal_s = self._clock() + renew_every_s
             while not self._stop.is_set():
@@ -97,11 +105,24 @@ class Election:
                 if self.leadership.role is Role.DEPOSED:
                     self._on_deposed(self.leadership.deposed_reason)
                     return
-                self._stop.wait(POLL_S)
+                self._wake.wait(self._pause_s(next_renewal_s))
+                self._wake.clear()
         except Exception:  # noqa: BLE001 - a bug here must depose, never leave a zombie leader
             log.exception("election thread failed")
             self.leadership.depose("election thread failed (see the log)")
             self._on_deposed(self.leadership.deposed_reason)
+        finally:
+            if self._leader_watch is not None:
+                self._leader_watch.close()
+
+    def _pause_s(self, next_renewal_s: float) -> float:
+        """How long the loop sleeps unless woken: a leader publishes the node list every
+        ``POLL_S``; a standby with an open watch stream waits for it (or the next renewal),
+        without one it reads the leader key every ``POLL_S``."""
+        watch = self._leader_watch
+        if self.leadership.role is not Role.STANDBY or watch is None or not watch.healthy:
+            return POLL_S
+        return max(next_renewal_s - self._clock(), 0.0)
 
     def _join(self) -> bool:
         """Grant the lease and publish the member key, retrying while etcd is down."""

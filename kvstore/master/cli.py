@@ -37,6 +37,10 @@ def _duration(ctx, param, value):
 @click.command("master")
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to bind.")
 @click.option("--port", default=50051, show_default=True, type=int, help="0: pick a free port.")
+@click.option("--advertise-host", default=None, metavar="HOST",
+              help="Host published in etcd for others to reach this master (default: "
+                   "--host, or for 0.0.0.0/:: the address this machine's hostname resolves "
+                   "to).")
 @click.option("--token", envvar="KVSTORE_TOKEN", default=None,
               help="Require 'authorization: Bearer TOKEN' on every call [env KVSTORE_TOKEN].")
 @click.option("--tenants", "tenants_file", default=None, metavar="FILE",
@@ -93,7 +97,7 @@ def _duration(ctx, param, value):
                    "when it is not --tls-ca (server-only TLS with a private CA).")
 @click.option("--log-level", default="INFO", show_default=True,
               type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"]))
-def command(host, port, token, tenants_file, metrics_port, metrics_host, lease_ttl, node_ttl,
+def command(host, port, advertise_host, token, tenants_file, metrics_port, metrics_host, lease_ttl, node_ttl,
             heartbeat_interval, pending_timeout, high_watermark, low_watermark, max_batch,
             max_changes_per_heartbeat, move_timeout, commit_timeout, promote, grpc_mode,
             num_threads, fast_port, no_fast_rpc, etcd, cluster, election_ttl, takeover_wait,
@@ -104,7 +108,8 @@ def command(host, port, token, tenants_file, metrics_port, metrics_host, lease_t
     try:
         tenants = load_tenants(tenants_file) if tenants_file else ()
         config = MasterConfig(
-            host=host, port=port, token=token or None,   # an empty KVSTORE_TOKEN: no token
+            host=host, port=port, advertise_host=advertise_host,
+            token=token or None,   # an empty KVSTORE_TOKEN: no token
             metrics_port=metrics_port, metrics_host=metrics_host,
             lease_ttl_s=lease_ttl, node_ttl_s=node_ttl, heartbeat_interval_s=heartbeat_interval,
             pending_timeout_s=pending_timeout, high_watermark=high_watermark,

@@ -15,8 +15,13 @@ Batching: at most one push per node is in flight; the caller that finds a node i
 the push itself (no thread hand-off on an idle master) and every caller that arrives while
 it is in flight waits for it, then one of them sends everything logged meanwhile in one
 frame: one message per daemon per batch, however many PutEnds run at once. Changes nobody
-waits for (evictions in a sweep, tier-move switches) are pushed by a background thread
-(``kick``).
+waits for (evictions in a sweep, tier-move switches, removals a node missed) are pushed in
+the background (``kick``): one task per node in a pool of ``MAX_BACKGROUND_PUSHES``
+threads, so a stalled node (up to ``BACKGROUND_TIMEOUT_S`` per try) never holds back the
+others' pushes. A removal waiting on several nodes (``wait(parallel=True)``: Remove,
+RemovePrefix) connects to and waits on each from its own thread, so one slow node does not
+delay the confirmations of the others; PutEnd keeps pushing from its own thread (all frames
+sent, then all replies read: no hand-off on the put path).
 
 Error handling: a connection that fails (refused, reset, wrong token, a timeout) is closed
 and retried after ``RETRY_S`` until the caller's deadline; a node dropped from the state
@@ -24,8 +29,8 @@ fails at once. Heartbeats acknowledge the same sequence, so a daemon that cannot
 pushes (an older version) still confirms within one heartbeat interval. Never raises to
 its callers.
 
-Threading: a ``Condition`` guards the channels' busy flags; pushes run outside it and take
-the service lock only to read the log (never the other way round).
+Threading: a ``Condition`` guards the channels' busy flags and the background set; pushes
+run outside it and take the service lock only to read the log (never the other way round).
 """
 
 from __future__ import annotations
@@ -34,6 +39,7 @@ import logging
 import socket
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor, wait as _wait_all
 
 from kvstore import capability
 from kvstore._tls import TLSConfig, wrap_client
@@ -47,8 +53,10 @@ log = logging.getLogger("kvstore.master.commits")
 RETRY_S = 0.05
 #: Longest a waiter sleeps before looking again (a heartbeat may have confirmed meanwhile).
 POLL_S = 0.05
-#: How long the background pusher gives changes that nobody waits for.
+#: How long the background pusher gives changes that nobody waits for (one try).
 BACKGROUND_TIMEOUT_S = 5.0
+#: Threads pushing in the background (one node each at a time) and fanning out removals.
+MAX_BACKGROUND_PUSHES = 16
 
 
 class _Channel:
@@ -86,21 +94,25 @@ class CommitPusher:
         self._clock = clock
         self._cond = threading.Condition()
         self._channels: dict[object, _Channel] = {}
-        self._kicked: dict[object, int] = {}
-        self._wake = threading.Event()
+        self._kicked: dict[object, int] = {}        # node -> sequence to push in background
+        self._in_background: set = set()            # nodes with a background task
         self._stopped = False
-        self._thread = threading.Thread(target=self._background, daemon=True,
-                                        name="kvstore-master-commits")
-        self._thread.start()
+        self._background = ThreadPoolExecutor(MAX_BACKGROUND_PUSHES,
+                                              thread_name_prefix="kvstore-master-commits")
+        self._fanout = ThreadPoolExecutor(MAX_BACKGROUND_PUSHES,
+                                          thread_name_prefix="kvstore-master-fanout")
 
     # -- waiting ----------------------------------------------------------------------------
 
-    def wait(self, needs: dict, timeout_s: float) -> list:
+    def wait(self, needs: dict, timeout_s: float, *, parallel: bool = False) -> list:
         """Push until each node in ``needs`` (node -> sequence) confirmed that sequence, for
-        at most ``timeout_s``; return the nodes that did not (empty: all durable)."""
+        at most ``timeout_s``; return the nodes that did not (empty: all durable). With
+        ``parallel``, several nodes are pushed to from one thread each."""
         deadline_s = self._clock() + timeout_s
         pending = {n: s for n, s in needs.items() if n.durable_seq < s}
         while pending:
+            if self._stopped:
+                return list(pending)
             nodes = self._state.nodes
             failed = [n for n in pending if nodes.get(n.node_id) is not n]
             for node in failed:             # dropped or replaced: it will never confirm
@@ -119,32 +131,49 @@ class CommitPusher:
                         mine.append(channel)
                 if not mine:
                     self._cond.wait(min(POLL_S, deadline_s - now_s))
-            if mine:
+            if mine and parallel and len(mine) > 1:
+                self._push_each(mine, deadline_s)
+            elif mine:
                 self._push(mine, deadline_s)
             if failed:
                 return failed + [n for n, s in pending.items() if n.durable_seq < s]
             pending = {n: s for n, s in pending.items() if n.durable_seq < s}
         return []
 
-    def kick(self, nodes) -> None:
-        """Push these nodes' new changes in the background (nobody waits for them)."""
-        with self._cond:
-            for node in nodes:
-                self._kicked[node] = node.seq
-        self._wake.set()
+    def _push_each(self, channels: list[_Channel], deadline_s: float) -> None:
+        """``_push`` on each channel from its own thread (the first from this one)."""
+        others, here = [], channels[:1]
+        for channel in channels[1:]:
+            try:
+                others.append(self._fanout.submit(self._push, [channel], deadline_s))
+            except RuntimeError:          # stopping: the pool takes no more work
+                here.append(channel)
+        self._push(here, deadline_s)
+        _wait_all(others)
 
-    def _background(self) -> None:
-        while True:
-            self._wake.wait()
-            self._wake.clear()
+    def kick(self, nodes) -> None:
+        """Push these nodes' new changes in the background (nobody waits for them): one
+        task per node, which pushes again while new changes are kicked meanwhile."""
+        with self._cond:
             if self._stopped:
                 return
+            for node in nodes:
+                self._kicked[node] = node.seq
+                if node not in self._in_background:
+                    self._in_background.add(node)
+                    self._background.submit(self._push_in_background, node)
+
+    def _push_in_background(self, node) -> None:
+        while True:
             with self._cond:
-                needs, self._kicked = self._kicked, {}
+                seq = self._kicked.pop(node, None)
+                if seq is None or self._stopped:
+                    self._in_background.discard(node)
+                    return
             try:
-                self.wait(needs, BACKGROUND_TIMEOUT_S)
-            except Exception:  # noqa: BLE001 - the pusher thread must never die
-                log.exception("background commit push failed")
+                self.wait({node: seq}, BACKGROUND_TIMEOUT_S)
+            except Exception:  # noqa: BLE001 - one node's failure must not end the others'
+                log.exception("background commit push to node %s failed", node.node_id)
 
     def forget(self) -> None:
         """Close the channels of nodes no longer registered (called after a membership
@@ -157,9 +186,18 @@ class CommitPusher:
                 self._channels.pop(node).close()
 
     def stop(self) -> None:
-        self._stopped = True
-        self._wake.set()
-        self._thread.join(timeout=5)
+        """Stop pushing: pushes in flight end at once (their sockets are shut down)."""
+        with self._cond:
+            self._stopped = True
+            self._kicked.clear()
+            for channel in self._channels.values():
+                if channel.sock is not None:
+                    try:       # NOTE: wakes a thread blocked on it; close() would not
+                        channel.sock.shutdown(socket.SHUT_RDWR)
+                    except OSError:
+                        pass
+        self._background.shutdown(wait=True, cancel_futures=True)
+        self._fanout.shutdown(wait=True, cancel_futures=True)
         with self._cond:
             for channel in self._channels.values():
                 channel.close()

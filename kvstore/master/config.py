@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from kvstore._advertise import check_advertise_host
 from kvstore._errors import ConfigError
 from kvstore._tls import TLSConfig
 
@@ -37,6 +38,7 @@ class MasterConfig:
 
     host: str = "127.0.0.1"
     port: int = 50051
+    advertise_host: str | None = None    # host published in etcd; None: ``_advertise`` rule
     token: str | None = None
     metrics_port: int | None = None
     metrics_host: str | None = None      # bind address of the metrics port; None: ``host``
@@ -88,6 +90,7 @@ class MasterConfig:
     def __post_init__(self) -> None:
         if not self.host:
             raise ConfigError("host must not be empty")
+        check_advertise_host(self.advertise_host)
         if not 0 <= self.port <= 65535:
             raise ConfigError(f"port must be in 0..65535, got {self.port}")
         if self.metrics_host is not None and not self.metrics_host:
@@ -134,9 +137,6 @@ class MasterConfig:
             from kvstore.ha.etcd import check_url
             check_url(self.etcd)
             check_cluster(self.cluster)
-            if self.host in ("0.0.0.0", "::"):
-                raise ConfigError("with --etcd the master publishes --host as its address: "
-                                  "bind a reachable address, not a wildcard")
         if not 2 <= self.election_ttl_s <= 60:
             raise ConfigError(f"election TTL must be 2..60 s, got {self.election_ttl_s}")
         if not 0 <= self.takeover_wait_s <= 600:

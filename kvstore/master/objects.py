@@ -32,7 +32,7 @@ ITEM_INVALID = 4
 ITEM_LEASED = 5
 ITEM_PINNED = 6
 ITEM_PENDING = 7
-ITEM_UNCOMMITTED = 100   # put_end: a replica's daemon did not confirm the commit in time
+ITEM_UNCOMMITTED = 100   # put_end/remove: a replica's daemon did not confirm it in time
 
 #: The values of ``kvstore.v1.Codec`` (RAW, LZ4, INT8) the master accepts and stores.
 CODECS = (0, 1, 2)

@@ -102,7 +102,7 @@ def _check_address(address: str) -> None:
 
 
 def _adopt(state, node: Node, inv) -> int:
-    objects = state.objects
+    objects, removals = state.objects, state.removals
     candidates: dict[SegmentSpace, list[int]] = {}
     for i, (key, segment_id, length) in enumerate(zip(inv.keys, inv.segment_ids, inv.lengths)):
         segment = node.segments.get(segment_id)
@@ -110,6 +110,8 @@ def _adopt(state, node: Node, inv) -> int:
         if segment is None or length == 0 or key_problem(key) is not None:
             continue
         if key in state.pending or (existing is not None and existing.size_bytes != length):
+            continue
+        if removals and removals.refuses(node, key):   # removed, never confirmed here
             continue
         candidates.setdefault(segment, []).append(i)
     num_adopted = 0

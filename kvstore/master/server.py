@@ -18,6 +18,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import grpc
 
+from kvstore._advertise import advertised_host, loopback_warning
 from kvstore._errors import ConfigError
 from kvstore.master.auth import AsyncTokenInterceptor, Authenticator, TokenInterceptor
 from kvstore.master.clock import MonotonicClock
@@ -127,7 +128,14 @@ class MasterServer:
             with self.service.lock:
                 return list(self.state.nodes)
 
-        info = MasterInfo(self.state.master_id, self.address, self.fast_address)
+        host, chosen = advertised_host(self.config.host, self.config.advertise_host)
+        port = self.address.rpartition(":")[2]
+        fast = self.fast_address.rpartition(":")[2] if self.fast_address else None
+        info = MasterInfo(self.state.master_id, format_address(host, int(port)),
+                          format_address(host, int(fast)) if fast else None)
+        log.info("publishing %s in etcd (%s)", info.grpc_address, chosen)
+        if chosen.startswith("hostname") and (warning := loopback_warning(host)):
+            log.warning("%s", warning)
         self.election = Election(EtcdClient(self.config.etcd), ClusterKeys(self.config.cluster),
                                  info, self.service.leadership,
                                  lease_ttl_s=self.config.election_ttl_s, node_ids=node_ids,

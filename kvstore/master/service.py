@@ -25,7 +25,7 @@ import grpc
 
 from kvstore.master import auth, replies
 from kvstore.master.capabilities import CapabilityIssuer
-from kvstore.master.objects import ITEM_OK, ITEM_UNCOMMITTED
+from kvstore.master.objects import ITEM_NOT_FOUND, ITEM_OK, ITEM_UNCOMMITTED
 from kvstore.master.state import MasterState
 from kvstore.master.tenancy import CLUSTER, scope_request
 from kvstore.master.validation import Rejected, check_batch, check_id, invalid
@@ -187,11 +187,38 @@ class MasterService:
 
     def Remove(self, request, now_s, caller=CLUSTER):
         statuses, messages = self.state.remove(request.keys, request.force, now_s)
+        removals = self.state.removals
+        if removals:
+            # NOTE: a retry of a removal some node has not confirmed: the key is gone from
+            # the table, but the call waits for that node again and answers OK once it did
+            # (``_settle`` turns it back to ITEM_UNCOMMITTED if it still did not)
+            listed = set(removals.touch(request.keys, self.state.nodes))
+            statuses = [ITEM_OK if status == ITEM_NOT_FOUND and key in listed else status
+                        for key, status in zip(request.keys, statuses)]
+            if listed:
+                messages = messages or [""] * len(request.keys)
+                self._unwaitable(request.keys, statuses, messages)
         return pb.RemoveResponse(statuses=statuses, error_messages=messages)
+
+    def _unwaitable(self, keys, statuses, messages) -> None:
+        """Keys whose unconfirmed removal is owed by a node that is not registered (dropped,
+        not back yet): nothing to wait for, so ITEM_UNCOMMITTED now."""
+        nodes, removals = self.state.nodes, self.state.removals
+        for i, key in enumerate(keys):
+            if statuses[i] != ITEM_OK:
+                continue
+            gone = [node_id for node_id in removals.silent_nodes(key, nodes)
+                    if node_id not in nodes]
+            if gone:
+                statuses[i] = ITEM_UNCOMMITTED
+                messages[i] = unconfirmed_message(gone, self.state.config.commit_timeout_s)
 
     def RemovePrefix(self, request, now_s, caller=CLUSTER):
         num_removed, num_skipped = self.state.remove_prefix(request.prefix, request.force,
                                                             now_s)
+        removals = self.state.removals
+        if removals:        # a retry waits for the removals not yet confirmed (see Remove)
+            removals.touch(removals.with_prefix(request.prefix), self.state.nodes)
         return pb.RemovePrefixResponse(num_removed=num_removed, num_skipped=num_skipped)
 
     def Pin(self, request, now_s, caller=CLUSTER):
@@ -259,6 +286,7 @@ def make_invoker(service: MasterService, name: str, clock, metrics, transport: s
     durable = name in DURABLE_METHODS and state.config.commit_timeout_s > 0
     membership = name in ("RegisterNode", "UnregisterNode")
     registration = name == "RegisterNode"
+    removal = name in ("Remove", "RemovePrefix")    # several nodes: pushed in parallel
     touched = state.touched
 
     def invoke(request, caller=CLUSTER):
@@ -293,7 +321,7 @@ def make_invoker(service: MasterService, name: str, clock, metrics, transport: s
         if commits is not None:
             if needs and durable:
                 _settle(service, name, request, reply, commits.wait(
-                    needs, state.config.commit_timeout_s), clock)
+                    needs, state.config.commit_timeout_s, parallel=removal), clock)
             elif needs:
                 commits.kick(needs)
             if membership:
@@ -308,15 +336,13 @@ def make_invoker(service: MasterService, name: str, clock, metrics, transport: s
 def _settle(service: MasterService, name: str, request, reply, failed_nodes, clock) -> None:
     """After the wait of a durable call: a PutEnd's keys on ``failed_nodes`` become
     ITEM_UNCOMMITTED (their objects dropped, the removals pushed in the background); a
-    removal that a node did not confirm is logged (the node learns it from a later push or
-    heartbeat, or is dropped past its TTL)."""
+    removal is settled by ``_settle_removal``."""
+    if name != "PutEnd":
+        _settle_removal(service, name, request, reply, failed_nodes)
+        return
     if not failed_nodes:
         return
     ids = ", ".join(sorted(node.node_id for node in failed_nodes))
-    if name != "PutEnd":
-        log.warning("%s: node(s) %s did not confirm the removal within %gs", name, ids,
-                    service.state.config.commit_timeout_s)
-        return
     state = service.state
     with service.lock:
         state.touched.clear()
@@ -325,6 +351,56 @@ def _settle(service: MasterService, name: str, request, reply, failed_nodes, clo
         state.touched.clear()
     log.warning("PutEnd: node(s) %s did not confirm the commit within %gs; the put fails",
                 ids, state.config.commit_timeout_s)
+    if needs:
+        service.commits.kick(needs)
+
+
+def unconfirmed_message(node_ids, timeout_s: float) -> str:
+    """The error message of a removal ``node_ids`` did not confirm."""
+    return (f"removed from the master, but node(s) {', '.join(node_ids)} did not confirm "
+            f"within {timeout_s:g}s: a master restarted before they do would serve it "
+            "again; retry the remove (it returns once they confirmed)")
+
+
+def _settle_removal(service: MasterService, name: str, request, reply, failed_nodes) -> None:
+    """After a Remove's or RemovePrefix's wait: every removal ``failed_nodes`` did not
+    confirm is listed (``state.removals``); a Remove answers those keys ITEM_UNCOMMITTED
+    naming the nodes, a RemovePrefix names the nodes (``unconfirmed_nodes``). The master
+    keeps pushing (background, and heartbeats), and a retry waits for them again."""
+    state = service.state
+    removals = state.removals
+    if not failed_nodes and not removals:
+        return
+    timeout_s = state.config.commit_timeout_s
+    with service.lock:
+        nodes = state.nodes
+        for node in failed_nodes:
+            removals.record(node)
+        if name == "Remove":
+            messages = list(reply.error_messages) or [""] * len(request.keys)
+            for i, key in enumerate(request.keys):
+                silent = removals.silent_nodes(key, nodes) if reply.statuses[i] == ITEM_OK \
+                    else ()
+                if silent:
+                    reply.statuses[i] = ITEM_UNCOMMITTED
+                    messages[i] = unconfirmed_message(silent, timeout_s)
+            del reply.error_messages[:]
+            if any(messages):
+                reply.error_messages.extend(messages)
+        else:
+            silent_ids = set()
+            for key in removals.with_prefix(request.prefix):
+                silent = removals.silent_nodes(key, nodes)
+                if silent:
+                    silent_ids.update(silent)
+                    reply.num_unconfirmed += 1
+            reply.unconfirmed_nodes.extend(sorted(silent_ids))
+        removals.prune(nodes)
+        needs = {node: node.seq for node in failed_nodes if nodes.get(node.node_id) is node}
+    if failed_nodes:
+        log.warning("%s: node(s) %s did not confirm the removal within %gs (answered "
+                    "unconfirmed; still pushing)", name,
+                    ", ".join(sorted(node.node_id for node in failed_nodes)), timeout_s)
     if needs:
         service.commits.kick(needs)
 

@@ -39,6 +39,7 @@ from kvstore.master.objects import (
     ITEM_OK, PENDING, ObjectMeta,
 )
 from kvstore.master.placement import place, rank_segments
+from kvstore.master.removals import UnconfirmedRemovals
 from kvstore.master.tenancy import TenantBook
 from kvstore.master.validation import check_batch, check_id, check_parallel, invalid, key_problem
 from kvstore.tiers import TIERS_FASTEST_FIRST, Tier
@@ -75,6 +76,8 @@ class MasterState:
         self.next_move_id = 0
         self.tiered = False     # some node has two tiers or more (moves are possible)
         self.touched: set[Node] = set()
+        # removals a daemon did not confirm in time (removals.py; filled by the service)
+        self.removals = UnconfirmedRemovals()
         # usage per tenant (tenancy.py), kept by the hooks below; None: no tenants file
         self.tenants = TenantBook(config.tenants) if config.tenants else None
 

@@ -29,7 +29,7 @@ import time
 from typing import Any, Sequence
 
 from kvstore._deadline import Deadline
-from kvstore._errors import KVStoreError, MasterUnavailableError
+from kvstore._errors import KVStoreError, MasterUnavailableError, TransferError
 from kvstore.rpc import messages
 from kvstore.rpc.carrier import Carrier
 from kvstore.rpc.errors import ConnectionLostError, NotServingError, item_error, malformed
@@ -191,9 +191,17 @@ class MasterClient:
 
     def remove_prefix(self, prefix: str, *, force: bool = False,
                       deadline: Deadline | None = None) -> tuple[int, int]:
-        """Remove every object whose key starts with ``prefix``; (num_removed, num_skipped)."""
+        """Remove every object whose key starts with ``prefix``; (num_removed, num_skipped).
+        Raises TransferError naming the nodes when some did not confirm a removal in time
+        (the objects are gone from the master; retrying waits for those nodes again)."""
         reply = self.call(_M["RemovePrefix"], pb.RemovePrefixRequest(prefix=prefix, force=force),
                           deadline)
+        if reply.unconfirmed_nodes:
+            raise TransferError(
+                f"remove_prefix {prefix!r}: {reply.num_removed} removed from the master, but "
+                f"node(s) {', '.join(reply.unconfirmed_nodes)} did not confirm "
+                f"{reply.num_unconfirmed} of the removals in time: a master restarted before "
+                "they do would serve them again; retry (it waits for them)")
         return reply.num_removed, reply.num_skipped
 
     def pin(self, keys: Sequence[str], *, ttl_s: float | None = None, hard: bool = False,
