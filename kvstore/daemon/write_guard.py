@@ -111,7 +111,11 @@ class WriteGuard:
     def note_stored(self, segment_id: str, key: str, offset: int, length: int,
                     seq: int) -> None:
         with self._lock:
-            ranges = self._segment_to_ranges.setdefault(segment_id, SortedDict())
+            ranges = self._segment_to_ranges.get(segment_id)
+            if ranges is None:
+                # NOTE: not setdefault(segment_id, SortedDict()): that builds (and drops) a
+                # SortedDict on every call, half of a pushed commit's apply (~2.5 us a key)
+                ranges = self._segment_to_ranges[segment_id] = SortedDict()
             ranges[offset] = (offset + length, seq, key)
 
     def note_freed(self, segment_id: str, key: str, offset: int) -> None:
