@@ -120,8 +120,11 @@ class MasterService:
             reply.replica_capability.extend(caps)
             config = self.state.config
             # NOTE: only where every replica's daemon verifies a capability and takes
-            # CLIENT_COMMIT: the writer's commit is then as checked as the master's push
-            reply.client_commit = config.client_commit and config.commit_timeout_s > 0 and all(
+            # CLIENT_COMMIT: the writer's commit is then as checked as the master's push.
+            # Not for tenants: the daemons record namespaced keys, which the tenant's
+            # client never names (the master maps them), so their commits are the master's
+            reply.client_commit = config.client_commit and config.commit_timeout_s > 0 and \
+                caller.tenant is None and all(
                 segment.node.client_commit and segment.node.capability_secret
                 for picks in all_picks for segment, _ in picks)
         return reply
