@@ -9,13 +9,25 @@ Against a real master process and daemon process on this host (shm, fast metadat
     with PutEnd"). The master-forwards design adds one daemon round trip after PutEnd's
     work, measured whole by the put p50 difference.
 Prints a table and writes bench/out/commit_bench.json (facts: tree, load average).
+``--master-arg`` passes a flag to the master: ``--master-arg=--no-client-commit`` measures
+the master-pushed design, the default the client-parallel one (a tree whose master lacks
+the flag fails to start: give it only to trees that have it). The script runs against the
+tree of the Python that runs it, so one copy measures any tree:
+``cd TREE && .venv/bin/python /path/to/commit_bench.py``.
+
+``--designs`` (this tree only) runs two clusters at once, one per design (client commit,
+master push), and alternates every put and batch between them, so both see the same load:
+the figures for choosing between the designs on a shared machine.
 
     .venv/bin/python bench/commit_bench.py [--puts 2000] [--batches 40] [--rounds 3]
+        [--master-arg=--no-client-commit] [--json PATH]
+    .venv/bin/python bench/commit_bench.py --designs [--puts 2000] [--batches 40]
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import socket
@@ -32,6 +44,7 @@ from kvstore.transport.data_frames import Op
 
 OUT_DIR = Path(__file__).resolve().parent / "out"
 VALUE_BYTES = 64 * 1024
+BIG_BYTES = 4 << 20
 BATCH = 128
 
 
@@ -64,6 +77,17 @@ def _batch_gbps(store, num_batches: int) -> float:
         results = store.batch_put(keys, values)
         assert all(r is None for r in results), results[:3]
     return num_batches * BATCH * VALUE_BYTES / (time.perf_counter() - started) / 1e9
+
+
+def _big_gbps(store, num_puts: int) -> float:
+    """4 MiB puts, one per call: GB/s of the median put."""
+    value = os.urandom(BIG_BYTES)
+    samples = []
+    for i in range(num_puts):
+        started = time.perf_counter()
+        store.put(f"big/{time.monotonic_ns()}/{i}", value)
+        samples.append(time.perf_counter() - started)
+    return BIG_BYTES / statistics.median(samples) / 1e9
 
 
 def _data_plane(address: str) -> socket.socket:
@@ -110,14 +134,74 @@ def _round_trips_us(master_address: str, daemon_address: str, count: int) -> dic
             "parallel_p50_us": statistics.median(both_us)}
 
 
+DESIGN_FLAGS = {"client commit": [], "master push": ["--no-client-commit"]}
+
+
+def _designs(args) -> None:
+    """Both designs of this tree, every operation alternated between their clusters."""
+    stack = contextlib.ExitStack()
+    stores = {}
+    with stack:
+        for name, flags in DESIGN_FLAGS.items():
+            master = stack.enter_context(ServerProcess(
+                ["master", "--host", "127.0.0.1", "--port", "0", *flags]))
+            stack.enter_context(ServerProcess(
+                ["daemon", "--master", master.address, "--host", "127.0.0.1", "--port", "0",
+                 "--dram", "1GiB"]))
+            stores[name] = stack.enter_context(kvstore.connect(master.address,
+                                                               transport="auto"))
+            stores[name].put("warm", b"w" * VALUE_BYTES)
+        small, big = os.urandom(VALUE_BYTES), os.urandom(BIG_BYTES)
+        batch_values = [os.urandom(VALUE_BYTES) for _ in range(BATCH)]
+        samples = {name: {"put": [], "batch": [], "big": []} for name in stores}
+        loads = [Path("/proc/loadavg").read_text().split()[0]]
+        for i in range(args.puts):
+            for name, store in stores.items():
+                started = time.perf_counter()
+                store.put(f"lat/{i}", small)
+                samples[name]["put"].append(time.perf_counter() - started)
+        for b in range(args.batches):
+            for name, store in stores.items():
+                keys = [f"batch/{b}/{j}" for j in range(BATCH)]
+                started = time.perf_counter()
+                assert all(r is None for r in store.batch_put(keys, batch_values))
+                samples[name]["batch"].append(time.perf_counter() - started)
+            for name, store in stores.items():
+                started = time.perf_counter()
+                store.put(f"big/{b}", big)
+                samples[name]["big"].append(time.perf_counter() - started)
+        loads.append(Path("/proc/loadavg").read_text().split()[0])
+    rows = {name: {"put_p50_us": statistics.median(s["put"]) * 1e6,
+                   "batch_put_gbps": BATCH * VALUE_BYTES / statistics.median(s["batch"]) / 1e9,
+                   "put_4mib_gbps": BIG_BYTES / statistics.median(s["big"]) / 1e9}
+            for name, s in samples.items()}
+    print(f"tree: {_tree()}  designs alternated per operation, load {' -> '.join(loads)}")
+    print(f"{'design':>14} {'put p50 us':>11} {'batch GB/s':>11} {'4MiB GB/s':>11}")
+    for name, r in rows.items():
+        print(f"{name:>14} {r['put_p50_us']:11.0f} {r['batch_put_gbps']:11.2f} "
+              f"{r['put_4mib_gbps']:11.2f}")
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(json.dumps({"tree": _tree(), "designs": rows, "loadavg": loads},
+                                    indent=2))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--puts", type=int, default=2000)
     parser.add_argument("--batches", type=int, default=40)
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--master-arg", action="append", default=[],
+                        help="a flag for the master (repeatable)")
+    parser.add_argument("--json", type=Path, default=OUT_DIR / "commit_bench.json")
+    parser.add_argument("--designs", action="store_true",
+                        help="both designs of this tree, alternated per operation")
     args = parser.parse_args()
+    if args.designs:
+        _designs(args)
+        return
     rows = []
-    with ServerProcess(["master", "--host", "127.0.0.1", "--port", "0"]) as master, \
+    with ServerProcess(["master", "--host", "127.0.0.1", "--port", "0",
+                        *args.master_arg]) as master, \
             ServerProcess(["daemon", "--master", master.address, "--host", "127.0.0.1",
                            "--port", "0", "--dram", "1GiB"]) as daemon:
         with kvstore.connect(master.address, transport="auto") as store:
@@ -125,21 +209,26 @@ def main() -> None:
             for _ in range(args.rounds):
                 p50, p99 = _put_latency_us(store, args.puts)
                 gbps = _batch_gbps(store, args.batches)
+                big = _big_gbps(store, 30)
                 store.remove_prefix("lat/")
                 store.remove_prefix("batch/")
+                store.remove_prefix("big/")
                 trips = _round_trips_us(master.address, daemon.address, 500)
                 rows.append({"put_p50_us": p50, "put_p99_us": p99, "batch_put_gbps": gbps,
+                             "put_4mib_gbps": big,
                              **trips, "loadavg": Path("/proc/loadavg").read_text().split()[:3]})
-    print(f"tree: {_tree()}")
-    print(f"{'put p50 us':>11} {'put p99 us':>11} {'batch GB/s':>11} {'master rtt':>11} "
+    print(f"tree: {_tree()}  master flags: {' '.join(args.master_arg) or '(defaults)'}")
+    print(f"{'put p50 us':>11} {'put p99 us':>11} {'batch GB/s':>11} {'4MiB GB/s':>11} "
+          f"{'master rtt':>11} "
           f"{'daemon rtt':>11} {'both, par.':>11}  load")
     for r in rows:
         print(f"{r['put_p50_us']:11.0f} {r['put_p99_us']:11.0f} {r['batch_put_gbps']:11.2f} "
+              f"{r['put_4mib_gbps']:11.2f} "
               f"{r['master_rtt_p50_us']:11.0f} {r['daemon_rtt_p50_us']:11.0f} "
               f"{r['parallel_p50_us']:11.0f}  {' '.join(r['loadavg'])}")
-    OUT_DIR.mkdir(exist_ok=True)
-    (OUT_DIR / "commit_bench.json").write_text(json.dumps({"tree": _tree(), "rows": rows},
-                                                          indent=2))
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(json.dumps({"tree": _tree(), "master_args": args.master_arg,
+                                     "rows": rows}, indent=2))
 
 
 if __name__ == "__main__":

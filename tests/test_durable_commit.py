@@ -4,7 +4,10 @@ call returned), an SSD put survives a daemon SIGKILL, and a daemon that does not
 time fails the put with an error naming the key. Real master and daemon processes.
 
 Heartbeats are slow here (3 s) on purpose: what a heartbeat would have delivered later must
-already be on the daemon when the call returns, so these tests fail without the push."""
+already be on the daemon when the call returns, so these tests fail without the push (or,
+by default, without the client's own commit). The crash tests run on both designs: the
+client committing to its replicas' daemons in parallel with PutEnd (the default) and the
+master's push (``--no-client-commit``, also what older clients get)."""
 
 from __future__ import annotations
 
@@ -28,6 +31,9 @@ from kvstore.v1 import master_pb2
 
 SLOW_BEAT = ("--heartbeat-interval", "3s", "--node-ttl", "60s")
 VALUE_BYTES = 64 * 1024
+#: The two designs of durable commit, as master flags.
+DESIGNS = pytest.mark.parametrize("design", [(), ("--no-client-commit",)],
+                                  ids=["client-commit", "master-push"])
 
 
 def _master(*args, port=0):
@@ -48,8 +54,9 @@ def _wait_exists(master, key, timeout_s=30.0):
             time.sleep(0.05)  # another process's registration: no clock of ours to advance
 
 
-def test_master_sigkill_after_a_burst_keeps_puts_and_removals():
-    master = _master(*SLOW_BEAT)
+@DESIGNS
+def test_master_sigkill_after_a_burst_keeps_puts_and_removals(design):
+    master = _master(*SLOW_BEAT, *design)
     port = master.port
     daemon = _daemon(master, "--dram", "64MiB")
     restarted = None
@@ -64,7 +71,7 @@ def test_master_sigkill_after_a_burst_keeps_puts_and_removals():
                 store.put(key, b"x" * 1000)
             assert store.remove_prefix("gone/") == 2
             master.kill()                   # right after the last call returned
-        restarted = _master("--heartbeat-interval", "200ms", port=port)
+        restarted = _master("--heartbeat-interval", "200ms", *design, port=port)
         _wait_exists(restarted, "burst/1")
         kept = [key for key in values if key not in removed]
         with kvstore.connect(restarted.address, timeout_s=10) as store:
@@ -80,8 +87,9 @@ def test_master_sigkill_after_a_burst_keeps_puts_and_removals():
             restarted.close()
 
 
-def test_an_evicted_object_is_not_resurrected_by_a_restarted_master():
-    master = _master(*SLOW_BEAT)
+@DESIGNS
+def test_an_evicted_object_is_not_resurrected_by_a_restarted_master(design):
+    master = _master(*SLOW_BEAT, *design)
     port = master.port
     daemon = _daemon(master, "--dram", "4MiB")
     restarted = None
@@ -97,7 +105,7 @@ def test_an_evicted_object_is_not_resurrected_by_a_restarted_master():
         evicted = [key for key, there in zip(values, present) if not there]
         kept = [key for key, there in zip(values, present) if there]
         assert evicted and kept
-        restarted = _master("--heartbeat-interval", "200ms", port=port)
+        restarted = _master("--heartbeat-interval", "200ms", *design, port=port)
         _wait_exists(restarted, kept[-1])
         with kvstore.connect(restarted.address, timeout_s=10) as store:
             assert store.batch_exists(evicted) == [False] * len(evicted)
@@ -109,9 +117,10 @@ def test_an_evicted_object_is_not_resurrected_by_a_restarted_master():
             restarted.close()
 
 
-def test_daemon_sigkill_right_after_an_ssd_put_then_restart_serves_it(tmp_path):
+@DESIGNS
+def test_daemon_sigkill_right_after_an_ssd_put_then_restart_serves_it(tmp_path, design):
     ssd = ("--dram", "4MiB", "--ssd", f"{tmp_path}:64MiB", "--node-id", "ssd-node")
-    with _master(*SLOW_BEAT) as master:
+    with _master(*SLOW_BEAT, *design) as master:
         daemon = _daemon(master, *ssd)
         value = payload(300_000, seed=7)
         with kvstore.connect(master.address, transport="tcp", timeout_s=10) as store:
@@ -128,8 +137,9 @@ def test_daemon_sigkill_right_after_an_ssd_put_then_restart_serves_it(tmp_path):
                     master.stderr()
 
 
-def test_a_daemon_that_does_not_confirm_fails_the_put_naming_the_key():
-    with _master(*SLOW_BEAT, "--commit-timeout", "500ms") as master, \
+@DESIGNS
+def test_a_daemon_that_does_not_confirm_fails_the_put_naming_the_key(design):
+    with _master(*SLOW_BEAT, "--commit-timeout", "500ms", *design) as master, \
             _daemon(master, "--dram", "16MiB") as daemon:
         with kvstore.connect(master.address, transport="auto", timeout_s=10) as store:
             store.put("ok/before", b"a" * 5000)

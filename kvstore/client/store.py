@@ -24,6 +24,7 @@ from kvstore.client.leases import LeaseReleaser
 from kvstore.client.reader import GetSettings, get_batch
 from kvstore.client.transfer import Transfers
 from kvstore.client.values import finish_bytes, new_bytes
+from kvstore.client.committer import DaemonCommitter
 from kvstore.client.writer import PutSettings, check_replicas, check_tier, put_batch
 from kvstore.rpc import MasterClient, connect_master
 from kvstore.transport import local_host_id, make_transports
@@ -100,7 +101,8 @@ class KVStore:
         self._closing_guard = _ClosingGuard(self)
         self._master: MasterClient | None = None   # set by _connect_master
         self._transfers = Transfers(make_transports(kind=config.transport, token=config.token,
-                                                    nodes=self._nixl_nodes, tls=config.tls))
+                                                    nodes=self._nixl_nodes, tls=config.tls),
+                                    DaemonCommitter(config.token, config.tls))
         self._leases: LeaseReleaser | None = None   # set by _connect_master
 
     # ---- put ----------------------------------------------------------------------------
@@ -316,7 +318,8 @@ class KVStore:
             # the token the master hands to tenants (kvstore/_wire.py data_plane_token)
             self._transfers.close()
             self._transfers = Transfers(make_transports(
-                kind=self.config.transport, token=stats.data_token, nodes=self._nixl_nodes))
+                kind=self.config.transport, token=stats.data_token, nodes=self._nixl_nodes),
+                DaemonCommitter(stats.data_token, self.config.tls))
         self._leases = LeaseReleaser(self._master)
 
     @property

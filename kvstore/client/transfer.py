@@ -64,8 +64,10 @@ def _remaining_s(deadline: Deadline, keys: Sequence[str]) -> float:
 class Transfers:
     """Routes a batch's transfers over ``transports`` (preference order) and keeps stats."""
 
-    def __init__(self, transports: Sequence[Transport]):
+    def __init__(self, transports: Sequence[Transport], committer=None):
         self.transports = list(transports)
+        # client.committer.DaemonCommitter: the writer's own commits (None: the master's)
+        self.committer = committer
         self._lock = threading.Lock()
         self._counters = {t.name: _Counters() for t in self.transports}
         # (host_id, shm_name, data_addr) -> rank of the first transport that reaches it.
@@ -221,6 +223,8 @@ class Transfers:
     def close(self) -> None:
         for transport in self.transports:
             transport.close()
+        if self.committer is not None:
+            self.committer.close()
 
 
 def _check_results(transport: Transport, results: Sequence[object], num_items: int) -> None:

@@ -170,7 +170,7 @@ def _put_valid(master: MasterClient, transfers: Transfers, indices: list[int],
         _revoke(master, settings, [names[j] for j in failures])
     committed = [j for j in started if j not in failures]
     if committed:
-        _end(master, settings, committed, indices, names, sums, results)
+        _end(master, transfers, settings, committed, indices, names, sums, results, slots)
 
 
 def _abandon(master: MasterClient, settings: PutSettings, pending: Any,
@@ -185,19 +185,50 @@ def _abandon(master: MasterClient, settings: PutSettings, pending: Any,
                                if isinstance(slot, list)])
 
 
-def _end(master: MasterClient, settings: PutSettings, committed: list[int],
-         indices: list[int], names: list[str], sums: list[int],
-         results: list[KVStoreError | None]) -> None:
+def _end(master: MasterClient, transfers: Transfers, settings: PutSettings,
+         committed: list[int], indices: list[int], names: list[str], sums: list[int],
+         results: list[KVStoreError | None], slots: Any) -> None:
+    """PutEnd of the written keys. Where the master asked for it (``slots.client_commit``)
+    the keys' commits go to their replica daemons first and are read after PutEnd, so the
+    two round trips overlap; a key a daemon did not confirm fails (TransferError naming
+    it and the node, retryable) and is removed again, so no success names a replica whose
+    daemon does not know it and a retried put writes it anew."""
     end_names = [names[j] for j in committed]
+    commits = None
+    if getattr(slots, "client_commit", False) and transfers.committer is not None:
+        commits = transfers.committer.begin(
+            [(j, names[j], target, sums[j]) for j in committed for target in slots[j]],
+            settings.deadline)
     try:
         ended = master.put_end(end_names, [sums[j] for j in committed],
-                               client_id=settings.client_id, deadline=settings.deadline)
+                               client_id=settings.client_id, deadline=settings.deadline,
+                               client_committed=commits is not None)
     except BaseException:
+        if commits is not None:
+            commits.abandon()
         _revoke(master, settings, end_names)
         raise
     for j, error in zip(committed, ended):
         if error is not None:
             results[indices[j]] = error
+    if commits is None:
+        return
+    failures = commits.finish()
+    unconfirmed = [j for j, error in zip(committed, ended) if error is None and j in failures]
+    for j in unconfirmed:
+        results[indices[j]] = failures[j]
+    if unconfirmed:
+        _remove(master, [names[j] for j in unconfirmed])
+
+
+def _remove(master: MasterClient, names: list[str]) -> None:
+    """Drop objects the master committed but a replica daemon did not confirm (best
+    effort: a daemon that never confirms is dropped past its TTL with its objects).
+    NOTE: forced: a reader that leased the object in between keeps its lease's bytes."""
+    try:
+        master.remove(names, force=True)
+    except KVStoreError:
+        pass
 
 
 def _revoke(master: MasterClient, settings: PutSettings, names: list[str]) -> None:

@@ -81,6 +81,9 @@ class DataPlaneServer(ThreadedTcpServer):
         # COMMIT handler: (base_seq, body) -> the table's sequence after applying it; set by
         # the daemon once its object table exists (None: COMMIT answered INTERNAL)
         self.on_commit = None
+        # CLIENT_COMMIT handler: (body, principal) -> [(index, reason)] of refused entries
+        # (daemon/client_commits.py); None: answered INTERNAL like COMMIT
+        self.on_client_commit = None
 
     def start(self) -> str:
         """Bind, listen and start accepting; return the bound "host:port"."""
@@ -153,6 +156,8 @@ class DataPlaneServer(ThreadedTcpServer):
         if op_code == Op.COMMIT:
             return self._commit(conn, seg_len, request_id, offset, length,
                                 bool(flags & data_frames.FLAG_SIGNED))
+        if op_code == Op.CLIENT_COMMIT:
+            return self._client_commit(conn, seg_len, request_id, length, principal)
         if op_code not in (Op.READ, Op.WRITE):
             raise _BadFrame(f"unknown op {op_code}")
         if not 0 < seg_len <= data_frames.MAX_SEGMENT_ID_BYTES:
@@ -223,6 +228,34 @@ class DataPlaneServer(ThreadedTcpServer):
                                                   f"commit failed: {exc}"))
             return True
         conn.sendall(data_frames.encode_reply(Status.OK, request_id, applied_seq))
+        return True
+
+    def _client_commit(self, conn: socket.socket, seg_len: int, request_id: int, length: int,
+                       principal: str) -> bool:
+        """Apply a writer's own commit of its replicas; reply once the accepted entries are
+        durable, listing the refused ones in the payload."""
+        if seg_len:
+            raise _BadFrame("CLIENT_COMMIT carries no segment id")
+        if length > data_frames.MAX_COMMIT_BYTES:
+            raise _BadFrame(f"CLIENT_COMMIT body of {length} bytes exceeds "
+                            f"{data_frames.MAX_COMMIT_BYTES}")
+        body = data_frames.recv_exact(conn, length)
+        handler = self.on_client_commit
+        if handler is None:
+            conn.sendall(data_frames.encode_reply(Status.INTERNAL, request_id, 0,
+                                                  "this node keeps no object table"))
+            return True
+        try:
+            refused = handler(body, principal)
+        except ValueError as exc:
+            raise _BadFrame(str(exc)) from exc
+        if refused:
+            self.stats.num_errors += 1
+            log.warning("data plane: CLIENT_COMMIT refused %d entries, first: %s",
+                        len(refused), refused[0][1])
+        payload = "".join(f"{i}\t{reason}\n" for i, reason in refused).encode()
+        data_frames.sendmsg_all(conn, [data_frames.encode_reply(Status.OK, request_id,
+                                                                len(payload)), payload])
         return True
 
     def _check_write(self, segment: Backend, offset: int, length: int, blob: bytes,

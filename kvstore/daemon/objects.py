@@ -15,15 +15,26 @@ Backends listen: each entry added or removed in a segment is noted to that segme
 and after a change set every backend touched is synced (``Backend.sync``) before ``apply``
 returns, so an SSD object is durable in the index before the next heartbeat acknowledges it.
 
+Client commits (``commit_from_client``, durable commit's client-parallel path): a writer
+commits its own replicas here before the master's push of the same change arrives. Such an
+entry is outside the master's sequence, so the table remembers each key's last removal
+(``_removed``: key -> the change set's sequence, the latest ``MAX_REMOVED`` keys) and
+refuses to add a key removed after the entry's capability was issued: a client commit that
+arrives after the master revoked, reclaimed, removed or evicted the key never brings it
+back. Overlaps with objects committed since the capability are refused as for a WRITE
+(``WriteGuard.claim``).
+
 Thread-safe: one lock guards the table.
 """
 
 from __future__ import annotations
 
 import threading
+from collections import OrderedDict
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from kvstore.daemon.write_guard import RangeCommitted
 from kvstore.rpc import HeartbeatChanges, Inventory
 
 if TYPE_CHECKING:
@@ -32,6 +43,10 @@ if TYPE_CHECKING:
 
 #: Codec (kvstore.v1.Codec) recorded when a change names none: the raw bytes.
 CODEC_RAW = 0
+#: Removed keys remembered for client commits. NOTE: a client commit follows its
+#: PutStart by one write; a key needs to be remembered only that long, so this bounds
+#: memory (~100 B a key) at a rate of removals far above any put rate seen here.
+MAX_REMOVED = 1 << 16
 
 
 @dataclass(frozen=True, slots=True)
@@ -56,6 +71,7 @@ class ObjectTable:
         self._segment_to_backend = {b.segment_id: b for b in backends or []}
         self.acked_seq = 0
         self._registering = False    # pushes are refused while a registration runs
+        self._removed: OrderedDict[str, int] = OrderedDict()  # key -> seq of its removal
 
     def seed(self, key: str, stored: StoredObject) -> None:
         """Insert an object recovered from this node's own storage (an SSD index at start),
@@ -133,7 +149,12 @@ class ObjectTable:
                     backend.note_stored(key, stored.offset, stored.length, stored.checksum,
                                         stored.codec)
                     touched.add(backend)
+            removed = self._removed
             for key in response.removed_keys:
+                removed[key] = response.seq
+                removed.move_to_end(key)
+                if len(removed) > MAX_REMOVED:
+                    removed.popitem(last=False)
                 old = self._key_to_object.pop(key, None)
                 if old is not None and guard is not None:
                     guard.note_freed(old.segment_id, key, old.offset)
@@ -160,6 +181,47 @@ class ObjectTable:
                 raise RuntimeError("registering with the master; push again")
         self.apply(heartbeat_changes(reply))
         return self.acked_seq
+
+    def commit_from_client(self, entries) -> list[tuple[int, str]]:
+        """Add objects a writer committed itself (CLIENT_COMMIT), each entry
+        ``(index, key, StoredObject, node_seq)`` whose capability the guard verified
+        (``node_seq``: the capability's); every backend touched synced before returning.
+
+        Returns ``(index, reason)`` for each entry refused: the table is registering, the
+        key is here at another range, or the range overlaps an object committed after the
+        capability (``WriteGuard.claim``). An entry whose key was removed after the
+        capability was issued is dropped without a refusal: the master decided about the key after this put (a
+        PutEnd it refused fails at the client by PutEnd's own answer)."""
+        refused: list[tuple[int, str]] = []
+        touched: set = set()
+        backends, guard = self._segment_to_backend, self._guard
+        with self._lock:
+            if self._registering:
+                return [(entry[0], "the daemon is registering with its master; retry")
+                        for entry in entries]
+            for index, key, stored, node_seq in entries:
+                if self._removed.get(key, -1) > node_seq:
+                    continue
+                old = self._key_to_object.get(key)
+                if old is not None:
+                    if old != stored:
+                        refused.append((index, f"{key!r} is committed here at another range"))
+                    continue                # the master's push came first: nothing to add
+                if guard is not None:
+                    try:
+                        guard.claim(stored.segment_id, key, stored.offset, stored.length,
+                                    node_seq)
+                    except RangeCommitted as exc:
+                        refused.append((index, str(exc)))
+                        continue
+                self._key_to_object[key] = stored
+                if (backend := backends.get(stored.segment_id)) is not None:
+                    backend.note_stored(key, stored.offset, stored.length, stored.checksum,
+                                        stored.codec)
+                    touched.add(backend)
+            for backend in touched:
+                backend.sync()
+        return refused
 
     def to_inventory(self) -> Inventory:
         """The whole table as an Inventory (parallel lists, one entry per object)."""

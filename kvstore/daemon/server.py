@@ -102,6 +102,7 @@ class Daemon:
 
     def _register(self) -> None:
         # NOTE: imported here so that a standalone data plane needs no gRPC at all
+        from kvstore.daemon import client_commits
         from kvstore.daemon.master_link import MasterLink
         from kvstore.daemon.objects import ObjectTable
         from kvstore.rpc import grpc_client
@@ -119,6 +120,9 @@ class Daemon:
                                                           entry.length, entry.checksum,
                                                           entry.codec))
         self.dataplane.on_commit = self.objects.apply_pushed
+        objects, guard = self.objects, self.guard
+        self.dataplane.on_client_commit = \
+            lambda body, writer: client_commits.apply(objects, guard, body, writer)
         self.master_link = MasterLink(self._master_client, self.node_spec(), self.objects,
                                       clock=self._clock, stop_event=self._interrupted,
                                       segments={s.segment_id: s for s in self.segments},
@@ -150,7 +154,7 @@ class Daemon:
                                               s.path) for s in self.segments],
                         incarnation=self.incarnation,
                         nixl_metadata=self.nixl_agent.metadata if self.nixl_agent else b"",
-                        commit_push=True,
+                        commit_push=True, client_commit=True,
                         write_capabilities=self.config.write_capabilities)
 
     def _create_segments(self) -> list[Backend]:

@@ -90,9 +90,44 @@ class WriteGuard:
         cap = capability.check(secret, self.node_id, segment_id, blob, offset, length, writer,
                                int(self._wall_clock() * 1000))
         with self._lock:
+            self._check_free(segment_id, offset, length, cap.node_seq)
+
+    def check_commit(self, segment_id: str, offset: int, length: int, key: str, blob: bytes,
+                     writer: str) -> int:
+        """Whether ``writer`` may commit ``key`` at exactly ``[offset, offset + length)``
+        (a CLIENT_COMMIT entry): its capability verifies (as for a WRITE) and names exactly
+        this range and this key's object. Returns the capability's ``node_seq``; raises
+        CapabilityRefused with the reason (also when this node has no secret: without
+        capabilities only the master commits here)."""
+        secret = self._secret
+        if secret is None:
+            raise CapabilityRefused("this node checks no write capabilities, so it takes "
+                                    "commits from its master only")
+        cap = capability.check(secret, self.node_id, segment_id, blob, offset, length, writer,
+                               int(self._wall_clock() * 1000))
+        if cap.offset != offset or cap.length != length:
+            raise CapabilityRefused(f"write capability is for [{cap.offset}, +{cap.length}), "
+                                    f"not the committed [{offset}, +{length})")
+        if cap.object_id != capability.object_id(key):
+            raise CapabilityRefused(f"write capability is for another key than {key!r}")
+        return cap.node_seq
+
+    def claim(self, segment_id: str, key: str, offset: int, length: int,
+              node_seq: int) -> None:
+        """Note ``key`` committed at the range (as ``note_stored`` with ``node_seq + 1``, so
+        a WRITE replaying the capability of ``node_seq`` is refused from now on), unless
+        the range overlaps an object committed after ``node_seq``: then RangeCommitted and
+        nothing noted. One lock for both (a client commit's entry)."""
+        with self._lock:
+            self._check_free(segment_id, offset, length, node_seq)
             ranges = self._segment_to_ranges.get(segment_id)
-            if not ranges:
-                return
+            if ranges is None:
+                ranges = self._segment_to_ranges[segment_id] = SortedDict()
+            ranges[offset] = (offset + length, node_seq + 1, key)
+
+    def _check_free(self, segment_id: str, offset: int, length: int, node_seq: int) -> None:
+        ranges = self._segment_to_ranges.get(segment_id)
+        if ranges:
             end = offset + length
             # the object starting before offset (it may reach into the range), then every
             # one starting inside it
@@ -102,7 +137,7 @@ class WriteGuard:
                 starts.append(ranges.peekitem(before - 1)[0])
             for start in starts:
                 obj_end, seq, key = ranges[start]
-                if offset < obj_end and seq > cap.node_seq:
+                if offset < obj_end and seq > node_seq:
                     raise RangeCommitted(
                         f"range [{offset}, +{length}) overlaps {key!r}, committed at "
                         f"[{start}, {obj_end}) after the capability was issued")
@@ -111,7 +146,11 @@ class WriteGuard:
     def note_stored(self, segment_id: str, key: str, offset: int, length: int,
                     seq: int) -> None:
         with self._lock:
-            ranges = self._segment_to_ranges.setdefault(segment_id, SortedDict())
+            ranges = self._segment_to_ranges.get(segment_id)
+            if ranges is None:
+                # NOTE: not setdefault(segment_id, SortedDict()): that builds (and drops) a
+                # SortedDict on every call, half of a pushed commit's apply (~2.5 us a key)
+                ranges = self._segment_to_ranges[segment_id] = SortedDict()
             ranges[offset] = (offset + length, seq, key)
 
     def note_freed(self, segment_id: str, key: str, offset: int) -> None:

@@ -68,6 +68,10 @@ def _duration(ctx, param, value):
               help="A put (or remove) waits this long for its replicas' daemons to "
                    "acknowledge the commit; a put not acknowledged fails, retryable. "
                    "0: do not wait (faster, not durable).")
+@click.option("--client-commit/--no-client-commit", default=True, show_default=True,
+              help="Writers commit their replicas on the daemons themselves, in parallel "
+                   "with PutEnd (the master then answers PutEnd without waiting); off: the "
+                   "master's push, which PutEnd waits for.")
 @click.option("--promote", default="on-hit", show_default=True,
               help="Promote objects read from SSD to DRAM: off, on-hit or after:N reads.")
 @click.option("--max-batch", default=65536, show_default=True, type=int,
@@ -99,7 +103,8 @@ def _duration(ctx, param, value):
               type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"]))
 def command(host, port, advertise_host, token, tenants_file, metrics_port, metrics_host, lease_ttl, node_ttl,
             heartbeat_interval, pending_timeout, high_watermark, low_watermark, max_batch,
-            max_changes_per_heartbeat, move_timeout, commit_timeout, promote, grpc_mode,
+            max_changes_per_heartbeat, move_timeout, commit_timeout, client_commit, promote,
+            grpc_mode,
             num_threads, fast_port, no_fast_rpc, etcd, cluster, election_ttl, takeover_wait,
             tls_ca, tls_cert, tls_key, tls_daemon_ca, log_level):
     """Run the metadata master."""
@@ -117,6 +122,7 @@ def command(host, port, advertise_host, token, tenants_file, metrics_port, metri
             max_changes_per_heartbeat=max_changes_per_heartbeat, grpc_mode=grpc_mode,
             num_threads=num_threads, fast_port=None if no_fast_rpc else fast_port,
             move_timeout_s=move_timeout, commit_timeout_s=commit_timeout,
+            client_commit=client_commit,
             promote=promote, etcd=etcd, cluster=cluster,
             election_ttl_s=election_ttl, takeover_wait_s=takeover_wait,
             tls_cert=tls_cert, tls_key=tls_key, tls_ca=tls_ca, tls_daemon_ca=tls_daemon_ca,

@@ -56,6 +56,7 @@ class MasterConfig:
     move_timeout_s: float = 30.0         # a tier move not acknowledged by then is given up
     promote: str = "on-hit"              # SSD -> DRAM promotion: off | on-hit | after:N
     commit_timeout_s: float = 2.0        # a put/remove waits this long for daemons' acks; 0: no wait
+    client_commit: bool = True           # let writers commit to their replicas' daemons themselves
     etcd: str | None = None              # http://HOST:PORT of etcd: elect a leader (HA)
     cluster: str | None = None           # the cluster's name in etcd (with ``etcd``)
     election_ttl_s: int = 3              # TTL of the leader's etcd lease, whole seconds

@@ -61,6 +61,7 @@ def register_node(state, info, inventory, now_s: float) -> int:
                 state.touched)
     node.nixl_metadata = info.nixl_metadata
     node.commit_push = info.commit_push
+    node.client_commit = info.client_commit
     if info.write_capabilities:
         node.capability_secret = capability.new_secret()   # rotates with each registration
     for seg in info.segments:

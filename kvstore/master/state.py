@@ -266,7 +266,10 @@ class MasterState:
             segment.num_replicas -= 1
             node = segment.node
             node.keys.discard(obj.key)
-            if complete:
+            # NOTE: a PENDING object's removal too where writers commit themselves: the
+            # writer may have committed it on the daemon before (or after) this drop, and
+            # the daemon's table must not keep (or take) it
+            if complete or node.client_commit:
                 node.log_removed(obj.key)
             self.free_range(obj, segment, offset, now_s)
 

@@ -111,12 +111,15 @@ class MasterClient:
         return self.begin_put_start(keys, sizes, **options).result()
 
     def put_end(self, keys: Sequence[str], checksums: Sequence[int], *, client_id: str,
-                deadline: Deadline | None = None) -> list[KVStoreError | None]:
+                deadline: Deadline | None = None,
+                client_committed: bool = False) -> list[KVStoreError | None]:
         """Make this writer's PENDING objects COMPLETE (visible), recording each checksum.
         Per key: None, or KeyNotFoundError (not this writer's pending object: revoked or
-        reclaimed). Idempotent."""
-        reply = self.call(_M["PutEnd"], pb.PutEndRequest(keys=keys, client_id=client_id,
-                                                         checksums=checksums), deadline)
+        reclaimed). Idempotent. ``client_committed``: the caller committed the replicas on
+        their daemons itself (CLIENT_COMMIT) and waits for them; the master does not."""
+        reply = self.call(_M["PutEnd"], pb.PutEndRequest(
+            keys=keys, client_id=client_id, checksums=checksums,
+            client_committed=client_committed), deadline)
         return messages.statuses_to_results(reply, keys, "PutEnd", "put_end")
 
     def put_revoke(self, keys: Sequence[str], *, client_id: str,

@@ -116,16 +116,24 @@ def decode_targets(reply: Any, sizes: Sequence[int], ok: Sequence[bool],
 
 # ---- put ---------------------------------------------------------------------------------
 
+class PutSlots(list):
+    """``put_slots``' list, plus ``client_commit``: the master asks the writer to commit
+    the written replicas on their daemons itself (PutStartResponse.client_commit)."""
+
+    client_commit = False
+
+
 def put_slots(reply: pb.PutStartResponse, keys: Sequence[str], sizes: Sequence[int],
-              ) -> list[list[Target] | KVStoreError | None]:
+              ) -> PutSlots:
     """Per key of a PutStart: the Targets to write (one per replica), None when the key
-    already exists (nothing to write: a success), or the item's error."""
+    already exists (nothing to write: a success), or the item's error (a ``PutSlots``)."""
     check_length(reply, "statuses", len(keys), "PutStart")
     statuses = reply.statuses
     ok = [status == OK for status in statuses]
     targets = decode_targets(reply, sizes, ok, reply.replica_capability)
     messages = reply.error_messages
-    results: list[list[Target] | KVStoreError | None] = []
+    results = PutSlots()
+    results.client_commit = reply.client_commit
     for i, key in enumerate(keys):
         status = statuses[i]
         if status == OK:
@@ -177,7 +185,8 @@ def node_info(node: NodeSpec) -> pb.NodeInfo:
                        segments=[_segment_info(s) for s in node.segments],
                        incarnation=node.incarnation,
                        nixl_metadata=node.nixl_metadata, commit_push=node.commit_push,
-                       write_capabilities=node.write_capabilities)
+                       write_capabilities=node.write_capabilities,
+                       client_commit=node.client_commit)
 
 
 def _segment_info(segment: SegmentSpec) -> pb.SegmentInfo:

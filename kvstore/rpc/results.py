@@ -63,6 +63,7 @@ class NodeSpec:
     nixl_metadata: bytes = b""  # daemon --nixl: kvstore.transport.nixl_meta; b"" without
     commit_push: bool = False  # takes COMMIT pushes (durable commit waits for this node)
     write_capabilities: bool = False  # the node verifies write capabilities (asks a secret)
+    client_commit: bool = False  # takes CLIENT_COMMIT frames (writers commit there themselves)
 
 
 @dataclass(slots=True)

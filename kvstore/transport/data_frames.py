@@ -31,6 +31,10 @@ capability (when flagged) and the payload::
     most ``MAX_COMMIT_BYTES``) is a serialized ``kvstore.v1.HeartbeatResponse`` change set
     for the node's object table; the reply's ``length`` is the sequence the table holds
     after applying it (no payload), sent only once the change is durable on the node.
+    CLIENT_COMMIT (5, sent by a writer: durable commit's client-parallel path) carries no
+    segment id, offset 0, and a ``kvstore.v1.ClientCommit`` body of ``length`` bytes (at
+    most ``MAX_COMMIT_BYTES``); the reply (OK, sent once the accepted entries are durable)
+    has a payload of ``length`` bytes: one ``index<TAB>reason`` line per refused entry.
 
 Reply (server -> client), 16-byte header, then the message, then for a READ that succeeded the
 payload::
@@ -86,6 +90,7 @@ class Op(enum.IntEnum):
     WRITE = 2
     PING = 3
     COMMIT = 4
+    CLIENT_COMMIT = 5
 
 
 class Status(enum.IntEnum):
@@ -120,6 +125,14 @@ def encode_commit(request_id: int, base_seq: int, body_len: int, signed: bool) -
     """Header of a COMMIT push whose body (``body_len`` bytes, MAC included) follows."""
     return REQUEST.pack(REQUEST_MAGIC, Op.COMMIT, FLAG_SIGNED if signed else 0, 0,
                         request_id & 0xFFFFFFFF, base_seq, body_len)
+
+
+def encode_client_commit(request_id: int, body_len: int) -> bytes:
+    """Header of a CLIENT_COMMIT (a writer commits its replicas: a ``kvstore.v1.ClientCommit``
+    body of ``body_len`` bytes follows). The reply's ``length`` is the size of a payload
+    listing the refused entries, one ``index<TAB>reason`` line each (0: all committed)."""
+    return REQUEST.pack(REQUEST_MAGIC, Op.CLIENT_COMMIT, 0, 0, request_id & 0xFFFFFFFF, 0,
+                        body_len)
 
 
 def encode_reply(status: Status, request_id: int, length: int = 0, message: str = "") -> bytes:

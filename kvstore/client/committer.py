@@ -1,0 +1,133 @@
+"""The writer's own commit of its replicas on their daemons (durable commit, client-parallel
+path; issue 10): one CLIENT_COMMIT frame per daemon per batch, sent before PutEnd and read
+after it, so a put waits for the longer of PutEnd and the daemons' commits, not their sum.
+
+Guarantee: ``Commits.finish`` reports a key as committed only if every daemon it was sent
+to answered that its object table holds it (durably for SSD); any other outcome (a refused
+entry, a daemon that does not answer within the deadline, a lost connection) is a
+``TransferError`` naming the key and the node, retryable (keys are content-addressed). Each
+entry carries the put's write capability, which the daemon verifies like a WRITE's.
+
+Connections: one pool of data-plane connections (``transport.tcp_conn``) per store, the
+same token and TLS as the transports; a connection whose state is uncertain is closed.
+Thread-safe (the pool is; each batch uses its own connections).
+"""
+
+from __future__ import annotations
+
+import socket
+from collections import defaultdict
+from typing import Sequence
+
+from kvstore._deadline import Deadline
+from kvstore._errors import KVStoreError, TransferError
+from kvstore._tls import TLSConfig
+from kvstore.transport import data_frames
+from kvstore.transport.base import Target
+from kvstore.transport.data_frames import Status
+from kvstore.transport.tcp_conn import ConnectionPool, map_os_error
+from kvstore.v1 import master_pb2 as pb
+
+#: Idle connections kept per daemon (one batch uses one per daemon).
+MAX_IDLE_PER_NODE = 4
+#: Longest a put waits for a daemon's answer (within the call's deadline). NOTE: the
+#: master's --commit-timeout default, for the same reasons (docs/ARCHITECTURE.md, Durable
+#: commit): far above a healthy daemon's sub-millisecond answer, below the RPC timeout.
+COMMIT_TIMEOUT_S = 2.0
+
+
+class DaemonCommitter:
+    """Sends CLIENT_COMMIT frames to replica daemons over pooled connections."""
+
+    def __init__(self, token: str | None, tls: TLSConfig | None = None):
+        self._pool = ConnectionPool(token=token, max_idle_per_node=MAX_IDLE_PER_NODE, tls=tls)
+
+    def begin(self, entries: Sequence[tuple[int, str, Target, int]],
+              deadline: Deadline) -> "Commits":
+        """Send the commit of every ``(index, key, target, checksum)`` (one frame per
+        daemon); ``finish`` reads the answers. Never raises: a send that fails is reported
+        by ``finish``."""
+        deadline = Deadline(min(deadline.at_s, Deadline.after(COMMIT_TIMEOUT_S).at_s))
+        by_node: dict[tuple[str, str], list] = defaultdict(list)
+        for entry in entries:
+            target = entry[2]
+            by_node[(target.data_addr, target.node_id)].append(entry)
+        commits = Commits(self._pool, deadline)
+        for (data_addr, node_id), group in by_node.items():
+            body = pb.ClientCommit(
+                keys=[key for _, key, _, _ in group],
+                segment_ids=[t.segment_id for _, _, t, _ in group],
+                offsets=[t.offset for _, _, t, _ in group],
+                sizes=[t.length for _, _, t, _ in group],
+                checksums=[checksum for _, _, _, checksum in group],
+                capabilities=[t.capability for _, _, t, _ in group]).SerializeToString()
+            conn = None
+            try:
+                conn, _ = self._pool.acquire(data_addr, node_id, deadline)
+                conn.set_deadline(deadline)
+                data_frames.sendmsg_all(conn.sock, [data_frames.encode_client_commit(
+                    1, len(body)), body])
+                commits.sent.append((conn, node_id, group))
+            except (OSError, KVStoreError) as exc:
+                if conn is not None:
+                    conn.close()
+                commits.fail(group, node_id, _error(exc, node_id, "send its commit"))
+        return commits
+
+    def close(self) -> None:
+        self._pool.close()
+
+
+class Commits:
+    """The commits of one batch in flight: ``finish`` waits for every daemon's answer."""
+
+    def __init__(self, pool: ConnectionPool, deadline: Deadline):
+        self._pool = pool
+        self._deadline = deadline
+        self.sent: list[tuple] = []        # (connection, node id, entries)
+        self.failures: dict[int, KVStoreError] = {}
+
+    def fail(self, group, node_id: str, cause: KVStoreError) -> None:
+        for index, key, target, _ in group:
+            self.failures.setdefault(index, TransferError(
+                f"put {key!r}: node {node_id!r} ({target.data_addr}) did not confirm the "
+                f"commit: {cause}; retry the put", keys=[key]))
+
+    def finish(self) -> dict[int, KVStoreError]:
+        """Read every daemon's answer (within the call's deadline, at most
+        ``COMMIT_TIMEOUT_S``); index -> error of each key that some daemon did not
+        confirm."""
+        for conn, node_id, group in self.sent:
+            try:
+                conn.set_deadline(self._deadline)
+                status, message, length = conn.read_reply()
+                payload = data_frames.recv_exact(conn.sock, length) if length else b""
+            except (OSError, KVStoreError, data_frames.PeerClosedError) as exc:
+                conn.close()
+                self.fail(group, node_id, _error(exc, node_id, "confirm its commit"))
+                continue
+            if status != Status.OK:
+                conn.close()
+                self.fail(group, node_id, TransferError(f"{status.name}: {message}"))
+                continue
+            self._pool.release(conn)
+            for line in payload.decode(errors="replace").splitlines():
+                index, _, reason = line.partition("\t")
+                if index.isdigit() and int(index) < len(group):
+                    self.fail([group[int(index)]], node_id, TransferError(f"refused: {reason}"))
+        self.sent = []
+        return self.failures
+
+    def abandon(self) -> None:
+        """Close the connections whose answers will not be read (the put failed)."""
+        for conn, _, _ in self.sent:
+            conn.close()
+        self.sent = []
+
+
+def _error(exc: BaseException, node_id: str, what: str) -> KVStoreError:
+    if isinstance(exc, KVStoreError):
+        return exc
+    if isinstance(exc, socket.timeout):
+        return TransferError(f"no answer within the deadline ({what})")
+    return map_os_error(exc, node_id, what)

@@ -1,0 +1,60 @@
+"""A writer's own commit of its replicas on this daemon (CLIENT_COMMIT; durable commit's
+client-parallel path, issue 10).
+
+Guarantee: ``apply`` returns only once every entry it accepted is in the object table (and,
+for SSD, in its synced on-disk index), so the client may count the replica durable: a
+master restarted after a crash adopts it from this daemon's inventory. An entry is accepted
+only if its write capability (``kvstore/capability.py``, issued by the master's PutStart)
+verifies with this node's secret for the connection's principal, names exactly the
+committed range and the key's object, and has not expired; then the table's own rules
+apply (``ObjectTable.commit_from_client``: no key removed since the capability, no overlap
+with an object committed since). A refused entry changes nothing.
+
+Errors: a body that is not a ``ClientCommit`` message, or whose arrays differ in length,
+raises ValueError (the data plane answers it BAD_FRAME); a refusal is a per-entry
+``(index, reason)``, never an exception.
+"""
+
+from __future__ import annotations
+
+from google.protobuf.message import DecodeError
+
+from kvstore.capability import CapabilityRefused
+from kvstore.daemon.objects import CODEC_RAW, ObjectTable, StoredObject
+from kvstore.daemon.write_guard import WriteGuard
+from kvstore.v1 import master_pb2 as pb
+
+
+def apply(objects: ObjectTable, guard: WriteGuard, body: bytes,
+          writer: str) -> list[tuple[int, str]]:
+    """Verify and apply one CLIENT_COMMIT body from a connection of ``writer``; return
+    ``(index, reason)`` of each refused entry (empty: all committed)."""
+    try:
+        commit = pb.ClientCommit.FromString(body)
+    except DecodeError as exc:
+        raise ValueError(f"CLIENT_COMMIT body does not parse: {exc}") from exc
+    # NOTE: plain lists first: indexing a protobuf repeated field costs more than a list's
+    keys, segment_ids = list(commit.keys), list(commit.segment_ids)
+    offsets, sizes, checksums = list(commit.offsets), list(commit.sizes), list(commit.checksums)
+    blobs, codecs = list(commit.capabilities), list(commit.codecs)
+    count = len(keys)
+    if not (len(segment_ids) == len(offsets) == len(sizes) == len(checksums) == len(blobs)
+            == count) or len(codecs) not in (0, count):
+        raise ValueError("CLIENT_COMMIT arrays of different lengths")
+    if not codecs:
+        codecs = [CODEC_RAW] * count
+    refused: list[tuple[int, str]] = []
+    accepted = []
+    check_commit = guard.check_commit
+    for i in range(count):
+        key, segment_id, offset, size = keys[i], segment_ids[i], offsets[i], sizes[i]
+        try:
+            node_seq = check_commit(segment_id, offset, size, key, blobs[i], writer)
+        except CapabilityRefused as exc:
+            refused.append((i, str(exc)))
+            continue
+        accepted.append((i, key, StoredObject(segment_id, offset, size, checksums[i],
+                                              codecs[i]), node_seq))
+    if accepted:
+        refused.extend(objects.commit_from_client(accepted))
+    return refused
