@@ -98,7 +98,9 @@ def test_auto_prefers_shm_on_this_host_then_nixl_then_tcp(master):
 
 
 def test_registered_and_unregistered_buffers_move_the_same_bytes(master):
-    with nixl_daemon(master, "nixl-reg"):
+    # NOTE: writes ranges of its own choosing: the write checks are tested in
+    # test_nixl_write_checks.py
+    with nixl_daemon(master, "nixl-reg", "--no-write-capabilities"):
         client, nodes = node_directory(master.address)
         with client, make_transports("nixl", nodes=nodes)[0] as transport:
             data = random_bytes(4 * MiB + 3, 5)
@@ -133,7 +135,7 @@ def test_store_registered_kv_cache_is_read_and_written_in_place(master):
 
 
 def test_daemon_sigkilled_mid_transfer_gives_errors_or_right_bytes(master):
-    daemon = nixl_daemon(master, "nixl-victim")
+    daemon = nixl_daemon(master, "nixl-victim", "--no-write-capabilities")
     client, nodes = node_directory(master.address)
     size = 32 * MiB
     data = random_bytes(size, 9)

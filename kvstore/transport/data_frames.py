@@ -17,9 +17,9 @@ capability (when flagged) and the payload::
             offset u64 | length u64
             segment_id (seg_len bytes, UTF-8) |
             [cap_len u16 | capability (cap_len bytes)]  (WRITE with FLAG_CAPABILITY only) |
-            payload (length bytes; WRITE only)
+            payload (length bytes; WRITE only, never CHECK_WRITE)
 
-    flags: FLAG_CAPABILITY (1) on a WRITE: a write capability (``kvstore/capability.py``)
+    flags: FLAG_CAPABILITY (1) on a WRITE or CHECK_WRITE: a write capability (``kvstore/capability.py``)
     follows the segment id; other bits 0. A daemon whose master gave it a capability secret
     refuses a WRITE without a valid one (CAPABILITY_REFUSED) and one over a range committed
     after its capability was issued (RANGE_COMMITTED), before a byte of the payload lands.
@@ -31,6 +31,10 @@ capability (when flagged) and the payload::
     most ``MAX_COMMIT_BYTES``) is a serialized ``kvstore.v1.HeartbeatResponse`` change set
     for the node's object table; the reply's ``length`` is the sequence the table holds
     after applying it (no payload), sent only once the change is durable on the node.
+    CHECK_WRITE (5, sent by the nixl transport before a one-sided NIXL WRITE) is a WRITE
+    without its payload: the daemon runs every check a WRITE gets (segment, range,
+    capability, committed ranges) and answers OK or the refusal; the connection stays
+    usable either way (no payload follows). See docs/ARCHITECTURE.md, Write capabilities.
 
 Reply (server -> client), 16-byte header, then the message, then for a READ that succeeded the
 payload::
@@ -86,6 +90,7 @@ class Op(enum.IntEnum):
     WRITE = 2
     PING = 3
     COMMIT = 4
+    CHECK_WRITE = 5
 
 
 class Status(enum.IntEnum):
