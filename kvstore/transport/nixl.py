@@ -1,28 +1,26 @@
 """NIXL transport: one-sided READ/WRITE between caller buffers and daemons' registered segments.
 
-A daemon started with ``--nixl`` registers its DRAM segment with a NIXL agent (UCX backend) and
-publishes the agent's metadata through the master (``NodeInfo.nixl_metadata``, see
-``nixl_meta``). This transport learns it through ``nodes`` (a callable returning
-``{node_id: nixl_metadata}``, the client's ListNodes), loads it into its own agent once per
-daemon process, and then moves bytes without the daemon's CPU: a put is a WRITE into the
-allocated range, a get a READ into the caller's buffer. UCX picks the wire: RDMA
-(InfiniBand/RoCE) where present, CMA or TCP on one host here.
+A ``--nixl`` daemon registers its DRAM segment with a NIXL agent (UCX backend) and publishes
+the agent's metadata through the master (``nixl_meta``). This transport learns it through
+``nodes`` (``{node_id: nixl_metadata}``, the client's ListNodes), loads it into its own agent
+once per daemon process, and moves bytes without the daemon's CPU: a get is a READ into the
+caller's buffer, a put a WRITE into the allocated range after the daemon checked its
+capability (``nixl_checks``: one CHECK_WRITE round trip per node and batch, overlapped with
+placing the local memory). UCX picks the wire: RDMA, or CMA/TCP on one host.
 
-Local memory: a transfer goes straight from/into the caller's buffer when it lies inside memory
-registered with ``register_memory`` (an engine's whole KV cache, once); any other buffer is
-copied through a staging pool of registered buffers (kept and reused; one is registered at the
-agent's creation). A batch is one NIXL transfer per node; completion is polled until the
-deadline. Nothing here talks to the master but ``nodes``.
+Local memory: the caller's buffer itself when it lies in memory registered with
+``register_memory`` (an engine's KV cache, once) or, from ``nixl_spans.DIRECT_MIN_BYTES`` on,
+when it is writable (registered for the call only); otherwise a staging buffer (``nixl_staging``)
+it is copied through. A batch is one NIXL transfer per node, polled until the deadline.
 
-Errors: ``TransferError`` naming the node for a node without NIXL, a segment it did not
-register, a range outside the segment, or a transfer NIXL reports failed (the node's metadata
-is then dropped and fetched again on next use: a restarted daemon is a new agent);
-``TransferTimeoutError`` past the deadline (the staging buffers of that transfer are never
-reused, since the transfer may still land in them); ``InvalidArgumentError`` for a buffer of
-the wrong size; ``ConfigError`` with NIXL's reason when NIXL is missing or a registration
-fails (never a silent fallback); ``ClosedError`` after ``close()``. Thread-safe: one lock
-serializes calls into the agent (created with NIXL's sync mode NONE); copies to and from
-staging run outside it.
+Errors: ``TransferError`` naming the node for a node without NIXL, an unregistered segment, a
+range outside it, a write the daemon refused (its status and reason) or a transfer NIXL
+reports failed (the node's metadata is then dropped and fetched again: a restarted daemon is
+a new agent); ``TransferTimeoutError`` past the deadline (that transfer's staging buffers and
+spans are never reused or deregistered: it may still land); ``InvalidArgumentError`` for a
+buffer of the wrong size; ``ConfigError`` with NIXL's reason when NIXL is missing or a
+registration fails (never a silent fallback); ``ClosedError`` after ``close()``. Thread-safe:
+one lock serializes calls into the agent (sync mode NONE); copies run outside it.
 """
 
 from __future__ import annotations
