@@ -30,6 +30,7 @@ from typing import Sequence
 
 from kvstore._deadline import Deadline
 from kvstore._errors import KVStoreError, TransferError
+from kvstore.transport import data_frames
 from kvstore.transport.base import Target
 from kvstore.transport.data_frames import Op, PeerClosedError, Status
 from kvstore.transport.tcp_conn import Connection, ConnectionPool, map_os_error
@@ -103,9 +104,12 @@ class WriteChecks:
         pending.conn, pending.reused = conn, reused
         try:
             conn.set_deadline(pending.deadline)
-            for target in pending.targets:
-                conn.send_request(Op.CHECK_WRITE, target.segment_id.encode(), target.offset,
-                                  target.length, capability=target.capability)
+            # NOTE: one send for the whole batch (request ids are not matched: replies come
+            # in order)
+            conn.sock.sendall(b"".join(
+                data_frames.encode_request(Op.CHECK_WRITE, target.segment_id.encode(), i,
+                                           target.offset, target.length, target.capability)
+                for i, target in enumerate(pending.targets)))
         except (OSError, KVStoreError) as exc:
             if isinstance(exc, OSError) and reused and not fresh:
                 self._drop(pending)
