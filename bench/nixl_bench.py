@@ -3,7 +3,8 @@
 Starts a master and one ``kvstore daemon --nixl`` on loopback. This process then measures, per
 value size and in interleaved rounds (best of rounds, see kvstore.bench.measure.rate):
 - raw NIXL WRITE/READ: its own agent, a registered local buffer, one transfer into/out of the
-  daemon's registered segment (the ceiling: the same two processes, the same UCX wire);
+  daemon's registered segment (the ceiling: the same two processes, the same UCX wire; no
+  write check, no master);
 - the nixl transport with a registered caller buffer (``register_memory``, as an engine
   registers its KV cache) and with an unregistered one (through the staging pool);
 - ``kvstore.connect(..., transport="nixl")`` put/get (adds the master round trips and the
@@ -38,13 +39,19 @@ MIB = 1024 * 1024
 DEFAULT_SIZES = "64KiB,1MiB,4MiB,16MiB"
 
 
-def pinned_range(store, master: str, key: str, size: int) -> Target:
-    """A range of the daemon's segment that only this benchmark touches: a hard-pinned
-    object's replica (raw NIXL and the transport cases write there)."""
-    store.put(key, np.zeros(size, dtype=np.uint8))
-    store.pin(key, hard=True)
+def allocated_range(master: str, key: str, size: int) -> Target:
+    """A range of the daemon's segment that only this benchmark touches: the allocation of a
+    put that is started and never ended (revoked by ``revoke_range``), so its capability lets
+    the transport write it (the daemon checks NIXL writes too: a committed object's range
+    would be refused)."""
     with grpc_client(master) as client:
-        return client.get_replicas([key])[0].targets[0]
+        (targets,) = client.put_start([key], [size], client_id="nixl-bench")
+    return targets[0]
+
+
+def revoke_range(master: str, key: str) -> None:
+    with grpc_client(master) as client:
+        client.put_revoke([key], client_id="nixl-bench")
 
 
 def measure(master: str, sizes: list[int], time_s: float) -> list[dict]:
@@ -56,7 +63,7 @@ def measure(master: str, sizes: list[int], time_s: float) -> list[dict]:
     with make_transports("nixl", nodes=nodes)[0] as transport, \
             kvstore.connect(master, transport="nixl") as store:
         for size in sizes:
-            target = pinned_range(store, master, f"bench-range-{size}", size)
+            target = allocated_range(master, f"bench-range-{size}", size)
             raw = RawNixl(info.agent_metadata,
                           info.segments[target.segment_id].address + target.offset, size)
             registered = np.ones(size, dtype=np.uint8)
@@ -92,6 +99,7 @@ def measure(master: str, sizes: list[int], time_s: float) -> list[dict]:
                                                                        num_rounds=1)))
                 store.remove_prefix(f"bench-{size}-")
             raw.close()
+            revoke_range(master, f"bench-range-{size}")
             for (level, op), gbps in best.items():
                 ceiling = best[("raw NIXL", op)]
                 rows.append({"size_bytes": size, "level": level, "op": op, "gbps": gbps,

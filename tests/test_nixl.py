@@ -98,7 +98,9 @@ def test_auto_prefers_shm_on_this_host_then_nixl_then_tcp(master):
 
 
 def test_registered_and_unregistered_buffers_move_the_same_bytes(master):
-    with nixl_daemon(master, "nixl-reg"):
+    # NOTE: writes ranges of its own choosing: the write checks are tested in
+    # test_nixl_write_checks.py
+    with nixl_daemon(master, "nixl-reg", "--no-write-capabilities"):
         client, nodes = node_directory(master.address)
         with client, make_transports("nixl", nodes=nodes)[0] as transport:
             data = random_bytes(4 * MiB + 3, 5)
@@ -133,7 +135,7 @@ def test_store_registered_kv_cache_is_read_and_written_in_place(master):
 
 
 def test_daemon_sigkilled_mid_transfer_gives_errors_or_right_bytes(master):
-    daemon = nixl_daemon(master, "nixl-victim")
+    daemon = nixl_daemon(master, "nixl-victim", "--no-write-capabilities")
     client, nodes = node_directory(master.address)
     size = 32 * MiB
     data = random_bytes(size, 9)
@@ -248,3 +250,76 @@ def test_failed_registration_raises_with_nixls_reason():
         assert handle.registrations == []
     finally:
         handle.release()
+
+
+AGENT_SCRIPT = textwrap.dedent("""
+    import os, sys
+    from kvstore.transport.nixl_lib import new_agent
+    handle = new_agent("exit")
+    print(os.environ["UCX_MODULES"], flush=True)
+    if sys.argv[1] == "release":
+        handle.release()
+    sys.exit(7)
+""")
+
+
+@pytest.mark.parametrize("release", ["release", "atexit"])
+def test_bare_agent_exits_with_its_status_where_system_verbs_are_installed(release):
+    """The SIGSEGV at exit (issue 12): UCX's EFA module links the system libibverbs/libnl
+    beside the wheel's own copies, and their destructors crash after exit(). kvstore keeps
+    UCX from loading it. NOTE: discriminating only where the distribution's libibverbs1 and
+    ibverbs-providers are installed (there, without the fix, this exits -11)."""
+    env = {k: v for k, v in os.environ.items() if k != "UCX_MODULES"}
+    run = subprocess.run([sys.executable, "-c", AGENT_SCRIPT, release], capture_output=True,
+                         text=True, timeout=120, env=env)
+    assert run.returncode == 7, run.stderr[-2000:]
+    assert run.stdout.split() == ["^efa"]
+
+
+def test_a_users_ucx_modules_setting_is_kept():
+    env = {**os.environ, "UCX_MODULES": "^efa,^cuda"}
+    run = subprocess.run([sys.executable, "-c", AGENT_SCRIPT, "release"], capture_output=True,
+                         text=True, timeout=120, env=env)
+    assert run.returncode == 7, run.stderr[-2000:]
+    assert run.stdout.split() == ["^efa,^cuda"]
+
+
+def test_large_unregistered_buffers_are_registered_for_the_call_only(master):
+    """From nixl_spans.DIRECT_MIN_BYTES on, a writable caller buffer is registered for the
+    call (the slices of one array share one registration) and deregistered after it; smaller
+    or read-only buffers go through the staging pool. The bytes are right either way."""
+    with nixl_daemon(master, "nixl-spans", "--no-write-capabilities"):
+        client, nodes = node_directory(master.address)
+        with client, make_transports("nixl", nodes=nodes)[0] as transport:
+            size = MiB
+            src = random_bytes(4 * size, 11)
+            targets = [first_target(master.address, "nixl-spans", i * size, size)
+                       for i in range(4)]
+            results = transport.write_many(
+                [(t, memoryview(src[i * size:(i + 1) * size])) for i, t in enumerate(targets)],
+                timeout_s=TIMEOUT_S)
+            assert results == [None] * 4
+            handle = transport._handle
+            assert transport._staging is None          # no copy: nothing was staged
+            assert handle.registrations == []          # the call's span is released
+            dst = np.zeros_like(src)
+            assert transport.read_many(
+                [(t, memoryview(dst[i * size:(i + 1) * size])) for i, t in enumerate(targets)],
+                timeout_s=TIMEOUT_S) == [None] * 4
+            assert np.array_equal(dst, src) and handle.registrations == []
+            small = random_bytes(4096, 12)
+            transport.write(targets[0]._replace(length=4096), memoryview(small),
+                            timeout_s=TIMEOUT_S)
+            assert transport._staging is not None      # staged: below DIRECT_MIN_BYTES
+            frozen = bytes(random_bytes(size, 13))     # read-only: staged, never registered
+            transport.write(targets[1], memoryview(frozen), timeout_s=TIMEOUT_S)
+            out = np.zeros(size, dtype=np.uint8)
+            transport.read_into(targets[1], memoryview(out), timeout_s=TIMEOUT_S)
+            assert out.tobytes() == frozen
+            out = np.zeros(4096, dtype=np.uint8)
+            transport.read_into(targets[0]._replace(length=4096), memoryview(out),
+                                timeout_s=TIMEOUT_S)
+            assert np.array_equal(out, small)
+            # only the staging pool's own buffers stay registered
+            assert len(handle.registrations) == len(
+                [b for bufs in transport._staging._size_to_idle.values() for b in bufs])

@@ -318,7 +318,8 @@ class KVStore:
             # the token the master hands to tenants (kvstore/_wire.py data_plane_token)
             self._transfers.close()
             self._transfers = Transfers(make_transports(
-                kind=self.config.transport, token=stats.data_token, nodes=self._nixl_nodes),
+                kind=self.config.transport, token=stats.data_token, nodes=self._nixl_nodes,
+                tls=self.config.tls),
                 DaemonCommitter(stats.data_token, self.config.tls))
         self._leases = LeaseReleaser(self._master)
 

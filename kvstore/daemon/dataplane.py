@@ -50,6 +50,7 @@ class DataPlaneStats:
     num_errors: int = 0
     bytes_read: int = 0
     bytes_written: int = 0
+    num_write_checks: int = 0   # CHECK_WRITE requests (before NIXL writes), allowed or not
 
 
 class _BadFrame(Exception):
@@ -158,14 +159,14 @@ class DataPlaneServer(ThreadedTcpServer):
                                 bool(flags & data_frames.FLAG_SIGNED))
         if op_code == Op.CLIENT_COMMIT:
             return self._client_commit(conn, seg_len, request_id, length, principal)
-        if op_code not in (Op.READ, Op.WRITE):
+        if op_code not in (Op.READ, Op.WRITE, Op.CHECK_WRITE):
             raise _BadFrame(f"unknown op {op_code}")
         if not 0 < seg_len <= data_frames.MAX_SEGMENT_ID_BYTES:
             raise _BadFrame(f"segment id length {seg_len}")
         segment = self._segment_id_to_segment.get(data_frames.recv_exact(conn, seg_len))
         blob = b""
         if flags & data_frames.FLAG_CAPABILITY:
-            if op_code != Op.WRITE:
+            if op_code == Op.READ:
                 raise _BadFrame("only a WRITE carries a capability")
             (cap_len,) = data_frames.CAPABILITY_LENGTH.unpack(
                 data_frames.recv_exact(conn, data_frames.CAPABILITY_LENGTH.size))
@@ -176,8 +177,14 @@ class DataPlaneServer(ThreadedTcpServer):
         elif not segment.check_range(offset, length):
             status, message = Status.OUT_OF_RANGE, (
                 f"range [{offset}, +{length}) outside segment of {segment.size_bytes} bytes")
-        elif op_code == Op.WRITE:
+        elif op_code != Op.READ:
             status, message = self._check_write(segment, offset, length, blob, principal)
+        if op_code == Op.CHECK_WRITE:
+            # NOTE: no payload follows, so a refusal leaves the connection usable
+            self.stats.num_write_checks += 1
+            self.stats.num_errors += status != Status.OK
+            conn.sendall(data_frames.encode_reply(status, request_id, 0, message))
+            return True
         if status != Status.OK:
             self.stats.num_errors += 1
             conn.sendall(data_frames.encode_reply(status, request_id, 0, message))

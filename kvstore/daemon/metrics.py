@@ -32,6 +32,8 @@ class _DaemonCollector:
                     ("connections", stats.num_connections, "Data-plane connections accepted"),
                     ("reads", stats.num_reads, "READ requests served"),
                     ("writes", stats.num_writes, "WRITE requests served"),
+                    ("write_checks", stats.num_write_checks,
+                     "CHECK_WRITE requests (capability checks before NIXL writes)"),
                     ("errors", stats.num_errors, "Requests refused or malformed"),
                     ("read_bytes", stats.bytes_read, "Bytes sent to clients"),
                     ("written_bytes", stats.bytes_written, "Bytes received from clients")):

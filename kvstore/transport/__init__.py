@@ -49,10 +49,11 @@ def make_transports(kind: str = "auto", *, token: str | None = None,
         from kvstore.transport.nixl import NixlTransport
         from kvstore.transport.nixl_lib import load_nixl
         load_nixl()
-        return [NixlTransport(nodes=nodes)]
+        return [NixlTransport(nodes=nodes, token=token, tls=tls)]
     if nodes is not None and nixl_installed():
         from kvstore.transport.nixl import NixlTransport
-        return [ShmTransport(), NixlTransport(nodes=nodes), TcpTransport(token=token, tls=tls)]
+        return [ShmTransport(), NixlTransport(nodes=nodes, token=token, tls=tls),
+                TcpTransport(token=token, tls=tls)]
     return [ShmTransport(), TcpTransport(token=token, tls=tls)]
 
 

@@ -17,9 +17,9 @@ capability (when flagged) and the payload::
             offset u64 | length u64
             segment_id (seg_len bytes, UTF-8) |
             [cap_len u16 | capability (cap_len bytes)]  (WRITE with FLAG_CAPABILITY only) |
-            payload (length bytes; WRITE only)
+            payload (length bytes; WRITE only, never CHECK_WRITE)
 
-    flags: FLAG_CAPABILITY (1) on a WRITE: a write capability (``kvstore/capability.py``)
+    flags: FLAG_CAPABILITY (1) on a WRITE or CHECK_WRITE: a write capability (``kvstore/capability.py``)
     follows the segment id; other bits 0. A daemon whose master gave it a capability secret
     refuses a WRITE without a valid one (CAPABILITY_REFUSED) and one over a range committed
     after its capability was issued (RANGE_COMMITTED), before a byte of the payload lands.
@@ -35,6 +35,10 @@ capability (when flagged) and the payload::
     segment id, offset 0, and a ``kvstore.v1.ClientCommit`` body of ``length`` bytes (at
     most ``MAX_COMMIT_BYTES``); the reply (OK, sent once the accepted entries are durable)
     has a payload of ``length`` bytes: one ``index<TAB>reason`` line per refused entry.
+    CHECK_WRITE (6, sent by the nixl transport before a one-sided NIXL WRITE) is a WRITE
+    without its payload: the daemon runs every check a WRITE gets (segment, range,
+    capability, committed ranges) and answers OK or the refusal; the connection stays
+    usable either way (no payload follows). See docs/ARCHITECTURE.md, Write capabilities.
 
 Reply (server -> client), 16-byte header, then the message, then for a READ that succeeded the
 payload::
@@ -91,6 +95,7 @@ class Op(enum.IntEnum):
     PING = 3
     COMMIT = 4
     CLIENT_COMMIT = 5
+    CHECK_WRITE = 6
 
 
 class Status(enum.IntEnum):

@@ -1,28 +1,26 @@
 """NIXL transport: one-sided READ/WRITE between caller buffers and daemons' registered segments.
 
-A daemon started with ``--nixl`` registers its DRAM segment with a NIXL agent (UCX backend) and
-publishes the agent's metadata through the master (``NodeInfo.nixl_metadata``, see
-``nixl_meta``). This transport learns it through ``nodes`` (a callable returning
-``{node_id: nixl_metadata}``, the client's ListNodes), loads it into its own agent once per
-daemon process, and then moves bytes without the daemon's CPU: a put is a WRITE into the
-allocated range, a get a READ into the caller's buffer. UCX picks the wire: RDMA
-(InfiniBand/RoCE) where present, CMA or TCP on one host here.
+A ``--nixl`` daemon registers its DRAM segment with a NIXL agent (UCX backend) and publishes
+the agent's metadata through the master (``nixl_meta``). This transport learns it through
+``nodes`` (``{node_id: nixl_metadata}``, the client's ListNodes), loads it into its own agent
+once per daemon process, and moves bytes without the daemon's CPU: a get is a READ into the
+caller's buffer, a put a WRITE into the allocated range after the daemon checked its
+capability (``nixl_checks``: one CHECK_WRITE round trip per node and batch, overlapped with
+placing the local memory). UCX picks the wire: RDMA, or CMA/TCP on one host.
 
-Local memory: a transfer goes straight from/into the caller's buffer when it lies inside memory
-registered with ``register_memory`` (an engine's whole KV cache, once); any other buffer is
-copied through a staging pool of registered buffers (kept and reused; one is registered at the
-agent's creation). A batch is one NIXL transfer per node; completion is polled until the
-deadline. Nothing here talks to the master but ``nodes``.
+Local memory: the caller's buffer itself when it lies in memory registered with
+``register_memory`` (an engine's KV cache, once) or, from ``nixl_spans.DIRECT_MIN_BYTES`` on,
+when it is writable (registered for the call only); otherwise a staging buffer (``nixl_staging``)
+it is copied through. A batch is one NIXL transfer per node, polled until the deadline.
 
-Errors: ``TransferError`` naming the node for a node without NIXL, a segment it did not
-register, a range outside the segment, or a transfer NIXL reports failed (the node's metadata
-is then dropped and fetched again on next use: a restarted daemon is a new agent);
-``TransferTimeoutError`` past the deadline (the staging buffers of that transfer are never
-reused, since the transfer may still land in them); ``InvalidArgumentError`` for a buffer of
-the wrong size; ``ConfigError`` with NIXL's reason when NIXL is missing or a registration
-fails (never a silent fallback); ``ClosedError`` after ``close()``. Thread-safe: one lock
-serializes calls into the agent (created with NIXL's sync mode NONE); copies to and from
-staging run outside it.
+Errors: ``TransferError`` naming the node for a node without NIXL, an unregistered segment, a
+range outside it, a write the daemon refused (its status and reason) or a transfer NIXL
+reports failed (the node's metadata is then dropped and fetched again: a restarted daemon is
+a new agent); ``TransferTimeoutError`` past the deadline (that transfer's staging buffers and
+spans are never reused or deregistered: it may still land); ``InvalidArgumentError`` for a
+buffer of the wrong size; ``ConfigError`` with NIXL's reason when NIXL is missing or a
+registration fails (never a silent fallback); ``ClosedError`` after ``close()``. Thread-safe:
+one lock serializes calls into the agent (sync mode NONE); copies run outside it.
 """
 
 from __future__ import annotations
@@ -36,9 +34,12 @@ from typing import Callable, Mapping, Sequence
 import numpy as np
 
 from kvstore._deadline import Deadline
-from kvstore._errors import ClosedError, KVStoreError, TransferError, TransferTimeoutError
+from kvstore._errors import (ClosedError, ConfigError, KVStoreError, TransferError,
+                             TransferTimeoutError)
 from kvstore.transport import byte_views, nixl_meta
 from kvstore.transport.base import Target, Transport
+from kvstore.transport.nixl_checks import WriteChecks
+from kvstore.transport.nixl_spans import Span, direct_spans
 from kvstore.transport.nixl_lib import AgentHandle, new_agent, nixl_available
 from kvstore.transport.nixl_staging import StagingPool, StagingBuffer
 
@@ -56,13 +57,17 @@ _MAX_SLEEP_S = 1e-3
 class _Item:
     """One range of a batch: its index, its Target and the local memory it moves through."""
 
-    __slots__ = ("index", "target", "view", "local_address", "remote_address", "staging")
+    __slots__ = ("index", "target", "view", "buffer_address", "local_address",
+                 "remote_address", "staging", "span")
 
-    def __init__(self, index: int, target: Target, view: memoryview, remote_address: int):
+    def __init__(self, index: int, target: Target, view: memoryview, buffer_address: int,
+                 remote_address: int):
         self.index, self.target, self.view = index, target, view
+        self.buffer_address = buffer_address     # the caller's buffer
         self.remote_address = remote_address
-        self.local_address = 0
+        self.local_address = 0                   # the caller's buffer or the staging buffer
         self.staging: StagingBuffer | None = None
+        self.span: Span | None = None            # registered for this call (nixl_spans)
 
 
 class NixlTransport(Transport):
@@ -70,13 +75,14 @@ class NixlTransport(Transport):
 
     Reachable targets: a node whose published metadata lists the target's segment.
     ``staging_bytes`` is the staging buffer registered at the agent's creation; the pool keeps
-    at most ``max_idle_staging_bytes`` of buffers between transfers.
+    at most ``max_idle_staging_bytes`` of buffers between transfers. ``token`` and ``tls``
+    open the daemons' data planes for the write checks (``nixl_checks``).
     """
 
     name = "nixl"
 
-    def __init__(self, *, nodes: NodeDirectory | None = None,
-                 staging_bytes: int = 16 * 1024 * 1024,
+    def __init__(self, *, nodes: NodeDirectory | None = None, token: str | None = None,
+                 tls=None, staging_bytes: int = 16 * 1024 * 1024,
                  max_idle_staging_bytes: int = 256 * 1024 * 1024,
                  clock: Callable[[], float] = time.monotonic):
         self._nodes = nodes
@@ -90,6 +96,7 @@ class NixlTransport(Transport):
         self._refreshed_at_s = float("-inf")
         self._regions: list[tuple[int, int, object, object]] = []  # start, end, descs, owner
         self._closed = False
+        self._checks = WriteChecks(token=token, tls=tls)
 
     # ---- public ---------------------------------------------------------------------------
     def can_reach(self, target: Target) -> bool:
@@ -142,6 +149,7 @@ class NixlTransport(Transport):
             handle, self._handle = self._handle, None
             self._staging, self._regions = None, []
             self._node_to_info.clear()
+        self._checks.close()
         if handle is not None:
             handle.release()
 
@@ -193,11 +201,68 @@ class NixlTransport(Transport):
                 node_to_items.setdefault(target.node_id, []).append(item)
         if not node_to_items:
             return results
+        spans: list[Span] = []
         try:
-            self._move(op, node_to_items, results, deadline)
+            # NOTE: a WRITE's checks travel while its local memory is registered or copied
+            checks = {node_id: self._checks.send(node_id, [i.target for i in node_items],
+                                                 deadline)
+                      for node_id, node_items in node_to_items.items()} if op == "WRITE" else {}
+            spans = self._place(node_to_items, results)
+            if op == "WRITE":
+                self._stage_sources(node_to_items, results)
+                for node_id, pending in checks.items():
+                    for item, refusal in zip(node_to_items[node_id],
+                                             self._checks.receive(pending)):
+                        if refusal is not None and results[item.index] is None:
+                            results[item.index] = refusal
+            ready = {node_id: [i for i in node_items if results[i.index] is None]
+                     for node_id, node_items in node_to_items.items()}
+            self._move(op, {node_id: node_items for node_id, node_items in ready.items()
+                            if node_items}, results, deadline)
         finally:
-            self._release_staging(node_to_items)
+            self._release_staging(node_to_items, spans)
         return results
+
+    def _place(self, node_to_items: dict[str, list[_Item]],
+               results: list[BaseException | None]) -> list[Span]:
+        """Give every item outside registered memory its local memory: its own buffer,
+        registered for this call (``nixl_spans``), or a staging buffer. An item whose
+        registration NIXL refuses gets NIXL's reason (ConfigError) as its result. Returns
+        the spans registered."""
+        unplaced = [item for node_items in node_to_items.values() for item in node_items
+                    if item.local_address == 0]
+        if not unplaced:
+            return []
+        spans = direct_spans(unplaced)
+        with self._lock:
+            handle = self._agent()
+            for span in spans:
+                try:
+                    span.descs = handle.register(span.start, span.length)
+                except ConfigError as exc:
+                    for item in span.items:
+                        results[item.index] = exc
+                    continue
+                for item in span.items:
+                    item.span, item.local_address = span, item.buffer_address
+            for item in unplaced:
+                if item.local_address == 0 and results[item.index] is None:
+                    try:
+                        item.staging = self._pool().take(item.target.length)
+                    except ConfigError as exc:
+                        results[item.index] = exc
+                        continue
+                    item.local_address = item.staging.address  # a WRITE's copy: _stage_sources
+        return [span for span in spans if span.descs is not None]
+
+    @staticmethod
+    def _stage_sources(node_to_items: dict[str, list[_Item]],
+                       results: list[BaseException | None]) -> None:
+        """Copy each staged WRITE source into its staging buffer."""
+        for node_items in node_to_items.values():
+            for item in node_items:
+                if item.staging is not None and results[item.index] is None:
+                    ctypes.memmove(item.local_address, item.buffer_address, item.target.length)
 
     def _prepare(self, op: str, index: int, target: Target, buffer: memoryview) -> _Item | None:
         """Check one item and give it local memory; None for an empty range (nothing moves)."""
@@ -218,16 +283,10 @@ class NixlTransport(Transport):
                 f"segment {target.segment_id!r} of {segment.size_bytes} bytes")
         if target.length == 0:
             return None
-        item = _Item(index, target, view, segment.address + target.offset)
         address = np.frombuffer(view, dtype=np.uint8).ctypes.data
+        item = _Item(index, target, view, address, segment.address + target.offset)
         if self._registered(address, target.length):
-            item.local_address = address
-            return item
-        with self._lock:
-            item.staging = self._pool().take(target.length)
-        item.local_address = item.staging.address
-        if op == "WRITE":
-            ctypes.memmove(item.local_address, address, target.length)
+            item.local_address = address   # otherwise placed by _place
         return item
 
     def _registered(self, address: int, length: int) -> bool:
@@ -306,8 +365,8 @@ class NixlTransport(Transport):
         if op == "READ":
             for item in node_items:
                 if item.staging is not None:
-                    dst = np.frombuffer(item.view, dtype=np.uint8).ctypes.data
-                    ctypes.memmove(dst, item.local_address, item.target.length)
+                    ctypes.memmove(item.buffer_address, item.local_address,
+                                   item.target.length)
 
     @staticmethod
     def _fail(node_items: list[_Item], results: list[BaseException | None],
@@ -316,10 +375,19 @@ class NixlTransport(Transport):
             results[item.index] = error
             if abandoned and item.staging is not None:
                 item.staging.abandoned = True
+            if abandoned and item.span is not None:
+                item.span.abandoned = True
 
-    def _release_staging(self, node_to_items: dict[str, list[_Item]]) -> None:
-        """Give every staging buffer of the batch back (an abandoned one is kept aside)."""
+    def _release_staging(self, node_to_items: dict[str, list[_Item]],
+                         spans: list[Span]) -> None:
+        """Give every staging buffer of the batch back (an abandoned one is kept aside) and
+        deregister the call's spans (an abandoned one stays registered until the agent is
+        released: its transfer may still use it)."""
         with self._lock:
+            if self._handle is not None:
+                for span in spans:
+                    if not span.abandoned:
+                        self._handle.deregister(span.descs)
             pool = self._staging
             for node_items in node_to_items.values():
                 for item in node_items:

@@ -6,6 +6,9 @@ picks its CUDA flavour by asking torch (on a CPU-only torch it imports torch, ~1
 so the flavour modules (``nixl_cu13``, ``nixl_cu12``) are tried directly first, the way the
 meta package does when no CUDA stack is loaded.
 
+``load_nixl`` also keeps UCX from loading its EFA module (``UCX_MODULES``): the cause of the
+SIGSEGV at exit that issue 12 saw (see ``UCX_MODULES`` below).
+
 ``release_agent`` is the one teardown order for an agent: transfer handles, then memory
 registrations, then remote agents, then the agent itself. Every agent made by ``new_agent`` is
 also released by an ``atexit`` hook (in that order), so that nothing NIXL or UCX owns is
@@ -33,6 +36,14 @@ log = logging.getLogger("kvstore.nixl")
 _FLAVOURS = ("nixl_cu13", "nixl_cu12")
 _MISSING = "NIXL is not installed (pip install 'kvstore[nixl]', see requirements-nixl.txt)"
 
+#: UCX modules loaded by default (``UCX_MODULES``; a value already in the environment wins):
+#: all but UCX's AWS EFA module. NOTE: that module links the SYSTEM libibverbs and libnl
+#: (it loads wherever the distribution's libibverbs1/ibverbs-providers are installed), beside
+#: the copies bundled in the nixl wheel; at exit the system libnl-route's destructors then
+#: call into the bundled copy and the process dies with SIGSEGV (139) after ``exit()``
+#: (gdb: ``rtnl_tc_unregister`` in ``_dl_fini``). EFA users have NIXL's LIBFABRIC backend.
+UCX_MODULES = "^efa"
+
 _lock = threading.Lock()
 _module: ModuleType | None = None
 _load_error: str | None = None
@@ -52,7 +63,8 @@ def load_nixl() -> ModuleType:
             raise ConfigError(_load_error)
         # NOTE: NIXL logs every agent and backend creation at INFO; keep that to warnings
         os.environ.setdefault("NIXL_LOG_LEVEL", "WARN")
-        _skip_efa_module_without_efa()
+        # NOTE: read by UCX when NIXL's bindings load it (below), so set before the import
+        os.environ.setdefault("UCX_MODULES", UCX_MODULES)
         names = ("nixl",) if "torch" in sys.modules else ()
         for name in names + _FLAVOURS:
             try:
@@ -67,28 +79,6 @@ def load_nixl() -> ModuleType:
                 raise ConfigError(_load_error) from exc
         _load_error = _MISSING
         raise ConfigError(_load_error)
-
-
-#: Where the kernel lists RDMA devices (an EFA device's name starts with "efa" there).
-_RDMA_DEVICES_DIR = "/sys/class/infiniband"
-
-
-def _skip_efa_module_without_efa() -> None:
-    """Keep UCX from loading its EFA module on a host with no EFA device (unless the user
-    set ``UCX_MODULES``).
-
-    NOTE: the module in NIXL's wheel links the system's libefa, which loads the system's
-    libibverbs and libnl beside the copies the wheel bundles; the dynamic linker then binds
-    some of the system copies' symbols to the bundled ones, and their destructors crash
-    the process at exit (SIGSEGV in libnl-route's rtnl_tc_unregister, seen here once the
-    Debian package libibverbs1 was installed). The module is of no use without an EFA
-    device; on a host with one it is loaded as UCX chooses."""
-    try:
-        devices = os.listdir(_RDMA_DEVICES_DIR)
-    except OSError:
-        devices = []
-    if not any(name.startswith("efa") for name in devices):
-        os.environ.setdefault("UCX_MODULES", "^efa")
 
 
 def nixl_available() -> bool:

@@ -1,0 +1,142 @@
+"""Write checks for the nixl transport: the daemon checks a put's capabilities before a one-sided
+NIXL WRITE lands in its segment.
+
+NIXL (1.5.1, UCX backend) registers memory with full remote access, and the daemon registers
+its whole DRAM segment once, so a NIXL WRITE itself is never seen by the daemon. Before every
+NIXL WRITE the transport therefore sends the daemon one CHECK_WRITE request per range over the
+node's data plane (``data_frames``: a WRITE without its payload; the daemon runs the checks a
+tcp WRITE gets: segment, range, capability, committed ranges) and writes only the ranges the
+daemon allowed. A batch's checks to one node go pipelined on one pooled connection: one round
+trip per node per batch, overlapped by the transport with its staging copies (``send`` before
+the copies, ``receive`` after).
+
+Guarantee and limit: a kvstore client never NIXL-writes a range its capability does not allow,
+so a buggy client, a stale or replayed capability, or a put whose object was committed in the
+meantime changes nothing stored. A hostile peer holding the node's NIXL metadata (given by the
+master to any client with a valid token) can still skip the check and write the segment
+directly: NIXL has no read-only registration to stop it (see docs/ARCHITECTURE.md, Write
+capabilities: NIXL writes).
+
+Errors (per range, never raised): ``TransferError`` naming the node, the range and the status
+(CAPABILITY_REFUSED, RANGE_COMMITTED, OUT_OF_RANGE, ...) for a refused range; for a daemon
+that cannot be reached, every range of the node (``TransferTimeoutError`` past the deadline,
+``AuthenticationError`` for a refused token). Thread-safe (the pool is; a ``Pending`` belongs
+to one caller).
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+from kvstore._deadline import Deadline
+from kvstore._errors import KVStoreError, TransferError
+from kvstore.transport import data_frames
+from kvstore.transport.base import Target
+from kvstore.transport.data_frames import Op, PeerClosedError, Status
+from kvstore.transport.tcp_conn import Connection, ConnectionPool, map_os_error
+
+#: idle check connections kept per node (a batch uses one)
+MAX_IDLE_PER_NODE = 4
+
+
+class Pending:
+    """The checks of one node's ranges, sent and not yet answered."""
+
+    __slots__ = ("node_id", "targets", "deadline", "conn", "reused", "error")
+
+    def __init__(self, node_id: str, targets: Sequence[Target], deadline: Deadline):
+        self.node_id, self.targets, self.deadline = node_id, list(targets), deadline
+        self.conn: Connection | None = None
+        self.reused = False
+        self.error: KVStoreError | None = None   # the send failed: every range fails
+
+
+class WriteChecks:
+    """Asks daemons over their data plane whether a NIXL WRITE may land in each range."""
+
+    def __init__(self, *, token: str | None = None, tls=None):
+        self._pool = ConnectionPool(token=token, max_idle_per_node=MAX_IDLE_PER_NODE, tls=tls)
+
+    def send(self, node_id: str, targets: Sequence[Target], deadline: Deadline) -> Pending:
+        """Send one CHECK_WRITE per target (all of ``node_id``) without waiting; never raises
+        (a failure is reported by ``receive``)."""
+        pending = Pending(node_id, targets, deadline)
+        self._send(pending)
+        return pending
+
+    def receive(self, pending: Pending) -> list[KVStoreError | None]:
+        """The daemon's answer per target, in order: None where the write is allowed."""
+        if pending.error is None:
+            try:
+                return self._receive(pending)
+            except (OSError, PeerClosedError) as exc:
+                self._drop(pending)
+                if not pending.reused or isinstance(exc, TimeoutError):
+                    pending.error = map_os_error(exc, pending.node_id, "write check")
+                else:
+                    # NOTE: a pooled connection the daemon had closed: ask once more anew
+                    self._send(pending, fresh=True)
+                    if pending.error is None:
+                        try:
+                            return self._receive(pending)
+                        except (OSError, PeerClosedError) as again:
+                            self._drop(pending)
+                            pending.error = map_os_error(again, pending.node_id, "write check")
+            except KVStoreError as exc:
+                self._drop(pending)
+                pending.error = exc
+        return [pending.error] * len(pending.targets)
+
+    def close(self) -> None:
+        self._pool.close()
+
+    # ---- internals ---------------------------------------------------------------------------
+    def _send(self, pending: Pending, *, fresh: bool = False) -> None:
+        first = pending.targets[0]
+        try:
+            if fresh:
+                self._pool.discard_idle(first.data_addr)
+            conn, reused = self._pool.acquire(first.data_addr, pending.node_id,
+                                              pending.deadline)
+        except KVStoreError as exc:
+            pending.error = exc
+            return
+        pending.conn, pending.reused = conn, reused
+        try:
+            conn.set_deadline(pending.deadline)
+            # NOTE: one send for the whole batch (request ids are not matched: replies come
+            # in order)
+            conn.sock.sendall(b"".join(
+                data_frames.encode_request(Op.CHECK_WRITE, target.segment_id.encode(), i,
+                                           target.offset, target.length, target.capability)
+                for i, target in enumerate(pending.targets)))
+        except (OSError, KVStoreError) as exc:
+            if isinstance(exc, OSError) and reused and not fresh:
+                self._drop(pending)
+                self._send(pending, fresh=True)
+                return
+            self._drop(pending)
+            pending.error = exc if isinstance(exc, KVStoreError) else \
+                map_os_error(exc, pending.node_id, "write check")
+
+    def _receive(self, pending: Pending) -> list[KVStoreError | None]:
+        conn = pending.conn
+        conn.set_deadline(pending.deadline)
+        results: list[KVStoreError | None] = []
+        for target in pending.targets:
+            status, message, length = conn.read_reply()
+            if length:
+                raise TransferError(f"nixl {pending.node_id}: write check reply carries "
+                                    f"{length} bytes, expected none")
+            results.append(None if status == Status.OK else TransferError(
+                f"nixl {pending.node_id}: write of segment {target.segment_id!r} "
+                f"[{target.offset}, +{target.length}) refused: {status.name}: {message}"))
+        pending.conn = None
+        self._pool.release(conn)
+        return results
+
+    @staticmethod
+    def _drop(pending: Pending) -> None:
+        if pending.conn is not None:
+            pending.conn.close()
+            pending.conn = None
