@@ -68,6 +68,18 @@ class Transport(abc.ABC):
         """Read each (target, dst); one entry per item, None on success."""
         return _each(self.read_into, items, timeout_s)
 
+    def read_many_checksummed(self, items: Sequence[tuple[Target, memoryview]], *,
+                              timeout_s: float
+                              ) -> tuple[list[BaseException | None], list[int | None]]:
+        """``read_many``, plus the checksum (``kvstore.client.checksum``) of the bytes each
+        successful item received (None for a failed one). The default reads, then hashes
+        each buffer; a transport that can hash while it copies overrides it (shm)."""
+        # NOTE: imported here: kvstore.client imports the transports (a cycle at load time)
+        from kvstore.client.checksum import checksum
+        results = self.read_many(items, timeout_s=timeout_s)
+        return results, [checksum(dst) if exc is None else None
+                          for (_, dst), exc in zip(items, results)]
+
     def register_memory(self, buffer: memoryview) -> object | None:
         """Register a buffer for one-sided transfers (RDMA/NVLink); None where not needed."""
         return None
