@@ -66,6 +66,9 @@ class Transfers:
 
     def __init__(self, transports: Sequence[Transport]):
         self.transports = list(transports)
+        # True: same-host DRAM replicas are read through shm, so a get needs no read
+        # capabilities for them (GetReplicasRequest.shm_reads)
+        self.shm_reads = any(t.name in _LOCAL_TRANSPORTS for t in self.transports)
         self._lock = threading.Lock()
         self._counters = {t.name: _Counters() for t in self.transports}
         # (host_id, shm_name, data_addr) -> rank of the first transport that reaches it.

@@ -63,6 +63,8 @@ class NodeSpec:
     nixl_metadata: bytes = b""  # daemon --nixl: kvstore.transport.nixl_meta; b"" without
     commit_push: bool = False  # takes COMMIT pushes (durable commit waits for this node)
     write_capabilities: bool = False  # the node verifies write capabilities (asks a secret)
+    # the node also verifies read capabilities on READs (with write_capabilities only)
+    read_capabilities: bool = False
 
 
 @dataclass(slots=True)
@@ -90,6 +92,8 @@ class Registration:
     node_ttl_s: float
     num_objects_adopted: int
     capability_secret: bytes = b""   # key of this node's write capabilities; b"": none
+    # the master issues read capabilities for this node (False: an older master, or not asked)
+    read_capabilities: bool = False
 
 
 @dataclass(frozen=True, slots=True)

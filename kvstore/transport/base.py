@@ -28,8 +28,9 @@ class Target(NamedTuple):
     shm_name: str         # DRAM segments: the POSIX shm name; "" when not mappable
     offset: int           # bytes from the start of the segment
     length: int           # bytes
-    # the master's permission to write this range (kvstore/capability.py), sent with the
-    # WRITE; b"" for reads and for nodes that do not check capabilities
+    # the master's permission to write this range (PutStart) or to read it (GetReplicas),
+    # kvstore/capability.py, sent with the WRITE or READ; b"" for nodes that do not check
+    # them (and for same-host replicas a shm reader gets without one)
     capability: bytes = b""
 
 
