@@ -1,4 +1,5 @@
-"""Write capabilities: the master's signed permission to write one allocated range.
+"""Capabilities: the master's signed permission to write one allocated range (write
+capabilities) or to read one replica's range (read capabilities).
 
 Why: the data plane's token proves only that a client belongs to the cluster. Without more,
 any such client could WRITE anywhere in a daemon's segments, including over committed
@@ -22,6 +23,12 @@ it): a daemon refuses a write over an object committed after that sequence (the 
 is stale: a replay after the put ended, or a range freed and allocated again since), and
 trusts the master about objects at or before it (their removal may not have reached the
 daemon yet).
+
+Read capabilities have the same format and secret, with ``node_seq`` 0 and the reader's
+principal as ``writer``; their MAC also covers the word "read" (``_READ_PURPOSE``), so a
+read capability never verifies as a write capability, nor the other way round. The master
+issues one per replica in GetReplicas replies, valid for the lease TTL of that call: a
+tenant can READ over the data plane only ranges of objects the master let it see.
 
 Secrets: ``new_secret()`` per node, made by the master at each registration (so a daemon's
 re-registration rotates it) and sent in the registration reply; never written to disk.
@@ -83,14 +90,19 @@ def commit_mac(secret: bytes, node_id: str, base_seq: int, body: bytes) -> bytes
     return mac.digest()
 
 
+#: What a read capability's MAC covers beyond a write capability's (see the module docstring).
+_READ_PURPOSE = b"read"
+
 #: Keyed BLAKE2b states by secret, copied for each MAC (at most _MAX_KEYED secrets kept).
 _keyed: dict[bytes, "hashlib.blake2b"] = {}
 _MAX_KEYED = 4096
 
 
-def _mac(secret: bytes, body: bytes, node_id: str, segment_id: str) -> bytes:
+def _mac(secret: bytes, body: bytes, node_id: str, segment_id: str,
+         purpose: bytes = b"") -> bytes:
     # NOTE: copying a keyed state skips the key block's compression: ~1 us of the ~3.5 us a
-    # capability costs, paid per replica by PutStart and per entry by a client commit
+    # capability costs, paid per replica by PutStart and per entry by a client commit.
+    # purpose b"" is the write capabilities' MAC as it was before read capabilities
     keyed = _keyed.get(secret)
     if keyed is None:
         if len(_keyed) >= _MAX_KEYED:
@@ -98,7 +110,7 @@ def _mac(secret: bytes, body: bytes, node_id: str, segment_id: str) -> bytes:
         keyed = _keyed[secret] = hashlib.blake2b(key=secret, digest_size=MAC_BYTES)
     mac = keyed.copy()
     mac.update(body)
-    mac.update(b"\0" + node_id.encode() + b"\0" + segment_id.encode())
+    mac.update(purpose + b"\0" + node_id.encode() + b"\0" + segment_id.encode())
     return mac.digest()
 
 
@@ -108,12 +120,27 @@ def issue(secret: bytes, node_id: str, segment_id: str, offset: int, length: int
     ``node_id`` for ``key``'s object, by ``writer``, until ``expiry_ms``, issued when the
     node's change sequence was ``node_seq``. Raises ValueError
     for a writer longer than MAX_WRITER_BYTES (a master-side bug, never user input)."""
-    writer_bytes = writer.encode()
-    if len(writer_bytes) > MAX_WRITER_BYTES:
-        raise ValueError(f"writer identity longer than {MAX_WRITER_BYTES} bytes")
+    return _issue(secret, node_id, segment_id, offset, length, key, writer, expiry_ms,
+                  node_seq, b"")
+
+
+def issue_read(secret: bytes, node_id: str, segment_id: str, offset: int, length: int,
+               key: str, reader: str, expiry_ms: int) -> bytes:
+    """The read capability for ``[offset, offset + length)`` of ``segment_id`` on
+    ``node_id`` (a replica of ``key``), for ``reader``, until ``expiry_ms``. ValueError as
+    ``issue``."""
+    return _issue(secret, node_id, segment_id, offset, length, key, reader, expiry_ms, 0,
+                  _READ_PURPOSE)
+
+
+def _issue(secret: bytes, node_id: str, segment_id: str, offset: int, length: int, key: str,
+           principal: str, expiry_ms: int, node_seq: int, purpose: bytes) -> bytes:
+    principal_bytes = principal.encode()
+    if len(principal_bytes) > MAX_WRITER_BYTES:
+        raise ValueError(f"principal identity longer than {MAX_WRITER_BYTES} bytes")
     body = _FIXED.pack(VERSION, offset, length, expiry_ms, node_seq, object_id(key),
-                       len(writer_bytes)) + writer_bytes
-    return body + _mac(secret, body, node_id, segment_id)
+                       len(principal_bytes)) + principal_bytes
+    return body + _mac(secret, body, node_id, segment_id, purpose)
 
 
 def check(secret: bytes, node_id: str, segment_id: str, blob: bytes, offset: int,
@@ -126,27 +153,45 @@ def check(secret: bytes, node_id: str, segment_id: str, blob: bytes, offset: int
     malformed, bad MAC (forged, or issued for another node, segment or secret), expired,
     another writer, or a range outside the allowed one.
     """
+    return _check(secret, node_id, segment_id, blob, offset, length, writer, now_ms, b"",
+                  "write", "per allocated range with PutStart")
+
+
+def check_read(secret: bytes, node_id: str, segment_id: str, blob: bytes, offset: int,
+               length: int, reader: str, now_ms: int) -> Capability:
+    """``check`` for a READ: ``blob`` must be a read capability (``issue_read``) allowing
+    ``reader`` to read ``[offset, offset + length)`` (or a part of it: a striped read).
+    Raises CapabilityRefused naming the reason, as ``check``; a write capability is refused
+    here as one that does not verify."""
+    return _check(secret, node_id, segment_id, blob, offset, length, reader, now_ms,
+                  _READ_PURPOSE, "read", "per replica with GetReplicas")
+
+
+def _check(secret: bytes, node_id: str, segment_id: str, blob: bytes, offset: int,
+           length: int, principal: str, now_ms: int, purpose: bytes, kind: str,
+           where: str) -> Capability:
     if not blob:
-        raise CapabilityRefused("no write capability (the master issues one per allocated "
-                                "range with PutStart)")
+        raise CapabilityRefused(f"no {kind} capability (the master issues one {where})")
     if len(blob) < _FIXED.size + MAC_BYTES or len(blob) > MAX_CAPABILITY_BYTES:
-        raise CapabilityRefused(f"malformed write capability ({len(blob)} bytes)")
-    version, cap_offset, cap_length, expiry_ms, node_seq, obj_id, writer_len = \
+        raise CapabilityRefused(f"malformed {kind} capability ({len(blob)} bytes)")
+    version, cap_offset, cap_length, expiry_ms, node_seq, obj_id, principal_len = \
         _FIXED.unpack_from(blob)
-    body_len = _FIXED.size + writer_len
+    body_len = _FIXED.size + principal_len
     if version != VERSION or len(blob) != body_len + MAC_BYTES:
-        raise CapabilityRefused("malformed write capability")
+        raise CapabilityRefused(f"malformed {kind} capability")
     body = blob[:body_len]
-    if not hmac.compare_digest(_mac(secret, body, node_id, segment_id), blob[body_len:]):
-        raise CapabilityRefused("write capability does not verify (forged, or issued for "
+    if not hmac.compare_digest(_mac(secret, body, node_id, segment_id, purpose),
+                               blob[body_len:]):
+        raise CapabilityRefused(f"{kind} capability does not verify (forged, or issued for "
                                 "another node, segment or registration)")
-    cap_writer = body[_FIXED.size:].decode("utf-8", "replace")
+    cap_principal = body[_FIXED.size:].decode("utf-8", "replace")
     if now_ms >= expiry_ms:
-        raise CapabilityRefused(f"write capability expired {now_ms - expiry_ms} ms ago")
-    if cap_writer != writer:
-        raise CapabilityRefused(f"write capability belongs to writer {cap_writer!r}")
+        raise CapabilityRefused(f"{kind} capability expired {now_ms - expiry_ms} ms ago")
+    if cap_principal != principal:
+        role = "writer" if kind == "write" else "reader"
+        raise CapabilityRefused(f"{kind} capability belongs to {role} {cap_principal!r}")
     if offset < cap_offset or offset + length > cap_offset + cap_length:
         raise CapabilityRefused(
-            f"write capability allows [{cap_offset}, +{cap_length}), not "
+            f"{kind} capability allows [{cap_offset}, +{cap_length}), not "
             f"[{offset}, +{length})")
-    return Capability(cap_offset, cap_length, expiry_ms, node_seq, obj_id, cap_writer)
+    return Capability(cap_offset, cap_length, expiry_ms, node_seq, obj_id, cap_principal)

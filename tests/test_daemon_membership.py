@@ -183,7 +183,8 @@ def read_objects(master_addr: str, keys: list[str]) -> dict[str, bytes | None]:
             buffer = bytearray(reply.sizes[i])
             transport.read_into(Target(node.node_id, node.host_id, node.data_addr,
                                        segment.segment_id, segment.shm_name,
-                                       reply.replica_offset[j], reply.sizes[i]),
+                                       reply.replica_offset[j], reply.sizes[i],
+                                       reply.replica_read_capability[j]),
                                 memoryview(buffer), timeout_s=10)
             out[key] = bytes(buffer)
     return out

@@ -1,8 +1,9 @@
-"""Readers never receive wrong bytes over shm (issue 14) when they ask: with ``verify=True``
-(per connection or per call; off by default, see docs/ARCHITECTURE.md, Checksums) bytes flipped in a daemon's segment (here by the test, through its own mapping of the
-segment, as any process that maps it could) make a get raise ChecksumError naming the key,
-or fall back to another replica when there is one. Without it (the default) a reader of a
-corrupted shm range gets the bytes as they are."""
+"""Readers never receive wrong bytes over shm (issue 14): by default (``verify=True``, per
+connection or per call; see docs/ARCHITECTURE.md, Checksums) bytes flipped in a daemon's
+segment (here by the test, through its own mapping of the segment, as any process that maps
+it could) make a get raise ChecksumError naming the key, or fall back to another replica when
+there is one; the batch path too. A caller that opts out (``verify=False``) gets the bytes as
+they are."""
 
 from __future__ import annotations
 
@@ -48,7 +49,7 @@ def flip_bytes(target, num_bytes: int = 64) -> None:
 
 def test_corrupted_shm_range_raises_checksum_error(cluster):
     value = payload(VALUE_BYTES, 11)
-    with cluster.connect(verify=True) as store:
+    with cluster.connect() as store:
         store.put("corrupt-one", value)
         (target,) = replicas(cluster, "corrupt-one")
         assert target.shm_name, "the replica must be reachable over shm"
@@ -61,9 +62,10 @@ def test_corrupted_shm_range_raises_checksum_error(cluster):
         out = bytearray(VALUE_BYTES)
         with pytest.raises(ChecksumError):
             store.get_into("corrupt-one", out)
-        # per call off, and the default: the caller trusts the host, gets the bytes as they are
+        # per call off, and per connection: the caller trusts the host, gets the bytes as
+        # they are
         assert store.get("corrupt-one", verify=False) != value
-    with cluster.connect() as trusting:
+    with cluster.connect(verify=False) as trusting:
         assert trusting.get("corrupt-one") != value
         with pytest.raises(ChecksumError):
             trusting.get("corrupt-one", verify=True)
@@ -71,7 +73,7 @@ def test_corrupted_shm_range_raises_checksum_error(cluster):
 
 def test_corrupted_shm_replica_falls_back_to_the_other(cluster):
     value = payload(VALUE_BYTES, 12)
-    with cluster.connect(verify=True) as store:
+    with cluster.connect() as store:
         store.put("corrupt-two", value, replicas=2)
         first, second = replicas(cluster, "corrupt-two")
         assert first.node_id != second.node_id and first.shm_name and second.shm_name
@@ -91,3 +93,27 @@ def test_uncorrupted_reads_verify_cleanly(cluster):
     with kvstore.connect(cluster.address, transport="shm") as store:
         assert store.batch_put(keys, values) == [None] * 4
         assert store.batch_get(keys) == values
+
+
+def test_batch_get_verifies_each_key_and_falls_back_per_key(cluster):
+    """The batch path (one fused copy + hash call for the batch): a corrupted key fails alone
+    or falls back, its neighbours' bytes arrive intact, and nothing stored changes."""
+    keys = [f"batch-{i}" for i in range(6)]
+    values = [payload(VALUE_BYTES // 4 + 1000 * i, 40 + i) for i in range(6)]
+    with cluster.connect() as store:
+        assert store.batch_put(keys[:3], values[:3]) == [None] * 3
+        assert store.batch_put(keys[3:], values[3:], replicas=2) == [None] * 3
+        (bad_single,) = replicas(cluster, keys[1])
+        bad_first, _ = replicas(cluster, keys[4])
+        flip_bytes(bad_single, 8)
+        flip_bytes(bad_first, 8)
+        results = store.batch_get(keys)
+        assert isinstance(results[1], ChecksumError) and results[1].keys == [keys[1]]
+        assert [results[i] for i in (0, 2, 3, 4, 5)] == [values[i] for i in (0, 2, 3, 4, 5)]
+        outs = [bytearray(len(v)) for v in values]
+        into = store.batch_get_into(keys, outs)
+        assert isinstance(into[1], ChecksumError)
+        assert [bytes(outs[i]) for i in (0, 2, 3, 4, 5)] == [values[i] for i in (0, 2, 3, 4, 5)]
+        # the flipped bytes are still there (a read never writes the segment) and
+        # an opted-out reader sees them
+        assert store.get(keys[1], verify=False) != values[1]

@@ -28,11 +28,12 @@ class ClientConfig:
     transport: str = "auto"          # "auto": shm where the replica is on this host, else tcp
     timeout_s: float = 30.0          # deadline of one call: RPCs and transfers together
     lease_ttl_s: float | None = None  # read lease a get asks for; None: the master's default
-    # verify checksums of shm reads too (every other transport always verifies). NOTE: off by
-    # default: it costs 28% of a 4 MiB shm get here (quiet run, bench/RESULTS.md, "Quiet run
-    # of 2026-12-02"), over the 15% issue 14 allows a default; see docs/ARCHITECTURE.md,
-    # Checksums
-    verify: bool = False
+    # verify checksums of shm reads too (every other transport always verifies); False: this
+    # client trusts every process on the host that can map the segments. NOTE: on by default
+    # since shm reads copy and hash in one pass (kvstore._copy_hash): no cost measurable at
+    # 4 MiB or 64 KiB gets here (bench/RESULTS.md, "Fused copy + hash"; issue 14 allows a
+    # default up to 15%); see docs/ARCHITECTURE.md, Checksums
+    verify: bool = True
     rpc_timeout_s: float = 10.0      # deadline of one master RPC within a call
     # master calls: "auto" (the framed fast path when the master offers one, else gRPC),
     # "grpc", or "fast" (connect fails if the master offers no fast path)

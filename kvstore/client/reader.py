@@ -64,7 +64,7 @@ def get_batch(master: MasterClient, transfers: Transfers, keys: Sequence[Any],
     try:
         found, lease_id = master.get_replicas_leased(
             names, client_host_id=settings.host_id, lease_ttl_s=settings.lease_ttl_s,
-            deadline=settings.deadline)
+            deadline=settings.deadline, shm_reads=transfers.shm_reads)
     except MasterUnavailableError as exc:
         exc.keys = exc.keys or list(names)   # what failed, so an engine can recompute
         raise

@@ -9,7 +9,8 @@ Reads fall back: a key whose read fails (or, when verified, whose bytes do not m
 checksum) is retried on its next replica before it is reported. Verification is always done
 for bytes that crossed a network (any transport but shm) and for shm reads unless the caller
 turned it off (``verify=False``: it trusts every process that can map the segment), so no
-reader gets bytes that are not the object's. Thread-safe.
+reader gets bytes that are not the object's. Verified reads go through the transport's
+``read_many_checksummed`` (shm hashes while it copies). Thread-safe.
 """
 
 from __future__ import annotations
@@ -22,7 +23,6 @@ from typing import Sequence
 
 from kvstore._deadline import Deadline
 from kvstore._errors import ChecksumError, KVStoreError, TransferError, TransferTimeoutError
-from kvstore.client.checksum import checksum
 from kvstore.transport.base import Target, Transport
 
 logger = logging.getLogger("kvstore.client")
@@ -68,6 +68,9 @@ class Transfers:
         self.transports = list(transports)
         # client.committer.DaemonCommitter: the writer's own commits (None: the master's)
         self.committer = committer
+        # True: same-host DRAM replicas are read through shm, so a get needs no read
+        # capabilities for them (GetReplicasRequest.shm_reads)
+        self.shm_reads = any(t.name in _LOCAL_TRANSPORTS for t in self.transports)
         self._lock = threading.Lock()
         self._counters = {t.name: _Counters() for t in self.transports}
         # (host_id, shm_name, data_addr) -> rank of the first transport that reaches it.
@@ -172,15 +175,19 @@ class Transfers:
             for job in group:
                 failures[job.index] = _final_error(job, exc)
             return
-        results = transport.read_many(
-            [(job.candidates[job.attempt][0], job.dst) for job in group], timeout_s=timeout_s)
+        items = [(job.candidates[job.attempt][0], job.dst) for job in group]
+        verify = transport.name not in _LOCAL_TRANSPORTS or any(job.verify for job in group)
+        if verify:
+            results, digests = transport.read_many_checksummed(items, timeout_s=timeout_s)
+            _check_results(transport, digests, len(group))
+        else:
+            results = transport.read_many(items, timeout_s=timeout_s)
         _check_results(transport, results, len(group))
-        always_verify = transport.name not in _LOCAL_TRANSPORTS
         num_ok = num_bytes = 0
-        for job, exc in zip(group, results):
-            target = job.candidates[job.attempt][0]
-            if exc is None and (always_verify or job.verify):
-                if checksum(job.dst) != job.expected_checksum:
+        for i, (job, exc) in enumerate(zip(group, results)):
+            target = items[i][0]
+            if exc is None and verify:
+                if digests[i] != job.expected_checksum:
                     exc = ChecksumError(
                         f"bytes of {job.key!r} read from node {target.node_id!r} via "
                         f"{transport.name} do not match the object's checksum", keys=[job.key])

@@ -84,6 +84,10 @@ def _tier_spec(ctx, param, value):
               help="Refuse data-plane WRITEs without the master's capability for exactly "
                    "that range (off: accept any authenticated WRITE, as before capabilities; "
                    "for clients older than them).")
+@click.option("--read-capabilities/--no-read-capabilities", default=True, show_default=True,
+              help="With --write-capabilities: refuse data-plane READs without the master's "
+                   "read capability for that range, issued with each GetReplicas (off: any "
+                   "authenticated READ, for clients older than read capabilities).")
 @click.option("--rpc-timeout", default=5.0, show_default=True, type=float,
               help="Seconds per master RPC.")
 @tls_options("server")
@@ -94,7 +98,7 @@ def _tier_spec(ctx, param, value):
               type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"]))
 def command(master_addr, host, advertise_host, port, dram, ssd, ssd_codec, gpu, token, metrics_port,
             metrics_host, node_id, standalone, reap_orphans, prefault, nixl,
-            write_capabilities, rpc_timeout, tls_ca, tls_cert, tls_key, tls_master_ca, log_level):
+            write_capabilities, read_capabilities, rpc_timeout, tls_ca, tls_cert, tls_key, tls_master_ca, log_level):
     """Run a storage node: DRAM/SSD/HBM segments served over a data plane."""
     logging.basicConfig(stream=sys.stderr, level=log_level,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -116,7 +120,7 @@ def command(master_addr, host, advertise_host, port, dram, ssd, ssd_codec, gpu, 
             gpu_device=gpu[0], gpu_bytes=gpu[1], token=token, metrics_port=metrics_port,
             metrics_host=metrics_host, rpc_timeout_s=rpc_timeout,
             reap_orphans=reap_orphans, prefault=prefault, nixl=nixl,
-            write_capabilities=write_capabilities,
+            write_capabilities=write_capabilities, read_capabilities=read_capabilities,
             tls_cert=tls_cert, tls_key=tls_key, tls_ca=tls_ca, tls_master_ca=tls_master_ca,
             **extra)
     except KVStoreError as exc:

@@ -166,8 +166,6 @@ class DataPlaneServer(ThreadedTcpServer):
         segment = self._segment_id_to_segment.get(data_frames.recv_exact(conn, seg_len))
         blob = b""
         if flags & data_frames.FLAG_CAPABILITY:
-            if op_code == Op.READ:
-                raise _BadFrame("only a WRITE carries a capability")
             (cap_len,) = data_frames.CAPABILITY_LENGTH.unpack(
                 data_frames.recv_exact(conn, data_frames.CAPABILITY_LENGTH.size))
             blob = data_frames.recv_exact(conn, cap_len)
@@ -179,6 +177,8 @@ class DataPlaneServer(ThreadedTcpServer):
                 f"range [{offset}, +{length}) outside segment of {segment.size_bytes} bytes")
         elif op_code != Op.READ:
             status, message = self._check_write(segment, offset, length, blob, principal)
+        elif self._guard.checking_reads:
+            status, message = self._check_read(segment, offset, length, blob, principal)
         if op_code == Op.CHECK_WRITE:
             # NOTE: no payload follows, so a refusal leaves the connection usable
             self.stats.num_write_checks += 1
@@ -278,6 +278,17 @@ class DataPlaneServer(ThreadedTcpServer):
             log.warning("data plane: write of %s [%d, +%d) refused: %s", segment.segment_id,
                         offset, length, exc)
             return Status.RANGE_COMMITTED, str(exc)
+        return Status.OK, ""
+
+    def _check_read(self, segment: Backend, offset: int, length: int, blob: bytes,
+                    principal: str) -> tuple[Status, str]:
+        """(OK, "") if the guard allows the READ, else CAPABILITY_REFUSED and the reason."""
+        try:
+            self._guard.check_read(segment.segment_id, offset, length, blob, principal)
+        except CapabilityRefused as exc:
+            log.warning("data plane: read of %s [%d, +%d) refused: %s", segment.segment_id,
+                        offset, length, exc)
+            return Status.CAPABILITY_REFUSED, str(exc)
         return Status.OK, ""
 
     def _staging(self) -> memoryview:

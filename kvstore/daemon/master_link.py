@@ -106,7 +106,8 @@ class MasterLink:
                 reply = self._client.register_node(node, inventory)
             self._table.reset_sequence()
             if self._guard is not None:
-                self._guard.set_secret(reply.capability_secret)
+                self._guard.set_secret(reply.capability_secret,
+                                       check_reads=reply.read_capabilities)
         finally:
             self._table.end_registration()
         self.heartbeat_interval_s = max(reply.heartbeat_interval_s, 0.01)

@@ -155,7 +155,9 @@ class Daemon:
                         incarnation=self.incarnation,
                         nixl_metadata=self.nixl_agent.metadata if self.nixl_agent else b"",
                         commit_push=True, client_commit=True,
-                        write_capabilities=self.config.write_capabilities)
+                        write_capabilities=self.config.write_capabilities,
+                        read_capabilities=(self.config.write_capabilities
+                                           and self.config.read_capabilities))
 
     def _create_segments(self) -> list[Backend]:
         config = self.config

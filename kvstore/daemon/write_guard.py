@@ -1,4 +1,5 @@
-"""The daemon's check of every write into its segments: a data-plane WRITE or a tier move.
+"""The daemon's check of every write into its segments (a data-plane WRITE or a tier move)
+and, where the master issues read capabilities, of every data-plane READ.
 
 Rule (once the master gave this node a capability secret at registration): a write of
 ``[offset, offset + length)`` in a segment is allowed iff
@@ -15,6 +16,15 @@ Before the first registration with a secret (an older master), every write is al
 before capabilities existed. The committed ranges are kept per segment in a sorted map
 (offset -> end, seq), updated by ``ObjectTable.apply`` through ``note_*``; a check costs one
 keyed BLAKE2b and one bisection. Thread-safe: one lock.
+
+Reads (once the registration's reply said the master issues read capabilities): a READ of
+``[offset, offset + length)`` is allowed iff it carries a read capability that verifies
+with this node's secret, for this node and segment, not expired, whose reader is the
+principal of the connection, and whose range contains the read range. No table lookup: the
+master issued it for a replica it just listed, and the expiry (the lease TTL) bounds it.
+A write capability that passes the write rule above also allows reading its range: a writer
+may read back its own PENDING range (``kvstore bench transfer`` does), never a range
+committed since the capability was issued.
 
 Window: an object committed less than a heartbeat ago is not yet in this node's table, so a
 replay of its still-valid capability in that window is not refused (see docs/ARCHITECTURE.md,
@@ -46,6 +56,7 @@ class WriteGuard:
         self._wall_clock = wall_clock
         self._lock = threading.Lock()
         self._secret: bytes | None = None
+        self._check_reads = False
         # segment id -> SortedDict(offset -> (end, seq, key)) of the committed objects there
         self._segment_to_ranges: dict[str, SortedDict] = {}
 
@@ -54,14 +65,43 @@ class WriteGuard:
         """True once the master gave this node a secret (writes need capabilities)."""
         return self._secret is not None
 
-    def set_secret(self, secret: bytes | None) -> None:
+    def set_secret(self, secret: bytes | None, *, check_reads: bool = False) -> None:
         """The secret of the current registration (b"" or None: the master issues none).
         Capabilities of earlier registrations stop verifying at once. The committed ranges
         are forgotten until the registration's first (full) change set: their sequences
-        belong to the previous registration, and no valid capability predates this one."""
+        belong to the previous registration, and no valid capability predates this one.
+        ``check_reads``: the master issues read capabilities for this node (its reply said
+        so), so READs need one too; ignored without a secret."""
         with self._lock:
             self._secret = secret or None
+            self._check_reads = bool(check_reads and secret)
             self._segment_to_ranges.clear()
+
+    @property
+    def checking_reads(self) -> bool:
+        """True when READs need a read capability (see the module docstring)."""
+        return self._check_reads
+
+    def check_read(self, segment_id: str, offset: int, length: int, blob: bytes,
+                   reader: str) -> None:
+        """Allow the READ or raise CapabilityRefused with the reason (none, malformed,
+        forged or of another node/segment/registration, a write capability, expired,
+        another reader, a range outside the allowed one). Allows every READ while the
+        master issues no read capabilities for this node."""
+        secret = self._secret
+        if secret is None or not self._check_reads:
+            return
+        try:
+            capability.check_read(secret, self.node_id, segment_id, blob, offset, length,
+                                  reader, int(self._wall_clock() * 1000))
+        except CapabilityRefused as refusal:
+            if blob:
+                try:
+                    self.check(segment_id, offset, length, blob, reader)
+                    return      # its writer reading back a range it may still write
+                except (CapabilityRefused, RangeCommitted):
+                    pass
+            raise refusal
 
     def verify_commit(self, base_seq: int, body: bytes, signed: bool) -> bytes:
         """The change set of a COMMIT push (``body`` without its MAC) if this node may apply

@@ -1,4 +1,5 @@
-"""The master's side of write capabilities (format and rules in ``kvstore/capability.py``).
+"""The master's side of write and read capabilities (format and rules in
+``kvstore/capability.py``).
 
 Trigger: every range PutStart allocates on a node that registered with
 ``write_capabilities`` (and every destination range of a tier move there) gets one.
@@ -7,6 +8,13 @@ identity, the node's change sequence now, the writer (``kvstore._principal``) an
 past it the master may reclaim the PENDING object and reuse the range, so the permission
 must not outlive the allocation. Nodes without a secret (older daemons) get empty bytes.
 Cost: one keyed BLAKE2b per replica (~1-2 us here), paid only for nodes that check.
+
+Read capabilities: every replica of a GetReplicas reply on a node that registered with
+``read_capabilities`` gets one, for the range of that replica, the reader (the caller's
+principal) and an expiry the call's lease TTL from now (past it the object may be removed
+and its range reused). Skipped, as not needed: replicas on the client's own host in shm
+segments when the client says it reads those through shm (``GetReplicasRequest.shm_reads``),
+so same-host gets pay nothing.
 """
 
 from __future__ import annotations
@@ -27,6 +35,9 @@ class CapabilityIssuer:
         # NOTE: one shared token today, so one writer for every caller; tenants will pass
         # the calling connection's principal instead (see kvstore/_principal.py)
         self.writer = principal_for_token(config.token)
+        # True once a node that checks read capabilities registered (until then GetReplicas
+        # skips for_get entirely)
+        self.any_reads = False
 
     def _expiry_ms(self) -> int:
         return int(self._wall_clock() * 1000) + self._ttl_ms
@@ -49,6 +60,40 @@ class CapabilityIssuer:
                 caps.append(issue(secret, segment.node.node_id, segment.segment_id, offset,
                                   size, key, writer, expiry_ms, segment.node.seq)
                             if secret else b"")
+        return caps
+
+    def for_get(self, nodes, reply, objs, lease_ttl_s: float,
+                shm_host_id: str) -> list[bytes] | None:
+        """One read capability per replica of ``reply`` (a GetReplicasResponse built from
+        ``objs``, None for keys not found), in reply order (parallel to replica_offset);
+        b"" where the node does not check reads or the replica is on ``shm_host_id`` in an
+        shm segment. None when no replica needs one (the field stays empty). ``nodes``:
+        node id -> Node (the state's)."""
+        segment_caps = []     # per reply segment: (secret, node_id, segment_id) or None
+        for ref in reply.segments:
+            node_ref = reply.nodes[ref.node_index]
+            node = nodes.get(node_ref.node_id)
+            needed = (node is not None and node.read_capabilities and node.capability_secret
+                      and not (shm_host_id and ref.shm_name and node.host_id == shm_host_id))
+            segment_caps.append((node.capability_secret, node.node_id, ref.segment_id)
+                                if needed else None)
+        if not any(segment_caps):
+            return None
+        reader = self.writer
+        expiry_ms = int(self._wall_clock() * 1000) + int(lease_ttl_s * 1000)
+        issue_read = capability.issue_read
+        starts, counts = reply.replica_start, reply.replica_count
+        rep_segments, offsets = list(reply.replica_segment), list(reply.replica_offset)
+        caps = [b""] * len(offsets)
+        for i, obj in enumerate(objs):
+            if obj is None:
+                continue
+            start = starts[i]
+            for j in range(start, start + counts[i]):
+                where = segment_caps[rep_segments[j]]
+                if where is not None:
+                    caps[j] = issue_read(where[0], where[1], where[2], offsets[j],
+                                         obj.size_bytes, obj.key, reader, expiry_ms)
         return caps
 
     def for_move(self, node, move) -> bytes:

@@ -93,7 +93,7 @@ class Node:
     __slots__ = ("node_id", "host_id", "data_addr", "segments", "last_heartbeat_s", "keys",
                  "seq", "log", "incarnation", "outbox",
                  "nixl_metadata", "durable_seq", "touched", "commit_push", "beat_durable",
-                 "capability_secret", "client_commit")
+                 "capability_secret", "client_commit", "read_capabilities")
 
     def __init__(self, node_id: str, host_id: str, data_addr: str, now_s: float,
                  incarnation: str = "", touched: set | None = None):
@@ -116,6 +116,8 @@ class Node:
         # key of this node's write capabilities (kvstore/capability.py); None: the daemon
         # does not check them (an older daemon), so none are issued for it
         self.capability_secret: bytes | None = None
+        # True: its daemon checks READs too, so GetReplicas issues read capabilities for it
+        self.read_capabilities = False
         # entries: (seq, key, segment_id, offset, length, checksum, codec); segment_id None
         # marks a removal
         self.log: deque[tuple] = deque()

@@ -64,6 +64,7 @@ def register_node(state, info, inventory, now_s: float) -> int:
     node.client_commit = info.client_commit
     if info.write_capabilities:
         node.capability_secret = capability.new_secret()   # rotates with each registration
+        node.read_capabilities = info.read_capabilities
     for seg in info.segments:
         check_id(seg.segment_id, "segment_id")
         if seg.segment_id in node.segments:

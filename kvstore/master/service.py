@@ -73,6 +73,8 @@ class MasterService:
 
     def RegisterNode(self, request, now_s, caller=CLUSTER):
         num_adopted = self.state.register_node(request.node, request.inventory, now_s)
+        if self.state.nodes[request.node.node_id].read_capabilities:
+            self.capabilities.any_reads = True
         if num_adopted:
             self.replies.rows.forget()      # adoption may have added a replica to an object
         config = self.state.config
@@ -82,7 +84,8 @@ class MasterService:
             heartbeat_interval_ms=int(config.heartbeat_interval_s * 1000),
             node_ttl_ms=int(config.node_ttl_s * 1000), master_id=self.state.master_id,
             num_objects_adopted=num_adopted,
-            capability_secret=self.state.nodes[request.node.node_id].capability_secret or b"")
+            capability_secret=self.state.nodes[request.node.node_id].capability_secret or b"",
+            read_capabilities=self.state.nodes[request.node.node_id].read_capabilities)
 
     def Heartbeat(self, request, now_s, caller=CLUSTER):
         result = self.state.heartbeat(request.node_id, request.acked_seq, now_s,
@@ -178,6 +181,12 @@ class MasterService:
         objs, missing, lease_id = self.state.get_replicas(request.keys, lease_ttl_s, now_s)
         reply = self.replies.get_replicas(objs, missing, lease_ttl_s, request.client_host_id)
         reply.lease_id = lease_id
+        if self.capabilities.any_reads:
+            caps = self.capabilities.for_get(self.state.nodes, reply, objs, lease_ttl_s,
+                                             request.client_host_id if request.shm_reads
+                                             else "")
+            if caps is not None:
+                reply.replica_read_capability.extend(caps)
         return reply
 
     def ReleaseLeases(self, request, now_s, caller=CLUSTER):

@@ -143,11 +143,14 @@ class MasterClient:
 
     def get_replicas_leased(self, keys: Sequence[str], *, client_host_id: str = "",
                             lease_ttl_s: float | None = None, deadline: Deadline | None = None,
+                            shm_reads: bool = False,
                             ) -> tuple[list[ReplicaSet | KVStoreError], int]:
         """``get_replicas`` and the id of the leases it granted (0: none), to hand to
-        ``release_leases`` once the reads are done."""
+        ``release_leases`` once the reads are done. ``shm_reads``: this caller reads
+        replicas on ``client_host_id`` through shm, so the master issues no read
+        capabilities for them (their Targets' ``capability`` stays b"")."""
         request = pb.GetReplicasRequest(keys=keys, client_host_id=client_host_id,
-                                        lease_ttl_ms=_ms(lease_ttl_s))
+                                        lease_ttl_ms=_ms(lease_ttl_s), shm_reads=shm_reads)
         reply = self.call(_M["GetReplicas"], request, deadline)
         return messages.replica_sets(reply, keys), reply.lease_id
 
@@ -234,7 +237,8 @@ class MasterClient:
                             heartbeat_interval_s=reply.heartbeat_interval_ms / 1000.0,
                             node_ttl_s=reply.node_ttl_ms / 1000.0,
                             num_objects_adopted=reply.num_objects_adopted,
-                            capability_secret=reply.capability_secret)
+                            capability_secret=reply.capability_secret,
+                            read_capabilities=reply.read_capabilities)
 
     def heartbeat(self, node_id: str, acked_seq: int, *, moves_done: Sequence[int] = (),
                   moves_failed: Sequence[int] = (), deadline: Deadline | None = None,

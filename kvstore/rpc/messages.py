@@ -71,8 +71,8 @@ def decode_targets(reply: Any, sizes: Sequence[int], ok: Sequence[bool],
     """The replica Targets of each key of a PutStart or GetReplicas reply.
 
     ``sizes[i]`` is the object size of key i (the length of each of its Targets); keys with
-    ``ok[i]`` False get an empty list. ``capabilities``: PutStart's, one per replica (empty:
-    none). Raises KVStoreError on out-of-range indices or a capability list of another
+    ``ok[i]`` False get an empty list. ``capabilities``: one per replica, PutStart's write
+    capabilities or GetReplicas' read capabilities (empty: none). Raises KVStoreError on out-of-range indices or a capability list of another
     length than the replicas'.
     """
     prefixes = _segment_prefixes(reply)
@@ -164,7 +164,7 @@ def replica_sets(reply: pb.GetReplicasResponse, keys: Sequence[str],
         # more than copying them once (for a few keys the copies cost more)
         statuses, sizes, sums, codecs = list(statuses), list(sizes), list(sums), list(codecs)
     ok = [status == OK for status in statuses]
-    targets = decode_targets(reply, sizes, ok)
+    targets = decode_targets(reply, sizes, ok, reply.replica_read_capability)
     if all(ok):   # NOTE: the common batch, built without a Python-level loop
         return list(map(ReplicaSet, sizes, sums, codecs, targets))
     messages = reply.error_messages
@@ -186,7 +186,8 @@ def node_info(node: NodeSpec) -> pb.NodeInfo:
                        incarnation=node.incarnation,
                        nixl_metadata=node.nixl_metadata, commit_push=node.commit_push,
                        write_capabilities=node.write_capabilities,
-                       client_commit=node.client_commit)
+                       client_commit=node.client_commit,
+                       read_capabilities=node.read_capabilities)
 
 
 def _segment_info(segment: SegmentSpec) -> pb.SegmentInfo:

@@ -64,6 +64,8 @@ class NodeSpec:
     commit_push: bool = False  # takes COMMIT pushes (durable commit waits for this node)
     write_capabilities: bool = False  # the node verifies write capabilities (asks a secret)
     client_commit: bool = False  # takes CLIENT_COMMIT frames (writers commit there themselves)
+    # the node also verifies read capabilities on READs (with write_capabilities only)
+    read_capabilities: bool = False
 
 
 @dataclass(slots=True)
@@ -91,6 +93,8 @@ class Registration:
     node_ttl_s: float
     num_objects_adopted: int
     capability_secret: bytes = b""   # key of this node's write capabilities; b"": none
+    # the master issues read capabilities for this node (False: an older master, or not asked)
+    read_capabilities: bool = False
 
 
 @dataclass(frozen=True, slots=True)

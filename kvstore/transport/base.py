@@ -28,8 +28,9 @@ class Target(NamedTuple):
     shm_name: str         # DRAM segments: the POSIX shm name; "" when not mappable
     offset: int           # bytes from the start of the segment
     length: int           # bytes
-    # the master's permission to write this range (kvstore/capability.py), sent with the
-    # WRITE; b"" for reads and for nodes that do not check capabilities
+    # the master's permission to write this range (PutStart) or to read it (GetReplicas),
+    # kvstore/capability.py, sent with the WRITE or READ; b"" for nodes that do not check
+    # them (and for same-host replicas a shm reader gets without one)
     capability: bytes = b""
 
 
@@ -67,6 +68,18 @@ class Transport(abc.ABC):
                   timeout_s: float) -> list[BaseException | None]:
         """Read each (target, dst); one entry per item, None on success."""
         return _each(self.read_into, items, timeout_s)
+
+    def read_many_checksummed(self, items: Sequence[tuple[Target, memoryview]], *,
+                              timeout_s: float
+                              ) -> tuple[list[BaseException | None], list[int | None]]:
+        """``read_many``, plus the checksum (``kvstore.client.checksum``) of the bytes each
+        successful item received (None for a failed one). The default reads, then hashes
+        each buffer; a transport that can hash while it copies overrides it (shm)."""
+        # NOTE: imported here: kvstore.client imports the transports (a cycle at load time)
+        from kvstore.client.checksum import checksum
+        results = self.read_many(items, timeout_s=timeout_s)
+        return results, [checksum(dst) if exc is None else None
+                          for (_, dst), exc in zip(items, results)]
 
     def register_memory(self, buffer: memoryview) -> object | None:
         """Register a buffer for one-sided transfers (RDMA/NVLink); None where not needed."""

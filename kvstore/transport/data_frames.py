@@ -10,19 +10,23 @@ status OK and, as its message, the daemon's node_id (so a client notices it reac
 different daemon than the one it meant), or status AUTH_FAILED / BAD_FRAME, after which it
 closes.
 
-Request (client -> server), 26-byte header, then the segment id, then for WRITE the
-capability (when flagged) and the payload::
+Request (client -> server), 26-byte header, then the segment id, then the capability
+(when flagged), then for WRITE the payload::
 
     REQUEST magic "KQ" | op u8 | flags u8 | seg_len u16 (1..255) | request_id u32 |
             offset u64 | length u64
             segment_id (seg_len bytes, UTF-8) |
-            [cap_len u16 | capability (cap_len bytes)]  (WRITE with FLAG_CAPABILITY only) |
+            [cap_len u16 | capability (cap_len bytes)]  (FLAG_CAPABILITY only) |
             payload (length bytes; WRITE only, never CHECK_WRITE)
 
-    flags: FLAG_CAPABILITY (1) on a WRITE or CHECK_WRITE: a write capability (``kvstore/capability.py``)
-    follows the segment id; other bits 0. A daemon whose master gave it a capability secret
-    refuses a WRITE without a valid one (CAPABILITY_REFUSED) and one over a range committed
-    after its capability was issued (RANGE_COMMITTED), before a byte of the payload lands.
+    flags: FLAG_CAPABILITY (1): a capability (``kvstore/capability.py``) follows the
+    segment id: a write capability on a WRITE or CHECK_WRITE, a read capability on a READ; other bits 0. A
+    daemon whose master gave it a capability secret refuses a WRITE without a valid one
+    (CAPABILITY_REFUSED) and one over a range committed after its capability was issued
+    (RANGE_COMMITTED), before a byte of the payload lands; one whose master also issues read
+    capabilities for it refuses a READ without a valid one (CAPABILITY_REFUSED). NOTE: a
+    daemon older than read capabilities answers a flagged READ with BAD_FRAME; clients only
+    get read capabilities for daemons that asked for them.
 
     op: READ (1) returns ``length`` bytes of the segment from ``offset``; WRITE (2) stores the
     payload there; PING (3) carries no range (offset = length = 0 and seg_len = 0);
@@ -105,7 +109,7 @@ class Status(enum.IntEnum):
     NO_SEGMENT = 3      # the daemon has no segment with this id
     OUT_OF_RANGE = 4    # offset + length runs past the end of the segment
     INTERNAL = 5        # the server failed (e.g. an I/O error on a file segment)
-    CAPABILITY_REFUSED = 6  # WRITE without a valid capability for exactly this range
+    CAPABILITY_REFUSED = 6  # WRITE (or checked READ) without a valid capability for this range
     RANGE_COMMITTED = 7     # WRITE over an object committed after its capability was issued
 
 
@@ -116,7 +120,7 @@ def encode_hello(token: str | None) -> bytes:
 
 def encode_request(op: Op, segment_id: bytes, request_id: int, offset: int, length: int,
                    capability: bytes = b"") -> bytes:
-    """Header plus segment id (plus, for a WRITE given one, the capability) of one request;
+    """Header plus segment id (plus the capability, when given one) of one request;
     the WRITE payload is sent after it."""
     if capability:
         return REQUEST.pack(REQUEST_MAGIC, op, FLAG_CAPABILITY, len(segment_id),

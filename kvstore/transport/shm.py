@@ -27,6 +27,7 @@ from typing import Sequence
 
 import numpy as np
 
+from kvstore._copy_hash import copy_hash_many
 from kvstore._errors import ClosedError, TransferError
 from kvstore._posix_shm import ChunkPopulator, SharedSegment, open_shm
 from kvstore.transport import byte_views
@@ -115,6 +116,35 @@ class ShmTransport(Transport):
                            target.length)
         elif target.length:
             mapping.segment.view[target.offset:target.offset + target.length] = src
+
+    def read_many_checksummed(self, items: Sequence[tuple[Target, memoryview]], *,
+                              timeout_s: float
+                              ) -> tuple[list[BaseException | None], list[int | None]]:
+        """``read_many`` whose copies also hash: every range is copied into its buffer and
+        the copied bytes hashed in one pass (``kvstore._copy_hash``, cache-sized chunks), all
+        items in one call that releases the GIL once. The checks (mapping, range, buffer)
+        run per item first; a failed item is neither copied nor hashed."""
+        checked: set[str] = set()
+        results: list[BaseException | None] = []
+        dsts, srcs, copied = [], [], []
+        for index, (target, dst) in enumerate(items):
+            try:
+                dst = byte_views.as_bytes_view(dst, target.length, writable=True)
+                mapping = self._range(target, checked)
+                mapping.populator.ensure(target.offset, target.length)
+            except Exception as exc:  # noqa: BLE001 - reported per item
+                results.append(exc)
+                continue
+            results.append(None)
+            dsts.append(dst)
+            # NOTE: a slice of the segment's view, not its raw address: the slice keeps the
+            # mapping alive for the copy even if forget() drops it meanwhile
+            srcs.append(mapping.segment.view[target.offset:target.offset + target.length])
+            copied.append(index)
+        digests: list[int | None] = [None] * len(items)
+        for index, digest in zip(copied, copy_hash_many(dsts, srcs)):
+            digests[index] = digest
+        return results, digests
 
     def _read(self, target: Target, dst: memoryview, checked: set[str] | None) -> None:
         dst = byte_views.as_bytes_view(dst, target.length, writable=True)

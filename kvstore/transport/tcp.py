@@ -152,11 +152,9 @@ class TcpTransport(Transport):
                   deadline: Deadline) -> None:
         conn.set_deadline(deadline)
         segment_id = target.segment_id.encode()
-        if op == Op.WRITE:
-            conn.send_request(op, segment_id, target.offset, target.length, buffer,
-                              target.capability)
-        else:
-            conn.send_request(op, segment_id, target.offset, target.length)
+        # NOTE: a READ carries its read capability too (b"": none, the frame is unflagged)
+        conn.send_request(op, segment_id, target.offset, target.length,
+                          buffer if op == Op.WRITE else None, target.capability)
         self._receive(conn, op, target, buffer)
 
     def _receive(self, conn: Connection, op: Op, target: Target, buffer: memoryview) -> None:
@@ -240,12 +238,10 @@ class TcpTransport(Transport):
                 while next_pos < len(group) and len(in_flight) < PIPELINE_DEPTH:
                     index = group[next_pos]
                     target = items[index][0]
-                    if op == Op.WRITE:
-                        conn.send_request(op, target.segment_id.encode(), target.offset,
-                                          target.length, views[index], target.capability)
-                    else:
-                        conn.send_request(op, target.segment_id.encode(), target.offset,
-                                          target.length)
+                    conn.send_request(op, target.segment_id.encode(), target.offset,
+                                      target.length,
+                                      views[index] if op == Op.WRITE else None,
+                                      target.capability)
                     in_flight.append(index)
                     next_pos += 1
                 index = in_flight.popleft()
