@@ -206,7 +206,7 @@ def test_refused_check_leaves_the_connection_usable(store, client):
         sock.sendall(data_frames.encode_request(Op.CHECK_WRITE, segment, 2, 1 << 40, 10))
         assert read_reply(sock)[0] == Status.OUT_OF_RANGE
         sock.sendall(data_frames.encode_request(Op.READ, segment, 3, victim.offset,
-                                                VICTIM_BYTES))
+                                                VICTIM_BYTES, victim.capability))
         assert read_reply(sock)[0] == Status.OK
         assert data_frames.recv_exact(sock, VICTIM_BYTES) == value
     assert store.get("victim-4", verify=True) == value
