@@ -64,6 +64,10 @@ class AlignedFile:
         self._local = threading.local()
         self._pool = ThreadPoolExecutor(IO_THREADS, thread_name_prefix="kvstore-file-io")
 
+    def datasync_in_background(self) -> Future:
+        """``os.fdatasync`` of the file on an I/O thread; its future."""
+        return self._pool.submit(os.fdatasync, self.fd)
+
     def close(self) -> None:
         """Stop the I/O threads (the fd stays the caller's to close). Idempotent."""
         self._pool.shutdown(wait=True)

@@ -289,13 +289,25 @@ class SsdBackend(Backend):
                 self._pending.append(encode_record(KIND_DROP, entry))
 
     def sync(self) -> None:
-        """Make the data durable, then append the pending index records and make them durable
-        (in that order: an ``add`` record never points at bytes not yet on disk)."""
+        """Make the data and the pending index records durable; returns once both are.
+
+        The records are appended first, then the data file and the index are synced at
+        once (the data file's fdatasync on an I/O thread). NOTE: two syncs in parallel, not
+        data-then-index in turn: measured 0.5-1.9 ms against 1.9-13.9 ms per put on the
+        build machine's ext4 (bench/RESULTS.md), because one journal commit then serves
+        both. An ``add`` record may therefore reach the disk before its bytes (a crash
+        inside this call): at start every record's bytes are checked against its checksum,
+        so such an object, whose put was never acknowledged, is dropped, never served."""
         with self._lock:
             if not self._pending:
                 return
-            os.fdatasync(self._data_fd)
-            self._append_pending()
+            records, self._pending = b"".join(self._pending), []
+            os.write(self._index_fd, records)
+            data_synced = self._file.datasync_in_background()
+            try:
+                os.fdatasync(self._index_fd)
+            finally:
+                data_synced.result()
 
     def _append_pending(self) -> None:
         records, self._pending = b"".join(self._pending), []
