@@ -294,8 +294,8 @@ class SsdBackend(Backend):
         The records are appended first, then the data file and the index are synced at
         once (the data file's fdatasync on an I/O thread). NOTE: two syncs in parallel, not
         data-then-index in turn: measured 0.5-1.9 ms against 1.9-13.9 ms per put on the
-        build machine's ext4 (bench/RESULTS.md), because one journal commit then serves
-        both. An ``add`` record may therefore reach the disk before its bytes (a crash
+        build machine's ext4 (bench/RESULTS.md, issue 9), likely because one journal commit
+        then serves both. An ``add`` record may therefore reach the disk before its bytes (a crash
         inside this call): at start every record's bytes are checked against its checksum,
         so such an object, whose put was never acknowledged, is dropped, never served."""
         with self._lock:
