@@ -96,8 +96,9 @@ def main() -> None:
     args = parser.parse_args()
     seconds = 4.0 if args.quick else 10.0
     with tempfile.TemporaryDirectory(dir=args.ssd_dir or "/var/tmp") as ssd_dir:
-        ceiling = copy_ceiling_gbps(ssd_dir, 128 * MiB)
-        run = demotion_run(ssd_dir, seconds, 4096 * MiB)
+        # NOTE: two directories: an SSD directory keeps the size it was created with
+        ceiling = copy_ceiling_gbps(os.path.join(ssd_dir, "ceiling"), 128 * MiB)
+        run = demotion_run(os.path.join(ssd_dir, "daemon"), seconds, 4096 * MiB)
     load = open("/proc/loadavg").read().split()[:3]
     print(f"{'figure':<34}{'value':>12}")
     print(f"{'copy_range shm -> ssd file':<34}{ceiling:>9.2f} GB/s  (ceiling)")

@@ -163,6 +163,7 @@ def test_sigkill_during_ssd_writes_then_restart_serves_every_complete_object(tmp
                 store.put(key, value, tier="ssd")
             _wait_indexed(tmp_path, complete)
             in_flight: dict[str, bytes] = {}
+            failed: list[str] = []        # the put the kill interrupted
             stop = threading.Event()
 
             def writer():
@@ -175,6 +176,7 @@ def test_sigkill_during_ssd_writes_then_restart_serves_every_complete_object(tmp
                         try:
                             other.put(key, value, tier="ssd")
                         except kvstore.KVStoreError:
+                            failed.append(key)
                             return
             thread = threading.Thread(target=writer)
             thread.start()
@@ -189,16 +191,20 @@ def test_sigkill_during_ssd_writes_then_restart_serves_every_complete_object(tmp
                 _wait_served(store, "done/0")
                 for key, value in complete.items():
                     assert store.get(key) == value
-                num_late = 0
                 for key, value in in_flight.items():
+                    if key not in failed:
+                        assert store.get(key) == value  # its put returned: durable
+                        continue
                     try:
                         got = store.get(key)
                     except kvstore.KVStoreError:
                         continue          # partial (or never committed): gone
                     assert got == value   # never corrupt
-                    num_late += 1
                 assert "recovered" in restarted.stderr()
-        assert num_late < len(in_flight) or not in_flight  # the kill hit a write in flight
+        # the kill hit a put in flight; NOTE: that object may still be served (with its
+        # bytes) when its commit reached the index just before the kill, so what is asserted
+        # is that its put failed, not that it is gone
+        assert failed and failed[0] == max(in_flight, key=lambda k: int(k.split("/")[1]))
 
 
 def test_clean_stop_then_flipped_bytes_drop_only_the_damaged_objects(tmp_path):

@@ -96,7 +96,7 @@ def run_transfer(master_addr: str | None, token: str | None, kinds: list[str],
     click.echo(format_table(rows, loopback_by_size, raw_nixl_by_size, disk_by_size))
     if disk_io:
         click.echo(f"ssd rows: the link ceiling is the disk in {settings['ssd_dir']} ({disk_io}, "
-                   "1 thread, requests of at most 8 MiB)")
+                   "requests of 1 MiB, 4 in flight, as the SSD tier issues them)")
     load = loadavg()
     click.echo(f"load average (1/5/15 min): {load_at_start} at start, {load} at end")
     result = document(rows, loopback_by_size, settings, load_at_start, interrupted)

@@ -9,6 +9,11 @@ The interface (``Backend``) is what the data plane, tier moves (``kvstore.daemon
 - ``read_into(offset, dst)`` / ``write_from(offset, src)``: copy ``len(buffer)`` bytes between
   the range at ``offset`` and a caller's buffer (the path for SSD and HBM, and for any backend
   when the caller already holds the bytes in a buffer).
+- ``write_stream(offset, length, fill)`` / ``read_stream(offset, length, drain)``: the same
+  for a caller that produces or consumes the bytes piece by piece (a socket, a tier move):
+  the backend hands out the pieces' buffers, so it can fill them in place and overlap the
+  caller's work with its own I/O (the SSD backend does: ``aligned_io``). The defaults here
+  go through the view, else a STREAM_STAGING_BYTES buffer and ``write_from``/``read_into``.
 - ``capacity_bytes``; ``used_bytes`` (bytes of the objects this node's object table places in
   the segment, kept by ``note_stored``/``note_freed``; 0 without a master).
 - ``check_range(offset, length)``: callers bounds-check first; backends trust the range.
@@ -26,6 +31,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
+from typing import Callable
 
 import numpy as np
 
@@ -34,6 +40,8 @@ from kvstore._posix_shm import (ChunkPopulator, SharedSegment, allocate_in_backg
 from kvstore.tiers import Tier
 
 log = logging.getLogger("kvstore.daemon.backends")
+
+STREAM_STAGING_BYTES = 8 << 20
 
 
 class Backend:
@@ -69,6 +77,35 @@ class Backend:
     def write_from(self, offset: int, src: memoryview) -> None:
         """Copy ``src`` (a byte view) into the range starting at ``offset``."""
         raise NotImplementedError
+
+    def write_stream(self, offset: int, length: int,
+                     fill: Callable[[memoryview], None]) -> None:
+        """Store [offset, +length) from pieces, in order, that ``fill(view)`` fills
+        completely; returns once all are stored. Errors: those of ``fill`` and of the
+        backend's I/O (the range then possibly partly written)."""
+        view = self.view(offset, length)
+        if view is not None:
+            fill(view)
+            return
+        staging = memoryview(bytearray(min(STREAM_STAGING_BYTES, length)))
+        for start in range(0, length, STREAM_STAGING_BYTES):
+            piece = staging[:min(STREAM_STAGING_BYTES, length - start)]
+            fill(piece)
+            self.write_from(offset + start, piece)
+
+    def read_stream(self, offset: int, length: int,
+                    drain: Callable[[memoryview], None]) -> None:
+        """Hand [offset, +length) to ``drain(view)`` piece by piece, in order. A view is
+        valid only during its ``drain`` call."""
+        view = self.view(offset, length)
+        if view is not None:
+            drain(view)
+            return
+        staging = memoryview(bytearray(min(STREAM_STAGING_BYTES, length)))
+        for start in range(0, length, STREAM_STAGING_BYTES):
+            piece = staging[:min(STREAM_STAGING_BYTES, length - start)]
+            self.read_into(offset + start, piece)
+            drain(piece)
 
     def note_stored(self, key: str, offset: int, length: int, checksum: int,
                     codec: int) -> None:

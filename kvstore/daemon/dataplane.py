@@ -2,8 +2,9 @@
 
 Storage is reached only through the tier backends (``kvstore.daemon.backends.Backend``):
 a backend that hands out a view (DRAM) is received into / sent from directly; any other
-(SSD, HBM) goes through this connection thread's staging buffer of ``STAGING_BYTES``, one
-``write_from`` / ``read_into`` per chunk. Socket-level work stays here.
+(SSD, HBM) through its ``write_stream`` / ``read_stream``, the socket filling or draining
+the backend's own piece buffers (the SSD backend writes and reads ahead meanwhile).
+Socket-level work stays here.
 
 Threading and resource handling: ``kvstore._tcpserver.ThreadedTcpServer`` (one accept
 thread, one thread per connection with blocking sockets; at most ``max_connections``).
@@ -21,9 +22,7 @@ process: a WRITE still lands in the mapping by ``recv_into``, a READ is sent wit
 from __future__ import annotations
 
 import logging
-import mmap
 import socket
-import threading
 from dataclasses import dataclass
 
 from kvstore._principal import principal_for_token
@@ -36,8 +35,6 @@ from kvstore.transport import data_frames
 from kvstore.transport.data_frames import Op, Status
 
 log = logging.getLogger("kvstore.daemon.dataplane")
-
-STAGING_BYTES = 8 << 20
 
 
 @dataclass
@@ -78,7 +75,6 @@ class DataPlaneServer(ThreadedTcpServer):
         self._handshake_timeout_s = handshake_timeout_s
         self.stats = DataPlaneStats()
         self.address = ""
-        self._local = threading.local()
         # COMMIT handler: (base_seq, body) -> the table's sequence after applying it; set by
         # the daemon once its object table exists (None: COMMIT answered INTERNAL)
         self.on_commit = None
@@ -291,25 +287,14 @@ class DataPlaneServer(ThreadedTcpServer):
             return Status.CAPABILITY_REFUSED, str(exc)
         return Status.OK, ""
 
-    def _staging(self) -> memoryview:
-        staging = getattr(self._local, "staging", None)
-        if staging is None:
-            # NOTE: page-aligned (anonymous mmap), so backends may do direct I/O from it
-            self._local.mapping = mmap.mmap(-1, STAGING_BYTES)
-            staging = self._local.staging = memoryview(self._local.mapping)
-        return staging
-
     def _receive_into(self, conn: socket.socket, backend: Backend, offset: int,
                       length: int) -> None:
         view = backend.view(offset, length)
         if view is not None:
             data_frames.recv_exact_into(conn, view)
             return
-        staging = self._staging()
-        for start in range(0, length, STAGING_BYTES):
-            chunk = staging[:min(STAGING_BYTES, length - start)]
-            data_frames.recv_exact_into(conn, chunk)
-            backend.write_from(offset + start, chunk)
+        backend.write_stream(offset, length,
+                             lambda piece: data_frames.recv_exact_into(conn, piece))
 
     def _send_from(self, conn: socket.socket, backend: Backend, header: bytes, offset: int,
                    length: int) -> None:
@@ -317,12 +302,8 @@ class DataPlaneServer(ThreadedTcpServer):
         if view is not None:
             data_frames.sendmsg_all(conn, [header, view])
             return
-        staging = self._staging()
         conn.sendall(header)
-        for start in range(0, length, STAGING_BYTES):
-            chunk = staging[:min(STAGING_BYTES, length - start)]
-            backend.read_into(offset + start, chunk)
-            conn.sendall(chunk)
+        backend.read_stream(offset, length, conn.sendall)
 
     @staticmethod
     def _reply_quietly(conn: socket.socket, status: Status, message: str) -> None:

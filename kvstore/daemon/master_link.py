@@ -39,9 +39,15 @@ log = logging.getLogger("kvstore.daemon.master_link")
 
 RETRY_MIN_S = 0.2
 RETRY_MAX_S = 5.0
-#: Heartbeat interval while tier moves flow (a beat acknowledged or received moves): the
-#: master orders the next moves in its replies, so beating sooner keeps demotion going.
-MOVING_BEAT_S = 0.05
+#: Heartbeat interval while tier moves flow: the master orders the next moves in its
+#: replies (or queues them for the next beat when a put presses a tier), so beating sooner
+#: keeps demotion going.
+MOVING_BEAT_S = 0.02
+#: Moves "flow" until this long after the last beat that acknowledged or received some.
+#: NOTE: not just "the last beat": the beat right after an acknowledgement usually finds no
+#: new moves yet (the tier was just relieved), and waiting a whole heartbeat interval from
+#: there stalled demotion for up to 1 s while puts kept filling the tier.
+MOVING_GRACE_S = 1.0
 
 
 class MasterLink:
@@ -63,7 +69,7 @@ class MasterLink:
         self._guard = guard      # given each registration's capability secret
         self._thread: threading.Thread | None = None
         self.heartbeat_interval_s = 1.0
-        self._moving = False      # the last beat acknowledged or received moves
+        self._moving_until_s = float("-inf")   # clock() until which moves flow
         self.master_id = ""
         self.num_registrations = 0
         self._unregistered = False
@@ -137,9 +143,18 @@ class MasterLink:
             self.register(timeout_s=self.heartbeat_interval_s * 10)
             return
         self._table.apply(changes)
-        self._moving = bool(done or failed or changes.moves)
+        if done or failed or changes.moves:
+            self._moving_until_s = self._clock() + MOVING_GRACE_S
         if changes.moves and self.moves is not None:
             self.moves.submit(changes.moves)   # without segments: the master times them out
+
+    def next_beat_wait_s(self) -> float:
+        """How long the loop waits before the next beat (unless woken): MOVING_BEAT_S while
+        moves flow (within MOVING_GRACE_S of the last beat that carried some), else the
+        master's heartbeat interval."""
+        if self._clock() < self._moving_until_s:
+            return min(self.heartbeat_interval_s, MOVING_BEAT_S)
+        return self.heartbeat_interval_s
 
     def wake(self) -> None:
         """Heartbeat now (the cluster's leader changed: the new one waits for this node)."""
@@ -153,8 +168,7 @@ class MasterLink:
     def _heartbeat_loop(self) -> None:
         num_failures = 0
         while True:
-            self._wake.wait(min(self.heartbeat_interval_s, MOVING_BEAT_S) if self._moving
-                            else self.heartbeat_interval_s)
+            self._wake.wait(self.next_beat_wait_s())
             if self._stop.is_set():
                 break
             self._wake.clear()

@@ -4,9 +4,10 @@ between two of this node's backends (demotion and promotion), run off the heartb
 ``copy_range`` copies one range; its source is only read, never changed, so a reader of the
 source keeps valid bytes whatever happens; on an exception the destination may hold a
 partial copy, which is harmless because the master switches the object's replica to the
-destination only after the daemon reported the move done. Bytes go through a view when the
-source or the destination is directly addressable memory (DRAM: one copy), else through a
-bounce buffer of ``CHUNK_BYTES`` (SSD <-> HBM).
+destination only after the daemon reported the move done. A source with a view (DRAM) is
+copied piece by piece into the destination's ``write_stream`` buffers (to SSD: each piece's
+write overlaps the next piece's memcpy, several in flight); any other source is read with
+its ``read_stream`` (read ahead) into the destination's view or ``write_from``.
 
 ``MoveRunner.submit`` queues one heartbeat's moves as a batch; one worker thread copies
 them in order with ``copy_range`` and records each id as done or failed; ``take_results``
@@ -32,8 +33,6 @@ from kvstore.rpc.results import TierMove
 
 log = logging.getLogger("kvstore.daemon.moves")
 
-CHUNK_BYTES = 8 << 20
-
 
 def copy_range(src_backend: Backend, src_offset: int, dst_backend: Backend, dst_offset: int,
                length: int) -> None:
@@ -55,19 +54,27 @@ def copy_range(src_backend: Backend, src_offset: int, dst_backend: Backend, dst_
         raise InvalidArgumentError("source and destination ranges overlap")
     if length == 0:
         return
+    done = 0
     src_view = src_backend.view(src_offset, length)
     if src_view is not None:
-        dst_backend.write_from(dst_offset, src_view)
+        def fill(piece: memoryview) -> None:
+            nonlocal done
+            piece[:] = src_view[done:done + len(piece)]
+            done += len(piece)
+
+        dst_backend.write_stream(dst_offset, length, fill)
         return
     dst_view = dst_backend.view(dst_offset, length)
-    if dst_view is not None:
-        src_backend.read_into(src_offset, dst_view)
-        return
-    bounce = memoryview(bytearray(min(CHUNK_BYTES, length)))
-    for start in range(0, length, CHUNK_BYTES):
-        chunk = bounce[:min(CHUNK_BYTES, length - start)]
-        src_backend.read_into(src_offset + start, chunk)
-        dst_backend.write_from(dst_offset + start, chunk)
+
+    def drain(piece: memoryview) -> None:
+        nonlocal done
+        if dst_view is not None:
+            dst_view[done:done + len(piece)] = piece
+        else:
+            dst_backend.write_from(dst_offset + done, piece)
+        done += len(piece)
+
+    src_backend.read_stream(src_offset, length, drain)
 
 
 class MoveRunner:

@@ -9,8 +9,11 @@ Format: an append-only log of records, each aligned to RECORD_ALIGN_BYTES::
 
 Rules:
 - An ``add`` record is appended only after the master committed the object (it arrived in a
-  heartbeat change set) and after the data file was synced, so an object half-written at a
-  crash never has one: it is discarded at restart, never served.
+  heartbeat change set or a commit push), i.e. after every write of its bytes returned, so
+  an object half-written at a daemon crash never has one: it is discarded at restart, never
+  served. The record and the data file are then synced together (``SsdBackend.sync``), so
+  after a power loss in that window a record may be on disk before its bytes: the
+  checksum check at start drops such an object (its put was never acknowledged).
 - A ``drop`` record is appended when the master frees the object, and before any write
   overwrites an indexed extent (the master may reuse an extent before the daemon hears of
   the removal).

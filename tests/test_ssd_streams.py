@@ -1,0 +1,174 @@
+"""The pipelined SSD paths (``AlignedFile.write_stream``/``read_stream`` through the SSD
+backend): ranges at unaligned offsets over several pieces, neighbours sharing blocks written
+by concurrent streams, a producer or consumer that fails mid-range, tier moves through the
+streams, and a real daemon serving large SSD objects before and after a restart."""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+
+import numpy as np
+import pytest
+
+from servers import ServerProcess
+
+import kvstore
+from kvstore.daemon.aligned_io import BLOCK_BYTES, STREAM_CHUNK_BYTES, STREAM_DEPTH
+from kvstore.daemon.backends import ShmBackend
+from kvstore.daemon.moves import copy_range
+from kvstore.daemon.ssd import SsdBackend
+
+
+def _bytes(size: int, seed: int) -> bytes:
+    return np.random.default_rng(seed).integers(0, 256, size, dtype=np.uint8).tobytes()
+
+
+@pytest.fixture(params=[True, False], ids=["direct", "buffered"])
+def ssd(request, tmp_path):
+    backend = SsdBackend("ssd0", 40 << 20, directory=str(tmp_path), node_id="n1",
+                         direct_io=request.param)
+    assert backend.direct_io == request.param  # ext4/xfs under tmp_path take O_DIRECT
+    yield backend
+    backend.close()
+
+
+class _Source:
+    """A ``fill`` that hands out ``data`` in order and records each piece's size."""
+
+    def __init__(self, data: bytes, fail_after: int | None = None):
+        self.data, self.done, self.sizes = data, 0, []
+        self.fail_after = fail_after
+
+    def __call__(self, piece: memoryview) -> None:
+        if self.fail_after is not None and len(self.sizes) == self.fail_after:
+            raise ConnectionResetError("peer went away")
+        piece[:] = self.data[self.done:self.done + len(piece)]
+        self.done += len(piece)
+        self.sizes.append(len(piece))
+
+
+def _read_all(ssd: SsdBackend, offset: int, length: int) -> bytes:
+    out = bytearray()
+    ssd.read_stream(offset, length, lambda piece: out.extend(piece))
+    return bytes(out)
+
+
+CASES = [(64, 100), (4000, 200), (BLOCK_BYTES, BLOCK_BYTES),
+         (STREAM_CHUNK_BYTES - 64, 128),                                  # crosses a piece
+         (3 * BLOCK_BYTES + 64, (STREAM_DEPTH + 2) * STREAM_CHUNK_BYTES + 7),  # > the ring
+         (20 << 20, 4 << 20)]                                             # aligned 4 MiB
+
+
+def test_streams_round_trip_at_unaligned_offsets_over_several_pieces(ssd):
+    for i, (offset, length) in enumerate(CASES):
+        data = _bytes(length, i)
+        source = _Source(data)
+        ssd.write_stream(offset, length, source)
+        assert sum(source.sizes) == length
+        # every piece but the first ends on a piece boundary of the file
+        ends = np.cumsum([offset, *source.sizes])[1:-1]
+        assert all(end % STREAM_CHUNK_BYTES == 0 for end in ends), (offset, length)
+        assert _read_all(ssd, offset, length) == data, (offset, length)
+        out = bytearray(length)                       # the unpipelined path agrees
+        ssd.read_into(offset, memoryview(out))
+        assert bytes(out) == data
+
+
+def test_concurrent_streams_of_neighbours_sharing_blocks_keep_their_bytes(ssd):
+    # 64-byte aligned neighbours: the block at each boundary is shared by two streams
+    extents = [(i * (STREAM_CHUNK_BYTES + 1088), STREAM_CHUNK_BYTES + 1088) for i in range(12)]
+    values = [_bytes(length, 100 + i) for i, (_, length) in enumerate(extents)]
+
+    def writer(parity):
+        for i in range(parity, len(extents), 2):
+            offset, length = extents[i]
+            ssd.write_stream(offset, length, _Source(values[i]))
+
+    threads = [threading.Thread(target=writer, args=(p,)) for p in (0, 1)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    for (offset, length), value in zip(extents, values):
+        assert _read_all(ssd, offset, length) == value
+
+
+def test_a_producer_failing_mid_range_leaves_neighbours_intact_and_the_file_usable(ssd):
+    before, after = _bytes(1000, 1), _bytes(1000, 2)
+    ssd.write_from(0, memoryview(before))
+    length = 3 * STREAM_CHUNK_BYTES
+    ssd.write_from(1024 + length, memoryview(after))
+    with pytest.raises(ConnectionResetError):
+        ssd.write_stream(1024, length, _Source(_bytes(length, 3), fail_after=2))
+    assert _read_all(ssd, 0, 1000) == before
+    assert _read_all(ssd, 1024 + length, 1000) == after
+    data = _bytes(length, 4)                       # the same thread's ring is reusable
+    ssd.write_stream(1024, length, _Source(data))
+    assert _read_all(ssd, 1024, length) == data
+
+
+def test_a_consumer_failing_mid_range_propagates_and_reads_go_on(ssd):
+    data = _bytes(5 * STREAM_CHUNK_BYTES, 5)
+    ssd.write_from(64, memoryview(data))
+    seen = []
+
+    def drain(piece):
+        if len(seen) == 1:
+            raise BrokenPipeError("client closed")
+        seen.append(bytes(piece))
+
+    with pytest.raises(BrokenPipeError):
+        ssd.read_stream(64, len(data), drain)
+    assert seen[0] == data[:len(seen[0])]
+    assert _read_all(ssd, 64, len(data)) == data
+
+
+def test_a_read_past_the_file_raises_oserror(tmp_path):
+    backend = SsdBackend("ssd0", 1 << 20, directory=str(tmp_path), node_id="n1")
+    try:
+        os.truncate(backend.path, 4096)            # the file shrank under us
+        with pytest.raises(OSError, match="ends before"):
+            backend.read_stream(0, 1 << 20, lambda piece: None)
+    finally:
+        backend.close()
+
+
+def test_tier_moves_go_through_the_streams_both_ways(ssd):
+    dram = ShmBackend("dram0", 16 << 20, name_prefix="kvstore-test-streams")
+    try:
+        data = _bytes(5 * STREAM_CHUNK_BYTES + 333, 9)
+        dram.write_from(4096 + 64, memoryview(data))
+        copy_range(dram, 4096 + 64, ssd, 777 * 64, len(data))          # demotion
+        assert _read_all(ssd, 777 * 64, len(data)) == data
+        copy_range(ssd, 777 * 64, dram, 8 << 20, len(data))            # promotion
+        assert bytes(dram.view(8 << 20, len(data))) == data
+    finally:
+        dram.close()
+
+
+def test_a_daemon_serves_large_ssd_objects_before_and_after_a_restart(tmp_path):
+    sizes = [64, STREAM_CHUNK_BYTES - 1, 4 << 20, 9 * STREAM_CHUNK_BYTES + 4097]
+    values = {f"big/{i}": _bytes(size, 20 + i) for i, size in enumerate(sizes)}
+    daemon_args = ["--dram", "16MiB", "--ssd", f"{tmp_path}:64MiB", "--node-id", "streams-node",
+                   "--no-reap-orphans"]
+    with ServerProcess(["master", "--port", "0", "--heartbeat-interval", "100ms"]) as master:
+        with ServerProcess(["daemon", "--master", master.address, *daemon_args]) as daemon:
+            with kvstore.connect(master.address, transport="tcp") as store:
+                for key, value in values.items():
+                    store.put(key, value, tier="ssd")
+                for key, value in values.items():
+                    assert store.get(key) == value
+            assert "direct I/O" in daemon.stderr()
+        with ServerProcess(["daemon", "--master", master.address, *daemon_args]) as restarted:
+            with kvstore.connect(master.address, transport="tcp") as store:
+                # NOTE: a bound for a loaded machine, not a timing margin
+                deadline = time.monotonic() + 60
+                while not all(store.exists(key) for key in values):  # re-registration
+                    assert time.monotonic() < deadline, \
+                        f"objects not re-registered; daemon log:\n{restarted.stderr()}"
+                    time.sleep(0.05)
+                for key, value in values.items():
+                    assert store.get(key) == value
+            assert "recovered 4 object(s)" in restarted.stderr()
