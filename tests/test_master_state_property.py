@@ -33,9 +33,15 @@ def _check(state: MasterState) -> None:
             for seg, offset in obj.replicas:
                 assert seg.alive and key in seg.node.keys
                 ranges.setdefault(seg, []).append((offset, aligned_size(obj.size_bytes)))
-    for _, _, seg, offset, size in state._deferred:
-        if seg.alive:
-            ranges.setdefault(seg, []).append((offset, aligned_size(size)))
+    # ranges freed once a lease ends, and tier moves' destinations, hold space too
+    for _, _, obj in state._deferred:
+        for seg, offset in obj.deferred or ():
+            if seg.alive:
+                ranges.setdefault(seg, []).append((offset, aligned_size(obj.size_bytes)))
+    for move in state.moves.values():
+        if move.dst.alive:
+            ranges.setdefault(move.dst, []).append((move.dst_offset,
+                                                    aligned_size(move.size_bytes)))
     for node in state.nodes.values():
         for seg in node.segments.values():
             spans = sorted(ranges.get(seg, []) + seg.allocator.free_extents())
