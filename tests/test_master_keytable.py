@@ -82,6 +82,30 @@ def test_index_refuses_non_str_keys_and_non_sequences_without_change():
     assert len(index) == 1 and index.get_many(["a"]) == [1]
 
 
+class _Row:
+    __slots__ = ("row", "other")
+
+
+def test_index_following_a_slot_answers_the_same_for_any_values():
+    index = KeyIndex(follow=_Row.row)
+    with_tuple, with_list, unset, plain = _Row(), _Row(), _Row(), _Value()
+    with_tuple.row = (1, "two", 3.0)
+    with_list.row = [1]
+    unset.other = 5                       # ``row`` never set: nothing to follow
+    values = {"t": with_tuple, "l": with_list, "u": unset, "p": plain, "i": 7}
+    for key, value in values.items():
+        index.set(key, value)
+    keys = list(values) + ["missing"]
+    assert index.get_many(keys) == [values.get(k) for k in keys]
+    assert with_tuple.row == (1, "two", 3.0) and not hasattr(unset, "row")
+
+
+@pytest.mark.parametrize("bad", [5, "row", int.real, property(lambda self: 1)])
+def test_index_refuses_a_follow_that_is_not_an_object_slot(bad):
+    with pytest.raises(TypeError, match="follow must be an object slot"):
+        KeyIndex(follow=bad)
+
+
 def test_index_holds_values_until_replaced_discarded_or_cleared():
     index = KeyIndex()
     first, second, third = _Value(), _Value(), _Value()

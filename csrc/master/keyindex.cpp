@@ -6,7 +6,9 @@
 // three times (index, entry, stored key) one after the other, ~1 us a key on the shared build
 // VM (bench/RESULTS.md, "Master key index"). Here a batch first hashes every key and
 // prefetches its slot, then prefetches each slot's stored key and value, then compares: the
-// misses of different keys are in flight together.
+// misses of different keys are in flight together. get_many then prefetches each found
+// value's object and, with ``follow`` (a member descriptor, Class.slot, of the values'
+// class), the object in that slot and a tuple's items: the encoder's next reads.
 //
 // Table: open addressing, linear probing, power-of-two capacity, at most half full; a slot
 // is (hash, key, value) with strong references to key and value; removal shifts the run back
@@ -18,6 +20,7 @@
 // state is used under the service lock).
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
+#include <structmember.h>
 
 #include <cstdint>
 #include <cstring>
@@ -36,6 +39,10 @@ struct KeyIndex {
   Slot* slots;
   size_t mask;      // capacity - 1
   size_t size;
+  // ``follow``: values of exactly this class have an object slot at this byte offset whose
+  // object get_many prefetches, with a tuple's items (nullptr: follow nothing)
+  PyTypeObject* follow_type;
+  Py_ssize_t follow_offset;
 };
 
 constexpr size_t kMinCapacity = 64;
@@ -109,11 +116,31 @@ inline bool ensure_table(KeyIndex* self) {
 }
 
 PyObject* KeyIndex_new(PyTypeObject* type, PyObject* args, PyObject* kwargs) {
-  static const char* kwlist[] = {nullptr};
-  if (!PyArg_ParseTupleAndKeywords(args, kwargs, ":KeyIndex", const_cast<char**>(kwlist)))
+  static const char* kwlist[] = {"follow", nullptr};
+  PyObject* follow = Py_None;
+  if (!PyArg_ParseTupleAndKeywords(args, kwargs, "|O:KeyIndex", const_cast<char**>(kwlist),
+                                   &follow))
     return nullptr;
+  PyTypeObject* follow_type = nullptr;
+  Py_ssize_t follow_offset = 0;
+  if (follow != Py_None) {
+    const PyMemberDef* member = nullptr;
+    if (PyObject_TypeCheck(follow, &PyMemberDescr_Type))
+      member = reinterpret_cast<PyMemberDescrObject*>(follow)->d_member;
+    if (member == nullptr || (member->type != T_OBJECT_EX && member->type != T_OBJECT)) {
+      PyErr_SetString(PyExc_TypeError,
+                      "follow must be an object slot of the values' class (Class.attribute "
+                      "of a class with __slots__)");
+      return nullptr;
+    }
+    follow_type = PyDescr_TYPE(follow);
+    follow_offset = member->offset;
+  }
   KeyIndex* self = reinterpret_cast<KeyIndex*>(type->tp_alloc(type, 0));
   if (self == nullptr) return nullptr;
+  Py_XINCREF(follow_type);
+  self->follow_type = follow_type;
+  self->follow_offset = follow_offset;
   if (!resize(self, kMinCapacity)) {
     Py_DECREF(self);
     return nullptr;
@@ -123,6 +150,7 @@ PyObject* KeyIndex_new(PyTypeObject* type, PyObject* args, PyObject* kwargs) {
 
 int KeyIndex_traverse(KeyIndex* self, visitproc visit, void* arg) {
   Py_VISIT(Py_TYPE(self));
+  Py_VISIT(self->follow_type);
   if (self->slots == nullptr) return 0;
   for (size_t j = 0; j <= self->mask; ++j) {
     Py_VISIT(self->slots[j].key);
@@ -133,6 +161,7 @@ int KeyIndex_traverse(KeyIndex* self, visitproc visit, void* arg) {
 
 int KeyIndex_tp_clear(KeyIndex* self) {
   clear_slots(self);
+  Py_CLEAR(self->follow_type);
   return 0;
 }
 
@@ -140,6 +169,7 @@ void KeyIndex_dealloc(KeyIndex* self) {
   PyTypeObject* type = Py_TYPE(self);
   PyObject_GC_UnTrack(self);
   clear_slots(self);
+  Py_CLEAR(self->follow_type);
   type->tp_free(reinterpret_cast<PyObject*>(self));
   Py_DECREF(type);   // a heap type: each instance holds a reference to it
 }
@@ -266,6 +296,27 @@ bool lookup_many(KeyIndex* self, PyObject* keys, bool prefetch_values, Emit emit
   return true;
 }
 
+// Prefetches the object in the ``follow`` slot of each of ``values`` (of exactly that class),
+// then a tuple's items: the second and third hops of a reader that goes from the value to
+// its cached row and on to the row's fields.
+void prefetch_followed(const KeyIndex* self, const std::vector<PyObject*>& values) {
+  std::vector<PyObject*> followed;
+  followed.reserve(values.size());
+  for (PyObject* value : values) {
+    if (Py_TYPE(value) != self->follow_type) continue;
+    PyObject* target =
+        *reinterpret_cast<PyObject**>(reinterpret_cast<char*>(value) + self->follow_offset);
+    if (target == nullptr) continue;
+    __builtin_prefetch(target);
+    followed.push_back(target);
+  }
+  for (PyObject* target : followed) {
+    if (!PyTuple_CheckExact(target)) continue;
+    Py_ssize_t num_items = PyTuple_GET_SIZE(target);
+    for (Py_ssize_t i = 0; i < num_items; ++i) __builtin_prefetch(PyTuple_GET_ITEM(target, i));
+  }
+}
+
 PyObject* KeyIndex_get_many(KeyIndex* self, PyObject* keys) {
   PyObject* out = nullptr;
   Py_ssize_t n = 0;
@@ -274,6 +325,7 @@ PyObject* KeyIndex_get_many(KeyIndex* self, PyObject* keys) {
     found.push_back(s != nullptr ? s->value : Py_None);
   }, &n);
   if (!ok) return nullptr;
+  if (self->follow_type != nullptr) prefetch_followed(self, found);
   out = PyList_New(n);
   if (out == nullptr) return nullptr;
   for (Py_ssize_t k = 0; k < n; ++k) {
@@ -329,8 +381,9 @@ PyMethodDef KeyIndex_methods[] = {
     {nullptr, nullptr, 0, nullptr}};
 
 PyType_Slot KeyIndex_slots[] = {
-    {Py_tp_doc, const_cast<char*>("KeyIndex(): hash table from str keys to objects with batch "
-                                  "lookups (kvstore.master.keytable).")},
+    {Py_tp_doc, const_cast<char*>("KeyIndex(follow=None): hash table from str keys to objects "
+                                  "with batch lookups (kvstore.master.keytable); follow: "
+                                  "Class.slot whose object get_many prefetches.")},
     {Py_tp_new, reinterpret_cast<void*>(KeyIndex_new)},
     {Py_tp_dealloc, reinterpret_cast<void*>(KeyIndex_dealloc)},
     {Py_tp_traverse, reinterpret_cast<void*>(KeyIndex_traverse)},
