@@ -65,6 +65,19 @@ def test_index_takes_any_sequence_and_equal_text_from_distinct_objects():
     assert index.get_many([]) == [] and index.contains_many(iter(())) == []
 
 
+def test_index_reads_a_generator_that_changes_it_first():
+    index = KeyIndex()
+    index.set("a", 1)
+
+    def keys_clearing_the_index():
+        yield "a"
+        index.clear()             # runs while get_many takes its keys
+        index.set("b", 2)
+        yield "b"
+
+    assert index.get_many(keys_clearing_the_index()) == [None, 2]
+
+
 def test_index_refuses_non_str_keys_and_non_sequences_without_change():
     index = KeyIndex()
     index.set("a", 1)

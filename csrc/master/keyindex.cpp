@@ -247,9 +247,14 @@ PyObject* KeyIndex_clear(KeyIndex* self, PyObject*) {
 template <typename Emit>
 bool lookup_many(KeyIndex* self, PyObject* keys, bool prefetch_values, Emit emit,
                  Py_ssize_t* out_len) {
-  if (!ensure_table(self)) return false;
+  // NOTE: the sequence first: iterating an arbitrary iterable may run Python code (even a
+  // collection that clears this table), so the table is looked at only afterwards
   PyObject* seq = PySequence_Fast(keys, "keys must be a sequence of str");
   if (seq == nullptr) return false;
+  if (!ensure_table(self)) {
+    Py_DECREF(seq);
+    return false;
+  }
   Py_ssize_t n = PySequence_Fast_GET_SIZE(seq);
   PyObject** items = PySequence_Fast_ITEMS(seq);
   *out_len = n;
@@ -320,18 +325,23 @@ void prefetch_followed(const KeyIndex* self, const std::vector<PyObject*>& value
 PyObject* KeyIndex_get_many(KeyIndex* self, PyObject* keys) {
   PyObject* out = nullptr;
   Py_ssize_t n = 0;
-  std::vector<PyObject*> found;
+  std::vector<PyObject*> found;   // new references: PyList_New may run the GC (and finalizers)
   bool ok = lookup_many(self, keys, true, [&](Py_ssize_t, const Slot* s) {
-    found.push_back(s != nullptr ? s->value : Py_None);
+    PyObject* value = s != nullptr ? s->value : Py_None;
+    Py_INCREF(value);
+    found.push_back(value);
   }, &n);
-  if (!ok) return nullptr;
+  if (!ok) {
+    for (PyObject* value : found) Py_DECREF(value);
+    return nullptr;
+  }
   if (self->follow_type != nullptr) prefetch_followed(self, found);
   out = PyList_New(n);
-  if (out == nullptr) return nullptr;
-  for (Py_ssize_t k = 0; k < n; ++k) {
-    Py_INCREF(found[k]);
-    PyList_SET_ITEM(out, k, found[k]);
+  if (out == nullptr) {
+    for (PyObject* value : found) Py_DECREF(value);
+    return nullptr;
   }
+  for (Py_ssize_t k = 0; k < n; ++k) PyList_SET_ITEM(out, k, found[k]);
   return out;
 }
 
