@@ -92,6 +92,8 @@ def test_index_refuses_non_str_keys_and_non_sequences_without_change():
         index.contains_many(5)
     with pytest.raises(TypeError):
         index.set("only-a-key")
+    with pytest.raises(TypeError, match="mapping must be a dict"):
+        index.store([], "a", 1)
     assert len(index) == 1 and index.get_many(["a"]) == [1]
 
 
@@ -165,10 +167,15 @@ def test_table_mirrors_every_dict_mutation():
     assert table.setdefault("d", 4) == 4 and table.setdefault("d", 5) == 4
     table.update({"e": 5}, f=6)
     table |= {"g": 7}
-    _assert_mirrors(table, probe + ["g"])
+    table.store("h", 8)                  # put_end's one-call form of table["h"] = 8
+    table.store("a", 11)
+    assert table["h"] == 8 and table["a"] == 11
+    with pytest.raises(TypeError):
+        table.store(b"h", 9)
+    _assert_mirrors(table, probe + ["g", "h"])
     key, _ = table.popitem()
     assert key not in table and table.index.get(key) is None
-    _assert_mirrors(table, probe + ["g"])
+    _assert_mirrors(table, probe + ["g", "h"])
     table.clear()
     assert len(table.index) == 0
     _assert_mirrors(table, probe)

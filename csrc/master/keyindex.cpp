@@ -203,6 +203,35 @@ PyObject* KeyIndex_set(KeyIndex* self, PyObject* const* args, Py_ssize_t nargs) 
   Py_RETURN_NONE;
 }
 
+PyObject* KeyIndex_discard(KeyIndex* self, PyObject* key);
+
+// store(mapping, key, value): set() here and mapping[key] = value in the dict ``mapping``
+// (the dict's own slot: a subclass's __setitem__ is not called), in one C call.
+PyObject* KeyIndex_store(KeyIndex* self, PyObject* const* args, Py_ssize_t nargs) {
+  if (nargs != 3 || !PyDict_Check(args[0])) {
+    PyErr_SetString(PyExc_TypeError, "store(mapping, key, value): mapping must be a dict");
+    return nullptr;
+  }
+  PyObject* done = KeyIndex_set(self, args + 1, 2);
+  if (done == nullptr) return nullptr;
+  Py_DECREF(done);
+  if (PyDict_SetItem(args[0], args[1], args[2]) < 0) {
+    // NOTE: out of memory: put the index back to what the dict holds for the key
+    PyObject* error_type;
+    PyObject* error_value;
+    PyObject* error_traceback;
+    PyErr_Fetch(&error_type, &error_value, &error_traceback);
+    PyObject* held = PyDict_GetItemWithError(args[0], args[1]);
+    PyObject* undo[2] = {args[1], held};
+    PyObject* undone = held != nullptr ? KeyIndex_set(self, undo, 2)
+                                       : KeyIndex_discard(self, args[1]);
+    Py_XDECREF(undone);
+    PyErr_Restore(error_type, error_value, error_traceback);
+    return nullptr;
+  }
+  Py_RETURN_NONE;
+}
+
 PyObject* KeyIndex_discard(KeyIndex* self, PyObject* key) {
   if (!ensure_table(self)) return nullptr;
   if (!check_key(key)) return nullptr;
@@ -378,6 +407,8 @@ Py_ssize_t KeyIndex_len(KeyIndex* self) { return static_cast<Py_ssize_t>(self->s
 PyMethodDef KeyIndex_methods[] = {
     {"set", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(KeyIndex_set)),
      METH_FASTCALL, "set(key, value): map key (str) to value, replacing any earlier value."},
+    {"store", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(KeyIndex_store)),
+     METH_FASTCALL, "store(mapping, key, value): set key here and in the dict mapping."},
     {"discard", reinterpret_cast<PyCFunction>(KeyIndex_discard), METH_O,
      "discard(key) -> bool: forget key; False if it was not there."},
     {"get", reinterpret_cast<PyCFunction>(KeyIndex_get), METH_O,

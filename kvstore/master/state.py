@@ -211,7 +211,7 @@ class MasterState:
             obj = pending.get(key)
             if obj is not None and obj.client_id == client_id:
                 del pending[key]
-                objects[key] = obj
+                objects.store(key, obj)       # objects[key] = obj (KeyTable)
                 obj.state = COMPLETE
                 obj.last_used = self.use_count
                 if checksums:
