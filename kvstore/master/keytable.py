@@ -16,9 +16,10 @@ fresh 1,024-key batch 4-5x (bench/RESULTS.md, "Master key index").
 
 Guarantees: after any mutation through the dict's API (``[key] = obj``, ``del``, ``pop``,
 ``popitem``, ``setdefault``, ``update``, ``|=``, ``clear``) or ``store(key, obj)`` (the same as
-``[key] = obj``, cheaper) the index holds exactly the dict's entries. Keys must be ``str`` (TypeError otherwise, with neither table changed). Not
-thread-safe: the state is used under the service lock. Memory: 24 bytes per slot, at most half
-of the slots used (so 48-96 bytes per object beside the dict's own).
+``[key] = obj``, cheaper) the index holds exactly the dict's entries. Keys must be ``str``
+(TypeError otherwise, with neither table changed). Not thread-safe: the state is used under
+the service lock. Memory: 24 bytes per slot, at most half of the slots used (so 48-96 bytes
+per object beside the dict's own).
 """
 
 from __future__ import annotations
