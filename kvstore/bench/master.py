@@ -338,7 +338,8 @@ def command(quick: bool, modes: str, paths: str, seconds: float | None, num_keys
             (mode, "single-key get_replicas p50 < 300 us", single["p50_us"] < 300),
             (mode, "(issue 15) get_replicas x1024 >= 800k keys/s",
              best_get["keys_per_s"] >= 800_000),
-            (mode, "(issue 15) exists x1024 >= 3.6M keys/s", best_exists["keys_per_s"] >= 3_600_000),
+            (mode, "(issue 15) exists x1024 >= 3.6M keys/s",
+             best_exists["keys_per_s"] >= 3_600_000),
             (mode, "(issue 15) single-key get_replicas and exists p50 <= 50 us",
              single["p50_us"] <= 50 and single_exists["p50_us"] <= 50),
         ]
