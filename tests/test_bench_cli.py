@@ -365,6 +365,10 @@ def test_master_reports_rates_beside_the_in_process_ceiling(tmp_path):
     assert all(r["keys_per_s"] > 0 and 0 < r["pct_of_ceiling"] for r in rows)
     assert data["ceiling_in_process"]["get_replicas_keys_per_s"] > 0
     assert "%ceiling" in result.stdout
+    # the master's own CPU per call: counted over the cells (/proc ticks: 10 ms each)
+    assert all(r["master_cpu_us_per_call"] >= 0 for r in rows)
+    assert sum(r["master_cpu_us_per_call"] * r["calls"] for r in rows) > 0
+    assert "keys/CPU-s" in result.stdout and "(issue 15)" in result.stdout
 
 
 def _interrupt_after(args: list[str], unit: str, count: int, timeout_s: float = 180):

@@ -29,8 +29,7 @@ def get_replicas(state, keys, lease_ttl_s: float, now_s: float):
     holds for ReleaseLeases (0 when nothing was found).
     """
     check_batch(len(keys), state.config.max_batch)
-    get = state.objects.get
-    objs: list[ObjectMeta | None] = [get(key) for key in keys]
+    objs: list[ObjectMeta | None] = state.objects.index.get_many(keys)
     missing: dict[int, tuple[int, str | None]] = {}
     found = objs
     if None in objs:
@@ -89,8 +88,7 @@ def exists(state, keys) -> list[bool]:
     """True for each COMPLETE key. No lease, no LRU touch. A bad key fails the call
     (INVALID_ARGUMENT: the reply has no per-item status to carry it)."""
     check_batch(len(keys), state.config.max_batch)
-    objects = state.objects
-    result = [key in objects for key in keys]
+    result = state.objects.index.contains_many(keys)
     if not all(result):
         check_keys_strict(k for k, found in zip(keys, result) if not found)
     return result

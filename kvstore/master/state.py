@@ -1,7 +1,9 @@
 """``MasterState``: the master's whole metadata and the put verbs of its API.
 
 Structures:
-  ``objects``  key -> ObjectMeta of COMPLETE objects (the only ones readers see).
+  ``objects``  key -> ObjectMeta of COMPLETE objects (the only ones readers see): a dict
+               whose entries are mirrored in a native index for batch reads
+               (``keytable.KeyTable``).
   ``pending``  key -> ObjectMeta of PENDING objects (put_start done, put_end not yet).
   ``nodes``    node id -> Node (segments, change log, keys held).
   ``use_count``a counter bumped by every put_end/get_replicas call; each object records it
@@ -33,6 +35,7 @@ from collections import deque
 from kvstore.master import admin, eviction, reads, registration, tiering
 from kvstore.master.leases import LeaseBook
 from kvstore.master.config import MasterConfig
+from kvstore.master.keytable import KeyTable
 from kvstore.master.nodes import Node, SegmentSpace
 from kvstore.master.objects import (
     CODECS, COMPLETE, ITEM_ALREADY_EXISTS, ITEM_INVALID, ITEM_NO_SPACE, ITEM_NOT_FOUND,
@@ -56,7 +59,7 @@ class MasterState:
         self.config = config
         self.master_id = uuid.uuid4().hex[:16]
         self.started_s = now_s
-        self.objects: dict[str, ObjectMeta] = {}
+        self.objects: KeyTable = KeyTable()   # key -> ObjectMeta, batch-indexed
         self.pending: dict[str, ObjectMeta] = {}
         self.nodes: dict[str, Node] = {}
         self.use_count = 0
@@ -211,7 +214,7 @@ class MasterState:
             obj = pending.get(key)
             if obj is not None and obj.client_id == client_id:
                 del pending[key]
-                objects[key] = obj
+                objects.store(key, obj)       # objects[key] = obj (KeyTable)
                 obj.state = COMPLETE
                 obj.last_used = self.use_count
                 if checksums:
