@@ -52,6 +52,11 @@ def test_demo_lossless_tokens_match_and_prefix_hit_shows() -> None:
     # request 2 shares 32 tokens (2 blocks of 16): loaded, not computed
     assert _row(out, "prefill: tokens loaded / computed") == ["0 / 72", "32 / 40"]
     assert _row(out, "decode: tokens loaded") == ["64", "64"]
+    # each side's GB/s beside a memcpy of the same bytes in its process: positive shares
+    # for request 1 (request 2's load moves bytes too; its save may find every block stored)
+    shares = [[float(x) for x in cell.split(" / ")]
+              for cell in _row(out, "x of a memcpy of the bytes (save / load)")]
+    assert len(shares) == 2 and shares[0][0] > 0 and shares[0][1] > 0 and shares[1][1] > 0
     assert "first-step logit rel. error" not in out
     _assert_no_deprecation_warnings(result)
     _assert_cluster_gone(out)

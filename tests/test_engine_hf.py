@@ -136,6 +136,33 @@ def test_dynamic_cache_blocks_interoperate_with_paged_engines(store) -> None:
                               namespace=ns).save_blocks(cache, tokens)
 
 
+def test_loaded_cache_owns_its_tensors_and_grows(store) -> None:
+    """The rebuilt cache holds fresh contiguous tensors (never views of the connector's
+    staging rows, which the next load overwrites), and later tokens append after them."""
+    model = build_model(GQA)
+    num_layers, heads, head_dim = kv_shape_of(model)
+    hf = DynamicCacheConnector(store, num_layers=num_layers, num_kv_heads=heads,
+                               head_dim=head_dim, dtype=torch.float32, block_size=BLOCK_SIZE,
+                               namespace=KeyNamespace(model="owns-tensors"))
+    caches, prompts = [], [_prompt(48, 21), _prompt(48, 22)]
+    for tokens in prompts:
+        cache = DynamicCache(config=model.config)
+        extend(model, cache, tokens, 0, [48])
+        assert hf.save_blocks(cache, tokens).failed_keys == []
+        caches.append(cache)
+    first, loaded = hf.load_cache(prompts[0], config=model.config)
+    assert loaded.num_tokens_loaded == 48
+    hf.load_cache(prompts[1], config=model.config)   # reuses the same staging rows
+    for original, copy in zip(caches[0].layers, first.layers):
+        assert copy.keys.is_contiguous() and copy.values.is_contiguous()
+        assert torch.equal(original.keys, copy.keys)
+        assert torch.equal(original.values, copy.values)
+    new_k = torch.randn(1, heads, 3, head_dim)
+    keys, _ = first.update(new_k, torch.randn(1, heads, 3, head_dim), 0)
+    assert keys.shape[2] == 51 and torch.equal(keys[:, :, 48:], new_k)
+    assert torch.equal(keys[:, :, :48], caches[0].layers[0].keys)
+
+
 def test_prefill_schedule_leaves_the_last_token_to_compute() -> None:
     assert loadable_tokens(48, 16) == 32 and loadable_tokens(45, 16) == 32
     assert prefill_schedule(48, 16) == [32, 48] and prefill_schedule(10, 16) == [10]

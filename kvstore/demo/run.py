@@ -160,6 +160,7 @@ def _row(prefill: dict[str, Any], decode: dict[str, Any], work_dir: Path) -> dic
         "first_step_s": decode["first_step_s"], "ttft_s": ttft_s, "move_s": move_s,
         "load_gbps": decode["bytes_read"] / max(decode["load_s"], 1e-9) / 1e9,
         "save_gbps": prefill["bytes_written"] / max(prefill["save_s"], 1e-9) / 1e9,
+        "save_copy_gbps": prefill["copy_gbps"], "load_copy_gbps": decode["copy_gbps"],
         "decode_tps": decode["num_decode_steps"] / max(decode["decode_s"], 1e-9),
         "num_equal": num_equal, "num_generated": len(expected), "divergence": divergence,
         "logit_rel_error": float((first - reference).norm() / reference.norm()),

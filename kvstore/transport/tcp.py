@@ -34,6 +34,7 @@ DEFAULT_STRIPE_MIN_BYTES = 1024 * 1024  # measured: 4 MiB as 4 x 1 MiB beat 1 x 
 # NOTE: requests in flight per connection in a batch: enough to hide a round trip, few
 # enough that the daemon's replies never fill its socket buffer while we are still sending.
 PIPELINE_DEPTH = 16
+_NO_PAYLOAD = memoryview(bytearray())
 
 
 class TcpTransport(Transport):
@@ -155,10 +156,14 @@ class TcpTransport(Transport):
         # NOTE: a READ carries its read capability too (b"": none, the frame is unflagged)
         conn.send_request(op, segment_id, target.offset, target.length,
                           buffer if op == Op.WRITE else None, target.capability)
-        self._receive(conn, op, target, buffer)
+        status, message, length = conn.read_only_reply(
+            buffer if op == Op.READ else _NO_PAYLOAD)
+        self._check_reply(op, target, status, message, length)
 
-    def _receive(self, conn: Connection, op: Op, target: Target, buffer: memoryview) -> None:
-        status, message, length = conn.read_reply()
+    @staticmethod
+    def _check_reply(op: Op, target: Target, status: Status, message: str,
+                     length: int) -> None:
+        """ReplyError for a refused request, TransferError for a reply of the wrong size."""
         if status != Status.OK:
             raise ReplyError(f"tcp {target.node_id}: {op.name.lower()} of segment "
                              f"{target.segment_id!r} [{target.offset}, +{target.length}) "
@@ -167,6 +172,10 @@ class TcpTransport(Transport):
         if length != expected:
             raise TransferError(f"tcp {target.node_id}: reply carries {length} bytes, "
                                 f"expected {expected}")
+
+    def _receive(self, conn: Connection, op: Op, target: Target, buffer: memoryview) -> None:
+        status, message, length = conn.read_reply()
+        self._check_reply(op, target, status, message, length)
         if op == Op.READ and length:
             recv_exact_into(conn.sock, buffer)
 

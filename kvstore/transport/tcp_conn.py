@@ -71,6 +71,7 @@ class Connection:
         self.sock = socket.create_connection((host, port),
                                              timeout=timeout_left_s(deadline, node_id))
         self._next_request_id = 0
+        self._reply_header = bytearray(data_frames.REPLY.size)
         try:
             data_frames.configure_socket(self.sock)
             if tls is not None:
@@ -96,8 +97,8 @@ class Connection:
 
     def send_request(self, op: Op, segment_id: bytes, offset: int, length: int,
                      payload: memoryview | None = None, capability: bytes = b"") -> None:
-        """Send one request (and, for WRITE, its capability and payload) in as few syscalls
-        as possible."""
+        """Send one request (with its capability when given one: a WRITE's or a READ's; and
+        a WRITE's payload) in as few syscalls as possible."""
         self._next_request_id += 1
         header = data_frames.encode_request(op, segment_id, self._next_request_id, offset,
                                             length, capability)
@@ -117,6 +118,49 @@ class Connection:
             raise TransferError(f"tcp {self.data_addr}: reply with unknown status "
                                 f"{status_code}") from None
         return status, message, length
+
+    def read_only_reply(self, payload: memoryview) -> tuple[Status, str, int]:
+        """Read the reply to the one request outstanding on this connection: (status,
+        message, payload length), with a READ's payload of exactly ``len(payload)`` bytes
+        received into ``payload`` (pass an empty writable view for a WRITE).
+
+        NOTE: header and payload arrive in one ``recvmsg_into`` (one system call where
+        ``read_reply`` plus ``recv_exact_into`` take two or more). That may read past the
+        header, so it is only safe when nothing can follow this reply: one request
+        outstanding. An error reply's message lands in ``payload`` first (its contents are
+        unspecified after a failed read) and is copied out from there. TLS sockets (no
+        ``recvmsg_into``) take the two-step path.
+        """
+        if isinstance(self.sock, ssl.SSLSocket):
+            status, message, length = self.read_reply()
+            if status == Status.OK and length == len(payload) and length:
+                data_frames.recv_exact_into(self.sock, payload)
+            return status, message, length
+        header = memoryview(self._reply_header)
+        header_size = len(header)
+        received = 0
+        while received < header_size:
+            num_bytes = self.sock.recvmsg_into([header[received:], payload])[0]
+            if num_bytes == 0:
+                raise data_frames.PeerClosedError(f"peer closed after {received} bytes "
+                                                  "of a reply header")
+            received += num_bytes
+        status_code, _, msg_len, _, length = data_frames.REPLY.unpack(header)
+        in_payload = received - header_size
+        try:
+            status = Status(status_code)
+        except ValueError:
+            raise TransferError(f"tcp {self.data_addr}: reply with unknown status "
+                                f"{status_code}") from None
+        if msg_len or status != Status.OK or length != len(payload):
+            # not the payload asked for: what came past the header is the message
+            early = bytes(payload[:min(in_payload, msg_len)])
+            rest = data_frames.recv_exact(self.sock, msg_len - len(early)) \
+                if msg_len > len(early) else b""
+            return status, (early + rest).decode(errors="replace"), length
+        if in_payload < len(payload):
+            data_frames.recv_exact_into(self.sock, payload[in_payload:])
+        return status, "", length
 
     def set_deadline(self, deadline: Deadline) -> None:
         self.sock.settimeout(timeout_left_s(deadline, self.node_id))
