@@ -69,6 +69,7 @@ class DaemonConfig:
     reap_orphans: bool = True
     prefault: bool = True       # allocate and map every DRAM page at start (see kvstore/_posix_shm.py)
     write_capabilities: bool = True  # ask the master for a secret; refuse WRITEs without capability
+    commit_ring: bool = True    # same-host writers commit through shared memory (commit_ring.py)
     nixl: bool = False          # register DRAM with a NIXL agent, publish it (daemon/nixl_agent.py)
     tls_cert: str | None = None   # PEM chain: serve the data plane over TLS (with tls_key);
     tls_key: str | None = None    # ... and present them to the master

@@ -55,6 +55,7 @@ class Daemon:
         self.address = ""            # the bound data-plane "host:port"
         self.advertised_address = ""  # what it registers (--advertise-host; see _advertise)
         self.nixl_agent = None      # daemon/nixl_agent.py, with config.nixl
+        self.ring_drain = None      # daemon/ring_drain.py, with config.commit_ring
 
     def interrupt(self) -> None:
         """Make a ``start`` that is still retrying registration give up (signal-safe)."""
@@ -123,6 +124,7 @@ class Daemon:
         objects, guard = self.objects, self.guard
         self.dataplane.on_client_commit = \
             lambda body, writer: client_commits.apply(objects, guard, body, writer)
+        self._open_commit_ring()
         self.master_link = MasterLink(self._master_client, self.node_spec(), self.objects,
                                       clock=self._clock, stop_event=self._interrupted,
                                       segments={s.segment_id: s for s in self.segments},
@@ -132,6 +134,25 @@ class Daemon:
             on_change(self.master_link.wake)
         self.master_link.register(timeout_s=self.config.register_timeout_s)
         self.master_link.start_heartbeats()
+
+    def _open_commit_ring(self) -> None:
+        """Create the commit ring (``--commit-ring``, with a DRAM segment) and wire its
+        drain into the table and the data plane (daemon/ring_drain.py)."""
+        if not self.config.commit_ring or \
+                not any(isinstance(s, ShmBackend) for s in self.segments):
+            return
+        from kvstore._posix_shm import unique_shm_name
+        from kvstore.commit_ring import RingReader
+        from kvstore.daemon.ring_drain import RingDrain
+
+        try:
+            ring = RingReader(unique_shm_name(f"kvstore-{self.node_id}"))
+        except OSError as exc:
+            raise ConfigError(f"cannot create the commit ring in /dev/shm: {exc}") from exc
+        self.ring_drain = RingDrain(ring, self.objects, self.guard)
+        self.objects.before_change = self.ring_drain.drain
+        self.dataplane.before_write_check = self.ring_drain.drain
+        self.ring_drain.start()
 
     def _advertised_address(self) -> str:
         """The data-plane address registered with the master (``kvstore._advertise``)."""
@@ -155,6 +176,7 @@ class Daemon:
                         incarnation=self.incarnation,
                         nixl_metadata=self.nixl_agent.metadata if self.nixl_agent else b"",
                         commit_push=True, client_commit=True,
+                        commit_ring=self.ring_drain.ring.name if self.ring_drain else "",
                         write_capabilities=self.config.write_capabilities)
 
     def _create_segments(self) -> list[Backend]:
@@ -203,6 +225,11 @@ class Daemon:
             # NOTE: before the segments: NIXL deregisters memory that must still be mapped
             self.nixl_agent.close()
             self.nixl_agent = None
+        if self.ring_drain is not None:
+            # NOTE: after the data plane and the link: nothing drains it any more
+            self.ring_drain.stop()
+            self.ring_drain.ring.close()
+            self.ring_drain = None
         for segment in self.segments:
             segment.close()
         self.segments = []

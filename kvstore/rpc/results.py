@@ -64,6 +64,7 @@ class NodeSpec:
     commit_push: bool = False  # takes COMMIT pushes (durable commit waits for this node)
     write_capabilities: bool = False  # the node verifies write capabilities (asks a secret)
     client_commit: bool = False  # takes CLIENT_COMMIT frames (writers commit there themselves)
+    commit_ring: str = ""        # shm name of its commit ring (kvstore/commit_ring.py); "": none
 
 
 @dataclass(slots=True)
