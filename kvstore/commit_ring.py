@@ -249,6 +249,9 @@ class RingWriter:
     def unlinked(self) -> bool:
         return os.fstat(self._file.fileno()).st_nlink == 0
 
+    # NOTE: a process must not open and close another descriptor of the ring's file while
+    # it writes (POSIX drops all of a process's record locks on that file at any close);
+    # this class keeps the only one (``open_shm`` closes its descriptor before the claim).
     def _claim(self) -> bool:
         # NOTE: a forked child holds none of its parent's locks: claim again
         self._region, self._pid = -1, os.getpid()
@@ -265,9 +268,10 @@ class RingWriter:
     def append(self, record: bytes) -> bool:
         """Append one ``encode_record`` result; True once it is published."""
         with self._lock:
-            if self._pid != os.getpid() and not self._claim():
+            # NOTE: claimed again when none was free before (a writer may have exited since)
+            if (self._pid != os.getpid() or self._region < 0) and not self._claim():
                 return False
-            if self._region < 0 or self.unlinked():
+            if self.unlinked():
                 return False
             layout, i = self.layout, self._region
             pos = layout.write_pos[i]
