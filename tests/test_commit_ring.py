@@ -28,10 +28,10 @@ from servers import ServerProcess
 
 import kvstore
 from kvstore import commit_ring
-from kvstore._posix_shm import open_shm, unique_shm_name
+from kvstore._posix_shm import unique_shm_name
 from kvstore.client.checksum import checksum
 from kvstore.client.committer import DaemonCommitter
-from kvstore.commit_ring import RingLayout, RingReader, encode_record, writer_for
+from kvstore.commit_ring import RingReader, encode_record, writer_for
 from kvstore.rpc import connect_master
 from kvstore.transport.shm import ShmTransport
 
@@ -78,7 +78,7 @@ def test_a_torn_record_is_ignored_and_counted(ring):
     assert _drain_all(ring) == [("alice", b"before")]
     # a writer that died mid-append and whose position got published anyway: half a
     # record (its CRC cannot match), then a record of a length past the published end
-    layout = RingLayout(open_shm(ring.name))
+    layout = writer.layout
     region = writer._region
     record = encode_record("mallory", b"y" * 200)
     pos = layout.write_pos[region]
@@ -179,7 +179,9 @@ def _shm_written(client, keys, value, client_id="raw-writer"):
 
 
 def _wait_drained(ring_name):
-    layout = RingLayout(open_shm(ring_name))
+    # NOTE: through this process's writer, not a new mapping: closing another descriptor
+    # of the ring's file would drop this process's region lock (POSIX record locks)
+    layout = writer_for(ring_name).layout
     deadline = time.monotonic() + 30
     while any(layout.write_pos[i] != layout.read_pos[i] for i in range(layout.num_regions)):
         assert time.monotonic() < deadline, "the daemon never drained its ring"
@@ -326,6 +328,45 @@ def test_a_ring_committed_put_the_master_refuses_is_not_resurrected():
     finally:
         if client is not None:
             client.close()
+        daemon.close()
+        master.close()
+        if restarted is not None:
+            restarted.close()
+
+
+def test_a_torn_record_in_a_daemons_ring_is_dropped_and_later_puts_commit():
+    master = _master()
+    port = master.port
+    daemon = _daemon(master)
+    restarted = None
+    try:
+        with kvstore.connect(master.address, timeout_s=10) as store:
+            store.put("anchor", b"a" * SIZE)           # claims this process's region
+            client, _ = connect_master(master.address)
+            try:
+                value = payload(SIZE, seed=17)
+                slots = _shm_written(client, ["torn"], value)
+                ring_name = next(iter(slots.commit_rings.values()))
+                writer = writer_for(ring_name)
+                # half of a record for "torn" (no zeros in its second half, which would
+                # match the region's fresh bytes), published as if whole
+                record = encode_record("cluster", b"\x0a\x04torn\x12\xc8\x01" + b"x" * 200)
+                layout, region = writer.layout, writer._region
+                pos = layout.write_pos[region]
+                at = pos % layout.region_bytes
+                layout.region(region)[at:at + len(record) // 2] = record[:len(record) // 2]
+                layout.write_pos[region] = pos + len(record)
+                _wait_drained(ring_name)
+            finally:
+                client.close()
+            store.put("after", b"z" * SIZE)            # the region keeps working
+        assert "torn records dropped" in daemon.stderr()
+        restarted = _restart(master, port)
+        _wait_exists(restarted.address, "after")
+        with kvstore.connect(restarted.address, timeout_s=10) as store:
+            assert store.get("after") == b"z" * SIZE
+            assert not store.exists("torn")
+    finally:
         daemon.close()
         master.close()
         if restarted is not None:

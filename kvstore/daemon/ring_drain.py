@@ -47,7 +47,12 @@ class RingDrain:
         many records were applied."""
         if self._objects.registering or not self.ring.pending():
             return 0
-        return self.ring.drain(self._apply)
+        torn = self.ring.num_torn
+        applied = self.ring.drain(self._apply)
+        if self.ring.num_torn != torn:
+            log.warning("commit ring: %d torn records dropped (%d in all); never applied",
+                        self.ring.num_torn - torn, self.ring.num_torn)
+        return applied
 
     def _apply(self, writer: str, body: bytes) -> None:
         try:
