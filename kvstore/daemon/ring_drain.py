@@ -25,9 +25,9 @@ from kvstore.daemon import client_commits
 
 log = logging.getLogger("kvstore.daemon.ring")
 
-#: How often the drain thread looks at the ring. NOTE: a look is a few microseconds (32
-#: positions compared); 20 ms keeps a 1 MiB region far from full at any put rate measured
-#: here (~25 KiB per 128-key batch) and costs the host ~50 wake-ups a second.
+#: How often the drain thread looks at the ring. NOTE: a look is under a microsecond (32
+#: positions compared as bytes); 20 ms keeps a 1 MiB region far from full at any put rate
+#: measured here (~25 KiB per 128-key batch) and costs the host ~50 wake-ups a second.
 DRAIN_INTERVAL_S = 0.02
 
 
