@@ -25,8 +25,8 @@ from typing import Sequence
 
 from kvstore import commit_ring
 from kvstore._deadline import Deadline
-from kvstore._principal import principal_for_token
 from kvstore._errors import KVStoreError, TransferError
+from kvstore._principal import principal_for_token
 from kvstore._tls import TLSConfig
 from kvstore.transport import data_frames
 from kvstore.transport.base import Target
