@@ -9,7 +9,7 @@ and says PASS/MISS against the targets of issue 3 (same host: 4 MiB put/get >= 6
 64 KiB get p50 < 150 us, put p50 < 250 us; 64 KiB batched by 128 >= 2 GB/s).
 
     .venv/bin/python bench/client_bench.py [--quick] [--transports shm,tcp]
-                                           [--metadata grpc,fast]
+                                           [--metadata grpc,fast] [--daemon-arg=FLAG ...]
 """
 
 from __future__ import annotations
@@ -139,11 +139,12 @@ def bench_transport(store, transport: str, repeats: int) -> dict[str, float]:
     return r
 
 
-def bench_column(transport: str, metadata: str, repeats: int) -> dict[str, float]:
+def bench_column(transport: str, metadata: str, repeats: int,
+                 daemon_args: tuple[str, ...] = ()) -> dict[str, float]:
     """One column: a fresh master and daemon, one client on ``transport``/``metadata``."""
     master = ServerProcess(["master", "--host", "127.0.0.1", "--port", "0"])
     daemon = ServerProcess(["daemon", "--master", master.address, "--host", "127.0.0.1",
-                            "--port", "0", "--dram", str(POOL_BYTES)])
+                            "--port", "0", "--dram", str(POOL_BYTES), *daemon_args])
     SERVER_PIDS[:] = [master.proc.pid, daemon.proc.pid]
     address = master.address
     try:
@@ -167,6 +168,8 @@ def main() -> int:
     parser.add_argument("--quick", action="store_true", help="fewer repeats (smoke run)")
     parser.add_argument("--transports", default="shm,tcp")
     parser.add_argument("--metadata", default="grpc,fast", help="client metadata paths")
+    parser.add_argument("--daemon-arg", action="append", default=[],
+                        help="a flag for the daemon (repeatable), e.g. --daemon-arg=--no-commit-ring")
     args = parser.parse_args()
     repeats = 5 if args.quick else 30
     hot = memcpy_gbps(4 * MiB, 1, 64)
@@ -176,7 +179,8 @@ def main() -> int:
                                 for m in args.metadata.split(",")]:
         # NOTE: a fresh master and daemon per column: a column run after another found a
         # pool with deferred frees and lower bulk figures (measured), so order would decide.
-        results[f"{transport}/{metadata}"] = bench_column(transport, metadata, repeats)
+        results[f"{transport}/{metadata}"] = bench_column(transport, metadata, repeats,
+                                                          tuple(args.daemon_arg))
 
     print(f"\nmemcpy 4 MiB, 1 thread: {ceiling:.2f} GB/s cold (the ceiling), "
           f"{hot:.2f} GB/s hot cache\n")

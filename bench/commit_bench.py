@@ -15,9 +15,11 @@ the flag fails to start: give it only to trees that have it). The script runs ag
 tree of the Python that runs it, so one copy measures any tree:
 ``cd TREE && .venv/bin/python /path/to/commit_bench.py``.
 
-``--designs`` (this tree only) runs two clusters at once, one per design (client commit,
-master push), and alternates every put and batch between them, so both see the same load:
-the figures for choosing between the designs on a shared machine.
+``--designs`` (this tree only) runs three clusters at once, one per design (client commit
+through the daemon's commit ring, client commit by CLIENT_COMMIT frame with the daemon's
+``--no-commit-ring``, master push), and alternates every put and batch between them, so all
+see the same load: the figures for choosing between the designs on a shared machine.
+``--daemon-arg`` passes a flag to the daemon (``--daemon-arg=--no-commit-ring``).
 
     .venv/bin/python bench/commit_bench.py [--puts 2000] [--batches 40] [--rounds 3]
         [--master-arg=--no-client-commit] [--json PATH]
@@ -134,7 +136,11 @@ def _round_trips_us(master_address: str, daemon_address: str, count: int) -> dic
             "parallel_p50_us": statistics.median(both_us)}
 
 
-DESIGN_FLAGS = {"client commit": [], "master push": ["--no-client-commit"]}
+#: design -> (master flags, daemon flags). NOTE: "ring" is the client commit through the
+#: daemon's commit ring for shm puts (the default), "frame" the same design with
+#: --no-commit-ring (one CLIENT_COMMIT frame per daemon per batch).
+DESIGN_FLAGS = {"client ring": ([], []), "client frame": ([], ["--no-commit-ring"]),
+                "master push": (["--no-client-commit"], [])}
 
 
 def _designs(args) -> None:
@@ -142,12 +148,12 @@ def _designs(args) -> None:
     stack = contextlib.ExitStack()
     stores = {}
     with stack:
-        for name, flags in DESIGN_FLAGS.items():
+        for name, (flags, daemon_flags) in DESIGN_FLAGS.items():
             master = stack.enter_context(ServerProcess(
                 ["master", "--host", "127.0.0.1", "--port", "0", *flags]))
             stack.enter_context(ServerProcess(
                 ["daemon", "--master", master.address, "--host", "127.0.0.1", "--port", "0",
-                 "--dram", "1GiB"]))
+                 "--dram", "1GiB", *daemon_flags]))
             stores[name] = stack.enter_context(kvstore.connect(master.address,
                                                                transport="auto"))
             stores[name].put("warm", b"w" * VALUE_BYTES)
@@ -192,6 +198,8 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--master-arg", action="append", default=[],
                         help="a flag for the master (repeatable)")
+    parser.add_argument("--daemon-arg", action="append", default=[],
+                        help="a flag for the daemon (repeatable)")
     parser.add_argument("--json", type=Path, default=OUT_DIR / "commit_bench.json")
     parser.add_argument("--designs", action="store_true",
                         help="both designs of this tree, alternated per operation")
@@ -203,7 +211,7 @@ def main() -> None:
     with ServerProcess(["master", "--host", "127.0.0.1", "--port", "0",
                         *args.master_arg]) as master, \
             ServerProcess(["daemon", "--master", master.address, "--host", "127.0.0.1",
-                           "--port", "0", "--dram", "1GiB"]) as daemon:
+                           "--port", "0", "--dram", "1GiB", *args.daemon_arg]) as daemon:
         with kvstore.connect(master.address, transport="auto") as store:
             store.put("warm", b"w" * VALUE_BYTES)
             for _ in range(args.rounds):
@@ -217,7 +225,8 @@ def main() -> None:
                 rows.append({"put_p50_us": p50, "put_p99_us": p99, "batch_put_gbps": gbps,
                              "put_4mib_gbps": big,
                              **trips, "loadavg": Path("/proc/loadavg").read_text().split()[:3]})
-    print(f"tree: {_tree()}  master flags: {' '.join(args.master_arg) or '(defaults)'}")
+    print(f"tree: {_tree()}  master flags: {' '.join(args.master_arg) or '(defaults)'}"
+          f"  daemon flags: {' '.join(args.daemon_arg) or '(defaults)'}")
     print(f"{'put p50 us':>11} {'put p99 us':>11} {'batch GB/s':>11} {'4MiB GB/s':>11} "
           f"{'master rtt':>11} "
           f"{'daemon rtt':>11} {'both, par.':>11}  load")
@@ -228,6 +237,7 @@ def main() -> None:
               f"{r['parallel_p50_us']:11.0f}  {' '.join(r['loadavg'])}")
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps({"tree": _tree(), "master_args": args.master_arg,
+                                     "daemon_args": args.daemon_arg,
                                      "rows": rows}, indent=2))
 
 

@@ -208,10 +208,13 @@ def test_client_commits_without_a_valid_capability_are_refused_and_change_nothin
 
 
 def test_a_replica_daemon_that_dies_between_write_and_commit_fails_the_put(monkeypatch):
+    # NOTE: a tcp put: it commits by CLIENT_COMMIT and needs the daemon's answer. An shm put
+    # commits through the daemon's commit ring, durable once appended, with no answer to
+    # wait for (tests/test_commit_ring.py); a daemon dead by then took its DRAM bytes along.
     with _master() as master:
         daemon = _daemon(master)
         try:
-            with kvstore.connect(master.address, timeout_s=10) as store:
+            with kvstore.connect(master.address, transport="tcp", timeout_s=10) as store:
                 store.put("before", b"b" * SIZE)
                 begin = DaemonCommitter.begin
 

@@ -1,6 +1,10 @@
 """The writer's own commit of its replicas on their daemons (durable commit, client-parallel
 path; issue 10): one CLIENT_COMMIT frame per daemon per batch, sent before PutEnd and read
 after it, so a put waits for the longer of PutEnd and the daemons' commits, not their sum.
+Replicas written through shared memory to a daemon with a commit ring are committed by
+appending one record per daemon per batch to that ring instead (``ring_commit``,
+``kvstore/commit_ring.py``): durable once appended, with no daemon wake-up; a ring that is
+full, gone or cannot be mapped leaves its entries to the frame.
 
 Guarantee: ``Commits.finish`` reports a key as committed only if every daemon it was sent
 to answered that its object table holds it (durably for SSD); any other outcome (a refused
@@ -19,8 +23,10 @@ import socket
 from collections import defaultdict
 from typing import Sequence
 
+from kvstore import commit_ring
 from kvstore._deadline import Deadline
 from kvstore._errors import KVStoreError, TransferError
+from kvstore._principal import principal_for_token
 from kvstore._tls import TLSConfig
 from kvstore.transport import data_frames
 from kvstore.transport.base import Target
@@ -41,6 +47,37 @@ class DaemonCommitter:
 
     def __init__(self, token: str | None, tls: TLSConfig | None = None):
         self._pool = ConnectionPool(token=token, max_idle_per_node=MAX_IDLE_PER_NODE, tls=tls)
+        # NOTE: the principal the daemon's data plane would give our connections: the
+        # capability names it, and a ring record says it (the capability's MAC binds it)
+        self._principal = principal_for_token(token)
+        self.num_ring_records = 0     # batches committed through a ring
+        self.num_ring_fallbacks = 0   # batches a ring could not take (full, gone, unmapped)
+
+    def ring_commit(self, entries: Sequence[tuple[int, str, Target, int]],
+                    rings: dict[str, str]) -> list[tuple[int, str, Target, int]]:
+        """Append the commit of each entry whose node has a ring in ``rings`` (node id ->
+        shm name; the caller passes only entries written through shared memory), one record
+        per node; return the entries left for ``begin`` (no ring, or the ring refused)."""
+        by_node: dict[str, list] = defaultdict(list)
+        rest = []
+        for entry in entries:
+            if entry[2].node_id in rings:
+                by_node[entry[2].node_id].append(entry)
+            else:
+                rest.append(entry)
+        for node_id, group in by_node.items():
+            try:
+                writer = commit_ring.writer_for(rings[node_id])
+                appended = writer.append(commit_ring.encode_record(
+                    self._principal, _body(group)))
+            except (OSError, ValueError):
+                appended = False
+            if appended:
+                self.num_ring_records += 1
+            else:
+                self.num_ring_fallbacks += 1
+                rest.extend(group)
+        return rest
 
     def begin(self, entries: Sequence[tuple[int, str, Target, int]],
               deadline: Deadline) -> "Commits":
@@ -54,13 +91,7 @@ class DaemonCommitter:
             by_node[(target.data_addr, target.node_id)].append(entry)
         commits = Commits(self._pool, deadline)
         for (data_addr, node_id), group in by_node.items():
-            body = pb.ClientCommit(
-                keys=[key for _, key, _, _ in group],
-                segment_ids=[t.segment_id for _, _, t, _ in group],
-                offsets=[t.offset for _, _, t, _ in group],
-                sizes=[t.length for _, _, t, _ in group],
-                checksums=[checksum for _, _, _, checksum in group],
-                capabilities=[t.capability for _, _, t, _ in group]).SerializeToString()
+            body = _body(group)
             conn = None
             try:
                 conn, _ = self._pool.acquire(data_addr, node_id, deadline)
@@ -123,6 +154,17 @@ class Commits:
         for conn, _, _ in self.sent:
             conn.close()
         self.sent = []
+
+
+def _body(group) -> bytes:
+    """The serialized ClientCommit of ``(index, key, target, checksum)`` entries."""
+    return pb.ClientCommit(
+        keys=[key for _, key, _, _ in group],
+        segment_ids=[t.segment_id for _, _, t, _ in group],
+        offsets=[t.offset for _, _, t, _ in group],
+        sizes=[t.length for _, _, t, _ in group],
+        checksums=[checksum for _, _, _, checksum in group],
+        capabilities=[t.capability for _, _, t, _ in group]).SerializeToString()
 
 
 def _error(exc: BaseException, node_id: str, what: str) -> KVStoreError:

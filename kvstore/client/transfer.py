@@ -92,6 +92,11 @@ class Transfers:
         transports = self.transports
         return [(target, transports[rank]) for rank, target in routed]
 
+    def transport_for(self, target: Target) -> Transport | None:
+        """The transport a write of ``target`` goes over (None: none reaches it)."""
+        rank = self._rank(target)
+        return None if rank is None else self.transports[rank]
+
     def _rank(self, target: Target) -> int | None:
         """Index of the first transport that reaches ``target``; None if none does."""
         where = (target.host_id, target.shm_name, target.data_addr)

@@ -196,9 +196,16 @@ def _end(master: MasterClient, transfers: Transfers, settings: PutSettings,
     end_names = [names[j] for j in committed]
     commits = None
     if getattr(slots, "client_commit", False) and transfers.committer is not None:
-        commits = transfers.committer.begin(
-            [(j, names[j], target, sums[j]) for j in committed for target in slots[j]],
-            settings.deadline)
+        entries = [(j, names[j], target, sums[j]) for j in committed for target in slots[j]]
+        rings = getattr(slots, "commit_rings", None)
+        if rings:
+            # NOTE: only replicas written through shared memory: the ring is a same-host
+            # object, and a tcp writer's commit keeps its frame (its confirmation)
+            by_shm = [e for e in entries if _shm_write(transfers, e[2])]
+            if by_shm:
+                left = transfers.committer.ring_commit(by_shm, rings)
+                entries = [e for e in entries if not _shm_write(transfers, e[2])] + left
+        commits = transfers.committer.begin(entries, settings.deadline)
     try:
         ended = master.put_end(end_names, [sums[j] for j in committed],
                                client_id=settings.client_id, deadline=settings.deadline,
@@ -219,6 +226,11 @@ def _end(master: MasterClient, transfers: Transfers, settings: PutSettings,
         results[indices[j]] = failures[j]
     if unconfirmed:
         _remove(master, [names[j] for j in unconfirmed])
+
+
+def _shm_write(transfers: Transfers, target) -> bool:
+    transport = transfers.transport_for(target)
+    return transport is not None and transport.name == "shm"
 
 
 def _remove(master: MasterClient, names: list[str]) -> None:

@@ -77,6 +77,10 @@ def _tier_spec(ctx, param, value):
               help="Check at start that /dev/shm has room for the DRAM tier (a too-small "
                    "/dev/shm fails now rather than later), then allocate its pages in the "
                    "background after listening.")
+@click.option("--commit-ring/--no-commit-ring", default=True, show_default=True,
+              help="Give same-host writers a commit ring in shared memory: a put to the "
+                   "DRAM tier commits there without waking this daemon (off: they send a "
+                   "CLIENT_COMMIT frame per put, as tcp writers do).")
 @click.option("--nixl/--no-nixl", default=False, show_default=True,
               help="Register the DRAM segment with a NIXL agent (UCX) and publish it through "
                    "the master, for one-sided reads and writes (needs kvstore[nixl]).")
@@ -97,8 +101,9 @@ def _tier_spec(ctx, param, value):
 @click.option("--log-level", default="INFO", show_default=True,
               type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"]))
 def command(master_addr, host, advertise_host, port, dram, ssd, ssd_codec, gpu, token, metrics_port,
-            metrics_host, node_id, standalone, reap_orphans, prefault, nixl,
-            write_capabilities, read_capabilities, rpc_timeout, tls_ca, tls_cert, tls_key, tls_master_ca, log_level):
+            metrics_host, node_id, standalone, reap_orphans, prefault, commit_ring, nixl,
+            write_capabilities, read_capabilities, rpc_timeout, tls_ca, tls_cert, tls_key,
+            tls_master_ca, log_level):
     """Run a storage node: DRAM/SSD/HBM segments served over a data plane."""
     logging.basicConfig(stream=sys.stderr, level=log_level,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -119,7 +124,7 @@ def command(master_addr, host, advertise_host, port, dram, ssd, ssd_codec, gpu, 
             dram_bytes=dram, ssd_dir=ssd[0], ssd_bytes=ssd[1], ssd_codec=ssd_codec,
             gpu_device=gpu[0], gpu_bytes=gpu[1], token=token, metrics_port=metrics_port,
             metrics_host=metrics_host, rpc_timeout_s=rpc_timeout,
-            reap_orphans=reap_orphans, prefault=prefault, nixl=nixl,
+            reap_orphans=reap_orphans, prefault=prefault, commit_ring=commit_ring, nixl=nixl,
             write_capabilities=write_capabilities, read_capabilities=read_capabilities,
             tls_cert=tls_cert, tls_key=tls_key, tls_ca=tls_ca, tls_master_ca=tls_master_ca,
             **extra)

@@ -71,6 +71,7 @@ class DaemonConfig:
     write_capabilities: bool = True  # ask the master for a secret; refuse WRITEs without capability
     # with write_capabilities: ask for read capabilities too; refuse READs without one
     read_capabilities: bool = True
+    commit_ring: bool = True    # same-host writers commit through shared memory (commit_ring.py)
     nixl: bool = False          # register DRAM with a NIXL agent, publish it (daemon/nixl_agent.py)
     tls_cert: str | None = None   # PEM chain: serve the data plane over TLS (with tls_key);
     tls_key: str | None = None    # ... and present them to the master

@@ -81,6 +81,9 @@ class DataPlaneServer(ThreadedTcpServer):
         # CLIENT_COMMIT handler: (body, principal) -> [(index, reason)] of refused entries
         # (daemon/client_commits.py); None: answered INTERNAL like COMMIT
         self.on_client_commit = None
+        # called before a WRITE is checked (the commit ring's drain, so a ring-committed
+        # range is known to the guard); None: no ring
+        self.before_write_check = None
 
     def start(self) -> str:
         """Bind, listen and start accepting; return the bound "host:port"."""
@@ -264,6 +267,8 @@ class DataPlaneServer(ThreadedTcpServer):
     def _check_write(self, segment: Backend, offset: int, length: int, blob: bytes,
                      principal: str) -> tuple[Status, str]:
         """(OK, "") if the guard allows the write, else the refusal's status and reason."""
+        if self.before_write_check is not None and self._guard.enforcing:
+            self.before_write_check()
         try:
             self._guard.check(segment.segment_id, offset, length, blob, principal)
         except CapabilityRefused as exc:

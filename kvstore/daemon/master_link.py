@@ -97,7 +97,11 @@ class MasterLink:
 
     def _register_once(self) -> Registration:
         # NOTE: from before the inventory is taken until the sequence is reset, commit pushes
-        # are refused (the master retries them), so none is lost to the reset
+        # are refused (the master retries them), so none is lost to the reset. The commit
+        # ring is drained first: its records' capabilities stop verifying with the secret
+        # the registration brings, and the inventory must hold every acknowledged put
+        if self._table.before_change is not None:
+            self._table.before_change()
         self._table.begin_registration()
         try:
             node, inventory = self._node, self._table.to_inventory()

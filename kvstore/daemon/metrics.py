@@ -49,6 +49,16 @@ class _DaemonCollector:
         for segment in daemon.segments:
             used.add_metric([segment.segment_id, segment.tier.label], segment.used_bytes)
         yield used
+        drain = daemon.ring_drain
+        if drain is not None and drain.ring.layout is not None:
+            for name, value, text in (
+                    ("ring_records", drain.ring.num_records,
+                     "Commit-ring records applied (same-host puts' commits)"),
+                    ("ring_torn", drain.ring.num_torn,
+                     "Commit-ring records dropped as torn (length or CRC did not check)"),
+                    ("ring_refused", drain.num_refused,
+                     "Commit-ring entries refused by the commit checks (never applied)")):
+                yield CounterMetricFamily(f"kvstore_daemon_{name}", text, value=value)
         objects = daemon.objects
         yield GaugeMetricFamily("kvstore_daemon_objects", "Objects in the local table",
                                 value=len(objects) if objects is not None else 0)

@@ -72,6 +72,14 @@ class ObjectTable:
         self.acked_seq = 0
         self._registering = False    # pushes are refused while a registration runs
         self._removed: OrderedDict[str, int] = OrderedDict()  # key -> seq of its removal
+        # called (outside the lock) before a change set is applied and before an inventory
+        # is built: the commit ring's drain (daemon/ring_drain.py); None: no ring
+        self.before_change = None
+
+    @property
+    def registering(self) -> bool:
+        """True from ``begin_registration`` until the registration ended."""
+        return self._registering
 
     def seed(self, key: str, stored: StoredObject) -> None:
         """Insert an object recovered from this node's own storage (an SSD index at start),
@@ -112,6 +120,8 @@ class ObjectTable:
         in between are missing, and the master resends from what this table acknowledges).
         Applying one that starts earlier is correct: it carries each key's last change.
         """
+        if self.before_change is not None:
+            self.before_change()
         added = response.added
         backends = self._segment_to_backend
         touched: set = set()
@@ -225,6 +235,8 @@ class ObjectTable:
 
     def to_inventory(self) -> Inventory:
         """The whole table as an Inventory (parallel lists, one entry per object)."""
+        if self.before_change is not None:
+            self.before_change()
         with self._lock:
             items = list(self._key_to_object.items())
         return Inventory(keys=[key for key, _ in items],

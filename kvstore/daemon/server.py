@@ -18,6 +18,7 @@ created before raising.
 from __future__ import annotations
 
 import logging
+import platform
 import secrets
 import threading
 import time
@@ -33,6 +34,8 @@ from kvstore.transport.hostid import local_host_id
 
 log = logging.getLogger("kvstore.daemon")
 #: How often a daemon of an etcd cluster reads the leader key (``kvstore.ha.carrier``).
+#: Machines whose store order the commit ring's publication relies on (kvstore/commit_ring.py).
+RING_MACHINES = ("x86_64", "AMD64")
 LEADER_WATCH_S = 0.2
 
 
@@ -55,6 +58,7 @@ class Daemon:
         self.address = ""            # the bound data-plane "host:port"
         self.advertised_address = ""  # what it registers (--advertise-host; see _advertise)
         self.nixl_agent = None      # daemon/nixl_agent.py, with config.nixl
+        self.ring_drain = None      # daemon/ring_drain.py, with config.commit_ring
 
     def interrupt(self) -> None:
         """Make a ``start`` that is still retrying registration give up (signal-safe)."""
@@ -123,6 +127,7 @@ class Daemon:
         objects, guard = self.objects, self.guard
         self.dataplane.on_client_commit = \
             lambda body, writer: client_commits.apply(objects, guard, body, writer)
+        self._open_commit_ring()
         self.master_link = MasterLink(self._master_client, self.node_spec(), self.objects,
                                       clock=self._clock, stop_event=self._interrupted,
                                       segments={s.segment_id: s for s in self.segments},
@@ -132,6 +137,31 @@ class Daemon:
             on_change(self.master_link.wake)
         self.master_link.register(timeout_s=self.config.register_timeout_s)
         self.master_link.start_heartbeats()
+
+    def _open_commit_ring(self) -> None:
+        """Create the commit ring (``--commit-ring``, with a DRAM segment) and wire its
+        drain into the table and the data plane (daemon/ring_drain.py)."""
+        if not self.config.commit_ring or \
+                not any(isinstance(s, ShmBackend) for s in self.segments):
+            return
+        if platform.machine() not in RING_MACHINES:
+            # NOTE: the ring's publication relies on x86-64's store order (commit_ring.py);
+            # elsewhere writers send CLIENT_COMMIT frames, as with --no-commit-ring
+            log.info("no commit ring on %s (needs x86-64 store order): shm puts commit with "
+                     "a CLIENT_COMMIT frame", platform.machine())
+            return
+        from kvstore._posix_shm import unique_shm_name
+        from kvstore.commit_ring import RingReader
+        from kvstore.daemon.ring_drain import RingDrain
+
+        try:
+            ring = RingReader(unique_shm_name(f"kvstore-{self.node_id}"))
+        except OSError as exc:
+            raise ConfigError(f"cannot create the commit ring in /dev/shm: {exc}") from exc
+        self.ring_drain = RingDrain(ring, self.objects, self.guard)
+        self.objects.before_change = self.ring_drain.drain
+        self.dataplane.before_write_check = self.ring_drain.drain
+        self.ring_drain.start()
 
     def _advertised_address(self) -> str:
         """The data-plane address registered with the master (``kvstore._advertise``)."""
@@ -155,6 +185,7 @@ class Daemon:
                         incarnation=self.incarnation,
                         nixl_metadata=self.nixl_agent.metadata if self.nixl_agent else b"",
                         commit_push=True, client_commit=True,
+                        commit_ring=self.ring_drain.ring.name if self.ring_drain else "",
                         write_capabilities=self.config.write_capabilities,
                         read_capabilities=(self.config.write_capabilities
                                            and self.config.read_capabilities))
@@ -205,6 +236,11 @@ class Daemon:
             # NOTE: before the segments: NIXL deregisters memory that must still be mapped
             self.nixl_agent.close()
             self.nixl_agent = None
+        if self.ring_drain is not None:
+            # NOTE: after the data plane and the link: nothing drains it any more
+            self.ring_drain.stop()
+            self.ring_drain.ring.close()
+            self.ring_drain = None
         for segment in self.segments:
             segment.close()
         self.segments = []

@@ -93,7 +93,7 @@ class Node:
     __slots__ = ("node_id", "host_id", "data_addr", "segments", "last_heartbeat_s", "keys",
                  "seq", "log", "incarnation", "outbox",
                  "nixl_metadata", "durable_seq", "touched", "commit_push", "beat_durable",
-                 "capability_secret", "client_commit", "read_capabilities")
+                 "capability_secret", "client_commit", "read_capabilities", "commit_ring")
 
     def __init__(self, node_id: str, host_id: str, data_addr: str, now_s: float,
                  incarnation: str = "", touched: set | None = None):
@@ -101,6 +101,7 @@ class Node:
         self.durable_seq = 0      # the last sequence the daemon confirmed it applied
         self.commit_push = False  # its daemon takes COMMIT pushes (else: heartbeats only)
         self.client_commit = False  # its daemon takes writers' own commits (CLIENT_COMMIT)
+        self.commit_ring = ""      # shm name of its commit ring (same-host writers); "": none
         self.beat_durable = 0     # durable_seq when the last heartbeat was answered
         # NOTE: the state's set of nodes that logged a change during the current call
         self.touched = touched if touched is not None else set()

@@ -62,6 +62,7 @@ def register_node(state, info, inventory, now_s: float) -> int:
     node.nixl_metadata = info.nixl_metadata
     node.commit_push = info.commit_push
     node.client_commit = info.client_commit
+    node.commit_ring = info.commit_ring
     if info.write_capabilities:
         node.capability_secret = capability.new_secret()   # rotates with each registration
         node.read_capabilities = info.read_capabilities

@@ -137,7 +137,8 @@ class NodeRefs:
                 self._node_to_ref = {n: r for n, r in self._node_to_ref.items()
                                      if live.get(n.node_id) is n}
             ref = self._node_to_ref[node] = pb.NodeRef(
-                node_id=node.node_id, host_id=node.host_id, data_addr=node.data_addr)
+                node_id=node.node_id, host_id=node.host_id, data_addr=node.data_addr,
+                commit_ring=node.commit_ring)
         return ref
 
 

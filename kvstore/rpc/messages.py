@@ -121,6 +121,8 @@ class PutSlots(list):
     the written replicas on their daemons itself (PutStartResponse.client_commit)."""
 
     client_commit = False
+    #: node id -> shm name of its commit ring (NodeRef.commit_ring), for the nodes that have one
+    commit_rings: dict = {}
 
 
 def put_slots(reply: pb.PutStartResponse, keys: Sequence[str], sizes: Sequence[int],
@@ -134,6 +136,9 @@ def put_slots(reply: pb.PutStartResponse, keys: Sequence[str], sizes: Sequence[i
     messages = reply.error_messages
     results = PutSlots()
     results.client_commit = reply.client_commit
+    rings = {node.node_id: node.commit_ring for node in reply.nodes if node.commit_ring}
+    if rings:
+        results.commit_rings = rings
     for i, key in enumerate(keys):
         status = statuses[i]
         if status == OK:
@@ -186,7 +191,7 @@ def node_info(node: NodeSpec) -> pb.NodeInfo:
                        incarnation=node.incarnation,
                        nixl_metadata=node.nixl_metadata, commit_push=node.commit_push,
                        write_capabilities=node.write_capabilities,
-                       client_commit=node.client_commit,
+                       client_commit=node.client_commit, commit_ring=node.commit_ring,
                        read_capabilities=node.read_capabilities)
 
 

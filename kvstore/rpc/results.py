@@ -66,6 +66,7 @@ class NodeSpec:
     client_commit: bool = False  # takes CLIENT_COMMIT frames (writers commit there themselves)
     # the node also verifies read capabilities on READs (with write_capabilities only)
     read_capabilities: bool = False
+    commit_ring: str = ""        # shm name of its commit ring (kvstore/commit_ring.py); "": none
 
 
 @dataclass(slots=True)
