@@ -153,7 +153,10 @@ def test_a_daemon_serves_large_ssd_objects_before_and_after_a_restart(tmp_path):
     values = {f"big/{i}": _bytes(size, 20 + i) for i, size in enumerate(sizes)}
     daemon_args = ["--dram", "16MiB", "--ssd", f"{tmp_path}:64MiB", "--node-id", "streams-node",
                    "--no-reap-orphans"]
-    with ServerProcess(["master", "--port", "0", "--heartbeat-interval", "100ms"]) as master:
+    # NOTE: --promote off: the gets below would otherwise move the objects to DRAM (a hit
+    # promotes, and the SSD copy is freed), and DRAM does not survive the restart
+    with ServerProcess(["master", "--port", "0", "--heartbeat-interval", "100ms",
+                        "--promote", "off"]) as master:
         with ServerProcess(["daemon", "--master", master.address, *daemon_args]) as daemon:
             with kvstore.connect(master.address, transport="tcp") as store:
                 for key, value in values.items():
