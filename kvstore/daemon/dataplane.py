@@ -54,6 +54,17 @@ class _BadFrame(Exception):
     """The peer sent something that is not a valid frame; reply BAD_FRAME and close."""
 
 
+def _commit_body(conn: socket.socket, op_name: str, seg_len: int, length: int) -> bytes:
+    """The body of a COMMIT or CLIENT_COMMIT frame (no segment id, at most
+    ``MAX_COMMIT_BYTES``); _BadFrame otherwise."""
+    if seg_len:
+        raise _BadFrame(f"{op_name} carries no segment id")
+    if length > data_frames.MAX_COMMIT_BYTES:
+        raise _BadFrame(f"{op_name} body of {length} bytes exceeds "
+                        f"{data_frames.MAX_COMMIT_BYTES}")
+    return data_frames.recv_exact(conn, length)
+
+
 class DataPlaneServer(ThreadedTcpServer):
     """Serves the segments given to it over TCP on exactly ``host``:``port`` (0 = pick)."""
 
@@ -206,12 +217,7 @@ class DataPlaneServer(ThreadedTcpServer):
                 length: int, signed: bool) -> bool:
         """Apply a change set from the master (durable commit); reply once it is durable.
         A node with a capability secret applies only pushes its master signed."""
-        if seg_len:
-            raise _BadFrame("COMMIT carries no segment id")
-        if length > data_frames.MAX_COMMIT_BYTES:
-            raise _BadFrame(f"COMMIT body of {length} bytes exceeds "
-                            f"{data_frames.MAX_COMMIT_BYTES}")
-        body = data_frames.recv_exact(conn, length)
+        body = _commit_body(conn, "COMMIT", seg_len, length)
         try:
             body = self._guard.verify_commit(base_seq, body, signed)
         except CapabilityRefused as exc:
@@ -240,12 +246,7 @@ class DataPlaneServer(ThreadedTcpServer):
                        principal: str) -> bool:
         """Apply a writer's own commit of its replicas; reply once the accepted entries are
         durable, listing the refused ones in the payload."""
-        if seg_len:
-            raise _BadFrame("CLIENT_COMMIT carries no segment id")
-        if length > data_frames.MAX_COMMIT_BYTES:
-            raise _BadFrame(f"CLIENT_COMMIT body of {length} bytes exceeds "
-                            f"{data_frames.MAX_COMMIT_BYTES}")
-        body = data_frames.recv_exact(conn, length)
+        body = _commit_body(conn, "CLIENT_COMMIT", seg_len, length)
         handler = self.on_client_commit
         if handler is None:
             conn.sendall(data_frames.encode_reply(Status.INTERNAL, request_id, 0,
