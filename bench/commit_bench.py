@@ -34,12 +34,12 @@ import json
 import os
 import socket
 import statistics
-import subprocess
 import time
 from pathlib import Path
 
 import kvstore
 from kvstore._process import ServerProcess
+from kvstore.bench.report import source_tree
 from kvstore.rpc import connect_master
 from kvstore.transport import data_frames
 from kvstore.transport.data_frames import Op
@@ -48,16 +48,6 @@ OUT_DIR = Path(__file__).resolve().parent / "out"
 VALUE_BYTES = 64 * 1024
 BIG_BYTES = 4 << 20
 BATCH = 128
-
-
-def _tree() -> str:
-    root = Path(kvstore.__file__).resolve().parent.parent
-    try:
-        return subprocess.run(["git", "-C", str(root), "rev-parse", "--short", "HEAD"],
-                              capture_output=True, text=True, check=True).stdout.strip() \
-            + f" ({root})"
-    except (OSError, subprocess.CalledProcessError):
-        return str(root)
 
 
 def _put_latency_us(store, num_puts: int) -> tuple[float, float]:
@@ -181,13 +171,13 @@ def _designs(args) -> None:
                    "batch_put_gbps": BATCH * VALUE_BYTES / statistics.median(s["batch"]) / 1e9,
                    "put_4mib_gbps": BIG_BYTES / statistics.median(s["big"]) / 1e9}
             for name, s in samples.items()}
-    print(f"tree: {_tree()}  designs alternated per operation, load {' -> '.join(loads)}")
+    print(f"tree: {source_tree()}  designs alternated per operation, load {' -> '.join(loads)}")
     print(f"{'design':>14} {'put p50 us':>11} {'batch GB/s':>11} {'4MiB GB/s':>11}")
     for name, r in rows.items():
         print(f"{name:>14} {r['put_p50_us']:11.0f} {r['batch_put_gbps']:11.2f} "
               f"{r['put_4mib_gbps']:11.2f}")
     args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps({"tree": _tree(), "designs": rows, "loadavg": loads},
+    args.json.write_text(json.dumps({"tree": source_tree(), "designs": rows, "loadavg": loads},
                                     indent=2))
 
 
@@ -225,7 +215,7 @@ def main() -> None:
                 rows.append({"put_p50_us": p50, "put_p99_us": p99, "batch_put_gbps": gbps,
                              "put_4mib_gbps": big,
                              **trips, "loadavg": Path("/proc/loadavg").read_text().split()[:3]})
-    print(f"tree: {_tree()}  master flags: {' '.join(args.master_arg) or '(defaults)'}"
+    print(f"tree: {source_tree()}  master flags: {' '.join(args.master_arg) or '(defaults)'}"
           f"  daemon flags: {' '.join(args.daemon_arg) or '(defaults)'}")
     print(f"{'put p50 us':>11} {'put p99 us':>11} {'batch GB/s':>11} {'4MiB GB/s':>11} "
           f"{'master rtt':>11} "
@@ -236,7 +226,7 @@ def main() -> None:
               f"{r['master_rtt_p50_us']:11.0f} {r['daemon_rtt_p50_us']:11.0f} "
               f"{r['parallel_p50_us']:11.0f}  {' '.join(r['loadavg'])}")
     args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps({"tree": _tree(), "master_args": args.master_arg,
+    args.json.write_text(json.dumps({"tree": source_tree(), "master_args": args.master_arg,
                                      "daemon_args": args.daemon_arg,
                                      "rows": rows}, indent=2))
 

@@ -35,6 +35,7 @@ from pathlib import Path
 
 import kvstore
 from kvstore._process import ServerProcess
+from kvstore.bench.report import source_tree
 from kvstore.ha.cluster import ClusterKeys, read_leader
 from kvstore.ha.etcd import EtcdClient, EtcdUnavailableError
 
@@ -46,16 +47,6 @@ def _free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
-
-
-def _tree() -> str:
-    root = Path(kvstore.__file__).resolve().parent.parent
-    try:
-        return subprocess.run(["git", "-C", str(root), "rev-parse", "--short", "HEAD"],
-                              capture_output=True, text=True, check=True).stdout.strip() \
-            + f" ({root})"
-    except (OSError, subprocess.CalledProcessError):
-        return str(root)
 
 
 class _Etcd:
@@ -154,7 +145,7 @@ def main() -> None:
             master.close(grace_s=5)
         etcd_server.close()
     load = open("/proc/loadavg").read().split()[:3]
-    print(f"\ntree {_tree()}; load {' '.join(load)}")
+    print(f"\ntree {source_tree()}; load {' '.join(load)}")
     print(f"{'signal':8s} {'leader s (min/med/max)':>26s} {'put s (min/med/max)':>26s}")
     summary = {}
     for name in ("SIGTERM", "SIGKILL"):
@@ -166,7 +157,7 @@ def main() -> None:
               f"{'/'.join(f'{v:.3f}' for v in stats['put_s']):>26s}")
     OUT_DIR.mkdir(exist_ok=True)
     (OUT_DIR / "ha_takeover_bench.json").write_text(json.dumps(
-        {"tree": _tree(), "loadavg": load, "rounds": rows, "summary": summary}, indent=2))
+        {"tree": source_tree(), "loadavg": load, "rounds": rows, "summary": summary}, indent=2))
 
 
 if __name__ == "__main__":

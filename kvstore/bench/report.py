@@ -61,6 +61,20 @@ def loadavg() -> list[float] | None:
         return None
 
 
+def source_tree() -> str:
+    """The checkout the running kvstore is imported from: "SHORT_COMMIT (PATH)", or the
+    path alone where git cannot say (not a checkout, no git)."""
+    import subprocess
+
+    root = Path(__file__).resolve().parent.parent.parent
+    try:
+        return subprocess.run(["git", "-C", str(root), "rev-parse", "--short", "HEAD"],
+                              capture_output=True, text=True, check=True).stdout.strip() \
+            + f" ({root})"
+    except (OSError, subprocess.CalledProcessError):
+        return str(root)
+
+
 def machine_facts() -> dict:
     """Host, CPU, memory, OS and the versions of Python, kvstore and the libraries measured."""
     from importlib import metadata
