@@ -3,6 +3,8 @@ through the real MasterClient (no mocks of the master)."""
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 
 from kvstore.master.clock import ManualClock
@@ -12,6 +14,25 @@ from kvstore.master.server import run_in_thread
 from kvstore.v1 import master_pb2 as pb
 
 MiB = 1 << 20
+
+
+@contextlib.contextmanager
+def master_process():
+    """A real ``kvstore master`` on 127.0.0.1: (its ServerProcess, its fast-path port)."""
+    from servers import ServerProcess
+
+    with ServerProcess(["master", "--host", "127.0.0.1", "--port", "0"]) as server:
+        with RawMaster.over_grpc(server.address) as client:
+            fast_port = client.call("Stats", pb.StatsRequest()).fast_port
+        yield server, fast_port
+
+
+def raw_client(master, carrier: str) -> RawMaster:
+    """A RawMaster to ``master`` (``master_process``'s pair) over "grpc" or "fast"."""
+    server, fast_port = master
+    if carrier == "grpc":
+        return RawMaster.over_grpc(server.address)
+    return RawMaster.over_fast("127.0.0.1", fast_port)
 
 
 def node_info(node_id: str, *, host_id: str = "host-a", segments=None) -> pb.NodeInfo:

@@ -15,9 +15,7 @@ import pytest
 from kvstore.master._keyindex import KeyIndex
 from kvstore.master.keytable import KeyTable
 from kvstore.v1 import master_pb2 as pb
-from master_helpers import exists, get, put, register
-from raw_master import RawMaster
-from servers import ServerProcess
+from master_helpers import exists, get, master_process, put, raw_client, register
 
 
 class _Value:
@@ -193,24 +191,15 @@ def test_table_refuses_a_non_str_key_leaving_both_unchanged():
 
 @pytest.fixture(scope="module")
 def master():
-    with ServerProcess(["master", "--host", "127.0.0.1", "--port", "0"]) as server:
-        with RawMaster.over_grpc(server.address) as client:
-            fast_port = client.call("Stats", pb.StatsRequest()).fast_port
-        yield server, fast_port
-
-
-def _client(master, carrier: str) -> RawMaster:
-    server, fast_port = master
-    if carrier == "grpc":
-        return RawMaster.over_grpc(server.address)
-    return RawMaster.over_fast("127.0.0.1", fast_port)
+    with master_process() as started:
+        yield started
 
 
 @pytest.mark.parametrize("carrier", ["grpc", "fast"])
 def test_batch_reads_equal_key_by_key_reads_across_changes(master, carrier):
     prefix = f"kt-{carrier}/"
     keys = [f"{prefix}{i:04d}" for i in range(300)]
-    with _client(master, carrier) as client:
+    with raw_client(master, carrier) as client:
         register(client, f"kt-node-{carrier}")
         put(client, keys[:200])
         put(client, keys[200:250], end=False)             # PENDING: absent to readers
@@ -236,7 +225,7 @@ def test_batch_reads_equal_key_by_key_reads_across_changes(master, carrier):
 @pytest.mark.parametrize("carrier", ["grpc", "fast"])
 def test_batch_reads_refuse_a_bad_key_and_keep_the_state(master, carrier):
     prefix = f"kt-bad-{carrier}/"
-    with _client(master, carrier) as client:
+    with raw_client(master, carrier) as client:
         register(client, f"kt-bad-node-{carrier}")
         put(client, [f"{prefix}a"])
         with pytest.raises(Exception, match="key"):

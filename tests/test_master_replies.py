@@ -9,24 +9,15 @@ from __future__ import annotations
 import pytest
 
 from kvstore.v1 import master_pb2 as pb
-from master_helpers import MiB, get, node_info, put, replicas_of
+from master_helpers import (MiB, get, master_process, node_info, put, raw_client,
+                            replicas_of)
 from raw_master import RawMaster
-from servers import ServerProcess
 
 
 @pytest.fixture(scope="module")
 def master():
-    with ServerProcess(["master", "--host", "127.0.0.1", "--port", "0"]) as server:
-        with RawMaster.over_grpc(server.address) as client:
-            fast_port = client.call("Stats", pb.StatsRequest()).fast_port
-        yield server, fast_port
-
-
-def _client(master, carrier: str) -> RawMaster:
-    server, fast_port = master
-    if carrier == "grpc":
-        return RawMaster.over_grpc(server.address)
-    return RawMaster.over_fast("127.0.0.1", fast_port)
+    with master_process() as started:
+        yield started
 
 
 def _register(client: RawMaster, node_id: str, data_addr: str, shm_prefix: str) -> None:
@@ -42,7 +33,7 @@ def _register(client: RawMaster, node_id: str, data_addr: str, shm_prefix: str) 
 @pytest.mark.parametrize("batch", [1, 15, 16, 40])
 def test_each_key_names_its_node_and_segment(master, carrier, batch):
     tag = f"rt-{carrier}-{batch}"
-    with _client(master, carrier) as client:
+    with raw_client(master, carrier) as client:
         _register(client, f"{tag}-a", "127.0.0.1:7101", f"{tag}-a")
         _register(client, f"{tag}-b", "127.0.0.1:7102", f"{tag}-b")
         keys_a = [f"{tag}/a{i}" for i in range(batch)]
@@ -70,7 +61,7 @@ def test_each_key_names_its_node_and_segment(master, carrier, batch):
 @pytest.mark.parametrize("carrier", ["grpc", "fast"])
 def test_a_node_registered_again_is_named_with_its_new_addresses(master, carrier):
     tag = f"rt-again-{carrier}"
-    with _client(master, carrier) as client:
+    with raw_client(master, carrier) as client:
         _register(client, tag, "127.0.0.1:7201", f"{tag}-old")
         put(client, [f"{tag}/k0"], near_node_id=tag)
         assert get(client, [f"{tag}/k0"]).nodes[0].data_addr == "127.0.0.1:7201"
