@@ -10,6 +10,8 @@
 
 #include <vector>
 
+#include "read_ranges.h"
+
 extern "C" uint64_t kvops_copy_hash_base(char* dst, const char* src, size_t num_bytes);
 #if defined(__x86_64__)
 extern "C" uint64_t kvops_copy_hash_avx2(char* dst, const char* src, size_t num_bytes);
@@ -17,21 +19,22 @@ extern "C" uint64_t kvops_copy_hash_avx2(char* dst, const char* src, size_t num_
 
 namespace {
 
-using CopyHashFn = uint64_t (*)(char*, const char*, size_t);
-
 // The build of copy_hash.h for this CPU, chosen once when the module loads.
-CopyHashFn pick_copy_hash() {
+KvstoreCopyHashFn pick_copy_hash() {
 #if defined(__x86_64__)
   if (__builtin_cpu_supports("avx2")) return kvops_copy_hash_avx2;
 #endif
   return kvops_copy_hash_base;
 }
 
-const CopyHashFn copy_hash_fn = pick_copy_hash();
+}  // namespace
 
-// Calls moving fewer bytes than this keep the GIL. NOTE: dropping and taking it back costs
-// about a microsecond; under 16 KiB that is more than the copy itself.
-constexpr Py_ssize_t kReleaseGilMinBytes = Py_ssize_t{16} << 10;
+const KvstoreCopyHashFn kvstore_copy_hash_fn = pick_copy_hash();
+
+namespace {
+
+const KvstoreCopyHashFn copy_hash_fn = kvstore_copy_hash_fn;
+constexpr Py_ssize_t kReleaseGilMinBytes = static_cast<Py_ssize_t>(kvstore_release_gil_min_bytes);
 
 // Views of one (dst, src) pair; false with a Python error set when they are not usable.
 bool get_pair(PyObject* dst, PyObject* src, Py_buffer* dst_view, Py_buffer* src_view) {
@@ -142,6 +145,15 @@ PyMethodDef methods[] = {
      "copy_hash_many(dsts, srcs) -> list[int]: copy_hash of each pair, in one call that "
      "releases the GIL once for the batch. Every pair is checked before anything is copied: "
      "one bad pair raises and copies nothing."},
+    {"read_ranges",
+     reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)(void)>(kvstore_read_ranges)),
+     METH_FASTCALL,
+     "read_ranges(dsts, sizes, checksums, starts, counts, replica_segment, replica_offset, "
+     "segment_addresses, segment_sizes, verify, empty_checksum, max_bytes) -> (written, slow): "
+     "the shm reads of a GetReplicas batch (read_ranges.cpp). Per key i with dsts[i] not None: "
+     "copy (and with verify, hash and compare) the first replica whose segment address is not "
+     "0; written[i] = bytes written (0 for the empty marker), or None and i in slow when the "
+     "key must take the general path. Raises TypeError/ValueError for malformed lists only."},
     {nullptr, nullptr, 0, nullptr}};
 
 PyModuleDef module = {PyModuleDef_HEAD_INIT, "_copy_hash",

@@ -18,7 +18,7 @@ from kvstore.client.checksum import is_empty_marker
 from kvstore.client.key_checks import check_key
 from kvstore.client.transfer import ReadJob, Transfers
 from kvstore.client.values import as_destination
-from kvstore.rpc import MasterClient
+from kvstore.rpc import MasterClient, ReplicaSet
 
 #: Codec (kvstore.v1.Codec) of objects stored as their raw bytes: the only one a get reads.
 CODEC_RAW = 0
@@ -75,28 +75,8 @@ def get_batch(master: MasterClient, transfers: Transfers, keys: Sequence[Any],
         if isinstance(replica_set, KVStoreError):
             results[i] = replica_set
             continue
-        size, expected = replica_set.size_bytes, replica_set.checksum
-        if replica_set.codec != CODEC_RAW:
-            results[i] = KVStoreError(f"get {key!r}: stored with codec {replica_set.codec}, "
-                                      "which this client cannot decode", keys=[key])
-            continue
-        if is_empty_marker(size, expected):
-            size = 0
-        if dsts[j] is None:
-            holder, dst = allocate(size)
-            results[i] = holder
-        else:
-            dst = dsts[j]
-            if dst.nbytes < size:
-                results[i] = InvalidArgumentError(
-                    f"get_into {key!r}: out has {dst.nbytes} bytes, the object {size}",
-                    keys=[key])
-                continue
-            dst = dst[:size]
-            results[i] = size
-        if size:
-            jobs.append(ReadJob(i, key, transfers.route(replica_set.targets), dst, expected,
-                                settings.verify))
+        results[i] = plan_read(i, key, replica_set, dsts[j], allocate, transfers,
+                               settings.verify, jobs)
     try:
         for i, error in transfers.read(jobs, deadline=settings.deadline).items():
             results[i] = error
@@ -106,3 +86,29 @@ def get_batch(master: MasterClient, transfers: Transfers, keys: Sequence[Any],
         if settings.release is not None:
             settings.release(lease_id)
     return results
+
+
+def plan_read(index: int, key: str, replica_set: ReplicaSet, dst: memoryview | None,
+              allocate: Allocate | None, transfers: Transfers, verify: bool,
+              jobs: list[ReadJob]) -> Any:
+    """The result of key ``index`` before its bytes arrive (bytes to write, the holder from
+    ``allocate``, or the key's error), appending its ReadJob to ``jobs`` when there are bytes
+    to read. ``dst`` None: allocate a destination."""
+    size, expected = replica_set.size_bytes, replica_set.checksum
+    if replica_set.codec != CODEC_RAW:
+        return KVStoreError(f"get {key!r}: stored with codec {replica_set.codec}, "
+                            "which this client cannot decode", keys=[key])
+    if is_empty_marker(size, expected):
+        size = 0
+    if dst is None:
+        result, dst = allocate(size)
+    else:
+        if dst.nbytes < size:
+            return InvalidArgumentError(
+                f"get_into {key!r}: out has {dst.nbytes} bytes, the object {size}", keys=[key])
+        dst = dst[:size]
+        result = size
+    if size:
+        jobs.append(ReadJob(index, key, transfers.route(replica_set.targets), dst, expected,
+                            verify))
+    return result

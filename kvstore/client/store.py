@@ -22,6 +22,7 @@ from kvstore.client.config import ClientConfig, check_timeout
 from kvstore.client.key_checks import check_key, check_keys
 from kvstore.client.leases import LeaseReleaser
 from kvstore.client.reader import GetSettings, get_batch
+from kvstore.client.shm_batch import get_into_batch, shm_first
 from kvstore.client.transfer import Transfers
 from kvstore.client.values import finish_bytes, new_bytes
 from kvstore.client.committer import DaemonCommitter
@@ -195,10 +196,20 @@ class KVStore:
                          else check_timeout(lease_ttl_s, "lease_ttl_s")),
             release=self._leases.release if self._leases is not None else None)
         allocate = None if outs is not None else new_bytes
+        shm = shm_first(self._transfers) if outs is not None else None
+
+        def get_chunk(lo: int, hi: int) -> list[Any]:
+            chunk_outs = outs[lo:hi] if outs is not None else None
+            if shm is not None:   # NOTE: same-host reads without per-key Python (shm_batch)
+                results = get_into_batch(self._master, self._transfers, shm, keys[lo:hi],
+                                         chunk_outs, settings)
+                if results is not None:
+                    return results
+            return get_batch(self._master, self._transfers, keys[lo:hi], chunk_outs,
+                             allocate, settings)
+
         with self._closing_guard:
-            return self._chunked(lambda lo, hi: get_batch(
-                self._master, self._transfers, keys[lo:hi],
-                outs[lo:hi] if outs is not None else None, allocate, settings), len(keys))
+            return self._chunked(get_chunk, len(keys))
 
     # ---- metadata -----------------------------------------------------------------------
     def exists(self, key: str) -> bool:

@@ -217,6 +217,10 @@ class Transfers:
                          num_bytes, transport.name)
 
     # ---- stats --------------------------------------------------------------------------
+    def count_reads(self, name: str, reads: int, read_bytes: int) -> None:
+        """Count reads made outside ``read`` (client/shm_batch.py) under transport ``name``."""
+        self._count(name, reads=reads, read_bytes=read_bytes)
+
     def _count(self, name: str, *, reads: int = 0, read_bytes: int = 0, writes: int = 0,
                write_bytes: int = 0, errors: int = 0) -> None:
         with self._lock:

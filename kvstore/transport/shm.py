@@ -146,6 +146,26 @@ class ShmTransport(Transport):
             digests[index] = digest
         return results, digests
 
+    def segment_mappings(self, segments: Sequence[Target]) -> list[_Mapping | None]:
+        """The mapping of each segment ``segments`` name (only their node, host, segment
+        and shm-name fields count), for a batch read that copies from the mappings' raw
+        addresses itself (``kvstore._copy_hash.read_ranges``, client/shm_batch.py): None
+        where this transport does not reach the segment, cannot map it, or finds its name
+        unlinked. Each mapping's ``address`` and ``size_bytes`` stay valid while the caller
+        holds it. One link check per segment, as ``read_many`` does; never raises for a
+        segment (its keys' reads through ``read_many`` then report why)."""
+        checked: set[str] = set()
+        mappings: list[_Mapping | None] = []
+        for target in segments:
+            mapping = None
+            if self.can_reach(target):
+                try:
+                    mapping = self._mapping(target, checked)
+                except (TransferError, ClosedError):
+                    mapping = None
+            mappings.append(mapping)
+        return mappings
+
     def _read(self, target: Target, dst: memoryview, checked: set[str] | None) -> None:
         dst = byte_views.as_bytes_view(dst, target.length, writable=True)
         mapping = self._range(target, checked)

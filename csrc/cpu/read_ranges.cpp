@@ -1,0 +1,189 @@
+// kvstore._copy_hash.read_ranges: the whole shm read of a GetReplicas batch in one call (the
+// client's same-host batch read, kvstore/client/shm_batch.py). Per key it picks the first
+// replica in a mapped segment, checks the range and the destination, copies and (verify)
+// hashes, and compares with the recorded checksum; the copies run with the GIL released once
+// for the batch when they move at least 16 KiB. Keys it cannot serve this way (no mapped
+// replica, a range outside its segment, a destination that is no writable C-contiguous buffer
+// or too small, a value at least max_bytes long, a digest that does not match) are returned
+// as "slow": the caller reads them through the general path, which names the error or falls
+// back to the next replica. Nothing here raises for a single key.
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+
+#include <stddef.h>
+#include <stdint.h>
+#include <string.h>
+
+#include <vector>
+
+#include "read_ranges.h"
+
+namespace {
+
+struct Copy {
+  char* dst;
+  const char* src;
+  size_t num_bytes;
+  uint64_t expected;
+  Py_ssize_t key;
+};
+
+// Item i of list ``seq`` as an unsigned 64-bit int; false (error set) when it is not one.
+bool u64_at(PyObject* seq, Py_ssize_t i, uint64_t* out) {
+  *out = PyLong_AsUnsignedLongLong(PyList_GET_ITEM(seq, i));
+  return !(*out == static_cast<uint64_t>(-1) && PyErr_Occurred());
+}
+
+bool check_list(PyObject* obj, Py_ssize_t expected, const char* what) {
+  if (!PyList_Check(obj)) {
+    PyErr_Format(PyExc_TypeError, "read_ranges: %s must be a list", what);
+    return false;
+  }
+  if (expected >= 0 && PyList_GET_SIZE(obj) != expected) {
+    PyErr_Format(PyExc_ValueError, "read_ranges: %s has %zd items, expected %zd", what,
+                 PyList_GET_SIZE(obj), expected);
+    return false;
+  }
+  return true;
+}
+
+}  // namespace
+
+PyObject* kvstore_read_ranges(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
+  if (nargs != 12) {
+    PyErr_SetString(PyExc_TypeError,
+                    "read_ranges(dsts, sizes, checksums, starts, counts, replica_segment, "
+                    "replica_offset, segment_addresses, segment_sizes, verify, "
+                    "empty_checksum, max_bytes) takes exactly 12 arguments");
+    return nullptr;
+  }
+  PyObject* dsts = args[0];
+  if (!check_list(dsts, -1, "dsts")) return nullptr;
+  const Py_ssize_t num_keys = PyList_GET_SIZE(dsts);
+  const char* names[] = {"sizes", "checksums", "starts", "counts"};
+  for (int a = 1; a <= 4; ++a) {
+    if (!check_list(args[a], num_keys, names[a - 1])) return nullptr;
+  }
+  if (!check_list(args[5], -1, "replica_segment")) return nullptr;
+  const Py_ssize_t num_replicas = PyList_GET_SIZE(args[5]);
+  if (!check_list(args[6], num_replicas, "replica_offset")) return nullptr;
+  if (!check_list(args[7], -1, "segment_addresses")) return nullptr;
+  const Py_ssize_t num_segments = PyList_GET_SIZE(args[7]);
+  if (!check_list(args[8], num_segments, "segment_sizes")) return nullptr;
+  const int verify = PyObject_IsTrue(args[9]);
+  if (verify < 0) return nullptr;
+  uint64_t empty_checksum, max_bytes;
+  empty_checksum = PyLong_AsUnsignedLongLong(args[10]);
+  if (PyErr_Occurred()) return nullptr;
+  max_bytes = PyLong_AsUnsignedLongLong(args[11]);
+  if (PyErr_Occurred()) return nullptr;
+
+  std::vector<uintptr_t> seg_address(static_cast<size_t>(num_segments));
+  std::vector<uint64_t> seg_size(static_cast<size_t>(num_segments));
+  for (Py_ssize_t s = 0; s < num_segments; ++s) {
+    uint64_t address;
+    if (!u64_at(args[7], s, &address) || !u64_at(args[8], s, &seg_size[s])) return nullptr;
+    seg_address[s] = static_cast<uintptr_t>(address);
+  }
+
+  // -1: slow; otherwise the bytes written
+  std::vector<int64_t> written(static_cast<size_t>(num_keys), -1);
+  std::vector<Py_buffer> views;
+  views.reserve(static_cast<size_t>(num_keys));
+  std::vector<Copy> copies;
+  copies.reserve(static_cast<size_t>(num_keys));
+  uint64_t total_bytes = 0;
+  PyObject* result = nullptr;
+  PyObject* written_list = nullptr;
+  PyObject* slow_list = nullptr;
+
+  for (Py_ssize_t i = 0; i < num_keys; ++i) {
+    PyObject* dst = PyList_GET_ITEM(dsts, i);
+    if (dst == Py_None) continue;
+    uint64_t size, expected, start, count;
+    if (!u64_at(args[1], i, &size) || !u64_at(args[2], i, &expected) ||
+        !u64_at(args[3], i, &start) || !u64_at(args[4], i, &count)) {
+      goto done;
+    }
+    if (size >= max_bytes) continue;
+    Py_buffer view;
+    if (PyObject_GetBuffer(dst, &view, PyBUF_WRITABLE | PyBUF_ND) != 0) {
+      PyErr_Clear();  // the general path names what is wrong with this destination
+      continue;
+    }
+    if (size == 1 && expected == empty_checksum) {  // an empty value: nothing to read
+      PyBuffer_Release(&view);
+      written[i] = 0;
+      continue;
+    }
+    if (static_cast<uint64_t>(view.len) < size || start > static_cast<uint64_t>(num_replicas) ||
+        count > static_cast<uint64_t>(num_replicas) - start) {
+      PyBuffer_Release(&view);
+      continue;
+    }
+    const char* src = nullptr;
+    for (uint64_t j = start; j < start + count; ++j) {
+      uint64_t segment, offset;
+      if (!u64_at(args[5], static_cast<Py_ssize_t>(j), &segment) ||
+          !u64_at(args[6], static_cast<Py_ssize_t>(j), &offset)) {
+        PyBuffer_Release(&view);
+        goto done;
+      }
+      if (segment >= static_cast<uint64_t>(num_segments)) break;  // malformed: general path
+      if (seg_address[segment] == 0) continue;                   // not mapped: next replica
+      if (offset > seg_size[segment] || size > seg_size[segment] - offset) break;
+      src = reinterpret_cast<const char*>(seg_address[segment] + offset);
+      break;
+    }
+    if (src == nullptr) {
+      PyBuffer_Release(&view);
+      continue;
+    }
+    views.push_back(view);
+    copies.push_back({static_cast<char*>(view.buf), src, static_cast<size_t>(size), expected, i});
+    total_bytes += size;
+  }
+  {
+    // NOTE: the segments stay mapped for the call: the caller holds their mappings
+    PyThreadState* saved = total_bytes >= kvstore_release_gil_min_bytes ? PyEval_SaveThread()
+                                                                       : nullptr;
+    for (const Copy& copy : copies) {
+      if (verify) {
+        if (kvstore_copy_hash_fn(copy.dst, copy.src, copy.num_bytes) != copy.expected) continue;
+      } else {
+        memcpy(copy.dst, copy.src, copy.num_bytes);
+      }
+      written[copy.key] = static_cast<int64_t>(copy.num_bytes);
+    }
+    if (saved != nullptr) PyEval_RestoreThread(saved);
+  }
+  written_list = PyList_New(num_keys);
+  slow_list = PyList_New(0);
+  if (written_list == nullptr || slow_list == nullptr) goto done;
+  for (Py_ssize_t i = 0; i < num_keys; ++i) {
+    PyObject* value;
+    if (written[i] >= 0) {
+      value = PyLong_FromLongLong(written[i]);
+    } else {
+      value = Py_None;
+      Py_INCREF(value);
+      if (PyList_GET_ITEM(dsts, i) != Py_None) {
+        PyObject* index = PyLong_FromSsize_t(i);
+        if (index == nullptr || PyList_Append(slow_list, index) != 0) {
+          Py_XDECREF(index);
+          Py_DECREF(value);
+          goto done;
+        }
+        Py_DECREF(index);
+      }
+    }
+    if (value == nullptr) goto done;
+    PyList_SET_ITEM(written_list, i, value);
+  }
+  result = PyTuple_Pack(2, written_list, slow_list);
+done:
+  Py_XDECREF(written_list);
+  Py_XDECREF(slow_list);
+  for (Py_buffer& view : views) PyBuffer_Release(&view);
+  return result;
+}

@@ -1,0 +1,187 @@
+"""The same-host batch read: a ``batch_get_into`` whose replicas are in shm segments on this
+host, with no per-key Python between the GetReplicas reply and the copies.
+
+The reply's parallel arrays go as lists straight to ``kvstore._copy_hash.read_ranges``, which
+per key picks the first replica in a mapped segment, checks the range and the destination,
+copies and (verify, the default) hashes while copying, and compares with the recorded
+checksum, in one call that releases the GIL once. No Target or ReplicaSet is built for those
+keys. NOTE: why: for 1,024 objects of 64 bytes that per-key Python (Target and ReplicaSet
+objects, routing, ReadJobs, per-item checks in the transport) cost several times the master
+call and the copies together (bench/small_objects_bench.py).
+
+Every key the C call does not serve (no mapped replica, a range outside its segment, a
+destination that is not a writable C-contiguous buffer or too small, a value of at least
+``MAX_DIRECT_BYTES``, a digest that does not match) takes the general path: its Targets are
+decoded and it is read through ``Transfers.read``, which falls back replica by replica and
+reports the error naming the key. So results and errors are those of ``reader.get_batch``;
+only the route differs. Items the master refused (not found, ...) get its error, as there.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Any, Sequence
+
+from kvstore._copy_hash import read_ranges
+from kvstore._errors import InvalidArgumentError, KVStoreError, MasterUnavailableError
+from kvstore.client.checksum import EMPTY_CHECKSUM
+from kvstore.client.reader import CODEC_RAW, GetSettings, plan_read
+from kvstore.client.transfer import ReadJob, Transfers
+from kvstore.client.values import as_destination
+from kvstore.rpc import MasterClient, ReplicaSet
+from kvstore.rpc.errors import item_error, malformed
+from kvstore.rpc.messages import decode_targets
+from kvstore.rpc.methods import METHODS
+from kvstore.transport.base import Target
+from kvstore.transport.shm import GIL_FREE_COPY_BYTES, ShmTransport
+from kvstore.v1 import master_pb2 as pb
+
+#: Values of at least this size take the general path, whose shm read populates the
+#: mapping's page tables chunk by chunk and releases the GIL per copy; below it a value is
+#: one short copy.
+MAX_DIRECT_BYTES = GIL_FREE_COPY_BYTES
+#: Keys longer than this (characters) or not ASCII get the general path's per-key check.
+_PLAIN_KEY_CHARS = 256
+_PER_KEY_FIELDS = ("statuses", "sizes", "checksums", "codecs", "replica_start",
+                   "replica_count")
+
+
+def shm_first(transfers: Transfers) -> ShmTransport | None:
+    """The shm transport when it is ``transfers``' most preferred one (else None: this path
+    would pick replicas in another order than ``Transfers.route``)."""
+    first = transfers.transports[0] if transfers.transports else None
+    return first if isinstance(first, ShmTransport) else None
+
+
+def _plain_keys(keys: Sequence[Any]) -> bool:
+    """True when every key is a non-empty ASCII str of at most 256 characters (so valid);
+    checked with C-level passes over the list, not a Python loop."""
+    try:
+        joined = "".join(keys)
+    except TypeError:
+        return False
+    return all(keys) and joined.isascii() and max(map(len, keys)) <= _PLAIN_KEY_CHARS
+
+
+def _buffer_outs(outs: Sequence[Any]) -> list[Any] | None:
+    """``outs`` as objects the C call takes a buffer of (bytearray, memoryview, numpy), the
+    others (torch tensors) turned into views; None if one is not a valid destination."""
+    numpy = sys.modules.get("numpy")
+    direct = (bytearray, memoryview) if numpy is None else (bytearray, memoryview,
+                                                             numpy.ndarray)
+    if all(type(out) in direct for out in outs):
+        return list(outs)
+    try:
+        return [out if type(out) in direct else as_destination(out) for out in outs]
+    except InvalidArgumentError:
+        return None
+
+
+def get_into_batch(master: MasterClient, transfers: Transfers, shm: ShmTransport,
+                   keys: Sequence[Any], outs: Sequence[Any], settings: GetSettings
+                   ) -> list[Any] | None:
+    """``reader.get_batch`` with ``outs`` for a batch whose keys are plain and whose outs are
+    buffers, or None when the batch is not one (the caller runs ``get_batch``; nothing was
+    sent). Raises as ``get_batch``."""
+    if not keys or not _plain_keys(keys):
+        return None
+    dsts = _buffer_outs(outs)
+    if dsts is None:
+        return None
+    keys = list(keys)
+    request = pb.GetReplicasRequest(
+        keys=keys, client_host_id=settings.host_id, shm_reads=True,
+        lease_ttl_ms=int((settings.lease_ttl_s or 0) * 1000))
+    try:
+        reply = master.call(METHODS["GetReplicas"], request, settings.deadline)
+    except MasterUnavailableError as exc:
+        exc.keys = exc.keys or keys   # what failed, so an engine can recompute
+        raise
+    try:
+        return _read(reply, transfers, shm, keys, outs, dsts, settings)
+    finally:
+        # NOTE: the reads are over (done or failed): no byte of the leased ranges is read
+        # after this, so the lease may end now instead of at its TTL
+        if settings.release is not None:
+            settings.release(reply.lease_id)
+
+
+def _read(reply: pb.GetReplicasResponse, transfers: Transfers, shm: ShmTransport,
+          keys: list[str], outs: Sequence[Any], dsts: list[Any], settings: GetSettings
+          ) -> list[Any]:
+    num_keys = len(keys)
+    for field in _PER_KEY_FIELDS:
+        if len(getattr(reply, field)) != num_keys:
+            raise malformed("GetReplicas", f"{len(getattr(reply, field))} {field} for "
+                                           f"{num_keys} keys")
+    statuses, codecs = list(reply.statuses), list(reply.codecs)
+    sizes, checksums = list(reply.sizes), list(reply.checksums)
+    errors: dict[int, KVStoreError] = {}
+    if any(statuses) or any(codecs):   # NOTE: ITEM_OK and CODEC_RAW are both 0
+        messages = reply.error_messages
+        for i, status in enumerate(statuses):
+            if status != pb.ITEM_OK:
+                errors[i] = item_error(status, keys[i], "get",
+                                       messages[i] if i < len(messages) else "")
+            elif codecs[i] != CODEC_RAW:
+                errors[i] = KVStoreError(f"get {keys[i]!r}: stored with codec {codecs[i]}, "
+                                         "which this client cannot decode", keys=[keys[i]])
+        for i in errors:
+            dsts[i] = None
+    mappings = shm.segment_mappings(_segment_targets(reply))
+    written, slow = read_ranges(
+        dsts, sizes, checksums, list(reply.replica_start), list(reply.replica_count),
+        list(reply.replica_segment), list(reply.replica_offset),
+        [m.address if m is not None else 0 for m in mappings],
+        [m.size_bytes if m is not None else 0 for m in mappings],
+        settings.verify, EMPTY_CHECKSUM, MAX_DIRECT_BYTES)
+    del mappings   # NOTE: held until the copies are done: they keep the segments mapped
+    num_direct = num_keys - len(slow) - len(errors)
+    transfers.count_reads(shm.name, num_direct,
+                          sum(written) if not slow and not errors else
+                          sum(w for w in written if w))
+    results: list[Any] = written
+    for i, error in errors.items():
+        results[i] = error
+    if slow:
+        _read_slow(reply, transfers, keys, outs, sizes, checksums, codecs, slow, results,
+                   settings)
+    return results
+
+
+def _segment_targets(reply: pb.GetReplicasResponse) -> list[Target]:
+    """One Target (offset 0, length 0) per segment of the reply, naming its node."""
+    nodes = reply.nodes
+    targets = []
+    for segment in reply.segments:
+        if segment.node_index >= len(nodes):
+            raise KVStoreError(f"malformed master reply: segment {segment.segment_id!r} names "
+                               f"node index {segment.node_index} of {len(nodes)}")
+        node = nodes[segment.node_index]
+        targets.append(Target(node.node_id, node.host_id, node.data_addr, segment.segment_id,
+                              segment.shm_name, 0, 0))
+    return targets
+
+
+def _read_slow(reply: pb.GetReplicasResponse, transfers: Transfers, keys: list[str],
+               outs: Sequence[Any], sizes: list[int], checksums: list[int], codecs: list[int],
+               slow: list[int], results: list[Any], settings: GetSettings) -> None:
+    """The general path (``reader.plan_read``, ``Transfers.read``) for the keys in
+    ``slow``: only their Targets are decoded."""
+    wanted = [False] * len(keys)
+    for i in slow:
+        wanted[i] = True
+    targets = decode_targets(reply, sizes, wanted, reply.replica_read_capability)
+    jobs: list[ReadJob] = []
+    for i in slow:
+        key = keys[i]
+        try:
+            dst = as_destination(outs[i])
+        except InvalidArgumentError as exc:
+            exc.keys = [key]
+            results[i] = exc
+            continue
+        replica_set = ReplicaSet(sizes[i], checksums[i], codecs[i], targets[i])
+        results[i] = plan_read(i, key, replica_set, dst, None, transfers, settings.verify, jobs)
+    for i, error in transfers.read(jobs, deadline=settings.deadline).items():
+        results[i] = error
