@@ -67,9 +67,9 @@ def _buffer_outs(outs: Sequence[Any]) -> list[Any] | None:
     """``outs`` as objects the C call takes a buffer of (bytearray, memoryview, numpy), the
     others (torch tensors) turned into views; None if one is not a valid destination."""
     numpy = sys.modules.get("numpy")
-    direct = (bytearray, memoryview) if numpy is None else (bytearray, memoryview,
-                                                             numpy.ndarray)
-    if all(type(out) in direct for out in outs):
+    direct = {bytearray, memoryview} if numpy is None else {bytearray, memoryview,
+                                                             numpy.ndarray}
+    if set(map(type, outs)) <= direct:   # NOTE: a C-level pass, not a Python loop
         return list(outs)
     try:
         return [out if type(out) in direct else as_destination(out) for out in outs]
