@@ -178,6 +178,13 @@ class ChunkPopulator:
         self._size_bytes = size_bytes
         self._chunk_populated = bytearray(-(-size_bytes // POPULATE_CHUNK_BYTES))
 
+    @property
+    def chunk_flags(self) -> bytearray | None:
+        """One byte per chunk, nonzero once populated, for a caller that populates chunks
+        itself (``kvstore._copy_hash.read_ranges``); None where the kernel lacks
+        MADV_POPULATE_WRITE (nothing to populate)."""
+        return self._chunk_populated if _populate_supported else None
+
     def ensure(self, offset: int, length: int) -> None:
         """Populate the chunks of [offset, +length) not yet populated (never raises)."""
         if length <= 0:

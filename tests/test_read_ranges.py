@@ -11,8 +11,6 @@ import pytest
 from kvstore._copy_hash import read_ranges
 from kvstore.client.checksum import EMPTY_CHECKSUM, checksum
 
-MAX_BYTES = 1 << 20
-
 
 def segment(num_bytes: int, seed: int) -> np.ndarray:
     return np.random.default_rng(seed).integers(0, 256, num_bytes, np.uint8)
@@ -22,7 +20,7 @@ def call(dsts, sizes, sums, starts, counts, seg_of, offsets, segments, verify=Tr
     return read_ranges(dsts, sizes, sums, starts, counts, seg_of, offsets,
                        [s.ctypes.data if s is not None else 0 for s in segments],
                        [s.nbytes if s is not None else 0 for s in segments],
-                       verify, EMPTY_CHECKSUM, MAX_BYTES)
+                       verify, EMPTY_CHECKSUM, [None] * len(segments), 1 << 21)
 
 
 def test_each_key_gets_its_range_and_a_bad_digest_is_slow():
@@ -76,3 +74,18 @@ def test_malformed_replica_tables_are_slow_and_bad_lists_raise():
         call([bytearray(4)], ["4"], [0], [0], [1], [0], [0], [seg])
     with pytest.raises(TypeError):
         read_ranges([], [], [])
+
+
+def test_touched_chunks_are_populated_once_and_marked():
+    seg = segment(8 * 4096, 4)
+    flags = bytearray(8)          # one byte per 4 KiB chunk
+    value = seg[4096 + 100:4096 + 100 + 5000].tobytes()   # chunks 1 and 2
+    dst = bytearray(len(value))
+    written, slow = read_ranges([dst], [len(value)], [checksum(value)], [0], [1], [0],
+                                [4096 + 100], [seg.ctypes.data], [seg.nbytes], True,
+                                EMPTY_CHECKSUM, [flags], 4096)
+    assert written == [len(value)] and slow == [] and bytes(dst) == value
+    assert list(flags) == [0, 1, 1, 0, 0, 0, 0, 0]
+    with pytest.raises(TypeError, match="bytearrays or None"):
+        read_ranges([dst], [len(value)], [0], [0], [1], [0], [0], [seg.ctypes.data],
+                    [seg.nbytes], True, EMPTY_CHECKSUM, [b"\0" * 8], 4096)

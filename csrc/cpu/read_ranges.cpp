@@ -4,15 +4,21 @@
 // hashes, and compares with the recorded checksum; the copies run with the GIL released once
 // for the batch when they move at least 16 KiB. Keys it cannot serve this way (no mapped
 // replica, a range outside its segment, a destination that is no writable C-contiguous buffer
-// or too small, a value at least max_bytes long, a digest that does not match) are returned
+// or too small, a digest that does not match) are returned
 // as "slow": the caller reads them through the general path, which names the error or falls
-// back to the next replica. Nothing here raises for a single key.
+// back to the next replica. Nothing here raises for a single key. Like the shm transport's
+// ChunkPopulator, it fills this process's page tables (MADV_POPULATE_WRITE) for each chunk of
+// a segment the first time a copy touches it, and marks the chunk in the segment's flags.
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 
 #include <stddef.h>
 #include <stdint.h>
 #include <string.h>
+#include <sys/mman.h>
+#include <unistd.h>
+
+#include <errno.h>
 
 #include <vector>
 
@@ -47,14 +53,55 @@ bool check_list(PyObject* obj, Py_ssize_t expected, const char* what) {
   return true;
 }
 
+#ifndef MADV_POPULATE_WRITE
+#define MADV_POPULATE_WRITE 23  // linux/mman.h, Linux >= 5.14
+#endif
+
+// The page-table flags of one segment (a bytearray, one byte per chunk: nonzero = populated).
+struct Flags {
+  Py_buffer view{};
+  bool held = false;
+};
+
+// Populates the chunks of [offset, offset + size) of the segment at ``base`` not yet marked
+// in ``flags`` (GIL released during madvise). False once the kernel refuses the advice with
+// EINVAL (it lacks it): the caller stops asking for this call.
+bool populate(Flags& flags, uintptr_t base, uint64_t seg_size, uint64_t chunk_bytes,
+              uint64_t offset, uint64_t size) {
+  if (!flags.held || size == 0 || chunk_bytes == 0) return true;
+  char* marks = static_cast<char*>(flags.view.buf);
+  const uint64_t num_marks = static_cast<uint64_t>(flags.view.len);
+  const uint64_t first = offset / chunk_bytes;
+  const uint64_t last = (offset + size - 1) / chunk_bytes;
+  if (last >= num_marks) return true;
+  bool all_marked = true;
+  for (uint64_t c = first; c <= last; ++c) all_marked = all_marked && marks[c] != 0;
+  if (all_marked) return true;
+  const uint64_t start = first * chunk_bytes;
+  const uint64_t end = (last + 1) * chunk_bytes < seg_size ? (last + 1) * chunk_bytes : seg_size;
+  int rc, error;
+  Py_BEGIN_ALLOW_THREADS
+  // NOTE: madvise wants a page-aligned start; the range is widened to whole pages
+  const uintptr_t page = static_cast<uintptr_t>(sysconf(_SC_PAGESIZE));
+  const uintptr_t aligned = (base + start) & ~(page - 1);
+  rc = madvise(reinterpret_cast<void*>(aligned), base + end - aligned, MADV_POPULATE_WRITE);
+  error = errno;
+  Py_END_ALLOW_THREADS
+  if (rc == 0) {
+    memset(marks + first, 1, last + 1 - first);
+    return true;
+  }
+  return error != EINVAL;  // other failures: pages fault in on first touch, as before
+}
+
 }  // namespace
 
 PyObject* kvstore_read_ranges(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
-  if (nargs != 12) {
+  if (nargs != 13) {
     PyErr_SetString(PyExc_TypeError,
                     "read_ranges(dsts, sizes, checksums, starts, counts, replica_segment, "
                     "replica_offset, segment_addresses, segment_sizes, verify, "
-                    "empty_checksum, max_bytes) takes exactly 12 arguments");
+                    "empty_checksum, segment_flags, chunk_bytes) takes exactly 13 arguments");
     return nullptr;
   }
   PyObject* dsts = args[0];
@@ -72,10 +119,10 @@ PyObject* kvstore_read_ranges(PyObject*, PyObject* const* args, Py_ssize_t nargs
   if (!check_list(args[8], num_segments, "segment_sizes")) return nullptr;
   const int verify = PyObject_IsTrue(args[9]);
   if (verify < 0) return nullptr;
-  uint64_t empty_checksum, max_bytes;
-  empty_checksum = PyLong_AsUnsignedLongLong(args[10]);
+  const uint64_t empty_checksum = PyLong_AsUnsignedLongLong(args[10]);
   if (PyErr_Occurred()) return nullptr;
-  max_bytes = PyLong_AsUnsignedLongLong(args[11]);
+  if (!check_list(args[11], num_segments, "segment_flags")) return nullptr;
+  const uint64_t chunk_bytes = PyLong_AsUnsignedLongLong(args[12]);
   if (PyErr_Occurred()) return nullptr;
 
   std::vector<uintptr_t> seg_address(static_cast<size_t>(num_segments));
@@ -85,6 +132,8 @@ PyObject* kvstore_read_ranges(PyObject*, PyObject* const* args, Py_ssize_t nargs
     if (!u64_at(args[7], s, &address) || !u64_at(args[8], s, &seg_size[s])) return nullptr;
     seg_address[s] = static_cast<uintptr_t>(address);
   }
+  std::vector<Flags> seg_flags(static_cast<size_t>(num_segments));
+  bool may_populate = true;
 
   // -1: slow; otherwise the bytes written
   std::vector<int64_t> written(static_cast<size_t>(num_keys), -1);
@@ -97,6 +146,16 @@ PyObject* kvstore_read_ranges(PyObject*, PyObject* const* args, Py_ssize_t nargs
   PyObject* written_list = nullptr;
   PyObject* slow_list = nullptr;
 
+  for (Py_ssize_t s = 0; s < num_segments; ++s) {
+    PyObject* flags = PyList_GET_ITEM(args[11], s);
+    if (flags == Py_None) continue;
+    if (!PyByteArray_Check(flags)) {
+      PyErr_SetString(PyExc_TypeError, "read_ranges: segment_flags holds bytearrays or None");
+      goto done;
+    }
+    if (PyObject_GetBuffer(flags, &seg_flags[s].view, PyBUF_WRITABLE) != 0) goto done;
+    seg_flags[s].held = true;
+  }
   for (Py_ssize_t i = 0; i < num_keys; ++i) {
     PyObject* dst = PyList_GET_ITEM(dsts, i);
     if (dst == Py_None) continue;
@@ -105,7 +164,6 @@ PyObject* kvstore_read_ranges(PyObject*, PyObject* const* args, Py_ssize_t nargs
         !u64_at(args[3], i, &start) || !u64_at(args[4], i, &count)) {
       goto done;
     }
-    if (size >= max_bytes) continue;
     Py_buffer view;
     if (PyObject_GetBuffer(dst, &view, PyBUF_WRITABLE | PyBUF_ND) != 0) {
       PyErr_Clear();  // the general path names what is wrong with this destination
@@ -133,6 +191,10 @@ PyObject* kvstore_read_ranges(PyObject*, PyObject* const* args, Py_ssize_t nargs
       if (seg_address[segment] == 0) continue;                   // not mapped: next replica
       if (offset > seg_size[segment] || size > seg_size[segment] - offset) break;
       src = reinterpret_cast<const char*>(seg_address[segment] + offset);
+      if (may_populate) {
+        may_populate = populate(seg_flags[segment], seg_address[segment], seg_size[segment],
+                                chunk_bytes, offset, size);
+      }
       break;
     }
     if (src == nullptr) {
@@ -185,5 +247,8 @@ done:
   Py_XDECREF(written_list);
   Py_XDECREF(slow_list);
   for (Py_buffer& view : views) PyBuffer_Release(&view);
+  for (Flags& flags : seg_flags) {
+    if (flags.held) PyBuffer_Release(&flags.view);
+  }
   return result;
 }

@@ -5,13 +5,15 @@ The reply's parallel arrays go as lists straight to ``kvstore._copy_hash.read_ra
 per key picks the first replica in a mapped segment, checks the range and the destination,
 copies and (verify, the default) hashes while copying, and compares with the recorded
 checksum, in one call that releases the GIL once. No Target or ReplicaSet is built for those
-keys. NOTE: why: for 1,024 objects of 64 bytes that per-key Python (Target and ReplicaSet
+keys, large or small (the copies release the GIL once the batch moves 16 KiB, and the chunks
+of the segments they touch get their page tables filled as the shm transport does). NOTE:
+why: for 1,024 objects of 64 bytes that per-key Python (Target and ReplicaSet
 objects, routing, ReadJobs, per-item checks in the transport) cost several times the master
 call and the copies together (bench/small_objects_bench.py).
 
 Every key the C call does not serve (no mapped replica, a range outside its segment, a
-destination that is not a writable C-contiguous buffer or too small, a value of at least
-``MAX_DIRECT_BYTES``, a digest that does not match) takes the general path: its Targets are
+destination that is not a writable C-contiguous buffer or too small, a digest that does not
+match) takes the general path: its Targets are
 decoded and it is read through ``Transfers.read``, which falls back replica by replica and
 reports the error naming the key. So results and errors are those of ``reader.get_batch``;
 only the route differs. Items the master refused (not found, ...) get its error, as there.
@@ -23,6 +25,7 @@ import sys
 from typing import Any, Sequence
 
 from kvstore._copy_hash import read_ranges
+from kvstore._posix_shm import POPULATE_CHUNK_BYTES
 from kvstore._errors import InvalidArgumentError, KVStoreError, MasterUnavailableError
 from kvstore.client.checksum import EMPTY_CHECKSUM
 from kvstore.client.reader import CODEC_RAW, GetSettings, plan_read
@@ -33,13 +36,9 @@ from kvstore.rpc.errors import item_error, malformed
 from kvstore.rpc.messages import decode_targets
 from kvstore.rpc.methods import METHODS
 from kvstore.transport.base import Target
-from kvstore.transport.shm import GIL_FREE_COPY_BYTES, ShmTransport
+from kvstore.transport.shm import ShmTransport
 from kvstore.v1 import master_pb2 as pb
 
-#: Values of at least this size take the general path, whose shm read populates the
-#: mapping's page tables chunk by chunk and releases the GIL per copy; below it a value is
-#: one short copy.
-MAX_DIRECT_BYTES = GIL_FREE_COPY_BYTES
 #: Keys longer than this (characters) or not ASCII get the general path's per-key check.
 _PLAIN_KEY_CHARS = 256
 _PER_KEY_FIELDS = ("statuses", "sizes", "checksums", "codecs", "replica_start",
@@ -134,7 +133,9 @@ def _read(reply: pb.GetReplicasResponse, transfers: Transfers, shm: ShmTransport
         list(reply.replica_segment), list(reply.replica_offset),
         [m.address if m is not None else 0 for m in mappings],
         [m.size_bytes if m is not None else 0 for m in mappings],
-        settings.verify, EMPTY_CHECKSUM, MAX_DIRECT_BYTES)
+        settings.verify, EMPTY_CHECKSUM,
+        [m.populator.chunk_flags if m is not None else None for m in mappings],
+        POPULATE_CHUNK_BYTES)
     del mappings   # NOTE: held until the copies are done: they keep the segments mapped
     num_direct = num_keys - len(slow) - len(errors)
     transfers.count_reads(shm.name, num_direct,
