@@ -57,9 +57,13 @@ def test_1024_small_objects_arrive_exactly_in_one_direct_read(cluster, small, mo
     assert calls == [NUM_KEYS], "the batch must be read by one read_ranges call"
 
 
-def test_every_kind_of_out_gets_its_bytes(cluster, small):
+def test_every_kind_of_out_gets_its_bytes(cluster, small, monkeypatch):
     torch = pytest.importorskip("torch")
     keys, values = small
+    slow_lists = []
+    real = shm_batch.read_ranges
+    monkeypatch.setattr(shm_batch, "read_ranges",
+                        lambda *args: (lambda r: slow_lists.append(r[1]) or r)(real(*args)))
     outs = [bytearray(VALUE_BYTES), memoryview(bytearray(VALUE_BYTES)),
             np.zeros(VALUE_BYTES, dtype=np.uint8), np.zeros(VALUE_BYTES // 4, dtype=np.float32),
             np.zeros((4, VALUE_BYTES // 4), dtype=np.uint8),
@@ -70,11 +74,13 @@ def test_every_kind_of_out_gets_its_bytes(cluster, small):
         data = out.numpy().tobytes() if isinstance(out, torch.Tensor) else bytes(out)
         assert data[:VALUE_BYTES] == value
     assert bytes(outs[-1][VALUE_BYTES:]) == bytes(10)  # nothing past the object is written
-    # all torch tensors: the outs become views, the batch still takes the direct read
-    tensors = [torch.zeros(VALUE_BYTES, dtype=torch.uint8) for _ in range(8)]
+
+    # rows of a torch tensor (what the engine connectors pass): read directly, none slow
+    rows = torch.zeros(8, VALUE_BYTES, dtype=torch.uint8)
     with cluster.connect() as store:
-        assert store.batch_get_into(keys[8:16], tensors) == [VALUE_BYTES] * 8
-    assert [t.numpy().tobytes() for t in tensors] == values[8:16]
+        assert store.batch_get_into(keys[8:16], list(rows)) == [VALUE_BYTES] * 8
+    assert [row.numpy().tobytes() for row in rows] == values[8:16]
+    assert slow_lists == [[], []], "every out kind above is read by read_ranges itself"
 
 
 def test_a_missing_key_among_1024_fails_alone(cluster, small):
@@ -94,14 +100,17 @@ def test_a_missing_key_among_1024_fails_alone(cluster, small):
 
 def test_bad_outs_fail_alone_and_name_their_key(cluster, small):
     keys, values = small
+    torch = pytest.importorskip("torch")
     outs = [bytearray(VALUE_BYTES), bytearray(VALUE_BYTES - 1),
             memoryview(bytes(VALUE_BYTES)), memoryview(bytearray(2 * VALUE_BYTES))[::2],
-            np.zeros(VALUE_BYTES, dtype=np.uint8)]
+            np.zeros(VALUE_BYTES, dtype=np.uint8), None, b"x" * VALUE_BYTES,
+            torch.zeros(2 * VALUE_BYTES, dtype=torch.uint8)[::2]]
     with cluster.connect() as store:
-        results = store.batch_get_into(keys[:5], outs)
+        results = store.batch_get_into(keys[:len(outs)], outs)
     assert results[0] == results[4] == VALUE_BYTES
     assert bytes(outs[0]) == values[0] and bytes(outs[4]) == values[4]
-    for i, words in ((1, "out has 63 bytes"), (2, "read-only"), (3, "contiguous")):
+    for i, words in ((1, "out has 63 bytes"), (2, "read-only"), (3, "contiguous"),
+                     (5, "got NoneType"), (6, "read-only"), (7, "contiguous")):
         assert isinstance(results[i], InvalidArgumentError), results[i]
         assert results[i].keys == [keys[i]] and words in str(results[i])
     assert bytes(outs[1]) == bytes(VALUE_BYTES - 1)

@@ -149,11 +149,12 @@ PyMethodDef methods[] = {
      reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)(void)>(kvstore_read_ranges)),
      METH_FASTCALL,
      "read_ranges(dsts, sizes, checksums, starts, counts, replica_segment, replica_offset, "
-     "segment_addresses, segment_sizes, verify, empty_checksum, segment_flags, chunk_bytes) -> "
-     "(written, slow): the shm reads of a GetReplicas batch (read_ranges.cpp). Per key i with "
-     "dsts[i] not None: copy (and with verify, hash and compare) the first replica whose "
+     "segment_addresses, segment_sizes, verify, empty_checksum, segment_flags, chunk_bytes, "
+     "tensor_type) -> "
+     "(written, slow): the shm reads of a GetReplicas batch (read_ranges.cpp). Per key i: copy (and with verify, hash and compare) the first replica whose "
      "segment address is not 0, populating its chunks (segment_flags: a bytearray per "
-     "segment, one byte per chunk_bytes, or None); written[i] = bytes written (0 for the "
+     "segment, one byte per chunk_bytes, or None; dsts are writable buffers or, when "
+     "tensor_type is torch.Tensor, contiguous CPU tensors); written[i] = bytes written (0 for the "
      "empty marker), or None and i in slow when the key must take the general path. Raises "
      "TypeError/ValueError for malformed lists only."},
     {nullptr, nullptr, 0, nullptr}};

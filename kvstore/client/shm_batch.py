@@ -62,32 +62,21 @@ def _plain_keys(keys: Sequence[Any]) -> bool:
     return all(keys) and joined.isascii() and max(map(len, keys)) <= _PLAIN_KEY_CHARS
 
 
-def _buffer_outs(outs: Sequence[Any]) -> list[Any] | None:
-    """``outs`` as objects the C call takes a buffer of (bytearray, memoryview, numpy), the
-    others (torch tensors) turned into views; None if one is not a valid destination."""
-    numpy = sys.modules.get("numpy")
-    direct = {bytearray, memoryview} if numpy is None else {bytearray, memoryview,
-                                                             numpy.ndarray}
-    if set(map(type, outs)) <= direct:   # NOTE: a C-level pass, not a Python loop
-        return list(outs)
-    try:
-        return [out if type(out) in direct else as_destination(out) for out in outs]
-    except InvalidArgumentError:
-        return None
+def _tensor_type() -> type | None:
+    """torch.Tensor if the caller imported torch (only then can an out be a tensor)."""
+    torch = sys.modules.get("torch")
+    return None if torch is None else torch.Tensor
 
 
 def get_into_batch(master: MasterClient, transfers: Transfers, shm: ShmTransport,
                    keys: Sequence[Any], outs: Sequence[Any], settings: GetSettings
                    ) -> list[Any] | None:
-    """``reader.get_batch`` with ``outs`` for a batch whose keys are plain and whose outs are
-    buffers, or None when the batch is not one (the caller runs ``get_batch``; nothing was
-    sent). Raises as ``get_batch``."""
+    """``reader.get_batch`` with ``outs`` for a batch whose keys are plain, or None when the
+    batch is not one (the caller runs ``get_batch``; nothing was sent). Raises as
+    ``get_batch``."""
     if not keys or not _plain_keys(keys):
         return None
-    dsts = _buffer_outs(outs)
-    if dsts is None:
-        return None
-    keys = list(keys)
+    keys, dsts = list(keys), list(outs)
     request = pb.GetReplicasRequest(
         keys=keys, client_host_id=settings.host_id, shm_reads=True,
         lease_ttl_ms=int((settings.lease_ttl_s or 0) * 1000))
@@ -126,7 +115,7 @@ def _read(reply: pb.GetReplicasResponse, transfers: Transfers, shm: ShmTransport
                 errors[i] = KVStoreError(f"get {keys[i]!r}: stored with codec {codecs[i]}, "
                                          "which this client cannot decode", keys=[keys[i]])
         for i in errors:
-            dsts[i] = None
+            dsts[i] = None   # not a destination: read_ranges hands the key back as slow
     mappings = shm.segment_mappings(_segment_targets(reply))
     written, slow = read_ranges(
         dsts, sizes, checksums, list(reply.replica_start), list(reply.replica_count),
@@ -135,8 +124,10 @@ def _read(reply: pb.GetReplicasResponse, transfers: Transfers, shm: ShmTransport
         [m.size_bytes if m is not None else 0 for m in mappings],
         settings.verify, EMPTY_CHECKSUM,
         [m.populator.chunk_flags if m is not None else None for m in mappings],
-        POPULATE_CHUNK_BYTES)
+        POPULATE_CHUNK_BYTES, _tensor_type())
     del mappings   # NOTE: held until the copies are done: they keep the segments mapped
+    if errors:
+        slow = [i for i in slow if i not in errors]
     num_direct = num_keys - len(slow) - len(errors)
     transfers.count_reads(shm.name, num_direct,
                           sum(written) if not slow and not errors else
