@@ -22,6 +22,7 @@ interpreter imports (before/after: run it with each tree's .venv/bin/python).
 
     .venv/bin/python bench/small_objects_bench.py [--repeats 200] [--num-keys 1024]
                                                   [--value-bytes 64] [--metadata fast]
+                                                  [--outs memoryview|torch]
 """
 
 from __future__ import annotations
@@ -78,6 +79,10 @@ def run(args) -> dict:
             out = bytearray(n * size)
             view = memoryview(out)
             outs = [view[i * size:(i + 1) * size] for i in range(n)]
+            if args.outs == "torch":   # the rows of one tensor, as the engine connectors pass
+                import torch
+                rows = torch.frombuffer(out, dtype=torch.uint8).view(n, size)
+                outs = list(rows)
             master_client = store._master
             host_id = store.host_id
 
@@ -155,11 +160,14 @@ def main() -> int:
     parser.add_argument("--num-keys", type=int, default=1024)
     parser.add_argument("--value-bytes", type=int, default=64)
     parser.add_argument("--metadata", default="fast", help="grpc, fast or auto")
+    parser.add_argument("--outs", default="memoryview", choices=("memoryview", "torch"),
+                        help="slices of one bytearray, or the rows of one torch tensor")
     args = parser.parse_args()
     load_before = Path("/proc/loadavg").read_text().split()[:3]
     table = run(args)
     load_after = Path("/proc/loadavg").read_text().split()[:3]
     print(f"\n{args.num_keys} x {args.value_bytes} B, shm, metadata {args.metadata}, "
+          f"outs {args.outs}, "
           f"{args.repeats} repeats; kvstore from {Path(kvstore.__file__).parent}; "
           f"load {' '.join(load_before)} -> {' '.join(load_after)}\n")
     print(f"{'row':34}{'keys/s':>11}{'p50 ms':>9}{'min ms':>9}{'max ms':>9}{'cpu ms':>9}")
