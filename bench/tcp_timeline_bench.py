@@ -106,10 +106,14 @@ def main() -> int:
             store.put("timeline/read", value)
             tcp = next(t for t in store._transfers.transports if t.name == "tcp")
             master_client = store._master
-            replica = master_client.get_replicas_leased(
-                ["timeline/read"], client_host_id="elsewhere", lease_ttl_s=1.0,
-                deadline=store._deadline(None))[0][0]
-            target = replica.targets[0]
+
+            def read_target():
+                # NOTE: asked again every round: the read capability in it expires with the
+                # 1 s lease, after which the daemon refuses the READ
+                return master_client.get_replicas_leased(
+                    ["timeline/read"], client_host_id="elsewhere", lease_ttl_s=1.0,
+                    deadline=store._deadline(None))[0][0].targets[0]
+            target = [read_target()]
             # a PENDING range of our own, written again and again (a write is idempotent),
             # revoked and started again each round so the pending timeout never reclaims it
             write_key = ["timeline/write/0"]
@@ -136,7 +140,7 @@ def main() -> int:
                 "socket floor": floor,
                 "master rtt (exists)": lambda i: store.exists("timeline/none"),
                 "get_replicas": get_replicas,
-                "tcp read": lambda i: tcp.read_into(target, out_view, timeout_s=5.0),
+                "tcp read": lambda i: tcp.read_into(target[0], out_view, timeout_s=5.0),
                 "tcp write": lambda i: tcp.write(write_target[0], src_view, timeout_s=5.0),
                 "checksum": lambda i: checksum(out_view),
                 "get_into": lambda i: store.get_into("timeline/read", out),
@@ -146,6 +150,7 @@ def main() -> int:
             for fn in stages.values():   # warm-up
                 fn(-1)
             for _ in range(args.rounds):
+                target[0] = read_target()
                 for name, fn in stages.items():
                     bucket = samples.setdefault(name, [])
                     for i in range(args.per_round):
