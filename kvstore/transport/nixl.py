@@ -5,8 +5,8 @@ the agent's metadata through the master (``nixl_meta``). This transport learns i
 ``nodes`` (``{node_id: nixl_metadata}``, the client's ListNodes), loads it into its own agent
 once per daemon process, and moves bytes without the daemon's CPU: a get is a READ into the
 caller's buffer, a put a WRITE into the allocated range after the daemon checked its
-capability (``nixl_checks``: one CHECK_WRITE round trip per node and batch, overlapped with
-placing the local memory). UCX picks the wire: RDMA, or CMA/TCP on one host.
+capability (``nixl_checks``: one round trip per node and batch, one CHECK_WRITES request where
+the daemon serves it, overlapped with placing the local memory). UCX picks the wire: RDMA, or CMA/TCP on one host.
 
 Local memory: the caller's buffer itself when it lies in memory registered with
 ``register_memory`` (an engine's KV cache, once) or, from ``nixl_spans.DIRECT_MIN_BYTES`` on,
@@ -204,9 +204,10 @@ class NixlTransport(Transport):
         spans: list[Span] = []
         try:
             # NOTE: a WRITE's checks travel while its local memory is registered or copied
-            checks = {node_id: self._checks.send(node_id, [i.target for i in node_items],
-                                                 deadline)
-                      for node_id, node_items in node_to_items.items()} if op == "WRITE" else {}
+            checks = {node_id: self._checks.send(
+                node_id, [i.target for i in node_items], deadline,
+                batched=getattr(self._node_to_info.get(node_id), "batched_checks", False))
+                for node_id, node_items in node_to_items.items()} if op == "WRITE" else {}
             spans = self._place(node_to_items, results)
             if op == "WRITE":
                 self._stage_sources(node_to_items, results)
