@@ -39,7 +39,7 @@ from kvstore._errors import (ClosedError, ConfigError, KVStoreError, TransferErr
 from kvstore.transport import byte_views, nixl_meta
 from kvstore.transport.base import Target, Transport
 from kvstore.transport.nixl_checks import WriteChecks
-from kvstore.transport.nixl_spans import Span, direct_spans
+from kvstore.transport.nixl_spans import Span, direct_spans, register_spans, release_spans
 from kvstore.transport.nixl_lib import AgentHandle, new_agent, nixl_available
 from kvstore.transport.nixl_staging import StagingPool, StagingBuffer
 
@@ -237,15 +237,13 @@ class NixlTransport(Transport):
         spans = direct_spans(unplaced)
         with self._lock:
             handle = self._agent()
-            for span in spans:
-                try:
-                    span.descs = handle.register(span.start, span.length)
-                except ConfigError as exc:
-                    for item in span.items:
-                        results[item.index] = exc
-                    continue
+            for span, exc in register_spans(handle, spans):
                 for item in span.items:
-                    item.span, item.local_address = span, item.buffer_address
+                    results[item.index] = exc
+            for span in spans:
+                if span.descs is not None:
+                    for item in span.items:
+                        item.span, item.local_address = span, item.buffer_address
             for item in unplaced:
                 if item.local_address == 0 and results[item.index] is None:
                     try:
@@ -386,9 +384,7 @@ class NixlTransport(Transport):
         released: its transfer may still use it)."""
         with self._lock:
             if self._handle is not None:
-                for span in spans:
-                    if not span.abandoned:
-                        self._handle.deregister(span.descs)
+                release_spans(self._handle, spans)
             pool = self._staging
             for node_items in node_to_items.values():
                 for item in node_items:
