@@ -6,7 +6,8 @@ the agent's metadata through the master (``nixl_meta``). This transport learns i
 once per daemon process, and moves bytes without the daemon's CPU: a get is a READ into the
 caller's buffer, a put a WRITE into the allocated range after the daemon checked its
 capability (``nixl_checks``: one round trip per node and batch, one CHECK_WRITES request where
-the daemon serves it, overlapped with placing the local memory). UCX picks the wire: RDMA, or CMA/TCP on one host.
+the daemon serves it, overlapped with placing the local memory). UCX picks the wire: RDMA,
+or CMA/TCP on one host.
 
 Local memory: the caller's buffer itself when it lies in memory registered with
 ``register_memory`` (an engine's KV cache, once) or, from ``nixl_spans.DIRECT_MIN_BYTES`` on,
