@@ -23,7 +23,8 @@ from kvstore._deadline import Deadline
 from kvstore.client.checksum import checksum
 from kvstore.client.transfer import Transfers
 from kvstore.rpc import grpc_client
-from kvstore.transport import data_frames, make_transports, nixl_installed
+from kvstore.transport import check_batch, data_frames, make_transports, nixl_installed, \
+    nixl_meta
 from kvstore.transport.data_frames import Op, Status
 
 pytestmark = pytest.mark.skipif(not nixl_installed(), reason="NIXL is not installed "
@@ -67,11 +68,22 @@ def replica_of(client, key: str):
     return replica_set.targets[0]
 
 
-def nixl_write(master, items, token: str | None = None) -> dict:
+def as_old_daemon(data: bytes, node_id: str) -> bytes:
+    """A node's NIXL metadata as a daemon older than CHECK_WRITES publishes it."""
+    info = nixl_meta.unpack(data, node_id)
+    if info is None:
+        return data
+    return nixl_meta.pack(nixl_meta.NodeNixlInfo(info.agent_name, info.segments,
+                                                 info.agent_metadata, batched_checks=False))
+
+
+def nixl_write(master, items, token: str | None = None, *, old_daemon: bool = False) -> dict:
     """Write (index, key, target, bytes) items through the client's transfer layer over a
-    fresh nixl transport; index -> error of the failed ones."""
+    fresh nixl transport; index -> error of the failed ones. ``old_daemon``: the transport
+    sees the daemons' metadata without ``batched_checks`` (one CHECK_WRITE per range)."""
     with grpc_client(master.address) as client:
-        published = {n.node_id: n.nixl_metadata for n in client.list_nodes()}
+        published = {n.node_id: (as_old_daemon(n.nixl_metadata, n.node_id) if old_daemon
+                                 else n.nixl_metadata) for n in client.list_nodes()}
     transfers = Transfers(make_transports("nixl", token=token, nodes=lambda: published))
     try:
         return transfers.write([(i, key, target, memoryview(data))
@@ -94,6 +106,7 @@ def metric(name: str) -> float:
 
 def test_put_and_get_over_nixl_are_checked_and_work(store, master):
     before = metric("kvstore_daemon_write_checks_total")
+    requests_before = metric("kvstore_daemon_write_check_requests_total")
     value = payload(3 * VICTIM_BYTES, 1)
     store.put("checked", value)
     assert store.stats()["transfers"]["nixl"]["num_writes"] == 1
@@ -101,6 +114,8 @@ def test_put_and_get_over_nixl_are_checked_and_work(store, master):
     keys = [f"checked-{i}" for i in range(5)]
     assert store.batch_put(keys, [payload(4096, 10 + i) for i in range(5)]) == [None] * 5
     assert metric("kvstore_daemon_write_checks_total") == before + 6
+    # one CHECK_WRITES request per batch (this daemon advertises op 7), not one per range
+    assert metric("kvstore_daemon_write_check_requests_total") == requests_before + 2
 
 
 def test_overwrite_of_committed_object_with_another_ranges_capability_is_refused(
@@ -146,24 +161,32 @@ def test_capability_replayed_after_the_put_ended_is_refused(store, client, maste
     assert store.get("replayed", verify=True) == value
 
 
-def test_one_refused_range_fails_only_its_key_in_a_batch(store, client, master):
+@pytest.mark.parametrize("old_daemon", [False, True], ids=["batched", "per-range"])
+def test_one_refused_range_fails_only_its_key_in_a_batch(store, client, master, old_daemon):
+    """Batched (one CHECK_WRITES) and, as to a daemon older than it, one CHECK_WRITE per range:
+    the same per-range answers; the refused range's key is named and nothing of it lands."""
+    tag = "old" if old_daemon else "new"
     value = payload(VICTIM_BYTES, 5)
-    store.put("victim-3", value)
-    victim = replica_of(client, "victim-3")
-    keys = ["ok-0", "bad", "ok-1"]
+    store.put(f"victim-3-{tag}", value)
+    victim = replica_of(client, f"victim-3-{tag}")
+    keys = [f"ok-0-{tag}", f"bad-{tag}", f"ok-1-{tag}"]
     slots = client.put_start(keys, [VICTIM_BYTES] * 3, client_id="w")
     good = [payload(VICTIM_BYTES, 50 + i) for i in range(3)]
-    items = [(0, "ok-0", slots[0][0], good[0]),
-             (1, "bad", slots[1][0]._replace(offset=victim.offset), b"\xee" * VICTIM_BYTES),
-             (2, "ok-1", slots[2][0], good[2])]
-    failures = nixl_write(master, items)
-    assert list(failures) == [1] and failures[1].keys == ["bad"]
-    assert client.put_end(["ok-0", "ok-1"], [checksum(good[0]), checksum(good[2])],
+    items = [(0, keys[0], slots[0][0], good[0]),
+             (1, keys[1], slots[1][0]._replace(offset=victim.offset), b"\xee" * VICTIM_BYTES),
+             (2, keys[2], slots[2][0], good[2])]
+    requests_before = metric("kvstore_daemon_write_check_requests_total")
+    failures = nixl_write(master, items, old_daemon=old_daemon)
+    assert list(failures) == [1] and failures[1].keys == [keys[1]]
+    assert repr(keys[1]) in str(failures[1]) and "CAPABILITY_REFUSED" in str(failures[1])
+    assert metric("kvstore_daemon_write_check_requests_total") == \
+        requests_before + (3 if old_daemon else 1)
+    assert client.put_end([keys[0], keys[2]], [checksum(good[0]), checksum(good[2])],
                           client_id="w") == [None, None]
-    client.put_revoke(["bad"], client_id="w")
-    assert store.get("ok-0", verify=True) == good[0]
-    assert store.get("ok-1", verify=True) == good[2]
-    assert store.get("victim-3", verify=True) == value
+    client.put_revoke([keys[1]], client_id="w")
+    assert store.get(keys[0], verify=True) == good[0]
+    assert store.get(keys[2], verify=True) == good[2]
+    assert store.get(f"victim-3-{tag}", verify=True) == value
 
 
 def test_wrong_token_for_the_data_plane_is_refused():
@@ -210,6 +233,80 @@ def test_refused_check_leaves_the_connection_usable(store, client):
         assert read_reply(sock)[0] == Status.OK
         assert data_frames.recv_exact(sock, VICTIM_BYTES) == value
     assert store.get("victim-4", verify=True) == value
+
+
+def check_writes_request(request_id: int, ranges, count: int | None = None) -> bytes:
+    (n, body), = check_batch.encode_ranges(ranges)
+    return data_frames.REQUEST.pack(data_frames.REQUEST_MAGIC, Op.CHECK_WRITES, 0, 0,
+                                    request_id, n if count is None else count,
+                                    len(body)) + body
+
+
+def test_check_writes_answers_each_range_in_one_reply(store, client):
+    """Wire level: one CHECK_WRITES with an allowed range between two refused ones is
+    answered by one reply listing only the refused ones (index, status, reason); the
+    connection then serves the next request."""
+    value = payload(VICTIM_BYTES, 8)
+    store.put("victim-5", value)
+    victim = replica_of(client, "victim-5")
+    (targets,) = client.put_start(["fresh"], [VICTIM_BYTES], client_id="cluster")
+    fresh = targets[0]
+    host, port = victim.data_addr.rsplit(":", 1)
+    segment = victim.segment_id.encode()
+    with socket.create_connection((host, int(port)), timeout=TIMEOUT_S) as sock:
+        sock.sendall(data_frames.encode_hello(None))
+        assert read_reply(sock)[0] == Status.OK
+        sock.sendall(check_writes_request(9, [
+            (segment, victim.offset, VICTIM_BYTES, b""),
+            (fresh.segment_id.encode(), fresh.offset, fresh.length, fresh.capability),
+            (segment, 1 << 40, 10, fresh.capability),
+            (b"no-such-segment", 0, 10, b"")]))
+        header = data_frames.recv_exact(sock, data_frames.REPLY.size)
+        status, _, msg_len, request_id, length = data_frames.REPLY.unpack(header)
+        assert (status, msg_len, request_id) == (Status.OK, 0, 9)
+        refused = check_batch.decode_refusals(data_frames.recv_exact(sock, length), 4)
+        assert sorted(refused) == [0, 2, 3]
+        assert refused[0][0] == Status.CAPABILITY_REFUSED
+        assert "no write capability" in refused[0][1]
+        assert refused[2][0] == Status.OUT_OF_RANGE
+        assert refused[3][0] == Status.NO_SEGMENT
+        sock.sendall(data_frames.encode_request(Op.READ, segment, 10, victim.offset,
+                                                VICTIM_BYTES, victim.capability))
+        assert read_reply(sock)[0] == Status.OK
+        assert data_frames.recv_exact(sock, VICTIM_BYTES) == value
+    client.put_revoke(["fresh"], client_id="cluster")
+    assert store.get("victim-5", verify=True) == value
+
+
+@pytest.mark.parametrize("frame", ["count", "truncated", "empty-segment"])
+def test_malformed_check_writes_is_a_bad_frame(store, client, frame):
+    """A CHECK_WRITES body that disagrees with its header, is cut short or names an empty
+    segment id gets BAD_FRAME and a close; the daemon serves the next connection."""
+    store.put(f"before-{frame}", payload(4096, 10))
+    victim = replica_of(client, f"before-{frame}")
+    segment = victim.segment_id.encode()
+    if frame == "count":
+        request = check_writes_request(1, [(segment, 0, 10, b"")], count=2)
+    elif frame == "truncated":
+        request = check_writes_request(1, [(segment, 0, 10, b"")])[:-3]
+        request = request[:data_frames.REQUEST.size - 8] + \
+            (len(request) - data_frames.REQUEST.size).to_bytes(8, "little") + \
+            request[data_frames.REQUEST.size:]
+    else:
+        entry = check_batch.RANGE.pack(0, 0, 0, 10)
+        request = data_frames.REQUEST.pack(data_frames.REQUEST_MAGIC, Op.CHECK_WRITES, 0, 0,
+                                           1, 1, len(entry)) + entry
+    host, port = victim.data_addr.rsplit(":", 1)
+    with socket.create_connection((host, int(port)), timeout=TIMEOUT_S) as sock:
+        sock.sendall(data_frames.encode_hello(None))
+        assert read_reply(sock)[0] == Status.OK
+        sock.sendall(request)
+        status, message = read_reply(sock)
+        assert status == Status.BAD_FRAME and "CHECK_WRITES" in message
+        assert sock.recv(1) == b""      # closed
+    value = payload(4096, 9)
+    store.put(f"after-{frame}", value)
+    assert store.get(f"after-{frame}", verify=True) == value
 
 
 def read_reply(sock: socket.socket) -> tuple[Status, str]:

@@ -39,7 +39,7 @@ from kvstore._tls import TLSConfig
 from kvstore._wire import BadHello, data_plane_token, read_hello, tokens_equal
 from kvstore.daemon.backends import Backend
 from kvstore.daemon.write_guard import CapabilityRefused, RangeCommitted, WriteGuard
-from kvstore.transport import data_frames
+from kvstore.transport import check_batch, data_frames
 from kvstore.transport.data_frames import Op, Status
 
 log = logging.getLogger("kvstore.daemon.dataplane")
@@ -63,7 +63,8 @@ class DataPlaneStats:
     num_errors: int = 0
     bytes_read: int = 0
     bytes_written: int = 0
-    num_write_checks: int = 0   # CHECK_WRITE requests (before NIXL writes), allowed or not
+    num_write_checks: int = 0   # ranges write-checked (before NIXL writes), allowed or not
+    num_check_requests: int = 0  # CHECK_WRITE and CHECK_WRITES requests (one per batch)
 
 
 class _BadFrame(Exception):
@@ -223,6 +224,7 @@ class DataPlaneServer(ThreadedTcpServer):
         if op_code == _CHECK_WRITE:
             # NOTE: no payload follows, so a refusal leaves the connection usable
             self.stats.num_write_checks += 1
+            self.stats.num_check_requests += 1
             self.stats.num_errors += status != Status.OK
             conn.sendall(data_frames.encode_reply(status, request_id, 0, message))
             return True
@@ -247,7 +249,7 @@ class DataPlaneServer(ThreadedTcpServer):
     def _serve_control(self, conn: socket.socket, reader, op_code: int, flags: int,
                        seg_len: int, request_id: int, offset: int, length: int,
                        principal: str) -> bool:
-        """PING, COMMIT, CLIENT_COMMIT; _BadFrame for any other op."""
+        """PING, COMMIT, CLIENT_COMMIT, CHECK_WRITES; _BadFrame for any other op."""
         if op_code == Op.PING:
             if seg_len:
                 raise _BadFrame("PING carries no segment id")
@@ -258,6 +260,9 @@ class DataPlaneServer(ThreadedTcpServer):
                                 bool(flags & data_frames.FLAG_SIGNED))
         if op_code == Op.CLIENT_COMMIT:
             return self._client_commit(conn, reader, seg_len, request_id, length, principal)
+        if op_code == Op.CHECK_WRITES:
+            return self._check_writes(conn, reader, seg_len, request_id, offset, length,
+                                      principal)
         raise _BadFrame(f"unknown op {op_code}")
 
     def _commit(self, conn: socket.socket, reader, seg_len: int, request_id: int,
@@ -312,10 +317,52 @@ class DataPlaneServer(ThreadedTcpServer):
                                                                 len(payload)), payload])
         return True
 
-    def _check_write(self, segment: Backend, offset: int, length: int, blob: bytes,
-                     principal: str) -> tuple[Status, str]:
-        """(OK, "") if the guard allows the write, else the refusal's status and reason."""
+    def _check_writes(self, conn: socket.socket, reader, seg_len: int, request_id: int,
+                      count: int, length: int, principal: str) -> bool:
+        """Check every range of a CHECK_WRITES body (``check_batch``); one reply listing the
+        refused ones. The connection stays usable (no payload follows)."""
+        if seg_len:
+            raise _BadFrame("CHECK_WRITES carries no segment id")
+        if length > check_batch.MAX_BODY_BYTES or count > check_batch.MAX_RANGES:
+            raise _BadFrame(f"CHECK_WRITES of {count} ranges in {length} bytes exceeds "
+                            f"{check_batch.MAX_RANGES} ranges or "
+                            f"{check_batch.MAX_BODY_BYTES} bytes")
+        try:
+            ranges = list(check_batch.decode_ranges(_read_exact(reader, length)))
+        except ValueError as exc:
+            raise _BadFrame(f"CHECK_WRITES body: {exc}") from exc
+        if len(ranges) != count:
+            raise _BadFrame(f"CHECK_WRITES announces {count} ranges, carries {len(ranges)}")
+        # NOTE: the commit ring drained once for the whole batch, not once per range
         if self.before_write_check is not None and self._guard.enforcing:
+            self.before_write_check()
+        refusals = []
+        for index, (segment_id, offset, range_length, blob) in enumerate(ranges):
+            segment = self._segment_id_to_segment.get(segment_id)
+            if segment is None:
+                status, message = Status.NO_SEGMENT, "no such segment on this node"
+            elif not segment.check_range(offset, range_length):
+                status, message = Status.OUT_OF_RANGE, (
+                    f"range [{offset}, +{range_length}) outside segment of "
+                    f"{segment.size_bytes} bytes")
+            else:
+                status, message = self._check_write(segment, offset, range_length, blob,
+                                                    principal, drain=False)
+            if status != Status.OK:
+                refusals.append((index, status, message))
+        self.stats.num_write_checks += count
+        self.stats.num_check_requests += 1
+        self.stats.num_errors += len(refusals)
+        payload = check_batch.encode_refusals(refusals)
+        data_frames.sendmsg_all(conn, [data_frames.encode_reply(Status.OK, request_id,
+                                                                len(payload)), payload])
+        return True
+
+    def _check_write(self, segment: Backend, offset: int, length: int, blob: bytes,
+                     principal: str, *, drain: bool = True) -> tuple[Status, str]:
+        """(OK, "") if the guard allows the write, else the refusal's status and reason.
+        ``drain``: drain the commit ring first (a batch drains it once)."""
+        if drain and self.before_write_check is not None and self._guard.enforcing:
             self.before_write_check()
         try:
             self._guard.check(segment.segment_id, offset, length, blob, principal)

@@ -33,7 +33,9 @@ class _DaemonCollector:
                     ("reads", stats.num_reads, "READ requests served"),
                     ("writes", stats.num_writes, "WRITE requests served"),
                     ("write_checks", stats.num_write_checks,
-                     "CHECK_WRITE requests (capability checks before NIXL writes)"),
+                     "Ranges write-checked (capability checks before NIXL writes)"),
+                    ("write_check_requests", stats.num_check_requests,
+                     "CHECK_WRITE and CHECK_WRITES requests (one per range or per batch)"),
                     ("errors", stats.num_errors, "Requests refused or malformed"),
                     ("read_bytes", stats.bytes_read, "Bytes sent to clients"),
                     ("written_bytes", stats.bytes_written, "Bytes received from clients")):

@@ -38,7 +38,8 @@ class DaemonNixlAgent:
             self.close()
             raise
         self.metadata = nixl_meta.pack(nixl_meta.NodeNixlInfo(
-            self._handle.name, registered, self._handle.agent.get_agent_metadata()))
+            self._handle.name, registered, self._handle.agent.get_agent_metadata(),
+            batched_checks=True))
         self.segment_ids = sorted(registered)
 
     @property

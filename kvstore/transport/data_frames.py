@@ -43,6 +43,9 @@ Request (client -> server), 26-byte header, then the segment id, then the capabi
     without its payload: the daemon runs every check a WRITE gets (segment, range,
     capability, committed ranges) and answers OK or the refusal; the connection stays
     usable either way (no payload follows). See docs/ARCHITECTURE.md, Write capabilities.
+    CHECK_WRITES (7) is every CHECK_WRITE of one batch in one request (no segment id,
+    ``offset`` = the number of ranges, a body of ``length`` bytes), answered by one reply
+    listing the refused ranges; body and reply in ``check_batch``.
 
 Reply (server -> client), 16-byte header, then the message, then for a READ that succeeded the
 payload::
@@ -100,6 +103,7 @@ class Op(enum.IntEnum):
     COMMIT = 4
     CLIENT_COMMIT = 5
     CHECK_WRITE = 6
+    CHECK_WRITES = 7
 
 
 class Status(enum.IntEnum):

@@ -5,8 +5,9 @@ the agent's metadata through the master (``nixl_meta``). This transport learns i
 ``nodes`` (``{node_id: nixl_metadata}``, the client's ListNodes), loads it into its own agent
 once per daemon process, and moves bytes without the daemon's CPU: a get is a READ into the
 caller's buffer, a put a WRITE into the allocated range after the daemon checked its
-capability (``nixl_checks``: one CHECK_WRITE round trip per node and batch, overlapped with
-placing the local memory). UCX picks the wire: RDMA, or CMA/TCP on one host.
+capability (``nixl_checks``: one round trip per node and batch, one CHECK_WRITES request where
+the daemon serves it, overlapped with placing the local memory). UCX picks the wire: RDMA,
+or CMA/TCP on one host.
 
 Local memory: the caller's buffer itself when it lies in memory registered with
 ``register_memory`` (an engine's KV cache, once) or, from ``nixl_spans.DIRECT_MIN_BYTES`` on,
@@ -39,7 +40,7 @@ from kvstore._errors import (ClosedError, ConfigError, KVStoreError, TransferErr
 from kvstore.transport import byte_views, nixl_meta
 from kvstore.transport.base import Target, Transport
 from kvstore.transport.nixl_checks import WriteChecks
-from kvstore.transport.nixl_spans import Span, direct_spans
+from kvstore.transport.nixl_spans import Span, direct_spans, register_spans, release_spans
 from kvstore.transport.nixl_lib import AgentHandle, new_agent, nixl_available
 from kvstore.transport.nixl_staging import StagingPool, StagingBuffer
 
@@ -204,9 +205,10 @@ class NixlTransport(Transport):
         spans: list[Span] = []
         try:
             # NOTE: a WRITE's checks travel while its local memory is registered or copied
-            checks = {node_id: self._checks.send(node_id, [i.target for i in node_items],
-                                                 deadline)
-                      for node_id, node_items in node_to_items.items()} if op == "WRITE" else {}
+            checks = {node_id: self._checks.send(
+                node_id, [i.target for i in node_items], deadline,
+                batched=getattr(self._node_to_info.get(node_id), "batched_checks", False))
+                for node_id, node_items in node_to_items.items()} if op == "WRITE" else {}
             spans = self._place(node_to_items, results)
             if op == "WRITE":
                 self._stage_sources(node_to_items, results)
@@ -236,15 +238,13 @@ class NixlTransport(Transport):
         spans = direct_spans(unplaced)
         with self._lock:
             handle = self._agent()
-            for span in spans:
-                try:
-                    span.descs = handle.register(span.start, span.length)
-                except ConfigError as exc:
-                    for item in span.items:
-                        results[item.index] = exc
-                    continue
+            for span, exc in register_spans(handle, spans):
                 for item in span.items:
-                    item.span, item.local_address = span, item.buffer_address
+                    results[item.index] = exc
+            for span in spans:
+                if span.descs is not None:
+                    for item in span.items:
+                        item.span, item.local_address = span, item.buffer_address
             for item in unplaced:
                 if item.local_address == 0 and results[item.index] is None:
                     try:
@@ -385,9 +385,7 @@ class NixlTransport(Transport):
         released: its transfer may still use it)."""
         with self._lock:
             if self._handle is not None:
-                for span in spans:
-                    if not span.abandoned:
-                        self._handle.deregister(span.descs)
+                release_spans(self._handle, spans)
             pool = self._staging
             for node_items in node_to_items.values():
                 for item in node_items:

@@ -3,12 +3,14 @@ NIXL WRITE lands in its segment.
 
 NIXL (1.5.1, UCX backend) registers memory with full remote access, and the daemon registers
 its whole DRAM segment once, so a NIXL WRITE itself is never seen by the daemon. Before every
-NIXL WRITE the transport therefore sends the daemon one CHECK_WRITE request per range over the
-node's data plane (``data_frames``: a WRITE without its payload; the daemon runs the checks a
-tcp WRITE gets: segment, range, capability, committed ranges) and writes only the ranges the
-daemon allowed. A batch's checks to one node go pipelined on one pooled connection: one round
-trip per node per batch, overlapped by the transport with its staging copies (``send`` before
-the copies, ``receive`` after).
+NIXL WRITE the transport therefore asks the daemon over the node's data plane and writes only
+the ranges the daemon allowed: the daemon runs the checks a tcp WRITE gets (segment, range,
+capability, committed ranges). To a node that advertises it (``batched``: its NIXL metadata's
+``batched_checks``) a batch's ranges go in one CHECK_WRITES request answered by one reply
+(``check_batch``); to an older node, one CHECK_WRITE per range (``data_frames``: a WRITE
+without its payload), pipelined. Either way one round trip per node per batch on one pooled
+connection, overlapped by the transport with its staging copies (``send`` before the copies,
+``receive`` after).
 
 Guarantee and limit: a kvstore client never NIXL-writes a range its capability does not allow,
 so a buggy client, a stale or replayed capability, or a put whose object was committed in the
@@ -30,7 +32,7 @@ from typing import Sequence
 
 from kvstore._deadline import Deadline
 from kvstore._errors import KVStoreError, TransferError
-from kvstore.transport import data_frames
+from kvstore.transport import check_batch, data_frames
 from kvstore.transport.base import Target
 from kvstore.transport.data_frames import Op, PeerClosedError, Status
 from kvstore.transport.tcp_conn import Connection, ConnectionPool, map_os_error
@@ -42,10 +44,14 @@ MAX_IDLE_PER_NODE = 4
 class Pending:
     """The checks of one node's ranges, sent and not yet answered."""
 
-    __slots__ = ("node_id", "targets", "deadline", "conn", "reused", "error")
+    __slots__ = ("node_id", "targets", "deadline", "batched", "counts", "conn", "reused",
+                 "error")
 
-    def __init__(self, node_id: str, targets: Sequence[Target], deadline: Deadline):
+    def __init__(self, node_id: str, targets: Sequence[Target], deadline: Deadline,
+                 batched: bool):
         self.node_id, self.targets, self.deadline = node_id, list(targets), deadline
+        self.batched = batched                  # CHECK_WRITES, not one CHECK_WRITE per range
+        self.counts: list[int] = []             # ranges per CHECK_WRITES request sent
         self.conn: Connection | None = None
         self.reused = False
         self.error: KVStoreError | None = None   # the send failed: every range fails
@@ -57,10 +63,14 @@ class WriteChecks:
     def __init__(self, *, token: str | None = None, tls=None):
         self._pool = ConnectionPool(token=token, max_idle_per_node=MAX_IDLE_PER_NODE, tls=tls)
 
-    def send(self, node_id: str, targets: Sequence[Target], deadline: Deadline) -> Pending:
-        """Send one CHECK_WRITE per target (all of ``node_id``) without waiting; never raises
-        (a failure is reported by ``receive``)."""
-        pending = Pending(node_id, targets, deadline)
+    def send(self, node_id: str, targets: Sequence[Target], deadline: Deadline, *,
+             batched: bool = False) -> Pending:
+        """Send the checks of ``targets`` (all of ``node_id``) without waiting: CHECK_WRITES
+        when ``batched`` (the node serves op 7) and there are several, else one CHECK_WRITE
+        per target. Never raises (a failure is reported by ``receive``)."""
+        # NOTE: one range goes as CHECK_WRITE either way: the batched form's body and
+        # payload cost a little more than they save there (bench/nixl_checks_bench.py)
+        pending = Pending(node_id, targets, deadline, batched and len(targets) > 1)
         self._send(pending)
         return pending
 
@@ -106,10 +116,11 @@ class WriteChecks:
             conn.set_deadline(pending.deadline)
             # NOTE: one send for the whole batch (request ids are not matched: replies come
             # in order)
-            conn.sock.sendall(b"".join(
-                data_frames.encode_request(Op.CHECK_WRITE, target.segment_id.encode(), i,
-                                           target.offset, target.length, target.capability)
-                for i, target in enumerate(pending.targets)))
+            conn.sock.sendall(_requests(pending))
+        except ValueError as exc:
+            self._drop(pending)
+            pending.error = TransferError(f"nixl {pending.node_id}: cannot frame the write "
+                                          f"checks: {exc}")
         except (OSError, KVStoreError) as exc:
             if isinstance(exc, OSError) and reused and not fresh:
                 self._drop(pending)
@@ -123,14 +134,32 @@ class WriteChecks:
         conn = pending.conn
         conn.set_deadline(pending.deadline)
         results: list[KVStoreError | None] = []
-        for target in pending.targets:
-            status, message, length = conn.read_reply()
-            if length:
-                raise TransferError(f"nixl {pending.node_id}: write check reply carries "
-                                    f"{length} bytes, expected none")
-            results.append(None if status == Status.OK else TransferError(
-                f"nixl {pending.node_id}: write of segment {target.segment_id!r} "
-                f"[{target.offset}, +{target.length}) refused: {status.name}: {message}"))
+        if pending.batched:
+            for count in pending.counts:
+                status, message, length = conn.read_reply()
+                if status != Status.OK:
+                    raise TransferError(f"nixl {pending.node_id}: write checks refused: "
+                                        f"{status.name}: {message}")
+                if length > check_batch.MAX_BODY_BYTES:
+                    raise TransferError(f"nixl {pending.node_id}: write checks reply of "
+                                        f"{length} bytes")
+                try:
+                    refused = check_batch.decode_refusals(
+                        data_frames.recv_exact(conn.sock, length), count)
+                except ValueError as exc:
+                    raise TransferError(f"nixl {pending.node_id}: malformed write checks "
+                                        f"reply: {exc}") from exc
+                for index in range(count):
+                    status, message = refused.get(index, (Status.OK, ""))
+                    results.append(_result(pending, pending.targets[len(results)], status,
+                                           message))
+        else:
+            for target in pending.targets:
+                status, message, length = conn.read_reply()
+                if length:
+                    raise TransferError(f"nixl {pending.node_id}: write check reply carries "
+                                        f"{length} bytes, expected none")
+                results.append(_result(pending, target, status, message))
         pending.conn = None
         self._pool.release(conn)
         return results
@@ -140,3 +169,28 @@ class WriteChecks:
         if pending.conn is not None:
             pending.conn.close()
             pending.conn = None
+
+
+def _requests(pending: Pending) -> bytes:
+    """Every request of ``pending``, framed, in order (a batched one notes its counts).
+    ValueError for a segment id or capability the frames cannot carry."""
+    if pending.batched:
+        requests = check_batch.encode_ranges([
+            (t.segment_id.encode(), t.offset, t.length, t.capability) for t in pending.targets])
+        pending.counts = [count for count, _ in requests]
+        return b"".join(data_frames.REQUEST.pack(data_frames.REQUEST_MAGIC, Op.CHECK_WRITES, 0,
+                                                 0, i, count, len(body)) + body
+                        for i, (count, body) in enumerate(requests))
+    return b"".join(data_frames.encode_request(Op.CHECK_WRITE, target.segment_id.encode(), i,
+                                               target.offset, target.length, target.capability)
+                    for i, target in enumerate(pending.targets))
+
+
+def _result(pending: Pending, target: Target, status: Status,
+            message: str) -> KVStoreError | None:
+    """None for an allowed range, else the refusal naming the node, the range and why."""
+    if status == Status.OK:
+        return None
+    return TransferError(f"nixl {pending.node_id}: write of segment {target.segment_id!r} "
+                         f"[{target.offset}, +{target.length}) refused: {status.name}: "
+                         f"{message}")

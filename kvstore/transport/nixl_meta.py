@@ -4,7 +4,9 @@ NIXL's own agent metadata (the blob ``add_remote_agent`` loads: agent name, UCX 
 address, registered memory and remote keys) says nothing about which of the daemon's segments
 lies at which address, so the daemon wraps it: a 4-byte big-endian header length, a JSON
 header ``{"v": 1, "agent": NAME, "segments": {SEGMENT_ID: [ADDRESS, SIZE, MEM_TYPE,
-DEVICE_ID]}}``, then NIXL's blob. Empty bytes mean "no NIXL on this node".
+DEVICE_ID]}, "batched_checks": true}``, then NIXL's blob. Empty bytes mean "no NIXL on this
+node". ``batched_checks`` (absent: false; a daemon older than it omits it, and older clients
+ignore it) says the node's data plane serves CHECK_WRITES (op 7, ``check_batch``).
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ class NodeNixlInfo:
     agent_name: str
     segments: dict[str, RemoteSegment]
     agent_metadata: bytes
+    batched_checks: bool = False    # the data plane serves CHECK_WRITES (one per batch)
 
 
 def pack(info: NodeNixlInfo) -> bytes:
@@ -45,6 +48,7 @@ def pack(info: NodeNixlInfo) -> bytes:
         "v": VERSION, "agent": info.agent_name,
         "segments": {sid: [s.address, s.size_bytes, s.mem_type, s.device_id]
                      for sid, s in info.segments.items()},
+        **({"batched_checks": True} if info.batched_checks else {}),
     }).encode()
     return _HEADER_LENGTH.pack(len(header)) + header + info.agent_metadata
 
@@ -67,6 +71,7 @@ def unpack(data: bytes, node_id: str) -> NodeNixlInfo | None:
         segments = {str(sid): RemoteSegment(int(a), int(n), str(m), int(d))
                     for sid, (a, n, m, d) in header["segments"].items()}
         return NodeNixlInfo(str(header["agent"]), segments,
-                            bytes(data[_HEADER_LENGTH.size + length:]))
+                            bytes(data[_HEADER_LENGTH.size + length:]),
+                            header.get("batched_checks") is True)
     except (ValueError, KeyError, TypeError, struct.error) as exc:
         raise KVStoreError(f"node {node_id}: malformed NIXL metadata: {exc}") from exc
