@@ -13,7 +13,8 @@ its tree has (``kvstore.client.writer``; a stage the tree lacks is simply absent
 - ``write``: ``Transfers.write`` (shm copies or tcp WRITE frames);
 - ``ring_commit``, ``commit send``, ``commit wait``: durable commit's ring record,
   CLIENT_COMMIT frames and the daemons' answers (``DaemonCommitter``);
-- ``put_end``: the PutEnd round trip;
+- ``put_end``: the PutEnd round trip; where the tree overlaps it with the ring record,
+  ``put_end send`` and ``put_end wait`` (the ring record is appended between them);
 - ``other``: the rest of the call (key checks, bookkeeping).
 
 Beside them, per batch, the CPU milliseconds the master and the daemon spent (from
@@ -50,8 +51,8 @@ from pathlib import Path
 KIB = 1024
 MIB = 1024 * KIB
 SCENARIOS = (("shm", 32, MIB), ("shm", 128, 64 * KIB), ("tcp", 32, MIB))
-STAGES = ("put_start send", "checksum", "put_start wait", "write", "ring_commit",
-          "commit send", "put_end", "commit wait", "other", "total")
+STAGES = ("put_start send", "checksum", "put_start wait", "write", "commit send", "put_end",
+          "put_end send", "ring_commit", "put_end wait", "commit wait", "other", "total")
 _TICKS_PER_S = os.sysconf("SC_CLK_TCK")
 
 
@@ -82,17 +83,32 @@ def _timed(stage: str, fn):
 
 
 class _TimedPending:
-    """A PutStart in flight whose ``result()`` is timed as the wait for its reply."""
+    """A call in flight whose ``result()`` is timed as stage ``stage``."""
 
-    def __init__(self, pending):
+    def __init__(self, pending, stage: str):
         self._pending = pending
+        self._stage = stage
 
     def result(self):
         t0 = time.perf_counter()
         try:
             return self._pending.result()
         finally:
-            REC.add("put_start wait", time.perf_counter() - t0)
+            REC.add(self._stage, time.perf_counter() - t0)
+
+
+def _split(cls, name: str, send_stage: str, wait_stage: str) -> None:
+    """Wrap ``cls.name`` (a ``begin_*`` verb): its call as ``send_stage``, its result's
+    wait as ``wait_stage``."""
+    begin = getattr(cls, name)
+
+    def wrapper(self, *args, **kwargs):
+        t0 = time.perf_counter()
+        pending = begin(self, *args, **kwargs)
+        REC.add(send_stage, time.perf_counter() - t0)
+        return _TimedPending(pending, wait_stage)
+
+    setattr(cls, name, wrapper)
 
 
 def _instrument() -> None:
@@ -100,16 +116,11 @@ def _instrument() -> None:
     from kvstore.client import transfer, writer
     from kvstore.rpc import MasterClient
 
-    start = MasterClient.begin_put_start
-
-    def begin_put_start(self, *args, **kwargs):
-        t0 = time.perf_counter()
-        pending = start(self, *args, **kwargs)
-        REC.add("put_start send", time.perf_counter() - t0)
-        return _TimedPending(pending)
-
-    MasterClient.begin_put_start = begin_put_start
-    MasterClient.put_end = _timed("put_end", MasterClient.put_end)
+    _split(MasterClient, "begin_put_start", "put_start send", "put_start wait")
+    if hasattr(MasterClient, "begin_put_end"):   # PutEnd overlapped with the ring record
+        _split(MasterClient, "begin_put_end", "put_end send", "put_end wait")
+    else:
+        MasterClient.put_end = _timed("put_end", MasterClient.put_end)
     transfer.Transfers.write = _timed("write", transfer.Transfers.write)
     raw_checksum = writer.checksum
 
