@@ -17,15 +17,17 @@ its tree has (``kvstore.client.writer``; a stage the tree lacks is simply absent
   ``put_end send`` and ``put_end wait`` (the ring record is appended between them);
 - ``other``: the rest of the call (key checks, bookkeeping).
 
-Beside them, per batch, the CPU milliseconds the master and the daemon spent (from
-``/proc/PID/stat``, over all batches of a scenario, so tick granularity averages out) and,
-timed apart, the per-key ``remove`` that some benchmarks put inside their timed loop, the master's own
-time in the PutStart and PutEnd handlers (its ``--metrics-port`` histogram sums: the work
-under its lock, without the round trip) and one master round trip (``exists``). The timed
+Beside them, per batch, the CPU milliseconds the client, the master and the daemon spent
+(``/proc/PID/stat``, over all batches of a scenario, so tick granularity averages out; on a
+loaded host a steadier figure than wall time), timed apart, the per-key ``remove`` that
+some benchmarks put inside their timed loop, the master's own time in the PutStart and
+PutEnd handlers (its ``--metrics-port`` histogram sums: the work under its lock, without
+the round trip) and one master round trip (``exists``). The timed
 batches start once the daemon's segment is allocated (its background ``posix_fallocate``
 would otherwise land inside them).
 
-Scenarios: shm 32 x 1 MiB, shm 128 x 64 KiB, tcp 32 x 1 MiB. Prints, per scenario and tree,
+Scenarios: shm 32 x 1 MiB, shm 128 x 64 KiB, tcp 32 x 1 MiB, tcp 1 x 64 KiB (a single put:
+its "total" median is the p50), or ``--scenarios``. Prints, per scenario and tree,
 the median of the rounds' medians with the min-max range, and the load average; writes
 bench/out/put_timeline.json.
 
@@ -50,7 +52,7 @@ from pathlib import Path
 
 KIB = 1024
 MIB = 1024 * KIB
-SCENARIOS = (("shm", 32, MIB), ("shm", 128, 64 * KIB), ("tcp", 32, MIB))
+SCENARIOS = (("shm", 32, MIB), ("shm", 128, 64 * KIB), ("tcp", 32, MIB), ("tcp", 1, 64 * KIB))
 STAGES = ("put_start send", "checksum", "put_start wait", "write", "commit send", "put_end",
           "put_end send", "ring_commit", "put_end wait", "commit wait", "other", "total")
 _TICKS_PER_S = os.sysconf("SC_CLK_TCK")
@@ -210,7 +212,8 @@ def _child(batches: int, scenarios: list[tuple[str, int, int]]) -> dict:
                 wait_allocated()
                 rows: list[dict[str, float]] = []
                 rpc0 = _master_rpc_s(metrics_url)
-                cpu0 = {"master": _cpu_s(master.proc.pid), "daemon": _cpu_s(daemon.proc.pid)}
+                cpu0 = {"master": _cpu_s(master.proc.pid), "daemon": _cpu_s(daemon.proc.pid),
+                        "client": time.process_time()}
                 REC.checksum_calls = 0
                 REC.checksum_threads.clear()
                 batch_keys = []
@@ -228,6 +231,7 @@ def _child(batches: int, scenarios: list[tuple[str, int, int]]) -> dict:
                     rows.append(stages)
                 cpu = {who: (_cpu_s(p.proc.pid) - cpu0[who]) / batches * 1e3
                        for who, p in (("master", master), ("daemon", daemon))}
+                cpu["client"] = (time.process_time() - cpu0["client"]) / batches * 1e3
                 rpc1 = _master_rpc_s(metrics_url)
                 handler_ms = {}
                 for method in ("PutStart", "PutEnd"):
@@ -257,6 +261,8 @@ def _child(batches: int, scenarios: list[tuple[str, int, int]]) -> dict:
                     "master_put_start_handler_ms": handler_ms["PutStart"],
                     "master_put_end_handler_ms": handler_ms["PutEnd"],
                     "daemon_cpu_ms_per_batch": cpu["daemon"],
+                    "client_cpu_ms_per_batch": cpu["client"],
+                    "all_cpu_ms_per_batch": sum(cpu.values()),
                     "per_key_removes_ms": statistics.median(removes) * 1e3,
                     "checksum_calls_per_value": REC.checksum_calls / (batches * batch),
                     "checksum_threads": sorted(REC.checksum_threads),
@@ -303,6 +309,8 @@ def _driver(args) -> None:
                              ("master PutEnd handler", "master_put_end_handler_ms"),
                              ("master CPU ms/batch", "master_cpu_ms_per_batch"),
                              ("daemon CPU ms/batch", "daemon_cpu_ms_per_batch"),
+                             ("client CPU ms/batch", "client_cpu_ms_per_batch"),
+                             ("all three CPU ms/batch", "all_cpu_ms_per_batch"),
                              ("per-key removes ms", "per_key_removes_ms"),
                              ("checksums per value", "checksum_calls_per_value")):
             print(f"{label:24s}" + "".join(

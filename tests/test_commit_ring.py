@@ -375,7 +375,7 @@ def test_a_torn_record_in_a_daemons_ring_is_dropped_and_later_puts_commit():
             restarted.close()
 
 
-def test_a_commit_whose_capability_is_about_to_expire_goes_by_frame_and_a_refusal_is_reported():
+def test_a_commit_whose_capability_expires_soon_goes_by_frame_and_its_refusal_is_reported():
     # NOTE: the drain refuses an expired capability where the writer never hears of it;
     # the writer sends such an entry as CLIENT_COMMIT, whose answer it reads
     with _master("--pending-timeout", "1s") as master, _daemon(master):
