@@ -51,6 +51,9 @@ MAX_WRITER_BYTES = 255
 MASTER_WRITER = "kvstore-master"
 _FIXED = struct.Struct("<BQQQQ16sB")
 MAX_CAPABILITY_BYTES = _FIXED.size + MAX_WRITER_BYTES + MAC_BYTES
+#: Where ``expiry_ms`` lies in the fixed part (after version u8, offset u64, length u64).
+_EXPIRY_OFFSET = 1 + 8 + 8
+_EXPIRY = struct.Struct("<Q")
 
 
 class Capability(NamedTuple):
@@ -141,6 +144,14 @@ def _issue(secret: bytes, node_id: str, segment_id: str, offset: int, length: in
     body = _FIXED.pack(VERSION, offset, length, expiry_ms, node_seq, object_id(key),
                        len(principal_bytes)) + principal_bytes
     return body + _mac(secret, body, node_id, segment_id, purpose)
+
+
+def expiry_ms(blob: bytes) -> int:
+    """The expiry (Unix ms) a capability states, unverified; 0 for a blob too short to be
+    one (so it reads as expired). For a holder deciding how to use its own capability."""
+    if len(blob) < _FIXED.size:
+        return 0
+    return _EXPIRY.unpack_from(blob, _EXPIRY_OFFSET)[0]
 
 
 def check(secret: bytes, node_id: str, segment_id: str, blob: bytes, offset: int,

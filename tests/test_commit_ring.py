@@ -8,7 +8,8 @@ refuses the append. With real master and daemon processes: a put through shared 
 durable without waking the daemon (SIGSTOPped from write to master SIGKILL, then adopted by
 a restarted master); a record with a forged capability is not applied nor adopted; a full
 ring falls back to CLIENT_COMMIT and the put succeeds; a ring-committed put the master
-refuses (revoked) is not resurrected by a restarted master.
+refuses (revoked) is not resurrected by a restarted master; a commit whose capability is
+about to expire goes by frame, not into the ring, so the daemon's refusal reaches the writer.
 """
 
 from __future__ import annotations
@@ -27,7 +28,8 @@ from client_cluster import payload
 from servers import ServerProcess
 
 import kvstore
-from kvstore import commit_ring
+from kvstore import capability, commit_ring
+from kvstore._deadline import Deadline
 from kvstore._posix_shm import unique_shm_name
 from kvstore.client.checksum import checksum
 from kvstore.client.committer import DaemonCommitter
@@ -371,3 +373,42 @@ def test_a_torn_record_in_a_daemons_ring_is_dropped_and_later_puts_commit():
         master.close()
         if restarted is not None:
             restarted.close()
+
+
+def test_a_commit_whose_capability_expires_soon_goes_by_frame_and_its_refusal_is_reported():
+    # NOTE: the drain refuses an expired capability where the writer never hears of it;
+    # the writer sends such an entry as CLIENT_COMMIT, whose answer it reads
+    with _master("--pending-timeout", "1s") as master, _daemon(master):
+        with kvstore.connect(master.address, timeout_s=10) as store:
+            store.put("anchor", b"a" * SIZE)        # every commit by frame here: it works
+            assert store.get("anchor") == b"a" * SIZE
+        client, _ = connect_master(master.address)
+        try:
+            value = payload(SIZE, seed=23)
+            slots = _shm_written(client, ["late"], value)
+            ring_name = next(iter(slots.commit_rings.values()))
+            layout = writer_for(ring_name).layout
+            published = [layout.write_pos[i] for i in range(layout.num_regions)]
+            entry = (0, "late", slots[0][0], checksum(memoryview(value)))
+            committer = DaemonCommitter(None)
+            # 1 s of validity at most (the master's --pending-timeout): left to the frame
+            assert committer.ring_commit([entry], slots.commit_rings) == [entry]
+            assert committer.num_ring_expiring == 1 and committer.num_ring_records == 0
+            assert [layout.write_pos[i] for i in range(layout.num_regions)] == published
+            expiry_ms = capability.expiry_ms(slots[0][0].capability)
+            while time.time() * 1000 <= expiry_ms:
+                time.sleep(0.01)  # the capability's own wall-clock expiry
+            failures = committer.begin([entry], Deadline.after(10)).finish()
+            assert set(failures) == {0}
+            assert "'late'" in str(failures[0]) and "expired" in str(failures[0])
+            assert failures[0].keys == ["late"]
+            committer.close()
+        finally:
+            client.close()
+
+
+def test_capability_expiry_reads_the_stated_expiry_and_a_short_blob_as_expired():
+    blob = capability.issue(capability.new_secret(), "n", "s", 0, 10, "k", "", 1234567, 0)
+    assert capability.expiry_ms(blob) == 1234567
+    assert capability.expiry_ms(b"") == 0
+    assert capability.expiry_ms(blob[:10]) == 0

@@ -4,7 +4,10 @@ after it, so a put waits for the longer of PutEnd and the daemons' commits, not 
 Replicas written through shared memory to a daemon with a commit ring are committed by
 appending one record per daemon per batch to that ring instead (``ring_commit``,
 ``kvstore/commit_ring.py``): durable once appended, with no daemon wake-up; a ring that is
-full, gone or cannot be mapped leaves its entries to the frame.
+full, gone or cannot be mapped leaves its entries to the frame, and so does an entry whose
+capability has less than ``RING_MIN_VALIDITY_S`` left: the daemon drains its ring later and
+refuses an expired capability there, where the writer would never hear of it, while the
+frame's answer reports a refusal to the writer.
 
 Guarantee: ``Commits.finish`` reports a key as committed only if every daemon it was sent
 to answered that its object table holds it (durably for SSD); any other outcome (a refused
@@ -20,10 +23,11 @@ Thread-safe (the pool is; each batch uses its own connections).
 from __future__ import annotations
 
 import socket
+import time
 from collections import defaultdict
 from typing import Sequence
 
-from kvstore import commit_ring
+from kvstore import capability, commit_ring
 from kvstore._deadline import Deadline
 from kvstore._errors import KVStoreError, TransferError
 from kvstore._principal import principal_for_token
@@ -40,31 +44,46 @@ MAX_IDLE_PER_NODE = 4
 #: master's --commit-timeout default, for the same reasons (docs/ARCHITECTURE.md, Durable
 #: commit): far above a healthy daemon's sub-millisecond answer, below the RPC timeout.
 COMMIT_TIMEOUT_S = 2.0
+#: Least validity a write capability must have left for its commit to go into a ring
+#: (else: the frame). NOTE: the daemon drains every 20 ms (``daemon/ring_drain.py``) and
+#: checks expiry with the same host's clock; 1 s is 50 drain intervals, and a capability
+#: lives the master's --pending-timeout (30 s) from PutStart, so only a put that took
+#: over 29 s from PutStart to its commit (or a master with a pending timeout under 1 s)
+#: loses the ring's shortcut.
+RING_MIN_VALIDITY_S = 1.0
 
 
 class DaemonCommitter:
     """Sends CLIENT_COMMIT frames to replica daemons over pooled connections."""
 
-    def __init__(self, token: str | None, tls: TLSConfig | None = None):
+    def __init__(self, token: str | None, tls: TLSConfig | None = None,
+                 wall_clock=time.time):
+        self._wall_clock = wall_clock     # the capabilities' clock (Unix seconds)
         self._pool = ConnectionPool(token=token, max_idle_per_node=MAX_IDLE_PER_NODE, tls=tls)
         # NOTE: the principal the daemon's data plane would give our connections: the
         # capability names it, and a ring record says it (the capability's MAC binds it)
         self._principal = principal_for_token(token)
         self.num_ring_records = 0     # batches committed through a ring
         self.num_ring_fallbacks = 0   # batches a ring could not take (full, gone, unmapped)
+        self.num_ring_expiring = 0    # entries sent by frame: capability about to expire
 
     def ring_commit(self, entries: Sequence[tuple[int, str, Target, int]],
                     rings: dict[str, str]) -> list[tuple[int, str, Target, int]]:
         """Append the commit of each entry whose node has a ring in ``rings`` (node id ->
         shm name; the caller passes only entries written through shared memory), one record
-        per node; return the entries left for ``begin`` (no ring, or the ring refused)."""
+        per node; return the entries left for ``begin`` (no ring, the ring refused, or a
+        capability that expires within ``RING_MIN_VALIDITY_S``)."""
         by_node: dict[str, list] = defaultdict(list)
         rest = []
+        valid_from_ms = int((self._wall_clock() + RING_MIN_VALIDITY_S) * 1000)
         for entry in entries:
-            if entry[2].node_id in rings:
-                by_node[entry[2].node_id].append(entry)
-            else:
+            if entry[2].node_id not in rings:
                 rest.append(entry)
+            elif capability.expiry_ms(entry[2].capability) <= valid_from_ms:
+                self.num_ring_expiring += 1
+                rest.append(entry)
+            else:
+                by_node[entry[2].node_id].append(entry)
         for node_id, group in by_node.items():
             try:
                 writer = commit_ring.writer_for(rings[node_id])

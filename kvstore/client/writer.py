@@ -189,43 +189,70 @@ def _end(master: MasterClient, transfers: Transfers, settings: PutSettings,
          committed: list[int], indices: list[int], names: list[str], sums: list[int],
          results: list[KVStoreError | None], slots: Any) -> None:
     """PutEnd of the written keys. Where the master asked for it (``slots.client_commit``)
-    the keys' commits go to their replica daemons first and are read after PutEnd, so the
-    two round trips overlap; a key a daemon did not confirm fails (TransferError naming
-    it and the node, retryable) and is removed again, so no success names a replica whose
-    daemon does not know it and a retried put writes it anew."""
+    the keys' commits go to their replica daemons too, overlapping PutEnd's round trip:
+    CLIENT_COMMIT frames are sent before PutEnd and read after it, commit-ring records are
+    appended while PutEnd is out (before its reply is read, so before the put returns). A
+    key a daemon did not confirm fails (TransferError naming it and the node, retryable)
+    and is removed again, so no success names a replica whose daemon does not know it and
+    a retried put writes it anew."""
     end_names = [names[j] for j in committed]
-    commits = None
-    if getattr(slots, "client_commit", False) and transfers.committer is not None:
-        entries = [(j, names[j], target, sums[j]) for j in committed for target in slots[j]]
-        rings = getattr(slots, "commit_rings", None)
-        if rings:
-            # NOTE: only replicas written through shared memory: the ring is a same-host
-            # object, and a tcp writer's commit keeps its frame (its confirmation)
-            by_shm = [e for e in entries if _shm_write(transfers, e[2])]
-            if by_shm:
-                left = transfers.committer.ring_commit(by_shm, rings)
-                entries = [e for e in entries if not _shm_write(transfers, e[2])] + left
-        commits = transfers.committer.begin(entries, settings.deadline)
+    end_sums = [sums[j] for j in committed]
+    committer = transfers.committer
+    if not getattr(slots, "client_commit", False) or committer is None:
+        try:
+            ended = master.put_end(end_names, end_sums, client_id=settings.client_id,
+                                   deadline=settings.deadline)
+        except BaseException:
+            _revoke(master, settings, end_names)
+            raise
+        _note_ended(committed, ended, indices, results)
+        return
+    entries = [(j, names[j], target, sums[j]) for j in committed for target in slots[j]]
+    by_ring: list = []
+    rings = getattr(slots, "commit_rings", None)
+    if rings:
+        # NOTE: only replicas written through shared memory to a node with a ring: the
+        # ring is a same-host object, and a tcp writer's commit keeps its frame (its
+        # confirmation)
+        by_frame = []
+        for entry in entries:
+            (by_ring if entry[2].node_id in rings and _shm_write(transfers, entry[2])
+             else by_frame).append(entry)
+        entries = by_frame
+    commits = [committer.begin(entries, settings.deadline)] if entries else []
     try:
-        ended = master.put_end(end_names, [sums[j] for j in committed],
-                               client_id=settings.client_id, deadline=settings.deadline,
-                               client_committed=commits is not None)
+        pending = master.begin_put_end(end_names, end_sums, client_id=settings.client_id,
+                                       deadline=settings.deadline, client_committed=True)
+        if by_ring:
+            # NOTE: appended while the master works on PutEnd: off the critical path. Safe
+            # after PutEnd is sent: a key the master refuses has its removal logged after
+            # the capability's sequence, so the daemon's removed-keys memory drops the
+            # record's entry whenever it drains it (docs/ARCHITECTURE.md, Commit ring)
+            left = committer.ring_commit(by_ring, rings)
+            if left:
+                commits.append(committer.begin(left, settings.deadline))
+        ended = pending.result()
     except BaseException:
-        if commits is not None:
-            commits.abandon()
+        for commit in commits:
+            commit.abandon()
         _revoke(master, settings, end_names)
         raise
-    for j, error in zip(committed, ended):
-        if error is not None:
-            results[indices[j]] = error
-    if commits is None:
-        return
-    failures = commits.finish()
+    _note_ended(committed, ended, indices, results)
+    failures: dict[int, KVStoreError] = {}
+    for commit in commits:
+        failures.update(commit.finish())
     unconfirmed = [j for j, error in zip(committed, ended) if error is None and j in failures]
     for j in unconfirmed:
         results[indices[j]] = failures[j]
     if unconfirmed:
         _remove(master, [names[j] for j in unconfirmed])
+
+
+def _note_ended(committed: list[int], ended: list, indices: list[int],
+                results: list[KVStoreError | None]) -> None:
+    for j, error in zip(committed, ended):
+        if error is not None:
+            results[indices[j]] = error
 
 
 def _shm_write(transfers: Transfers, target) -> bool:

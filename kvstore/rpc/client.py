@@ -117,10 +117,19 @@ class MasterClient:
         Per key: None, or KeyNotFoundError (not this writer's pending object: revoked or
         reclaimed). Idempotent. ``client_committed``: the caller committed the replicas on
         their daemons itself (CLIENT_COMMIT) and waits for them; the master does not."""
-        reply = self.call(_M["PutEnd"], pb.PutEndRequest(
+        return self.begin_put_end(keys, checksums, client_id=client_id, deadline=deadline,
+                                  client_committed=client_committed).result()
+
+    def begin_put_end(self, keys: Sequence[str], checksums: Sequence[int], *,
+                      client_id: str, deadline: Deadline | None = None,
+                      client_committed: bool = False) -> "_Result":
+        """Send PutEnd now; ``result()`` gives what ``put_end`` returns (and raises what it
+        raises), so the writer can work while the master commits."""
+        call = self.start(_M["PutEnd"], pb.PutEndRequest(
             keys=keys, client_id=client_id, checksums=checksums,
             client_committed=client_committed), deadline)
-        return messages.statuses_to_results(reply, keys, "PutEnd", "put_end")
+        return _Result(call, lambda reply: messages.statuses_to_results(
+            reply, keys, "PutEnd", "put_end"))
 
     def put_revoke(self, keys: Sequence[str], *, client_id: str,
                    deadline: Deadline | None = None) -> list[KVStoreError | None]:
