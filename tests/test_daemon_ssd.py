@@ -396,6 +396,15 @@ def test_lz4_stream_writes_frames_pipelined_and_round_trips_across_reopen(tmp_pa
         pieces = []
         backend.read_stream(offset, len(value), lambda view: pieces.append(bytes(view)))
         assert b"".join(pieces) == value, key
+    offset, value = objects["text"]                  # from inside frame 1 into frame 4
+    pieces = []
+    backend.read_stream(offset + (1 << 20) + 10, 3 << 20, lambda v: pieces.append(bytes(v)))
+    assert b"".join(pieces) == value[(1 << 20) + 10:(4 << 20) + 10]
+    moved = _compressible(CHUNK_BYTES + 9000)         # a tier move's write: an 8 MiB frame
+    backend.write_from(20 << 20, memoryview(moved))
+    pieces = []
+    backend.read_stream((20 << 20) + 5, CHUNK_BYTES, lambda v: pieces.append(bytes(v)))
+    assert b"".join(pieces) == moved[5:CHUNK_BYTES + 5]
     backend.close()
     reopened = SsdBackend("ssd0", 32 << 20, directory=str(tmp_path), node_id="n1",
                           direct_io=direct_io, codec="lz4")

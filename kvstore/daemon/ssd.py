@@ -418,15 +418,54 @@ class SsdBackend(Backend):
 
     def read_stream(self, offset: int, length: int,
                     drain: Callable[[memoryview], None]) -> None:
-        """Pipelined (``AlignedFile.read_stream``: pieces read ahead while earlier ones are
-        drained) unless a compressed frame overlaps the range (then the staged path)."""
+        """Pipelined: pieces read ahead while earlier ones are drained
+        (``AlignedFile.read_stream``), or, where compressed frames overlap the range, whole
+        frames read and decompressed ahead on the I/O threads (``_read_frames_stream``)."""
         if self._frames:
             with self._lock:
-                compressed = bool(self._frames_in(offset, length))
-            if compressed:
-                super().read_stream(offset, length, drain)
+                frames = [(start, self._frames[start][0])
+                          for start in self._frames_in(offset, length)]
+            if frames:
+                self._read_frames_stream(offset, length, frames, drain)
                 return
         self._file.read_stream(offset, length, drain)
+
+    def _read_frames_stream(self, offset: int, length: int, frames: list[tuple[int, int]],
+                            drain: Callable[[memoryview], None]) -> None:
+        """The codec's pipelined read: the range is cut at frame edges (a frame's part is
+        one piece, so each frame is decompressed once; raw stretches in STREAM_CHUNK_BYTES
+        pieces), and up to STREAM_DEPTH pieces are read (``read_into``) ahead on the I/O
+        threads while earlier ones are drained, in order."""
+        end = offset + length
+        pieces = []
+        position = offset
+        for start, raw_bytes in frames + [(end, 0)]:
+            lo, hi = max(start, offset), min(start + raw_bytes, end)
+            for gap in range(position, lo, STREAM_CHUNK_BYTES):   # raw bytes before it
+                pieces.append((gap, min(STREAM_CHUNK_BYTES, lo - gap)))
+            if hi > lo:
+                pieces.append((lo, hi - lo))
+            position = max(position, hi)
+        largest = max(num_bytes for _, num_bytes in pieces)
+        ring = getattr(self._local, "read_ring", None)
+        if ring is None or len(ring[0]) < largest:
+            ring = self._local.read_ring = [memoryview(bytearray(largest))
+                                            for _ in range(STREAM_DEPTH + 1)]
+        in_flight: deque[tuple[Future, memoryview]] = deque()
+        try:
+            for i, (at, num_bytes) in enumerate(pieces):
+                view = ring[i % len(ring)][:num_bytes]
+                in_flight.append((self._file.submit(self.read_into, at, view), view))
+                if len(in_flight) > STREAM_DEPTH:
+                    future, done = in_flight.popleft()
+                    future.result()
+                    drain(done)
+            while in_flight:
+                future, done = in_flight.popleft()
+                future.result()
+                drain(done)
+        finally:
+            wait_all(future for future, _ in in_flight)
 
     def _write_frames_stream(self, offset: int, length: int,
                              fill: Callable[[memoryview], None]) -> None:
