@@ -502,3 +502,35 @@ def test_concurrent_syncs_share_rounds_and_each_returns_with_its_records_on_disk
         assert len(reopened.recovered) == 64 and reopened.num_dropped_at_start == 0
     finally:
         reopened.close()
+
+
+def test_an_object_switched_back_to_its_ssd_copy_survives_a_sigkill(tmp_path):
+    """Inclusive tiers' guarantee: a demotion to the SSD copy a promotion kept writes no
+    bytes, yet the object is durable in the SSD index again (with its lz4 frames) once the
+    daemon acknowledged the switch, so a daemon killed then and restarted serves it."""
+    values = {f"k{i}": _compressible(1 << 20)[:-8] + b"%08d" % i for i in range(9)}
+    with ServerProcess(["master", "--port", "0", "--heartbeat-interval", "100ms",
+                        "--promote", "on-hit"]) as master:
+        extra = ("--dram", "8MiB", "--ssd-codec", "lz4")
+        daemon = ServerProcess(["daemon", "--master", master.address, "--ssd",
+                                f"{tmp_path}:64MiB", "--node-id", "ssd-node", *extra])
+        with kvstore.connect(master.address, transport="tcp", verify=True) as store:
+            for i in range(8):                           # DRAM at 100%: k0, k1 go down
+                store.put(f"k{i}", values[f"k{i}"], tier="dram")
+            _wait_indexed(tmp_path, ["k0", "k1"])
+            assert store.get("k0") == values["k0"]       # from SSD: promoted
+            deadline = time.monotonic() + 20
+            while "k0" in load_index(str(tmp_path / INDEX_NAME))[0]:
+                assert time.monotonic() < deadline, "k0 never promoted"
+                time.sleep(0.05)  # another process's heartbeats: no clock of ours
+            assert store.batch_get([f"k{i}" for i in range(2, 8)]) == [
+                values[f"k{i}"] for i in range(2, 8)]   # k0 the coldest in DRAM now
+            store.put("k8", values["k8"], tier="dram")  # DRAM full: k0 back to its copy
+            _wait_indexed(tmp_path, ["k0"])
+            daemon.kill()
+            daemon.close()
+            with ServerProcess(["daemon", "--master", master.address, "--ssd",
+                                f"{tmp_path}:64MiB", "--node-id", "ssd-node", *extra]):
+                _wait_served(store, "k0")
+                assert store.get("k0") == values["k0"]
+                assert store.get("k1") == values["k1"]
