@@ -8,6 +8,8 @@
    plane) against a real master and daemon (``--ssd DIR:SIZE``), per value size, beside (1):
    one key per call, and ``batch_put``/``batch_get_into`` of ``--batch`` keys per call (one
    PutStart, PutEnd and durable commit per batch, as an engine storing a request's blocks).
+   ``--ssd-codec lz4`` runs the daemon with the codec, ``--compressible`` puts values lz4 can
+   shrink (a repeated pattern) instead of random bytes.
 3. Daemon start (process start to ``listening on``) and a new client process's first 4 MiB
    put into the DRAM tier, for each ``--dram-gib`` size that fits in /dev/shm with room left.
 
@@ -86,7 +88,15 @@ def disk_ceiling(directory: str, num_bytes: int) -> dict:
             "qd4_1mib": {"write_gbps": four[0], "read_gbps": four[1]}}
 
 
-def ssd_rows(directory: str, sizes: list[int], total_bytes: int, batch: int) -> list[dict]:
+def _value(size: int, compressible: bool) -> np.ndarray:
+    """Random bytes (lz4 cannot shrink them), or a repeated 16-byte pattern (it can)."""
+    if compressible:
+        return np.frombuffer((b"kv-cache block  " * (size // 16 + 1))[:size], np.uint8)
+    return np.random.default_rng(size).integers(0, 256, size, np.uint8)
+
+
+def ssd_rows(directory: str, sizes: list[int], total_bytes: int, batch: int,
+             codec: str = "none", compressible: bool = False) -> list[dict]:
     rows = []
     # NOTE: room for every size's objects, twice (single and batched calls): removed objects
     # stay leased after their get, so reusing the space would evict instead of measuring
@@ -95,12 +105,14 @@ def ssd_rows(directory: str, sizes: list[int], total_bytes: int, batch: int) -> 
     # compete with the next gets for the disk (as `kvstore bench transfer --ssd` does)
     with ServerProcess(["master", "--port", "0", "--promote", "off"]) as master, \
             ServerProcess(["daemon", "--master", master.address, "--dram", "16MiB",
-                           "--ssd", f"{directory}:{ssd_bytes}", "--no-reap-orphans"]), \
+                           "--ssd", f"{directory}:{ssd_bytes}", "--no-reap-orphans",
+                           *(("--ssd-codec", codec) if codec != "none" else ())]), \
             kvstore.connect(master.address, transport="tcp") as store:
         for size in sizes:
             count = max(2, total_bytes // size)
-            value = np.random.default_rng(size).integers(0, 256, size, np.uint8)
-            row = {"size_bytes": size, "count": count}
+            value = _value(size, compressible)
+            row = {"size_bytes": size, "count": count, "codec": codec,
+                   "compressible": compressible}
             for mode, step in (("single", 1), ("batch", batch)):
                 keys = [f"bench/{mode}/{size}/{i}" for i in range(count)]
                 groups = [keys[i:i + step] for i in range(0, count, step)]
@@ -169,6 +181,10 @@ def main() -> int:
                         help="start test daemons with --no-prefault (pages allocated only "
                              "where touched: for sizes the host's memory cannot spare)")
     parser.add_argument("--skip-ssd", action="store_true", help="only the start test")
+    parser.add_argument("--ssd-codec", default="none", choices=("none", "lz4"),
+                        help="the daemon's --ssd-codec")
+    parser.add_argument("--compressible", action="store_true",
+                        help="values lz4 can shrink (a repeated pattern) instead of random")
     args = parser.parse_args()
     directory = args.dir or tempfile.mkdtemp(prefix="kvstore-ssd-bench-", dir="/var/tmp")
     os.makedirs(directory, exist_ok=True)
@@ -180,7 +196,7 @@ def main() -> int:
         disk = disk_ceiling(directory, args.disk_mib * MIB)
         rows = ssd_rows(os.path.join(directory, "store"),
                         [int(s) for s in args.sizes.split(",")], args.total_mib * MIB,
-                        args.batch)
+                        args.batch, args.ssd_codec, args.compressible)
     starts = start_rows([int(s) for s in args.dram_gib.split(",") if s], not args.no_prefault)
     result = {"load_avg": load, "directory": directory, "disk": disk, "ssd": rows,
               "start": starts}
@@ -192,6 +208,7 @@ def main() -> int:
              f"{disk['qd1_8mib']['read_gbps']:.2f}; 1 MiB x4: "
              f"{disk['qd4_1mib']['write_gbps']:.2f} / {disk['qd4_1mib']['read_gbps']:.2f})"
              if "qd1_8mib" in disk else ""))
+    print(f"codec {args.ssd_codec}, {'compressible' if args.compressible else 'random'} values")
     print(f"{'value':>10} {'calls':>8} {'put GB/s':>9} {'% disk':>7} {'get GB/s':>9} {'% disk':>7}")
     for row in rows:
         for mode, prefix in (("single", ""), (f"batch {args.batch}", "batch_")):

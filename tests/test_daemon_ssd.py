@@ -365,3 +365,172 @@ def test_heartbeat_change_sets_reach_the_index_and_the_usage_counters(tmp_path):
     finally:
         ssd.close()
         dram.close()
+
+
+def _stream_write(backend, offset: int, value: bytes, piece_bytes: int) -> None:
+    """``write_stream`` fed in ``piece_bytes`` slices, as the data plane's socket does."""
+    position = 0
+
+    def fill(view: memoryview) -> None:
+        nonlocal position
+        view[:] = value[position:position + len(view)]
+        position += len(view)
+    backend.write_stream(offset, len(value), fill)
+    assert position == len(value)
+
+
+@pytest.mark.parametrize("direct_io", [True, False], ids=["direct", "buffered"])
+def test_lz4_stream_writes_frames_pipelined_and_round_trips_across_reopen(tmp_path, direct_io):
+    backend = SsdBackend("ssd0", 32 << 20, directory=str(tmp_path), node_id="n1",
+                         direct_io=direct_io, codec="lz4")
+    objects = {"text": (64, _compressible((4 << 20) + 5000)),     # five frames (1 MiB)
+               "noise": (12 << 20, _bytes((2 << 20) + 77, 3))}    # stored raw
+    for key, (offset, value) in objects.items():
+        _stream_write(backend, offset, value, 1 << 20)
+        backend.note_stored(key, offset, len(value), checksum(value), 0)
+    backend.sync()
+    entries = {e.key: e for e in backend.used_entries()}
+    assert len(entries["text"].frames) == 5 and not entries["noise"].frames
+    assert sum(stored for _, _, stored in entries["text"].frames) < len(objects["text"][1]) // 4
+    for key, (offset, value) in objects.items():
+        pieces = []
+        backend.read_stream(offset, len(value), lambda view: pieces.append(bytes(view)))
+        assert b"".join(pieces) == value, key
+    offset, value = objects["text"]                  # from inside frame 1 into frame 4
+    pieces = []
+    backend.read_stream(offset + (1 << 20) + 10, 3 << 20, lambda v: pieces.append(bytes(v)))
+    assert b"".join(pieces) == value[(1 << 20) + 10:(4 << 20) + 10]
+    moved = _compressible(CHUNK_BYTES + 9000)         # a tier move's write: an 8 MiB frame
+    backend.write_from(20 << 20, memoryview(moved))
+    pieces = []
+    backend.read_stream((20 << 20) + 5, CHUNK_BYTES, lambda v: pieces.append(bytes(v)))
+    assert b"".join(pieces) == moved[5:CHUNK_BYTES + 5]
+    backend.close()
+    reopened = SsdBackend("ssd0", 32 << 20, directory=str(tmp_path), node_id="n1",
+                          direct_io=direct_io, codec="lz4")
+    try:
+        assert sorted(e.key for e in reopened.recovered) == sorted(objects)
+        offset, value = objects["text"]
+        out = bytearray(len(value))
+        reopened.read_into(offset, memoryview(out))
+        assert bytes(out) == value
+    finally:
+        reopened.close()
+
+
+def test_a_fill_error_in_an_lz4_stream_raises_and_stores_nothing(tmp_path):
+    backend = SsdBackend("ssd0", 8 << 20, directory=str(tmp_path), node_id="n1", codec="lz4")
+    try:
+        calls = []
+
+        def fill(view: memoryview) -> None:
+            calls.append(len(view))
+            if len(calls) == 2:
+                raise ConnectionError("peer went away")
+            view[:] = _compressible(len(view))
+        with pytest.raises(ConnectionError, match="peer went away"):
+            backend.write_stream(0, 3 << 20, fill)
+        assert backend.used_entries() == [] and backend.used_bytes == 0
+    finally:
+        backend.close()
+
+
+def test_a_freed_range_keeps_its_frames_until_it_is_overwritten(tmp_path):
+    """Inclusive tiers: the master may free an SSD object in the daemon's table (promoted to
+    DRAM) and later name the same range again with no write (demoted back): its compressed
+    bytes must still read right; a raw write over the range forgets the frames."""
+    backend = SsdBackend("ssd0", 16 << 20, directory=str(tmp_path), node_id="n1", codec="lz4")
+    try:
+        value = _compressible(3 << 20)
+        _stream_write(backend, 0, value, 1 << 20)
+        backend.note_stored("k", 0, len(value), checksum(value), 0)
+        backend.sync()
+        backend.note_freed("k", 0, len(value))                  # promoted: out of the index
+        backend.sync()
+        assert backend.used_entries() == [] and backend.used_bytes == 0
+        backend.note_stored("k", 0, len(value), checksum(value), 0)   # demoted back
+        backend.sync()
+        assert len(backend.used_entries()[0].frames) == 3
+        out = bytearray(len(value))
+        backend.read_into(0, memoryview(out))
+        assert bytes(out) == value
+    finally:
+        backend.close()
+    reopened = SsdBackend("ssd0", 16 << 20, directory=str(tmp_path), node_id="n1",
+                          codec="none")
+    try:
+        assert [e.key for e in reopened.recovered] == ["k"]      # index record and frames
+        reopened.note_freed("k", 0, len(value))
+        noise = _bytes(1 << 20, 4)
+        reopened.write_from(4096, memoryview(noise))              # raw, inside frame 0
+        out = bytearray(len(noise))
+        reopened.read_into(4096, memoryview(out))
+        assert bytes(out) == noise
+    finally:
+        reopened.close()
+
+
+def test_concurrent_syncs_share_rounds_and_each_returns_with_its_records_on_disk(tmp_path):
+    backend = SsdBackend("ssd0", 16 << 20, directory=str(tmp_path), node_id="n1")
+    errors = []
+
+    def writer(i: int) -> None:
+        try:
+            for j in range(8):
+                offset = (i * 8 + j) * 65536
+                value = _bytes(65536, i * 8 + j)
+                backend.write_from(offset, memoryview(value))
+                backend.note_stored(f"w{i}/{j}", offset, len(value), checksum(value), 0)
+                backend.sync()
+                # NOTE: what the index file holds now is what a SIGKILL would leave
+                on_disk, _ = load_index(str(tmp_path / INDEX_NAME))
+                assert f"w{i}/{j}" in on_disk
+        except BaseException as exc:  # noqa: BLE001 - reported by the main thread
+            errors.append(exc)
+    threads = [threading.Thread(target=writer, args=(i,)) for i in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    try:
+        assert errors == []
+        assert len(backend.used_entries()) == 64
+    finally:
+        backend.close()
+    reopened = SsdBackend("ssd0", 16 << 20, directory=str(tmp_path), node_id="n1")
+    try:
+        assert len(reopened.recovered) == 64 and reopened.num_dropped_at_start == 0
+    finally:
+        reopened.close()
+
+
+def test_an_object_switched_back_to_its_ssd_copy_survives_a_sigkill(tmp_path):
+    """Inclusive tiers' guarantee: a demotion to the SSD copy a promotion kept writes no
+    bytes, yet the object is durable in the SSD index again (with its lz4 frames) once the
+    daemon acknowledged the switch, so a daemon killed then and restarted serves it."""
+    values = {f"k{i}": _compressible(1 << 20)[:-8] + b"%08d" % i for i in range(9)}
+    with ServerProcess(["master", "--port", "0", "--heartbeat-interval", "100ms",
+                        "--promote", "on-hit"]) as master:
+        extra = ("--dram", "8MiB", "--ssd-codec", "lz4")
+        daemon = ServerProcess(["daemon", "--master", master.address, "--ssd",
+                                f"{tmp_path}:64MiB", "--node-id", "ssd-node", *extra])
+        with kvstore.connect(master.address, transport="tcp", verify=True) as store:
+            for i in range(8):                           # DRAM at 100%: k0, k1 go down
+                store.put(f"k{i}", values[f"k{i}"], tier="dram")
+            _wait_indexed(tmp_path, ["k0", "k1"])
+            assert store.get("k0") == values["k0"]       # from SSD: promoted
+            deadline = time.monotonic() + 20
+            while "k0" in load_index(str(tmp_path / INDEX_NAME))[0]:
+                assert time.monotonic() < deadline, "k0 never promoted"
+                time.sleep(0.05)  # another process's heartbeats: no clock of ours
+            assert store.batch_get([f"k{i}" for i in range(2, 8)]) == [
+                values[f"k{i}"] for i in range(2, 8)]   # k0 the coldest in DRAM now
+            store.put("k8", values["k8"], tier="dram")  # DRAM full: k0 back to its copy
+            _wait_indexed(tmp_path, ["k0"])
+            daemon.kill()
+            daemon.close()
+            with ServerProcess(["daemon", "--master", master.address, "--ssd",
+                                f"{tmp_path}:64MiB", "--node-id", "ssd-node", *extra]):
+                _wait_served(store, "k0")
+                assert store.get("k0") == values["k0"]
+                assert store.get("k1") == values["k1"]

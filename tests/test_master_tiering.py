@@ -9,7 +9,7 @@ import grpc
 import pytest
 
 import kvstore
-from master_helpers import MiB, embedded, get, put, register, replicas_of  # noqa: F401
+from master_helpers import MiB, embedded, exists, get, put, register, replicas_of  # noqa: F401
 from kvstore.v1 import master_pb2 as pb
 
 DRAM_SSD = [("dram0", pb.TIER_DRAM, 8 * MiB), ("ssd0", pb.TIER_SSD, 64 * MiB)]
@@ -134,7 +134,9 @@ def test_a_read_from_ssd_promotes_back_to_dram_when_it_has_room(embedded):
     assert _where(m, "k0") == ("dram0", promotion[0].dst_offset)
     tiers = _tiers(m)
     assert tiers[pb.TIER_DRAM].promotions == 1 and tiers[pb.TIER_SSD].hits >= 1
-    assert tiers[pb.TIER_SSD].used_bytes == MiB                # k1 only
+    # k1, and k0's inclusive copy: promotion keeps the SSD range (tiering.py)
+    assert tiers[pb.TIER_SSD].used_bytes == 2 * MiB
+    assert tiers[pb.TIER_SSD].num_objects == 1                 # the copy is no replica
 
 
 def test_promotion_after_n_reads_and_off(embedded):
@@ -264,3 +266,81 @@ def test_a_put_with_no_room_anywhere_evicts_only_in_the_last_tier(embedded):
     found = m.client.call("Exists", pb.ExistsRequest(keys=KEYS + spilled)).exists
     # k1, the coldest object, is in DRAM: kept; s1, the coldest in SSD, was evicted
     assert list(found) == [True] * 8 + [True, False] + [True] * 6
+
+
+def _promote_k0(m) -> tuple[int, int]:
+    """_fill, demote k0 and k1, read k0 so it is promoted; (k0's SSD offset, DRAM offset)."""
+    _fill(m)
+    moves = _beat(m).moves
+    _beat(m, done=[mv.move_id for mv in moves])
+    get(m.client, ["k0"], lease_ttl_ms=1)
+    promotion = _beat(m).moves
+    assert [mv.key for mv in promotion] == ["k0"]
+    _beat(m, done=[promotion[0].move_id])
+    m.clock.advance(0.01)
+    return moves[0].dst_offset, promotion[0].dst_offset
+
+
+def test_a_promoted_object_demotes_back_to_its_ssd_copy_without_a_copy(embedded):
+    m = embedded(promote="on-hit")
+    ssd_offset, dram_offset = _promote_k0(m)
+    assert _where(m, "k0") == ("dram0", dram_offset)
+    get(m.client, KEYS[2:], lease_ttl_ms=1)                    # k0 the coldest in DRAM
+    m.clock.advance(0.01)
+    assert _tiers(m)[pb.TIER_DRAM].used_bytes == 7 * MiB
+    put(m.client, ["n0"], [MiB])                               # DRAM at 100% again
+    # k0 switched back at once (no move sent for it), the next coldest is copied
+    reply = _beat(m)
+    assert [mv.key for mv in reply.moves] == ["k2"]
+    added = dict(zip(reply.added.keys, zip(reply.added.segment_ids, reply.added.offsets)))
+    assert added["k0"] == ("ssd0", ssd_offset)                 # the daemon's table told
+    tiers = _tiers(m)
+    assert tiers[pb.TIER_DRAM].demotions == 3 and tiers[pb.TIER_DRAM].promotions == 1
+    # SSD: k1, k0 (its copy again its replica), k2's destination; DRAM: k0's range freed
+    assert tiers[pb.TIER_SSD].used_bytes == 3 * MiB
+    assert tiers[pb.TIER_DRAM].used_bytes == 7 * MiB
+    assert not m.state.shadows and m.state.objects["k0"].shadow is None
+    assert _where(m, "k0") == ("ssd0", ssd_offset)             # readers are sent there
+
+
+def test_ssd_copies_are_reclaimed_before_anything_is_evicted(embedded):
+    m = embedded(promote="on-hit")
+    register(m.client, "n1", segments=[("dram0", pb.TIER_DRAM, 8 * MiB),
+                                       ("ssd0", pb.TIER_SSD, 4 * MiB)])
+    for key in KEYS:
+        put(m.client, [key], [MiB])
+    _beat(m, done=[mv.move_id for mv in _beat(m).moves])      # k0, k1 on SSD
+    get(m.client, ["k0"], lease_ttl_ms=1)
+    _beat(m, done=[mv.move_id for mv in _beat(m).moves])      # k0 promoted, copy kept
+    m.clock.advance(0.01)
+    assert _tiers(m)[pb.TIER_SSD].used_bytes == 2 * MiB
+    for key in ("s0", "s1"):                                   # SSD at 100% > 95%
+        reply = put(m.client, [key], [MiB], preferred_tier=pb.TIER_SSD)
+        assert replicas_of(reply, 0)[0][1] == "ssd0"
+    tiers = _tiers(m)
+    assert tiers[pb.TIER_SSD].used_bytes == 3 * MiB            # the copy went, nothing else
+    assert tiers[pb.TIER_SSD].evictions == 0 and tiers[pb.TIER_DRAM].evictions == 0
+    assert m.client.call("Stats", pb.StatsRequest()).evictions == 0
+    assert exists(m.client, KEYS + ["s0", "s1"]) == [True] * 10
+    assert _where(m, "k0")[0] == "dram0" and not m.state.shadows
+
+
+def test_a_removed_object_frees_its_ssd_copy_and_its_key_can_be_put_again(embedded):
+    m = embedded(promote="on-hit")
+    _promote_k0(m)
+    assert _tiers(m)[pb.TIER_SSD].used_bytes == 2 * MiB
+    reply = put(m.client, ["k0"], [MiB])                       # objects are immutable
+    assert reply.statuses == [pb.ITEM_ALREADY_EXISTS]
+    m.client.call("Remove", pb.RemoveRequest(keys=["k0"]))
+    m.clock.advance(0.01)
+    assert _tiers(m)[pb.TIER_SSD].used_bytes == MiB and not m.state.shadows
+    assert put(m.client, ["k0"], [MiB]).statuses == [pb.ITEM_OK]
+    assert m.state.objects["k0"].shadow is None
+
+
+def test_a_dropped_node_takes_its_ssd_copies_with_it(embedded):
+    m = embedded(promote="on-hit")
+    _promote_k0(m)
+    assert m.state.shadows
+    m.client.call("UnregisterNode", pb.UnregisterNodeRequest(node_id="n1"))
+    assert not m.state.shadows

@@ -68,6 +68,11 @@ class AlignedFile:
         """``os.fdatasync`` of the file on an I/O thread; its future."""
         return self._pool.submit(os.fdatasync, self.fd)
 
+    def submit(self, fn: Callable, *args) -> Future:
+        """Run ``fn(*args)`` on one of the file's I/O threads; its future. ``fn`` must not
+        wait for other work on these threads (they are few)."""
+        return self._pool.submit(fn, *args)
+
     def close(self) -> None:
         """Stop the I/O threads (the fd stays the caller's to close). Idempotent."""
         self._pool.shutdown(wait=True)
@@ -156,7 +161,7 @@ class AlignedFile:
                 in_flight.append(self._pool.submit(self._write_piece, buffer, position,
                                                    num_bytes, pad))
         finally:
-            _wait_all(in_flight)
+            wait_all(in_flight)
 
     def _write_piece(self, buffer: memoryview, position: int, num_bytes: int,
                      pad: int) -> None:
@@ -198,7 +203,7 @@ class AlignedFile:
                     in_flight.append(self._submit_read(ring[i % len(ring)], *piece))
                     i += 1
         finally:
-            _wait_all(future for future, _ in in_flight)
+            wait_all(future for future, _ in in_flight)
 
     def _submit_read(self, buffer: memoryview, position: int, num_bytes: int,
                      pad: int) -> tuple[Future, memoryview]:
@@ -242,7 +247,7 @@ class _EdgeLocks:
             lock.release()
 
 
-def _wait_all(futures) -> None:
+def wait_all(futures) -> None:
     """Wait for every future (their buffers are then free again); raise the first error."""
     error = None
     for future in list(futures):

@@ -14,9 +14,12 @@ reaper only removes names that embed a dead pid, never these):
   the same directory fails at start).
 
 Codec (``--ssd-codec lz4``): what ``write_from`` receives is cut into "frames" of at most
-CHUNK_BYTES (8 MiB: the data plane's pieces already are), each compressed with lz4 (block format)
-and, if that saves at least an eighth, stored compressed at the start of the piece's own
-range; otherwise raw. NOTE: how compressed objects fit the master's extents: the master
+CHUNK_BYTES (8 MiB), what ``write_stream`` receives (the data plane) into STREAM_CHUNK_BYTES
+(1 MiB) frames compressed and written on the I/O threads while the next arrives; each frame
+is compressed with lz4 (block format) and, if that saves at least an eighth, stored
+compressed at the start of the piece's own range; otherwise raw. A freed object's frames
+stay known until a write covers its range (``note_freed``: the master may name the range
+again unwritten, inclusive tiers). NOTE: how compressed objects fit the master's extents: the master
 allocates raw sizes and never learns of the compression, so a compressed frame simply uses
 the head of its raw-size range and the rest stays unused: lz4 saves disk bandwidth (fewer
 blocks written and read), not capacity. The frames of an object (offset in the extent, raw
@@ -41,6 +44,8 @@ import json
 import logging
 import os
 import threading
+from collections import deque
+from concurrent.futures import Future
 from pathlib import Path
 from typing import Callable
 
@@ -48,7 +53,8 @@ import lz4.block
 
 from kvstore._errors import ConfigError
 from kvstore.client.checksum import EMPTY_CHECKSUM, checksum as xxh3
-from kvstore.daemon.aligned_io import BLOCK_BYTES, CHUNK_BYTES, AlignedFile, open_direct
+from kvstore.daemon.aligned_io import (BLOCK_BYTES, CHUNK_BYTES, STREAM_CHUNK_BYTES,
+                                       STREAM_DEPTH, AlignedFile, wait_all, open_direct)
 from kvstore.daemon.backends import Backend
 from kvstore.daemon.ssd_index import (KIND_ADD, KIND_DROP, IndexEntry, encode_record,
                                       load_index, write_compacted)
@@ -90,10 +96,15 @@ class SsdBackend(Backend):
         data_path = self._directory / DATA_NAME
         super().__init__(segment_id, size_bytes, path=str(data_path))
         self._lock = threading.Lock()
+        self._local = threading.local()        # per-thread staging of the codec's stream
         self._key_to_entry: dict[str, IndexEntry] = {}
         self._offsets: list[int] = []          # sorted offsets of live entries
         self._offset_to_key: dict[int, str] = {}
         self._pending: list[bytes] = []        # records not yet appended
+        # group commit (``sync``): rounds of appended records, the last one synced
+        self._appended_round = self._synced_round = 0
+        self._syncing = False
+        self._synced = threading.Condition(self._lock)
         self._frame_offsets: list[int] = []    # sorted starts of compressed frames
         self._frames: dict[int, tuple[int, int]] = {}  # start -> (raw bytes, stored bytes)
         self._lock_fd = self._data_fd = self._index_fd = -1
@@ -278,7 +289,10 @@ class SsdBackend(Backend):
         with self._lock:
             entry = self._key_to_entry.get(key)
             if entry is not None and entry.offset == offset:
-                self._remove(entry)
+                # NOTE: the frames stay: the master may keep the range as an inclusive copy
+                # of a promoted object and switch back to it (master/tiering.py) with no
+                # write; any write over the range forgets them first
+                self._remove(entry, forget_frames=False)
                 self._pending.append(encode_record(KIND_DROP, entry))
 
     def note_reset(self) -> None:
@@ -289,30 +303,54 @@ class SsdBackend(Backend):
                 self._pending.append(encode_record(KIND_DROP, entry))
 
     def sync(self) -> None:
-        """Make the data and the pending index records durable; returns once both are.
+        """Make the data and the index records noted so far durable; returns once both are
+        (the durability point of an SSD put, see docs/ARCHITECTURE.md, "SSD durability").
 
-        The records are appended first, then the data file and the index are synced at
-        once (the data file's fdatasync on an I/O thread). NOTE: two syncs in parallel, not
-        data-then-index in turn: measured 0.5-1.9 ms against 1.9-13.9 ms per put on the
-        build machine's ext4 (bench/RESULTS.md, issue 9), likely because one journal commit
-        then serves both. An ``add`` record may therefore reach the disk before its bytes (a crash
-        inside this call): at start every record's bytes are checked against its checksum,
-        so such an object, whose put was never acknowledged, is dropped, never served."""
+        Group commit: the pending records are appended, then one caller at a time (the
+        leader) fdatasyncs the data file and the index at once, outside the lock; a caller
+        arriving meanwhile waits for that round and, if its records came after the round
+        began, leads or joins the next, so concurrent callers share syncs and every
+        caller's records are durable when it returns. NOTE: the two fdatasyncs run in
+        parallel, not data-then-index: measured 0.5-1.9 ms against 1.9-13.9 ms per put on
+        the build machine's ext4 (bench/RESULTS.md, issue 9), likely because one journal
+        commit then serves both. An ``add`` record may therefore reach the disk before its
+        bytes (a crash inside this call): at start every record's bytes are checked against
+        its checksum, so such an object, whose put was never acknowledged, is dropped, never
+        served. Errors: OSError of the write or a sync (nothing counts as synced then)."""
         with self._lock:
-            if not self._pending:
-                return
-            records, self._pending = b"".join(self._pending), []
-            os.write(self._index_fd, records)
-            data_synced = self._file.datasync_in_background()
-            try:
-                os.fdatasync(self._index_fd)
-            finally:
-                data_synced.result()
+            if self._pending:
+                records, self._pending = b"".join(self._pending), []
+                os.write(self._index_fd, records)
+                self._appended_round += 1
+            target = self._appended_round
+            while self._synced_round < target:
+                if self._syncing:
+                    self._synced.wait()
+                    continue
+                self._syncing, round_ = True, self._appended_round
+                self._lock.release()
+                try:
+                    data_synced = self._file.datasync_in_background()
+                    try:
+                        os.fdatasync(self._index_fd)
+                    finally:
+                        data_synced.result()
+                    synced = True
+                finally:
+                    self._lock.acquire()
+                    self._syncing = False
+                    self._synced.notify_all()
+                if synced:
+                    self._synced_round = max(self._synced_round, round_)
 
     def _append_pending(self) -> None:
+        """Append and fdatasync the pending records now (under the lock): the drops that
+        must be durable before an overwrite. The adds among them still wait for ``sync``
+        to sync their data."""
         records, self._pending = b"".join(self._pending), []
         os.write(self._index_fd, records)
         os.fdatasync(self._index_fd)
+        self._appended_round += 1
 
     def _drop_overlapping(self, offset: int, length: int) -> bool:
         """Drop (under the lock) live entries overlapping [offset, +length); True if any."""
@@ -346,6 +384,7 @@ class SsdBackend(Backend):
             if self._drop_overlapping(offset, length):
                 self._append_pending()
         if not self._compress:
+            self._forget_frames_of(offset, length)
             self._file.write(offset, src)
             return
         # NOTE: frames of at most CHUNK_BYTES, so a read of a piece decompresses little more
@@ -356,29 +395,102 @@ class SsdBackend(Backend):
 
     def write_stream(self, offset: int, length: int,
                      fill: Callable[[memoryview], None]) -> None:
-        """Pipelined (``AlignedFile.write_stream``: the pieces are filled in place while
-        earlier ones are written); with the codec, the base class's staged path."""
-        if self._compress:
-            super().write_stream(offset, length, fill)
-            return
+        """Pipelined: the pieces are filled in place while earlier ones are written
+        (``AlignedFile.write_stream``), or, with the codec, compressed and written on the
+        file's I/O threads (``_write_frames_stream``)."""
         if not length:
+            return
+        if self._compress:
+            self._write_frames_stream(offset, length, fill)
             return
         with self._lock:
             if self._drop_overlapping(offset, length):  # see write_from
                 self._append_pending()
+        self._forget_frames_of(offset, length)
         self._file.write_stream(offset, length, fill)
+
+    def _forget_frames_of(self, offset: int, length: int) -> None:
+        """Forget compressed frames in a range about to be written raw (frames of freed
+        objects stay until then, see ``note_freed``)."""
+        if self._frames:
+            with self._lock:
+                self._forget_frames(offset, length)
 
     def read_stream(self, offset: int, length: int,
                     drain: Callable[[memoryview], None]) -> None:
-        """Pipelined (``AlignedFile.read_stream``: pieces read ahead while earlier ones are
-        drained) unless a compressed frame overlaps the range (then the staged path)."""
+        """Pipelined: pieces read ahead while earlier ones are drained
+        (``AlignedFile.read_stream``), or, where compressed frames overlap the range, whole
+        frames read and decompressed ahead on the I/O threads (``_read_frames_stream``)."""
         if self._frames:
             with self._lock:
-                compressed = bool(self._frames_in(offset, length))
-            if compressed:
-                super().read_stream(offset, length, drain)
+                frames = [(start, self._frames[start][0])
+                          for start in self._frames_in(offset, length)]
+            if frames:
+                self._read_frames_stream(offset, length, frames, drain)
                 return
         self._file.read_stream(offset, length, drain)
+
+    def _read_frames_stream(self, offset: int, length: int, frames: list[tuple[int, int]],
+                            drain: Callable[[memoryview], None]) -> None:
+        """The codec's pipelined read: the range is cut at frame edges (a frame's part is
+        one piece, so each frame is decompressed once; raw stretches in STREAM_CHUNK_BYTES
+        pieces), and up to STREAM_DEPTH pieces are read (``read_into``) ahead on the I/O
+        threads while earlier ones are drained, in order."""
+        end = offset + length
+        pieces = []
+        position = offset
+        for start, raw_bytes in frames + [(end, 0)]:
+            lo, hi = max(start, offset), min(start + raw_bytes, end)
+            for gap in range(position, lo, STREAM_CHUNK_BYTES):   # raw bytes before it
+                pieces.append((gap, min(STREAM_CHUNK_BYTES, lo - gap)))
+            if hi > lo:
+                pieces.append((lo, hi - lo))
+            position = max(position, hi)
+        largest = max(num_bytes for _, num_bytes in pieces)
+        ring = getattr(self._local, "read_ring", None)
+        if ring is None or len(ring[0]) < largest:
+            ring = self._local.read_ring = [memoryview(bytearray(largest))
+                                            for _ in range(STREAM_DEPTH + 1)]
+        in_flight: deque[tuple[Future, memoryview]] = deque()
+        try:
+            for i, (at, num_bytes) in enumerate(pieces):
+                view = ring[i % len(ring)][:num_bytes]
+                in_flight.append((self._file.submit(self.read_into, at, view), view))
+                if len(in_flight) > STREAM_DEPTH:
+                    future, done = in_flight.popleft()
+                    future.result()
+                    drain(done)
+            while in_flight:
+                future, done = in_flight.popleft()
+                future.result()
+                drain(done)
+        finally:
+            wait_all(future for future, _ in in_flight)
+
+    def _write_frames_stream(self, offset: int, length: int,
+                             fill: Callable[[memoryview], None]) -> None:
+        """The codec's pipelined write: STREAM_CHUNK_BYTES frames, each filled into one of
+        STREAM_DEPTH + 1 staging buffers, then compressed and written (``_write_frame``) on
+        an I/O thread while the next is filled. NOTE: frames of 1 MiB, not CHUNK_BYTES, so a
+        4 MiB object overlaps its receive with its compression; lz4 releases the GIL, so
+        the compression runs beside the socket. Returns after every frame is written."""
+        with self._lock:
+            if self._drop_overlapping(offset, length):  # see write_from
+                self._append_pending()
+        ring = getattr(self._local, "ring", None)
+        if ring is None:
+            ring = self._local.ring = [memoryview(bytearray(STREAM_CHUNK_BYTES))
+                                       for _ in range(STREAM_DEPTH + 1)]
+        in_flight: deque[Future] = deque()
+        try:
+            for i, start in enumerate(range(0, length, STREAM_CHUNK_BYTES)):
+                if len(in_flight) == STREAM_DEPTH:
+                    in_flight.popleft().result()
+                piece = ring[i % len(ring)][:min(STREAM_CHUNK_BYTES, length - start)]
+                fill(piece)
+                in_flight.append(self._file.submit(self._write_frame, offset + start, piece))
+        finally:
+            wait_all(in_flight)
 
     def _write_frame(self, offset: int, piece: memoryview) -> None:
         length = len(piece)

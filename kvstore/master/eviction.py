@@ -15,6 +15,9 @@ objects that are not leased, not hard-pinned and not soft-pinned.
   drop such objects until the tier is at ``low_watermark``; for a put that still does not
   fit, keep dropping in growing rounds until it fits or nothing evictable is left. An evicted
   object loses all its replicas.
+- Inclusive copies (``tiering``: the SSD range a promoted object keeps) go first: a demotion
+  to an object's own shadow is a metadata switch, and a tier's eviction pass frees its
+  shadows (LRU first) before it evicts anything.
 Leased, pinned, PENDING and moving objects are never demoted; leased, pinned and PENDING ones
 never evicted.
 """
@@ -80,6 +83,10 @@ def _demote(state, pressed: dict[SegmentSpace, int], now_s: float) -> int:
         for segment, offset in obj.replicas:
             if pressed.get(segment, 0) <= 0:
                 continue
+            if tiering.demote_to_shadow(state, obj, segment, offset, now_s):
+                pressed[segment] -= obj.size_bytes
+                num_moves += 1
+                break
             target = tiering.demotion_target(obj, segment)
             if target is None or not tiering.schedule(state, obj, segment, offset, target,
                                                       now_s):
@@ -129,9 +136,18 @@ def _last_used(obj) -> int:
 
 
 def _evict(state, need: dict[int, int], now_s: float) -> int:
-    """Drop LRU-first evictable objects with a replica in a last-tier segment of a tier of
-    ``need`` until each tier's need (bytes) is met. Returns how many objects were dropped."""
+    """Free shadows (``tiering.reclaim_shadows``), then drop LRU-first evictable objects with
+    a replica in a last-tier segment of a tier of ``need``, until each tier's need (bytes) is
+    met. Returns how many shadows were freed plus objects dropped."""
     need = dict(need)
+    num_reclaimed = 0
+    if state.shadows:
+        for tier in need:
+            freed, count = tiering.reclaim_shadows(state, tier, need[tier], now_s)
+            need[tier] -= freed
+            num_reclaimed += count
+        if all(v <= 0 for v in need.values()):
+            return num_reclaimed
     victims = []
     # NOTE: sorting on demand keeps the read path free of LRU list updates; eviction runs
     # in rounds that free down to the low watermark, so the sort is amortized over many puts.
@@ -152,4 +168,4 @@ def _evict(state, need: dict[int, int], now_s: float) -> int:
             segment.evictions += 1
         state.drop_object(obj, now_s)
     state.evictions += len(victims)
-    return len(victims)
+    return num_reclaimed + len(victims)

@@ -45,7 +45,7 @@ class ObjectMeta:
 
     __slots__ = ("key", "size_bytes", "state", "replicas", "checksum", "codec", "client_id",
                  "lease_until_s", "soft_pin_until_s", "soft_pin_ttl_s", "hard_pin", "last_used",
-                 "readers", "deferred", "move", "slow_reads", "reply_row")
+                 "readers", "deferred", "move", "slow_reads", "reply_row", "shadow")
 
     def __init__(self, key: str, size_bytes: int, replicas: list, codec: int, client_id: str,
                  soft_pin_ttl_s: float, hard_pin: bool, state: ObjectState = PENDING,
@@ -71,6 +71,8 @@ class ObjectMeta:
         # here because a lookup beside the object costs a batch read ~10%; the state never
         # reads or writes it.
         self.reply_row = None
+        # (segment, offset) of an inclusive SSD copy kept after a promotion (tiering.py)
+        self.shadow = None
 
     def is_evictable(self, now_s: float) -> bool:
         """COMPLETE, not leased, not pinned (hard, or soft and unexpired) at ``now_s``."""

@@ -76,6 +76,8 @@ class MasterState:
         self.pressure_idle_until_s = now_s   # see eviction.relieve_pressure
         self.leases = LeaseBook()
         self.moves: dict[int, tiering.Move] = {}
+        # objects holding an inclusive SSD copy (ObjectMeta.shadow), see tiering.py
+        self.shadows: dict = {}
         self.next_move_id = 0
         self.tiered = False     # some node has two tiers or more (moves are possible)
         self.touched: set[Node] = set()
@@ -265,6 +267,8 @@ class MasterState:
         del (self.objects if complete else self.pending)[obj.key]
         if self.tenants is not None:
             self.tenants.object_dropped(obj)
+        if obj.shadow is not None:
+            tiering.drop_shadow(self, obj, now_s)
         for segment, offset in obj.replicas:
             segment.num_replicas -= 1
             node = segment.node

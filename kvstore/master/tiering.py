@@ -13,6 +13,21 @@ A move is a copy followed by a metadata switch, never the other way round:
 3. A failed move, one not acknowledged within ``move_timeout_s``, or one whose object was
    removed, evicted or lost its source meanwhile frees the destination instead.
 
+Inclusive tiers: a promotion (SSD -> DRAM) keeps the SSD range allocated as the object's
+``shadow``: the master's allocator keeps it, so no put or move writes there, and the bytes
+stay those of the (immutable) object. The shadow is no replica: answers never name it, and
+the daemon's table (hence its SSD index) no longer lists it after the switch. Its uses:
+- ``demote_to_shadow``: a demotion of the object out of the tier above back to the shadow's
+  tier is a metadata switch (the daemon's table is told the SSD range again, which puts the
+  index record back and syncs it), no copy and no disk write.
+- ``reclaim_shadows``: shadows are cache, the first space a full tier gives back: an
+  eviction pass over a tier frees its shadows (least recently used first) before it evicts
+  any object.
+- A shadow is freed with its object (``state.drop_object``: remove, replace, eviction,
+  revoke) and vanishes with its node (a dead segment's shadow is never used).
+Space accounting: a shadow's bytes count as used in its segment (they are allocated) until
+it is reclaimed; ``ObjectMeta.shadow`` and ``state.shadows`` name every one.
+
 Only one move per object is in flight (``ObjectMeta.move``). Bytes of moves in flight count
 as already gone from their source (``SegmentSpace.outgoing_bytes``), so the pressure pass does
 not schedule them twice. Moves of a dropped node vanish with its segments.
@@ -115,13 +130,28 @@ def _complete(state, move: Move, now_s: float):
         abort(state, move)       # the object went away meanwhile: the copy is garbage
         return None
     _finish(state, move)
+    promoted = dst.tier < src.tier and src.tier is Tier.SSD and obj.shadow is None
+    _switch(state, obj, source, dst, move.dst_offset)
+    if promoted:
+        # NOTE: no free: the SSD range stays allocated as the inclusive copy (module doc)
+        obj.shadow = source
+        state.shadows[obj] = None
+    else:
+        state.free_range(obj, src, move.src_offset, now_s)
+    return obj
+
+
+def _switch(state, obj, source, dst, dst_offset: int) -> None:
+    """Point ``obj``'s replica ``source`` (segment, offset) at ``dst``/``dst_offset`` and
+    tell the node's table; count the demotion or promotion. Frees nothing."""
+    src = source[0]
     replicas = obj.replicas
-    replicas[replicas.index(source)] = (dst, move.dst_offset)
+    replicas[replicas.index(source)] = (dst, dst_offset)
     if state.tenants is not None:
         state.tenants.replica_moved(obj, src.tier, dst.tier)
     src.num_replicas -= 1
     dst.num_replicas += 1
-    src.node.log_added(obj.key, dst, move.dst_offset, obj.size_bytes, obj.checksum, obj.codec)
+    src.node.log_added(obj.key, dst, dst_offset, obj.size_bytes, obj.checksum, obj.codec)
     if dst.tier > src.tier:
         src.demotions += 1
         state.demotions += 1
@@ -129,8 +159,57 @@ def _complete(state, move: Move, now_s: float):
         dst.promotions += 1
         state.promotions += 1
     obj.slow_reads = 0
-    state.free_range(obj, src, move.src_offset, now_s)
-    return obj
+
+
+def demote_to_shadow(state, obj, src, src_offset: int, now_s: float) -> bool:
+    """Demote ``obj``'s replica in ``src`` to its shadow (module doc) if the shadow lies
+    one tier or more below on the same node: switch, free the ``src`` range (deferred while
+    leased). False, changing nothing, if there is no usable shadow."""
+    shadow = obj.shadow
+    if shadow is None:
+        return False
+    segment, offset = shadow
+    if not segment.alive or segment.node is not src.node or segment.tier <= src.tier:
+        return False
+    obj.shadow = None
+    del state.shadows[obj]
+    _switch(state, obj, (src, src_offset), segment, offset)
+    # NOTE: the encoder's cached reply row names the old range; None makes it recompute
+    # (replies.ReplicaRows), as a heartbeat's settled moves do through ``add``
+    obj.reply_row = None
+    state.free_range(obj, src, src_offset, now_s)
+    return True
+
+
+def drop_shadow(state, obj, now_s: float) -> None:
+    """Free ``obj``'s shadow range (deferred while the object is leased: a reader given the
+    SSD replica before the promotion may still read it)."""
+    segment, offset = obj.shadow
+    obj.shadow = None
+    del state.shadows[obj]
+    state.free_range(obj, segment, offset, now_s)
+
+
+def reclaim_shadows(state, tier, need_bytes: int, now_s: float) -> tuple[int, int]:
+    """Free shadows in last-tier segments of ``tier``, least recently used first, until
+    ``need_bytes`` are freed or none is left; ``(bytes, shadows)`` freed."""
+    if not state.shadows or need_bytes <= 0:
+        return 0, 0
+    freed = count = 0
+    for obj in sorted(state.shadows, key=_last_used):
+        segment = obj.shadow[0]
+        if segment.tier != tier or segment.tier != segment.node.slowest_tier():
+            continue
+        drop_shadow(state, obj, now_s)
+        freed += obj.size_bytes
+        count += 1
+        if freed >= need_bytes:
+            break
+    return freed, count
+
+
+def _last_used(obj) -> int:
+    return obj.last_used
 
 
 def expire(state, now_s: float) -> None:
@@ -141,10 +220,14 @@ def expire(state, now_s: float) -> None:
 
 
 def forget_node(state, node) -> None:
-    """Drop the moves of a dropped node (its segments and their space are gone)."""
+    """Drop the moves and shadows of a dropped node (its segments and their space are
+    gone)."""
     for move in [m for m in state.moves.values() if m.src.node is node]:
         _finish(state, move)
     node.outbox = []
+    for obj in [o for o in state.shadows if o.shadow[0].node is node]:
+        obj.shadow = None
+        del state.shadows[obj]
 
 
 def maybe_promote(state, objs, now_s: float) -> None:
