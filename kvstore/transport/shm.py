@@ -106,6 +106,16 @@ class ShmTransport(Transport):
         return _each(lambda target, dst, timeout_s: self._read(target, dst, checked),
                      items, timeout_s)
 
+    def writable_range(self, target: Target) -> memoryview:
+        """A writable view of ``target``'s range in its mapped segment, its page tables
+        populated, for a writer that fills the range itself (``kvstore.client.reserve``)
+        instead of handing a source to ``write``. The view keeps the mapping alive; bytes
+        written through it are in the segment at once. Raises TransferError as ``write``
+        (segment gone or unlinked, range outside it)."""
+        mapping = self._range(target, None)
+        mapping.populator.ensure(target.offset, target.length)
+        return mapping.segment.view[target.offset:target.offset + target.length]
+
     def _write(self, target: Target, src: memoryview, checked: set[str] | None) -> None:
         src = byte_views.as_bytes_view(src, target.length)
         mapping = self._range(target, checked)
