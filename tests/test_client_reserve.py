@@ -32,7 +32,7 @@ def reserved(store) -> tuple[int, int]:
 
 
 def shm_writes(store) -> int:
-    return store.stats()["transfers"].get("shm", {}).get("writes", 0)
+    return store.stats()["transfers"].get("shm", {}).get("num_writes", 0)
 
 
 def test_views_are_the_stored_bytes_and_commit_makes_them_visible(cluster):
@@ -49,6 +49,8 @@ def test_views_are_the_stored_bytes_and_commit_makes_them_visible(cluster):
         assert [store.get(k) for k in keys] == values
         # NOTE: the bytes were written in place: no transport write copied them again
         assert shm_writes(store) == writes_before
+        store.put(fresh(1)[0], b"x")    # while a put's copy counts
+        assert shm_writes(store) == writes_before + 1
 
 
 def test_a_stored_key_gets_no_view_and_succeeds(cluster):
