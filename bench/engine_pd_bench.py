@@ -16,7 +16,8 @@ save also pays the first touch of new segment pages (once per 2 MiB chunk per pr
 
 The ceiling, ``memcpy``, is ``kvstore.demo.pd_worker.copy_gbps`` of the same bytes (numpy,
 one thread, best of several), taken between the repeats of the same run; ``x memcpy`` is a
-row's p50 GB/s over the p50 of those ceilings. Prints a table, writes
+row's p50 GB/s over the p50 of those ceilings. ``CPU ms`` is this process's CPU time per
+save or load (all its threads; the master's and daemon's are not counted). Prints a table, writes
 bench/out/engine_pd_bench.json. Runs in an older tree too (it uses only the connectors'
 public calls): ``cd TREE && .venv/bin/python /path/to/bench/engine_pd_bench.py``.
 
@@ -80,37 +81,53 @@ def run(store, num_tokens: int, repeats: int, fresh_space: bool
     samples: dict[str, list[float]] = {n: [] for n in
                                        ("paged save", "paged load", "dynamic save",
                                         "dynamic load")}
+    cpu: dict[str, list[float]] = {n: [] for n in samples}
     ceilings = []
     for r in range(-1, repeats):  # NOTE: repeat -1 is unrecorded: first keys, first chunks
         tokens = [(r * 7919 + i * 31 + 1) % 30000 for i in range(num_tokens)]
-        started = time.perf_counter()
+        clock = Clock()
         saved = paged.save_blocks(tokens, src)
-        paged_save_s = time.perf_counter() - started
-        started = time.perf_counter()
+        paged_save_s, paged_save_cpu_s = clock.lap()
         loaded = paged.load_blocks(tokens, dst)
-        paged_load_s = time.perf_counter() - started
+        paged_load_s, paged_load_cpu_s = clock.lap()
         assert saved.num_bytes_written == num_bytes and loaded.num_bytes_read == num_bytes, (
             saved, loaded)
         htokens = [t + 1 for t in tokens]
-        started = time.perf_counter()
+        clock = Clock()
         hsaved = dynamic.save_blocks(cache, htokens)
-        dynamic_save_s = time.perf_counter() - started
-        started = time.perf_counter()
+        dynamic_save_s, dynamic_save_cpu_s = clock.lap()
         rebuilt, hloaded = dynamic.load_cache(htokens)
-        dynamic_load_s = time.perf_counter() - started
+        dynamic_load_s, dynamic_load_cpu_s = clock.lap()
         assert hsaved.num_bytes_written == num_bytes == hloaded.num_bytes_read, (hsaved, hloaded)
         if r < 0:
             check(paged, src, dst, cache, rebuilt)
             continue
-        for name, seconds in zip(samples, (paged_save_s, paged_load_s, dynamic_save_s,
-                                           dynamic_load_s)):
+        for name, seconds, cpu_s in zip(
+                samples, (paged_save_s, paged_load_s, dynamic_save_s, dynamic_load_s),
+                (paged_save_cpu_s, paged_load_cpu_s, dynamic_save_cpu_s, dynamic_load_cpu_s)):
             samples[name].append(seconds)
+            cpu[name].append(cpu_s)
         ceilings.append(copy_gbps(num_bytes))
         if not fresh_space:
             # NOTE: the next repeat's objects then reuse this one's space, whose pages this
             # process has mapped already: an engine's steady state once its pool has cycled
             store.remove_prefix(f"kv/{paged.namespace.model}/", force=True)
-    return samples, ceilings, num_bytes
+    return samples, cpu, ceilings, num_bytes
+
+
+class Clock:
+    """Wall and this process's CPU seconds since the last lap. NOTE: CPU seconds (every
+    thread of this process) say what a save costs the engine's cores; on a machine others
+    load, they move far less than wall time does."""
+
+    def __init__(self):
+        self._wall, self._cpu = time.perf_counter(), time.process_time()
+
+    def lap(self) -> tuple[float, float]:
+        wall, cpu = time.perf_counter(), time.process_time()
+        lap = (wall - self._wall, cpu - self._cpu)
+        self._wall, self._cpu = wall, cpu
+        return lap
 
 
 def check(paged, src, dst, cache, rebuilt) -> None:
@@ -143,7 +160,7 @@ def main() -> None:
     try:
         with kvstore.connect(master.address) as store:
             wait_registered(store, token_bytes * BLOCK)
-            samples, ceilings, num_bytes = run(store, args.tokens, args.repeats,
+            samples, cpu, ceilings, num_bytes = run(store, args.tokens, args.repeats,
                                                args.fresh_space)
     finally:
         daemon.close()
@@ -155,15 +172,17 @@ def main() -> None:
         rows[name] = {"ms_p50": 1e3 * statistics.median(seconds),
                       "ms_min": 1e3 * min(seconds), "ms_max": 1e3 * max(seconds),
                       "gbps_p50": num_bytes / statistics.median(seconds) / 1e9,
-                      "x_memcpy": num_bytes / statistics.median(seconds) / 1e9 / ceiling}
+                      "x_memcpy": num_bytes / statistics.median(seconds) / 1e9 / ceiling,
+                      "cpu_ms_p50": 1e3 * statistics.median(cpu[name])}
     print(f"{args.tokens} tokens = {num_bytes / 2**20:.1f} MiB per save/load, torch threads "
           f"{torch.get_num_threads()}, load average {' '.join(load_before)} -> "
           f"{' '.join(load_after)}, tree {Path.cwd()}, "
           f"{'fresh' if args.fresh_space else 'reused'} segment space")
-    print(f"{'row':14} {'ms p50':>8} {'ms range':>15} {'GB/s p50':>9} {'x memcpy':>9}")
+    print(f"{'row':14} {'ms p50':>8} {'ms range':>15} {'GB/s p50':>9} {'x memcpy':>9} "
+          f"{'CPU ms p50':>10}")
     for name, row in rows.items():
         print(f"{name:14} {row['ms_p50']:8.1f} {row['ms_min']:7.1f}-{row['ms_max']:<7.1f} "
-              f"{row['gbps_p50']:9.2f} {row['x_memcpy']:9.2f}")
+              f"{row['gbps_p50']:9.2f} {row['x_memcpy']:9.2f} {row['cpu_ms_p50']:10.1f}")
     print(f"{'memcpy':14} {'':8} {'':15} {ceiling:9.2f}   (range {min(ceilings):.2f}-"
           f"{max(ceilings):.2f})")
     args.out.parent.mkdir(parents=True, exist_ok=True)
