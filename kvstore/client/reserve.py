@@ -83,7 +83,15 @@ class PutReservation:
             near_host_id=settings.host_id, near_node_id=settings.near_node_id,
             tier=settings.tier, soft_pin_ttl_s=settings.soft_pin_ttl_s,
             hard_pin=settings.hard_pin, deadline=settings.deadline)
-        self._slots = pending.result()
+        try:
+            self._slots = pending.result()
+        except KVStoreError:
+            raise   # a failed PutStart started nothing
+        except BaseException:
+            # NOTE: interrupted before the reply was read: the put's own clean-up (read the
+            # reply, revoke what it started)
+            writer._abandon(master, settings, pending, keys)
+            raise
         self._started = [j for j, slot in enumerate(self._slots) if isinstance(slot, list)]
         #: per key: the writable view to fill, or None (stored already, or refused)
         self.views: list[memoryview | None] = [None] * len(keys)
