@@ -186,12 +186,14 @@ class DynamicCacheConnector:
 
 def _token_tensors(pairs: list) -> list[torch.Tensor] | None:
     """``[k0, v0, k1, v1, ...]`` when ``kvstore.ops.gather_tokens_to_rows`` can read them
-    (CPU, one set of strides, head_dim dense), else None (the torch copies then)."""
+    (CPU, one shape, dtype and set of strides, head_dim dense), else None (the torch
+    copies then)."""
     tensors = [t for pair in pairs for t in pair]
     first = tensors[0]
     if first.device.type != "cpu" or first.stride(-1) != 1:
         return None
-    if any(t.device.type != "cpu" or t.stride() != first.stride() for t in tensors):
+    if any((t.device, t.dtype, t.shape, t.stride()) !=
+           (first.device, first.dtype, first.shape, first.stride()) for t in tensors):
         return None
     return tensors
 
