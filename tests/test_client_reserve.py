@@ -9,7 +9,7 @@ import pytest
 
 import kvstore
 from kvstore import InvalidArgumentError
-from kvstore.client.reserve import reserve_puts
+from kvstore.client.reserve import prefault, reserve_puts
 from client_cluster import Cluster, payload
 
 
@@ -131,3 +131,24 @@ def test_a_closed_store_refuses(cluster):
     store.close()
     with pytest.raises(kvstore.ClosedError):
         reserve_puts(store, fresh(1), [1])
+
+
+def rss_shmem_bytes() -> int:
+    for line in open("/proc/self/status"):
+        if line.startswith("RssShmem:"):
+            return int(line.split()[1]) * 1024
+    pytest.skip("this kernel reports no RssShmem")
+
+
+def test_prefault_maps_every_page_of_the_mapped_segments_once():
+    with kvstore.local(dram="32MiB") as store:
+        assert prefault(store) == 0                    # nothing mapped yet: nothing to do
+        store.put("prefault/probe", b"x")              # maps the segment, one chunk
+        before = rss_shmem_bytes()
+        covered = prefault(store)
+        assert covered >= 32 << 20
+        assert rss_shmem_bytes() - before >= 28 << 20  # the rest of the segment, resident
+        with reserve_puts(store, ["prefault/after"], [3]) as reservation:
+            reservation.views[0][:] = b"abc"
+            assert reservation.commit() == [None]
+        assert store.get("prefault/after") == b"abc"

@@ -67,6 +67,18 @@ def reserve_puts(store: Any, keys: Sequence[str], sizes: Sequence[int], *, repli
         return PutReservation(store._master, store._transfers, keys, sizes, settings)
 
 
+def prefault(store: Any) -> int:
+    """Populate this process's page tables for every shared-memory segment ``store`` has
+    mapped so far (a segment is mapped by the first transfer that reaches it), so later
+    reservations, puts and gets into them skip the first-touch cost (about 1 ms per 2 MiB
+    chunk on a loaded 2-core machine: a third of a 32 MiB save into fresh space). For an
+    engine's start-up, after a first round trip; costs about that per chunk of the whole
+    segment once, so an engine with a very large pool may prefer to pay it as it goes.
+    Returns the bytes covered; never raises."""
+    return sum(transport.populate_mapped() for transport in store._transfers.transports
+               if hasattr(transport, "populate_mapped"))
+
+
 class PutReservation:
     """The ranges of one ``reserve_puts`` call; see the module docstring."""
 
