@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Sequence
+from typing import Any, Sequence
 
 import torch
 
@@ -214,9 +214,19 @@ def gather_blocks(layers: Sequence[torch.Tensor], block_ids: torch.Tensor, fmt: 
         q, scales = ops.gather_quantize(list(layers), block_ids, fmt.head_dim, layout=fmt.layout)
         _to_rows(q, fmt, rows[:, :fmt.num_values])
         _to_rows(scales, fmt, rows[:, fmt.num_values:])
+    elif _rows_direct(layers, rows):
+        ops.gather_pages_to_rows(list(layers), block_ids, rows, layout=fmt.layout)
     else:
         _to_rows(ops.gather_pages(list(layers), block_ids, layout=fmt.layout), fmt, rows)
     return rows
+
+
+def _rows_direct(layers: Sequence[torch.Tensor], rows: Any) -> bool:
+    """True when pages and rows can be copied into each other in one pass
+    (``kvstore.ops.rows``): a CPU cache of a raw format. NOTE: a gathered buffer and a copy
+    into rows were two passes plus a request-sized temporary whose fresh pages fault in."""
+    return layers[0].device.type == "cpu" and (not isinstance(rows, torch.Tensor) or
+                                               rows.device.type == "cpu")
 
 
 def scatter_blocks(rows: torch.Tensor, layers: Sequence[torch.Tensor], block_ids: torch.Tensor,
@@ -227,7 +237,10 @@ def scatter_blocks(rows: torch.Tensor, layers: Sequence[torch.Tensor], block_ids
     if fmt.layout == "head_major":
         _head_major_scatter(decode_rows(rows, fmt), layers, block_ids)
         return
-    shape = fmt.gathered_shape(rows.shape[0])
+    if fmt.quantize is None and _rows_direct(layers, rows):
+        ops.scatter_rows_to_pages(rows, list(layers), block_ids, layout=fmt.layout)
+        return
+    shape = fmt.gathered_shape(len(rows))
     device = layers[0].device  # staging rows live on the host; a GPU cache gets one upload
     if fmt.quantize == "int8":
         q = _from_rows(rows[:, :fmt.num_values], fmt, torch.int8, shape).to(device)

@@ -21,7 +21,9 @@ import torch
 
 from kvstore._errors import InvalidArgumentError
 from kvstore.engine.blocks import BlockFormat, decode_rows
-from kvstore.engine.connector import complete_namespace, store_round_trip
+from kvstore.engine.connector import (can_reserve, complete_namespace, put_in_place,
+                                      store_round_trip)
+from kvstore.engine.copies import copy_one_thread
 from kvstore.engine.hf_cache import cache_pairs
 from kvstore.engine.keys import KeyNamespace, prefix_keys
 from kvstore.engine.results import LoadResult, SaveResult, block_arrived, num_leading_arrived
@@ -58,8 +60,23 @@ class DynamicCacheConnector:
         missing = [i for i, exists in enumerate(self.store.batch_exists(keys)) if not exists]
         if not missing:
             return SaveResult(len(keys), 0, [])
-        rows = self._rows(len(missing))
         fmt = self.format
+        tensors = _token_tensors(pairs) if fmt.quantize is None else None
+        names = [keys[i] for i in missing]
+        if tensors is not None and can_reserve(self.store):
+            from kvstore import ops
+
+            ids = torch.tensor(missing)
+
+            def fill(positions: list[int], views: list[memoryview]) -> None:
+                ops.gather_tokens_to_rows(tensors, ids[positions], views,
+                                          block_size=self.block_size)
+
+            results = put_in_place(self.store, names, fmt.block_bytes, fill)
+            failed = [keys[i] for i, r in zip(missing, results) if r is not None]
+            num_written = len(missing) - len(failed)
+            return SaveResult(len(keys) - len(failed), num_written * fmt.block_bytes, failed)
+        rows = self._rows(len(missing))
         if fmt.quantize == "int8":
             from kvstore import ops
 
@@ -71,7 +88,7 @@ class DynamicCacheConnector:
         else:
             self._fill(rows.view(fmt.dtype).view(len(missing), *fmt.block_shape), pairs,
                        missing, len(keys))
-        results = self.store.batch_put([keys[i] for i in missing], list(rows))
+        results = self.store.batch_put(names, list(rows))
         failed = [keys[i] for i, r in zip(missing, results) if r is not None]
         num_written = len(missing) - len(failed)
         return SaveResult(len(keys) - len(failed), num_written * fmt.block_bytes, failed)
@@ -100,9 +117,21 @@ class DynamicCacheConnector:
 
         fmt = self.format
         num_blocks = rows.shape[0]
-        payload = decode_rows(rows, fmt)  # [n, L, 2, B, H, D], a view of the rows when raw
         heads, dim = fmt.num_kv_heads, fmt.head_dim
         cache = DynamicCache(config=config)
+        if fmt.quantize is None and self.device.type == "cpu":
+            from kvstore import ops
+
+            # [n, L, 2, B, H, D] rows -> fresh [1, H, n*B, D] per tensor: one pass, one thread
+            # per MiB (kvstore.ops.rows), no torch strided copy
+            tensors = [torch.empty(1, heads, num_blocks * self.block_size, dim,
+                                   dtype=fmt.dtype) for _ in range(2 * fmt.block_shape[0])]
+            ops.scatter_rows_to_tokens(rows, tensors, torch.arange(num_blocks),
+                                       block_size=self.block_size)
+            for layer in range(fmt.block_shape[0]):
+                _install_layer(cache, layer, tensors[2 * layer], tensors[2 * layer + 1])
+            return cache
+        payload = decode_rows(rows, fmt)  # [n, L, 2, B, H, D], a view of the rows when raw
         for layer in range(fmt.block_shape[0]):
             # [n, B, H, D] -> [1, H, n*B, D]: the one copy, into fresh tensors
             k, v = (_copy_to_heads_first(payload[:, layer, kv], self.device) for kv in (0, 1))
@@ -131,7 +160,7 @@ class DynamicCacheConnector:
                 blocks = source[0, :, :num_blocks * self.block_size].reshape(
                     heads, num_blocks, self.block_size, dim).permute(1, 2, 0, 3)
                 picked = blocks[first:last] if contiguous else blocks.index_select(0, index)
-                out[:, layer, kv].copy_(picked)
+                copy_one_thread(out[:, layer, kv], picked)
 
     def _pairs(self, cache: Any, num_tokens: int) -> list:
         pairs = cache_pairs(cache)
@@ -155,12 +184,26 @@ class DynamicCacheConnector:
         return self._staging[:needed].view(num_blocks, self.format.block_bytes)
 
 
+def _token_tensors(pairs: list) -> list[torch.Tensor] | None:
+    """``[k0, v0, k1, v1, ...]`` when ``kvstore.ops.gather_tokens_to_rows`` can read them
+    (CPU, one shape, dtype and set of strides, head_dim dense), else None (the torch
+    copies then)."""
+    tensors = [t for pair in pairs for t in pair]
+    first = tensors[0]
+    if first.device.type != "cpu" or first.stride(-1) != 1:
+        return None
+    if any((t.device, t.dtype, t.shape, t.stride()) !=
+           (first.device, first.dtype, first.shape, first.stride()) for t in tensors):
+        return None
+    return tensors
+
+
 def _copy_to_heads_first(blocks: torch.Tensor, device: torch.device) -> torch.Tensor:
     """``[n, B, H, D]`` block rows -> a fresh contiguous ``[1, H, n*B, D]`` tensor on
     ``device``, in one copy."""
     num_blocks, block_size, heads, dim = blocks.shape
     out = torch.empty(1, heads, num_blocks * block_size, dim, dtype=blocks.dtype, device=device)
-    out.view(heads, num_blocks, block_size, dim).copy_(blocks.permute(2, 0, 1, 3))
+    copy_one_thread(out.view(heads, num_blocks, block_size, dim), blocks.permute(2, 0, 1, 3))
     return out
 
 

@@ -16,15 +16,22 @@ from kvstore.ops.int8 import (
     quantized_shapes,
 )
 from kvstore.ops.paged import gather_pages, gathered_nbytes, gathered_shape, scatter_pages
+from kvstore.ops.rows import (gather_pages_to_rows, gather_tokens_to_rows, row_nbytes,
+                              scatter_rows_to_pages, scatter_rows_to_tokens)
 
 __all__ = sorted([
     "dequantize_int8",
     "dequantize_scatter",
     "gather_pages",
+    "gather_pages_to_rows",
+    "gather_tokens_to_rows",
     "gather_quantize",
     "gathered_nbytes",
     "gathered_shape",
     "quantize_int8",
     "quantized_shapes",
+    "row_nbytes",
     "scatter_pages",
+    "scatter_rows_to_pages",
+    "scatter_rows_to_tokens",
 ])

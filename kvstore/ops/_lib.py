@@ -40,6 +40,22 @@ class PagesArg(ctypes.Structure):
     ]
 
 
+class TokensArg(ctypes.Structure):
+    """kvops_tokens: token-major tensors [heads, seq, head_dim] a row copy reads or writes."""
+
+    _fields_ = [
+        ("tensor_ptrs", ctypes.POINTER(ctypes.c_void_p)),
+        ("block_ids", ctypes.c_void_p),
+        ("num_tensors", ctypes.c_int64),
+        ("num_blocks", ctypes.c_int64),
+        ("block_size", ctypes.c_int64),
+        ("num_heads", ctypes.c_int64),
+        ("head_dim", ctypes.c_int64),
+        ("head_stride", ctypes.c_int64),
+        ("token_stride", ctypes.c_int64),
+    ]
+
+
 class ExecArg(ctypes.Structure):
     """kvops_exec: thread count (CPU library); device index and cudaStream_t (CUDA library)."""
 
@@ -60,6 +76,14 @@ _SIGNATURES = {
     "kvops_gather_quantize": [_PAGES, ctypes.c_int, _I64, _P, _P, _P, _EXEC],
     "kvops_dequantize_scatter": [_PAGES, ctypes.c_int, _I64, _P, _P, _EXEC],
 }
+# NOTE: CPU only (kvstore.ops.rows): per-block rows are host memory, and a CUDA cache's
+# bytes cross to the host in one download of a gathered buffer anyway.
+_CPU_SIGNATURES = {
+    "kvops_gather_blocks": [_PAGES, _I64, _P, _EXEC],
+    "kvops_scatter_blocks": [_PAGES, _I64, _P, _EXEC],
+    "kvops_gather_tokens": [ctypes.POINTER(TokensArg), _I64, _P, _EXEC],
+    "kvops_scatter_tokens": [ctypes.POINTER(TokensArg), _I64, _P, _EXEC],
+}
 
 
 def module_path(name: str) -> str | None:
@@ -68,12 +92,12 @@ def module_path(name: str) -> str | None:
     return spec.origin if spec is not None and spec.origin else None
 
 
-def _open(name: str) -> ctypes.CDLL:
+def _open(name: str, signatures: dict = _SIGNATURES) -> ctypes.CDLL:
     path = module_path(name)
     if path is None:
         raise KVStoreError(f"kernel library kvstore.ops.{name} is not built (reinstall kvstore)")
     lib = ctypes.CDLL(path)
-    for fn_name, argtypes in _SIGNATURES.items():
+    for fn_name, argtypes in signatures.items():
         fn = getattr(lib, fn_name)
         fn.argtypes = argtypes
         fn.restype = ctypes.c_int
@@ -86,7 +110,7 @@ def _open(name: str) -> ctypes.CDLL:
 
 @functools.cache
 def cpu_lib() -> ctypes.CDLL:
-    return _open("_kvops_cpu")
+    return _open("_kvops_cpu", _SIGNATURES | _CPU_SIGNATURES)
 
 
 @functools.cache

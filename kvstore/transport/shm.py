@@ -106,6 +106,27 @@ class ShmTransport(Transport):
         return _each(lambda target, dst, timeout_s: self._read(target, dst, checked),
                      items, timeout_s)
 
+    def writable_range(self, target: Target) -> memoryview:
+        """A writable view of ``target``'s range in its mapped segment, its page tables
+        populated, for a writer that fills the range itself (``kvstore.client.reserve``)
+        instead of handing a source to ``write``. The view keeps the mapping alive; bytes
+        written through it are in the segment at once. Raises TransferError as ``write``
+        (segment gone or unlinked, range outside it)."""
+        mapping = self._range(target, None)
+        mapping.populator.ensure(target.offset, target.length)
+        return mapping.segment.view[target.offset:target.offset + target.length]
+
+    def populate_mapped(self) -> int:
+        """Populate this process's page tables for the whole of every segment mapped so far
+        (what copies do chunk by chunk on first touch), e.g. once at an engine's start-up;
+        returns the bytes of the segments covered. Never raises (a kernel without
+        MADV_POPULATE_WRITE leaves pages to fault in, as before)."""
+        total = 0
+        for mapping in list(self._name_to_mapping.values()):
+            mapping.populator.ensure(0, mapping.size_bytes)
+            total += mapping.size_bytes
+        return total
+
     def _write(self, target: Target, src: memoryview, checked: set[str] | None) -> None:
         src = byte_views.as_bytes_view(src, target.length)
         mapping = self._range(target, checked)

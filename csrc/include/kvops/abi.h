@@ -51,6 +51,33 @@ int kvops_gather_pages(const kvops_pages* pages, int64_t elem_bytes, void* out,
 int kvops_scatter_pages(const kvops_pages* pages, int64_t elem_bytes, const void* buf,
                         const kvops_exec* exec);
 
+// CPU library only: copy pages into / out of per-block rows, row j at rows[j], laid out
+// [num_layers, num_kv, page_elems] (kvstore.engine.blocks' stored form).
+int kvops_gather_blocks(const kvops_pages* pages, int64_t elem_bytes, void* const* rows,
+                        const kvops_exec* exec);
+int kvops_scatter_blocks(const kvops_pages* pages, int64_t elem_bytes, const void* const* rows,
+                         const kvops_exec* exec);
+
+// Token-major tensors [heads, seq, head_dim] (one per layer and K/V, in row order; the same
+// strides for all, head_dim dense) as seen by a copy into / out of per-block rows.
+struct kvops_tokens {
+  void* const* tensor_ptrs;  // [num_tensors]
+  const int64_t* block_ids;  // [num_blocks] row j <-> tokens [block_ids[j]*block_size, +block_size)
+  int64_t num_tensors;
+  int64_t num_blocks;
+  int64_t block_size;
+  int64_t num_heads;
+  int64_t head_dim;
+  int64_t head_stride;   // elements
+  int64_t token_stride;  // elements
+};
+
+// CPU library only: rows j laid out [num_tensors, block_size, heads, head_dim].
+int kvops_gather_tokens(const kvops_tokens* tokens, int64_t elem_bytes, void* const* rows,
+                        const kvops_exec* exec);
+int kvops_scatter_tokens(const kvops_tokens* tokens, int64_t elem_bytes,
+                         const void* const* rows, const kvops_exec* exec);
+
 // INT8 of num_groups groups of group_size contiguous values (see kvops/int8.h). The quantizing
 // entry points add the number of non-finite groups to *num_nonfinite (host or device memory,
 // as the library's other pointers).

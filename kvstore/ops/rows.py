@@ -1,0 +1,192 @@
+"""Paged gather / scatter between an engine's per-layer KV cache and per-block rows.
+
+A row holds one block of every layer in the stored form of ``kvstore.engine.blocks``:
+``[num_layers, num_kv, page]`` (K before V; one latent run for MLA), each block's row at an
+address of its own. So a connector can gather pages straight into staging rows, or into the
+ranges a put reserved in a shared-memory segment, and scatter them back from either, in one
+pass over the bytes with no gathered buffer in between (``gather_pages`` then a copy into
+rows is two). CPU caches only (CUDA caches keep ``gather_pages``/``scatter_pages``: their
+bytes cross to the host once anyway).
+
+Thread safety: as the other ops; rows of one call must not overlap each other.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+
+from kvstore._errors import InvalidArgumentError
+from kvstore.ops import _lib
+from kvstore.ops._layout import PagedGeometry, check_block_ids, describe_layers
+from kvstore.ops.paged import BlockIds
+
+
+def row_nbytes(layers: Sequence[torch.Tensor], *, layout: str | None = None) -> int:
+    """Bytes of one block's row of these layers (every layer's K and V page, or latent)."""
+    geom = describe_layers(layers, layout)
+    return geom.num_layers * geom.num_kv * geom.page_elems * geom.dtype.itemsize
+
+
+def gather_pages_to_rows(layers: Sequence[torch.Tensor], block_ids: BlockIds, rows: Any, *,
+                         layout: str | None = None) -> None:
+    """Copy page ``block_ids[j]`` of every layer into row ``j``.
+
+    ``rows``: a contiguous CPU tensor ``[len(block_ids), row_bytes]`` (any dtype, e.g.
+    uint8 staging rows), or a sequence of ``len(block_ids)`` writable buffers (memoryview,
+    bytearray, numpy array, CPU tensor), each C-contiguous with at least ``row_nbytes``
+    bytes (their leading bytes are written). Ids may repeat. The copy is exact.
+
+    Raises InvalidArgumentError (a CUDA cache, wrong layout or ids, a read-only or too-small
+    row, a wrong number of rows) before any byte is written.
+    """
+    geom = describe_layers(layers, layout)
+    ids = check_block_ids(block_ids, geom.num_blocks, unique=False)
+    ptrs, keep = _row_pointers(geom, rows, ids.numel(), writable=True)
+    _call("kvops_gather_blocks", geom, layers, ids, ptrs)
+    del keep
+
+
+def scatter_rows_to_pages(rows: Any, layers: Sequence[torch.Tensor], block_ids: BlockIds, *,
+                          layout: str | None = None) -> None:
+    """The inverse of ``gather_pages_to_rows``: row ``j`` into page ``block_ids[j]`` of every
+    layer (rows may be read-only buffers). ``block_ids`` must be distinct.
+
+    Raises InvalidArgumentError (as gather_pages_to_rows, or a repeated id) before any page
+    is written.
+    """
+    geom = describe_layers(layers, layout)
+    ids = check_block_ids(block_ids, geom.num_blocks, unique=True)
+    ptrs, keep = _row_pointers(geom, rows, ids.numel(), writable=False)
+    _call("kvops_scatter_blocks", geom, layers, ids, ptrs)
+    del keep
+
+
+def gather_tokens_to_rows(tensors: Sequence[torch.Tensor], block_ids: BlockIds, rows: Any, *,
+                          block_size: int) -> None:
+    """Copy tokens ``[b * block_size, +block_size)`` (``b = block_ids[j]``) of every tensor
+    into row ``j``, laid out ``[len(tensors), block_size, heads, head_dim]``: the stored block
+    form for a transformers cache's tensors given as ``[k0, v0, k1, v1, ...]``.
+
+    ``tensors``: CPU tensors ``[heads, seq, head_dim]`` (or ``[1, heads, seq, head_dim]``),
+    one dtype, shape and strides, ``head_dim`` dense. ``rows`` as ``gather_pages_to_rows``,
+    each row at least ``len(tensors) * block_size * heads * head_dim`` elements. Raises
+    InvalidArgumentError (mixed or non-CPU tensors, a block past the sequence, bad rows)
+    before any byte is written.
+    """
+    geom, arg, keep = _tokens_arg(tensors, block_ids, block_size, unique=False)
+    ptrs, keep_rows = _row_pointers(geom, rows, int(arg.num_blocks), writable=True)
+    _call_tokens("kvops_gather_tokens", geom, arg, ptrs)
+    del keep, keep_rows
+
+
+def scatter_rows_to_tokens(rows: Any, tensors: Sequence[torch.Tensor], block_ids: BlockIds,
+                           *, block_size: int) -> None:
+    """The inverse of ``gather_tokens_to_rows``: row ``j`` into tokens ``[b * block_size,
+    +block_size)`` of every tensor. ``block_ids`` must be distinct. Errors as the gather."""
+    geom, arg, keep = _tokens_arg(tensors, block_ids, block_size, unique=True)
+    ptrs, keep_rows = _row_pointers(geom, rows, int(arg.num_blocks), writable=False)
+    _call_tokens("kvops_scatter_tokens", geom, arg, ptrs)
+    del keep, keep_rows
+
+
+def _tokens_arg(tensors: Sequence[torch.Tensor], block_ids: BlockIds, block_size: int, *,
+                unique: bool) -> tuple[PagedGeometry, Any, list]:
+    """Check the tensors; the geometry ``_row_pointers`` sizes rows by, and the C struct."""
+    tensors = [t[0] if t.dim() == 4 and t.shape[0] == 1 else t for t in tensors]
+    if not tensors:
+        raise InvalidArgumentError("tensors must not be empty")
+    first = tensors[0]
+    if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1:
+        raise InvalidArgumentError(f"block_size must be an int >= 1, got {block_size!r}")
+    for i, t in enumerate(tensors):
+        if not isinstance(t, torch.Tensor) or t.dim() != 3 or t.device.type != "cpu":
+            raise InvalidArgumentError(f"tensors[{i}] must be a CPU tensor [heads, seq, "
+                                       f"head_dim] (or [1, heads, seq, head_dim])")
+        if (t.shape, t.stride(), t.dtype) != (first.shape, first.stride(), first.dtype):
+            raise InvalidArgumentError(f"tensors[{i}] differs from tensors[0] in shape, "
+                                       f"strides or dtype")
+    heads, seq, head_dim = first.shape
+    if first.stride(2) != 1 and head_dim > 1:
+        raise InvalidArgumentError("tensors must be dense in head_dim")
+    ids = check_block_ids(block_ids, seq // block_size, unique=unique)
+    geom = PagedGeometry("rows", first.dtype, first.device, len(tensors), 1, seq // block_size,
+                         (block_size, heads, head_dim), block_size, 0)
+    ptrs = (_lib.ctypes.c_void_p * len(tensors))(*[t.data_ptr() for t in tensors])
+    arg = _lib.TokensArg(ptrs, ids.data_ptr(), len(tensors), ids.numel(), block_size, heads,
+                         head_dim, first.stride(0), first.stride(1))
+    return geom, arg, [ptrs, ids, tensors]
+
+
+def _call_tokens(fn_name: str, geom: PagedGeometry, arg: Any, ptrs: Any) -> None:
+    lib = _lib.cpu_lib()
+    num_bytes = int(arg.num_blocks) * geom.num_layers * geom.page_elems * geom.dtype.itemsize
+    status = getattr(lib, fn_name)(_lib.ctypes.byref(arg), geom.dtype.itemsize, ptrs,
+                                   _lib.exec_for(geom.device, num_bytes))
+    _lib.check_status(lib, status, fn_name)
+
+
+def _call(fn_name: str, geom: PagedGeometry, layers: Sequence[torch.Tensor],
+          ids: torch.Tensor, ptrs: Any) -> None:
+    lib = _lib.cpu_lib()
+    pages, _keep = _lib.pages_arg(list(layers), ids, geom.num_kv, geom.page_elems,
+                                  geom.block_stride, geom.kv_stride)
+    num_bytes = ids.numel() * geom.num_layers * geom.num_kv * geom.page_elems * \
+        geom.dtype.itemsize
+    status = getattr(lib, fn_name)(pages, geom.dtype.itemsize, ptrs,
+                                   _lib.exec_for(geom.device, num_bytes))
+    _lib.check_status(lib, status, fn_name)
+
+
+def _row_pointers(geom: PagedGeometry, rows: Any, num_rows: int,
+                  *, writable: bool) -> tuple[Any, list]:
+    """A ctypes array of the rows' addresses, and what keeps their memory alive meanwhile."""
+    if geom.device.type != "cpu":
+        raise InvalidArgumentError("per-block rows are for CPU caches; a CUDA cache uses "
+                                   "gather_pages / scatter_pages")
+    row_bytes = geom.num_layers * geom.num_kv * geom.page_elems * geom.dtype.itemsize
+    if isinstance(rows, torch.Tensor):
+        if rows.device.type != "cpu" or not rows.is_contiguous() or rows.dim() != 2 or \
+                rows.shape[0] != num_rows or rows.shape[1] * rows.element_size() < row_bytes:
+            raise InvalidArgumentError(
+                f"rows must be a contiguous CPU tensor [{num_rows}, >= {row_bytes} bytes], "
+                f"got {tuple(rows.shape)} {rows.dtype} on {rows.device}")
+        stride = rows.shape[1] * rows.element_size()
+        base = rows.data_ptr()
+        return (_lib.ctypes.c_void_p * num_rows)(*[base + j * stride for j in range(num_rows)]), \
+            [rows]
+    rows = list(rows)
+    if len(rows) != num_rows:
+        raise InvalidArgumentError(f"{num_rows} block ids but {len(rows)} rows")
+    keep, addresses = [], []
+    for j, row in enumerate(rows):
+        array = _as_bytes(row, j)
+        if writable and not array.flags.writeable:
+            raise InvalidArgumentError(f"rows[{j}] is read-only")
+        if array.nbytes < row_bytes:
+            raise InvalidArgumentError(f"rows[{j}] holds {array.nbytes} bytes; at least "
+                                       f"{row_bytes} needed")
+        keep.append(array)
+        addresses.append(array.ctypes.data)
+    return (_lib.ctypes.c_void_p * num_rows)(*addresses), keep
+
+
+def _as_bytes(row: Any, index: int) -> np.ndarray:
+    if isinstance(row, torch.Tensor):
+        if row.device.type != "cpu" or not row.is_contiguous():
+            raise InvalidArgumentError(f"rows[{index}] must be a contiguous CPU tensor")
+        return row.view(-1).view(torch.uint8).numpy()
+    if isinstance(row, np.ndarray):
+        if not row.flags.c_contiguous:
+            raise InvalidArgumentError(f"rows[{index}] must be C-contiguous")
+        return row.reshape(-1).view(np.uint8)
+    try:
+        view = memoryview(row)
+    except TypeError as exc:
+        raise InvalidArgumentError(f"rows[{index}] is not a buffer: {exc}") from exc
+    if not view.c_contiguous:
+        raise InvalidArgumentError(f"rows[{index}] must be C-contiguous")
+    return np.frombuffer(view.cast("B") if view.format != "B" or view.ndim != 1 else view,
+                         dtype=np.uint8)
