@@ -11,7 +11,7 @@ import random
 import pytest
 
 import kvstore
-from kvstore.master._keyindex import KeyBatch, KeyIndex, parse_request
+from kvstore.master._keyindex import KeyBatch, KeyIndex, encode_get_replicas, parse_request
 from kvstore.master.wire import WireReply
 from kvstore.v1 import master_pb2 as pb
 from master_helpers import node_info
@@ -134,6 +134,43 @@ def test_a_wire_reply_serializes_as_the_message_with_its_epoch(epoch):
         exists=[True, False], epoch=epoch).SerializeToString()
 
 
+@pytest.mark.parametrize("num_keys", [1, 2, 15, 16, 200, 1024])
+def test_encode_get_replicas_writes_the_bytes_protobuf_writes(num_keys):
+    rng = random.Random(num_keys)
+    columns = ([rng.choice([65536, 1, 2 ** 40]) for _ in range(num_keys)],
+               [rng.getrandbits(64) for _ in range(num_keys)],
+               [rng.choice([0, 1, 2]) for _ in range(num_keys)],
+               [rng.randrange(3) for _ in range(num_keys)],
+               [rng.getrandbits(40) for _ in range(num_keys)])
+    tables = pb.GetReplicasResponse(
+        nodes=[pb.NodeRef(node_id="n", host_id="h", data_addr="127.0.0.1:1")],
+        segments=[pb.SegmentRef(node_index=0, segment_id=f"d{i}", shm_name="/x")
+                  for i in range(3)]).SerializeToString()
+    sizes, checksums, codecs, segments, offsets = columns
+    for lease_expires_in_s, lease_id in ((5.0, 7), (0.0, 0), (1e-3, 2 ** 63)):
+        expected = pb.GetReplicasResponse(
+            statuses=[pb.ITEM_OK] * num_keys, sizes=sizes, checksums=checksums, codecs=codecs,
+            replica_start=range(num_keys), replica_count=[1] * num_keys,
+            replica_segment=segments, replica_offset=offsets,
+            lease_expires_in_s=lease_expires_in_s, lease_id=lease_id)
+        expected.MergeFromString(tables)
+        assert encode_get_replicas(*columns, tables, lease_expires_in_s,
+                                   lease_id) == expected.SerializeToString()
+
+
+@pytest.mark.parametrize("args, error", [
+    ((["x"], [1], [1], [1], [1], b"", 1.0, 1), TypeError),           # not an int
+    (([1], [1, 2], [1], [1], [1], b"", 1.0, 1), ValueError),         # columns differ
+    (([1], [1], [2 ** 33], [1], [1], b"", 1.0, 1), ValueError),      # codec past uint32
+    (([-1], [1], [1], [1], [1], b"", 1.0, 1), OverflowError),        # negative size
+    (([], [], [], [], [], b"", 1.0, 1), ValueError),                 # no key
+    (([1], [1], [1], [1], [1], "not bytes", 1.0, 1), TypeError),
+])
+def test_encode_get_replicas_refuses_bad_columns(args, error):
+    with pytest.raises(error):
+        encode_get_replicas(*args)
+
+
 # -- a real master, both paths --------------------------------------------------------------
 
 @pytest.fixture(scope="module")
@@ -144,10 +181,16 @@ def paths():
             fast_port = over_grpc.call("Stats", pb.StatsRequest()).fast_port
             with RawMaster.over_fast("127.0.0.1", fast_port) as over_fast:
                 over_grpc.call("RegisterNode", pb.RegisterNodeRequest(node=node_info("n1")))
+                over_grpc.call("RegisterNode", pb.RegisterNodeRequest(
+                    node=node_info("n2", host_id="host-b")))
                 keys = [f"w/{i}" for i in range(300)] + ["clé/1", "ключ/2"]
                 over_grpc.call("PutStart", pb.PutStartRequest(keys=keys, sizes=[100] * len(keys),
                                                               client_id="w"))
                 over_grpc.call("PutEnd", pb.PutEndRequest(keys=keys, client_id="w"))
+                twice = [f"two/{i}" for i in range(20)]      # two replicas: the message path
+                over_grpc.call("PutStart", pb.PutStartRequest(
+                    keys=twice, sizes=[100] * len(twice), client_id="w", replicas=2))
+                over_grpc.call("PutEnd", pb.PutEndRequest(keys=twice, client_id="w"))
                 yield over_grpc, over_fast, keys
 
 
@@ -165,6 +208,7 @@ def _answer(client, method, request):
     ["w/1"], ["w/1", "w/2", "nope", "w/299"] * 10, ["clé/1", "ключ/2", "w/3", "absent/é"],
     [f"w/{i}" for i in range(0, 300, 3)] + ["x" * 2000], ["w/5", ""], [],
     [f"w/{i % 300}" for i in range(2049)],                  # over --max-batch
+    [f"two/{i}" for i in range(20)], ["w/7", "two/3", "w/8"],
 ])
 def test_exists_and_get_replicas_answer_over_the_fast_path_as_over_grpc(paths, keys):
     over_grpc, over_fast, _ = paths
@@ -186,3 +230,21 @@ def test_exists_over_the_fast_path_finds_what_was_just_stored_and_removed(paths)
     over_fast.call("Remove", pb.RemoveRequest(keys=keys[:256], force=True))
     assert list(over_fast.call("Exists", pb.ExistsRequest(keys=keys)).exists) == (
         [False] * 256 + [True] * 256 + [False] * 512)
+
+
+def test_get_replicas_over_the_fast_path_counts_its_reads_and_grants_its_lease(paths):
+    over_grpc, over_fast, keys = paths
+    def hits() -> tuple[int, int]:      # the master's, and the segments' summed
+        stats = over_grpc.call("Stats", pb.StatsRequest())
+        return stats.hits, sum(tier.hits for tier in stats.tiers)
+
+    hits_before = hits()
+    reply = over_fast.call("GetReplicas", pb.GetReplicasRequest(keys=keys[:100],
+                                                                lease_ttl_ms=60_000))
+    assert list(reply.statuses) == [pb.ITEM_OK] * 100 and reply.lease_id != 0
+    assert reply.lease_expires_in_s == 60.0
+    assert hits() == (hits_before[0] + 100, hits_before[1] + 100)
+    # the lease holds: a remove without force is refused until it is released
+    removed = over_grpc.call("Remove", pb.RemoveRequest(keys=keys[:1]))
+    assert list(removed.statuses) != [pb.ITEM_OK]
+    over_grpc.call("ReleaseLeases", pb.ReleaseLeasesRequest(lease_ids=[reply.lease_id]))

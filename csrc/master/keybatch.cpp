@@ -212,6 +212,12 @@ PyMethodDef module_methods[] = {
     {"parse_request", parse_request, METH_O,
      "parse_request(body) -> KeyBatch | None: an ExistsRequest's or GetReplicasRequest's "
      "fields from its wire form; None: parse it with protobuf instead."},
+    {"encode_get_replicas",
+     reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(encode_get_replicas)),
+     METH_FASTCALL,
+     "encode_get_replicas(sizes, checksums, codecs, segments, offsets, tables, "
+     "lease_expires_in_s, lease_id) -> bytes: the GetReplicasResponse of a batch whose keys "
+     "were all found with one replica each (csrc/master/replywire.cpp)."},
     {nullptr, nullptr, 0, nullptr}};
 
 // Looks each key of ``batch`` up with its misses overlapped (as keyindex.cpp's lookup_many);

@@ -96,5 +96,7 @@ extern PyTypeObject* KeyBatch_type;
 int add_keybatch(PyObject* module);
 PyObject* KeyIndex_contains_batch(KeyIndex* self, PyObject* batch);
 PyObject* KeyIndex_get_batch(KeyIndex* self, PyObject* batch);
+// replywire.cpp: GetReplicasResponse of the common batch in wire form (module function)
+PyObject* encode_get_replicas(PyObject* module, PyObject* const* args, Py_ssize_t nargs);
 
 }  // namespace kvstore_keyindex

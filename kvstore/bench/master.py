@@ -328,7 +328,7 @@ def in_process_ceiling(num_keys: int = NUM_KEYS) -> dict:
                "exists_keys_per_s": rate("Exists", pb.ExistsRequest, exists,
                                          1024 * len(batches)),
                "put_keys_per_s": put_rate}
-    ceiling["fast_get_replicas_keys_per_s"] = wire_rate(service.GetReplicas, gets,
+    ceiling["fast_get_replicas_keys_per_s"] = wire_rate(service.get_replicas_wire, gets,
                                                         1024 * len(batches))
     ceiling["fast_exists_keys_per_s"] = wire_rate(service.exists_wire, exists,
                                                   1024 * len(batches))

@@ -75,10 +75,10 @@ class FastRpcServer(ThreadedTcpServer):
     @staticmethod
     def _wire_invoker(service: MasterService, name: str, clock, metrics):
         """The invoker of a request that ``wire.parse_request`` decoded (None: every request
-        of ``name`` is parsed by protobuf). GetReplicas' handler takes a KeyBatch as it is."""
+        of ``name`` is parsed by protobuf); its handler may answer in wire form."""
         if name not in WIRE_METHODS:
             return None
-        handler = service.exists_wire if name == "Exists" else None
+        handler = service.exists_wire if name == "Exists" else service.get_replicas_wire
         return make_invoker(service, name, clock, metrics, "fast", handler=handler)
 
     def start(self) -> int:
