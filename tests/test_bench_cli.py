@@ -364,6 +364,9 @@ def test_master_reports_rates_beside_the_in_process_ceiling(tmp_path):
         (op, b) for op in ("get_replicas", "exists", "put") for b in (1, 1024)}
     assert all(r["keys_per_s"] > 0 and 0 < r["pct_of_ceiling"] for r in rows)
     assert data["ceiling_in_process"]["get_replicas_keys_per_s"] > 0
+    # the fast rows' ceiling is the fast path's wire form; the loopback floor is printed
+    assert data["ceiling_in_process"]["fast_exists_keys_per_s"] > 0
+    assert 0 < data["loopback_floor_p50_us"] < 1e6 and "loopback floor" in result.stdout
     assert "%ceiling" in result.stdout
     # the master's own CPU per call: counted over the cells (/proc ticks: 10 ms each)
     assert all(r["master_cpu_us_per_call"] >= 0 for r in rows)

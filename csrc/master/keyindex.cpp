@@ -18,63 +18,11 @@
 // Guarantees: every method takes and returns ordinary Python objects and never leaves a
 // reference behind on error; a non-str key raises TypeError. Not thread-safe (the master's
 // state is used under the service lock).
-#define PY_SSIZE_T_CLEAN
-#include <Python.h>
+#include "keyindex.h"
+
 #include <structmember.h>
 
-#include <cstdint>
-#include <cstring>
-#include <vector>
-
-namespace {
-
-struct Slot {
-  Py_hash_t hash;
-  PyObject* key;    // nullptr: empty
-  PyObject* value;
-};
-
-struct KeyIndex {
-  PyObject_HEAD
-  Slot* slots;
-  size_t mask;      // capacity - 1
-  size_t size;
-  // ``follow``: values of exactly this class have an object slot at this byte offset whose
-  // object get_many prefetches, with a tuple's items (nullptr: follow nothing)
-  PyTypeObject* follow_type;
-  Py_ssize_t follow_offset;
-};
-
-constexpr size_t kMinCapacity = 64;
-
-inline bool same_text(PyObject* a, PyObject* b) {
-  if (a == b) return true;
-  Py_ssize_t len = PyUnicode_GET_LENGTH(a);
-  if (len != PyUnicode_GET_LENGTH(b) || PyUnicode_KIND(a) != PyUnicode_KIND(b)) return false;
-  return std::memcmp(PyUnicode_DATA(a), PyUnicode_DATA(b),
-                     static_cast<size_t>(len) * PyUnicode_KIND(a)) == 0;
-}
-
-// Index of the slot holding ``key`` or of the empty slot ending its run.
-inline size_t find_slot(const KeyIndex* self, PyObject* key, Py_hash_t hash) {
-  // NOTE: self->slots is never null here: every method re-creates a table cleared by the GC
-  // (ensure_table) before looking anything up
-  size_t i = static_cast<size_t>(hash) & self->mask;
-  while (true) {
-    const Slot& s = self->slots[i];
-    if (s.key == nullptr) return i;
-    if (s.hash == hash && same_text(s.key, key)) return i;
-    i = (i + 1) & self->mask;
-  }
-}
-
-bool check_key(PyObject* key) {
-  if (!PyUnicode_CheckExact(key)) {
-    PyErr_Format(PyExc_TypeError, "keys must be str, got %.100s", Py_TYPE(key)->tp_name);
-    return false;
-  }
-  return true;
-}
+namespace kvstore_keyindex {
 
 bool resize(KeyIndex* self, size_t capacity) {
   Slot* fresh = static_cast<Slot*>(PyMem_Calloc(capacity, sizeof(Slot)));
@@ -111,7 +59,7 @@ void clear_slots(KeyIndex* self) {
 }
 
 // A table the GC cleared (tp_clear, while breaking a cycle) is empty: give it slots again.
-inline bool ensure_table(KeyIndex* self) {
+bool ensure_table(KeyIndex* self) {
   return self->slots != nullptr || resize(self, kMinCapacity);
 }
 
@@ -306,7 +254,10 @@ bool lookup_many(KeyIndex* self, PyObject* keys, bool prefetch_values, Emit emit
   for (Py_ssize_t k = 0; k < n; ++k) {
     const Slot& s = self->slots[static_cast<size_t>(hashes[k]) & self->mask];
     if (s.key != nullptr && s.hash == hashes[k]) {
+      // NOTE: both lines of the stored key: a str's text starts 40-48 bytes in, so a key
+      // of more than ~16 characters ends in the object's second line
       __builtin_prefetch(s.key);
+      __builtin_prefetch(reinterpret_cast<const char*>(s.key) + 64);
       if (prefetch_values) __builtin_prefetch(s.value);
     }
   }
@@ -352,6 +303,7 @@ void prefetch_followed(const KeyIndex* self, const std::vector<PyObject*>& value
 }
 
 PyObject* KeyIndex_get_many(KeyIndex* self, PyObject* keys) {
+  if (Py_TYPE(keys) == KeyBatch_type) return KeyIndex_get_batch(self, keys);
   PyObject* out = nullptr;
   Py_ssize_t n = 0;
   std::vector<PyObject*> found;   // new references: PyList_New may run the GC (and finalizers)
@@ -414,9 +366,15 @@ PyMethodDef KeyIndex_methods[] = {
     {"get", reinterpret_cast<PyCFunction>(KeyIndex_get), METH_O,
      "get(key): key's value, or None."},
     {"get_many", reinterpret_cast<PyCFunction>(KeyIndex_get_many), METH_O,
-     "get_many(keys) -> list: each key's value, or None, in order."},
+     "get_many(keys) -> list: each key's value, or None, in order (keys: a sequence of str "
+     "or a KeyBatch)."},
     {"contains_many", reinterpret_cast<PyCFunction>(KeyIndex_contains_many), METH_O,
      "contains_many(keys) -> list[bool]: whether each key is there, in order."},
+    {"contains_batch", reinterpret_cast<PyCFunction>(KeyIndex_contains_batch), METH_O,
+     "contains_batch(batch) -> (bytes, list[str]): the ExistsResponse of a KeyBatch in wire "
+     "form (its exists field) and the keys not there."},
+    {"get_batch", reinterpret_cast<PyCFunction>(KeyIndex_get_batch), METH_O,
+     "get_batch(batch) -> list: get_many of a KeyBatch's keys."},
     {"clear", reinterpret_cast<PyCFunction>(KeyIndex_clear), METH_NOARGS,
      "clear(): forget every key."},
     {nullptr, nullptr, 0, nullptr}};
@@ -440,7 +398,9 @@ PyModuleDef keyindex_module = {PyModuleDef_HEAD_INIT, "_keyindex",
                                "The master's key index (see csrc/master/keyindex.cpp).", -1,
                                nullptr, nullptr, nullptr, nullptr, nullptr};
 
-}  // namespace
+}  // namespace kvstore_keyindex
+
+using namespace kvstore_keyindex;
 
 PyMODINIT_FUNC PyInit__keyindex(void) {
   PyObject* module = PyModule_Create(&keyindex_module);
@@ -448,6 +408,10 @@ PyMODINIT_FUNC PyInit__keyindex(void) {
   PyObject* type = PyType_FromSpec(&KeyIndex_spec);
   if (type == nullptr || PyModule_AddObject(module, "KeyIndex", type) < 0) {
     Py_XDECREF(type);
+    Py_DECREF(module);
+    return nullptr;
+  }
+  if (add_keybatch(module) < 0) {
     Py_DECREF(module);
     return nullptr;
   }

@@ -3,10 +3,13 @@ master`` (the code of bench/master_bench.py, which now calls this command).
 
 For get_replicas, exists and put_start+put_end, at batch sizes 1, 32 and 1024, from 1 and
 from 4 client processes, it reports keys/s and p50/p99 call latency. Two ceilings are measured
-in the same run: the gRPC floor (an empty Exists round trip from one client: no call can be
-faster) and the master's in-process key rate (request bytes parsed, the service method run,
-the reply serialized, with no transport: no RPC can move more keys/s); each row's keys/s is
-printed as a ratio of the latter. Runs each gRPC mode of the master (the thread pool and
+in the same run: the floor of each path (an empty Exists round trip from one client: no call
+can be faster), the loopback floor (a raw TCP round trip of empty fast-path frames between two
+Python processes, no master: what the fast path's single-key calls are bounded by on this
+machine) and the master's in-process key rate (request bytes parsed, the service method run,
+the reply serialized, with no transport: no RPC can move more keys/s; for Exists and
+GetReplicas also through the fast path's wire form, ``kvstore.master.wire``, the fast rows'
+ceiling); each row's keys/s is printed as a ratio of the latter. Runs each gRPC mode of the master (the thread pool and
 grpc.aio), and each metadata path of the client: gRPC and the framed fast path (``--paths``).
 Prints a table, writes ``--json`` and says PASS/MISS against the targets of issue 2
 (get_replicas batch 1024 >= 400k keys/s with p50 < 2.5 ms; exists >= 1M keys/s; single-key
@@ -93,12 +96,69 @@ class RawCalls:
 
 
 def make_client(path: str, address: str, fast_port: int, token: str | None = None,
-                ) -> RawCalls:
+                reply_spin_s: float = 0.0) -> RawCalls:
     from kvstore.rpc import GrpcCarrier
     from kvstore.rpc.fast_carrier import FastCarrier
     if path == "fast":
-        return RawCalls(FastCarrier(address.rsplit(":", 1)[0], fast_port, token=token))
+        return RawCalls(FastCarrier(address.rsplit(":", 1)[0], fast_port, token=token,
+                                    reply_spin_s=reply_spin_s))
     return RawCalls(GrpcCarrier(address, token=token))
+
+
+def _echo_server(ready) -> None:
+    """A raw TCP server shaped like the fast path (a thread per connection, blocking sockets,
+    TCP_NODELAY, a buffered reader): reads a REQUEST frame, answers an empty REPLY."""
+    import socket
+    import threading
+    from kvstore.rpc import fast_frames as ff
+
+    listener = socket.create_server(("127.0.0.1", 0))
+    ready.put(listener.getsockname()[1])
+
+    def serve(conn) -> None:
+        conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        reader = conn.makefile("rb", buffering=256 * 1024)
+        while len(header := reader.read(ff.REQUEST.size)) == ff.REQUEST.size:
+            body_len, _, request_id = ff.REQUEST.unpack(header)
+            reader.read(body_len)
+            conn.sendall(ff.REPLY.pack(0, ff.OK, request_id))
+        conn.close()
+
+    while True:
+        conn, _ = listener.accept()
+        threading.Thread(target=serve, args=(conn,), daemon=True).start()
+
+
+def loopback_floor(seconds: float) -> float:
+    """p50 (us) of a raw TCP round trip on 127.0.0.1 between two processes, in Python at both
+    ends, of the fast path's frames with empty bodies: what no fast-path call can beat here
+    (two system calls and two wake-ups a round trip, no master)."""
+    import socket
+    from kvstore.rpc import fast_frames as ff
+
+    ctx = mp.get_context("spawn")
+    ready = ctx.Queue()
+    server = ctx.Process(target=_echo_server, args=(ready,), daemon=True)
+    server.start()
+    try:
+        sock = socket.create_connection(("127.0.0.1", ready.get(timeout=120)))
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        request = ff.encode_request(1, 1, b"")
+        buffer = bytearray(64)
+        latencies = []
+        deadline = time.perf_counter() + seconds
+        while (now := time.perf_counter()) < deadline:
+            sock.sendall(request)
+            received = 0
+            while received < ff.REPLY.size:
+                received += sock.recv_into(memoryview(buffer)[received:])
+            latencies.append(time.perf_counter() - now)
+        sock.close()
+    finally:
+        server.terminate()
+        server.join()
+    latencies.sort()
+    return latencies[len(latencies) // 2] * 1e6
 
 
 def populate(address: str, num_keys: int = NUM_KEYS, tenant: bool = False) -> list[str]:
@@ -142,7 +202,7 @@ def client_worker(target: tuple, op: str, batch: int, worker: int, seconds: floa
         requests = [pb.ExistsRequest()]
     method = {"get_replicas": "GetReplicas", "exists": "Exists", "empty": "Exists"}.get(op)
     latencies = []
-    with make_client(*target) as client:   # target: (path, address, fast_port, token)
+    with make_client(*target) as client:   # target: make_client's arguments
         call = client.call
         for request in requests[:4]:                       # warm up the channel
             call(method or "Exists", request)
@@ -169,7 +229,8 @@ def client_worker(target: tuple, op: str, batch: int, worker: int, seconds: floa
 
 def run_cell(target: tuple, op: str, batch: int, num_clients: int, seconds: float,
              num_keys: int = NUM_KEYS, master_pid: int | None = None) -> dict:
-    """``target``: (path, address, fast_port, token) as ``make_client`` takes them. With
+    """``target``: (path, address, fast_port, token, reply_spin_s) as ``make_client`` takes
+    them. With
     ``master_pid``, the master's CPU time over the cell's timed window is reported too
     (``measure.make_cpu_probe``: with this process's own, which only waits meanwhile)."""
     ctx = mp.get_context("spawn")
@@ -227,6 +288,7 @@ def in_process_ceiling(num_keys: int = NUM_KEYS) -> dict:
     from kvstore.master.config import MasterConfig
     from kvstore.master.service import MasterService
     from kvstore.master.state import MasterState
+    from kvstore.master.wire import parse_request
     from kvstore.v1 import master_pb2 as pb
     gc.set_threshold(100_000, 50, 100)
     service = MasterService(MasterState(MasterConfig(), 0.0))
@@ -243,6 +305,12 @@ def in_process_ceiling(num_keys: int = NUM_KEYS) -> dict:
             handler(request_class.FromString(payload), 1.0).SerializeToString()
         return num_keys / (time.thread_time() - started)
 
+    def wire_rate(handler, payloads: list[bytes], num_keys: int) -> float:
+        started = time.thread_time()
+        for payload in payloads:
+            handler(parse_request(payload), 1.0).SerializeToString()
+        return num_keys / (time.thread_time() - started)
+
     chunks = [keys[i:i + 1024] for i in range(0, num_keys, 1024)]
     starts = [pb.PutStartRequest(keys=c, sizes=[VALUE_BYTES] * len(c), client_id="c")
               .SerializeToString() for c in chunks]
@@ -255,10 +323,16 @@ def in_process_ceiling(num_keys: int = NUM_KEYS) -> dict:
     batches = [random.Random(i).sample(keys, 1024) for i in range(100)]
     gets = [pb.GetReplicasRequest(keys=b).SerializeToString() for b in batches]
     exists = [pb.ExistsRequest(keys=b).SerializeToString() for b in batches]
-    return {"get_replicas_keys_per_s": rate("GetReplicas", pb.GetReplicasRequest, gets,
-                                            1024 * len(batches)),
-            "exists_keys_per_s": rate("Exists", pb.ExistsRequest, exists, 1024 * len(batches)),
-            "put_keys_per_s": put_rate}
+    ceiling = {"get_replicas_keys_per_s": rate("GetReplicas", pb.GetReplicasRequest, gets,
+                                               1024 * len(batches)),
+               "exists_keys_per_s": rate("Exists", pb.ExistsRequest, exists,
+                                         1024 * len(batches)),
+               "put_keys_per_s": put_rate}
+    ceiling["fast_get_replicas_keys_per_s"] = wire_rate(service.get_replicas_wire, gets,
+                                                        1024 * len(batches))
+    ceiling["fast_exists_keys_per_s"] = wire_rate(service.exists_wire, exists,
+                                                  1024 * len(batches))
+    return ceiling
 
 
 _CEILING_KEY = {"get_replicas": "get_replicas_keys_per_s", "exists": "exists_keys_per_s",
@@ -279,10 +353,13 @@ PATHS = ("grpc", "fast")
               help="Keys stored before the cells run (and sampled by them).")
 @click.option("--tenant", is_flag=True,
               help="Start the master with --tenants and make every call as that tenant.")
+@click.option("--reply-spin-us", type=click.FloatRange(min=0), default=0.0, show_default=True,
+              help="Fast-path clients poll for each reply this long before blocking (the "
+                   "client's own default, ClientConfig.reply_spin_s, is 200).")
 @click.option("--json", "json_path", default="bench/out/master_bench.json", show_default=True,
               type=click.Path(dir_okay=False), help="Where to write every figure.")
 def command(quick: bool, modes: str, paths: str, seconds: float | None, num_keys: int,
-            tenant: bool, json_path: str) -> None:
+            tenant: bool, reply_spin_us: float, json_path: str) -> None:
     """Metadata operations per second and latency by batch size, beside the master's ceiling."""
     from tqdm import tqdm
 
@@ -295,7 +372,8 @@ def command(quick: bool, modes: str, paths: str, seconds: float | None, num_keys
     batches = (1, 1024) if quick else BATCHES
     clients = (1,) if quick else CLIENTS
     results = {"command": sys.argv, "ceiling_in_process": None, "modes": {},
-               "tenant": tenant, "interrupted": False, "loadavg_at_start": os.getloadavg(),
+               "tenant": tenant, "reply_spin_us": reply_spin_us, "loopback_floor_p50_us": None,
+               "interrupted": False, "loadavg_at_start": os.getloadavg(),
                "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
     cells = [(op, batch, n) for op in ("get_replicas", "exists", "put") for batch in batches
              for n in clients]
@@ -308,7 +386,7 @@ def command(quick: bool, modes: str, paths: str, seconds: float | None, num_keys
         Path(tenants_file).write_text(TENANTS_TOML)
     try:
         _measure(results, mode_list, path_list, cells, seconds, num_keys, progress,
-                 tenants_file)
+                 tenants_file, reply_spin_us / 1e6)
     except KeyboardInterrupt:
         # NOTE: like `bench transfer`: what was measured is printed and written, exit 130
         results["interrupted"] = True
@@ -343,6 +421,10 @@ def command(quick: bool, modes: str, paths: str, seconds: float | None, num_keys
             (mode, "(issue 15) single-key get_replicas and exists p50 <= 50 us",
              single["p50_us"] <= 50 and single_exists["p50_us"] <= 50),
         ]
+    if results["loopback_floor_p50_us"] is not None:
+        print(f"\nloopback floor (raw TCP round trip, no master): p50 "
+              f"{results['loopback_floor_p50_us']:.1f} us; fast-path clients' reply spin "
+              f"{reply_spin_us:g} us")
     results["loadavg_at_end"] = os.getloadavg()
     print(f"\nload average (1/5/15 min) at start {results['loadavg_at_start']}, "
           f"at end {results['loadavg_at_end']} on {os.cpu_count()} cores")
@@ -357,20 +439,29 @@ def command(quick: bool, modes: str, paths: str, seconds: float | None, num_keys
 
 
 def _measure(results: dict, mode_list, path_list, cells, seconds: float, num_keys: int,
-             progress, tenants_file: str | None = None) -> None:
+             progress, tenants_file: str | None = None, reply_spin_s: float = 0.0) -> None:
     """Fill ``results`` (the ceiling, then each mode's rows as they are measured, so a
     Ctrl-C keeps every finished cell); each master started is stopped, on error too. With
     ``tenants_file`` the masters have tenants and every client uses a tenant's token."""
     ceiling = in_process_ceiling(num_keys)
     results["ceiling_in_process"] = ceiling
     progress.update(1)
+    results["loopback_floor_p50_us"] = floor_us = loopback_floor(seconds)
+    progress.write(f"loopback floor (raw TCP round trip of empty fast-path frames, Python at "
+                   f"both ends, 1 client): p50 {floor_us:.1f} us")
     progress.write(f"in-process ceiling (request bytes -> reply bytes, no transport, batch "
                    f"1024): get_replicas {ceiling['get_replicas_keys_per_s']:,.0f} keys/s, "
                    f"exists {ceiling['exists_keys_per_s']:,.0f} keys/s, put_start+put_end "
                    f"{ceiling['put_keys_per_s']:,.0f} keys/s")
+    if "fast_exists_keys_per_s" in ceiling:
+        progress.write(f"in-process ceiling of the fast path's wire form (kvstore.master.wire, "
+                       f"batch 1024): get_replicas "
+                       f"{ceiling['fast_get_replicas_keys_per_s']:,.0f} keys/s, exists "
+                       f"{ceiling['fast_exists_keys_per_s']:,.0f} keys/s")
     for mode, path in [(m, p) for m in mode_list for p in path_list]:
         proc, address, fast_port = start_master(mode, tenants_file)
-        target = (path, address, fast_port, TENANT_TOKEN if tenants_file else None)
+        target = (path, address, fast_port, TENANT_TOKEN if tenants_file else None,
+                  reply_spin_s)
         try:
             populate(address, num_keys, tenants_file is not None)
             floor = run_cell(target, "empty", 0, 1, seconds, num_keys, proc.pid)
@@ -379,7 +470,10 @@ def _measure(results: dict, mode_list, path_list, cells, seconds: float, num_key
                                                          "rows": []}
             for op, batch, n in cells:
                 row = run_cell(target, op, batch, n, seconds, num_keys, proc.pid)
-                row["pct_of_ceiling"] = 100 * row["keys_per_s"] / ceiling[_CEILING_KEY[op]]
+                key = _CEILING_KEY[op]
+                if path == "fast":
+                    key = f"fast_{key}" if f"fast_{key}" in ceiling else key
+                row["pct_of_ceiling"] = 100 * row["keys_per_s"] / ceiling[key]
                 data["rows"].append(row)
                 progress.update(1)
         finally:

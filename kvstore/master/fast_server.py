@@ -33,6 +33,7 @@ from kvstore._wire import BadHello, PeerClosedError, read_hello
 from kvstore.master.auth import Authenticator
 from kvstore.master.service import MasterService, make_invoker
 from kvstore.master.validation import Rejected
+from kvstore.master.wire import WIRE_METHODS, parse_request
 from kvstore.rpc import fast_frames as ff
 from kvstore.rpc.methods import METHODS
 
@@ -62,12 +63,23 @@ class FastRpcServer(ThreadedTcpServer):
         self._authenticator = authenticator or Authenticator(None)
         self._master_id = service.state.master_id
         self._handshake_timeout_s = handshake_timeout_s
-        # method id -> (request class, invoke); built once so a request costs two lookups
+        # method id -> (request class, invoke, invoke of a wire.KeyBatch or None); built once
+        # so a request costs two lookups
         self._id_to_call = {
             method.method_id: (method.request_class,
-                               make_invoker(service, name, clock, metrics, "fast"))
+                               make_invoker(service, name, clock, metrics, "fast"),
+                               self._wire_invoker(service, name, clock, metrics))
             for name, method in METHODS.items()}
         self.port = 0
+
+    @staticmethod
+    def _wire_invoker(service: MasterService, name: str, clock, metrics):
+        """The invoker of a request that ``wire.parse_request`` decoded (None: every request
+        of ``name`` is parsed by protobuf); its handler may answer in wire form."""
+        if name not in WIRE_METHODS:
+            return None
+        handler = service.exists_wire if name == "Exists" else service.get_replicas_wire
+        return make_invoker(service, name, clock, metrics, "fast", handler=handler)
 
     def start(self) -> int:
         """Bind, listen and start accepting; return the bound port. Raises OSError."""
@@ -144,13 +156,19 @@ class FastRpcServer(ThreadedTcpServer):
             conn.sendall(ff.encode_error(grpc.StatusCode.UNIMPLEMENTED, request_id,
                                          f"unknown method id {method_id}"))
             return True
-        request_class, invoke = call
-        try:
-            request = request_class.FromString(body)
-        except DecodeError as exc:
-            conn.sendall(ff.encode_error(grpc.StatusCode.INVALID_ARGUMENT, request_id,
-                                         f"request does not parse: {exc}"))
-            return True
+        request_class, invoke, wire_invoke = call
+        # NOTE: Exists and GetReplicas are decoded without protobuf (``wire``); a body it does
+        # not take (None) is parsed by protobuf, which gives the same request or the error
+        request = parse_request(body) if wire_invoke is not None else None
+        if request is not None:
+            invoke = wire_invoke
+        else:
+            try:
+                request = request_class.FromString(body)
+            except DecodeError as exc:
+                conn.sendall(ff.encode_error(grpc.StatusCode.INVALID_ARGUMENT, request_id,
+                                             f"request does not parse: {exc}"))
+                return True
         try:
             frame = ff.encode_reply(grpc.StatusCode.OK, request_id,
                                     invoke(request, caller).SerializeToString())

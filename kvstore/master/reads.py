@@ -94,6 +94,16 @@ def exists(state, keys) -> list[bool]:
     return result
 
 
+def exists_wire(state, batch) -> bytes:
+    """``exists`` of a ``wire.KeyBatch``: the ExistsResponse's bytes (its ``exists`` field).
+    The same checks: a batch over the maximum or a bad key fails the call."""
+    check_batch(len(batch), state.config.max_batch)
+    payload, missing = state.objects.index.contains_batch(batch)
+    if missing:
+        check_keys_strict(missing)
+    return payload
+
+
 def match_prefix(state, keys) -> list:
     """The node of the first replica of each key of the leading run of COMPLETE keys (its
     length is the match). A bad key fails the call."""

@@ -29,6 +29,7 @@ from kvstore.master.objects import ITEM_NOT_FOUND, ITEM_OK, ITEM_UNCOMMITTED
 from kvstore.master.state import MasterState
 from kvstore.master.tenancy import CLUSTER, scope_request
 from kvstore.master.validation import Rejected, check_batch, check_id, invalid
+from kvstore.master.wire import KeyBatch, WireReply
 from kvstore.v1 import master_pb2 as pb
 
 log = logging.getLogger("kvstore.master")
@@ -176,9 +177,22 @@ class MasterService:
                 else self.state.config.lease_ttl_s)
 
     def GetReplicas(self, request, now_s, caller=CLUSTER):
+        return self._get_replicas(request, now_s, wire=False)
+
+    def get_replicas_wire(self, request, now_s, caller=CLUSTER):
+        """GetReplicas for the fast path: the common batch's reply (every key found, one
+        replica each, no read capabilities) in wire form (``wire.WireReply``), any other
+        the message, as ``GetReplicas``."""
+        return self._get_replicas(request, now_s, wire=True)
+
+    def _get_replicas(self, request, now_s, *, wire: bool):
         check_id(request.client_host_id, "client_host_id", allow_empty=True)
         lease_ttl_s = self._lease_ttl_s(request.lease_ttl_ms)
         objs, missing, lease_id = self.state.get_replicas(request.keys, lease_ttl_s, now_s)
+        if wire and not self.capabilities.any_reads:
+            payload = self.replies.get_replicas_wire(objs, missing, lease_ttl_s, lease_id)
+            if payload is not None:
+                return WireReply(payload)
         reply = self.replies.get_replicas(objs, missing, lease_ttl_s, request.client_host_id)
         reply.lease_id = lease_id
         if self.capabilities.any_reads:
@@ -202,6 +216,15 @@ class MasterService:
 
     def Exists(self, request, now_s, caller=CLUSTER):
         return pb.ExistsResponse(exists=self.state.exists(request.keys))
+
+    def exists_wire(self, request, now_s, caller=CLUSTER):
+        """Exists of a request ``wire.parse_request`` decoded (the fast path): the reply in
+        wire form (``wire.WireReply``). A tenant's request comes scoped into its namespace
+        (``tenancy``: its keys a list of str): that one is answered by ``Exists``."""
+        keys = request.keys
+        if type(keys) is not KeyBatch:
+            return self.Exists(request, now_s, caller)
+        return WireReply(self.state.exists_wire(keys))
 
     def Remove(self, request, now_s, caller=CLUSTER):
         statuses, messages = self.state.remove(request.keys, request.force, now_s)
@@ -280,7 +303,8 @@ DURABLE_METHODS = frozenset({"PutEnd", "Remove", "RemovePrefix"})
 OFF_LOOP_METHODS = DURABLE_METHODS | {"RegisterNode"}
 
 
-def make_invoker(service: MasterService, name: str, clock, metrics, transport: str):
+def make_invoker(service: MasterService, name: str, clock, metrics, transport: str, *,
+                 handler=None):
     """``invoke(request) -> reply`` for RPC ``name``, with no gRPC context: the core that both
     the gRPC adapter and the framed fast path (``fast_server``) call, so both run the same code.
 
@@ -292,8 +316,11 @@ def make_invoker(service: MasterService, name: str, clock, metrics, transport: s
     with the status to answer: the handler's own, PERMISSION_DENIED for a daemon RPC from a
     tenant, or INTERNAL for a master bug (logged with its traceback; the master keeps
     serving).
+
+    ``handler``: called instead of the service's method ``name`` (same arguments), under the
+    same guards and metrics: the fast path's ``exists_wire`` and ``get_replicas_wire``.
     """
-    method = getattr(service, name)
+    method = handler or getattr(service, name)
     lock, state = service.lock, service.state
     leadership = service.leadership
     nodes = state.nodes

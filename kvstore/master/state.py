@@ -111,6 +111,9 @@ class MasterState:
     def exists(self, keys) -> list[bool]:
         return reads.exists(self, keys)
 
+    def exists_wire(self, batch) -> bytes:
+        return reads.exists_wire(self, batch)
+
     def match_prefix(self, keys) -> list[Node]:
         return reads.match_prefix(self, keys)
 

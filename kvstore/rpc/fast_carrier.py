@@ -7,7 +7,8 @@ Threading: thread-safe. Each call checks a connection out of a small pool (or op
 so concurrent calls never share a socket; a connection goes back to the pool only after a
 complete, well-formed exchange.
 
-Timeouts: every socket operation of a call is bounded by what is left of its ``timeout_s``;
+Timeouts: every socket operation of a call is bounded by what is left of its ``timeout_s``
+(on a plain connection by the kernel's socket timeouts, up to ``TIMEOUT_SLACK_S`` longer);
 running past it raises MasterUnavailableError (DEADLINE_EXCEEDED) and the connection is
 dropped (its late reply must not be read by the next call).
 
@@ -23,6 +24,7 @@ from __future__ import annotations
 
 import socket
 import ssl
+import struct
 import threading
 import time
 from typing import Any
@@ -40,6 +42,10 @@ from kvstore.rpc.methods import Method
 #: Bytes a connection's reply buffer starts with; it grows (up to MAX_FRAME_BYTES) for a
 #: larger reply and keeps that size.
 _REPLY_BUFFER_BYTES = 64 * 1024
+#: How much longer than a call's timeout a plain connection's kernel timeout may be before
+#: it is set again (see ``_Connection.set_timeout``): a call may wait up to this much past
+#: its deadline.
+TIMEOUT_SLACK_S = 0.002
 
 
 class _Connection:
@@ -49,6 +55,13 @@ class _Connection:
                  spin_s: float, tls: tuple[ssl.SSLContext, TLSConfig] | None):
         self.spin_s = spin_s
         self.sock = socket.create_connection((host, port), timeout=timeout_s)
+        # NOTE: a plain connection's socket stays blocking, bounded by the kernel's
+        # SO_RCVTIMEO/SO_SNDTIMEO: a Python socket timeout makes every send and receive two
+        # system calls (poll first) and every settimeout a third (the fd's mode), which cost
+        # a one-key call about 8 us of client CPU (bench/RESULTS.md, "Master fast path in
+        # wire form"). TLS keeps Python's timeouts (its reads cannot take MSG_DONTWAIT).
+        self.plain = tls is None
+        self.kernel_timeout_s = 0.0
         if tls is not None:
             self.sock = wrap_client(self.sock, tls[0], host, tls[1], f"{host}:{port}")
         # NOTE: replies are read with recv_into into this buffer, not through a buffered
@@ -57,6 +70,7 @@ class _Connection:
         self.buffer = bytearray(_REPLY_BUFFER_BYTES)
         try:
             self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            self.set_timeout(timeout_s)
             self.sock.sendall(ff.encode_hello(token))
             status, _, body = self._read_reply(0)
         except ssl.SSLError as exc:
@@ -73,12 +87,34 @@ class _Connection:
                                str(body, "utf-8", "replace"), "handshake")
         self.next_request_id = 1
 
+    def set_timeout(self, timeout_s: float) -> None:
+        """Bound each later send and receive by ``timeout_s`` (running past it raises
+        TimeoutError). A plain connection keeps its kernel timeout while that is within
+        ``TIMEOUT_SLACK_S`` above ``timeout_s``: no system call for the calls of one client,
+        whose timeouts differ by microseconds."""
+        if not self.plain:
+            self.sock.settimeout(timeout_s)
+            return
+        if timeout_s <= self.kernel_timeout_s <= timeout_s + TIMEOUT_SLACK_S:
+            return
+        # NOTE: a zero timeval means "no timeout" to the kernel: at least 1 us
+        bound_s = max(timeout_s, 0.0) + TIMEOUT_SLACK_S / 2
+        seconds = int(bound_s)
+        timeval = struct.pack("ll", seconds, max(int((bound_s - seconds) * 1e6), 1))
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, timeval)
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, timeval)
+        self.sock.settimeout(None)
+        self.kernel_timeout_s = bound_s
+
     def send(self, method_id: int, body: bytes, timeout_s: float) -> int:
         """Send one request (header and body in one sendall); return its request id."""
-        self.sock.settimeout(timeout_s)
+        self.set_timeout(timeout_s)
         request_id = self.next_request_id
         self.next_request_id = (request_id + 1) & 0xFFFFFFFF
-        self.sock.sendall(ff.encode_request(method_id, request_id, body))
+        try:
+            self.sock.sendall(ff.encode_request(method_id, request_id, body))
+        except BlockingIOError as exc:   # the kernel's SO_SNDTIMEO ran out
+            raise TimeoutError("send timed out") from exc
         return request_id
 
     def receive(self, request_id: int, timeout_s: float) -> tuple[int, memoryview]:
@@ -86,10 +122,14 @@ class _Connection:
         connection's buffer: valid until its next exchange, so parse it before checkin."""
         num_read = 0
         if self.spin_s:
-            self.sock.settimeout(0.0)
+            if not self.plain:
+                self.sock.settimeout(0.0)
             num_read = self._spin(min(self.spin_s, timeout_s))
-        self.sock.settimeout(timeout_s)
-        status, reply_id, reply_body = self._read_reply(num_read)
+        self.set_timeout(timeout_s)
+        try:
+            status, reply_id, reply_body = self._read_reply(num_read)
+        except BlockingIOError as exc:   # the kernel's SO_RCVTIMEO ran out
+            raise TimeoutError("receive timed out") from exc
         if reply_id != request_id:
             raise ConnectionError(f"reply to request {reply_id}, expected {request_id}")
         return status, reply_body
@@ -105,9 +145,15 @@ class _Connection:
         """
         view = memoryview(self.buffer)
         give_up_at = time.perf_counter() + spin_s
+        # NOTE: a plain socket stays blocking: each poll asks not to wait (MSG_DONTWAIT)
+        if self.plain:
+            sock = self.sock
+            receive = lambda: sock.recv_into(view, 0, socket.MSG_DONTWAIT)  # noqa: E731
+        else:
+            receive = lambda: self.sock.recv_into(view)  # noqa: E731
         while True:
             try:
-                received = self.sock.recv_into(view)
+                received = receive()
             except (BlockingIOError, ssl.SSLWantReadError):
                 if time.perf_counter() > give_up_at:
                     return 0
