@@ -19,8 +19,9 @@ import kvstore
 from kvstore import ConfigError, InvalidArgumentError
 from kvstore.client.checksum import checksum
 from kvstore.daemon.backends import ShmBackend
+from kvstore.daemon.aligned_io import BLOCK_BYTES
 from kvstore.daemon.moves import copy_range
-from kvstore.daemon.ssd import BLOCK_BYTES, CHUNK_BYTES, DATA_NAME, INDEX_NAME, SsdBackend
+from kvstore.daemon.ssd import CHUNK_BYTES, DATA_NAME, INDEX_NAME, SsdBackend
 from kvstore.daemon.ssd_index import (KIND_ADD, KIND_DROP, IndexEntry, encode_record,
                                       load_index, parse_records)
 

@@ -115,7 +115,7 @@ def command(master_addr, host, advertise_host, port, dram, ssd, ssd_codec, gpu, 
     try:
         if not node_id and ssd[0] is not None:
             # NOTE: a restart on the same SSD directory keeps the node id that owns its data
-            from kvstore.daemon.ssd import recorded_node_id
+            from kvstore.daemon.ssd_files import recorded_node_id
             node_id = recorded_node_id(ssd[0])
         extra = {"node_id": node_id} if node_id else {}
         config = DaemonConfig(

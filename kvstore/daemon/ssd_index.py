@@ -5,7 +5,7 @@ Format: an append-only log of records, each aligned to RECORD_ALIGN_BYTES::
     magic "KVI1" | kind u8 (1 add, 2 drop) | codec u8 | key length u16 | frame count u16 |
     offset u64 | length u64 | checksum u64 | crc32 u32 (of everything before it, then the
     key and the frames) | key | frames (u64 offset in the extent, u32 raw bytes, u32 stored
-    bytes: the lz4-compressed pieces of the extent, see kvstore.daemon.ssd) | pad
+    bytes: the lz4-compressed pieces of the extent, see kvstore.daemon.ssd_frames) | pad
 
 Rules:
 - An ``add`` record is appended only after the master committed the object (it arrived in a
