@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import time
 import uuid
@@ -33,6 +32,7 @@ from types import SimpleNamespace
 import torch
 
 import kvstore
+from _daemon_ready import wait_allocated, wait_registered
 from kvstore._process import ServerProcess
 from kvstore.engine import KeyNamespace
 from kvstore.engine.sglang import KVStoreHiCacheStorage
@@ -168,7 +168,8 @@ def main() -> None:
                             "--port", "0", "--dram", str(pool_bytes)])
     try:
         with kvstore.connect(master.address, transport=args.transport) as store:
-            wait_registered(store, block_bytes)
+            wait_registered(store)
+            wait_allocated()
             rows = {**{f"vllm {k}": v for k, v in bench_vllm(
                 store, args.blocks, args.block_size, args.repeats).items()},
                     **{f"sglang {k}": v for k, v in bench_sglang(
@@ -192,20 +193,6 @@ def main() -> None:
                                     "memcpy_gbps": ceiling, "rows": rows}, indent=1))
     print(f"wrote {args.out}")
 
-
-def wait_registered(store, num_bytes: int, timeout_s: float = 30.0) -> None:
-    """Until a put succeeds: the daemon has registered with the master."""
-    deadline = time.monotonic() + timeout_s
-    key = f"bench-probe/{os.getpid()}"
-    while True:
-        try:
-            store.put(key, b"\0" * num_bytes)
-            store.remove(key, force=True)
-            return
-        except kvstore.KVStoreError:
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(0.05)
 
 
 if __name__ == "__main__":

@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import time
 import uuid
@@ -38,6 +37,7 @@ from pathlib import Path
 import torch
 
 import kvstore
+from _daemon_ready import wait_allocated, wait_registered
 from kvstore._process import ServerProcess
 from kvstore.demo.pd_worker import copy_gbps
 from kvstore.engine import KeyNamespace, PagedKVConnector
@@ -159,7 +159,8 @@ def main() -> None:
     load_before = open("/proc/loadavg").read().split()[:3]
     try:
         with kvstore.connect(master.address) as store:
-            wait_registered(store, token_bytes * BLOCK)
+            wait_registered(store)
+            wait_allocated()
             samples, cpu, ceilings, num_bytes = run(store, args.tokens, args.repeats,
                                                args.fresh_space)
     finally:
@@ -192,20 +193,6 @@ def main() -> None:
         "bytes": num_bytes, "memcpy_gbps": ceilings, "rows": rows}, indent=1))
     print(f"wrote {args.out}")
 
-
-def wait_registered(store, num_bytes: int, timeout_s: float = 30.0) -> None:
-    """Until a put succeeds: the daemon has registered with the master."""
-    deadline = time.monotonic() + timeout_s
-    key = f"bench-probe/{os.getpid()}"
-    while True:
-        try:
-            store.put(key, b"\0" * num_bytes)
-            store.remove(key, force=True)
-            return
-        except kvstore.KVStoreError:
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(0.05)
 
 
 if __name__ == "__main__":
