@@ -145,6 +145,16 @@ class ObjectTable:
                     checksums[i] if i < len(checksums) else 0,
                     codecs[i] if i < len(codecs) else CODEC_RAW)
                 old = self._key_to_object.get(key)
+                if old == stored:
+                    # NOTE: the change the commit ring (or a client commit) already applied
+                    # identically (same key, segment, range, checksum, codec): the table
+                    # and the backends hold it; only the guard takes the master's sequence
+                    # for the range (note_stored over the same offset and key). Half of a
+                    # batched put's re-apply at the next heartbeat (issue 10, 10d).
+                    if guard is not None:
+                        guard.note_stored(stored.segment_id, key, stored.offset,
+                                          stored.length, response.seq)
+                    continue
                 if old is not None and (backend := backends.get(old.segment_id)) is not None \
                         and old != stored:
                     backend.note_freed(key, old.offset, old.length)

@@ -168,19 +168,23 @@ class WriteGuard:
     def _check_free(self, segment_id: str, offset: int, length: int, node_seq: int) -> None:
         ranges = self._segment_to_ranges.get(segment_id)
         if ranges:
+            # every object starting inside the range, then the one starting before offset
+            # (it may reach into the range): one walk down from the last start below end.
+            # NOTE: a bisection and indexed keys instead of irange + bisect + peekitem: the
+            # same objects checked in ~55% of the time (a ring entry's claim, issue 10)
             end = offset + length
-            # the object starting before offset (it may reach into the range), then every
-            # one starting inside it
-            starts = list(ranges.irange(offset, end, inclusive=(True, False)))
-            before = ranges.bisect_left(offset)
-            if before:
-                starts.append(ranges.peekitem(before - 1)[0])
-            for start in starts:
+            index = ranges.bisect_left(end)
+            starts = ranges.keys()
+            while index:
+                index -= 1
+                start = starts[index]
                 obj_end, seq, key = ranges[start]
                 if offset < obj_end and seq > node_seq:
                     raise RangeCommitted(
                         f"range [{offset}, +{length}) overlaps {key!r}, committed at "
                         f"[{start}, {obj_end}) after the capability was issued")
+                if start < offset:
+                    break
 
     # ---- the object table's changes (kvstore.daemon.objects.ObjectTable.apply) ---------
     def note_stored(self, segment_id: str, key: str, offset: int, length: int,
