@@ -152,6 +152,32 @@ class WriteGuard:
             raise CapabilityRefused(f"write capability is for another key than {key!r}")
         return cap.node_seq
 
+    def check_commits(self, segment_ids: list[str], offsets: list[int], sizes: list[int],
+                      keys: list[str], blobs: list[bytes],
+                      writer: str) -> list[int | CapabilityRefused]:
+        """``check_commit`` for each entry of one record (parallel lists): the capability's
+        ``node_seq``, or the CapabilityRefused it raises. The same decisions, one clock
+        read per record (``capability.accepted_commits``; an entry it does not accept goes
+        through ``check_commit`` for its reason)."""
+        secret = self._secret
+        if secret is None:
+            refusal = CapabilityRefused("this node checks no write capabilities, so it "
+                                        "takes commits from its master only")
+            return [refusal] * len(keys)
+        results: list[int | CapabilityRefused] = []
+        accepted = capability.accepted_commits(secret, self.node_id, writer,
+                                               int(self._wall_clock() * 1000), segment_ids,
+                                               offsets, sizes, keys, blobs)
+        for i, node_seq in enumerate(accepted):
+            if node_seq is None:
+                try:
+                    node_seq = self.check_commit(segment_ids[i], offsets[i], sizes[i],
+                                                 keys[i], blobs[i], writer)
+                except CapabilityRefused as exc:
+                    node_seq = exc
+            results.append(node_seq)
+        return results
+
     def claim(self, segment_id: str, key: str, offset: int, length: int,
               node_seq: int) -> None:
         """Note ``key`` committed at the range (as ``note_stored`` with ``node_seq + 1``, so
