@@ -22,7 +22,10 @@ entry is outside the master's sequence, so the table remembers each key's last r
 refuses to add a key removed after the entry's capability was issued: a client commit that
 arrives after the master revoked, reclaimed, removed or evicted the key never brings it
 back. Overlaps with objects committed since the capability are refused as for a WRITE
-(``WriteGuard.claim``).
+(``WriteGuard.claim``). When the master's copy of such a change arrives identical (same
+segment, range, checksum, codec) ``apply`` leaves the table and the backends as they are
+and only gives the guard the change set's sequence for the range; any difference is
+applied as the master sent it.
 
 Thread-safe: one lock guards the table.
 """
