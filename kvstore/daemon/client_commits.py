@@ -45,16 +45,14 @@ def apply(objects: ObjectTable, guard: WriteGuard, body: bytes,
         codecs = [CODEC_RAW] * count
     refused: list[tuple[int, str]] = []
     accepted = []
-    check_commit = guard.check_commit
+    checked = guard.check_commits(segment_ids, offsets, sizes, keys, blobs, writer)
     for i in range(count):
-        key, segment_id, offset, size = keys[i], segment_ids[i], offsets[i], sizes[i]
-        try:
-            node_seq = check_commit(segment_id, offset, size, key, blobs[i], writer)
-        except CapabilityRefused as exc:
-            refused.append((i, str(exc)))
+        node_seq = checked[i]
+        if isinstance(node_seq, CapabilityRefused):
+            refused.append((i, str(node_seq)))
             continue
-        accepted.append((i, key, StoredObject(segment_id, offset, size, checksums[i],
-                                              codecs[i]), node_seq))
+        accepted.append((i, keys[i], StoredObject(segment_ids[i], offsets[i], sizes[i],
+                                                  checksums[i], codecs[i]), node_seq))
     if accepted:
         refused.extend(objects.commit_from_client(accepted))
     return refused

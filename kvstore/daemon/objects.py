@@ -22,7 +22,10 @@ entry is outside the master's sequence, so the table remembers each key's last r
 refuses to add a key removed after the entry's capability was issued: a client commit that
 arrives after the master revoked, reclaimed, removed or evicted the key never brings it
 back. Overlaps with objects committed since the capability are refused as for a WRITE
-(``WriteGuard.claim``).
+(``WriteGuard.claim``). When the master's copy of such a change arrives identical (same
+segment, range, checksum, codec) ``apply`` leaves the table and the backends as they are
+and only gives the guard the change set's sequence for the range; any difference is
+applied as the master sent it.
 
 Thread-safe: one lock guards the table.
 """
@@ -145,6 +148,16 @@ class ObjectTable:
                     checksums[i] if i < len(checksums) else 0,
                     codecs[i] if i < len(codecs) else CODEC_RAW)
                 old = self._key_to_object.get(key)
+                if old == stored:
+                    # NOTE: the change the commit ring (or a client commit) already applied
+                    # identically (same key, segment, range, checksum, codec): the table
+                    # and the backends hold it; only the guard takes the master's sequence
+                    # for the range (note_stored over the same offset and key). Half of a
+                    # batched put's re-apply at the next heartbeat (issue 10, 10d).
+                    if guard is not None:
+                        guard.note_stored(stored.segment_id, key, stored.offset,
+                                          stored.length, response.seq)
+                    continue
                 if old is not None and (backend := backends.get(old.segment_id)) is not None \
                         and old != stored:
                     backend.note_freed(key, old.offset, old.length)

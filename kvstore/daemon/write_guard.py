@@ -152,6 +152,32 @@ class WriteGuard:
             raise CapabilityRefused(f"write capability is for another key than {key!r}")
         return cap.node_seq
 
+    def check_commits(self, segment_ids: list[str], offsets: list[int], sizes: list[int],
+                      keys: list[str], blobs: list[bytes],
+                      writer: str) -> list[int | CapabilityRefused]:
+        """``check_commit`` for each entry of one record (parallel lists): the capability's
+        ``node_seq``, or the CapabilityRefused it raises. The same decisions, one clock
+        read per record (``capability.accepted_commits``; an entry it does not accept goes
+        through ``check_commit`` for its reason)."""
+        secret = self._secret
+        if secret is None:
+            refusal = CapabilityRefused("this node checks no write capabilities, so it "
+                                        "takes commits from its master only")
+            return [refusal] * len(keys)
+        results: list[int | CapabilityRefused] = []
+        accepted = capability.accepted_commits(secret, self.node_id, writer,
+                                               int(self._wall_clock() * 1000), segment_ids,
+                                               offsets, sizes, keys, blobs)
+        for i, node_seq in enumerate(accepted):
+            if node_seq is None:
+                try:
+                    node_seq = self.check_commit(segment_ids[i], offsets[i], sizes[i],
+                                                 keys[i], blobs[i], writer)
+                except CapabilityRefused as exc:
+                    node_seq = exc
+            results.append(node_seq)
+        return results
+
     def claim(self, segment_id: str, key: str, offset: int, length: int,
               node_seq: int) -> None:
         """Note ``key`` committed at the range (as ``note_stored`` with ``node_seq + 1``, so
@@ -168,19 +194,23 @@ class WriteGuard:
     def _check_free(self, segment_id: str, offset: int, length: int, node_seq: int) -> None:
         ranges = self._segment_to_ranges.get(segment_id)
         if ranges:
+            # every object starting inside the range, then the one starting before offset
+            # (it may reach into the range): one walk down from the last start below end.
+            # NOTE: a bisection and indexed keys instead of irange + bisect + peekitem: the
+            # same objects checked in ~55% of the time (a ring entry's claim, issue 10)
             end = offset + length
-            # the object starting before offset (it may reach into the range), then every
-            # one starting inside it
-            starts = list(ranges.irange(offset, end, inclusive=(True, False)))
-            before = ranges.bisect_left(offset)
-            if before:
-                starts.append(ranges.peekitem(before - 1)[0])
-            for start in starts:
+            index = ranges.bisect_left(end)
+            starts = ranges.keys()
+            while index:
+                index -= 1
+                start = starts[index]
                 obj_end, seq, key = ranges[start]
                 if offset < obj_end and seq > node_seq:
                     raise RangeCommitted(
                         f"range [{offset}, +{length}) overlaps {key!r}, committed at "
                         f"[{start}, {obj_end}) after the capability was issued")
+                if start < offset:
+                    break
 
     # ---- the object table's changes (kvstore.daemon.objects.ObjectTable.apply) ---------
     def note_stored(self, segment_id: str, key: str, offset: int, length: int,
