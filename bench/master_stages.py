@@ -119,8 +119,11 @@ def end_to_end_us(seconds: float) -> tuple[float, float]:
     try:
         keys = populate(address, NUM_KEYS)
         from kvstore.v1 import master_pb2 as pb
-        with make_client("fast", address, fast_port, None) as raw:
-            client, key = raw._client, keys[7]   # the typed MasterClient under RawCalls
+        from kvstore.rpc import MasterClient
+        from kvstore.rpc.fast_carrier import FastCarrier
+        with make_client("fast", address, fast_port, None) as raw, \
+                MasterClient(FastCarrier(address.rsplit(":", 1)[0], fast_port)) as client:
+            key = keys[7]
             request = pb.GetReplicasRequest(keys=[key])
 
             def p50(fn) -> float:
