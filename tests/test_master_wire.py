@@ -12,24 +12,15 @@ import pytest
 
 import kvstore
 from kvstore.master._keyindex import KeyBatch, KeyIndex, encode_get_replicas, parse_request
-from kvstore.master.wire import WireReply
+from kvstore.master.wire import WireReply, varint
 from kvstore.v1 import master_pb2 as pb
 from master_helpers import node_info
 from raw_master import RawMaster
 from servers import ServerProcess
 
 
-def _varint(value: int) -> bytes:
-    out = bytearray()
-    while value > 0x7F:
-        out.append(value & 0x7F | 0x80)
-        value >>= 7
-    out.append(value)
-    return bytes(out)
-
-
 def _field(number: int, wire_type: int, payload: bytes) -> bytes:
-    return _varint(number << 3 | wire_type) + payload
+    return varint(number << 3 | wire_type) + payload
 
 
 # -- parse_request ------------------------------------------------------------------------
@@ -51,9 +42,9 @@ def test_a_get_replicas_request_reads_like_the_message():
 
 
 def test_unknown_fields_and_wrong_wire_types_are_skipped_as_protobuf_skips_them():
-    body = (_field(1, 2, b"\x01x") + _field(7, 0, _varint(5)) + _field(8, 1, b"\0" * 8)
+    body = (_field(1, 2, b"\x01x") + _field(7, 0, varint(5)) + _field(8, 1, b"\0" * 8)
             + _field(9, 5, b"\0" * 4) + _field(10, 2, b"\x03abc") + _field(120, 2, b"\x01z")
-            + _field(1, 2, b"\x01y") + _field(120, 0, _varint(9)) + _field(120, 0, _varint(3)))
+            + _field(1, 2, b"\x01y") + _field(120, 0, varint(9)) + _field(120, 0, varint(3)))
     expected = pb.ExistsRequest.FromString(body)
     batch = parse_request(body)
     assert list(batch) == list(expected.keys) == ["x", "y"]
@@ -208,7 +199,7 @@ def _answer(client, method, request):
     ["w/1"], ["w/1", "w/2", "nope", "w/299"] * 10, ["clé/1", "ключ/2", "w/3", "absent/é"],
     [f"w/{i}" for i in range(0, 300, 3)] + ["x" * 2000], ["w/5", ""], [],
     [f"w/{i % 300}" for i in range(2049)],                  # over --max-batch
-    [f"two/{i}" for i in range(20)], ["w/7", "two/3", "w/8"],
+    [f"two/{i}" for i in range(20)], ["w/7", "two/3", "w/8"], ["two/4"], ["w/9"],
 ])
 def test_exists_and_get_replicas_answer_over_the_fast_path_as_over_grpc(paths, keys):
     over_grpc, over_fast, _ = paths
@@ -248,3 +239,85 @@ def test_get_replicas_over_the_fast_path_counts_its_reads_and_grants_its_lease(p
     removed = over_grpc.call("Remove", pb.RemoveRequest(keys=keys[:1]))
     assert list(removed.statuses) != [pb.ITEM_OK]
     over_grpc.call("ReleaseLeases", pb.ReleaseLeasesRequest(lease_ids=[reply.lease_id]))
+
+
+# -- the single-key reply (replies.ReplyEncoder._one_wire) -----------------------------------
+
+def _twin_services():
+    """Two masters' services in one state each, with the same node and objects: one is
+    answered through the fast path's handler, the other through the message's."""
+    from kvstore.master.config import MasterConfig
+    from kvstore.master.service import MasterService
+    from kvstore.master.state import MasterState
+
+    services = []
+    for _ in range(2):
+        service = MasterService(MasterState(MasterConfig(), 0.0))
+        service.RegisterNode(pb.RegisterNodeRequest(node=node_info("n1")), 0.0)
+        service.RegisterNode(pb.RegisterNodeRequest(node=node_info("n2", host_id="h2")), 0.0)
+        for keys, replicas in ((["a", "b", "c"], 1), (["two"], 2)):
+            service.PutStart(pb.PutStartRequest(keys=keys, sizes=[100 + len(k) for k in keys],
+                                                client_id="w", replicas=replicas), 0.0)
+            service.PutEnd(pb.PutEndRequest(keys=keys, client_id="w"), 0.0)
+        services.append(service)
+    return services
+
+
+def _holds(service, key):
+    obj = service.state.objects.get(key)
+    return (obj.last_used, obj.readers, obj.lease_until_s,
+            sorted(segment.hits for segment, _ in obj.replicas))
+
+
+@pytest.mark.parametrize("key", ["a", "c", "two"])
+def test_a_one_key_get_replicas_answers_the_message_bytes_and_holds_as_before(key):
+    wire_service, message_service = _twin_services()
+    for now_s, ttl_ms in ((1.0, 0), (2.0, 7000), (2.5, 1000), (30.0, 0)):
+        request = pb.GetReplicasRequest(keys=[key], lease_ttl_ms=ttl_ms)
+        wire = wire_service.get_replicas_wire(parse_request(request.SerializeToString()),
+                                              now_s)
+        message = message_service.GetReplicas(request, now_s)
+        if key == "two":                      # two replicas: the message, as before
+            assert not isinstance(wire, WireReply)
+        else:
+            assert isinstance(wire, WireReply)
+        # the same bytes but for the lease id, which is random per master
+        got = pb.GetReplicasResponse.FromString(wire.SerializeToString())
+        assert got.lease_id != 0 and message.lease_id != 0
+        message.lease_id = got.lease_id
+        assert wire.SerializeToString() == message.SerializeToString()
+        # lease, LRU order and hit counts updated exactly as the message path does
+        assert _holds(wire_service, key) == _holds(message_service, key)
+        assert wire_service.state.use_count == message_service.state.use_count
+        assert wire_service.state.hits == message_service.state.hits
+
+
+def test_a_one_key_reply_row_made_stale_is_recomputed():
+    wire_service, message_service = _twin_services()
+    request = pb.GetReplicasRequest(keys=["b"])
+    wire_service.get_replicas_wire(parse_request(request.SerializeToString()), 1.0)
+    wire_service.replies.rows.forget()          # as after a RegisterNode that adopted
+    obj = wire_service.state.objects.get("b")
+    stale_row = obj.reply_row
+    wire = wire_service.get_replicas_wire(parse_request(request.SerializeToString()), 2.0)
+    assert obj.reply_row is not stale_row
+    message_service.GetReplicas(request, 1.0)
+    message = message_service.GetReplicas(request, 2.0)
+    message.lease_id = pb.GetReplicasResponse.FromString(wire.SerializeToString()).lease_id
+    assert wire.SerializeToString() == message.SerializeToString()
+
+
+def test_a_one_key_get_replicas_of_a_missing_or_bad_key_answers_as_the_message():
+    wire_service, message_service = _twin_services()
+    for key in ("absent", "", "x" * 5000):
+        request = pb.GetReplicasRequest(keys=[key])
+        batch = parse_request(request.SerializeToString())
+        try:
+            wire = wire_service.get_replicas_wire(batch, 1.0).SerializeToString()
+        except Exception as exc:                     # noqa: BLE001 (compared below)
+            wire = (type(exc), str(exc))
+        try:
+            message = message_service.GetReplicas(request, 1.0).SerializeToString()
+        except Exception as exc:                     # noqa: BLE001
+            message = (type(exc), str(exc))
+        assert wire == message, key

@@ -23,6 +23,7 @@ from collections import Counter
 from kvstore.master import objects
 from kvstore.master._keyindex import encode_get_replicas
 from kvstore.master.objects import ITEM_OK
+from kvstore.master.wire import varint
 from kvstore.v1 import master_pb2 as pb
 
 # NOTE: the state's status and codec ints are defined once, in ``objects``; they must be the
@@ -41,19 +42,10 @@ _MIN_PACKED_ITEMS = 16
 _MAX_CACHED_TABLES = 1024
 
 
-def _varint(value: int) -> bytes:
-    out = bytearray()
-    while value > 0x7F:
-        out.append(value & 0x7F | 0x80)
-        value >>= 7
-    out.append(value)
-    return bytes(out)
-
-
 def _packed_tag(field_name: str) -> bytes:
     """The wire tag of a packed repeated field of GetReplicasResponse."""
     number = pb.GetReplicasResponse.DESCRIPTOR.fields_by_name[field_name].number
-    return _varint(number << 3 | 2)
+    return varint(number << 3 | 2)
 
 
 _STATUSES_TAG, _SIZES_TAG, _CHECKSUMS_TAG, _CODECS_TAG, _STARTS_TAG, _COUNTS_TAG, \
@@ -93,13 +85,13 @@ def _fill_arrays(reply, num_items: int, num_to_range_payload: dict, tag_name_val
             if payload is None:
                 if len(num_to_range_payload) >= _MAX_RANGE_PAYLOADS:
                     num_to_range_payload.clear()
-                payload = num_to_range_payload[len(values)] = b"".join(map(_varint, values))
+                payload = num_to_range_payload[len(values)] = b"".join(map(varint, values))
         elif len(values) == num_items and values.count(values[0]) == num_items:
-            payload = _varint(values[0]) * num_items
+            payload = varint(values[0]) * num_items
         else:
             getattr(reply, name).extend(values)
             continue
-        encoded += (tag, _varint(len(payload)), payload)
+        encoded += (tag, varint(len(payload)), payload)
     payload = b"".join(encoded)
     if payload:
         reply.MergeFromString(payload)
@@ -170,6 +162,14 @@ class ReplicaRows:
                 obj.reply_row = None
             return self.columns(objs)
         return columns
+
+    def row(self, obj) -> tuple | None:
+        """``obj``'s current row (filled or recomputed as ``columns`` does), or None if it
+        has two or more replicas."""
+        row = obj.reply_row
+        if row is None or row[5] is not self._token:
+            row = self.add(obj)
+        return row
 
     def _fill(self, objs, rows) -> bool:
         for i, row in enumerate(rows):
@@ -283,7 +283,13 @@ class ReplyEncoder:
 
         NOTE: why: building the message from the columns and serializing it was 6 of a
         one-key GetReplicas' 9.4 us in process; ``encode_get_replicas`` (C++,
-        csrc/master/replywire.cpp) writes the same bytes in one pass."""
+        csrc/master/replywire.cpp) writes the same bytes in one pass.
+
+        NOTE: one key is answered by ``_one_wire``: the batch's column steps (a row list,
+        a transpose, a token count, the segment column) were most of the 1.8-2.9 us this
+        took for one key; it takes 0.66-0.71 us (bench/master_stages.py, load 9)."""
+        if len(objs) == 1 and not missing:
+            return self._one_wire(objs[0], lease_ttl_s, lease_id)
         columns = None if missing or not objs else self.rows.columns(objs)
         if columns is None:
             return None
@@ -291,6 +297,17 @@ class ReplyEncoder:
         segments, rep_segments = _segment_column(segment_of)
         return encode_get_replicas(sizes, checksums, codecs, rep_segments, offsets,
                                    self._encoded_tables(segments), lease_ttl_s, lease_id)
+
+    def _one_wire(self, obj, lease_ttl_s: float, lease_id: int) -> bytes | None:
+        """``get_replicas_wire`` of one found key: the same bytes and the same hit count
+        (None when ``obj`` has two or more replicas)."""
+        row = self.rows.row(obj)
+        if row is None:
+            return None
+        size_bytes, checksum, codec, segment, offset, _ = row
+        segment.hits += 1
+        return encode_get_replicas((size_bytes,), (checksum,), (codec,), (0,), (offset,),
+                                   self._encoded_tables((segment,)), lease_ttl_s, lease_id)
 
     def _replicas_reply(self, statuses, sizes, checksums, codecs, starts, counts,
                         rep_segments, rep_offsets, segments, messages, lease_ttl_s):

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 from kvstore.master._keyindex import KeyBatch, parse_request
 
-__all__ = ["KeyBatch", "WireReply", "parse_request", "WIRE_METHODS"]
+__all__ = ["KeyBatch", "WireReply", "parse_request", "varint", "WIRE_METHODS"]
 
 #: The RPCs the fast path decodes with ``parse_request``.
 WIRE_METHODS = frozenset({"Exists", "GetReplicas"})
@@ -32,7 +32,9 @@ WIRE_METHODS = frozenset({"Exists", "GetReplicas"})
 _EPOCH_TAG = bytes([120 << 3 & 0x7F | 0x80, 120 << 3 >> 7])   # field 120, varint
 
 
-def _varint(value: int) -> bytes:
+def varint(value: int) -> bytes:
+    """``value`` (>= 0) as a protobuf varint: the master's one encoder of them (``replies``
+    and the tests use it too)."""
     out = bytearray()
     while value > 0x7F:
         out.append(value & 0x7F | 0x80)
@@ -55,4 +57,4 @@ class WireReply:
     def SerializeToString(self) -> bytes:  # noqa: N802 (the protobuf message's name)
         if not self.epoch:
             return self.payload
-        return self.payload + _EPOCH_TAG + _varint(self.epoch)
+        return self.payload + _EPOCH_TAG + varint(self.epoch)
