@@ -205,7 +205,9 @@ def test_master_restart_adopts_the_daemons_inventory():
         master = ServerProcess(master_args)
         # the daemon notices (known=false), re-registers, and the master adopts its objects
         assert wait_until(lambda: any(n.num_objects == 40 for n in list_nodes(master.address)))
-        assert daemon.daemon.master_link.num_registrations == 2
+        # NOTE: the daemon counts a registration once the reply is back, which can be just
+        # after the master lists the adopted objects
+        assert wait_until(lambda: daemon.daemon.master_link.num_registrations == 2)
         assert read_objects(master.address, list(values)) == values
         # the change log continues: a remove reaches the daemon's table
         with RawMaster.over_grpc(master.address) as client:
