@@ -8,7 +8,8 @@ import uuid
 import pytest
 
 import kvstore
-from kvstore import InvalidArgumentError
+from kvstore import ChecksumError, InvalidArgumentError
+from kvstore.client.checksum import checksum
 from kvstore.client.reserve import prefault, reserve_puts
 from client_cluster import Cluster, payload
 
@@ -62,6 +63,37 @@ def test_a_stored_key_gets_no_view_and_succeeds(cluster):
             reservation.views[1][:] = b"second"
             assert reservation.commit() == [None, None]
         assert store.batch_get(keys) == [b"first", b"second"]
+
+
+def test_commit_records_the_checksums_given(cluster):
+    """A fused gather's digests: recorded as given (a read verifies against them); None
+    entries are hashed by the commit; a wrong one fails every read, returns nothing wrong."""
+    with cluster.connect(transport="shm") as store:
+        keys, values = fresh(3), [payload(n, seed) for seed, n in enumerate((300, 70000, 9))]
+        with reserve_puts(store, keys, [len(v) for v in values]) as reservation:
+            for view, value in zip(reservation.views, values):
+                view[:] = value
+            sums = [checksum(values[0]), None, checksum(b"not the bytes")]
+            assert reservation.commit(sums) == [None] * 3
+        assert store.batch_get(keys[:2]) == values[:2]
+        with pytest.raises(ChecksumError):
+            store.get(keys[2])
+
+
+@pytest.mark.parametrize("checksums,message", [
+    ([1, 2], "3 keys but checksums"), ([1, 2, -1], "2\\*\\*64"), ([1, 2, 1 << 64], "2\\*\\*64"),
+    ([1, 2, "x"], "2\\*\\*64"), ([1, 2, True], "2\\*\\*64")])
+def test_bad_checksums_raise_and_leave_the_reservation_open(cluster, checksums, message):
+    with cluster.connect(transport="shm") as store:
+        keys = fresh(3)
+        with reserve_puts(store, keys, [4, 4, 4]) as reservation:
+            for view in reservation.views:
+                view[:] = b"abcd"
+            with pytest.raises(InvalidArgumentError, match=message):
+                reservation.commit(checksums)
+            assert store.batch_exists(keys) == [False] * 3
+            assert reservation.commit() == [None] * 3   # still open: commits as usual
+        assert store.batch_get(keys) == [b"abcd"] * 3
 
 
 def test_leaving_without_commit_gives_the_space_back(cluster):

@@ -88,6 +88,34 @@ def test_dynamic_cache_save_writes_each_byte_once_and_rebuilds_exact(store, grow
         assert layer.keys.is_contiguous()
 
 
+def test_saved_blocks_carry_the_checksum_of_their_bytes(store):
+    """The saves record the fused gather's digests (kvstore.ops checksums=True) instead of
+    hashing the views again: every stored block reads back verified, and its bytes are the
+    stored form (a plain gather of the same pages)."""
+    from kvstore import ops
+
+
+    src = [torch.randn(2, 6, BLOCK, HEADS, DIM, dtype=torch.float16) for _ in range(LAYERS)]
+    paged = PagedKVConnector(store, src, block_size=BLOCK,
+                             namespace=KeyNamespace(model="in-place-sums"))
+    tokens = list(range(3 * BLOCK))
+    assert paged.save_blocks(tokens, [4, 0, 5]).failed_keys == []
+    rows = torch.empty(3, ops.row_nbytes(src), dtype=torch.uint8)
+    ops.gather_pages_to_rows(src, [4, 0, 5], rows)
+    stored = store.batch_get(paged.keys_for(tokens), verify=True)
+    assert stored == [row.numpy().tobytes() for row in rows]
+    hf = DynamicCacheConnector(store, num_layers=LAYERS, num_kv_heads=HEADS, head_dim=DIM,
+                               dtype=torch.float32, block_size=BLOCK,
+                               namespace=KeyNamespace(model="in-place-sums-hf"))
+    cache = dynamic_cache(2 * BLOCK, grown=True, seed=5)
+    assert hf.save_blocks(cache, tokens[:2 * BLOCK]).failed_keys == []
+    for j, value in enumerate(store.batch_get(hf.keys_for(tokens[:2 * BLOCK]), verify=True)):
+        span = slice(j * BLOCK, (j + 1) * BLOCK)
+        expected = torch.stack([t[0, :, span].permute(1, 0, 2) for layer in cache.layers
+                                for t in (layer.keys, layer.values)])
+        assert value == expected.contiguous().numpy().tobytes()
+
+
 def test_paged_blocks_load_into_a_dynamic_cache_and_back(store):
     """The in-place paths keep the one stored form: a paged save rebuilds as a transformers
     cache, and a transformers save loads into pages."""

@@ -166,9 +166,9 @@ class PagedKVConnector:
         store reserved for them (``put_in_place``)."""
         from kvstore import ops
 
-        def fill(positions: list[int], views: list[memoryview]) -> None:
-            ops.gather_pages_to_rows(self.layers, block_index[positions], views,
-                                     layout=self.format.layout)
+        def fill(positions: list[int], views: list[memoryview]) -> list[int]:
+            return ops.gather_pages_to_rows(self.layers, block_index[positions], views,
+                                            layout=self.format.layout, checksums=True)
 
         return put_in_place(self.store, keys, self.format.block_bytes, fill)
 
@@ -207,21 +207,26 @@ def can_reserve(store: Any) -> bool:
 
 
 def put_in_place(store: Any, keys: list[str], block_bytes: int,
-                 fill: Callable[[list[int], list[memoryview]], None]) -> list:
+                 fill: Callable[[list[int], list[memoryview]], list[int] | None]) -> list:
     """Put one block of ``block_bytes`` under each key by writing it where it is stored:
     ``reserve_puts`` hands out the reserved ranges and ``fill(positions, views)``
-    writes block ``keys[positions[i]]`` into ``views[i]`` (keys stored already get no view),
-    then the reservation commits; at most RESERVE_BATCH keys per reservation. Returns what
-    ``batch_put`` would. NOTE: why: a gather into staging rows followed by a put moved every
-    byte twice, this moves it once (``kvstore.client.reserve``)."""
+    writes block ``keys[positions[i]]`` into ``views[i]`` (keys stored already get no view)
+    and returns each view's XXH3-64 digest, computed as it wrote (a fused gather), or None
+    (the commit hashes the views); then the reservation commits; at most RESERVE_BATCH keys
+    per reservation. Returns what ``batch_put`` would. NOTE: why: a gather into staging rows
+    followed by a put moved every byte twice, this moves it once
+    (``kvstore.client.reserve``), and the fused digest spares the commit reading it back."""
     results: list = []
     for lo in range(0, len(keys), RESERVE_BATCH):
         chunk = keys[lo:lo + RESERVE_BATCH]
         with reserve_puts(store, chunk, [block_bytes] * len(chunk)) as reservation:
             filled = [j for j, view in enumerate(reservation.views) if view is not None]
+            sums: list[int | None] = [None] * len(chunk)
             if filled:
-                fill([lo + j for j in filled], [reservation.views[j] for j in filled])
-            results.extend(reservation.commit())
+                digests = fill([lo + j for j in filled], [reservation.views[j] for j in filled])
+                for j, digest in zip(filled, digests or ()):
+                    sums[j] = digest
+            results.extend(reservation.commit(sums))
     return results
 
 

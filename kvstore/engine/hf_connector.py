@@ -68,9 +68,9 @@ class DynamicCacheConnector:
 
             ids = torch.tensor(missing)
 
-            def fill(positions: list[int], views: list[memoryview]) -> None:
-                ops.gather_tokens_to_rows(tensors, ids[positions], views,
-                                          block_size=self.block_size)
+            def fill(positions: list[int], views: list[memoryview]) -> list[int]:
+                return ops.gather_tokens_to_rows(tensors, ids[positions], views,
+                                                 block_size=self.block_size, checksums=True)
 
             results = put_in_place(self.store, names, fmt.block_bytes, fill)
             failed = [keys[i] for i, r in zip(missing, results) if r is not None]

@@ -83,6 +83,8 @@ _CPU_SIGNATURES = {
     "kvops_scatter_blocks": [_PAGES, _I64, _P, _EXEC],
     "kvops_gather_tokens": [ctypes.POINTER(TokensArg), _I64, _P, _EXEC],
     "kvops_scatter_tokens": [ctypes.POINTER(TokensArg), _I64, _P, _EXEC],
+    "kvops_gather_blocks_hash": [_PAGES, _I64, _P, _P, _EXEC],
+    "kvops_gather_tokens_hash": [ctypes.POINTER(TokensArg), _I64, _P, _P, _EXEC],
 }
 
 

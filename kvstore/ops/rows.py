@@ -31,7 +31,8 @@ def row_nbytes(layers: Sequence[torch.Tensor], *, layout: str | None = None) -> 
 
 
 def gather_pages_to_rows(layers: Sequence[torch.Tensor], block_ids: BlockIds, rows: Any, *,
-                         layout: str | None = None) -> None:
+                         layout: str | None = None, checksums: bool = False
+                         ) -> list[int] | None:
     """Copy page ``block_ids[j]`` of every layer into row ``j``.
 
     ``rows``: a contiguous CPU tensor ``[len(block_ids), row_bytes]`` (any dtype, e.g.
@@ -39,14 +40,25 @@ def gather_pages_to_rows(layers: Sequence[torch.Tensor], block_ids: BlockIds, ro
     bytearray, numpy array, CPU tensor), each C-contiguous with at least ``row_nbytes``
     bytes (their leading bytes are written). Ids may repeat. The copy is exact.
 
+    ``checksums=True``: also return, per row, the XXH3-64 (seed 0) digest of the
+    ``row_nbytes`` bytes written, computed in the same pass (``kvstore.client.checksum``'s
+    value for those bytes: what ``PutReservation.commit(checksums=...)`` takes); one
+    thread per row. Else returns None.
+
     Raises InvalidArgumentError (a CUDA cache, wrong layout or ids, a read-only or too-small
     row, a wrong number of rows) before any byte is written.
     """
     geom = describe_layers(layers, layout)
     ids = check_block_ids(block_ids, geom.num_blocks, unique=False)
     ptrs, keep = _row_pointers(geom, rows, ids.numel(), writable=True)
-    _call("kvops_gather_blocks", geom, layers, ids, ptrs)
+    if not checksums:
+        _call("kvops_gather_blocks", geom, layers, ids, ptrs)
+        del keep
+        return None
+    digests = (_lib.ctypes.c_uint64 * ids.numel())()
+    _call("kvops_gather_blocks_hash", geom, layers, ids, ptrs, digests)
     del keep
+    return list(digests)
 
 
 def scatter_rows_to_pages(rows: Any, layers: Sequence[torch.Tensor], block_ids: BlockIds, *,
@@ -65,7 +77,7 @@ def scatter_rows_to_pages(rows: Any, layers: Sequence[torch.Tensor], block_ids: 
 
 
 def gather_tokens_to_rows(tensors: Sequence[torch.Tensor], block_ids: BlockIds, rows: Any, *,
-                          block_size: int) -> None:
+                          block_size: int, checksums: bool = False) -> list[int] | None:
     """Copy tokens ``[b * block_size, +block_size)`` (``b = block_ids[j]``) of every tensor
     into row ``j``, laid out ``[len(tensors), block_size, heads, head_dim]``: the stored block
     form for a transformers cache's tensors given as ``[k0, v0, k1, v1, ...]``.
@@ -74,12 +86,19 @@ def gather_tokens_to_rows(tensors: Sequence[torch.Tensor], block_ids: BlockIds, 
     one dtype, shape and strides, ``head_dim`` dense. ``rows`` as ``gather_pages_to_rows``,
     each row at least ``len(tensors) * block_size * heads * head_dim`` elements. Raises
     InvalidArgumentError (mixed or non-CPU tensors, a block past the sequence, bad rows)
-    before any byte is written.
+    before any byte is written. ``checksums=True``: returns each row's digest as
+    ``gather_pages_to_rows`` does (else None).
     """
     geom, arg, keep = _tokens_arg(tensors, block_ids, block_size, unique=False)
     ptrs, keep_rows = _row_pointers(geom, rows, int(arg.num_blocks), writable=True)
-    _call_tokens("kvops_gather_tokens", geom, arg, ptrs)
+    if not checksums:
+        _call_tokens("kvops_gather_tokens", geom, arg, ptrs)
+        del keep, keep_rows
+        return None
+    digests = (_lib.ctypes.c_uint64 * int(arg.num_blocks))()
+    _call_tokens("kvops_gather_tokens_hash", geom, arg, ptrs, digests)
     del keep, keep_rows
+    return list(digests)
 
 
 def scatter_rows_to_tokens(rows: Any, tensors: Sequence[torch.Tensor], block_ids: BlockIds,
@@ -120,22 +139,24 @@ def _tokens_arg(tensors: Sequence[torch.Tensor], block_ids: BlockIds, block_size
     return geom, arg, [ptrs, ids, tensors]
 
 
-def _call_tokens(fn_name: str, geom: PagedGeometry, arg: Any, ptrs: Any) -> None:
+def _call_tokens(fn_name: str, geom: PagedGeometry, arg: Any, ptrs: Any, *out: Any) -> None:
+    """Run a tokens kernel; ``out``: the digests array of a ``*_hash`` kernel."""
     lib = _lib.cpu_lib()
     num_bytes = int(arg.num_blocks) * geom.num_layers * geom.page_elems * geom.dtype.itemsize
-    status = getattr(lib, fn_name)(_lib.ctypes.byref(arg), geom.dtype.itemsize, ptrs,
+    status = getattr(lib, fn_name)(_lib.ctypes.byref(arg), geom.dtype.itemsize, ptrs, *out,
                                    _lib.exec_for(geom.device, num_bytes))
     _lib.check_status(lib, status, fn_name)
 
 
 def _call(fn_name: str, geom: PagedGeometry, layers: Sequence[torch.Tensor],
-          ids: torch.Tensor, ptrs: Any) -> None:
+          ids: torch.Tensor, ptrs: Any, *out: Any) -> None:
+    """Run a paged kernel; ``out``: the digests array of a ``*_hash`` kernel."""
     lib = _lib.cpu_lib()
     pages, _keep = _lib.pages_arg(list(layers), ids, geom.num_kv, geom.page_elems,
                                   geom.block_stride, geom.kv_stride)
     num_bytes = ids.numel() * geom.num_layers * geom.num_kv * geom.page_elems * \
         geom.dtype.itemsize
-    status = getattr(lib, fn_name)(pages, geom.dtype.itemsize, ptrs,
+    status = getattr(lib, fn_name)(pages, geom.dtype.itemsize, ptrs, *out,
                                    _lib.exec_for(geom.device, num_bytes))
     _lib.check_status(lib, status, fn_name)
 

@@ -1,0 +1,221 @@
+// Fused gather + XXH3-64: block_copy.cpp's gathers (paged cache or token-major tensors into
+// per-block rows) that also return each row's XXH3-64 (seed 0) digest, the checksum a put
+// records (kvstore/client/checksum.py), so a reserved put's commit need not read the rows
+// back. One thread per row (a row's digest is sequential); rows spread over the threads.
+//
+// Two ways, one digest:
+// - stripes (every run a multiple of 64 bytes, rows over 240 bytes: the usual KV pages):
+//   copy_hash.h's scheme over the row's runs: each 64-byte stripe loaded once into
+//   registers, stored to the row with non-temporal stores (as block_copy.cpp) and fed to
+//   XXH3's accumulators, so the bytes cross DRAM once each way and are never read back;
+// - otherwise: memcpy the runs in order and hash every kHashChunkBytes just written while
+//   they are still in L1 (xxhash.h's streaming state gives the one-shot digest).
+#include <string.h>
+
+#include <vector>
+
+#define XXH_INLINE_ALL
+#include "xxhash.h"
+#if defined(__SSE2__)
+#include <emmintrin.h>
+#endif
+
+#include "kvops/abi.h"
+#include "kvops/index.h"
+#include "parallel.h"
+#include "stream_copy.h"
+
+namespace kvops {
+namespace {
+
+// Bytes copied between hash updates: small enough to stay in L1 beside the source stream.
+constexpr int64_t kHashChunkBytes = 16 * 1024;
+
+// Copies runs into one row front to back and hashes the row's bytes as they are written.
+class RowHasher {
+ public:
+  explicit RowHasher(char* row) : row_(row) { XXH3_64bits_reset(&state_); }
+
+  // Appends src[0, num_bytes) at the row's write position.
+  void append(const char* src, int64_t num_bytes) {
+    while (num_bytes > 0) {
+      const int64_t piece = num_bytes < kHashChunkBytes ? num_bytes : kHashChunkBytes;
+      memcpy(row_ + written_, src, piece);
+      written_ += piece;
+      src += piece;
+      num_bytes -= piece;
+      if (written_ - hashed_ >= kHashChunkBytes) flush();
+    }
+  }
+
+  uint64_t digest() {
+    flush();
+    return XXH3_64bits_digest(&state_);
+  }
+
+ private:
+  void flush() {
+    if (written_ > hashed_) {
+      XXH3_64bits_update(&state_, row_ + hashed_, static_cast<size_t>(written_ - hashed_));
+      hashed_ = written_;
+    }
+  }
+
+  XXH3_state_t state_;
+  char* row_;
+  int64_t written_ = 0;
+  int64_t hashed_ = 0;
+};
+
+#if defined(__SSE2__)
+// copy_hash.h's accumulate_copy_stripe (SSE2), storing with non-temporal stores when
+// kStream (out 16-byte aligned).
+template <bool kStream>
+inline void accumulate_stream_stripe(uint64_t* acc, const char* in, char* out,
+                                     const uint8_t* secret) {
+  __m128i* const xacc = reinterpret_cast<__m128i*>(acc);
+  for (int i = 0; i < 4; ++i) {
+    const __m128i data = _mm_loadu_si128(reinterpret_cast<const __m128i*>(in) + i);
+    if (kStream) {
+      _mm_stream_si128(reinterpret_cast<__m128i*>(out) + i, data);
+    } else {
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(out) + i, data);
+    }
+    const __m128i key = _mm_loadu_si128(reinterpret_cast<const __m128i*>(secret) + i);
+    const __m128i data_key = _mm_xor_si128(data, key);
+    const __m128i product =
+        _mm_mul_epu32(data_key, _mm_shuffle_epi32(data_key, _MM_SHUFFLE(0, 3, 0, 1)));
+    const __m128i sum =
+        _mm_add_epi64(xacc[i], _mm_shuffle_epi32(data, _MM_SHUFFLE(1, 0, 3, 2)));
+    xacc[i] = _mm_add_epi64(product, sum);
+  }
+}
+
+// copy_hash.h's copy_hash_long where the source is runs[k] (run_bytes each, a multiple of
+// 64, len = runs.size() * run_bytes > 240): the row's stripe at offset o comes from
+// runs[o / run_bytes] + o % run_bytes. Same blocks, secrets and merge as XXH3_hashLong_64b.
+template <bool kStream>
+uint64_t copy_hash_runs(char* dst, const std::vector<const char*>& runs, int64_t run_bytes) {
+  const size_t len = runs.size() * static_cast<size_t>(run_bytes);
+  const auto src_at = [&](size_t offset) {
+    return runs[offset / run_bytes] + offset % run_bytes;
+  };
+  const uint8_t* const secret = XXH3_kSecret;
+  constexpr size_t kSecretBytes = sizeof(XXH3_kSecret);
+  constexpr size_t kStripesPerBlock = (kSecretBytes - XXH_STRIPE_LEN) / XXH_SECRET_CONSUME_RATE;
+  constexpr size_t kBlockBytes = XXH_STRIPE_LEN * kStripesPerBlock;
+  XXH_ALIGN(XXH_ACC_ALIGN) uint64_t acc[XXH_ACC_NB] = XXH3_INIT_ACC;
+  const size_t num_blocks = (len - 1) / kBlockBytes;
+  for (size_t n = 0; n < num_blocks; ++n) {
+    const size_t base = n * kBlockBytes;
+    const char* in = src_at(base);  // NOTE: a block never spans runs when run_bytes % 1 KiB == 0
+    const bool one_run = (base % run_bytes) + kBlockBytes <= static_cast<size_t>(run_bytes);
+    for (size_t s = 0; s < kStripesPerBlock; ++s) {
+      const size_t offset = base + s * XXH_STRIPE_LEN;
+      accumulate_stream_stripe<kStream>(acc, one_run ? in + s * XXH_STRIPE_LEN : src_at(offset),
+                                        dst + offset, secret + s * XXH_SECRET_CONSUME_RATE);
+    }
+    XXH3_scrambleAcc(acc, secret + kSecretBytes - XXH_STRIPE_LEN);
+  }
+  const size_t base = num_blocks * kBlockBytes;
+  const size_t num_stripes = ((len - 1) - base) / XXH_STRIPE_LEN;
+  for (size_t s = 0; s < num_stripes; ++s) {
+    const size_t offset = base + s * XXH_STRIPE_LEN;
+    accumulate_stream_stripe<kStream>(acc, src_at(offset), dst + offset,
+                                      secret + s * XXH_SECRET_CONSUME_RATE);
+  }
+  // NOTE: len is a multiple of 64, so the last stripe is exactly the row's last 64 bytes,
+  // stored once (never overlapping the stripes before)
+  accumulate_stream_stripe<kStream>(acc, src_at(len - XXH_STRIPE_LEN), dst + len - XXH_STRIPE_LEN,
+                                    secret + kSecretBytes - XXH_STRIPE_LEN -
+                                        XXH_SECRET_LASTACC_START);
+  return XXH3_mergeAccs(acc, secret + XXH_SECRET_MERGEACCS_START,
+                        static_cast<uint64_t>(len) * XXH_PRIME64_1);
+}
+#endif  // __SSE2__
+
+// The row's digest from its runs (each run_bytes, in row order), by stripes where it can.
+uint64_t gather_row(char* row, const std::vector<const char*>& runs, int64_t run_bytes) {
+#if defined(__SSE2__)
+  if (run_bytes % XXH_STRIPE_LEN == 0 &&
+      static_cast<int64_t>(runs.size()) * run_bytes > XXH3_MIDSIZE_MAX) {
+    if (reinterpret_cast<uintptr_t>(row) % 16 == 0) {
+      return copy_hash_runs<true>(row, runs, run_bytes);
+    }
+    return copy_hash_runs<false>(row, runs, run_bytes);
+  }
+#endif
+  RowHasher hasher(row);
+  for (const char* run : runs) hasher.append(run, run_bytes);
+  return hasher.digest();
+}
+
+int gather_blocks_hash(const kvops_pages* pages, int64_t elem_bytes, char* const* rows,
+                       uint64_t* digests, const kvops_exec* exec) {
+  if (pages == nullptr || exec == nullptr || rows == nullptr || digests == nullptr ||
+      elem_bytes <= 0) {
+    return kBadArgument;
+  }
+  const PagedGeom g = geom_of(*pages);
+  const int64_t run_bytes = g.page_elems * elem_bytes;
+  parallel_for(pages->num_pages, exec->num_threads, [&](int64_t begin, int64_t end) {
+    std::vector<const char*> runs;
+    for (int64_t page = begin; page < end; ++page) {
+      runs.clear();
+      for (int64_t layer = 0; layer < g.num_layers; ++layer) {
+        for (int64_t kv = 0; kv < g.num_kv; ++kv) {
+          runs.push_back(static_cast<const char*>(pages->layer_ptrs[layer]) +
+                         cache_run_offset(g, pages->block_ids[page], kv) * elem_bytes);
+        }
+      }
+      digests[page] = gather_row(rows[page], runs, run_bytes);
+    }
+    store_fence();
+  });
+  return kOk;
+}
+
+int gather_tokens_hash(const kvops_tokens* t, int64_t elem_bytes, char* const* rows,
+                       uint64_t* digests, const kvops_exec* exec) {
+  if (t == nullptr || exec == nullptr || rows == nullptr || digests == nullptr ||
+      elem_bytes <= 0) {
+    return kBadArgument;
+  }
+  const int64_t run_bytes = t->head_dim * elem_bytes;
+  parallel_for(t->num_blocks, exec->num_threads, [&](int64_t begin, int64_t end) {
+    std::vector<const char*> runs;
+    for (int64_t j = begin; j < end; ++j) {
+      runs.clear();
+      const int64_t first_token = t->block_ids[j] * t->block_size;
+      for (int64_t tensor = 0; tensor < t->num_tensors; ++tensor) {
+        const char* base = static_cast<const char*>(t->tensor_ptrs[tensor]);
+        for (int64_t token = 0; token < t->block_size; ++token) {
+          for (int64_t head = 0; head < t->num_heads; ++head) {
+            runs.push_back(base + (head * t->head_stride + (first_token + token) *
+                                   t->token_stride) * elem_bytes);
+          }
+        }
+      }
+      digests[j] = gather_row(rows[j], runs, run_bytes);
+    }
+    store_fence();
+  });
+  return kOk;
+}
+
+}  // namespace
+}  // namespace kvops
+
+extern "C" int kvops_gather_blocks_hash(const kvops_pages* pages, int64_t elem_bytes,
+                                        void* const* rows, uint64_t* digests,
+                                        const kvops_exec* exec) {
+  return kvops::gather_blocks_hash(pages, elem_bytes, reinterpret_cast<char* const*>(rows),
+                                   digests, exec);
+}
+
+extern "C" int kvops_gather_tokens_hash(const kvops_tokens* tokens, int64_t elem_bytes,
+                                        void* const* rows, uint64_t* digests,
+                                        const kvops_exec* exec) {
+  return kvops::gather_tokens_hash(tokens, elem_bytes, reinterpret_cast<char* const*>(rows),
+                                   digests, exec);
+}
