@@ -17,7 +17,7 @@
 #define XXH_INLINE_ALL
 #include "xxhash.h"
 #if defined(__SSE2__)
-#include <emmintrin.h>
+#include "xxh3_stripe_sse2.h"
 #endif
 
 #include "kvops/abi.h"
@@ -68,29 +68,6 @@ class RowHasher {
 };
 
 #if defined(__SSE2__)
-// copy_hash.h's accumulate_copy_stripe (SSE2), storing with non-temporal stores when
-// kStream (out 16-byte aligned).
-template <bool kStream>
-inline void accumulate_stream_stripe(uint64_t* acc, const char* in, char* out,
-                                     const uint8_t* secret) {
-  __m128i* const xacc = reinterpret_cast<__m128i*>(acc);
-  for (int i = 0; i < 4; ++i) {
-    const __m128i data = _mm_loadu_si128(reinterpret_cast<const __m128i*>(in) + i);
-    if (kStream) {
-      _mm_stream_si128(reinterpret_cast<__m128i*>(out) + i, data);
-    } else {
-      _mm_storeu_si128(reinterpret_cast<__m128i*>(out) + i, data);
-    }
-    const __m128i key = _mm_loadu_si128(reinterpret_cast<const __m128i*>(secret) + i);
-    const __m128i data_key = _mm_xor_si128(data, key);
-    const __m128i product =
-        _mm_mul_epu32(data_key, _mm_shuffle_epi32(data_key, _MM_SHUFFLE(0, 3, 0, 1)));
-    const __m128i sum =
-        _mm_add_epi64(xacc[i], _mm_shuffle_epi32(data, _MM_SHUFFLE(1, 0, 3, 2)));
-    xacc[i] = _mm_add_epi64(product, sum);
-  }
-}
-
 // copy_hash.h's copy_hash_long where the source is runs[k] (run_bytes each, a multiple of
 // 64, len = runs.size() * run_bytes > 240): the row's stripe at offset o comes from
 // runs[o / run_bytes] + o % run_bytes. Same blocks, secrets and merge as XXH3_hashLong_64b.
@@ -112,8 +89,8 @@ uint64_t copy_hash_runs(char* dst, const std::vector<const char*>& runs, int64_t
     const bool one_run = (base % run_bytes) + kBlockBytes <= static_cast<size_t>(run_bytes);
     for (size_t s = 0; s < kStripesPerBlock; ++s) {
       const size_t offset = base + s * XXH_STRIPE_LEN;
-      accumulate_stream_stripe<kStream>(acc, one_run ? in + s * XXH_STRIPE_LEN : src_at(offset),
-                                        dst + offset, secret + s * XXH_SECRET_CONSUME_RATE);
+      accumulate_stripe_sse2<kStream>(acc, one_run ? in + s * XXH_STRIPE_LEN : src_at(offset),
+                                      dst + offset, secret + s * XXH_SECRET_CONSUME_RATE);
     }
     XXH3_scrambleAcc(acc, secret + kSecretBytes - XXH_STRIPE_LEN);
   }
@@ -121,13 +98,13 @@ uint64_t copy_hash_runs(char* dst, const std::vector<const char*>& runs, int64_t
   const size_t num_stripes = ((len - 1) - base) / XXH_STRIPE_LEN;
   for (size_t s = 0; s < num_stripes; ++s) {
     const size_t offset = base + s * XXH_STRIPE_LEN;
-    accumulate_stream_stripe<kStream>(acc, src_at(offset), dst + offset,
-                                      secret + s * XXH_SECRET_CONSUME_RATE);
+    accumulate_stripe_sse2<kStream>(acc, src_at(offset), dst + offset,
+                                    secret + s * XXH_SECRET_CONSUME_RATE);
   }
   // NOTE: len is a multiple of 64, so the last stripe is exactly the row's last 64 bytes,
   // stored once (never overlapping the stripes before)
-  accumulate_stream_stripe<kStream>(acc, src_at(len - XXH_STRIPE_LEN), dst + len - XXH_STRIPE_LEN,
-                                    secret + kSecretBytes - XXH_STRIPE_LEN -
+  accumulate_stripe_sse2<kStream>(acc, src_at(len - XXH_STRIPE_LEN), dst + len - XXH_STRIPE_LEN,
+                                  secret + kSecretBytes - XXH_STRIPE_LEN -
                                         XXH_SECRET_LASTACC_START);
   return XXH3_mergeAccs(acc, secret + XXH_SECRET_MERGEACCS_START,
                         static_cast<uint64_t>(len) * XXH_PRIME64_1);

@@ -15,8 +15,9 @@
 
 #if defined(__AVX2__)
 #include <immintrin.h>
-#elif defined(__SSE2__)
-#include <emmintrin.h>
+#endif
+#if defined(__SSE2__)
+#include "xxh3_stripe_sse2.h"
 #endif
 
 namespace {
@@ -42,18 +43,7 @@ inline void accumulate_copy_stripe(uint64_t* acc, const char* in, char* out,
     xacc[i] = _mm256_add_epi64(product, sum);
   }
 #else
-  __m128i* const xacc = reinterpret_cast<__m128i*>(acc);
-  for (int i = 0; i < 4; ++i) {
-    const __m128i data = _mm_loadu_si128(reinterpret_cast<const __m128i*>(in) + i);
-    _mm_storeu_si128(reinterpret_cast<__m128i*>(out) + i, data);
-    const __m128i key = _mm_loadu_si128(reinterpret_cast<const __m128i*>(secret) + i);
-    const __m128i data_key = _mm_xor_si128(data, key);
-    const __m128i product =
-        _mm_mul_epu32(data_key, _mm_shuffle_epi32(data_key, _MM_SHUFFLE(0, 3, 0, 1)));
-    const __m128i sum =
-        _mm_add_epi64(xacc[i], _mm_shuffle_epi32(data, _MM_SHUFFLE(1, 0, 3, 2)));
-    xacc[i] = _mm_add_epi64(product, sum);
-  }
+  accumulate_stripe_sse2<false>(acc, in, out, secret);
 #endif
 }
 
