@@ -33,7 +33,7 @@ from kvstore.client.transfer import ReadJob, Transfers
 from kvstore.client.values import as_destination
 from kvstore.rpc import MasterClient, ReplicaSet
 from kvstore.rpc.errors import item_error, malformed
-from kvstore.rpc.messages import decode_targets
+from kvstore.rpc.messages import decode_targets, segment_prefixes
 from kvstore.rpc.methods import METHODS
 from kvstore.transport.base import Target
 from kvstore.transport.shm import ShmTransport
@@ -142,17 +142,9 @@ def _read(reply: pb.GetReplicasResponse, transfers: Transfers, shm: ShmTransport
 
 
 def _segment_targets(reply: pb.GetReplicasResponse) -> list[Target]:
-    """One Target (offset 0, length 0) per segment of the reply, naming its node."""
-    nodes = reply.nodes
-    targets = []
-    for segment in reply.segments:
-        if segment.node_index >= len(nodes):
-            raise KVStoreError(f"malformed master reply: segment {segment.segment_id!r} names "
-                               f"node index {segment.node_index} of {len(nodes)}")
-        node = nodes[segment.node_index]
-        targets.append(Target(node.node_id, node.host_id, node.data_addr, segment.segment_id,
-                              segment.shm_name, 0, 0))
-    return targets
+    """One Target (offset 0, length 0) per segment of the reply, naming its node;
+    KVStoreError for a segment naming a node the reply lacks."""
+    return [Target(*prefix, 0, 0) for prefix in segment_prefixes(reply)]
 
 
 def _read_slow(reply: pb.GetReplicasResponse, transfers: Transfers, keys: list[str],

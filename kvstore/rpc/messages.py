@@ -52,7 +52,7 @@ def statuses_to_results(reply: Any, keys: Sequence[str], method: str, action: st
 
 # ---- replica tables ----------------------------------------------------------------------
 
-def _segment_prefixes(reply: Any) -> list[tuple[str, str, str, str, str]]:
+def segment_prefixes(reply: Any) -> list[tuple[str, str, str, str, str]]:
     """(node_id, host_id, data_addr, segment_id, shm_name) for each segment of the reply."""
     nodes = reply.nodes
     prefixes = []
@@ -75,7 +75,7 @@ def decode_targets(reply: Any, sizes: Sequence[int], ok: Sequence[bool],
     capabilities or GetReplicas' read capabilities (empty: none). Raises KVStoreError on out-of-range indices or a capability list of another
     length than the replicas'.
     """
-    prefixes = _segment_prefixes(reply)
+    prefixes = segment_prefixes(reply)
     starts, counts = reply.replica_start, reply.replica_count
     segment_indices, offsets = reply.replica_segment, reply.replica_offset
     if len(ok) > MAX_KEYS_INDEXED_IN_PLACE:
