@@ -18,6 +18,8 @@ import numpy as np
 import pytest
 from servers import KVSTORE_BIN
 
+from kvstore.bench.report import link_ceiling
+
 REPO = Path(__file__).resolve().parent.parent
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -86,10 +88,17 @@ def test_nixl_rows_stand_beside_raw_nixl(tmp_path):
                          str(out_path))
     assert result.returncode == 0, result.stderr
     data = json.loads(out_path.read_text())
-    # the bench's daemon runs with --nixl; raw NIXL WRITE/READ per size is the link ceiling
+    # the bench's daemon runs with --nixl; raw NIXL WRITE/READ per size is the link ceiling,
+    # of one value per transfer for single rows and of the whole batch for batch rows
     assert set(data["raw_nixl_gbps"]) == {"65536", "262144"}
-    assert all(v["put"] > 0 and v["get"] > 0 for v in data["raw_nixl_gbps"].values())
+    assert all(v["put"] > 0 and v["get"] > 0 and v["put_batch"] > 0 and v["get_batch"] > 0
+               and v["items"] == 4 for v in data["raw_nixl_gbps"].values())
     assert len(data["rows"]) == 16 and {r["transport"] for r in data["rows"]} == {"nixl"}
+    for row in data["rows"]:
+        raw = data["raw_nixl_gbps"][str(row["size_bytes"])]
+        ceiling = raw[f"{row['op']}_batch"] if row["mode"] == "batch" else raw[row["op"]]
+        assert link_ceiling(row, {}, {int(k): v for k, v in data["raw_nixl_gbps"].items()}) \
+            == ceiling
     nixl_lines = [line for line in result.stdout.splitlines() if " nixl " in line]
     assert len(nixl_lines) == 16 and all(line.count("%") == 2 for line in nixl_lines)
 

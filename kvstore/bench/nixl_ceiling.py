@@ -1,8 +1,18 @@
 """The raw-NIXL ceiling of ``kvstore bench transfer``'s nixl rows: one NIXL agent of this
-process, one registered buffer, one WRITE or READ per call into or out of the daemon's
-registered segment, polled to DONE; no kvstore code on the path (no transport, no master, no
-checksum). Same two processes and the same UCX wire as the nixl transport, so the ratio says
-what kvstore adds.
+process, registered buffers, WRITE or READ into or out of the daemon's registered segment,
+polled to DONE; no kvstore code on the path (no transport, no master, no checksum). Same two
+processes and the same UCX wire as the nixl transport, so the ratio says what kvstore adds.
+
+Same access pattern as the rows it bounds (as the memcpy ceiling, ``measure.ColdCopy``): a
+case moves a batch of ``num_items`` distinct values, so the ceiling moves between as many
+distinct remote ranges: single calls (``put``/``get``) one value per transfer, cycling through
+them; batched calls (``put_batch``/``get_batch``) all of them in one transfer of ``num_items``
+descriptors. READs land in as many distinct local buffers (the cases' destinations are
+distinct); WRITEs all come from one local value (the client level puts one value to every
+key, the hottest source of any case). NOTE: before 2026-12-02 the ceiling moved one value
+between one buffer and one range, both hot in the caches, against cases cycling through 16 or
+more: 1.4-2.2x less CPU per byte than the same WRITE/READ of the cases' pattern (measured:
+bench/RESULTS.md, "NIXL transport beside raw NIXL of the same batch").
 
 The range it transfers to is a hard-pinned object of the bench's own (put through the nixl
 transport on the node measured, removed afterwards), so it works against an existing cluster
@@ -20,24 +30,50 @@ from kvstore.bench.measure import Budget, rate
 
 
 class RawNixl:
-    """Raw NIXL: one agent, one registered buffer, one transfer per call, polled to DONE."""
+    """Raw NIXL: one agent, registered buffers, transfers polled to DONE.
 
-    def __init__(self, agent_metadata: bytes, remote_address: int, size_bytes: int):
+    ``remote_address`` starts ``num_items`` consecutive remote ranges of ``size_bytes``;
+    ``run`` moves one value per call (cycling through them), ``run_batch`` all of them."""
+
+    def __init__(self, agent_metadata: bytes, remote_address: int, size_bytes: int,
+                 num_items: int = 1):
         from kvstore.transport.nixl_lib import new_agent
 
         self.handle = new_agent("bench")
-        self.buffer = np.ones(size_bytes, dtype=np.uint8)
+        self.buffer = np.ones(size_bytes, dtype=np.uint8)             # WRITE sources
+        self.outs = np.ones(size_bytes * num_items, dtype=np.uint8)   # READ destinations
         self.handle.register(self.buffer.ctypes.data, size_bytes)
+        self.handle.register(self.outs.ctypes.data, self.outs.nbytes)
         agent = self.handle.agent
         self.remote_name = agent.add_remote_agent(agent_metadata)
-        self.local = agent.get_xfer_descs([(self.buffer.ctypes.data, size_bytes, 0)], "DRAM")
-        self.remote = agent.get_xfer_descs([(remote_address, size_bytes, 0)], "DRAM")
+        sources = [(self.buffer.ctypes.data, size_bytes, 0)] * num_items
+        outs = [(self.outs.ctypes.data + i * size_bytes, size_bytes, 0)
+                for i in range(num_items)]
+        remote = [(remote_address + i * size_bytes, size_bytes, 0) for i in range(num_items)]
+        self._one = [{"WRITE": agent.get_xfer_descs(sources[i:i + 1], "DRAM"),
+                      "READ": agent.get_xfer_descs(outs[i:i + 1], "DRAM"),
+                      "remote": agent.get_xfer_descs(remote[i:i + 1], "DRAM")}
+                     for i in range(num_items)]
+        self._batch = {"WRITE": agent.get_xfer_descs(sources, "DRAM"),
+                       "READ": agent.get_xfer_descs(outs, "DRAM"),
+                       "remote": agent.get_xfer_descs(remote, "DRAM")}
+        self._turn = 0
         self.backend = None
 
     def run(self, op: str) -> None:
-        """One ``op`` ("WRITE" or "READ"); RuntimeError if it ends other than DONE."""
+        """One ``op`` ("WRITE" or "READ") of the next value; RuntimeError if it ends other
+        than DONE."""
+        descs = self._one[self._turn]
+        self._turn = (self._turn + 1) % len(self._one)
+        self._transfer(op, descs[op], descs["remote"])
+
+    def run_batch(self, op: str) -> None:
+        """One ``op`` of all the values in one transfer; RuntimeError as ``run``."""
+        self._transfer(op, self._batch[op], self._batch["remote"])
+
+    def _transfer(self, op: str, local, remote) -> None:
         agent = self.handle.agent
-        xfer = agent.initialize_xfer(op, self.local, self.remote, self.remote_name)
+        xfer = agent.initialize_xfer(op, local, remote, self.remote_name)
         state = agent.transfer(xfer)
         while state == "PROC":
             state = agent.check_xfer_state(xfer)
@@ -51,9 +87,12 @@ class RawNixl:
 
 
 def raw_nixl_gbps(master_addr: str, token: str | None, node, sizes: list[int],
-                  budget: Budget, tls=None) -> dict[int, dict[str, float]]:
-    """``{size: {"put": GB/s of WRITE, "get": GB/s of READ}}`` between this process and
-    ``node`` (a NodeStatus) by raw NIXL. Raises click.ClickException when the node publishes
+                  budget: Budget, tls=None,
+                  size_to_items: dict[int, int] | None = None) -> dict[int, dict[str, float]]:
+    """``{size: {"put": GB/s of WRITE, "get": GB/s of READ, "put_batch", "get_batch":
+    the same of a whole batch per transfer, "items": values per batch}}`` between this
+    process and ``node`` (a NodeStatus) by raw NIXL, with ``size_to_items[size]`` values per
+    batch (1 where absent). Raises click.ClickException when the node publishes
     no NIXL agent, kvstore.TransferError (from the put of the pinned range) or RuntimeError (a transfer that
     failed) when NIXL does not work between the two."""
     import kvstore
@@ -65,8 +104,10 @@ def raw_nixl_gbps(master_addr: str, token: str | None, node, sizes: list[int],
         raise click.ClickException(f"nixl: node {node.node_id} publishes no NIXL agent (start "
                                    "its daemon with --nixl)")
     key = f"bench/raw-nixl/{time.time_ns()}"
+    size_to_items = {size: max(1, (size_to_items or {}).get(size, 1)) for size in sizes}
     with kvstore.connect(master_addr, token=token, transport="nixl", tls=tls) as store:
-        store.put(key, np.zeros(max(sizes), np.uint8), near_node=node.node_id, hard_pin=True)
+        store.put(key, np.zeros(max(s * n for s, n in size_to_items.items()), np.uint8),
+                  near_node=node.node_id, hard_pin=True)
         try:
             with grpc_client(master_addr, token=token, tls=tls) as client:
                 results, lease_id = client.get_replicas_leased([key])
@@ -76,11 +117,16 @@ def raw_nixl_gbps(master_addr: str, token: str | None, node, sizes: list[int],
             address = info.segments[target.segment_id].address + target.offset
             figures = {}
             for size_bytes in sizes:
-                raw = RawNixl(info.agent_metadata, address, size_bytes)
+                num_items = size_to_items[size_bytes]
+                raw = RawNixl(info.agent_metadata, address, size_bytes, num_items)
+                batch_bytes = size_bytes * num_items
                 try:
                     figures[size_bytes] = {
                         "put": rate(lambda: raw.run("WRITE"), size_bytes, budget),
-                        "get": rate(lambda: raw.run("READ"), size_bytes, budget)}
+                        "get": rate(lambda: raw.run("READ"), size_bytes, budget),
+                        "put_batch": rate(lambda: raw.run_batch("WRITE"), batch_bytes, budget),
+                        "get_batch": rate(lambda: raw.run_batch("READ"), batch_bytes, budget),
+                        "items": num_items}
                 finally:
                     raw.close()
             return figures

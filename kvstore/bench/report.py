@@ -21,13 +21,18 @@ def link_ceiling(row: dict, loopback_by_size: dict[int, float],
                  raw_nixl_by_size: dict[int, dict[str, float]],
                  disk_by_size: dict[int, dict[str, float]] | None = None) -> float | None:
     """The row's link ceiling in GB/s: the disk (write for puts, read for gets) for ssd rows,
-    loopback TCP for tcp rows, raw NIXL of the same op for nixl rows, None for the others."""
+    loopback TCP for tcp rows, raw NIXL of the same op and mode (one value per transfer for
+    single rows, the batch in one transfer for batch rows: ``nixl_ceiling``) for nixl rows,
+    None for the others."""
     if row["level"] == "ssd":
         return (disk_by_size or {}).get(row["size_bytes"], {}).get(row["op"])
     if row["transport"] == "tcp":
         return loopback_by_size.get(row["size_bytes"])
     if row["transport"] == "nixl":
-        return raw_nixl_by_size.get(row["size_bytes"], {}).get(row["op"])
+        ops = raw_nixl_by_size.get(row["size_bytes"], {})
+        if row["mode"] == "batch" and f"{row['op']}_batch" in ops:
+            return ops[f"{row['op']}_batch"]
+        return ops.get(row["op"])
     return None
 
 

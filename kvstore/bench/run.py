@@ -65,7 +65,9 @@ def run_transfer(master_addr: str | None, token: str | None, kinds: list[str],
             if "nixl" in kinds:
                 from kvstore.bench.nixl_ceiling import raw_nixl_gbps
 
-                raw_nixl_by_size = raw_nixl_gbps(master_addr, token, node, sizes, budget, tls=tls)
+                raw_nixl_by_size = raw_nixl_gbps(
+                    master_addr, token, node, sizes, budget, tls=tls,
+                    size_to_items={s: batch_items(s, settings["batch"]) for s in sizes})
             case = CaseSettings(budget, settings["verify"], settings["batch"],
                                 make_cpu_probe([s.proc.pid for s in servers]), ColdCopy(),
                                 progress, token, tls, settings["target_node"])
