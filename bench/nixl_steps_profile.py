@@ -10,13 +10,14 @@ process, alternating per round:
 - raw NIXL, prepared: the same with both descriptor lists prepared once
   (``prep_xfer_dlist``) and ``make_prepped_xfer`` per call;
 - raw NIXL, one value: one transfer of the batch's first value only, always the same one
-  (what ``kvstore bench transfer``'s raw-NIXL ceiling measured);
+  (what ``kvstore bench transfer``'s raw-NIXL ceiling measured before 2026-12-02);
 - the transport: ``NixlTransport.write_many`` / ``read_many`` of the same slices and ranges.
 
 Prints GB/s (best round and median) and this thread's CPU seconds per GB (median; robust
-to a loaded machine, since CMA copies run in the calling thread) per case and op, and for the transport the median
-microseconds per batch spent in each step (write checks sent/answered, local memory placed,
-descriptor lists, transfer creation, post, polling, release), with the load average.
+to a loaded machine, since CMA copies run in the calling thread) per case and op, and for the
+transport the median microseconds per batch spent in each step (write checks sent/answered,
+local memory placed, descriptor lists, transfer creation, post, polling, release), with the
+load average.
 
     .venv/bin/python bench/nixl_steps_profile.py [--size 1MiB] [--items 16] [--rounds 7]
 """

@@ -147,19 +147,24 @@ class Figure:
     memcpy_gbps: float
     cpu_s_per_gb: float
     latency_us: dict[str, float]
+    link_gbps: float | None = None   # the link ceiling's rounds, when one was given
 
 
 def rate_beside_memcpy(fn, size_bytes: int, num_items: int, budget: Budget, cpu_probe,
-                       ceiling: ColdCopy, working_set_bytes: int = 0) -> Figure:
+                       ceiling: ColdCopy, working_set_bytes: int = 0, link=None) -> Figure:
     """``fn`` (moving ``num_items`` values of ``size_bytes`` per call, cycling through
-    ``working_set_bytes`` of distinct values) beside a memcpy of the same pattern. Rounds of ``fn`` and of the memcpy alternate and the best of each is
-    kept, so the ceiling is measured in the same moments as the figure it bounds; CPU and
-    latency are counted in ``fn``'s rounds only."""
+    ``working_set_bytes`` of distinct values) beside a memcpy of the same pattern and, when
+    ``link`` is given (a call moving the same bytes over the row's link without kvstore: raw
+    NIXL), beside that too. Rounds of ``fn``, of the memcpy and of ``link`` alternate and the
+    best of each is kept, so the ceilings are measured in the same moments as the figure they
+    bound; CPU and latency are counted in ``fn``'s rounds only."""
     bytes_per_call = size_bytes * num_items
     copy = ceiling.fn(size_bytes, num_items, working_set_bytes)
     fn()
     copy()
-    best_gbps = best_copy_gbps = cpu_s = 0.0
+    if link is not None:
+        link()
+    best_gbps = best_copy_gbps = best_link_gbps = cpu_s = 0.0
     samples: list[float] = []
     copy_budget = dataclasses.replace(budget, duration_s=budget.duration_s / 2,
                                       total_bytes=None if budget.total_bytes is None
@@ -172,8 +177,11 @@ def rate_beside_memcpy(fn, size_bytes: int, num_items: int, budget: Budget, cpu_
         best_gbps = max(best_gbps, bytes_per_call * num_calls / elapsed_s / 1e9)
         copy_calls, copy_s, _ = _round(copy, bytes_per_call, copy_budget)
         best_copy_gbps = max(best_copy_gbps, bytes_per_call * copy_calls / copy_s / 1e9)
+        if link is not None:
+            link_calls, link_s, _ = _round(link, bytes_per_call, copy_budget)
+            best_link_gbps = max(best_link_gbps, bytes_per_call * link_calls / link_s / 1e9)
     return Figure(best_gbps, best_copy_gbps, cpu_s / (len(samples) * bytes_per_call / 1e9),
-                  percentiles_us(samples))
+                  percentiles_us(samples), best_link_gbps if link is not None else None)
 
 
 def make_cpu_probe(pids: list[int]):

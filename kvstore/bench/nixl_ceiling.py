@@ -86,50 +86,83 @@ class RawNixl:
         self.handle.release()
 
 
-def raw_nixl_gbps(master_addr: str, token: str | None, node, sizes: list[int],
-                  budget: Budget, tls=None,
-                  size_to_items: dict[int, int] | None = None) -> dict[int, dict[str, float]]:
-    """``{size: {"put": GB/s of WRITE, "get": GB/s of READ, "put_batch", "get_batch":
-    the same of a whole batch per transfer, "items": values per batch}}`` between this
-    process and ``node`` (a NodeStatus) by raw NIXL, with ``size_to_items[size]`` values per
-    batch (1 where absent). Raises click.ClickException when the node publishes
-    no NIXL agent, kvstore.TransferError (from the put of the pinned range) or RuntimeError (a transfer that
+class RawNixlCeiling:
+    """The raw-NIXL ceilings of one run against ``node`` (a NodeStatus): a ``RawNixl`` per
+    size, with ``size_to_items[size]`` values per batch (1 where absent), kept open for the
+    run so that each row's rounds alternate with raw rounds of the same pattern (``link``,
+    for ``measure.rate_beside_memcpy``), plus ``figures`` measured up front (the JSON's
+    ``raw_nixl_gbps`` and the plot). ``close()`` releases the agents and removes the pinned
+    object. Raises click.ClickException when the node publishes no NIXL agent,
+    kvstore.TransferError (from the put of the pinned range) or RuntimeError (a transfer that
     failed) when NIXL does not work between the two."""
-    import kvstore
-    from kvstore.rpc import grpc_client
-    from kvstore.transport import nixl_meta
 
-    info = nixl_meta.unpack(node.nixl_metadata, node.node_id)
-    if info is None:
-        raise click.ClickException(f"nixl: node {node.node_id} publishes no NIXL agent (start "
-                                   "its daemon with --nixl)")
-    key = f"bench/raw-nixl/{time.time_ns()}"
-    size_to_items = {size: max(1, (size_to_items or {}).get(size, 1)) for size in sizes}
-    with kvstore.connect(master_addr, token=token, transport="nixl", tls=tls) as store:
-        store.put(key, np.zeros(max(s * n for s, n in size_to_items.items()), np.uint8),
-                  near_node=node.node_id, hard_pin=True)
+    def __init__(self, master_addr: str, token: str | None, node, sizes: list[int],
+                 size_to_items: dict[int, int] | None = None, tls=None):
+        import kvstore
+        from kvstore.rpc import grpc_client
+        from kvstore.transport import nixl_meta
+
+        info = nixl_meta.unpack(node.nixl_metadata, node.node_id)
+        if info is None:
+            raise click.ClickException(f"nixl: node {node.node_id} publishes no NIXL agent "
+                                       "(start its daemon with --nixl)")
+        self._key = f"bench/raw-nixl/{time.time_ns()}"
+        self._items = {size: max(1, (size_to_items or {}).get(size, 1)) for size in sizes}
+        self._raws: dict[int, RawNixl] = {}
+        self._store = kvstore.connect(master_addr, token=token, transport="nixl", tls=tls)
         try:
+            self._store.put(self._key, np.zeros(max(s * n for s, n in self._items.items()),
+                                                np.uint8), near_node=node.node_id, hard_pin=True)
             with grpc_client(master_addr, token=token, tls=tls) as client:
-                results, lease_id = client.get_replicas_leased([key])
+                results, lease_id = client.get_replicas_leased([self._key])
                 if lease_id:
                     client.release_leases([lease_id])
             target = results[0].targets[0]
             address = info.segments[target.segment_id].address + target.offset
-            figures = {}
-            for size_bytes in sizes:
-                num_items = size_to_items[size_bytes]
-                raw = RawNixl(info.agent_metadata, address, size_bytes, num_items)
-                batch_bytes = size_bytes * num_items
-                try:
-                    figures[size_bytes] = {
-                        "put": rate(lambda: raw.run("WRITE"), size_bytes, budget),
-                        "get": rate(lambda: raw.run("READ"), size_bytes, budget),
-                        "put_batch": rate(lambda: raw.run_batch("WRITE"), batch_bytes, budget),
-                        "get_batch": rate(lambda: raw.run_batch("READ"), batch_bytes, budget),
-                        "items": num_items}
-                finally:
-                    raw.close()
-            return figures
+            for size_bytes, num_items in self._items.items():
+                self._raws[size_bytes] = RawNixl(info.agent_metadata, address, size_bytes,
+                                                 num_items)
+        except BaseException:
+            self.close()
+            raise
+
+    def figures(self, budget: Budget) -> dict[int, dict[str, float]]:
+        """``{size: {"put": GB/s of WRITE, "get": GB/s of READ, "put_batch", "get_batch":
+        the same of a whole batch per transfer, "items": values per batch}}``."""
+        figures = {}
+        for size_bytes, raw in self._raws.items():
+            batch_bytes = size_bytes * self._items[size_bytes]
+            figures[size_bytes] = {
+                "put": rate(lambda: raw.run("WRITE"), size_bytes, budget),
+                "get": rate(lambda: raw.run("READ"), size_bytes, budget),
+                "put_batch": rate(lambda: raw.run_batch("WRITE"), batch_bytes, budget),
+                "get_batch": rate(lambda: raw.run_batch("READ"), batch_bytes, budget),
+                "items": self._items[size_bytes]}
+        return figures
+
+    def link(self, size_bytes: int, num_items: int, mode: str, op: str):
+        """The raw call bounding a row (``mode`` "single" or "batch", ``op`` "put" or "get")
+        of ``num_items`` values of ``size_bytes`` per call; None for a size or batch this
+        ceiling does not have."""
+        raw = self._raws.get(size_bytes)
+        if raw is None or (mode == "batch" and num_items != self._items[size_bytes]):
+            return None
+        nixl_op = "WRITE" if op == "put" else "READ"
+        if mode == "batch":
+            return lambda: raw.run_batch(nixl_op)
+        return lambda: raw.run(nixl_op)
+
+    def close(self) -> None:
+        """Release the agents, unpin and remove the pinned object. Idempotent."""
+        raws, self._raws = list(self._raws.values()), {}
+        for raw in raws:
+            raw.close()
+        store, self._store = self._store, None
+        if store is None:
+            return
+        try:
+            if store.exists(self._key):
+                store.unpin(self._key)
+                store.remove(self._key, force=True)
         finally:
-            store.unpin(key)
-            store.remove(key, force=True)
+            store.close()

@@ -22,13 +22,16 @@ def link_ceiling(row: dict, loopback_by_size: dict[int, float],
                  disk_by_size: dict[int, dict[str, float]] | None = None) -> float | None:
     """The row's link ceiling in GB/s: the disk (write for puts, read for gets) for ssd rows,
     loopback TCP for tcp rows, raw NIXL of the same op and mode (one value per transfer for
-    single rows, the batch in one transfer for batch rows: ``nixl_ceiling``) for nixl rows,
+    single rows, the batch in one transfer for batch rows: ``nixl_ceiling``) for nixl rows
+    (the row's ``link_gbps``, measured in rounds alternating with its own, where present),
     None for the others."""
     if row["level"] == "ssd":
         return (disk_by_size or {}).get(row["size_bytes"], {}).get(row["op"])
     if row["transport"] == "tcp":
         return loopback_by_size.get(row["size_bytes"])
     if row["transport"] == "nixl":
+        if row.get("link_gbps") is not None:      # measured in rounds beside the row's own
+            return row["link_gbps"]
         ops = raw_nixl_by_size.get(row["size_bytes"], {})
         if row["mode"] == "batch" and f"{row['op']}_batch" in ops:
             return ops[f"{row['op']}_batch"]

@@ -40,6 +40,7 @@ def run_transfer(master_addr: str | None, token: str | None, kinds: list[str],
     rows: list[dict] = []
     loopback_by_size: dict[int, float] = {}
     raw_nixl_by_size: dict[int, dict[str, float]] = {}
+    raw_nixl = None     # nixl_ceiling.RawNixlCeiling, open for the run when nixl is measured
     disk_by_size: dict[int, dict[str, float]] = {}
     disk_io = None
     interrupted = False
@@ -63,14 +64,16 @@ def run_transfer(master_addr: str | None, token: str | None, kinds: list[str],
                 loopback_by_size = loopback_gbps(sizes, budget)
             node = pick_node(master_addr, token, settings["target_node"], tls=tls)
             if "nixl" in kinds:
-                from kvstore.bench.nixl_ceiling import raw_nixl_gbps
+                from kvstore.bench.nixl_ceiling import RawNixlCeiling
 
-                raw_nixl_by_size = raw_nixl_gbps(
-                    master_addr, token, node, sizes, budget, tls=tls,
+                raw_nixl = RawNixlCeiling(
+                    master_addr, token, node, sizes, tls=tls,
                     size_to_items={s: batch_items(s, settings["batch"]) for s in sizes})
+                raw_nixl_by_size = raw_nixl.figures(budget)
             case = CaseSettings(budget, settings["verify"], settings["batch"],
                                 make_cpu_probe([s.proc.pid for s in servers]), ColdCopy(),
-                                progress, token, tls, settings["target_node"])
+                                progress, token, tls, settings["target_node"],
+                                raw_nixl=raw_nixl)
             if "transport" in levels:
                 transport_cases(master_addr, node, kinds, sizes, case, rows)
             if "client" in levels and concurrency > 1:
@@ -89,12 +92,16 @@ def run_transfer(master_addr: str | None, token: str | None, kinds: list[str],
         interrupted = True
         click.echo(f"\ninterrupted: {len(rows)} figure(s) measured so far", err=True)
     finally:
-        for server in reversed(servers):  # the daemon first: it deregisters from a live master
-            server.close()
-        if servers and settings.get("ssd_dir"):   # the SSD segment the bench's daemon made
-            import shutil
+        try:
+            if raw_nixl is not None:   # its pinned object, before the servers stop
+                raw_nixl.close()
+        finally:
+            for server in reversed(servers):  # the daemon first: it deregisters from a live master
+                server.close()
+            if servers and settings.get("ssd_dir"):   # the SSD segment the bench's daemon made
+                import shutil
 
-            shutil.rmtree(f"{settings['ssd_dir']}/store", ignore_errors=True)
+                shutil.rmtree(f"{settings['ssd_dir']}/store", ignore_errors=True)
     click.echo(format_table(rows, loopback_by_size, raw_nixl_by_size, disk_by_size))
     if disk_io:
         click.echo(f"ssd rows: the link ceiling is the disk in {settings['ssd_dir']} ({disk_io}, "

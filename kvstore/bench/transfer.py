@@ -47,6 +47,7 @@ class CaseSettings:
     tls: Any = None     # kvstore.TLSConfig of every connection (None: plain text)
     target_node: str | None = None   # --target-node: every put goes there (checked)
     placement: dict = dataclasses.field(default_factory=dict)  # case -> {node: replicas}
+    raw_nixl: Any = None  # nixl_ceiling.RawNixlCeiling: nixl rows' interleaved link ceiling
 
 
 def transport_cases(master_addr: str, node, kinds, sizes, settings: CaseSettings,
@@ -207,8 +208,11 @@ def measure_case(level: str, kind: str, size_bytes: int, num_items: int, ops: di
         fn = ops[f"{op}_{'one' if mode == 'single' else 'many'}"]
         # NOTE: the ceiling copies through as many distinct buffers as the case touches
         # (its batch of values), so both are equally cold in the caches
+        link = settings.raw_nixl.link(size_bytes, items, mode, op) \
+            if kind == "nixl" and settings.raw_nixl is not None else None
         figure = rate_beside_memcpy(fn, size_bytes, items, settings.budget, settings.cpu_probe,
-                                    settings.ceiling, working_set_bytes=size_bytes * num_items)
+                                    settings.ceiling, working_set_bytes=size_bytes * num_items,
+                                    link=link)
         rows[mode, op] = make_row(level, kind, size_bytes, mode, items, op, figure, concurrency)
         settings.progress.update(1)
     return [rows[k] for k in (("single", "put"), ("single", "get"), ("batch", "put"),
@@ -220,4 +224,5 @@ def make_row(level, kind, size_bytes, mode, items, op, figure, concurrency) -> d
     return {"level": level, "transport": kind, "size_bytes": size_bytes, "mode": mode,
             "batch_items": items, "op": op, "concurrency": concurrency, "gbps": figure.gbps,
             "memcpy_gbps": figure.memcpy_gbps, "cpu_s_per_gb": figure.cpu_s_per_gb,
+            **({"link_gbps": figure.link_gbps} if figure.link_gbps is not None else {}),
             **figure.latency_us}
