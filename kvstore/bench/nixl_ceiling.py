@@ -11,7 +11,7 @@ descriptors. READs land in as many distinct local buffers (the cases' destinatio
 distinct); WRITEs all come from one local value (the client level puts one value to every
 key, the hottest source of any case). NOTE: before 2026-12-02 the ceiling moved one value
 between one buffer and one range, both hot in the caches, against cases cycling through 16 or
-more: 1.4-2.2x less CPU per byte than the same WRITE/READ of the cases' pattern (measured:
+more: 1.15-2.2x less CPU per byte than the same WRITE/READ of the cases' pattern (measured:
 bench/RESULTS.md, "NIXL transport beside raw NIXL of the same batch").
 
 The range it transfers to is a hard-pinned object of the bench's own (put through the nixl

@@ -7,8 +7,10 @@ master round trips, allocation and checksums included; from ``--threads`` x ``--
 workers when either is above 1). Every figure is printed beside a ceiling measured in the same
 run, as a ratio: a single-thread memcpy with the same access pattern (as many distinct buffers
 as the case touches; rounds interleaved with the figure's own), and a link ceiling: for tcp
-rows raw Python TCP over loopback to another process, for nixl rows raw NIXL (one agent of
-this process, WRITE/READ into the daemon's segment, no kvstore code: ``bench.nixl_ceiling``).
+rows raw Python TCP over loopback to another process, for nixl rows raw NIXL of the row's
+pattern (one agent of this process, WRITE/READ between as many distinct ranges of the daemon's
+segment as the case touches, the batch rows' whole batch in one transfer; rounds alternating
+with the row's; no kvstore code: ``bench.nixl_ceiling``).
 ``--ssd DIR`` adds the SSD tier (level ``ssd``: the client cases over tcp with tier "ssd" on
 an SSD segment of the bench's daemon in DIR) beside the disk's own bandwidth in DIR
 (``measure.disk_gbps``).
