@@ -16,6 +16,8 @@ from __future__ import annotations
 import socket
 import time
 
+import pytest
+
 from client_cluster import payload
 from servers import ServerProcess
 
@@ -26,6 +28,7 @@ from kvstore.rpc import connect_master
 from kvstore.transport import data_frames
 from kvstore.transport.data_frames import Op, Status
 from kvstore.transport.tcp import TcpTransport
+from kvstore.transport.tcp_conn import ReplyError
 
 SLOW_BEAT = ("--heartbeat-interval", "3s", "--node-ttl", "60s")
 SIZE = 5000
@@ -194,6 +197,11 @@ def test_a_write_commit_whose_put_end_never_comes_is_not_resurrected():
         (targets,) = client.put_start(["wc/orphan"], [SIZE], client_id="raw-writer")
         tcp.write_commit(targets[0], memoryview(value), "wc/orphan",
                          checksum(memoryview(value)), timeout_s=10)   # committed there
+        # the same frame again (a retry whose first copy was applied): refused, not re-done
+        with pytest.raises(ReplyError) as info:
+            tcp.write_commit(targets[0], memoryview(value), "wc/orphan",
+                             checksum(memoryview(value)), timeout_s=10)
+        assert info.value.status == Status.RANGE_COMMITTED
         deadline = time.monotonic() + 30
         while client.stats().num_pending:       # each call runs the master's due sweep
             assert time.monotonic() < deadline, "the master never reclaimed the put"
@@ -229,12 +237,9 @@ def test_a_replica_daemon_that_dies_during_the_write_commit_fails_the_put(monkey
                     return original(self, *args, **kwargs)
 
                 monkeypatch.setattr(TcpTransport, "write_commit", die_first)
-                try:
+                with pytest.raises(kvstore.TransferError) as info:
                     store.put("dies/key", b"d" * SIZE)
-                except kvstore.TransferError as exc:
-                    assert exc.keys == ["dies/key"]
-                else:
-                    raise AssertionError("a put whose daemon died succeeded")
+                assert info.value.keys == ["dies/key"]
                 assert not store.exists("dies/key")   # revoked: a retry writes it anew
         finally:
             daemon.close()
