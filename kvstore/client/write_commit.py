@@ -1,6 +1,6 @@
-"""The single-key tcp put with its commit in the write: PutStart -> one WRITE_COMMIT per
-replica (data and the daemon's commit in one message, ``transport/data_frames.py`` op 14)
--> PutEnd (issue 15).
+"""The single-key, single-replica tcp put with its commit in the write: PutStart -> one
+WRITE_COMMIT (data and the daemon's commit in one message, ``transport/data_frames.py`` op
+14) -> PutEnd (issue 15).
 
 Why: the general flow (``writer._put_valid``) sends the WRITE, then a CLIENT_COMMIT frame on
 a second pooled connection, then PutEnd, and reads the two answers: on the critical path a
@@ -10,20 +10,21 @@ PutEnd). Here the daemon commits the object right after its payload lands, on th
 connection and in the same reply: one daemon round trip instead of two.
 
 Guarantees, the same as the general flow's (docs/ARCHITECTURE.md, Client commit): the put
-succeeds only once every replica's daemon answered that its table holds the object and the
+succeeds only once the replica's daemon answered that its table holds the object and the
 master's PutEnd made it COMPLETE; the daemon commits only after the whole payload landed
 and only with the put's write capability (``client_commits.apply_one``: the CLIENT_COMMIT
 checks), so a write cut short never leaves a committed object; the commit reaches the
 daemon before PutEnd is sent (never a COMPLETE object whose bytes have not landed). A
-failed replica revokes the key (PutRevoke logs its removal on every client-commit node, so
-a replica committed already is removed again); a PutEnd refused after the commits is the
+failed WRITE_COMMIT revokes the key (PutRevoke logs its removal on every client-commit node,
+so a commit the daemon applied before the connection broke is removed again); a PutEnd refused after the commits is the
 master's ``_client_committed`` wait, as in the general flow. Errors are per key, as
 ``writer`` reports them.
 
-When: ``applies`` (one key started, the master offered ``client_commit``, every replica
-reached through tcp in one unstriped piece, no daemon known to be older than op 14). A
-daemon older than op 14 answers BAD_FRAME to its first WRITE_COMMIT: ``FALLBACK`` then
-sends the caller back to the general flow (nothing was written or committed there).
+When: ``applies`` (one key started with one replica, the master offered
+``client_commit``, the replica reached through tcp in one unstriped piece, its daemon not
+known to be older than op 14). A daemon older than op 14 answers BAD_FRAME to a
+WRITE_COMMIT: ``FALLBACK`` then sends the caller back to the general flow (nothing was
+written or committed there).
 """
 
 from __future__ import annotations
@@ -33,10 +34,11 @@ from typing import Any, Callable
 from kvstore._errors import KVStoreError
 from kvstore.client.transfer import Transfers
 from kvstore.rpc import MasterClient
+from kvstore.transport.base import Target
 from kvstore.transport.data_frames import Status
 from kvstore.transport.tcp_conn import ReplyError
 
-#: ``put_one``'s answer when the first replica's daemon does not know WRITE_COMMIT.
+#: ``put_one``'s answer when the replica's daemon does not know WRITE_COMMIT.
 FALLBACK = object()
 
 
@@ -46,38 +48,35 @@ def applies(transfers: Transfers, slots: Any, started: list[int]) -> bool:
             or not getattr(slots, "client_commit", False):
         return False
     targets = slots[started[0]]
-    if not targets:
+    # NOTE: one replica only: the general flow writes several replicas in parallel (one
+    # connection each) where these frames would go one after the other
+    if len(targets) != 1:
         return False
-    for target in targets:
-        transport = transfers.transport_for(target)
-        if transport is None or transport.name != "tcp" \
-                or not transport.takes_write_commit(target):
-            return False
-    return True
+    transport = transfers.transport_for(targets[0])
+    return transport is not None and transport.name == "tcp" \
+        and transport.takes_write_commit(targets[0])
 
 
 def put_one(master: MasterClient, transfers: Transfers, settings: Any, key: str,
-            targets: list, src: memoryview, checksum: int,
+            target: Target, src: memoryview, checksum: int,
             revoke: Callable[[MasterClient, Any, list[str]], None]) -> KVStoreError | None | object:
-    """Write and commit ``src`` on every replica in ``targets`` (one WRITE_COMMIT each, in
-    order), then PutEnd; return the key's result (None: stored), or ``FALLBACK``.
-    Raises what PutEnd raises for the whole call (after ``revoke``: the writer's
-    best-effort PutRevoke of the key)."""
-    for position, target in enumerate(targets):
-        transport = transfers.transport_for(target)
-        try:
-            transport.write_commit(target, src, key, checksum,
-                                   timeout_s=settings.deadline.remaining_s())
-        except ReplyError as exc:
-            if exc.status == Status.BAD_FRAME and position == 0:
-                return FALLBACK
-            return _failed(master, transfers, settings, key, exc, revoke)
-        except KVStoreError as exc:
-            return _failed(master, transfers, settings, key, exc, revoke)
-        except BaseException:
-            revoke(master, settings, [key])
-            raise
-        transfers.count_writes(transport.name, 1, src.nbytes)
+    """Write and commit ``src`` at ``target`` in one WRITE_COMMIT, then PutEnd; return the
+    key's result (None: stored), or ``FALLBACK``. Raises what PutEnd raises for the whole
+    call (after ``revoke``: the writer's best-effort PutRevoke of the key)."""
+    transport = transfers.transport_for(target)
+    try:
+        transport.write_commit(target, src, key, checksum,
+                               timeout_s=settings.deadline.remaining_s())
+    except ReplyError as exc:
+        if exc.status == Status.BAD_FRAME:
+            return FALLBACK
+        return _failed(master, transfers, settings, key, exc, revoke)
+    except KVStoreError as exc:
+        return _failed(master, transfers, settings, key, exc, revoke)
+    except BaseException:
+        revoke(master, settings, [key])
+        raise
+    transfers.count_writes(transport.name, 1, src.nbytes)
     try:
         (ended,) = master.put_end([key], [checksum], client_id=settings.client_id,
                                   deadline=settings.deadline, client_committed=True)

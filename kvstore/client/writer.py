@@ -151,7 +151,7 @@ def _put_valid(master: MasterClient, transfers: Transfers, indices: list[int],
     started = [j for j, slot in enumerate(slots) if isinstance(slot, list)]
     if write_commit.applies(transfers, slots, started):
         # NOTE: a single tcp put: data and commit in one daemon message (write_commit.py)
-        outcome = write_commit.put_one(master, transfers, settings, names[0], slots[0],
+        outcome = write_commit.put_one(master, transfers, settings, names[0], slots[0][0],
                                        sources[0], sums[0], _revoke)
         if outcome is not write_commit.FALLBACK:
             results[indices[0]] = outcome
