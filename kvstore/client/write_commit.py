@@ -7,18 +7,19 @@ a second pooled connection, then PutEnd, and reads the two answers: on the criti
 second daemon request (a connection taken from the committer's pool, a frame built and
 sent, a wake-up of another daemon thread competing for the same cores as the master's
 PutEnd). Here the daemon commits the object right after its payload lands, on the same
-connection and in the same reply: one daemon round trip instead of two.
+connection and in the same reply: one daemon request per put instead of two (round trips on
+the critical path stay three: PutStart, the daemon, PutEnd).
 
 Guarantees, the same as the general flow's (docs/ARCHITECTURE.md, Client commit): the put
 succeeds only once the replica's daemon answered that its table holds the object and the
-master's PutEnd made it COMPLETE; the daemon commits only after the whole payload landed
-and only with the put's write capability (``client_commits.apply_one``: the CLIENT_COMMIT
-checks), so a write cut short never leaves a committed object; the commit reaches the
-daemon before PutEnd is sent (never a COMPLETE object whose bytes have not landed). A
-failed WRITE_COMMIT revokes the key (PutRevoke logs its removal on every client-commit node,
-so a commit the daemon applied before the connection broke is removed again); a PutEnd refused after the commits is the
-master's ``_client_committed`` wait, as in the general flow. Errors are per key, as
-``writer`` reports them.
+master's PutEnd made it COMPLETE; the daemon commits only after the whole payload landed and
+only with the put's write capability (``client_commits.apply_one``: the CLIENT_COMMIT
+checks), so a write cut short never leaves a committed object; the commit reaches the daemon
+before PutEnd is sent (never a COMPLETE object whose bytes have not landed). A failed
+WRITE_COMMIT revokes the key (PutRevoke logs its removal on every client-commit node, so a
+commit the daemon applied before the connection broke is removed again); a PutEnd refused
+after the commits is the master's ``_client_committed`` wait, as in the general flow. Errors
+are per key, as ``writer`` reports them.
 
 When: ``applies`` (one key started with one replica, the master offered
 ``client_commit``, the replica reached through tcp in one unstriped piece, its daemon not
