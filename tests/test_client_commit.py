@@ -26,6 +26,7 @@ from servers import ServerProcess
 import kvstore
 from kvstore import capability
 from kvstore._deadline import Deadline
+from kvstore.client import write_commit
 from kvstore.client.checksum import checksum
 from kvstore.client.committer import DaemonCommitter
 from kvstore.daemon.objects import ObjectTable, StoredObject
@@ -224,6 +225,9 @@ def test_a_replica_daemon_that_dies_between_write_and_commit_fails_the_put(monke
                     return begin(self, entries, deadline)
 
                 monkeypatch.setattr(DaemonCommitter, "begin", die_first)
+                # NOTE: the general flow's CLIENT_COMMIT; a single tcp put's own path
+                # (WRITE_COMMIT) is tests/test_write_commit.py's
+                monkeypatch.setattr(write_commit, "applies", lambda *args: False)
                 with pytest.raises(kvstore.TransferError) as info:
                     store.put("dies/key", b"d" * SIZE)
                 assert info.value.keys == ["dies/key"]

@@ -221,6 +221,10 @@ class Transfers:
         """Count reads made outside ``read`` (client/shm_batch.py) under transport ``name``."""
         self._count(name, reads=reads, read_bytes=read_bytes)
 
+    def count_writes(self, name: str, writes: int, write_bytes: int, errors: int = 0) -> None:
+        """Count writes made outside ``write`` (client/write_commit.py) under ``name``."""
+        self._count(name, writes=writes, write_bytes=write_bytes, errors=errors)
+
     def _count(self, name: str, *, reads: int = 0, read_bytes: int = 0, writes: int = 0,
                write_bytes: int = 0, errors: int = 0) -> None:
         with self._lock:

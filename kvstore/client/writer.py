@@ -20,6 +20,7 @@ from kvstore._errors import (
 )
 from kvstore.client.checksum import EMPTY_CHECKSUM, EMPTY_PLACEHOLDER, checksum
 from kvstore.client.key_checks import check_key
+from kvstore.client import write_commit
 from kvstore.client.transfer import Transfers
 from kvstore.client.values import as_source
 from kvstore.rpc import MasterClient
@@ -148,6 +149,13 @@ def _put_valid(master: MasterClient, transfers: Transfers, indices: list[int],
         raise
     slots = pending.result()
     started = [j for j, slot in enumerate(slots) if isinstance(slot, list)]
+    if write_commit.applies(transfers, slots, started):
+        # NOTE: a single tcp put: data and commit in one daemon message (write_commit.py)
+        outcome = write_commit.put_one(master, transfers, settings, names[0], slots[0][0],
+                                       sources[0], sums[0], _revoke)
+        if outcome is not write_commit.FALLBACK:
+            results[indices[0]] = outcome
+            return
     try:
         items = []
         failures: dict[int, KVStoreError] = {}

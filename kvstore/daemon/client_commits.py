@@ -25,6 +25,17 @@ from kvstore.daemon.write_guard import WriteGuard
 from kvstore.v1 import master_pb2 as pb
 
 
+def apply_one(objects: ObjectTable, guard: WriteGuard, key: str, segment_id: str, offset: int,
+              size: int, checksum: int, blob: bytes, writer: str) -> list[tuple[int, str]]:
+    """``apply`` of one entry, given as values (a WRITE_COMMIT's, once its payload landed):
+    the same checks and table rules; ``[(0, reason)]`` if refused, else empty."""
+    (node_seq,) = guard.check_commits([segment_id], [offset], [size], [key], [blob], writer)
+    if isinstance(node_seq, CapabilityRefused):
+        return [(0, str(node_seq))]
+    return objects.commit_from_client(
+        [(0, key, StoredObject(segment_id, offset, size, checksum, CODEC_RAW), node_seq)])
+
+
 def apply(objects: ObjectTable, guard: WriteGuard, body: bytes,
           writer: str) -> list[tuple[int, str]]:
     """Verify and apply one CLIENT_COMMIT body from a connection of ``writer``; return

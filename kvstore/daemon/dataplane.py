@@ -50,6 +50,7 @@ log = logging.getLogger("kvstore.daemon.dataplane")
 # bounds the second.
 REQUEST_BUFFER_BYTES = 4096
 _READ, _WRITE, _CHECK_WRITE = int(Op.READ), int(Op.WRITE), int(Op.CHECK_WRITE)
+_WRITE_COMMIT = int(Op.WRITE_COMMIT)
 _REPLY_OK = int(Status.OK)
 
 
@@ -100,6 +101,19 @@ def _commit_body(reader, op_name: str, seg_len: int, length: int) -> bytes:
     return _read_exact(reader, length)
 
 
+def _read_commit_tail(reader) -> tuple[str, int]:
+    """A WRITE_COMMIT's key and checksum (``data_frames.WRITE_COMMIT_TAIL``); _BadFrame
+    for a key of 0 or over ``MAX_KEY_BYTES`` bytes, or not UTF-8."""
+    key_len, checksum = data_frames.WRITE_COMMIT_TAIL.unpack(
+        _read_exact(reader, data_frames.WRITE_COMMIT_TAIL.size))
+    if not 0 < key_len <= data_frames.MAX_KEY_BYTES:
+        raise _BadFrame(f"WRITE_COMMIT key length {key_len}")
+    try:
+        return _read_exact(reader, key_len).decode(), checksum
+    except UnicodeDecodeError as exc:
+        raise _BadFrame(f"WRITE_COMMIT key is not UTF-8: {exc}") from exc
+
+
 class DataPlaneServer(ThreadedTcpServer):
     """Serves the segments given to it over TCP on exactly ``host``:``port`` (0 = pick)."""
 
@@ -127,6 +141,10 @@ class DataPlaneServer(ThreadedTcpServer):
         # CLIENT_COMMIT handler: (body, principal) -> [(index, reason)] of refused entries
         # (daemon/client_commits.py); None: answered INTERNAL like COMMIT
         self.on_client_commit = None
+        # WRITE_COMMIT handler: (key, segment_id, offset, length, checksum, capability,
+        # principal) -> [(0, reason)] if the commit was refused (client_commits.apply_one);
+        # None: answered INTERNAL
+        self.on_write_commit = None
         # called before a WRITE is checked (the commit ring's drain, so a ring-committed
         # range is known to the guard); None: no ring
         self.before_write_check = None
@@ -200,7 +218,8 @@ class DataPlaneServer(ThreadedTcpServer):
             data_frames.REQUEST.unpack(header)
         if magic != data_frames.REQUEST_MAGIC:
             raise _BadFrame(f"bad request magic {bytes(magic)!r}")
-        if op_code != _READ and op_code != _WRITE and op_code != _CHECK_WRITE:
+        if op_code != _READ and op_code != _WRITE and op_code != _CHECK_WRITE \
+                and op_code != _WRITE_COMMIT:
             return self._serve_control(conn, reader, op_code, flags, seg_len, request_id,
                                        offset, length, principal)
         if not 0 < seg_len <= data_frames.MAX_SEGMENT_ID_BYTES:
@@ -211,6 +230,7 @@ class DataPlaneServer(ThreadedTcpServer):
             (cap_len,) = data_frames.CAPABILITY_LENGTH.unpack(
                 _read_exact(reader, data_frames.CAPABILITY_LENGTH.size))
             blob = _read_exact(reader, cap_len)
+        commit_tail = _read_commit_tail(reader) if op_code == _WRITE_COMMIT else None
         status, message = Status.OK, ""
         if segment is None:
             status, message = Status.NO_SEGMENT, "no such segment on this node"
@@ -239,6 +259,12 @@ class DataPlaneServer(ThreadedTcpServer):
             conn.sendall(data_frames.REPLY.pack(_REPLY_OK, 0, 0, request_id, 0))
             self.stats.num_writes += 1
             self.stats.bytes_written += length
+        elif op_code == _WRITE_COMMIT:
+            self._receive_into(reader, segment, offset, length)
+            self.stats.num_writes += 1
+            self.stats.bytes_written += length
+            self._write_commit(conn, segment, offset, length, blob, commit_tail, request_id,
+                               principal)
         else:
             self._send_from(conn, segment, data_frames.REPLY.pack(_REPLY_OK, 0, 0, request_id,
                                                                   length), offset, length)
@@ -316,6 +342,26 @@ class DataPlaneServer(ThreadedTcpServer):
         data_frames.sendmsg_all(conn, [data_frames.encode_reply(Status.OK, request_id,
                                                                 len(payload)), payload])
         return True
+
+    def _write_commit(self, conn: socket.socket, segment: Backend, offset: int, length: int,
+                      blob: bytes, tail: tuple[str, int], request_id: int,
+                      principal: str) -> None:
+        """Commit a WRITE_COMMIT's object once its payload landed; reply OK only once it
+        is in the table, CAPABILITY_REFUSED (the reason) if the commit was refused."""
+        handler = self.on_write_commit
+        if handler is None:
+            conn.sendall(data_frames.encode_reply(Status.INTERNAL, request_id, 0,
+                                                  "this node keeps no object table"))
+            return
+        key, checksum = tail
+        refused = handler(key, segment.segment_id, offset, length, checksum, blob, principal)
+        if refused:
+            self.stats.num_errors += 1
+            log.warning("data plane: WRITE_COMMIT of %r refused: %s", key, refused[0][1])
+            conn.sendall(data_frames.encode_reply(Status.CAPABILITY_REFUSED, request_id, 0,
+                                                  f"commit refused: {refused[0][1]}"))
+            return
+        conn.sendall(data_frames.REPLY.pack(_REPLY_OK, 0, 0, request_id, 0))
 
     def _check_writes(self, conn: socket.socket, reader, seg_len: int, request_id: int,
                       count: int, length: int, principal: str) -> bool:

@@ -17,6 +17,8 @@ created before raising.
 
 from __future__ import annotations
 
+import functools
+
 import logging
 import platform
 import secrets
@@ -127,6 +129,8 @@ class Daemon:
         objects, guard = self.objects, self.guard
         self.dataplane.on_client_commit = \
             lambda body, writer: client_commits.apply(objects, guard, body, writer)
+        self.dataplane.on_write_commit = functools.partial(client_commits.apply_one, objects,
+                                                           guard)
         self._open_commit_ring()
         self.master_link = MasterLink(self._master_client, self.node_spec(), self.objects,
                                       clock=self._clock, stop_event=self._interrupted,

@@ -46,6 +46,15 @@ Request (client -> server), 26-byte header, then the segment id, then the capabi
     CHECK_WRITES (7) is every CHECK_WRITE of one batch in one request (no segment id,
     ``offset`` = the number of ranges, a body of ``length`` bytes), answered by one reply
     listing the refused ranges; body and reply in ``check_batch``.
+    WRITE_COMMIT (14, a writer's single tcp put) is a WRITE and its CLIENT_COMMIT in one
+    message: flagged with its write capability, whose segment id and capability are
+    followed by ``key_len u16 | checksum u64 | key (key_len bytes, UTF-8)``, then the
+    payload. The daemon runs every WRITE check before a byte lands, receives the payload,
+    then commits the object (key, the range, checksum, raw codec) exactly as a
+    CLIENT_COMMIT entry with that capability, and replies OK only once it is in its table;
+    a refused commit is answered CAPABILITY_REFUSED (the payload was read: the connection
+    stays usable), a refused write like a WRITE's (then a close). A daemon older than op 14
+    answers BAD_FRAME before reading the payload and closes.
 
 Reply (server -> client), 16-byte header, then the message, then for a READ that succeeded the
 payload::
@@ -89,6 +98,9 @@ CAPABILITY_LENGTH = struct.Struct("<H")
 FLAG_CAPABILITY = 1
 #: On a COMMIT: the body ends with the master's MAC (``capability.commit_mac``).
 FLAG_SIGNED = 2
+#: What follows a WRITE_COMMIT's capability: key_len u16 | checksum u64, then the key.
+WRITE_COMMIT_TAIL = struct.Struct("<HQ")
+MAX_KEY_BYTES = 4096
 REPLY = struct.Struct("<BBHIQ")
 
 # NOTE: loopback and LAN sockets move bulk bytes fastest with large kernel buffers; 4 MiB is
@@ -104,6 +116,7 @@ class Op(enum.IntEnum):
     CLIENT_COMMIT = 5
     CHECK_WRITE = 6
     CHECK_WRITES = 7
+    WRITE_COMMIT = 14
 
 
 class Status(enum.IntEnum):
@@ -132,6 +145,16 @@ def encode_request(op: Op, segment_id: bytes, request_id: int, offset: int, leng
             CAPABILITY_LENGTH.pack(len(capability)) + capability
     return REQUEST.pack(REQUEST_MAGIC, op, 0, len(segment_id), request_id & 0xFFFFFFFF,
                         offset, length) + segment_id
+
+
+def encode_write_commit(segment_id: bytes, request_id: int, offset: int, length: int,
+                        capability: bytes, key: bytes, checksum: int) -> bytes:
+    """Everything of a WRITE_COMMIT before its payload (``length`` bytes, sent after it).
+    ValueError for a key over MAX_KEY_BYTES or a capability over 65,535 bytes."""
+    if len(key) > MAX_KEY_BYTES:
+        raise ValueError(f"key of {len(key)} bytes exceeds {MAX_KEY_BYTES}")
+    return encode_request(Op.WRITE_COMMIT, segment_id, request_id, offset, length,
+                          capability) + WRITE_COMMIT_TAIL.pack(len(key), checksum) + key
 
 
 def encode_commit(request_id: int, base_seq: int, body_len: int, signed: bool) -> bytes:

@@ -61,6 +61,8 @@ class TcpTransport(Transport):
         self._executor = concurrent.futures.ThreadPoolExecutor(
             max_workers=max(1, num_streams - 1), thread_name_prefix="kvstore-tcp")
         self._closed = False
+        # node ids whose daemon answered a WRITE_COMMIT with BAD_FRAME (older than op 14)
+        self._no_write_commit: set[str] = set()
 
     def can_reach(self, target: Target) -> bool:
         return bool(target.data_addr)
@@ -80,6 +82,33 @@ class TcpTransport(Transport):
     def read_many(self, items: Sequence[tuple[Target, memoryview]], *,
                   timeout_s: float) -> list[BaseException | None]:
         return self._batch(Op.READ, items, timeout_s)
+
+    def takes_write_commit(self, target: Target) -> bool:
+        """Whether ``write_commit`` applies to ``target``: a range sent in one piece (not
+        striped) to a daemon not known to be older than WRITE_COMMIT."""
+        return (target.length < 2 * self.stripe_min_bytes
+                and target.node_id not in self._no_write_commit)
+
+    def write_commit(self, target: Target, src: memoryview, key: str, checksum: int, *,
+                     timeout_s: float) -> None:
+        """Write ``src`` to ``target`` and commit it there as ``key`` with ``checksum``
+        in one WRITE_COMMIT; returns once the daemon's object table holds it (durably).
+
+        Raises ReplyError when the daemon refused the write or the commit (nothing is
+        committed; status BAD_FRAME from a daemon older than op 14, which ``takes_write_commit``
+        then answers False for), TransferError otherwise (a lost connection: the commit
+        may or may not have been applied; the caller revokes the key, whose removal the
+        daemon then applies, or which it drops on arrival)."""
+        src = byte_views.as_bytes_view(src, target.length)
+        if self._closed:
+            raise ClosedError(f"tcp {target.node_id}: transport is closed")
+        try:
+            self._transfer_once(Op.WRITE_COMMIT, target, src, Deadline.after(timeout_s),
+                                (key.encode(), checksum))
+        except ReplyError as exc:
+            if exc.status == Status.BAD_FRAME:
+                self._no_write_commit.add(target.node_id)
+            raise
 
     def close(self) -> None:
         self._closed = True
@@ -122,12 +151,19 @@ class TcpTransport(Transport):
         self._transfer_once(op, stripe, buffer[start:start + length], deadline)
 
     def _transfer_once(self, op: Op, target: Target, buffer: memoryview,
-                       deadline: Deadline) -> None:
-        """One request on one connection; retried once if a pooled connection was stale."""
+                       deadline: Deadline, commit: tuple[bytes, int] | None = None) -> None:
+        """One request on one connection; retried once if a pooled connection was stale.
+        ``commit``: a WRITE_COMMIT's (key, checksum).
+
+        NOTE: a retried WRITE_COMMIT whose first frame was applied (its reply lost) is
+        refused RANGE_COMMITTED: the put fails, retryable, with nothing wrong stored."""
         for attempt in range(2):
             conn, reused = self._pool.acquire(target.data_addr, target.node_id, deadline)
             try:
-                self._exchange(conn, op, target, buffer, deadline)
+                if commit is None:
+                    self._exchange(conn, op, target, buffer, deadline)
+                else:
+                    self._exchange_write_commit(conn, target, buffer, commit, deadline)
             except ReplyError as exc:
                 self._finish(conn, healthy=op == Op.READ and exc.status != Status.BAD_FRAME)
                 raise
@@ -159,6 +195,14 @@ class TcpTransport(Transport):
         status, message, length = conn.read_only_reply(
             buffer if op == Op.READ else _NO_PAYLOAD)
         self._check_reply(op, target, status, message, length)
+
+    def _exchange_write_commit(self, conn: Connection, target: Target, buffer: memoryview,
+                               commit: tuple[bytes, int], deadline: Deadline) -> None:
+        conn.set_deadline(deadline)
+        conn.send_write_commit(target.segment_id.encode(), target.offset, buffer,
+                               target.capability, *commit)
+        status, message, length = conn.read_only_reply(_NO_PAYLOAD)
+        self._check_reply(Op.WRITE_COMMIT, target, status, message, length)
 
     @staticmethod
     def _check_reply(op: Op, target: Target, status: Status, message: str,

@@ -107,6 +107,14 @@ class Connection:
         else:
             data_frames.sendmsg_all(self.sock, [header, payload])
 
+    def send_write_commit(self, segment_id: bytes, offset: int, payload: memoryview,
+                          capability: bytes, key: bytes, checksum: int) -> None:
+        """Send one WRITE_COMMIT (``data_frames.encode_write_commit``) and its payload."""
+        self._next_request_id += 1
+        head = data_frames.encode_write_commit(segment_id, self._next_request_id, offset,
+                                               len(payload), capability, key, checksum)
+        data_frames.sendmsg_all(self.sock, [head, payload] if len(payload) else [head])
+
     def read_reply(self) -> tuple[Status, str, int]:
         """Read one reply header and message: (status, message, payload length)."""
         header = data_frames.recv_exact(self.sock, data_frames.REPLY.size)
