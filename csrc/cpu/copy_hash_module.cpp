@@ -7,10 +7,12 @@
 
 #include <stddef.h>
 #include <stdint.h>
+#include <string.h>
 
 #include <vector>
 
 #include "read_ranges.h"
+#include "stream_copy.h"
 
 extern "C" uint64_t kvops_copy_hash_base(char* dst, const char* src, size_t num_bytes);
 #if defined(__x86_64__)
@@ -30,6 +32,16 @@ KvstoreCopyHashFn pick_copy_hash() {
 }  // namespace
 
 const KvstoreCopyHashFn kvstore_copy_hash_fn = pick_copy_hash();
+
+void kvstore_copy(char* dst, const char* src, size_t num_bytes) {
+  // NOTE: the same threshold as copy_hash.h's, for the same reason
+  if (num_bytes >= kvstore_copy_stream_min_bytes) {
+    kvops::copy_streaming(dst, src, num_bytes);
+    kvops::store_fence();
+  } else {
+    memcpy(dst, src, num_bytes);
+  }
+}
 
 namespace {
 
@@ -53,7 +65,8 @@ bool get_pair(PyObject* dst, PyObject* src, Py_buffer* dst_view, Py_buffer* src_
   return true;
 }
 
-PyObject* copy_hash(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
+// copy_hash(dst, src) with the build ``fn``.
+PyObject* copy_hash_with(KvstoreCopyHashFn fn, PyObject* const* args, Py_ssize_t nargs) {
   if (nargs != 2) {
     PyErr_SetString(PyExc_TypeError, "copy_hash(dst, src) takes exactly 2 arguments");
     return nullptr;
@@ -64,14 +77,42 @@ PyObject* copy_hash(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
   char* d = static_cast<char*>(dst.buf);
   const char* s = static_cast<const char*>(src.buf);
   if (dst.len >= kReleaseGilMinBytes) {
-    Py_BEGIN_ALLOW_THREADS digest = copy_hash_fn(d, s, static_cast<size_t>(dst.len));
+    Py_BEGIN_ALLOW_THREADS digest = fn(d, s, static_cast<size_t>(dst.len));
     Py_END_ALLOW_THREADS
   } else {
-    digest = copy_hash_fn(d, s, static_cast<size_t>(dst.len));
+    digest = fn(d, s, static_cast<size_t>(dst.len));
   }
   PyBuffer_Release(&src);
   PyBuffer_Release(&dst);
   return PyLong_FromUnsignedLongLong(digest);
+}
+
+PyObject* copy_hash(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
+  return copy_hash_with(copy_hash_fn, args, nargs);
+}
+
+PyObject* copy_hash_base(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
+  return copy_hash_with(kvops_copy_hash_base, args, nargs);
+}
+
+PyObject* copy(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
+  if (nargs != 2) {
+    PyErr_SetString(PyExc_TypeError, "copy(dst, src) takes exactly 2 arguments");
+    return nullptr;
+  }
+  Py_buffer dst, src;
+  if (!get_pair(args[0], args[1], &dst, &src)) return nullptr;
+  char* d = static_cast<char*>(dst.buf);
+  const char* s = static_cast<const char*>(src.buf);
+  if (dst.len >= kReleaseGilMinBytes) {
+    Py_BEGIN_ALLOW_THREADS kvstore_copy(d, s, static_cast<size_t>(dst.len));
+    Py_END_ALLOW_THREADS
+  } else {
+    kvstore_copy(d, s, static_cast<size_t>(dst.len));
+  }
+  PyBuffer_Release(&src);
+  PyBuffer_Release(&dst);
+  Py_RETURN_NONE;
 }
 
 PyObject* copy_hash_many(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
@@ -139,6 +180,16 @@ PyMethodDef methods[] = {
      "length, not overlapping) and return the XXH3-64 digest of the copied bytes.\n"
      "Raises ValueError for unequal lengths, TypeError/BufferError for unusable buffers "
      "(nothing copied then). Releases the GIL from 16 KiB."},
+    {"copy_hash_base",
+     reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)(void)>(copy_hash_base)),
+     METH_FASTCALL,
+     "copy_hash_base(dst, src) -> int: copy_hash with the baseline build (SSE2 on x86-64) "
+     "whatever this CPU has: for tests and benchmarks comparing it with the build ISA names."},
+    {"copy", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)(void)>(copy)),
+     METH_FASTCALL,
+     "copy(dst, src) -> None: copy src into dst (writable, C-contiguous buffers of equal "
+     "length, not overlapping), with non-temporal stores from 1 MiB. Raises as copy_hash "
+     "(nothing copied then). Releases the GIL from 16 KiB."},
     {"copy_hash_many",
      reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)(void)>(copy_hash_many)),
      METH_FASTCALL,
@@ -165,4 +216,14 @@ PyModuleDef module = {PyModuleDef_HEAD_INIT, "_copy_hash",
 
 }  // namespace
 
-PyMODINIT_FUNC PyInit__copy_hash(void) { return PyModule_Create(&module); }
+PyMODINIT_FUNC PyInit__copy_hash(void) {
+  PyObject* m = PyModule_Create(&module);
+  if (m == nullptr) return nullptr;
+  // ISA: the build copy_hash and read_ranges use on this CPU ("avx2" or "base")
+  const char* isa = copy_hash_fn == kvops_copy_hash_base ? "base" : "avx2";
+  if (PyModule_AddStringConstant(m, "ISA", isa) != 0) {
+    Py_DECREF(m);
+    return nullptr;
+  }
+  return m;
+}
