@@ -17,11 +17,11 @@ extern const KvstoreCopyHashFn kvstore_copy_hash_fn;
 // store fence) from kvstore_copy_stream_min_bytes on.
 void kvstore_copy(char* dst, const char* src, size_t num_bytes);
 
-// NOTE: measured here (bench/RESULTS.md "Issue 15m"), 1-4 MiB from cold sources: 1.1-1.5x
-// the bytes per CPU-second of glibc's memcpy, into one reused buffer (a get_into) as into
-// distinct places (a put): the destination lines are not read for ownership first, and a
-// 1 MiB+ destination does not stay in this CPU's 2 MiB L2 anyway. Below, a reused buffer can
-// stay cached, where plain stores are as fast.
+// NOTE: measured here (bench/RESULTS.md "Issue 15m"), 4 MiB: 1.5-1.75x the bytes per
+// CPU-second of glibc's memcpy from one source into distinct places (a put: the destination
+// lines are not read for ownership first), 0.96-1.2x from cold sources into one reused buffer
+// (a get_into: a 4 MiB destination does not stay in this CPU's 2 MiB L2 anyway). Below 1 MiB
+// a reused buffer can stay cached, where plain stores are as fast.
 #ifndef KVSTORE_COPY_STREAM_MIN_BYTES
 #define KVSTORE_COPY_STREAM_MIN_BYTES (uint64_t{1} << 20)
 #endif
