@@ -34,7 +34,6 @@ KvstoreCopyHashFn pick_copy_hash() {
 const KvstoreCopyHashFn kvstore_copy_hash_fn = pick_copy_hash();
 
 void kvstore_copy(char* dst, const char* src, size_t num_bytes) {
-  // NOTE: the same threshold as copy_hash.h's, for the same reason
   if (num_bytes >= kvstore_copy_stream_min_bytes) {
     kvops::copy_streaming(dst, src, num_bytes);
     kvops::store_fence();
@@ -48,15 +47,17 @@ namespace {
 const KvstoreCopyHashFn copy_hash_fn = kvstore_copy_hash_fn;
 constexpr Py_ssize_t kReleaseGilMinBytes = static_cast<Py_ssize_t>(kvstore_release_gil_min_bytes);
 
-// Views of one (dst, src) pair; false with a Python error set when they are not usable.
-bool get_pair(PyObject* dst, PyObject* src, Py_buffer* dst_view, Py_buffer* src_view) {
+// Views of one (dst, src) pair of call ``name``; false with a Python error set when they are
+// not usable.
+bool get_pair(const char* name, PyObject* dst, PyObject* src, Py_buffer* dst_view,
+              Py_buffer* src_view) {
   if (PyObject_GetBuffer(dst, dst_view, PyBUF_CONTIG) != 0) return false;
   if (PyObject_GetBuffer(src, src_view, PyBUF_CONTIG_RO) != 0) {
     PyBuffer_Release(dst_view);
     return false;
   }
   if (dst_view->len != src_view->len) {
-    PyErr_Format(PyExc_ValueError, "copy_hash: dst has %zd bytes, src %zd", dst_view->len,
+    PyErr_Format(PyExc_ValueError, "%s: dst has %zd bytes, src %zd", name, dst_view->len,
                  src_view->len);
     PyBuffer_Release(src_view);
     PyBuffer_Release(dst_view);
@@ -65,53 +66,49 @@ bool get_pair(PyObject* dst, PyObject* src, Py_buffer* dst_view, Py_buffer* src_
   return true;
 }
 
-// copy_hash(dst, src) with the build ``fn``.
-PyObject* copy_hash_with(KvstoreCopyHashFn fn, PyObject* const* args, Py_ssize_t nargs) {
+// Runs op(dst, src, num_bytes) on the pair args[0], args[1] of call ``name`` (the GIL released
+// from 16 KiB); false with a Python error set when they are not two usable buffers.
+template <typename Op>
+bool on_pair(const char* name, PyObject* const* args, Py_ssize_t nargs, const Op& op) {
   if (nargs != 2) {
-    PyErr_SetString(PyExc_TypeError, "copy_hash(dst, src) takes exactly 2 arguments");
-    return nullptr;
+    PyErr_Format(PyExc_TypeError, "%s(dst, src) takes exactly 2 arguments", name);
+    return false;
   }
   Py_buffer dst, src;
-  if (!get_pair(args[0], args[1], &dst, &src)) return nullptr;
-  uint64_t digest;
+  if (!get_pair(name, args[0], args[1], &dst, &src)) return false;
   char* d = static_cast<char*>(dst.buf);
   const char* s = static_cast<const char*>(src.buf);
   if (dst.len >= kReleaseGilMinBytes) {
-    Py_BEGIN_ALLOW_THREADS digest = fn(d, s, static_cast<size_t>(dst.len));
+    Py_BEGIN_ALLOW_THREADS op(d, s, static_cast<size_t>(dst.len));
     Py_END_ALLOW_THREADS
   } else {
-    digest = fn(d, s, static_cast<size_t>(dst.len));
+    op(d, s, static_cast<size_t>(dst.len));
   }
   PyBuffer_Release(&src);
   PyBuffer_Release(&dst);
-  return PyLong_FromUnsignedLongLong(digest);
+  return true;
+}
+
+// copy_hash(dst, src) with the build ``fn``.
+PyObject* copy_hash_with(const char* name, KvstoreCopyHashFn fn, PyObject* const* args,
+                         Py_ssize_t nargs) {
+  uint64_t digest = 0;
+  const bool ok = on_pair(name, args, nargs, [&](char* d, const char* s, size_t num_bytes) {
+    digest = fn(d, s, num_bytes);
+  });
+  return ok ? PyLong_FromUnsignedLongLong(digest) : nullptr;
 }
 
 PyObject* copy_hash(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
-  return copy_hash_with(copy_hash_fn, args, nargs);
+  return copy_hash_with("copy_hash", copy_hash_fn, args, nargs);
 }
 
 PyObject* copy_hash_base(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
-  return copy_hash_with(kvops_copy_hash_base, args, nargs);
+  return copy_hash_with("copy_hash_base", kvops_copy_hash_base, args, nargs);
 }
 
 PyObject* copy(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
-  if (nargs != 2) {
-    PyErr_SetString(PyExc_TypeError, "copy(dst, src) takes exactly 2 arguments");
-    return nullptr;
-  }
-  Py_buffer dst, src;
-  if (!get_pair(args[0], args[1], &dst, &src)) return nullptr;
-  char* d = static_cast<char*>(dst.buf);
-  const char* s = static_cast<const char*>(src.buf);
-  if (dst.len >= kReleaseGilMinBytes) {
-    Py_BEGIN_ALLOW_THREADS kvstore_copy(d, s, static_cast<size_t>(dst.len));
-    Py_END_ALLOW_THREADS
-  } else {
-    kvstore_copy(d, s, static_cast<size_t>(dst.len));
-  }
-  PyBuffer_Release(&src);
-  PyBuffer_Release(&dst);
+  if (!on_pair("copy", args, nargs, kvstore_copy)) return nullptr;
   Py_RETURN_NONE;
 }
 
@@ -139,8 +136,8 @@ PyObject* copy_hash_many(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
   }
   views.resize(2 * static_cast<size_t>(num));
   for (Py_ssize_t i = 0; i < num; ++i) {
-    if (!get_pair(PySequence_Fast_GET_ITEM(dsts, i), PySequence_Fast_GET_ITEM(srcs, i),
-                  &views[2 * i], &views[2 * i + 1])) {
+    if (!get_pair("copy_hash_many", PySequence_Fast_GET_ITEM(dsts, i),
+                  PySequence_Fast_GET_ITEM(srcs, i), &views[2 * i], &views[2 * i + 1])) {
       views.resize(2 * static_cast<size_t>(i));  // release only the pairs acquired
       goto done;
     }
