@@ -41,10 +41,19 @@ inline uint64_t xxh3_long_copy(char* dst, size_t len, const Source& source,
   for (size_t n = 0; n < num_blocks; ++n) {
     const size_t base = n * kBlockBytes;
     const char* const in = source.block(base);
-    for (size_t s = 0; s < kStripesPerBlock; ++s) {
-      const size_t offset = base + s * XXH_STRIPE_LEN;
-      stripe(acc, in != nullptr ? in + s * XXH_STRIPE_LEN : source.at(offset), dst + offset,
-             secret + s * XXH_SECRET_CONSUME_RATE);
+    // NOTE: two loops, not one choosing per stripe: the contiguous one is the hot path and
+    // should compile to straight-line stripes (a fused gather with one loop measured below
+    // the code before this header, with two at or above it: bench/RESULTS.md "Issue 15m")
+    if (in != nullptr) {
+      for (size_t s = 0; s < kStripesPerBlock; ++s) {
+        stripe(acc, in + s * XXH_STRIPE_LEN, dst + base + s * XXH_STRIPE_LEN,
+               secret + s * XXH_SECRET_CONSUME_RATE);
+      }
+    } else {
+      for (size_t s = 0; s < kStripesPerBlock; ++s) {
+        const size_t offset = base + s * XXH_STRIPE_LEN;
+        stripe(acc, source.at(offset), dst + offset, secret + s * XXH_SECRET_CONSUME_RATE);
+      }
     }
     XXH3_scrambleAcc(acc, secret + kSecretBytes - XXH_STRIPE_LEN);
   }
