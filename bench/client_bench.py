@@ -5,7 +5,8 @@ calls over gRPC and over the master's framed fast path (``--metadata``).
 Measures 4 MiB put/get/get_into GB/s, 64 KiB single-call p50/p99 latency, and 64 KiB values
 batched by 128 (batch_put / batch_get_into GB/s). The ceilings, single-thread memcpy of 4 MiB
 (numpy copyto) between distinct pairs and from distinct sources into one buffer (a get_into's
-pattern, issue 15: get_into >= 0.8x of it), are measured in the same run. Prints a table, writes bench/out/client_bench.json
+pattern, issue 15: get_into >= 0.8x of it) and from one source into distinct places (a put's,
+issue 15: put >= 0.8x of it), are measured in the same run. Prints a table, writes bench/out/client_bench.json
 and says PASS/MISS against the targets of issue 3 (same host: 4 MiB put/get >= 60% of memcpy;
 64 KiB get p50 < 150 us, put p50 < 250 us; 64 KiB batched by 128 >= 2 GB/s).
 
@@ -59,6 +60,23 @@ def memcpy_into_one_gbps(num_bytes: int, num_sources: int, repeats: int) -> floa
     for i in range(repeats):
         started = time.perf_counter()
         np.copyto(dst, srcs[i % num_sources])
+        samples.append(time.perf_counter() - started)
+    return num_bytes / statistics.median(samples) / 1e9
+
+
+def memcpy_from_one_gbps(num_bytes: int, num_dests: int, repeats: int) -> float:
+    """Single-thread memcpy (numpy copyto) of one source into ``num_dests`` distinct
+    destinations, cycled: the access pattern of puts of one value under distinct keys, each
+    into a fresh place of the pool (issue 15's ceiling for a same-host 4 MiB put). Median of
+    ``repeats`` copies."""
+    src = np.full(num_bytes, 7, dtype=np.uint8)
+    dsts = [np.ones(num_bytes, dtype=np.uint8) for _ in range(num_dests)]
+    for dst in dsts:
+        np.copyto(dst, src)
+    samples = []
+    for i in range(repeats):
+        started = time.perf_counter()
+        np.copyto(dsts[i % num_dests], src)
         samples.append(time.perf_counter() - started)
     return num_bytes / statistics.median(samples) / 1e9
 
@@ -192,6 +210,7 @@ def main() -> int:
     hot = memcpy_gbps(4 * MiB, 1, 64)
     ceiling = memcpy_gbps(4 * MiB, 64, 128)  # 512 MiB working set: cold, like real gets
     into_one = memcpy_into_one_gbps(4 * MiB, 64, 128)
+    from_one = memcpy_from_one_gbps(4 * MiB, 64, 128)
     results: dict[str, dict[str, float]] = {}
     for transport, metadata in [(t, m) for t in args.transports.split(",")
                                 for m in args.metadata.split(",")]:
@@ -202,7 +221,8 @@ def main() -> int:
 
     print(f"\nmemcpy 4 MiB, 1 thread: {ceiling:.2f} GB/s cold (the ceiling), "
           f"{hot:.2f} GB/s hot cache, {into_one:.2f} GB/s from distinct sources into one "
-          "buffer (the get_into ceiling)\n")
+          f"buffer (the get_into ceiling), {from_one:.2f} GB/s from one source into distinct "
+          "places (the put ceiling)\n")
     columns = list(results)
     print(f"{'metric':32}" + "".join(f"{c:>11}" for c in columns))
     for metric in results[columns[0]]:
@@ -215,18 +235,23 @@ def main() -> int:
         ("shm 4 MiB get_into >= 60% memcpy", shm["get_into_4MiB_GBps"] >= 0.6 * ceiling),
         ("shm 4 MiB get_into >= 0.8x memcpy into one buffer (issue 15)",
          shm["get_into_4MiB_GBps"] >= 0.8 * into_one),
+        ("shm 4 MiB put >= 0.8x memcpy from one source into distinct places (issue 15)",
+         shm["put_4MiB_GBps"] >= 0.8 * from_one),
         ("shm 64 KiB get p50 < 150 us", shm["get_64KiB_p50_us"] < 150),
         ("shm 64 KiB put p50 < 250 us", shm["put_64KiB_p50_us"] < 250),
         ("shm 64 KiB x128 put >= 2 GB/s", shm["batch128_put_64KiB_GBps"] >= 2),
         ("shm 64 KiB x128 get_into >= 2 GB/s", shm["batch128_get_into_64KiB_GBps"] >= 2),
     ]
+    print(f"\nissue 15: shm 4 MiB get_into {shm['get_into_4MiB_GBps'] / into_one:.2f}x, "
+          f"put {shm['put_4MiB_GBps'] / from_one:.2f}x of their ceilings (target 0.8x)")
     print()
     for name, ok in checks:
         print(f"{'PASS' if ok else 'MISS'}  {name}")
     OUT_DIR.mkdir(exist_ok=True)
     out = {"date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "repeats": repeats,
            "memcpy_4MiB_GBps": ceiling, "memcpy_4MiB_hot_GBps": hot,
-           "memcpy_4MiB_into_one_GBps": into_one, "results": results,
+           "memcpy_4MiB_into_one_GBps": into_one, "memcpy_4MiB_from_one_GBps": from_one,
+           "results": results,
            "checks": {name: ok for name, ok in checks}}
     (OUT_DIR / "client_bench.json").write_text(json.dumps(out, indent=2))
     print(f"\nJSON: {OUT_DIR / 'client_bench.json'}")

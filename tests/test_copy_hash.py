@@ -6,8 +6,9 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import xxhash
 
-from kvstore._copy_hash import copy_hash, copy_hash_many
+from kvstore._copy_hash import ISA, copy, copy_hash, copy_hash_base, copy_hash_many
 from kvstore.client.checksum import EMPTY_CHECKSUM, checksum
 
 CHUNK_BYTES = 8 << 10  # KVOPS_COPY_HASH_CHUNK_BYTES
@@ -79,3 +80,68 @@ def test_many_with_one_bad_pair_copies_nothing():
     with pytest.raises(TypeError):
         copy_hash(bytearray(1))
     assert dsts == [bytearray(4), bytearray(4), bytearray(3)]
+
+
+# Lengths around XXH3's boundaries (240: the long path; 1 KiB blocks; the last stripe that
+# overlaps the ones before) and offsets that misalign source and destination differently.
+_BUILD_LENGTHS = [241, 255, 256, 1023, 1024, 1025, 1087, 1088, 1089, 2047, 4096 + 63,
+                  16 * 1024 + 1, 100_003, (1 << 20) + 17]
+_OFFSETS = [(0, 0), (1, 0), (0, 1), (3, 7), (31, 17), (63, 33)]
+
+
+@pytest.mark.parametrize("num_bytes", _BUILD_LENGTHS)
+def test_both_builds_give_the_xxhash_digest_at_every_alignment(num_bytes):
+    # NOTE: copy_hash is the build this CPU dispatched to (ISA), copy_hash_base the SSE2 one:
+    # on an AVX2 machine this compares the two stripes with each other and with the package
+    base = _random(num_bytes + 64, num_bytes)
+    for src_off, dst_off in _OFFSETS:
+        src = memoryview(base)[src_off:src_off + num_bytes]
+        expected = xxhash.xxh3_64_intdigest(src)
+        for fn in (copy_hash, copy_hash_base):
+            out = bytearray(b"\x55" * (num_bytes + 64))
+            dst = memoryview(out)[dst_off:dst_off + num_bytes]
+            assert fn(dst, src) == expected, (fn.__name__, src_off, dst_off)
+            assert dst == src
+            # nothing outside the destination written
+            assert out[:dst_off] == b"\x55" * dst_off
+            assert out[dst_off + num_bytes:] == b"\x55" * (64 - dst_off)
+
+
+def test_the_dispatched_build_is_named():
+    assert ISA in ("avx2", "base")
+    with open("/proc/cpuinfo") as cpuinfo:
+        has_avx2 = " avx2" in cpuinfo.read()
+    assert (ISA == "avx2") == has_avx2
+
+
+def test_base_build_checks_its_arguments_as_copy_hash():
+    dst = bytearray(10)
+    with pytest.raises(ValueError, match="dst has 10 bytes, src 11"):
+        copy_hash_base(dst, b"x" * 11)
+    assert dst == bytearray(10)
+
+
+@pytest.mark.parametrize("num_bytes", [0, 1, 63, 64 << 10, (1 << 20) - 1, 1 << 20,
+                                       (1 << 20) + 65, (4 << 20) + 3])
+def test_plain_copy_is_exact_at_every_alignment_and_writes_nothing_else(num_bytes):
+    # NOTE: from 1 MiB copy stores non-temporally with an unaligned head and tail
+    base = _random(num_bytes + 64, num_bytes + 1)
+    for src_off, dst_off in _OFFSETS:
+        src = memoryview(base)[src_off:src_off + num_bytes]
+        out = bytearray(b"\x55" * (num_bytes + 64))
+        dst = memoryview(out)[dst_off:dst_off + num_bytes]
+        assert copy(dst, src) is None
+        assert dst == src
+        assert out[:dst_off] == b"\x55" * dst_off
+        assert out[dst_off + num_bytes:] == b"\x55" * (64 - dst_off)
+
+
+def test_plain_copy_rejects_bad_arguments_and_copies_nothing():
+    dst = bytearray(10)
+    with pytest.raises(ValueError, match="dst has 10 bytes, src 11"):
+        copy(dst, b"x" * 11)
+    with pytest.raises((BufferError, TypeError)):
+        copy(b"\x00" * 4, b"abcd")
+    with pytest.raises(TypeError):
+        copy(dst)
+    assert dst == bytearray(10)

@@ -12,7 +12,7 @@ import numpy as np
 from client_cluster import Cluster, payload
 from test_shm_verify import flip_bytes, replicas
 
-from kvstore import ChecksumError, InvalidArgumentError, KeyNotFoundError
+from kvstore import ChecksumError, InvalidArgumentError, KeyNotFoundError, KVStoreError
 from kvstore.client import shm_batch
 
 NUM_KEYS = 1024
@@ -161,3 +161,26 @@ def test_empty_large_and_unusual_keys_in_one_batch(cluster):
         results = store.batch_get_into(["mix/small", ""], outs)
         assert results[0] == 100 and bytes(outs[0]) == values[2]
         assert isinstance(results[1], InvalidArgumentError)
+
+
+@pytest.mark.parametrize("field", shm_batch._PER_KEY_FIELDS)
+def test_a_reply_short_of_one_per_key_field_is_refused_and_writes_nothing(cluster, small,
+                                                                         field):
+    # NOTE: the master's real reply, one entry cut from one field on its way in (as a
+    # damaged or foreign master would send it): the batch fails whole, no out is written
+    keys = small[0][:2]
+    with cluster.connect() as store:
+        real = store._master.call
+
+        def cut(method, request, deadline=None):
+            reply = real(method, request, deadline)
+            if method.name == "GetReplicas":
+                del getattr(reply, field)[-1]
+            return reply
+
+        store._master.call = cut
+        buffer, outs = slices(len(keys))
+        with pytest.raises(KVStoreError, match=f"malformed master reply to GetReplicas: "
+                                               f"1 {field} for 2 keys"):
+            store.batch_get_into(keys, outs)
+        assert bytes(buffer) == b"\xAA" * len(buffer)

@@ -10,6 +10,7 @@
 //   XXH3's accumulators, so the bytes cross DRAM once each way and are never read back;
 // - otherwise: memcpy the runs in order and hash every kHashChunkBytes just written while
 //   they are still in L1 (xxhash.h's streaming state gives the one-shot digest).
+// The stripe loop is xxh3_long_copy.h's, shared with copy_hash.h.
 #include <string.h>
 
 #include <vector>
@@ -18,6 +19,7 @@
 #include "xxhash.h"
 #if defined(__SSE2__)
 #include "xxh3_stripe_sse2.h"
+#include "xxh3_long_copy.h"
 #endif
 
 #include "kvops/abi.h"
@@ -68,46 +70,29 @@ class RowHasher {
 };
 
 #if defined(__SSE2__)
-// copy_hash.h's copy_hash_long where the source is runs[k] (run_bytes each, a multiple of
-// 64, len = runs.size() * run_bytes > 240): the row's stripe at offset o comes from
-// runs[o / run_bytes] + o % run_bytes. Same blocks, secrets and merge as XXH3_hashLong_64b.
+// The Source (xxh3_long_copy.h) of a row gathered from runs[k], run_bytes each (a multiple of
+// 64): the row's byte at offset o is runs[o / run_bytes][o % run_bytes].
+struct RunsSource {
+  const std::vector<const char*>& runs;
+  size_t run_bytes;
+  const char* block(size_t offset) const {
+    // NOTE: a block never spans runs when run_bytes % 1 KiB == 0 (the usual KV pages)
+    return offset % run_bytes + kXxh3BlockBytes <= run_bytes
+               ? at(offset)
+               : nullptr;
+  }
+  const char* at(size_t offset) const { return runs[offset / run_bytes] + offset % run_bytes; }
+};
+
+// The row's copy + digest by stripes (len = runs.size() * run_bytes > 240, a multiple of 64,
+// so the last stripe is exactly the row's last 64 bytes, stored once).
 template <bool kStream>
 uint64_t copy_hash_runs(char* dst, const std::vector<const char*>& runs, int64_t run_bytes) {
-  const size_t len = runs.size() * static_cast<size_t>(run_bytes);
-  const auto src_at = [&](size_t offset) {
-    return runs[offset / run_bytes] + offset % run_bytes;
-  };
-  const uint8_t* const secret = XXH3_kSecret;
-  constexpr size_t kSecretBytes = sizeof(XXH3_kSecret);
-  constexpr size_t kStripesPerBlock = (kSecretBytes - XXH_STRIPE_LEN) / XXH_SECRET_CONSUME_RATE;
-  constexpr size_t kBlockBytes = XXH_STRIPE_LEN * kStripesPerBlock;
-  XXH_ALIGN(XXH_ACC_ALIGN) uint64_t acc[XXH_ACC_NB] = XXH3_INIT_ACC;
-  const size_t num_blocks = (len - 1) / kBlockBytes;
-  for (size_t n = 0; n < num_blocks; ++n) {
-    const size_t base = n * kBlockBytes;
-    const char* in = src_at(base);  // NOTE: a block never spans runs when run_bytes % 1 KiB == 0
-    const bool one_run = (base % run_bytes) + kBlockBytes <= static_cast<size_t>(run_bytes);
-    for (size_t s = 0; s < kStripesPerBlock; ++s) {
-      const size_t offset = base + s * XXH_STRIPE_LEN;
-      accumulate_stripe_sse2<kStream>(acc, one_run ? in + s * XXH_STRIPE_LEN : src_at(offset),
-                                      dst + offset, secret + s * XXH_SECRET_CONSUME_RATE);
-    }
-    XXH3_scrambleAcc(acc, secret + kSecretBytes - XXH_STRIPE_LEN);
-  }
-  const size_t base = num_blocks * kBlockBytes;
-  const size_t num_stripes = ((len - 1) - base) / XXH_STRIPE_LEN;
-  for (size_t s = 0; s < num_stripes; ++s) {
-    const size_t offset = base + s * XXH_STRIPE_LEN;
-    accumulate_stripe_sse2<kStream>(acc, src_at(offset), dst + offset,
-                                    secret + s * XXH_SECRET_CONSUME_RATE);
-  }
-  // NOTE: len is a multiple of 64, so the last stripe is exactly the row's last 64 bytes,
-  // stored once (never overlapping the stripes before)
-  accumulate_stripe_sse2<kStream>(acc, src_at(len - XXH_STRIPE_LEN), dst + len - XXH_STRIPE_LEN,
-                                  secret + kSecretBytes - XXH_STRIPE_LEN -
-                                        XXH_SECRET_LASTACC_START);
-  return XXH3_mergeAccs(acc, secret + XXH_SECRET_MERGEACCS_START,
-                        static_cast<uint64_t>(len) * XXH_PRIME64_1);
+  return xxh3_long_copy(dst, runs.size() * static_cast<size_t>(run_bytes),
+                        RunsSource{runs, static_cast<size_t>(run_bytes)},
+                        [](uint64_t* acc, const char* in, char* out, const uint8_t* secret) {
+                          accumulate_stripe_sse2<kStream>(acc, in, out, secret);
+                        });
 }
 #endif  // __SSE2__
 

@@ -19,6 +19,7 @@
 #if defined(__SSE2__)
 #include "xxh3_stripe_sse2.h"
 #endif
+#include "xxh3_long_copy.h"
 
 namespace {
 
@@ -27,6 +28,8 @@ namespace {
 // also stores the stripe to out. NOTE: the stored bytes are the very registers hashed, so the
 // digest vouches for what the reader received even if the source changes meanwhile; a
 // separate copy then hash would read the bytes twice (the second time from cache at best).
+// Plain stores, not non-temporal ones: for 1-4 MiB from cold sources both gave the same
+// bytes per second here (bench/RESULTS.md "Issue 15m"), unlike a plain copy (read_ranges.h).
 inline void accumulate_copy_stripe(uint64_t* acc, const char* in, char* out,
                                    const uint8_t* secret) {
   XXH_PREFETCH(in + XXH_PREFETCH_DIST);  // as xxhash.h's own loop does
@@ -47,35 +50,13 @@ inline void accumulate_copy_stripe(uint64_t* acc, const char* in, char* out,
 #endif
 }
 
-// XXH3_hashLong_64b with the default secret (xxhash.h's XXH3_hashLong_internal_loop and
-// XXH3_mergeAccs, same constants), every stripe through accumulate_copy_stripe. Covers
-// every byte: whole 1 KiB blocks, the stripes of the last partial block, then the last 64
-// bytes (which may overlap the stripes before: stored twice, hashed as the reference does).
+// XXH3_hashLong_64b of src[0, len) (len > XXH3_MIDSIZE_MAX), every stripe through
+// accumulate_copy_stripe (the shared loop of xxh3_long_copy.h).
 inline uint64_t copy_hash_long(char* dst, const char* src, size_t len) {
-  const uint8_t* const secret = XXH3_kSecret;
-  constexpr size_t kSecretBytes = sizeof(XXH3_kSecret);
-  constexpr size_t kStripesPerBlock = (kSecretBytes - XXH_STRIPE_LEN) / XXH_SECRET_CONSUME_RATE;
-  constexpr size_t kBlockBytes = XXH_STRIPE_LEN * kStripesPerBlock;
-  XXH_ALIGN(XXH_ACC_ALIGN) uint64_t acc[XXH_ACC_NB] = XXH3_INIT_ACC;
-  const size_t num_blocks = (len - 1) / kBlockBytes;
-  for (size_t n = 0; n < num_blocks; ++n) {
-    const size_t base = n * kBlockBytes;
-    for (size_t s = 0; s < kStripesPerBlock; ++s) {
-      accumulate_copy_stripe(acc, src + base + s * XXH_STRIPE_LEN, dst + base + s * XXH_STRIPE_LEN,
-                             secret + s * XXH_SECRET_CONSUME_RATE);
-    }
-    XXH3_scrambleAcc(acc, secret + kSecretBytes - XXH_STRIPE_LEN);
-  }
-  const size_t base = num_blocks * kBlockBytes;
-  const size_t num_stripes = ((len - 1) - base) / XXH_STRIPE_LEN;
-  for (size_t s = 0; s < num_stripes; ++s) {
-    accumulate_copy_stripe(acc, src + base + s * XXH_STRIPE_LEN, dst + base + s * XXH_STRIPE_LEN,
-                           secret + s * XXH_SECRET_CONSUME_RATE);
-  }
-  accumulate_copy_stripe(acc, src + len - XXH_STRIPE_LEN, dst + len - XXH_STRIPE_LEN,
-                         secret + kSecretBytes - XXH_STRIPE_LEN - XXH_SECRET_LASTACC_START);
-  return XXH3_mergeAccs(acc, secret + XXH_SECRET_MERGEACCS_START,
-                        static_cast<uint64_t>(len) * XXH_PRIME64_1);
+  return xxh3_long_copy(dst, len, ContiguousSource{src},
+                        [](uint64_t* acc, const char* in, char* out, const uint8_t* secret) {
+                          accumulate_copy_stripe(acc, in, out, secret);
+                        });
 }
 #endif  // __SSE2__
 

@@ -7,10 +7,12 @@
 
 #include <stddef.h>
 #include <stdint.h>
+#include <string.h>
 
 #include <vector>
 
 #include "read_ranges.h"
+#include "stream_copy.h"
 
 extern "C" uint64_t kvops_copy_hash_base(char* dst, const char* src, size_t num_bytes);
 #if defined(__x86_64__)
@@ -31,20 +33,31 @@ KvstoreCopyHashFn pick_copy_hash() {
 
 const KvstoreCopyHashFn kvstore_copy_hash_fn = pick_copy_hash();
 
+void kvstore_copy(char* dst, const char* src, size_t num_bytes) {
+  if (num_bytes >= kvstore_copy_stream_min_bytes) {
+    kvops::copy_streaming(dst, src, num_bytes);
+    kvops::store_fence();
+  } else {
+    memcpy(dst, src, num_bytes);
+  }
+}
+
 namespace {
 
 const KvstoreCopyHashFn copy_hash_fn = kvstore_copy_hash_fn;
 constexpr Py_ssize_t kReleaseGilMinBytes = static_cast<Py_ssize_t>(kvstore_release_gil_min_bytes);
 
-// Views of one (dst, src) pair; false with a Python error set when they are not usable.
-bool get_pair(PyObject* dst, PyObject* src, Py_buffer* dst_view, Py_buffer* src_view) {
+// Views of one (dst, src) pair of call ``name``; false with a Python error set when they are
+// not usable.
+bool get_pair(const char* name, PyObject* dst, PyObject* src, Py_buffer* dst_view,
+              Py_buffer* src_view) {
   if (PyObject_GetBuffer(dst, dst_view, PyBUF_CONTIG) != 0) return false;
   if (PyObject_GetBuffer(src, src_view, PyBUF_CONTIG_RO) != 0) {
     PyBuffer_Release(dst_view);
     return false;
   }
   if (dst_view->len != src_view->len) {
-    PyErr_Format(PyExc_ValueError, "copy_hash: dst has %zd bytes, src %zd", dst_view->len,
+    PyErr_Format(PyExc_ValueError, "%s: dst has %zd bytes, src %zd", name, dst_view->len,
                  src_view->len);
     PyBuffer_Release(src_view);
     PyBuffer_Release(dst_view);
@@ -53,25 +66,50 @@ bool get_pair(PyObject* dst, PyObject* src, Py_buffer* dst_view, Py_buffer* src_
   return true;
 }
 
-PyObject* copy_hash(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
+// Runs op(dst, src, num_bytes) on the pair args[0], args[1] of call ``name`` (the GIL released
+// from 16 KiB); false with a Python error set when they are not two usable buffers.
+template <typename Op>
+bool on_pair(const char* name, PyObject* const* args, Py_ssize_t nargs, const Op& op) {
   if (nargs != 2) {
-    PyErr_SetString(PyExc_TypeError, "copy_hash(dst, src) takes exactly 2 arguments");
-    return nullptr;
+    PyErr_Format(PyExc_TypeError, "%s(dst, src) takes exactly 2 arguments", name);
+    return false;
   }
   Py_buffer dst, src;
-  if (!get_pair(args[0], args[1], &dst, &src)) return nullptr;
-  uint64_t digest;
+  if (!get_pair(name, args[0], args[1], &dst, &src)) return false;
   char* d = static_cast<char*>(dst.buf);
   const char* s = static_cast<const char*>(src.buf);
   if (dst.len >= kReleaseGilMinBytes) {
-    Py_BEGIN_ALLOW_THREADS digest = copy_hash_fn(d, s, static_cast<size_t>(dst.len));
+    Py_BEGIN_ALLOW_THREADS op(d, s, static_cast<size_t>(dst.len));
     Py_END_ALLOW_THREADS
   } else {
-    digest = copy_hash_fn(d, s, static_cast<size_t>(dst.len));
+    op(d, s, static_cast<size_t>(dst.len));
   }
   PyBuffer_Release(&src);
   PyBuffer_Release(&dst);
-  return PyLong_FromUnsignedLongLong(digest);
+  return true;
+}
+
+// copy_hash(dst, src) with the build ``fn``.
+PyObject* copy_hash_with(const char* name, KvstoreCopyHashFn fn, PyObject* const* args,
+                         Py_ssize_t nargs) {
+  uint64_t digest = 0;
+  const bool ok = on_pair(name, args, nargs, [&](char* d, const char* s, size_t num_bytes) {
+    digest = fn(d, s, num_bytes);
+  });
+  return ok ? PyLong_FromUnsignedLongLong(digest) : nullptr;
+}
+
+PyObject* copy_hash(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
+  return copy_hash_with("copy_hash", copy_hash_fn, args, nargs);
+}
+
+PyObject* copy_hash_base(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
+  return copy_hash_with("copy_hash_base", kvops_copy_hash_base, args, nargs);
+}
+
+PyObject* copy(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
+  if (!on_pair("copy", args, nargs, kvstore_copy)) return nullptr;
+  Py_RETURN_NONE;
 }
 
 PyObject* copy_hash_many(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
@@ -98,8 +136,8 @@ PyObject* copy_hash_many(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
   }
   views.resize(2 * static_cast<size_t>(num));
   for (Py_ssize_t i = 0; i < num; ++i) {
-    if (!get_pair(PySequence_Fast_GET_ITEM(dsts, i), PySequence_Fast_GET_ITEM(srcs, i),
-                  &views[2 * i], &views[2 * i + 1])) {
+    if (!get_pair("copy_hash_many", PySequence_Fast_GET_ITEM(dsts, i),
+                  PySequence_Fast_GET_ITEM(srcs, i), &views[2 * i], &views[2 * i + 1])) {
       views.resize(2 * static_cast<size_t>(i));  // release only the pairs acquired
       goto done;
     }
@@ -139,6 +177,16 @@ PyMethodDef methods[] = {
      "length, not overlapping) and return the XXH3-64 digest of the copied bytes.\n"
      "Raises ValueError for unequal lengths, TypeError/BufferError for unusable buffers "
      "(nothing copied then). Releases the GIL from 16 KiB."},
+    {"copy_hash_base",
+     reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)(void)>(copy_hash_base)),
+     METH_FASTCALL,
+     "copy_hash_base(dst, src) -> int: copy_hash with the baseline build (SSE2 on x86-64) "
+     "whatever this CPU has: for tests and benchmarks comparing it with the build ISA names."},
+    {"copy", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)(void)>(copy)),
+     METH_FASTCALL,
+     "copy(dst, src) -> None: copy src into dst (writable, C-contiguous buffers of equal "
+     "length, not overlapping), with non-temporal stores from 1 MiB. Raises as copy_hash "
+     "(nothing copied then). Releases the GIL from 16 KiB."},
     {"copy_hash_many",
      reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)(void)>(copy_hash_many)),
      METH_FASTCALL,
@@ -165,4 +213,14 @@ PyModuleDef module = {PyModuleDef_HEAD_INIT, "_copy_hash",
 
 }  // namespace
 
-PyMODINIT_FUNC PyInit__copy_hash(void) { return PyModule_Create(&module); }
+PyMODINIT_FUNC PyInit__copy_hash(void) {
+  PyObject* m = PyModule_Create(&module);
+  if (m == nullptr) return nullptr;
+  // ISA: the build copy_hash and read_ranges use on this CPU ("avx2" or "base")
+  const char* isa = copy_hash_fn == kvops_copy_hash_base ? "base" : "avx2";
+  if (PyModule_AddStringConstant(m, "ISA", isa) != 0) {
+    Py_DECREF(m);
+    return nullptr;
+  }
+  return m;
+}

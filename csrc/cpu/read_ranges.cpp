@@ -273,7 +273,7 @@ PyObject* kvstore_read_ranges(PyObject*, PyObject* const* args, Py_ssize_t nargs
       if (verify) {
         if (kvstore_copy_hash_fn(copy.dst, copy.src, copy.num_bytes) != copy.expected) continue;
       } else {
-        memcpy(copy.dst, copy.src, copy.num_bytes);
+        kvstore_copy(copy.dst, copy.src, copy.num_bytes);
       }
       written[copy.key] = static_cast<int64_t>(copy.num_bytes);
     }

@@ -98,12 +98,14 @@ def _read(reply: pb.GetReplicasResponse, transfers: Transfers, shm: ShmTransport
           keys: list[str], outs: Sequence[Any], dsts: list[Any], settings: GetSettings
           ) -> list[Any]:
     num_keys = len(keys)
-    for field in _PER_KEY_FIELDS:
-        if len(getattr(reply, field)) != num_keys:
-            raise malformed("GetReplicas", f"{len(getattr(reply, field))} {field} for "
-                                           f"{num_keys} keys")
-    statuses, codecs = list(reply.statuses), list(reply.codecs)
-    sizes, checksums = list(reply.sizes), list(reply.checksums)
+    # NOTE: a slice of a repeated field is a list made in one C call; list() iterates the
+    # field from Python: 1.1 against 3.9 us per field measured here (issue 15m), and a get
+    # takes eight of them
+    per_key = [getattr(reply, field)[:] for field in _PER_KEY_FIELDS]
+    for field, values in zip(_PER_KEY_FIELDS, per_key):
+        if len(values) != num_keys:
+            raise malformed("GetReplicas", f"{len(values)} {field} for {num_keys} keys")
+    statuses, sizes, checksums, codecs, starts, counts = per_key
     errors: dict[int, KVStoreError] = {}
     if any(statuses) or any(codecs):   # NOTE: ITEM_OK and CODEC_RAW are both 0
         messages = reply.error_messages
@@ -118,8 +120,8 @@ def _read(reply: pb.GetReplicasResponse, transfers: Transfers, shm: ShmTransport
             dsts[i] = None   # not a destination: read_ranges hands the key back as slow
     mappings = shm.segment_mappings(_segment_targets(reply))
     written, slow = read_ranges(
-        dsts, sizes, checksums, list(reply.replica_start), list(reply.replica_count),
-        list(reply.replica_segment), list(reply.replica_offset),
+        dsts, sizes, checksums, starts, counts, reply.replica_segment[:],
+        reply.replica_offset[:],
         [m.address if m is not None else 0 for m in mappings],
         [m.size_bytes if m is not None else 0 for m in mappings],
         settings.verify, EMPTY_CHECKSUM,
