@@ -27,7 +27,11 @@ segment, range, checksum, codec) ``apply`` leaves the table and the backends as 
 and only gives the guard the change set's sequence for the range; any difference is
 applied as the master sent it.
 
-Thread-safe: one lock guards the table.
+Thread-safe: one lock guards the table; the backends' syncs run outside it, so commits
+arriving on different connections share the SSD backend's group-commit rounds
+(``SsdBackend.sync``) instead of syncing in turn. ``apply`` calls still run one at a time
+(their own lock, held across the sync), so ``acked_seq`` only ever names a change set whose
+backends were synced and only grows between resets.
 """
 
 from __future__ import annotations
@@ -69,6 +73,9 @@ class ObjectTable:
     def __init__(self, backends: "list[Backend] | None" = None,
                  guard: "WriteGuard | None" = None) -> None:
         self._lock = threading.Lock()
+        # NOTE: apply's own lock, held across its sync (acked_seq is set after it); the
+        # table's lock is not, so a client commit on another connection is not held up
+        self._apply_lock = threading.Lock()
         self._guard = guard       # told every committed range, to refuse writes over it
         self._key_to_object: dict[str, StoredObject] = {}
         self._segment_to_backend = {b.segment_id: b for b in backends or []}
@@ -110,7 +117,7 @@ class ObjectTable:
 
     def reset_sequence(self) -> None:
         """A (re-)registration starts a new sequence with the master: nothing acked yet."""
-        with self._lock:
+        with self._apply_lock, self._lock:
             self.acked_seq = 0
             self._registering = False
 
@@ -125,6 +132,10 @@ class ObjectTable:
         """
         if self.before_change is not None:
             self.before_change()
+        with self._apply_lock:
+            return self._apply(response)
+
+    def _apply(self, response: HeartbeatChanges) -> int:
         added = response.added
         backends = self._segment_to_backend
         touched: set = set()
@@ -184,9 +195,11 @@ class ObjectTable:
                 if old is not None and (backend := backends.get(old.segment_id)) is not None:
                     backend.note_freed(key, old.offset, old.length)
                     touched.add(backend)
-            for backend in touched:
-                backend.sync()
-            self.acked_seq = response.seq
+        # NOTE: outside the table's lock (concurrent client commits join the same sync
+        # rounds), inside apply's: no other change set is applied meanwhile
+        for backend in touched:
+            backend.sync()
+        self.acked_seq = response.seq
         return len(added.keys) + len(response.removed_keys)
 
     def apply_pushed(self, base_seq: int, body: bytes) -> int:
@@ -242,8 +255,11 @@ class ObjectTable:
                     backend.note_stored(key, stored.offset, stored.length, stored.checksum,
                                         stored.codec)
                     touched.add(backend)
-            for backend in touched:
-                backend.sync()
+        # NOTE: outside the lock: commits on other connections note their entries and join
+        # the backend's group commit (one fdatasync round for all of them) meanwhile; the
+        # caller answers only after this returns, so nothing is acknowledged before durable
+        for backend in touched:
+            backend.sync()
         return refused
 
     def to_inventory(self) -> Inventory:
