@@ -112,6 +112,27 @@ def test_a_change_set_is_acked_only_after_its_sync(tmp_path):
     backend.close()
 
 
+def test_a_change_set_naming_a_client_commit_still_syncing_waits_for_its_record(tmp_path):
+    """The master's copy of a client commit arrives while that commit's sync is still
+    running: the change set finds the entry identical, yet it is acknowledged only once the
+    entry's index record is durable (its own sync covers it)."""
+    backend = _HeldFirstSync("ssd0", 8 << 20, directory=str(tmp_path), node_id="n1")
+    table = ObjectTable([backend])
+    a = _bytes(80_000, 5)
+    backend.write_from(0, memoryview(a))
+    committing = threading.Thread(target=_commit, args=(table, "a", 0, a))
+    try:
+        committing.start()
+        assert backend.first_entered.wait(30)
+        table.apply(_changes(1, [("a", "ssd0", 0, a)]))
+        assert table.acked_seq == 1
+        assert "a" in load_index(str(tmp_path / INDEX_NAME))[0]
+    finally:
+        backend.release.set()
+        committing.join(30)
+    backend.close()
+
+
 def test_concurrent_puts_on_two_connections_both_survive_a_sigkill_after_their_ack(tmp_path):
     """Two clients put at the same moment (their commits share sync rounds); the daemon is
     SIGKILLed as soon as both puts of a round returned, and every acknowledged object is

@@ -31,13 +31,15 @@ Thread-safe: one lock guards the table; the backends' syncs run outside it, so c
 arriving on different connections share the SSD backend's group-commit rounds
 (``SsdBackend.sync``) instead of syncing in turn. ``apply`` calls still run one at a time
 (their own lock, held across the sync), so ``acked_seq`` only ever names a change set whose
-backends were synced and only grows between resets.
+backends were synced and only grows between resets; a change set that finds a client
+commit's entry identical while that commit's sync still runs syncs the backend too (so it
+is acknowledged only once the entry is durable), and so does a second client commit of it.
 """
 
 from __future__ import annotations
 
 import threading
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -82,6 +84,8 @@ class ObjectTable:
         self.acked_seq = 0
         self._registering = False    # pushes are refused while a registration runs
         self._removed: OrderedDict[str, int] = OrderedDict()  # key -> seq of its removal
+        # key -> client commits that added it whose backend sync has not returned yet
+        self._syncing_keys: Counter[str] = Counter()
         # called (outside the lock) before a change set is applied and before an inventory
         # is built: the commit ring's drain (daemon/ring_drain.py); None: no ring
         self.before_change = None
@@ -168,6 +172,10 @@ class ObjectTable:
                     if guard is not None:
                         guard.note_stored(stored.segment_id, key, stored.offset,
                                           stored.length, response.seq)
+                    if key in self._syncing_keys:
+                        # NOTE: a client commit's sync of it is still running: this change
+                        # set is acknowledged only once that record is durable too
+                        touched.add(backends[stored.segment_id])
                     continue
                 if old is not None and (backend := backends.get(old.segment_id)) is not None \
                         and old != stored:
@@ -230,6 +238,7 @@ class ObjectTable:
         PutEnd it refused fails at the client by PutEnd's own answer)."""
         refused: list[tuple[int, str]] = []
         touched: set = set()
+        syncing: list[str] = []
         backends, guard = self._segment_to_backend, self._guard
         with self._lock:
             if self._registering:
@@ -242,6 +251,8 @@ class ObjectTable:
                 if old is not None:
                     if old != stored:
                         refused.append((index, f"{key!r} is committed here at another range"))
+                    elif key in self._syncing_keys:   # a commit of it is syncing: wait too
+                        touched.add(backends[stored.segment_id])
                     continue                # the master's push came first: nothing to add
                 if guard is not None:
                     try:
@@ -255,11 +266,18 @@ class ObjectTable:
                     backend.note_stored(key, stored.offset, stored.length, stored.checksum,
                                         stored.codec)
                     touched.add(backend)
+                    syncing.append(key)
+            self._syncing_keys.update(syncing)
         # NOTE: outside the lock: commits on other connections note their entries and join
         # the backend's group commit (one fdatasync round for all of them) meanwhile; the
         # caller answers only after this returns, so nothing is acknowledged before durable
-        for backend in touched:
-            backend.sync()
+        try:
+            for backend in touched:
+                backend.sync()
+        finally:
+            with self._lock:
+                self._syncing_keys.subtract(syncing)
+                self._syncing_keys += Counter()    # NOTE: drops the keys at zero
         return refused
 
     def to_inventory(self) -> Inventory:

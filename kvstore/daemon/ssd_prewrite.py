@@ -4,9 +4,10 @@ background, so puts write into extents that are already written.
 Why: ``posix_fallocate`` leaves *unwritten* extents, and every O_DIRECT write into one
 converts it to written at I/O completion (filesystem metadata, which the put's fdatasync then
 has to commit to the journal). Measured on the build machine's ext4 on virtio, interleaved,
-three runs: a 4 MiB put's write (1 MiB pieces, 4 in flight) took 2.1-2.7 ms (median) into
-unwritten extents against 1.4-1.9 ms into written ones, and its data + index fdatasync
-0.27-0.31 ms against 0.21-0.25 ms (bench/RESULTS.md, "SSD single puts (9s)").
+five runs (bench/ssd_extents_bench.py): a 4 MiB put's write (1 MiB pieces, 4 in flight) took
+2.1-2.7 ms (medians) into unwritten extents against 1.4-1.9 ms into written ones, and its
+data + index fdatasync 0.27-0.33 ms against 0.21-0.26 ms (bench/RESULTS.md, "SSD single puts
+(9s)").
 ``FALLOC_FL_WRITE_ZEROES`` (Linux 6.17) would give written extents at once but needs a device
 that offloads zeroing (the build machine's virtio disk answers EOPNOTSUPP), so zeros are
 written, once per data file: a file the daemon finds on a restart is not pre-written again
