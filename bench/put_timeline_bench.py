@@ -27,7 +27,10 @@ batches start once the daemon's segment is allocated (its background ``posix_fal
 would otherwise land inside them).
 
 Scenarios: shm 32 x 1 MiB, shm 128 x 64 KiB, tcp 32 x 1 MiB, tcp 1 x 64 KiB (a single put:
-its "total" median is the p50), or ``--scenarios``. Prints, per scenario and tree,
+its "total" median is the p50), or ``--scenarios``; transport ``ssd`` is a tcp put with
+``tier="ssd"`` into the daemon's SSD segment (``--ssd-dir``; e.g. ``ssd:1:4194304``, issue 9's
+single 4 MiB SSD put: ``write`` is then the WRITE into the SSD file, ``commit wait`` the
+daemon's index record and fdatasync). Prints, per scenario and tree,
 the median of the rounds' medians with the min-max range, and the load average; writes
 bench/out/put_timeline.json.
 
@@ -41,6 +44,7 @@ import argparse
 import functools
 import json
 import os
+import shutil
 import socket
 import statistics
 import subprocess
@@ -182,7 +186,7 @@ def _scenarios(spec: str) -> list[tuple[str, int, int]]:
     return out
 
 
-def _child(batches: int, scenarios: list[tuple[str, int, int]]) -> dict:
+def _child(batches: int, scenarios: list[tuple[str, int, int]], ssd_dir: str) -> dict:
     import numpy as np
 
     import kvstore
@@ -194,20 +198,24 @@ def _child(batches: int, scenarios: list[tuple[str, int, int]]) -> dict:
     out: dict[str, dict] = {}
     metrics_port = _free_port()
     metrics_url = f"http://127.0.0.1:{metrics_port}/metrics"
+    ssd_bytes = sum(batch * size * (batches + 4) for transport, batch, size in scenarios
+                    if transport == "ssd")
+    ssd = ["--ssd", f"{ssd_dir}:{ssd_bytes + 64 * MIB}"] if ssd_bytes else []
     with ServerProcess(["master", "--host", "127.0.0.1", "--port", "0",
                         "--metrics-port", str(metrics_port)]) as master, \
             ServerProcess(["daemon", "--master", master.address, "--host", "127.0.0.1",
-                           "--port", "0", "--dram", "2GiB"]) as daemon:
+                           "--port", "0", "--dram", "2GiB", *ssd]) as daemon:
         for transport, batch, size in scenarios:
-            with kvstore.connect(master.address, transport=transport, metadata="fast",
-                                 lease_ttl_s=1.0) as store:
+            tier = "ssd" if transport == "ssd" else None
+            with kvstore.connect(master.address, transport="tcp" if tier else transport,
+                                 metadata="fast", lease_ttl_s=1.0) as store:
                 wait_registered(store)
                 value = np.random.default_rng(1).integers(0, 256, size, np.uint8)
                 name = f"{transport} {batch} x {size // KIB} KiB"
                 # warm: mappings, connections, the pool's pages
                 for w in range(3):
                     keys = [f"warm-{name}-{w}-{j}" for j in range(batch)]
-                    assert not any(store.batch_put(keys, [value] * batch))
+                    assert not any(store.batch_put(keys, [value] * batch, tier=tier))
                     store.remove_prefix(f"warm-{name}-", force=True)
                 wait_allocated()
                 rows: list[dict[str, float]] = []
@@ -222,7 +230,7 @@ def _child(batches: int, scenarios: list[tuple[str, int, int]]) -> dict:
                     batch_keys.append(keys)
                     REC.stages = {}
                     t0 = time.perf_counter()
-                    errors = store.batch_put(keys, [value] * batch)
+                    errors = store.batch_put(keys, [value] * batch, tier=tier)
                     total = time.perf_counter() - t0
                     assert not any(errors), errors
                     stages = dict(REC.stages)
@@ -280,8 +288,9 @@ def _driver(args) -> None:
     for _ in range(args.rounds):
         for python in args.python:
             loads.append(open("/proc/loadavg").read().split()[:3])
+            shutil.rmtree(args.ssd_dir, ignore_errors=True)
             done = subprocess.run([python, __file__, "--child", "--batches", str(args.batches),
-                                   "--scenarios", args.scenarios],
+                                   "--scenarios", args.scenarios, "--ssd-dir", args.ssd_dir],
                                   capture_output=True, text=True)
             if done.returncode:
                 sys.exit(f"{python}: the child failed:\n{done.stderr[-3000:]}")
@@ -333,11 +342,13 @@ def main() -> None:
     parser.add_argument("--batches", type=int, default=20, help="timed batches per scenario")
     parser.add_argument("--scenarios", default="all",
                         help='"all" or TRANSPORT:BATCH:BYTES,... (e.g. shm:128:65536)')
+    parser.add_argument("--ssd-dir", default="/var/tmp/kvstore-put-timeline-ssd",
+                        help="the daemon's SSD directory for ssd scenarios (emptied per run)")
     parser.add_argument("--json", default=str(Path(__file__).resolve().parent / "out" /
                                               "put_timeline.json"))
     args = parser.parse_args()
     if args.child:
-        print(json.dumps(_child(args.batches, _scenarios(args.scenarios))))
+        print(json.dumps(_child(args.batches, _scenarios(args.scenarios), args.ssd_dir)))
         return
     args.python = args.python or [sys.executable]
     os.environ.pop("KVSTORE_TOKEN", None)

@@ -27,13 +27,19 @@ segment, range, checksum, codec) ``apply`` leaves the table and the backends as 
 and only gives the guard the change set's sequence for the range; any difference is
 applied as the master sent it.
 
-Thread-safe: one lock guards the table.
+Thread-safe: one lock guards the table; the backends' syncs run outside it, so commits
+arriving on different connections share the SSD backend's group-commit rounds
+(``SsdBackend.sync``) instead of syncing in turn. ``apply`` calls still run one at a time
+(their own lock, held across the sync), so ``acked_seq`` only ever names a change set whose
+backends were synced and only grows between resets; a change set that finds a client
+commit's entry identical while that commit's sync still runs syncs the backend too (so it
+is acknowledged only once the entry is durable), and so does a second client commit of it.
 """
 
 from __future__ import annotations
 
 import threading
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -69,12 +75,17 @@ class ObjectTable:
     def __init__(self, backends: "list[Backend] | None" = None,
                  guard: "WriteGuard | None" = None) -> None:
         self._lock = threading.Lock()
+        # NOTE: apply's own lock, held across its sync (acked_seq is set after it); the
+        # table's lock is not, so a client commit on another connection is not held up
+        self._apply_lock = threading.Lock()
         self._guard = guard       # told every committed range, to refuse writes over it
         self._key_to_object: dict[str, StoredObject] = {}
         self._segment_to_backend = {b.segment_id: b for b in backends or []}
         self.acked_seq = 0
         self._registering = False    # pushes are refused while a registration runs
         self._removed: OrderedDict[str, int] = OrderedDict()  # key -> seq of its removal
+        # key -> client commits that added it whose backend sync has not returned yet
+        self._syncing_keys: Counter[str] = Counter()
         # called (outside the lock) before a change set is applied and before an inventory
         # is built: the commit ring's drain (daemon/ring_drain.py); None: no ring
         self.before_change = None
@@ -110,7 +121,7 @@ class ObjectTable:
 
     def reset_sequence(self) -> None:
         """A (re-)registration starts a new sequence with the master: nothing acked yet."""
-        with self._lock:
+        with self._apply_lock, self._lock:
             self.acked_seq = 0
             self._registering = False
 
@@ -125,6 +136,10 @@ class ObjectTable:
         """
         if self.before_change is not None:
             self.before_change()
+        with self._apply_lock:
+            return self._apply(response)
+
+    def _apply(self, response: HeartbeatChanges) -> int:
         added = response.added
         backends = self._segment_to_backend
         touched: set = set()
@@ -157,6 +172,10 @@ class ObjectTable:
                     if guard is not None:
                         guard.note_stored(stored.segment_id, key, stored.offset,
                                           stored.length, response.seq)
+                    if key in self._syncing_keys:
+                        # NOTE: a client commit's sync of it is still running: this change
+                        # set is acknowledged only once that record is durable too
+                        touched.add(backends[stored.segment_id])
                     continue
                 if old is not None and (backend := backends.get(old.segment_id)) is not None \
                         and old != stored:
@@ -184,9 +203,11 @@ class ObjectTable:
                 if old is not None and (backend := backends.get(old.segment_id)) is not None:
                     backend.note_freed(key, old.offset, old.length)
                     touched.add(backend)
-            for backend in touched:
-                backend.sync()
-            self.acked_seq = response.seq
+        # NOTE: outside the table's lock (concurrent client commits join the same sync
+        # rounds), inside apply's: no other change set is applied meanwhile
+        for backend in touched:
+            backend.sync()
+        self.acked_seq = response.seq
         return len(added.keys) + len(response.removed_keys)
 
     def apply_pushed(self, base_seq: int, body: bytes) -> int:
@@ -217,6 +238,7 @@ class ObjectTable:
         PutEnd it refused fails at the client by PutEnd's own answer)."""
         refused: list[tuple[int, str]] = []
         touched: set = set()
+        syncing: list[str] = []
         backends, guard = self._segment_to_backend, self._guard
         with self._lock:
             if self._registering:
@@ -229,6 +251,8 @@ class ObjectTable:
                 if old is not None:
                     if old != stored:
                         refused.append((index, f"{key!r} is committed here at another range"))
+                    elif key in self._syncing_keys:   # a commit of it is syncing: wait too
+                        touched.add(backends[stored.segment_id])
                     continue                # the master's push came first: nothing to add
                 if guard is not None:
                     try:
@@ -242,8 +266,18 @@ class ObjectTable:
                     backend.note_stored(key, stored.offset, stored.length, stored.checksum,
                                         stored.codec)
                     touched.add(backend)
+                    syncing.append(key)
+            self._syncing_keys.update(syncing)
+        # NOTE: outside the lock: commits on other connections note their entries and join
+        # the backend's group commit (one fdatasync round for all of them) meanwhile; the
+        # caller answers only after this returns, so nothing is acknowledged before durable
+        try:
             for backend in touched:
                 backend.sync()
+        finally:
+            with self._lock:
+                self._syncing_keys.subtract(syncing)
+                self._syncing_keys += Counter()    # NOTE: drops the keys at zero
         return refused
 
     def to_inventory(self) -> Inventory:

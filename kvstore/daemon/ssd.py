@@ -20,6 +20,11 @@ blocks written and read), not capacity. The frames of an object (offset in the e
 and stored size) are kept in memory and in its index record; reads decompress whole frames
 and return raw bytes, so clients and the master never see the codec.
 
+A data file created at this start is pre-written with zeros in the background
+(``kvstore.daemon.ssd_prewrite``: puts then write into written extents, no conversion per
+write); every write claims its range from the pre-writer first, so no zero lands on a put's
+bytes.
+
 At start (``open``) the index is replayed, every object's bytes are read back and checked
 against the XXH3-64 checksum the client recorded; an object whose extent does not match, lies
 outside the file or overlaps another is dropped (logged), never served. The survivors are
@@ -49,6 +54,7 @@ from kvstore.daemon.ssd_files import (DATA_NAME, INDEX_NAME, check_meta, open_da
                                       replay_index, take_lock)
 from kvstore.daemon.ssd_frames import FramedFile, FrameMap
 from kvstore.daemon.ssd_index import KIND_ADD, KIND_DROP, IndexEntry, encode_record
+from kvstore.daemon.ssd_prewrite import Prewriter
 from kvstore.tiers import Tier
 
 CODECS = ("none", "lz4")
@@ -81,6 +87,8 @@ class SsdBackend(Backend):
         self._frames = FrameMap()              # guarded by self._lock
         self._lock_fd = self._data_fd = self._index_fd = -1
         self._file: AlignedFile | None = None
+        # zeros over a data file created now (ssd_prewrite.py); None: none (any more)
+        self.prewriter: Prewriter | None = None
         self._framed: FramedFile | None = None
         self.recovered: list[IndexEntry] = []
         self.num_dropped_at_start = 0
@@ -88,12 +96,16 @@ class SsdBackend(Backend):
             self._directory.mkdir(parents=True, exist_ok=True)
             self._lock_fd = take_lock(self._directory)
             check_meta(self._directory, self.size_bytes, node_id)
-            self._data_fd, self.direct_io = open_data(data_path, self.size_bytes, direct_io)
+            self._data_fd, self.direct_io, created = open_data(data_path, self.size_bytes,
+                                                               direct_io)
             self._file = AlignedFile(self._data_fd, direct=self.direct_io)
             self._framed = FramedFile(self._file, self._frames, self._lock)
             self._recover()
             self._index_fd = os.open(self._directory / INDEX_NAME,
                                      os.O_CREAT | os.O_WRONLY | os.O_APPEND, 0o600)
+            if created and self.direct_io:
+                self.prewriter = Prewriter(self._file, os.fstat(self._data_fd).st_size)
+                self.prewriter.start()
         except BaseException:
             self.close()
             raise
@@ -259,6 +271,7 @@ class SsdBackend(Backend):
         length = len(src)
         if not length:
             return
+        self._claim(offset, length)
         self._drop_before_overwrite(offset, length)
         if not self._compress:
             self._framed.forget_raw(offset, length)
@@ -277,12 +290,19 @@ class SsdBackend(Backend):
         file's I/O threads (``FramedFile.write_stream``)."""
         if not length:
             return
+        self._claim(offset, length)
         self._drop_before_overwrite(offset, length)
         if self._compress:
             self._framed.write_stream(offset, length, fill)
             return
         self._framed.forget_raw(offset, length)
         self._file.write_stream(offset, length, fill)
+
+    def _claim(self, offset: int, length: int) -> None:
+        """Keep the pre-writer's zeros off [offset, +length) (waits while it zeroes a
+        region the range touches; the regions of a fresh file are 8 MiB)."""
+        if self.prewriter is not None:
+            self.prewriter.claim(offset, length)
 
     def _drop_before_overwrite(self, offset: int, length: int) -> None:
         """Drop, durably, the index records of the objects [offset, +length) overlaps.
@@ -304,6 +324,8 @@ class SsdBackend(Backend):
 
     def close(self) -> None:
         """Sync what is pending and close the files; the files stay (they survive restarts)."""
+        if self.prewriter is not None:
+            self.prewriter.close()
         if self._index_fd >= 0:
             try:
                 self.sync()

@@ -4,8 +4,9 @@ Files in the ``--ssd`` directory (stable names, so a restarted daemon finds them
 reaper only removes names that embed a dead pid, never these):
 
 - ``kvstore-ssd.data`` (DATA_NAME): the extents, at the offsets the master's allocator
-  hands out. Preallocated (posix_fallocate) at first start (``open_data``). Opened with
-  O_DIRECT where the filesystem allows (tmpfs does not); otherwise buffered, said in the log.
+  hands out. Preallocated (posix_fallocate) at first start (``open_data``), then pre-written
+  with zeros in the background (``kvstore.daemon.ssd_prewrite``). Opened with O_DIRECT where
+  the filesystem allows (tmpfs does not); otherwise buffered, said in the log.
 - ``kvstore-ssd.index`` (INDEX_NAME): committed objects (``kvstore.daemon.ssd_index``).
 - ``kvstore-ssd.json`` (META_NAME): format, size and the node id that owns the directory.
 - ``kvstore-ssd.lock`` (LOCK_NAME): an flock held while a daemon uses the directory
@@ -85,14 +86,17 @@ def check_meta(directory: Path, size_bytes: int, node_id: str) -> None:
     os.replace(temporary, meta_path)
 
 
-def open_data(data_path: Path, size_bytes: int, direct_io: bool) -> tuple[int, bool]:
+def open_data(data_path: Path, size_bytes: int,
+              direct_io: bool) -> tuple[int, bool, bool]:
     """Open the data file, creating and preallocating it (whole blocks) if it is smaller;
     returns (fd, whether it is open with O_DIRECT: only if ``direct_io`` and the
-    filesystem takes it)."""
+    filesystem takes it, whether the file was created now: empty before, so nothing in it
+    may be kept)."""
     file_bytes = -(-size_bytes // BLOCK_BYTES) * BLOCK_BYTES
     fd = os.open(data_path, os.O_CREAT | os.O_RDWR, 0o600)
     try:
         os.fchmod(fd, 0o600)
+        created = os.fstat(fd).st_size == 0
         if os.fstat(fd).st_size < file_bytes:
             os.ftruncate(fd, file_bytes)
             try:
@@ -111,7 +115,7 @@ def open_data(data_path: Path, size_bytes: int, direct_io: bool) -> tuple[int, b
                     "through the page cache", data_path)
     log.info("SSD %s: %d bytes, %s I/O", data_path, size_bytes,
              "direct" if direct else "buffered")
-    return data_fd, direct
+    return data_fd, direct, created
 
 
 def replay_index(index_path: str,
