@@ -3,7 +3,9 @@
 the table), then the master's copy of the same change through ``ObjectTable.apply`` (the
 next heartbeat), in microseconds of this thread's CPU per entry (CPU: the figure that survives a loaded host). In-process, real WriteGuard / ObjectTable /
 capabilities; no servers. Ceiling of the same run: two keyed BLAKE2b per entry (the
-capability's MAC and the object id, which every design checks), measured alone.
+capability's MAC and the object id, which every design checks), measured alone. Also the
+master's side of the same record: issuing its 128 write capabilities one ``issue`` per
+replica (PutStart before 10p) and in one ``issue_many`` (since; absent from older trees).
 
 Run it with each tree's interpreter, interleaved, e.g.
     /work/base2/.venv/bin/python bench/ring_apply_bench.py; .venv/bin/python bench/ring_apply_bench.py
@@ -74,6 +76,21 @@ def _ceiling_us(entries: int) -> float:
     return (time.thread_time() - start) / entries * 1e6
 
 
+def _issue_us(batch: int, many: bool) -> float:
+    """Thread CPU per capability of issuing ``batch`` of them, 200 times."""
+    secret, keys = capability.new_secret(), [f"key/{i}" for i in range(batch)]
+    start = time.thread_time()
+    for _ in range(200):
+        if many:
+            capability.issue_many("cluster", 10 ** 13, (
+                (secret, "node-1", "seg-0", i * SIZE, SIZE, key, 77)
+                for i, key in enumerate(keys)))
+        else:
+            [capability.issue(secret, "node-1", "seg-0", i * SIZE, SIZE, key, "cluster",
+                              10 ** 13, 77) for i, key in enumerate(keys)]
+    return (time.thread_time() - start) / (200 * batch) * 1e6
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--batch", type=int, default=128, help="entries per record")
@@ -86,7 +103,12 @@ def main() -> None:
     load = open("/proc/loadavg").read().split()[:3] if os.path.exists("/proc/loadavg") else []
     rows = {"drain apply us/entry": [r[0] for r in rounds],
             "heartbeat re-apply us/entry": [r[1] for r in rounds],
-            "ceiling: 2 BLAKE2b us/entry": ceiling}
+            "ceiling: 2 BLAKE2b us/entry": ceiling,
+            "master: issue per replica us/cap": [_issue_us(args.batch, False)
+                                                 for _ in range(args.rounds)]}
+    if hasattr(capability, "issue_many"):
+        rows["master: issue_many us/cap"] = [_issue_us(args.batch, True)
+                                             for _ in range(args.rounds)]
     print(f"kvstore at {os.path.dirname(capability.__file__)}; {args.batch} entries a record, "
           f"{args.records} records, {args.rounds} rounds; load {' '.join(load)}")
     print(f"{'figure':32} {'median':>8} {'min':>8} {'max':>8}")

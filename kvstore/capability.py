@@ -131,6 +131,45 @@ def issue(secret: bytes, node_id: str, segment_id: str, offset: int, length: int
                   node_seq, b"")
 
 
+def issue_many(writer: str, expiry_ms: int, grants) -> list[bytes]:
+    """``issue`` for each ``(secret, node_id, segment_id, offset, length, key, node_seq)``
+    of ``grants``, all for ``writer`` until ``expiry_ms``; b"" where ``secret`` is empty
+    (a node that checks none). The same bytes as ``issue`` (tests/test_capability_batch.py).
+    Raises ValueError as ``issue``.
+
+    NOTE: PutStart signs one capability per replica; here the writer's bytes, each secret's
+    keyed state, each segment's MAC suffix and each key's object id (a key's replicas follow
+    one another) are prepared once per batch instead of once per replica (issue 10, 10p)."""
+    principal_bytes = writer.encode()
+    if len(principal_bytes) > MAX_WRITER_BYTES:
+        raise ValueError(f"principal identity longer than {MAX_WRITER_BYTES} bytes")
+    pack, writer_len = _FIXED.pack, len(principal_bytes)
+    suffixes: dict[tuple[str, str], bytes] = {}
+    keyed_states: dict[bytes, "hashlib.blake2b"] = {}
+    last_key, last_id = None, b""
+    caps = []
+    for secret, node_id, segment_id, offset, length, key, node_seq in grants:
+        if not secret:
+            caps.append(b"")
+            continue
+        if key != last_key:
+            last_key, last_id = key, object_id(key)
+        keyed = keyed_states.get(secret)
+        if keyed is None:
+            keyed = keyed_states[secret] = _keyed_state(secret)
+        suffix = suffixes.get((node_id, segment_id))
+        if suffix is None:
+            suffix = suffixes[(node_id, segment_id)] = (b"\0" + node_id.encode() + b"\0" +
+                                                        segment_id.encode())
+        body = pack(VERSION, offset, length, expiry_ms, node_seq, last_id,
+                    writer_len) + principal_bytes
+        mac = keyed.copy()
+        mac.update(body)
+        mac.update(suffix)
+        caps.append(body + mac.digest())
+    return caps
+
+
 def issue_read(secret: bytes, node_id: str, segment_id: str, offset: int, length: int,
                key: str, reader: str, expiry_ms: int) -> bytes:
     """The read capability for ``[offset, offset + length)`` of ``segment_id`` on

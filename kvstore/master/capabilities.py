@@ -7,7 +7,8 @@ Rule: the capability names the node, segment, offset, the object's size, the key
 identity, the node's change sequence now, the writer (``kvstore._principal``) and an expiry ``pending_timeout_s`` from now:
 past it the master may reclaim the PENDING object and reuse the range, so the permission
 must not outlive the allocation. Nodes without a secret (older daemons) get empty bytes.
-Cost: one keyed BLAKE2b per replica (~1-2 us here), paid only for nodes that check.
+Cost: one keyed BLAKE2b per replica (~1-2 us here), paid only for nodes that check; what
+the replicas of a batch share is prepared once (``capability.issue_many``).
 
 Read capabilities: every replica of a GetReplicas reply on a node that registered with
 ``read_capabilities`` gets one, for the range of that replica, the reader (the caller's
@@ -51,16 +52,10 @@ class CapabilityIssuer:
                    for segment, _ in picks):
             return None
         writer = self.writer if writer is None else writer
-        expiry_ms = self._expiry_ms()
-        issue = capability.issue
-        caps = []
-        for key, size, picks in zip(keys, sizes, all_picks):
-            for segment, offset in picks:
-                secret = segment.node.capability_secret
-                caps.append(issue(secret, segment.node.node_id, segment.segment_id, offset,
-                                  size, key, writer, expiry_ms, segment.node.seq)
-                            if secret else b"")
-        return caps
+        return capability.issue_many(writer, self._expiry_ms(), (
+            (segment.node.capability_secret, segment.node.node_id, segment.segment_id, offset,
+             size, key, segment.node.seq)
+            for key, size, picks in zip(keys, sizes, all_picks) for segment, offset in picks))
 
     def for_get(self, nodes, reply, objs, lease_ttl_s: float,
                 shm_host_id: str) -> list[bytes] | None:
