@@ -81,6 +81,14 @@ class TcpTransport(Transport):
                   timeout_s: float) -> list[BaseException | None]:
         return self._batch(Op.READ, items, timeout_s)
 
+    def read_checked_many(self, items: Sequence[tuple[Target, memoryview]], *,
+                          timeout_s: float) -> list[BaseException | None]:
+        """``read_many`` as CHECKED_READs (location reads): each target's ``capability``
+        is the object's identity (``checked_read.encode_identity``); a daemon that no longer
+        holds that object there refuses it (ReplyError, status LOCATION_OFF or
+        LOCATION_STALE), the connection staying usable."""
+        return self._batch(Op.CHECKED_READ, items, timeout_s)
+
     def close(self) -> None:
         self._closed = True
         self._pool.close()
@@ -129,7 +137,7 @@ class TcpTransport(Transport):
             try:
                 self._exchange(conn, op, target, buffer, deadline)
             except ReplyError as exc:
-                self._finish(conn, healthy=op == Op.READ and exc.status != Status.BAD_FRAME)
+                self._finish(conn, healthy=op != Op.WRITE and exc.status != Status.BAD_FRAME)
                 raise
             except TransferError:
                 conn.close()
@@ -157,7 +165,7 @@ class TcpTransport(Transport):
         conn.send_request(op, segment_id, target.offset, target.length,
                           buffer if op == Op.WRITE else None, target.capability)
         status, message, length = conn.read_only_reply(
-            buffer if op == Op.READ else _NO_PAYLOAD)
+            buffer if op != Op.WRITE else _NO_PAYLOAD)
         self._check_reply(op, target, status, message, length)
 
     @staticmethod
@@ -168,7 +176,7 @@ class TcpTransport(Transport):
             raise ReplyError(f"tcp {target.node_id}: {op.name.lower()} of segment "
                              f"{target.segment_id!r} [{target.offset}, +{target.length}) "
                              f"refused: {status.name}: {message}", status)
-        expected = target.length if op == Op.READ else 0
+        expected = target.length if op != Op.WRITE else 0
         if length != expected:
             raise TransferError(f"tcp {target.node_id}: reply carries {length} bytes, "
                                 f"expected {expected}")
@@ -176,7 +184,7 @@ class TcpTransport(Transport):
     def _receive(self, conn: Connection, op: Op, target: Target, buffer: memoryview) -> None:
         status, message, length = conn.read_reply()
         self._check_reply(op, target, status, message, length)
-        if op == Op.READ and length:
+        if op != Op.WRITE and length:
             recv_exact_into(conn.sock, buffer)
 
     # ---- batches -------------------------------------------------------------------------
@@ -192,7 +200,7 @@ class TcpTransport(Transport):
         for index, (target, buffer) in enumerate(items):
             try:
                 views[index] = byte_views.as_bytes_view(buffer, target.length,
-                                                     writable=op == Op.READ)
+                                                     writable=op != Op.WRITE)
                 if target.offset < 0:
                     raise InvalidArgumentError(f"negative offset {target.offset}")
                 addr_to_indices[target.data_addr].append(index)
