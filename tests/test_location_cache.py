@@ -56,10 +56,32 @@ def _cached_get(store, key: str):
     return _wait(served, f"a cached get of {key!r}")
 
 
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+METRICS_PORT = _free_port()
+
+
+def _daemon_metric(name: str) -> float:
+    """A counter of the module cluster's daemon (its /metrics)."""
+    import urllib.request
+    text = urllib.request.urlopen(f"http://127.0.0.1:{METRICS_PORT}/metrics",
+                                  timeout=TIMEOUT_S).read().decode()
+    for line in text.splitlines():
+        if line.startswith(name + " "):
+            return float(line.split()[1])
+    raise AssertionError(f"{name} not in the daemon's metrics")
+
+
 @pytest.fixture(scope="module")
 def cluster():
     cluster = Cluster(num_daemons=1, dram="64MiB",
-                      master_args=("--heartbeat-interval", "200ms"))
+                      master_args=("--heartbeat-interval", "200ms"),
+                      daemon_args=("--metrics-host", "127.0.0.1",
+                                   "--metrics-port", str(METRICS_PORT)))
     yield cluster
     cluster.close()
 
@@ -80,11 +102,13 @@ def test_a_repeated_get_skips_the_master_and_returns_the_bytes(stores):
     assert reader.get("lc/repeat") == value        # through the master: cached now
     assert _cached_get(reader, "lc/repeat") == value
     hits, cache = _master_hits(reader), _cache(reader)
+    served = _daemon_metric("kvstore_daemon_location_reads_total")
     out = bytearray(64 * KiB)
     assert reader.get_into("lc/repeat", out) == 64 * KiB and bytes(out) == value
     assert reader.batch_get(["lc/repeat", "lc/repeat"]) == [value, value]
     assert _master_hits(reader) == hits            # no GetReplicas for any of them
     assert _cache(reader)["hits"] == cache["hits"] + 3
+    assert _daemon_metric("kvstore_daemon_location_reads_total") == served + 3
     assert reader.stats()["transfers"]["tcp"]["num_reads"] >= 4
 
 
