@@ -73,7 +73,16 @@ class LocationCache:
         with self._lock:
             return len(self._key_to_location)
 
+    def cached_positions(self, keys: Sequence[str]) -> list[int]:
+        """Positions of the keys that have an entry (some may be refused by ``lookup``).
+        NOTE: without the lock (a dict's ``in`` is atomic): a batch of keys never read
+        over TCP (same-host gets, first reads) pays one comprehension, ~50 ns a key."""
+        table = self._key_to_location
+        return [i for i, key in enumerate(keys) if key in table] if table else []
+
     def lookup(self, key: str) -> CachedLocation | None:
+        """The key's entry (now the most recently used), or None: none, or its node
+        answered LOCATION_OFF within ``NODE_OFF_S``."""
         with self._lock:
             location = self._key_to_location.get(key)
             if location is None:
@@ -140,10 +149,17 @@ def get_cached(cache: LocationCache, keys: Sequence[str], outs: Sequence[Any] | 
     """Results of ``reader.get_batch`` for ``keys`` (checked, valid): cached keys by
     location reads, the rest (and every key whose location read failed) by ``fetch``.
     ``count_reads(num, num_bytes)`` counts the served reads in the client's stats."""
+    positions = cache.cached_positions(keys)
+    if not positions:
+        cache.count(hits=0, misses=len(keys))
+        return fetch(list(keys), outs)
     results: list[Any] = [None] * len(keys)
-    served, items, rest = [], [], []
-    for i, key in enumerate(keys):
-        location = cache.lookup(key)
+    served, items = [], []
+    cached = set(positions)
+    rest = [i for i in range(len(keys)) if i not in cached] if len(positions) < len(keys) \
+        else []
+    for i in positions:
+        location = cache.lookup(keys[i])
         if location is None:
             rest.append(i)
             continue
