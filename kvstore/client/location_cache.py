@@ -144,11 +144,18 @@ class LocationCache:
 Fetch = Callable[[list, "list | None"], list]
 
 
+def location_cache_for(transfers, max_entries: int) -> LocationCache | None:
+    """A cache over the TCP transport of ``transfers`` (client/transfer.py); None when
+    ``max_entries`` is 0 or there is no TCP transport."""
+    tcp = next((t for t in transfers.transports if t.name == "tcp"), None)
+    return LocationCache(tcp, max_entries) if max_entries and tcp is not None else None
+
+
 def get_cached(cache: LocationCache, keys: Sequence[str], outs: Sequence[Any] | None,
-               allocate, deadline: Deadline, fetch: Fetch, count_reads) -> list[Any]:
+               allocate, deadline: Deadline, fetch: Fetch, transfers) -> list[Any]:
     """Results of ``reader.get_batch`` for ``keys`` (checked, valid): cached keys by
     location reads, the rest (and every key whose location read failed) by ``fetch``.
-    ``count_reads(num, num_bytes)`` counts the served reads in the client's stats."""
+    The reads served are counted in ``transfers``' stats (under the transport's name)."""
     positions = cache.cached_positions(keys)
     if not positions:
         cache.count(hits=0, misses=len(keys))
@@ -193,7 +200,7 @@ def get_cached(cache: LocationCache, keys: Sequence[str], outs: Sequence[Any] | 
             results[i] = holder
             num_ok += 1
             num_bytes += location.size_bytes
-        count_reads(num_ok, num_bytes)
+        transfers.count_reads(cache.transport.name, num_ok, num_bytes)
     cache.count(hits=len(keys) - len(rest), misses=len(keys) - len(served))
     if rest:
         rest.sort()

@@ -21,7 +21,7 @@ from kvstore._errors import ClosedError, InvalidArgumentError, KVStoreError
 from kvstore.client.config import ClientConfig, check_timeout
 from kvstore.client.key_checks import check_key, check_keys
 from kvstore.client.leases import LeaseReleaser
-from kvstore.client.location_cache import LocationCache, get_cached
+from kvstore.client.location_cache import get_cached, location_cache_for
 from kvstore.client.reader import GetSettings, get_batch
 from kvstore.client.shm_batch import get_into_batch, shm_first
 from kvstore.client.transfer import Transfers
@@ -106,7 +106,8 @@ class KVStore:
                                                     nodes=self._nixl_nodes, tls=config.tls),
                                     DaemonCommitter(config.token, config.tls))
         self._leases: LeaseReleaser | None = None   # set by _connect_master
-        self._locations = self._location_cache()
+        self._locations = location_cache_for(self._transfers,
+                                             config.location_cache_entries)
 
     # ---- put ----------------------------------------------------------------------------
     def put(self, key: str, value: Any, *, replicas: int = 1, timeout_s: float | None = None,
@@ -216,9 +217,7 @@ class KVStore:
             if settings.locations is None:
                 return fetch(keys[lo:hi], chunk_outs)
             return get_cached(settings.locations, keys[lo:hi], chunk_outs, allocate,
-                              settings.deadline, fetch,
-                              lambda num, num_bytes: transfers.count_reads("tcp", num,
-                                                                           num_bytes))
+                              settings.deadline, fetch, transfers)
 
         with self._closing_guard:
             return self._chunked(get_chunk, len(keys))
@@ -326,14 +325,6 @@ class KVStore:
                                    else None)}
 
     # ---- lifecycle ----------------------------------------------------------------------
-    def _location_cache(self) -> LocationCache | None:
-        """The location cache over this client's TCP transport (None: turned off, or no
-        TCP transport)."""
-        tcp = next((t for t in self._transfers.transports if t.name == "tcp"), None)
-        if not self.config.location_cache_entries or tcp is None:
-            return None
-        return LocationCache(tcp, self.config.location_cache_entries)
-
     def _nixl_nodes(self) -> dict[str, bytes]:
         """{node_id: nixl_metadata} of the registered nodes, for the nixl transport."""
         master = self._master
