@@ -225,7 +225,7 @@ def test_commit_timeout_0_turns_location_reads_off():
             for _ in range(3):
                 assert reader.get("lc/nowait") == value
             cache = _cache(reader)
-            assert cache["hits"] == 0 and cache["refused"] == 1   # then the node is off
+            assert cache["hits"] == 0 and cache["refused"] >= 1
             writer.remove("lc/nowait", force=True)   # returns before the daemon applies it
             with pytest.raises(kvstore.KeyNotFoundError):
                 reader.get("lc/nowait")

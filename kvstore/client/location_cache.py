@@ -39,9 +39,11 @@ from kvstore.transport.checked_read import encode_identity
 from kvstore.transport.data_frames import Status
 
 #: How long a node that answered LOCATION_OFF (no lease: its master is unreachable, or
-#: grants none) is read through the master only. NOTE: one heartbeat interval by default:
-#: a lease lapsed by a missed beat is back at the next one
-NODE_OFF_S = 1.0
+#: grants none, or its first up-to-date heartbeat has not come yet) is read through the
+#: master only. NOTE: short against the 1 s heartbeat that renews a lapsed lease (1.0 s
+#: kept a whole benchmark phase on the master path after one refusal at a daemon's
+#: start), long enough that a node granting none costs at most 5 refused reads a second
+NODE_OFF_S = 0.2
 DEFAULT_ENTRIES = 65536   # ClientConfig.location_cache_entries; ~300 B a key: ~20 MiB
 
 
