@@ -43,6 +43,10 @@ class ClientConfig:
     reply_spin_s: float = 0.0002
     # TLS on every connection to the master (both paths) and to daemons' data planes
     tls: TLSConfig | None = None
+    # keys whose TCP replica location this client keeps, so that a repeated get skips the
+    # master (client/location_cache.py; the daemon checks each such read against its own
+    # table); 0: off
+    location_cache_entries: int = 65536
 
     def __post_init__(self) -> None:
         if self.transport not in TRANSPORT_KINDS:
@@ -56,6 +60,10 @@ class ClientConfig:
         if self.tls is not None and not isinstance(self.tls, TLSConfig):
             raise InvalidArgumentError(
                 f"tls must be a kvstore.TLSConfig or None, got {type(self.tls).__name__}")
+        entries = self.location_cache_entries
+        if isinstance(entries, bool) or not isinstance(entries, int) or entries < 0:
+            raise InvalidArgumentError(f"location_cache_entries must be an int >= 0, got "
+                                       f"{entries!r}")
         check_timeout(self.timeout_s, "timeout_s")
         check_timeout(self.rpc_timeout_s, "rpc_timeout_s")
         if self.lease_ttl_s is not None:

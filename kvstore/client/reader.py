@@ -34,6 +34,8 @@ class GetSettings:
     lease_ttl_s: float | None = None
     # called with the call's lease id once its reads are done (ends the lease early)
     release: Callable[[int], None] | None = None
+    # told the replicas reads succeeded from (client/location_cache.py); None: no cache
+    locations: Any = None
 
 
 # A destination factory: object size -> (result holder, writable view of exactly that size).
@@ -78,8 +80,11 @@ def get_batch(master: MasterClient, transfers: Transfers, keys: Sequence[Any],
         results[i] = plan_read(i, key, replica_set, dsts[j], allocate, transfers,
                                settings.verify, jobs)
     try:
-        for i, error in transfers.read(jobs, deadline=settings.deadline).items():
+        failures = transfers.read(jobs, deadline=settings.deadline)
+        for i, error in failures.items():
             results[i] = error
+        if settings.locations is not None:
+            settings.locations.remember_reads(jobs, failures)
     finally:
         # NOTE: the reads are over (done or failed): no byte of the leased ranges is read
         # after this, so the lease may end now instead of at its TTL

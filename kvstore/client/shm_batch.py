@@ -169,5 +169,8 @@ def _read_slow(reply: pb.GetReplicasResponse, transfers: Transfers, keys: list[s
             continue
         replica_set = ReplicaSet(sizes[i], checksums[i], codecs[i], targets[i])
         results[i] = plan_read(i, key, replica_set, dst, None, transfers, settings.verify, jobs)
-    for i, error in transfers.read(jobs, deadline=settings.deadline).items():
+    failures = transfers.read(jobs, deadline=settings.deadline)
+    for i, error in failures.items():
         results[i] = error
+    if settings.locations is not None:
+        settings.locations.remember_reads(jobs, failures)

@@ -21,6 +21,7 @@ from kvstore._errors import ClosedError, InvalidArgumentError, KVStoreError
 from kvstore.client.config import ClientConfig, check_timeout
 from kvstore.client.key_checks import check_key, check_keys
 from kvstore.client.leases import LeaseReleaser
+from kvstore.client.location_cache import get_cached, location_cache_for
 from kvstore.client.reader import GetSettings, get_batch
 from kvstore.client.shm_batch import get_into_batch, shm_first
 from kvstore.client.transfer import Transfers
@@ -105,6 +106,8 @@ class KVStore:
                                                     nodes=self._nixl_nodes, tls=config.tls),
                                     DaemonCommitter(config.token, config.tls))
         self._leases: LeaseReleaser | None = None   # set by _connect_master
+        self._locations = location_cache_for(self._transfers,
+                                             config.location_cache_entries)
 
     # ---- put ----------------------------------------------------------------------------
     def put(self, key: str, value: Any, *, replicas: int = 1, timeout_s: float | None = None,
@@ -194,19 +197,27 @@ class KVStore:
             deadline=self._deadline(timeout_s), host_id=self.host_id, verify=self.config.verify if verify is None else bool(verify),
             lease_ttl_s=(self.config.lease_ttl_s if lease_ttl_s is None
                          else check_timeout(lease_ttl_s, "lease_ttl_s")),
-            release=self._leases.release if self._leases is not None else None)
+            release=self._leases.release if self._leases is not None else None,
+            locations=self._locations)
         allocate = None if outs is not None else new_bytes
         shm = shm_first(self._transfers) if outs is not None else None
+        transfers = self._transfers
 
-        def get_chunk(lo: int, hi: int) -> list[Any]:
-            chunk_outs = outs[lo:hi] if outs is not None else None
+        def fetch(chunk_keys: list, chunk_outs: list | None) -> list[Any]:
             if shm is not None:   # NOTE: same-host reads without per-key Python (shm_batch)
-                results = get_into_batch(self._master, self._transfers, shm, keys[lo:hi],
+                results = get_into_batch(self._master, transfers, shm, chunk_keys,
                                          chunk_outs, settings)
                 if results is not None:
                     return results
-            return get_batch(self._master, self._transfers, keys[lo:hi], chunk_outs,
-                             allocate, settings)
+            return get_batch(self._master, transfers, chunk_keys, chunk_outs, allocate,
+                             settings)
+
+        def get_chunk(lo: int, hi: int) -> list[Any]:
+            chunk_outs = outs[lo:hi] if outs is not None else None
+            if settings.locations is None:
+                return fetch(keys[lo:hi], chunk_outs)
+            return get_cached(settings.locations, keys[lo:hi], chunk_outs, allocate,
+                              settings.deadline, fetch, transfers)
 
         with self._closing_guard:
             return self._chunked(get_chunk, len(keys))
@@ -233,7 +244,10 @@ class KVStore:
         a retry waits for the daemon again and returns only once it confirmed (True; or
         False when the master's own background push confirmed it first)."""
         self._release_own_leases()
-        return _raise_if_error(self._call("remove", [check_key(key)], force=bool(force))[0])
+        key = check_key(key)
+        if self._locations is not None:
+            self._locations.forget(key)
+        return _raise_if_error(self._call("remove", [key], force=bool(force))[0])
 
     def remove_prefix(self, prefix: str, *, force: bool = False) -> int:
         """Remove every object whose key starts with ``prefix`` (non-empty); return how many.
@@ -287,7 +301,8 @@ class KVStore:
 
     def stats(self) -> dict[str, Any]:
         """Cluster figures from the master plus this client's own: which transports it has
-        (preference order) and, per transport, reads/writes/bytes/errors it served."""
+        (preference order), per transport reads/writes/bytes/errors it served, and its
+        location cache's entries, hits, misses and refused reads (None: off)."""
         stats = self._call("stats")
         master = dataclasses.asdict(stats)
         del master["data_token"]     # a secret, not a figure
@@ -305,7 +320,9 @@ class KVStore:
         return {"address": self.address, "client_id": self.client_id, "host_id": self.host_id,
                 "metadata": self.metadata_path,
                 "transports": [t.name for t in self._transfers.transports],
-                "transfers": self._transfers.stats(), "master": master}
+                "transfers": self._transfers.stats(), "master": master,
+                "location_cache": (self._locations.stats() if self._locations is not None
+                                   else None)}
 
     # ---- lifecycle ----------------------------------------------------------------------
     def _nixl_nodes(self) -> dict[str, bytes]:
@@ -332,6 +349,9 @@ class KVStore:
                 kind=self.config.transport, token=stats.data_token, nodes=self._nixl_nodes,
                 tls=self.config.tls),
                 DaemonCommitter(stats.data_token, self.config.tls))
+            # NOTE: a tenant's daemons record its keys namespaced, names its client never
+            # sends: a location read there would always be refused
+            self._locations = None
         self._leases = LeaseReleaser(self._master)
 
     @property

@@ -39,7 +39,7 @@ from kvstore._tls import TLSConfig
 from kvstore._wire import BadHello, data_plane_token, read_hello, tokens_equal
 from kvstore.daemon.backends import Backend
 from kvstore.daemon.write_guard import CapabilityRefused, RangeCommitted, WriteGuard
-from kvstore.transport import check_batch, data_frames
+from kvstore.transport import check_batch, checked_read, data_frames
 from kvstore.transport.data_frames import Op, Status
 
 log = logging.getLogger("kvstore.daemon.dataplane")
@@ -51,6 +51,7 @@ log = logging.getLogger("kvstore.daemon.dataplane")
 REQUEST_BUFFER_BYTES = 4096
 _READ, _WRITE, _CHECK_WRITE = int(Op.READ), int(Op.WRITE), int(Op.CHECK_WRITE)
 _WRITE_COMMIT = int(Op.WRITE_COMMIT)
+_CHECKED_READ = int(Op.CHECKED_READ)
 _REPLY_OK = int(Status.OK)
 
 
@@ -148,6 +149,9 @@ class DataPlaneServer(ThreadedTcpServer):
         # called before a WRITE is checked (the commit ring's drain, so a ring-committed
         # range is known to the guard); None: no ring
         self.before_write_check = None
+        # CHECKED_READ decider (daemon/location_reads.py), set by the daemon once its
+        # object table exists; None: every CHECKED_READ is answered LOCATION_OFF
+        self.location_reads = None
 
     def start(self) -> str:
         """Bind, listen and start accepting; return the bound "host:port"."""
@@ -219,7 +223,7 @@ class DataPlaneServer(ThreadedTcpServer):
         if magic != data_frames.REQUEST_MAGIC:
             raise _BadFrame(f"bad request magic {bytes(magic)!r}")
         if op_code != _READ and op_code != _WRITE and op_code != _CHECK_WRITE \
-                and op_code != _WRITE_COMMIT:
+                and op_code != _WRITE_COMMIT and op_code != _CHECKED_READ:
             return self._serve_control(conn, reader, op_code, flags, seg_len, request_id,
                                        offset, length, principal)
         if not 0 < seg_len <= data_frames.MAX_SEGMENT_ID_BYTES:
@@ -237,6 +241,8 @@ class DataPlaneServer(ThreadedTcpServer):
         elif not segment.check_range(offset, length):
             status, message = Status.OUT_OF_RANGE, (
                 f"range [{offset}, +{length}) outside segment of {segment.size_bytes} bytes")
+        elif op_code == _CHECKED_READ:
+            status, message = self._check_location(segment, offset, length, blob, principal)
         elif op_code != _READ:
             status, message = self._check_write(segment, offset, length, blob, principal)
         elif self._guard.checking_reads:
@@ -252,8 +258,9 @@ class DataPlaneServer(ThreadedTcpServer):
             self.stats.num_errors += 1
             conn.sendall(data_frames.encode_reply(status, request_id, 0, message))
             # NOTE: a refused WRITE's payload is still on the wire; we cannot skip a length
-            # we do not trust, so the connection ends. A refused READ leaves it usable.
-            return op_code == _READ
+            # we do not trust, so the connection ends (WRITE, WRITE_COMMIT). A refused READ
+            # or CHECKED_READ leaves it usable.
+            return op_code == _READ or op_code == _CHECKED_READ
         if op_code == _WRITE:
             self._receive_into(reader, segment, offset, length)
             conn.sendall(data_frames.REPLY.pack(_REPLY_OK, 0, 0, request_id, 0))
@@ -431,6 +438,25 @@ class DataPlaneServer(ThreadedTcpServer):
             log.warning("data plane: read of %s [%d, +%d) refused: %s", segment.segment_id,
                         offset, length, exc)
             return Status.CAPABILITY_REFUSED, str(exc)
+        return Status.OK, ""
+
+    def _check_location(self, segment: Backend, offset: int, length: int, blob: bytes,
+                        principal: str) -> tuple[Status, str]:
+        """(OK, "") if a CHECKED_READ may be served (``location_reads`` allows it, then the
+        read capability it carries), else the refusal; _BadFrame for an identity that does
+        not parse."""
+        try:
+            key, checksum, capability = checked_read.decode_identity(blob)
+        except ValueError as exc:
+            raise _BadFrame(f"CHECKED_READ identity: {exc}") from exc
+        decider = self.location_reads
+        if decider is None:
+            return Status.LOCATION_OFF, "this node keeps no object table"
+        refusal = decider.refusal(key, checksum, segment.segment_id, offset, length)
+        if refusal is not None:
+            return refusal
+        if self._guard.checking_reads:
+            return self._check_read(segment, offset, length, capability, principal)
         return Status.OK, ""
 
     def _receive_into(self, reader, backend: Backend, offset: int, length: int) -> None:

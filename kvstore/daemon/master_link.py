@@ -31,6 +31,7 @@ import grpc
 from kvstore._deadline import Deadline
 from kvstore._errors import KVStoreError, MasterUnavailableError
 from kvstore.daemon.moves import MoveRunner
+from kvstore.daemon.location_reads import LocationReads
 from kvstore.daemon.objects import ObjectTable
 from kvstore.daemon.write_guard import WriteGuard
 from kvstore.rpc import MasterClient, NodeSpec, Registration
@@ -56,7 +57,8 @@ class MasterLink:
     def __init__(self, client: MasterClient, node: NodeSpec, table: ObjectTable, *,
                  clock: Callable[[], float] = time.monotonic,
                  stop_event: threading.Event | None = None, segments=None,
-                 guard: WriteGuard | None = None):
+                 guard: WriteGuard | None = None,
+                 location_reads: LocationReads | None = None):
         self._client = client
         self._node = node
         self._table = table
@@ -67,6 +69,8 @@ class MasterLink:
         # segment id -> segment: the tier moves' backends (None: moves are refused)
         self.moves = MoveRunner(segments, self._wake.set, guard) if segments else None
         self._guard = guard      # given each registration's capability secret
+        # told each registration's location lease and each heartbeat's changes (None: none)
+        self._location_reads = location_reads
         self._thread: threading.Thread | None = None
         self.heartbeat_interval_s = 1.0
         self._moving_until_s = float("-inf")   # clock() until which moves flow
@@ -118,6 +122,8 @@ class MasterLink:
             if self._guard is not None:
                 self._guard.set_secret(reply.capability_secret,
                                        check_reads=reply.read_capabilities)
+            if self._location_reads is not None:
+                self._location_reads.on_registered(reply.location_lease_s)
         finally:
             self._table.end_registration()
         self.heartbeat_interval_s = max(reply.heartbeat_interval_s, 0.01)
@@ -134,6 +140,7 @@ class MasterLink:
         Raises KVStoreError (e.g. MasterUnavailableError) when the call fails; the loop logs it.
         """
         done, failed = self.moves.take_results() if self.moves else ([], [])
+        sent_at_s = self._clock()   # NOTE: before the send: the lease counts from here
         try:
             changes = self._client.heartbeat(self._node.node_id, self._table.acked_seq,
                                              moves_done=done, moves_failed=failed)
@@ -147,6 +154,8 @@ class MasterLink:
             self.register(timeout_s=self.heartbeat_interval_s * 10)
             return
         self._table.apply(changes)
+        if self._location_reads is not None:
+            self._location_reads.on_heartbeat(sent_at_s, changes)
         if done or failed or changes.moves:
             self._moving_until_s = self._clock() + MOVING_GRACE_S
         if changes.moves and self.moves is not None:

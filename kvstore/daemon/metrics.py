@@ -61,6 +61,14 @@ class _DaemonCollector:
                     ("ring_refused", drain.num_refused,
                      "Commit-ring entries refused by the commit checks (never applied)")):
                 yield CounterMetricFamily(f"kvstore_daemon_{name}", text, value=value)
+        location_reads = getattr(daemon.dataplane, "location_reads", None)
+        if location_reads is not None:
+            for name, value, text in (
+                    ("location_reads", location_reads.num_served,
+                     "CHECKED_READs served (clients' location-cache hits)"),
+                    ("location_reads_refused", location_reads.num_refused,
+                     "CHECKED_READs refused: no location lease, or not that object")):
+                yield CounterMetricFamily(f"kvstore_daemon_{name}", text, value=value)
         objects = daemon.objects
         yield GaugeMetricFamily("kvstore_daemon_objects", "Objects in the local table",
                                 value=len(objects) if objects is not None else 0)

@@ -132,10 +132,13 @@ class Daemon:
         self.dataplane.on_write_commit = functools.partial(client_commits.apply_one, objects,
                                                            guard)
         self._open_commit_ring()
+        from kvstore.daemon.location_reads import LocationReads
+        location_reads = LocationReads(self.objects, clock=self._clock)
+        self.dataplane.location_reads = location_reads
         self.master_link = MasterLink(self._master_client, self.node_spec(), self.objects,
                                       clock=self._clock, stop_event=self._interrupted,
                                       segments={s.segment_id: s for s in self.segments},
-                                      guard=self.guard)
+                                      guard=self.guard, location_reads=location_reads)
         on_change = getattr(self._master_client.carrier, "on_change", None)
         if on_change is not None:
             on_change(self.master_link.wake)

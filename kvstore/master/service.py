@@ -47,6 +47,24 @@ def _checked_ttl_s(ttl_ms: int, max_ms: int, name: str) -> float:
     return ttl_ms * _MS
 
 
+#: The location lease a daemon gets, as a fraction of --commit-timeout. NOTE: below 1 with
+#: room: the daemon counts the lease from before it sent the heartbeat (so from before the
+#: master built the reply), and a removal completes unconfirmed only --commit-timeout after
+#: it was logged, so a lease <= the timeout ends before any removal the daemon missed
+#: completes; 0.75 leaves a quarter for two processes' clocks and scheduling, and stays above
+#: the 1 s heartbeat interval at the default 2 s timeout (so leases overlap between beats).
+LOCATION_LEASE_FRACTION = 0.75
+
+
+def location_lease_ms(config, node) -> int:
+    """How long a daemon may serve location reads after an up-to-date heartbeat (0: never:
+    --commit-timeout 0, or a node that takes no commit pushes, so removals there never
+    wait for it). See daemon/location_reads.py."""
+    if config.commit_timeout_s <= 0 or not node.commit_push:
+        return 0
+    return int(config.commit_timeout_s * LOCATION_LEASE_FRACTION * 1000)
+
+
 class MasterService:
     """Implements every Master RPC as ``method(request, now_s, caller) -> reply`` over
     ``state``, ``caller`` being the ``tenancy.Principal`` the call comes from (its request
@@ -86,7 +104,9 @@ class MasterService:
             node_ttl_ms=int(config.node_ttl_s * 1000), master_id=self.state.master_id,
             num_objects_adopted=num_adopted,
             capability_secret=self.state.nodes[request.node.node_id].capability_secret or b"",
-            read_capabilities=self.state.nodes[request.node.node_id].read_capabilities)
+            read_capabilities=self.state.nodes[request.node.node_id].read_capabilities,
+            location_lease_ms=location_lease_ms(config,
+                                                self.state.nodes[request.node.node_id]))
 
     def Heartbeat(self, request, now_s, caller=CLUSTER):
         result = self.state.heartbeat(request.node_id, request.acked_seq, now_s,
@@ -98,6 +118,10 @@ class MasterService:
                 add_row(obj)
             base_seq = self.state.nodes[request.node_id].durable_seq
         reply = replies.heartbeat(self.state.master_id, result, base_seq)
+        if result is not None:
+            # NOTE: the daemon serves location reads only after a reply that carries every
+            # change up to now (daemon/location_reads.py)
+            reply.up_to_date = result[1] == self.state.nodes[request.node_id].seq
         if reply.moves:
             node = self.state.nodes[request.node_id]
             for move in reply.moves:

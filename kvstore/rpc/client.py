@@ -247,7 +247,8 @@ class MasterClient:
                             node_ttl_s=reply.node_ttl_ms / 1000.0,
                             num_objects_adopted=reply.num_objects_adopted,
                             capability_secret=reply.capability_secret,
-                            read_capabilities=reply.read_capabilities)
+                            read_capabilities=reply.read_capabilities,
+                            location_lease_s=reply.location_lease_ms / 1000.0)
 
     def heartbeat(self, node_id: str, acked_seq: int, *, moves_done: Sequence[int] = (),
                   moves_failed: Sequence[int] = (), deadline: Deadline | None = None,

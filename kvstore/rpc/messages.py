@@ -220,7 +220,8 @@ def heartbeat_changes(reply: pb.HeartbeatResponse) -> HeartbeatChanges:
                         list(added.lengths), list(added.checksums), list(added.codecs)),
         removed_keys=list(reply.removed_keys), base_seq=reply.base_seq,
         moves=[TierMove(m.move_id, m.key, m.src_segment_id, m.src_offset, m.dst_segment_id,
-                        m.dst_offset, m.length, m.dst_capability) for m in reply.moves])
+                        m.dst_offset, m.length, m.dst_capability) for m in reply.moves],
+        up_to_date=reply.up_to_date)
 
 
 # ---- observability -----------------------------------------------------------------------

@@ -96,6 +96,9 @@ class Registration:
     capability_secret: bytes = b""   # key of this node's write capabilities; b"": none
     # the master issues read capabilities for this node (False: an older master, or not asked)
     read_capabilities: bool = False
+    # how long after an up-to-date heartbeat the node may serve location reads (0: never;
+    # daemon/location_reads.py)
+    location_lease_s: float = 0.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -128,6 +131,8 @@ class HeartbeatChanges:
     removed_keys: list[str]
     moves: list[TierMove] = field(default_factory=list)
     base_seq: int = 0   # the sequence the changes follow; a table behind it applies nothing
+    # the changes reach the node's latest one (False: maybe not, or an older master)
+    up_to_date: bool = False
 
 
 @dataclass(frozen=True, slots=True)

@@ -56,6 +56,15 @@ Request (client -> server), 26-byte header, then the segment id, then the capabi
     stays usable), a refused write like a WRITE's (then a close). A daemon older than op 14
     answers BAD_FRAME before reading the payload and closes.
 
+    CHECKED_READ (8, a location read: a client reads a key again from the location it
+    cached, without asking the master) is a READ whose capability field (FLAG_CAPABILITY
+    set) carries the object's identity, ``checked_read.encode_identity``: the key, its
+    checksum and the READ's read capability (may be empty). The daemon serves it like a
+    READ only while its object table holds that key in that segment with that checksum
+    over a range containing the one read, and it holds a location lease; else it answers
+    LOCATION_OFF or LOCATION_STALE and the connection stays usable.
+    docs/ARCHITECTURE.md, Location cache.
+
 Reply (server -> client), 16-byte header, then the message, then for a READ that succeeded the
 payload::
 
@@ -116,6 +125,7 @@ class Op(enum.IntEnum):
     CLIENT_COMMIT = 5
     CHECK_WRITE = 6
     CHECK_WRITES = 7
+    CHECKED_READ = 8
     WRITE_COMMIT = 14
 
 
@@ -128,6 +138,10 @@ class Status(enum.IntEnum):
     INTERNAL = 5        # the server failed (e.g. an I/O error on a file segment)
     CAPABILITY_REFUSED = 6  # WRITE (or checked READ) without a valid capability for this range
     RANGE_COMMITTED = 7     # WRITE over an object committed after its capability was issued
+    # CHECKED_READ refusals (transport/checked_read.py). NOTE: numbered apart from the
+    # statuses above, which other changes extend one by one
+    LOCATION_OFF = 32       # the node serves no location reads now (no location lease)
+    LOCATION_STALE = 33     # the node does not hold that object at that range
 
 
 def encode_hello(token: str | None) -> bytes:

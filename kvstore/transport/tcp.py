@@ -35,6 +35,8 @@ DEFAULT_STRIPE_MIN_BYTES = 1024 * 1024  # measured: 4 MiB as 4 x 1 MiB beat 1 x 
 # enough that the daemon's replies never fill its socket buffer while we are still sending.
 PIPELINE_DEPTH = 16
 _NO_PAYLOAD = memoryview(bytearray())
+# the ops whose reply carries the range's bytes (a WRITE's and a WRITE_COMMIT's carry none)
+_READ_OPS = frozenset((Op.READ, Op.CHECKED_READ))
 
 
 class TcpTransport(Transport):
@@ -110,6 +112,14 @@ class TcpTransport(Transport):
                 self._no_write_commit.add(target.node_id)
             raise
 
+    def read_checked_many(self, items: Sequence[tuple[Target, memoryview]], *,
+                          timeout_s: float) -> list[BaseException | None]:
+        """``read_many`` as CHECKED_READs (location reads): each target's ``capability``
+        is the object's identity (``checked_read.encode_identity``); a daemon that no longer
+        holds that object there refuses it (ReplyError, status LOCATION_OFF or
+        LOCATION_STALE), the connection staying usable."""
+        return self._batch(Op.CHECKED_READ, items, timeout_s)
+
     def close(self) -> None:
         self._closed = True
         self._pool.close()
@@ -165,7 +175,7 @@ class TcpTransport(Transport):
                 else:
                     self._exchange_write_commit(conn, target, buffer, commit, deadline)
             except ReplyError as exc:
-                self._finish(conn, healthy=op == Op.READ and exc.status != Status.BAD_FRAME)
+                self._finish(conn, healthy=op in _READ_OPS and exc.status != Status.BAD_FRAME)
                 raise
             except TransferError:
                 conn.close()
@@ -193,7 +203,7 @@ class TcpTransport(Transport):
         conn.send_request(op, segment_id, target.offset, target.length,
                           buffer if op == Op.WRITE else None, target.capability)
         status, message, length = conn.read_only_reply(
-            buffer if op == Op.READ else _NO_PAYLOAD)
+            buffer if op in _READ_OPS else _NO_PAYLOAD)
         self._check_reply(op, target, status, message, length)
 
     def _exchange_write_commit(self, conn: Connection, target: Target, buffer: memoryview,
@@ -212,7 +222,7 @@ class TcpTransport(Transport):
             raise ReplyError(f"tcp {target.node_id}: {op.name.lower()} of segment "
                              f"{target.segment_id!r} [{target.offset}, +{target.length}) "
                              f"refused: {status.name}: {message}", status)
-        expected = target.length if op == Op.READ else 0
+        expected = target.length if op in _READ_OPS else 0
         if length != expected:
             raise TransferError(f"tcp {target.node_id}: reply carries {length} bytes, "
                                 f"expected {expected}")
@@ -220,7 +230,7 @@ class TcpTransport(Transport):
     def _receive(self, conn: Connection, op: Op, target: Target, buffer: memoryview) -> None:
         status, message, length = conn.read_reply()
         self._check_reply(op, target, status, message, length)
-        if op == Op.READ and length:
+        if op in _READ_OPS and length:
             recv_exact_into(conn.sock, buffer)
 
     # ---- batches -------------------------------------------------------------------------
@@ -236,7 +246,7 @@ class TcpTransport(Transport):
         for index, (target, buffer) in enumerate(items):
             try:
                 views[index] = byte_views.as_bytes_view(buffer, target.length,
-                                                     writable=op == Op.READ)
+                                                     writable=op in _READ_OPS)
                 if target.offset < 0:
                     raise InvalidArgumentError(f"negative offset {target.offset}")
                 addr_to_indices[target.data_addr].append(index)
