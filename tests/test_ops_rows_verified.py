@@ -97,3 +97,26 @@ def test_bad_checksums_raise_before_any_byte_moves(bad, match):
     with pytest.raises(InvalidArgumentError, match=match):
         scatter_rows_to_tokens(token_rows, tokens, [0, 1, 2], block_size=4, checksums=bad)
     assert not any(d.any() for d in dst) and not any(t.any() for t in tokens)
+
+
+def test_rows_by_address_scatter_and_refuse_bad_input():
+    from kvstore.ops.rows import RowAddresses
+
+    src = make_layers("block_first", 2, 4, 4, 64, torch.float32)
+    staged = torch.empty(2, row_nbytes(src), dtype=torch.uint8)
+    gather_pages_to_rows(src, [2, 1], staged)
+    base, stride = staged.data_ptr(), staged.shape[1]
+    dst = [torch.zeros_like(t) for t in src]
+    rows = RowAddresses([base, base + stride], stride)
+    assert scatter_rows_to_pages(rows, dst, [0, 3],
+                                 checksums=[checksum(r.numpy()) for r in staged]) == [True, True]
+    assert all(torch.equal(d[[0, 3]], s[[2, 1]]) for s, d in zip(src, dst))
+    fresh = [torch.zeros_like(t) for t in src]
+    for bad, match in ((RowAddresses([base, base + stride], stride - 1), "bytes needed"),
+                       (RowAddresses([base], stride), "rows of"),
+                       (RowAddresses([base, 0], stride), "address is 0")):
+        with pytest.raises(InvalidArgumentError, match=match):
+            scatter_rows_to_pages(bad, fresh, [0, 3])
+    with pytest.raises(InvalidArgumentError, match="at least"):   # a writable view too small
+        gather_pages_to_rows(src, [0], [memoryview(bytearray(row_nbytes(src) - 1))])
+    assert not any(t.any() for t in fresh)

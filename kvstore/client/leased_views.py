@@ -72,6 +72,9 @@ class LeasedViews:
         self.keys = keys
         #: per key: a read-only view of its stored bytes, or None (read it another way)
         self.views: list[memoryview | None] = [None] * len(keys)
+        #: per key: the address of views[i]'s first byte (0 where it is None), valid while
+        #: the lease is open (``kvstore.ops.rows.RowAddresses`` takes them)
+        self.addresses: list[int] = [0] * len(keys)
         #: per key: the XXH3-64 recorded at its put (0 where views[i] is None)
         self.checksums: list[int] = [0] * len(keys)
         #: per key: the master's error (not found, ...) or None
@@ -126,6 +129,7 @@ class LeasedViews:
                     continue
                 mapping.populator.ensure(offset, size)
                 self.views[i] = mapping.segment.view[offset:offset + size].toreadonly()
+                self.addresses[i] = mapping.address + offset
                 self.checksums[i] = digest
                 break
 
@@ -138,6 +142,7 @@ class LeasedViews:
                 except BufferError:
                     pass  # NOTE: a caller still holds an export of it; ours is dropped below
                 self.views[i] = None
+        self.addresses = [0] * len(self.addresses)
         self._mappings = []
         lease_id, self._lease_id = self._lease_id, 0
         if lease_id and self._release is not None:

@@ -16,6 +16,7 @@ from kvstore.client.leased_views import lease_views
 from kvstore.client.reserve import reserve_puts
 from kvstore.client.store import KVStore
 from kvstore.engine.results import block_arrived, num_leading_arrived
+from kvstore.ops.rows import RowAddresses
 
 #: Keys per reservation of an in-place save (well below the master's max_batch, 65,536 by
 #: default: a reservation may hold no more).
@@ -54,8 +55,8 @@ def put_in_place(store: Any, keys: list[str], block_bytes: int,
     return results
 
 
-#: scatter(first, rows, checksums): blocks ``first + j`` from ``rows[j]`` (a list of views,
-#: or a staging tensor ``[n, block_bytes]``); with checksums, a verified scatter returning
+#: scatter(first, rows, checksums): blocks ``first + j`` from ``rows[j]`` (``RowAddresses``
+#: of leased ranges, or a staging tensor ``[n, block_bytes]``); with checksums, a verified scatter returning
 #: per row whether it matched (and was written), else None.
 ScatterViews = Callable[[int, list, Sequence[int] | None], Sequence[bool] | None]
 
@@ -89,7 +90,7 @@ def load_in_place(store: Any, keys: list[str], block_bytes: int, scatter: Scatte
                 num_views += 1
             num_ok = 0
             if num_views:
-                ok = scatter(num_done, leased.views[:num_views],
+                ok = scatter(num_done, RowAddresses(leased.addresses[:num_views], block_bytes),
                              leased.checksums[:num_views] if verify else None)
                 num_ok = num_views if ok is None else _leading_true(ok)
         num_done += num_ok

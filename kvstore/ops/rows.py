@@ -24,6 +24,27 @@ from kvstore.ops._layout import PagedGeometry, check_block_ids, describe_layers
 from kvstore.ops.paged import BlockIds
 
 
+class RowAddresses:
+    """Rows given by address: row ``j`` starts at ``addresses[j]`` and holds at least
+    ``nbytes`` bytes. For memory whose owner already knows where each row lies (the leased
+    segment ranges of ``kvstore.client.leased_views``): no buffer object per row. The caller
+    guarantees the memory stays mapped (and, for a gather, writable) during the call.
+    NOTE: why: turning 128 memoryviews into addresses cost ~1 ms per call here (numpy's
+    frombuffer and ctypes per row), a tenth of a 32 MiB load."""
+
+    __slots__ = ("addresses", "nbytes")
+
+    def __init__(self, addresses: Sequence[int], nbytes: int):
+        self.addresses = list(addresses)
+        self.nbytes = nbytes
+
+    def __len__(self) -> int:
+        return len(self.addresses)
+
+    def __getitem__(self, index: slice) -> "RowAddresses":
+        return RowAddresses(self.addresses[index], self.nbytes)
+
+
 def row_nbytes(layers: Sequence[torch.Tensor], *, layout: str | None = None) -> int:
     """Bytes of one block's row of these layers (every layer's K and V page, or latent)."""
     geom = describe_layers(layers, layout)
@@ -36,9 +57,9 @@ def gather_pages_to_rows(layers: Sequence[torch.Tensor], block_ids: BlockIds, ro
     """Copy page ``block_ids[j]`` of every layer into row ``j``.
 
     ``rows``: a contiguous CPU tensor ``[len(block_ids), row_bytes]`` (any dtype, e.g.
-    uint8 staging rows), or a sequence of ``len(block_ids)`` writable buffers (memoryview,
+    uint8 staging rows), a sequence of ``len(block_ids)`` writable buffers (memoryview,
     bytearray, numpy array, CPU tensor), each C-contiguous with at least ``row_nbytes``
-    bytes (their leading bytes are written). Ids may repeat. The copy is exact.
+    bytes (their leading bytes are written), or a ``RowAddresses``. Ids may repeat. The copy is exact.
 
     ``checksums=True``: also return, per row, the XXH3-64 (seed 0) digest of the
     ``row_nbytes`` bytes written, computed in the same pass (``kvstore.client.checksum``'s
@@ -215,11 +236,28 @@ def _row_pointers(geom: PagedGeometry, rows: Any, num_rows: int,
         base = rows.data_ptr()
         return (_lib.ctypes.c_void_p * num_rows)(*[base + j * stride for j in range(num_rows)]), \
             [rows]
+    if isinstance(rows, RowAddresses):
+        if len(rows) != num_rows or rows.nbytes < row_bytes:
+            raise InvalidArgumentError(f"{num_rows} rows of >= {row_bytes} bytes needed, got "
+                                       f"{len(rows)} of {rows.nbytes}")
+        if not all(rows.addresses):
+            raise InvalidArgumentError("a row address is 0")
+        return (_lib.ctypes.c_void_p * num_rows)(*rows.addresses), []
     rows = list(rows)
     if len(rows) != num_rows:
         raise InvalidArgumentError(f"{num_rows} block ids but {len(rows)} rows")
     keep, addresses = [], []
     for j, row in enumerate(rows):
+        if type(row) is memoryview and not row.readonly and row.c_contiguous:
+            # NOTE: a writable view (a reservation's range): its address without numpy,
+            # ~1.7 us instead of ~7 us a row
+            if row.nbytes < row_bytes:
+                raise InvalidArgumentError(f"rows[{j}] holds {row.nbytes} bytes; at least "
+                                           f"{row_bytes} needed")
+            anchor = _lib.ctypes.c_char.from_buffer(row)
+            keep.append(anchor)
+            addresses.append(_lib.ctypes.addressof(anchor))
+            continue
         array = _as_bytes(row, j)
         if writable and not array.flags.writeable:
             raise InvalidArgumentError(f"rows[{j}] is read-only")
