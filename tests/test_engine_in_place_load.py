@@ -64,6 +64,8 @@ def test_leased_views_refuse_bad_keys_and_a_closed_store():
     with kvstore.local(dram="16MiB") as s:
         with pytest.raises(InvalidArgumentError):
             lease_views(s, ["ok", ""])
+        with pytest.raises(InvalidArgumentError, match="max_batch"):
+            lease_views(s, [f"k{i}" for i in range(s._max_batch + 1)])
     with pytest.raises(ClosedError):
         lease_views(s, ["ok"])
 

@@ -35,7 +35,7 @@ from __future__ import annotations
 
 from typing import Any, Sequence
 
-from kvstore._errors import KVStoreError, MasterUnavailableError
+from kvstore._errors import InvalidArgumentError, KVStoreError, MasterUnavailableError
 from kvstore.client.checksum import is_empty_marker
 from kvstore.client.config import check_timeout
 from kvstore.client.key_checks import check_key, check_keys
@@ -58,6 +58,9 @@ def lease_views(store: Any, keys: Sequence[str], *, timeout_s: float | None = No
     the master's max_batch keys. Use as a context manager."""
     store._check_open()
     keys = [check_key(key) for key in check_keys(keys)]
+    if len(keys) > store._max_batch:
+        raise InvalidArgumentError(f"{len(keys)} keys: one lease holds at most the master's "
+                                   f"max_batch ({store._max_batch})")
     ttl_s = (store.config.lease_ttl_s if lease_ttl_s is None
              else check_timeout(lease_ttl_s, "lease_ttl_s"))
     with store._closing_guard:

@@ -80,8 +80,9 @@ def load_in_place(store: Any, keys: list[str], block_bytes: int, scatter: Scatte
     raise; a master that cannot be reached fails every key (as ``batch_get_into``)."""
     verify = bool(getattr(store.config, "verify", True))
     num_done = 0
-    for lo in range(0, len(keys), LEASE_BATCH):
-        chunk = keys[lo:lo + LEASE_BATCH]
+    per_lease = min(LEASE_BATCH, getattr(store, "_max_batch", LEASE_BATCH))
+    for lo in range(0, len(keys), per_lease):
+        chunk = keys[lo:lo + per_lease]
         with lease_views(store, chunk) as leased:
             num_views = 0
             for view in leased.views:
