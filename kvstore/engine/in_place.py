@@ -58,10 +58,10 @@ def put_in_place(store: Any, keys: list[str], block_bytes: int,
 #: scatter(first, rows, checksums): blocks ``first + j`` from ``rows[j]`` (``RowAddresses``
 #: of leased ranges, or a staging tensor ``[n, block_bytes]``); with checksums, a verified scatter returning
 #: per row whether it matched (and was written), else None.
-ScatterViews = Callable[[int, list, Sequence[int] | None], Sequence[bool] | None]
+ScatterRows = Callable[[int, Any, Sequence[int] | None], Sequence[bool] | None]
 
 
-def load_in_place(store: Any, keys: list[str], block_bytes: int, scatter: ScatterViews,
+def load_in_place(store: Any, keys: list[str], block_bytes: int, scatter: ScatterRows,
                   staging: Callable[[int], Any]) -> tuple[int, list[str]]:
     """Load blocks ``keys[0], keys[1], ...`` (each ``block_bytes``) into the engine's cache
     by ``scatter``; returns (how many leading blocks are now in the cache, the keys that
@@ -76,8 +76,9 @@ def load_in_place(store: Any, keys: list[str], block_bytes: int, scatter: Scatte
     What the cache holds afterwards: the loaded run's pages hold their blocks; a block that
     failed never had its pages written (they hold what they held); a page after the first
     failure holds what it held or its own block's verified bytes (the verified scatter runs
-    the rows in parallel), never unverified bytes. Only invalid arguments and a closed store
-    raise; a master that cannot be reached fails every key (as ``batch_get_into``)."""
+    the rows in parallel), never unverified bytes. Raises only what ``batch_get_into``
+    raises for a whole batch (invalid arguments, ClosedError, MasterUnavailableError naming
+    the keys)."""
     verify = bool(getattr(store.config, "verify", True))
     num_done = 0
     per_lease = min(LEASE_BATCH, getattr(store, "_max_batch", LEASE_BATCH))
