@@ -184,3 +184,19 @@ def test_dynamic_cache_load_in_place_and_after_a_corrupt_block():
         for original, layer in zip(cache.layers, rebuilt.layers):
             assert torch.equal(layer.keys, original.keys[:, :, :3 * BLOCK])
             assert torch.equal(layer.values, original.values[:, :, :3 * BLOCK])
+
+
+def test_a_store_that_trusts_shm_scatters_views_unhashed():
+    """``verify=False`` (the client trusts every process that maps the segments): the
+    in-place load skips the hash as its gets do, so a replica changed behind the store's
+    back is what lands (the configured trade, shown here)."""
+    with kvstore.local(dram="64MiB", verify=False) as trusting:
+        ns, src, tokens, keys = _saved(trusting, "in-place-load-trusting", num_blocks=3)
+        corrupt(trusting, keys[1], at=0)
+        dst = [torch.zeros_like(t) for t in src]
+        loaded = PagedKVConnector(trusting, dst, block_size=BLOCK, namespace=ns).load_blocks(
+            tokens, [0, 1, 2])
+        assert (loaded.num_tokens_loaded, loaded.failed_keys) == (3 * BLOCK, [])
+        assert torch.equal(dst[0][:, 0], src[0][:, 0]) and torch.equal(dst[0][:, 2], src[0][:, 2])
+        assert not torch.equal(dst[0][:, 1], src[0][:, 1])      # byte 0 of block 1 flipped
+        assert all(torch.equal(d[:, 1], s[:, 1]) for s, d in zip(src[1:], dst[1:]))
