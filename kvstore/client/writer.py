@@ -288,3 +288,14 @@ def _revoke(master: MasterClient, settings: PutSettings, names: list[str]) -> No
         master.put_revoke(names, client_id=settings.client_id)
     except KVStoreError:
         pass
+
+
+# The flow's steps other put flows of the package share (``kvstore.client.reserve``: a put
+# whose bytes the caller writes in place), under names that are theirs to call.
+# NOTE: aliases, not renames, so this module's own calls stay as they are.
+#: Finish a PutStart the flow will not follow up (see ``_abandon``).
+abandon_start = _abandon
+#: PutEnd (and the daemons' commits) of the written keys (see ``_end``).
+end_put = _end
+#: Give the space of keys back, best effort (see ``_revoke``).
+revoke = _revoke

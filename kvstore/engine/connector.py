@@ -6,7 +6,9 @@ tensor (fused INT8 quantization when asked) and written with one ``batch_put``.
 
 Load: ``match_prefix`` finds the longest stored prefix of the request's block keys, one
 ``batch_get_into`` reads those objects into staging rows, and the leading run of blocks that
-arrived is scattered into the given pages. The engine computes only the tokens after it.
+arrived is scattered into the given pages. The engine computes only the tokens after it. A
+CPU cache of a raw format skips the staging rows: blocks on this host's shm are scattered
+from leased views of the segments, each verified first (``kvstore.engine.in_place``).
 
 Failures: a block that cannot be written or read is named in the result's ``failed_keys``
 (the engine recomputes it); a failed batch never raises for the whole request. Only invalid
@@ -23,22 +25,16 @@ from __future__ import annotations
 
 import dataclasses
 import uuid
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 import torch
 
 from kvstore._errors import InvalidArgumentError
-from kvstore.client.reserve import reserve_puts
-from kvstore.client.store import KVStore
 from kvstore.engine import tp
 from kvstore.engine.blocks import BlockFormat, gather_blocks, scatter_blocks
+from kvstore.engine.in_place import can_reserve, load_in_place, put_in_place
 from kvstore.engine.keys import KeyNamespace, prefix_keys
 from kvstore.engine.results import LoadResult, SaveResult, block_arrived, num_leading_arrived
-
-#: Keys per reservation of an in-place save (well below the master's max_batch, 65,536 by
-#: default: a reservation may hold no more).
-RESERVE_BATCH = 512
-
 
 class PagedKVConnector:
     """Moves a request's KV blocks between a paged cache and a kvstore.
@@ -115,8 +111,11 @@ class PagedKVConnector:
         """Load the longest stored run of leading full blocks of ``token_ids`` into pages
         ``block_ids`` (at most ``len(block_ids)`` blocks). The first ``num_computed_tokens //
         block_size`` blocks are already in the pages (a local prefix-cache hit): they are
-        neither read nor written. Pages past the loaded run are left untouched.
-        ``num_tokens_loaded`` counts from token 0 (local blocks included)."""
+        neither read nor written. ``num_tokens_loaded`` counts from token 0 (local blocks
+        included). Pages past the
+        loaded run are left untouched, except after a block that failed its checksum on the
+        in-place path: a later page may then hold its own block's verified KV (see
+        ``in_place.load_in_place``); never bytes that failed verification."""
         keys = self.keys_for(token_ids)
         num_usable = min(len(keys), len(block_ids) if block_ids is not None else 0)
         block_index = self._block_index(block_ids, 0)
@@ -132,13 +131,17 @@ class PagedKVConnector:
         if num_hit <= num_skip:
             return LoadResult(num_hit * self.block_size, 0, [])
         wanted = keys[num_skip:num_hit]
-        rows = self._staging_rows(len(wanted))
-        results = self.store.batch_get_into(wanted, list(rows))
-        num_ok = num_leading_arrived(results, self.format.block_bytes)
-        failed = [k for k, r in zip(wanted, results) if not block_arrived(r, self.format.block_bytes)]
-        if num_ok:
-            scatter_blocks(rows[:num_ok], self.layers, block_index[num_skip:num_skip + num_ok],
-                           self.format)
+        pages = block_index[num_skip:num_hit]
+        if self._saves_in_place():
+            num_ok, failed = self._load_in_place(wanted, pages)
+        else:
+            rows = self._staging_rows(len(wanted))
+            results = self.store.batch_get_into(wanted, list(rows))
+            num_ok = num_leading_arrived(results, self.format.block_bytes)
+            failed = [k for k, r in zip(wanted, results)
+                      if not block_arrived(r, self.format.block_bytes)]
+            if num_ok:
+                scatter_blocks(rows[:num_ok], self.layers, pages[:num_ok], self.format)
         return LoadResult((num_skip + num_ok) * self.block_size,
                           num_ok * self.format.block_bytes, failed)
 
@@ -172,6 +175,18 @@ class PagedKVConnector:
 
         return put_in_place(self.store, keys, self.format.block_bytes, fill)
 
+    def _load_in_place(self, keys: list[str], pages: torch.Tensor) -> tuple[int, list[str]]:
+        """Blocks ``keys`` into ``pages``, scattered (and verified) straight from where they
+        are stored (``load_in_place``); (leading blocks loaded, failed keys)."""
+        from kvstore import ops
+
+        def scatter(first: int, rows: Any, checksums: Any) -> list[bool] | None:
+            return ops.scatter_rows_to_pages(rows, self.layers, pages[first:first + len(rows)],
+                                             layout=self.format.layout, checksums=checksums)
+
+        return load_in_place(self.store, keys, self.format.block_bytes, scatter,
+                             self._staging_rows)
+
     def _is_heterogeneous(self) -> bool:
         if self.source_tp_size is None:
             return False
@@ -198,36 +213,6 @@ class PagedKVConnector:
         if len(index) and (int(index.min()) < 0 or int(index.max()) >= num_pages):
             raise InvalidArgumentError(f"block ids must lie in [0, {num_pages})")
         return index  # kvstore.ops wants the ids on the host
-
-
-def can_reserve(store: Any) -> bool:
-    """True for a store ``put_in_place`` can use: a ``KVStore`` (not a look-alike such as
-    the asyncio or Mooncake-compatible stores, which take ``batch_put``)."""
-    return isinstance(store, KVStore)
-
-
-def put_in_place(store: Any, keys: list[str], block_bytes: int,
-                 fill: Callable[[list[int], list[memoryview]], list[int] | None]) -> list:
-    """Put one block of ``block_bytes`` under each key by writing it where it is stored:
-    ``reserve_puts`` hands out the reserved ranges and ``fill(positions, views)``
-    writes block ``keys[positions[i]]`` into ``views[i]`` (keys stored already get no view)
-    and returns each view's XXH3-64 digest, computed as it wrote (a fused gather), or None
-    (the commit hashes the views); then the reservation commits; at most RESERVE_BATCH keys
-    per reservation. Returns what ``batch_put`` would. NOTE: why: a gather into staging rows
-    followed by a put moved every byte twice, this moves it once
-    (``kvstore.client.reserve``), and the fused digest spares the commit reading it back."""
-    results: list = []
-    for lo in range(0, len(keys), RESERVE_BATCH):
-        chunk = keys[lo:lo + RESERVE_BATCH]
-        with reserve_puts(store, chunk, [block_bytes] * len(chunk)) as reservation:
-            filled = [j for j, view in enumerate(reservation.views) if view is not None]
-            sums: list[int | None] = [None] * len(chunk)
-            if filled:
-                digests = fill([lo + j for j in filled], [reservation.views[j] for j in filled])
-                for j, digest in zip(filled, digests or ()):
-                    sums[j] = digest
-            results.extend(reservation.commit(sums))
-    return results
 
 
 def store_round_trip(store: Any, row: torch.Tensor) -> None:

@@ -8,7 +8,9 @@ rebuilds a cache from rows the same way. The form and the keys are those of
 saved from a transformers cache loads into a paged engine and the other way round.
 
 Guarantees and errors as ``PagedKVConnector``: one ``batch_exists`` and one ``batch_put``
-per save (stored blocks skipped), one ``match_prefix`` and one ``batch_get_into`` per load,
+per save (stored blocks skipped), one ``match_prefix`` and one ``batch_get_into`` per load (a raw CPU cache from a
+``KVStore``: in place, ``kvstore.engine.in_place``: the save gathers into the reserved
+ranges, the load scatters verified blocks straight from the segments),
 failed blocks named in the result, only bad arguments and a closed store raise. Batch size 1.
 Thread safety: one connector per thread (the staging buffer is reused).
 """
@@ -21,8 +23,8 @@ import torch
 
 from kvstore._errors import InvalidArgumentError
 from kvstore.engine.blocks import BlockFormat, decode_rows
-from kvstore.engine.connector import (can_reserve, complete_namespace, put_in_place,
-                                      store_round_trip)
+from kvstore.engine.connector import complete_namespace, store_round_trip
+from kvstore.engine.in_place import can_reserve, load_in_place, put_in_place
 from kvstore.engine.copies import copy_one_thread
 from kvstore.engine.hf_cache import cache_pairs
 from kvstore.engine.keys import KeyNamespace, prefix_keys
@@ -104,6 +106,8 @@ class DynamicCacheConnector:
         if num_hit == 0:
             return cache, LoadResult(0, 0, [])
         fmt = self.format
+        if self._loads_in_place():
+            return self._load_in_place(keys[:num_hit], config)
         rows = self._rows(num_hit)
         results = self.store.batch_get_into(keys[:num_hit], list(rows))
         num_ok = num_leading_arrived(results, fmt.block_bytes)
@@ -112,25 +116,66 @@ class DynamicCacheConnector:
             cache = self._cache_from_rows(rows[:num_ok], config)
         return cache, LoadResult(num_ok * self.block_size, num_ok * fmt.block_bytes, failed)
 
+    def _loads_in_place(self) -> bool:
+        """True when a load scatters straight from where the blocks are stored (a raw format
+        rebuilt on the CPU from a ``KVStore``: ``kvstore.engine.in_place``)."""
+        return self.format.quantize is None and self.device.type == "cpu" and \
+            can_reserve(self.store)
+
+    def _load_in_place(self, keys: list[str], config: Any) -> tuple[Any, LoadResult]:
+        """Blocks ``keys`` scattered (verified) from the store's segments into fresh
+        ``[1, H, S, D]`` tensors; the cache holds the leading run that arrived."""
+        from kvstore import ops
+
+        tensors = self._fresh_tensors(len(keys))
+
+        def scatter(first: int, rows: Any, checksums: Any) -> list[bool] | None:
+            ids = torch.arange(first, first + len(rows))
+            return ops.scatter_rows_to_tokens(rows, tensors, ids, block_size=self.block_size,
+                                              checksums=checksums)
+
+        num_ok, failed = load_in_place(self.store, keys, self.format.block_bytes, scatter,
+                                       self._rows)
+        cache = self._install(tensors, num_ok, config)
+        return cache, LoadResult(num_ok * self.block_size, num_ok * self.format.block_bytes,
+                                 failed)
+
+    def _fresh_tensors(self, num_blocks: int) -> list[torch.Tensor]:
+        """``[k0, v0, k1, v1, ...]``, each a new ``[1, H, num_blocks * block_size, D]``."""
+        fmt = self.format
+        return [torch.empty(1, fmt.num_kv_heads, num_blocks * self.block_size, fmt.head_dim,
+                            dtype=fmt.dtype) for _ in range(2 * fmt.block_shape[0])]
+
+    def _install(self, tensors: list[torch.Tensor], num_blocks: int, config: Any) -> Any:
+        """A DynamicCache of the first ``num_blocks`` blocks of ``tensors`` (kept as they are
+        when they hold exactly that many; a shorter copy when a load stopped early)."""
+        from transformers import DynamicCache
+
+        cache = DynamicCache(config=config)
+        if num_blocks == 0:
+            return cache
+        num_tokens = num_blocks * self.block_size
+        if tensors[0].shape[2] != num_tokens:
+            tensors = [t[:, :, :num_tokens].contiguous() for t in tensors]
+        for layer in range(self.format.block_shape[0]):
+            _install_layer(cache, layer, tensors[2 * layer], tensors[2 * layer + 1])
+        return cache
+
     def _cache_from_rows(self, rows: torch.Tensor, config: Any) -> Any:
         from transformers import DynamicCache
 
         fmt = self.format
         num_blocks = rows.shape[0]
-        heads, dim = fmt.num_kv_heads, fmt.head_dim
         cache = DynamicCache(config=config)
         if fmt.quantize is None and self.device.type == "cpu":
             from kvstore import ops
 
             # [n, L, 2, B, H, D] rows -> fresh [1, H, n*B, D] per tensor: one pass, one thread
             # per MiB (kvstore.ops.rows), no torch strided copy
-            tensors = [torch.empty(1, heads, num_blocks * self.block_size, dim,
-                                   dtype=fmt.dtype) for _ in range(2 * fmt.block_shape[0])]
+            tensors = self._fresh_tensors(num_blocks)
             ops.scatter_rows_to_tokens(rows, tensors, torch.arange(num_blocks),
                                        block_size=self.block_size)
-            for layer in range(fmt.block_shape[0]):
-                _install_layer(cache, layer, tensors[2 * layer], tensors[2 * layer + 1])
-            return cache
+            return self._install(tensors, num_blocks, config)
         payload = decode_rows(rows, fmt)  # [n, L, 2, B, H, D], a view of the rows when raw
         for layer in range(fmt.block_shape[0]):
             # [n, B, H, D] -> [1, H, n*B, D]: the one copy, into fresh tensors

@@ -85,6 +85,8 @@ _CPU_SIGNATURES = {
     "kvops_scatter_tokens": [ctypes.POINTER(TokensArg), _I64, _P, _EXEC],
     "kvops_gather_blocks_hash": [_PAGES, _I64, _P, _P, _EXEC],
     "kvops_gather_tokens_hash": [ctypes.POINTER(TokensArg), _I64, _P, _P, _EXEC],
+    "kvops_scatter_blocks_verified": [_PAGES, _I64, _P, _P, _P, _EXEC],
+    "kvops_scatter_tokens_verified": [ctypes.POINTER(TokensArg), _I64, _P, _P, _P, _EXEC],
 }
 
 

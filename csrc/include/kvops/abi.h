@@ -78,6 +78,15 @@ int kvops_gather_tokens(const kvops_tokens* tokens, int64_t elem_bytes, void* co
 int kvops_scatter_tokens(const kvops_tokens* tokens, int64_t elem_bytes,
                          const void* const* rows, const kvops_exec* exec);
 
+// CPU library only: the scatters above, row j only when its XXH3-64 (seed 0) equals
+// expected[j]; ok[j] = 1 when it did, 0 when it did not match (its pages were not written).
+int kvops_scatter_blocks_verified(const kvops_pages* pages, int64_t elem_bytes,
+                                  const void* const* rows, const uint64_t* expected,
+                                  uint8_t* ok, const kvops_exec* exec);
+int kvops_scatter_tokens_verified(const kvops_tokens* tokens, int64_t elem_bytes,
+                                  const void* const* rows, const uint64_t* expected,
+                                  uint8_t* ok, const kvops_exec* exec);
+
 // INT8 of num_groups groups of group_size contiguous values (see kvops/int8.h). The quantizing
 // entry points add the number of non-finite groups to *num_nonfinite (host or device memory,
 // as the library's other pointers).
