@@ -65,16 +65,45 @@ def _adoption_log(master, daemon) -> str:
             f"daemon: {lines(daemon, 'registered', 'ring', 'refused', 'COMMIT')}")
 
 
+class _Crashable:
+    """A master (slow heartbeats, ``design``) and one daemon (``daemon_args``); the test
+    SIGKILLs ``master`` itself, then ``restart`` starts a new master on its port with fast
+    heartbeats (so the daemon re-registers soon) and waits until it adopted ``key`` from
+    the daemon. Closes all three on exit."""
+
+    def __init__(self, design, *daemon_args, master_args=()):
+        self.design = design
+        self.master = _master(*SLOW_BEAT, *master_args, *design)
+        try:
+            self.daemon = _daemon(self.master, *daemon_args)
+        except BaseException:
+            self.master.close()
+            raise
+        self.restarted = None
+
+    def restart(self, key: str):
+        self.restarted = _master("--heartbeat-interval", "200ms", *self.design,
+                                 port=self.master.port)
+        _wait_exists(self.restarted, key, self.daemon)
+        return self.restarted
+
+    def __enter__(self) -> "_Crashable":
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.daemon.close()
+        self.master.close()
+        if self.restarted is not None:
+            self.restarted.close()
+
+
 @DESIGNS
 @pytest.mark.parametrize("transport", ["auto", "tcp"], ids=["shm-ring", "tcp"])
 def test_master_sigkill_after_a_burst_keeps_puts_and_removals(design, transport):
     # NOTE: "auto" writes through shared memory, so with client commit its commits go
     # through the daemon's commit ring; "tcp" sends CLIENT_COMMIT frames
-    master = _master(*SLOW_BEAT, *design)
-    port = master.port
-    daemon = _daemon(master, "--dram", "64MiB")
-    restarted = None
-    try:
+    with _Crashable(design, "--dram", "64MiB") as servers:
+        master = servers.master
         values = {f"burst/{i}": payload(VALUE_BYTES, seed=i) for i in range(300)}
         with kvstore.connect(master.address, transport=transport, timeout_s=10) as store:
             for key, value in values.items():           # one put per call, as engines do
@@ -85,8 +114,7 @@ def test_master_sigkill_after_a_burst_keeps_puts_and_removals(design, transport)
                 store.put(key, b"x" * 1000)
             assert store.remove_prefix("gone/") == 2
             master.kill()                   # right after the last call returned
-        restarted = _master("--heartbeat-interval", "200ms", *design, port=port)
-        _wait_exists(restarted, "burst/1", daemon)
+        restarted = servers.restart("burst/1")
         kept = [key for key in values if key not in removed]
         with kvstore.connect(restarted.address, timeout_s=10) as store:
             assert store.batch_get(kept) == [values[key] for key in kept]
@@ -94,20 +122,12 @@ def test_master_sigkill_after_a_burst_keeps_puts_and_removals(design, transport)
                 [False] * (len(removed) + 2)
             with pytest.raises(kvstore.KeyNotFoundError):
                 store.get(removed[0])
-    finally:
-        daemon.close()
-        master.close()
-        if restarted is not None:
-            restarted.close()
 
 
 @DESIGNS
 def test_an_evicted_object_is_not_resurrected_by_a_restarted_master(design):
-    master = _master(*SLOW_BEAT, *design)
-    port = master.port
-    daemon = _daemon(master, "--dram", "4MiB")
-    restarted = None
-    try:
+    with _Crashable(design, "--dram", "4MiB") as servers:
+        master = servers.master
         values = {}
         with kvstore.connect(master.address, timeout_s=10) as store:
             for i in range(80):              # 5 MiB into 4 MiB: the oldest are evicted
@@ -119,16 +139,10 @@ def test_an_evicted_object_is_not_resurrected_by_a_restarted_master(design):
         evicted = [key for key, there in zip(values, present) if not there]
         kept = [key for key, there in zip(values, present) if there]
         assert evicted and kept
-        restarted = _master("--heartbeat-interval", "200ms", *design, port=port)
-        _wait_exists(restarted, kept[-1], daemon)
+        restarted = servers.restart(kept[-1])
         with kvstore.connect(restarted.address, timeout_s=10) as store:
             assert store.batch_exists(evicted) == [False] * len(evicted)
             assert store.batch_get(kept) == [values[key] for key in kept]
-    finally:
-        daemon.close()
-        master.close()
-        if restarted is not None:
-            restarted.close()
 
 
 @DESIGNS
@@ -138,11 +152,9 @@ def test_a_put_into_space_an_unconfirmed_eviction_freed_returns_only_once_it_is_
     # and the daemon's commit ring need no answer). A put acknowledged then, into a range
     # whose previous object the daemon still lists, was lost to a master restart: the
     # inventory held both and adoption kept the older one (issue 10, 10f)
-    master = _master(*SLOW_BEAT, "--commit-timeout", "300ms", *design)
-    port = master.port
-    daemon = _daemon(master, "--dram", "4MiB")
-    restarted = None
-    try:
+    with _Crashable(design, "--dram", "4MiB", master_args=("--commit-timeout", "300ms")) \
+            as servers:
+        master, daemon = servers.master, servers.daemon
         values, acked, failed = {}, [], []
         with kvstore.connect(master.address, transport="auto", timeout_s=10) as store:
             for i in range(64):                     # 4 MiB: full, evicting
@@ -168,19 +180,13 @@ def test_a_put_into_space_an_unconfirmed_eviction_freed_returns_only_once_it_is_
             finally:
                 os.kill(daemon.proc.pid, signal.SIGCONT)
         kept = [key for key in acked if present[key]]
-        restarted = _master("--heartbeat-interval", "200ms", *design, port=port)
-        _wait_exists(restarted, kept[0], daemon)
+        restarted = servers.restart(kept[0])
         with kvstore.connect(restarted.address, timeout_s=10) as store:
             found = store.batch_exists(kept)
             lost = [key for key, there in zip(kept, found) if not there]
             assert not lost, f"acknowledged puts lost to the restart: {lost}; " + \
                 _adoption_log(restarted, daemon)
             assert store.batch_get(kept) == [values[key] for key in kept]
-    finally:
-        daemon.close()
-        master.close()
-        if restarted is not None:
-            restarted.close()
 
 
 @DESIGNS

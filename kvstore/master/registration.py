@@ -137,9 +137,8 @@ def _adopt(state, node: Node, inv) -> int:
             [(inv.offsets[i], inv.lengths[i]) for i in indices])
         for i, ok in zip(indices, accepted):
             if not ok:
-                refused.add(inv.keys[i], f"range [{inv.offsets[i]}, +{inv.lengths[i]}) in "
-                            f"{segment.segment_id!r} unaligned, outside the segment or "
-                            "overlapping an item before it in offset order")
+                refused.add(inv.keys[i], _range_refusal(segment, inv, i, indices, accepted)
+                            if refused.naming else "")
                 continue
             key, offset, length = inv.keys[i], inv.offsets[i], inv.lengths[i]
             existing = objects.get(key)
@@ -171,6 +170,18 @@ def _adopt(state, node: Node, inv) -> int:
     return num_adopted
 
 
+def _range_refusal(segment: SegmentSpace, inv, i: int, indices: list[int],
+                   accepted: list[bool]) -> str:
+    """Why item ``i``'s range was refused: the adopted item it overlaps, if any."""
+    offset, length = inv.offsets[i], inv.lengths[i]
+    where = f"range [{offset}, +{length}) in {segment.segment_id!r}"
+    for j, ok in zip(indices, accepted):
+        if ok and offset < inv.offsets[j] + inv.lengths[j] and inv.offsets[j] < offset + length:
+            return (f"{where} overlaps {inv.keys[j]!r} at [{inv.offsets[j]}, "
+                    f"+{inv.lengths[j]}), adopted")
+    return f"{where} unaligned, outside the segment or overlapping an aligned range"
+
+
 class _Refusals:
     """Counts the inventory items a registration refuses; ``log`` warns naming the first."""
 
@@ -181,9 +192,14 @@ class _Refusals:
         self.count = 0
         self.first: list[str] = []
 
+    @property
+    def naming(self) -> bool:
+        """True while the next refusal is one the warning names (its reason is needed)."""
+        return len(self.first) < MAX_LOGGED_REFUSALS
+
     def add(self, key: str, reason: str) -> None:
         self.count += 1
-        if len(self.first) < MAX_LOGGED_REFUSALS:
+        if self.naming:
             self.first.append(f"{key!r}: {reason}")
 
     def log(self) -> None:
