@@ -13,13 +13,14 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import time
 
 import pytest
 
 from client_cluster import payload
-from servers import ServerProcess
+from crash_servers import (
+    adoption_log, daemon_process, data_plane, master_process, wait_adopted,
+)
 
 import kvstore
 from kvstore import capability
@@ -36,35 +37,6 @@ DESIGNS = pytest.mark.parametrize("design", [(), ("--no-client-commit",)],
                                   ids=["client-commit", "master-push"])
 
 
-def _master(*args, port=0):
-    return ServerProcess(["master", "--host", "127.0.0.1", "--port", str(port), *args])
-
-
-def _daemon(master, *args):
-    return ServerProcess(["daemon", "--master", master.address, "--host", "127.0.0.1",
-                          "--port", "0", *args])
-
-
-def _wait_exists(master, key, daemon, timeout_s=30.0):
-    """A fresh client polls until the restarted master adopted ``key`` from ``daemon``."""
-    deadline = time.monotonic() + timeout_s
-    with kvstore.connect(master.address, timeout_s=10) as store:
-        while not store.exists(key):
-            assert time.monotonic() < deadline, \
-                f"{key} was not adopted after the restart; " + _adoption_log(master, daemon)
-            time.sleep(0.05)  # another process's registration: no clock of ours to advance
-
-
-def _adoption_log(master, daemon) -> str:
-    """What the restarted master said of the daemon's inventory (adopted, refused and why)
-    and the daemon's registrations, for a failure message."""
-    def lines(server, *words):
-        return [line for line in server.stderr().splitlines()
-                if any(word in line for word in words)][-8:]
-    return (f"master: {lines(master, 'adopted', 'not adopted', 'refused')}; "
-            f"daemon: {lines(daemon, 'registered', 'ring', 'refused', 'COMMIT')}")
-
-
 class _Crashable:
     """A master (slow heartbeats, ``design``) and one daemon (``daemon_args``); the test
     SIGKILLs ``master`` itself, then ``restart`` starts a new master on its port with fast
@@ -73,18 +45,18 @@ class _Crashable:
 
     def __init__(self, design, *daemon_args, master_args=()):
         self.design = design
-        self.master = _master(*SLOW_BEAT, *master_args, *design)
+        self.master = master_process(*SLOW_BEAT, *master_args, *design)
         try:
-            self.daemon = _daemon(self.master, *daemon_args)
+            self.daemon = daemon_process(self.master, *daemon_args)
         except BaseException:
             self.master.close()
             raise
         self.restarted = None
 
     def restart(self, key: str):
-        self.restarted = _master("--heartbeat-interval", "200ms", *self.design,
+        self.restarted = master_process("--heartbeat-interval", "200ms", *self.design,
                                  port=self.master.port)
-        _wait_exists(self.restarted, key, self.daemon)
+        wait_adopted(self.restarted, key, self.daemon)
         return self.restarted
 
     def __enter__(self) -> "_Crashable":
@@ -185,21 +157,21 @@ def test_a_put_into_space_an_unconfirmed_eviction_freed_returns_only_once_it_is_
             found = store.batch_exists(kept)
             lost = [key for key, there in zip(kept, found) if not there]
             assert not lost, f"acknowledged puts lost to the restart: {lost}; " + \
-                _adoption_log(restarted, daemon)
+                adoption_log(restarted, daemon)
             assert store.batch_get(kept) == [values[key] for key in kept]
 
 
 @DESIGNS
 def test_daemon_sigkill_right_after_an_ssd_put_then_restart_serves_it(tmp_path, design):
     ssd = ("--dram", "4MiB", "--ssd", f"{tmp_path}:64MiB", "--node-id", "ssd-node")
-    with _master(*SLOW_BEAT, *design) as master:
-        daemon = _daemon(master, *ssd)
+    with master_process(*SLOW_BEAT, *design) as master:
+        daemon = daemon_process(master, *ssd)
         value = payload(300_000, seed=7)
         with kvstore.connect(master.address, transport="tcp", timeout_s=10) as store:
             store.put("ssd/one", value, tier="ssd")
             daemon.kill()                     # before any heartbeat could have indexed it
             daemon.close()
-            with _daemon(master, *ssd) as again:
+            with daemon_process(master, *ssd) as again:
                 deadline = time.monotonic() + 30
                 while not store.exists("ssd/one"):
                     assert time.monotonic() < deadline, again.stderr()[-2000:]
@@ -213,8 +185,8 @@ def test_daemon_sigkill_right_after_an_ssd_put_then_restart_serves_it(tmp_path, 
 def test_a_daemon_that_does_not_confirm_fails_the_put_naming_the_key(design):
     # NOTE: --no-commit-ring: with the ring an shm put is durable in the daemon's shared
     # memory and needs no answer (tests/test_commit_ring.py); here the daemon must answer
-    with _master(*SLOW_BEAT, "--commit-timeout", "500ms", *design) as master, \
-            _daemon(master, "--dram", "16MiB", "--no-commit-ring") as daemon:
+    with master_process(*SLOW_BEAT, "--commit-timeout", "500ms", *design) as master, \
+            daemon_process(master, "--dram", "16MiB", "--no-commit-ring") as daemon:
         with kvstore.connect(master.address, transport="auto", timeout_s=10) as store:
             store.put("ok/before", b"a" * 5000)
             os.kill(daemon.proc.pid, signal.SIGSTOP)
@@ -241,17 +213,6 @@ def test_a_daemon_that_does_not_confirm_fails_the_put_naming_the_key(design):
             assert store.get("ok/before") == b"a" * 5000
 
 
-def _data_plane(address):
-    host, _, port = address.rpartition(":")
-    sock = socket.create_connection((host, int(port)), timeout=10)
-    sock.sendall(data_frames.encode_hello(None))
-    status, _, msg_len, _, _ = data_frames.REPLY.unpack(
-        data_frames.recv_exact(sock, data_frames.REPLY.size))
-    data_frames.recv_exact(sock, msg_len)
-    assert status == Status.OK
-    return sock
-
-
 def _reply(sock):
     status, _, msg_len, _, length = data_frames.REPLY.unpack(
         data_frames.recv_exact(sock, data_frames.REPLY.size))
@@ -259,10 +220,10 @@ def _reply(sock):
 
 
 def test_bad_commit_frames_are_refused_and_nothing_stored_is_lost():
-    with _master() as master, _daemon(master, "--dram", "16MiB") as daemon:
+    with master_process() as master, daemon_process(master, "--dram", "16MiB") as daemon:
         with kvstore.connect(master.address, timeout_s=10) as store:
             store.put("keep/1", b"k" * 3000)
-            sock = _data_plane(daemon.address)
+            sock = data_plane(daemon.address)
             try:
                 garbage = b"\xff" * 64            # not a HeartbeatResponse
                 sock.sendall(data_frames.encode_request(Op.COMMIT, b"", 1, 0, len(garbage))
@@ -313,8 +274,8 @@ def test_object_table_skips_a_change_set_after_a_gap_and_repeats():
 
 
 def test_commit_timeout_zero_answers_without_waiting_for_the_daemon():
-    with _master(*SLOW_BEAT, "--commit-timeout", "0") as master, \
-            _daemon(master, "--dram", "16MiB") as daemon:
+    with master_process(*SLOW_BEAT, "--commit-timeout", "0") as master, \
+            daemon_process(master, "--dram", "16MiB") as daemon:
         with kvstore.connect(master.address, transport="auto", timeout_s=10) as store:
             os.kill(daemon.proc.pid, signal.SIGSTOP)
             try:
