@@ -25,7 +25,11 @@ from crash_servers import (
 import kvstore
 from kvstore import capability
 from kvstore.daemon.objects import ObjectTable
+from kvstore.master.nodes import Node, SegmentSpace
+from kvstore.master.objects import ITEM_NOT_FOUND, ITEM_OK
+from kvstore.master.service import _client_committed
 from kvstore.rpc import HeartbeatChanges, Inventory
+from kvstore.tiers import Tier
 from kvstore.transport import data_frames
 from kvstore.transport.data_frames import Op, Status
 from kvstore.v1 import master_pb2
@@ -271,6 +275,34 @@ def test_object_table_skips_a_change_set_after_a_gap_and_repeats():
         table.apply_pushed(0, b"")
     table.reset_sequence()
     assert table.apply_pushed(0, b"") == 0               # an empty push: nothing to apply
+
+
+def test_a_client_committed_put_end_waits_only_for_frees_its_nodes_did_not_confirm():
+    node = Node("n", "h", "127.0.0.1:1", 0.0)
+    node.commit_push = node.client_commit = True
+    other = Node("o", "h", "127.0.0.1:2", 0.0)
+    other.commit_push = other.client_commit = True
+    dram = SegmentSpace("dram0", node, Tier.DRAM, 1 << 20, "", "")
+    nodes = {"n": node, "o": other}
+    ok = master_pb2.PutEndResponse(statuses=[ITEM_OK])
+
+    def decide():
+        return _client_committed(ok, nodes, {node: node.seq})
+
+    node.log_added("a", dram, 0, 64, 0, 0)
+    assert decide() == (False, None)         # additions only: the client holds the commits
+    node.log_removed("a")                    # seq 2: a removal or eviction, not confirmed
+    node.log_added("b", dram, 0, 64, 0, 0)
+    assert decide() == (True, {node: 2})     # wait for the free, not for the put's own add
+    node.durable_seq = 2
+    assert decide() == (False, None)
+    node.log_moved("b", dram, 4096, 64, 0, 0)   # a tier move's switch frees b's old range
+    assert decide() == (True, {node: 4})
+    other.log_removed("x")                   # another node's frees do not hold this put
+    node.durable_seq = 4
+    assert decide() == (False, None)
+    refused = master_pb2.PutEndResponse(statuses=[ITEM_NOT_FOUND])
+    assert _client_committed(refused, nodes, {node: node.seq}) == (True, {other: 1})
 
 
 def test_commit_timeout_zero_answers_without_waiting_for_the_daemon():
