@@ -25,7 +25,7 @@ import zlib
 import pytest
 
 from client_cluster import payload
-from servers import ServerProcess
+from crash_servers import daemon_process, master_process, wait_adopted
 
 import kvstore
 from kvstore import capability, commit_ring
@@ -144,27 +144,17 @@ def test_concurrent_writer_processes_never_lose_or_corrupt_a_record(ring):
 # ---- with real processes ------------------------------------------------------------------
 
 def _master(*args, port=0):
-    return ServerProcess(["master", "--host", "127.0.0.1", "--port", str(port), *SLOW_BEAT,
-                          *args])
+    return master_process(*SLOW_BEAT, *args, port=port)
 
 
 def _daemon(master, *args):
-    return ServerProcess(["daemon", "--master", master.address, "--host", "127.0.0.1",
-                          "--port", "0", "--dram", "16MiB", *args])
+    return daemon_process(master, "--dram", "16MiB", *args)
 
 
 def _restart(master, port):
     master.kill()
     master.close()
     return _master(port=port)
-
-
-def _wait_exists(address, key):
-    deadline = time.monotonic() + 30
-    with kvstore.connect(address, timeout_s=10) as store:
-        while not store.exists(key):
-            assert time.monotonic() < deadline, f"{key} was not adopted"
-            time.sleep(0.05)  # another process's registration: no clock of ours
 
 
 def _shm_written(client, keys, value, client_id="raw-writer"):
@@ -206,7 +196,7 @@ def test_an_shm_put_is_durable_without_waking_the_daemon():
             finally:
                 os.kill(daemon.proc.pid, signal.SIGCONT)
         restarted = _restart(master, port)
-        _wait_exists(restarted.address, "asleep/key")
+        wait_adopted(restarted, "asleep/key")
         with kvstore.connect(restarted.address, timeout_s=10) as store:
             assert store.get("asleep/key") == value
     finally:
@@ -242,7 +232,7 @@ def test_a_forged_ring_record_is_not_applied_nor_adopted():
         client.close()
         client = None
         restarted = _restart(master, port)
-        _wait_exists(restarted.address, "anchor")
+        wait_adopted(restarted, "anchor")
         with kvstore.connect(restarted.address, timeout_s=10) as store:
             assert store.batch_exists(["forged", "other", "wrongkey"]) == [False] * 3
         assert "commit ring: 2 entries" in daemon.stderr()
@@ -266,6 +256,9 @@ def test_a_full_ring_falls_back_to_client_commit():
                 client.put_revoke(["probe"], client_id="probe")
             finally:
                 client.close()
+            # NOTE: returns once the daemon confirmed the revoke's removal (a PutEnd waits
+            # for the frees before it), so the stopped daemon below owes the master nothing
+            store.put("settled", b"s" * SIZE)
             committer = store._transfers.committer
             writer = writer_for(ring_name)      # this process's region: the store's too
             os.kill(daemon.proc.pid, signal.SIGSTOP)
@@ -324,7 +317,7 @@ def test_a_ring_committed_put_the_master_refuses_is_not_resurrected():
         client.close()
         client = None
         restarted = _restart(master, port)
-        _wait_exists(restarted.address, "anchor")
+        wait_adopted(restarted, "anchor")
         with kvstore.connect(restarted.address, timeout_s=10) as store:
             assert store.batch_exists(["early", "late"]) == [False, False]
     finally:
@@ -364,7 +357,7 @@ def test_a_torn_record_in_a_daemons_ring_is_dropped_and_later_puts_commit():
             store.put("after", b"z" * SIZE)            # the region keeps working
         assert "torn records dropped" in daemon.stderr()
         restarted = _restart(master, port)
-        _wait_exists(restarted.address, "after")
+        wait_adopted(restarted, "after")
         with kvstore.connect(restarted.address, timeout_s=10) as store:
             assert store.get("after") == b"z" * SIZE
             assert not store.exists("torn")

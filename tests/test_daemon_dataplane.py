@@ -10,7 +10,7 @@ import time
 
 import numpy as np
 import pytest
-from servers import ServerProcess
+from standalone_daemon import standalone_daemon_fixture
 
 from kvstore import AuthenticationError, TransferError
 from kvstore.transport import data_frames
@@ -24,11 +24,7 @@ SEGMENT_BYTES = 8 * 1024 * 1024
 TIMEOUT_S = 10.0
 
 
-@pytest.fixture(scope="module")
-def daemon():
-    with ServerProcess(["daemon", "--standalone", "--dram", str(SEGMENT_BYTES),
-                        "--node-id", NODE_ID, "--token", TOKEN]) as server:
-        yield server
+daemon = standalone_daemon_fixture(NODE_ID, SEGMENT_BYTES, TOKEN)
 
 
 @pytest.fixture(scope="module")

@@ -10,9 +10,9 @@ import signal
 import threading
 import time
 
-import numpy as np
 import pytest
 
+from client_cluster import payload
 from servers import ServerProcess
 
 import kvstore
@@ -24,10 +24,6 @@ from kvstore.daemon.moves import copy_range
 from kvstore.daemon.ssd import CHUNK_BYTES, DATA_NAME, INDEX_NAME, SsdBackend
 from kvstore.daemon.ssd_index import (KIND_ADD, KIND_DROP, IndexEntry, encode_record,
                                       load_index, parse_records)
-
-
-def _bytes(size: int, seed: int) -> bytes:
-    return np.random.default_rng(seed).integers(0, 256, size, dtype=np.uint8).tobytes()
 
 
 @pytest.fixture(params=[True, False], ids=["direct", "buffered"])
@@ -42,7 +38,7 @@ def test_ranges_round_trip_at_unaligned_offsets_and_across_chunks(ssd):
     cases = [(64, 100), (4000, 200), (BLOCK_BYTES, BLOCK_BYTES), (3 * BLOCK_BYTES - 64, 1),
              (1 << 20, CHUNK_BYTES + 3 * BLOCK_BYTES + 7)]
     for i, (offset, length) in enumerate(cases):
-        data = _bytes(length, i)
+        data = payload(length, i)
         ssd.write_from(offset, memoryview(data))
         out = bytearray(length)
         ssd.read_into(offset, memoryview(out))
@@ -52,7 +48,7 @@ def test_ranges_round_trip_at_unaligned_offsets_and_across_chunks(ssd):
 def test_neighbours_sharing_blocks_written_concurrently_keep_their_bytes(ssd):
     # 64-byte aligned extents of 1000 bytes: most blocks are shared by two or three objects
     extents = [(i * 1024, 1000) for i in range(200)]
-    values = [_bytes(length, i) for i, (_, length) in enumerate(extents)]
+    values = [payload(length, i) for i, (_, length) in enumerate(extents)]
 
     def writer(parity):
         for i in range(parity, len(extents), 2):
@@ -72,7 +68,7 @@ def test_neighbours_sharing_blocks_written_concurrently_keep_their_bytes(ssd):
 def test_copy_range_between_dram_and_ssd(ssd):
     dram = ShmBackend("dram0", 8 << 20, name_prefix="kvstore-test-moves")
     try:
-        data = _bytes(3 << 20, 7)
+        data = payload(3 << 20, 7)
         dram.write_from(4096 + 64, memoryview(data))
         copy_range(dram, 4096 + 64, ssd, 12345 * 64, len(data))      # demotion
         copy_range(ssd, 12345 * 64, dram, 5 << 20, len(data))        # promotion
@@ -100,14 +96,14 @@ def test_index_skips_corrupt_and_torn_records_only():
 
 def test_index_survives_reopen_and_drops_what_an_overwrite_invalidates(tmp_path):
     backend = SsdBackend("ssd0", 8 << 20, directory=str(tmp_path), node_id="n1")
-    a, b = _bytes(5000, 1), _bytes(3000, 2)
+    a, b = payload(5000, 1), payload(3000, 2)
     backend.write_from(0, memoryview(a))
     backend.write_from(8192, memoryview(b))
     backend.note_stored("a", 0, len(a), checksum(a), 0)
     backend.note_stored("b", 8192, len(b), checksum(b), 0)
     backend.sync()
     # the master reused a's extent before this node heard that a was removed
-    backend.write_from(64, memoryview(_bytes(100, 3)))
+    backend.write_from(64, memoryview(payload(100, 3)))
     backend.close()
     live, _ = load_index(str(tmp_path / INDEX_NAME))
     assert sorted(live) == ["b"]
@@ -158,7 +154,7 @@ def _wait_served(store, key, timeout_s=20.0):
 def test_sigkill_during_ssd_writes_then_restart_serves_every_complete_object(tmp_path):
     with ServerProcess(["master", "--port", "0", "--heartbeat-interval", "100ms"]) as master:
         daemon = _daemon(master, tmp_path)
-        complete = {f"done/{i}": _bytes(300_000 + 4097 * i, i) for i in range(12)}
+        complete = {f"done/{i}": payload(300_000 + 4097 * i, i) for i in range(12)}
         with kvstore.connect(master.address, transport="tcp") as store:
             for key, value in complete.items():
                 store.put(key, value, tier="ssd")
@@ -172,7 +168,7 @@ def test_sigkill_during_ssd_writes_then_restart_serves_every_complete_object(tmp
                     for i in range(10_000):
                         if stop.is_set():
                             return
-                        key, value = f"late/{i}", _bytes(1 << 20, 1000 + i)
+                        key, value = f"late/{i}", payload(1 << 20, 1000 + i)
                         in_flight[key] = value
                         try:
                             other.put(key, value, tier="ssd")
@@ -209,7 +205,7 @@ def test_sigkill_during_ssd_writes_then_restart_serves_every_complete_object(tmp
 
 
 def test_clean_stop_then_flipped_bytes_drop_only_the_damaged_objects(tmp_path):
-    values = {f"obj/{i}": _bytes(50_000 + 64 * i, i) for i in range(6)}
+    values = {f"obj/{i}": payload(50_000 + 64 * i, i) for i in range(6)}
     with ServerProcess(["master", "--port", "0", "--heartbeat-interval", "100ms"]) as master:
         with _daemon(master, tmp_path) as daemon, \
                 kvstore.connect(master.address, transport="tcp") as store:
@@ -262,7 +258,7 @@ def test_lz4_round_trips_compressible_and_incompressible_data_across_reopen(tmp_
     backend = SsdBackend("ssd0", 64 << 20, directory=str(tmp_path), node_id="n1",
                          direct_io=direct_io, codec="lz4")
     objects = {"text": (64, _compressible(CHUNK_BYTES + 5000)),   # two frames
-               "noise": (20 << 20, _bytes(3 << 20, 9)),            # stored raw
+               "noise": (20 << 20, payload(3 << 20, 9)),            # stored raw
                "small": (30 << 20, _compressible(1000))}           # below a frame's minimum
     for key, (offset, value) in objects.items():
         if key == "text":   # in one call, as a tier move writes: cut into frames all the same
@@ -298,7 +294,7 @@ def test_lz4_round_trips_compressible_and_incompressible_data_across_reopen(tmp_
 
 
 def test_lz4_daemon_serves_compressed_objects_before_and_after_a_restart(tmp_path):
-    values = {"zip/text": _compressible(5 << 20), "zip/noise": _bytes(2 << 20, 5),
+    values = {"zip/text": _compressible(5 << 20), "zip/noise": payload(2 << 20, 5),
               "zip/tiny": b"x" * 100}
     # NOTE: --promote off: the gets below must read the SSD copies, not move them to DRAM
     with ServerProcess(["master", "--port", "0", "--heartbeat-interval", "100ms",
@@ -341,7 +337,7 @@ def test_heartbeat_change_sets_reach_the_index_and_the_usage_counters(tmp_path):
     ssd = SsdBackend("ssd0", 8 << 20, directory=str(tmp_path), node_id="n1", codec="lz4")
     dram = ShmBackend("dram0", 4 << 20, name_prefix="kvstore-test-table")
     try:
-        a, b, c = _compressible(100_000), _bytes(70_000, 1), _bytes(5000, 2)
+        a, b, c = _compressible(100_000), payload(70_000, 1), payload(5000, 2)
         ssd.write_from(0, memoryview(a))
         ssd.write_from(1 << 20, memoryview(b))
         dram.write_from(0, memoryview(c))
@@ -385,7 +381,7 @@ def test_lz4_stream_writes_frames_pipelined_and_round_trips_across_reopen(tmp_pa
     backend = SsdBackend("ssd0", 32 << 20, directory=str(tmp_path), node_id="n1",
                          direct_io=direct_io, codec="lz4")
     objects = {"text": (64, _compressible((4 << 20) + 5000)),     # five frames (1 MiB)
-               "noise": (12 << 20, _bytes((2 << 20) + 77, 3))}    # stored raw
+               "noise": (12 << 20, payload((2 << 20) + 77, 3))}    # stored raw
     for key, (offset, value) in objects.items():
         _stream_write(backend, offset, value, 1 << 20)
         backend.note_stored(key, offset, len(value), checksum(value), 0)
@@ -462,7 +458,7 @@ def test_a_freed_range_keeps_its_frames_until_it_is_overwritten(tmp_path):
     try:
         assert [e.key for e in reopened.recovered] == ["k"]      # index record and frames
         reopened.note_freed("k", 0, len(value))
-        noise = _bytes(1 << 20, 4)
+        noise = payload(1 << 20, 4)
         reopened.write_from(4096, memoryview(noise))              # raw, inside frame 0
         out = bytearray(len(noise))
         reopened.read_into(4096, memoryview(out))
@@ -479,7 +475,7 @@ def test_concurrent_syncs_share_rounds_and_each_returns_with_its_records_on_disk
         try:
             for j in range(8):
                 offset = (i * 8 + j) * 65536
-                value = _bytes(65536, i * 8 + j)
+                value = payload(65536, i * 8 + j)
                 backend.write_from(offset, memoryview(value))
                 backend.note_stored(f"w{i}/{j}", offset, len(value), checksum(value), 0)
                 backend.sync()

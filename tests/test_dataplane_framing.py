@@ -13,8 +13,7 @@ from __future__ import annotations
 import socket
 
 import numpy as np
-import pytest
-from servers import ServerProcess
+from standalone_daemon import standalone_daemon_fixture
 
 from kvstore.daemon.dataplane import REQUEST_BUFFER_BYTES
 from kvstore.transport import data_frames
@@ -28,11 +27,7 @@ SEGMENT_BYTES = 8 * 1024 * 1024
 TIMEOUT_S = 10.0
 
 
-@pytest.fixture(scope="module")
-def daemon():
-    with ServerProcess(["daemon", "--standalone", "--dram", str(SEGMENT_BYTES),
-                        "--node-id", NODE_ID, "--token", TOKEN]) as server:
-        yield server
+daemon = standalone_daemon_fixture(NODE_ID, SEGMENT_BYTES, TOKEN)
 
 
 def connect(daemon) -> socket.socket:

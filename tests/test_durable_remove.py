@@ -15,7 +15,7 @@ import pytest
 
 from client_cluster import payload
 from raw_master import RawMaster
-from servers import ServerProcess
+from crash_servers import daemon_process, master_process
 
 import kvstore
 from kvstore.v1 import master_pb2
@@ -23,13 +23,8 @@ from kvstore.v1 import master_pb2
 SLOW_BEAT = ("--heartbeat-interval", "3s", "--node-ttl", "60s", "--commit-timeout", "1s")
 
 
-def _master(*args, port=0):
-    return ServerProcess(["master", "--host", "127.0.0.1", "--port", str(port), *args])
-
-
 def _daemon(master, *args):
-    return ServerProcess(["daemon", "--master", master.address, "--host", "127.0.0.1",
-                          "--port", "0", "--dram", "16MiB", *args])
+    return daemon_process(master, "--dram", "16MiB", *args)
 
 
 def _node_ids(master) -> list[str]:
@@ -58,7 +53,7 @@ class _Stopped:
 
 
 def test_unconfirmed_then_confirmed_remove_survives_a_master_sigkill():
-    master = _master(*SLOW_BEAT)
+    master = master_process(*SLOW_BEAT)
     port = master.port
     daemon = _daemon(master, "--node-id", "rm-node")
     restarted = None
@@ -84,7 +79,7 @@ def test_unconfirmed_then_confirmed_remove_survives_a_master_sigkill():
             assert store.remove_prefix("rmp/") == 0
             assert store.remove("rm/victim") is False     # confirmed: forgotten
             master.kill()                   # right after the confirmed retry returned
-        restarted = _master("--heartbeat-interval", "200ms", port=port)
+        restarted = master_process("--heartbeat-interval", "200ms", port=port)
         with kvstore.connect(restarted.address, timeout_s=10) as store:
             _wait(lambda: store.exists("rm/kept"), "the restarted master to adopt rm/kept")
             assert store.batch_exists(["rm/victim", "rmp/a", "rmp/b"]) == [False] * 3
@@ -101,7 +96,7 @@ def test_unconfirmed_then_confirmed_remove_survives_a_master_sigkill():
 def test_a_node_dropped_before_confirming_does_not_bring_the_object_back():
     flags = ("--heartbeat-interval", "200ms", "--node-ttl", "1500ms", "--commit-timeout",
              "1s")
-    master = _master(*flags)
+    master = master_process(*flags)
     port = master.port
     daemon = _daemon(master, "--node-id", "late-node")
     restarted = None
@@ -125,7 +120,7 @@ def test_a_node_dropped_before_confirming_does_not_bring_the_object_back():
             store.remove("late/victim")
             master.kill()
         assert "did not confirm the removal" in master.stderr()
-        restarted = _master(*flags, port=port)
+        restarted = master_process(*flags, port=port)
         with kvstore.connect(restarted.address, timeout_s=10) as store:
             _wait(lambda: store.exists("late/kept"), "the restarted master to adopt late/kept")
             assert not store.exists("late/victim")
@@ -138,7 +133,7 @@ def test_a_node_dropped_before_confirming_does_not_bring_the_object_back():
 
 
 def test_remove_of_a_missing_or_bad_key_is_unchanged_by_the_bookkeeping():
-    with _master(*SLOW_BEAT) as master, _daemon(master) as daemon:
+    with master_process(*SLOW_BEAT) as master, _daemon(master) as daemon:
         with kvstore.connect(master.address, timeout_s=10) as store:
             store.put("ok/one", b"1" * 2000)
             with _Stopped(daemon):
@@ -155,7 +150,7 @@ def test_a_stalled_node_does_not_hold_back_the_other_nodes_confirmations():
     thread: a put on B meanwhile is confirmed at once, not after A's commit timeout.
     Heartbeats (which also confirm) are 30 s apart here, so only the push can confirm."""
     flags = ("--heartbeat-interval", "30s", "--node-ttl", "120s", "--commit-timeout", "8s")
-    with _master(*flags) as master, _daemon(master, "--node-id", "node-a") as node_a, \
+    with master_process(*flags) as master, _daemon(master, "--node-id", "node-a") as node_a, \
             _daemon(master, "--node-id", "node-b"):
         with kvstore.connect(master.address, timeout_s=30) as store, \
                 kvstore.connect(master.address, timeout_s=30) as other:

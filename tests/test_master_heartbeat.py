@@ -123,15 +123,24 @@ def test_master_restart_adopts_the_daemons_inventories(embedded):
                                               if replicas_of(new, i)[0][0] == "n1"}
 
 
-def test_bad_inventory_items_are_refused_and_resynced_away(embedded):
+def test_bad_inventory_items_are_refused_and_resynced_away(embedded, caplog):
     m = embedded()
     inventory = pb.Inventory(
         keys=["ok", "overlap", "unknown-seg", "", "outside", "ok2"],
         segment_ids=["dram0", "dram0", "nope", "dram0", "dram0", "dram0"],
         offsets=[0, 64, 0, 4096, 64 * MiB, 8192],
         lengths=[1000, 100, 10, 10, 10, 64])
-    adopted = register(m.client, "n1", inventory=inventory)
+    with caplog.at_level("WARNING", logger="kvstore.master.registration"):
+        adopted = register(m.client, "n1", inventory=inventory)
     assert adopted.num_objects_adopted == 2
+    # the master names what it did not adopt and why (else gone without a trace)
+    (warning,) = [r.getMessage() for r in caplog.records
+                  if r.name == "kvstore.master.registration"]
+    assert "4 of 6 inventory items not adopted" in warning
+    assert "'overlap': range [64, +100) in 'dram0' overlaps 'ok' at [0, +1000)" in warning
+    assert "'unknown-seg': segment 'nope' not registered" in warning
+    assert "'': invalid key" in warning
+    assert "'outside': range [67108864, +10) in 'dram0' unaligned, outside" in warning
     assert exists(m.client, ["ok", "overlap", "unknown-seg", "outside", "ok2"]) == \
         [True, False, False, False, True]
     daemon = DaemonTable()

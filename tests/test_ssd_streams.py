@@ -12,6 +12,7 @@ import time
 import numpy as np
 import pytest
 
+from client_cluster import payload
 from servers import ServerProcess
 
 import kvstore
@@ -19,10 +20,6 @@ from kvstore.daemon.aligned_io import BLOCK_BYTES, STREAM_CHUNK_BYTES, STREAM_DE
 from kvstore.daemon.backends import ShmBackend
 from kvstore.daemon.moves import copy_range
 from kvstore.daemon.ssd import SsdBackend
-
-
-def _bytes(size: int, seed: int) -> bytes:
-    return np.random.default_rng(seed).integers(0, 256, size, dtype=np.uint8).tobytes()
 
 
 @pytest.fixture(params=[True, False], ids=["direct", "buffered"])
@@ -63,7 +60,7 @@ CASES = [(64, 100), (4000, 200), (BLOCK_BYTES, BLOCK_BYTES),
 
 def test_streams_round_trip_at_unaligned_offsets_over_several_pieces(ssd):
     for i, (offset, length) in enumerate(CASES):
-        data = _bytes(length, i)
+        data = payload(length, i)
         source = _Source(data)
         ssd.write_stream(offset, length, source)
         assert sum(source.sizes) == length
@@ -79,7 +76,7 @@ def test_streams_round_trip_at_unaligned_offsets_over_several_pieces(ssd):
 def test_concurrent_streams_of_neighbours_sharing_blocks_keep_their_bytes(ssd):
     # 64-byte aligned neighbours: the block at each boundary is shared by two streams
     extents = [(i * (STREAM_CHUNK_BYTES + 1088), STREAM_CHUNK_BYTES + 1088) for i in range(12)]
-    values = [_bytes(length, 100 + i) for i, (_, length) in enumerate(extents)]
+    values = [payload(length, 100 + i) for i, (_, length) in enumerate(extents)]
 
     def writer(parity):
         for i in range(parity, len(extents), 2):
@@ -96,21 +93,21 @@ def test_concurrent_streams_of_neighbours_sharing_blocks_keep_their_bytes(ssd):
 
 
 def test_a_producer_failing_mid_range_leaves_neighbours_intact_and_the_file_usable(ssd):
-    before, after = _bytes(1000, 1), _bytes(1000, 2)
+    before, after = payload(1000, 1), payload(1000, 2)
     ssd.write_from(0, memoryview(before))
     length = 3 * STREAM_CHUNK_BYTES
     ssd.write_from(1024 + length, memoryview(after))
     with pytest.raises(ConnectionResetError):
-        ssd.write_stream(1024, length, _Source(_bytes(length, 3), fail_after=2))
+        ssd.write_stream(1024, length, _Source(payload(length, 3), fail_after=2))
     assert _read_all(ssd, 0, 1000) == before
     assert _read_all(ssd, 1024 + length, 1000) == after
-    data = _bytes(length, 4)                       # the same thread's ring is reusable
+    data = payload(length, 4)                       # the same thread's ring is reusable
     ssd.write_stream(1024, length, _Source(data))
     assert _read_all(ssd, 1024, length) == data
 
 
 def test_a_consumer_failing_mid_range_propagates_and_reads_go_on(ssd):
-    data = _bytes(5 * STREAM_CHUNK_BYTES, 5)
+    data = payload(5 * STREAM_CHUNK_BYTES, 5)
     ssd.write_from(64, memoryview(data))
     seen = []
 
@@ -140,7 +137,7 @@ def test_a_read_past_the_file_raises_oserror(tmp_path):
 def test_tier_moves_go_through_the_streams_both_ways(ssd):
     dram = ShmBackend("dram0", 16 << 20, name_prefix="kvstore-test-streams")
     try:
-        data = _bytes(5 * STREAM_CHUNK_BYTES + 333, 9)
+        data = payload(5 * STREAM_CHUNK_BYTES + 333, 9)
         dram.write_from(4096 + 64, memoryview(data))
         copy_range(dram, 4096 + 64, ssd, 777 * 64, len(data))          # demotion
         assert _read_all(ssd, 777 * 64, len(data)) == data
@@ -152,7 +149,7 @@ def test_tier_moves_go_through_the_streams_both_ways(ssd):
 
 def test_a_daemon_serves_large_ssd_objects_before_and_after_a_restart(tmp_path):
     sizes = [64, STREAM_CHUNK_BYTES - 1, 4 << 20, 9 * STREAM_CHUNK_BYTES + 4097]
-    values = {f"big/{i}": _bytes(size, 20 + i) for i, size in enumerate(sizes)}
+    values = {f"big/{i}": payload(size, 20 + i) for i, size in enumerate(sizes)}
     daemon_args = ["--dram", "16MiB", "--ssd", f"{tmp_path}:64MiB", "--node-id", "streams-node",
                    "--no-reap-orphans"]
     # NOTE: --promote off: the gets below would otherwise move the objects to DRAM (a hit

@@ -10,7 +10,7 @@ import threading
 
 import numpy as np
 import pytest
-from servers import ServerProcess
+from standalone_daemon import standalone_daemon_fixture
 
 from kvstore import TransferError
 from kvstore.transport import data_frames
@@ -23,11 +23,7 @@ SEGMENT_BYTES = 4 * 1024 * 1024
 TIMEOUT_S = 10.0
 
 
-@pytest.fixture(scope="module")
-def daemon():
-    with ServerProcess(["daemon", "--standalone", "--dram", str(SEGMENT_BYTES),
-                        "--node-id", NODE_ID]) as server:
-        yield server
+daemon = standalone_daemon_fixture(NODE_ID, SEGMENT_BYTES)
 
 
 @pytest.mark.parametrize("dst_bytes", [1, 16, 40, 64 * 1024])

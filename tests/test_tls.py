@@ -20,6 +20,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from client_cluster import payload
+
 import kvstore
 from kvstore import TLSConfig
 from kvstore._deadline import Deadline
@@ -95,24 +97,20 @@ def _client_tls(certs: Path) -> TLSConfig:
                      key=str(certs / "client.key"))
 
 
-def _payload(size: int, seed: int) -> bytes:
-    return np.random.default_rng(seed).integers(0, 256, size, dtype=np.uint8).tobytes()
-
-
 def _round_trip(store: kvstore.KVStore, prefix: str) -> None:
     """Puts and gets that exercise every data-plane path over the store's transport: a
     small value, a striped one (4 MiB: 4 connections), a batch, and the SSD tier (staged)."""
-    values = {f"{prefix}/small": _payload(1000, 1), f"{prefix}/4MiB": _payload(4 << 20, 2)}
+    values = {f"{prefix}/small": payload(1000, 1), f"{prefix}/4MiB": payload(4 << 20, 2)}
     for key, value in values.items():
         store.put(key, value)
     keys = [f"{prefix}/batch/{i}" for i in range(8)]
-    batch = [_payload(64 << 10, 10 + i) for i in range(8)]
+    batch = [payload(64 << 10, 10 + i) for i in range(8)]
     assert store.batch_put(keys, batch) == [None] * 8
-    store.put(f"{prefix}/ssd", _payload(3 << 20, 3), tier="ssd")
+    store.put(f"{prefix}/ssd", payload(3 << 20, 3), tier="ssd")
     for key, value in values.items():
         assert store.get(key) == value
     assert store.batch_get(keys) == batch
-    assert store.get(f"{prefix}/ssd") == _payload(3 << 20, 3)
+    assert store.get(f"{prefix}/ssd") == payload(3 << 20, 3)
     assert store.exists(f"{prefix}/small") and store.match_prefix(keys) == 8
     assert store.remove(f"{prefix}/small")
 

@@ -93,12 +93,17 @@ class Node:
     __slots__ = ("node_id", "host_id", "data_addr", "segments", "last_heartbeat_s", "keys",
                  "seq", "log", "incarnation", "outbox",
                  "nixl_metadata", "durable_seq", "touched", "commit_push", "beat_durable",
-                 "capability_secret", "client_commit", "read_capabilities", "commit_ring")
+                 "capability_secret", "client_commit", "read_capabilities", "commit_ring",
+                 "freed_seq")
 
     def __init__(self, node_id: str, host_id: str, data_addr: str, now_s: float,
                  incarnation: str = "", touched: set | None = None):
         self.node_id = node_id
         self.durable_seq = 0      # the last sequence the daemon confirmed it applied
+        # the sequence of the last change logged here that takes a range out of the
+        # daemon's table (a removal, a replica's move to another range): until the daemon
+        # confirms it, its table may list an object over space the master hands out again
+        self.freed_seq = 0
         self.commit_push = False  # its daemon takes COMMIT pushes (else: heartbeats only)
         self.client_commit = False  # its daemon takes writers' own commits (CLIENT_COMMIT)
         self.commit_ring = ""      # shm name of its commit ring (same-host writers); "": none
@@ -136,10 +141,18 @@ class Node:
         if len(self.log) > MAX_LOG_ENTRIES:
             self.log.popleft()
 
+    def log_moved(self, key: str, segment: SegmentSpace, offset: int, size_bytes: int,
+                  checksum: int, codec: int) -> None:
+        """``log_added`` for a replica now at another range of this node (a tier move's
+        switch): its previous range leaves the daemon's table too (``freed_seq``)."""
+        self.log_added(key, segment, offset, size_bytes, checksum, codec)
+        self.freed_seq = self.seq
+
     def log_removed(self, key: str) -> None:
         if self.commit_push:
             self.touched.add(self)
         self.seq += 1
+        self.freed_seq = self.seq
         self.log.append((self.seq, key, None, 0, 0, 0, 0))
         if len(self.log) > MAX_LOG_ENTRIES:
             self.log.popleft()

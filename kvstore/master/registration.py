@@ -8,10 +8,14 @@ adopted range; the space is marked allocated. A key already known with the same 
 this node as one more replica; a key known with another size, or already on this node, is
 refused, and so is one that is PENDING on the new master. Refused items are simply not
 adopted: the daemon's first heartbeat (acked_seq 0) gets a full resync that omits them, so
-it drops them too.
+it drops them too. A registration that refuses some logs a warning with their count and the
+first ``MAX_LOGGED_REFUSALS`` keys with the reason (an object a daemon held but the master
+did not adopt is otherwise invisible: gone from both after that resync).
 """
 
 from __future__ import annotations
+
+import logging
 
 import grpc
 
@@ -27,6 +31,10 @@ from kvstore.tiers import TIERS_FASTEST_FIRST, Tier
 MAX_SEGMENTS_PER_NODE = 1024
 # NOTE: NIXL's UCX agent metadata is ~0.3-2 KiB per registered region; far below this
 MAX_NIXL_METADATA_BYTES = 1024 * 1024
+#: Refused inventory items a registration names in its warning (the rest are counted).
+MAX_LOGGED_REFUSALS = 5
+
+log = logging.getLogger("kvstore.master.registration")
 
 
 def register_node(state, info, inventory, now_s: float) -> int:
@@ -107,14 +115,20 @@ def _check_address(address: str) -> None:
 def _adopt(state, node: Node, inv) -> int:
     objects, removals = state.objects, state.removals
     candidates: dict[SegmentSpace, list[int]] = {}
+    refused = _Refusals(node.node_id, len(inv.keys))
     for i, (key, segment_id, length) in enumerate(zip(inv.keys, inv.segment_ids, inv.lengths)):
         segment = node.segments.get(segment_id)
         existing = objects.get(key)
         if segment is None or length == 0 or key_problem(key) is not None:
+            refused.add(key, f"segment {segment_id!r} not registered" if segment is None
+                        else "empty object" if length == 0 else "invalid key")
             continue
         if key in state.pending or (existing is not None and existing.size_bytes != length):
+            refused.add(key, "PENDING on this master" if key in state.pending
+                        else f"known with another size ({existing.size_bytes} bytes)")
             continue
         if removals and removals.refuses(node, key):   # removed, never confirmed here
+            refused.add(key, "removed, the removal never confirmed by this node")
             continue
         candidates.setdefault(segment, []).append(i)
     num_adopted = 0
@@ -123,12 +137,15 @@ def _adopt(state, node: Node, inv) -> int:
             [(inv.offsets[i], inv.lengths[i]) for i in indices])
         for i, ok in zip(indices, accepted):
             if not ok:
+                refused.add(inv.keys[i], _range_refusal(segment, inv, i, indices, accepted)
+                            if refused.naming else "")
                 continue
             key, offset, length = inv.keys[i], inv.offsets[i], inv.lengths[i]
             existing = objects.get(key)
             if existing is not None and (existing.size_bytes != length
                                          or key in node.keys):
                 segment.allocator.free(offset, length)   # same key twice, or size conflict
+                refused.add(key, "listed twice, or known with another size")
                 continue
             if existing is None:
                 codec = inv.codecs[i] if inv.codecs and inv.codecs[i] in CODECS else 0
@@ -146,10 +163,49 @@ def _adopt(state, node: Node, inv) -> int:
             segment.num_replicas += 1
             node.keys.add(key)
             num_adopted += 1
+    refused.log()
     # NOTE: a baseline sequence, so the daemon's first heartbeat (acked 0) is a full resync
     # that tells it which items were refused.
     node.seq = 1
     return num_adopted
+
+
+def _range_refusal(segment: SegmentSpace, inv, i: int, indices: list[int],
+                   accepted: list[bool]) -> str:
+    """Why item ``i``'s range was refused: the adopted item it overlaps, if any."""
+    offset, length = inv.offsets[i], inv.lengths[i]
+    where = f"range [{offset}, +{length}) in {segment.segment_id!r}"
+    for j, ok in zip(indices, accepted):
+        if ok and offset < inv.offsets[j] + inv.lengths[j] and inv.offsets[j] < offset + length:
+            return (f"{where} overlaps {inv.keys[j]!r} at [{inv.offsets[j]}, "
+                    f"+{inv.lengths[j]}), adopted")
+    return f"{where} unaligned, outside the segment or overlapping an aligned range"
+
+
+class _Refusals:
+    """Counts the inventory items a registration refuses; ``log`` warns naming the first."""
+
+    __slots__ = ("node_id", "num_items", "count", "first")
+
+    def __init__(self, node_id: str, num_items: int) -> None:
+        self.node_id, self.num_items = node_id, num_items
+        self.count = 0
+        self.first: list[str] = []
+
+    @property
+    def naming(self) -> bool:
+        """True while the next refusal is one the warning names (its reason is needed)."""
+        return len(self.first) < MAX_LOGGED_REFUSALS
+
+    def add(self, key: str, reason: str) -> None:
+        self.count += 1
+        if self.naming:
+            self.first.append(f"{key!r}: {reason}")
+
+    def log(self) -> None:
+        if self.count:
+            log.warning("node %s: %d of %d inventory items not adopted; %s",
+                        self.node_id, self.count, self.num_items, "; ".join(self.first))
 
 
 def heartbeat(state, node_id: str, acked_seq: int, now_s: float, moves_done=(),

@@ -408,17 +408,25 @@ def make_invoker(service: MasterService, name: str, clock, metrics, transport: s
 
 def _client_committed(reply, nodes: dict, needs: dict | None) -> tuple[bool, dict | None]:
     """(wait, needs) of a PutEnd whose writer committed its replicas on the daemons itself
-    (``client_committed``; under the service lock). All keys OK: no wait and no push (the
-    client waits for the daemons, which hold the commits already; the next heartbeat or
-    push carries the master's copy of the changes, which the daemons find applied). NOTE:
-    not pushed at once: on a loaded host a push per put costs both processes a wake-up
-    that competes with the next put (measured: p50 +200 us). A key refused (its PENDING
-    object was revoked or reclaimed, which logged its removal on the nodes that take client
-    commits): wait until every node confirmed everything logged so far, so the removal of
-    a replica the client may have committed is durable before the client hears of the
-    refusal, and a rebuilt master never adopts it."""
+    (``client_committed``; under the service lock). All keys OK: no push of the put's own
+    changes (the client waits for the daemons, which hold the commits already; the next
+    heartbeat or push carries the master's copy of the changes, which the daemons find
+    applied), and no wait unless a node of the put has not confirmed a change that took a
+    range out of its table (``Node.freed_seq``: an eviction, removal or tier-move switch,
+    pushed in the background): then wait for that change. NOTE: not pushed at once: on a
+    loaded host a push per put costs both processes a wake-up that competes with the next
+    put (measured: p50 +200 us). NOTE: the wait for frees: the put's range may be one they
+    freed, and until the daemon applies them its table lists the old object there too; a
+    master rebuilt from that inventory adopts one of two overlapping items (the older), so
+    without the wait an acknowledged put was lost (tests/test_durable_commit.py, 10f). A
+    key refused (its PENDING object was revoked or reclaimed, which logged its removal on
+    the nodes that take client commits): wait until every node confirmed everything logged
+    so far, so the removal of a replica the client may have committed is durable before
+    the client hears of the refusal, and a rebuilt master never adopts it."""
     if all(status == ITEM_OK for status in reply.statuses):
-        return False, None
+        frees = {node: node.freed_seq for node in needs or ()
+                 if node.durable_seq < node.freed_seq}
+        return bool(frees), frees or None
     return True, {node: node.seq for node in nodes.values()
                   if node.commit_push and node.durable_seq < node.seq} or needs
 

@@ -151,7 +151,7 @@ def _switch(state, obj, source, dst, dst_offset: int) -> None:
         state.tenants.replica_moved(obj, src.tier, dst.tier)
     src.num_replicas -= 1
     dst.num_replicas += 1
-    src.node.log_added(obj.key, dst, dst_offset, obj.size_bytes, obj.checksum, obj.codec)
+    src.node.log_moved(obj.key, dst, dst_offset, obj.size_bytes, obj.checksum, obj.codec)
     if dst.tier > src.tier:
         src.demotions += 1
         state.demotions += 1
