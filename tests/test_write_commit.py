@@ -13,13 +13,12 @@ Heartbeats are slow (3 s), so nothing here is delivered by a heartbeat in time t
 
 from __future__ import annotations
 
-import socket
 import time
 
 import pytest
 
 from client_cluster import payload
-from servers import ServerProcess
+from crash_servers import daemon_process, data_plane, master_process, wait_adopted
 
 import kvstore
 from kvstore.client.checksum import checksum
@@ -35,38 +34,21 @@ SIZE = 5000
 
 
 def _master(*args, port=0):
-    return ServerProcess(["master", "--host", "127.0.0.1", "--port", str(port), *SLOW_BEAT,
-                          *args])
+    return master_process(*SLOW_BEAT, *args, port=port)
 
 
 def _daemon(master, *args):
-    return ServerProcess(["daemon", "--master", master.address, "--host", "127.0.0.1",
-                          "--port", "0", "--dram", "16MiB", *args])
+    return daemon_process(master, "--dram", "16MiB", *args)
 
 
-def _restart(master, port, anchor):
+def _restart(master, port, anchor, daemon=None):
     """SIGKILL ``master`` and start a new one on ``port``; return it once it adopted
     ``anchor`` from the daemon's inventory."""
     master.kill()
     master.close()
     restarted = _master(port=port)
-    deadline = time.monotonic() + 30
-    with kvstore.connect(restarted.address, timeout_s=10) as store:
-        while not store.exists(anchor):
-            assert time.monotonic() < deadline, "the daemon did not re-register"
-            time.sleep(0.05)  # another process's registration: no clock of ours
+    wait_adopted(restarted, anchor, daemon)
     return restarted
-
-
-def _data_plane(address):
-    host, _, port = address.rpartition(":")
-    sock = socket.create_connection((host, int(port)), timeout=10)
-    sock.sendall(data_frames.encode_hello(None))
-    status, _, msg_len, _, _ = data_frames.REPLY.unpack(
-        data_frames.recv_exact(sock, data_frames.REPLY.size))
-    data_frames.recv_exact(sock, msg_len)
-    assert status == Status.OK
-    return sock
 
 
 def _reply(sock):
@@ -137,28 +119,28 @@ def test_write_commits_refused_or_cut_short_commit_nothing():
         slots = client.put_start(keys, [SIZE] * 3, client_id="raw-writer")
         targets = [s[0] for s in slots]
         # no capability: refused before a byte lands, then the daemon closes
-        sock = _data_plane(daemon.address)
+        sock = data_plane(daemon.address)
         socks.append(sock)
         status, message, _ = _write_commit(sock, targets[0], keys[0], value, capability=b"")
         assert status == Status.CAPABILITY_REFUSED, message
         assert _closed(sock)
         # another put's capability: the write is allowed for that range, but its commit
         # names another key: refused, the connection stays usable
-        sock = _data_plane(daemon.address)
+        sock = data_plane(daemon.address)
         socks.append(sock)
         status, message, _ = _write_commit(sock, targets[1], "wc/not-this-key", value)
         assert status == Status.CAPABILITY_REFUSED and "commit refused" in message, message
         sock.sendall(data_frames.encode_request(Op.PING, b"", 4, 0, 0))
         assert _reply(sock)[0] == Status.OK
         # cut short: header and half the payload, then the writer is gone
-        sock = _data_plane(daemon.address)
+        sock = data_plane(daemon.address)
         head = data_frames.encode_write_commit(
             targets[2].segment_id.encode(), 5, targets[2].offset, SIZE,
             targets[2].capability, keys[2].encode(), checksum(memoryview(value)))
         sock.sendall(head + bytes(value[:SIZE // 2]))
         sock.close()
         # malformed: a key of 0 bytes is BAD_FRAME and a close; the daemon keeps serving
-        sock = _data_plane(daemon.address)
+        sock = data_plane(daemon.address)
         socks.append(sock)
         bad = data_frames.encode_request(Op.WRITE_COMMIT, targets[2].segment_id.encode(), 6,
                                          targets[2].offset, SIZE, targets[2].capability)
