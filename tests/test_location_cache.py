@@ -3,7 +3,9 @@ repeated get over TCP skips the master, and in every window where the location i
 stops being the key's current one (a remove, a replace, an eviction, a demotion, a removal
 the daemon did not confirm, ``--commit-timeout 0``, a daemon restart, a master restart, an
 expired read capability) the cached get returns the key's current bytes or KeyNotFoundError,
-never other bytes. Bad CHECKED_READ frames are refused and nothing stored changes.
+never other bytes. Bad CHECKED_READ frames are refused and nothing stored changes. A daemon
+holds its location lease right after it starts or re-registers (its first beat follows at
+once), not a heartbeat interval later.
 
 Real master and daemon processes on loopback; clients with ``transport="tcp"`` (same-host
 shm reads are never cached). A second client in the same process does the removes and puts
