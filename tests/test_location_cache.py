@@ -3,7 +3,9 @@ repeated get over TCP skips the master, and in every window where the location i
 stops being the key's current one (a remove, a replace, an eviction, a demotion, a removal
 the daemon did not confirm, ``--commit-timeout 0``, a daemon restart, a master restart, an
 expired read capability) the cached get returns the key's current bytes or KeyNotFoundError,
-never other bytes. Bad CHECKED_READ frames are refused and nothing stored changes.
+never other bytes. Bad CHECKED_READ frames are refused and nothing stored changes. A daemon
+holds its location lease right after it starts or re-registers (its first beat follows at
+once), not a heartbeat interval later.
 
 Real master and daemon processes on loopback; clients with ``transport="tcp"`` (same-host
 shm reads are never cached). A second client in the same process does the removes and puts
@@ -65,10 +67,10 @@ def _free_port() -> int:
 METRICS_PORT = _free_port()
 
 
-def _daemon_metric(name: str) -> float:
-    """A counter of the module cluster's daemon (its /metrics)."""
+def _daemon_metric(name: str, port: int = METRICS_PORT) -> float:
+    """A counter of a daemon's /metrics (by default the module cluster's daemon)."""
     import urllib.request
-    text = urllib.request.urlopen(f"http://127.0.0.1:{METRICS_PORT}/metrics",
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics",
                                   timeout=TIMEOUT_S).read().decode()
     for line in text.splitlines():
         if line.startswith(name + " "):
@@ -213,6 +215,84 @@ def test_the_cache_is_bounded_and_can_be_turned_off(cluster):
 
 
 # ---- windows that need their own cluster --------------------------------------------------
+
+#: A heartbeat interval no test here waits out, and a commit timeout whose lease (3/4 of it,
+#: 45 s) outlasts every test: a lease held then comes from the beat right after registering.
+SLOW_BEATS = ("--heartbeat-interval", "30s", "--node-ttl", "120s", "--commit-timeout", "60s")
+
+
+def test_a_read_right_after_a_daemon_starts_is_served_by_the_daemon():
+    metrics_port = _free_port()
+    cluster = Cluster(num_daemons=1, dram="16MiB", master_args=SLOW_BEATS,
+                      daemon_args=("--metrics-host", "127.0.0.1",
+                                   "--metrics-port", str(metrics_port)))
+    try:
+        with cluster.connect(transport="tcp") as reader, \
+                cluster.connect(transport="tcp", location_cache_entries=0) as writer:
+            value = payload(64 * KiB, seed=70)
+            writer.put("lc/first-second", value)
+            assert reader.get("lc/first-second") == value     # through the master: cached
+            hits = _master_hits(reader)
+            served = _daemon_metric("kvstore_daemon_location_reads_total", metrics_port)
+            # the next beat is 30 s away: only the beat sent right after registering can
+            # have started the lease
+            assert reader.get("lc/first-second") == value
+            assert _master_hits(reader) == hits                # no GetReplicas
+            assert _cache(reader)["hits"] == 1 and _cache(reader)["refused"] == 0
+            assert _daemon_metric("kvstore_daemon_location_reads_total",
+                                  metrics_port) == served + 1
+    finally:
+        cluster.close()
+
+
+def test_a_re_registration_beats_at_once_and_holds_the_lease_again():
+    """In-process ``MasterLink`` + ``LocationReads`` against a master process restarted on its
+    port: the beat that finds the node forgotten re-registers (the lease ends), and the beat
+    right after starts it again, not one 30 s interval later."""
+    from kvstore.daemon.backends import ShmBackend
+    from kvstore.daemon.location_reads import LocationReads
+    from kvstore.daemon.master_link import MasterLink
+    from kvstore.daemon.objects import ObjectTable
+    from kvstore.rpc import grpc_client
+    from kvstore.rpc.results import NodeSpec, SegmentSpec
+    from kvstore.tiers import Tier
+
+    master = ServerProcess(["master", "--host", "127.0.0.1", "--port", "0", *SLOW_BEATS])
+    port, restarted = master.port, None
+    dram = ShmBackend("rereg-dram", 1 << 20, name_prefix="kvstore-test-rereg")
+    client = grpc_client(master.address)
+    table = ObjectTable([dram])
+    reads = LocationReads(table)
+    link = MasterLink(client, NodeSpec("rereg-node", "rereg-host", "127.0.0.1:1",
+                                       [SegmentSpec("rereg-dram", Tier.DRAM, dram.size_bytes,
+                                                    dram.shm_name)], commit_push=True),
+                      table, location_reads=reads)
+
+    def lease_held() -> bool:       # an unknown key: STALE with the lease, OFF without
+        return reads.refusal("absent", 0, "rereg-dram", 0, 1)[0] == Status.LOCATION_STALE
+
+    try:
+        link.register(timeout_s=TIMEOUT_S)
+        assert not lease_held()            # registered, not yet beaten
+        link.start_heartbeats()            # its first beat runs before it returns
+        assert lease_held()
+        master.kill()
+        restarted = ServerProcess(["master", "--host", "127.0.0.1", "--port", str(port),
+                                   *SLOW_BEATS])
+
+        def re_registered() -> bool:
+            if link.num_registrations == 1:
+                link.wake()                # the loop's beat finds the node forgotten
+            return link.num_registrations == 2
+        _wait(re_registered, "the re-registration", timeout_s=20.0)
+        _wait(lease_held, "the lease after the re-registration", timeout_s=20.0)
+    finally:
+        link.stop(unregister=False)
+        client.close()
+        dram.close()
+        master.close()
+        if restarted is not None:
+            restarted.close()
 
 def test_commit_timeout_0_turns_location_reads_off():
     cluster = Cluster(num_daemons=1, dram="16MiB",

@@ -1,8 +1,10 @@
-"""Validation of keys before they reach the master: fail fast, with the offending key named."""
+"""Validation of a call's arguments before they reach the master: keys (the offending key
+named), ``near_node`` ids, and lists that must run parallel to the keys. Each check raises
+InvalidArgumentError and nothing is sent."""
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Any, Sequence
 
 from kvstore._errors import InvalidArgumentError
 
@@ -46,3 +48,22 @@ def check_keys(keys: Sequence[str]) -> list[str]:
         raise InvalidArgumentError(
             f"keys must be a list or tuple of str, got {type(keys).__name__}")
     return list(keys)
+
+
+def check_node_id(node_id: Any) -> str:
+    """``near_node`` as the wire's node id ("" for None); InvalidArgumentError otherwise."""
+    if node_id is None:
+        return ""
+    if not isinstance(node_id, str) or not node_id or len(node_id) > 256:
+        raise InvalidArgumentError(f"near_node must be a node id (a non-empty str of at most "
+                                   f"256 characters) or None, got {node_id!r}")
+    return node_id
+
+
+def check_lengths(keys: Sequence[Any], others: Sequence[Any], what: str) -> None:
+    """InvalidArgumentError unless ``others`` (named ``what``) is a list or tuple with one
+    entry per key."""
+    if not isinstance(others, (list, tuple)):
+        raise InvalidArgumentError(f"{what} must be a list or tuple, got {type(others).__name__}")
+    if len(others) != len(keys):
+        raise InvalidArgumentError(f"{len(keys)} keys but {len(others)} {what}")

@@ -42,8 +42,7 @@ from typing import Any, Sequence
 from kvstore._errors import InvalidArgumentError, KVStoreError
 from kvstore.client import writer
 from kvstore.client.checksum import checksum
-from kvstore.client.key_checks import check_key, check_keys
-from kvstore.client.store import _check_node_id
+from kvstore.client.key_checks import check_key, check_keys, check_node_id
 from kvstore.client.transfer import Transfers
 from kvstore.client.writer import PutSettings, check_replicas, check_tier
 from kvstore.rpc import MasterClient
@@ -62,7 +61,7 @@ def reserve_puts(store: Any, keys: Sequence[str], sizes: Sequence[int], *, repli
     settings = PutSettings(
         replicas=check_replicas(replicas), deadline=store._deadline(timeout_s),
         client_id=store.client_id, host_id=store.host_id, tier=check_tier(tier),
-        near_node_id=_check_node_id(near_node))
+        near_node_id=check_node_id(near_node))
     with store._closing_guard:
         return PutReservation(store._master, store._transfers, keys, sizes, settings)
 

@@ -11,7 +11,6 @@ Guarantees, for every method:
 
 from __future__ import annotations
 
-import dataclasses
 import threading
 import uuid
 from typing import Any, Callable, Sequence
@@ -19,11 +18,12 @@ from typing import Any, Callable, Sequence
 from kvstore._deadline import Deadline
 from kvstore._errors import ClosedError, InvalidArgumentError, KVStoreError
 from kvstore.client.config import ClientConfig, check_timeout
-from kvstore.client.key_checks import check_key, check_keys
+from kvstore.client.key_checks import check_key, check_keys, check_lengths, check_node_id
 from kvstore.client.leases import LeaseReleaser
 from kvstore.client.location_cache import get_cached, location_cache_for
 from kvstore.client.reader import GetSettings, get_batch
 from kvstore.client.shm_batch import get_into_batch, shm_first
+from kvstore.client.stats_view import master_stats
 from kvstore.client.transfer import Transfers
 from kvstore.client.values import finish_bytes, new_bytes
 from kvstore.client.committer import DaemonCommitter
@@ -39,23 +39,6 @@ def _raise_if_error(result: Any) -> Any:
     if isinstance(result, KVStoreError):
         raise result
     return result
-
-
-def _check_node_id(node_id: Any) -> str:
-    """``near_node`` as the wire's node id ("" for None); InvalidArgumentError otherwise."""
-    if node_id is None:
-        return ""
-    if not isinstance(node_id, str) or not node_id or len(node_id) > 256:
-        raise InvalidArgumentError(f"near_node must be a node id (a non-empty str of at most "
-                                   f"256 characters) or None, got {node_id!r}")
-    return node_id
-
-
-def _check_lengths(keys: Sequence[Any], others: Sequence[Any], what: str) -> None:
-    if not isinstance(others, (list, tuple)):
-        raise InvalidArgumentError(f"{what} must be a list or tuple, got {type(others).__name__}")
-    if len(others) != len(keys):
-        raise InvalidArgumentError(f"{len(keys)} keys but {len(others)} {what}")
 
 
 class _ClosingGuard:
@@ -137,14 +120,14 @@ class KVStore:
         """``put`` of many keys with one PutStart and one PutEnd; None or the error per key."""
         self._check_open()
         keys = check_keys(keys)
-        _check_lengths(keys, values, "values")
+        check_lengths(keys, values, "values")
         if soft_pin_ttl_s is not None:
             check_timeout(soft_pin_ttl_s, "soft_pin_ttl_s")
         settings = PutSettings(
             replicas=check_replicas(replicas), deadline=self._deadline(timeout_s),
             client_id=self.client_id,
             host_id=self.host_id, soft_pin_ttl_s=soft_pin_ttl_s, hard_pin=bool(hard_pin),
-            tier=check_tier(tier), near_node_id=_check_node_id(near_node))
+            tier=check_tier(tier), near_node_id=check_node_id(near_node))
         with self._closing_guard:
             return self._chunked(lambda lo, hi: put_batch(
                 self._master, self._transfers, keys[lo:hi], values[lo:hi], settings), len(keys))
@@ -186,7 +169,7 @@ class KVStore:
                        verify: bool | None = None, timeout_s: float | None = None,
                        lease_ttl_s: float | None = None) -> list[int | KVStoreError]:
         """``get_into`` of many keys with one GetReplicas; bytes written or the error per key."""
-        _check_lengths(keys if isinstance(keys, (list, tuple)) else [], outs, "outs")
+        check_lengths(keys if isinstance(keys, (list, tuple)) else [], outs, "outs")
         return self._get(keys, outs, verify, timeout_s, lease_ttl_s)
 
     def _get(self, keys: Sequence[str], outs: Sequence[Any] | None, verify: bool | None,
@@ -304,18 +287,7 @@ class KVStore:
         (preference order), per transport reads/writes/bytes/errors it served, and its
         location cache's entries, hits, misses and refused reads (None: off)."""
         stats = self._call("stats")
-        master = dataclasses.asdict(stats)
-        del master["data_token"]     # a secret, not a figure
-        for tenant in master["tenants"]:
-            for name in ("tier_to_used_bytes", "tier_to_quota_bytes"):
-                tenant[name] = {tier.label if tier else None: num_bytes
-                                for tier, num_bytes in tenant[name].items()}
-        master["tiers"] = [{"tier": usage.tier.label if usage.tier else None,
-                            "capacity_bytes": usage.capacity_bytes,
-                            "used_bytes": usage.used_bytes, "num_objects": usage.num_replicas,
-                            "hits": usage.hits, "demotions": usage.demotions,
-                            "promotions": usage.promotions, "evictions": usage.evictions}
-                           for usage in stats.tiers]
+        master = master_stats(stats)
         self._max_batch = stats.max_batch or self._max_batch
         return {"address": self.address, "client_id": self.client_id, "host_id": self.host_id,
                 "metadata": self.metadata_path,

@@ -19,7 +19,9 @@ Rule (decided; docs/ARCHITECTURE.md, Location cache):
   lease from its send ends before the removal's timeout does. A daemon that misses beats
   (a master down, a stalled process, a network split) stops serving location reads within
   the lease; so does one re-registering (a new master's sequence) until its first
-  up-to-date beat.
+  up-to-date beat, which the link sends right after every registration (master_link.py).
+  Not from the registration reply: the master may refuse part of the inventory (a key
+  whose removal this node never confirmed), and only that first beat's resync drops it.
 - Refusals name their reason; the client then asks the master (and refreshes its entry).
 
 Not covered here, by design: the bytes. The master frees a removed range at once, so a new

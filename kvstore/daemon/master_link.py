@@ -5,7 +5,9 @@ listening) and again whenever a heartbeat reply says ``known=false`` (the master
 or dropped this node past its TTL); each registration sends the local object table as the
 inventory, so the master adopts every object this node still holds. Heartbeats run every
 ``heartbeat_interval_ms`` the master returned at registration and apply the change sets they
-carry to the local ``ObjectTable``. Tier moves a reply orders are handed to a
+carry to the local ``ObjectTable``; the first beat of each registration comes right after it
+(at start on the caller's thread, in ``start_heartbeats``), so the location lease
+(``LocationReads``) starts then, not an interval later. Tier moves a reply orders are handed to a
 ``moves.MoveRunner`` (copied off this thread); the ids it finished go in the next heartbeat,
 which comes early, as soon as a batch is done, so the master can switch the objects and free
 their source ranges without waiting a whole interval.
@@ -129,6 +131,10 @@ class MasterLink:
         self.heartbeat_interval_s = max(reply.heartbeat_interval_s, 0.01)
         self.master_id = reply.master_id
         self.num_registrations += 1
+        # NOTE: the first beat of a registration comes at once, not an interval later: it
+        # brings the full resync (which inventory items the master refused) and starts the
+        # location lease, which the registration's reply alone cannot (see LocationReads)
+        self._wake.set()
         log.info("registered node %s with master %s (%s): %d objects adopted, heartbeat %.3fs",
                  node.node_id, self._client.address, reply.master_id,
                  reply.num_objects_adopted, self.heartbeat_interval_s)
@@ -174,31 +180,40 @@ class MasterLink:
         self._wake.set()
 
     def start_heartbeats(self) -> None:
-        self._thread = threading.Thread(target=self._heartbeat_loop, daemon=True,
-                                        name="kvstore-daemon-heartbeat")
+        """Beat once on this thread (so a daemon that just registered holds its location
+        lease when this returns, unless that beat failed: logged, the loop retries), then
+        run the heartbeat thread. Never raises for a failed beat."""
+        self._wake.clear()
+        num_failures = self._beat(0)
+        self._thread = threading.Thread(target=self._heartbeat_loop, args=(num_failures,),
+                                        daemon=True, name="kvstore-daemon-heartbeat")
         self._thread.start()
 
-    def _heartbeat_loop(self) -> None:
-        num_failures = 0
+    def _heartbeat_loop(self, num_failures: int) -> None:
         while True:
             self._wake.wait(self.next_beat_wait_s())
             if self._stop.is_set():
                 break
             self._wake.clear()
-            try:
-                self.heartbeat_once()
-                if num_failures:
-                    log.info("master %s reachable again", self._client.address)
-                num_failures = 0
-            except KVStoreError as exc:
-                num_failures += 1
-                # NOTE: log the first failure and then every 10th, not one line per beat
-                if num_failures == 1 or num_failures % 10 == 0:
-                    log.warning("heartbeat to master %s failed (%d in a row): %s",
-                                self._client.address, num_failures, exc)
-            except Exception:  # noqa: BLE001 - the heartbeat thread must never die
-                num_failures += 1
-                log.exception("heartbeat failed unexpectedly")
+            num_failures = self._beat(num_failures)
+
+    def _beat(self, num_failures: int) -> int:
+        """One ``heartbeat_once``, its failure logged; return the failures in a row."""
+        try:
+            self.heartbeat_once()
+            if num_failures:
+                log.info("master %s reachable again", self._client.address)
+            return 0
+        except KVStoreError as exc:
+            num_failures += 1
+            # NOTE: log the first failure and then every 10th, not one line per beat
+            if num_failures == 1 or num_failures % 10 == 0:
+                log.warning("heartbeat to master %s failed (%d in a row): %s",
+                            self._client.address, num_failures, exc)
+        except Exception:  # noqa: BLE001 - the heartbeat thread must never die
+            num_failures += 1
+            log.exception("heartbeat failed unexpectedly")
+        return num_failures
 
     def stop(self, *, unregister: bool = True) -> None:
         """Stop heartbeating and (by default) unregister. Idempotent; never raises."""

@@ -2,8 +2,9 @@
 
 ``Daemon.start`` creates the tier backends (``kvstore.daemon.backends``), binds the data
 plane, registers with the master (the inventory holds the objects the SSD backend recovered
-from its index) and starts heartbeats, in that order, so that when it returns the node is
-serving and known; DRAM pages are then allocated in the background. Each start draws a new
+from its index) and starts heartbeats (the first one before it returns), in that order, so
+that when it returns the node is serving, known and (unless that beat failed) holds its
+location lease; DRAM pages are then allocated in the background. Each start draws a new
 ``incarnation``, so the master can tell a restarted daemon from the one it replaces.
 ``Daemon.stop`` unregisters, stops the data plane and releases the backends (shm names
 unlinked; SSD files kept: they survive restarts). ``run_in_thread`` is the embedded mode
