@@ -4,7 +4,8 @@ Storage is reached only through the tier backends (``kvstore.daemon.backends.Bac
 a backend that hands out a view (DRAM) is received into / sent from directly; any other
 (SSD, HBM) through its ``write_stream`` / ``read_stream``, the socket filling or draining
 the backend's own piece buffers (the SSD backend writes and reads ahead meanwhile).
-Socket-level work stays here.
+Socket-level work stays here; the commit requests (COMMIT, CLIENT_COMMIT, WRITE_COMMIT's
+commit) are ``dataplane_commits.CommitRequests``.
 
 Threading and resource handling: ``kvstore._tcpserver.ThreadedTcpServer`` (one accept
 thread, one thread per connection with blocking sockets; at most ``max_connections``).
@@ -38,6 +39,8 @@ from kvstore._tcpserver import ThreadedTcpServer
 from kvstore._tls import TLSConfig
 from kvstore._wire import BadHello, data_plane_token, read_hello, tokens_equal
 from kvstore.daemon.backends import Backend
+from kvstore.daemon.dataplane_commits import CommitRequests, read_commit_tail
+from kvstore.daemon.frame_reads import BadFrame, read_exact, read_into
 from kvstore.daemon.write_guard import CapabilityRefused, RangeCommitted, WriteGuard
 from kvstore.transport import check_batch, checked_read, data_frames
 from kvstore.transport.data_frames import Op, Status
@@ -69,53 +72,7 @@ class DataPlaneStats:
     num_check_requests: int = 0  # CHECK_WRITE and CHECK_WRITES requests (one per batch)
 
 
-class _BadFrame(Exception):
-    """The peer sent something that is not a valid frame; reply BAD_FRAME and close."""
-
-
-def _read_exact(reader, num_bytes: int) -> bytes:
-    """Exactly ``num_bytes`` from the connection's buffered reader, or PeerClosedError."""
-    data = reader.read(num_bytes)
-    if len(data) < num_bytes:
-        raise data_frames.PeerClosedError(f"peer closed after {len(data)} of {num_bytes} "
-                                          "bytes")
-    return data
-
-
-def _read_into(reader, view: memoryview) -> None:
-    """Fill ``view`` from the reader (what it holds, then straight from the socket), or
-    PeerClosedError."""
-    received = reader.readinto(view)
-    if received < len(view):
-        raise data_frames.PeerClosedError(f"peer closed after {received} of {len(view)} "
-                                          "bytes")
-
-
-def _commit_body(reader, op_name: str, seg_len: int, length: int) -> bytes:
-    """The body of a COMMIT or CLIENT_COMMIT frame (no segment id, at most
-    ``MAX_COMMIT_BYTES``); _BadFrame otherwise."""
-    if seg_len:
-        raise _BadFrame(f"{op_name} carries no segment id")
-    if length > data_frames.MAX_COMMIT_BYTES:
-        raise _BadFrame(f"{op_name} body of {length} bytes exceeds "
-                        f"{data_frames.MAX_COMMIT_BYTES}")
-    return _read_exact(reader, length)
-
-
-def _read_commit_tail(reader) -> tuple[str, int]:
-    """A WRITE_COMMIT's key and checksum (``data_frames.WRITE_COMMIT_TAIL``); _BadFrame
-    for a key of 0 or over ``MAX_KEY_BYTES`` bytes, or not UTF-8."""
-    key_len, checksum = data_frames.WRITE_COMMIT_TAIL.unpack(
-        _read_exact(reader, data_frames.WRITE_COMMIT_TAIL.size))
-    if not 0 < key_len <= data_frames.MAX_KEY_BYTES:
-        raise _BadFrame(f"WRITE_COMMIT key length {key_len}")
-    try:
-        return _read_exact(reader, key_len).decode(), checksum
-    except UnicodeDecodeError as exc:
-        raise _BadFrame(f"WRITE_COMMIT key is not UTF-8: {exc}") from exc
-
-
-class DataPlaneServer(ThreadedTcpServer):
+class DataPlaneServer(CommitRequests, ThreadedTcpServer):
     """Serves the segments given to it over TCP on exactly ``host``:``port`` (0 = pick)."""
 
     def __init__(self, segments: list[Backend], *, node_id: str, host: str, port: int = 0,
@@ -181,7 +138,7 @@ class DataPlaneServer(ThreadedTcpServer):
                 reader = conn.makefile("rb", buffering=REQUEST_BUFFER_BYTES)
                 while self._serve_one(conn, reader, principal):
                     pass
-        except _BadFrame as exc:
+        except BadFrame as exc:
             self.stats.num_errors += 1
             log.warning("data plane: bad frame from %s: %s", peer, exc)
             self._reply_quietly(conn, Status.BAD_FRAME, str(exc))
@@ -201,7 +158,7 @@ class DataPlaneServer(ThreadedTcpServer):
             token = read_hello(lambda n: data_frames.recv_exact(conn, n),
                                data_frames.HELLO_MAGIC, data_frames.PROTOCOL_VERSION)
         except BadHello as exc:
-            raise _BadFrame(str(exc)) from exc
+            raise BadFrame(str(exc)) from exc
         if not (tokens_equal(self._token, token) or tokens_equal(self._tenant_token, token)):
             self.stats.num_errors += 1
             log.warning("data plane: wrong token from %s", conn.getpeername())
@@ -221,20 +178,20 @@ class DataPlaneServer(ThreadedTcpServer):
         magic, op_code, flags, seg_len, request_id, offset, length = \
             data_frames.REQUEST.unpack(header)
         if magic != data_frames.REQUEST_MAGIC:
-            raise _BadFrame(f"bad request magic {bytes(magic)!r}")
+            raise BadFrame(f"bad request magic {bytes(magic)!r}")
         if op_code != _READ and op_code != _WRITE and op_code != _CHECK_WRITE \
                 and op_code != _WRITE_COMMIT and op_code != _CHECKED_READ:
             return self._serve_control(conn, reader, op_code, flags, seg_len, request_id,
                                        offset, length, principal)
         if not 0 < seg_len <= data_frames.MAX_SEGMENT_ID_BYTES:
-            raise _BadFrame(f"segment id length {seg_len}")
-        segment = self._segment_id_to_segment.get(_read_exact(reader, seg_len))
+            raise BadFrame(f"segment id length {seg_len}")
+        segment = self._segment_id_to_segment.get(read_exact(reader, seg_len))
         blob = b""
         if flags & data_frames.FLAG_CAPABILITY:
             (cap_len,) = data_frames.CAPABILITY_LENGTH.unpack(
-                _read_exact(reader, data_frames.CAPABILITY_LENGTH.size))
-            blob = _read_exact(reader, cap_len)
-        commit_tail = _read_commit_tail(reader) if op_code == _WRITE_COMMIT else None
+                read_exact(reader, data_frames.CAPABILITY_LENGTH.size))
+            blob = read_exact(reader, cap_len)
+        commit_tail = read_commit_tail(reader) if op_code == _WRITE_COMMIT else None
         status, message = Status.OK, ""
         if segment is None:
             status, message = Status.NO_SEGMENT, "no such segment on this node"
@@ -282,10 +239,10 @@ class DataPlaneServer(ThreadedTcpServer):
     def _serve_control(self, conn: socket.socket, reader, op_code: int, flags: int,
                        seg_len: int, request_id: int, offset: int, length: int,
                        principal: str) -> bool:
-        """PING, COMMIT, CLIENT_COMMIT, CHECK_WRITES; _BadFrame for any other op."""
+        """PING, COMMIT, CLIENT_COMMIT, CHECK_WRITES; BadFrame for any other op."""
         if op_code == Op.PING:
             if seg_len:
-                raise _BadFrame("PING carries no segment id")
+                raise BadFrame("PING carries no segment id")
             conn.sendall(data_frames.encode_reply(Status.OK, request_id))
             return True
         if op_code == Op.COMMIT:
@@ -296,96 +253,24 @@ class DataPlaneServer(ThreadedTcpServer):
         if op_code == Op.CHECK_WRITES:
             return self._check_writes(conn, reader, seg_len, request_id, offset, length,
                                       principal)
-        raise _BadFrame(f"unknown op {op_code}")
-
-    def _commit(self, conn: socket.socket, reader, seg_len: int, request_id: int,
-                base_seq: int, length: int, signed: bool) -> bool:
-        """Apply a change set from the master (durable commit); reply once it is durable.
-        A node with a capability secret applies only pushes its master signed."""
-        body = _commit_body(reader, "COMMIT", seg_len, length)
-        try:
-            body = self._guard.verify_commit(base_seq, body, signed)
-        except CapabilityRefused as exc:
-            self.stats.num_errors += 1
-            log.warning("data plane: COMMIT refused: %s", exc)
-            conn.sendall(data_frames.encode_reply(Status.CAPABILITY_REFUSED, request_id, 0,
-                                                  str(exc)))
-            return True
-        handler = self.on_commit
-        if handler is None:
-            conn.sendall(data_frames.encode_reply(Status.INTERNAL, request_id, 0,
-                                                  "this node keeps no object table"))
-            return True
-        try:
-            applied_seq = handler(base_seq, body)
-        except Exception as exc:  # noqa: BLE001 - a bad body or a failed sync: say so
-            self.stats.num_errors += 1
-            log.warning("data plane: COMMIT failed: %s", exc)
-            conn.sendall(data_frames.encode_reply(Status.INTERNAL, request_id, 0,
-                                                  f"commit failed: {exc}"))
-            return True
-        conn.sendall(data_frames.encode_reply(Status.OK, request_id, applied_seq))
-        return True
-
-    def _client_commit(self, conn: socket.socket, reader, seg_len: int, request_id: int,
-                       length: int, principal: str) -> bool:
-        """Apply a writer's own commit of its replicas; reply once the accepted entries are
-        durable, listing the refused ones in the payload."""
-        body = _commit_body(reader, "CLIENT_COMMIT", seg_len, length)
-        handler = self.on_client_commit
-        if handler is None:
-            conn.sendall(data_frames.encode_reply(Status.INTERNAL, request_id, 0,
-                                                  "this node keeps no object table"))
-            return True
-        try:
-            refused = handler(body, principal)
-        except ValueError as exc:
-            raise _BadFrame(str(exc)) from exc
-        if refused:
-            self.stats.num_errors += 1
-            log.warning("data plane: CLIENT_COMMIT refused %d entries, first: %s",
-                        len(refused), refused[0][1])
-        payload = "".join(f"{i}\t{reason}\n" for i, reason in refused).encode()
-        data_frames.sendmsg_all(conn, [data_frames.encode_reply(Status.OK, request_id,
-                                                                len(payload)), payload])
-        return True
-
-    def _write_commit(self, conn: socket.socket, segment: Backend, offset: int, length: int,
-                      blob: bytes, tail: tuple[str, int], request_id: int,
-                      principal: str) -> None:
-        """Commit a WRITE_COMMIT's object once its payload landed; reply OK only once it
-        is in the table, CAPABILITY_REFUSED (the reason) if the commit was refused."""
-        handler = self.on_write_commit
-        if handler is None:
-            conn.sendall(data_frames.encode_reply(Status.INTERNAL, request_id, 0,
-                                                  "this node keeps no object table"))
-            return
-        key, checksum = tail
-        refused = handler(key, segment.segment_id, offset, length, checksum, blob, principal)
-        if refused:
-            self.stats.num_errors += 1
-            log.warning("data plane: WRITE_COMMIT of %r refused: %s", key, refused[0][1])
-            conn.sendall(data_frames.encode_reply(Status.CAPABILITY_REFUSED, request_id, 0,
-                                                  f"commit refused: {refused[0][1]}"))
-            return
-        conn.sendall(data_frames.REPLY.pack(_REPLY_OK, 0, 0, request_id, 0))
+        raise BadFrame(f"unknown op {op_code}")
 
     def _check_writes(self, conn: socket.socket, reader, seg_len: int, request_id: int,
                       count: int, length: int, principal: str) -> bool:
         """Check every range of a CHECK_WRITES body (``check_batch``); one reply listing the
         refused ones. The connection stays usable (no payload follows)."""
         if seg_len:
-            raise _BadFrame("CHECK_WRITES carries no segment id")
+            raise BadFrame("CHECK_WRITES carries no segment id")
         if length > check_batch.MAX_BODY_BYTES or count > check_batch.MAX_RANGES:
-            raise _BadFrame(f"CHECK_WRITES of {count} ranges in {length} bytes exceeds "
-                            f"{check_batch.MAX_RANGES} ranges or "
-                            f"{check_batch.MAX_BODY_BYTES} bytes")
+            raise BadFrame(f"CHECK_WRITES of {count} ranges in {length} bytes exceeds "
+                           f"{check_batch.MAX_RANGES} ranges or "
+                           f"{check_batch.MAX_BODY_BYTES} bytes")
         try:
-            ranges = list(check_batch.decode_ranges(_read_exact(reader, length)))
+            ranges = list(check_batch.decode_ranges(read_exact(reader, length)))
         except ValueError as exc:
-            raise _BadFrame(f"CHECK_WRITES body: {exc}") from exc
+            raise BadFrame(f"CHECK_WRITES body: {exc}") from exc
         if len(ranges) != count:
-            raise _BadFrame(f"CHECK_WRITES announces {count} ranges, carries {len(ranges)}")
+            raise BadFrame(f"CHECK_WRITES announces {count} ranges, carries {len(ranges)}")
         # NOTE: the commit ring drained once for the whole batch, not once per range
         if self.before_write_check is not None and self._guard.enforcing:
             self.before_write_check()
@@ -443,12 +328,12 @@ class DataPlaneServer(ThreadedTcpServer):
     def _check_location(self, segment: Backend, offset: int, length: int, blob: bytes,
                         principal: str) -> tuple[Status, str]:
         """(OK, "") if a CHECKED_READ may be served (``location_reads`` allows it, then the
-        read capability it carries), else the refusal; _BadFrame for an identity that does
+        read capability it carries), else the refusal; BadFrame for an identity that does
         not parse."""
         try:
             key, checksum, capability = checked_read.decode_identity(blob)
         except ValueError as exc:
-            raise _BadFrame(f"CHECKED_READ identity: {exc}") from exc
+            raise BadFrame(f"CHECKED_READ identity: {exc}") from exc
         decider = self.location_reads
         if decider is None:
             return Status.LOCATION_OFF, "this node keeps no object table"
@@ -462,9 +347,9 @@ class DataPlaneServer(ThreadedTcpServer):
     def _receive_into(self, reader, backend: Backend, offset: int, length: int) -> None:
         view = backend.view(offset, length)
         if view is not None:
-            _read_into(reader, view)
+            read_into(reader, view)
             return
-        backend.write_stream(offset, length, lambda piece: _read_into(reader, piece))
+        backend.write_stream(offset, length, lambda piece: read_into(reader, piece))
 
     def _send_from(self, conn: socket.socket, backend: Backend, header: bytes, offset: int,
                    length: int) -> None:
