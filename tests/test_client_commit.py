@@ -21,6 +21,7 @@ import pytest
 
 from client_cluster import payload
 from crash_servers import daemon_process, data_plane, master_process, wait_adopted
+from stopped_process import stop_process
 
 import kvstore
 from kvstore import capability
@@ -228,7 +229,7 @@ def test_an_older_client_still_waits_for_the_masters_push():
             value = payload(SIZE, seed=13)
             total = checksum(memoryview(value))
             _written(client, ["old/1", "new/1", "after/1"], value)
-            os.kill(daemon.proc.pid, signal.SIGSTOP)
+            stop_process(daemon.proc.pid)
             try:
                 # a client that committed itself is answered without the daemon
                 assert client.put_end(["new/1"], [total], client_id="raw-writer",

@@ -26,6 +26,7 @@ import pytest
 
 from client_cluster import payload
 from crash_servers import daemon_process, master_process, wait_adopted
+from stopped_process import stop_process
 
 import kvstore
 from kvstore import capability, commit_ring
@@ -189,7 +190,7 @@ def test_an_shm_put_is_durable_without_waking_the_daemon():
         value = payload(64 * 1024, seed=3)
         with kvstore.connect(master.address, timeout_s=10) as store:
             store.put("anchor", b"a" * SIZE)
-            os.kill(daemon.proc.pid, signal.SIGSTOP)    # it cannot confirm anything now
+            stop_process(daemon.proc.pid)    # it cannot confirm anything now
             try:
                 store.put("asleep/key", value)          # returns: the ring holds the commit
                 master.kill()
@@ -261,7 +262,7 @@ def test_a_full_ring_falls_back_to_client_commit():
             store.put("settled", b"s" * SIZE)
             committer = store._transfers.committer
             writer = writer_for(ring_name)      # this process's region: the store's too
-            os.kill(daemon.proc.pid, signal.SIGSTOP)
+            stop_process(daemon.proc.pid)
             try:
                 filler = encode_record("filler", b"")    # an empty commit: applies nothing
                 while writer.append(filler):

@@ -21,6 +21,7 @@ from client_cluster import payload
 from crash_servers import (
     adoption_log, daemon_process, data_plane, master_process, wait_adopted,
 )
+from stopped_process import stop_process
 
 import kvstore
 from kvstore import capability
@@ -139,7 +140,7 @@ def test_a_put_into_space_an_unconfirmed_eviction_freed_returns_only_once_it_is_
                 store.put(key, values[key])
                 acked.append(key)
             assert not all(store.batch_exists(acked))
-            os.kill(daemon.proc.pid, signal.SIGSTOP)
+            stop_process(daemon.proc.pid)
             try:
                 for i in range(64, 72):             # each evicts: the pushes cannot land
                     key = f"ue/{i}"
@@ -188,12 +189,15 @@ def test_daemon_sigkill_right_after_an_ssd_put_then_restart_serves_it(tmp_path, 
 @DESIGNS
 def test_a_daemon_that_does_not_confirm_fails_the_put_naming_the_key(design):
     # NOTE: --no-commit-ring: with the ring an shm put is durable in the daemon's shared
-    # memory and needs no answer (tests/test_commit_ring.py); here the daemon must answer
+    # memory and needs no answer (tests/test_commit_ring.py); here the daemon must answer.
+    # stop_process, not os.kill: SIGSTOP takes effect some time after os.kill returns, and
+    # a daemon still running then confirmed the push, so the put rightly succeeded (the
+    # intermittent "DID NOT RAISE" of issue 10; tests/stopped_process.py)
     with master_process(*SLOW_BEAT, "--commit-timeout", "500ms", *design) as master, \
             daemon_process(master, "--dram", "16MiB", "--no-commit-ring") as daemon:
         with kvstore.connect(master.address, transport="auto", timeout_s=10) as store:
             store.put("ok/before", b"a" * 5000)
-            os.kill(daemon.proc.pid, signal.SIGSTOP)
+            stop_process(daemon.proc.pid)
             try:
                 started = time.monotonic()
                 with pytest.raises(kvstore.TransferError) as info:
@@ -309,7 +313,7 @@ def test_commit_timeout_zero_answers_without_waiting_for_the_daemon():
     with master_process(*SLOW_BEAT, "--commit-timeout", "0") as master, \
             daemon_process(master, "--dram", "16MiB") as daemon:
         with kvstore.connect(master.address, transport="auto", timeout_s=10) as store:
-            os.kill(daemon.proc.pid, signal.SIGSTOP)
+            stop_process(daemon.proc.pid)
             try:
                 store.put("nowait/key", b"c" * 5000)     # no confirmation needed: succeeds
                 assert store.exists("nowait/key")

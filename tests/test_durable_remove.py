@@ -16,6 +16,7 @@ import pytest
 from client_cluster import payload
 from raw_master import RawMaster
 from crash_servers import daemon_process, master_process
+from stopped_process import stopped
 
 import kvstore
 from kvstore.v1 import master_pb2
@@ -39,19 +40,6 @@ def _wait(predicate, what: str, timeout_s: float = 30.0) -> None:
         time.sleep(0.05)  # another process's progress: no clock of ours to advance
 
 
-class _Stopped:
-    """SIGSTOP a process for the ``with`` block (SIGCONT however it ends)."""
-
-    def __init__(self, server):
-        self.pid = server.proc.pid
-
-    def __enter__(self):
-        os.kill(self.pid, signal.SIGSTOP)
-
-    def __exit__(self, *exc):
-        os.kill(self.pid, signal.SIGCONT)
-
-
 def test_unconfirmed_then_confirmed_remove_survives_a_master_sigkill():
     master = master_process(*SLOW_BEAT)
     port = master.port
@@ -64,7 +52,7 @@ def test_unconfirmed_then_confirmed_remove_survives_a_master_sigkill():
             store.put("rm/victim", victim)
             store.put("rmp/a", b"a" * 3000)
             store.put("rmp/b", b"b" * 3000)
-            with _Stopped(daemon):
+            with stopped(daemon.proc.pid):
                 with pytest.raises(kvstore.TransferError) as info:
                     store.remove("rm/victim")
                 assert "rm/victim" in str(info.value) and "rm-node" in str(info.value)
@@ -105,7 +93,7 @@ def test_a_node_dropped_before_confirming_does_not_bring_the_object_back():
         with kvstore.connect(master.address, timeout_s=10) as store:
             store.put("late/kept", kept)
             store.put("late/victim", victim)
-            with _Stopped(daemon):
+            with stopped(daemon.proc.pid):
                 with pytest.raises(kvstore.TransferError, match="late-node"):
                     store.remove("late/victim")
                 _wait(lambda: _node_ids(master) == [], "the master to drop the stalled node")
@@ -136,7 +124,7 @@ def test_remove_of_a_missing_or_bad_key_is_unchanged_by_the_bookkeeping():
     with master_process(*SLOW_BEAT) as master, _daemon(master) as daemon:
         with kvstore.connect(master.address, timeout_s=10) as store:
             store.put("ok/one", b"1" * 2000)
-            with _Stopped(daemon):
+            with stopped(daemon.proc.pid):
                 with pytest.raises(kvstore.TransferError):
                     store.remove("ok/one")
                 assert store.remove("never/was") is False
@@ -164,7 +152,7 @@ def test_a_stalled_node_does_not_hold_back_the_other_nodes_confirmations():
                 except kvstore.TransferError as exc:
                     errors.append(exc)
 
-            with _Stopped(node_a):
+            with stopped(node_a.proc.pid):
                 remover = threading.Thread(target=remove_both)
                 remover.start()
                 try:

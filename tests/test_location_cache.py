@@ -21,6 +21,7 @@ import time
 import pytest
 from client_cluster import Cluster, payload
 from servers import ServerProcess
+from stopped_process import stop_process
 
 import kvstore
 from kvstore.transport import checked_read, data_frames
@@ -323,7 +324,7 @@ def test_a_removal_the_daemon_did_not_confirm_is_not_undone_by_the_cache():
             writer.put("lc/unconfirmed", payload(8 * KiB, seed=31))
             _cached_get(reader, "lc/unconfirmed")
             pid = cluster.daemons[0].proc.pid
-            os.kill(pid, signal.SIGSTOP)     # it confirms nothing, and misses its beats
+            stop_process(pid)                # it confirms nothing, and misses its beats
             try:
                 with pytest.raises(kvstore.TransferError, match="retry"):
                     writer.remove("lc/unconfirmed", force=True)

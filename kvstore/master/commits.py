@@ -254,7 +254,13 @@ class CommitPusher:
     def _receive(self, channel: _Channel, seq: int, deadline_s: float) -> None:
         try:
             channel.sock.settimeout(max(deadline_s - self._clock(), 0.001))
-            status, applied_seq, message = _read_reply(channel.sock)
+            status, request_id, applied_seq, message = _read_reply(channel.sock)
+            if request_id != channel.request_id & 0xFFFFFFFF:
+                # NOTE: only the reply to the push just sent confirms anything: another one
+                # (left over from an earlier push, were one ever left unread) would confirm
+                # changes the daemon may not hold; the connection is out of step: closed
+                raise _Refused(f"COMMIT reply names request {request_id}, not "
+                               f"{channel.request_id & 0xFFFFFFFF}")
             if status != Status.OK:
                 raise _Refused(f"COMMIT refused: {Status(status).name}: {message}")
         except (OSError, data_frames.PeerClosedError, _Refused, ValueError) as exc:
@@ -279,7 +285,7 @@ class CommitPusher:
                 sock = wrap_client(sock, self._tls_context, host.strip("[]"), self._tls,
                                    f"the data plane at {address}")
             sock.sendall(data_frames.encode_hello(self._token))
-            status, _, message = _read_reply(sock)
+            status, _, _, message = _read_reply(sock)
             if status != Status.OK:
                 raise _Refused(f"data-plane handshake refused: {Status(status).name}: "
                                f"{message}")
@@ -298,12 +304,13 @@ class CommitPusher:
 
 
 class _Refused(Exception):
-    """The daemon answered with an error status."""
+    """The daemon answered with an error status, or a reply to another request."""
 
 
-def _read_reply(sock: socket.socket) -> tuple[int, int, str]:
-    """(status, length field, message) of one data-plane reply without payload."""
+def _read_reply(sock: socket.socket) -> tuple[int, int, int, str]:
+    """(status, request id, length field, message) of one data-plane reply without
+    payload."""
     header = data_frames.recv_exact(sock, data_frames.REPLY.size)
-    status, _, msg_len, _, length = data_frames.REPLY.unpack(header)
+    status, _, msg_len, request_id, length = data_frames.REPLY.unpack(header)
     message = data_frames.recv_exact(sock, msg_len).decode(errors="replace") if msg_len else ""
-    return status, length, message
+    return status, request_id, length, message
