@@ -41,6 +41,7 @@ from kvstore.client.config import check_timeout
 from kvstore.client.key_checks import check_key, check_keys
 from kvstore.client.reader import CODEC_RAW
 from kvstore.client.shm_batch import shm_first
+from kvstore.client.values import release_views
 from kvstore.rpc.errors import item_error, malformed
 from kvstore.rpc.messages import segment_prefixes
 from kvstore.rpc.methods import METHODS
@@ -138,13 +139,7 @@ class LeasedViews:
 
     def close(self) -> None:
         """Release the views and end the lease. Idempotent; never raises."""
-        for i, view in enumerate(self.views):
-            if view is not None:
-                try:
-                    view.release()
-                except BufferError:
-                    pass  # NOTE: a caller still holds an export of it; ours is dropped below
-                self.views[i] = None
+        release_views(self.views)
         self.addresses = [0] * len(self.addresses)
         self._mappings = []
         lease_id, self._lease_id = self._lease_id, 0

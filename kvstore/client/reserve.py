@@ -44,6 +44,7 @@ from kvstore.client import writer
 from kvstore.client.checksum import checksum
 from kvstore.client.key_checks import check_key, check_keys, check_node_id
 from kvstore.client.transfer import Transfers
+from kvstore.client.values import release_views
 from kvstore.client.writer import PutSettings, check_replicas, check_tier
 from kvstore.rpc import MasterClient
 
@@ -165,10 +166,10 @@ class PutReservation:
                         items.append((j, names[j], target, self.views[j]))
             failures = self._transfers.write(items, deadline=settings.deadline) if items else {}
         except BaseException:
-            self._release_views()
+            release_views(self.views)
             writer.revoke(self._master, settings, [names[j] for j in self._started])
             raise
-        self._release_views()
+        release_views(self.views)
         for j, error in failures.items():
             self._results[j] = error
         # NOTE: a set: ``j not in written`` over the list cost ~1.4 ms per 128-key commit
@@ -186,17 +187,8 @@ class PutReservation:
         if self._done:
             return
         self._done = True
-        self._release_views()
+        release_views(self.views)
         writer.revoke(self._master, self._settings, [self._keys[j] for j in self._started])
-
-    def _release_views(self) -> None:
-        for j, view in enumerate(self.views):
-            if view is not None:
-                try:
-                    view.release()
-                except BufferError:
-                    pass  # NOTE: a caller still holds an export of it; ours is dropped below
-                self.views[j] = None
 
     def _check_open(self) -> None:
         if self._done:

@@ -141,3 +141,16 @@ def new_bytes(num_bytes: int) -> tuple[Any, memoryview]:
 def finish_bytes(obj: Any) -> bytes:
     """The ``bytes`` of an object made by ``new_bytes`` once it is filled."""
     return bytes(obj) if isinstance(obj, bytearray) else obj
+
+
+def release_views(views: list) -> None:
+    """Release every memoryview in ``views`` and set its slot to None (None slots are
+    skipped). Never raises: a view a caller still exports stays alive for that caller,
+    while ours is dropped."""
+    for i, view in enumerate(views):
+        if view is not None:
+            try:
+                view.release()
+            except BufferError:
+                pass  # NOTE: a caller still holds an export of it; ours is dropped below
+            views[i] = None

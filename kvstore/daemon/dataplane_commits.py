@@ -46,6 +46,12 @@ def read_commit_tail(reader) -> tuple[str, int]:
         raise BadFrame(f"WRITE_COMMIT key is not UTF-8: {exc}") from exc
 
 
+def _reply_no_table(conn: socket.socket, request_id: int) -> None:
+    """INTERNAL for a commit request on a node whose object table does not exist (yet)."""
+    conn.sendall(data_frames.encode_reply(Status.INTERNAL, request_id, 0,
+                                          "this node keeps no object table"))
+
+
 class CommitRequests:
     """The commit requests of ``DataPlaneServer`` (a mixin: it uses the server's ``_guard``,
     ``stats`` and ``on_*`` handlers)."""
@@ -65,8 +71,7 @@ class CommitRequests:
             return True
         handler = self.on_commit
         if handler is None:
-            conn.sendall(data_frames.encode_reply(Status.INTERNAL, request_id, 0,
-                                                  "this node keeps no object table"))
+            _reply_no_table(conn, request_id)
             return True
         try:
             applied_seq = handler(base_seq, body)
@@ -86,8 +91,7 @@ class CommitRequests:
         body = commit_body(reader, "CLIENT_COMMIT", seg_len, length)
         handler = self.on_client_commit
         if handler is None:
-            conn.sendall(data_frames.encode_reply(Status.INTERNAL, request_id, 0,
-                                                  "this node keeps no object table"))
+            _reply_no_table(conn, request_id)
             return True
         try:
             refused = handler(body, principal)
@@ -109,8 +113,7 @@ class CommitRequests:
         is in the table, CAPABILITY_REFUSED (the reason) if the commit was refused."""
         handler = self.on_write_commit
         if handler is None:
-            conn.sendall(data_frames.encode_reply(Status.INTERNAL, request_id, 0,
-                                                  "this node keeps no object table"))
+            _reply_no_table(conn, request_id)
             return
         key, checksum = tail
         refused = handler(key, segment.segment_id, offset, length, checksum, blob, principal)
