@@ -285,12 +285,14 @@ def test_a_users_ucx_modules_setting_is_kept():
 
 
 def test_large_unregistered_buffers_are_registered_for_the_call_only(master):
-    """From nixl_spans.DIRECT_MIN_BYTES on, a writable caller buffer is registered for the
-    call (the slices of one array share one registration) and deregistered after it; smaller
-    or read-only buffers go through the staging pool. The bytes are right either way."""
+    """With the registration cache off, from nixl_spans.DIRECT_MIN_BYTES on, a writable
+    caller buffer is registered for the call (the slices of one array share one
+    registration) and deregistered after it; smaller or read-only buffers go through the
+    staging pool. The bytes are right either way."""
+    from kvstore.transport.nixl import NixlTransport
     with nixl_daemon(master, "nixl-spans", "--no-write-capabilities"):
         client, nodes = node_directory(master.address)
-        with client, make_transports("nixl", nodes=nodes)[0] as transport:
+        with client, NixlTransport(nodes=nodes, registration_cache_entries=0) as transport:
             size = MiB
             src = random_bytes(4 * size, 11)
             targets = [first_target(master.address, "nixl-spans", i * size, size)
@@ -323,3 +325,67 @@ def test_large_unregistered_buffers_are_registered_for_the_call_only(master):
             # only the staging pool's own buffers stay registered
             assert len(handle.registrations) == len(
                 [b for bufs in transport._staging._size_to_idle.values() for b in bufs])
+
+
+def test_caller_buffers_stay_registered_across_calls_and_hold_their_memory(master):
+    """The registration cache (nixl_regcache): a caller buffer registered by one call is
+    used again by the next without a new registration, its bytes as they are now; slices
+    inside a cached span hit it; the cache stays within its bounds (the evicted registration
+    is released); a cached buffer's memory is held (a bytearray cannot be resized) until
+    the transport closes."""
+    from kvstore.transport.nixl import NixlTransport
+    with nixl_daemon(master, "nixl-cache", "--no-write-capabilities"):
+        client, nodes = node_directory(master.address)
+        with client, NixlTransport(nodes=nodes, registration_cache_entries=2) as transport:
+            size = MiB
+            src = random_bytes(4 * size, 21)
+            targets = [first_target(master.address, "nixl-cache", i * size, size)
+                       for i in range(4)]
+            slices = lambda a: [memoryview(a[i * size:(i + 1) * size])  # noqa: E731
+                                for i in range(4)]
+            assert transport.write_many(list(zip(targets, slices(src))),
+                                        timeout_s=TIMEOUT_S) == [None] * 4
+            handle = transport._handle
+            assert len(handle.registrations) == 1 and len(transport._cache) == 1
+            src[:] = random_bytes(4 * size, 22)      # same memory, new bytes
+            transport.write(targets[2], memoryview(src[2 * size:3 * size]),
+                            timeout_s=TIMEOUT_S)     # inside the cached span: a hit
+            assert transport.write_many(list(zip(targets, slices(src))),
+                                        timeout_s=TIMEOUT_S) == [None] * 4
+            assert len(handle.registrations) == 1    # no new registration
+            dst = np.zeros_like(src)
+            assert transport.read_many(list(zip(targets, slices(dst))),
+                                       timeout_s=TIMEOUT_S) == [None] * 4
+            assert np.array_equal(dst, src) and len(handle.registrations) == 2
+            held = bytearray(size)
+            transport.read_into(targets[0], memoryview(held), timeout_s=TIMEOUT_S)
+            assert bytes(held) == src[:size].tobytes()
+            # three buffers met, two entries kept: the least recently used (src) released
+            assert len(transport._cache) == 2 and len(handle.registrations) == 2
+            with pytest.raises(BufferError):
+                held.extend(b"x")                     # its memory is held by the cache
+            dst[:] = 0
+            assert transport.read_many(list(zip(targets, slices(dst))),
+                                       timeout_s=TIMEOUT_S) == [None] * 4
+            assert np.array_equal(dst, src) and len(handle.registrations) == 2
+        assert handle.registrations == [] and len(transport._cache) == 0
+        held.extend(b"x")                             # closed: the memory is the caller's
+
+
+def test_registration_cache_is_bounded_by_bytes_and_bytes_stay_right(master):
+    """Fresh source and destination buffers every call: the cache keeps at most its byte
+    bound registered (the least recently used released first), and every read returns what
+    was written there."""
+    from kvstore.transport.nixl import NixlTransport
+    with nixl_daemon(master, "nixl-cache-bytes", "--no-write-capabilities"):
+        client, nodes = node_directory(master.address)
+        with client, NixlTransport(nodes=nodes, registration_cache_bytes=3 * MiB) as transport:
+            for i in range(6):
+                target = first_target(master.address, "nixl-cache-bytes", (i % 2) * MiB, MiB)
+                value = random_bytes(MiB, 30 + i)
+                transport.write(target, memoryview(value), timeout_s=TIMEOUT_S)
+                out = np.zeros(MiB, dtype=np.uint8)
+                transport.read_into(target, memoryview(out), timeout_s=TIMEOUT_S)
+                assert np.array_equal(out, value)
+                assert transport._cache.num_bytes <= 3 * MiB
+                assert len(transport._handle.registrations) == len(transport._cache) <= 3

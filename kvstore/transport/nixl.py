@@ -11,8 +11,9 @@ or CMA/TCP on one host.
 
 Local memory: the caller's buffer itself when it lies in memory registered with
 ``register_memory`` (an engine's KV cache, once) or, from ``nixl_spans.DIRECT_MIN_BYTES`` on,
-when it is writable (registered for the call only); otherwise a staging buffer (``nixl_staging``)
-it is copied through. A batch is one NIXL transfer per node, polled until the deadline.
+when it is writable (registered on first use and kept registered, its memory held alive, in a
+bounded cache: ``nixl_regcache``); otherwise a staging buffer (``nixl_staging``) it is copied
+through. A batch is one NIXL transfer per node, polled until the deadline.
 
 Errors: ``TransferError`` naming the node for a node without NIXL, an unregistered segment, a
 range outside it, a write the daemon refused (its status and reason) or a transfer NIXL
@@ -42,6 +43,8 @@ from kvstore.transport.base import Target, Transport
 from kvstore.transport.nixl_checks import WriteChecks
 from kvstore.transport.nixl_spans import Span, direct_spans, register_spans, release_spans
 from kvstore.transport.nixl_lib import AgentHandle, new_agent, nixl_available
+from kvstore.transport.nixl_regcache import (DEFAULT_MAX_BYTES, DEFAULT_MAX_ENTRIES,
+                                             RegistrationCache)
 from kvstore.transport.nixl_staging import StagingPool, StagingBuffer
 
 NodeDirectory = Callable[[], Mapping[str, bytes]]
@@ -71,7 +74,7 @@ class _Item:
     """One range of a batch: its index, its Target and the local memory it moves through."""
 
     __slots__ = ("index", "target", "view", "buffer_address", "local_address",
-                 "remote_address", "staging", "span")
+                 "remote_address", "staging", "span", "entry")
 
     def __init__(self, index: int, target: Target, view: memoryview, buffer_address: int,
                  remote_address: int):
@@ -81,6 +84,7 @@ class _Item:
         self.local_address = 0                   # the caller's buffer or the staging buffer
         self.staging: StagingBuffer | None = None
         self.span: Span | None = None            # registered for this call (nixl_spans)
+        self.entry = None                        # a cached registration (nixl_regcache)
 
 
 class NixlTransport(Transport):
@@ -88,8 +92,11 @@ class NixlTransport(Transport):
 
     Reachable targets: a node whose published metadata lists the target's segment.
     ``staging_bytes`` is the staging buffer registered at the agent's creation; the pool keeps
-    at most ``max_idle_staging_bytes`` of buffers between transfers. ``token`` and ``tls``
-    open the daemons' data planes for the write checks (``nixl_checks``).
+    at most ``max_idle_staging_bytes`` of buffers between transfers. Caller buffers
+    registered for a call stay registered (and alive) in a cache of at most
+    ``registration_cache_bytes`` / ``registration_cache_entries`` (0 entries: registered
+    for each call only). ``token`` and ``tls`` open the daemons' data planes for the write
+    checks (``nixl_checks``).
     """
 
     name = "nixl"
@@ -97,6 +104,8 @@ class NixlTransport(Transport):
     def __init__(self, *, nodes: NodeDirectory | None = None, token: str | None = None,
                  tls=None, staging_bytes: int = 16 * 1024 * 1024,
                  max_idle_staging_bytes: int = 256 * 1024 * 1024,
+                 registration_cache_bytes: int = DEFAULT_MAX_BYTES,
+                 registration_cache_entries: int = DEFAULT_MAX_ENTRIES,
                  clock: Callable[[], float] = time.monotonic):
         self._nodes = nodes
         self._staging_bytes = staging_bytes
@@ -108,6 +117,8 @@ class NixlTransport(Transport):
         self._node_to_info: dict[str, nixl_meta.NodeNixlInfo | None] = {}
         self._refreshed_at_s = float("-inf")
         self._regions: list[tuple[int, int, object, object]] = []  # start, end, descs, owner
+        self._cache = RegistrationCache(max_bytes=registration_cache_bytes,
+                                        max_entries=registration_cache_entries)
         self._closed = False
         self._checks = WriteChecks(token=token, tls=tls)
 
@@ -161,6 +172,7 @@ class NixlTransport(Transport):
             self._closed = True
             handle, self._handle = self._handle, None
             self._staging, self._regions = None, []
+            self._cache.clear()   # NOTE: the agent's release deregisters them
             self._node_to_info.clear()
         self._checks.close()
         if handle is not None:
@@ -215,13 +227,14 @@ class NixlTransport(Transport):
         if not node_to_items:
             return results
         spans: list[Span] = []
+        taken: list = []    # cache entries used by this call (nixl_regcache)
         try:
             # NOTE: a WRITE's checks travel while its local memory is registered or copied
             checks = {node_id: self._checks.send(
                 node_id, [i.target for i in node_items], deadline,
                 batched=getattr(self._node_to_info.get(node_id), "batched_checks", False))
                 for node_id, node_items in node_to_items.items()} if op == "WRITE" else {}
-            spans = self._place(node_to_items, results)
+            spans = self._place(node_to_items, results, taken)
             if op == "WRITE":
                 self._stage_sources(node_to_items, results)
                 for node_id, pending in checks.items():
@@ -234,15 +247,16 @@ class NixlTransport(Transport):
             self._move(op, {node_id: node_items for node_id, node_items in ready.items()
                             if node_items}, results, deadline)
         finally:
-            self._release_staging(node_to_items, spans)
+            self._release_staging(node_to_items, spans, taken)
         return results
 
-    def _place(self, node_to_items: dict[str, list[_Item]],
-               results: list[BaseException | None]) -> list[Span]:
+    def _place(self, node_to_items: dict[str, list[_Item]], results: list[BaseException | None],
+               taken: list) -> list[Span]:
         """Give every item outside registered memory its local memory: its own buffer,
-        registered for this call (``nixl_spans``), or a staging buffer. An item whose
-        registration NIXL refuses gets NIXL's reason (ConfigError) as its result. Returns
-        the spans registered."""
+        registered earlier (the cache) or now (``nixl_spans``; cached when it fits), or a
+        staging buffer. An item whose registration NIXL refuses gets NIXL's reason
+        (ConfigError) as its result. Returns the spans registered for this call only; appends
+        the cache entries it uses to ``taken`` (given back by ``_release_staging``)."""
         unplaced = [item for node_items in node_to_items.values() for item in node_items
                     if item.local_address == 0]
         if not unplaced:
@@ -250,13 +264,33 @@ class NixlTransport(Transport):
         spans = direct_spans(unplaced)
         with self._lock:
             handle = self._agent()
-            for span, exc in register_spans(handle, spans):
+            fresh: list[Span] = []
+            for span in spans:
+                entry = self._cache.take(span.start, span.end)
+                if entry is None:
+                    fresh.append(span)
+                    continue
+                taken.append(entry)
+                for item in span.items:
+                    item.local_address, item.entry = item.buffer_address, entry
+            for span, exc in register_spans(handle, fresh):
                 for item in span.items:
                     results[item.index] = exc
+            spans = [span for span in fresh if span.descs is not None]
             for span in spans:
-                if span.descs is not None:
+                for item in span.items:
+                    item.span, item.local_address = span, item.buffer_address
+            # NOTE: the call's spans share one descriptor list: cached together or not at all
+            if spans and all(self._cache.fits(span.length) for span in spans) and \
+                    len({id(span.descs) for span in spans}) == 1:
+                entries, evicted = self._cache.add(spans)
+                taken += entries
+                for span, entry in zip(spans, entries):
                     for item in span.items:
-                        item.span, item.local_address = span, item.buffer_address
+                        item.span, item.entry = None, entry
+                for descs in evicted:
+                    handle.deregister(descs)
+                spans = []
             for item in unplaced:
                 if item.local_address == 0 and results[item.index] is None:
                     try:
@@ -265,7 +299,7 @@ class NixlTransport(Transport):
                         results[item.index] = exc
                         continue
                     item.local_address = item.staging.address  # a WRITE's copy: _stage_sources
-        return [span for span in spans if span.descs is not None]
+        return spans
 
     @staticmethod
     def _stage_sources(node_to_items: dict[str, list[_Item]],
@@ -389,12 +423,14 @@ class NixlTransport(Transport):
                 item.staging.abandoned = True
             if abandoned and item.span is not None:
                 item.span.abandoned = True
+            if abandoned and item.entry is not None:
+                item.entry.abandoned = True   # NOTE: never evicted: it may still land
 
-    def _release_staging(self, node_to_items: dict[str, list[_Item]],
-                         spans: list[Span]) -> None:
+    def _release_staging(self, node_to_items: dict[str, list[_Item]], spans: list[Span],
+                         taken: list) -> None:
         """Give every staging buffer of the batch back (an abandoned one is kept aside) and
         deregister the call's spans (an abandoned one stays registered until the agent is
-        released: its transfer may still use it)."""
+        released: its transfer may still use it) and give back the cache entries ``taken``."""
         with self._lock:
             if self._handle is not None:
                 release_spans(self._handle, spans)
@@ -403,6 +439,10 @@ class NixlTransport(Transport):
                 for item in node_items:
                     if item.staging is not None and pool is not None:
                         pool.give(item.staging)
+            evicted = [descs for entry in taken for descs in self._cache.give(entry)]
+            if self._handle is not None:
+                for descs in evicted:
+                    self._handle.deregister(descs)
 
     # ---- agent ----------------------------------------------------------------------------
     def _agent(self) -> AgentHandle:
