@@ -52,3 +52,20 @@ def test_exception_between_put_start_and_put_end_revokes_the_batch(interrupting_
         interrupting_logger()                                   # no more interruptions
         assert store.batch_put(keys, values) == [None] * 4      # stored, not ALREADY_EXISTS
         assert store.batch_get(keys) == values
+
+
+def test_interrupted_large_batch_hashed_in_the_background_is_revoked(interrupting_logger):
+    """The same with values large enough to be hashed on the background thread
+    (client/hashing.py): the interruption still revokes every key, and the retry stores
+    them with the right sums (the get verifies them)."""
+    keys = [f"interrupted-large/{i}" for i in range(4)]
+    values = [bytes([i]) * (1024 * 1024 + i) for i in range(4)]
+    with kvstore.local(dram="32MiB") as store:
+        with pytest.raises(Interrupt):
+            store.batch_put(keys, values)
+        master = store.stats()["master"]
+        assert master["num_pending"] == 0
+        assert store.batch_exists(keys) == [False] * 4
+        interrupting_logger()
+        assert store.batch_put(keys, values) == [None] * 4
+        assert store.batch_get(keys, verify=True) == values

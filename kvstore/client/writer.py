@@ -20,7 +20,7 @@ from kvstore._errors import (
 )
 from kvstore.client.checksum import EMPTY_CHECKSUM, EMPTY_PLACEHOLDER, checksum
 from kvstore.client.key_checks import check_key
-from kvstore.client import write_commit
+from kvstore.client import hashing, write_commit
 from kvstore.client.transfer import Transfers
 from kvstore.client.values import as_source
 from kvstore.rpc import MasterClient
@@ -139,20 +139,49 @@ def _put_valid(master: MasterClient, transfers: Transfers, indices: list[int],
         deadline=settings.deadline)
     # NOTE: hashed while the master allocates, not after the write: the client would only
     # wait here, so the hash is off the critical path (~100 us of a 4 MiB put), and it pulls
-    # the value into the cache for the copy. The cost: values the master reports
-    # ALREADY_EXISTS are hashed for nothing (a hash is ~1/10 of a copy).
+    # the value into the cache for the copy; a large batch is hashed on a background thread
+    # until PutEnd needs the sums (hashing.py), so its hash overlaps the transfer too. The
+    # cost: values the master reports ALREADY_EXISTS are hashed for nothing (a hash is ~1/10
+    # of a copy).
     try:
-        sums = [EMPTY_CHECKSUM if src is EMPTY_PLACEHOLDER else checksum(src)
-                for src in sources]
+        hashed = hashing.start(sources, _checksum)
     except BaseException:
         _abandon(master, settings, pending, names)
         raise
+    try:
+        _write_and_end(master, transfers, indices, names, sources, settings, results,
+                       pending, hashed)
+    finally:
+        hashed.wait()   # NOTE: no thread reads the caller's values after the call
+
+
+def _checksum(src: memoryview) -> int:
+    return EMPTY_CHECKSUM if src is EMPTY_PLACEHOLDER else checksum(src)
+
+
+def _sums(master: MasterClient, settings: PutSettings, hashed: hashing.Checksums,
+          started: list[str]) -> list[int]:
+    """The values' checksums; a failed hash revokes the keys ``started`` and raises."""
+    try:
+        return hashed.result()
+    except BaseException:
+        _revoke(master, settings, started)
+        raise
+
+
+def _write_and_end(master: MasterClient, transfers: Transfers, indices: list[int],
+                   names: list[str], sources: list[memoryview], settings: PutSettings,
+                   results: list[KVStoreError | None], pending: Any,
+                   hashed: hashing.Checksums) -> None:
+    """The put after PutStart was sent and its values' hash started: its reply, the writes
+    (or the single tcp put's write-commit), PutEnd."""
     slots = pending.result()
     started = [j for j, slot in enumerate(slots) if isinstance(slot, list)]
     if write_commit.applies(transfers, slots, started):
         # NOTE: a single tcp put: data and commit in one daemon message (write_commit.py)
-        outcome = write_commit.put_one(master, transfers, settings, names[0], slots[0][0],
-                                       sources[0], sums[0], _revoke)
+        outcome = write_commit.put_one(
+            master, transfers, settings, names[0], slots[0][0], sources[0],
+            _sums(master, settings, hashed, [names[0]])[0], _revoke)
         if outcome is not write_commit.FALLBACK:
             results[indices[0]] = outcome
             return
@@ -178,6 +207,7 @@ def _put_valid(master: MasterClient, transfers: Transfers, indices: list[int],
         _revoke(master, settings, [names[j] for j in failures])
     committed = [j for j in started if j not in failures]
     if committed:
+        sums = _sums(master, settings, hashed, [names[j] for j in committed])
         _end(master, transfers, settings, committed, indices, names, sums, results, slots)
 
 
