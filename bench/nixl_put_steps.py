@@ -27,6 +27,7 @@ import os
 import statistics
 import subprocess
 import sys
+import threading
 import time
 
 MIB = 1 << 20
@@ -38,6 +39,7 @@ STEPS = [
     ("kvstore.rpc.client", "MasterClient.get_replicas_leased", "master GetReplicas"),
     ("kvstore.rpc.client", "_Result.result", "master wait"),
     ("kvstore.client.writer", "checksum", "hash (put)"),
+    ("kvstore.client.hashing", "Checksums.result", "hash wait (put)"),
     ("kvstore.client.writer", "_end", "PutEnd + commits (self)"),
     ("kvstore.client.committer", "DaemonCommitter.begin", "commit frames send"),
     ("kvstore.client.committer", "Commits.finish", "commit frames wait"),
@@ -64,27 +66,32 @@ AGENT_STEPS = [("transfer", "NIXL post (copy)"), ("check_xfer_state", "NIXL chec
 
 
 class Profile:
-    """Own time per label for the call in progress (nested wrapped calls subtracted)."""
+    """Own time per label for the call in progress (nested wrapped calls subtracted); time
+    spent in other threads than the caller's (the put's background hash) is labelled
+    "[bg] ..." and is not part of the call's own path."""
 
     def __init__(self) -> None:
         self.now: collections.Counter = collections.Counter()
-        self.stack: list[list[float]] = []   # per open call: [start, time in children]
+        self.local = threading.local()      # per thread: open calls [start, in children]
+        self.main = threading.get_ident()
 
     def wrap(self, owner, name: str, label: str) -> None:
         inner = getattr(owner, name)
 
         @functools.wraps(inner)
         def timed(*args, **kwargs):
+            stack = self.local.__dict__.setdefault("stack", [])
             frame = [time.perf_counter(), 0.0]
-            self.stack.append(frame)
+            stack.append(frame)
             try:
                 return inner(*args, **kwargs)
             finally:
-                self.stack.pop()
+                stack.pop()
                 spent = time.perf_counter() - frame[0]
-                self.now[label] += spent - frame[1]
-                if self.stack:
-                    self.stack[-1][1] += spent
+                prefix = "" if threading.get_ident() == self.main else "[bg] "
+                self.now[prefix + label] += spent - frame[1]
+                if stack:
+                    stack[-1][1] += spent
         setattr(owner, name, timed)
 
 
@@ -133,8 +140,11 @@ def child(args) -> dict:
             store.batch_put(fixed, [src] * items)
             for key in fixed:
                 store.pin(key, hard=True)
+            # NOTE: raw NIXL writes the range of an object of its own, never read back
+            store.put("raw/0", src)
+            store.pin("raw/0", hard=True)
             with grpc_client(master.address) as client:
-                first = client.get_replicas(fixed[:1])[0]
+                first = client.get_replicas(["raw/0"])[0]
             target = first.targets[0]
             raw = RawNixl(info.agent_metadata,
                           info.segments[target.segment_id].address + target.offset, size,
