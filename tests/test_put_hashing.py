@@ -67,3 +67,28 @@ def test_store_batches_hashed_in_the_background_read_back_verified():
         assert store.batch_get(keys, verify=True) == batch
         store.put("bg/single", batch[0] * 5)           # one 5 MiB value: background too
         assert store.get("bg/single", verify=True) == batch[0] * 5
+
+
+def test_a_forked_child_hashes_in_its_own_background_thread():
+    import os
+
+    assert hashing.start(values(4, MiB, 10), checksum).result()   # the parent's thread runs
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:    # NOTE: the child reports through the pipe and leaves at once
+        try:
+            batch = values(4, MiB, 11)
+            sums = hashing.start(batch, checksum)
+            ok = sums.background and sums.result() == [checksum(v) for v in batch]
+            os.write(write, b"1" if ok else b"0")
+        finally:
+            os._exit(0)
+    os.close(write)
+    import select
+    import signal
+    ready, _, _ = select.select([read], [], [], 60)
+    if not ready:    # an inherited, threadless executor: the child waits forever
+        os.kill(pid, signal.SIGKILL)
+    got = os.read(read, 1) if ready else b""
+    os.waitpid(pid, 0)
+    assert got == b"1"

@@ -14,7 +14,7 @@ When: the batch holds at least ``BACKGROUND_MIN_BYTES`` of values of at least
 keeps the GIL on short buffers, and two threads passing the GIL per 64 KiB value took 18x
 the single thread's time (measured 2026-12-02 at load 17). Only one background hash runs per
 process at a time; a put finding the thread busy hashes in its own thread, so concurrent
-putters never queue behind each other.
+putters never queue behind each other. A forked child starts its own thread.
 
 Guarantee: ``result`` returns the checksums of the bytes the values held while they were
 hashed, in order, or raises what the hash raised; the writer always calls ``wait`` (or
@@ -23,6 +23,7 @@ hashed, in order, or raises what the hash raised; the writer always calls ``wait
 
 from __future__ import annotations
 
+import os
 import threading
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Callable, Sequence
@@ -75,6 +76,16 @@ def start(sources: Sequence[memoryview], hash_one: Callable[[memoryview], int]) 
                                                    thread_name_prefix="kvstore-hash")
                 return Checksums(None, _executor.submit(_hash_all, sources, hash_one))
     return Checksums([hash_one(src) for src in sources], None)
+
+
+def _forget_thread_in_child() -> None:
+    """After fork: the child has no hash thread (an executor inherited from the parent would
+    queue work that never runs), so it starts its own on first use."""
+    global _executor, _busy
+    _executor, _busy = None, False
+
+
+os.register_at_fork(after_in_child=_forget_thread_in_child)
 
 
 def _hash_all(sources: Sequence[memoryview], hash_one: Callable[[memoryview], int]) -> list[int]:
