@@ -9,7 +9,8 @@ steps subtracted) is summed per call: master sends and waits, the hash, the writ
 placing local memory (registration), NIXL's post (the CMA copy), polling, release, PutEnd
 and the daemons' commits. Raw NIXL of the same pattern (``kvstore.bench.nixl_ceiling``)
 runs in interleaved rounds. Prints, per tree and case, the median us per call of each step,
-the call's median, GB/s and the ratio to raw NIXL, with the load average.
+the call's median wall and client CPU (all threads) per call, GB/s and, for singles, the
+ratio to raw NIXL of one cache-hot value, with the load average.
 
     .venv/bin/python bench/nixl_put_steps.py --trees /work/base2,. [--rounds 5]
 
@@ -95,6 +96,26 @@ class Profile:
         setattr(owner, name, timed)
 
 
+# what bounds a call: its steps in groups (the rest of the call is kvstore's own Python)
+GROUPS = {
+    "master (sends + waits)": ("master PutStart send", "master PutEnd send",
+                               "master GetReplicas", "master wait"),
+    "daemon write check": ("write checks send", "write checks wait"),
+    "daemon commit frames": ("commit frames send", "commit frames wait"),
+    "NIXL copy (post)": ("NIXL post (copy)",),
+    "registration": ("register", "deregister"),
+    "hash in the call's thread": ("hash (put)", "hash wait (put)", "verify (self)"),
+}
+
+
+def groups_us(row: dict) -> dict[str, float]:
+    """A row's step medians summed per group, and the rest of the call's median."""
+    out = {name: sum(row["steps_us"].get(label, 0.0) for label in labels)
+           for name, labels in GROUPS.items()}
+    out["kvstore Python, the rest"] = row["total_us"] - sum(out.values())
+    return out
+
+
 def _resolve(module_name: str, path: str):
     import importlib
 
@@ -171,13 +192,15 @@ def child(args) -> dict:
                         profile.wrap(handle.agent, name, label)
             per_call: dict[str, list[dict]] = collections.defaultdict(list)
             totals: dict[str, list[float]] = collections.defaultdict(list)
+            cpu: dict[str, list[float]] = collections.defaultdict(list)   # all threads
             for _ in range(args.rounds):
                 for case, fn in cases.items():
                     for _ in range(args.calls):
                         profile.now.clear()
-                        start_s = time.perf_counter()
+                        start_s, start_cpu_s = time.perf_counter(), time.process_time()
                         fn()
                         totals[case].append(time.perf_counter() - start_s)
+                        cpu[case].append(time.process_time() - start_cpu_s)
                         per_call[case].append(dict(profile.now))
                     store.remove_prefix("p/", force=True)
             raw.close()
@@ -187,6 +210,7 @@ def child(args) -> dict:
         moved = size * (items if case.startswith("batch") else 1)
         total_us = statistics.median(totals[case]) * 1e6
         rows[case] = {"total_us": total_us, "gbps": moved / total_us / 1e3,
+                      "cpu_us": statistics.median(cpu[case]) * 1e6,
                       "steps_us": {label: statistics.median(c.get(label, 0.0) for c in calls)
                                    * 1e6 for label in labels}}
     return rows
@@ -200,6 +224,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--calls", type=int, default=10, help="calls per round and case")
     parser.add_argument("--passes", type=int, default=2, help="tree runs, interleaved")
+    parser.add_argument("--steps", action="store_true", help="print every step, not groups")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--json")
     args = parser.parse_args()
@@ -231,13 +256,16 @@ def main() -> None:
                 if case == "load" or case.startswith("raw"):
                     continue
                 ceiling = raw["put" if "put" in case else "get"]
-                print(f"{case}: {row['total_us']:.0f} us/call, {row['gbps']:.2f} GB/s "
-                      f"({row['gbps'] / ceiling:.0%} of raw single "
-                      f"{ceiling:.2f})" if case.startswith("single") else
-                      f"{case}: {row['total_us']:.0f} us/call, {row['gbps']:.2f} GB/s")
-                for label, us in sorted(row["steps_us"].items(), key=lambda kv: -kv[1]):
-                    if us >= 1:
-                        print(f"    {label:34s} {us:8.0f}")
+                head = (f"{case}: {row['total_us']:.0f} us/call, client CPU "
+                        f"{row['cpu_us']:.0f} us/call, {row['gbps']:.2f} GB/s")
+                print(head + (f" ({row['gbps'] / ceiling:.0%} of raw single {ceiling:.2f})"
+                              if case.startswith("single") else ""))
+                print("    " + ", ".join(f"{name} {us:.0f}"
+                                         for name, us in groups_us(row).items() if us >= 1))
+                if args.steps:
+                    for label, us in sorted(row["steps_us"].items(), key=lambda kv: -kv[1]):
+                        if us >= 1:
+                            print(f"      {label:34s} {us:8.0f}")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=1)
