@@ -1,4 +1,4 @@
-"""The nixl transport's completion polling (``nixl.poll_sleep_s``, pure: needs no NIXL): how
+"""The nixl transport's completion polling (``nixl_moves.poll_sleep_s``, pure: needs no NIXL): how
 late a transfer is seen done, and how many checks it costs."""
 
 from __future__ import annotations
@@ -7,7 +7,7 @@ import math
 
 import pytest
 
-from kvstore.transport.nixl import _MAX_SLEEP_S, _SPIN_S, poll_sleep_s
+from kvstore.transport.nixl_moves import _MAX_SLEEP_S, _SPIN_S, poll_sleep_s
 
 
 def checks_until(done_s: float) -> tuple[float, int]:

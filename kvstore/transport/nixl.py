@@ -36,13 +36,13 @@ from typing import Callable, Mapping, Sequence
 import numpy as np
 
 from kvstore._deadline import Deadline
-from kvstore._errors import (ClosedError, ConfigError, KVStoreError, TransferError,
-                             TransferTimeoutError)
+from kvstore._errors import ClosedError, ConfigError, KVStoreError, TransferError
 from kvstore.transport import byte_views, nixl_meta
 from kvstore.transport.base import Target, Transport
 from kvstore.transport.nixl_checks import WriteChecks
 from kvstore.transport.nixl_spans import Span, direct_spans, register_spans, release_spans
 from kvstore.transport.nixl_lib import AgentHandle, new_agent, nixl_available
+from kvstore.transport.nixl_moves import NixlMoves
 from kvstore.transport.nixl_regcache import (DEFAULT_MAX_BYTES, DEFAULT_MAX_ENTRIES,
                                              RegistrationCache)
 from kvstore.transport.nixl_staging import StagingPool, StagingBuffer
@@ -52,22 +52,6 @@ log = logging.getLogger("kvstore.transport.nixl")
 
 #: a node absent from the directory is asked for again at most this often
 REFRESH_INTERVAL_S = 1.0
-# NOTE: polling (``poll_sleep_s``): spin this long (a small transfer completes within
-# microseconds), then sleep a fraction of the time already waited, up to the cap: a transfer
-# is seen done at most ~1/8 of its time late (plus the OS's timer slack, ~50 us), with a
-# logarithmic number of wake-ups; a fixed doubling step to 1 ms could add 1 ms to a 1 ms
-# transfer (bench/RESULTS.md, "NIXL transport beside raw NIXL of the same batch").
-_SPIN_S = 200e-6
-_SLEEP_FRACTION = 1 / 8
-_MAX_SLEEP_S = 1e-3
-
-
-def poll_sleep_s(waited_s: float) -> float:
-    """How long to sleep before the next completion check, ``waited_s`` after the post: 0
-    while spinning, then ``_SLEEP_FRACTION`` of the wait so far, at most ``_MAX_SLEEP_S``."""
-    if waited_s < _SPIN_S:
-        return 0.0
-    return min(_MAX_SLEEP_S, waited_s * _SLEEP_FRACTION)
 
 
 class _Item:
@@ -87,7 +71,7 @@ class _Item:
         self.entry = None                        # a cached registration (nixl_regcache)
 
 
-class NixlTransport(Transport):
+class NixlTransport(NixlMoves, Transport):
     """Reads and writes registered segments of NIXL-enabled daemons with one-sided transfers.
 
     Reachable targets: a node whose published metadata lists the target's segment.
@@ -228,6 +212,7 @@ class NixlTransport(Transport):
             return results
         spans: list[Span] = []
         taken: list = []    # cache entries used by this call (nixl_regcache)
+        created: dict[str, tuple[list[_Item], object]] = {}   # node -> items, unposted xfer
         try:
             # NOTE: a WRITE's checks travel while its local memory is registered or copied
             checks = {node_id: self._checks.send(
@@ -237,6 +222,10 @@ class NixlTransport(Transport):
             spans = self._place(node_to_items, results, taken)
             if op == "WRITE":
                 self._stage_sources(node_to_items, results)
+                # NOTE: each node's transfer is created while its checks travel (descriptor
+                # lists and initialize_xfer: ~40-90 us a batch); it is posted only if the
+                # daemon allowed exactly those ranges, else made anew for the allowed ones
+                created = self._create_all(op, node_to_items, results)
                 for node_id, pending in checks.items():
                     for item, refusal in zip(node_to_items[node_id],
                                              self._checks.receive(pending)):
@@ -244,9 +233,15 @@ class NixlTransport(Transport):
                             results[item.index] = refusal
             ready = {node_id: [i for i in node_items if results[i.index] is None]
                      for node_id, node_items in node_to_items.items()}
+            xfers = {}
+            for node_id, (node_items, xfer) in list(created.items()):
+                if node_items == ready[node_id]:
+                    xfers[node_id] = xfer
+                    del created[node_id]
             self._move(op, {node_id: node_items for node_id, node_items in ready.items()
-                            if node_items}, results, deadline)
+                            if node_items}, results, deadline, xfers)
         finally:
+            self._release_xfers([xfer for _, xfer in created.values()])
             self._release_staging(node_to_items, spans, taken)
         return results
 
@@ -338,93 +333,6 @@ class NixlTransport(Transport):
     def _registered(self, address: int, length: int) -> bool:
         return any(start <= address and address + length <= end
                    for start, end, _, _ in self._regions)
-
-    def _move(self, op: str, node_to_items: dict[str, list[_Item]],
-              results: list[BaseException | None], deadline: Deadline) -> None:
-        """Post one transfer per node, then poll them all until done or the deadline."""
-        pending: dict[str, object] = {}
-        for node_id, node_items in node_to_items.items():
-            try:
-                pending[node_id] = self._post(op, node_id, node_items)
-            except TransferError as exc:
-                self._fail(node_items, results, exc)
-        posted_s = time.monotonic()
-        while pending:
-            for node_id, xfer in list(pending.items()):
-                with self._lock:
-                    state = self._handle.agent.check_xfer_state(xfer) if self._handle else "ERR"
-                if state == "PROC":
-                    continue
-                del pending[node_id]
-                self._finish(op, node_id, xfer, state, node_to_items[node_id], results)
-            if not pending:
-                return
-            if deadline.expired():
-                for node_id in pending:
-                    self._fail(node_to_items[node_id], results, TransferTimeoutError(
-                        f"nixl {node_id}: {op.lower()} of {len(node_to_items[node_id])} "
-                        f"range(s) not done before the deadline"), abandoned=True)
-                return
-            sleep_s = poll_sleep_s(time.monotonic() - posted_s)
-            if sleep_s > 0:
-                time.sleep(sleep_s)
-
-    def _post(self, op: str, node_id: str, node_items: list[_Item]) -> object:
-        """Create and post the node's transfer; its handle. Raises TransferError."""
-        info = self._node_to_info.get(node_id)
-        if info is None:
-            raise TransferError(f"nixl {node_id}: the node publishes no NIXL agent")
-        local = [(item.local_address, item.target.length, 0) for item in node_items]
-        remote = [(item.remote_address, item.target.length,
-                   info.segments[item.target.segment_id].device_id) for item in node_items]
-        mem_type = info.segments[node_items[0].target.segment_id].mem_type
-        with self._lock:
-            handle = self._agent()
-            try:
-                if info.agent_name not in handle.remote_names:
-                    handle.agent.add_remote_agent(info.agent_metadata)
-                    handle.remote_names.add(info.agent_name)
-                xfer = handle.agent.initialize_xfer(
-                    op, handle.agent.get_xfer_descs(local, "DRAM"),
-                    handle.agent.get_xfer_descs(remote, mem_type), info.agent_name)
-                state = handle.agent.transfer(xfer)
-            except Exception as exc:  # noqa: BLE001 - NIXL raises its own error types
-                raise TransferError(f"nixl {node_id}: cannot start the {op.lower()}: "
-                                    f"{exc}") from exc
-        if state == "ERR":
-            raise TransferError(f"nixl {node_id}: NIXL refused the {op.lower()}")
-        return xfer
-
-    def _finish(self, op: str, node_id: str, xfer: object, state: str,
-                node_items: list[_Item], results: list[BaseException | None]) -> None:
-        with self._lock:
-            try:
-                xfer.release()
-            except Exception:  # noqa: BLE001 - a failed transfer's handle may refuse
-                pass
-        if state != "DONE":
-            self._fail(node_items, results, TransferError(
-                f"nixl {node_id}: {op.lower()} of {len(node_items)} range(s) failed "
-                f"(NIXL state {state}; the node may have died)"))
-            self._forget_node(node_id)
-            return
-        if op == "READ":
-            for item in node_items:
-                if item.staging is not None:
-                    ctypes.memmove(item.buffer_address, item.local_address,
-                                   item.target.length)
-
-    @staticmethod
-    def _fail(node_items: list[_Item], results: list[BaseException | None],
-              error: TransferError, *, abandoned: bool = False) -> None:
-        for item in node_items:
-            results[item.index] = error
-            if abandoned and item.staging is not None:
-                item.staging.abandoned = True
-            if abandoned and item.span is not None:
-                item.span.abandoned = True
-            if abandoned and item.entry is not None:
-                item.entry.abandoned = True   # NOTE: never evicted: it may still land
 
     def _release_staging(self, node_to_items: dict[str, list[_Item]], spans: list[Span],
                          taken: list) -> None:
