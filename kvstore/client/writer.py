@@ -227,7 +227,8 @@ def _end(master: MasterClient, transfers: Transfers, settings: PutSettings,
             (by_ring if entry[2].node_id in rings and _shm_write(transfers, entry[2])
              else by_frame).append(entry)
         entries = by_frame
-    commits = [committer.begin(entries, settings.deadline)] if entries else []
+    batches = getattr(slots, "node_capabilities", None)
+    commits = [committer.begin(entries, settings.deadline, batches)] if entries else []
     try:
         pending = master.begin_put_end(end_names, end_sums, client_id=settings.client_id,
                                        deadline=settings.deadline, client_committed=True)
@@ -236,9 +237,9 @@ def _end(master: MasterClient, transfers: Transfers, settings: PutSettings,
             # after PutEnd is sent: a key the master refuses has its removal logged after
             # the capability's sequence, so the daemon's removed-keys memory drops the
             # record's entry whenever it drains it (docs/ARCHITECTURE.md, Commit ring)
-            left = committer.ring_commit(by_ring, rings)
+            left = committer.ring_commit(by_ring, rings, batches)
             if left:
-                commits.append(committer.begin(left, settings.deadline))
+                commits.append(committer.begin(left, settings.deadline, batches))
         ended = pending.result()
     except BaseException:
         for commit in commits:

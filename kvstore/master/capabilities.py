@@ -57,6 +57,37 @@ class CapabilityIssuer:
              size, key, segment.node.seq)
             for key, size, picks in zip(keys, sizes, all_picks) for segment, offset in picks))
 
+    def for_put_batch(self, keys: Sequence[str], sizes: Sequence[int], all_picks,
+                      reply_nodes, writer: str | None = None) -> list[bytes]:
+        """One batch capability per node of ``reply_nodes`` (the reply's NodeRefs, in
+        order; ``capability.issue_batch``) over every pick on that node in reply order (key
+        by key, each key's replicas in order), b"" where the node takes none (no secret, or
+        a daemon without ``batch_capabilities``). The same expiry and sequence rule as
+        ``for_put``: a writer's commit of those entries is then checked with one MAC."""
+        writer = self.writer if writer is None else writer
+        by_node: dict[str, tuple] = {}
+        for key, size, picks in zip(keys, sizes, all_picks):
+            for segment, offset in picks:
+                node = segment.node
+                entries = by_node.get(node.node_id)
+                if entries is None:
+                    entries = by_node[node.node_id] = (node, [], [], [], [])
+                entries[1].append(segment.segment_id)
+                entries[2].append(offset)
+                entries[3].append(size)
+                entries[4].append(key)
+        expiry_ms = self._expiry_ms()
+        caps = []
+        for ref in reply_nodes:
+            entries = by_node.get(ref.node_id)
+            node = entries[0] if entries is not None else None
+            if node is None or not node.capability_secret or not node.batch_capabilities:
+                caps.append(b"")
+                continue
+            caps.append(capability.issue_batch(node.capability_secret, node.node_id, writer,
+                                               expiry_ms, node.seq, *entries[1:]))
+        return caps
+
     def for_get(self, nodes, reply, objs, lease_ttl_s: float,
                 shm_host_id: str) -> list[bytes] | None:
         """One read capability per replica of ``reply`` (a GetReplicasResponse built from
