@@ -243,3 +243,50 @@ def test_an_older_client_gets_no_batch_capability_and_commits_per_entry():
                 values = [payload(SIZE, seed=i) for i in range(4)]
                 store.batch_put([f"new/{i}" for i in range(4)], values)
                 assert store.batch_get([f"new/{i}" for i in range(4)]) == values
+
+
+def test_a_shm_writer_gets_only_the_batch_capability_and_its_put_survives_a_master_crash():
+    from kvstore.transport.hostid import local_host_id
+
+    master = master_process(*SLOW_BEAT)
+    port = master.port
+    daemon = daemon_process(master, "--dram", "16MiB")
+    try:
+        client, _ = connect_master(master.address)
+        try:
+            mine = client.put_start(["shm/probe"], [SIZE], client_id="probe",
+                                    shm_write_host_id=local_host_id())
+            elsewhere = client.put_start(["shm/probe2"], [SIZE], client_id="probe",
+                                         shm_write_host_id="another-host")
+            assert mine[0][0].capability == b"" and mine.node_capabilities
+            assert elsewhere[0][0].capability and elsewhere.node_capabilities
+            client.put_revoke(["shm/probe"], client_id="probe")
+            client.put_revoke(["shm/probe2"], client_id="probe")
+        finally:
+            client.close()
+        keys = [f"shm/{i}" for i in range(16)]
+        values = [payload(SIZE, seed=40 + i) for i in range(16)]
+        with kvstore.connect(master.address, timeout_s=10, transport="shm") as store:
+            store.batch_put(keys, values)
+        master.kill()
+        master.close()
+        master = master_process(*SLOW_BEAT, port=port)
+        wait_adopted(master, keys[-1])
+        with kvstore.connect(master.address, timeout_s=10) as store:
+            assert store.batch_get(keys) == values
+    finally:
+        daemon.close()
+        master.close()
+
+
+def test_a_writer_without_a_replica_capability_commits_only_a_whole_batch():
+    from kvstore.client.writer import _committable
+    from kvstore.transport.base import Target
+
+    batch = _issue()             # 3 entries
+    bare = [[Target("node-a", "h", "a:1", "dram-0", "shm", 64 * i, 64)] for i in range(3)]
+    assert _committable(bare, [0, 1, 2], {"node-a": batch})
+    assert not _committable(bare, [0, 2], {"node-a": batch})      # a write failed
+    assert not _committable(bare, [0, 1, 2], {})                   # no batch at all
+    own = [[t[0]._replace(capability=b"cap")] for t in bare]
+    assert _committable(own, [0, 2], {"node-a": batch})

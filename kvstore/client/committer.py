@@ -86,7 +86,9 @@ class DaemonCommitter:
         for entry in entries:
             if entry[2].node_id not in rings:
                 rest.append(entry)
-            elif capability.expiry_ms(entry[2].capability) <= valid_from_ms:
+            elif (capability.expiry_ms(entry[2].capability) if entry[2].capability else
+                  capability.batch_expiry_ms((batches or {}).get(entry[2].node_id, b""))
+                  ) <= valid_from_ms:
                 self.num_ring_expiring += 1
                 rest.append(entry)
             else:
