@@ -203,10 +203,10 @@ def test_a_replica_daemon_that_dies_between_write_and_commit_fails_the_put(monke
                 store.put("before", b"b" * SIZE)
                 begin = DaemonCommitter.begin
 
-                def die_first(self, entries, deadline):   # the bytes are written by now
+                def die_first(self, entries, deadline, *rest):   # the bytes are written
                     daemon.kill()
                     daemon.close()
-                    return begin(self, entries, deadline)
+                    return begin(self, entries, deadline, *rest)
 
                 monkeypatch.setattr(DaemonCommitter, "begin", die_first)
                 # NOTE: the general flow's CLIENT_COMMIT; a single tcp put's own path

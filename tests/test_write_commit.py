@@ -84,8 +84,8 @@ def test_a_single_tcp_put_commits_in_its_write_and_survives_a_master_crash(monke
         sent = []
         begin = DaemonCommitter.begin
         monkeypatch.setattr(DaemonCommitter, "begin",
-                            lambda self, entries, deadline: sent.append(entries) or
-                            begin(self, entries, deadline))
+                            lambda self, entries, deadline, *rest: sent.append(entries) or
+                            begin(self, entries, deadline, *rest))
         value = payload(SIZE, seed=21)
         with kvstore.connect(master.address, transport="tcp", timeout_s=10) as store:
             store.put("wc/one", value)

@@ -8,6 +8,11 @@ full, gone or cannot be mapped leaves its entries to the frame, and so does an e
 capability has less than ``RING_MIN_VALIDITY_S`` left: the daemon drains its ring later and
 refuses an expired capability there, where the writer would never hear of it, while the
 frame's answer reports a refusal to the writer.
+Where the master gave a batch capability for a node (``PutStartResponse.node_capability``)
+and one record or frame carries every entry it covers, that record carries it instead of
+the entries' own capabilities (the daemon checks one MAC instead of one per entry; issue
+10, 10m); any other group (part of a batch: a failed write, entries split between ring and
+frame) sends the per-entry capabilities, as before.
 
 Guarantee: ``Commits.finish`` reports a key as committed only if every daemon it was sent
 to answered that its object table holds it (durably for SSD); any other outcome (a refused
@@ -68,18 +73,22 @@ class DaemonCommitter:
         self.num_ring_expiring = 0    # entries sent by frame: capability about to expire
 
     def ring_commit(self, entries: Sequence[tuple[int, str, Target, int]],
-                    rings: dict[str, str]) -> list[tuple[int, str, Target, int]]:
+                    rings: dict[str, str], batches: dict[str, bytes] | None = None,
+                    ) -> list[tuple[int, str, Target, int]]:
         """Append the commit of each entry whose node has a ring in ``rings`` (node id ->
         shm name; the caller passes only entries written through shared memory), one record
         per node; return the entries left for ``begin`` (no ring, the ring refused, or a
-        capability that expires within ``RING_MIN_VALIDITY_S``)."""
+        capability that expires within ``RING_MIN_VALIDITY_S``). ``batches``: node id ->
+        its batch capability (``PutSlots.node_capabilities``)."""
         by_node: dict[str, list] = defaultdict(list)
         rest = []
         valid_from_ms = int((self._wall_clock() + RING_MIN_VALIDITY_S) * 1000)
         for entry in entries:
             if entry[2].node_id not in rings:
                 rest.append(entry)
-            elif capability.expiry_ms(entry[2].capability) <= valid_from_ms:
+            elif (capability.expiry_ms(entry[2].capability) if entry[2].capability else
+                  capability.batch_expiry_ms((batches or {}).get(entry[2].node_id, b""))
+                  ) <= valid_from_ms:
                 self.num_ring_expiring += 1
                 rest.append(entry)
             else:
@@ -88,7 +97,7 @@ class DaemonCommitter:
             try:
                 writer = commit_ring.writer_for(rings[node_id])
                 appended = writer.append(commit_ring.encode_record(
-                    self._principal, _body(group)))
+                    self._principal, _body(group, (batches or {}).get(node_id, b""))))
             except (OSError, ValueError):
                 appended = False
             if appended:
@@ -99,10 +108,10 @@ class DaemonCommitter:
         return rest
 
     def begin(self, entries: Sequence[tuple[int, str, Target, int]],
-              deadline: Deadline) -> "Commits":
+              deadline: Deadline, batches: dict[str, bytes] | None = None) -> "Commits":
         """Send the commit of every ``(index, key, target, checksum)`` (one frame per
-        daemon); ``finish`` reads the answers. Never raises: a send that fails is reported
-        by ``finish``."""
+        daemon; ``batches`` as for ``ring_commit``); ``finish`` reads the answers. Never
+        raises: a send that fails is reported by ``finish``."""
         deadline = Deadline(min(deadline.at_s, Deadline.after(COMMIT_TIMEOUT_S).at_s))
         by_node: dict[tuple[str, str], list] = defaultdict(list)
         for entry in entries:
@@ -110,7 +119,7 @@ class DaemonCommitter:
             by_node[(target.data_addr, target.node_id)].append(entry)
         commits = Commits(self._pool, deadline)
         for (data_addr, node_id), group in by_node.items():
-            body = _body(group)
+            body = _body(group, (batches or {}).get(node_id, b""))
             conn = None
             try:
                 conn, _ = self._pool.acquire(data_addr, node_id, deadline)
@@ -175,8 +184,18 @@ class Commits:
         self.sent = []
 
 
-def _body(group) -> bytes:
-    """The serialized ClientCommit of ``(index, key, target, checksum)`` entries."""
+def _body(group, batch: bytes = b"") -> bytes:
+    """The serialized ClientCommit of ``(index, key, target, checksum)`` entries, with the
+    batch capability ``batch`` instead of the entries' own where it covers exactly them
+    (it states their count, and the group is a part of its batch in the batch's order)."""
+    if batch and capability.batch_count(batch) == len(group):
+        return pb.ClientCommit(
+            keys=[key for _, key, _, _ in group],
+            segment_ids=[t.segment_id for _, _, t, _ in group],
+            offsets=[t.offset for _, _, t, _ in group],
+            sizes=[t.length for _, _, t, _ in group],
+            checksums=[checksum for _, _, _, checksum in group],
+            batch_capability=batch).SerializeToString()
     return pb.ClientCommit(
         keys=[key for _, key, _, _ in group],
         segment_ids=[t.segment_id for _, _, t, _ in group],

@@ -71,6 +71,11 @@ class Transfers:
         # True: same-host DRAM replicas are read through shm, so a get needs no read
         # capabilities for them (GetReplicasRequest.shm_reads)
         self.shm_reads = any(t.name in _LOCAL_TRANSPORTS for t in self.transports)
+        # the host whose shm segments writes reach through shm (the first transport is shm:
+        # it is ranked first for each such target), "" otherwise (PutStartRequest 461)
+        self.shm_write_host_id = (getattr(self.transports[0], "host_id", "")
+                                  if self.transports and self.transports[0].name == "shm"
+                                  else "")
         self._lock = threading.Lock()
         self._counters = {t.name: _Counters() for t in self.transports}
         # (host_id, shm_name, data_addr) -> rank of the first transport that reaches it.

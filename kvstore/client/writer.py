@@ -14,6 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Sequence
 
+from kvstore import capability
 from kvstore._deadline import Deadline
 from kvstore._errors import (
     InvalidArgumentError, KeyNotFoundError, KVStoreError, MasterUnavailableError,
@@ -136,7 +137,8 @@ def _put_valid(master: MasterClient, transfers: Transfers, indices: list[int],
         names, sizes, client_id=settings.client_id, replicas=settings.replicas,
         near_host_id=settings.host_id, near_node_id=settings.near_node_id, tier=settings.tier,
         soft_pin_ttl_s=settings.soft_pin_ttl_s, hard_pin=settings.hard_pin,
-        deadline=settings.deadline)
+        deadline=settings.deadline,
+        shm_write_host_id=getattr(transfers, "shm_write_host_id", ""))
     # NOTE: hashed while the master allocates, not after the write: the client would only
     # wait here, so the hash is off the critical path (~100 us of a 4 MiB put), and it pulls
     # the value into the cache for the copy; a large batch is hashed on a background thread
@@ -236,7 +238,9 @@ def _end(master: MasterClient, transfers: Transfers, settings: PutSettings,
     end_names = [names[j] for j in committed]
     end_sums = [sums[j] for j in committed]
     committer = transfers.committer
-    if not getattr(slots, "client_commit", False) or committer is None:
+    batches = getattr(slots, "node_capabilities", None)
+    if not getattr(slots, "client_commit", False) or committer is None or \
+            not _committable(slots, committed, batches):
         try:
             ended = master.put_end(end_names, end_sums, client_id=settings.client_id,
                                    deadline=settings.deadline)
@@ -257,7 +261,7 @@ def _end(master: MasterClient, transfers: Transfers, settings: PutSettings,
             (by_ring if entry[2].node_id in rings and _shm_write(transfers, entry[2])
              else by_frame).append(entry)
         entries = by_frame
-    commits = [committer.begin(entries, settings.deadline)] if entries else []
+    commits = [committer.begin(entries, settings.deadline, batches)] if entries else []
     try:
         pending = master.begin_put_end(end_names, end_sums, client_id=settings.client_id,
                                        deadline=settings.deadline, client_committed=True)
@@ -266,9 +270,9 @@ def _end(master: MasterClient, transfers: Transfers, settings: PutSettings,
             # after PutEnd is sent: a key the master refuses has its removal logged after
             # the capability's sequence, so the daemon's removed-keys memory drops the
             # record's entry whenever it drains it (docs/ARCHITECTURE.md, Commit ring)
-            left = committer.ring_commit(by_ring, rings)
+            left = committer.ring_commit(by_ring, rings, batches)
             if left:
-                commits.append(committer.begin(left, settings.deadline))
+                commits.append(committer.begin(left, settings.deadline, batches))
         ended = pending.result()
     except BaseException:
         for commit in commits:
@@ -284,6 +288,22 @@ def _end(master: MasterClient, transfers: Transfers, settings: PutSettings,
         results[indices[j]] = failures[j]
     if unconfirmed:
         _remove(master, [names[j] for j in unconfirmed])
+
+
+def _committable(slots: Any, committed: list[int], batches: dict | None) -> bool:
+    """True when the writer can commit every replica of ``committed`` itself: each has its
+    own capability, or its node's batch capability covers all of that node's entries
+    (a replica the master left without one, ``PutStartRequest.shm_write_host_id``, whose
+    batch lost an entry to a failed write, cannot: the master's push commits them)."""
+    counts: dict[str, int] = {}
+    bare: set[str] = set()
+    for j in committed:
+        for target in slots[j]:
+            counts[target.node_id] = counts.get(target.node_id, 0) + 1
+            if not target.capability:
+                bare.add(target.node_id)
+    return all(capability.batch_count((batches or {}).get(node_id, b"")) == counts[node_id]
+               for node_id in bare)
 
 
 def _note_ended(committed: list[int], ended: list, indices: list[int],

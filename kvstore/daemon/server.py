@@ -192,7 +192,7 @@ class Daemon:
                                               s.path) for s in self.segments],
                         incarnation=self.incarnation,
                         nixl_metadata=self.nixl_agent.metadata if self.nixl_agent else b"",
-                        commit_push=True, client_commit=True,
+                        commit_push=True, client_commit=True, batch_capabilities=True,
                         commit_ring=self.ring_drain.ring.name if self.ring_drain else "",
                         write_capabilities=self.config.write_capabilities,
                         read_capabilities=(self.config.write_capabilities

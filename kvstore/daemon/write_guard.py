@@ -183,6 +183,21 @@ class WriteGuard:
             results.append(node_seq)
         return results
 
+    def check_batch_commit(self, segment_ids: list[str], offsets: list[int],
+                           sizes: list[int], keys: list[str], blob: bytes,
+                           writer: str) -> int:
+        """Whether ``writer`` may commit exactly these entries (one CLIENT_COMMIT or ring
+        record carrying a batch capability, ``capability.issue_batch``): one MAC binds
+        every entry's key, segment, offset and size. Returns the batch's ``node_seq``;
+        raises CapabilityRefused with the reason (also when this node has no secret)."""
+        secret = self._secret
+        if secret is None:
+            raise CapabilityRefused("this node checks no write capabilities, so it takes "
+                                    "commits from its master only")
+        return capability.check_batch(secret, self.node_id, blob, writer,
+                                      int(self._wall_clock() * 1000), segment_ids, offsets,
+                                      sizes, keys).node_seq
+
     def claim(self, segment_id: str, key: str, offset: int, length: int,
               node_seq: int) -> None:
         """Note ``key`` committed at the range (as ``note_stored`` with ``node_seq + 1``, so

@@ -43,19 +43,70 @@ class CapabilityIssuer:
     def _expiry_ms(self) -> int:
         return int(self._wall_clock() * 1000) + self._ttl_ms
 
+    @staticmethod
+    def needed(all_picks) -> bool:
+        """True when some picked node checks capabilities (else the reply carries none,
+        as an older master's)."""
+        return any(segment.node.capability_secret for picks in all_picks
+                   for segment, _ in picks)
+
     def for_put(self, keys: Sequence[str], sizes: Sequence[int], all_picks,
-                writer: str | None = None) -> list[bytes] | None:
+                writer: str | None = None, skip_nodes: frozenset = frozenset(),
+                ) -> list[bytes] | None:
         """One capability per pick of every key, in reply order (parallel to the reply's
-        replica_offset); None when no picked node checks capabilities (the field stays
-        empty, as an older master's)."""
-        if not any(segment.node.capability_secret for picks in all_picks
-                   for segment, _ in picks):
+        replica_offset); b"" for picks on ``skip_nodes`` (node ids whose batch capability
+        covers every commit the writer will send: ``for_put_batch``); None when no picked
+        node checks capabilities (the field stays empty, as an older master's)."""
+        if not self.needed(all_picks):
             return None
         writer = self.writer if writer is None else writer
         return capability.issue_many(writer, self._expiry_ms(), (
-            (segment.node.capability_secret, segment.node.node_id, segment.segment_id, offset,
-             size, key, segment.node.seq)
+            (b"" if segment.node.node_id in skip_nodes else segment.node.capability_secret,
+             segment.node.node_id, segment.segment_id, offset, size, key, segment.node.seq)
             for key, size, picks in zip(keys, sizes, all_picks) for segment, offset in picks))
+
+    def for_put_batch(self, keys: Sequence[str], sizes: Sequence[int], all_picks,
+                      reply_nodes, shm_host_id: str = "", writer: str | None = None,
+                      ) -> tuple[list[bytes], frozenset]:
+        """One batch capability per node of ``reply_nodes`` (the reply's NodeRefs, in
+        order; ``capability.issue_batch``) over every pick on that node in reply order (key
+        by key, each key's replicas in order), b"" where the node takes none (no secret, or
+        a daemon without ``batch_capabilities``). The same expiry and sequence rule as
+        ``for_put``: a writer's commit of those entries is then checked with one MAC.
+
+        Also returns the ids of the nodes whose per-replica capabilities the writer needs
+        not: a batch capability issued, the node on ``shm_host_id`` (the host whose shm
+        segments the writer writes through shared memory; "": none) and every pick there
+        in a shm segment, so no WRITE goes over its data plane and one record commits all."""
+        writer = self.writer if writer is None else writer
+        by_node: dict[str, tuple] = {}
+        not_shm: set[str] = set()
+        for key, size, picks in zip(keys, sizes, all_picks):
+            for segment, offset in picks:
+                node = segment.node
+                entries = by_node.get(node.node_id)
+                if entries is None:
+                    entries = by_node[node.node_id] = (node, [], [], [], [])
+                if not segment.shm_name:
+                    not_shm.add(node.node_id)
+                entries[1].append(segment.segment_id)
+                entries[2].append(offset)
+                entries[3].append(size)
+                entries[4].append(key)
+        expiry_ms = self._expiry_ms()
+        caps = []
+        covered = set()
+        for ref in reply_nodes:
+            entries = by_node.get(ref.node_id)
+            node = entries[0] if entries is not None else None
+            if node is None or not node.capability_secret or not node.batch_capabilities:
+                caps.append(b"")
+                continue
+            caps.append(capability.issue_batch(node.capability_secret, node.node_id, writer,
+                                               expiry_ms, node.seq, *entries[1:]))
+            if shm_host_id and node.host_id == shm_host_id and node.node_id not in not_shm:
+                covered.add(node.node_id)
+        return caps, frozenset(covered)
 
     def for_get(self, nodes, reply, objs, lease_ttl_s: float,
                 shm_host_id: str) -> list[bytes] | None:

@@ -94,7 +94,7 @@ class Node:
                  "seq", "log", "incarnation", "outbox",
                  "nixl_metadata", "durable_seq", "touched", "commit_push", "beat_durable",
                  "capability_secret", "client_commit", "read_capabilities", "commit_ring",
-                 "freed_seq")
+                 "freed_seq", "batch_capabilities")
 
     def __init__(self, node_id: str, host_id: str, data_addr: str, now_s: float,
                  incarnation: str = "", touched: set | None = None):
@@ -107,6 +107,7 @@ class Node:
         self.commit_push = False  # its daemon takes COMMIT pushes (else: heartbeats only)
         self.client_commit = False  # its daemon takes writers' own commits (CLIENT_COMMIT)
         self.commit_ring = ""      # shm name of its commit ring (same-host writers); "": none
+        self.batch_capabilities = False  # its daemon verifies batch capabilities (10m)
         self.beat_durable = 0     # durable_seq when the last heartbeat was answered
         # NOTE: the state's set of nodes that logged a change during the current call
         self.touched = touched if touched is not None else set()

@@ -71,6 +71,7 @@ def register_node(state, info, inventory, now_s: float) -> int:
     node.commit_push = info.commit_push
     node.client_commit = info.client_commit
     node.commit_ring = info.commit_ring
+    node.batch_capabilities = info.batch_capabilities
     if info.write_capabilities:
         node.capability_secret = capability.new_secret()   # rotates with each registration
         node.read_capabilities = info.read_capabilities

@@ -143,9 +143,7 @@ class MasterService:
             _checked_ttl_s(request.soft_pin_ttl_ms, MAX_PIN_TTL_MS, "soft_pin_ttl_ms"),
             request.hard_pin, request.codec, now_s, request.near_node_id, caller.tenant)
         reply = self.replies.put_start(statuses, messages, all_picks)
-        caps = self.capabilities.for_put(request.keys, sizes, all_picks)
-        if caps is not None:
-            reply.replica_capability.extend(caps)
+        if self.capabilities.needed(all_picks):
             config = self.state.config
             # NOTE: only where every replica's daemon verifies a capability and takes
             # CLIENT_COMMIT: the writer's commit is then as checked as the master's push.
@@ -155,6 +153,17 @@ class MasterService:
                 caller.tenant is None and all(
                 segment.node.client_commit and segment.node.capability_secret
                 for picks in all_picks for segment, _ in picks)
+            covered: frozenset = frozenset()
+            if reply.client_commit and request.batch_capabilities:
+                # NOTE: the writer's commits then cost the daemon one MAC per batch
+                # instead of one per entry (issue 10, 10m); the per-replica capabilities
+                # stay for the WRITEs (tcp, NIXL checks) and a commit of part of a batch,
+                # except on nodes the writer reaches only through shm (``covered``)
+                batch_caps, covered = self.capabilities.for_put_batch(
+                    request.keys, sizes, all_picks, reply.nodes, request.shm_write_host_id)
+                reply.node_capability.extend(batch_caps)
+            reply.replica_capability.extend(self.capabilities.for_put(
+                request.keys, sizes, all_picks, skip_nodes=covered))
         return reply
 
     def PutEnd(self, request, now_s, caller=CLUSTER):

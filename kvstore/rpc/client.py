@@ -91,17 +91,25 @@ class MasterClient:
                         replicas: int = 1, near_host_id: str = "", near_node_id: str = "",
                         tier: Tier | None = None,
                         soft_pin_ttl_s: float | None = None, hard_pin: bool = False,
-                        deadline: Deadline | None = None) -> "_Result":
+                        deadline: Deadline | None = None,
+                        batch_capabilities: bool = True,
+                        shm_write_host_id: str = "") -> "_Result":
         """Send PutStart; ``result()`` gives, per key, the Targets to write (one per
         replica), None if the key exists already (nothing to write: a success), or the
         item's error (CapacityError, InvalidArgumentError, ...). Not idempotent, never
         retried: the objects are PENDING until ``put_end``. ``near_node_id`` places replicas
-        on that node first (within the tier order), ``near_host_id`` on that host next."""
+        on that node first (within the tier order), ``near_host_id`` on that host next.
+        ``batch_capabilities``: ask for the nodes' batch capabilities (PutSlots.
+        node_capabilities, for the writer's own commits); False: per-replica ones only.
+        ``shm_write_host_id``: the host whose shm segments this client writes through
+        shared memory (PutStartRequest.shm_write_host_id): replicas on nodes there that
+        the batch capability covers then come without per-replica capabilities."""
         request = pb.PutStartRequest(
             keys=keys, sizes=sizes, replicas=replicas, near_host_id=near_host_id,
             near_node_id=near_node_id,
             client_id=client_id, hard_pin=hard_pin, preferred_tier=tier or 0,
-            soft_pin_ttl_ms=_ms(soft_pin_ttl_s))
+            soft_pin_ttl_ms=_ms(soft_pin_ttl_s), batch_capabilities=batch_capabilities,
+            shm_write_host_id=shm_write_host_id)
         call = self.start(_M["PutStart"], request, deadline)
         return _Result(call, lambda reply: messages.put_slots(reply, keys, sizes))
 

@@ -123,6 +123,8 @@ class PutSlots(list):
     client_commit = False
     #: node id -> shm name of its commit ring (NodeRef.commit_ring), for the nodes that have one
     commit_rings: dict = {}
+    #: node id -> its batch capability (PutStartResponse.node_capability), where offered
+    node_capabilities: dict = {}
 
 
 def put_slots(reply: pb.PutStartResponse, keys: Sequence[str], sizes: Sequence[int],
@@ -139,6 +141,9 @@ def put_slots(reply: pb.PutStartResponse, keys: Sequence[str], sizes: Sequence[i
     rings = {node.node_id: node.commit_ring for node in reply.nodes if node.commit_ring}
     if rings:
         results.commit_rings = rings
+    if reply.node_capability:
+        results.node_capabilities = {node.node_id: cap for node, cap
+                                     in zip(reply.nodes, reply.node_capability) if cap}
     for i, key in enumerate(keys):
         status = statuses[i]
         if status == OK:
@@ -192,7 +197,8 @@ def node_info(node: NodeSpec) -> pb.NodeInfo:
                        nixl_metadata=node.nixl_metadata, commit_push=node.commit_push,
                        write_capabilities=node.write_capabilities,
                        client_commit=node.client_commit, commit_ring=node.commit_ring,
-                       read_capabilities=node.read_capabilities)
+                       read_capabilities=node.read_capabilities,
+                       batch_capabilities=node.batch_capabilities)
 
 
 def _segment_info(segment: SegmentSpec) -> pb.SegmentInfo:

@@ -67,6 +67,8 @@ class NodeSpec:
     # the node also verifies read capabilities on READs (with write_capabilities only)
     read_capabilities: bool = False
     commit_ring: str = ""        # shm name of its commit ring (kvstore/commit_ring.py); "": none
+    # takes batch capabilities on CLIENT_COMMIT (capability.issue_batch)
+    batch_capabilities: bool = False
 
 
 @dataclass(slots=True)
