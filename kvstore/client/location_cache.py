@@ -15,9 +15,10 @@ by their checksum, and never a key whose remove completed (the windows, one by o
 docs/ARCHITECTURE.md, Location cache). A cached get takes no read lease and counts no hit
 at the master (eviction's recency does not see it).
 
-Not cached: same-host reads through shm (the client copies from the segment itself, with
-no daemon in the path to check the table; they stay on the master path), empty values
-(no transfer), tenants' clients (their daemons record keys namespaced: ``KVStore`` builds
+Same-host reads through shm share the LRU (and ``location_cache_entries``): there the
+client copies from the segment itself, and the daemon's shm location table, not a
+CHECKED_READ, proves the object current (``client/shm_locations.py``; a ``CachedShm``
+entry). Not cached: empty values (no transfer), tenants' clients (their daemons record keys namespaced: ``KVStore`` builds
 no cache for them). A node that answers LOCATION_OFF is not asked again for
 ``NODE_OFF_S``. Thread-safe (one lock; reads run outside it).
 """
@@ -33,6 +34,7 @@ from typing import Any, Callable, Sequence
 from kvstore._deadline import Deadline
 from kvstore._errors import InvalidArgumentError
 from kvstore.client.checksum import checksum, is_empty_marker
+from kvstore.client.shm_locations import CachedShm, ShmTables, entry_for, read_cached
 from kvstore.client.values import as_destination
 from kvstore.transport.base import Target
 from kvstore.transport.checked_read import encode_identity
@@ -60,16 +62,19 @@ class LocationCache:
     """key -> CachedLocation, least recently used dropped first (see the module)."""
 
     def __init__(self, transport, max_entries: int = DEFAULT_ENTRIES, *,
-                 clock: Callable[[], float] = time.monotonic):
-        self.transport = transport          # the TcpTransport whose reads are cached
+                 clock: Callable[[], float] = time.monotonic, shm=None):
+        self.transport = transport          # the TcpTransport whose reads are cached (or None)
+        self.shm = shm                      # the ShmTransport whose reads are cached (or None)
+        self.shm_tables = ShmTables() if shm is not None else None
         self.max_entries = max_entries
         self._clock = clock
         self._lock = threading.Lock()
-        self._key_to_location: OrderedDict[str, CachedLocation] = OrderedDict()
+        self._key_to_location: OrderedDict[str, CachedLocation | CachedShm] = OrderedDict()
         self._node_off_until_s: dict[str, float] = {}
         self.num_hits = 0        # keys served from a cached location
         self.num_misses = 0      # keys not cached (or on a node that is off)
         self.num_refused = 0     # cached locations refused or failed (then the master path)
+        self.num_shm_hits = 0    # of num_hits, those copied from a same-host segment
 
     def __len__(self) -> int:
         with self._lock:
@@ -82,7 +87,7 @@ class LocationCache:
         table = self._key_to_location
         return [i for i, key in enumerate(keys) if key in table] if table else []
 
-    def lookup(self, key: str) -> CachedLocation | None:
+    def lookup(self, key: str) -> CachedLocation | CachedShm | None:
         """The key's entry (now the most recently used), or None: none, or its node
         answered LOCATION_OFF within ``NODE_OFF_S``."""
         with self._lock:
@@ -99,9 +104,20 @@ class LocationCache:
         """Cache the replica ``target`` a read of ``key`` just got verified bytes from."""
         if is_empty_marker(size_bytes, expected):
             return
-        location = CachedLocation(
+        self._insert(key, CachedLocation(
             target._replace(capability=encode_identity(key, expected, target.capability)),
-            size_bytes, expected)
+            size_bytes, expected))
+
+    def remember_shm(self, key: str, target: Target, size_bytes: int, expected: int) -> None:
+        """Cache the same-host replica ``target`` a read of ``key`` just got verified bytes
+        from, if its segment's location table vouches for it (client/shm_locations.py)."""
+        if self.shm_tables is None or is_empty_marker(size_bytes, expected):
+            return
+        entry = entry_for(self.shm_tables, key, target, size_bytes, expected)
+        if entry is not None:
+            self._insert(key, entry)
+
+    def _insert(self, key: str, location: CachedLocation | CachedShm) -> None:
         with self._lock:
             self._key_to_location[key] = location
             self._key_to_location.move_to_end(key)
@@ -116,17 +132,21 @@ class LocationCache:
             target, transport = job.candidates[job.attempt]
             if transport is self.transport:
                 self.remember(job.key, target, job.dst.nbytes, job.expected_checksum)
+            elif transport is self.shm and transport is not None:
+                self.remember_shm(job.key, target, job.dst.nbytes, job.expected_checksum)
 
     def forget(self, key: str) -> None:
         with self._lock:
             self._key_to_location.pop(key, None)
 
-    def count(self, *, hits: int, misses: int) -> None:
+    def count(self, *, hits: int, misses: int, shm_hits: int = 0) -> None:
         with self._lock:
+            self.num_shm_hits += shm_hits
             self.num_hits += hits
             self.num_misses += misses
 
-    def refused(self, key: str, location: CachedLocation, exc: BaseException) -> None:
+    def refused(self, key: str, location: CachedLocation | CachedShm,
+                exc: BaseException | None) -> None:
         """A location read of ``key`` failed (``exc``): drop the entry; a LOCATION_OFF
         refusal turns its node off for ``NODE_OFF_S``."""
         with self._lock:
@@ -139,7 +159,8 @@ class LocationCache:
     def stats(self) -> dict[str, int]:
         with self._lock:
             return {"entries": len(self._key_to_location), "hits": self.num_hits,
-                    "misses": self.num_misses, "refused": self.num_refused}
+                    "misses": self.num_misses, "refused": self.num_refused,
+                    "shm_hits": self.num_shm_hits}
 
 
 # A get of the keys the cache could not serve: (keys, outs or None) -> one result per key.
@@ -147,10 +168,13 @@ Fetch = Callable[[list, "list | None"], list]
 
 
 def location_cache_for(transfers, max_entries: int) -> LocationCache | None:
-    """A cache over the TCP transport of ``transfers`` (client/transfer.py); None when
-    ``max_entries`` is 0 or there is no TCP transport."""
+    """A cache over the TCP and shm transports of ``transfers`` (client/transfer.py); None
+    when ``max_entries`` is 0 or there is neither."""
     tcp = next((t for t in transfers.transports if t.name == "tcp"), None)
-    return LocationCache(tcp, max_entries) if max_entries and tcp is not None else None
+    shm = next((t for t in transfers.transports if t.name == "shm"), None)
+    if not max_entries or (tcp is None and shm is None):
+        return None
+    return LocationCache(tcp, max_entries, shm=shm)
 
 
 def get_cached(cache: LocationCache, keys: Sequence[str], outs: Sequence[Any] | None,
@@ -164,6 +188,8 @@ def get_cached(cache: LocationCache, keys: Sequence[str], outs: Sequence[Any] | 
         return fetch(list(keys), outs)
     results: list[Any] = [None] * len(keys)
     served, items = [], []
+    shm_served, shm_dsts = [], []
+    shm_ok = 0
     cached = set(positions)
     rest = [i for i in range(len(keys)) if i not in cached] if len(positions) < len(keys) \
         else []
@@ -185,8 +211,25 @@ def get_cached(cache: LocationCache, keys: Sequence[str], outs: Sequence[Any] | 
                 rest.append(i)
                 continue
             dst, holder = dst[:size], size
+        if type(location) is CachedShm:
+            shm_served.append((i, location, holder))
+            shm_dsts.append(dst)
+            continue
         served.append((i, location, holder))
         items.append((location.target, dst))
+    if shm_served:
+        oks = read_cached(cache.shm, cache.shm_tables, [s[1] for s in shm_served], shm_dsts)
+        num_ok = num_bytes = 0
+        for (i, location, holder), ok in zip(shm_served, oks):
+            if not ok:
+                cache.refused(keys[i], location, None)
+                rest.append(i)
+                continue
+            results[i] = holder
+            num_ok += 1
+            num_bytes += location.size_bytes
+        transfers.count_reads(cache.shm.name, num_ok, num_bytes)
+        shm_ok = num_ok
     if items:
         remaining_s = deadline.remaining_s()
         errors = (cache.transport.read_checked_many(items, timeout_s=remaining_s)
@@ -203,7 +246,9 @@ def get_cached(cache: LocationCache, keys: Sequence[str], outs: Sequence[Any] | 
             num_ok += 1
             num_bytes += location.size_bytes
         transfers.count_reads(cache.transport.name, num_ok, num_bytes)
-    cache.count(hits=len(keys) - len(rest), misses=len(keys) - len(served))
+    cache.count(hits=len(keys) - len(rest),
+                misses=len(keys) - len(served) - len(shm_served),
+                shm_hits=shm_ok)
     if rest:
         rest.sort()
         fetched = fetch([keys[i] for i in rest],

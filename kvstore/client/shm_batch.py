@@ -127,6 +127,10 @@ def _read(reply: pb.GetReplicasResponse, transfers: Transfers, shm: ShmTransport
         settings.verify, EMPTY_CHECKSUM,
         [m.populator.chunk_flags if m is not None else None for m in mappings],
         POPULATE_CHUNK_BYTES, _tensor_type())
+    locations = settings.locations
+    if locations is not None and locations.shm is shm:
+        _remember(reply, locations, keys, sizes, checksums, starts, counts, mappings,
+                  written)
     del mappings   # NOTE: held until the copies are done: they keep the segments mapped
     if errors:
         slow = [i for i in slow if i not in errors]
@@ -141,6 +145,25 @@ def _read(reply: pb.GetReplicasResponse, transfers: Transfers, shm: ShmTransport
         _read_slow(reply, transfers, keys, outs, sizes, checksums, codecs, slow, results,
                    settings)
     return results
+
+
+def _remember(reply: pb.GetReplicasResponse, locations, keys: list[str], sizes: list[int],
+              checksums: list[int], starts: list[int], counts: list[int], mappings: list,
+              written: list) -> None:
+    """Offer each key read_ranges served to the location cache (client/shm_locations.py):
+    the replica it read is the first of the key's in a mapped segment, as read_ranges picks."""
+    replica_segment, replica_offset = reply.replica_segment, reply.replica_offset
+    targets = _segment_targets(reply)
+    for i, num_bytes in enumerate(written):
+        if not num_bytes:
+            continue                     # not served (None) or an empty value (0)
+        for j in range(starts[i], starts[i] + counts[i]):
+            segment = replica_segment[j]
+            if mappings[segment] is not None:
+                target = targets[segment]
+                locations.remember_shm(keys[i], target._replace(
+                    offset=replica_offset[j], length=sizes[i]), sizes[i], checksums[i])
+                break
 
 
 def _segment_targets(reply: pb.GetReplicasResponse) -> list[Target]:
