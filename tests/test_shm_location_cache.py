@@ -168,7 +168,7 @@ def test_a_range_reused_by_another_key_is_never_read_as_the_old_key(stores):
     assert isinstance(second, CachedShm) and isinstance(first, CachedShm)
 
 
-def test_a_too_small_out_gets_the_master_paths_error_and_keeps_the_entry(stores):
+def test_a_bad_out_gets_the_master_paths_error_and_nothing_stored_changes(stores):
     reader, writer = stores
     value = payload(8 * KiB, seed=7)
     writer.put("sl/small-out", value)
@@ -266,7 +266,7 @@ def test_a_daemon_killed_and_restarted_never_serves_the_old_location():
             reader.put("sl/restart", payload(8 * KiB, seed=40))
             _shm_cached_get(reader, "sl/restart")
             entry = reader._locations.lookup("sl/restart")
-            names = [entry.target.shm_name, lt.table_name(entry.target.shm_name)]
+            names = [entry.segment.shm_name, lt.table_name(entry.segment.shm_name)]
             cluster.daemons[0].kill()
             cluster.daemons[0] = ServerProcess(
                 ["daemon", "--master", cluster.address, "--host", "127.0.0.1", "--port",

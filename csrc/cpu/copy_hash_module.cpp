@@ -220,6 +220,13 @@ PyMethodDef methods[] = {
      "loc_clear(table, offset): empty the slot of offset if that object owns it (daemon only)."},
     {"loc_set", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)(void)>(kvstore_loc_set)),
      METH_FASTCALL, "loc_set(table, word, value): set a header word (daemon only)."},
+    {"loc_vouch",
+     reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)(void)>(kvstore_loc_vouch)),
+     METH_FASTCALL,
+     "loc_vouch(keys, written, sizes, checksums, starts, counts, replica_segment, "
+     "replica_offset, segment_addresses, table_addresses, segments, entry_type) -> "
+     "[(key, entry_type(segment, offset, size, checksum, seq, epoch))]: the keys read_ranges "
+     "served whose replica's table vouches for it now (shm_locations.cpp)."},
     {"loc_read", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)(void)>(kvstore_loc_read)),
      METH_FASTCALL,
      "loc_read(table, offset) -> (seq, epoch, key_hash, length, checksum, table_epoch, "

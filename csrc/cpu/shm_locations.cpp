@@ -7,6 +7,9 @@
 
 #include <string.h>
 
+#define XXH_INLINE_ALL
+#include "xxhash.h"
+
 namespace {
 
 bool u64_args(const char* name, PyObject* const* args, Py_ssize_t nargs, Py_ssize_t expected,
@@ -102,4 +105,136 @@ PyObject* kvstore_loc_read(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
                        static_cast<unsigned long long>(checksum),
                        static_cast<unsigned long long>(loc_load(table + kHdrEpoch)),
                        static_cast<unsigned long long>(loc_load(table + kHdrLease)));
+}
+
+// loc_vouch(keys, written, sizes, checksums, starts, counts, replica_segment, replica_offset,
+// segment_addresses, table_addresses, segments, entry_type) -> [(key, entry), ...]: for each
+// key read_ranges served (written[i] a positive int), the replica it read (the first in a
+// mapped segment, as read_ranges picks) when its segment's table vouches for it now: the
+// slot read consistently names this key's hash, that offset, size and checksum, in the
+// table's epoch, and the lease runs. entry: an ``entry_type`` (a 6-field tuple subclass,
+// client/shm_locations.py CachedShm) of (segments[segment], offset, size, checksum, seq,
+// epoch). The batch form of client/shm_locations.py entry_for. NOTE: the entries are made
+// here (tp_alloc, as tuple's own subtype constructor does): a NamedTuple's Python __new__
+// per key cost more than the slot checks of the whole batch.
+PyObject* kvstore_loc_vouch(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
+  if (nargs != 12) {
+    PyErr_SetString(PyExc_TypeError, "loc_vouch takes exactly 12 arguments");
+    return nullptr;
+  }
+  if (!PyType_Check(args[11]) ||
+      !PyType_IsSubtype(reinterpret_cast<PyTypeObject*>(args[11]), &PyTuple_Type)) {
+    PyErr_SetString(PyExc_TypeError, "loc_vouch: entry_type must be a tuple subclass");
+    return nullptr;
+  }
+  PyTypeObject* const entry_type = reinterpret_cast<PyTypeObject*>(args[11]);
+  for (Py_ssize_t a = 0; a < 11; ++a) {
+    if (!PyList_Check(args[a])) {
+      PyErr_SetString(PyExc_TypeError, "loc_vouch: every argument must be a list");
+      return nullptr;
+    }
+  }
+  const Py_ssize_t num_keys = PyList_GET_SIZE(args[0]);
+  const Py_ssize_t num_replicas = PyList_GET_SIZE(args[6]);
+  const Py_ssize_t num_segments = PyList_GET_SIZE(args[8]);
+  for (Py_ssize_t a = 1; a <= 5; ++a) {
+    if (PyList_GET_SIZE(args[a]) != num_keys) {
+      PyErr_SetString(PyExc_ValueError, "loc_vouch: the per-key lists differ in length");
+      return nullptr;
+    }
+  }
+  if (PyList_GET_SIZE(args[7]) != num_replicas || PyList_GET_SIZE(args[9]) != num_segments ||
+      PyList_GET_SIZE(args[10]) != num_segments) {
+    PyErr_SetString(PyExc_ValueError, "loc_vouch: the per-replica or per-segment lists differ");
+    return nullptr;
+  }
+  const uint64_t now_ns = loc_now_ns();
+  PyObject* result = PyList_New(0);
+  if (result == nullptr) return nullptr;
+  auto u64 = [](PyObject* list, Py_ssize_t i, uint64_t* out) {
+    *out = PyLong_AsUnsignedLongLong(PyList_GET_ITEM(list, i));
+    return !(*out == static_cast<uint64_t>(-1) && PyErr_Occurred());
+  };
+  for (Py_ssize_t i = 0; i < num_keys; ++i) {
+    PyObject* done = PyList_GET_ITEM(args[1], i);
+    if (!PyLong_Check(done) || PyLong_AsLongLong(done) <= 0) continue;
+    uint64_t size, checksum, start, count;
+    if (!u64(args[2], i, &size) || !u64(args[3], i, &checksum) || !u64(args[4], i, &start) ||
+        !u64(args[5], i, &count)) {
+      Py_DECREF(result);
+      return nullptr;
+    }
+    if (start > static_cast<uint64_t>(num_replicas) ||
+        count > static_cast<uint64_t>(num_replicas) - start) {
+      continue;
+    }
+    for (uint64_t j = start; j < start + count; ++j) {
+      uint64_t segment, offset, address, table_address;
+      if (!u64(args[6], static_cast<Py_ssize_t>(j), &segment) ||
+          !u64(args[7], static_cast<Py_ssize_t>(j), &offset)) {
+        Py_DECREF(result);
+        return nullptr;
+      }
+      if (segment >= static_cast<uint64_t>(num_segments)) break;
+      if (!u64(args[8], static_cast<Py_ssize_t>(segment), &address) ||
+          !u64(args[9], static_cast<Py_ssize_t>(segment), &table_address)) {
+        Py_DECREF(result);
+        return nullptr;
+      }
+      if (address == 0) continue;        // not mapped: read_ranges tried the next replica
+      if (table_address == 0) break;     // the replica read has no table
+      uint64_t* table = reinterpret_cast<uint64_t*>(table_address);
+      const uint64_t num_slots = loc_load(table + kHdrSlots);
+      if (loc_load(table + kHdrMagic) != kLocMagic || num_slots == 0 ||
+          loc_load(table + kHdrLease) <= now_ns) {
+        break;
+      }
+      uint64_t* slot = loc_slot_words(table, loc_slot(offset, num_slots));
+      const uint64_t seq = loc_load(slot + kSlotSeq);
+      const uint64_t epoch = loc_load(slot + kSlotEpoch), key = loc_load(slot + kSlotKey);
+      const uint64_t slot_offset = loc_load(slot + kSlotOffset);
+      const uint64_t length = loc_load(slot + kSlotLength);
+      const uint64_t slot_checksum = loc_load(slot + kSlotChecksum);
+      __atomic_thread_fence(__ATOMIC_ACQUIRE);
+      if ((seq & 1) != 0 || loc_load(slot + kSlotSeq) != seq || slot_offset != offset ||
+          length != size || slot_checksum != checksum || epoch != loc_load(table + kHdrEpoch)) {
+        break;
+      }
+      Py_ssize_t key_len = 0;
+      const char* key_bytes = PyUnicode_AsUTF8AndSize(PyList_GET_ITEM(args[0], i), &key_len);
+      if (key_bytes == nullptr) {
+        Py_DECREF(result);
+        return nullptr;
+      }
+      if (XXH3_64bits(key_bytes, static_cast<size_t>(key_len)) != key) break;
+      PyObject* entry = entry_type->tp_alloc(entry_type, 6);
+      if (entry == nullptr) {
+        Py_DECREF(result);
+        return nullptr;
+      }
+      PyObject* segment_target = PyList_GET_ITEM(args[10], static_cast<Py_ssize_t>(segment));
+      Py_INCREF(segment_target);
+      PyTuple_SET_ITEM(entry, 0, segment_target);
+      const uint64_t fields[5] = {offset, size, checksum, seq, epoch};
+      for (int f = 0; f < 5; ++f) {
+        PyObject* value = PyLong_FromUnsignedLongLong(fields[f]);
+        if (value == nullptr) {
+          Py_DECREF(entry);
+          Py_DECREF(result);
+          return nullptr;
+        }
+        PyTuple_SET_ITEM(entry, f + 1, value);
+      }
+      PyObject* item = PyTuple_Pack(2, PyList_GET_ITEM(args[0], i), entry);
+      Py_DECREF(entry);
+      if (item == nullptr || PyList_Append(result, item) != 0) {
+        Py_XDECREF(item);
+        Py_DECREF(result);
+        return nullptr;
+      }
+      Py_DECREF(item);
+      break;
+    }
+  }
+  return result;
 }

@@ -28,16 +28,18 @@ import time
 from typing import Any, NamedTuple, Sequence
 
 from kvstore import _loc_table as lt
-from kvstore._copy_hash import loc_read, read_ranges
+from kvstore._copy_hash import loc_read, loc_vouch, read_ranges
 from kvstore._posix_shm import POPULATE_CHUNK_BYTES, SharedSegment, open_shm
 from kvstore.client.checksum import EMPTY_CHECKSUM
 from kvstore.transport.base import Target
 
 
 class CachedShm(NamedTuple):
-    """A key's range in a same-host segment and the slot state that vouched for it."""
+    """A key's range in a same-host segment and the slot state that vouched for it.
+    ``segment``: the segment's Target (offset and length 0), shared by its keys' entries."""
 
-    target: Target
+    segment: Target
+    offset: int
     size_bytes: int
     checksum: int
     seq: int
@@ -108,30 +110,50 @@ def entry_for(tables: ShmTables, key: str, target: Target, size_bytes: int,
     if (epoch != table_epoch or length != size_bytes or stored_checksum != checksum
             or lease_until_ns <= time.monotonic_ns() or key_hash != lt.key_hash(key)):
         return None
-    return CachedShm(target, size_bytes, checksum, seq, epoch)
+    return CachedShm(target._replace(offset=0, length=0, capability=b""), target.offset,
+                     size_bytes, checksum, seq, epoch)
+
+
+def vouched_entries(tables: ShmTables, keys: list[str], written: list, sizes: list[int],
+                    checksums: list[int], starts: list[int], counts: list[int],
+                    replica_segment: list[int], replica_offset: list[int],
+                    segments: list[Target], mappings: list) -> list[tuple[str, CachedShm]]:
+    """``(key, entry)`` as ``entry_for`` would give, for every key a GetReplicas batch's
+    ``read_ranges`` served (client/shm_batch.py): the checks and the entries in one C call
+    (``loc_vouch``)."""
+    table_addresses = [tables.address(t.shm_name) if m is not None else 0
+                       for t, m in zip(segments, mappings)]
+    if not any(table_addresses):
+        return []
+    return loc_vouch(keys, written, sizes, checksums, starts, counts, replica_segment,
+                     replica_offset, [m.address if m is not None else 0 for m in mappings],
+                     table_addresses, [t._replace(capability=b"") for t in segments],
+                     CachedShm)
 
 
 def read_cached(shm, tables: ShmTables, entries: Sequence[CachedShm],
-                dsts: Sequence[Any]) -> list[bool]:
-    """Copy each entry's range into its destination (writable, at least its size) through
-    ``shm``'s mappings (ShmTransport, one link check per segment) while the guards hold;
-    True per entry served (bytes verified), False where the caller must ask the master."""
+                dsts: Sequence[Any]) -> list[int | None]:
+    """Copy each entry's range into the start of its destination (a writable buffer or CPU
+    tensor, at least its size) through ``shm``'s mappings (ShmTransport: one link check per
+    segment) while the guards hold; per entry the bytes written (verified), or None where
+    the caller must ask the master (guards, destination, digest: read_ranges says no)."""
     segment_index: dict[str, int] = {}
     segments: list[Target] = []
     replica_segment: list[int] = []
     for entry in entries:
-        name = entry.target.shm_name
+        name = entry.segment.shm_name
         index = segment_index.get(name)
         if index is None:
             index = segment_index[name] = len(segments)
-            segments.append(entry.target)
+            segments.append(entry.segment)
         replica_segment.append(index)
     mappings = shm.segment_mappings(segments)
     num = len(entries)
     torch = sys.modules.get("torch")
     written, _ = read_ranges(
-        list(dsts), [e.size_bytes for e in entries], [e.checksum for e in entries],
-        list(range(num)), [1] * num, replica_segment, [e.target.offset for e in entries],
+        dsts if type(dsts) is list else list(dsts), [e.size_bytes for e in entries],
+        [e.checksum for e in entries], list(range(num)), [1] * num, replica_segment,
+        [e.offset for e in entries],
         [m.address if m is not None else 0 for m in mappings],
         [m.size_bytes if m is not None else 0 for m in mappings],
         True, EMPTY_CHECKSUM,
@@ -141,4 +163,4 @@ def read_cached(shm, tables: ShmTables, entries: Sequence[CachedShm],
          for t, m in zip(segments, mappings)],
         [e.seq for e in entries], [e.epoch for e in entries])
     del mappings   # NOTE: held until the copies are done: they keep the segments mapped
-    return [w is not None for w in written]
+    return written
