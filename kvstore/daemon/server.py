@@ -244,6 +244,9 @@ class Daemon:
 
     def stop(self) -> None:
         """Unregister, stop serving, release the segments. Idempotent; never raises."""
+        # NOTE: first: unregistering drops this node's objects at the master, and a
+        # same-host client must not serve them from its location cache after that
+        self._publish_lease(float("-inf"))
         if self.master_link is not None:
             self.master_link.stop(unregister=True)
         if self._master_client is not None:
