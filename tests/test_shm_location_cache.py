@@ -458,3 +458,21 @@ def test_a_dead_daemons_tables_lose_their_lease_at_the_next_start():
     finally:
         for table in tables:
             table.close()
+
+
+def test_a_daemon_stopped_cleanly_ends_its_tables_lease_and_is_never_served():
+    cluster = Cluster(num_daemons=1, dram="16MiB", master_args=("--heartbeat-interval",
+                                                                 "200ms"))
+    try:
+        with cluster.connect() as reader:
+            reader.put("sl/stopped", payload(8 * KiB, seed=80))
+            _shm_cached_get(reader, "sl/stopped")
+            name = reader._locations.lookup("sl/stopped").segment.shm_name
+            table = reader._locations.shm_tables._by_segment[name]
+            assert int(table.array[lt.WORD_LEASE]) > time.monotonic_ns()
+            cluster.daemons[0].close()              # SIGTERM: unregisters, then closes
+            assert int(table.array[lt.WORD_LEASE]) == 0   # the mapping this client keeps
+            with pytest.raises(kvstore.KVStoreError):
+                reader.get_into("sl/stopped", bytearray(8 * KiB))
+    finally:
+        cluster.close()
