@@ -23,6 +23,9 @@ Rule (decided; docs/ARCHITECTURE.md, Location cache):
   Not from the registration reply: the master may refuse part of the inventory (a key
   whose removal this node never confirmed), and only that first beat's resync drops it.
 - Refusals name their reason; the client then asks the master (and refreshes its entry).
+- The same lease, for same-host clients that read a segment themselves: ``on_lease`` is told
+  its end at every change, and the daemon publishes it in the DRAM segments' shm location
+  tables (daemon/shm_locations.py, ``Daemon._publish_lease``).
 
 Not covered here, by design: the bytes. The master frees a removed range at once, so a new
 put may write it before this table drops the old key; the client verifies every location
