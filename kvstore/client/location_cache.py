@@ -18,8 +18,8 @@ at the master (eviction's recency does not see it).
 Same-host reads through shm share the LRU (and ``location_cache_entries``): there the
 client copies from the segment itself, and the daemon's shm location table, not a
 CHECKED_READ, proves the object current (``client/shm_locations.py``; a ``CachedShm``
-entry). Not cached: empty values (no transfer), tenants' clients (their daemons record keys namespaced: ``KVStore`` builds
-no cache for them). A node that answers LOCATION_OFF is not asked again for
+entry). Not cached: empty values (no transfer), tenants' clients (their daemons record
+keys namespaced: ``KVStore`` builds no cache for them). A node that answers LOCATION_OFF is not asked again for
 ``NODE_OFF_S``. Thread-safe (one lock; reads run outside it).
 """
 
@@ -163,8 +163,7 @@ class LocationCache:
             self.num_hits += hits
             self.num_misses += misses
 
-    def refused(self, key: str, location: CachedLocation | CachedShm,
-                exc: BaseException | None) -> None:
+    def refused(self, key: str, location: CachedLocation, exc: BaseException) -> None:
         """A location read of ``key`` failed (``exc``): drop the entry; a LOCATION_OFF
         refusal turns its node off for ``NODE_OFF_S``."""
         with self._lock:
