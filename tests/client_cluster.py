@@ -81,6 +81,8 @@ class Cluster:
                  if node.data_addr == daemon.address for segment in node.segments
                  if segment.shm_name]
         daemon.kill()
+        from kvstore._loc_table import table_name
+        names += [table_name(name) for name in names if table_name(name)]   # their tables
         for name in names:
             try:
                 _posixshmem.shm_unlink(name)

@@ -8,8 +8,8 @@ holds its location lease right after it starts or re-registers (its first beat f
 once), not a heartbeat interval later.
 
 Real master and daemon processes on loopback; clients with ``transport="tcp"`` (same-host
-shm reads are never cached). A second client in the same process does the removes and puts
-(its own cache is separate)."""
+shm reads: tests/test_shm_location_cache.py). A second client in the same process does
+the removes and puts (its own cache is separate)."""
 
 from __future__ import annotations
 

@@ -12,6 +12,7 @@
 #include <vector>
 
 #include "read_ranges.h"
+#include "shm_locations.h"
 #include "stream_copy.h"
 
 extern "C" uint64_t kvops_copy_hash_base(char* dst, const char* src, size_t num_bytes);
@@ -198,13 +199,38 @@ PyMethodDef methods[] = {
      METH_FASTCALL,
      "read_ranges(dsts, sizes, checksums, starts, counts, replica_segment, replica_offset, "
      "segment_addresses, segment_sizes, verify, empty_checksum, segment_flags, chunk_bytes, "
-     "tensor_type) -> "
+     "tensor_type[, guard_tables, guard_seqs, guard_epochs]) -> "
      "(written, slow): the shm reads of a GetReplicas batch (read_ranges.cpp). Per key i: copy (and with verify, hash and compare) the first replica whose "
      "segment address is not 0, populating its chunks (segment_flags: a bytearray per "
      "segment, one byte per chunk_bytes, or None; dsts are writable buffers or, when "
      "tensor_type is torch.Tensor, contiguous CPU tensors); written[i] = bytes written (0 for the "
      "empty marker), or None and i in slow when the key must take the general path. Raises "
-     "TypeError/ValueError for malformed lists only."},
+     "TypeError/ValueError for malformed lists only. With the guards (cached shm reads, "
+     "client/shm_locations.py): guard_tables has each segment's location table address (0: "
+     "none), guard_seqs/guard_epochs each key's cached slot sequence and epoch; a key is "
+     "copied only while loc_valid holds before the copy and still holds after it, else slow."},
+    {"loc_publish",
+     reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)(void)>(kvstore_loc_publish)),
+     METH_FASTCALL,
+     "loc_publish(table, offset, epoch, key_hash, length, checksum): the object at offset owns "
+     "its slot of the shm location table at address table (shm_locations.h; daemon only)."},
+    {"loc_clear",
+     reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)(void)>(kvstore_loc_clear)),
+     METH_FASTCALL,
+     "loc_clear(table, offset): empty the slot of offset if that object owns it (daemon only)."},
+    {"loc_set", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)(void)>(kvstore_loc_set)),
+     METH_FASTCALL, "loc_set(table, word, value): set a header word (daemon only)."},
+    {"loc_vouch",
+     reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)(void)>(kvstore_loc_vouch)),
+     METH_FASTCALL,
+     "loc_vouch(keys, written, sizes, checksums, starts, counts, replica_segment, "
+     "replica_offset, segment_addresses, table_addresses, segments, entry_type) -> "
+     "[(key, entry_type(segment, offset, size, checksum, seq, epoch))]: the keys read_ranges "
+     "served whose replica's table vouches for it now (shm_locations.cpp)."},
+    {"loc_read", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)(void)>(kvstore_loc_read)),
+     METH_FASTCALL,
+     "loc_read(table, offset) -> (seq, epoch, key_hash, length, checksum, table_epoch, "
+     "lease_until_ns) or None: a consistent read of the slot of offset while it holds it."},
     {nullptr, nullptr, 0, nullptr}};
 
 PyModuleDef module = {PyModuleDef_HEAD_INIT, "_copy_hash",

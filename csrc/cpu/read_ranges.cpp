@@ -24,6 +24,7 @@
 #include <vector>
 
 #include "read_ranges.h"
+#include "shm_locations.h"
 
 namespace {
 
@@ -33,6 +34,8 @@ struct Copy {
   size_t num_bytes;
   uint64_t expected;
   Py_ssize_t key;
+  uint64_t* table;   // the guard's location table (cached reads), else nullptr
+  uint64_t offset;
 };
 
 // Item i of list ``seq`` as an unsigned 64-bit int; false (error set) when it is not one.
@@ -155,12 +158,12 @@ bool populate(Flags& flags, uintptr_t base, uint64_t seg_size, uint64_t chunk_by
 }  // namespace
 
 PyObject* kvstore_read_ranges(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
-  if (nargs != 14) {
+  if (nargs != 14 && nargs != 17) {
     PyErr_SetString(PyExc_TypeError,
                     "read_ranges(dsts, sizes, checksums, starts, counts, replica_segment, "
                     "replica_offset, segment_addresses, segment_sizes, verify, "
                     "empty_checksum, segment_flags, chunk_bytes, tensor_type) takes exactly "
-                    "14 arguments");
+                    "14 arguments (17 with guard_tables, guard_seqs, guard_epochs)");
     return nullptr;
   }
   PyObject* dsts = args[0];
@@ -188,6 +191,20 @@ PyObject* kvstore_read_ranges(PyObject*, PyObject* const* args, Py_ssize_t nargs
     PyErr_SetString(PyExc_TypeError, "read_ranges: tensor_type must be a type or None");
     return nullptr;
   }
+
+  const bool guarded = nargs == 17;
+  if (guarded && (!check_list(args[14], num_segments, "guard_tables") ||
+                  !check_list(args[15], num_keys, "guard_seqs") ||
+                  !check_list(args[16], num_keys, "guard_epochs"))) {
+    return nullptr;
+  }
+  std::vector<uint64_t> seg_table(static_cast<size_t>(guarded ? num_segments : 0));
+  for (Py_ssize_t s = 0; guarded && s < num_segments; ++s) {
+    if (!u64_at(args[14], s, &seg_table[s])) return nullptr;
+  }
+  const uint64_t now_ns = guarded ? loc_now_ns() : 0;
+  std::vector<uint64_t> key_seq(static_cast<size_t>(guarded ? num_keys : 0));
+  std::vector<uint64_t> key_epoch(static_cast<size_t>(guarded ? num_keys : 0));
 
   std::vector<uintptr_t> seg_address(static_cast<size_t>(num_segments));
   std::vector<uint64_t> seg_size(static_cast<size_t>(num_segments));
@@ -240,6 +257,8 @@ PyObject* kvstore_read_ranges(PyObject*, PyObject* const* args, Py_ssize_t nargs
       continue;
     }
     const char* src = nullptr;
+    uint64_t* table = nullptr;
+    uint64_t src_offset = 0;
     for (uint64_t j = start; j < start + count; ++j) {
       uint64_t segment, offset;
       if (!u64_at(args[5], static_cast<Py_ssize_t>(j), &segment) ||
@@ -250,7 +269,20 @@ PyObject* kvstore_read_ranges(PyObject*, PyObject* const* args, Py_ssize_t nargs
       if (segment >= static_cast<uint64_t>(num_segments)) break;  // malformed: general path
       if (seg_address[segment] == 0) continue;                   // not mapped: next replica
       if (offset > seg_size[segment] || size > seg_size[segment] - offset) break;
+      if (guarded) {
+        // NOTE: a cached location: served only while its table proves it current (lease,
+        // epoch, the slot's sequence unchanged since it was cached); checked again after
+        if (!u64_at(args[15], i, &key_seq[i]) || !u64_at(args[16], i, &key_epoch[i])) {
+          out.release();
+          goto done;
+        }
+        table = reinterpret_cast<uint64_t*>(seg_table[segment]);
+        if (table == nullptr || !loc_valid(table, offset, key_seq[i], key_epoch[i], now_ns)) {
+          break;
+        }
+      }
       src = reinterpret_cast<const char*>(seg_address[segment] + offset);
+      src_offset = offset;
       if (may_populate) {
         may_populate = populate(seg_flags[segment], seg_address[segment], seg_size[segment],
                                 chunk_bytes, offset, size);
@@ -262,7 +294,7 @@ PyObject* kvstore_read_ranges(PyObject*, PyObject* const* args, Py_ssize_t nargs
       continue;
     }
     if (out.held) views.push_back(out.view);
-    copies.push_back({out.buf, src, static_cast<size_t>(size), expected, i});
+    copies.push_back({out.buf, src, static_cast<size_t>(size), expected, i, table, src_offset});
     total_bytes += size;
   }
   {
@@ -276,6 +308,17 @@ PyObject* kvstore_read_ranges(PyObject*, PyObject* const* args, Py_ssize_t nargs
         kvstore_copy(copy.dst, copy.src, copy.num_bytes);
       }
       written[copy.key] = static_cast<int64_t>(copy.num_bytes);
+    }
+    if (guarded) {
+      // NOTE: after the copies: a slot changed meanwhile (the daemon applied a removal or a
+      // move) voids its key's bytes even when their digest matched
+      __atomic_thread_fence(__ATOMIC_ACQUIRE);
+      for (const Copy& copy : copies) {
+        if (written[copy.key] >= 0 && (copy.table == nullptr ||
+            !loc_valid(copy.table, copy.offset, key_seq[copy.key], key_epoch[copy.key], now_ns))) {
+          written[copy.key] = -1;
+        }
+      }
     }
     if (saved != nullptr) PyEval_RestoreThread(saved);
   }

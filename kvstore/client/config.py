@@ -43,9 +43,10 @@ class ClientConfig:
     reply_spin_s: float = 0.0002
     # TLS on every connection to the master (both paths) and to daemons' data planes
     tls: TLSConfig | None = None
-    # keys whose TCP replica location this client keeps, so that a repeated get skips the
-    # master (client/location_cache.py; the daemon checks each such read against its own
-    # table); 0: off
+    # keys whose TCP or same-host shm replica location this client keeps, so that a
+    # repeated get skips the master (client/location_cache.py; the daemon checks each TCP
+    # read against its own table, and publishes that table for shm reads in shared memory,
+    # client/shm_locations.py); one LRU for both; 0: off
     location_cache_entries: int = 65536
 
     def __post_init__(self) -> None:

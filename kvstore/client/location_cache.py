@@ -15,10 +15,11 @@ by their checksum, and never a key whose remove completed (the windows, one by o
 docs/ARCHITECTURE.md, Location cache). A cached get takes no read lease and counts no hit
 at the master (eviction's recency does not see it).
 
-Not cached: same-host reads through shm (the client copies from the segment itself, with
-no daemon in the path to check the table; they stay on the master path), empty values
-(no transfer), tenants' clients (their daemons record keys namespaced: ``KVStore`` builds
-no cache for them). A node that answers LOCATION_OFF is not asked again for
+Same-host reads through shm share the LRU (and ``location_cache_entries``): there the
+client copies from the segment itself, and the daemon's shm location table, not a
+CHECKED_READ, proves the object current (``client/shm_locations.py``; a ``CachedShm``
+entry). Not cached: empty values (no transfer), tenants' clients (their daemons record
+keys namespaced: ``KVStore`` builds no cache for them). A node that answers LOCATION_OFF is not asked again for
 ``NODE_OFF_S``. Thread-safe (one lock; reads run outside it).
 """
 
@@ -33,7 +34,8 @@ from typing import Any, Callable, Sequence
 from kvstore._deadline import Deadline
 from kvstore._errors import InvalidArgumentError
 from kvstore.client.checksum import checksum, is_empty_marker
-from kvstore.client.values import as_destination
+from kvstore.client.shm_locations import CachedShm, ShmTables, entry_for, read_cached
+from kvstore.client.values import as_destination, finish_bytes
 from kvstore.transport.base import Target
 from kvstore.transport.checked_read import encode_identity
 from kvstore.transport.data_frames import Status
@@ -60,38 +62,35 @@ class LocationCache:
     """key -> CachedLocation, least recently used dropped first (see the module)."""
 
     def __init__(self, transport, max_entries: int = DEFAULT_ENTRIES, *,
-                 clock: Callable[[], float] = time.monotonic):
-        self.transport = transport          # the TcpTransport whose reads are cached
+                 clock: Callable[[], float] = time.monotonic, shm=None):
+        self.transport = transport          # the TcpTransport whose reads are cached (or None)
+        self.shm = shm                      # the ShmTransport whose reads are cached (or None)
+        self.shm_tables = ShmTables() if shm is not None else None
         self.max_entries = max_entries
         self._clock = clock
         self._lock = threading.Lock()
-        self._key_to_location: OrderedDict[str, CachedLocation] = OrderedDict()
+        self._key_to_location: OrderedDict[str, CachedLocation | CachedShm] = OrderedDict()
         self._node_off_until_s: dict[str, float] = {}
         self.num_hits = 0        # keys served from a cached location
         self.num_misses = 0      # keys not cached (or on a node that is off)
         self.num_refused = 0     # cached locations refused or failed (then the master path)
+        self.num_shm_hits = 0    # of num_hits, those copied from a same-host segment
 
     def __len__(self) -> int:
         with self._lock:
             return len(self._key_to_location)
 
-    def cached_positions(self, keys: Sequence[str]) -> list[int]:
-        """Positions of the keys that have an entry (some may be refused by ``lookup``).
-        NOTE: without the lock (a dict's ``in`` is atomic): a batch of keys never read
-        over TCP (same-host gets, first reads) pays one comprehension, ~50 ns a key."""
-        table = self._key_to_location
-        return [i for i, key in enumerate(keys) if key in table] if table else []
-
-    def lookup(self, key: str) -> CachedLocation | None:
+    def lookup(self, key: str) -> CachedLocation | CachedShm | None:
         """The key's entry (now the most recently used), or None: none, or its node
         answered LOCATION_OFF within ``NODE_OFF_S``."""
         with self._lock:
             location = self._key_to_location.get(key)
             if location is None:
                 return None
-            off_until_s = self._node_off_until_s.get(location.target.node_id)
-            if off_until_s is not None and self._clock() < off_until_s:
-                return None
+            if type(location) is CachedLocation:
+                off_until_s = self._node_off_until_s.get(location.target.node_id)
+                if off_until_s is not None and self._clock() < off_until_s:
+                    return None
             self._key_to_location.move_to_end(key)
             return location
 
@@ -99,9 +98,31 @@ class LocationCache:
         """Cache the replica ``target`` a read of ``key`` just got verified bytes from."""
         if is_empty_marker(size_bytes, expected):
             return
-        location = CachedLocation(
+        self._insert(key, CachedLocation(
             target._replace(capability=encode_identity(key, expected, target.capability)),
-            size_bytes, expected)
+            size_bytes, expected))
+
+    def remember_shm(self, key: str, target: Target, size_bytes: int, expected: int) -> None:
+        """Cache the same-host replica ``target`` a read of ``key`` just got verified bytes
+        from, if its segment's location table vouches for it (client/shm_locations.py)."""
+        if self.shm_tables is None or is_empty_marker(size_bytes, expected):
+            return
+        entry = entry_for(self.shm_tables, key, target, size_bytes, expected)
+        if entry is not None:
+            self._insert(key, entry)
+
+    def insert_many(self, entries: list[tuple[str, CachedShm]]) -> None:
+        """Cache ``(key, entry)`` pairs (client/shm_batch.py's vouched keys), one lock."""
+        table = self._key_to_location
+        with self._lock:
+            # NOTE: update (in C) appends new keys at the end, the most recent; a key still
+            # there keeps its place (it was read through the master: its entry had gone,
+            # or it is about to be refused)
+            table.update(entries)
+            while len(table) > self.max_entries:
+                table.popitem(last=False)
+
+    def _insert(self, key: str, location: CachedLocation | CachedShm) -> None:
         with self._lock:
             self._key_to_location[key] = location
             self._key_to_location.move_to_end(key)
@@ -116,13 +137,29 @@ class LocationCache:
             target, transport = job.candidates[job.attempt]
             if transport is self.transport:
                 self.remember(job.key, target, job.dst.nbytes, job.expected_checksum)
+            elif transport is self.shm and transport is not None:
+                self.remember_shm(job.key, target, job.dst.nbytes, job.expected_checksum)
+
+    def touch(self, used: list[str], failed: list[tuple[str, CachedShm]]) -> None:
+        """Mark the keys ``used`` recently used and drop the ``failed`` entries (a read
+        the cache could not serve: then the master path, which caches the key again)."""
+        table = self._key_to_location
+        with self._lock:
+            for key in used:
+                if key in table:
+                    table.move_to_end(key)
+            for key, entry in failed:
+                if table.get(key) is entry:
+                    del table[key]
+            self.num_refused += len(failed)
 
     def forget(self, key: str) -> None:
         with self._lock:
             self._key_to_location.pop(key, None)
 
-    def count(self, *, hits: int, misses: int) -> None:
+    def count(self, *, hits: int, misses: int, shm_hits: int = 0) -> None:
         with self._lock:
+            self.num_shm_hits += shm_hits
             self.num_hits += hits
             self.num_misses += misses
 
@@ -139,7 +176,8 @@ class LocationCache:
     def stats(self) -> dict[str, int]:
         with self._lock:
             return {"entries": len(self._key_to_location), "hits": self.num_hits,
-                    "misses": self.num_misses, "refused": self.num_refused}
+                    "misses": self.num_misses, "refused": self.num_refused,
+                    "shm_hits": self.num_shm_hits}
 
 
 # A get of the keys the cache could not serve: (keys, outs or None) -> one result per key.
@@ -147,30 +185,42 @@ Fetch = Callable[[list, "list | None"], list]
 
 
 def location_cache_for(transfers, max_entries: int) -> LocationCache | None:
-    """A cache over the TCP transport of ``transfers`` (client/transfer.py); None when
-    ``max_entries`` is 0 or there is no TCP transport."""
+    """A cache over the TCP and shm transports of ``transfers`` (client/transfer.py); None
+    when ``max_entries`` is 0 or there is neither."""
     tcp = next((t for t in transfers.transports if t.name == "tcp"), None)
-    return LocationCache(tcp, max_entries) if max_entries and tcp is not None else None
+    shm = next((t for t in transfers.transports if t.name == "shm"), None)
+    if not max_entries or (tcp is None and shm is None):
+        return None
+    return LocationCache(tcp, max_entries, shm=shm)
 
 
 def get_cached(cache: LocationCache, keys: Sequence[str], outs: Sequence[Any] | None,
                allocate, deadline: Deadline, fetch: Fetch, transfers) -> list[Any]:
     """Results of ``reader.get_batch`` for ``keys`` (checked, valid): cached keys by
-    location reads, the rest (and every key whose location read failed) by ``fetch``.
-    The reads served are counted in ``transfers``' stats (under the transport's name)."""
-    positions = cache.cached_positions(keys)
-    if not positions:
+    location reads (same-host ones in one guarded ``read_ranges`` call), the rest (and every
+    key whose cached read failed) by ``fetch``. The reads served are counted in
+    ``transfers``' stats (under the transport's name)."""
+    table = cache._key_to_location
+    # NOTE: without the lock (dict.get is atomic): a batch pays comprehensions, not a
+    # locked lookup per key
+    found = [table.get(key) for key in keys] if table else None
+    if not found or not any(found):
         cache.count(hits=0, misses=len(keys))
         return fetch(list(keys), outs)
     results: list[Any] = [None] * len(keys)
+    rest = [i for i, entry in enumerate(found) if entry is None]
+    num_misses = len(rest)
+    shm_positions = [i for i, entry in enumerate(found) if type(entry) is CachedShm]
+    shm_ok = _read_shm(cache, keys, outs, allocate, found, shm_positions, results, rest,
+                       transfers) if shm_positions else 0
     served, items = [], []
-    cached = set(positions)
-    rest = [i for i in range(len(keys)) if i not in cached] if len(positions) < len(keys) \
-        else []
-    for i in positions:
+    for i, location in enumerate(found):
+        if location is None or type(location) is CachedShm:
+            continue
         location = cache.lookup(keys[i])
-        if location is None:
+        if location is None or type(location) is CachedShm:
             rest.append(i)
+            num_misses += 1
             continue
         size = location.size_bytes
         if outs is None:
@@ -199,11 +249,11 @@ def get_cached(cache: LocationCache, keys: Sequence[str], outs: Sequence[Any] | 
                 cache.refused(keys[i], location, exc)
                 rest.append(i)
                 continue
-            results[i] = holder
+            results[i] = finish_bytes(holder) if outs is None else holder
             num_ok += 1
             num_bytes += location.size_bytes
         transfers.count_reads(cache.transport.name, num_ok, num_bytes)
-    cache.count(hits=len(keys) - len(rest), misses=len(keys) - len(served))
+    cache.count(hits=len(keys) - len(rest), misses=num_misses, shm_hits=shm_ok)
     if rest:
         rest.sort()
         fetched = fetch([keys[i] for i in rest],
@@ -211,3 +261,34 @@ def get_cached(cache: LocationCache, keys: Sequence[str], outs: Sequence[Any] | 
         for i, result in zip(rest, fetched):
             results[i] = result
     return results
+
+
+def _read_shm(cache: LocationCache, keys: Sequence[str], outs: Sequence[Any] | None,
+              allocate, found: list, positions: list[int], results: list, rest: list[int],
+              transfers) -> int:
+    """The cached same-host keys at ``positions``: one guarded read (client/shm_locations.py);
+    fills ``results``, appends the keys it could not serve to ``rest`` (their entries
+    dropped); returns how many it served."""
+    entries = [found[i] for i in positions]
+    if outs is None:
+        pairs = [allocate(entry.size_bytes) for entry in entries]
+        written = read_cached(cache.shm, cache.shm_tables, entries, [d for _, d in pairs])
+        holders = [finish_bytes(holder) for holder, _ in pairs]
+    else:
+        # NOTE: the caller's outs as they are: read_ranges takes buffers and CPU tensors,
+        # and hands back (None) anything else, which the master path then reports
+        written = read_cached(cache.shm, cache.shm_tables, entries, [outs[i] for i in positions])
+        holders = written
+    ok_keys, failed = [], []
+    num_bytes = 0
+    for i, entry, num, holder in zip(positions, entries, written, holders):
+        if num is None:
+            failed.append((keys[i], entry))
+            rest.append(i)
+            continue
+        results[i] = holder
+        ok_keys.append(keys[i])
+        num_bytes += num
+    cache.touch(ok_keys, failed)
+    transfers.count_reads(cache.shm.name, len(ok_keys), num_bytes)
+    return len(ok_keys)

@@ -29,6 +29,7 @@ from kvstore._posix_shm import POPULATE_CHUNK_BYTES
 from kvstore._errors import InvalidArgumentError, KVStoreError, MasterUnavailableError
 from kvstore.client.checksum import EMPTY_CHECKSUM
 from kvstore.client.reader import CODEC_RAW, GetSettings, plan_read
+from kvstore.client.shm_locations import vouched_entries
 from kvstore.client.transfer import ReadJob, Transfers
 from kvstore.client.values import as_destination
 from kvstore.rpc import MasterClient, ReplicaSet
@@ -118,15 +119,23 @@ def _read(reply: pb.GetReplicasResponse, transfers: Transfers, shm: ShmTransport
                                          "which this client cannot decode", keys=[keys[i]])
         for i in errors:
             dsts[i] = None   # not a destination: read_ranges hands the key back as slow
-    mappings = shm.segment_mappings(_segment_targets(reply))
+    segments = _segment_targets(reply)
+    mappings = shm.segment_mappings(segments)
+    replica_segment, replica_offset = reply.replica_segment[:], reply.replica_offset[:]
     written, slow = read_ranges(
-        dsts, sizes, checksums, starts, counts, reply.replica_segment[:],
-        reply.replica_offset[:],
+        dsts, sizes, checksums, starts, counts, replica_segment, replica_offset,
         [m.address if m is not None else 0 for m in mappings],
         [m.size_bytes if m is not None else 0 for m in mappings],
         settings.verify, EMPTY_CHECKSUM,
         [m.populator.chunk_flags if m is not None else None for m in mappings],
         POPULATE_CHUNK_BYTES, _tensor_type())
+    locations = settings.locations
+    if locations is not None and locations.shm is shm:
+        entries = vouched_entries(locations.shm_tables, keys, written, sizes, checksums,
+                                  starts, counts, replica_segment, replica_offset, segments,
+                                  mappings)
+        if entries:   # NOTE: offered to the location cache (client/shm_locations.py)
+            locations.insert_many(entries)
     del mappings   # NOTE: held until the copies are done: they keep the segments mapped
     if errors:
         slow = [i for i in slow if i not in errors]

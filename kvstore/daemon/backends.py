@@ -168,6 +168,32 @@ class ShmBackend(MappedBackend):
         self._populator = ChunkPopulator(self._address, self.size_bytes)
         self._stop_allocating = threading.Event()
         self._cuda_address: int | None = None
+        # NOTE: the segment's objects and lease for same-host clients' cached reads
+        # (daemon/shm_locations.py); told every change the object table applies, below
+        from kvstore.daemon.shm_locations import ShmLocationTable
+        try:
+            self.locations: ShmLocationTable | None = ShmLocationTable(self.shm_name,
+                                                                       size_bytes)
+        except BaseException:
+            self._shm.unlink()
+            self._shm.close()
+            raise
+
+    def note_stored(self, key: str, offset: int, length: int, checksum: int,
+                    codec: int) -> None:
+        super().note_stored(key, offset, length, checksum, codec)
+        if self.locations is not None and codec == 0:   # NOTE: raw bytes only (CODEC_RAW)
+            self.locations.stored(key, offset, length, checksum)
+
+    def note_freed(self, key: str, offset: int, length: int) -> None:
+        if self.locations is not None:
+            self.locations.freed(offset)
+        super().note_freed(key, offset, length)
+
+    def note_reset(self) -> None:
+        if self.locations is not None:
+            self.locations.reset()
+        super().note_reset()
 
     def view(self, offset: int, length: int) -> memoryview:
         self._populator.ensure(offset, length)
@@ -209,6 +235,8 @@ class ShmBackend(MappedBackend):
         return thread
 
     def close(self) -> None:
+        if self.locations is not None:
+            self.locations.close()     # NOTE: first: clients stop serving from the segment
         self._stop_allocating.set()
         if self._cuda_address is not None:
             import torch

@@ -23,6 +23,9 @@ Rule (decided; docs/ARCHITECTURE.md, Location cache):
   Not from the registration reply: the master may refuse part of the inventory (a key
   whose removal this node never confirmed), and only that first beat's resync drops it.
 - Refusals name their reason; the client then asks the master (and refreshes its entry).
+- The same lease, for same-host clients that read a segment themselves: ``on_lease`` is told
+  its end at every change, and the daemon publishes it in the DRAM segments' shm location
+  tables (daemon/shm_locations.py, ``Daemon._publish_lease``).
 
 Not covered here, by design: the bytes. The master frees a removed range at once, so a new
 put may write it before this table drops the old key; the client verifies every location
@@ -50,18 +53,25 @@ class LocationReads:
         self._fresh_until_s = float("-inf")
         self.num_served = 0     # checked reads allowed (counters: no lock, never negative)
         self.num_refused = 0
+        # told the lease's end (this clock's seconds; -inf: none) whenever it changes: the
+        # shm location tables publish it to same-host clients (daemon/shm_locations.py)
+        self.on_lease: Callable[[float], None] | None = None
 
     def on_registered(self, lease_s: float) -> None:
         """A (re-)registration: a new sequence, a new lease length; nothing served until the
         first up-to-date heartbeat of this registration."""
         self._fresh_until_s = float("-inf")
         self._lease_s = max(0.0, lease_s)
+        if self.on_lease is not None:
+            self.on_lease(self._fresh_until_s)
 
     def on_heartbeat(self, sent_at_s: float, changes: HeartbeatChanges) -> None:
         """Renew the lease from ``sent_at_s`` (the clock before the heartbeat was sent) when
         ``changes`` reached the master's latest change and the table holds it."""
         if self._lease_s > 0 and changes.up_to_date and self._table.acked_seq >= changes.seq:
             self._fresh_until_s = max(self._fresh_until_s, sent_at_s + self._lease_s)
+            if self.on_lease is not None:
+                self.on_lease(self._fresh_until_s)
 
     def refusal(self, key: str, checksum: int, segment_id: str, offset: int,
                 length: int) -> tuple[Status, str] | None:

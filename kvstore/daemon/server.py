@@ -70,6 +70,9 @@ class Daemon:
     def start(self) -> str:
         """Create segments, serve, register; return the data-plane "host:port"."""
         try:
+            # NOTE: before the reaper, which unlinks the tables (clients keep their mappings)
+            from kvstore.daemon.shm_locations import retire_dead_tables
+            retire_dead_tables()
             if self.config.reap_orphans:
                 from kvstore.daemon.orphans import reap_orphans
                 reap_orphans(self.config.ssd_dir)
@@ -135,6 +138,7 @@ class Daemon:
         self._open_commit_ring()
         from kvstore.daemon.location_reads import LocationReads
         location_reads = LocationReads(self.objects, clock=self._clock)
+        location_reads.on_lease = self._publish_lease
         self.dataplane.location_reads = location_reads
         self.master_link = MasterLink(self._master_client, self.node_spec(), self.objects,
                                       clock=self._clock, stop_event=self._interrupted,
@@ -198,6 +202,16 @@ class Daemon:
                         read_capabilities=(self.config.write_capabilities
                                            and self.config.read_capabilities))
 
+    def _publish_lease(self, until_s: float) -> None:
+        """The location lease's end, to the shm location tables of the DRAM segments
+        (daemon/shm_locations.py) in CLOCK_MONOTONIC nanoseconds; none when this daemon
+        runs on another clock (an injected one: same-host clients could not compare)."""
+        until_ns = (int(until_s * 1e9) if self._clock is time.monotonic
+                    and until_s != float("-inf") else 0)
+        for segment in self.segments:
+            if isinstance(segment, ShmBackend) and segment.locations is not None:
+                segment.locations.set_lease(until_ns)
+
     def _create_segments(self) -> list[Backend]:
         config = self.config
         segments: list[Backend] = []
@@ -230,6 +244,9 @@ class Daemon:
 
     def stop(self) -> None:
         """Unregister, stop serving, release the segments. Idempotent; never raises."""
+        # NOTE: first: unregistering drops this node's objects at the master, and a
+        # same-host client must not serve them from its location cache after that
+        self._publish_lease(float("-inf"))
         if self.master_link is not None:
             self.master_link.stop(unregister=True)
         if self._master_client is not None:
