@@ -91,6 +91,21 @@ class CapabilityIssuer:
                                          obj.size_bytes, obj.key, reader, expiry_ms)
         return caps
 
+    def for_reservation(self, reservation, ttl_s: float, writer: str | None = None) -> bytes:
+        """The capability for writing anywhere in ``reservation``'s range until its TTL
+        (b"" if the node has none). Its object identity is the empty key's, which no
+        valid key has, so no daemon accepts it for a commit: only for WRITEs.
+        NOTE: ``ttl_s``, not the pending timeout: the master reuses the unused space after
+        the reservation's expiry (plus a grace), so the permission must end with it."""
+        node = reservation.segment.node
+        secret = node.capability_secret
+        if not secret:
+            return b""
+        return capability.issue(
+            secret, node.node_id, reservation.segment.segment_id, reservation.offset,
+            reservation.size_bytes, "", self.writer if writer is None else writer,
+            int(self._wall_clock() * 1000) + int(ttl_s * 1000), node.seq)
+
     def for_move(self, node, move) -> bytes:
         """The capability for a tier move's destination range (b"" if the node has none).
         The writer is the master itself: the daemon copies on the master's order."""
