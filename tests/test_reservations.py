@@ -81,6 +81,10 @@ def test_reserved_puts_land_in_the_reservation_and_read_back(transport):
             store.put("single", payload(64 << 10, seed=99))
             space = store._reserved
             assert space.num_reserved == 1, "every put fitted one reservation"
+            if transport == "shm":
+                # same host: the commits went to the daemon's commit ring after PutEnd
+                assert space._grant.commit_ring
+                assert store._transfers.committer.num_ring_records == 2
             grant = space._grant
             for key in [*values, "single"]:
                 assert _inside(grant, _replica(store, key)), key
@@ -401,6 +405,21 @@ def test_a_reservation_is_not_used_once_half_its_ttl_passed():
             store.put("b", b"b" * 100)
             assert space._grant is not first and space.num_reserved == 2
             assert _inside(space._grant, _replica(store, "b"))
+    finally:
+        daemon.close()
+        master.close()
+
+
+def test_without_client_commits_the_master_pushes_reserved_puts():
+    """--no-client-commit: the reserved PutEnd carries no capabilities and waits for the
+    master's push instead; the put is just as readable, and no ring record is written."""
+    master, daemon = _cluster("--no-client-commit")
+    try:
+        with kvstore.connect(master.address, reserve_bytes=4 * MiB) as store:
+            store.put("pushed", payload(3000, seed=5))
+            assert store._reserved.num_reserved == 1
+            assert store._transfers.committer.num_ring_records == 0
+            assert store.get("pushed") == payload(3000, seed=5)
     finally:
         daemon.close()
         master.close()

@@ -7,7 +7,10 @@ client never overlap (two clients never do either: each holds its own range, all
 the master). ``put_reserved`` writes the placed keys at once (shm memcpy, or tcp WRITEs
 carrying the reservation's capability, which covers its whole range) and makes them visible
 with one PutEnd naming the reservation; the master checks each range against the
-reservation and pushes the commits to the daemon before it answers (durable commit).
+reservation. Durable commit: for shm writes to a daemon with a commit ring, the PutEnd's
+reply carries each accepted key's capability and the client appends the commits to the
+ring before the put returns (no second round trip); otherwise the master pushes the
+commits to the daemon before it answers.
 
 Which puts: one replica, no placement hint (``near_node``), no tier other than DRAM, no
 pins, and a batch whose bytes fit a reservation. Anything else, a batch that does not fit
@@ -140,6 +143,7 @@ def put_reserved(space: ReservedSpace, master, transfers, settings, indices: lis
     items = [(j, names[j], whole._replace(offset=offsets[j], length=sizes[j]), sources[j])
              for j in range(len(names))]
     sums = _copy_hashed(transfers.transport_for(whole), items)
+    shm = sums is not None
     if sums is None:
         sums = [checksum(src) for src in sources]
         failures = transfers.write(items, deadline=settings.deadline)
@@ -153,10 +157,15 @@ def put_reserved(space: ReservedSpace, master, transfers, settings, indices: lis
         results[indices[j]] = error
     if not written:
         return []
-    ended = master.put_end_reserved(
+    ring = grant.commit_ring if shm and transfers.committer is not None else ""
+    ended, caps = master.put_end_reserved_committing(
         grant.reservation_id, [names[j] for j in written], [offsets[j] for j in written],
         [sizes[j] for j in written], [sums[j] for j in written],
-        client_id=settings.client_id, deadline=settings.deadline)
+        client_id=settings.client_id, deadline=settings.deadline,
+        client_committed=bool(ring))
+    if caps:
+        _ring_commit(master, transfers, settings, grant, ring, written, names, offsets,
+                     sizes, sums, ended, caps)
     again = []
     for j, error in zip(written, ended):
         if isinstance(error, KeyNotFoundError):
@@ -166,6 +175,32 @@ def put_reserved(space: ReservedSpace, master, transfers, settings, indices: lis
     if again:
         space.forget(grant)
     return again
+
+
+def _ring_commit(master, transfers, settings, grant, ring, written, names, offsets, sizes,
+                 sums, ended, caps) -> None:
+    """Commit the keys the master accepted on their daemon, with the capabilities its
+    reply carried: one commit-ring record (durable once appended, docs/ARCHITECTURE.md,
+    Commit ring), or CLIENT_COMMIT frames for entries the ring does not take. A key whose
+    daemon does not confirm becomes that TransferError (``ended`` updated in place) and is
+    removed again, as in the PutStart flow (``writer.end_put``)."""
+    committer = transfers.committer
+    whole = grant.target
+    entries = [(position, names[j], whole._replace(offset=offsets[j], length=sizes[j],
+                                                   capability=caps[position]), sums[j])
+               for position, j in enumerate(written) if ended[position] is None
+               and caps[position]]
+    left = committer.ring_commit(entries, {whole.node_id: ring})
+    if not left:
+        return
+    failures = committer.begin(left, settings.deadline).finish()
+    for position, error in failures.items():
+        ended[position] = error
+    if failures:
+        try:
+            master.remove([names[written[p]] for p in failures], force=True)
+        except KVStoreError:
+            pass    # NOTE: best effort, as writer._remove: the daemon never confirmed it
 
 
 def _copy_hashed(transport, items) -> list[int] | None:

@@ -106,6 +106,16 @@ class CapabilityIssuer:
             reservation.size_bytes, "", self.writer if writer is None else writer,
             int(self._wall_clock() * 1000) + int(ttl_s * 1000), node.seq)
 
+    def for_reserved_commits(self, segment, keys, offsets, sizes, ok) -> list[bytes]:
+        """One capability per key committed into a reservation on ``segment`` (``ok[i]``;
+        b"" elsewhere): exactly its range and key, as PutStart's, so the writer's commit
+        of it (commit ring, CLIENT_COMMIT) passes the daemon's checks unchanged."""
+        node = segment.node
+        grants = [(node.capability_secret, node.node_id, segment.segment_id, offsets[i],
+                   sizes[i], key, node.seq) for i, key in enumerate(keys) if ok[i]]
+        signed = iter(capability.issue_many(self.writer, self._expiry_ms(), grants))
+        return [next(signed) if ok[i] else b"" for i in range(len(keys))]
+
     def for_move(self, node, move) -> bytes:
         """The capability for a tier move's destination range (b"" if the node has none).
         The writer is the master itself: the daemon copies on the master's order."""

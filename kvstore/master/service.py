@@ -170,9 +170,37 @@ class MasterService:
         add_row = self.replies.rows.add
         for obj in committed:
             add_row(obj)
-        if messages is not None and any(messages):
-            return pb.PutEndResponse(statuses=statuses, error_messages=messages)
-        return pb.PutEndResponse(statuses=statuses)
+        if messages is None:
+            return pb.PutEndResponse(statuses=statuses)
+        reply = pb.PutEndResponse(statuses=statuses)
+        if any(messages):
+            reply.error_messages.extend(messages)
+        if request.client_committed:
+            caps = self._reserved_commits(request, statuses, caller)
+            if caps is None:
+                # NOTE: the invoker reads client_committed after this handler: cleared, the
+                # reply waits for the master's push like any PutEnd without it
+                request.client_committed = False
+            else:
+                reply.reserved_capabilities.extend(caps)
+        return reply
+
+    def _reserved_commits(self, request, statuses, caller) -> list[bytes] | None:
+        """The write capability of each OK key of a reserved PutEnd (exactly its range and
+        key; b"" elsewhere) for the writer's own commit on the daemon, or None where the
+        master commits them itself: the conditions of PutStart's ``client_commit``."""
+        reservation = self.state.reservations.id_to_reservation.get(request.reservation_id)
+        config = self.state.config
+        if (reservation is None or not config.client_commit or config.commit_timeout_s <= 0
+                or caller.tenant is not None):
+            return None
+        segment = reservation.segment
+        node = segment.node
+        if not (node.client_commit and node.capability_secret):
+            return None
+        return self.capabilities.for_reserved_commits(
+            segment, request.keys, request.reserved_offsets, request.reserved_sizes,
+            [status == ITEM_OK for status in statuses])
 
     def Reserve(self, request, now_s, caller=CLUSTER):
         """Grant the writer a range to fill with later puts (master/reservations.py).

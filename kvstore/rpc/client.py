@@ -148,7 +148,8 @@ class MasterClient:
         node, segment = reply.node, reply.segment
         return ReservationGrant(reply.reservation_id, Target(
             node.node_id, node.host_id, node.data_addr, segment.segment_id, segment.shm_name,
-            reply.offset, reply.size_bytes, reply.capability), reply.ttl_ms / 1000)
+            reply.offset, reply.size_bytes, reply.capability), reply.ttl_ms / 1000,
+            node.commit_ring)
 
     def put_end_reserved(self, reservation_id: int, keys: Sequence[str],
                          offsets: Sequence[int], sizes: Sequence[int],
@@ -161,13 +162,31 @@ class MasterClient:
         master: nothing recorded), InvalidArgumentError (a bad key, or a range outside the
         reservation or over one committed before), TransferError (the daemon did not
         confirm in time). Idempotent for this writer."""
+        return self.put_end_reserved_committing(
+            reservation_id, keys, offsets, sizes, checksums, client_id=client_id,
+            deadline=deadline, client_committed=False)[0]
+
+    def put_end_reserved_committing(self, reservation_id: int, keys: Sequence[str],
+                                    offsets: Sequence[int], sizes: Sequence[int],
+                                    checksums: Sequence[int], *, client_id: str,
+                                    deadline: Deadline | None = None,
+                                    client_committed: bool = True,
+                                    ) -> tuple[list[KVStoreError | None], list[bytes]]:
+        """``put_end_reserved``, where the caller commits the keys on their daemon itself
+        once the reply is back (``client_committed``): returns the per-key results and the
+        capability of each OK key for that commit (exactly its range and key). An empty
+        list: the master committed them itself (its push, which the reply waited for), as
+        ``put_end_reserved``."""
         reply = self.call(_M["PutEnd"], pb.PutEndRequest(
             keys=keys, client_id=client_id, checksums=checksums,
-            reservation_id=reservation_id, reserved_offsets=offsets, reserved_sizes=sizes),
-            deadline)
+            client_committed=client_committed, reservation_id=reservation_id,
+            reserved_offsets=offsets, reserved_sizes=sizes), deadline)
         results = messages.statuses_to_results(reply, keys, "PutEnd", "put")
+        caps = list(reply.reserved_capabilities)
+        if caps and len(caps) != len(keys):
+            raise malformed("PutEnd", f"{len(caps)} reserved_capabilities for {len(keys)} keys")
         return [None if status == messages.ALREADY_EXISTS else error
-                for status, error in zip(reply.statuses, results)]
+                for status, error in zip(reply.statuses, results)], caps
 
     def put_revoke(self, keys: Sequence[str], *, client_id: str,
                    deadline: Deadline | None = None) -> list[KVStoreError | None]:

@@ -214,3 +214,4 @@ class ReservationGrant:
     reservation_id: int
     target: Target
     ttl_s: float
+    commit_ring: str = ""       # shm name of the node's commit ring; "": none
