@@ -59,6 +59,7 @@ class Reservation:
 
     reservation_id: int
     client_id: str
+    writer: str                # the caller's principal name ("" for the cluster's)
     segment: object            # nodes.SegmentSpace
     offset: int
     size_bytes: int
@@ -120,7 +121,7 @@ class ReservationBook:
                    if r.segment.node is node)
 
     def grant(self, state, size_bytes: int, min_bytes: int, client_id: str, near_host_id: str,
-              ttl_s: float, now_s: float) -> tuple[Reservation | None, str]:
+              ttl_s: float, now_s: float, writer: str = "") -> tuple[Reservation | None, str]:
         """A new reservation of at most ``size_bytes`` (at least ``min_bytes``) in the DRAM
         segment with the most grantable space (one on ``near_host_id`` first), or
         ``(None, why)``. Raises Rejected (INVALID_ARGUMENT) for a bad size or id."""
@@ -151,7 +152,7 @@ class ReservationBook:
         offset = best.allocator.allocate(grant)
         if offset is None:
             return None, f"no free extent of {grant} bytes on {best.node.node_id}"
-        reservation = Reservation(next(self._ids), client_id, best, offset, grant,
+        reservation = Reservation(next(self._ids), client_id, writer, best, offset, grant,
                                   now_s + ttl_s)
         self.id_to_reservation[reservation.reservation_id] = reservation
         self._expiry_queue.append((now_s + ttl_s + RECLAIM_GRACE_S,
@@ -160,14 +161,15 @@ class ReservationBook:
         return reservation, ""
 
     def commit(self, state, reservation_id: int, client_id: str, keys, offsets, sizes,
-               checksums, now_s: float):
+               checksums, now_s: float, writer: str = ""):
         """Record ``keys[i]`` COMPLETE at ``offsets[i]`` (``sizes[i]`` bytes) of the
         reservation. Per key: ITEM_OK (also a replay by this writer of a key it committed at
         that range: idempotent), ITEM_ALREADY_EXISTS (the key exists or is pending: a
         success for content-addressed keys; its range stays unused), ITEM_INVALID (a bad
         key or size, a range outside the reservation, unaligned, or overlapping one
         committed before: nothing changed), ITEM_NOT_FOUND for every key when the
-        reservation is unknown, expired or another writer's. Returns ``(statuses,
+        reservation is unknown, expired or another writer's (``client_id`` and the
+        caller's principal ``writer`` both name the grant's). Returns ``(statuses,
         messages, committed)``; the nodes of committed objects are in ``state.touched``
         (the service waits for their daemons: durable commit)."""
         check_batch(len(keys), state.config.max_batch)
@@ -176,7 +178,8 @@ class ReservationBook:
                        optional=("checksums",))
         reservation = self.id_to_reservation.get(reservation_id)
         gone = None
-        if reservation is None or reservation.client_id != client_id:
+        if (reservation is None or reservation.client_id != client_id
+                or reservation.writer != writer):
             gone = (f"reservation {reservation_id} is unknown to this master (expired and "
                     "reclaimed, or granted by another master) or not yours")
         elif now_s >= reservation.expires_s or not reservation.segment.alive:

@@ -162,7 +162,8 @@ class MasterService:
             # NOTE: keys written inside a reservation: no PutStart came before
             statuses, messages, committed = self.state.put_end_reserved(
                 request.reservation_id, request.client_id, request.keys,
-                request.reserved_offsets, request.reserved_sizes, request.checksums, now_s)
+                request.reserved_offsets, request.reserved_sizes, request.checksums, now_s,
+                caller.name)
         else:
             statuses, committed = self.state.put_end(request.keys, request.client_id,
                                                      request.checksums, now_s)
@@ -216,7 +217,7 @@ class MasterService:
             ttl_s = min(ttl_s, request.ttl_ms / 1000)
         reservation, refusal = self.state.reserve(
             request.size_bytes, request.min_bytes, request.client_id, request.near_host_id,
-            ttl_s, now_s)
+            ttl_s, now_s, caller.name)
         if reservation is None:
             return pb.ReserveResponse(refusal=refusal)
         segment = reservation.segment

@@ -247,18 +247,18 @@ class MasterState:
         return statuses, committed
 
     def reserve(self, size_bytes: int, min_bytes: int, client_id: str, near_host_id: str,
-                ttl_s: float, now_s: float):
+                ttl_s: float, now_s: float, writer: str = ""):
         """Grant ``client_id`` space ahead of its puts: ``(Reservation, "")`` or ``(None,
         why)``; see ``reservations.ReservationBook.grant``."""
         return self.reservations.grant(self, size_bytes, min_bytes, client_id, near_host_id,
-                                       ttl_s, now_s)
+                                       ttl_s, now_s, writer)
 
     def put_end_reserved(self, reservation_id: int, client_id: str, keys, offsets, sizes,
-                         checksums, now_s: float):
+                         checksums, now_s: float, writer: str = ""):
         """Record keys written inside a reservation COMPLETE: ``(statuses, messages,
         committed)``; see ``reservations.ReservationBook.commit``."""
         return self.reservations.commit(self, reservation_id, client_id, keys, offsets,
-                                        sizes, checksums, now_s)
+                                        sizes, checksums, now_s, writer)
 
     def put_revoke(self, keys, client_id: str):
         """Drop this writer's PENDING objects and free their space at once (no reader can
