@@ -423,3 +423,31 @@ def test_without_client_commits_the_master_pushes_reserved_puts():
     finally:
         daemon.close()
         master.close()
+
+
+def test_a_failover_to_a_standby_forgets_reservations_and_keeps_committed_puts(etcd):
+    """HA: the leader granted the writer a reservation and took reserved puts; SIGKILLed,
+    a standby takes over knowing no reservation. The acknowledged puts survive (their
+    commits reached the daemon before each put returned), and the next puts succeed (the
+    old reservation's PutEnd is refused by the new leader, so they go through PutStart or
+    a new grant)."""
+    from ha_cluster import HaCluster
+
+    cluster = HaCluster(etcd, num_masters=2, num_daemons=1)
+    try:
+        leader = cluster.wait_leader(min_epoch=1)
+        with kvstore.connect(cluster.spec, reserve_bytes=4 * MiB, timeout_s=30) as store:
+            _wait(lambda: store._master.list_nodes(), "the daemon never registered")
+            before = {f"ha/{i}": payload(4000, seed=i) for i in range(10)}
+            store.batch_put(list(before), list(before.values()))
+            old = store._reserved._grant
+            assert old is not None and store._reserved.num_reserved == 1
+            cluster.master_of(leader).kill()
+            cluster.wait_leader(min_epoch=leader.epoch + 1)
+            after = {f"ha/after/{i}": payload(4000, seed=100 + i) for i in range(10)}
+            assert store.batch_put(list(after), list(after.values())) == [None] * 10
+            assert store._reserved._grant is not old
+            for key, value in {**before, **after}.items():
+                assert store.get(key) == value, key
+    finally:
+        cluster.close()
