@@ -12,6 +12,7 @@ and says PASS/MISS against the targets of issue 3 (same host: 4 MiB put/get >= 6
 
     .venv/bin/python bench/client_bench.py [--quick] [--transports shm,tcp]
                                            [--metadata grpc,fast] [--daemon-arg=FLAG ...]
+                                           [--reserve-bytes 67108864]
 """
 
 from __future__ import annotations
@@ -175,7 +176,7 @@ def bench_transport(store, transport: str, repeats: int) -> dict[str, float]:
 
 
 def bench_column(transport: str, metadata: str, repeats: int,
-                 daemon_args: tuple[str, ...] = ()) -> dict[str, float]:
+                 daemon_args: tuple[str, ...] = (), reserve_bytes: int = 0) -> dict[str, float]:
     """One column: a fresh master and daemon, one client on ``transport``/``metadata``."""
     master = ServerProcess(["master", "--host", "127.0.0.1", "--port", "0"])
     daemon = ServerProcess(["daemon", "--master", master.address, "--host", "127.0.0.1",
@@ -185,8 +186,9 @@ def bench_column(transport: str, metadata: str, repeats: int,
     try:
         # NOTE: a short read lease: the master frees a removed object's space only once its
         # leases lapse, and each phase removes what it wrote before the next one.
+        options = {"reserve_bytes": reserve_bytes} if reserve_bytes else {}
         with kvstore.connect(address, transport=transport, lease_ttl_s=1.0,
-                             metadata=metadata) as store:
+                             metadata=metadata, **options) as store:
             for _ in range(100):  # wait for the daemon to register
                 if store.stats()["master"]["num_nodes"]:
                     break
@@ -205,6 +207,9 @@ def main() -> int:
     parser.add_argument("--metadata", default="grpc,fast", help="client metadata paths")
     parser.add_argument("--daemon-arg", action="append", default=[],
                         help="a flag for the daemon (repeatable), e.g. --daemon-arg=--no-commit-ring")
+    parser.add_argument("--reserve-bytes", type=int, default=0,
+                        help="the client's reserve_bytes (puts into space reserved ahead; "
+                             "docs/ARCHITECTURE.md, Reservations); 0: off")
     args = parser.parse_args()
     repeats = 5 if args.quick else 30
     hot = memcpy_gbps(4 * MiB, 1, 64)
@@ -217,7 +222,8 @@ def main() -> int:
         # NOTE: a fresh master and daemon per column: a column run after another found a
         # pool with deferred frees and lower bulk figures (measured), so order would decide.
         results[f"{transport}/{metadata}"] = bench_column(transport, metadata, repeats,
-                                                          tuple(args.daemon_arg))
+                                                          tuple(args.daemon_arg),
+                                                          args.reserve_bytes)
 
     print(f"\nmemcpy 4 MiB, 1 thread: {ceiling:.2f} GB/s cold (the ceiling), "
           f"{hot:.2f} GB/s hot cache, {into_one:.2f} GB/s from distinct sources into one "

@@ -36,6 +36,9 @@ bench/out/put_timeline.json.
 
     .venv/bin/python bench/put_timeline_bench.py \
         --python /work/base/.venv/bin/python --python .venv/bin/python [--rounds 3]
+        [--python .venv/bin/python+reserve [--reserve-bytes 67108864]]   (that
+        interpreter's client puts into space reserved ahead: stages "reserve",
+        "copy+hash (reserved)", "put_end", "ring_commit")
 """
 
 from __future__ import annotations
@@ -57,7 +60,8 @@ from pathlib import Path
 KIB = 1024
 MIB = 1024 * KIB
 SCENARIOS = (("shm", 32, MIB), ("shm", 128, 64 * KIB), ("tcp", 32, MIB), ("tcp", 1, 64 * KIB))
-STAGES = ("put_start send", "checksum", "put_start wait", "write", "commit send", "put_end",
+STAGES = ("reserve", "put_start send", "checksum", "put_start wait", "write",
+          "copy+hash (reserved)", "commit send", "put_end",
           "put_end send", "ring_commit", "put_end wait", "commit wait", "other", "total")
 _TICKS_PER_S = os.sysconf("SC_CLK_TCK")
 
@@ -144,6 +148,18 @@ def _instrument() -> None:
         from kvstore.client import committer
     except ImportError:       # a tree before durable commit
         return
+    try:
+        from kvstore.client import reservations
+    except ImportError:       # a tree before reservations (issue 15, 15r)
+        reservations = None
+    if reservations is not None:
+        # NOTE: the reserved put's own steps: its copy and hash in one pass, its PutEnd
+        reservations._copy_hashed = _timed("copy+hash (reserved)",
+                                           reservations._copy_hashed)
+        MasterClient.reserve = _timed("reserve", MasterClient.reserve)
+        reservations.checksum = checksum      # its tcp path hashes before the WRITE
+        MasterClient.put_end_reserved_committing = _timed(
+            "put_end", MasterClient.put_end_reserved_committing)
     committer.DaemonCommitter.ring_commit = _timed("ring_commit",
                                                    committer.DaemonCommitter.ring_commit)
     committer.DaemonCommitter.begin = _timed("commit send", committer.DaemonCommitter.begin)
@@ -186,7 +202,8 @@ def _scenarios(spec: str) -> list[tuple[str, int, int]]:
     return out
 
 
-def _child(batches: int, scenarios: list[tuple[str, int, int]], ssd_dir: str) -> dict:
+def _child(batches: int, scenarios: list[tuple[str, int, int]], ssd_dir: str,
+           reserve_bytes: int = 0) -> dict:
     import numpy as np
 
     import kvstore
@@ -207,8 +224,9 @@ def _child(batches: int, scenarios: list[tuple[str, int, int]], ssd_dir: str) ->
                            "--port", "0", "--dram", "2GiB", *ssd]) as daemon:
         for transport, batch, size in scenarios:
             tier = "ssd" if transport == "ssd" else None
+            options = {"reserve_bytes": reserve_bytes} if reserve_bytes else {}
             with kvstore.connect(master.address, transport="tcp" if tier else transport,
-                                 metadata="fast", lease_ttl_s=1.0) as store:
+                                 metadata="fast", lease_ttl_s=1.0, **options) as store:
                 wait_registered(store)
                 value = np.random.default_rng(1).integers(0, 256, size, np.uint8)
                 name = f"{transport} {batch} x {size // KIB} KiB"
@@ -279,7 +297,8 @@ def _child(batches: int, scenarios: list[tuple[str, int, int]], ssd_dir: str) ->
 
 
 def _tree(python: str) -> str:
-    return Path(python).absolute().parent.parent.parent.name
+    reserve = "+reserve" if python.endswith("+reserve") else ""
+    return Path(python.removesuffix("+reserve")).absolute().parent.parent.parent.name + reserve
 
 
 def _driver(args) -> None:
@@ -289,8 +308,12 @@ def _driver(args) -> None:
         for python in args.python:
             loads.append(open("/proc/loadavg").read().split()[:3])
             shutil.rmtree(args.ssd_dir, ignore_errors=True)
-            done = subprocess.run([python, __file__, "--child", "--batches", str(args.batches),
-                                   "--scenarios", args.scenarios, "--ssd-dir", args.ssd_dir],
+            # NOTE: PYTHON+reserve: that interpreter's client reserves space ahead
+            reserve = args.reserve_bytes if python.endswith("+reserve") else 0
+            done = subprocess.run([python.removesuffix("+reserve"), __file__, "--child",
+                                   "--batches", str(args.batches), "--scenarios",
+                                   args.scenarios, "--ssd-dir", args.ssd_dir,
+                                   "--reserve-bytes", str(reserve)],
                                   capture_output=True, text=True)
             if done.returncode:
                 sys.exit(f"{python}: the child failed:\n{done.stderr[-3000:]}")
@@ -346,9 +369,12 @@ def main() -> None:
                         help="the daemon's SSD directory for ssd scenarios (emptied per run)")
     parser.add_argument("--json", default=str(Path(__file__).resolve().parent / "out" /
                                               "put_timeline.json"))
+    parser.add_argument("--reserve-bytes", type=int, default=64 * MIB,
+                        help="reserve_bytes of the interpreters given as PYTHON+reserve")
     args = parser.parse_args()
     if args.child:
-        print(json.dumps(_child(args.batches, _scenarios(args.scenarios), args.ssd_dir)))
+        print(json.dumps(_child(args.batches, _scenarios(args.scenarios), args.ssd_dir,
+                                args.reserve_bytes)))
         return
     args.python = args.python or [sys.executable]
     os.environ.pop("KVSTORE_TOKEN", None)

@@ -14,8 +14,9 @@ the p50 of every round (the range over rounds), the ratio to Mooncake per round 
 targets of issue 15 (64 KiB p50 at most 0.8x Mooncake's; 4 MiB at least 2x Mooncake's GB/s),
 and the load average before and after each round; writes bench/out/tcp_compare.json.
 
-    .venv/bin/python bench/tcp_compare_bench.py [--trees /work/base1,.] [--rounds 3]
+    .venv/bin/python bench/tcp_compare_bench.py [--trees /work/base1,.,.+reserve] [--rounds 3]
         [--per-round 200] [--mooncake-python .venv-mooncake/bin/python]
+        [--reserve-bytes 67108864]   (PATH+reserve: that tree's client reserves space ahead)
 """
 
 from __future__ import annotations
@@ -41,7 +42,7 @@ OPS = ("put", "get", "get_again", "get_into")
 MOONCAKE_METRIC = {"get_again": "get"}
 
 
-def worker(per_round: int, json_path: str) -> None:
+def worker(per_round: int, json_path: str, reserve_bytes: int = 0) -> None:
     """One kvstore run (in the tree whose python runs this): samples per metric."""
     import numpy as np
 
@@ -53,7 +54,9 @@ def worker(per_round: int, json_path: str) -> None:
                             "--port", "0", "--dram", str(1024 * MiB)])
     samples: dict[str, list[float]] = {f"{op}_{size}": [] for size in SIZES for op in OPS}
     try:
-        with kvstore.connect(master.address, transport="tcp", lease_ttl_s=1.0) as store:
+        options = {"reserve_bytes": reserve_bytes} if reserve_bytes else {}
+        with kvstore.connect(master.address, transport="tcp", lease_ttl_s=1.0,
+                             **options) as store:
             for _ in range(200):
                 if store.stats()["master"]["num_nodes"]:
                     break
@@ -119,13 +122,16 @@ def main() -> int:
     parser.add_argument("--mooncake-python", default=".venv-mooncake/bin/python")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--per-round", type=int, default=200)
+    parser.add_argument("--reserve-bytes", type=int, default=64 * MiB,
+                        help="reserve_bytes of the trees written PATH+reserve")
     args = parser.parse_args()
     if args.worker:
-        worker(args.per_round, args.json)
+        worker(args.per_round, args.json, args.reserve_bytes)
         return 0
-    trees = [Path(t).resolve() for t in args.trees.split(",")]
     mooncake = Path(args.mooncake_python)
-    columns = [str(t) for t in trees]
+    # NOTE: PATH+reserve: that tree's client puts into space reserved ahead (Reservations)
+    columns = [str(Path(t.removesuffix("+reserve")).resolve()) +
+               ("+reserve" if t.endswith("+reserve") else "") for t in args.trees.split(",")]
     if mooncake.exists():
         columns.append("mooncake")
     else:
@@ -140,9 +146,11 @@ def main() -> int:
                     cmd = [str(mooncake), str(HERE / "mooncake_tcp_bench.py"), "--rounds", "1",
                            "--per-round", str(args.per_round), "--json", str(json_path)]
                 else:
-                    cmd = [str(Path(column) / ".venv/bin/python"), str(Path(__file__).resolve()),
-                           "--worker", "--per-round", str(args.per_round), "--json",
-                           str(json_path)]
+                    reserve = column.endswith("+reserve")
+                    cmd = [str(Path(column.removesuffix("+reserve")) / ".venv/bin/python"),
+                           str(Path(__file__).resolve()), "--worker", "--per-round",
+                           str(args.per_round), "--json", str(json_path), "--reserve-bytes",
+                           str(args.reserve_bytes if reserve else 0)]
                 samples = run_one(cmd, json_path, timeout_s=600)
                 entry["results"][column] = summarize(samples)
                 entry.setdefault("location_cache_hits", {})[column] = \

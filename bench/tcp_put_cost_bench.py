@@ -10,8 +10,13 @@ its threads), so it holds on a loaded machine better than latency does. Prints o
 run and the range over rounds per tree, with the load average; writes
 bench/out/tcp_put_cost.json.
 
-    .venv/bin/python bench/tcp_put_cost_bench.py [--trees /work/base2,.] [--rounds 3]
-        [--per-round 2000] [--size 65536]
+A tree written ``PATH+reserve`` runs that tree's client with ``reserve_bytes`` set to
+``--reserve-bytes`` (puts into space reserved ahead: one master call per put, see
+docs/ARCHITECTURE.md, Reservations); ``--transport shm`` times same-host puts instead.
+
+    .venv/bin/python bench/tcp_put_cost_bench.py [--trees /work/base2,.,.+reserve]
+        [--rounds 3] [--per-round 2000] [--size 65536] [--reserve-bytes 67108864]
+        [--transport tcp]
 """
 
 from __future__ import annotations
@@ -34,7 +39,7 @@ def _cpu_s(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def worker(size: int, count: int) -> dict:
+def worker(size: int, count: int, reserve_bytes: int = 0, transport: str = "tcp") -> dict:
     """One run in the tree whose python runs this: p50 us and CPU us per put."""
     import numpy as np
 
@@ -45,7 +50,9 @@ def worker(size: int, count: int) -> dict:
     daemon = ServerProcess(["daemon", "--master", master.address, "--host", "127.0.0.1",
                             "--port", "0", "--dram", str(max(1 << 30, 2 * size * count))])
     try:
-        with kvstore.connect(master.address, transport="tcp", metadata="fast") as store:
+        options = {"reserve_bytes": reserve_bytes} if reserve_bytes else {}
+        with kvstore.connect(master.address, transport=transport, metadata="fast",
+                             **options) as store:
             for _ in range(200):
                 if store.stats()["master"]["num_nodes"]:
                     break
@@ -70,6 +77,15 @@ def worker(size: int, count: int) -> dict:
             "daemon_cpu_us": (daemon1 - daemon0) / count * 1e6}
 
 
+class _Tree:
+    """One ``--trees`` entry: a repository root, and whether its client reserves space."""
+
+    def __init__(self, path: Path, reserve: bool):
+        self.path, self.reserve = path, reserve
+        self.label = f"{path}+reserve" if reserve else str(path)
+        self.name = f"{path.name}+reserve" if reserve else path.name
+
+
 def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
@@ -78,40 +94,48 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--per-round", type=int, default=2000)
     parser.add_argument("--size", type=int, default=64 * 1024)
+    parser.add_argument("--reserve-bytes", type=int, default=64 << 20,
+                        help="reserve_bytes of the trees written PATH+reserve")
+    parser.add_argument("--transport", default="tcp", choices=("tcp", "shm"))
     args = parser.parse_args()
     if args.worker:
-        print(json.dumps(worker(args.size, args.per_round)))
+        print(json.dumps(worker(args.size, args.per_round, args.reserve_bytes,
+                                args.transport)))
         return 0
-    trees = [Path(t).resolve() for t in args.trees.split(",")]
+    specs = args.trees.split(",")
+    trees = [_Tree(Path(t.removesuffix("+reserve")).resolve(), t.endswith("+reserve"))
+             for t in specs]
     runs: list[dict] = []
     for round_index in range(args.rounds):
         for tree in trees:
             load_before = Path("/proc/loadavg").read_text().split()[0]
             out = subprocess.run(
-                [str(tree / ".venv/bin/python"), str(Path(__file__).resolve()), "--worker",
-                 "--per-round", str(args.per_round), "--size", str(args.size)],
-                cwd=tree, check=True, capture_output=True, text=True).stdout
+                [str(tree.path / ".venv/bin/python"), str(Path(__file__).resolve()),
+                 "--worker", "--per-round", str(args.per_round), "--size", str(args.size),
+                 "--reserve-bytes", str(args.reserve_bytes if tree.reserve else 0),
+                 "--transport", args.transport],
+                cwd=tree.path, check=True, capture_output=True, text=True).stdout
             row = json.loads(out.strip().splitlines()[-1])
-            row.update(tree=str(tree), round=round_index + 1, load_before=load_before,
+            row.update(tree=tree.label, round=round_index + 1, load_before=load_before,
                        load_after=Path("/proc/loadavg").read_text().split()[0])
             runs.append(row)
-            print(f"round {row['round']} {tree.name:12} load {load_before}->"
+            print(f"round {row['round']} {tree.name:20} load {load_before}->"
                   f"{row['load_after']}: put p50 {row['p50_us']:8.1f} us, CPU us/put "
                   f"client {row['client_cpu_us']:6.1f} master {row['master_cpu_us']:6.1f} "
                   f"daemon {row['daemon_cpu_us']:6.1f}", flush=True)
-    print(f"\n{args.size}-byte tcp put, {args.rounds} rounds x {args.per_round}: range over "
+    print(f"\n{args.size}-byte {args.transport} put, {args.rounds} rounds x {args.per_round}: range over "
           "rounds")
     for tree in trees:
-        mine = [r for r in runs if r["tree"] == str(tree)]
+        mine = [r for r in runs if r["tree"] == tree.label]
         cells = []
         for field in ("p50_us", "client_cpu_us", "master_cpu_us", "daemon_cpu_us"):
             values = [r[field] for r in mine]
             cells.append(f"{field} {min(values):.0f}-{max(values):.0f}")
-        print(f"  {tree.name:12} " + ", ".join(cells))
+        print(f"  {tree.name:20} " + ", ".join(cells))
     OUT_DIR.mkdir(exist_ok=True)
     (OUT_DIR / "tcp_put_cost.json").write_text(json.dumps(
         {"date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "size": args.size,
-         "runs": runs}, indent=2))
+         "transport": args.transport, "runs": runs}, indent=2))
     return 0
 
 

@@ -45,7 +45,8 @@ def fetch_status(address: str, token: str | None, timeout_s: float = 5.0,
                                                         key=lambda item: item[0] or 0)]}
                     for t in stats.tenants],
         "nodes": [{"node_id": n.node_id, "host_id": n.host_id, "data_addr": n.data_addr,
-                   "used_bytes": n.used_bytes, "num_objects": n.num_objects,
+                   "used_bytes": n.used_bytes, "reserved_bytes": n.reserved_bytes,
+                   "num_objects": n.num_objects,
                    "last_heartbeat_age_s": round(n.last_heartbeat_age_s, 3),
                    "segments": [{"segment_id": s.segment_id, "tier": _tier_name(s.tier),
                                  "capacity_bytes": s.capacity_bytes} for s in n.segments],
@@ -109,13 +110,14 @@ def render_table(status: dict) -> str:
                      f"{cluster['leader']['master_id']} at {cluster['leader']['grpc']}, epoch "
                      f"{cluster['epoch']}; standbys: {standbys or 'none'}"]
     lines += _columns([_TIER_HEADER] + [_tier_row("*", t) for t in status["tiers"]]) + [""]
-    rows = [("NODE", "HOST", "DATA ADDR", "SEGMENTS", "USED", "OBJECTS", "LAST HEARTBEAT",
-             "NIXL")]
+    rows = [("NODE", "HOST", "DATA ADDR", "SEGMENTS", "USED", "RESERVED", "OBJECTS",
+             "LAST HEARTBEAT", "NIXL")]
     for n in status["nodes"]:
         segments = ",".join(f"{s['tier']}:{format_size(s['capacity_bytes'])}"
                             for s in n["segments"])
         rows.append((n["node_id"], n["host_id"], n["data_addr"], segments,
-                     format_size(n["used_bytes"]), str(n["num_objects"]),
+                     format_size(n["used_bytes"]), format_size(n["reserved_bytes"]),
+                     str(n["num_objects"]),
                      f"{n['last_heartbeat_age_s']:.1f} s ago",
                      f"{n['nixl']['backend']}:{','.join(n['nixl']['segments'])}"
                      if n["nixl"] else "-"))

@@ -48,6 +48,11 @@ class ClientConfig:
     # read against its own table, and publishes that table for shm reads in shared memory,
     # client/shm_locations.py); one LRU for both; 0: off
     location_cache_entries: int = 65536
+    # > 0: ask the master for this much space ahead of puts (a reservation, the Reserve
+    # call) and place single-replica puts without a placement hint inside it, so such a put
+    # costs one master call (PutEnd) instead of two (client/reservations.py); 0: off, every
+    # put takes PutStart. Off by default: docs/ARCHITECTURE.md, Reservations, says why.
+    reserve_bytes: int = 0
 
     def __post_init__(self) -> None:
         if self.transport not in TRANSPORT_KINDS:
@@ -65,6 +70,9 @@ class ClientConfig:
         if isinstance(entries, bool) or not isinstance(entries, int) or entries < 0:
             raise InvalidArgumentError(f"location_cache_entries must be an int >= 0, got "
                                        f"{entries!r}")
+        reserve = self.reserve_bytes
+        if isinstance(reserve, bool) or not isinstance(reserve, int) or reserve < 0:
+            raise InvalidArgumentError(f"reserve_bytes must be an int >= 0, got {reserve!r}")
         check_timeout(self.timeout_s, "timeout_s")
         check_timeout(self.rpc_timeout_s, "rpc_timeout_s")
         if self.lease_ttl_s is not None:

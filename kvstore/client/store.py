@@ -22,6 +22,7 @@ from kvstore.client.key_checks import check_key, check_keys, check_lengths, chec
 from kvstore.client.leases import LeaseReleaser
 from kvstore.client.location_cache import get_cached, location_cache_for
 from kvstore.client.reader import GetSettings, get_batch
+from kvstore.client.reservations import ReservedSpace
 from kvstore.client.shm_batch import get_into_batch, shm_first
 from kvstore.client.stats_view import master_stats
 from kvstore.client.transfer import Transfers
@@ -91,6 +92,9 @@ class KVStore:
         self._leases: LeaseReleaser | None = None   # set by _connect_master
         self._locations = location_cache_for(self._transfers,
                                              config.location_cache_entries)
+        # space reserved ahead of puts (client/reservations.py); None: off
+        self._reserved = (ReservedSpace(config.reserve_bytes, self.client_id, self.host_id)
+                          if config.reserve_bytes else None)
 
     # ---- put ----------------------------------------------------------------------------
     def put(self, key: str, value: Any, *, replicas: int = 1, timeout_s: float | None = None,
@@ -127,7 +131,8 @@ class KVStore:
             replicas=check_replicas(replicas), deadline=self._deadline(timeout_s),
             client_id=self.client_id,
             host_id=self.host_id, soft_pin_ttl_s=soft_pin_ttl_s, hard_pin=bool(hard_pin),
-            tier=check_tier(tier), near_node_id=check_node_id(near_node))
+            tier=check_tier(tier), near_node_id=check_node_id(near_node),
+            reserved=self._reserved)
         with self._closing_guard:
             return self._chunked(lambda lo, hi: put_batch(
                 self._master, self._transfers, keys[lo:hi], values[lo:hi], settings), len(keys))

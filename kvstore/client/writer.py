@@ -21,7 +21,7 @@ from kvstore._errors import (
 )
 from kvstore.client.checksum import EMPTY_CHECKSUM, EMPTY_PLACEHOLDER, checksum
 from kvstore.client.key_checks import check_key
-from kvstore.client import hashing, write_commit
+from kvstore.client import hashing, reservations, write_commit
 from kvstore.client.transfer import Transfers
 from kvstore.client.values import as_source
 from kvstore.rpc import MasterClient
@@ -40,6 +40,8 @@ class PutSettings:
     hard_pin: bool = False
     tier: Tier | None = None
     near_node_id: str = ""   # placement hint: that node first (e.g. the decode node)
+    # this client's reserved space (client/reservations.py); None: every put takes PutStart
+    reserved: Any = None
 
 
 def check_tier(tier: Any) -> Tier | None:
@@ -133,6 +135,15 @@ def _put_across_failover(master: MasterClient, transfers: Transfers, indices: li
 def _put_valid(master: MasterClient, transfers: Transfers, indices: list[int],
                names: list[str], sizes: list[int], sources: list[memoryview],
                settings: PutSettings, results: list[KVStoreError | None]) -> None:
+    space = settings.reserved
+    if space is not None and space.applies(settings):
+        # NOTE: one master call (PutEnd) where the batch fits this client's reservation
+        rest = reservations.put_reserved(space, master, transfers, settings, indices, names,
+                                         sizes, sources, results)
+        if not rest:
+            return
+        indices, names = [indices[j] for j in rest], [names[j] for j in rest]
+        sizes, sources = [sizes[j] for j in rest], [sources[j] for j in rest]
     pending = master.begin_put_start(
         names, sizes, client_id=settings.client_id, replicas=settings.replicas,
         near_host_id=settings.host_id, near_node_id=settings.near_node_id, tier=settings.tier,

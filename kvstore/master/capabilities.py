@@ -142,6 +142,31 @@ class CapabilityIssuer:
                                          obj.size_bytes, obj.key, reader, expiry_ms)
         return caps
 
+    def for_reservation(self, reservation, ttl_s: float, writer: str | None = None) -> bytes:
+        """The capability for writing anywhere in ``reservation``'s range until its TTL
+        (b"" if the node has none). Its object identity is the empty key's, which no
+        valid key has, so no daemon accepts it for a commit: only for WRITEs.
+        NOTE: ``ttl_s``, not the pending timeout: the master reuses the unused space after
+        the reservation's expiry (plus a grace), so the permission must end with it."""
+        node = reservation.segment.node
+        secret = node.capability_secret
+        if not secret:
+            return b""
+        return capability.issue(
+            secret, node.node_id, reservation.segment.segment_id, reservation.offset,
+            reservation.size_bytes, "", self.writer if writer is None else writer,
+            int(self._wall_clock() * 1000) + int(ttl_s * 1000), node.seq)
+
+    def for_reserved_commits(self, segment, keys, offsets, sizes, ok) -> list[bytes]:
+        """One capability per key committed into a reservation on ``segment`` (``ok[i]``;
+        b"" elsewhere): exactly its range and key, as PutStart's, so the writer's commit
+        of it (commit ring, CLIENT_COMMIT) passes the daemon's checks unchanged."""
+        node = segment.node
+        grants = [(node.capability_secret, node.node_id, segment.segment_id, offsets[i],
+                   sizes[i], key, node.seq) for i, key in enumerate(keys) if ok[i]]
+        signed = iter(capability.issue_many(self.writer, self._expiry_ms(), grants))
+        return [next(signed) if ok[i] else b"" for i in range(len(keys))]
+
     def for_move(self, node, move) -> bytes:
         """The capability for a tier move's destination range (b"" if the node has none).
         The writer is the master itself: the daemon copies on the master's order."""

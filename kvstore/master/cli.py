@@ -72,6 +72,9 @@ def _duration(ctx, param, value):
               help="Writers commit their replicas on the daemons themselves, in parallel "
                    "with PutEnd (the master then answers PutEnd without waiting); off: the "
                    "master's push, which PutEnd waits for.")
+@click.option("--reservation-ttl", default="10s", show_default=True, callback=_duration,
+              help="Longest a writer's reservation (space granted ahead of its puts, "
+                   "Reserve) lives before its unused space is taken back; 0: grant none.")
 @click.option("--promote", default="on-hit", show_default=True,
               help="Promote objects read from SSD to DRAM: off, on-hit or after:N reads.")
 @click.option("--max-batch", default=65536, show_default=True, type=int,
@@ -103,8 +106,8 @@ def _duration(ctx, param, value):
               type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"]))
 def command(host, port, advertise_host, token, tenants_file, metrics_port, metrics_host, lease_ttl, node_ttl,
             heartbeat_interval, pending_timeout, high_watermark, low_watermark, max_batch,
-            max_changes_per_heartbeat, move_timeout, commit_timeout, client_commit, promote,
-            grpc_mode,
+            max_changes_per_heartbeat, move_timeout, commit_timeout, client_commit,
+            reservation_ttl, promote, grpc_mode,
             num_threads, fast_port, no_fast_rpc, etcd, cluster, election_ttl, takeover_wait,
             tls_ca, tls_cert, tls_key, tls_daemon_ca, log_level):
     """Run the metadata master."""
@@ -122,7 +125,7 @@ def command(host, port, advertise_host, token, tenants_file, metrics_port, metri
             max_changes_per_heartbeat=max_changes_per_heartbeat, grpc_mode=grpc_mode,
             num_threads=num_threads, fast_port=None if no_fast_rpc else fast_port,
             move_timeout_s=move_timeout, commit_timeout_s=commit_timeout,
-            client_commit=client_commit,
+            client_commit=client_commit, reservation_ttl_s=reservation_ttl,
             promote=promote, etcd=etcd, cluster=cluster,
             election_ttl_s=election_ttl, takeover_wait_s=takeover_wait,
             tls_cert=tls_cert, tls_key=tls_key, tls_ca=tls_ca, tls_daemon_ca=tls_daemon_ca,

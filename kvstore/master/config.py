@@ -57,6 +57,8 @@ class MasterConfig:
     promote: str = "on-hit"              # SSD -> DRAM promotion: off | on-hit | after:N
     commit_timeout_s: float = 2.0        # a put/remove waits this long for daemons' acks; 0: no wait
     client_commit: bool = True           # let writers commit to their replicas' daemons themselves
+    # longest a Reserve grant lives (its write capability too); 0: Reserve grants nothing
+    reservation_ttl_s: float = 10.0
     etcd: str | None = None              # http://HOST:PORT of etcd: elect a leader (HA)
     cluster: str | None = None           # the cluster's name in etcd (with ``etcd``)
     election_ttl_s: int = 3              # TTL of the leader's etcd lease, whole seconds
@@ -115,6 +117,8 @@ class MasterConfig:
                      "move_timeout_s"):
             if not getattr(self, name) > 0:
                 raise ConfigError(f"{name} must be > 0, got {getattr(self, name)}")
+        if not self.reservation_ttl_s >= 0:
+            raise ConfigError(f"reservation_ttl_s must be >= 0, got {self.reservation_ttl_s}")
         if not self.commit_timeout_s >= 0:
             raise ConfigError(f"commit_timeout_s must be >= 0, got {self.commit_timeout_s}")
         if self.heartbeat_interval_s >= self.node_ttl_s:

@@ -429,8 +429,9 @@ def tier_stats(segments) -> list[pb.TierStats]:
     return [by_tier[tier] for tier in sorted(by_tier)]
 
 
-def node_infos(nodes, now_s: float) -> list[pb.NodeInfo]:
-    """ListNodes' NodeInfo of each node."""
+def node_infos(nodes, now_s: float, reservations=None) -> list[pb.NodeInfo]:
+    """ListNodes' NodeInfo of each node (``reservations``: the state's ReservationBook,
+    for each node's reserved bytes)."""
     infos = []
     for node in nodes:
         segments = [pb.SegmentInfo(segment_id=s.segment_id, tier=s.tier,
@@ -443,7 +444,8 @@ def node_infos(nodes, now_s: float) -> list[pb.NodeInfo]:
             num_objects=len(node.keys),
             last_heartbeat_age_s=now_s - node.last_heartbeat_s,
             tiers=tier_stats(node.segments.values()), incarnation=node.incarnation,
-            nixl_metadata=node.nixl_metadata))
+            nixl_metadata=node.nixl_metadata,
+            reserved_bytes=reservations.reserved_bytes(node) if reservations else 0))
     return infos
 
 

@@ -167,12 +167,78 @@ class MasterService:
         return reply
 
     def PutEnd(self, request, now_s, caller=CLUSTER):
-        statuses, committed = self.state.put_end(request.keys, request.client_id,
-                                                 request.checksums, now_s)
+        if request.reservation_id:
+            # NOTE: keys written inside a reservation: no PutStart came before
+            statuses, messages, committed = self.state.put_end_reserved(
+                request.reservation_id, request.client_id, request.keys,
+                request.reserved_offsets, request.reserved_sizes, request.checksums, now_s,
+                caller.name)
+        else:
+            statuses, committed = self.state.put_end(request.keys, request.client_id,
+                                                     request.checksums, now_s)
+            messages = None
         add_row = self.replies.rows.add
         for obj in committed:
             add_row(obj)
-        return pb.PutEndResponse(statuses=statuses)
+        if messages is None:
+            return pb.PutEndResponse(statuses=statuses)
+        reply = pb.PutEndResponse(statuses=statuses)
+        if any(messages):
+            reply.error_messages.extend(messages)
+        if request.client_committed:
+            caps = self._reserved_commits(request, statuses, caller)
+            if caps is None:
+                # NOTE: the invoker reads client_committed after this handler: cleared, the
+                # reply waits for the master's push like any PutEnd without it
+                request.client_committed = False
+            else:
+                reply.reserved_capabilities.extend(caps)
+        return reply
+
+    def _reserved_commits(self, request, statuses, caller) -> list[bytes] | None:
+        """The write capability of each OK key of a reserved PutEnd (exactly its range and
+        key; b"" elsewhere) for the writer's own commit on the daemon, or None where the
+        master commits them itself: the conditions of PutStart's ``client_commit``."""
+        reservation = self.state.reservations.id_to_reservation.get(request.reservation_id)
+        config = self.state.config
+        if (reservation is None or not config.client_commit or config.commit_timeout_s <= 0
+                or caller.tenant is not None):
+            return None
+        segment = reservation.segment
+        node = segment.node
+        if not (node.client_commit and node.capability_secret):
+            return None
+        return self.capabilities.for_reserved_commits(
+            segment, request.keys, request.reserved_offsets, request.reserved_sizes,
+            [status == ITEM_OK for status in statuses])
+
+    def Reserve(self, request, now_s, caller=CLUSTER):
+        """Grant the writer a range to fill with later puts (master/reservations.py).
+        A reply with reservation_id 0 and ``refusal`` when none can be granted (no DRAM
+        room below the high watermark, reservations off, or a tenant: its quota does not
+        count reservations yet, so tenants put through PutStart). INVALID_ARGUMENT for a
+        size of 0 or a bad id. Not idempotent (it allocates)."""
+        if caller.tenant is not None:
+            return pb.ReserveResponse(refusal="reservations are not offered to tenants")
+        config = self.state.config
+        ttl_s = config.reservation_ttl_s
+        if request.ttl_ms:
+            ttl_s = min(ttl_s, request.ttl_ms / 1000)
+        reservation, refusal = self.state.reserve(
+            request.size_bytes, request.min_bytes, request.client_id, request.near_host_id,
+            ttl_s, now_s, caller.name)
+        if reservation is None:
+            return pb.ReserveResponse(refusal=refusal)
+        segment = reservation.segment
+        return pb.ReserveResponse(
+            reservation_id=reservation.reservation_id,
+            node=self.replies.node_refs.get(segment.node),
+            segment=pb.SegmentRef(node_index=0, segment_id=segment.segment_id,
+                                  tier=segment.tier, shm_name=segment.shm_name,
+                                  capacity_bytes=segment.capacity_bytes),
+            offset=reservation.offset, size_bytes=reservation.size_bytes,
+            capability=self.capabilities.for_reservation(reservation, ttl_s),
+            ttl_ms=int(ttl_s * 1000))
 
     def uncommitted(self, request, reply, failed_nodes, now_s) -> None:
         """After a PutEnd whose commit ``failed_nodes`` did not confirm in time: drop each
@@ -322,13 +388,14 @@ class MasterService:
             data_token=self.data_token if caller.tenant is not None else "")
 
     def ListNodes(self, request, now_s, caller=CLUSTER):
-        return pb.ListNodesResponse(nodes=replies.node_infos(self.state.nodes.values(), now_s))
+        return pb.ListNodesResponse(nodes=replies.node_infos(self.state.nodes.values(), now_s,
+                                                             self.state.reservations))
 
 
 #: Every RPC of the service, in master.proto order.
 METHODS = ("RegisterNode", "Heartbeat", "UnregisterNode", "PutStart", "PutEnd", "PutRevoke",
            "GetReplicas", "RenewLease", "Exists", "Remove", "RemovePrefix", "Pin", "Unpin",
-           "MatchPrefix", "Stats", "ListNodes", "ReleaseLeases")
+           "MatchPrefix", "Stats", "ListNodes", "ReleaseLeases", "Reserve")
 #: The calls whose reply waits until the changes they logged are durable on the daemons.
 DURABLE_METHODS = frozenset({"PutEnd", "Remove", "RemovePrefix"})
 #: The calls that may wait on something outside the master (daemons, etcd): run off the

@@ -43,6 +43,7 @@ from kvstore.master.objects import (
 )
 from kvstore.master.placement import place, rank_segments
 from kvstore.master.removals import UnconfirmedRemovals
+from kvstore.master.reservations import ReservationBook
 from kvstore.master.tenancy import TenantBook
 from kvstore.master.validation import check_batch, check_id, check_parallel, invalid, key_problem
 from kvstore.tiers import TIERS_FASTEST_FIRST, Tier
@@ -85,6 +86,8 @@ class MasterState:
         self.removals = UnconfirmedRemovals()
         # usage per tenant (tenancy.py), kept by the hooks below; None: no tenants file
         self.tenants = TenantBook(config.tenants) if config.tenants else None
+        # space writers hold ahead of their puts (reservations.py)
+        self.reservations = ReservationBook()
 
     # -- membership, reads, remove/pin: see their modules ------------------------------------
 
@@ -243,6 +246,20 @@ class MasterState:
                 statuses.append(ITEM_NOT_FOUND)
         return statuses, committed
 
+    def reserve(self, size_bytes: int, min_bytes: int, client_id: str, near_host_id: str,
+                ttl_s: float, now_s: float, writer: str = ""):
+        """Grant ``client_id`` space ahead of its puts: ``(Reservation, "")`` or ``(None,
+        why)``; see ``reservations.ReservationBook.grant``."""
+        return self.reservations.grant(self, size_bytes, min_bytes, client_id, near_host_id,
+                                       ttl_s, now_s, writer)
+
+    def put_end_reserved(self, reservation_id: int, client_id: str, keys, offsets, sizes,
+                         checksums, now_s: float, writer: str = ""):
+        """Record keys written inside a reservation COMPLETE: ``(statuses, messages,
+        committed)``; see ``reservations.ReservationBook.commit``."""
+        return self.reservations.commit(self, reservation_id, client_id, keys, offsets,
+                                        sizes, checksums, now_s, writer)
+
     def put_revoke(self, keys, client_id: str):
         """Drop this writer's PENDING objects and free their space at once (no reader can
         hold a lease on a PENDING object). Per key: ITEM_OK or ITEM_NOT_FOUND. Idempotent."""
@@ -331,6 +348,7 @@ class MasterState:
             else:
                 self.lease_ended(obj)
         self.leases.expire(now_s)
+        self.reservations.expire(now_s)
         tiering.expire(self, now_s)
         eviction.relieve_pressure(self, now_s)
         next_s = now_s + SWEEP_PERIOD_S
@@ -340,4 +358,7 @@ class MasterState:
             next_s = min(next_s, queue[0][0])
         if deferred:
             next_s = min(next_s, deferred[0][0])
+        reclaim_s = self.reservations.next_expiry_s()
+        if reclaim_s is not None:
+            next_s = min(next_s, reclaim_s)
         self.next_sweep_s = next_s

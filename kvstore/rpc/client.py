@@ -36,6 +36,7 @@ from kvstore.rpc.errors import ConnectionLostError, NotServingError, item_error,
 from kvstore.rpc.methods import METHODS, Method
 from kvstore.rpc.results import (
     HeartbeatChanges, Inventory, MasterStats, NodeSpec, NodeStatus, Registration, ReplicaSet,
+    ReservationGrant,
 )
 from kvstore.tiers import Tier
 from kvstore.transport.base import Target
@@ -138,6 +139,62 @@ class MasterClient:
             client_committed=client_committed), deadline)
         return _Result(call, lambda reply: messages.statuses_to_results(
             reply, keys, "PutEnd", "put_end"))
+
+    def reserve(self, size_bytes: int, *, client_id: str, near_host_id: str = "",
+                min_bytes: int = 0, deadline: Deadline | None = None,
+                ) -> ReservationGrant | str:
+        """Ask for ``size_bytes`` (the master may grant less, never under ``min_bytes``) of
+        DRAM to fill with later puts (``put_end_reserved``). Returns the grant, or the
+        master's reason for granting none (a str). Raises InvalidArgumentError for a size of
+        0, and the whole-call errors (an older master: UNIMPLEMENTED, as KVStoreError). Not
+        idempotent, never retried: a lost reply's space returns after the master's TTL."""
+        reply = self.call(_M["Reserve"], pb.ReserveRequest(
+            size_bytes=size_bytes, client_id=client_id, near_host_id=near_host_id,
+            min_bytes=min_bytes), deadline)
+        if not reply.reservation_id:
+            return reply.refusal or "the master granted no reservation"
+        node, segment = reply.node, reply.segment
+        return ReservationGrant(reply.reservation_id, Target(
+            node.node_id, node.host_id, node.data_addr, segment.segment_id, segment.shm_name,
+            reply.offset, reply.size_bytes, reply.capability), reply.ttl_ms / 1000,
+            node.commit_ring)
+
+    def put_end_reserved(self, reservation_id: int, keys: Sequence[str],
+                         offsets: Sequence[int], sizes: Sequence[int],
+                         checksums: Sequence[int], *, client_id: str,
+                         deadline: Deadline | None = None) -> list[KVStoreError | None]:
+        """Make keys this writer wrote inside reservation ``reservation_id`` (at
+        ``offsets[i]``, ``sizes[i]`` bytes) COMPLETE; returns once their daemon holds the
+        commits (the master's push). Per key: None (also for a key that already existed:
+        content-addressed), KeyNotFoundError (the reservation expired or is unknown to this
+        master: nothing recorded), InvalidArgumentError (a bad key, or a range outside the
+        reservation or over one committed before), TransferError (the daemon did not
+        confirm in time). Idempotent for this writer."""
+        return self.put_end_reserved_committing(
+            reservation_id, keys, offsets, sizes, checksums, client_id=client_id,
+            deadline=deadline, client_committed=False)[0]
+
+    def put_end_reserved_committing(self, reservation_id: int, keys: Sequence[str],
+                                    offsets: Sequence[int], sizes: Sequence[int],
+                                    checksums: Sequence[int], *, client_id: str,
+                                    deadline: Deadline | None = None,
+                                    client_committed: bool = True,
+                                    ) -> tuple[list[KVStoreError | None], list[bytes]]:
+        """``put_end_reserved``, where the caller commits the keys on their daemon itself
+        once the reply is back (``client_committed``): returns the per-key results and the
+        capability of each OK key for that commit (exactly its range and key). An empty
+        list: the master committed them itself (its push, which the reply waited for), as
+        ``put_end_reserved``."""
+        reply = self.call(_M["PutEnd"], pb.PutEndRequest(
+            keys=keys, client_id=client_id, checksums=checksums,
+            client_committed=client_committed, reservation_id=reservation_id,
+            reserved_offsets=offsets, reserved_sizes=sizes), deadline)
+        results = messages.statuses_to_results(reply, keys, "PutEnd", "put")
+        caps = list(reply.reserved_capabilities)
+        if caps and len(caps) != len(keys):
+            raise malformed("PutEnd", f"{len(caps)} reserved_capabilities for {len(keys)} keys")
+        return [None if status == messages.ALREADY_EXISTS else error
+                for status, error in zip(reply.statuses, results)], caps
 
     def put_revoke(self, keys: Sequence[str], *, client_id: str,
                    deadline: Deadline | None = None) -> list[KVStoreError | None]:

@@ -266,5 +266,6 @@ def node_statuses(reply: pb.ListNodesResponse) -> list[NodeStatus]:
                                              s.shm_name, s.path) for s in n.segments],
                        used_bytes=n.used_bytes, num_objects=n.num_objects,
                        last_heartbeat_age_s=n.last_heartbeat_age_s,
-                       tiers=tier_usages(n.tiers), nixl_metadata=n.nixl_metadata)
+                       tiers=tier_usages(n.tiers), nixl_metadata=n.nixl_metadata,
+                       reserved_bytes=n.reserved_bytes)
             for n in reply.nodes]

@@ -204,3 +204,16 @@ class NodeStatus:
     last_heartbeat_age_s: float
     tiers: list[TierUsage] = field(default_factory=list)
     nixl_metadata: bytes = b""  # as the node registered it (NodeSpec.nixl_metadata)
+    reserved_bytes: int = 0     # unused bytes of live reservations there (in used_bytes)
+
+
+@dataclass(frozen=True, slots=True)
+class ReservationGrant:
+    """Space the master granted one writer ahead of its puts (Reserve): ``target`` is the
+    whole range, with the write capability that covers it; usable for ``ttl_s`` from the
+    request (the master refuses commits into it after that)."""
+
+    reservation_id: int
+    target: Target
+    ttl_s: float
+    commit_ring: str = ""       # shm name of the node's commit ring; "": none
