@@ -87,8 +87,15 @@ class TcpTransport(Transport):
 
     def takes_write_commit(self, target: Target) -> bool:
         """Whether ``write_commit`` applies to ``target``: a range sent in one piece (not
-        striped) to a daemon not known to be older than WRITE_COMMIT."""
-        return (target.length < 2 * self.stripe_min_bytes
+        striped: shorter than two stripes, or in a segment without a shm name, SSD or
+        HBM) to a daemon not known to be older than WRITE_COMMIT.
+
+        NOTE: an SSD (or HBM) range is not striped: its daemon pipelines the one stream
+        itself (receive into pieces while earlier ones are written, ``aligned_io``), and
+        its commit then rides in the same request; 4 stripes of 1 MiB were each received
+        whole before any of their bytes reached the disk, and the commit took a second
+        request (bench/RESULTS.md, "SSD puts (9p)")."""
+        return ((target.length < 2 * self.stripe_min_bytes or not target.shm_name)
                 and target.node_id not in self._no_write_commit)
 
     def write_commit(self, target: Target, src: memoryview, key: str, checksum: int, *,
