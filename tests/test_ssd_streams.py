@@ -16,8 +16,8 @@ from client_cluster import payload
 from servers import ServerProcess
 
 import kvstore
-from kvstore.daemon.aligned_io import (BLOCK_BYTES, STREAM_CHUNK_BYTES, STREAM_DEPTH,
-                                      write_piece_bytes)
+from kvstore.daemon.aligned_io import (BLOCK_BYTES, MIN_STREAM_PIECE_BYTES,
+                                      STREAM_CHUNK_BYTES, STREAM_DEPTH)
 from kvstore.daemon.backends import ShmBackend
 from kvstore.daemon.moves import copy_range
 from kvstore.daemon.ssd import SsdBackend
@@ -65,22 +65,22 @@ def test_streams_round_trip_at_unaligned_offsets_over_several_pieces(ssd):
         source = _Source(data)
         ssd.write_stream(offset, length, source)
         assert sum(source.sizes) == length
-        # every piece but the first ends on a piece boundary of the file; a short range
-        # is cut finer, so it still has pieces in flight while the rest arrives
-        piece = write_piece_bytes(length)
+        # every piece but the last ends on a multiple of the smallest piece (so the next
+        # starts on a block); the first pieces ramp up, the rest are at most a chunk
         ends = np.cumsum([offset, *source.sizes])[1:-1]
-        assert all(end % piece == 0 for end in ends), (offset, length)
+        assert all(end % MIN_STREAM_PIECE_BYTES == 0 for end in ends), (offset, length)
+        assert source.sizes[0] <= MIN_STREAM_PIECE_BYTES
+        assert max(source.sizes) <= STREAM_CHUNK_BYTES
         assert _read_all(ssd, offset, length) == data, (offset, length)
         out = bytearray(length)                       # the unpipelined path agrees
         ssd.read_into(offset, memoryview(out))
         assert bytes(out) == data
 
 
-def test_a_short_write_stream_is_cut_into_pieces_that_overlap_its_receive(ssd):
-    """A 1 MiB stream (a tcp stripe) is 4 pieces of 256 KiB, not one of 1 MiB, so its
-    first piece is on the disk while the rest is received; 4 MiB and more keep 1 MiB."""
-    assert [write_piece_bytes(n) >> 10 for n in (1, 1 << 20, 2 << 20, 4 << 20, 16 << 20)] \
-        == [256, 256, 512, 1024, 1024]
+def test_a_write_stream_starts_small_so_its_disk_writes_overlap_its_receive(ssd):
+    """A write's pieces ramp up (256 KiB, 512 KiB, then 1 MiB): a 1 MiB stream (a tcp
+    stripe) is not one piece received whole before any byte reaches the disk; its first
+    piece is written while the next is still to come."""
     data = payload(1 << 20, 7)
     first_written = threading.Event()
     waited: list[bool] = []
@@ -101,7 +101,7 @@ def test_a_short_write_stream_is_cut_into_pieces_that_overlap_its_receive(ssd):
         ssd.write_stream(4 << 20, len(data), source)
     finally:
         del ssd._file._write_piece
-    assert source.sizes == [256 << 10] * 4
+    assert source.sizes == [256 << 10, 512 << 10, 256 << 10]
     assert waited == [True]     # a piece was written while the next was still to come
     assert _read_all(ssd, 4 << 20, len(data)) == data
 
