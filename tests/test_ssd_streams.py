@@ -215,7 +215,7 @@ def test_a_single_4mib_ssd_put_commits_in_one_unstriped_write_and_survives_a_sig
     CLIENT_COMMIT): no commit frame is sent, its index record is on disk when the put
     returns (heartbeats are slow: nothing else could have delivered it), and a daemon
     SIGKILLed right after serves it with its bytes once restarted. A DRAM put of the same
-    size keeps the striped WRITEs and the CLIENT_COMMIT."""
+    size, and an SSD put of 16 MiB, keep the striped WRITEs and the CLIENT_COMMIT."""
     from kvstore.client.committer import DaemonCommitter
     from kvstore.daemon.ssd import INDEX_NAME
     from kvstore.daemon.ssd_index import load_index
@@ -241,6 +241,10 @@ def test_a_single_4mib_ssd_put_commits_in_one_unstriped_write_and_survives_a_sig
                 assert "one/ssd" in load_index(str(tmp_path / INDEX_NAME))[0]
                 store.put("one/dram", dram_value, tier="dram")
                 assert write_commits == [4 << 20] and len(sent) == 1
+                big = payload(16 << 20, 43)        # longer: stripes and a CLIENT_COMMIT
+                store.put("one/big", big, tier="ssd")
+                assert write_commits == [4 << 20] and len(sent) == 2
+                assert store.get("one/big") == big
                 assert store.get("one/ssd") == value
         finally:
             daemon.kill()
