@@ -1,9 +1,11 @@
 """Pre-writing a fresh SSD data file with zeros (kvstore/daemon/ssd_prewrite.py, 9s): the
-whole file is written once in the background, regions a write claimed are skipped, and no
-zero ever lands on bytes a write stored, even while both run at once."""
+whole file is written once in the background, regions a write claimed are skipped, no
+zero ever lands on bytes a write stored, even while both run at once, and a pass cut short
+by a stop is resumed at the next start without touching a stored object (9p)."""
 
 from __future__ import annotations
 
+import json
 import os
 import threading
 
@@ -12,6 +14,7 @@ import numpy as np
 from kvstore.client.checksum import checksum
 from kvstore.daemon.aligned_io import AlignedFile, open_direct
 from kvstore.daemon.ssd import DATA_NAME, SsdBackend
+from kvstore.daemon.ssd_files import PREWRITE_NAME
 from kvstore.daemon.ssd_prewrite import REGION_BYTES, Prewriter
 
 MIB = 1 << 20
@@ -123,3 +126,83 @@ def _filler(value: bytes):
         view[:] = value[done[0]:done[0] + len(view)]
         done[0] += len(view)
     return fill
+
+
+def test_a_pass_cut_short_by_a_stop_is_resumed_without_touching_stored_objects(tmp_path):
+    """A stop in the middle of the pass notes how far it got; the next start on the
+    directory resumes there, after claiming every recovered object's extent (one lies
+    beyond the stop point, in a region only the lost in-memory claim had kept off), and
+    zeroes only the rest; a note older than the zeros (a SIGKILL between notes: here the
+    note of the very start) makes it zero again everything no object claims, never an
+    object. Once complete, the note is gone and a further start pre-writes nothing."""
+    num_regions, stop_region = 12, 4
+    size = num_regions * REGION_BYTES
+    reached, release = threading.Event(), threading.Event()
+    write_zeros = Prewriter._write_zeros
+
+    def held_at_the_stop_region(self, data, offset):
+        if offset == stop_region * REGION_BYTES and not release.is_set():
+            reached.set()
+            assert release.wait(60), "never released"
+        write_zeros(self, data, offset)
+    Prewriter._write_zeros = held_at_the_stop_region
+    values = {"before": (REGION_BYTES + 100, _bytes(MIB, 1)),              # region 1
+              "beyond": (7 * REGION_BYTES + 5000, _bytes(2 * MIB, 2))}     # region 7
+    try:
+        backend = SsdBackend("ssd0", size, directory=str(tmp_path), node_id="n1")
+        assert backend.prewriter is not None and backend.direct_io
+        for key, (offset, value) in values.items():
+            if key == "beyond":
+                assert reached.wait(60)   # the pass is at the stop region: 7 not reached
+            backend.write_stream(offset, len(value), _filler(value))
+            backend.note_stored(key, offset, len(value), checksum(value), 0)
+        backend.sync()
+        closing = threading.Thread(target=backend.close)
+        closing.start()
+        while not backend.prewriter._stop.is_set():     # close() asked the pass to stop
+            closing.join(0.01)
+        release.set()
+        closing.join(60)
+        assert not closing.is_alive()
+    finally:
+        Prewriter._write_zeros = write_zeros
+    note = tmp_path / PREWRITE_NAME
+    assert json.loads(note.read_text()) == {"next_bytes": (stop_region + 1) * REGION_BYTES}
+
+    def reopen_and_finish(expected_zeroed_regions: int) -> None:
+        reopened = SsdBackend("ssd0", size, directory=str(tmp_path), node_id="n1")
+        try:
+            assert reopened.prewriter is not None
+            assert reopened.prewriter.done.wait(120)
+            assert reopened.prewriter.num_zeroed_bytes == expected_zeroed_regions * REGION_BYTES
+            assert sorted(e.key for e in reopened.recovered) == sorted(values)
+            for key, (offset, value) in values.items():
+                out = bytearray(len(value))
+                reopened.read_into(offset, memoryview(out))
+                assert bytes(out) == value, key
+        finally:
+            reopened.close()
+        assert not note.exists()               # complete: nothing left to resume
+    # regions 5, 6 and 8-11: region 7 holds "beyond", claimed from the index
+    reopen_and_finish(num_regions - (stop_region + 1) - 1)
+    note.write_text(json.dumps({"next_bytes": 0}))   # a note from before most zeros
+    reopen_and_finish(num_regions - 2)               # all but the two objects' regions
+    done = SsdBackend("ssd0", size, directory=str(tmp_path), node_id="n1")
+    try:
+        assert done.prewriter is None
+    finally:
+        done.close()
+
+
+def test_a_bad_prewrite_note_is_not_resumed(tmp_path):
+    backend = SsdBackend("ssd0", 2 * REGION_BYTES, directory=str(tmp_path), node_id="n1")
+    assert backend.prewriter.done.wait(60)
+    backend.close()
+    for bad in ("{not json", json.dumps({"next_bytes": -1}), json.dumps({"other": 3})):
+        (tmp_path / PREWRITE_NAME).write_text(bad)
+        reopened = SsdBackend("ssd0", 2 * REGION_BYTES, directory=str(tmp_path),
+                              node_id="n1")
+        try:
+            assert reopened.prewriter is None, bad
+        finally:
+            reopened.close()

@@ -16,7 +16,8 @@ from client_cluster import payload
 from servers import ServerProcess
 
 import kvstore
-from kvstore.daemon.aligned_io import BLOCK_BYTES, STREAM_CHUNK_BYTES, STREAM_DEPTH
+from kvstore.daemon.aligned_io import (BLOCK_BYTES, MIN_STREAM_PIECE_BYTES,
+                                      STREAM_CHUNK_BYTES, STREAM_DEPTH)
 from kvstore.daemon.backends import ShmBackend
 from kvstore.daemon.moves import copy_range
 from kvstore.daemon.ssd import SsdBackend
@@ -64,13 +65,45 @@ def test_streams_round_trip_at_unaligned_offsets_over_several_pieces(ssd):
         source = _Source(data)
         ssd.write_stream(offset, length, source)
         assert sum(source.sizes) == length
-        # every piece but the first ends on a piece boundary of the file
+        # every piece but the last ends on a multiple of the smallest piece (so the next
+        # starts on a block); the first pieces ramp up, the rest are at most a chunk
         ends = np.cumsum([offset, *source.sizes])[1:-1]
-        assert all(end % STREAM_CHUNK_BYTES == 0 for end in ends), (offset, length)
+        assert all(end % MIN_STREAM_PIECE_BYTES == 0 for end in ends), (offset, length)
+        assert source.sizes[0] <= MIN_STREAM_PIECE_BYTES
+        assert max(source.sizes) <= STREAM_CHUNK_BYTES
         assert _read_all(ssd, offset, length) == data, (offset, length)
         out = bytearray(length)                       # the unpipelined path agrees
         ssd.read_into(offset, memoryview(out))
         assert bytes(out) == data
+
+
+def test_a_write_stream_starts_small_so_its_disk_writes_overlap_its_receive(ssd):
+    """A write's pieces ramp up (256 KiB, 512 KiB, then 1 MiB): a 1 MiB stream (a tcp
+    stripe) is not one piece received whole before any byte reaches the disk; its first
+    piece is written while the next is still to come."""
+    data = payload(1 << 20, 7)
+    first_written = threading.Event()
+    waited: list[bool] = []
+
+    class WaitingSource(_Source):
+        def __call__(self, piece: memoryview) -> None:
+            if len(self.sizes) == 1:      # the second piece: the first must be on its way
+                waited.append(first_written.wait(30))
+            super().__call__(piece)
+    source = WaitingSource(data)
+    write_piece = ssd._file._write_piece
+
+    def noting_write(*args):
+        first_written.set()
+        write_piece(*args)
+    ssd._file._write_piece = noting_write
+    try:
+        ssd.write_stream(4 << 20, len(data), source)
+    finally:
+        del ssd._file._write_piece
+    assert source.sizes == [256 << 10, 512 << 10, 256 << 10]
+    assert waited == [True]     # a piece was written while the next was still to come
+    assert _read_all(ssd, 4 << 20, len(data)) == data
 
 
 def test_concurrent_streams_of_neighbours_sharing_blocks_keep_their_bytes(ssd):
@@ -174,3 +207,52 @@ def test_a_daemon_serves_large_ssd_objects_before_and_after_a_restart(tmp_path):
                 for key, value in values.items():
                     assert store.get(key) == value
             assert "recovered 4 object(s)" in restarted.stderr()
+
+
+def test_a_single_4mib_ssd_put_commits_in_one_unstriped_write_and_survives_a_sigkill(
+        tmp_path, monkeypatch):
+    """A single tcp put into the SSD tier goes as one WRITE_COMMIT (not 4 stripes and a
+    CLIENT_COMMIT): no commit frame is sent, its index record is on disk when the put
+    returns (heartbeats are slow: nothing else could have delivered it), and a daemon
+    SIGKILLed right after serves it with its bytes once restarted. A DRAM put of the same
+    size, and an SSD put of 16 MiB, keep the striped WRITEs and the CLIENT_COMMIT."""
+    from kvstore.client.committer import DaemonCommitter
+    from kvstore.daemon.ssd import INDEX_NAME
+    from kvstore.daemon.ssd_index import load_index
+    from kvstore.transport.tcp import TcpTransport
+
+    sent, write_commits = [], []
+    begin, write_commit = DaemonCommitter.begin, TcpTransport.write_commit
+    monkeypatch.setattr(DaemonCommitter, "begin", lambda self, entries, deadline:
+                        sent.append(entries) or begin(self, entries, deadline))
+    monkeypatch.setattr(TcpTransport, "write_commit", lambda self, target, *args, **kwargs:
+                        write_commits.append(target.length) or
+                        write_commit(self, target, *args, **kwargs))
+    daemon_args = ["daemon", "--dram", "16MiB", "--ssd", f"{tmp_path}:64MiB", "--node-id",
+                   "one-stream", "--no-reap-orphans"]
+    value, dram_value = payload(4 << 20, 41), payload(4 << 20, 42)
+    with ServerProcess(["master", "--port", "0", "--heartbeat-interval", "3s",
+                        "--promote", "off"]) as master:
+        daemon = ServerProcess([*daemon_args, "--master", master.address])
+        try:
+            with kvstore.connect(master.address, transport="tcp") as store:
+                store.put("one/ssd", value, tier="ssd")
+                assert write_commits == [4 << 20] and sent == []
+                assert "one/ssd" in load_index(str(tmp_path / INDEX_NAME))[0]
+                store.put("one/dram", dram_value, tier="dram")
+                assert write_commits == [4 << 20] and len(sent) == 1
+                big = payload(16 << 20, 43)        # longer: stripes and a CLIENT_COMMIT
+                store.put("one/big", big, tier="ssd")
+                assert write_commits == [4 << 20] and len(sent) == 2
+                assert store.get("one/big") == big
+                assert store.get("one/ssd") == value
+        finally:
+            daemon.kill()
+            daemon.close()
+        with ServerProcess([*daemon_args, "--master", master.address]):
+            with kvstore.connect(master.address, transport="tcp") as store:
+                deadline = time.monotonic() + 60     # a bound for a loaded machine
+                while not store.exists("one/ssd"):   # re-registration
+                    assert time.monotonic() < deadline, "not re-registered"
+                    time.sleep(0.05)
+                assert store.get("one/ssd") == value

@@ -9,8 +9,10 @@ O_DIRECT the calls go straight to pread/pwrite (the page cache).
 
 ``write_stream``/``read_stream`` are the pipelined forms for a caller that produces or
 consumes the bytes piece by piece (the data plane's socket, a tier move's memcpy): the range
-is cut into STREAM_CHUNK_BYTES pieces (block-aligned after the first), the caller fills or
-drains each piece in place in a page-aligned ring buffer (no bounce copy), and up to
+is cut into STREAM_CHUNK_BYTES pieces (block-aligned after the first; a write's first
+pieces smaller: MIN_STREAM_PIECE_BYTES, then twice that, so its disk writes start early),
+the caller fills or drains each piece in place in a page-aligned ring buffer (no bounce
+copy), and up to
 STREAM_DEPTH pieces are written or read ahead on the file's I/O threads meanwhile, so the
 caller's work and the disk overlap and the disk sees several requests in flight. Guarantee:
 ``write_stream`` returns only after every piece is written (or raises, the range then
@@ -37,6 +39,13 @@ CHUNK_BYTES = 8 << 20          # one I/O call moves at most this much
 # transfer with its disk I/O instead of waiting for one 8 MiB piece (bench/RESULTS.md)
 STREAM_CHUNK_BYTES = 1 << 20
 STREAM_DEPTH = 4
+# NOTE: a write stream's pieces ramp up from this (256 KiB, 512 KiB, then 1 MiB), so the
+# disk starts after 256 KiB arrived instead of 1 MiB; a socket receives a 1 MiB piece in
+# ~1 ms on the loaded build machine, which the disk then waited for at the head of every
+# put (and a tcp batch's 1 MiB stripe, one piece, was received whole before its first byte
+# went to the disk). Pieces end on multiples of this, so each after the first starts on a
+# block (bench/RESULTS.md, "SSD puts (9p)").
+MIN_STREAM_PIECE_BYTES = 256 << 10
 IO_THREADS = 8                 # per file: a few streams' pieces in flight at once
 _NUM_BLOCK_LOCKS = 64
 
@@ -146,6 +155,19 @@ class AlignedFile:
             yield position, num_bytes, pad
             done += num_bytes
 
+    def _write_pieces(self, offset: int, length: int):
+        """``_pieces`` of a write: at most MIN_STREAM_PIECE_BYTES, then twice that, then
+        STREAM_CHUNK_BYTES, each ending on a multiple of MIN_STREAM_PIECE_BYTES (so every
+        piece after the first starts on a block)."""
+        done, target = 0, MIN_STREAM_PIECE_BYTES
+        while done < length:
+            position = offset + done
+            pad = position % BLOCK_BYTES if self.direct_io else 0
+            num_bytes = min(target - position % MIN_STREAM_PIECE_BYTES, length - done)
+            yield position, num_bytes, pad
+            done += num_bytes
+            target = min(2 * target, STREAM_CHUNK_BYTES)
+
     def write_stream(self, offset: int, length: int,
                      fill: Callable[[memoryview], None]) -> None:
         """Write [offset, +length) from pieces that ``fill(view)`` fills completely, in
@@ -153,7 +175,7 @@ class AlignedFile:
         ring = self._ring()
         in_flight: deque[Future] = deque()
         try:
-            for i, (position, num_bytes, pad) in enumerate(self._pieces(offset, length)):
+            for i, (position, num_bytes, pad) in enumerate(self._write_pieces(offset, length)):
                 if len(in_flight) == STREAM_DEPTH:
                     in_flight.popleft().result()
                 buffer = ring[i % len(ring)]

@@ -22,8 +22,9 @@ and return raw bytes, so clients and the master never see the codec.
 
 A data file created at this start is pre-written with zeros in the background
 (``kvstore.daemon.ssd_prewrite``: puts then write into written extents, no conversion per
-write); every write claims its range from the pre-writer first, so no zero lands on a put's
-bytes.
+write), and a pass a stop cut short is resumed at the next start, after the recovered
+objects' extents are claimed; every write claims its range from the pre-writer first, so
+no zero lands on a put's bytes.
 
 At start (``open``) the index is replayed, every object's bytes are read back and checked
 against the XXH3-64 checksum the client recorded; an object whose extent does not match, lies
@@ -51,7 +52,8 @@ from kvstore.client.checksum import EMPTY_CHECKSUM, checksum as xxh3
 from kvstore.daemon.aligned_io import CHUNK_BYTES, AlignedFile
 from kvstore.daemon.backends import Backend
 from kvstore.daemon.ssd_files import (DATA_NAME, INDEX_NAME, check_meta, open_data,
-                                      replay_index, take_lock)
+                                      read_prewrite_progress, replay_index,
+                                      save_prewrite_progress, take_lock)
 from kvstore.daemon.ssd_frames import FramedFile, FrameMap
 from kvstore.daemon.ssd_index import KIND_ADD, KIND_DROP, IndexEntry, encode_record
 from kvstore.daemon.ssd_prewrite import Prewriter
@@ -103,14 +105,32 @@ class SsdBackend(Backend):
             self._recover()
             self._index_fd = os.open(self._directory / INDEX_NAME,
                                      os.O_CREAT | os.O_WRONLY | os.O_APPEND, 0o600)
-            if created and self.direct_io:
-                self.prewriter = Prewriter(self._file, os.fstat(self._data_fd).st_size)
-                self.prewriter.start()
+            if self.direct_io:
+                self._start_prewriter(created)
         except BaseException:
             self.close()
             raise
 
     # ---- start ---------------------------------------------------------------------------
+
+    def _start_prewriter(self, created: bool) -> None:
+        """Pre-write a data file created now, or resume the unfinished pre-write a previous
+        start noted (``ssd_prewrite``), the recovered objects' extents claimed first so no
+        zero lands on them."""
+        start_bytes = 0 if created else read_prewrite_progress(self._directory)
+        if start_bytes is None:
+            return
+        file_bytes = os.fstat(self._data_fd).st_size
+        directory = self._directory
+        if created:
+            save_prewrite_progress(directory, 0, file_bytes)
+        self.prewriter = Prewriter(
+            self._file, file_bytes, start_bytes=start_bytes,
+            save_progress=lambda next_bytes: save_prewrite_progress(directory, next_bytes,
+                                                                    file_bytes))
+        for entry in self.recovered:
+            self.prewriter.claim(entry.offset, entry.length)
+        self.prewriter.start()
 
     def _recover(self) -> None:
         kept, self.num_dropped_at_start = replay_index(str(self._directory / INDEX_NAME),

@@ -11,6 +11,9 @@ reaper only removes names that embed a dead pid, never these):
 - ``kvstore-ssd.json`` (META_NAME): format, size and the node id that owns the directory.
 - ``kvstore-ssd.lock`` (LOCK_NAME): an flock held while a daemon uses the directory
   (``take_lock``: a second daemon on the same directory fails at start).
+- ``kvstore-ssd.prewrite`` (PREWRITE_NAME): while the data file's pre-write is unfinished,
+  how far it got (``read_prewrite_progress``/``save_prewrite_progress``), so a restarted
+  daemon resumes it; removed when the pass is complete.
 
 Errors: ConfigError for a directory locked by another daemon, an unreadable meta file, a
 size or format that differs from the one the directory was created with, or a data file
@@ -37,6 +40,7 @@ DATA_NAME = "kvstore-ssd.data"
 INDEX_NAME = "kvstore-ssd.index"
 META_NAME = "kvstore-ssd.json"
 LOCK_NAME = "kvstore-ssd.lock"
+PREWRITE_NAME = "kvstore-ssd.prewrite"
 FORMAT_VERSION = 1
 
 
@@ -116,6 +120,37 @@ def open_data(data_path: Path, size_bytes: int,
     log.info("SSD %s: %d bytes, %s I/O", data_path, size_bytes,
              "direct" if direct else "buffered")
     return data_fd, direct, created
+
+
+def read_prewrite_progress(directory: Path) -> int | None:
+    """Where the data file's unfinished pre-write goes on (bytes), or None: no note (the
+    pass completed, or never started), or one that does not parse (logged)."""
+    path = directory / PREWRITE_NAME
+    try:
+        next_bytes = json.loads(path.read_text())["next_bytes"]
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        log.warning("SSD %s: unreadable pre-write note, not resumed: %s", path, exc)
+        return None
+    if not isinstance(next_bytes, int) or next_bytes < 0:
+        log.warning("SSD %s: bad pre-write note %r, not resumed", path, next_bytes)
+        return None
+    return next_bytes
+
+
+def save_prewrite_progress(directory: Path, next_bytes: int, file_bytes: int) -> None:
+    """Note that the pre-write got to ``next_bytes`` (atomically: temporary file and
+    rename), or remove the note once it reached ``file_bytes``. NOTE: not fsynced: a note
+    lost or older after a crash only makes the next start zero regions again, which is safe
+    (``kvstore.daemon.ssd_prewrite``); a note is never ahead of the zeros."""
+    path = directory / PREWRITE_NAME
+    if next_bytes >= file_bytes:
+        path.unlink(missing_ok=True)
+        return
+    temporary = path.with_suffix(".tmp-prewrite")
+    temporary.write_text(json.dumps({"next_bytes": next_bytes}))
+    os.replace(temporary, path)
 
 
 def replay_index(index_path: str,

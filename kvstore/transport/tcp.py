@@ -31,6 +31,7 @@ from kvstore.transport.tcp_conn import Connection, ConnectionPool, ReplyError, m
 
 DEFAULT_NUM_STREAMS = 4
 DEFAULT_STRIPE_MIN_BYTES = 1024 * 1024  # measured: 4 MiB as 4 x 1 MiB beat 1 x 4 MiB
+UNSTRIPED_SSD_BYTES = 4 << 20   # an SSD/HBM single put below twice this: one WRITE_COMMIT
 # NOTE: requests in flight per connection in a batch: enough to hide a round trip, few
 # enough that the daemon's replies never fill its socket buffer while we are still sending.
 PIPELINE_DEPTH = 16
@@ -87,8 +88,19 @@ class TcpTransport(Transport):
 
     def takes_write_commit(self, target: Target) -> bool:
         """Whether ``write_commit`` applies to ``target``: a range sent in one piece (not
-        striped) to a daemon not known to be older than WRITE_COMMIT."""
-        return (target.length < 2 * self.stripe_min_bytes
+        striped: shorter than two stripes, or, in a segment without a shm name, SSD or
+        HBM, shorter than 2 x UNSTRIPED_SSD_BYTES) to a daemon not known to be older than
+        WRITE_COMMIT.
+
+        NOTE: an SSD (or HBM) range of up to 8 MiB is not striped: its daemon pipelines
+        the one stream itself (receive into pieces while earlier ones are written,
+        ``aligned_io``), and its commit then rides in the same request; 4 stripes of 1 MiB
+        were each received whole before any of their bytes reached the disk, and the
+        commit took a second request. Longer ranges keep their stripes: one daemon thread
+        receiving the whole object then bounds the stream (bench/RESULTS.md, "SSD puts
+        (9p)")."""
+        return ((target.length < 2 * self.stripe_min_bytes
+                 or (not target.shm_name and target.length < 2 * UNSTRIPED_SSD_BYTES))
                 and target.node_id not in self._no_write_commit)
 
     def write_commit(self, target: Target, src: memoryview, key: str, checksum: int, *,
