@@ -47,6 +47,9 @@ class ClientConfig:
     # master (client/location_cache.py; the daemon checks each such read against its own
     # table); 0: off
     location_cache_entries: int = 65536
+    # a first get goes to the key's home node as a KEYED_READ before asking the master
+    # (client/home_reads.py; one round trip where GetReplicas + READ take two); False: off
+    home_reads: bool = True
 
     def __post_init__(self) -> None:
         if self.transport not in TRANSPORT_KINDS:
@@ -64,6 +67,8 @@ class ClientConfig:
         if isinstance(entries, bool) or not isinstance(entries, int) or entries < 0:
             raise InvalidArgumentError(f"location_cache_entries must be an int >= 0, got "
                                        f"{entries!r}")
+        if not isinstance(self.home_reads, bool):
+            raise InvalidArgumentError(f"home_reads must be a bool, got {self.home_reads!r}")
         check_timeout(self.timeout_s, "timeout_s")
         check_timeout(self.rpc_timeout_s, "rpc_timeout_s")
         if self.lease_ttl_s is not None:

@@ -20,6 +20,7 @@ from kvstore._errors import ClosedError, InvalidArgumentError, KVStoreError
 from kvstore.client.config import ClientConfig, check_timeout
 from kvstore.client.key_checks import check_key, check_keys, check_lengths, check_node_id
 from kvstore.client.leases import LeaseReleaser
+from kvstore.client.home_reads import HomeReads, home_reads_for
 from kvstore.client.location_cache import get_cached, location_cache_for
 from kvstore.client.reader import GetSettings, get_batch
 from kvstore.client.shm_batch import get_into_batch, shm_first
@@ -91,6 +92,7 @@ class KVStore:
         self._leases: LeaseReleaser | None = None   # set by _connect_master
         self._locations = location_cache_for(self._transfers,
                                              config.location_cache_entries)
+        self._home: HomeReads | None = None   # set by _connect_master
 
     # ---- put ----------------------------------------------------------------------------
     def put(self, key: str, value: Any, *, replicas: int = 1, timeout_s: float | None = None,
@@ -195,6 +197,15 @@ class KVStore:
             return get_batch(self._master, transfers, chunk_keys, chunk_outs, allocate,
                              settings)
 
+        home = self._home
+        if home is not None:
+            master_fetch = fetch
+
+            def fetch(chunk_keys: list, chunk_outs: list | None) -> list[Any]:
+                # NOTE: first gets go to the key's home node (client/home_reads.py)
+                return home.get(chunk_keys, chunk_outs, allocate, settings.deadline,
+                                master_fetch, transfers)
+
         def get_chunk(lo: int, hi: int) -> list[Any]:
             chunk_outs = outs[lo:hi] if outs is not None else None
             if settings.locations is None:
@@ -285,7 +296,8 @@ class KVStore:
     def stats(self) -> dict[str, Any]:
         """Cluster figures from the master plus this client's own: which transports it has
         (preference order), per transport reads/writes/bytes/errors it served, and its
-        location cache's entries, hits, misses and refused reads (None: off)."""
+        location cache's entries, hits, misses and refused reads (None: off), and its home
+        reads' hits, misses, list refreshes and nodes (None: off)."""
         stats = self._call("stats")
         master = master_stats(stats)
         self._max_batch = stats.max_batch or self._max_batch
@@ -294,7 +306,8 @@ class KVStore:
                 "transports": [t.name for t in self._transfers.transports],
                 "transfers": self._transfers.stats(), "master": master,
                 "location_cache": (self._locations.stats() if self._locations is not None
-                                   else None)}
+                                   else None),
+                "home_reads": self._home.stats() if self._home is not None else None}
 
     # ---- lifecycle ----------------------------------------------------------------------
     def _nixl_nodes(self) -> dict[str, bytes]:
@@ -325,6 +338,8 @@ class KVStore:
             # sends: a location read there would always be refused
             self._locations = None
         self._leases = LeaseReleaser(self._master)
+        self._home = home_reads_for(self._master, self._transfers, self.host_id,
+                                    self.config.home_reads)
 
     @property
     def metadata_path(self) -> str:

@@ -35,7 +35,8 @@ from kvstore.rpc.carrier import Carrier
 from kvstore.rpc.errors import ConnectionLostError, NotServingError, item_error, malformed
 from kvstore.rpc.methods import METHODS, Method
 from kvstore.rpc.results import (
-    HeartbeatChanges, Inventory, MasterStats, NodeSpec, NodeStatus, Registration, ReplicaSet,
+    HeartbeatChanges, HomeNode, HomeNodes, Inventory, MasterStats, NodeSpec, NodeStatus,
+    Registration, ReplicaSet,
 )
 from kvstore.tiers import Tier
 from kvstore.transport.base import Target
@@ -277,6 +278,14 @@ class MasterClient:
     def list_nodes(self, *, deadline: Deadline | None = None) -> list[NodeStatus]:
         return messages.node_statuses(self.call(_M["ListNodes"], pb.ListNodesRequest(),
                                                 deadline))
+
+    def get_home_nodes(self, *, deadline: Deadline | None = None) -> HomeNodes:
+        """The live nodes keys' home nodes are hashed over (``kvstore.home``), with this
+        caller's keyed-read capabilities and key prefix (docs/ARCHITECTURE.md, Home reads)."""
+        reply = self.call(_M["GetHomeNodes"], pb.GetHomeNodesRequest(), deadline)
+        return HomeNodes([HomeNode(n.node_id, n.host_id, n.data_addr, n.keyed_read_capability)
+                          for n in reply.nodes], reply.key_prefix, reply.expiry_ms,
+                         reply.membership)
 
     # ---- lifecycle -------------------------------------------------------------------------
 

@@ -202,3 +202,23 @@ class NodeStatus:
     last_heartbeat_age_s: float
     tiers: list[TierUsage] = field(default_factory=list)
     nixl_metadata: bytes = b""  # as the node registered it (NodeSpec.nixl_metadata)
+
+
+@dataclass(frozen=True, slots=True)
+class HomeNode:
+    """One live node a key's home may be (GetHomeNodes)."""
+
+    node_id: str
+    host_id: str
+    data_addr: str
+    keyed_read_capability: bytes   # b"": the node checks no reads
+
+
+@dataclass(frozen=True, slots=True)
+class HomeNodes:
+    """The live nodes keys' homes are hashed over, for one caller (GetHomeNodes)."""
+
+    nodes: list[HomeNode]
+    key_prefix: str          # what the master prepends to this caller's keys
+    expiry_ms: int           # the keyed-read capabilities' expiry (Unix ms)
+    membership: int          # changes whenever the node set does
