@@ -19,7 +19,9 @@ The node list: fetched on the first get, refreshed at half its capabilities' win
 CAPABILITY_REFUSED (at the next get), and after a "not here" or a failed node at most once
 per ``MISS_REFRESH_S`` (a node that joined moves homes: the first misses after it refresh
 the list). Skipped: keys whose home is on this host when shm is this client's first
-transport (the shm path is faster), nodes that answered LOCATION_OFF for ``NODE_OFF_S``.
+transport (the shm path is faster), nodes that answered LOCATION_OFF for ``NODE_OFF_S``,
+values the tcp transport stripes (at least 2 x ``stripe_min_bytes``: the daemon answers
+TOO_LARGE and the master path's striped read is faster at that size).
 Thread-safe (one lock for the list; reads run outside it).
 """
 
@@ -56,6 +58,8 @@ class HomeReads:
                  wall_clock: Callable[[], float] = time.time):
         self._master = master
         self.transport = transport            # the TcpTransport whose pool we use
+        # the largest value read at home: below what the transport stripes
+        self._largest_bytes = 2 * transport.stripe_min_bytes - 1
         self._host_id = host_id
         self._shm_first = shm_first
         self._clock = clock
@@ -149,11 +153,15 @@ class HomeReads:
         views: dict[int, memoryview] = {}
         items = []
         limits = []
+        # NOTE: a value the tcp transport would stripe over several connections is read
+        # faster that way: the daemon answers TOO_LARGE and the master path reads it
+        # (one round trip more on a transfer of milliseconds)
+        largest = self._largest_bytes
         for i in positions:
-            limit = keyed_read.ANY_SIZE
+            limit = largest
             if outs is not None:
                 try:
-                    limit = as_destination(outs[i]).nbytes
+                    limit = min(largest, as_destination(outs[i]).nbytes)
                 except InvalidArgumentError:
                     limit = -1       # the master path reports it
             limits.append(limit)
