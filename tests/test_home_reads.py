@@ -11,12 +11,15 @@ Real master and daemon processes on loopback; clients with ``transport="tcp"``.
 
 from __future__ import annotations
 
+import os
+import signal
 import socket
 import time
 
 import pytest
 from client_cluster import Cluster, payload
 from servers import ServerProcess
+from stopped_process import stop_process
 
 import kvstore
 from kvstore import capability
@@ -283,6 +286,29 @@ def test_commit_timeout_0_turns_home_reads_off():
             for _ in range(3):
                 assert store.get("hr/ct0") == payload(4 * KiB, seed=90)
             assert _home(store)["hits"] == 0       # no lease: the master path every time
+    finally:
+        cluster.close()
+
+
+def test_a_removal_the_daemon_did_not_confirm_is_not_undone_by_a_home_read():
+    cluster = Cluster(num_daemons=1, dram="16MiB",
+                      master_args=(*BEATS, "--commit-timeout", "1s", "--node-ttl", "60s"))
+    try:
+        with cluster.connect(transport="tcp", location_cache_entries=0) as reader, \
+                cluster.connect(transport="tcp", home_reads=False) as writer:
+            writer.put("hr/unconfirmed", payload(8 * KiB, seed=31))
+            _home_get(reader, "hr/unconfirmed")
+            pid = cluster.daemons[0].proc.pid
+            stop_process(pid)                # it confirms nothing, and misses its beats
+            try:
+                with pytest.raises(kvstore.TransferError, match="retry"):
+                    writer.remove("hr/unconfirmed", force=True)
+            finally:
+                os.kill(pid, signal.SIGCONT)
+            # its lease ended while it was stopped: whether or not the master's push
+            # reached it yet, the keyed read is refused (LOCATION_OFF or KEY_NOT_HERE)
+            with pytest.raises(kvstore.KeyNotFoundError):
+                reader.get("hr/unconfirmed")
     finally:
         cluster.close()
 
