@@ -124,13 +124,18 @@ class HomeReads:
             else:
                 by_node[node.node_id].append(i)
         results: list[Any] = [None] * len(keys)
-        num_ok = num_bytes = 0
-        for node_id, positions in by_node.items():
-            served, served_bytes = self._read_node(self._by_id[node_id], prefix, keys,
-                                                   positions, outs, allocate, deadline,
-                                                   results)
-            num_ok += served
-            num_bytes += served_bytes
+        groups = [(self._by_id[node_id], positions) for node_id, positions in by_node.items()]
+        # NOTE: the nodes are read at once (the transport's worker threads), each its own
+        # pipelined stream: a batch over N nodes waits for the slowest, not for their sum
+        futures = [self.transport._executor.submit(
+            self._read_node, node, prefix, keys, positions, outs, allocate, deadline, results)
+            for node, positions in groups[1:]]
+        counts = [self._read_node(groups[0][0], prefix, keys, groups[0][1], outs, allocate,
+                                  deadline, results)] if groups else []
+        counts.extend(future.result() for future in futures)
+        num_ok = sum(served for served, _ in counts)
+        num_bytes = sum(served_bytes for _, served_bytes in counts)
+        for _, positions in groups:
             rest.extend(i for i in positions if results[i] is None)
         if num_ok:
             transfers.count_reads(self.transport.name, num_ok, num_bytes)

@@ -2,7 +2,7 @@
 own object table (a home read, docs/ARCHITECTURE.md, Home reads); the client side.
 
 ``read_keyed`` pipelines a batch of KEYED_READs on one connection (all the batch's
-requests of one node, at most ``PIPELINE_DEPTH`` in flight) and receives each object's
+requests of one node, sent at once up to ``PIPELINE_DEPTH`` / ``REQUEST_WINDOW_BYTES``) and receives each object's
 bytes into the destination ``allocate`` gives for its size, so a batch of first gets costs
 one round trip per node. Each reply carries the object's checksum (from the daemon's
 table) before its bytes; the caller verifies the bytes against it. Refusals come back per
@@ -25,7 +25,14 @@ CHECKSUM = struct.Struct("<Q")
 MAX_KEY_BYTES = data_frames.MAX_KEY_BYTES
 #: A request's limit meaning "any size" (a get that allocates its destination).
 ANY_SIZE = (1 << 64) - 1
-PIPELINE_DEPTH = 64
+#: Requests sent before their replies are read: up to this many, within
+#: ``REQUEST_WINDOW_BYTES``. NOTE: the daemon stops reading requests while a reply blocks
+#: its send, so what the client sends ahead must fit the daemon's receive buffer whatever
+#: the replies' sizes; the kernel caps the 4 MiB asked for at net.core.rmem_max (208 KiB
+#: by default, doubled), so 128 KiB: ~850 requests of short keys, a batch of 1,024 keys
+#: in two round trips, not 16 as with 64 requests.
+PIPELINE_DEPTH = 4096
+REQUEST_WINDOW_BYTES = 128 << 10
 # NOTE: one recv takes a reply's header, checksum and the first bytes of its payload (then
 # copied once); the rest lands straight in the destination
 _RECV_BYTES = 16384
@@ -96,12 +103,14 @@ def read_keyed(conn: Connection, items: Sequence[tuple[bytes, bytes, int]],
     sent = 0
     for index in range(len(items)):
         if sent <= index:
-            batch = []
-            while sent < len(items) and sent < index + PIPELINE_DEPTH:
+            batch, batch_bytes = [], 0
+            while (sent < len(items) and sent < index + PIPELINE_DEPTH
+                   and batch_bytes < REQUEST_WINDOW_BYTES):
                 key, capability, max_bytes = items[sent]
                 conn._next_request_id += 1
                 batch.append(encode_keyed_read(conn._next_request_id, key, capability,
                                                max_bytes))
+                batch_bytes += len(batch[-1])
                 sent += 1
             conn.sock.sendall(b"".join(batch))
         status_code, _, msg_len, _, length = data_frames.REPLY.unpack(
