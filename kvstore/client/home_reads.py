@@ -35,6 +35,7 @@ from typing import Any, Callable, Sequence
 from kvstore._deadline import Deadline
 from kvstore._errors import InvalidArgumentError, KVStoreError
 from kvstore.client.checksum import checksum, is_empty_marker
+from kvstore.client.key_checks import check_key
 from kvstore.client.location_cache import NODE_OFF_S
 from kvstore.client.values import as_destination
 from kvstore.home import home_of, node_seeds
@@ -107,7 +108,8 @@ class HomeReads:
     # ---- reads --------------------------------------------------------------------------
     def get(self, keys: Sequence[str], outs: Sequence[Any] | None, allocate,
             deadline: Deadline, fetch: Fetch, transfers) -> list[Any]:
-        """Results of ``reader.get_batch`` for ``keys`` (checked, valid): the keys their
+        """Results of ``reader.get_batch`` for ``keys`` (any: an invalid key goes to
+        ``fetch``, which reports it): the keys their
         home serves by KEYED_READs (one pipelined request stream per node), the rest by
         ``fetch``."""
         nodes = self._current(deadline)
@@ -117,6 +119,11 @@ class HomeReads:
         by_node: dict[str, list[int]] = collections.defaultdict(list)
         rest: list[int] = []
         for i, key in enumerate(keys):
+            try:
+                check_key(key)
+            except InvalidArgumentError:
+                rest.append(i)       # the master path reports it, per key
+                continue
             node = self._by_id.get(home_of(prefix + key, self._seeds))
             if (node is None or (self._shm_first and node.host_id == self._host_id)
                     or now_s < self._node_off_until_s.get(node.node_id, float("-inf"))):
