@@ -12,8 +12,8 @@ the master as before (``fetch``: GetReplicas, whose TCP reads fill the location 
 
 Guarantee: a home read returns the bytes the home daemon's table lists for the key,
 verified against that table's checksum, and never a key whose remove completed (the
-windows in docs/ARCHITECTURE.md, Home reads). It takes no read lease and counts no hit at
-the master.
+windows in docs/ARCHITECTURE.md, Home reads). It takes no read lease; the master counts its
+hit, recency and promotion afterwards (``hits``: client/home_hits.py).
 
 The node list: fetched on the first get, refreshed at half its capabilities' window, on a
 CAPABILITY_REFUSED (at the next get), and after a "not here" or a failed node at most once
@@ -73,6 +73,9 @@ class HomeReads:
         self._fetched_at_s = float("-inf")
         self._node_off_until_s: dict[str, float] = {}
         self.num_hits = self.num_misses = self.num_refreshes = 0
+        # told the keys home reads served (client/home_hits.py); None: the master never
+        # learns of them
+        self.hits = None
 
     # ---- the node list ------------------------------------------------------------------
     def _current(self, deadline: Deadline):
@@ -142,8 +145,15 @@ class HomeReads:
         counts.extend(future.result() for future in futures)
         num_ok = sum(served for served, _ in counts)
         num_bytes = sum(served_bytes for _, served_bytes in counts)
+        served_keys = []
         for _, positions in groups:
-            rest.extend(i for i in positions if results[i] is None)
+            for i in positions:
+                if results[i] is None:
+                    rest.append(i)
+                else:
+                    served_keys.append(keys[i])
+        if self.hits is not None and served_keys:
+            self.hits.report(served_keys)      # the master's hits, recency and promotion
         if num_ok:
             transfers.count_reads(self.transport.name, num_ok, num_bytes)
         with self._lock:

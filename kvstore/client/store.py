@@ -20,6 +20,7 @@ from kvstore._errors import ClosedError, InvalidArgumentError, KVStoreError
 from kvstore.client.config import ClientConfig, check_timeout
 from kvstore.client.key_checks import check_key, check_keys, check_lengths, check_node_id
 from kvstore.client.leases import LeaseReleaser
+from kvstore.client.home_hits import HitReporter
 from kvstore.client.home_reads import HomeReads, home_reads_for
 from kvstore.client.location_cache import get_cached, location_cache_for
 from kvstore.client.reader import GetSettings, get_batch
@@ -93,6 +94,7 @@ class KVStore:
         self._locations = location_cache_for(self._transfers,
                                              config.location_cache_entries)
         self._home: HomeReads | None = None   # set by _connect_master
+        self._hits: HitReporter | None = None  # with _home: its reads' report to the master
 
     # ---- put ----------------------------------------------------------------------------
     def put(self, key: str, value: Any, *, replicas: int = 1, timeout_s: float | None = None,
@@ -130,6 +132,8 @@ class KVStore:
             client_id=self.client_id,
             host_id=self.host_id, soft_pin_ttl_s=soft_pin_ttl_s, hard_pin=bool(hard_pin),
             tier=check_tier(tier), near_node_id=check_node_id(near_node))
+        if self._hits is not None:
+            self._hits.flush()   # NOTE: evictions this put causes see this client's reads
         with self._closing_guard:
             return self._chunked(lambda lo, hi: put_batch(
                 self._master, self._transfers, keys[lo:hi], values[lo:hi], settings), len(keys))
@@ -298,6 +302,8 @@ class KVStore:
         (preference order), per transport reads/writes/bytes/errors it served, and its
         location cache's entries, hits, misses and refused reads (None: off), and its home
         reads' hits, misses, list refreshes and nodes (None: off)."""
+        if self._hits is not None:
+            self._hits.flush()   # the master's hits include this client's home reads
         stats = self._call("stats")
         master = master_stats(stats)
         self._max_batch = stats.max_batch or self._max_batch
@@ -340,6 +346,8 @@ class KVStore:
         self._leases = LeaseReleaser(self._master)
         self._home = home_reads_for(self._master, self._transfers, self.host_id,
                                     self.config.home_reads)
+        if self._home is not None:
+            self._home.hits = self._hits = HitReporter(self._master)
 
     @property
     def metadata_path(self) -> str:
@@ -355,6 +363,8 @@ class KVStore:
             self._closed = True
         if self._leases is not None:
             self._leases.close()      # sends the releases still queued, then stops
+        if self._hits is not None:
+            self._hits.close()
         self._transfers.close()
         if self._master is not None:
             self._master.close()

@@ -1,5 +1,6 @@
 """GetHomeNodes: the live node list a client computes keys' home nodes over, with its
-keyed-read capabilities (docs/ARCHITECTURE.md, Home reads).
+keyed-read capabilities (docs/ARCHITECTURE.md, Home reads); and TouchKeys, the master's view
+of the reads home nodes served.
 
 Rule: the nodes are exactly those ``MasterState.put_start`` hashes a free put's home over
 (``state.nodes``: every registered node), so a client holding a current list finds the node
@@ -16,6 +17,8 @@ from __future__ import annotations
 import xxhash
 
 from kvstore import capability
+from kvstore.master import tiering
+from kvstore.master.validation import check_batch
 from kvstore.v1 import master_pb2 as pb
 
 #: How long a keyed-read capability lasts. NOTE: long against the one GetHomeNodes a client
@@ -44,3 +47,20 @@ def home_nodes_reply(nodes, caller, wall_now_s: float) -> pb.GetHomeNodesRespons
         reply.nodes.add(node_id=node.node_id, host_id=node.host_id, data_addr=node.data_addr,
                         keyed_read_capability=cap)
     return reply
+
+
+def touch_keys(state, keys, now_s: float) -> int:
+    """TouchKeys: what a GetReplicas of ``keys`` does to the master's view (a hit and the
+    LRU mark per COMPLETE key, promotion queued in a tiered cluster) without its lease or
+    reply; the number of keys found. Why no lease: the reads are over (a home read took
+    none), and a lease would make a remove right after it find the key "leased"."""
+    check_batch(len(keys), state.config.max_batch)
+    found = [obj for obj in state.objects.index.get_many(keys) if obj is not None]
+    state.use_count += 1
+    use = state.use_count
+    for obj in found:
+        obj.last_used = use
+    state.hits += len(found)
+    if found and state.tiered and state.config.promote_after:
+        tiering.maybe_promote(state, found, now_s)
+    return len(found)

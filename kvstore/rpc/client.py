@@ -287,6 +287,11 @@ class MasterClient:
                           for n in reply.nodes], reply.key_prefix, reply.expiry_ms,
                          reply.membership)
 
+    def touch_keys(self, keys: Sequence[str], *, deadline: Deadline | None = None) -> int:
+        """Tell the master that home reads served ``keys`` (hits, recency, promotion; no
+        lease); the number it found."""
+        return self.call(_M["TouchKeys"], pb.TouchKeysRequest(keys=keys), deadline).num_found
+
     # ---- lifecycle -------------------------------------------------------------------------
 
     def close(self) -> None:
