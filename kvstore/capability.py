@@ -419,3 +419,29 @@ def _check(secret: bytes, node_id: str, segment_id: str, blob: bytes, offset: in
             f"{kind} capability allows [{cap_offset}, +{cap_length}), not "
             f"[{offset}, +{length})")
     return Capability(cap_offset, cap_length, expiry_ms, node_seq, obj_id, cap_principal)
+
+
+#: What a keyed-read capability's MAC covers beyond a write capability's.
+_KEYED_PURPOSE = b"keyed"
+
+
+def issue_keyed(secret: bytes, node_id: str, key_prefix: str, expiry_ms: int) -> bytes:
+    """The keyed-read capability: the master's permission to read, by name, any key that
+    starts with ``key_prefix`` (a tenant's ``{namespace}/``; "" for the cluster principal)
+    from ``node_id``'s own object table until ``expiry_ms`` (docs/ARCHITECTURE.md, Home
+    reads). The format above with no segment, range 0, the prefix in the principal slot and
+    "keyed" under the MAC, so it verifies as no other kind. ValueError as ``issue``."""
+    return _issue(secret, node_id, "", 0, 0, "", key_prefix, expiry_ms, 0, _KEYED_PURPOSE)
+
+
+def check_keyed(secret: bytes, node_id: str, blob: bytes, now_ms: int) -> str:
+    """The key prefix a keyed-read capability (``issue_keyed``) allows on ``node_id`` at
+    ``now_ms``; CapabilityRefused naming the reason (missing, malformed, forged or of
+    another kind, node or registration, expired)."""
+    prefix = ""
+    if len(blob) >= _FIXED.size:
+        prefix_len = blob[_FIXED.size - 1]
+        prefix = blob[_FIXED.size:_FIXED.size + prefix_len].decode("utf-8", "replace")
+    # NOTE: the prefix read unverified only names what _check then verifies under the MAC
+    return _check(secret, node_id, "", blob, 0, 0, prefix, now_ms, _KEYED_PURPOSE,
+                  "keyed-read", "per node with GetHomeNodes").writer

@@ -7,7 +7,7 @@ never other bytes. Bad CHECKED_READ frames are refused and nothing stored change
 holds its location lease right after it starts or re-registers (its first beat follows at
 once), not a heartbeat interval later.
 
-Real master and daemon processes on loopback; clients with ``transport="tcp"`` (same-host
+Real master and daemon processes on loopback; clients with ``transport="tcp", home_reads=False`` (same-host
 shm reads: tests/test_shm_location_cache.py). A second client in the same process does
 the removes and puts (its own cache is separate)."""
 
@@ -91,8 +91,8 @@ def cluster():
 
 @pytest.fixture
 def stores(cluster):
-    reader = cluster.connect(transport="tcp")
-    writer = cluster.connect(transport="tcp", location_cache_entries=0)
+    reader = cluster.connect(transport="tcp", home_reads=False)
+    writer = cluster.connect(transport="tcp", home_reads=False, location_cache_entries=0)
     yield reader, writer
     reader.close()
     writer.close()
@@ -201,18 +201,18 @@ def _reply(sock) -> tuple[Status, str, int]:
 
 
 def test_the_cache_is_bounded_and_can_be_turned_off(cluster):
-    with cluster.connect(transport="tcp", location_cache_entries=2) as store:
+    with cluster.connect(transport="tcp", home_reads=False, location_cache_entries=2) as store:
         store.batch_put([f"lc/lru/{i}" for i in range(4)],
                         [payload(KiB, seed=20 + i) for i in range(4)])
         store.batch_get([f"lc/lru/{i}" for i in range(4)])
         assert _cache(store)["entries"] == 2
         assert store._locations.lookup("lc/lru/0") is None       # least recently used
         assert store._locations.lookup("lc/lru/3") is not None
-    with cluster.connect(transport="tcp", location_cache_entries=0) as store:
+    with cluster.connect(transport="tcp", home_reads=False, location_cache_entries=0) as store:
         assert store.stats()["location_cache"] is None
     for bad in (-1, 1.5, True, "10"):
         with pytest.raises(kvstore.InvalidArgumentError, match="location_cache_entries"):
-            cluster.connect(transport="tcp", location_cache_entries=bad)
+            cluster.connect(transport="tcp", home_reads=False, location_cache_entries=bad)
 
 
 # ---- windows that need their own cluster --------------------------------------------------
@@ -228,8 +228,8 @@ def test_a_read_right_after_a_daemon_starts_is_served_by_the_daemon():
                       daemon_args=("--metrics-host", "127.0.0.1",
                                    "--metrics-port", str(metrics_port)))
     try:
-        with cluster.connect(transport="tcp") as reader, \
-                cluster.connect(transport="tcp", location_cache_entries=0) as writer:
+        with cluster.connect(transport="tcp", home_reads=False) as reader, \
+                cluster.connect(transport="tcp", home_reads=False, location_cache_entries=0) as writer:
             value = payload(64 * KiB, seed=70)
             writer.put("lc/first-second", value)
             assert reader.get("lc/first-second") == value     # through the master: cached
@@ -299,8 +299,8 @@ def test_commit_timeout_0_turns_location_reads_off():
     cluster = Cluster(num_daemons=1, dram="16MiB",
                       master_args=("--heartbeat-interval", "200ms", "--commit-timeout", "0"))
     try:
-        with cluster.connect(transport="tcp") as reader, \
-                cluster.connect(transport="tcp", location_cache_entries=0) as writer:
+        with cluster.connect(transport="tcp", home_reads=False) as reader, \
+                cluster.connect(transport="tcp", home_reads=False, location_cache_entries=0) as writer:
             value = payload(8 * KiB, seed=30)
             writer.put("lc/nowait", value)
             for _ in range(3):
@@ -319,8 +319,8 @@ def test_a_removal_the_daemon_did_not_confirm_is_not_undone_by_the_cache():
                       master_args=("--heartbeat-interval", "200ms", "--commit-timeout", "1s",
                                    "--node-ttl", "60s"))
     try:
-        with cluster.connect(transport="tcp") as reader, \
-                cluster.connect(transport="tcp", location_cache_entries=0) as writer:
+        with cluster.connect(transport="tcp", home_reads=False) as reader, \
+                cluster.connect(transport="tcp", home_reads=False, location_cache_entries=0) as writer:
             writer.put("lc/unconfirmed", payload(8 * KiB, seed=31))
             _cached_get(reader, "lc/unconfirmed")
             pid = cluster.daemons[0].proc.pid
@@ -343,8 +343,8 @@ def test_evictions_and_demotions_never_return_wrong_bytes(tmp_path):
                       daemon_args=("--ssd", f"{tmp_path}:6MiB"),
                       master_args=("--heartbeat-interval", "100ms", "--promote", "off"))
     try:
-        with cluster.connect(transport="tcp") as reader, \
-                cluster.connect(transport="tcp", location_cache_entries=0) as writer:
+        with cluster.connect(transport="tcp", home_reads=False) as reader, \
+                cluster.connect(transport="tcp", home_reads=False, location_cache_entries=0) as writer:
             keys = [f"lc/evict/{i}" for i in range(20)]
             for i, key in enumerate(keys):       # 20 MiB into 8 MiB DRAM + 6 MiB SSD
                 writer.put(key, payload(MiB, seed=100 + i), tier="dram")
@@ -369,7 +369,7 @@ def test_a_restarted_daemon_never_serves_the_old_location():
     scratch = Cluster(num_daemons=1, dram="16MiB",
                       master_args=("--heartbeat-interval", "200ms", "--node-ttl", "2s"))
     try:
-        with scratch.connect(transport="tcp") as reader:
+        with scratch.connect(transport="tcp", home_reads=False) as reader:
             reader.put("lc/restart", payload(8 * KiB, seed=40))
             _cached_get(reader, "lc/restart")
             scratch.kill_daemon(0)
@@ -395,7 +395,7 @@ def test_after_a_master_restart_the_cache_follows_the_new_master():
     try:
         value = payload(8 * KiB, seed=50)
         # NOTE: gRPC: the restarted master's fast path listens on another port
-        with kvstore.connect(master.address, transport="tcp", metadata="grpc") as store:
+        with kvstore.connect(master.address, transport="tcp", home_reads=False, metadata="grpc") as store:
             _wait(lambda: store.stats()["master"]["num_nodes"] == 1, "the daemon")
             store.put("lc/failover", value)
             store.put("lc/failover-removed", payload(8 * KiB, seed=51))
@@ -406,7 +406,7 @@ def test_after_a_master_restart_the_cache_follows_the_new_master():
                                        "--heartbeat-interval", "200ms"])
             _wait(lambda: _exists(store, "lc/failover-removed"), "adoption by the new master")
             # removed through the new master (the daemon confirms it): never served again
-            with kvstore.connect(restarted.address, transport="tcp", metadata="grpc",
+            with kvstore.connect(restarted.address, transport="tcp", home_reads=False, metadata="grpc",
                                  location_cache_entries=0) as writer:
                 assert writer.remove("lc/failover-removed", force=True) is True
             with pytest.raises(kvstore.KeyNotFoundError):
@@ -430,7 +430,7 @@ def test_an_expired_read_capability_falls_back_to_the_master():
     cluster = Cluster(num_daemons=1, dram="16MiB", token="lc-secret",
                       master_args=("--heartbeat-interval", "200ms"))
     try:
-        with cluster.connect(transport="tcp", lease_ttl_s=0.2) as reader:
+        with cluster.connect(transport="tcp", home_reads=False, lease_ttl_s=0.2) as reader:
             value = payload(8 * KiB, seed=60)
             reader.put("lc/cap", value)
             reader.get("lc/cap")

@@ -53,6 +53,9 @@ class ClientConfig:
     # costs one master call (PutEnd) instead of two (client/reservations.py); 0: off, every
     # put takes PutStart. Off by default: docs/ARCHITECTURE.md, Reservations, says why.
     reserve_bytes: int = 0
+    # a first get goes to the key's home node as a KEYED_READ before asking the master
+    # (client/home_reads.py; one round trip where GetReplicas + READ take two); False: off
+    home_reads: bool = True
 
     def __post_init__(self) -> None:
         if self.transport not in TRANSPORT_KINDS:
@@ -73,6 +76,8 @@ class ClientConfig:
         reserve = self.reserve_bytes
         if isinstance(reserve, bool) or not isinstance(reserve, int) or reserve < 0:
             raise InvalidArgumentError(f"reserve_bytes must be an int >= 0, got {reserve!r}")
+        if not isinstance(self.home_reads, bool):
+            raise InvalidArgumentError(f"home_reads must be a bool, got {self.home_reads!r}")
         check_timeout(self.timeout_s, "timeout_s")
         check_timeout(self.rpc_timeout_s, "rpc_timeout_s")
         if self.lease_ttl_s is not None:

@@ -20,6 +20,8 @@ from kvstore._errors import ClosedError, InvalidArgumentError, KVStoreError
 from kvstore.client.config import ClientConfig, check_timeout
 from kvstore.client.key_checks import check_key, check_keys, check_lengths, check_node_id
 from kvstore.client.leases import LeaseReleaser
+from kvstore.client.home_hits import HitReporter
+from kvstore.client.home_reads import HomeReads, home_reads_for
 from kvstore.client.location_cache import get_cached, location_cache_for
 from kvstore.client.reader import GetSettings, get_batch
 from kvstore.client.reservations import ReservedSpace
@@ -95,6 +97,8 @@ class KVStore:
         # space reserved ahead of puts (client/reservations.py); None: off
         self._reserved = (ReservedSpace(config.reserve_bytes, self.client_id, self.host_id)
                           if config.reserve_bytes else None)
+        self._home: HomeReads | None = None   # set by _connect_master
+        self._hits: HitReporter | None = None  # with _home: its reads' report to the master
 
     # ---- put ----------------------------------------------------------------------------
     def put(self, key: str, value: Any, *, replicas: int = 1, timeout_s: float | None = None,
@@ -133,6 +137,8 @@ class KVStore:
             host_id=self.host_id, soft_pin_ttl_s=soft_pin_ttl_s, hard_pin=bool(hard_pin),
             tier=check_tier(tier), near_node_id=check_node_id(near_node),
             reserved=self._reserved)
+        if self._hits is not None:
+            self._hits.flush()   # NOTE: evictions this put causes see this client's reads
         with self._closing_guard:
             return self._chunked(lambda lo, hi: put_batch(
                 self._master, self._transfers, keys[lo:hi], values[lo:hi], settings), len(keys))
@@ -199,6 +205,15 @@ class KVStore:
                     return results
             return get_batch(self._master, transfers, chunk_keys, chunk_outs, allocate,
                              settings)
+
+        home = self._home
+        if home is not None:
+            master_fetch = fetch
+
+            def fetch(chunk_keys: list, chunk_outs: list | None) -> list[Any]:
+                # NOTE: first gets go to the key's home node (client/home_reads.py)
+                return home.get(chunk_keys, chunk_outs, allocate, settings.deadline,
+                                master_fetch, transfers)
 
         def get_chunk(lo: int, hi: int) -> list[Any]:
             chunk_outs = outs[lo:hi] if outs is not None else None
@@ -290,7 +305,10 @@ class KVStore:
     def stats(self) -> dict[str, Any]:
         """Cluster figures from the master plus this client's own: which transports it has
         (preference order), per transport reads/writes/bytes/errors it served, and its
-        location cache's entries, hits, misses and refused reads (None: off)."""
+        location cache's entries, hits, misses and refused reads (None: off), and its home
+        reads' hits, misses, list refreshes and nodes (None: off)."""
+        if self._hits is not None:
+            self._hits.flush()   # the master's hits include this client's home reads
         stats = self._call("stats")
         master = master_stats(stats)
         self._max_batch = stats.max_batch or self._max_batch
@@ -299,7 +317,8 @@ class KVStore:
                 "transports": [t.name for t in self._transfers.transports],
                 "transfers": self._transfers.stats(), "master": master,
                 "location_cache": (self._locations.stats() if self._locations is not None
-                                   else None)}
+                                   else None),
+                "home_reads": self._home.stats() if self._home is not None else None}
 
     # ---- lifecycle ----------------------------------------------------------------------
     def _nixl_nodes(self) -> dict[str, bytes]:
@@ -330,6 +349,10 @@ class KVStore:
             # sends: a location read there would always be refused
             self._locations = None
         self._leases = LeaseReleaser(self._master)
+        self._home = home_reads_for(self._master, self._transfers, self.host_id,
+                                    self.config.home_reads)
+        if self._home is not None:
+            self._home.hits = self._hits = HitReporter(self._master)
 
     @property
     def metadata_path(self) -> str:
@@ -345,6 +368,8 @@ class KVStore:
             self._closed = True
         if self._leases is not None:
             self._leases.close()      # sends the releases still queued, then stops
+        if self._hits is not None:
+            self._hits.close()
         self._transfers.close()
         if self._master is not None:
             self._master.close()

@@ -109,6 +109,9 @@ class DataPlaneServer(CommitRequests, ThreadedTcpServer):
         # CHECKED_READ decider (daemon/location_reads.py), set by the daemon once its
         # object table exists; None: every CHECKED_READ is answered LOCATION_OFF
         self.location_reads = None
+        # KEYED_READ handler (daemon/keyed_reads.py), set with ``location_reads``; None:
+        # a KEYED_READ is a bad frame
+        self.keyed_reads = None
 
     def start(self) -> str:
         """Bind, listen and start accepting; return the bound "host:port"."""
@@ -230,7 +233,7 @@ class DataPlaneServer(CommitRequests, ThreadedTcpServer):
             self._write_commit(conn, segment, offset, length, blob, commit_tail, request_id,
                                principal)
         else:
-            self._send_from(conn, segment, data_frames.REPLY.pack(_REPLY_OK, 0, 0, request_id,
+            self.send_from(conn, segment, data_frames.REPLY.pack(_REPLY_OK, 0, 0, request_id,
                                                                   length), offset, length)
             self.stats.num_reads += 1
             self.stats.bytes_read += length
@@ -239,7 +242,8 @@ class DataPlaneServer(CommitRequests, ThreadedTcpServer):
     def _serve_control(self, conn: socket.socket, reader, op_code: int, flags: int,
                        seg_len: int, request_id: int, offset: int, length: int,
                        principal: str) -> bool:
-        """PING, COMMIT, CLIENT_COMMIT, CHECK_WRITES; BadFrame for any other op."""
+        """PING, COMMIT, CLIENT_COMMIT, CHECK_WRITES, KEYED_READ (daemon/keyed_reads.py);
+        BadFrame for any other op."""
         if op_code == Op.PING:
             if seg_len:
                 raise BadFrame("PING carries no segment id")
@@ -253,6 +257,9 @@ class DataPlaneServer(CommitRequests, ThreadedTcpServer):
         if op_code == Op.CHECK_WRITES:
             return self._check_writes(conn, reader, seg_len, request_id, offset, length,
                                       principal)
+        if op_code == Op.KEYED_READ and self.keyed_reads is not None:
+            return self.keyed_reads.serve(conn, reader, flags, seg_len, request_id, offset,
+                                          length)
         raise BadFrame(f"unknown op {op_code}")
 
     def _check_writes(self, conn: socket.socket, reader, seg_len: int, request_id: int,
@@ -351,7 +358,7 @@ class DataPlaneServer(CommitRequests, ThreadedTcpServer):
             return
         backend.write_stream(offset, length, lambda piece: read_into(reader, piece))
 
-    def _send_from(self, conn: socket.socket, backend: Backend, header: bytes, offset: int,
+    def send_from(self, conn: socket.socket, backend: Backend, header: bytes, offset: int,
                    length: int) -> None:
         view = backend.view(offset, length)
         if view is not None:

@@ -73,16 +73,24 @@ class LocationReads:
             if self.on_lease is not None:
                 self.on_lease(self._fresh_until_s)
 
+    def lease_refusal(self) -> tuple[Status, str] | None:
+        """None while the node holds its location lease, else (LOCATION_OFF, why). Also the
+        lease of keyed reads (daemon/keyed_reads.py)."""
+        if self._clock() >= self._fresh_until_s:
+            return Status.LOCATION_OFF, (
+                "no up-to-date heartbeat within the location lease" if self._lease_s > 0
+                else "the master grants this node no location lease")
+        return None
+
     def refusal(self, key: str, checksum: int, segment_id: str, offset: int,
                 length: int) -> tuple[Status, str] | None:
         """None if the read of [offset, +length) of ``segment_id`` as ``key``'s bytes may
         be served, else the refusal: LOCATION_OFF (no lease: every location read here is
         refused for now) or LOCATION_STALE (not that object), and why."""
-        if self._clock() >= self._fresh_until_s:
+        off = self.lease_refusal()
+        if off is not None:
             self.num_refused += 1
-            return Status.LOCATION_OFF, (
-                "no up-to-date heartbeat within the location lease" if self._lease_s > 0
-                else "the master grants this node no location lease")
+            return off
         stored = self._table.get(key)
         if (stored is None or stored.segment_id != segment_id or stored.checksum != checksum
                 or offset < stored.offset

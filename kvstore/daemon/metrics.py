@@ -69,6 +69,14 @@ class _DaemonCollector:
                     ("location_reads_refused", location_reads.num_refused,
                      "CHECKED_READs refused: no location lease, or not that object")):
                 yield CounterMetricFamily(f"kvstore_daemon_{name}", text, value=value)
+        keyed_reads = getattr(daemon.dataplane, "keyed_reads", None)
+        if keyed_reads is not None:
+            for name, value, text in (
+                    ("keyed_reads", keyed_reads.num_served,
+                     "KEYED_READs served (clients' first gets at the key's home node)"),
+                    ("keyed_reads_refused", keyed_reads.num_refused,
+                     "KEYED_READs refused: not here, no lease, capability, too large")):
+                yield CounterMetricFamily(f"kvstore_daemon_{name}", text, value=value)
         objects = daemon.objects
         yield GaugeMetricFamily("kvstore_daemon_objects", "Objects in the local table",
                                 value=len(objects) if objects is not None else 0)

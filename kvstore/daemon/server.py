@@ -140,6 +140,10 @@ class Daemon:
         location_reads = LocationReads(self.objects, clock=self._clock)
         location_reads.on_lease = self._publish_lease
         self.dataplane.location_reads = location_reads
+        from kvstore.daemon.keyed_reads import KeyedReads
+        self.dataplane.keyed_reads = KeyedReads(
+            self.objects, location_reads, self.guard, {s.segment_id: s for s in self.segments},
+            self.dataplane.send_from)
         self.master_link = MasterLink(self._master_client, self.node_spec(), self.objects,
                                       clock=self._clock, stop_event=self._interrupted,
                                       segments={s.segment_id: s for s in self.segments},

@@ -108,6 +108,16 @@ class WriteGuard:
                     pass
             raise refusal
 
+    def check_keyed(self, blob: bytes) -> str:
+        """The key prefix a keyed read (daemon/keyed_reads.py) with capability ``blob`` may
+        read ("": any key, also while the master issues no read capabilities for this
+        node); CapabilityRefused with the reason (``capability.check_keyed``)."""
+        secret = self._secret
+        if secret is None or not self._check_reads:
+            return ""
+        return capability.check_keyed(secret, self.node_id, blob,
+                                      int(self._wall_clock() * 1000))
+
     def verify_commit(self, base_seq: int, body: bytes, signed: bool) -> bytes:
         """The change set of a COMMIT push (``body`` without its MAC) if this node may apply
         it; raises CapabilityRefused when the node has a secret and the push is unsigned or

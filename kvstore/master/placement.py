@@ -71,3 +71,35 @@ def place(classes: list[list[SegmentSpace]], size_bytes: int, num_replicas: int,
     for segment, offset in picks:
         segment.allocator.free(offset, size_bytes)
     return None
+
+
+def place_at_home(classes: list[list[SegmentSpace]], home_node_id: str, size_bytes: int,
+                  num_replicas: int, turn: int) -> list[tuple[SegmentSpace, int]] | None:
+    """``place`` with the first replica on ``home_node_id`` (the key's home node,
+    ``kvstore.home``): in the best class, when that node has a segment there with room; the
+    other replicas as ``place`` picks them on other nodes. None, with nothing allocated,
+    when the home is not in the best class (a hint ranked other nodes first), has no room
+    there, or the other replicas find none: the caller then places as ``place`` does.
+
+    Why only the best class: a get goes to the home first; a key the home holds on a slower
+    tier than the others offer would cost every put that tier, and a hint (near host)
+    that ranks other nodes first keeps its meaning.
+    """
+    if not classes or not home_node_id:
+        return None
+    first = classes[0]
+    for segment in first:             # most free space first
+        if segment.node.node_id != home_node_id:
+            continue
+        offset = segment.allocator.allocate(size_bytes)
+        if offset is None:
+            continue
+        if num_replicas == 1:
+            return [(segment, offset)]
+        others = [[s for s in segments if s.node is not segment.node] for segments in classes]
+        rest = place([c for c in others if c], size_bytes, num_replicas - 1, turn)
+        if rest is None:
+            segment.allocator.free(offset, size_bytes)
+            return None
+        return [(segment, offset)] + rest
+    return None

@@ -25,6 +25,7 @@ import grpc
 
 from kvstore.master import auth, replies
 from kvstore.master.capabilities import CapabilityIssuer
+from kvstore.master.home_nodes import home_nodes_reply, touch_keys
 from kvstore.master.objects import ITEM_NOT_FOUND, ITEM_OK, ITEM_UNCOMMITTED
 from kvstore.master.state import MasterState
 from kvstore.master.tenancy import CLUSTER, scope_request
@@ -76,6 +77,7 @@ class MasterService:
                  wall_clock=time.time, data_token: str = ""):
         self.state = state
         self.capabilities = CapabilityIssuer(state.config, wall_clock)
+        self._wall_clock = wall_clock
         self.data_token = data_token   # Stats' data_token for tenants (auth.Authenticator)
         self.metrics_port = metrics_port or 0
         self.fast_port = 0  # set by the server once the fast path is bound; 0: none
@@ -391,11 +393,18 @@ class MasterService:
         return pb.ListNodesResponse(nodes=replies.node_infos(self.state.nodes.values(), now_s,
                                                              self.state.reservations))
 
+    def GetHomeNodes(self, request, now_s, caller=CLUSTER):
+        return home_nodes_reply(self.state.nodes, caller, self._wall_clock())
+
+    def TouchKeys(self, request, now_s, caller=CLUSTER):
+        return pb.TouchKeysResponse(num_found=touch_keys(self.state, request.keys, now_s))
+
 
 #: Every RPC of the service, in master.proto order.
 METHODS = ("RegisterNode", "Heartbeat", "UnregisterNode", "PutStart", "PutEnd", "PutRevoke",
            "GetReplicas", "RenewLease", "Exists", "Remove", "RemovePrefix", "Pin", "Unpin",
-           "MatchPrefix", "Stats", "ListNodes", "ReleaseLeases", "Reserve")
+           "MatchPrefix", "Stats", "ListNodes", "ReleaseLeases", "Reserve", "GetHomeNodes",
+           "TouchKeys")
 #: The calls whose reply waits until the changes they logged are durable on the daemons.
 DURABLE_METHODS = frozenset({"PutEnd", "Remove", "RemovePrefix"})
 #: The calls that may wait on something outside the master (daemons, etcd): run off the

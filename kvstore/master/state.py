@@ -32,6 +32,7 @@ import heapq
 import uuid
 from collections import deque
 
+from kvstore.home import home_of, node_seeds
 from kvstore.master import admin, eviction, reads, registration, tiering
 from kvstore.master.leases import LeaseBook
 from kvstore.master.config import MasterConfig
@@ -41,7 +42,7 @@ from kvstore.master.objects import (
     CODECS, COMPLETE, ITEM_ALREADY_EXISTS, ITEM_INVALID, ITEM_NO_SPACE, ITEM_NOT_FOUND,
     ITEM_OK, PENDING, ObjectMeta,
 )
-from kvstore.master.placement import place, rank_segments
+from kvstore.master.placement import place, place_at_home, rank_segments
 from kvstore.master.removals import UnconfirmedRemovals
 from kvstore.master.reservations import ReservationBook
 from kvstore.master.tenancy import TenantBook
@@ -159,6 +160,9 @@ class MasterState:
         check_id(near_node_id, "near_node_id", allow_empty=True)
         check_id(client_id, "client_id", allow_empty=True)
         classes = rank_segments(self.nodes.values(), tier, near_host_id, near_node_id)
+        # NOTE: a put free to choose (no tier, no node named) puts its first replica on the
+        # key's home node, where a client's first get looks (docs/ARCHITECTURE.md, Home reads)
+        seeds = node_seeds(self.nodes) if tier is None and not near_node_id else None
         objects, pending = self.objects, self.pending
         statuses, messages, all_picks = [], None, []
         deadline_s = now_s + self.config.pending_timeout_s
@@ -178,12 +182,12 @@ class MasterState:
                 self._turn += 1
                 if book is not None:
                     key_classes = book.allowed_classes(tenant, classes, size, num_replicas)
-                picks = place(key_classes, size, num_replicas, self._turn)
+                picks = self._place(key, key_classes, size, num_replicas, seeds)
                 # NOTE: the hopeless shortcut holds only for the call's one set of classes
                 if picks is None and (key_classes is not classes or hopeless_size is None
                                       or size < hopeless_size):
                     if eviction.make_room(self, key_classes, size, num_replicas, now_s):
-                        picks = place(key_classes, size, num_replicas, self._turn)
+                        picks = self._place(key, key_classes, size, num_replicas, seeds)
                     elif key_classes is classes:
                         hopeless_size = size
             if picks is None:
@@ -208,6 +212,15 @@ class MasterState:
             all_picks.append(picks)
         eviction.relieve_pressure(self, now_s)
         return statuses, messages, all_picks
+
+    def _place(self, key: str, classes, size: int, num_replicas: int, seeds):
+        """``placement.place_at_home`` of ``key`` when ``seeds`` (``home.node_seeds``), else
+        (or when the home has no room) ``placement.place``."""
+        if seeds:
+            picks = place_at_home(classes, home_of(key, seeds), size, num_replicas, self._turn)
+            if picks is not None:
+                return picks
+        return place(classes, size, num_replicas, self._turn)
 
     def put_end(self, keys, client_id: str, checksums, now_s: float):
         """Make this writer's PENDING objects COMPLETE (visible). Per key: ITEM_OK (also

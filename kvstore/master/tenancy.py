@@ -38,7 +38,7 @@ from kvstore.tiers import Tier
 DAEMON_METHODS = frozenset({"RegisterNode", "Heartbeat", "UnregisterNode"})
 #: RPCs whose request names objects by a ``keys`` field.
 KEYED_METHODS = frozenset({"PutStart", "PutEnd", "PutRevoke", "GetReplicas", "RenewLease",
-                           "Exists", "Remove", "Pin", "Unpin", "MatchPrefix"})
+                           "Exists", "Remove", "Pin", "Unpin", "MatchPrefix", "TouchKeys"})
 
 
 @dataclass(frozen=True, slots=True)

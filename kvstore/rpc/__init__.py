@@ -15,11 +15,11 @@ from kvstore.rpc.client import MasterClient
 from kvstore.rpc.connect import METADATA_PATHS, connect_master, grpc_client
 from kvstore.rpc.grpc_carrier import GrpcCarrier
 from kvstore.rpc.results import (
-    HeartbeatChanges, Inventory, MasterStats, NodeSpec, NodeStatus, Registration, ReplicaSet,
-    SegmentSpec, TierMove, TierUsage,
+    HeartbeatChanges, HomeNode, HomeNodes, Inventory, MasterStats, NodeSpec, NodeStatus,
+    Registration, ReplicaSet, SegmentSpec, TierMove, TierUsage,
 )
 
-__all__ = ["GrpcCarrier", "HeartbeatChanges", "Inventory", "METADATA_PATHS", "MasterClient",
+__all__ = ["GrpcCarrier", "HeartbeatChanges", "HomeNode", "HomeNodes", "Inventory", "METADATA_PATHS", "MasterClient",
            "MasterStats", "NodeSpec", "NodeStatus", "Registration", "ReplicaSet", "SegmentSpec",
            "TierMove", "TierUsage", "connect_master", "grpc_client"]
 

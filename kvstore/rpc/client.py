@@ -35,8 +35,8 @@ from kvstore.rpc.carrier import Carrier
 from kvstore.rpc.errors import ConnectionLostError, NotServingError, item_error, malformed
 from kvstore.rpc.methods import METHODS, Method
 from kvstore.rpc.results import (
-    HeartbeatChanges, Inventory, MasterStats, NodeSpec, NodeStatus, Registration, ReplicaSet,
-    ReservationGrant,
+    HeartbeatChanges, HomeNode, HomeNodes, Inventory, MasterStats, NodeSpec, NodeStatus,
+    Registration, ReplicaSet, ReservationGrant,
 )
 from kvstore.tiers import Tier
 from kvstore.transport.base import Target
@@ -342,6 +342,19 @@ class MasterClient:
     def list_nodes(self, *, deadline: Deadline | None = None) -> list[NodeStatus]:
         return messages.node_statuses(self.call(_M["ListNodes"], pb.ListNodesRequest(),
                                                 deadline))
+
+    def get_home_nodes(self, *, deadline: Deadline | None = None) -> HomeNodes:
+        """The live nodes keys' home nodes are hashed over (``kvstore.home``), with this
+        caller's keyed-read capabilities and key prefix (docs/ARCHITECTURE.md, Home reads)."""
+        reply = self.call(_M["GetHomeNodes"], pb.GetHomeNodesRequest(), deadline)
+        return HomeNodes([HomeNode(n.node_id, n.host_id, n.data_addr, n.keyed_read_capability)
+                          for n in reply.nodes], reply.key_prefix, reply.expiry_ms,
+                         reply.membership)
+
+    def touch_keys(self, keys: Sequence[str], *, deadline: Deadline | None = None) -> int:
+        """Tell the master that home reads served ``keys`` (hits, recency, promotion; no
+        lease); the number it found."""
+        return self.call(_M["TouchKeys"], pb.TouchKeysRequest(keys=keys), deadline).num_found
 
     # ---- lifecycle -------------------------------------------------------------------------
 

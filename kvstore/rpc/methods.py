@@ -19,7 +19,7 @@ from kvstore.v1 import master_pb2 as pb
 
 _RETRYABLE = frozenset({"GetReplicas", "RenewLease", "Exists", "MatchPrefix", "Stats",
                         "ListNodes", "Heartbeat", "Pin", "Unpin", "PutEnd", "PutRevoke",
-                        "ReleaseLeases"})
+                        "ReleaseLeases", "GetHomeNodes", "TouchKeys"})
 
 
 @dataclass(frozen=True, slots=True)

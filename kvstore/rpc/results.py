@@ -217,3 +217,23 @@ class ReservationGrant:
     target: Target
     ttl_s: float
     commit_ring: str = ""       # shm name of the node's commit ring; "": none
+
+
+@dataclass(frozen=True, slots=True)
+class HomeNode:
+    """One live node a key's home may be (GetHomeNodes)."""
+
+    node_id: str
+    host_id: str
+    data_addr: str
+    keyed_read_capability: bytes   # b"": the node checks no reads
+
+
+@dataclass(frozen=True, slots=True)
+class HomeNodes:
+    """The live nodes keys' homes are hashed over, for one caller (GetHomeNodes)."""
+
+    nodes: list[HomeNode]
+    key_prefix: str          # what the master prepends to this caller's keys
+    expiry_ms: int           # the keyed-read capabilities' expiry (Unix ms)
+    membership: int          # changes whenever the node set does

@@ -65,6 +65,17 @@ Request (client -> server), 26-byte header, then the segment id, then the capabi
     LOCATION_OFF or LOCATION_STALE and the connection stays usable.
     docs/ARCHITECTURE.md, Location cache.
 
+    KEYED_READ (17, a home read: a client's first get of a key, sent to the key's home
+    node without asking the master) names a key, not a range: no segment id (seg_len 0),
+    ``offset`` = the most object bytes the client accepts, ``length`` = the key's length;
+    then the keyed-read capability (FLAG_CAPABILITY; may be absent where the node checks
+    no reads), then the key (UTF-8, the stored key: a tenant's with its prefix). The daemon
+    serves it from its own object table while it holds the location lease; the reply's
+    ``length`` is 8 + the object's size and its payload the object's checksum (u64) then
+    its bytes. Refusals: LOCATION_OFF (no lease), KEY_NOT_HERE (not in the table, or not
+    raw), TOO_LARGE, CAPABILITY_REFUSED; the connection stays usable.
+    docs/ARCHITECTURE.md, Home reads.
+
 Reply (server -> client), 16-byte header, then the message, then for a READ that succeeded the
 payload::
 
@@ -127,6 +138,7 @@ class Op(enum.IntEnum):
     CHECK_WRITES = 7
     CHECKED_READ = 8
     WRITE_COMMIT = 14
+    KEYED_READ = 17
 
 
 class Status(enum.IntEnum):
@@ -142,6 +154,9 @@ class Status(enum.IntEnum):
     # statuses above, which other changes extend one by one
     LOCATION_OFF = 32       # the node serves no location reads now (no location lease)
     LOCATION_STALE = 33     # the node does not hold that object at that range
+    # KEYED_READ refusals (transport/keyed_read.py)
+    KEY_NOT_HERE = 42       # this node's table holds no readable object under that key
+    TOO_LARGE = 43          # the object is larger than the request's limit
 
 
 def encode_hello(token: str | None) -> bytes:
