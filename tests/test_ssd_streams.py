@@ -223,8 +223,8 @@ def test_a_single_4mib_ssd_put_commits_in_one_unstriped_write_and_survives_a_sig
 
     sent, write_commits = [], []
     begin, write_commit = DaemonCommitter.begin, TcpTransport.write_commit
-    monkeypatch.setattr(DaemonCommitter, "begin", lambda self, entries, deadline:
-                        sent.append(entries) or begin(self, entries, deadline))
+    monkeypatch.setattr(DaemonCommitter, "begin", lambda self, entries, deadline, *rest:
+                        sent.append(entries) or begin(self, entries, deadline, *rest))
     monkeypatch.setattr(TcpTransport, "write_commit", lambda self, target, *args, **kwargs:
                         write_commits.append(target.length) or
                         write_commit(self, target, *args, **kwargs))
