@@ -52,7 +52,8 @@ def in_process_stages() -> list[tuple[str, float]]:
     from kvstore.master import reads
     from kvstore.master.clock import MonotonicClock
     from kvstore.master.config import MasterConfig
-    from kvstore.master.service import MasterService, make_invoker
+    from kvstore.master.invoker import make_invoker
+    from kvstore.master.service import MasterService
     from kvstore.master.state import MasterState
     from kvstore.master.wire import parse_request
     from kvstore.rpc import fast_frames as ff

@@ -1,6 +1,6 @@
 """What the tenant check costs the master's request path, without a transport.
 
-The master's whole in-process path (request bytes parsed, ``service.make_invoker``'s invoke:
+The master's whole in-process path (request bytes parsed, ``invoker.make_invoker``'s invoke:
 lock, sweep check, the tenant's key mapping, the handler, the reply serialized) for
 GetReplicas and Exists of 1,024 keys, on three masters holding the same 200,000 keys: no
 tenants (the cluster principal, as today), and tenants with a call from the cluster token
@@ -27,7 +27,8 @@ from pathlib import Path
 
 from kvstore.master.clock import ManualClock
 from kvstore.master.config import MasterConfig
-from kvstore.master.service import MasterService, make_invoker
+from kvstore.master.invoker import make_invoker
+from kvstore.master.service import MasterService
 from kvstore.master.state import MasterState
 from kvstore.master.tenancy import CLUSTER, Principal
 from kvstore.master.tenants import Tenant

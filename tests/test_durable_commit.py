@@ -28,7 +28,7 @@ from kvstore import capability
 from kvstore.daemon.objects import ObjectTable
 from kvstore.master.nodes import Node, SegmentSpace
 from kvstore.master.objects import ITEM_NOT_FOUND, ITEM_OK
-from kvstore.master.service import _client_committed
+from kvstore.master.invoker import _client_committed
 from kvstore.rpc import HeartbeatChanges, Inventory
 from kvstore.tiers import Tier
 from kvstore.transport import data_frames

@@ -2,7 +2,7 @@
 (``kvstore.rpc.fast_frames``, the format its clients speak).
 
 Same handlers, same lock, same validation and same metrics (labelled ``transport="fast"``)
-as the gRPC path: each request runs through ``service.make_invoker``, so the two paths can
+as the gRPC path: each request runs through ``invoker.make_invoker``, so the two paths can
 only differ in framing. gRPC stays the public, complete API; this is an optimization.
 
 Threading and resource handling: ``kvstore._tcpserver.ThreadedTcpServer`` (one thread per
@@ -31,7 +31,8 @@ from kvstore._tcpserver import ThreadedTcpServer
 from kvstore._tls import TLSConfig
 from kvstore._wire import BadHello, PeerClosedError, read_hello
 from kvstore.master.auth import Authenticator
-from kvstore.master.service import MasterService, make_invoker
+from kvstore.master.invoker import make_invoker
+from kvstore.master.service import MasterService
 from kvstore.master.validation import Rejected
 from kvstore.master.wire import WIRE_METHODS, parse_request
 from kvstore.rpc import fast_frames as ff

@@ -26,7 +26,8 @@ from kvstore.master.commits import CommitPusher
 from kvstore.master.config import MasterConfig
 from kvstore.master.fast_server import FastRpcServer
 from kvstore.master.metrics import MasterMetrics
-from kvstore.master.service import MasterService, make_handlers
+from kvstore.master.grpc_handlers import make_handlers
+from kvstore.master.service import MasterService
 from kvstore.master.state import MasterState
 from kvstore.rpc.fast_frames import MAX_FRAME_BYTES
 
