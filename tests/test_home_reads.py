@@ -14,10 +14,10 @@ from __future__ import annotations
 import os
 import signal
 import socket
-import time
 
 import pytest
 from client_cluster import Cluster, payload
+from conditions import master_hits, wait_for
 from servers import ServerProcess
 from stopped_process import stop_process
 
@@ -33,22 +33,8 @@ TIMEOUT_S = 10.0
 BEATS = ("--heartbeat-interval", "200ms")
 
 
-def _wait(predicate, what: str, timeout_s: float = 30.0):
-    deadline = time.monotonic() + timeout_s
-    while True:
-        value = predicate()
-        if value:
-            return value
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.05)   # another process's heartbeats: no clock of ours to advance
-
-
 def _home(store) -> dict:
     return store.stats()["home_reads"]
-
-
-def _master_hits(store) -> int:
-    return store.stats()["master"]["hits"]
 
 
 def _replica_nodes(store, key: str) -> list[str]:
@@ -68,7 +54,7 @@ def _home_get(store, key: str):
         hits = _home(store)["hits"]
         value = store.get(key)
         return value if _home(store)["hits"] > hits else None
-    return _wait(served, f"a home read of {key!r}")
+    return wait_for(served, f"a home read of {key!r}")
 
 
 @pytest.fixture(scope="module")
@@ -97,7 +83,7 @@ def test_a_free_put_lands_on_its_home_and_a_first_get_skips_the_master(stores):
     for key in keys:
         assert _replica_nodes(writer, key) == [_home_node(writer, key)]
     assert _home_get(reader, keys[0]) == values[0]
-    hits, home = _master_hits(reader), _home(reader)
+    hits, home = master_hits(reader), _home(reader)
     assert reader.batch_get(keys) == values       # one KEYED_READ stream per node
     out = bytearray(64 * KiB)
     assert reader.get_into(keys[1], out) == 64 * KiB and bytes(out) == values[1]
@@ -106,7 +92,7 @@ def test_a_free_put_lands_on_its_home_and_a_first_get_skips_the_master(stores):
     assert [bytes(o) for o in outs] == values
     assert _home(reader)["hits"] == home["hits"] + 2 * len(keys) + 1   # no GetReplicas
     # the master learns of them afterwards (TouchKeys): one hit each, as a get counted
-    assert _master_hits(reader) == hits + 2 * len(keys) + 1
+    assert master_hits(reader) == hits + 2 * len(keys) + 1
     assert reader.stats()["transfers"]["tcp"]["num_reads"] >= 2 * len(keys) + 1
 
 
@@ -118,9 +104,9 @@ def test_a_put_placed_elsewhere_and_absent_keys_go_through_the_master(stores, cl
                  if n.node_id != home)
     writer.put(key, payload(8 * KiB, seed=20), near_node=other)
     assert _replica_nodes(writer, key) == [other]
-    hits = _master_hits(reader)
+    hits = master_hits(reader)
     assert reader.get(key) == payload(8 * KiB, seed=20)   # "not here", then the master
-    assert _master_hits(reader) == hits + 1
+    assert master_hits(reader) == hits + 1
     with pytest.raises(kvstore.KeyNotFoundError):
         reader.get("hr/absent")
     out = bytearray(4 * KiB)                   # too small: the master path's error
@@ -134,9 +120,9 @@ def test_a_value_the_transport_stripes_is_read_through_the_master(stores):
     writer.put("hr/large", value)
     writer.put("hr/small", payload(KiB, seed=22))
     _home_get(reader, "hr/small")                   # the home's lease holds
-    hits, home_hits = _master_hits(reader), _home(reader)["hits"]
+    hits, home_hits = master_hits(reader), _home(reader)["hits"]
     assert reader.get("hr/large") == value          # TOO_LARGE at home, then striped
-    assert _master_hits(reader) == hits + 1 and _home(reader)["hits"] == home_hits
+    assert master_hits(reader) == hits + 1 and _home(reader)["hits"] == home_hits
 
 
 def test_a_completed_remove_is_never_undone_by_a_home_read(stores):
@@ -340,7 +326,7 @@ def test_a_node_joining_moves_homes_and_gets_stay_right():
                 hits = _home(store)["hits"]
                 assert store.batch_get(new_keys) == new_values
                 return _home(store)["hits"] == hits + len(new_keys)
-            _wait(all_at_home, "the new homes to serve the new keys")
+            wait_for(all_at_home, "the new homes to serve the new keys")
             assert _home(store)["nodes"] == 2
     finally:
         cluster.close()
@@ -358,7 +344,7 @@ def test_a_restarted_daemon_never_serves_the_old_value():
             cluster.daemons[0] = ServerProcess(
                 ["daemon", "--master", cluster.address, "--host", "127.0.0.1", "--port",
                  "0", "--dram", "16MiB"])
-            _wait(lambda: not store.exists("hr/restart"), "the old node to be dropped")
+            wait_for(lambda: not store.exists("hr/restart"), "the old node to be dropped")
             with pytest.raises(kvstore.KeyNotFoundError):
                 store.get("hr/restart")
     finally:
@@ -401,14 +387,14 @@ def test_after_a_master_restart_home_reads_follow_the_new_master():
         value = payload(8 * KiB, seed=50)
         with kvstore.connect(master.address, transport="tcp", metadata="grpc",
                              location_cache_entries=0) as store:
-            _wait(lambda: store.stats()["master"]["num_nodes"] == 1, "the daemon")
+            wait_for(lambda: store.stats()["master"]["num_nodes"] == 1, "the daemon")
             store.put("hr/failover", value)
             store.put("hr/failover-removed", payload(8 * KiB, seed=51))
             _home_get(store, "hr/failover")
             master.kill()
             restarted = ServerProcess(["master", "--host", "127.0.0.1", "--port", str(port),
                                        *BEATS])
-            _wait(lambda: _exists(store, "hr/failover-removed"), "adoption by the new master")
+            wait_for(lambda: _exists(store, "hr/failover-removed"), "adoption by the new master")
             with kvstore.connect(restarted.address, transport="tcp", metadata="grpc",
                                  home_reads=False) as writer:
                 assert writer.remove("hr/failover-removed", force=True) is True

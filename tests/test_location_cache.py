@@ -20,6 +20,7 @@ import time
 
 import pytest
 from client_cluster import Cluster, payload
+from conditions import master_hits, wait_for
 from servers import ServerProcess
 from stopped_process import stop_process
 
@@ -31,22 +32,8 @@ KiB, MiB = 1 << 10, 1 << 20
 TIMEOUT_S = 10.0
 
 
-def _wait(predicate, what: str, timeout_s: float = 30.0):
-    deadline = time.monotonic() + timeout_s
-    while True:
-        value = predicate()
-        if value:
-            return value
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.05)   # another process's heartbeats: no clock of ours to advance
-
-
 def _cache(store) -> dict:
     return store.stats()["location_cache"]
-
-
-def _master_hits(store) -> int:
-    return store.stats()["master"]["hits"]
 
 
 def _cached_get(store, key: str):
@@ -56,7 +43,7 @@ def _cached_get(store, key: str):
         hits = _cache(store)["hits"]
         value = store.get(key)
         return value if _cache(store)["hits"] > hits else None
-    return _wait(served, f"a cached get of {key!r}")
+    return wait_for(served, f"a cached get of {key!r}")
 
 
 def _free_port() -> int:
@@ -104,12 +91,12 @@ def test_a_repeated_get_skips_the_master_and_returns_the_bytes(stores):
     writer.put("lc/repeat", value)
     assert reader.get("lc/repeat") == value        # through the master: cached now
     assert _cached_get(reader, "lc/repeat") == value
-    hits, cache = _master_hits(reader), _cache(reader)
+    hits, cache = master_hits(reader), _cache(reader)
     served = _daemon_metric("kvstore_daemon_location_reads_total")
     out = bytearray(64 * KiB)
     assert reader.get_into("lc/repeat", out) == 64 * KiB and bytes(out) == value
     assert reader.batch_get(["lc/repeat", "lc/repeat"]) == [value, value]
-    assert _master_hits(reader) == hits            # no GetReplicas for any of them
+    assert master_hits(reader) == hits            # no GetReplicas for any of them
     assert _cache(reader)["hits"] == cache["hits"] + 3
     assert _daemon_metric("kvstore_daemon_location_reads_total") == served + 3
     assert reader.stats()["transfers"]["tcp"]["num_reads"] >= 4
@@ -119,11 +106,11 @@ def test_keys_never_read_go_through_the_master(stores):
     reader, writer = stores
     writer.batch_put([f"lc/new/{i}" for i in range(3)],
                      [payload(4 * KiB, seed=10 + i) for i in range(3)])
-    misses, hits = _cache(reader)["misses"], _master_hits(reader)
+    misses, hits = _cache(reader)["misses"], master_hits(reader)
     assert reader.batch_get([f"lc/new/{i}" for i in range(3)]) == \
         [payload(4 * KiB, seed=10 + i) for i in range(3)]
     assert _cache(reader)["misses"] == misses + 3
-    assert _master_hits(reader) == hits + 3
+    assert master_hits(reader) == hits + 3
     with pytest.raises(kvstore.KeyNotFoundError):
         reader.get("lc/new/absent")
 
@@ -186,7 +173,7 @@ def test_bad_checked_reads_are_refused_and_nothing_stored_changes(cluster, store
                                                     target.offset, 4 * KiB, target.capability))
             status, _, num_bytes = _reply(sock)
             return data_frames.recv_exact(sock, num_bytes) if status == Status.OK else None
-        assert _wait(served, "a served CHECKED_READ") == value
+        assert wait_for(served, "a served CHECKED_READ") == value
         sock.sendall(data_frames.encode_request(Op.CHECKED_READ, segment, 3, target.offset,
                                                 4 * KiB, b"\x05\x00ab"))   # cut short
         assert _reply(sock)[0] == Status.BAD_FRAME
@@ -233,12 +220,12 @@ def test_a_read_right_after_a_daemon_starts_is_served_by_the_daemon():
             value = payload(64 * KiB, seed=70)
             writer.put("lc/first-second", value)
             assert reader.get("lc/first-second") == value     # through the master: cached
-            hits = _master_hits(reader)
+            hits = master_hits(reader)
             served = _daemon_metric("kvstore_daemon_location_reads_total", metrics_port)
             # the next beat is 30 s away: only the beat sent right after registering can
             # have started the lease
             assert reader.get("lc/first-second") == value
-            assert _master_hits(reader) == hits                # no GetReplicas
+            assert master_hits(reader) == hits                # no GetReplicas
             assert _cache(reader)["hits"] == 1 and _cache(reader)["refused"] == 0
             assert _daemon_metric("kvstore_daemon_location_reads_total",
                                   metrics_port) == served + 1
@@ -285,8 +272,8 @@ def test_a_re_registration_beats_at_once_and_holds_the_lease_again():
             if link.num_registrations == 1:
                 link.wake()                # the loop's beat finds the node forgotten
             return link.num_registrations == 2
-        _wait(re_registered, "the re-registration", timeout_s=20.0)
-        _wait(lease_held, "the lease after the re-registration", timeout_s=20.0)
+        wait_for(re_registered, "the re-registration", timeout_s=20.0)
+        wait_for(lease_held, "the lease after the re-registration", timeout_s=20.0)
     finally:
         link.stop(unregister=False)
         client.close()
@@ -378,7 +365,7 @@ def test_a_restarted_daemon_never_serves_the_old_location():
             scratch.daemons[0] = ServerProcess(
                 ["daemon", "--master", scratch.address, "--host", "127.0.0.1", "--port",
                  "0", "--dram", "16MiB"])
-            _wait(lambda: not reader.exists("lc/restart"), "the old node to be dropped")
+            wait_for(lambda: not reader.exists("lc/restart"), "the old node to be dropped")
             with pytest.raises(kvstore.KeyNotFoundError):
                 reader.get("lc/restart")
     finally:
@@ -396,7 +383,7 @@ def test_after_a_master_restart_the_cache_follows_the_new_master():
         value = payload(8 * KiB, seed=50)
         # NOTE: gRPC: the restarted master's fast path listens on another port
         with kvstore.connect(master.address, transport="tcp", home_reads=False, metadata="grpc") as store:
-            _wait(lambda: store.stats()["master"]["num_nodes"] == 1, "the daemon")
+            wait_for(lambda: store.stats()["master"]["num_nodes"] == 1, "the daemon")
             store.put("lc/failover", value)
             store.put("lc/failover-removed", payload(8 * KiB, seed=51))
             _cached_get(store, "lc/failover")
@@ -404,7 +391,7 @@ def test_after_a_master_restart_the_cache_follows_the_new_master():
             master.kill()
             restarted = ServerProcess(["master", "--host", "127.0.0.1", "--port", str(port),
                                        "--heartbeat-interval", "200ms"])
-            _wait(lambda: _exists(store, "lc/failover-removed"), "adoption by the new master")
+            wait_for(lambda: _exists(store, "lc/failover-removed"), "adoption by the new master")
             # removed through the new master (the daemon confirms it): never served again
             with kvstore.connect(restarted.address, transport="tcp", home_reads=False, metadata="grpc",
                                  location_cache_entries=0) as writer:

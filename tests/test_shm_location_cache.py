@@ -19,6 +19,7 @@ import time
 import numpy as np
 import pytest
 from client_cluster import Cluster, payload
+from conditions import master_hits, wait_for
 from servers import ServerProcess
 from stopped_process import stop_process
 
@@ -30,22 +31,8 @@ from kvstore.client.shm_locations import CachedShm
 KiB, MiB = 1 << 10, 1 << 20
 
 
-def _wait(predicate, what: str, timeout_s: float = 30.0):
-    deadline = time.monotonic() + timeout_s
-    while True:
-        value = predicate()
-        if value:
-            return value
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.05)   # another process's heartbeats: no clock of ours to advance
-
-
 def _cache(store) -> dict:
     return store.stats()["location_cache"]
-
-
-def _master_hits(store) -> int:
-    return store.stats()["master"]["hits"]
 
 
 def _shm_cached_get(store, key: str) -> bytes:
@@ -54,7 +41,7 @@ def _shm_cached_get(store, key: str) -> bytes:
         hits = _cache(store)["shm_hits"]
         value = store.get(key)
         return value if _cache(store)["shm_hits"] > hits else None
-    return _wait(served, f"a cached shm get of {key!r}")
+    return wait_for(served, f"a cached shm get of {key!r}")
 
 
 @pytest.fixture(scope="module")
@@ -84,14 +71,14 @@ def test_repeated_same_host_gets_skip_the_master(stores):
     # drained in the background), so a read right after the put may not be
     assert _shm_cached_get(reader, "sl/repeat") == value
     assert isinstance(reader._locations.lookup("sl/repeat"), CachedShm)
-    hits, cache = _master_hits(reader), _cache(reader)
+    hits, cache = master_hits(reader), _cache(reader)
     out[:] = bytes(len(out))
     assert reader.get_into("sl/repeat", out) == 256 * KiB and bytes(out) == value
     big = bytearray(300 * KiB)                       # a larger out: the object's bytes first
     assert reader.batch_get_into(["sl/repeat"], [big]) == [256 * KiB]
     assert bytes(big[:256 * KiB]) == value
     assert reader.get("sl/repeat") == value
-    assert _master_hits(reader) == hits              # no GetReplicas for any of them
+    assert master_hits(reader) == hits              # no GetReplicas for any of them
     assert _cache(reader)["shm_hits"] == cache["shm_hits"] + 3
 
 
@@ -109,22 +96,22 @@ def test_a_batch_of_small_objects_is_served_from_the_cache(stores):
         num = sum(isinstance(reader._locations.lookup(k), CachedShm) for k in keys)
         # NOTE: a few offsets may share a table slot: those stay uncached
         return num if num >= 250 else 0
-    entries = _wait(cached, "the batch's keys cached")
+    entries = wait_for(cached, "the batch's keys cached")
     assert _cache(reader)["misses"] >= misses + 300      # the first batch: the master
-    hits, shm_hits = _master_hits(reader), _cache(reader)["shm_hits"]
+    hits, shm_hits = master_hits(reader), _cache(reader)["shm_hits"]
     outs = [bytearray(64) for _ in keys]
     assert reader.batch_get_into(keys, outs) == [64] * 300
     assert [bytes(o) for o in outs] == values
     assert _cache(reader)["shm_hits"] == shm_hits + entries
-    assert _master_hits(reader) == hits + 300 - entries
+    assert master_hits(reader) == hits + 300 - entries
 
 
 def test_first_reads_go_through_the_master(stores):
     reader, writer = stores
     writer.batch_put(["sl/new/0", "sl/new/1"], [payload(4 * KiB, seed=2), b""])
-    hits = _master_hits(reader)
+    hits = master_hits(reader)
     assert reader.batch_get(["sl/new/0", "sl/new/1"]) == [payload(4 * KiB, seed=2), b""]
-    assert _master_hits(reader) == hits + 2
+    assert master_hits(reader) == hits + 2
     assert reader._locations.lookup("sl/new/1") is None       # empty values: not cached
     with pytest.raises(kvstore.KeyNotFoundError):
         reader.get("sl/new/absent")
@@ -271,7 +258,7 @@ def test_a_daemon_killed_and_restarted_never_serves_the_old_location():
             cluster.daemons[0] = ServerProcess(
                 ["daemon", "--master", cluster.address, "--host", "127.0.0.1", "--port",
                  "0", "--dram", "16MiB", *daemon_args])
-            _wait(lambda: not reader.exists("sl/restart"), "the lost key to be dropped")
+            wait_for(lambda: not reader.exists("sl/restart"), "the lost key to be dropped")
             # NOTE: another daemon's reaper on this machine may have unlinked the dead
             # one's segment meanwhile (the per-call link check then refuses it too); where
             # it did not, the new daemon zeroed the old table's lease
@@ -301,7 +288,7 @@ def test_after_a_master_restart_the_cache_follows_the_new_master():
     try:
         value = payload(8 * KiB, seed=50)
         with kvstore.connect(master.address, metadata="grpc") as store:
-            _wait(lambda: store.stats()["master"]["num_nodes"] == 1, "the daemon")
+            wait_for(lambda: store.stats()["master"]["num_nodes"] == 1, "the daemon")
             store.put("sl/failover", value)
             store.put("sl/failover-removed", payload(8 * KiB, seed=51))
             _shm_cached_get(store, "sl/failover")
@@ -309,7 +296,7 @@ def test_after_a_master_restart_the_cache_follows_the_new_master():
             master.kill()
             restarted = ServerProcess(["master", "--host", "127.0.0.1", "--port", str(port),
                                        "--heartbeat-interval", "200ms"])
-            _wait(lambda: _exists(store, "sl/failover-removed"), "adoption by the new master")
+            wait_for(lambda: _exists(store, "sl/failover-removed"), "adoption by the new master")
             with kvstore.connect(restarted.address, metadata="grpc",
                                  location_cache_entries=0) as writer:
                 assert writer.remove("sl/failover-removed", force=True) is True
