@@ -188,21 +188,17 @@ def _body(group, batch: bytes = b"") -> bytes:
     """The serialized ClientCommit of ``(index, key, target, checksum)`` entries, with the
     batch capability ``batch`` instead of the entries' own where it covers exactly them
     (it states their count, and the group is a part of its batch in the batch's order)."""
-    if batch and capability.batch_count(batch) == len(group):
-        return pb.ClientCommit(
-            keys=[key for _, key, _, _ in group],
-            segment_ids=[t.segment_id for _, _, t, _ in group],
-            offsets=[t.offset for _, _, t, _ in group],
-            sizes=[t.length for _, _, t, _ in group],
-            checksums=[checksum for _, _, _, checksum in group],
-            batch_capability=batch).SerializeToString()
-    return pb.ClientCommit(
+    message = pb.ClientCommit(
         keys=[key for _, key, _, _ in group],
         segment_ids=[t.segment_id for _, _, t, _ in group],
         offsets=[t.offset for _, _, t, _ in group],
         sizes=[t.length for _, _, t, _ in group],
-        checksums=[checksum for _, _, _, checksum in group],
-        capabilities=[t.capability for _, _, t, _ in group]).SerializeToString()
+        checksums=[checksum for _, _, _, checksum in group])
+    if batch and capability.batch_count(batch) == len(group):
+        message.batch_capability = batch
+    else:
+        message.capabilities.extend(t.capability for _, _, t, _ in group)
+    return message.SerializeToString()
 
 
 def _error(exc: BaseException, node_id: str, what: str) -> KVStoreError:
