@@ -32,7 +32,7 @@ import torch
 from kvstore._errors import InvalidArgumentError
 from kvstore.engine import tp
 from kvstore.engine.blocks import BlockFormat, gather_blocks, scatter_blocks
-from kvstore.engine.in_place import can_reserve, load_in_place, put_in_place
+from kvstore.engine.in_place import Worker, can_reserve, load_in_place, put_in_place
 from kvstore.engine.keys import KeyNamespace, prefix_keys
 from kvstore.engine.results import LoadResult, SaveResult, block_arrived, num_leading_arrived
 
@@ -61,6 +61,7 @@ class PagedKVConnector:
         self.namespace = complete_namespace(namespace, self.format)
         self.source_tp_size = source_tp_size
         self._staging = torch.empty(0, dtype=torch.uint8)
+        self._worker = Worker()   # the in-place copies' thread (``in_place``)
 
     # -- keys --------------------------------------------------------------------------------
     def keys_for(self, token_ids: Any, namespace: KeyNamespace | str | None = None) -> list[str]:
@@ -92,13 +93,15 @@ class PagedKVConnector:
         if not missing:
             return SaveResult(len(keys), 0, [])
         if self._saves_in_place():
-            results = self._save_in_place([keys[i] for i in missing], block_index[missing])
+            results, written = self._save_in_place([keys[i] for i in missing],
+                                                   block_index[missing])
+            num_written = sum(written)
         else:
             rows = gather_blocks(self.layers, block_index[missing], self.format,
                                  self._staging_rows(len(missing)))
             results = self.store.batch_put([keys[i] for i in missing], list(rows))
+            num_written = sum(result is None for result in results)
         failed = [keys[i] for i, result in zip(missing, results) if result is not None]
-        num_written = len(missing) - len(failed)
         return SaveResult(len(keys) - len(failed), num_written * self.format.block_bytes, failed)
 
     # -- load --------------------------------------------------------------------------------
@@ -164,16 +167,17 @@ class PagedKVConnector:
         return (self.layers[0].device.type == "cpu" and self.format.quantize is None and
                 self.format.layout != "head_major" and can_reserve(self.store))
 
-    def _save_in_place(self, keys: list[str], block_index: torch.Tensor) -> list:
+    def _save_in_place(self, keys: list[str], block_index: torch.Tensor
+                       ) -> tuple[list, list[bool]]:
         """Put blocks ``block_index`` under ``keys``, gathered straight into the ranges the
-        store reserved for them (``put_in_place``)."""
+        store reserved for them (``put_in_place``: results, written per key)."""
         from kvstore import ops
 
         def fill(positions: list[int], views: list[memoryview]) -> list[int]:
             return ops.gather_pages_to_rows(self.layers, block_index[positions], views,
                                             layout=self.format.layout, checksums=True)
 
-        return put_in_place(self.store, keys, self.format.block_bytes, fill)
+        return put_in_place(self.store, keys, self.format.block_bytes, fill, self._worker)
 
     def _load_in_place(self, keys: list[str], pages: torch.Tensor) -> tuple[int, list[str]]:
         """Blocks ``keys`` into ``pages``, scattered (and verified) straight from where they
@@ -185,7 +189,7 @@ class PagedKVConnector:
                                              layout=self.format.layout, checksums=checksums)
 
         return load_in_place(self.store, keys, self.format.block_bytes, scatter,
-                             self._staging_rows)
+                             self._staging_rows, self._worker)
 
     def _is_heterogeneous(self) -> bool:
         if self.source_tp_size is None:

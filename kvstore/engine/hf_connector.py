@@ -24,7 +24,7 @@ import torch
 from kvstore._errors import InvalidArgumentError
 from kvstore.engine.blocks import BlockFormat, decode_rows
 from kvstore.engine.connector import complete_namespace, store_round_trip
-from kvstore.engine.in_place import can_reserve, load_in_place, put_in_place
+from kvstore.engine.in_place import Worker, can_reserve, load_in_place, put_in_place
 from kvstore.engine.copies import copy_one_thread
 from kvstore.engine.hf_cache import cache_pairs
 from kvstore.engine.keys import KeyNamespace, prefix_keys
@@ -48,6 +48,7 @@ class DynamicCacheConnector:
                                   "kv_first", quantize)
         self.namespace = complete_namespace(namespace, self.format)
         self._staging = torch.empty(0, dtype=torch.uint8)
+        self._worker = Worker()   # the in-place copies' thread (``in_place``)
 
     def keys_for(self, token_ids: Any) -> list[str]:
         return prefix_keys(token_ids, chunk_size=self.block_size, namespace=self.namespace)
@@ -74,9 +75,10 @@ class DynamicCacheConnector:
                 return ops.gather_tokens_to_rows(tensors, ids[positions], views,
                                                  block_size=self.block_size, checksums=True)
 
-            results = put_in_place(self.store, names, fmt.block_bytes, fill)
+            results, written = put_in_place(self.store, names, fmt.block_bytes, fill,
+                                            self._worker)
             failed = [keys[i] for i, r in zip(missing, results) if r is not None]
-            num_written = len(missing) - len(failed)
+            num_written = sum(written)
             return SaveResult(len(keys) - len(failed), num_written * fmt.block_bytes, failed)
         rows = self._rows(len(missing))
         if fmt.quantize == "int8":
@@ -135,7 +137,7 @@ class DynamicCacheConnector:
                                               checksums=checksums)
 
         num_ok, failed = load_in_place(self.store, keys, self.format.block_bytes, scatter,
-                                       self._rows)
+                                       self._rows, self._worker)
         cache = self._install(tensors, num_ok, config)
         return cache, LoadResult(num_ok * self.block_size, num_ok * self.format.block_bytes,
                                  failed)
