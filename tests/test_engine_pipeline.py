@@ -159,7 +159,7 @@ def test_a_block_missing_in_a_middle_chunk_stops_the_load_there(store):
     dst = _pages(NUM_BLOCKS, 7.0)
     result = PagedKVConnector(store, dst, block_size=BLOCK, namespace=ns).load_blocks(
         tokens, list(range(NUM_BLOCKS)))
-    assert result.num_tokens_loaded == 70 * BLOCK
+    assert (result.num_tokens_loaded, result.failed_keys) == (70 * BLOCK, [])  # a hole, no failure
     for s, d in zip(src, dst):
         assert torch.equal(d[:, :70], s[:, :70])
         assert bool((d[:, 70:] == 7.0).all())          # nothing at or after the hole
@@ -176,3 +176,38 @@ def test_the_worker_thread_stops_on_close_and_an_inline_worker_has_none():
     assert inline.submit(threading.current_thread).result() is threading.current_thread()
     with pytest.raises(ZeroDivisionError):
         inline.submit(lambda: 1 / 0).result()
+
+
+def test_a_load_longer_than_the_stored_chain_loads_the_stored_prefix_without_failures(store):
+    src = _pages(NUM_BLOCKS)
+    ns = KeyNamespace(model="pipeline-prefix")
+    tokens = list(range(NUM_BLOCKS * BLOCK))
+    saver = PagedKVConnector(store, src, block_size=BLOCK, namespace=ns)
+    assert saver.save(tokens[:50 * BLOCK], list(range(50))) == 50
+    for given in (NUM_BLOCKS, 50, 20):                 # pages for more, as many, fewer
+        dst = _pages(NUM_BLOCKS, 7.0)
+        loader = PagedKVConnector(store, dst, block_size=BLOCK, namespace=ns)
+        result = loader.load_blocks(tokens, list(range(given)))
+        assert (result.num_tokens_loaded, result.failed_keys) == (min(50, given) * BLOCK, [])
+        assert result.num_bytes_read == min(50, given) * loader.format.block_bytes
+        for s, d in zip(src, dst):
+            assert torch.equal(d[:, :min(50, given)], s[:, :min(50, given)])
+            assert bool((d[:, min(50, given):] == 7.0).all())
+    other = PagedKVConnector(store, _pages(4, 7.0), block_size=BLOCK,
+                             namespace=KeyNamespace(model="pipeline-nothing"))
+    assert other.load_blocks(tokens[:4 * BLOCK], [0, 1, 2, 3]).num_tokens_loaded == 0
+    # a local prefix hit still goes through match_prefix: the answer counts from token 0
+    skipped = PagedKVConnector(store, _pages(NUM_BLOCKS, 7.0), block_size=BLOCK, namespace=ns)
+    result = skipped.load_blocks(tokens, list(range(NUM_BLOCKS)), num_computed_tokens=10 * BLOCK)
+    assert (result.num_tokens_loaded, result.num_bytes_read) == (
+        50 * BLOCK, 40 * skipped.format.block_bytes)
+
+
+def test_a_save_of_a_stored_request_writes_nothing(store):
+    src = _pages(8)
+    ns = KeyNamespace(model="pipeline-stored")
+    tokens = list(range(8 * BLOCK))
+    saver = PagedKVConnector(store, src, block_size=BLOCK, namespace=ns)
+    assert saver.save_blocks(tokens, list(range(8))).num_bytes_written == 8 * saver.format.block_bytes
+    again = saver.save_blocks(tokens, list(range(8)))
+    assert (again.num_blocks_stored, again.num_bytes_written, again.failed_keys) == (8, 0, [])

@@ -88,15 +88,17 @@ class PagedKVConnector:
         block_index = self._block_index(block_ids, len(keys))
         if not keys:
             return SaveResult(0, 0, [])
-        present = self.store.batch_exists(keys)
-        missing = [i for i, exists in enumerate(present) if not exists]
-        if not missing:
-            return SaveResult(len(keys), 0, [])
         if self._saves_in_place():
-            results, written = self._save_in_place([keys[i] for i in missing],
-                                                   block_index[missing])
+            # NOTE: no batch_exists: the reservations' PutStart answers which keys are
+            # stored (they get no view), one round trip fewer
+            missing = list(range(len(keys)))
+            results, written = self._save_in_place(keys, block_index[:len(keys)])
             num_written = sum(written)
         else:
+            present = self.store.batch_exists(keys)
+            missing = [i for i, exists in enumerate(present) if not exists]
+            if not missing:
+                return SaveResult(len(keys), 0, [])
             rows = gather_blocks(self.layers, block_index[missing], self.format,
                                  self._staging_rows(len(missing)))
             results = self.store.batch_put([keys[i] for i in missing], list(rows))
@@ -130,6 +132,13 @@ class PagedKVConnector:
             return LoadResult(0, 0, [])
         if self._is_heterogeneous():
             return tp.load_resharded(self, token_ids, block_index[:num_usable], num_skip)
+        if num_skip == 0 and self._saves_in_place():
+            # NOTE: no match_prefix: the in-place load's GetReplicas answers which leading
+            # keys are stored (one round trip of the load's two)
+            num_ok, failed = self._load_in_place(keys[:num_usable], block_index[:num_usable],
+                                                 to_first_missing=True)
+            return LoadResult(num_ok * self.block_size, num_ok * self.format.block_bytes,
+                              failed)
         num_hit = self.store.match_prefix(keys[:num_usable])
         if num_hit <= num_skip:
             return LoadResult(num_hit * self.block_size, 0, [])
@@ -179,7 +188,8 @@ class PagedKVConnector:
 
         return put_in_place(self.store, keys, self.format.block_bytes, fill, self._worker)
 
-    def _load_in_place(self, keys: list[str], pages: torch.Tensor) -> tuple[int, list[str]]:
+    def _load_in_place(self, keys: list[str], pages: torch.Tensor, *,
+                       to_first_missing: bool = False) -> tuple[int, list[str]]:
         """Blocks ``keys`` into ``pages``, scattered (and verified) straight from where they
         are stored (``load_in_place``); (leading blocks loaded, failed keys)."""
         from kvstore import ops
@@ -189,7 +199,8 @@ class PagedKVConnector:
                                              layout=self.format.layout, checksums=checksums)
 
         return load_in_place(self.store, keys, self.format.block_bytes, scatter,
-                             self._staging_rows, self._worker)
+                             self._staging_rows, self._worker,
+                             to_first_missing=to_first_missing)
 
     def _is_heterogeneous(self) -> bool:
         if self.source_tp_size is None:

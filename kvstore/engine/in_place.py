@@ -20,6 +20,7 @@ from __future__ import annotations
 import concurrent.futures
 from typing import Any, Callable, Sequence
 
+from kvstore._errors import KeyNotFoundError
 from kvstore.client.leased_views import lease_views
 from kvstore.client.reserve import reserve_puts
 from kvstore.client.store import KVStore
@@ -165,8 +166,8 @@ ScatterRows = Callable[[int, Any, Sequence[int] | None], Sequence[bool] | None]
 
 
 def load_in_place(store: Any, keys: list[str], block_bytes: int, scatter: ScatterRows,
-                  staging: Callable[[int], Any], worker: Worker | None = None
-                  ) -> tuple[int, list[str]]:
+                  staging: Callable[[int], Any], worker: Worker | None = None, *,
+                  to_first_missing: bool = False) -> tuple[int, list[str]]:
     """Load blocks ``keys[0], keys[1], ...`` (each ``block_bytes``) into the engine's cache
     by ``scatter``; returns (how many leading blocks are now in the cache, the keys that
     failed). One pass: the blocks this host's shm segments hold are scattered from leased
@@ -177,6 +178,9 @@ def load_in_place(store: Any, keys: list[str], block_bytes: int, scatter: Scatte
     go the general way: one ``batch_get_into`` into ``staging(n)`` rows (other replicas,
     other transports; its errors, e.g. ChecksumMismatchError, name the key in the failed
     keys), then ``scatter`` of the rows that arrived, stopping at the first that did not.
+    ``to_first_missing``: the keys are a request's whole chain, not a known stored prefix:
+    the first key the master reports not found (or still being written) ends it, and is
+    no failure (the leases' answers stand in for a ``match_prefix``).
 
     What the cache holds afterwards: the loaded run's pages hold their blocks; a block that
     failed never had its pages written (they hold what they held); a page after the first
@@ -190,12 +194,19 @@ def load_in_place(store: Any, keys: list[str], block_bytes: int, scatter: Scatte
     verify = bool(getattr(store.config, "verify", True))
     per_lease = min(LEASE_BATCH, getattr(store, "_max_batch", LEASE_BATCH))
     num_done = 0
+    num_keys = len(keys)     # shortened at the first key not found (to_first_missing)
     open_chunks: list = []   # [(lo, hi, leased, num_views, future)], oldest first
 
     def start(lo: int, hi: int) -> None:
+        nonlocal num_keys
         leased = lease_views(store, keys[lo:hi])
+        if to_first_missing:
+            for j, error in enumerate(leased.errors):
+                if isinstance(error, KeyNotFoundError):
+                    hi = num_keys = lo + j
+                    break
         num_views = 0
-        for view in leased.views:
+        for view in leased.views[:hi - lo]:
             if view is None or view.nbytes != block_bytes:
                 break
             num_views += 1
@@ -219,6 +230,8 @@ def load_in_place(store: Any, keys: list[str], block_bytes: int, scatter: Scatte
     try:
         whole = True   # every chunk finished so far arrived whole
         for lo, hi in pipeline_chunks(len(keys), limit=per_lease):
+            if lo >= num_keys:
+                break   # the chain ended at a key not found
             if open_chunks and open_chunks[-1][3] < open_chunks[-1][1] - open_chunks[-1][0]:
                 break   # NOTE: the last chunk lacks a view: no later chunk can be in place
             start(lo, hi)
@@ -235,9 +248,9 @@ def load_in_place(store: Any, keys: list[str], block_bytes: int, scatter: Scatte
                 concurrent.futures.wait([future])
             leased.close()
         open_chunks.clear()
-    if num_done == len(keys):
+    if num_done == num_keys:
         return num_done, []
-    rest = keys[num_done:]
+    rest = keys[num_done:num_keys]
     rows = staging(len(rest))
     results = store.batch_get_into(rest, list(rows))
     num_more = num_leading_arrived(results, block_bytes)
