@@ -8,7 +8,9 @@ Load: ``match_prefix`` finds the longest stored prefix of the request's block ke
 ``batch_get_into`` reads those objects into staging rows, and the leading run of blocks that
 arrived is scattered into the given pages. The engine computes only the tokens after it. A
 CPU cache of a raw format skips the staging rows: blocks on this host's shm are scattered
-from leased views of the segments, each verified first (``kvstore.engine.in_place``).
+from leased views of the segments, each verified first, and a save gathers straight into
+the ranges its PutStart reserved (which also says which blocks are stored: no
+``batch_exists``); both pipelined in chunks on a copy thread (``kvstore.engine.in_place``).
 
 Failures: a block that cannot be written or read is named in the result's ``failed_keys``
 (the engine recomputes it); a failed batch never raises for the whole request. Only invalid
@@ -18,7 +20,8 @@ Tensor parallelism: the namespace's ``tp_rank``/``tp_size`` name this connector'
 decode side with another TP size passes ``source_tp_size`` to load from shards saved with that
 size: heads are split (fewer source ranks) or joined (more), see ``kvstore.engine.tp``.
 
-Thread safety: one connector per engine worker thread (the staging buffer is reused).
+Thread safety: one connector per engine worker thread (the staging buffer and the copy
+thread are its own).
 """
 
 from __future__ import annotations
