@@ -23,6 +23,7 @@ from typing import Any
 import torch
 
 from kvstore._errors import InvalidArgumentError
+from kvstore.engine.arenas import TensorArenas
 from kvstore.engine.blocks import BlockFormat, decode_rows
 from kvstore.engine.connector import complete_namespace, store_round_trip
 from kvstore.engine.in_place import Worker, can_reserve, load_in_place, put_in_place
@@ -50,6 +51,7 @@ class DynamicCacheConnector:
         self.namespace = complete_namespace(namespace, self.format)
         self._staging = torch.empty(0, dtype=torch.uint8)
         self._worker = Worker()   # the in-place copies' thread (``in_place``)
+        self._arenas = TensorArenas()   # memory of rebuilt caches, reused (``arenas``)
 
     def keys_for(self, token_ids: Any) -> list[str]:
         return prefix_keys(token_ids, chunk_size=self.block_size, namespace=self.namespace)
@@ -144,10 +146,16 @@ class DynamicCacheConnector:
                                  failed)
 
     def _fresh_tensors(self, num_blocks: int) -> list[torch.Tensor]:
-        """``[k0, v0, k1, v1, ...]``, each a new ``[1, H, num_blocks * block_size, D]``."""
+        """``[k0, v0, k1, v1, ...]``, each a contiguous ``[1, H, num_blocks * block_size, D]``
+        no other tensor shares: views of one arena of ``self._arenas`` (memory an earlier
+        load's cache no longer holds, so its pages are not faulted in again)."""
         fmt = self.format
-        return [torch.empty(1, fmt.num_kv_heads, num_blocks * self.block_size, fmt.head_dim,
-                            dtype=fmt.dtype) for _ in range(2 * fmt.block_shape[0])]
+        shape = (1, fmt.num_kv_heads, num_blocks * self.block_size, fmt.head_dim)
+        num_elems = shape[1] * shape[2] * shape[3]
+        num_tensors = 2 * fmt.block_shape[0]
+        arena = self._arenas.take(num_tensors * num_elems, fmt.dtype)
+        return [arena[i * num_elems:(i + 1) * num_elems].view(shape)
+                for i in range(num_tensors)]
 
     def _install(self, tensors: list[torch.Tensor], num_blocks: int, config: Any) -> Any:
         """A DynamicCache of the first ``num_blocks`` blocks of ``tensors`` (kept as they are
