@@ -15,11 +15,20 @@ import kvstore
 from kvstore import ops
 from kvstore.engine import KeyNamespace, PagedKVConnector
 from kvstore.engine.hf_connector import DynamicCacheConnector
+from kvstore.engine import in_place
 from kvstore.engine.in_place import Worker, pipeline_chunks, put_in_place
 from test_engine_in_place_load import corrupt
 
 LAYERS, BLOCK, HEADS, DIM = 3, 8, 2, 16
 NUM_BLOCKS = 100   # chunks [0, 16), [16, 64), [64, 84), [84, 100)
+
+
+@pytest.fixture(autouse=True)
+def small_chunks(monkeypatch):
+    """The pipeline's chunks at 16/48 keys, so 100 blocks take four (the defaults keep a
+    2,048-token request in one)."""
+    monkeypatch.setattr(in_place, "EDGE_KEYS", 16)
+    monkeypatch.setattr(in_place, "MIDDLE_KEYS", 48)
 
 
 @pytest.fixture(scope="module")
@@ -38,6 +47,12 @@ def test_chunks_cover_the_keys_in_order_with_small_edges(num_keys):
         assert max(hi - lo for lo, hi in bounds) <= 48
     else:
         assert len(bounds) <= 1
+
+
+def test_a_2048_token_request_is_one_chunk_by_default(monkeypatch):
+    monkeypatch.undo()
+    assert pipeline_chunks(128) == [(0, 128)]
+    assert len(pipeline_chunks(2048)) > 1
 
 
 def test_chunks_respect_the_limit():

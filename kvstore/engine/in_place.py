@@ -7,12 +7,13 @@ which pass the copy kernel as a callback.
 NOTE: why: a gather into staging rows followed by a put, or a get into staging rows followed
 by a scatter, moves every byte twice; these move it once.
 
-Pipelined (``Worker``): a request's keys go in chunks (``pipeline_chunks``); the copy of one
-chunk runs on the connector's worker thread while this thread makes the next chunk's
-PutStart (or GetReplicas) and the previous chunk's commit. NOTE: why: a save of 2,048
-tokens spent ~3 ms of ~8 waiting on the master and daemon (PutStart, PutEnd and the
-durable commit of 128 keys) with the copy idle, and the machine has a core for each; the
-kernels release the GIL, so the RPCs' Python runs beside the copy.
+Pipelined (``Worker``): a long request's keys go in chunks (``pipeline_chunks``; up to
+``2 * EDGE_KEYS`` keys one chunk, inline); the copy of one chunk runs on the connector's
+worker thread while this thread makes the next chunk's PutStart (or GetReplicas) and the
+previous chunk's commit. NOTE: why: the RPCs of a save (PutStart, PutEnd and the durable
+commit) leave the copy idle, and the kernels release the GIL, so the RPCs' Python can run
+beside the copy; but each chunk costs its own RPCs, so only chunks large enough to pay for
+them are split off (see EDGE_KEYS).
 """
 
 from __future__ import annotations
@@ -33,10 +34,14 @@ RESERVE_BATCH = 512
 #: Keys per lease of an in-place load (the same bound, for the same reason).
 LEASE_BATCH = 4096
 #: Keys of a pipeline's first and last chunk: their RPCs (PutStart, GetReplicas; the last
-#: commit) overlap no copy, so they are small.
-EDGE_KEYS = 16
+#: commit) overlap no copy. NOTE: not small: every chunk adds a reservation and a commit
+#: (or a lease), ~1 ms of client CPU each on this 2-core machine under load, which cost
+#: more than the overlap hid at 2,048 tokens (128 keys: chunks of 16/48/48/16 took +4 ms
+#: of CPU and a longer best wall time than one chunk, bench/RESULTS.md "Engine pipeline
+#: (15e)"); so requests up to 2 * EDGE_KEYS keys go in one chunk, inline.
+EDGE_KEYS = 128
 #: Keys of the chunks in between: enough that a chunk's copy hides the RPCs beside it.
-MIDDLE_KEYS = 48
+MIDDLE_KEYS = RESERVE_BATCH
 
 
 def can_reserve(store: Any) -> bool:
@@ -45,11 +50,14 @@ def can_reserve(store: Any) -> bool:
     return isinstance(store, KVStore)
 
 
-def pipeline_chunks(num_keys: int, *, edge: int = EDGE_KEYS, middle: int = MIDDLE_KEYS,
+def pipeline_chunks(num_keys: int, *, edge: int | None = None, middle: int | None = None,
                     limit: int = RESERVE_BATCH) -> list[tuple[int, int]]:
     """``(lo, hi)`` bounds covering ``range(num_keys)`` in order: a first and a last chunk
-    of at most ``edge`` keys, the rest in chunks of at most ``middle`` (none over
-    ``limit``). One chunk when ``num_keys <= 2 * edge``."""
+    of at most ``edge`` keys (None: ``EDGE_KEYS``), the rest in chunks of at most
+    ``middle`` (None: ``MIDDLE_KEYS``), none over ``limit``. One chunk when ``num_keys <=
+    2 * edge`` (and ``limit``)."""
+    edge = EDGE_KEYS if edge is None else edge
+    middle = MIDDLE_KEYS if middle is None else middle
     edge, middle = max(1, min(edge, limit)), max(1, min(middle, limit))
     if num_keys <= 2 * edge:
         return [(lo, min(num_keys, lo + limit)) for lo in range(0, num_keys, limit)]
@@ -114,7 +122,9 @@ def put_in_place(store: Any, keys: list[str], block_bytes: int,
     every reservation not committed yet is aborted (nothing of it becomes visible, its space
     goes back), after the copy in flight has ended (so no copy writes into a range given
     back); chunks committed before stay stored."""
-    worker = worker or _INLINE
+    chunks = pipeline_chunks(len(keys))
+    # NOTE: one chunk overlaps nothing: inline, no thread hand-off
+    worker = worker if worker is not None and len(chunks) > 1 else _INLINE
     results: list = [None] * len(keys)
     written = [False] * len(keys)
     open_chunks: list = []   # [(lo, reservation, filled positions, future)], oldest first
@@ -139,7 +149,7 @@ def put_in_place(store: Any, keys: list[str], block_bytes: int,
             written[lo + j] = chunk_results[j] is None
 
     try:
-        for lo, hi in pipeline_chunks(len(keys)):
+        for lo, hi in chunks:
             start(lo, hi)
             if len(open_chunks) > 1:
                 finish()
@@ -190,9 +200,10 @@ def load_in_place(store: Any, keys: list[str], block_bytes: int, scatter: Scatte
     Raises only what ``batch_get_into`` raises for a whole batch (invalid arguments,
     ClosedError, MasterUnavailableError naming the keys), after the scatter in flight has
     ended and every lease is released."""
-    worker = worker or _INLINE
     verify = bool(getattr(store.config, "verify", True))
     per_lease = min(LEASE_BATCH, getattr(store, "_max_batch", LEASE_BATCH))
+    chunks = pipeline_chunks(len(keys), limit=per_lease)
+    worker = worker if worker is not None and len(chunks) > 1 else _INLINE
     num_done = 0
     num_keys = len(keys)     # shortened at the first key not found (to_first_missing)
     open_chunks: list = []   # [(lo, hi, leased, num_views, future)], oldest first
@@ -229,7 +240,7 @@ def load_in_place(store: Any, keys: list[str], block_bytes: int, scatter: Scatte
 
     try:
         whole = True   # every chunk finished so far arrived whole
-        for lo, hi in pipeline_chunks(len(keys), limit=per_lease):
+        for lo, hi in chunks:
             if lo >= num_keys:
                 break   # the chain ended at a key not found
             if open_chunks and open_chunks[-1][3] < open_chunks[-1][1] - open_chunks[-1][0]:
