@@ -11,6 +11,11 @@ Steps, in the order the connectors run them (``kvstore.engine.in_place``):
   tokens; the dynamic connector's fresh tensors and cache included), ``release`` (the
   views and the lease).
 
+The steps are those of the connectors before 15e, in every tree (the calls are public or
+stable since 15p): since 15e the in-place save skips ``batch_exists`` (its PutStart answers
+it) and the paged in-place load skips ``match_prefix`` (its GetReplicas answers it), so
+those two rows say what the cuts spared. Copies run on the calling thread, one chunk.
+
 ``memcpy`` is ``kvstore.demo.pd_worker.copy_gbps`` of the same bytes (numpy, one thread,
 best of several), the ceiling of ``bench/engine_pd_bench.py``; each step is also given as a
 share of that memcpy's time. A real ``kvstore master`` and ``kvstore daemon``; segment pages
