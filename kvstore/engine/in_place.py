@@ -132,8 +132,12 @@ def put_in_place(store: Any, keys: list[str], block_bytes: int,
     def start(lo: int, hi: int) -> None:
         reservation = reserve_puts(store, keys[lo:hi], [block_bytes] * (hi - lo))
         filled = [j for j, view in enumerate(reservation.views) if view is not None]
-        future = worker.submit(fill, [lo + j for j in filled],
-                               [reservation.views[j] for j in filled]) if filled else None
+        try:
+            future = worker.submit(fill, [lo + j for j in filled],
+                                   [reservation.views[j] for j in filled]) if filled else None
+        except BaseException:
+            reservation.abort()   # NOTE: no copy started: nothing writes into it
+            raise
         open_chunks.append((lo, reservation, filled, future))
 
     def finish() -> None:
