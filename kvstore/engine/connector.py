@@ -8,7 +8,9 @@ Load: ``match_prefix`` finds the longest stored prefix of the request's block ke
 ``batch_get_into`` reads those objects into staging rows, and the leading run of blocks that
 arrived is scattered into the given pages. The engine computes only the tokens after it. A
 CPU cache of a raw format skips the staging rows: blocks on this host's shm are scattered
-from leased views of the segments, each verified first (``kvstore.engine.in_place``).
+from leased views of the segments, each verified first, and a save gathers straight into
+the ranges its PutStart reserved (which also says which blocks are stored: no
+``batch_exists``); both pipelined in chunks on a copy thread (``kvstore.engine.in_place``).
 
 Failures: a block that cannot be written or read is named in the result's ``failed_keys``
 (the engine recomputes it); a failed batch never raises for the whole request. Only invalid
@@ -18,7 +20,8 @@ Tensor parallelism: the namespace's ``tp_rank``/``tp_size`` name this connector'
 decode side with another TP size passes ``source_tp_size`` to load from shards saved with that
 size: heads are split (fewer source ranks) or joined (more), see ``kvstore.engine.tp``.
 
-Thread safety: one connector per engine worker thread (the staging buffer is reused).
+Thread safety: one connector per engine worker thread (the staging buffer and the copy
+thread are its own).
 """
 
 from __future__ import annotations
@@ -32,7 +35,7 @@ import torch
 from kvstore._errors import InvalidArgumentError
 from kvstore.engine import tp
 from kvstore.engine.blocks import BlockFormat, gather_blocks, scatter_blocks
-from kvstore.engine.in_place import can_reserve, load_in_place, put_in_place
+from kvstore.engine.in_place import Worker, can_reserve, load_in_place, put_in_place
 from kvstore.engine.keys import KeyNamespace, prefix_keys
 from kvstore.engine.results import LoadResult, SaveResult, block_arrived, num_leading_arrived
 
@@ -61,6 +64,7 @@ class PagedKVConnector:
         self.namespace = complete_namespace(namespace, self.format)
         self.source_tp_size = source_tp_size
         self._staging = torch.empty(0, dtype=torch.uint8)
+        self._worker = Worker()   # the in-place copies' thread (``in_place``)
 
     # -- keys --------------------------------------------------------------------------------
     def keys_for(self, token_ids: Any, namespace: KeyNamespace | str | None = None) -> list[str]:
@@ -87,18 +91,22 @@ class PagedKVConnector:
         block_index = self._block_index(block_ids, len(keys))
         if not keys:
             return SaveResult(0, 0, [])
-        present = self.store.batch_exists(keys)
-        missing = [i for i, exists in enumerate(present) if not exists]
-        if not missing:
-            return SaveResult(len(keys), 0, [])
         if self._saves_in_place():
-            results = self._save_in_place([keys[i] for i in missing], block_index[missing])
+            # NOTE: no batch_exists: the reservations' PutStart answers which keys are
+            # stored (they get no view), one round trip fewer
+            missing = list(range(len(keys)))
+            results, written = self._save_in_place(keys, block_index[:len(keys)])
+            num_written = sum(written)
         else:
+            present = self.store.batch_exists(keys)
+            missing = [i for i, exists in enumerate(present) if not exists]
+            if not missing:
+                return SaveResult(len(keys), 0, [])
             rows = gather_blocks(self.layers, block_index[missing], self.format,
                                  self._staging_rows(len(missing)))
             results = self.store.batch_put([keys[i] for i in missing], list(rows))
+            num_written = sum(result is None for result in results)
         failed = [keys[i] for i, result in zip(missing, results) if result is not None]
-        num_written = len(missing) - len(failed)
         return SaveResult(len(keys) - len(failed), num_written * self.format.block_bytes, failed)
 
     # -- load --------------------------------------------------------------------------------
@@ -127,6 +135,13 @@ class PagedKVConnector:
             return LoadResult(0, 0, [])
         if self._is_heterogeneous():
             return tp.load_resharded(self, token_ids, block_index[:num_usable], num_skip)
+        if num_skip == 0 and self._saves_in_place():
+            # NOTE: no match_prefix: the in-place load's GetReplicas answers which leading
+            # keys are stored (one round trip of the load's two)
+            num_ok, failed = self._load_in_place(keys[:num_usable], block_index[:num_usable],
+                                                 to_first_missing=True)
+            return LoadResult(num_ok * self.block_size, num_ok * self.format.block_bytes,
+                              failed)
         num_hit = self.store.match_prefix(keys[:num_usable])
         if num_hit <= num_skip:
             return LoadResult(num_hit * self.block_size, 0, [])
@@ -164,18 +179,20 @@ class PagedKVConnector:
         return (self.layers[0].device.type == "cpu" and self.format.quantize is None and
                 self.format.layout != "head_major" and can_reserve(self.store))
 
-    def _save_in_place(self, keys: list[str], block_index: torch.Tensor) -> list:
+    def _save_in_place(self, keys: list[str], block_index: torch.Tensor
+                       ) -> tuple[list, list[bool]]:
         """Put blocks ``block_index`` under ``keys``, gathered straight into the ranges the
-        store reserved for them (``put_in_place``)."""
+        store reserved for them (``put_in_place``: results, written per key)."""
         from kvstore import ops
 
         def fill(positions: list[int], views: list[memoryview]) -> list[int]:
             return ops.gather_pages_to_rows(self.layers, block_index[positions], views,
                                             layout=self.format.layout, checksums=True)
 
-        return put_in_place(self.store, keys, self.format.block_bytes, fill)
+        return put_in_place(self.store, keys, self.format.block_bytes, fill, self._worker)
 
-    def _load_in_place(self, keys: list[str], pages: torch.Tensor) -> tuple[int, list[str]]:
+    def _load_in_place(self, keys: list[str], pages: torch.Tensor, *,
+                       to_first_missing: bool = False) -> tuple[int, list[str]]:
         """Blocks ``keys`` into ``pages``, scattered (and verified) straight from where they
         are stored (``load_in_place``); (leading blocks loaded, failed keys)."""
         from kvstore import ops
@@ -185,7 +202,8 @@ class PagedKVConnector:
                                              layout=self.format.layout, checksums=checksums)
 
         return load_in_place(self.store, keys, self.format.block_bytes, scatter,
-                             self._staging_rows)
+                             self._staging_rows, self._worker,
+                             to_first_missing=to_first_missing)
 
     def _is_heterogeneous(self) -> bool:
         if self.source_tp_size is None:

@@ -8,9 +8,10 @@ rebuilds a cache from rows the same way. The form and the keys are those of
 saved from a transformers cache loads into a paged engine and the other way round.
 
 Guarantees and errors as ``PagedKVConnector``: one ``batch_exists`` and one ``batch_put``
-per save (stored blocks skipped), one ``match_prefix`` and one ``batch_get_into`` per load (a raw CPU cache from a
-``KVStore``: in place, ``kvstore.engine.in_place``: the save gathers into the reserved
-ranges, the load scatters verified blocks straight from the segments),
+per save (stored blocks skipped), one ``match_prefix`` and one ``batch_get_into`` per load
+(a raw CPU cache from a ``KVStore``: in place, ``kvstore.engine.in_place``: the save
+gathers into the reserved ranges, whose PutStart also skips the stored blocks, the load
+scatters verified blocks straight from the segments; both pipelined in chunks),
 failed blocks named in the result, only bad arguments and a closed store raise. Batch size 1.
 Thread safety: one connector per thread (the staging buffer is reused).
 """
@@ -22,9 +23,10 @@ from typing import Any
 import torch
 
 from kvstore._errors import InvalidArgumentError
+from kvstore.engine.arenas import TensorArenas
 from kvstore.engine.blocks import BlockFormat, decode_rows
 from kvstore.engine.connector import complete_namespace, store_round_trip
-from kvstore.engine.in_place import can_reserve, load_in_place, put_in_place
+from kvstore.engine.in_place import Worker, can_reserve, load_in_place, put_in_place
 from kvstore.engine.copies import copy_one_thread
 from kvstore.engine.hf_cache import cache_pairs
 from kvstore.engine.keys import KeyNamespace, prefix_keys
@@ -48,6 +50,8 @@ class DynamicCacheConnector:
                                   "kv_first", quantize)
         self.namespace = complete_namespace(namespace, self.format)
         self._staging = torch.empty(0, dtype=torch.uint8)
+        self._worker = Worker()   # the in-place copies' thread (``in_place``)
+        self._arenas = TensorArenas()   # memory of rebuilt caches, reused (``arenas``)
 
     def keys_for(self, token_ids: Any) -> list[str]:
         return prefix_keys(token_ids, chunk_size=self.block_size, namespace=self.namespace)
@@ -59,25 +63,26 @@ class DynamicCacheConnector:
         pairs = self._pairs(cache, len(keys) * self.block_size)
         if not keys:
             return SaveResult(0, 0, [])
-        missing = [i for i, exists in enumerate(self.store.batch_exists(keys)) if not exists]
-        if not missing:
-            return SaveResult(len(keys), 0, [])
         fmt = self.format
         tensors = _token_tensors(pairs) if fmt.quantize is None else None
-        names = [keys[i] for i in missing]
         if tensors is not None and can_reserve(self.store):
             from kvstore import ops
 
-            ids = torch.tensor(missing)
-
+            # NOTE: no batch_exists: the reservations' PutStart answers which keys are
+            # stored (they get no view), one round trip fewer
             def fill(positions: list[int], views: list[memoryview]) -> list[int]:
-                return ops.gather_tokens_to_rows(tensors, ids[positions], views,
+                return ops.gather_tokens_to_rows(tensors, positions, views,
                                                  block_size=self.block_size, checksums=True)
 
-            results = put_in_place(self.store, names, fmt.block_bytes, fill)
-            failed = [keys[i] for i, r in zip(missing, results) if r is not None]
-            num_written = len(missing) - len(failed)
+            results, written = put_in_place(self.store, keys, fmt.block_bytes, fill,
+                                            self._worker)
+            failed = [key for key, r in zip(keys, results) if r is not None]
+            num_written = sum(written)
             return SaveResult(len(keys) - len(failed), num_written * fmt.block_bytes, failed)
+        missing = [i for i, exists in enumerate(self.store.batch_exists(keys)) if not exists]
+        if not missing:
+            return SaveResult(len(keys), 0, [])
+        names = [keys[i] for i in missing]
         rows = self._rows(len(missing))
         if fmt.quantize == "int8":
             from kvstore import ops
@@ -135,16 +140,22 @@ class DynamicCacheConnector:
                                               checksums=checksums)
 
         num_ok, failed = load_in_place(self.store, keys, self.format.block_bytes, scatter,
-                                       self._rows)
+                                       self._rows, self._worker)
         cache = self._install(tensors, num_ok, config)
         return cache, LoadResult(num_ok * self.block_size, num_ok * self.format.block_bytes,
                                  failed)
 
     def _fresh_tensors(self, num_blocks: int) -> list[torch.Tensor]:
-        """``[k0, v0, k1, v1, ...]``, each a new ``[1, H, num_blocks * block_size, D]``."""
+        """``[k0, v0, k1, v1, ...]``, each a contiguous ``[1, H, num_blocks * block_size, D]``
+        no other tensor shares: views of one arena of ``self._arenas`` (memory an earlier
+        load's cache no longer holds, so its pages are not faulted in again)."""
         fmt = self.format
-        return [torch.empty(1, fmt.num_kv_heads, num_blocks * self.block_size, fmt.head_dim,
-                            dtype=fmt.dtype) for _ in range(2 * fmt.block_shape[0])]
+        shape = (1, fmt.num_kv_heads, num_blocks * self.block_size, fmt.head_dim)
+        num_elems = shape[1] * shape[2] * shape[3]
+        num_tensors = 2 * fmt.block_shape[0]
+        arena = self._arenas.take(num_tensors * num_elems, fmt.dtype)
+        return [arena[i * num_elems:(i + 1) * num_elems].view(shape)
+                for i in range(num_tensors)]
 
     def _install(self, tensors: list[torch.Tensor], num_blocks: int, config: Any) -> Any:
         """A DynamicCache of the first ``num_blocks`` blocks of ``tensors`` (kept as they are
