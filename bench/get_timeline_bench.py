@@ -35,10 +35,11 @@ import functools
 import json
 import os
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
+
+import _rounds
 
 MIB = 1 << 20
 STAGES = ("GetReplicas", "mappings", "copy+hash", "reply lists", "release", "other", "total")
@@ -162,31 +163,18 @@ def _child(num_objects: int, repeats: int) -> dict:
             "memcpy_GBps": size / statistics.median(side["memcpy into one buffer"]) / 1e9}
 
 
-def _tree(python: str) -> str:
-    return Path(python).absolute().parent.parent.parent.name
-
-
 def _driver(args) -> None:
-    runs: dict[str, list[dict]] = {p: [] for p in args.python}
-    loads = []
-    for _ in range(args.rounds):
-        for python in args.python:
-            loads.append(open("/proc/loadavg").read().split()[:3])
-            done = subprocess.run([python, __file__, "--child", "--objects", str(args.objects),
-                                   "--repeats", str(args.repeats)],
-                                  capture_output=True, text=True)
-            if done.returncode:
-                sys.exit(f"{python}: the child failed:\n{done.stderr[-3000:]}")
-            runs[python].append(json.loads(done.stdout.strip().splitlines()[-1]))
+    runs, loads = _rounds.run_rounds(__file__, args.python, args.rounds,
+                                     ["--objects", str(args.objects),
+                                      "--repeats", str(args.repeats)])
 
     def cell(python: str, pick) -> str:
-        values = sorted(pick(run) for run in runs[python])
-        return f"{statistics.median(values):8.3f} ({values[0]:.3f}-{values[-1]:.3f})"
+        return _rounds.spread((pick(run) for run in runs[python]), 8, 3)
 
     width = 26
     print(f"\nshm get_into of 4 MiB into one buffer: ms per call, median of {args.rounds} "
           f"rounds (min-max), {args.repeats} calls per round")
-    print(f"{'stage':28s}" + "".join(f"{_tree(p):>{width}s}" for p in args.python))
+    print(f"{'stage':28s}" + "".join(f"{_rounds.tree_name(p):>{width}s}" for p in args.python))
     for stage in STAGES:
         print(f"{stage:28s}" + "".join(
             f"{cell(p, lambda r: r['stages_ms'][stage]):>{width}s}" for p in args.python))
@@ -201,22 +189,16 @@ def _driver(args) -> None:
                          r["stages_ms"]["total"])):
         print(f"{label:28s}" + "".join(f"{cell(p, pick):>{width}s}" for p in args.python))
     print("\nload averages before each run:", loads)
-    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.json).write_text(json.dumps({"runs": runs, "loadavg": loads}, indent=1))
+    _rounds.write_json(args.json, runs, loads)
     print(f"JSON: {args.json}")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
-    parser.add_argument("--python", action="append", default=None,
-                        help="an interpreter whose kvstore to measure (repeatable)")
-    parser.add_argument("--rounds", type=int, default=3)
+    _rounds.add_flags(parser, str(Path(__file__).resolve().parent / "out" / "get_timeline.json"))
     parser.add_argument("--objects", type=int, default=32,
                         help="distinct 4 MiB objects (and private sources) cycled")
     parser.add_argument("--repeats", type=int, default=200, help="timed gets per round")
-    parser.add_argument("--json", default=str(Path(__file__).resolve().parent / "out" /
-                                              "get_timeline.json"))
     args = parser.parse_args()
     if args.child:
         print(json.dumps(_child(args.objects, args.repeats)))

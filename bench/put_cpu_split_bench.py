@@ -17,10 +17,11 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
+
+import _rounds
 
 MiB = 1 << 20
 POOL_MIB = 2048
@@ -90,15 +91,8 @@ def main() -> None:
     if args.batches * args.batch * SIZE > POOL_MIB * MiB * 8 // 10:
         parser.error("--batches x --batch x 64 KiB must stay under 80% of the 2 GiB pool")
     pythons = args.python or [sys.executable]
-    runs: dict[str, list[dict]] = {p: [] for p in pythons}
-    loads = []
-    for _ in range(args.rounds):
-        for python in pythons:
-            loads.append(open("/proc/loadavg").read().split()[:3])
-            out = subprocess.run([python, __file__, "--child", "--batches", str(args.batches),
-                                  "--batch", str(args.batch)], check=True,
-                                 capture_output=True, text=True).stdout
-            runs[python].append(json.loads(out.strip().splitlines()[-1]))
+    runs, loads = _rounds.run_rounds(__file__, pythons, args.rounds,
+                                     ["--batches", str(args.batches), "--batch", str(args.batch)])
     print(f"CPU us per key, {args.batch} x 64 KiB batch_put over shm, median of "
           f"{args.rounds} rounds (min-max)")
     print(f"{'tree':40} {'client':>18} {'master':>18} {'daemon':>18} {'all three':>18}")

@@ -22,10 +22,10 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
 import time
-from pathlib import Path
+
+import _rounds
 
 KIB = 1024
 MIB = 1024 * KIB
@@ -162,36 +162,22 @@ def _capability_ab(rounds: int) -> None:
 
 
 def _driver(args) -> None:
-    runs: dict[str, list[dict]] = {p: [] for p in args.python}
-    loads = []
-    for _ in range(args.rounds):
-        for python in args.python:
-            loads.append(open("/proc/loadavg").read().split()[:3])
-            out = subprocess.run([python, __file__, "--child", "--duration", str(args.duration)],
-                                 check=True, capture_output=True, text=True).stdout
-            runs[python].append(json.loads(out.strip().splitlines()[-1]))
+    runs, loads = _rounds.run_rounds(__file__, args.python, args.rounds,
+                                     ["--duration", str(args.duration)])
     names = list(next(iter(runs.values()))[0])
-    header = f"{'measure':40s}" + "".join(f"{Path(p).parent.parent.parent.name:>26s}"
-                                          for p in args.python)
+    header = f"{'measure':40s}" + "".join(f"{_rounds.tree_name(p):>26s}" for p in args.python)
     print(header)
     for name in names:
-        row = f"{name:40s}"
-        for python in args.python:
-            values = sorted(r[name] for r in runs[python])
-            row += f"{statistics.median(values):12.2f} ({values[0]:.2f}-{values[-1]:.2f})"
-        print(row)
+        print(f"{name:40s}" + "".join(_rounds.spread((r[name] for r in runs[python]), 12, 2)
+                                      for python in args.python))
     print("load averages before each run:", loads)
-    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.json).write_text(json.dumps({"runs": runs, "loadavg": loads}, indent=1))
+    _rounds.write_json(args.json, runs, loads)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--child", action="store_true")
-    parser.add_argument("--python", action="append", default=None)
-    parser.add_argument("--rounds", type=int, default=3)
+    _rounds.add_flags(parser, "bench/out/security.json")
     parser.add_argument("--duration", type=float, default=1.0)
-    parser.add_argument("--json", default="bench/out/security.json")
     parser.add_argument("--capability-ab", action="store_true",
                         help="this interpreter only: daemons with and without capability "
                              "checks side by side")

@@ -14,8 +14,11 @@ from pathlib import Path
 import pytest
 
 KVSTORE = str(Path(sys.executable).with_name("kvstore"))
+# NOTE: one torch thread: a 2-layer model gains nothing from a second, and on a loaded
+# machine each op then waits for the other thread's time slice (prefill of 72 tokens 2.3 s
+# against 0.15 s at load 19)
 TINY = ["--model-size", "tiny", "--prompt-tokens", "72", "--prefix-tokens", "32",
-        "--decode-tokens", "6", "--dram", "64MiB"]
+        "--decode-tokens", "6", "--dram", "64MiB", "--threads", "1"]
 
 
 def _run(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:

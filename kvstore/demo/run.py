@@ -95,6 +95,22 @@ def _model_fields(config: DemoConfig) -> dict[str, Any]:
 
 
 def _vocab_of(config: DemoConfig) -> int:
+    """The checkpoint's vocabulary size, from its config.json when that names one (the
+    common case), else through transformers' AutoConfig. Raises KVStoreError when the path
+    holds no loadable checkpoint.
+
+    NOTE: why not AutoConfig always: importing transformers costs this process about 6 s of
+    CPU (torch with it), before any worker starts; a loaded machine stretched that to a
+    minute and took the int8 smoke test near its timeout. The workers load the model
+    (and check the checkpoint fully) anyway."""
+    try:
+        fields = json.loads((Path(config.model_path) / "config.json").read_text())
+    except (OSError, ValueError):
+        fields = None
+    if isinstance(fields, dict) and isinstance(fields.get("model_type"), str):
+        vocab_size = fields.get("vocab_size")
+        if isinstance(vocab_size, int) and vocab_size > 0:
+            return vocab_size
     from transformers import AutoConfig
 
     try:
