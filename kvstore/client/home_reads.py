@@ -36,7 +36,7 @@ from kvstore._deadline import Deadline
 from kvstore._errors import InvalidArgumentError, KVStoreError
 from kvstore.client.checksum import checksum, is_empty_marker
 from kvstore.client.key_checks import check_key
-from kvstore.client.location_cache import NODE_OFF_S
+from kvstore.client.location_cache import NODE_OFF_S, Fetch, fetch_rest
 from kvstore.client.values import as_destination
 from kvstore.home import home_of, node_seeds
 from kvstore.transport import keyed_read
@@ -46,9 +46,6 @@ from kvstore.transport.tcp_conn import ReplyError
 #: Least time between two list refreshes caused by misses (a home that holds no copy of a
 #: key is normal: the home was full at put time, or the put named a node or tier).
 MISS_REFRESH_S = 1.0
-
-# (keys, outs or None) -> one result per key: the master path
-Fetch = Callable[[list, "list | None"], list]
 
 
 class HomeReads:
@@ -159,13 +156,7 @@ class HomeReads:
         with self._lock:
             self.num_hits += num_ok
             self.num_misses += len(keys) - num_ok
-        if rest:
-            rest.sort()
-            fetched = fetch([keys[i] for i in rest],
-                            [outs[i] for i in rest] if outs is not None else None)
-            for i, result in zip(rest, fetched):
-                results[i] = result
-        return results
+        return fetch_rest(results, rest, keys, outs, fetch)
 
     def _read_node(self, node, prefix: str, keys, positions: list[int], outs, allocate,
                    deadline: Deadline, results: list) -> tuple[int, int]:

@@ -184,6 +184,19 @@ class LocationCache:
 Fetch = Callable[[list, "list | None"], list]
 
 
+def fetch_rest(results: list, rest: list[int], keys: Sequence[str],
+               outs: Sequence[Any] | None, fetch: Fetch) -> list:
+    """``results`` with the positions ``rest`` (the keys a shortcut did not serve) filled
+    by one ``fetch`` of those keys, in key order."""
+    if rest:
+        rest.sort()
+        fetched = fetch([keys[i] for i in rest],
+                        [outs[i] for i in rest] if outs is not None else None)
+        for i, result in zip(rest, fetched):
+            results[i] = result
+    return results
+
+
 def location_cache_for(transfers, max_entries: int) -> LocationCache | None:
     """A cache over the TCP and shm transports of ``transfers`` (client/transfer.py); None
     when ``max_entries`` is 0 or there is neither."""
@@ -254,13 +267,7 @@ def get_cached(cache: LocationCache, keys: Sequence[str], outs: Sequence[Any] | 
             num_bytes += location.size_bytes
         transfers.count_reads(cache.transport.name, num_ok, num_bytes)
     cache.count(hits=len(keys) - len(rest), misses=num_misses, shm_hits=shm_ok)
-    if rest:
-        rest.sort()
-        fetched = fetch([keys[i] for i in rest],
-                        [outs[i] for i in rest] if outs is not None else None)
-        for i, result in zip(rest, fetched):
-            results[i] = result
-    return results
+    return fetch_rest(results, rest, keys, outs, fetch)
 
 
 def _read_shm(cache: LocationCache, keys: Sequence[str], outs: Sequence[Any] | None,
