@@ -98,10 +98,10 @@ def test_a_large_get_into_a_too_small_out_is_the_master_paths_error(stores):
     assert writer.get("hl/small-out") == payload(LARGE, seed=20)
 
 
-def _raw(data_addr: str) -> socket.socket:
+def _raw(data_addr: str, token: str | None = None) -> socket.socket:
     host, port = data_addr.rsplit(":", 1)
     sock = socket.create_connection((host, int(port)), timeout=TIMEOUT_S)
-    sock.sendall(data_frames.encode_hello(None))
+    sock.sendall(data_frames.encode_hello(token))
     assert _reply(sock)[0] == Status.OK
     return sock
 
@@ -220,3 +220,43 @@ def test_large_home_reads_racing_removes_and_replaces_never_return_other_bytes(c
         assert counts["ok"] > 0
         assert _home(first)["located"] > 0           # the race ran on the located path
         assert first.get(key) == values[29 % len(values)]
+
+
+TENANTS_TOML = """
+[[tenant]]
+name = "alpha"
+token = "alpha-secret"
+
+[[tenant]]
+name = "beta"
+token = "beta-secret"
+"""
+
+
+def test_a_tenants_keyed_capability_never_reads_another_tenants_located_range(tmp_path):
+    path = tmp_path / "tenants.toml"
+    path.write_text(TENANTS_TOML)
+    cluster = Cluster(num_daemons=1, dram="64MiB", token="cluster-secret",
+                      master_args=("--tenants", str(path), *BEATS))
+    try:
+        with kvstore.connect(cluster.address, token="alpha-secret", transport="tcp") as alpha, \
+                kvstore.connect(cluster.address, token="beta-secret", transport="tcp") as beta:
+            value = payload(LARGE, seed=50)
+            beta.put("big", value)
+            assert _served_at_home(beta, "big", beta.get) == value     # located, at home
+            assert _home(beta)["located"] >= 1
+            (alpha_node,) = alpha._master.get_home_nodes().nodes
+            (beta_node,) = beta._master.get_home_nodes().nodes
+            with _raw(beta_node.data_addr, beta._master.stats().data_token) as sock:
+                where = _locate(sock, "beta/big", beta_node.keyed_read_capability)
+                # beta's range, checksum and all, with alpha's capability: refused
+                status, message, _ = _checked_read(sock, "beta/big", where,
+                                                   alpha_node.keyed_read_capability)
+                assert status == Status.CAPABILITY_REFUSED, message
+                status, _, body = _checked_read(sock, "beta/big", where,
+                                                beta_node.keyed_read_capability)
+                assert status == Status.OK and body == value
+            with pytest.raises(kvstore.KeyNotFoundError):
+                alpha.get("big")
+    finally:
+        cluster.close()
