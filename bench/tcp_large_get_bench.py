@@ -6,15 +6,15 @@ child runs a real ``kvstore master`` and ``kvstore daemon`` on loopback and one 
 ``transport="tcp"`` (metadata over the fast path); rounds interleave the trees
 (bench/_rounds.py). Stages, each timed ``--per-round`` times per round:
 
-- ``ceiling 1 conn`` / ``ceiling 4 conns``: a raw 4 MiB request/reply over one loopback TCP
-  connection, and the same 4 MiB as 4 x 1 MiB over four connections in parallel, to a
-  Python thread per connection in another process (``sendall`` / ``recv_into``): no
-  kvstore code; the floor of any 4 MiB TCP get.
+- ``ceiling N conn``: a raw 4 MiB read split evenly over N loopback TCP connections in
+  parallel (N = 1, 2, 4, 8), to a Python thread per connection in another process
+  (``sendall`` / ``recv_into``): no kvstore code; the floor of any 4 MiB TCP get.
 - ``get_replicas``: ``MasterClient.get_replicas_leased`` of one key (a master round trip).
 - ``keyed refused``: a KEYED_READ of the key with the limit a first get sends (below
   2 stripes): what the daemon answers a value it does not serve at home (TOO_LARGE), or,
   in a tree whose daemon serves large keyed reads, the whole read.
-- ``tcp read``: ``TcpTransport.read_into`` of the object's range (striped).
+- ``tcp read``: ``TcpTransport.read_into`` of the object's range (striped: 4 x 1 MiB);
+  ``tcp read N stripes``: the same with N stripes of 4 MiB / N (a transport of its own).
 - ``checksum``: XXH3 of 4 MiB (every tcp read is verified).
 - ``new bytes``: ``new_bytes`` of 4 MiB with every page written (what ``get`` allocates).
 - ``get first`` / ``get_into first``: the client call on keys never read (home read or the
@@ -45,6 +45,8 @@ import _rounds  # noqa: E402
 
 SIZE = 4 << 20
 STREAMS = 4
+#: the connection counts the ceiling and the striped read are measured with
+WAYS = (1, 2, 4, 8)
 REQUEST_BYTES = 8
 
 
@@ -74,17 +76,17 @@ def _ceiling_server(port_queue) -> None:
 
 
 def ceiling_fns(executor):
-    """(one connection 4 MiB, four connections 1 MiB each in parallel), and the server."""
+    """{connections: one raw 4 MiB read split evenly over that many connections in
+    parallel}, the server process and the sockets."""
     context = multiprocessing.get_context("spawn")
     queue = context.Queue()
     proc = context.Process(target=_ceiling_server, args=(queue,), daemon=True)
     proc.start()
     port = queue.get(timeout=30)
-    socks = [socket.create_connection(("127.0.0.1", port)) for _ in range(STREAMS)]
+    socks = [socket.create_connection(("127.0.0.1", port)) for _ in range(max(WAYS))]
     for sock in socks:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     buf = memoryview(bytearray(SIZE))
-    part = SIZE // STREAMS
 
     def fetch(sock, view) -> None:
         sock.sendall(len(view).to_bytes(REQUEST_BYTES, "little"))
@@ -92,16 +94,17 @@ def ceiling_fns(executor):
         while got < len(view):
             got += sock.recv_into(view[got:])
 
-    def one(_i) -> None:
-        fetch(socks[0], buf)
+    def split(ways: int):
+        part = SIZE // ways
 
-    def striped(_i) -> None:
-        futures = [executor.submit(fetch, socks[s], buf[s * part:(s + 1) * part])
-                   for s in range(1, STREAMS)]
-        fetch(socks[0], buf[:part])
-        for future in futures:
-            future.result()
-    return one, striped, proc, socks
+        def once(_i) -> None:
+            futures = [executor.submit(fetch, socks[s], buf[s * part:(s + 1) * part])
+                       for s in range(1, ways)]
+            fetch(socks[0], buf[:part])
+            for future in futures:
+                future.result()
+        return once
+    return {ways: split(ways) for ways in WAYS}, proc, socks
 
 
 def child(per_round: int) -> dict:
@@ -115,12 +118,13 @@ def child(per_round: int) -> dict:
     from kvstore.client.checksum import checksum
     from kvstore.client.values import new_bytes
     from kvstore.transport import keyed_read
+    from kvstore.transport.tcp import TcpTransport
 
     master = ServerProcess(["master", "--host", "127.0.0.1", "--port", "0"])
     daemon = ServerProcess(["daemon", "--master", master.address, "--host", "127.0.0.1",
                             "--port", "0", "--dram", str(1024 << 20)])
-    executor = concurrent.futures.ThreadPoolExecutor(STREAMS - 1)
-    one, striped, proc, socks = ceiling_fns(executor)
+    executor = concurrent.futures.ThreadPoolExecutor(max(WAYS) - 1)
+    ceilings, proc, socks = ceiling_fns(executor)
     samples: dict[str, list[float]] = {}
     try:
         with kvstore.connect(master.address, transport="tcp", lease_ttl_s=1.0,
@@ -163,15 +167,21 @@ def child(per_round: int) -> dict:
                 out_view[:] = memoryview(value).cast("B")
 
             target = [replicas()[0][0].targets[0]]
-            stages = {
-                "ceiling 1 conn": one,
-                "ceiling 4 conns": striped,
+            stages = {f"ceiling {ways} conn": fn for ways, fn in ceilings.items()}
+            # the client's striped read with other stripe counts (4 is the default)
+            transports = {ways: TcpTransport(tcp._pool.token, num_streams=ways,
+                                             stripe_min_bytes=SIZE // ways)
+                          for ways in WAYS if ways != STREAMS}
+            for ways, other in transports.items():
+                stages[f"tcp read {ways} stripes"] = \
+                    lambda i, other=other: other.read_into(target[0], out_view, timeout_s=5.0)
+            stages.update({
                 "get_replicas": lambda i: replicas(),
                 "tcp read": lambda i: tcp.read_into(target[0], out_view, timeout_s=5.0),
                 "checksum": lambda i: checksum(out_view),
                 "copy (reused dst)": copy,
                 "new bytes + copy": fresh_bytes,
-            }
+            })
             if nodes is not None and nodes.nodes:
                 stages["keyed refused"] = keyed
             for fn in stages.values():
@@ -201,6 +211,8 @@ def child(per_round: int) -> dict:
                     raise RuntimeError("get_into returned wrong bytes")
                 store.remove_prefix(f"large/{op}/", force=True)
             stats = store.stats()
+            for other in transports.values():
+                other.close()
     finally:
         for sock in socks:
             sock.close()
