@@ -218,8 +218,9 @@ def test_large_home_reads_racing_removes_and_replaces_never_return_other_bytes(c
                 thread.join()
         assert not wrong, wrong[:3]
         assert counts["ok"] > 0
-        assert _home(first)["located"] > 0           # the race ran on the located path
+        located = _home(first)["located"]
         assert first.get(key) == values[29 % len(values)]
+        assert _home(first)["located"] == located + 1    # the path the first reader took
 
 
 TENANTS_TOML = """
