@@ -114,15 +114,16 @@ def test_a_put_placed_elsewhere_and_absent_keys_go_through_the_master(stores, cl
         reader.get_into(key, out)
 
 
-def test_a_value_the_transport_stripes_is_read_through_the_master(stores):
+def test_a_value_the_transport_stripes_is_read_at_home_by_its_location(stores):
     reader, writer = stores
     value = payload(4 * MiB, seed=21)
     writer.put("hr/large", value)
     writer.put("hr/small", payload(KiB, seed=22))
     _home_get(reader, "hr/small")                   # the home's lease holds
-    hits, home_hits = master_hits(reader), _home(reader)["hits"]
-    assert reader.get("hr/large") == value          # TOO_LARGE at home, then striped
-    assert master_hits(reader) == hits + 1 and _home(reader)["hits"] == home_hits
+    home = _home(reader)
+    assert reader.get("hr/large") == value          # LOCATED at home, then striped
+    assert _home(reader)["hits"] == home["hits"] + 1    # (tests/test_home_reads_large.py)
+    assert _home(reader)["located"] == home["located"] + 1
 
 
 def test_a_completed_remove_is_never_undone_by_a_home_read(stores):

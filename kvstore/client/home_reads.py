@@ -19,9 +19,19 @@ The node list: fetched on the first get, refreshed at half its capabilities' win
 CAPABILITY_REFUSED (at the next get), and after a "not here" or a failed node at most once
 per ``MISS_REFRESH_S`` (a node that joined moves homes: the first misses after it refresh
 the list). Skipped: keys whose home is on this host when shm is this client's first
-transport (the shm path is faster), nodes that answered LOCATION_OFF for ``NODE_OFF_S``,
-values the tcp transport stripes (at least 2 x ``stripe_min_bytes``: the daemon answers
-TOO_LARGE and the master path's striped read is faster at that size).
+transport (the shm path is faster), nodes that answered LOCATION_OFF for ``NODE_OFF_S``.
+
+Large values (at least 2 x ``stripe_min_bytes``, what the tcp transport stripes): the
+KEYED_READ asks (FLAG_LOCATE) for the location rather than the bytes of a value that large,
+and the daemon answers LOCATED: segment, range and the table's checksum. The client reads
+that range at once by CHECKED_READs carrying the key, that checksum and the keyed-read
+capability (``transport/checked_read.py``), striped over several connections: the
+daemon serves each stripe only while its table still holds that object there under its
+lease, and the bytes are verified against the checksum, so a remove or replace between the
+two round trips is refused (then the master path), never wrong bytes. Two round trips to
+the daemon, no master: one stream of 4 MiB was slower than four stripes of 1 MiB
+(bench/RESULTS.md). The location is then cached (``locations``, client/location_cache.py:
+a repeated get reads it straight away).
 Thread-safe (one lock for the list; reads run outside it).
 """
 
@@ -40,6 +50,8 @@ from kvstore.client.location_cache import NODE_OFF_S, Fetch, fetch_rest
 from kvstore.client.values import as_destination
 from kvstore.home import home_of, node_seeds
 from kvstore.transport import keyed_read
+from kvstore.transport.base import Target
+from kvstore.transport.checked_read import encode_identity
 from kvstore.transport.data_frames import Status
 from kvstore.transport.tcp_conn import ReplyError
 
@@ -70,9 +82,12 @@ class HomeReads:
         self._fetched_at_s = float("-inf")
         self._node_off_until_s: dict[str, float] = {}
         self.num_hits = self.num_misses = self.num_refreshes = 0
+        self.num_located = 0                  # of num_hits: large values read by location
         # told the keys home reads served (client/home_hits.py); None: the master never
         # learns of them
         self.hits = None
+        # told where large values were read (client/location_cache.py); None: no cache
+        self.locations = None
 
     # ---- the node list ------------------------------------------------------------------
     def _current(self, deadline: Deadline):
@@ -167,8 +182,7 @@ class HomeReads:
         items = []
         limits = []
         # NOTE: a value the tcp transport would stripe over several connections is read
-        # faster that way: the daemon answers TOO_LARGE and the master path reads it
-        # (one round trip more on a transfer of milliseconds)
+        # faster that way: the daemon answers its location (LOCATED), read by _read_located
         largest = self._largest_bytes
         for i in positions:
             limit = largest
@@ -201,7 +215,7 @@ class HomeReads:
         healthy = False
         try:
             conn.set_deadline(deadline)
-            replies = keyed_read.read_keyed(conn, items, allocate_for)
+            replies = keyed_read.read_keyed(conn, items, allocate_for, locate=True)
             healthy = True
         except (OSError, KVStoreError):
             replies = [None] * len(items)     # unanswered: the master path
@@ -212,9 +226,14 @@ class HomeReads:
             else:
                 conn.close()
         served = served_bytes = 0
+        located = []
         for index, (i, reply) in enumerate(zip(positions, replies)):
             if isinstance(reply, ReplyError) or reply is None:
                 self._refused(node.node_id, reply)
+                continue
+            if type(reply) is keyed_read.Located:
+                if limits[index] >= 0:
+                    located.append((i, reply))
                 continue
             view = views[i]
             if is_empty_marker(view.nbytes, reply):
@@ -225,6 +244,56 @@ class HomeReads:
                 results[i] = holders[i]
             served += 1
             served_bytes += view.nbytes
+        if located:
+            num, num_bytes = self._read_located(node, prefix, keys, located, outs, allocate,
+                                                deadline, results)
+            served += num
+            served_bytes += num_bytes
+        return served, served_bytes
+
+    def _read_located(self, node, prefix: str, keys, located: list, outs, allocate,
+                      deadline: Deadline, results: list) -> tuple[int, int]:
+        """Read the LOCATED values ``located`` ((position, Located)) by CHECKED_READs of
+        their ranges at ``node`` (striped by the transport); fills ``results`` for those
+        verified, leaves None for the others (a refusal, an error, a mismatch, a ``out``
+        too small: the master path). Returns (keys served, bytes)."""
+        reads, items = [], []
+        for i, where in located:
+            if outs is None:
+                holder, dst = allocate(where.size_bytes)
+            else:
+                dst = as_destination(outs[i])
+                if dst.nbytes < where.size_bytes:
+                    continue             # the master path reports it
+                dst, holder = dst[:where.size_bytes], where.size_bytes
+            # NOTE: the identity names the key as the daemon's table does (with the
+            # caller's prefix); the keyed-read capability allows the range for that key
+            target = Target(node.node_id, node.host_id, node.data_addr, where.segment_id, "",
+                            where.offset, where.size_bytes,
+                            encode_identity(prefix + keys[i], where.checksum,
+                                            node.keyed_read_capability))
+            reads.append((i, where, holder))
+            items.append((target, dst))
+        if not items:
+            return 0, 0
+        remaining_s = deadline.remaining_s()
+        if remaining_s <= 0:
+            return 0, 0
+        errors = self.transport.read_checked_many(items, timeout_s=remaining_s)
+        served = served_bytes = 0
+        for (i, where, holder), (target, dst), exc in zip(reads, items, errors):
+            if exc is not None or checksum(dst) != where.checksum:
+                if exc is not None:
+                    self._refused(node.node_id, exc)
+                continue                 # a range reused since the table listed it: refused
+            results[i] = holder
+            served += 1
+            served_bytes += where.size_bytes
+            if self.locations is not None and not prefix:
+                self.locations.remember_checked(keys[i], target, where.size_bytes,
+                                                where.checksum)
+        with self._lock:
+            self.num_located += served
         return served, served_bytes
 
     @staticmethod
@@ -247,7 +316,7 @@ class HomeReads:
     def stats(self) -> dict[str, int]:
         with self._lock:
             return {"hits": self.num_hits, "misses": self.num_misses,
-                    "refreshes": self.num_refreshes,
+                    "refreshes": self.num_refreshes, "located": self.num_located,
                     "nodes": len(self._by_id)}
 
 

@@ -102,6 +102,12 @@ class LocationCache:
             target._replace(capability=encode_identity(key, expected, target.capability)),
             size_bytes, expected))
 
+    def remember_checked(self, key: str, target: Target, size_bytes: int,
+                         expected: int) -> None:
+        """Cache ``target``, whose capability is already the identity of ``key``'s object
+        (``encode_identity``: a home read's LOCATED range, client/home_reads.py)."""
+        self._insert(key, CachedLocation(target, size_bytes, expected))
+
     def remember_shm(self, key: str, target: Target, size_bytes: int, expected: int) -> None:
         """Cache the same-host replica ``target`` a read of ``key`` just got verified bytes
         from, if its segment's location table vouches for it (client/shm_locations.py)."""

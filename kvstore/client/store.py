@@ -353,6 +353,8 @@ class KVStore:
                                     self.config.home_reads)
         if self._home is not None:
             self._home.hits = self._hits = HitReporter(self._master)
+            if self._locations is not None and self._locations.transport is self._home.transport:
+                self._home.locations = self._locations
 
     @property
     def metadata_path(self) -> str:

@@ -16,7 +16,11 @@ Rule (docs/ARCHITECTURE.md, Home reads): a KEYED_READ of ``key`` is served iff
 - the table lists ``key`` (committed on this node) with the raw codec, no larger than the
   request's limit.
 Else the refusal (CAPABILITY_REFUSED, LOCATION_OFF, KEY_NOT_HERE, TOO_LARGE) with its reason;
-the connection stays usable. A served reply carries the table's checksum before the bytes:
+the connection stays usable. An object over the limit of a request flagged FLAG_LOCATE is
+answered LOCATED with where it lies (segment, offset, size, checksum) instead of TOO_LARGE:
+the client then reads it striped by CHECKED_READs (the same lease and table check, at the
+time of each stripe, and the checksum verified), carrying the keyed-read capability
+(``dataplane._check_location`` accepts it for keys under its prefix). A served reply carries the table's checksum before the bytes:
 the client verifies the bytes against it, so a range reused by a new put while this table
 still lists the old key (the master frees a removed range at once) is refused there.
 """
@@ -49,6 +53,7 @@ class KeyedReads:
         self._send_from = send_from        # (conn, backend, header, offset, length)
         self.num_served = 0               # counters: no lock, never negative
         self.num_refused = 0
+        self.num_located = 0              # of num_served: answered with the location
 
     def serve(self, conn: socket.socket, reader, flags: int, seg_len: int, request_id: int,
               max_bytes: int, key_len: int) -> bool:
@@ -67,20 +72,30 @@ class KeyedReads:
             key = read_exact(reader, key_len).decode()
         except UnicodeDecodeError as exc:
             raise BadFrame("KEYED_READ key is not UTF-8") from exc
-        refusal, found = self._decide(key, blob, max_bytes)
+        refusal, found = self._decide(key, blob, max_bytes,
+                                      locate=bool(flags & data_frames.FLAG_LOCATE))
         if refusal is not None:
             self.num_refused += 1
             conn.sendall(data_frames.encode_reply(refusal[0], request_id, 0, refusal[1]))
             return True
         stored, segment = found
         self.num_served += 1
+        if stored.length > max_bytes:
+            self.num_located += 1
+            segment_id = stored.segment_id.encode()
+            payload = data_frames.LOCATION.pack(stored.checksum, stored.offset,
+                                                stored.length) + segment_id
+            conn.sendall(data_frames.REPLY.pack(Status.LOCATED, 0, 0, request_id,
+                                                len(payload)) + payload)
+            return True
         header = data_frames.REPLY.pack(0, 0, 0, request_id, CHECKSUM.size + stored.length) \
             + CHECKSUM.pack(stored.checksum)
         self._send_from(conn, segment, header, stored.offset, stored.length)
         return True
 
-    def _decide(self, key: str, blob: bytes, max_bytes: int):
-        """(refusal, None) or (None, (stored object, its backend))."""
+    def _decide(self, key: str, blob: bytes, max_bytes: int, *, locate: bool):
+        """(refusal, None) or (None, (stored object, its backend)); with ``locate`` an
+        object over ``max_bytes`` is no refusal (the caller answers its location)."""
         try:
             prefix = self._guard.check_keyed(blob)
         except CapabilityRefused as exc:
@@ -98,7 +113,7 @@ class KeyedReads:
         segment = self._segments.get(stored.segment_id) if stored is not None else None
         if segment is None or stored.codec != _RAW_CODEC:
             return (Status.KEY_NOT_HERE, f"{key!r} is not stored here"), None
-        if stored.length > max_bytes:
+        if stored.length > max_bytes and not locate:
             return (Status.TOO_LARGE, f"{key!r} has {stored.length} bytes, over the "
                     f"{max_bytes} asked for"), None
         return None, (stored, segment)

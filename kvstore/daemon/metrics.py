@@ -75,7 +75,10 @@ class _DaemonCollector:
                     ("keyed_reads", keyed_reads.num_served,
                      "KEYED_READs served (clients' first gets at the key's home node)"),
                     ("keyed_reads_refused", keyed_reads.num_refused,
-                     "KEYED_READs refused: not here, no lease, capability, too large")):
+                     "KEYED_READs refused: not here, no lease, capability, too large"),
+                    ("keyed_reads_located", keyed_reads.num_located,
+                     "KEYED_READs of large objects answered with their location (of "
+                     "keyed_reads)")):
                 yield CounterMetricFamily(f"kvstore_daemon_{name}", text, value=value)
         objects = daemon.objects
         yield GaugeMetricFamily("kvstore_daemon_objects", "Objects in the local table",

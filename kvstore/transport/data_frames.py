@@ -73,7 +73,12 @@ Request (client -> server), 26-byte header, then the segment id, then the capabi
     serves it from its own object table while it holds the location lease; the reply's
     ``length`` is 8 + the object's size and its payload the object's checksum (u64) then
     its bytes. Refusals: LOCATION_OFF (no lease), KEY_NOT_HERE (not in the table, or not
-    raw), TOO_LARGE, CAPABILITY_REFUSED; the connection stays usable.
+    raw), TOO_LARGE, CAPABILITY_REFUSED; the connection stays usable. With FLAG_LOCATE
+    (4) set, an object over the limit is answered LOCATED instead of TOO_LARGE: the reply's
+    payload is ``LOCATION`` (checksum u64 | offset u64 | size u64) then the segment id, and
+    the client reads the range itself (striped CHECKED_READs carrying the keyed-read
+    capability in their identity, which such a daemon accepts for keys under the
+    capability's prefix). A daemon older than FLAG_LOCATE ignores it (TOO_LARGE).
     docs/ARCHITECTURE.md, Home reads.
 
 Reply (server -> client), 16-byte header, then the message, then for a READ that succeeded the
@@ -118,6 +123,10 @@ CAPABILITY_LENGTH = struct.Struct("<H")
 FLAG_CAPABILITY = 1
 #: On a COMMIT: the body ends with the master's MAC (``capability.commit_mac``).
 FLAG_SIGNED = 2
+#: On a KEYED_READ: answer an object over the limit with its location (Status.LOCATED).
+FLAG_LOCATE = 4
+#: A LOCATED reply's payload before the segment id: checksum, offset, size.
+LOCATION = struct.Struct("<QQQ")
 #: What follows a WRITE_COMMIT's capability: key_len u16 | checksum u64, then the key.
 WRITE_COMMIT_TAIL = struct.Struct("<HQ")
 MAX_KEY_BYTES = 4096
@@ -157,6 +166,9 @@ class Status(enum.IntEnum):
     # KEYED_READ refusals (transport/keyed_read.py)
     KEY_NOT_HERE = 42       # this node's table holds no readable object under that key
     TOO_LARGE = 43          # the object is larger than the request's limit
+    # NOTE: not a refusal: a KEYED_READ with FLAG_LOCATE of an object over its limit; the
+    # payload is where the object lies (LOCATION, then the segment id)
+    LOCATED = 46
 
 
 def encode_hello(token: str | None) -> bytes:

@@ -7,13 +7,15 @@ bytes into the destination ``allocate`` gives for its size, so a batch of first 
 one round trip per node. Each reply carries the object's checksum (from the daemon's
 table) before its bytes; the caller verifies the bytes against it. Refusals come back per
 item as ``ReplyError`` (status LOCATION_OFF, KEY_NOT_HERE, TOO_LARGE, CAPABILITY_REFUSED;
-the connection stays usable); a broken connection fails the items not answered yet.
+the connection stays usable); a broken connection fails the items not answered yet. With
+``locate`` an object over its item's limit comes back as a ``Located`` (where the daemon's
+table lists it), for the caller to read striped (client/home_reads.py).
 """
 
 from __future__ import annotations
 
 import struct
-from typing import Callable, Sequence
+from typing import Callable, NamedTuple, Sequence
 
 from kvstore._errors import TransferError
 from kvstore.transport import data_frames
@@ -38,16 +40,28 @@ REQUEST_WINDOW_BYTES = 128 << 10
 _RECV_BYTES = 16384
 
 
-def encode_keyed_read(request_id: int, key: bytes, capability: bytes, max_bytes: int) -> bytes:
-    """One KEYED_READ request. ValueError for a key over MAX_KEY_BYTES or empty."""
+class Located(NamedTuple):
+    """A LOCATED answer: the object's range in the daemon's table and its checksum."""
+
+    segment_id: str
+    offset: int
+    size_bytes: int
+    checksum: int
+
+
+def encode_keyed_read(request_id: int, key: bytes, capability: bytes, max_bytes: int,
+                      locate: bool = False) -> bytes:
+    """One KEYED_READ request (``locate``: flagged FLAG_LOCATE). ValueError for a key
+    over MAX_KEY_BYTES or empty."""
     if not 0 < len(key) <= MAX_KEY_BYTES:
         raise ValueError(f"key of {len(key)} bytes outside 1..{MAX_KEY_BYTES}")
+    flags = data_frames.FLAG_LOCATE if locate else 0
     if capability:
         return data_frames.REQUEST.pack(
-            data_frames.REQUEST_MAGIC, Op.KEYED_READ, data_frames.FLAG_CAPABILITY, 0,
-            request_id & 0xFFFFFFFF, max_bytes, len(key)) + \
+            data_frames.REQUEST_MAGIC, Op.KEYED_READ, flags | data_frames.FLAG_CAPABILITY,
+            0, request_id & 0xFFFFFFFF, max_bytes, len(key)) + \
             data_frames.CAPABILITY_LENGTH.pack(len(capability)) + capability + key
-    return data_frames.REQUEST.pack(data_frames.REQUEST_MAGIC, Op.KEYED_READ, 0, 0,
+    return data_frames.REQUEST.pack(data_frames.REQUEST_MAGIC, Op.KEYED_READ, flags, 0,
                                     request_id & 0xFFFFFFFF, max_bytes, len(key)) + key
 
 
@@ -88,10 +102,12 @@ class _Replies:
 
 
 def read_keyed(conn: Connection, items: Sequence[tuple[bytes, bytes, int]],
-               allocate: Callable[[int, int], memoryview | None]) -> list:
+               allocate: Callable[[int, int], memoryview | None], *,
+               locate: bool = False) -> list:
     """Send ``items`` (key, keyed-read capability, most bytes accepted) as KEYED_READs on
     ``conn`` (its deadline set by the caller) and receive each served object's bytes into
-    ``allocate(index, size)``; returns per item its checksum (int) or a ReplyError.
+    ``allocate(index, size)``; returns per item its checksum (int), a ``Located`` (only
+    with ``locate``: an object over the item's limit) or a ReplyError.
 
     ``allocate`` returning None: the bytes are read and dropped (then a ReplyError with
     status TOO_LARGE is the item's result). Raises OSError / TransferError when the
@@ -109,13 +125,23 @@ def read_keyed(conn: Connection, items: Sequence[tuple[bytes, bytes, int]],
                 key, capability, max_bytes = items[sent]
                 conn._next_request_id += 1
                 batch.append(encode_keyed_read(conn._next_request_id, key, capability,
-                                               max_bytes))
+                                               max_bytes, locate))
                 batch_bytes += len(batch[-1])
                 sent += 1
             conn.sock.sendall(b"".join(batch))
         status_code, _, msg_len, _, length = data_frames.REPLY.unpack(
             replies.read(data_frames.REPLY.size))
         message = replies.read(msg_len).decode(errors="replace") if msg_len else ""
+        if status_code == Status.LOCATED and locate:
+            if not data_frames.LOCATION.size < length <= data_frames.LOCATION.size + \
+                    data_frames.MAX_SEGMENT_ID_BYTES:
+                raise TransferError(f"tcp {conn.node_id}: LOCATED reply of {length} bytes")
+            checksum, offset, size = data_frames.LOCATION.unpack(
+                replies.read(data_frames.LOCATION.size))
+            segment_id = replies.read(length - data_frames.LOCATION.size)
+            results[index] = Located(segment_id.decode(errors="replace"), offset, size,
+                                     checksum)
+            continue
         if status_code != Status.OK:
             try:
                 status = Status(status_code)
