@@ -24,6 +24,7 @@ from kvstore.daemon.moves import copy_range
 from kvstore.daemon.ssd import CHUNK_BYTES, DATA_NAME, INDEX_NAME, SsdBackend
 from kvstore.daemon.ssd_index import (KIND_ADD, KIND_DROP, IndexEntry, encode_record,
                                       load_index, parse_records)
+from kvstore.transport.tcp import UNSTRIPED_SSD_BYTES
 
 
 @pytest.fixture(params=[True, False], ids=["direct", "buffered"])
@@ -202,6 +203,65 @@ def test_sigkill_during_ssd_writes_then_restart_serves_every_complete_object(tmp
         # bytes) when its commit reached the index just before the kill, so what is asserted
         # is that its put failed, not that it is gone
         assert failed and failed[0] == max(in_flight, key=lambda k: int(k.split("/")[1]))
+
+
+def test_sigkill_during_striped_ssd_puts_serves_complete_objects_and_no_torn_one(tmp_path):
+    """Puts of 12 MiB go as parallel stripes, one connection and one daemon thread each
+    writing its own range of the SSD file, committed after the last stripe. A SIGKILL in
+    the middle of them, then a restart on the same directory within the node TTL: every
+    put that returned is served with its bytes, and an interrupted one (some stripes on
+    the disk, no commit) is gone or whole, never served torn."""
+    size = 12 << 20
+    assert size >= 2 * UNSTRIPED_SSD_BYTES  # striped: the rule in kvstore/transport/tcp.py
+
+    def daemon_process():
+        return ServerProcess(["daemon", "--master", master.address, "--dram", "4MiB",
+                              "--ssd", f"{tmp_path}:192MiB", "--node-id", "ssd-node"])
+    with ServerProcess(["master", "--port", "0", "--heartbeat-interval", "100ms"]) as master:
+        daemon = daemon_process()
+        complete = {f"done/{i}": payload(size + 4097 * i, i) for i in range(3)}
+        with kvstore.connect(master.address, transport="tcp") as store:
+            for key, value in complete.items():
+                store.put(key, value, tier="ssd")
+            _wait_indexed(tmp_path, complete)
+            in_flight: dict[str, bytes] = {}
+            failed: list[str] = []
+            stop = threading.Event()
+
+            def writer():
+                with kvstore.connect(master.address, transport="tcp") as other:
+                    for i in range(8):
+                        if stop.is_set():
+                            return
+                        key, value = f"late/{i}", payload(size, 1000 + i)
+                        in_flight[key] = value
+                        try:
+                            other.put(key, value, tier="ssd")
+                        except kvstore.KVStoreError:
+                            failed.append(key)
+                            return
+            thread = threading.Thread(target=writer)
+            thread.start()
+            while len(in_flight) < 3 and thread.is_alive():
+                time.sleep(0.01)
+            daemon.kill()  # SIGKILL while the third put's stripes are being written
+            stop.set()
+            thread.join(timeout=60)
+            daemon.close()
+            with daemon_process():
+                _wait_served(store, "done/0")
+                for key, value in complete.items():
+                    assert store.get(key) == value
+                for key, value in in_flight.items():
+                    if key not in failed:
+                        assert store.get(key) == value  # its put returned: durable
+                        continue
+                    try:
+                        got = store.get(key)
+                    except kvstore.KVStoreError:
+                        continue          # stripes without a commit: gone
+                    assert got == value   # never torn
+        assert failed, "the kill interrupted no put"
 
 
 def test_clean_stop_then_flipped_bytes_drop_only_the_damaged_objects(tmp_path):

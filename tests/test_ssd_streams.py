@@ -16,6 +16,7 @@ from client_cluster import payload
 from servers import ServerProcess
 
 import kvstore
+from kvstore.daemon import aligned_io
 from kvstore.daemon.aligned_io import (BLOCK_BYTES, MIN_STREAM_PIECE_BYTES,
                                       STREAM_CHUNK_BYTES, STREAM_DEPTH)
 from kvstore.daemon.backends import ShmBackend
@@ -104,6 +105,35 @@ def test_a_write_stream_starts_small_so_its_disk_writes_overlap_its_receive(ssd)
     assert source.sizes == [256 << 10, 512 << 10, 256 << 10]
     assert waited == [True]     # a piece was written while the next was still to come
     assert _read_all(ssd, 4 << 20, len(data)) == data
+
+
+def test_a_read_stream_starts_small_so_its_first_piece_is_sent_while_the_rest_is_read(
+        ssd, monkeypatch):
+    """A read's pieces ramp up like a write's (256 KiB, 512 KiB, then 1 MiB): the first is
+    handed to ``drain`` (the socket) while the later ones are still being read; the bytes
+    come back whole and in order."""
+    data = payload((3 << 20) + 100, 8)
+    ssd.write_from(6 << 20, memoryview(data))
+    first_drained = threading.Event()
+    waited: list[bool] = []
+    pread_all = aligned_io._pread_all
+
+    def waiting_pread(fd, buffer, offset):
+        if offset >= (6 << 20) + (1 << 20):   # a later piece: the first must be out first
+            waited.append(first_drained.wait(30))
+        pread_all(fd, buffer, offset)
+    monkeypatch.setattr(aligned_io, "_pread_all", waiting_pread)
+    sizes: list[int] = []
+    out = bytearray()
+
+    def drain(piece: memoryview) -> None:
+        sizes.append(len(piece))
+        out.extend(piece)
+        first_drained.set()
+    ssd.read_stream(6 << 20, len(data), drain)
+    assert sizes == [256 << 10, 512 << 10, 1 << 20, 1 << 20, (256 << 10) + 100]
+    assert waited and all(waited)   # the later reads waited for the first drain: no deadlock
+    assert bytes(out) == data
 
 
 def test_concurrent_streams_of_neighbours_sharing_blocks_keep_their_bytes(ssd):

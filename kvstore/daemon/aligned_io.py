@@ -9,8 +9,9 @@ O_DIRECT the calls go straight to pread/pwrite (the page cache).
 
 ``write_stream``/``read_stream`` are the pipelined forms for a caller that produces or
 consumes the bytes piece by piece (the data plane's socket, a tier move's memcpy): the range
-is cut into STREAM_CHUNK_BYTES pieces (block-aligned after the first; a write's first
-pieces smaller: MIN_STREAM_PIECE_BYTES, then twice that, so its disk writes start early),
+is cut into STREAM_CHUNK_BYTES pieces (block-aligned after the first; the first ones
+smaller: MIN_STREAM_PIECE_BYTES, then twice that, so a write's disk writes start early and
+a read's first piece is drained while the rest are still read),
 the caller fills or drains each piece in place in a page-aligned ring buffer (no bounce
 copy), and up to
 STREAM_DEPTH pieces are written or read ahead on the file's I/O threads meanwhile, so the
@@ -44,7 +45,10 @@ STREAM_DEPTH = 4
 # ~1 ms on the loaded build machine, which the disk then waited for at the head of every
 # put (and a tcp batch's 1 MiB stripe, one piece, was received whole before its first byte
 # went to the disk). Pieces end on multiples of this, so each after the first starts on a
-# block (bench/RESULTS.md, "SSD puts (9p)").
+# block (bench/RESULTS.md, "SSD puts (9p)"). Reads ramp the same way: their first
+# STREAM_DEPTH pieces are read at once and share the disk, so the send, which waits for the
+# first, started after 1.8-2.9 ms with four 1 MiB pieces and after 1.1-1.5 ms with a 256 KiB
+# first piece (p50s, loaded build machine; bench/RESULTS.md, "SSD puts (9s2)").
 MIN_STREAM_PIECE_BYTES = 256 << 10
 IO_THREADS = 8                 # per file: a few streams' pieces in flight at once
 _NUM_BLOCK_LOCKS = 64
@@ -145,20 +149,10 @@ class AlignedFile:
         return ring
 
     def _pieces(self, offset: int, length: int):
-        """(position, num_bytes, pad) of each piece of [offset, +length): pieces end on
-        STREAM_CHUNK_BYTES boundaries (so every piece after the first starts on a block)."""
-        done = 0
-        while done < length:
-            position = offset + done
-            pad = position % BLOCK_BYTES if self.direct_io else 0
-            num_bytes = min(STREAM_CHUNK_BYTES - position % STREAM_CHUNK_BYTES, length - done)
-            yield position, num_bytes, pad
-            done += num_bytes
-
-    def _write_pieces(self, offset: int, length: int):
-        """``_pieces`` of a write: at most MIN_STREAM_PIECE_BYTES, then twice that, then
-        STREAM_CHUNK_BYTES, each ending on a multiple of MIN_STREAM_PIECE_BYTES (so every
-        piece after the first starts on a block)."""
+        """(position, num_bytes, pad) of each piece of a stream over [offset, +length): at
+        most MIN_STREAM_PIECE_BYTES, then twice that, then STREAM_CHUNK_BYTES, each ending on
+        a multiple of MIN_STREAM_PIECE_BYTES (so every piece after the first starts on a
+        block)."""
         done, target = 0, MIN_STREAM_PIECE_BYTES
         while done < length:
             position = offset + done
@@ -175,7 +169,7 @@ class AlignedFile:
         ring = self._ring()
         in_flight: deque[Future] = deque()
         try:
-            for i, (position, num_bytes, pad) in enumerate(self._write_pieces(offset, length)):
+            for i, (position, num_bytes, pad) in enumerate(self._pieces(offset, length)):
                 if len(in_flight) == STREAM_DEPTH:
                     in_flight.popleft().result()
                 buffer = ring[i % len(ring)]
