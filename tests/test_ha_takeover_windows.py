@@ -36,12 +36,10 @@ def _connect(cluster):
 
 
 def test_a_daemon_back_after_the_takeover_wait_brings_its_acknowledged_objects(etcd):
-    cluster = HaCluster(etcd, num_masters=2, num_daemons=2,
-                        master_args=("--takeover-wait", "1s"))
+    cluster, leader = _started(etcd, num_masters=2, num_daemons=2,
+                                     master_args=("--takeover-wait", "1s"))
     late = None
     try:
-        leader = cluster.wait_leader(min_epoch=1)
-        _wait(lambda: len(_nodes(leader.grpc_address)) == 2, 30, "daemons registered")
         store = _connect(cluster)
         keys = [f"late/{i}" for i in range(32)]
         assert store.batch_put(keys, [_value(i) for i in range(32)]) == [None] * 32
@@ -76,10 +74,8 @@ def test_a_daemon_back_after_the_takeover_wait_brings_its_acknowledged_objects(e
 def test_a_revoke_and_a_whole_retry_after_a_lost_put_end_reply_keep_the_object(etcd):
     # what a writer does when the old leader committed its put but the reply was lost with
     # the leader: PutRevoke (best effort), then the put again from PutStart at the new one
-    cluster = HaCluster(etcd, num_masters=2, num_daemons=1)
+    cluster, leader = _started(etcd, num_masters=2, num_daemons=1)
     try:
-        leader = cluster.wait_leader(min_epoch=1)
-        _wait(lambda: len(_nodes(leader.grpc_address)) == 1, 30, "daemon registered")
         store = _connect(cluster)
         assert store.put("lost-reply/k", _value(1)) is None       # committed by the old one
         cluster.master_of(leader).kill()
@@ -103,11 +99,9 @@ def test_a_key_removed_before_a_failover_and_put_after_it_survives_the_next_one(
     # an acknowledged put until the leader's next heartbeat, and a second failover before
     # it lost the put. NOTE: a long heartbeat interval holds that window open; the daemons
     # still move to each new leader at once (the leader key's watch wakes their heartbeat)
-    cluster = HaCluster(etcd, num_masters=3, num_daemons=1,
-                        master_args=("--heartbeat-interval", "30s", "--node-ttl", "120s"))
+    cluster, leader = _started(etcd, num_masters=3, num_daemons=1, master_args=(
+        "--heartbeat-interval", "30s", "--node-ttl", "120s"))
     try:
-        leader = cluster.wait_leader(min_epoch=1)
-        _wait(lambda: len(_nodes(leader.grpc_address)) == 1, 30, "daemon registered")
         store = _connect(cluster)
         churn = [f"again/churn/{i}" for i in range(40)]     # the old term's sequence grows
         assert store.batch_put(churn, [_value(i) for i in range(40)]) == [None] * 40
@@ -131,3 +125,16 @@ def _fail_over(cluster, leader):
     _wait(lambda: len(_nodes(leader.grpc_address)) == len(cluster.daemons), 30,
           "daemons re-registered")
     return leader
+
+
+def _started(etcd, **options):
+    """A ``HaCluster`` whose leader lists every daemon, and that leader."""
+    cluster = HaCluster(etcd, **options)
+    try:
+        leader = cluster.wait_leader(min_epoch=1)
+        _wait(lambda: len(_nodes(leader.grpc_address)) == len(cluster.daemons), 30,
+              "daemons registered")
+    except BaseException:
+        cluster.close()
+        raise
+    return cluster, leader
