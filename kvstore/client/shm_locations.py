@@ -118,10 +118,6 @@ class ShmTables:
                 gone.append(self._by_segment.pop(segment_shm_name))
         return gone
 
-    def __len__(self) -> int:
-        """How many segments' tables are mapped."""
-        return sum(table is not None for table in list(self._by_segment.values()))
-
     def forget(self, segment_shm_name: str) -> None:
         with self._lock:
             self._by_segment.pop(segment_shm_name, None)
