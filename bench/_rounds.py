@@ -17,6 +17,7 @@ import json
 import statistics
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 
@@ -33,6 +34,16 @@ def add_flags(parser: argparse.ArgumentParser, json_default: str) -> None:
 def tree_name(python: str) -> str:
     """The checkout an interpreter belongs to (``/work/base2/.venv/bin/python``: base2)."""
     return Path(python).absolute().parent.parent.parent.name
+
+
+def p50_s(fn, count: int) -> float:
+    """The median, in seconds, of ``count`` timed calls ``fn(0)`` .. ``fn(count - 1)``."""
+    samples = []
+    for i in range(count):
+        started = time.perf_counter()
+        fn(i)
+        samples.append(time.perf_counter() - started)
+    return statistics.median(samples)
 
 
 def load_average() -> list[str]:

@@ -19,12 +19,12 @@ from __future__ import annotations
 import argparse
 import json
 import socket
-import statistics
 import time
 from pathlib import Path
 
 import numpy as np
 
+import _rounds
 import kvstore
 from kvstore._process import ServerProcess
 from kvstore.transport import data_frames
@@ -32,15 +32,6 @@ from kvstore.transport import data_frames
 OUT_DIR = Path(__file__).resolve().parent / "out"
 MiB = 1 << 20
 BATCH = 1024
-
-
-def _p50(fn, count: int) -> float:
-    samples = []
-    for i in range(count):
-        started = time.perf_counter()
-        fn(i)
-        samples.append(time.perf_counter() - started)
-    return statistics.median(samples)
 
 
 def _ping_p50(data_addr: str, count: int) -> float:
@@ -57,7 +48,7 @@ def _ping_p50(data_addr: str, count: int) -> float:
             sock.sendall(data_frames.REQUEST.pack(data_frames.REQUEST_MAGIC,
                                                   data_frames.Op.PING, 0, 0, 1, 0, 0))
             data_frames.recv_exact(sock, data_frames.REPLY.size)
-        return _p50(ping, count)
+        return _rounds.p50_s(ping, count)
 
 
 def main() -> int:
@@ -92,7 +83,7 @@ def main() -> int:
                         writer.batch_put(keys, [value] * count)
                         if store.get(keys[0]) != value.tobytes():
                             raise RuntimeError("wrong bytes")
-                        p50 = _p50(lambda i: store.get(keys[i]), count)
+                        p50 = _rounds.p50_s(lambda i: store.get(keys[i]), count)
                         row[f"{size_name}_{name}"] = (p50 * 1e6 if size < MiB
                                                       else size / p50 / 1e9)
                         writer.remove_prefix(f"hr/{r}/{size_name}/{name}/", force=True)
@@ -102,7 +93,7 @@ def main() -> int:
                                for j in range(5)]
                     for keys in batches:
                         writer.batch_put(keys, [small] * BATCH)
-                    p50 = _p50(lambda j: store.batch_get(batches[j]), len(batches))
+                    p50 = _rounds.p50_s(lambda j: store.batch_get(batches[j]), len(batches))
                     row[f"batch_{name}"] = BATCH / p50 / 1e3
                     writer.remove_prefix(f"hr/{r}/b/{name}/", force=True)
                 row["home_hits"] = on.stats()["home_reads"]["hits"]

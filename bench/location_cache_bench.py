@@ -16,27 +16,18 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import time
 from pathlib import Path
 
 import numpy as np
 
+import _rounds
 import kvstore
 from kvstore._process import ServerProcess
 
 OUT_DIR = Path(__file__).resolve().parent / "out"
 MiB = 1 << 20
 SIZES = {"64KiB": 64 << 10, "4MiB": 4 * MiB}
-
-
-def _p50(fn, count: int) -> float:
-    samples = []
-    for i in range(count):
-        started = time.perf_counter()
-        fn(i)
-        samples.append(time.perf_counter() - started)
-    return statistics.median(samples)
 
 
 def _figure(size_name: str, p50_s: float) -> float:
@@ -74,9 +65,9 @@ def main() -> int:
                             raise RuntimeError("wrong bytes")
                         hits = (store.stats()["location_cache"] or {}).get("hits", 0)
                         row[f"repeat_{name}"] = _figure(
-                            size_name, _p50(lambda i: store.get(key), count))
+                            size_name, _rounds.p50_s(lambda i: store.get(key), count))
                         row[f"first_{name}"] = _figure(
-                            size_name, _p50(lambda i: store.get(fresh[i]), count))
+                            size_name, _rounds.p50_s(lambda i: store.get(fresh[i]), count))
                         row[f"hits_{name}"] = \
                             (store.stats()["location_cache"] or {}).get("hits", 0) - hits
                         store.remove_prefix(f"lc/{size_name}/{r}/{name}/", force=True)

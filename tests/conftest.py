@@ -24,3 +24,23 @@ def etcd():
         yield server
     finally:
         server.close()
+
+
+#: Two tenants, "alpha" and "beta", each with its token and no quota or namespace.
+TWO_TENANTS_TOML = """
+[[tenant]]
+name = "alpha"
+token = "alpha-secret"
+
+[[tenant]]
+name = "beta"
+token = "beta-secret"
+"""
+
+
+@pytest.fixture(scope="session")
+def two_tenants_file(tmp_path_factory):
+    """A ``--tenants`` file of two tenants (``TWO_TENANTS_TOML``): its path."""
+    path = tmp_path_factory.mktemp("tenants") / "tenants.toml"
+    path.write_text(TWO_TENANTS_TOML)
+    return path

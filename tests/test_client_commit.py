@@ -273,3 +273,17 @@ def test_object_table_drops_a_client_commit_of_a_key_removed_since_its_capabilit
     table.begin_registration()
     assert table.commit_from_client([(1, "x", stored, 9)])[0][0] == 1
     assert table.get("x") is None
+
+
+def test_a_new_registration_forgets_the_removals_of_the_old_one():
+    # the old registration removed "k" at sequence 50; the new one's capabilities start
+    # again near 0: a commit of "k" under the new registration is added, not dropped
+    table = ObjectTable()
+    stored = StoredObject("s", 0, 64, 1, 0)
+    assert table.apply(_removal(50, 0, "k")) == 1
+    assert table.commit_from_client([(0, "k", stored, 49)]) == []   # old registration: dropped
+    assert table.get("k") is None
+    table.begin_registration()
+    table.reset_sequence()
+    assert table.commit_from_client([(0, "k", stored, 2)]) == []
+    assert table.get("k") == stored

@@ -169,17 +169,19 @@ def test_daemon_start_reaps_segments_of_dead_daemons_only(tmp_path):
             segment.close()
 
 
-def test_reaping_can_be_turned_off():
+def test_reaping_can_be_turned_off(tmp_path):
+    # NOTE: the orphan is an SSD segment file in this test's own directory, not a /dev/shm
+    # object: every daemon that starts on this host (other tests, other checkouts' suites
+    # run at the same time) reaps this host's /dev/shm orphans, so a fake one there could
+    # vanish under this test, while an SSD directory is reaped only by its own daemon
     from kvstore._posix_shm import host_tag
 
-    name = f"/kvstore-gone-{host_tag()}-{dead_pid()}-{'f' * 16}"
-    segment = create_shm(name, 4096)
-    try:
-        with run_in_thread(DaemonConfig(dram_bytes=1024 * 1024, reap_orphans=False)):
-            assert os.path.exists(f"/dev/shm{name}")
-    finally:
-        segment.unlink()
-        segment.close()
+    orphan = tmp_path / f"kvstore-gone-{host_tag()}-{dead_pid()}-{'f' * 16}.seg"
+    orphan.write_bytes(b"x")
+    with run_in_thread(DaemonConfig(dram_bytes=1024 * 1024, ssd_dir=str(tmp_path),
+                                    ssd_bytes=1024 * 1024, reap_orphans=False)):
+        assert orphan.exists()
+    assert orphan.read_bytes() == b"x"
 
 
 def test_prefault_allocates_every_page_after_creation_in_the_background():

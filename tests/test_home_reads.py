@@ -227,22 +227,9 @@ def test_keyed_read_capabilities_expire_and_name_their_kind():
         capability.check_keyed(secret, "n1", read_cap, now_ms=0)
 
 
-TENANTS_TOML = """
-[[tenant]]
-name = "alpha"
-token = "alpha-secret"
-
-[[tenant]]
-name = "beta"
-token = "beta-secret"
-"""
-
-
-def test_tenants_read_their_own_keys_at_home_and_never_another_tenants(tmp_path):
-    path = tmp_path / "tenants.toml"
-    path.write_text(TENANTS_TOML)
+def test_tenants_read_their_own_keys_at_home_and_never_another_tenants(two_tenants_file):
     cluster = Cluster(num_daemons=2, dram="16MiB", token="cluster-secret",
-                      master_args=("--tenants", str(path), *BEATS))
+                      master_args=("--tenants", str(two_tenants_file), *BEATS))
     try:
         with kvstore.connect(cluster.address, token="alpha-secret", transport="tcp") as alpha, \
                 kvstore.connect(cluster.address, token="beta-secret", transport="tcp") as beta:

@@ -25,23 +25,12 @@ from kvstore.transport.hostid import local_host_id
 
 TIMEOUT_S = 10.0
 CLUSTER_TOKEN = "cluster-secret"
-TENANTS_TOML = """
-[[tenant]]
-name = "alpha"
-token = "alpha-secret"
-
-[[tenant]]
-name = "beta"
-token = "beta-secret"
-"""
 
 
 @pytest.fixture(scope="module")
-def cluster(tmp_path_factory):
-    path = tmp_path_factory.mktemp("tenants") / "tenants.toml"
-    path.write_text(TENANTS_TOML)
+def cluster(two_tenants_file):
     cluster = Cluster(num_daemons=1, dram="64MiB", token=CLUSTER_TOKEN,
-                      master_args=("--tenants", str(path)))
+                      master_args=("--tenants", str(two_tenants_file)))
     yield cluster
     cluster.close()
 

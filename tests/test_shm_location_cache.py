@@ -351,7 +351,8 @@ def test_the_table_refuses_a_changed_slot_a_new_epoch_and_an_ended_lease(table):
     digest = _copy_hash.copy_hash(bytearray(len(value)), value)
     locations.stored("k", 8192, len(value), digest)
     tables = ShmTables()
-    address = tables.address(segment.name)
+    table = tables.table(segment.name)
+    address = table.address if table is not None else 0
     assert address
     from kvstore.client.shm_locations import entry_for
     target = Target("n", "h", "a", "dram0", segment.name, 8192, len(value))
@@ -410,8 +411,8 @@ def test_a_table_that_is_not_one_is_never_used(tmp_path):
     bogus = create_shm(lt.table_name(segment.name), 4096, prefault=False)   # no magic
     try:
         tables = ShmTables()
-        assert tables.address(segment.name) == 0
-        assert tables.address("/not-a-kvstore-name") == 0
+        assert tables.table(segment.name) is None
+        assert tables.table("/not-a-kvstore-name") is None
     finally:
         bogus.unlink()
         bogus.close()

@@ -22,6 +22,7 @@ Thread-safe: the tables' map under one lock; reads take none.
 
 from __future__ import annotations
 
+import os
 import sys
 import threading
 import time
@@ -32,6 +33,7 @@ from kvstore._copy_hash import loc_read, loc_vouch, read_ranges
 from kvstore._posix_shm import POPULATE_CHUNK_BYTES, SharedSegment, open_shm
 from kvstore.client.checksum import EMPTY_CHECKSUM
 from kvstore.transport.base import Target
+from kvstore.transport.shm import SHM_DIR
 
 
 class CachedShm(NamedTuple):
@@ -50,22 +52,31 @@ class _Table(NamedTuple):
     segment: SharedSegment
     array: Any
     address: int
+    inode: int      # of the table's name when mapped: a table whose name is gone is dropped
 
 
 class ShmTables:
-    """The location tables of the segments this client read, mapped once each."""
+    """The location tables of the segments this client read, mapped once each.
+
+    Tables of daemons that are gone are unmapped: each time a table is mapped (a restarted
+    daemon's segments have new names, so this comes with every new incarnation), the tables
+    whose name was unlinked or now names another object are dropped, so a client of a
+    daemon restarted N times holds the tables of its live incarnation only, not N. A table
+    is unmapped when its last reference goes: callers hold ``table()``'s result while they
+    read through its address (a sweep on another thread never unmaps under them)."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._by_segment: dict[str, _Table | None] = {}
 
-    def address(self, segment_shm_name: str) -> int:
-        """The mapped table of that segment's name, 0 when it has none (an older daemon,
-        a name not ours, a table that cannot be mapped)."""
+    def table(self, segment_shm_name: str) -> _Table | None:
+        """The mapped table of that segment's name, None when it has none (an older daemon,
+        a name not ours, a table that cannot be mapped). Hold it while reading through its
+        ``address``."""
         table = self._by_segment.get(segment_shm_name, False)
         if table is False:
             table = self._map(segment_shm_name)
-        return table.address if table is not None else 0
+        return table
 
     def _map(self, segment_shm_name: str) -> _Table | None:
         import numpy as np
@@ -73,19 +84,39 @@ class ShmTables:
         with self._lock:
             if segment_shm_name in self._by_segment:
                 return self._by_segment[segment_shm_name]
+            gone = self._pop_gone()
             table = None
             name = lt.table_name(segment_shm_name)
             try:
                 segment = open_shm(name) if name is not None else None
+                inode = os.stat(f"{SHM_DIR}{name}").st_ino if segment is not None else 0
             except (OSError, ValueError):
                 segment = None
             if segment is not None and segment.size_bytes >= lt.HEADER_BYTES:
                 array = np.frombuffer(segment.view, dtype=np.uint64)
                 if (int(array[lt.WORD_MAGIC]) == lt.MAGIC and segment.size_bytes
                         >= lt.table_bytes(int(array[lt.WORD_SLOTS]))):
-                    table = _Table(segment, array, int(array.ctypes.data))
+                    table = _Table(segment, array, int(array.ctypes.data), inode)
             self._by_segment[segment_shm_name] = table
-            return table
+        del gone   # NOTE: outside the lock; unmapped here unless a reader still holds one
+        return table
+
+    def _pop_gone(self) -> list[_Table]:
+        """Remove (under the lock) the tables whose name no longer names what we mapped, and
+        the names that had no table (a restarted daemon's old segments are not read again)."""
+        gone = []
+        for segment_shm_name, table in list(self._by_segment.items()):
+            if table is None:
+                if not os.path.exists(f"{SHM_DIR}{segment_shm_name}"):
+                    del self._by_segment[segment_shm_name]
+                continue
+            try:
+                alive = os.stat(f"{SHM_DIR}{table.segment.name}").st_ino == table.inode
+            except OSError:
+                alive = False
+            if not alive:
+                gone.append(self._by_segment.pop(segment_shm_name))
+        return gone
 
     def forget(self, segment_shm_name: str) -> None:
         with self._lock:
@@ -100,10 +131,11 @@ def entry_for(tables: ShmTables, key: str, target: Target, size_bytes: int,
               checksum: int) -> CachedShm | None:
     """What to cache after a verified read of ``key`` from ``target`` (a shm replica), or
     None when its table does not vouch for it now (see the module)."""
-    address = tables.address(target.shm_name)
-    if not address:
+    table = tables.table(target.shm_name)
+    if table is None:
         return None
-    slot = loc_read(address, target.offset)
+    slot = loc_read(table.address, target.offset)
+    del table
     if slot is None:
         return None
     seq, epoch, key_hash, length, stored_checksum, table_epoch, lease_until_ns = slot
@@ -121,8 +153,9 @@ def vouched_entries(tables: ShmTables, keys: list[str], written: list, sizes: li
     """``(key, entry)`` as ``entry_for`` would give, for every key a GetReplicas batch's
     ``read_ranges`` served (client/shm_batch.py): the checks and the entries in one C call
     (``loc_vouch``)."""
-    table_addresses = [tables.address(t.shm_name) if m is not None else 0
-                       for t, m in zip(segments, mappings)]
+    held = [tables.table(t.shm_name) if m is not None else None
+            for t, m in zip(segments, mappings)]
+    table_addresses = [t.address if t is not None else 0 for t in held]
     if not any(table_addresses):
         return []
     return loc_vouch(keys, written, sizes, checksums, starts, counts, replica_segment,
@@ -148,6 +181,8 @@ def read_cached(shm, tables: ShmTables, entries: Sequence[CachedShm],
             segments.append(entry.segment)
         replica_segment.append(index)
     mappings = shm.segment_mappings(segments)
+    held = [tables.table(t.shm_name) if m is not None else None
+            for t, m in zip(segments, mappings)]
     num = len(entries)
     torch = sys.modules.get("torch")
     written, _ = read_ranges(
@@ -159,8 +194,8 @@ def read_cached(shm, tables: ShmTables, entries: Sequence[CachedShm],
         True, EMPTY_CHECKSUM,
         [m.populator.chunk_flags if m is not None else None for m in mappings],
         POPULATE_CHUNK_BYTES, None if torch is None else torch.Tensor,
-        [tables.address(t.shm_name) if m is not None else 0
-         for t, m in zip(segments, mappings)],
+        [t.address if t is not None else 0 for t in held],
         [e.seq for e in entries], [e.epoch for e in entries])
-    del mappings   # NOTE: held until the copies are done: they keep the segments mapped
+    # NOTE: held until the copies are done: they keep the segments and tables mapped
+    del mappings, held
     return written

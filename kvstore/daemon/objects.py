@@ -124,10 +124,18 @@ class ObjectTable:
             self._registering = False
 
     def reset_sequence(self) -> None:
-        """A (re-)registration starts a new sequence with the master: nothing acked yet."""
+        """A (re-)registration starts a new sequence with the master: nothing acked yet, and
+        no removal remembered.
+        NOTE: the removals' sequences are of the old registration, while the capabilities of
+        the new one start again near 0: kept, a key removed at old sequence S would have
+        every client commit of it dropped, unreported, until the new sequence passed S (an
+        acknowledged put missing from this table, so lost if the master died before its
+        next push; issue 10, 10y). Forgetting them is safe: a commit with a capability of
+        the old registration no longer verifies with the new secret."""
         with self._apply_lock, self._lock:
             self.acked_seq = 0
             self._registering = False
+            self._removed.clear()
 
     def apply(self, response: HeartbeatChanges) -> int:
         """Apply one heartbeat change set; return the number of entries it touched.
