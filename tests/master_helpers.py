@@ -35,13 +35,15 @@ def raw_client(master, carrier: str) -> RawMaster:
     return RawMaster.over_fast("127.0.0.1", fast_port)
 
 
-def node_info(node_id: str, *, host_id: str = "host-a", segments=None) -> pb.NodeInfo:
-    """A NodeInfo; ``segments``: list of (segment_id, tier, capacity_bytes)."""
+def node_info(node_id: str, *, host_id: str = "host-a", segments=None,
+              **fields) -> pb.NodeInfo:
+    """A NodeInfo; ``segments``: list of (segment_id, tier, capacity_bytes); ``fields``:
+    other NodeInfo fields (incarnation, registration_token, ...)."""
     segments = segments or [("dram0", pb.TIER_DRAM, 4 * MiB)]
     return pb.NodeInfo(node_id=node_id, host_id=host_id, data_addr="127.0.0.1:7000",
                        segments=[pb.SegmentInfo(segment_id=s, tier=t, capacity_bytes=c,
                                                 shm_name=f"/kv-{node_id}-{s}")
-                                 for s, t, c in segments])
+                                 for s, t, c in segments], **fields)
 
 
 def register(client: RawMaster, node_id: str, **kwargs) -> pb.RegisterNodeResponse:

@@ -103,6 +103,51 @@ def test_evictions_and_removes_reach_the_table_and_are_never_readopted():
         master.close()
 
 
+def test_puts_placed_while_a_registration_reply_is_lost_survive_a_master_restart():
+    # a registration the master applied but whose reply the daemon never got: writers'
+    # commits since then carry that registration's secret; the retry (same token) must be
+    # answered as the same registration, so those commits apply and nothing is unregistered
+    port = _free_port()
+    master_args = ["master", "--port", str(port), "--heartbeat-interval", "100ms"]
+    master = ServerProcess(master_args)
+    daemon = run_in_thread(DaemonConfig(master_addr=master.address, dram_bytes=16 * 1024**2,
+                                        node_id="lost-reply", register_timeout_s=10))
+    try:
+        link = daemon.daemon.master_link
+        link._stop.set()                    # the heartbeat thread paused, as above
+        link._wake.set()
+        link._thread.join(timeout=30)
+        link._stop.clear()
+        master.kill()                       # a new master: the daemon registers again
+        master.close()
+        master = ServerProcess(master_args)
+        table = link._table
+        table.before_change()
+        table.begin_registration()          # what an attempt in flight holds
+        link._registration_token = "lost-reply-token"
+        link._client.register_node(link._node, table.to_inventory(),
+                                   registration_token="lost-reply-token")   # reply "lost"
+        keys = [f"lost/{i}" for i in range(8)]
+        values = {key: os.urandom(BLOCK) for key in keys}
+        with kvstore.connect(master.address) as store:
+            for key in keys:
+                store.put(key, values[key])
+            link.register(timeout_s=10)         # the retry
+        link.start_heartbeats()
+        assert _wait_until(lambda: set(keys) <= _table_keys(daemon)), \
+            sorted(set(keys) - _table_keys(daemon))
+        master.kill()
+        master.close()
+        master = ServerProcess(master_args)                     # same address, empty state
+        assert _wait_until(lambda: any(n.num_objects == len(keys)
+                                       for n in _nodes(master.address)))
+        with kvstore.connect(master.address) as store:
+            assert store.batch_get(keys) == [values[key] for key in keys]
+    finally:
+        daemon.stop()
+        master.close()
+
+
 def _daemon_objects(metrics_port: int) -> float:
     text = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics",
                                   timeout=10).read().decode()

@@ -90,6 +90,29 @@ def test_reregistering_a_live_node_is_refused_until_it_leaves(embedded):
         m.client.call("UnregisterNode", pb.UnregisterNodeRequest(node_id="ghost"))
 
 
+def test_a_repeated_registration_is_answered_as_the_one_it_repeats(embedded):
+    # a daemon whose registration reply was lost sends it again with the same token: the
+    # master answers with the same secret and keeps what it placed there meanwhile
+    m = embedded()
+    first = register(m.client, "n1", incarnation="i1", write_capabilities=True,
+                     registration_token="t1")
+    put(m.client, ["a"])
+    again = register(m.client, "n1", incarnation="i1", write_capabilities=True,
+                     registration_token="t1")
+    assert again.capability_secret == first.capability_secret != b""
+    assert exists(m.client, ["a"]) == [True]
+    with pytest.raises(kvstore.KVStoreError, match="ALREADY_EXISTS"):   # another token
+        register(m.client, "n1", incarnation="i1", registration_token="t2")
+    with pytest.raises(kvstore.KVStoreError, match="ALREADY_EXISTS"):   # no token
+        register(m.client, "n1", incarnation="i1")
+    assert exists(m.client, ["a"]) == [True]
+    # a new process (another incarnation) with the same token is a new registration
+    fresh = register(m.client, "n1", incarnation="i2", write_capabilities=True,
+                     registration_token="t1")
+    assert fresh.capability_secret != first.capability_secret
+    assert exists(m.client, ["a"]) == [False]
+
+
 def test_master_restart_adopts_the_daemons_inventories(embedded):
     first = embedded()
     register(first.client, "n1")

@@ -14,9 +14,11 @@ their source ranges without waiting a whole interval.
 
 Error handling: an unreachable master is retried with capped exponential backoff
 (``RETRY_MIN_S`` .. ``RETRY_MAX_S``) and logged, never fatal; a heartbeat that fails is
-logged and retried at the next beat. A registration refused as ALREADY_EXISTS (a previous
-attempt of ours went through but its reply was lost) unregisters that stale entry and
-registers again with the inventory.
+logged and retried at the next beat. Every attempt of one registration carries the same
+token, so an attempt whose reply was lost but which the master applied is answered again
+as the same registration (same secret, the objects placed since kept); a registration
+still refused as ALREADY_EXISTS (a master that predates tokens, or an entry of another
+registration) unregisters that stale entry and registers again with the inventory.
 
 Time is injected (``clock``, ``wait``), so a test can drive the loop without sleeping.
 """
@@ -24,6 +26,7 @@ Time is injected (``clock``, ``wait``), so a test can drive the loop without sle
 from __future__ import annotations
 
 import logging
+import secrets
 import threading
 import time
 from typing import Callable
@@ -79,6 +82,8 @@ class MasterLink:
         self.master_id = ""
         self.num_registrations = 0
         self._unregistered = False
+        # sent with every attempt of the registration under way; "" once one succeeded
+        self._registration_token = ""
 
     def register(self, *, timeout_s: float | None = None) -> Registration:
         """Register (with the inventory), retrying until it succeeds or ``timeout_s`` passes.
@@ -88,46 +93,55 @@ class MasterLink:
         """
         deadline_s = None if timeout_s is None else self._clock() + timeout_s
         delay_s = RETRY_MIN_S
-        while True:
-            try:
-                return self._register_once()
-            except MasterUnavailableError as exc:
-                if self._stop.is_set() or (deadline_s is not None and
-                                           self._clock() + delay_s > deadline_s):
-                    raise
-                log.warning("master %s unavailable (%s); retrying registration in %.1fs",
-                            self._client.address, exc, delay_s)
-            if self._stop.wait(delay_s):
-                raise MasterUnavailableError("stopped while registering with the master")
-            delay_s = min(delay_s * 2, RETRY_MAX_S)
-
-    def _register_once(self) -> Registration:
         # NOTE: from before the inventory is taken until the sequence is reset, commit pushes
         # are refused (the master retries them), so none is lost to the reset. The commit
         # ring is drained first: its records' capabilities stop verifying with the secret
-        # the registration brings, and the inventory must hold every acknowledged put
+        # the registration brings, and the inventory must hold every acknowledged put. The
+        # drain stays paused across attempts: an attempt whose reply was lost may have been
+        # applied, and writers' ring records since then carry that registration's secret,
+        # which the retry (same token: answered as the same registration) brings
         if self._table.before_change is not None:
             self._table.before_change()
         self._table.begin_registration()
         try:
-            node, inventory = self._node, self._table.to_inventory()
-            try:
-                reply = self._client.register_node(node, inventory)
-            except KVStoreError as exc:
-                if getattr(exc, "code", None) != grpc.StatusCode.ALREADY_EXISTS:
-                    raise
-                log.warning("master still lists node %s; unregistering the stale entry",
-                            node.node_id)
-                self._client.unregister_node(node.node_id)
-                reply = self._client.register_node(node, inventory)
-            self._table.reset_sequence()
-            if self._guard is not None:
-                self._guard.set_secret(reply.capability_secret,
-                                       check_reads=reply.read_capabilities)
-            if self._location_reads is not None:
-                self._location_reads.on_registered(reply.location_lease_s)
+            while True:
+                try:
+                    return self._register_once()
+                except MasterUnavailableError as exc:
+                    if self._stop.is_set() or (deadline_s is not None and
+                                               self._clock() + delay_s > deadline_s):
+                        raise
+                    log.warning("master %s unavailable (%s); retrying registration in %.1fs",
+                                self._client.address, exc, delay_s)
+                if self._stop.wait(delay_s):
+                    raise MasterUnavailableError("stopped while registering with the master")
+                delay_s = min(delay_s * 2, RETRY_MAX_S)
         finally:
             self._table.end_registration()
+
+    def _register_once(self) -> Registration:
+        node, inventory = self._node, self._table.to_inventory()
+        if not self._registration_token:
+            # NOTE: kept until an attempt succeeds, across register() calls too
+            self._registration_token = secrets.token_hex(8)
+        try:
+            reply = self._client.register_node(
+                node, inventory, registration_token=self._registration_token)
+        except KVStoreError as exc:
+            if getattr(exc, "code", None) != grpc.StatusCode.ALREADY_EXISTS:
+                raise
+            log.warning("master still lists node %s; unregistering the stale entry",
+                        node.node_id)
+            self._client.unregister_node(node.node_id)
+            reply = self._client.register_node(
+                node, inventory, registration_token=self._registration_token)
+        self._registration_token = ""
+        self._table.reset_sequence()
+        if self._guard is not None:
+            self._guard.set_secret(reply.capability_secret,
+                                   check_reads=reply.read_capabilities)
+        if self._location_reads is not None:
+            self._location_reads.on_registered(reply.location_lease_s)
         self.heartbeat_interval_s = max(reply.heartbeat_interval_s, 0.01)
         self.master_id = reply.master_id
         self.num_registrations += 1

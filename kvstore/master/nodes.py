@@ -94,7 +94,7 @@ class Node:
                  "seq", "log", "incarnation", "outbox",
                  "nixl_metadata", "durable_seq", "touched", "commit_push", "beat_durable",
                  "capability_secret", "client_commit", "read_capabilities", "commit_ring",
-                 "freed_seq", "batch_capabilities")
+                 "freed_seq", "batch_capabilities", "registration_token", "num_adopted")
 
     def __init__(self, node_id: str, host_id: str, data_addr: str, now_s: float,
                  incarnation: str = "", touched: set | None = None):
@@ -112,6 +112,8 @@ class Node:
         # NOTE: the state's set of nodes that logged a change during the current call
         self.touched = touched if touched is not None else set()
         self.incarnation = incarnation
+        self.registration_token = ""  # of the registration that added it ("": none sent)
+        self.num_adopted = 0       # objects that registration adopted (repeated on a retry)
         self.outbox: list = []     # tier moves (tiering.Move) for the next heartbeat reply
         self.host_id = host_id
         self.data_addr = data_addr

@@ -44,8 +44,12 @@ def register_node(state, info, inventory, now_s: float) -> int:
     non-empty ``incarnation`` (the daemon restarted: its previous process is gone, and so
     are the replicas the master listed for it, unless the inventory brings them back).
 
+    A registration that repeats the one that added a live node (same incarnation, same
+    non-empty ``registration_token``: the daemon lost the reply) changes nothing and
+    returns that registration's adoption count again.
+
     Raises Rejected: ALREADY_EXISTS if a live node has this id and the same (or no)
-    incarnation (a node that expired or was forgotten by a master restart may register
+    incarnation, unless it repeats the registration as above (a node that expired or was forgotten by a master restart may register
     again); INVALID_ARGUMENT for an empty or
     over-long id, a bad data address, no segments, a duplicate or empty segment id, an
     unknown tier, a zero capacity, or inventory arrays of different lengths.
@@ -58,6 +62,15 @@ def register_node(state, info, inventory, now_s: float) -> int:
     if len(info.segments) > MAX_SEGMENTS_PER_NODE:
         raise invalid(f"a node may register at most {MAX_SEGMENTS_PER_NODE} segments")
     live = state.nodes.get(info.node_id)
+    if _repeats(live, info):
+        # NOTE: the daemon did not get this registration's reply (its deadline passed while
+        # the master applied it): answering again with the same node keeps the secret that
+        # writers' commits since then carry, and the objects placed there meanwhile; a fresh
+        # registration would drop both (issue 10, 10y's registration window)
+        live.last_heartbeat_s = now_s
+        log.warning("node %s repeated its registration (a lost reply): answered again",
+                    info.node_id)
+        return live.num_adopted
     if live is not None and (not info.incarnation or info.incarnation == live.incarnation):
         raise Rejected(grpc.StatusCode.ALREADY_EXISTS,
                        f"node {info.node_id!r} is registered and alive; unregister it first "
@@ -96,9 +109,19 @@ def register_node(state, info, inventory, now_s: float) -> int:
     if live is not None:
         drop_node(state, live)     # a restarted daemon: its previous incarnation is gone
     num_adopted = _adopt(state, node, inv) if inv.keys else 0
+    node.registration_token = info.registration_token
+    node.num_adopted = num_adopted
     state.nodes[node.node_id] = node
     _refresh_tiered(state)
     return num_adopted
+
+
+def _repeats(live, info) -> bool:
+    """True if ``info`` repeats the registration that added ``live``: same process
+    (incarnation) and the same non-empty token."""
+    return (live is not None and bool(info.registration_token) and
+            info.registration_token == live.registration_token and
+            info.incarnation == live.incarnation)
 
 
 def _refresh_tiered(state) -> None:

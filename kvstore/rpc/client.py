@@ -301,12 +301,17 @@ class MasterClient:
     # ---- membership (daemons) --------------------------------------------------------------
 
     def register_node(self, node: NodeSpec, inventory: Inventory, *,
-                      deadline: Deadline | None = None) -> Registration:
+                      deadline: Deadline | None = None,
+                      registration_token: str = "") -> Registration:
         """Register ``node`` with the objects it holds (the master adopts what fits).
-        Raises KVStoreError with ``code`` ALREADY_EXISTS if a live node has this id."""
+        ``registration_token``: the same on every attempt of one registration, so a
+        retry after a lost reply is answered as the registration it repeats.
+        Raises KVStoreError with ``code`` ALREADY_EXISTS if a live node has this id (and
+        the registration does not repeat the one that added it)."""
+        info = messages.node_info(node)
+        info.registration_token = registration_token
         reply = self.call(_M["RegisterNode"], pb.RegisterNodeRequest(
-            node=messages.node_info(node), inventory=messages.inventory_message(inventory)),
-            deadline)
+            node=info, inventory=messages.inventory_message(inventory)), deadline)
         return Registration(master_id=reply.master_id,
                             heartbeat_interval_s=reply.heartbeat_interval_ms / 1000.0,
                             node_ttl_s=reply.node_ttl_ms / 1000.0,
