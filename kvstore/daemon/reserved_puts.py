@@ -70,8 +70,6 @@ class ReservedPuts:
         self._timeout_s = timeout_s
         self._master = None
         self._lock = threading.Lock()
-        self.num_committed = 0      # counters for metrics and tests (no lock, never negative)
-        self.num_refused = 0
 
     def close(self) -> None:
         """Close the master client, if one was opened. Idempotent."""
@@ -88,10 +86,8 @@ class ReservedPuts:
         status, message = self._commit(key, segment_id, offset, length, checksum,
                                        reservation_id, client_id, principal)
         if status == Status.OK:
-            self.num_committed += 1
             conn.sendall(data_frames.REPLY.pack(_OK_REPLY, 0, 0, request_id, 0))
             return
-        self.num_refused += 1
         log.warning("data plane: WRITE_RESERVED of %r refused: %s: %s", key, status.name,
                     message)
         conn.sendall(data_frames.encode_reply(status, request_id, 0, message))
