@@ -32,7 +32,8 @@ the writer removes it), INTERNAL (the master unreachable or timing out: the key 
 visible or not, as after any lost reply).
 
 Thread-safe: each data-plane thread calls ``serve``; the master client is created once, on
-first use, under a lock.
+first use, under a lock (a fast-path client: its carrier pools one connection per call in
+flight, so concurrent writers' PutEnds do not wait for each other).
 """
 
 from __future__ import annotations
