@@ -8,10 +8,11 @@ the master). ``put_reserved`` writes the placed keys at once (shm memcpy, or tcp
 carrying the reservation's capability, which covers its whole range) and makes them visible
 with one PutEnd naming the reservation; the master checks each range against the
 reservation. A single key over tcp is one WRITE_RESERVED whose daemon sends that PutEnd
-itself (``write_reserved.py``: two round trips on the put's path instead of three). Durable commit: for shm writes to a daemon with a commit ring, the PutEnd's
-reply carries each accepted key's capability and the client appends the commits to the
-ring before the put returns (no second round trip); otherwise the master pushes the
-commits to the daemon before it answers.
+itself (``write_reserved.py``: two round trips on the put's path instead of three).
+Durable commit: for shm writes to a daemon with a commit ring, the PutEnd's reply carries
+each accepted key's capability and the client appends the commits to the ring before the
+put returns (no second round trip); otherwise the master pushes the commits to the daemon
+before it answers.
 
 Which puts: one replica, no placement hint (``near_node``), no tier other than DRAM, no
 pins, and a batch whose bytes fit a reservation. Anything else, a batch that does not fit
