@@ -7,8 +7,9 @@ inside its reservation, reads back, and survives a master SIGKILL (both durable-
 designs: the daemon's own commit with PutEnd's capability, and the master's push where the
 master keeps commits to itself); a write outside the reservation is refused before a byte
 lands; a frame naming another writer's reservation, or a range the master refuses, commits
-nothing and keeps the connection; an expired reservation is refused by the daemon and the
-client puts the key through PutStart instead; a second key over a range committed already
+nothing and keeps the connection; an expired reservation is refused by the daemon, and one
+the master does not know is refused by the master, and in both cases the client puts the
+key through PutStart instead; a second key over a range committed already
 is refused and the first keeps its bytes; a frame cut short commits nothing; malformed
 tails end only their own connection; a daemon without the op answers BAD_FRAME and the
 client stops sending it there. Heartbeats are slow (3 s), so nothing here is delivered by a
@@ -266,3 +267,30 @@ def test_a_daemon_without_the_op_answers_bad_frame_and_is_not_sent_it_again(daem
         assert transport.takes_write_commit(target)
     finally:
         transport.close()
+
+
+def test_a_reservation_the_master_does_not_know_sends_the_put_through_putstart():
+    """The daemon's PutEnd answers that the master does not know the reservation (here: a
+    grant whose id no master issued, as after a master restart): the daemon commits
+    nothing and answers RESERVATION_GONE, and the client puts the key through PutStart,
+    outside the old grant, with its bytes."""
+    import dataclasses
+
+    master = master_process(*SLOW_BEAT)
+    daemon = daemon_process(master, "--dram", "16MiB")
+    try:
+        with kvstore.connect(master.address, transport="tcp", timeout_s=10,
+                             reserve_bytes=4 * MiB) as store:
+            store.put("first", payload(3000, seed=1))
+            space = store._reserved
+            grant = space._grant
+            space._grant = unknown = dataclasses.replace(
+                grant, reservation_id=grant.reservation_id ^ (1 << 40))
+            store.put("second", payload(3000, seed=2))
+            assert space._grant is not unknown          # forgotten
+            assert store.get("second") == payload(3000, seed=2)
+            assert not _inside(grant, _replica(store, "second"))
+            assert store.get("first") == payload(3000, seed=1)
+    finally:
+        daemon.close()
+        master.close()
