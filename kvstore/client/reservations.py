@@ -7,10 +7,12 @@ client never overlap (two clients never do either: each holds its own range, all
 the master). ``put_reserved`` writes the placed keys at once (shm memcpy, or tcp WRITEs
 carrying the reservation's capability, which covers its whole range) and makes them visible
 with one PutEnd naming the reservation; the master checks each range against the
-reservation. Durable commit: for shm writes to a daemon with a commit ring, the PutEnd's
-reply carries each accepted key's capability and the client appends the commits to the
-ring before the put returns (no second round trip); otherwise the master pushes the
-commits to the daemon before it answers.
+reservation. A single key over tcp is one WRITE_RESERVED whose daemon sends that PutEnd
+itself (``write_reserved.py``: two round trips on the put's path instead of three).
+Durable commit: for shm writes to a daemon with a commit ring, the PutEnd's reply carries
+each accepted key's capability and the client appends the commits to the ring before the
+put returns (no second round trip); otherwise the master pushes the commits to the daemon
+before it answers.
 
 Which puts: one replica, no placement hint (``near_node``), no tier other than DRAM, no
 pins, and a batch whose bytes fit a reservation. Anything else, a batch that does not fit
@@ -37,6 +39,7 @@ from typing import Callable, Sequence
 
 from kvstore._copy_hash import copy_hash_many
 from kvstore._errors import KeyNotFoundError, KVStoreError, TransferError
+from kvstore.client import write_reserved
 from kvstore.client.checksum import EMPTY_CHECKSUM, EMPTY_PLACEHOLDER, checksum
 from kvstore.rpc.results import ReservationGrant
 from kvstore.tiers import Tier
@@ -142,7 +145,20 @@ def put_reserved(space: ReservedSpace, master, transfers, settings, indices: lis
     whole = grant.target
     items = [(j, names[j], whole._replace(offset=offsets[j], length=sizes[j]), sources[j])
              for j in range(len(names))]
-    sums = _copy_hashed(transfers.transport_for(whole), items)
+    transport = transfers.transport_for(whole)
+    if write_reserved.applies(transport, items[0][2], len(items)):
+        # NOTE: a single tcp put: its daemon sends the PutEnd (write_reserved.py)
+        src = sources[0]
+        outcome = write_reserved.put_one(
+            master, transfers, settings, grant.reservation_id, names[0], items[0][2], src,
+            EMPTY_CHECKSUM if src is EMPTY_PLACEHOLDER else checksum(src))
+        if outcome is write_reserved.AGAIN:
+            space.forget(grant)
+            return [0]
+        if outcome is not write_reserved.FALLBACK:
+            results[indices[0]] = outcome
+            return []
+    sums = _copy_hashed(transport, items)
     shm = sums is not None
     if sums is None:
         sums = [checksum(src) for src in sources]

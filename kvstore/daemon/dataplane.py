@@ -39,7 +39,9 @@ from kvstore._tcpserver import ThreadedTcpServer
 from kvstore._tls import TLSConfig
 from kvstore._wire import BadHello, data_plane_token, read_hello, tokens_equal
 from kvstore.daemon.backends import Backend
-from kvstore.daemon.dataplane_commits import CommitRequests, read_commit_tail
+from kvstore.daemon.dataplane_commits import (
+    CommitRequests, read_commit_tail, read_reserved_tail,
+)
 from kvstore.daemon.frame_reads import BadFrame, read_exact, read_into
 from kvstore.daemon.write_guard import CapabilityRefused, RangeCommitted, WriteGuard
 from kvstore.transport import check_batch, checked_read, data_frames
@@ -55,6 +57,7 @@ REQUEST_BUFFER_BYTES = 4096
 _READ, _WRITE, _CHECK_WRITE = int(Op.READ), int(Op.WRITE), int(Op.CHECK_WRITE)
 _WRITE_COMMIT = int(Op.WRITE_COMMIT)
 _CHECKED_READ = int(Op.CHECKED_READ)
+_WRITE_RESERVED = int(Op.WRITE_RESERVED)
 _REPLY_OK = int(Status.OK)
 
 
@@ -112,6 +115,9 @@ class DataPlaneServer(CommitRequests, ThreadedTcpServer):
         # KEYED_READ handler (daemon/keyed_reads.py), set with ``location_reads``; None:
         # a KEYED_READ is a bad frame
         self.keyed_reads = None
+        # WRITE_RESERVED handler (daemon/reserved_puts.py), set once the object table
+        # exists; None: a WRITE_RESERVED is a bad frame (as on a daemon older than op 18)
+        self.reserved_puts = None
 
     def start(self) -> str:
         """Bind, listen and start accepting; return the bound "host:port"."""
@@ -183,7 +189,8 @@ class DataPlaneServer(CommitRequests, ThreadedTcpServer):
         if magic != data_frames.REQUEST_MAGIC:
             raise BadFrame(f"bad request magic {bytes(magic)!r}")
         if op_code != _READ and op_code != _WRITE and op_code != _CHECK_WRITE \
-                and op_code != _WRITE_COMMIT and op_code != _CHECKED_READ:
+                and op_code != _WRITE_COMMIT and op_code != _CHECKED_READ \
+                and (op_code != _WRITE_RESERVED or self.reserved_puts is None):
             return self._serve_control(conn, reader, op_code, flags, seg_len, request_id,
                                        offset, length, principal)
         if not 0 < seg_len <= data_frames.MAX_SEGMENT_ID_BYTES:
@@ -194,7 +201,8 @@ class DataPlaneServer(CommitRequests, ThreadedTcpServer):
             (cap_len,) = data_frames.CAPABILITY_LENGTH.unpack(
                 read_exact(reader, data_frames.CAPABILITY_LENGTH.size))
             blob = read_exact(reader, cap_len)
-        commit_tail = read_commit_tail(reader) if op_code == _WRITE_COMMIT else None
+        commit_tail = read_commit_tail(reader) if op_code == _WRITE_COMMIT else (
+            read_reserved_tail(reader) if op_code == _WRITE_RESERVED else None)
         status, message = Status.OK, ""
         if segment is None:
             status, message = Status.NO_SEGMENT, "no such segment on this node"
@@ -232,6 +240,12 @@ class DataPlaneServer(CommitRequests, ThreadedTcpServer):
             self.stats.bytes_written += length
             self._write_commit(conn, segment, offset, length, blob, commit_tail, request_id,
                                principal)
+        elif op_code == _WRITE_RESERVED:
+            self._receive_into(reader, segment, offset, length)
+            self.stats.num_writes += 1
+            self.stats.bytes_written += length
+            self.reserved_puts.serve(conn, segment.segment_id, offset, length, commit_tail,
+                                     request_id, principal)
         else:
             self.send_from(conn, segment, data_frames.REPLY.pack(_REPLY_OK, 0, 0, request_id,
                                                                   length), offset, length)

@@ -1,6 +1,7 @@
 """The data plane's commit requests (the daemon's side): COMMIT (a change set the master
 pushes, durable commit), CLIENT_COMMIT (a writer's own commit of its replicas) and the
-commit half of WRITE_COMMIT (a single tcp put's write and commit in one message). Each
+commit half of WRITE_COMMIT (a single tcp put's write and commit in one message), and the
+tail of WRITE_RESERVED (served by daemon/reserved_puts.py). Each
 replies only once what it accepted is durable in the node's object table; the handlers
 that apply them are set by the daemon (``on_commit``, ``on_client_commit``,
 ``on_write_commit``: daemon/server.py); without them a request is answered INTERNAL.
@@ -44,6 +45,27 @@ def read_commit_tail(reader) -> tuple[str, int]:
         return read_exact(reader, key_len).decode(), checksum
     except UnicodeDecodeError as exc:
         raise BadFrame(f"WRITE_COMMIT key is not UTF-8: {exc}") from exc
+
+
+def read_reserved_tail(reader) -> tuple[str, int, int, str]:
+    """A WRITE_RESERVED's (key, checksum, reservation_id, client_id); BadFrame for a key or
+    client id of a bad length or not UTF-8, or a reservation id of 0."""
+    key_len, checksum = data_frames.WRITE_COMMIT_TAIL.unpack(
+        read_exact(reader, data_frames.WRITE_COMMIT_TAIL.size))
+    if not 0 < key_len <= data_frames.MAX_KEY_BYTES:
+        raise BadFrame(f"WRITE_RESERVED key length {key_len}")
+    key_bytes = read_exact(reader, key_len)
+    reservation_id, id_len = data_frames.WRITE_RESERVED_TAIL.unpack(
+        read_exact(reader, data_frames.WRITE_RESERVED_TAIL.size))
+    if not reservation_id:
+        raise BadFrame("WRITE_RESERVED names reservation 0")
+    if id_len > data_frames.MAX_CLIENT_ID_BYTES:
+        raise BadFrame(f"WRITE_RESERVED client id length {id_len}")
+    try:
+        return (key_bytes.decode(), checksum, reservation_id,
+                read_exact(reader, id_len).decode() if id_len else "")
+    except UnicodeDecodeError as exc:
+        raise BadFrame(f"WRITE_RESERVED key or client id is not UTF-8: {exc}") from exc
 
 
 def _reply_no_table(conn: socket.socket, request_id: int) -> None:

@@ -56,6 +56,7 @@ class Daemon:
         self.master_link = None
         self.objects = None
         self._master_client = None
+        self.reserved_puts = None   # WRITE_RESERVED's PutEnds (daemon/reserved_puts.py)
         self._metrics_server = None
         self._interrupted = threading.Event()
         self.address = ""            # the bound data-plane "host:port"
@@ -135,6 +136,10 @@ class Daemon:
             lambda body, writer: client_commits.apply(objects, guard, body, writer)
         self.dataplane.on_write_commit = functools.partial(client_commits.apply_one, objects,
                                                            guard)
+        from kvstore.daemon.reserved_puts import ReservedPuts
+        self.reserved_puts = ReservedPuts(objects, guard, self._reserved_puts_master,
+                                          timeout_s=self.config.rpc_timeout_s)
+        self.dataplane.reserved_puts = self.reserved_puts
         self._open_commit_ring()
         from kvstore.daemon.location_reads import LocationReads
         location_reads = LocationReads(self.objects, clock=self._clock)
@@ -153,6 +158,17 @@ class Daemon:
             on_change(self.master_link.wake)
         self.master_link.register(timeout_s=self.config.register_timeout_s)
         self.master_link.start_heartbeats()
+
+    def _reserved_puts_master(self):
+        """A second client of this node's master for WRITE_RESERVED's PutEnds, on the fast
+        metadata path where the master offers it.
+        NOTE: not the heartbeat's gRPC client: a PutEnd on the fast path costs both ends
+        less, and a put's PutEnd then never queues behind a long heartbeat resync."""
+        from kvstore.rpc.connect import connect_master
+        client, _ = connect_master(self.config.master_addr, token=self.config.token,
+                                   rpc_timeout_s=self.config.rpc_timeout_s,
+                                   tls=self.config.master_tls)
+        return client
 
     def _open_commit_ring(self) -> None:
         """Create the commit ring (``--commit-ring``, with a DRAM segment) and wire its
@@ -256,6 +272,8 @@ class Daemon:
         if self._master_client is not None:
             self._master_client.close()
             self._master_client = None
+        if self.reserved_puts is not None:
+            self.reserved_puts.close()
         if self._metrics_server is not None:
             self._metrics_server.shutdown()
             self._metrics_server = None

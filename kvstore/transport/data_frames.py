@@ -55,6 +55,20 @@ Request (client -> server), 26-byte header, then the segment id, then the capabi
     a refused commit is answered CAPABILITY_REFUSED (the payload was read: the connection
     stays usable), a refused write like a WRITE's (then a close). A daemon older than op 14
     answers BAD_FRAME before reading the payload and closes.
+    WRITE_RESERVED (18, a writer's single tcp put into space it reserved) is a
+    WRITE_COMMIT whose capability is the reservation's (its whole range) and whose key is
+    followed by ``reservation_id u64 | client_id_len u16 | client_id (UTF-8)``
+    (``WRITE_RESERVED_TAIL``), then the payload. The daemon runs every WRITE check before a
+    byte lands, receives the payload, then makes the put visible itself: PutEnd naming the
+    reservation to its master on the writer's behalf, then its own commit with the per-key
+    capability that PutEnd returned (daemon/reserved_puts.py); it replies OK only once both
+    hold. Refusals after the payload (the connection stays usable): RESERVATION_GONE (the
+    master no longer knows the reservation: expired, reclaimed, or another master's;
+    nothing was committed, the writer puts the key through PutStart), PUT_REFUSED (the
+    master refused the key, the message says why), CAPABILITY_REFUSED (the daemon's own
+    commit refused), INTERNAL (the master could not be reached: the key may or may not be
+    visible). A daemon older than op 18 answers BAD_FRAME before reading the payload and
+    closes.
 
     CHECKED_READ (8, a location read: a client reads a key again from the location it
     cached, without asking the master) is a READ whose capability field (FLAG_CAPABILITY
@@ -129,6 +143,9 @@ FLAG_LOCATE = 4
 LOCATION = struct.Struct("<QQQ")
 #: What follows a WRITE_COMMIT's capability: key_len u16 | checksum u64, then the key.
 WRITE_COMMIT_TAIL = struct.Struct("<HQ")
+#: What follows a WRITE_RESERVED's key: reservation_id u64 | client_id_len u16, then the id.
+WRITE_RESERVED_TAIL = struct.Struct("<QH")
+MAX_CLIENT_ID_BYTES = 256
 MAX_KEY_BYTES = 4096
 REPLY = struct.Struct("<BBHIQ")
 
@@ -148,6 +165,7 @@ class Op(enum.IntEnum):
     CHECKED_READ = 8
     WRITE_COMMIT = 14
     KEYED_READ = 17
+    WRITE_RESERVED = 18
 
 
 class Status(enum.IntEnum):
@@ -166,6 +184,9 @@ class Status(enum.IntEnum):
     # KEYED_READ refusals (transport/keyed_read.py)
     KEY_NOT_HERE = 42       # this node's table holds no readable object under that key
     TOO_LARGE = 43          # the object is larger than the request's limit
+    # WRITE_RESERVED refusals (daemon/reserved_puts.py)
+    RESERVATION_GONE = 44   # the master no longer knows the reservation: nothing committed
+    PUT_REFUSED = 45        # the master refused the key (outside, unaligned, overlapping)
     # NOTE: not a refusal: a KEYED_READ with FLAG_LOCATE of an object over its limit; the
     # payload is where the object lies (LOCATION, then the segment id)
     LOCATED = 46
@@ -196,6 +217,20 @@ def encode_write_commit(segment_id: bytes, request_id: int, offset: int, length:
         raise ValueError(f"key of {len(key)} bytes exceeds {MAX_KEY_BYTES}")
     return encode_request(Op.WRITE_COMMIT, segment_id, request_id, offset, length,
                           capability) + WRITE_COMMIT_TAIL.pack(len(key), checksum) + key
+
+
+def encode_write_reserved(segment_id: bytes, request_id: int, offset: int, length: int,
+                          capability: bytes, key: bytes, checksum: int, reservation_id: int,
+                          client_id: bytes) -> bytes:
+    """Everything of a WRITE_RESERVED before its payload (``length`` bytes, sent after it).
+    ValueError for a key over MAX_KEY_BYTES or a client id over MAX_CLIENT_ID_BYTES."""
+    if len(client_id) > MAX_CLIENT_ID_BYTES:
+        raise ValueError(f"client id of {len(client_id)} bytes exceeds {MAX_CLIENT_ID_BYTES}")
+    if len(key) > MAX_KEY_BYTES:
+        raise ValueError(f"key of {len(key)} bytes exceeds {MAX_KEY_BYTES}")
+    return encode_request(Op.WRITE_RESERVED, segment_id, request_id, offset, length,
+                          capability) + WRITE_COMMIT_TAIL.pack(len(key), checksum) + key + \
+        WRITE_RESERVED_TAIL.pack(reservation_id, len(client_id)) + client_id
 
 
 def encode_commit(request_id: int, base_seq: int, body_len: int, signed: bool) -> bytes:

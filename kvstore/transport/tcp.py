@@ -66,6 +66,8 @@ class TcpTransport(Transport):
         self._closed = False
         # node ids whose daemon answered a WRITE_COMMIT with BAD_FRAME (older than op 14)
         self._no_write_commit: set[str] = set()
+        # node ids whose daemon answered a WRITE_RESERVED with BAD_FRAME (older than op 18)
+        self._no_write_reserved: set[str] = set()
 
     def can_reach(self, target: Target) -> bool:
         return bool(target.data_addr)
@@ -124,6 +126,32 @@ class TcpTransport(Transport):
                 self._no_write_commit.add(target.node_id)
             raise
 
+    def takes_write_reserved(self, target: Target) -> bool:
+        """Whether ``write_reserved`` applies to ``target``: what ``takes_write_commit``
+        says, to a daemon not known to be older than WRITE_RESERVED."""
+        return self.takes_write_commit(target) and target.node_id not in self._no_write_reserved
+
+    def write_reserved(self, target: Target, src: memoryview, key: str, checksum: int,
+                       reservation_id: int, client_id: str, *, timeout_s: float) -> None:
+        """Write ``src`` to ``target`` (a part of reservation ``reservation_id``, whose
+        capability ``target`` carries) in one WRITE_RESERVED; returns once the daemon made
+        it visible as ``key`` (its master's PutEnd) and durable (its table).
+
+        Raises ReplyError when the daemon refused the write or the put (status
+        RESERVATION_GONE: nothing committed, put the key through PutStart; BAD_FRAME from a
+        daemon older than op 18, which ``takes_write_reserved`` then answers False for),
+        TransferError otherwise (a lost connection: the key may be visible or not)."""
+        src = byte_views.as_bytes_view(src, target.length)
+        if self._closed:
+            raise ClosedError(f"tcp {target.node_id}: transport is closed")
+        try:
+            self._transfer_once(Op.WRITE_RESERVED, target, src, Deadline.after(timeout_s),
+                                (key.encode(), checksum, reservation_id, client_id.encode()))
+        except ReplyError as exc:
+            if exc.status == Status.BAD_FRAME:
+                self._no_write_reserved.add(target.node_id)
+            raise
+
     def read_checked_many(self, items: Sequence[tuple[Target, memoryview]], *,
                           timeout_s: float) -> list[BaseException | None]:
         """``read_many`` as CHECKED_READs (location reads): each target's ``capability``
@@ -175,7 +203,8 @@ class TcpTransport(Transport):
     def _transfer_once(self, op: Op, target: Target, buffer: memoryview,
                        deadline: Deadline, commit: tuple[bytes, int] | None = None) -> None:
         """One request on one connection; retried once if a pooled connection was stale.
-        ``commit``: a WRITE_COMMIT's (key, checksum).
+        ``commit``: a WRITE_COMMIT's (key, checksum), or a WRITE_RESERVED's (key, checksum,
+        reservation_id, client_id).
 
         NOTE: a retried WRITE_COMMIT whose first frame was applied (its reply lost) is
         refused RANGE_COMMITTED: the put fails, retryable, with nothing wrong stored."""
@@ -219,12 +248,18 @@ class TcpTransport(Transport):
         self._check_reply(op, target, status, message, length)
 
     def _exchange_write_commit(self, conn: Connection, target: Target, buffer: memoryview,
-                               commit: tuple[bytes, int], deadline: Deadline) -> None:
+                               commit: tuple, deadline: Deadline) -> None:
         conn.set_deadline(deadline)
-        conn.send_write_commit(target.segment_id.encode(), target.offset, buffer,
-                               target.capability, *commit)
+        if len(commit) == 2:
+            op = Op.WRITE_COMMIT
+            conn.send_write_commit(target.segment_id.encode(), target.offset, buffer,
+                                   target.capability, *commit)
+        else:
+            op = Op.WRITE_RESERVED
+            conn.send_write_reserved(target.segment_id.encode(), target.offset, buffer,
+                                     target.capability, *commit)
         status, message, length = conn.read_only_reply(_NO_PAYLOAD)
-        self._check_reply(Op.WRITE_COMMIT, target, status, message, length)
+        self._check_reply(op, target, status, message, length)
 
     @staticmethod
     def _check_reply(op: Op, target: Target, status: Status, message: str,

@@ -115,6 +115,16 @@ class Connection:
                                                len(payload), capability, key, checksum)
         data_frames.sendmsg_all(self.sock, [head, payload] if len(payload) else [head])
 
+    def send_write_reserved(self, segment_id: bytes, offset: int, payload: memoryview,
+                            capability: bytes, key: bytes, checksum: int,
+                            reservation_id: int, client_id: bytes) -> None:
+        """Send one WRITE_RESERVED (``data_frames.encode_write_reserved``) and its payload."""
+        self._next_request_id += 1
+        head = data_frames.encode_write_reserved(segment_id, self._next_request_id, offset,
+                                                 len(payload), capability, key, checksum,
+                                                 reservation_id, client_id)
+        data_frames.sendmsg_all(self.sock, [head, payload] if len(payload) else [head])
+
     def read_reply(self) -> tuple[Status, str, int]:
         """Read one reply header and message: (status, message, payload length)."""
         header = data_frames.recv_exact(self.sock, data_frames.REPLY.size)
