@@ -159,3 +159,51 @@ def test_a_reserved_nixl_batch_past_the_ttl_is_refused_whole_and_changes_nothing
         for key, value in others.items():
             assert other.get(key) == value, key
         assert store.get("before") == payload(2000, seed=1)
+
+
+def _record_reserved_end_caps(store) -> list[int]:
+    """Wrap the store's real reserved PutEnd: the number of commit capabilities each reply
+    carried (0: the master pushed the commits itself)."""
+    counts: list[int] = []
+    inner = store._master.put_end_reserved_committing
+
+    def recorded(*args, **kwargs):
+        ended, caps = inner(*args, **kwargs)
+        counts.append(len(caps))
+        return ended, caps
+    store._master.put_end_reserved_committing = recorded
+    return counts
+
+
+@needs_nixl
+def test_a_reserved_nixl_put_commits_on_the_daemon_itself(cluster):
+    """The reserved PutEnd asks for the commit capabilities (no master push: the writer's
+    CLIENT_COMMIT frames commit the keys on the daemon before the put returns, or the put
+    fails); another client reads every key at once."""
+    with kvstore.connect(cluster.address, transport="nixl", reserve_bytes=16 * MiB) as store, \
+            kvstore.connect(cluster.address, transport="nixl") as reader:
+        counts = _record_reserved_end_caps(store)
+        values = {f"c{i}": payload(100_000 + i, seed=200 + i) for i in range(6)}
+        assert store.batch_put(list(values), list(values.values())) == [None] * 6
+        assert counts == [6], "the master sent one capability per key, pushed nothing"
+        for key, value in values.items():
+            assert reader.get(key) == value, key
+
+
+@needs_nixl
+def test_without_client_commits_a_reserved_nixl_put_waits_for_the_masters_push():
+    master = master_process(*SLOW_BEAT, "--no-client-commit")
+    try:
+        daemon = daemon_process(master, "--dram", "64MiB", "--nixl")
+        try:
+            with kvstore.connect(master.address, transport="nixl",
+                                 reserve_bytes=8 * MiB) as store:
+                counts = _record_reserved_end_caps(store)
+                assert store.put("pushed", payload(300_000, seed=5)) is None
+                assert counts == [0]
+                assert store._reserved.num_reserved == 1
+                assert store.get("pushed") == payload(300_000, seed=5)
+        finally:
+            daemon.close()
+    finally:
+        master.close()
