@@ -165,10 +165,11 @@ def put_reserved(space: ReservedSpace, master, transfers, settings, indices: lis
         return []
     ring = grant.commit_ring if shm and transfers.committer is not None else ""
     # NOTE: a nixl writer commits on the daemon itself (CLIENT_COMMIT frames, after PutEnd)
-    # rather than waiting in PutEnd for the master's push: the same hops, but the push cost
-    # the master ~0.2-5 ms per reserved PutEnd at load 18-20 against ~0.1-0.5 ms for the
-    # writer's frames (bench/RESULTS.md, "NIXL puts into reserved space"), and the master is
-    # every client's
+    # rather than waiting in PutEnd for the master's push, as a PutStart put over nixl does:
+    # the same hops (client-master-client-daemon-client against client-master-daemon-
+    # master-client), but the push's work and its wait are the master's, which every client
+    # shares; no wall-clock difference was resolved at load 18-28 (bench/RESULTS.md, "NIXL
+    # puts into reserved space")
     own_commit = bool(ring) or (transport is not None and transport.name == "nixl"
                                 and transfers.committer is not None)
     ended, caps = master.put_end_reserved_committing(
