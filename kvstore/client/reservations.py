@@ -11,8 +11,9 @@ its values hashed meanwhile) and makes them visible with one PutEnd naming the
 reservation; the master checks each range against the reservation. Durable commit: for
 shm writes to a daemon with a commit ring, the PutEnd's reply carries each accepted key's
 capability and the client appends the commits to the ring before the put returns (no
-second round trip); otherwise the master pushes the
-commits to the daemon before it answers.
+second round trip); for nixl writes it carries them too and the client sends CLIENT_COMMIT
+frames before the put returns; otherwise the master pushes the commits to the daemon
+before it answers.
 
 Which puts: one replica, no placement hint (``near_node``), no tier other than DRAM, no
 pins, and a batch whose bytes fit a reservation. Anything else, a batch that does not fit
