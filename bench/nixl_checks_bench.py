@@ -1,9 +1,12 @@
 """Cost of the write checks before NIXL writes: one CHECK_WRITES request per batch (data-plane
 op 7) against one CHECK_WRITE per range (the form older daemons get), same daemon, same
-connection pool, interleaved.
+connection pool, interleaved; and the check of a reserved batch (12r): its ranges share the
+reservation's capability, so the transport asks about one covering range
+(``nixl_checks.coalesce``).
 
 One master and one ``kvstore daemon --nixl`` (write capabilities on) on loopback; the ranges
-are real allocations with their capabilities (PutStart). Each round times ``WriteChecks.send``
+are real allocations with their capabilities (PutStart), or consecutive ranges of a real
+reservation (Reserve, renewed every ``RENEW_S``) with its capability. Each round times ``WriteChecks.send``
 + ``receive`` once per form and batch size, alternating; prints p50/p90 per form and size and
 the load average, writes JSON.
 
@@ -18,6 +21,20 @@ import os
 import statistics
 import time
 from pathlib import Path
+
+
+#: a reservation is asked for anew this often (the master's TTL is 10 s by default)
+RENEW_S = 3.0
+
+
+def _reserved(client, num_ranges: int):
+    """``num_ranges`` consecutive 4096-byte ranges of a fresh reservation (its capability)."""
+    grant = client.reserve(num_ranges * 4096, client_id="bench", min_bytes=num_ranges * 4096)
+    if isinstance(grant, str):
+        raise SystemExit(f"the master granted no reservation: {grant}")
+    whole = grant.target
+    return [whole._replace(offset=whole.offset + i * 4096, length=4096)
+            for i in range(num_ranges)]
 
 
 def _percentile(values: list[float], q: float) -> float:
@@ -53,12 +70,18 @@ def main() -> None:
                        client.put_start(keys, [4096] * len(keys), client_id="bench")]
             checks = WriteChecks()
             samples: dict[str, list[float]] = {}
+            reserved, reserved_at_s = _reserved(client, max(sizes)), time.monotonic()
             try:
                 for _ in range(args.rounds):
+                    if time.monotonic() - reserved_at_s > RENEW_S:
+                        reserved, reserved_at_s = _reserved(client, max(sizes)), \
+                            time.monotonic()
                     for size in sizes:
-                        for form, batched in (("batched", True), ("per-range", False)):
+                        for form, batched, ranges in (("batched", True, targets),
+                                                      ("per-range", False, targets),
+                                                      ("reserved", True, reserved)):
                             t0 = time.perf_counter()
-                            pending = checks.send("checks-bench", targets[:size],
+                            pending = checks.send("checks-bench", ranges[:size],
                                                   Deadline.after(10), batched=batched)
                             results = checks.receive(pending)
                             elapsed = time.perf_counter() - t0

@@ -62,12 +62,14 @@ class Checksums:
             self._future.exception()
 
 
-def start(sources: Sequence[memoryview], hash_one: Callable[[memoryview], int]) -> Checksums:
-    """Hash ``sources`` with ``hash_one``: on the background thread when the batch is large
-    (see the module) and the thread is free, else now in this thread."""
+def start(sources: Sequence[memoryview], hash_one: Callable[[memoryview], int], *,
+          min_bytes: int = BACKGROUND_MIN_BYTES) -> Checksums:
+    """Hash ``sources`` with ``hash_one``: on the background thread when the batch holds at
+    least ``min_bytes`` of large values (see the module) and the thread is free, else now in
+    this thread."""
     global _executor, _busy
     large = sum(src.nbytes for src in sources if src.nbytes >= BACKGROUND_MIN_VALUE_BYTES)
-    if large >= BACKGROUND_MIN_BYTES:
+    if large and large >= min_bytes:
         with _lock:
             if not _busy:
                 _busy = True

@@ -4,14 +4,17 @@
 master's Reserve) and places keys inside it with a bump allocator: each placed key gets the
 next 64-byte aligned offset, and a range is never handed out twice, so two puts of this
 client never overlap (two clients never do either: each holds its own range, allocated by
-the master). ``put_reserved`` writes the placed keys at once (shm memcpy, or tcp WRITEs
-carrying the reservation's capability, which covers its whole range) and makes them visible
-with one PutEnd naming the reservation; the master checks each range against the
-reservation. A single key over tcp is one WRITE_RESERVED whose daemon sends that PutEnd
-itself (``write_reserved.py``: two round trips on the put's path instead of three).
-Durable commit: for shm writes to a daemon with a commit ring, the PutEnd's reply carries
-each accepted key's capability and the client appends the commits to the ring before the
-put returns (no second round trip); otherwise the master pushes the commits to the daemon
+the master). ``put_reserved`` writes the placed keys at once (shm memcpy, tcp WRITEs
+carrying the reservation's capability, which covers its whole range, or one NIXL WRITE per
+batch after one write check of the batch's whole run of ranges, ``nixl_checks.coalesce``,
+its values hashed meanwhile) and makes them visible with one PutEnd naming the
+reservation; the master checks each range against the reservation. A single key over tcp
+is one WRITE_RESERVED whose daemon sends that PutEnd itself (``write_reserved.py``: two
+round trips on the put's path instead of three). Durable commit: for shm writes to a
+daemon with a commit ring, the PutEnd's reply carries each accepted key's capability and
+the client appends the commits to the ring before the put returns (no second round trip);
+for nixl writes it carries them too and the client sends CLIENT_COMMIT frames before the
+put returns; otherwise the master pushes the commits to the daemon
 before it answers.
 
 Which puts: one replica, no placement hint (``near_node``), no tier other than DRAM, no
@@ -39,7 +42,7 @@ from typing import Callable, Sequence
 
 from kvstore._copy_hash import copy_hash_many
 from kvstore._errors import KeyNotFoundError, KVStoreError, TransferError
-from kvstore.client import write_reserved
+from kvstore.client import hashing, write_reserved
 from kvstore.client.checksum import EMPTY_CHECKSUM, EMPTY_PLACEHOLDER, checksum
 from kvstore.rpc.results import ReservationGrant
 from kvstore.tiers import Tier
@@ -160,7 +163,9 @@ def put_reserved(space: ReservedSpace, master, transfers, settings, indices: lis
             return []
     sums = _copy_hashed(transport, items)
     shm = sums is not None
-    if sums is None:
+    if sums is None and transport is not None and transport.name == "nixl":
+        sums, failures = _write_hashing(transfers, items, sources, settings.deadline)
+    elif sums is None:
         sums = [checksum(src) for src in sources]
         failures = transfers.write(items, deadline=settings.deadline)
     else:
@@ -174,11 +179,19 @@ def put_reserved(space: ReservedSpace, master, transfers, settings, indices: lis
     if not written:
         return []
     ring = grant.commit_ring if shm and transfers.committer is not None else ""
+    # NOTE: a nixl writer commits on the daemon itself (CLIENT_COMMIT frames, after PutEnd)
+    # rather than waiting in PutEnd for the master's push, as a PutStart put over nixl does:
+    # the same hops (client-master-client-daemon-client against client-master-daemon-
+    # master-client), but the push's work and its wait are the master's, which every client
+    # shares; no wall-clock difference was resolved at load 18-28 (bench/RESULTS.md, "NIXL
+    # puts into reserved space")
+    own_commit = bool(ring) or (transport is not None and transport.name == "nixl"
+                                and transfers.committer is not None)
     ended, caps = master.put_end_reserved_committing(
         grant.reservation_id, [names[j] for j in written], [offsets[j] for j in written],
         [sizes[j] for j in written], [sums[j] for j in written],
         client_id=settings.client_id, deadline=settings.deadline,
-        client_committed=bool(ring))
+        client_committed=own_commit)
     if caps:
         _ring_commit(master, transfers, settings, grant, ring, written, names, offsets,
                      sizes, sums, ended, caps)
@@ -197,7 +210,8 @@ def _ring_commit(master, transfers, settings, grant, ring, written, names, offse
                  sums, ended, caps) -> None:
     """Commit the keys the master accepted on their daemon, with the capabilities its
     reply carried: one commit-ring record (durable once appended, docs/ARCHITECTURE.md,
-    Commit ring), or CLIENT_COMMIT frames for entries the ring does not take. A key whose
+    Commit ring), or CLIENT_COMMIT frames for entries the ring does not take (every entry
+    where ``ring`` is "": a nixl writer's). A key whose
     daemon does not confirm becomes that TransferError (``ended`` updated in place) and is
     removed again, as in the PutStart flow (``writer.end_put``)."""
     committer = transfers.committer
@@ -206,7 +220,7 @@ def _ring_commit(master, transfers, settings, grant, ring, written, names, offse
                                                    capability=caps[position]), sums[j])
                for position, j in enumerate(written) if ended[position] is None
                and caps[position]]
-    left = committer.ring_commit(entries, {whole.node_id: ring})
+    left = committer.ring_commit(entries, {whole.node_id: ring}) if ring else entries
     if not left:
         return
     failures = committer.begin(left, settings.deadline).finish()
@@ -217,6 +231,25 @@ def _ring_commit(master, transfers, settings, grant, ring, written, names, offse
             master.remove([names[written[p]] for p in failures], force=True)
         except KVStoreError:
             pass    # NOTE: best effort, as writer._remove: the daemon never confirmed it
+
+
+def _write_hashing(transfers, items, sources, deadline) -> tuple[list[int], dict]:
+    """Write ``items`` (nixl) while their sources are hashed: the checksums, in order, and
+    the write's failures. NOTE: on the background thread from one 1 MiB value on (not the
+    writer's 4 MiB): no PutStart hides the hash here, but the daemon's write check does
+    (its round trip, ~70-130 us, against ~50-80 us of XXH3 per MiB), and a batch's hash
+    runs beside its NIXL copy (the post releases the GIL). The hash's errors are raised
+    after the write (nothing was committed: the keys' ranges stay unused)."""
+    hashed = hashing.start(sources, _checksum, min_bytes=hashing.BACKGROUND_MIN_VALUE_BYTES)
+    try:
+        failures = transfers.write(items, deadline=deadline)
+    finally:
+        hashed.wait()   # NOTE: no thread reads the caller's values after the call
+    return list(hashed.result()), failures
+
+
+def _checksum(src: memoryview) -> int:
+    return EMPTY_CHECKSUM if src is EMPTY_PLACEHOLDER else checksum(src)
 
 
 def _copy_hashed(transport, items) -> list[int] | None:

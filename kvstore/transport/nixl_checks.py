@@ -12,6 +12,15 @@ without its payload), pipelined. Either way one round trip per node per batch on
 connection, overlapped by the transport with its staging copies (``send`` before the copies,
 ``receive`` after).
 
+Ranges that share one capability (a reservation's, ``client/reservations.py``: one
+capability covers a writer's whole reserved range, and a batch put there is bump-allocated
+into consecutive ranges) are checked as one range covering them all (``coalesce``): one
+check instead of one per key (one keyed MAC and one bisection on the daemon, per batch).
+It is never weaker than checking each: the covering range contains every range, so a
+capability that allows it allows each, and an object committed anywhere in it (the gaps
+included) is refused. The cost: such a refusal fails every range of that group, not only
+the one that overlaps it.
+
 Guarantee and limit: a kvstore client never NIXL-writes a range its capability does not allow,
 so a buggy client, a stale or replayed capability, or a put whose object was committed in the
 meantime changes nothing stored. A hostile peer holding the node's NIXL metadata (given by the
@@ -44,13 +53,16 @@ MAX_IDLE_PER_NODE = 4
 class Pending:
     """The checks of one node's ranges, sent and not yet answered."""
 
-    __slots__ = ("node_id", "targets", "deadline", "batched", "counts", "conn", "reused",
-                 "error")
+    __slots__ = ("node_id", "targets", "checked", "members", "deadline", "batched",
+                 "counts", "conn", "reused", "error")
 
     def __init__(self, node_id: str, targets: Sequence[Target], deadline: Deadline,
                  batched: bool):
         self.node_id, self.targets, self.deadline = node_id, list(targets), deadline
-        self.batched = batched                  # CHECK_WRITES, not one CHECK_WRITE per range
+        # the ranges asked about, and which of ``targets`` each one covers (``coalesce``)
+        self.checked, self.members = coalesce(self.targets)
+        # CHECK_WRITES, not one CHECK_WRITE per range
+        self.batched = batched and len(self.checked) > 1
         self.counts: list[int] = []             # ranges per CHECK_WRITES request sent
         self.conn: Connection | None = None
         self.reused = False
@@ -70,7 +82,7 @@ class WriteChecks:
         per target. Never raises (a failure is reported by ``receive``)."""
         # NOTE: one range goes as CHECK_WRITE either way: the batched form's body and
         # payload cost a little more than they save there (bench/nixl_checks_bench.py)
-        pending = Pending(node_id, targets, deadline, batched and len(targets) > 1)
+        pending = Pending(node_id, targets, deadline, batched)
         self._send(pending)
         return pending
 
@@ -78,7 +90,7 @@ class WriteChecks:
         """The daemon's answer per target, in order: None where the write is allowed."""
         if pending.error is None:
             try:
-                return self._receive(pending)
+                return _expand(pending, self._receive(pending))
             except (OSError, PeerClosedError) as exc:
                 self._drop(pending)
                 if not pending.reused or isinstance(exc, TimeoutError):
@@ -88,7 +100,7 @@ class WriteChecks:
                     self._send(pending, fresh=True)
                     if pending.error is None:
                         try:
-                            return self._receive(pending)
+                            return _expand(pending, self._receive(pending))
                         except (OSError, PeerClosedError) as again:
                             self._drop(pending)
                             pending.error = map_os_error(again, pending.node_id, "write check")
@@ -102,7 +114,7 @@ class WriteChecks:
 
     # ---- internals ---------------------------------------------------------------------------
     def _send(self, pending: Pending, *, fresh: bool = False) -> None:
-        first = pending.targets[0]
+        first = pending.checked[0]
         try:
             if fresh:
                 self._pool.discard_idle(first.data_addr)
@@ -131,6 +143,7 @@ class WriteChecks:
                 map_os_error(exc, pending.node_id, "write check")
 
     def _receive(self, pending: Pending) -> list[KVStoreError | None]:
+        """The daemon's answer per range of ``pending.checked``."""
         conn = pending.conn
         conn.set_deadline(pending.deadline)
         results: list[KVStoreError | None] = []
@@ -151,10 +164,10 @@ class WriteChecks:
                                         f"reply: {exc}") from exc
                 for index in range(count):
                     status, message = refused.get(index, (Status.OK, ""))
-                    results.append(_result(pending, pending.targets[len(results)], status,
+                    results.append(_result(pending, pending.checked[len(results)], status,
                                            message))
         else:
-            for target in pending.targets:
+            for target in pending.checked:
                 status, message, length = conn.read_reply()
                 if length:
                     raise TransferError(f"nixl {pending.node_id}: write check reply carries "
@@ -176,14 +189,55 @@ def _requests(pending: Pending) -> bytes:
     ValueError for a segment id or capability the frames cannot carry."""
     if pending.batched:
         requests = check_batch.encode_ranges([
-            (t.segment_id.encode(), t.offset, t.length, t.capability) for t in pending.targets])
+            (t.segment_id.encode(), t.offset, t.length, t.capability) for t in pending.checked])
         pending.counts = [count for count, _ in requests]
         return b"".join(data_frames.REQUEST.pack(data_frames.REQUEST_MAGIC, Op.CHECK_WRITES, 0,
                                                  0, i, count, len(body)) + body
                         for i, (count, body) in enumerate(requests))
     return b"".join(data_frames.encode_request(Op.CHECK_WRITE, target.segment_id.encode(), i,
                                                target.offset, target.length, target.capability)
-                    for i, target in enumerate(pending.targets))
+                    for i, target in enumerate(pending.checked))
+
+
+def coalesce(targets: list[Target]) -> tuple[list[Target], list[list[int]]]:
+    """The ranges to check for ``targets`` and, per range, the positions it covers: targets
+    of one segment sharing a non-empty capability become one range from the lowest offset
+    to the highest end (see the module docstring); every other target is its own range.
+    NOTE: empty capabilities are never merged: a node without a secret allows any write, but
+    a covering range could name bytes no put of this batch was given."""
+    if len(targets) < 2:
+        return list(targets), [[i] for i in range(len(targets))]
+    groups: dict[tuple[str, bytes], list[int]] = {}
+    order: list[list[int]] = []
+    for i, target in enumerate(targets):
+        if not target.capability:
+            order.append([i])
+            continue
+        group = groups.get((target.segment_id, target.capability))
+        if group is None:
+            group = groups[(target.segment_id, target.capability)] = []
+            order.append(group)
+        group.append(i)
+    checked = []
+    for members in order:
+        first = targets[members[0]]
+        if len(members) > 1:
+            start = min(targets[i].offset for i in members)
+            end = max(targets[i].offset + targets[i].length for i in members)
+            first = first._replace(offset=start, length=end - start)
+        checked.append(first)
+    return checked, order
+
+
+def _expand(pending: Pending, answers: list[KVStoreError | None]) -> list[KVStoreError | None]:
+    """Per target of ``pending``, the answer of the range that covered it."""
+    if len(pending.checked) == len(pending.targets):
+        return answers
+    results: list[KVStoreError | None] = [None] * len(pending.targets)
+    for answer, members in zip(answers, pending.members):
+        for i in members:
+            results[i] = answer
+    return results
 
 
 def _result(pending: Pending, target: Target, status: Status,
