@@ -48,6 +48,17 @@ def apply(objects: ObjectTable, guard: WriteGuard, body: bytes,
           writer: str) -> list[tuple[int, str]]:
     """Verify and apply one CLIENT_COMMIT body from a connection of ``writer``; return
     ``(index, reason)`` of each refused entry (empty: all committed)."""
+    accepted, refused = verify(guard, body, writer)
+    if accepted:
+        refused.extend(objects.commit_from_client(accepted))
+    return refused
+
+
+def verify(guard: WriteGuard, body: bytes,
+           writer: str) -> tuple[list[tuple[int, str, StoredObject, int]], list[tuple[int, str]]]:
+    """The capability half of ``apply``: ``(accepted, refused)``, the entries whose
+    capability verified as ``ObjectTable.commit_from_client`` takes them, and ``(index,
+    reason)`` of the others; nothing applied. ValueError as for ``apply``."""
     try:
         commit = pb.ClientCommit.FromString(body)
     except DecodeError as exc:
@@ -73,7 +84,7 @@ def apply(objects: ObjectTable, guard: WriteGuard, body: bytes,
             node_seq = guard.check_batch_commit(segment_ids, offsets, sizes, keys, batch,
                                                 writer)
         except CapabilityRefused as refusal:
-            return [(i, str(refusal)) for i in range(count)]
+            return [], [(i, str(refusal)) for i in range(count)]
         accepted = list(zip(range(count), keys, objects_in, [node_seq] * count))
     else:
         checked = guard.check_commits(segment_ids, offsets, sizes, keys, blobs, writer)
@@ -84,6 +95,4 @@ def apply(objects: ObjectTable, guard: WriteGuard, body: bytes,
                 refused.append((i, str(node_seq)))
                 continue
             accepted.append((i, keys[i], stored, node_seq))
-    if accepted:
-        refused.extend(objects.commit_from_client(accepted))
-    return refused
+    return accepted, refused
