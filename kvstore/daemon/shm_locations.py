@@ -51,7 +51,9 @@ class ShmLocationTable:
         if name is None:
             raise ValueError(f"{segment_shm_name!r} is not a name unique_shm_name makes")
         num_slots = lt.num_slots_for(segment_bytes)
-        self._shm = create_shm(name, lt.table_bytes(num_slots), prefault=False)
+        # NOTE: prefault=True for its free-space check (an OSError naming /dev/shm): every
+        # page is touched below, and a page tmpfs cannot supply would be a SIGBUS
+        self._shm = create_shm(name, lt.table_bytes(num_slots), prefault=True)
         self.name = name
         self._address = int(np.frombuffer(self._shm.view, dtype=np.uint8).ctypes.data)
         self._epoch = 1
