@@ -165,3 +165,22 @@ def test_publish_many_bad_input_writes_no_slot(args, error):
     assert np.array_equal(words, before)
     with pytest.raises(ValueError, match="no table"):
         _c.loc_publish_many(0, 3, [], [], [], [])
+
+
+def test_a_dram_backends_batched_note_publishes_raw_objects_only_and_counts_all():
+    from kvstore.daemon.backends import ShmBackend
+
+    backend = ShmBackend("dram0", 8 << 20, name_prefix="kvstore-test-notemany", prefault=False)
+    try:
+        address = backend.locations._address
+        keys, offsets = ["raw-a", "lz4-b", "raw-c"], [0, 4096, 8192]
+        backend.note_stored_many(keys, offsets, [100, 200, 300], [11, 22, 33], [0, 1, 0])
+        assert backend.used_bytes == 600
+        assert _c.loc_read(address, 0)[2:5] == (lt.key_hash("raw-a"), 100, 11)
+        assert _c.loc_read(address, 8192)[2:5] == (lt.key_hash("raw-c"), 300, 33)
+        slot = _c.loc_read(address, 4096)
+        assert slot is None or slot[3] == 0       # the compressed object is not published
+        backend.note_freed("raw-a", 0, 100)
+        assert backend.used_bytes == 500
+    finally:
+        backend.close()
