@@ -11,6 +11,7 @@
 
 #include <vector>
 
+#include "range_table.h"
 #include "read_ranges.h"
 #include "shm_locations.h"
 #include "stream_copy.h"
@@ -214,6 +215,15 @@ PyMethodDef methods[] = {
      METH_FASTCALL,
      "loc_publish(table, offset, epoch, key_hash, length, checksum): the object at offset owns "
      "its slot of the shm location table at address table (shm_locations.h; daemon only)."},
+    {"loc_publish_many",
+     reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)(void)>(kvstore_loc_publish_many)),
+     METH_FASTCALL,
+     "loc_publish_many(table, epoch, keys, offsets, lengths, checksums): loc_publish of each "
+     "object (lists; key hash XXH3-64 of the UTF-8, computed here; daemon only)."},
+    {"loc_prefault",
+     reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)(void)>(kvstore_loc_prefault)),
+     METH_FASTCALL,
+     "loc_prefault(table, num_bytes): touch every page of a new table (daemon only)."},
     {"loc_clear",
      reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)(void)>(kvstore_loc_clear)),
      METH_FASTCALL,
@@ -244,7 +254,7 @@ PyMODINIT_FUNC PyInit__copy_hash(void) {
   if (m == nullptr) return nullptr;
   // ISA: the build copy_hash and read_ranges use on this CPU ("avx2" or "base")
   const char* isa = copy_hash_fn == kvops_copy_hash_base ? "base" : "avx2";
-  if (PyModule_AddStringConstant(m, "ISA", isa) != 0) {
+  if (PyModule_AddStringConstant(m, "ISA", isa) != 0 || kvstore_add_range_table(m) != 0) {
     Py_DECREF(m);
     return nullptr;
   }

@@ -52,6 +52,8 @@ inline bool loc_valid(uint64_t* table, uint64_t offset, uint64_t seq, uint64_t e
 }
 
 PyObject* kvstore_loc_publish(PyObject*, PyObject* const* args, Py_ssize_t nargs);
+PyObject* kvstore_loc_publish_many(PyObject*, PyObject* const* args, Py_ssize_t nargs);
+PyObject* kvstore_loc_prefault(PyObject*, PyObject* const* args, Py_ssize_t nargs);
 PyObject* kvstore_loc_clear(PyObject*, PyObject* const* args, Py_ssize_t nargs);
 PyObject* kvstore_loc_read(PyObject*, PyObject* const* args, Py_ssize_t nargs);
 PyObject* kvstore_loc_vouch(PyObject*, PyObject* const* args, Py_ssize_t nargs);

@@ -113,6 +113,13 @@ class Backend:
         with self._usage_lock:
             self.used_bytes += length
 
+    def note_stored_many(self, keys: list[str], offsets: list[int], lengths: list[int],
+                         checksums: list[int], codecs: list[int]) -> None:
+        """``note_stored`` of each object (parallel lists): one call per commit record or
+        change set. The default calls ``note_stored`` per object."""
+        for i, key in enumerate(keys):
+            self.note_stored(key, offsets[i], lengths[i], checksums[i], codecs[i])
+
     def note_freed(self, key: str, offset: int, length: int) -> None:
         """The master freed an object of this segment."""
         with self._usage_lock:
@@ -122,6 +129,10 @@ class Backend:
         """The master resent the whole table (full resync): forget every object."""
         with self._usage_lock:
             self.used_bytes = 0
+
+    #: True where ``sync`` does work (SSD): the object table then tracks the client commits
+    #: whose sync still runs; a volatile tier's objects are durable once noted.
+    SYNCS = False
 
     def sync(self) -> None:
         """Make every object noted so far durable (SSD); a no-op for volatile tiers."""
@@ -184,6 +195,20 @@ class ShmBackend(MappedBackend):
         super().note_stored(key, offset, length, checksum, codec)
         if self.locations is not None and codec == 0:   # NOTE: raw bytes only (CODEC_RAW)
             self.locations.stored(key, offset, length, checksum)
+
+    def note_stored_many(self, keys: list[str], offsets: list[int], lengths: list[int],
+                         checksums: list[int], codecs: list[int]) -> None:
+        # NOTE: one usage update and one location-table call for the whole record (issue
+        # 10, 10d2); only raw objects (CODEC_RAW) are published, as in note_stored
+        with self._usage_lock:
+            self.used_bytes += sum(lengths)
+        if self.locations is None:
+            return
+        if any(codecs):
+            raw = [i for i, codec in enumerate(codecs) if codec == 0]
+            keys, offsets = [keys[i] for i in raw], [offsets[i] for i in raw]
+            lengths, checksums = [lengths[i] for i in raw], [checksums[i] for i in raw]
+        self.locations.stored_many(keys, offsets, lengths, checksums)
 
     def note_freed(self, key: str, offset: int, length: int) -> None:
         if self.locations is not None:

@@ -215,6 +215,8 @@ class SsdBackend(Backend):
                 self._remove(entry, forget_frames=False)
                 self._pending.append(encode_record(KIND_DROP, entry))
 
+    SYNCS = True
+
     def sync(self) -> None:
         """Make the data and the index records noted so far durable; returns once both are
         (the durability point of an SSD put, see docs/ARCHITECTURE.md, "SSD durability").

@@ -13,9 +13,10 @@ Objects the table learnt at or before ``node_seq`` are the master's to judge: it
 the range knowing them, so their removal is on its way to this node.
 
 Before the first registration with a secret (an older master), every write is allowed, as
-before capabilities existed. The committed ranges are kept per segment in a sorted map
-(offset -> end, seq), updated by ``ObjectTable.apply`` through ``note_*``; a check costs one
-keyed BLAKE2b and one bisection. Thread-safe: one lock.
+before capabilities existed. The committed ranges are kept per segment in an ordered map
+(offset -> end, seq, key) in C++ (``kvstore._copy_hash.RangeTable``, csrc/cpu/range_table.cpp),
+updated by ``ObjectTable.apply`` through ``note_*``; a check costs one keyed BLAKE2b and one
+map lookup. Thread-safe: one lock.
 
 Reads (once the registration's reply said the master issues read capabilities): a READ of
 ``[offset, offset + length)`` is allowed iff it carries a read capability that verifies
@@ -39,8 +40,7 @@ import time
 from contextlib import contextmanager
 from typing import Callable, Iterator, Sequence
 
-from sortedcontainers import SortedDict
-
+from kvstore import _copy_hash as _c
 from kvstore import capability
 from kvstore.capability import CapabilityRefused
 
@@ -58,11 +58,11 @@ class WriteGuard:
         self._lock = threading.Lock()
         self._secret: bytes | None = None
         self._check_reads = False
-        # segment id -> SortedDict(offset -> (end, seq, key)) of the committed objects there
-        self._segment_to_ranges: dict[str, SortedDict] = {}
-        # segment id -> the highest seq ever noted there (never lowered by a free: an upper
-        # bound of every range's seq, which is all ``claiming`` needs)
-        self._segment_to_newest: dict[str, int] = {}
+        # per segment: offset -> (end, seq, key) of the committed objects there, and the
+        # highest seq ever noted there (``newest``: never lowered by a free, an upper bound
+        # of every range's seq, which is all ``claiming`` needs). NOTE: a C++ map, not a
+        # SortedDict: its insert was ~40% of the daemon's per-key commit work (issue 10, 10d2)
+        self._ranges = _c.RangeTable()
 
     @property
     def enforcing(self) -> bool:
@@ -79,8 +79,7 @@ class WriteGuard:
         with self._lock:
             self._secret = secret or None
             self._check_reads = bool(check_reads and secret)
-            self._segment_to_ranges.clear()
-            self._segment_to_newest.clear()
+            self._ranges.clear()
 
     @property
     def checking_reads(self) -> bool:
@@ -232,48 +231,28 @@ class WriteGuard:
         capability (never refused) or another entry of this record (disjoint, so never
         overlapping), and the lock, held throughout, lets no other change in between."""
         with self._lock:
-            floor = dict(self._segment_to_newest) if _disjoint(ranges) else None
-            check_free, note = self._check_free, self._note
+            floor = self._ranges.newest() if _disjoint(ranges) else None
+            table_claim = self._ranges.claim
 
             def claim(segment_id: str, key: str, offset: int, length: int,
                       node_seq: int) -> None:
-                if floor is None or floor.get(segment_id, 0) > node_seq:
-                    check_free(segment_id, offset, length, node_seq)
-                note(segment_id, key, offset, length, node_seq + 1)
+                check = floor is None or floor.get(segment_id, 0) > node_seq
+                overlap = table_claim(segment_id, key, offset, length, node_seq, check)
+                if overlap is not None:
+                    raise _refusal(offset, length, overlap)
 
             yield claim
 
     def _note(self, segment_id: str, key: str, offset: int, length: int, seq: int) -> None:
         """Record the range at ``seq`` (the caller holds the lock)."""
-        ranges = self._segment_to_ranges.get(segment_id)
-        if ranges is None:
-            # NOTE: not setdefault(segment_id, SortedDict()): that builds (and drops) a
-            # SortedDict on every call, half of a pushed commit's apply (~2.5 us a key)
-            ranges = self._segment_to_ranges[segment_id] = SortedDict()
-        ranges[offset] = (offset + length, seq, key)
-        if seq > self._segment_to_newest.get(segment_id, 0):
-            self._segment_to_newest[segment_id] = seq
+        self._ranges.note(segment_id, key, offset, length, seq)
 
     def _check_free(self, segment_id: str, offset: int, length: int, node_seq: int) -> None:
-        ranges = self._segment_to_ranges.get(segment_id)
-        if ranges:
-            # every object starting inside the range, then the one starting before offset
-            # (it may reach into the range): one walk down from the last start below end.
-            # NOTE: a bisection and indexed keys instead of irange + bisect + peekitem: the
-            # same objects checked in ~55% of the time (a ring entry's claim, issue 10)
-            end = offset + length
-            index = ranges.bisect_left(end)
-            starts = ranges.keys()
-            while index:
-                index -= 1
-                start = starts[index]
-                obj_end, seq, key = ranges[start]
-                if offset < obj_end and seq > node_seq:
-                    raise RangeCommitted(
-                        f"range [{offset}, +{length}) overlaps {key!r}, committed at "
-                        f"[{start}, {obj_end}) after the capability was issued")
-                if start < offset:
-                    break
+        """RangeCommitted if the range overlaps an object noted after ``node_seq`` (the
+        caller holds the lock)."""
+        overlap = self._ranges.newer_overlap(segment_id, offset, length, node_seq)
+        if overlap is not None:
+            raise _refusal(offset, length, overlap)
 
     # ---- the object table's changes (kvstore.daemon.objects.ObjectTable.apply) ---------
     def note_stored(self, segment_id: str, key: str, offset: int, length: int,
@@ -285,22 +264,23 @@ class WriteGuard:
         """``note_stored`` of each ``(segment_id, key, offset, length)`` at ``seq``, under
         one lock."""
         with self._lock:
-            note = self._note
-            for segment_id, key, offset, length in ranges:
-                note(segment_id, key, offset, length, seq)
+            self._ranges.note_many(ranges, seq)
 
     def note_freed(self, segment_id: str, key: str, offset: int) -> None:
         with self._lock:
-            ranges = self._segment_to_ranges.get(segment_id)
-            # NOTE: only if still this key's: a change set adds before it removes, so
-            # another object may already start at this offset
-            if ranges is not None and ranges.get(offset, (0, 0, None))[2] == key:
-                del ranges[offset]
+            # NOTE: only if still this key's (RangeTable.freed checks): a change set adds
+            # before it removes, so another object may already start at this offset
+            self._ranges.freed(segment_id, key, offset)
 
     def note_reset(self) -> None:
         with self._lock:
-            self._segment_to_ranges.clear()
-            self._segment_to_newest.clear()
+            self._ranges.clear()
+
+
+def _refusal(offset: int, length: int, overlap: tuple[str, int, int]) -> RangeCommitted:
+    key, start, end = overlap
+    return RangeCommitted(f"range [{offset}, +{length}) overlaps {key!r}, committed at "
+                          f"[{start}, {end}) after the capability was issued")
 
 
 def _disjoint(ranges: Sequence[tuple[str, int, int]]) -> bool:
