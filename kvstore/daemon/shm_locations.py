@@ -32,20 +32,15 @@ from __future__ import annotations
 
 import logging
 import os
-import threading
 from pathlib import Path
 
 import numpy as np
 
 from kvstore import _copy_hash as _c
 from kvstore import _loc_table as lt
-from kvstore._posix_shm import SHM_NAME_RE, create_shm, host_tag, open_shm, populate_range
+from kvstore._posix_shm import SHM_NAME_RE, create_shm, host_tag, open_shm
 
 log = logging.getLogger("kvstore.daemon.shm_locations")
-
-#: Bytes of the table populated per step of the background pass (``_populate``).
-POPULATE_STEP_BYTES = 1 << 20
-
 
 class ShmLocationTable:
     """The published slots and the lease of one DRAM segment (see the module)."""
@@ -64,30 +59,15 @@ class ShmLocationTable:
         _c.loc_set(self._address, lt.WORD_SLOTS, num_slots)
         _c.loc_set(self._address, lt.WORD_PID, os.getpid())
         _c.loc_set(self._address, lt.WORD_EPOCH, self._epoch)
-        # NOTE: every page touched now, not by the first publish into it: a first touch of
-        # a tmpfs page was most of a publish, 20-30% of a ring drain (issue 10, 10d2)
+        # NOTE: every page touched now, not by the first publish into it: a slot is a hash
+        # of its object's offset, so nearly every new object's publish touched a page no
+        # one had written, and that first-touch fault (a tmpfs page allocated and zeroed,
+        # ~4 us of CPU, 26-35 us of wall time at load 21) was 20-30% of a ring drain and on
+        # every WRITE_COMMIT's reply (issue 10, 10d2; issue 15, 15u: the daemon's share of
+        # the tcp put regression; bench/RESULTS.md, "TCP 64 KiB put in two round trips").
+        # At start, before the daemon listens: a 16 GiB segment's table is 192 MiB.
         _c.loc_prefault(self._address, lt.table_bytes(num_slots))
         _c.loc_set(self._address, lt.WORD_MAGIC, lt.MAGIC)   # NOTE: last: the table is whole
-        # NOTE: every page of the table populated ahead, off the commit path: a slot is a
-        # hash of its object's offset, so nearly every new object's publish touched a page
-        # no one had written, and that first-touch fault (a tmpfs page allocated and
-        # zeroed, ~4 us of CPU, 26-35 us of wall time at load 21) was on every
-        # WRITE_COMMIT's reply (issue 15, 15u: the daemon's share of the tcp put
-        # regression; bench/RESULTS.md, "TCP 64 KiB put in two round trips"). In the
-        # background: a 16 GiB segment's table is 192 MiB.
-        self._table_bytes = lt.table_bytes(num_slots)
-        self._stop_populating = threading.Event()
-        self._populator = threading.Thread(target=self._populate, daemon=True,
-                                           name="kvstore-loc-populate")
-        self._populator.start()
-
-    def _populate(self) -> None:
-        """Write-fault every page of the table, a step at a time, until done or ``close``
-        (populating a page that holds slots already leaves them as they are)."""
-        for start in range(0, self._table_bytes, POPULATE_STEP_BYTES):
-            if self._stop_populating.is_set() or not populate_range(
-                    self._address + start, min(POPULATE_STEP_BYTES, self._table_bytes - start)):
-                return
 
     def stored(self, key: str, offset: int, length: int, checksum: int) -> None:
         if self._address:
@@ -119,8 +99,6 @@ class ShmLocationTable:
         """Zero the lease, unlink the name, unmap. Idempotent."""
         if not self._address:
             return
-        self._stop_populating.set()
-        self._populator.join()      # NOTE: before the unmap: it writes into the mapping
         _c.loc_set(self._address, lt.WORD_LEASE, 0)
         self._address = 0
         self._shm.unlink()
