@@ -150,7 +150,7 @@ def test_plain_copy_rejects_bad_arguments_and_copies_nothing():
 
 
 # NOTE: around the two-thread split (from 2 MiB, csrc/cpu/copy_split.h: 64 KiB chunks, the
-# last one running to the end) and the put's streamed stores (from 1 MiB)
+# last one running to the end) and the XXH3 long-hash edges
 PUT_SIZES = [0, 1, 241, (1 << 20) - 1, 1 << 20, (1 << 20) + 65, (2 << 20) - 1, 2 << 20,
              (2 << 20) + 1, (2 << 20) + 63, (4 << 20) + 12345, (9 << 20) + 7]
 

@@ -31,24 +31,16 @@ namespace {
 // also stores the stripe to out. NOTE: the stored bytes are the very registers hashed, so the
 // digest vouches for what the reader received even if the source changes meanwhile; a
 // separate copy then hash would read the bytes twice (the second time from cache at best).
-// Plain stores by default: for 1-4 MiB from cold sources both gave the same bytes per second
-// here (bench/RESULTS.md "Issue 15m"), unlike a plain copy (read_ranges.h). kStream:
-// non-temporal stores where out is 32-byte aligned (a put's one source into distinct
-// places, whose destination lines are then not read first; see copy_hash_put).
-template <bool kStream = false>
+// Plain stores, not non-temporal ones: for 1-4 MiB from cold sources both gave the same
+// bytes per second here (bench/RESULTS.md "Issue 15m"), unlike a plain copy (read_ranges.h).
 inline void accumulate_copy_stripe(uint64_t* acc, const char* in, char* out,
                                    const uint8_t* secret) {
   XXH_PREFETCH(in + XXH_PREFETCH_DIST);  // as xxhash.h's own loop does
-  const bool stream = kStream && (reinterpret_cast<uintptr_t>(out) & 31) == 0;
 #if defined(__AVX2__)
   __m256i* const xacc = reinterpret_cast<__m256i*>(acc);
   for (int i = 0; i < 2; ++i) {
     const __m256i data = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(in) + i);
-    if (stream) {
-      _mm256_stream_si256(reinterpret_cast<__m256i*>(out) + i, data);
-    } else {
-      _mm256_storeu_si256(reinterpret_cast<__m256i*>(out) + i, data);
-    }
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(out) + i, data);
     const __m256i key = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(secret) + i);
     const __m256i data_key = _mm256_xor_si256(data, key);
     const __m256i product = _mm256_mul_epu32(data_key, _mm256_srli_epi64(data_key, 32));
@@ -57,21 +49,16 @@ inline void accumulate_copy_stripe(uint64_t* acc, const char* in, char* out,
     xacc[i] = _mm256_add_epi64(product, sum);
   }
 #else
-  if (stream) {
-    accumulate_stripe_sse2<true>(acc, in, out, secret);
-  } else {
-    accumulate_stripe_sse2<false>(acc, in, out, secret);
-  }
+  accumulate_stripe_sse2<false>(acc, in, out, secret);
 #endif
 }
 
 // XXH3_hashLong_64b of src[0, len) (len > XXH3_MIDSIZE_MAX), every stripe through
 // accumulate_copy_stripe (the shared loop of xxh3_long_copy.h).
-template <bool kStream = false>
 inline uint64_t copy_hash_long(char* dst, const char* src, size_t len) {
   return xxh3_long_copy(dst, len, ContiguousSource{src},
                         [](uint64_t* acc, const char* in, char* out, const uint8_t* secret) {
-                          accumulate_copy_stripe<kStream>(acc, in, out, secret);
+                          accumulate_copy_stripe(acc, in, out, secret);
                         });
 }
 
@@ -99,17 +86,13 @@ struct SplitSource {
 };
 
 // copy_hash_long with the tail from state->split shared with a helper (started by the
-// caller; copy_split.h); the same digest as one thread's. NOTE: this thread's stores stream
-// (as copy_hash_put's); the helper's are plain, so its chunks are still cached when this
-// thread hashes them (re-storing them to their own place then costs no memory traffic).
+// caller; copy_split.h); the same digest as one thread's. NOTE: the helper's stores are
+// plain (memcpy), so its chunks are still cached when this thread hashes them, and storing
+// them again to their own place costs no memory traffic.
 inline uint64_t copy_hash_long_split(kvsplit::SplitState& state) {
   return xxh3_long_copy(state.dst, state.len, SplitSource{&state},
                         [](uint64_t* acc, const char* in, char* out, const uint8_t* secret) {
-                          if (in == out) {
-                            accumulate_copy_stripe<false>(acc, in, out, secret);
-                          } else {
-                            accumulate_copy_stripe<true>(acc, in, out, secret);
-                          }
+                          accumulate_copy_stripe(acc, in, out, secret);
                         });
 }
 #endif  // __SSE2__
@@ -119,34 +102,11 @@ inline uint64_t copy_hash_long_split(kvsplit::SplitState& state) {
 // them, so it compares with the checksums the store records (kvstore/client/checksum.py).
 inline uint64_t copy_hash(char* dst, const char* src, size_t num_bytes) {
 #if defined(__SSE2__)
-  if (num_bytes > XXH3_MIDSIZE_MAX) return copy_hash_long<false>(dst, src, num_bytes);
+  if (num_bytes > XXH3_MIDSIZE_MAX) return copy_hash_long(dst, src, num_bytes);
 #endif
   // NOTE: short values (and CPUs without SSE2): copy, then hash the copy
   memcpy(dst, src, num_bytes);
   return XXH3_64bits(dst, num_bytes);
-}
-
-}  // namespace
-
-namespace {
-
-// A put's copy + hash streams its stores from this size on (copy_hash_put). NOTE: the
-// threshold of kvstore_copy's non-temporal stores (read_ranges.h), for the same reason.
-constexpr size_t kPutStreamMinBytes = size_t{1} << 20;
-
-// copy_hash for a put: one source into a place of a segment nobody reads until the put is
-// committed, so from kPutStreamMinBytes the stores are non-temporal (no read for ownership
-// of the destination lines, no eviction of the caller's cache for them), fenced before
-// returning. The same digest as copy_hash.
-inline uint64_t copy_hash_put(char* dst, const char* src, size_t num_bytes) {
-#if defined(__SSE2__)
-  if (num_bytes >= kPutStreamMinBytes) {
-    const uint64_t digest = copy_hash_long<true>(dst, src, num_bytes);
-    _mm_sfence();  // NOTE: non-temporal stores are weakly ordered: publish before the commit
-    return digest;
-  }
-#endif
-  return copy_hash(dst, src, num_bytes);
 }
 
 }  // namespace
@@ -161,8 +121,10 @@ constexpr size_t kSplitMinBytes = size_t{2} << 20;
 // 7/16 both threads finish at about the same time.
 constexpr size_t kSplitHeadSixteenths = 7;
 
-// copy_hash_put with a helper thread for num_bytes >= kSplitMinBytes (copy_hash_put below):
-// the same digest, in less time where a second core is free.
+// copy_hash with a helper thread for num_bytes >= kSplitMinBytes (copy_hash below): the same
+// digest, in less time where a second core is free. NOTE: plain stores, as copy_hash: a
+// put's copy + hash with non-temporal stores measured no faster (bench/put_copy_bench.py,
+// bench/RESULTS.md "Same-host 4 MiB put")
 inline uint64_t copy_hash_split(char* dst, const char* src, size_t num_bytes) {
 #if defined(__SSE2__)
   if (num_bytes >= kSplitMinBytes) {
@@ -170,12 +132,10 @@ inline uint64_t copy_hash_split(char* dst, const char* src, size_t num_bytes) {
                          kXxh3BlockBytes;
     auto state = kvsplit::make_split(dst, src, num_bytes, split, kXxh3BlockBytes);
     kvsplit::start_helper(state, [](char* d, const char* s, size_t n) { memcpy(d, s, n); });
-    const uint64_t digest = copy_hash_long_split(*state);
-    _mm_sfence();  // NOTE: as copy_hash_put: the streamed stores, before the commit
-    return digest;
+    return copy_hash_long_split(*state);
   }
 #endif
-  return copy_hash_put(dst, src, num_bytes);
+  return copy_hash(dst, src, num_bytes);
 }
 
 }  // namespace

@@ -18,11 +18,9 @@
 
 extern "C" uint64_t kvops_copy_hash_base(char* dst, const char* src, size_t num_bytes);
 extern "C" uint64_t kvops_copy_hash_split_base(char* dst, const char* src, size_t num_bytes);
-extern "C" uint64_t kvops_copy_hash_put_base(char* dst, const char* src, size_t num_bytes);
 #if defined(__x86_64__)
 extern "C" uint64_t kvops_copy_hash_avx2(char* dst, const char* src, size_t num_bytes);
 extern "C" uint64_t kvops_copy_hash_split_avx2(char* dst, const char* src, size_t num_bytes);
-extern "C" uint64_t kvops_copy_hash_put_avx2(char* dst, const char* src, size_t num_bytes);
 #endif
 
 namespace {
@@ -35,14 +33,12 @@ KvstoreCopyHashFn pick_copy_hash() {
   return kvops_copy_hash_base;
 }
 
-// copy_hash.h's put builds for this CPU: one thread (copy_hash_put) or two (copy_hash_split).
-KvstoreCopyHashFn pick_copy_hash_put(int num_threads) {
+// copy_hash.h's two-thread copy_hash_split for this CPU.
+KvstoreCopyHashFn pick_copy_hash_split() {
 #if defined(__x86_64__)
-  if (__builtin_cpu_supports("avx2")) {
-    return num_threads == 2 ? kvops_copy_hash_split_avx2 : kvops_copy_hash_put_avx2;
-  }
+  if (__builtin_cpu_supports("avx2")) return kvops_copy_hash_split_avx2;
 #endif
-  return num_threads == 2 ? kvops_copy_hash_split_base : kvops_copy_hash_put_base;
+  return kvops_copy_hash_split_base;
 }
 
 // Plain copies from this size on are shared with a helper thread (kvstore_copy_split).
@@ -94,7 +90,7 @@ void kvstore_copy_split(char* dst, const char* src, size_t num_bytes) {
 namespace {
 
 const KvstoreCopyHashFn copy_hash_fn = kvstore_copy_hash_fn;
-const KvstoreCopyHashFn copy_hash_put_fns[2] = {pick_copy_hash_put(1), pick_copy_hash_put(2)};
+const KvstoreCopyHashFn copy_hash_split_fn = pick_copy_hash_split();
 
 // The optional num_threads argument args[index] of call ``name`` (1 when absent): 1 or 2;
 // -1 with a Python error set otherwise.
@@ -254,7 +250,8 @@ PyObject* put_copy_hash_many(PyObject*, PyObject* const* args, Py_ssize_t nargs)
   }
   const int num_threads = num_threads_arg("put_copy_hash_many", args, nargs, 2);
   if (num_threads < 0) return nullptr;
-  return copy_hash_pairs("put_copy_hash_many", copy_hash_put_fns[num_threads - 1], args);
+  return copy_hash_pairs("put_copy_hash_many",
+                         num_threads == 2 ? copy_hash_split_fn : copy_hash_fn, args);
 }
 
 PyMethodDef methods[] = {
@@ -286,12 +283,10 @@ PyMethodDef methods[] = {
     {"put_copy_hash_many",
      reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)(void)>(put_copy_hash_many)),
      METH_FASTCALL,
-     "put_copy_hash_many(dsts, srcs[, num_threads]) -> list[int]: copy_hash_many for a put's "
-     "destinations (places nobody reads before the put commits): the same digests, with "
-     "non-temporal stores from 1 MiB (copy_hash.h copy_hash_put) and, with num_threads=2, "
-     "each pair of 2 MiB or more copied and hashed by this thread and a helper "
-     "(copy_split.h: never waiting for a helper that did not start). Raises as "
-     "copy_hash_many, ValueError for num_threads other than 1 or 2."},
+     "put_copy_hash_many(dsts, srcs[, num_threads]) -> list[int]: copy_hash_many for a put; "
+     "with num_threads=2 each pair of 2 MiB or more is copied and hashed by this thread and "
+     "a helper (copy_split.h: never waiting for a helper that did not start), the same "
+     "digests. Raises as copy_hash_many, ValueError for num_threads other than 1 or 2."},
     {"read_ranges",
      reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)(void)>(kvstore_read_ranges)),
      METH_FASTCALL,

@@ -206,8 +206,7 @@ def _ring_commit(master, transfers, settings, grant, ring, written, names, offse
 def _copy_hashed(transport, items) -> list[int] | None:
     """Where ``transport`` is shm: copy every item's source into its range and hash the
     copied bytes in the same pass (``kvstore._copy_hash.put_copy_hash_many``, one call, the
-    GIL released once; streamed stores from 1 MiB, the transport's ``copy_threads``); the
-    checksums, in item order. None where it is not shm, or the
+    GIL released once, the transport's ``copy_threads``); the checksums, in item order. None where it is not shm, or the
     segment cannot be mapped (the caller then hashes and writes through ``Transfers``,
     which reports the error per key).
     NOTE: PutStart's flow hashes while the master allocates; here there is no round trip
