@@ -1,14 +1,16 @@
 """Same-host puts whose copy uses two threads (``ClientConfig.copy_threads``, the shm write
 and the reserved put's copy + hash; csrc/cpu/copy_split.h), against real master and daemon
 processes: every byte lands where it should and reads back under the recorded checksum,
-through PutStart and through a reservation, at sizes around the split; a put whose shm
-write fails (its daemon crashed) leaves nothing visible; a bad copy_threads is refused."""
+through PutStart and through a reservation, at sizes around the split; such puts survive a
+master SIGKILL right after they returned (durable commit); a put whose shm write fails (its
+daemon crashed) leaves nothing visible; a bad copy_threads is refused."""
 
 from __future__ import annotations
 
 import pytest
 
 from client_cluster import Cluster, payload
+from crash_servers import daemon_process, master_process, wait_adopted
 
 import kvstore
 from kvstore._errors import InvalidArgumentError, KVStoreError
@@ -48,6 +50,31 @@ def test_large_shm_puts_read_back_exactly(cluster, copy_threads, reserve_bytes):
             assert replica_set.checksum == checksum(value), key
             assert store.get(key, verify=True) == value, key
         store.remove_prefix(f"{tag}/", force=True)
+
+
+@pytest.mark.parametrize("reserve_bytes", [0, 64 * MiB])
+def test_two_thread_puts_survive_a_master_sigkill(reserve_bytes):
+    # NOTE: slow heartbeats: the commits must be on the daemon when each put returns
+    master = master_process("--heartbeat-interval", "3s", "--node-ttl", "60s")
+    daemon = restarted = None
+    try:
+        daemon = daemon_process(master, "--dram", "128MiB")
+        values = {f"durable/{i}": payload((4 << 20) + 64 * i, seed=200 + i) for i in range(6)}
+        with kvstore.connect(master.address, transport="shm", copy_threads=2,
+                             reserve_bytes=reserve_bytes, timeout_s=10) as store:
+            for key, value in values.items():
+                store.put(key, value)
+            if reserve_bytes:
+                assert store._reserved.num_reserved >= 1
+            master.kill()                     # right after the last put returned
+        restarted = master_process("--heartbeat-interval", "200ms", port=master.port)
+        wait_adopted(restarted, "durable/5", daemon)
+        with kvstore.connect(restarted.address, timeout_s=10) as store:
+            assert store.batch_get(list(values)) == list(values.values())
+    finally:
+        for server in (daemon, master, restarted):
+            if server is not None:
+                server.close()
 
 
 @pytest.mark.parametrize("reserve_bytes", [0, 64 * MiB])
