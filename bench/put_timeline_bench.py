@@ -36,6 +36,9 @@ bench/out/put_timeline.json.
 
     .venv/bin/python bench/put_timeline_bench.py \
         --python /work/base/.venv/bin/python --python .venv/bin/python [--rounds 3]
+        [--scenarios shm:1:4194304 --prefault]   (the daemon's pool written once first)
+        [--python .venv/bin/python+copy2]   (that interpreter's client copies with
+        copy_threads=2; "+copy1": copy_threads=1; combine as PYTHON+reserve+copy2)
         [--python .venv/bin/python+reserve [--reserve-bytes 67108864]]   (that
         interpreter's client puts into space reserved ahead: stages "reserve",
         "copy+hash (reserved)", "put_end", "ring_commit")
@@ -202,8 +205,25 @@ def _scenarios(spec: str) -> list[tuple[str, int, int]]:
     return out
 
 
+def _prefault(store, pool_bytes: int) -> None:
+    """Write the daemon's DRAM pool once and free it again (``--prefault``).
+
+    NOTE: a fresh shm page costs a fault and the kernel zeroing it on its first write (and,
+    on a machine short of free pages, reclaim); a long-running daemon's pages are all
+    touched, so with this the timed batches measure that steady state (client_bench.py
+    does the same)."""
+    import numpy as np
+
+    chunk = np.ones(4 * MIB, dtype=np.uint8)
+    keys = [f"prefault/{i}" for i in range(pool_bytes // chunk.nbytes * 9 // 10)]
+    for first in range(0, len(keys), 64):
+        group = keys[first:first + 64]
+        assert not any(store.batch_put(group, [chunk] * len(group)))
+    store.remove_prefix("prefault/", force=True)
+
+
 def _child(batches: int, scenarios: list[tuple[str, int, int]], ssd_dir: str,
-           reserve_bytes: int = 0) -> dict:
+           reserve_bytes: int = 0, prefault: bool = False, copy_threads: int = 0) -> dict:
     import numpy as np
 
     import kvstore
@@ -225,9 +245,13 @@ def _child(batches: int, scenarios: list[tuple[str, int, int]], ssd_dir: str,
         for transport, batch, size in scenarios:
             tier = "ssd" if transport == "ssd" else None
             options = {"reserve_bytes": reserve_bytes} if reserve_bytes else {}
+            if copy_threads:
+                options["copy_threads"] = copy_threads
             with kvstore.connect(master.address, transport="tcp" if tier else transport,
                                  metadata="fast", lease_ttl_s=1.0, **options) as store:
                 wait_registered(store)
+                if prefault and transport == "shm":
+                    _prefault(store, 2048 * MIB)
                 value = np.random.default_rng(1).integers(0, 256, size, np.uint8)
                 name = f"{transport} {batch} x {size // KIB} KiB"
                 # warm: mappings, connections, the pool's pages
@@ -296,9 +320,17 @@ def _child(batches: int, scenarios: list[tuple[str, int, int]], ssd_dir: str,
     return out
 
 
+def _parse(python: str) -> tuple[str, bool, int]:
+    """PYTHON[+reserve][+copyN] as (interpreter, reserve, copy_threads: 0 = the default)."""
+    interpreter, *suffixes = python.split("+")
+    copies = [int(s.removeprefix("copy")) for s in suffixes if s.startswith("copy")]
+    return interpreter, "reserve" in suffixes, copies[0] if copies else 0
+
+
 def _tree(python: str) -> str:
-    reserve = "+reserve" if python.endswith("+reserve") else ""
-    return Path(python.removesuffix("+reserve")).absolute().parent.parent.parent.name + reserve
+    interpreter, _, _ = _parse(python)
+    suffix = python[len(interpreter):]
+    return Path(interpreter).absolute().parent.parent.parent.name + suffix
 
 
 def _driver(args) -> None:
@@ -309,11 +341,14 @@ def _driver(args) -> None:
             loads.append(open("/proc/loadavg").read().split()[:3])
             shutil.rmtree(args.ssd_dir, ignore_errors=True)
             # NOTE: PYTHON+reserve: that interpreter's client reserves space ahead
-            reserve = args.reserve_bytes if python.endswith("+reserve") else 0
-            done = subprocess.run([python.removesuffix("+reserve"), __file__, "--child",
+            interpreter, reserved, copy_threads = _parse(python)
+            reserve = args.reserve_bytes if reserved else 0
+            done = subprocess.run([interpreter, __file__, "--child",
+                                   "--copy-threads", str(copy_threads),
                                    "--batches", str(args.batches), "--scenarios",
                                    args.scenarios, "--ssd-dir", args.ssd_dir,
-                                   "--reserve-bytes", str(reserve)],
+                                   "--reserve-bytes", str(reserve),
+                                   *(["--prefault"] if args.prefault else [])],
                                   capture_output=True, text=True)
             if done.returncode:
                 sys.exit(f"{python}: the child failed:\n{done.stderr[-3000:]}")
@@ -371,10 +406,14 @@ def main() -> None:
                                               "put_timeline.json"))
     parser.add_argument("--reserve-bytes", type=int, default=64 * MIB,
                         help="reserve_bytes of the interpreters given as PYTHON+reserve")
+    parser.add_argument("--prefault", action="store_true",
+                        help="write the daemon's DRAM pool once before the shm scenarios "
+                             "(steady-state pages, as client_bench.py)")
+    parser.add_argument("--copy-threads", type=int, default=0, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         print(json.dumps(_child(args.batches, _scenarios(args.scenarios), args.ssd_dir,
-                                args.reserve_bytes)))
+                                args.reserve_bytes, args.prefault, args.copy_threads)))
         return
     args.python = args.python or [sys.executable]
     os.environ.pop("KVSTORE_TOKEN", None)

@@ -8,7 +8,9 @@ import numpy as np
 import pytest
 import xxhash
 
-from kvstore._copy_hash import ISA, copy, copy_hash, copy_hash_base, copy_hash_many
+from kvstore._copy_hash import (
+    ISA, copy, copy_hash, copy_hash_base, copy_hash_many, put_copy_hash_many,
+)
 from kvstore.client.checksum import EMPTY_CHECKSUM, checksum
 
 CHUNK_BYTES = 8 << 10  # KVOPS_COPY_HASH_CHUNK_BYTES
@@ -145,3 +147,66 @@ def test_plain_copy_rejects_bad_arguments_and_copies_nothing():
     with pytest.raises(TypeError):
         copy(dst)
     assert dst == bytearray(10)
+
+
+# NOTE: around the two-thread split (from 2 MiB, csrc/cpu/copy_split.h: 64 KiB chunks, the
+# last one running to the end) and the XXH3 long-hash edges
+PUT_SIZES = [0, 1, 241, (1 << 20) - 1, 1 << 20, (1 << 20) + 65, (2 << 20) - 1, 2 << 20,
+             (2 << 20) + 1, (2 << 20) + 63, (4 << 20) + 12345, (9 << 20) + 7]
+
+
+@pytest.mark.parametrize("num_threads", [1, 2])
+@pytest.mark.parametrize("num_bytes", PUT_SIZES)
+def test_put_copy_hash_gives_the_store_checksum_and_exact_bytes(num_bytes, num_threads):
+    base = _random(num_bytes + 64, num_bytes + 2)
+    for src_off, dst_off in _OFFSETS:
+        src = memoryview(base)[src_off:src_off + num_bytes]
+        out = bytearray(b"\x55" * (num_bytes + 64))
+        dst = memoryview(out)[dst_off:dst_off + num_bytes]
+        assert put_copy_hash_many([dst], [src], num_threads) == [checksum(src)]
+        assert dst == src
+        assert out[:dst_off] == b"\x55" * dst_off
+        assert out[dst_off + num_bytes:] == b"\x55" * (64 - dst_off)
+
+
+@pytest.mark.parametrize("num_bytes", [(2 << 20) + 5, (4 << 20) + 3])
+def test_two_thread_plain_copy_is_exact_and_writes_nothing_else(num_bytes):
+    base = _random(num_bytes + 64, num_bytes + 3)
+    for src_off, dst_off in _OFFSETS:
+        src = memoryview(base)[src_off:src_off + num_bytes]
+        out = bytearray(b"\x55" * (num_bytes + 64))
+        dst = memoryview(out)[dst_off:dst_off + num_bytes]
+        assert copy(dst, src, 2) is None
+        assert dst == src
+        assert out[:dst_off] == b"\x55" * dst_off
+        assert out[dst_off + num_bytes:] == b"\x55" * (64 - dst_off)
+
+
+def test_two_threads_many_times_in_a_row_never_mix_bytes_up():
+    # NOTE: each call's helper must be done with its chunks before the call returns: a late
+    # helper writing an earlier call's source would show here as wrong bytes in dst
+    srcs = [_random(3 << 20, seed) for seed in range(4)]
+    dst = bytearray(3 << 20)
+    for i in range(40):
+        src = srcs[i % 4]
+        assert put_copy_hash_many([dst], [src], 2) == [checksum(src)]
+        assert dst == src
+        copy(dst, srcs[(i + 1) % 4], 2)
+        assert dst == srcs[(i + 1) % 4]
+
+
+def test_put_copy_hash_rejects_bad_arguments_and_copies_nothing():
+    dst = bytearray(3 << 20)
+    src = _random(3 << 20, 1)
+    for bad in (0, 3, -1):
+        with pytest.raises(ValueError, match="num_threads must be 1 or 2"):
+            put_copy_hash_many([dst], [src], bad)
+        with pytest.raises(ValueError, match="num_threads must be 1 or 2"):
+            copy(dst, src, bad)
+    with pytest.raises(TypeError):
+        put_copy_hash_many([dst], [src], "2")
+    with pytest.raises(ValueError, match="dst has"):
+        put_copy_hash_many([dst, bytearray(4)], [src, b"abc"], 2)
+    with pytest.raises(TypeError):
+        copy(dst, src, 2, 2)
+    assert not any(dst)

@@ -11,14 +11,17 @@
 
 #include <vector>
 
+#include "copy_split.h"
 #include "range_table.h"
 #include "read_ranges.h"
 #include "shm_locations.h"
 #include "stream_copy.h"
 
 extern "C" uint64_t kvops_copy_hash_base(char* dst, const char* src, size_t num_bytes);
+extern "C" uint64_t kvops_copy_hash_split_base(char* dst, const char* src, size_t num_bytes);
 #if defined(__x86_64__)
 extern "C" uint64_t kvops_copy_hash_avx2(char* dst, const char* src, size_t num_bytes);
+extern "C" uint64_t kvops_copy_hash_split_avx2(char* dst, const char* src, size_t num_bytes);
 #endif
 
 namespace {
@@ -29,6 +32,25 @@ KvstoreCopyHashFn pick_copy_hash() {
   if (__builtin_cpu_supports("avx2")) return kvops_copy_hash_avx2;
 #endif
   return kvops_copy_hash_base;
+}
+
+// copy_hash.h's two-thread copy_hash_split for this CPU.
+KvstoreCopyHashFn pick_copy_hash_split() {
+#if defined(__x86_64__)
+  if (__builtin_cpu_supports("avx2")) return kvops_copy_hash_split_avx2;
+#endif
+  return kvops_copy_hash_split_base;
+}
+
+// Plain copies from this size on are shared with a helper thread (kvstore_copy_split).
+// NOTE: as copy_hash.h's kSplitMinBytes: a thread's start (~20-50 us) against the copy.
+constexpr size_t kCopySplitMinBytes = size_t{2} << 20;
+
+// A chunk of a shared plain copy: non-temporal stores, fenced before its flag is set (the
+// stores are weakly ordered) or before the call returns.
+void copy_fenced(char* dst, const char* src, size_t num_bytes) {
+  kvops::copy_streaming(dst, src, num_bytes);
+  kvops::store_fence();
 }
 
 }  // namespace
@@ -44,9 +66,46 @@ void kvstore_copy(char* dst, const char* src, size_t num_bytes) {
   }
 }
 
+// kvstore_copy with the second half shared with a helper thread from kCopySplitMinBytes
+// (copy_split.h: the caller does the first half, then every chunk the helper has not
+// taken, and waits for those it took); kvstore_copy below that.
+void kvstore_copy_split(char* dst, const char* src, size_t num_bytes) {
+  if (num_bytes < kCopySplitMinBytes) {
+    kvstore_copy(dst, src, num_bytes);
+    return;
+  }
+  const size_t split = num_bytes / 2 / 64 * 64;
+  auto state = kvsplit::make_split(dst, src, num_bytes, split, 64);
+  kvsplit::start_helper(state, copy_fenced);
+  copy_fenced(dst, src, split);
+  for (size_t c = 0; c < state->num_chunks; ++c) {
+    if (kvsplit::claim(*state, c)) {
+      const size_t begin = state->chunk_begin(c);
+      copy_fenced(dst + begin, src + begin, state->chunk_end(c) - begin);
+    } else {
+      kvsplit::wait_helper(*state, c);
+    }
+  }
+}
+
 namespace {
 
 const KvstoreCopyHashFn copy_hash_fn = kvstore_copy_hash_fn;
+const KvstoreCopyHashFn copy_hash_split_fn = pick_copy_hash_split();
+
+// The optional num_threads argument args[index] of call ``name`` (1 when absent): 1 or 2;
+// -1 with a Python error set otherwise.
+int num_threads_arg(const char* name, PyObject* const* args, Py_ssize_t nargs,
+                    Py_ssize_t index) {
+  if (nargs <= index) return 1;
+  const long value = PyLong_AsLong(args[index]);
+  if (value == -1 && PyErr_Occurred()) return -1;
+  if (value != 1 && value != 2) {
+    PyErr_Format(PyExc_ValueError, "%s: num_threads must be 1 or 2, got %ld", name, value);
+    return -1;
+  }
+  return static_cast<int>(value);
+}
 constexpr Py_ssize_t kReleaseGilMinBytes = static_cast<Py_ssize_t>(kvstore_release_gil_min_bytes);
 
 // Views of one (dst, src) pair of call ``name``; false with a Python error set when they are
@@ -69,11 +128,14 @@ bool get_pair(const char* name, PyObject* dst, PyObject* src, Py_buffer* dst_vie
 }
 
 // Runs op(dst, src, num_bytes) on the pair args[0], args[1] of call ``name`` (the GIL released
-// from 16 KiB); false with a Python error set when they are not two usable buffers.
+// from 16 KiB), which takes 2 arguments, or up to ``max_args`` (the rest read by the caller);
+// false with a Python error set when they are not two usable buffers.
 template <typename Op>
-bool on_pair(const char* name, PyObject* const* args, Py_ssize_t nargs, const Op& op) {
-  if (nargs != 2) {
-    PyErr_Format(PyExc_TypeError, "%s(dst, src) takes exactly 2 arguments", name);
+bool on_pair(const char* name, PyObject* const* args, Py_ssize_t nargs, const Op& op,
+             Py_ssize_t max_args = 2) {
+  if (nargs < 2 || nargs > max_args) {
+    PyErr_Format(PyExc_TypeError, "%s(dst, src%s) takes %s arguments", name,
+                 max_args > 2 ? "[, num_threads]" : "", max_args > 2 ? "2 or 3" : "exactly 2");
     return false;
   }
   Py_buffer dst, src;
@@ -110,15 +172,16 @@ PyObject* copy_hash_base(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
 }
 
 PyObject* copy(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
-  if (!on_pair("copy", args, nargs, kvstore_copy)) return nullptr;
+  const int num_threads = num_threads_arg("copy", args, nargs, 2);
+  if (num_threads < 0) return nullptr;
+  if (!on_pair("copy", args, nargs, num_threads == 2 ? kvstore_copy_split : kvstore_copy, 3)) {
+    return nullptr;
+  }
   Py_RETURN_NONE;
 }
 
-PyObject* copy_hash_many(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
-  if (nargs != 2) {
-    PyErr_SetString(PyExc_TypeError, "copy_hash_many(dsts, srcs) takes exactly 2 arguments");
-    return nullptr;
-  }
+// copy_hash_many and put_copy_hash_many: fn over each (dsts[i], srcs[i]) of call ``name``.
+PyObject* copy_hash_pairs(const char* name, KvstoreCopyHashFn fn, PyObject* const* args) {
   PyObject* dsts = PySequence_Fast(args[0], "copy_hash_many: dsts must be a sequence");
   if (dsts == nullptr) return nullptr;
   PyObject* srcs = PySequence_Fast(args[1], "copy_hash_many: srcs must be a sequence");
@@ -132,13 +195,13 @@ PyObject* copy_hash_many(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
   std::vector<uint64_t> digests;
   Py_ssize_t total_bytes = 0;
   if (PySequence_Fast_GET_SIZE(srcs) != num) {
-    PyErr_Format(PyExc_ValueError, "copy_hash_many: %zd dsts but %zd srcs", num,
+    PyErr_Format(PyExc_ValueError, "%s: %zd dsts but %zd srcs", name, num,
                  PySequence_Fast_GET_SIZE(srcs));
     goto done;
   }
   views.resize(2 * static_cast<size_t>(num));
   for (Py_ssize_t i = 0; i < num; ++i) {
-    if (!get_pair("copy_hash_many", PySequence_Fast_GET_ITEM(dsts, i),
+    if (!get_pair(name, PySequence_Fast_GET_ITEM(dsts, i),
                   PySequence_Fast_GET_ITEM(srcs, i), &views[2 * i], &views[2 * i + 1])) {
       views.resize(2 * static_cast<size_t>(i));  // release only the pairs acquired
       goto done;
@@ -149,7 +212,7 @@ PyObject* copy_hash_many(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
   {
     PyThreadState* saved = total_bytes >= kReleaseGilMinBytes ? PyEval_SaveThread() : nullptr;
     for (Py_ssize_t i = 0; i < num; ++i) {
-      digests[i] = copy_hash_fn(static_cast<char*>(views[2 * i].buf),
+      digests[i] = fn(static_cast<char*>(views[2 * i].buf),
                                     static_cast<const char*>(views[2 * i + 1].buf),
                                     static_cast<size_t>(views[2 * i].len));
     }
@@ -172,6 +235,26 @@ done:
   return result;
 }
 
+PyObject* copy_hash_many(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
+  if (nargs != 2) {
+    PyErr_SetString(PyExc_TypeError, "copy_hash_many(dsts, srcs) takes exactly 2 arguments");
+    return nullptr;
+  }
+  return copy_hash_pairs("copy_hash_many", copy_hash_fn, args);
+}
+
+PyObject* put_copy_hash_many(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
+  if (nargs != 2 && nargs != 3) {
+    PyErr_SetString(PyExc_TypeError,
+                    "put_copy_hash_many(dsts, srcs[, num_threads]) takes 2 or 3 arguments");
+    return nullptr;
+  }
+  const int num_threads = num_threads_arg("put_copy_hash_many", args, nargs, 2);
+  if (num_threads < 0) return nullptr;
+  return copy_hash_pairs("put_copy_hash_many",
+                         num_threads == 2 ? copy_hash_split_fn : copy_hash_fn, args);
+}
+
 PyMethodDef methods[] = {
     {"copy_hash", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)(void)>(copy_hash)),
      METH_FASTCALL,
@@ -186,15 +269,25 @@ PyMethodDef methods[] = {
      "whatever this CPU has: for tests and benchmarks comparing it with the build ISA names."},
     {"copy", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)(void)>(copy)),
      METH_FASTCALL,
-     "copy(dst, src) -> None: copy src into dst (writable, C-contiguous buffers of equal "
-     "length, not overlapping), with non-temporal stores from 1 MiB. Raises as copy_hash "
-     "(nothing copied then). Releases the GIL from 16 KiB."},
+     "copy(dst, src[, num_threads]) -> None: copy src into dst (writable, C-contiguous "
+     "buffers of equal length, not overlapping), with non-temporal stores from 1 MiB; with "
+     "num_threads=2, from 2 MiB on a helper thread copies part of the second half "
+     "(copy_split.h: never waiting for a helper that did not start). Raises as copy_hash, "
+     "ValueError for num_threads other than 1 or 2 (nothing copied then). Releases the GIL "
+     "from 16 KiB."},
     {"copy_hash_many",
      reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)(void)>(copy_hash_many)),
      METH_FASTCALL,
      "copy_hash_many(dsts, srcs) -> list[int]: copy_hash of each pair, in one call that "
      "releases the GIL once for the batch. Every pair is checked before anything is copied: "
      "one bad pair raises and copies nothing."},
+    {"put_copy_hash_many",
+     reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)(void)>(put_copy_hash_many)),
+     METH_FASTCALL,
+     "put_copy_hash_many(dsts, srcs[, num_threads]) -> list[int]: copy_hash_many for a put; "
+     "with num_threads=2 each pair of 2 MiB or more is copied and hashed by this thread and "
+     "a helper (copy_split.h: never waiting for a helper that did not start), the same "
+     "digests. Raises as copy_hash_many, ValueError for num_threads other than 1 or 2."},
     {"read_ranges",
      reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)(void)>(kvstore_read_ranges)),
      METH_FASTCALL,

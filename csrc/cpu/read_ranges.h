@@ -17,6 +17,9 @@ extern const KvstoreCopyHashFn kvstore_copy_hash_fn;
 // store fence) from kvstore_copy_stream_min_bytes on.
 void kvstore_copy(char* dst, const char* src, size_t num_bytes);
 
+// kvstore_copy shared with a helper thread from 2 MiB (copy_split.h; copy_hash_module.cpp).
+void kvstore_copy_split(char* dst, const char* src, size_t num_bytes);
+
 // NOTE: measured here (bench/RESULTS.md "Issue 15m"), 4 MiB: 1.5-1.75x the bytes per
 // CPU-second of glibc's memcpy from one source into distinct places (a put: the destination
 // lines are not read for ownership first), 0.96-1.2x from cold sources into one reused buffer

@@ -56,6 +56,14 @@ class ClientConfig:
     # a first get goes to the key's home node as a KEYED_READ before asking the master
     # (client/home_reads.py; one round trip where GetReplicas + READ take two); False: off
     home_reads: bool = True
+    # threads a same-host put's copy of a value of 2 MiB or more uses (the shm write, or a
+    # reserved put's copy + hash; csrc/cpu/copy_split.h): 2 shares it with a helper thread
+    # (a helper that is not scheduled costs only its start: the caller copies what it did
+    # not take); 1: the calling thread only. NOTE: 1 by default: on this 2-core machine at
+    # load 20+ two threads measured slower (the helper preempted mid-chunk stalls the
+    # caller), and no quiet run has measured 2 yet (docs/ARCHITECTURE.md, Same-host put
+    # bandwidth)
+    copy_threads: int = 1
 
     def __post_init__(self) -> None:
         if self.transport not in TRANSPORT_KINDS:
@@ -76,6 +84,9 @@ class ClientConfig:
         reserve = self.reserve_bytes
         if isinstance(reserve, bool) or not isinstance(reserve, int) or reserve < 0:
             raise InvalidArgumentError(f"reserve_bytes must be an int >= 0, got {reserve!r}")
+        threads = self.copy_threads
+        if isinstance(threads, bool) or not isinstance(threads, int) or threads not in (1, 2):
+            raise InvalidArgumentError(f"copy_threads must be 1 or 2, got {self.copy_threads!r}")
         if not isinstance(self.home_reads, bool):
             raise InvalidArgumentError(f"home_reads must be a bool, got {self.home_reads!r}")
         check_timeout(self.timeout_s, "timeout_s")

@@ -40,7 +40,7 @@ import threading
 import time
 from typing import Callable, Sequence
 
-from kvstore._copy_hash import copy_hash_many
+from kvstore._copy_hash import put_copy_hash_many
 from kvstore._errors import KeyNotFoundError, KVStoreError, TransferError
 from kvstore.client import hashing, write_reserved
 from kvstore.client.checksum import EMPTY_CHECKSUM, EMPTY_PLACEHOLDER, checksum
@@ -254,8 +254,8 @@ def _checksum(src: memoryview) -> int:
 
 def _copy_hashed(transport, items) -> list[int] | None:
     """Where ``transport`` is shm: copy every item's source into its range and hash the
-    copied bytes in the same pass (``kvstore._copy_hash.copy_hash_many``, one call, the GIL
-    released once); the checksums, in item order. None where it is not shm, or the
+    copied bytes in the same pass (``kvstore._copy_hash.put_copy_hash_many``, one call, the
+    GIL released once, the transport's ``copy_threads``); the checksums, in item order. None where it is not shm, or the
     segment cannot be mapped (the caller then hashes and writes through ``Transfers``,
     which reports the error per key).
     NOTE: PutStart's flow hashes while the master allocates; here there is no round trip
@@ -266,7 +266,8 @@ def _copy_hashed(transport, items) -> list[int] | None:
         dsts = [transport.writable_range(target) for _, _, target, _ in items]
     except TransferError:
         return None
-    return list(copy_hash_many(dsts, [src for _, _, _, src in items]))
+    return list(put_copy_hash_many(dsts, [src for _, _, _, src in items],
+                                   getattr(transport, "copy_threads", 1)))
 
 
 __all__ = ["ReservedSpace", "put_reserved"]

@@ -89,7 +89,8 @@ class KVStore:
         self._closing_guard = _ClosingGuard(self)
         self._master: MasterClient | None = None   # set by _connect_master
         self._transfers = Transfers(make_transports(kind=config.transport, token=config.token,
-                                                    nodes=self._nixl_nodes, tls=config.tls),
+                                                    nodes=self._nixl_nodes, tls=config.tls,
+                                                    shm_copy_threads=config.copy_threads),
                                     DaemonCommitter(config.token, config.tls))
         self._leases: LeaseReleaser | None = None   # set by _connect_master
         self._locations = location_cache_for(self._transfers,
@@ -343,7 +344,7 @@ class KVStore:
             self._transfers.close()
             self._transfers = Transfers(make_transports(
                 kind=self.config.transport, token=stats.data_token, nodes=self._nixl_nodes,
-                tls=self.config.tls),
+                tls=self.config.tls, shm_copy_threads=self.config.copy_threads),
                 DaemonCommitter(stats.data_token, self.config.tls))
             # NOTE: a tenant's daemons record its keys namespaced, names its client never
             # sends: a location read there would always be refused

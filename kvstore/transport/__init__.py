@@ -21,7 +21,7 @@ TRANSPORT_KINDS = ("auto", "shm", "nixl", "tcp")
 
 def make_transports(kind: str = "auto", *, token: str | None = None,
                     nodes: Callable[[], Mapping[str, bytes]] | None = None,
-                    tls=None) -> list[Transport]:
+                    tls=None, shm_copy_threads: int = 1) -> list[Transport]:
     """The transports a client should try for ``kind``, best first.
 
     "auto": [shm, nixl, tcp] (shm serves same-host DRAM replicas, nixl the DRAM of nodes that
@@ -31,7 +31,8 @@ def make_transports(kind: str = "auto", *, token: str | None = None,
     server. ``token`` authenticates to the daemons' data planes, over TLS when ``tls`` (a
     ``kvstore.TLSConfig``) is given (shm is unaffected: see docs/ARCHITECTURE.md, TLS);
     ``nodes`` returns
-    ``{node_id: nixl_metadata}`` of the registered nodes (the client's ListNodes). Raises
+    ``{node_id: nixl_metadata}`` of the registered nodes (the client's ListNodes);
+    ``shm_copy_threads`` (1 or 2) the threads shm's large copies use (``ShmTransport``). Raises
     InvalidArgumentError for any other kind, listing the accepted ones. The caller owns the
     transports and closes them.
     """
@@ -42,7 +43,7 @@ def make_transports(kind: str = "auto", *, token: str | None = None,
     from kvstore.transport.tcp import TcpTransport
 
     if kind == "shm":
-        return [ShmTransport()]
+        return [ShmTransport(copy_threads=shm_copy_threads)]
     if kind == "tcp":
         return [TcpTransport(token=token, tls=tls)]
     if kind == "nixl":
@@ -52,9 +53,9 @@ def make_transports(kind: str = "auto", *, token: str | None = None,
         return [NixlTransport(nodes=nodes, token=token, tls=tls)]
     if nodes is not None and nixl_installed():
         from kvstore.transport.nixl import NixlTransport
-        return [ShmTransport(), NixlTransport(nodes=nodes, token=token, tls=tls),
+        return [ShmTransport(copy_threads=shm_copy_threads), NixlTransport(nodes=nodes, token=token, tls=tls),
                 TcpTransport(token=token, tls=tls)]
-    return [ShmTransport(), TcpTransport(token=token, tls=tls)]
+    return [ShmTransport(copy_threads=shm_copy_threads), TcpTransport(token=token, tls=tls)]
 
 
 def nixl_installed() -> bool:

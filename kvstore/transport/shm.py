@@ -17,6 +17,10 @@ again; they are released when mapping another segment prunes every unlinked name
 through ``kvstore._copy_hash.copy``, which releases the GIL, so other threads (the engine, a
 parallel batch) keep running during a large copy, and stores non-temporally from 1 MiB (the
 destination's lines are not read first: 1.5-1.75x glibc's memcpy for a put's 4 MiB here).
+With ``copy_threads=2`` a write of 2 MiB or more shares its copy with a helper thread
+(``kvstore._copy_hash.copy``'s ``num_threads``, csrc/cpu/copy_split.h), so a same-host put
+moves at two cores' copy bandwidth where the second core is free; the caller never waits
+for a helper that was not scheduled (it then copies everything itself).
 """
 
 from __future__ import annotations
@@ -28,7 +32,7 @@ from typing import Sequence
 import numpy as np
 
 from kvstore._copy_hash import copy, copy_hash_many
-from kvstore._errors import ClosedError, TransferError
+from kvstore._errors import ClosedError, InvalidArgumentError, TransferError
 from kvstore._posix_shm import ChunkPopulator, SharedSegment, open_shm
 from kvstore.transport import byte_views
 from kvstore.transport.base import Target, Transport, _each
@@ -80,8 +84,14 @@ class ShmTransport(Transport):
 
     name = "shm"
 
-    def __init__(self, *, host_id: str | None = None):
+    def __init__(self, *, host_id: str | None = None, copy_threads: int = 1):
+        if isinstance(copy_threads, bool) or not isinstance(copy_threads, int) or \
+                copy_threads not in (1, 2):
+            raise InvalidArgumentError(f"copy_threads must be 1 or 2, got {copy_threads!r}")
         self.host_id = host_id or local_host_id()
+        # threads a write of 2 MiB or more copies with (also the reserved put's copy + hash,
+        # client/reservations.py)
+        self.copy_threads = copy_threads
         self._lock = threading.Lock()
         self._name_to_mapping: dict[str, _Mapping] = {}
         self._closed = False
@@ -133,7 +143,8 @@ class ShmTransport(Transport):
         mapping = self._range(target, checked)
         mapping.populator.ensure(target.offset, target.length)
         if target.length >= GIL_FREE_COPY_BYTES:
-            copy(mapping.segment.view[target.offset:target.offset + target.length], src)
+            copy(mapping.segment.view[target.offset:target.offset + target.length], src,
+                 self.copy_threads)
         elif target.length:
             mapping.segment.view[target.offset:target.offset + target.length] = src
 
