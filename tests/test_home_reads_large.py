@@ -223,22 +223,10 @@ def test_large_home_reads_racing_removes_and_replaces_never_return_other_bytes(c
         assert _home(first)["located"] == located + 1    # the path the first reader took
 
 
-TENANTS_TOML = """
-[[tenant]]
-name = "alpha"
-token = "alpha-secret"
-
-[[tenant]]
-name = "beta"
-token = "beta-secret"
-"""
-
-
-def test_a_tenants_keyed_capability_never_reads_another_tenants_located_range(tmp_path):
-    path = tmp_path / "tenants.toml"
-    path.write_text(TENANTS_TOML)
+def test_a_tenants_keyed_capability_never_reads_another_tenants_located_range(
+        two_tenants_file):
     cluster = Cluster(num_daemons=1, dram="64MiB", token="cluster-secret",
-                      master_args=("--tenants", str(path), *BEATS))
+                      master_args=("--tenants", str(two_tenants_file), *BEATS))
     try:
         with kvstore.connect(cluster.address, token="alpha-secret", transport="tcp") as alpha, \
                 kvstore.connect(cluster.address, token="beta-secret", transport="tcp") as beta:
