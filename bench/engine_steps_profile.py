@@ -23,6 +23,7 @@ prefaulted, objects removed after each repeat (as engine_pd_bench's reused space
 table, writes bench/out/engine_steps_profile.json.
 
     .venv/bin/python bench/engine_steps_profile.py [--tokens 2048] [--repeats 9] [--threads N]
+        [--copy-threads N]
 """
 
 from __future__ import annotations
@@ -55,16 +56,20 @@ LOAD_STEPS = ("keys", "match_prefix", "GetReplicas", "scatter", "release")
 
 
 class Laps:
-    """Wall milliseconds of each named step of one save or load."""
+    """Wall milliseconds of each named step of one save or load, and the process CPU
+    milliseconds it took (all threads of this process: the kernels' too), as ``cpu <step>``.
+    NOTE: the CPU figure because a shared machine's wall times are mostly waits for a core."""
 
     def __init__(self):
         self.ms: dict[str, float] = {}
         self._t = time.perf_counter()
+        self._cpu = time.process_time()
 
     def lap(self, name: str) -> None:
-        now = time.perf_counter()
+        now, cpu = time.perf_counter(), time.process_time()
         self.ms[name] = (now - self._t) * 1e3
-        self._t = now
+        self.ms[f"cpu {name}"] = (cpu - self._cpu) * 1e3
+        self._t, self._cpu = now, cpu
 
 
 def save_steps(store, keys_of, gather, tokens, block_bytes: int) -> dict[str, float]:
@@ -100,7 +105,8 @@ def load_steps(store, keys_of, scatter, tokens, block_bytes: int) -> dict[str, f
     return laps.ms
 
 
-def run(store, num_tokens: int, repeats: int) -> tuple[dict, list[float], int]:
+def run(store, num_tokens: int, repeats: int, copy_threads: int
+        ) -> tuple[dict, list[float], int]:
     from transformers import DynamicCache
 
     num_blocks = num_tokens // BLOCK
@@ -122,19 +128,24 @@ def run(store, num_tokens: int, repeats: int) -> tuple[dict, list[float], int]:
     ids = torch.arange(num_blocks)
     block_bytes = paged.format.block_bytes
     layout = paged.format.layout
+    # NOTE: passed only when asked: trees before 15e2 have no num_threads
+    kw = {"num_threads": copy_threads} if copy_threads else {}
 
     def paged_gather(views):
-        return ops.gather_pages_to_rows(layers, src, views, layout=layout, checksums=True)
+        return ops.gather_pages_to_rows(layers, src, views, layout=layout, checksums=True, **kw)
 
     def paged_scatter(rows, sums):
-        return ops.scatter_rows_to_pages(rows, layers, dst, layout=layout, checksums=sums)
+        return ops.scatter_rows_to_pages(rows, layers, dst, layout=layout, checksums=sums,
+                                         **kw)
 
     def dynamic_gather(views):
-        return ops.gather_tokens_to_rows(tensors, ids, views, block_size=BLOCK, checksums=True)
+        return ops.gather_tokens_to_rows(tensors, ids, views, block_size=BLOCK, checksums=True,
+                                         **kw)
 
     def dynamic_scatter(rows, sums):
         fresh = dynamic._fresh_tensors(num_blocks)
-        ok = ops.scatter_rows_to_tokens(rows, fresh, ids, block_size=BLOCK, checksums=sums)
+        ok = ops.scatter_rows_to_tokens(rows, fresh, ids, block_size=BLOCK, checksums=sums,
+                                          **kw)
         dynamic._install(fresh, num_blocks, None)
         return ok
 
@@ -169,6 +180,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=9)
     parser.add_argument("--threads", type=int, default=0,
                         help="torch intra-op threads, which the kernels use (0: torch's)")
+    parser.add_argument("--copy-threads", type=int, default=0,
+                        help="the kernels' num_threads (0: not passed, torch's count)")
     parser.add_argument("--out", type=Path, default=OUT)
     args = parser.parse_args()
     if args.threads:
@@ -183,7 +196,8 @@ def main() -> None:
         with kvstore.connect(master.address) as store:
             wait_registered(store)
             wait_allocated()
-            samples, ceilings, num_bytes = run(store, args.tokens, args.repeats)
+            samples, ceilings, num_bytes = run(store, args.tokens, args.repeats,
+                                                   args.copy_threads)
     finally:
         daemon.close()
         master.close()
@@ -196,12 +210,17 @@ def main() -> None:
     table = {}
     for name, runs in samples.items():
         steps = SAVE_STEPS if name.endswith("save") else LOAD_STEPS
-        totals = [sum(ms.values()) for ms in runs]
-        table[name] = {step: statistics.median(ms[step] for ms in runs) for step in steps}
+        totals = [sum(ms[step] for step in steps) for ms in runs]
+        cpu_totals = [sum(ms[f"cpu {step}"] for step in steps) for ms in runs]
+        table[name] = {step: statistics.median(ms[step] for ms in runs)
+                       for step in steps + tuple(f"cpu {step}" for step in steps)}
         table[name]["total"] = statistics.median(totals)
+        table[name]["cpu total"] = statistics.median(cpu_totals)
         cells = "  ".join(f"{step} {table[name][step]:.2f}" for step in steps)
+        cpu_cells = "  ".join(f"{step} {table[name]['cpu ' + step]:.2f}" for step in steps)
         print(f"{name:13s} total {table[name]['total']:5.2f} ms ({memcpy_ms / table[name]['total']:.2f}x"
               f" memcpy)  {cells}")
+        print(f"{'':13s} CPU   {table[name]['cpu total']:5.2f} ms  {cpu_cells}")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "tree": str(Path.cwd()),

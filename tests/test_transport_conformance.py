@@ -339,3 +339,30 @@ def test_shm_refuses_a_segment_whose_name_was_unlinked():
             fresh.unlink()
             fresh.close()
     segment.close()
+
+
+def test_shm_writable_ranges_of_one_batch_check_each_segment_once():
+    """``writable_range(target, checked)``: a segment found linked is named in ``checked``
+    and not checked again by the batch's later ranges; a segment not in it is, so an
+    unlinked one still refuses (TransferError naming the node), and a fresh set checks anew."""
+    from kvstore._posix_shm import create_shm, unique_shm_name
+
+    segment = create_shm(unique_shm_name("kvstore-test-ranges"), 1 << 20, prefault=False)
+    target = Target("ranges-node", local_host_id(), "127.0.0.1:1", "dram0", segment.name, 0, 4)
+    with ShmTransport() as shm:
+        checked: set[str] = set()
+        view = shm.writable_range(target, checked)
+        view[:] = b"mine"   # NOTE: this call mapped the segment, which checked it
+        assert bytes(segment.view[:4]) == b"mine"
+        second = shm.writable_range(target._replace(offset=8), checked)
+        second[:] = b"more"
+        assert checked == {segment.name} and bytes(segment.view[8:12]) == b"more"
+        shm.writable_range(target._replace(offset=12), checked).release()   # no check
+        segment.unlink()
+        with pytest.raises(TransferError, match="ranges-node"):
+            shm.writable_range(target._replace(offset=16), set())
+        with pytest.raises(TransferError, match="ranges-node"):
+            shm.writable_range(target._replace(offset=16))
+        view.release()
+        second.release()
+    segment.close()

@@ -109,6 +109,9 @@ class PutReservation:
         self.views: list[memoryview | None] = [None] * len(keys)
         # per started key: the replica its view is (None: a private buffer, written at commit)
         self._view_target: dict[int, Any] = {}
+        # NOTE: one check that a segment is still linked (an fstat) per segment of the
+        # reservation, not per key: 128 fstats were ~10% of a 128-key PutStart's client CPU
+        checked: set[str] = set()
         try:
             for j, slot in enumerate(self._slots):
                 if isinstance(slot, KVStoreError):
@@ -118,18 +121,20 @@ class PutReservation:
                     self._results[j] = KVStoreError(
                         f"put {keys[j]!r}: master allocated no replica", keys=[keys[j]])
                     continue
-                self.views[j], self._view_target[j] = self._view_of(self._slots[j], sizes[j])
+                self.views[j], self._view_target[j] = self._view_of(self._slots[j], sizes[j],
+                                                                    checked)
         except BaseException:
             self.abort()
             raise
 
-    def _view_of(self, targets: list, size: int) -> tuple[memoryview, Any]:
-        """The first replica's range when this process maps its segment, else a buffer."""
+    def _view_of(self, targets: list, size: int, checked: set[str]) -> tuple[memoryview, Any]:
+        """The first replica's range when this process maps its segment, else a buffer.
+        ``checked``: the segments this reservation found linked so far (``writable_range``)."""
         for target in targets:
             transport = self._transfers.transport_for(target)
             if transport is not None and hasattr(transport, "writable_range"):
                 try:
-                    return transport.writable_range(target), target
+                    return transport.writable_range(target, checked), target
                 except KVStoreError:
                     break  # NOTE: the commit's write reports this replica's failure
         return memoryview(bytearray(size)), None

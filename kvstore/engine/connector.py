@@ -35,7 +35,8 @@ import torch
 from kvstore._errors import InvalidArgumentError
 from kvstore.engine import tp
 from kvstore.engine.blocks import BlockFormat, gather_blocks, scatter_blocks
-from kvstore.engine.in_place import Worker, can_reserve, load_in_place, put_in_place
+from kvstore.engine.in_place import (COPY_THREADS, Worker, can_reserve, check_copy_threads,
+                                     load_in_place, put_in_place)
 from kvstore.engine.keys import KeyNamespace, prefix_keys
 from kvstore.engine.results import LoadResult, SaveResult, block_arrived, num_leading_arrived
 
@@ -46,13 +47,15 @@ class PagedKVConnector:
     num_kv_heads, head_dim]``, ``[num_blocks, 2, ...]`` or MLA ``[num_blocks, block_size,
     latent_dim]`` (``layout`` as ``kvstore.ops`` names it; detected when None).
     ``namespace``: a KeyNamespace (its layout, dtype and quantization fields are set from the
-    cache) or a rendered string, used as is. The store is borrowed, not owned: closing it is
-    the caller's job.
+    cache) or a rendered string, used as is. ``copy_threads``: threads of each in-place
+    copy (``in_place.COPY_THREADS`` by default; None: torch's intra-op count). The store is
+    borrowed, not owned: closing it is the caller's job.
     """
 
     def __init__(self, store: Any, layers: Sequence[torch.Tensor], *, block_size: int,
                  quantize: str | None = None, namespace: KeyNamespace | str,
-                 source_tp_size: int | None = None, layout: str | None = None):
+                 source_tp_size: int | None = None, layout: str | None = None,
+                 copy_threads: int | None = COPY_THREADS):
         self.store = store
         self.layers = list(layers)
         self.format = BlockFormat.of_layers(self.layers, quantize, layout)
@@ -63,6 +66,7 @@ class PagedKVConnector:
         self.quantize = quantize
         self.namespace = complete_namespace(namespace, self.format)
         self.source_tp_size = source_tp_size
+        self.copy_threads = check_copy_threads(copy_threads)
         self._staging = torch.empty(0, dtype=torch.uint8)
         self._worker = Worker()   # the in-place copies' thread (``in_place``)
 
@@ -187,7 +191,8 @@ class PagedKVConnector:
 
         def fill(positions: list[int], views: list[memoryview]) -> list[int]:
             return ops.gather_pages_to_rows(self.layers, block_index[positions], views,
-                                            layout=self.format.layout, checksums=True)
+                                            layout=self.format.layout, checksums=True,
+                                            num_threads=self.copy_threads)
 
         return put_in_place(self.store, keys, self.format.block_bytes, fill, self._worker)
 
@@ -199,7 +204,8 @@ class PagedKVConnector:
 
         def scatter(first: int, rows: Any, checksums: Any) -> list[bool] | None:
             return ops.scatter_rows_to_pages(rows, self.layers, pages[first:first + len(rows)],
-                                             layout=self.format.layout, checksums=checksums)
+                                             layout=self.format.layout, checksums=checksums,
+                                             num_threads=self.copy_threads)
 
         return load_in_place(self.store, keys, self.format.block_bytes, scatter,
                              self._staging_rows, self._worker,

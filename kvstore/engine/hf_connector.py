@@ -11,7 +11,8 @@ Guarantees and errors as ``PagedKVConnector``: one ``batch_exists`` and one ``ba
 per save (stored blocks skipped), one ``match_prefix`` and one ``batch_get_into`` per load
 (a raw CPU cache from a ``KVStore``: in place, ``kvstore.engine.in_place``: the save
 gathers into the reserved ranges, whose PutStart also skips the stored blocks, the load
-scatters verified blocks straight from the segments; both pipelined in chunks),
+scatters verified blocks straight from the segments, its GetReplicas standing in for the
+``match_prefix``; both pipelined in chunks, each copy on ``copy_threads`` threads),
 failed blocks named in the result, only bad arguments and a closed store raise. Batch size 1.
 Thread safety: one connector per thread (the staging buffer is reused).
 """
@@ -26,7 +27,8 @@ from kvstore._errors import InvalidArgumentError
 from kvstore.engine.arenas import TensorArenas
 from kvstore.engine.blocks import BlockFormat, decode_rows
 from kvstore.engine.connector import complete_namespace, store_round_trip
-from kvstore.engine.in_place import Worker, can_reserve, load_in_place, put_in_place
+from kvstore.engine.in_place import (COPY_THREADS, Worker, can_reserve, check_copy_threads,
+                                     load_in_place, put_in_place)
 from kvstore.engine.copies import copy_one_thread
 from kvstore.engine.hf_cache import cache_pairs
 from kvstore.engine.keys import KeyNamespace, prefix_keys
@@ -38,7 +40,8 @@ class DynamicCacheConnector:
 
     def __init__(self, store: Any, *, num_layers: int, num_kv_heads: int, head_dim: int,
                  dtype: torch.dtype, block_size: int, quantize: str | None = None,
-                 namespace: KeyNamespace | str, device: str | torch.device = "cpu"):
+                 namespace: KeyNamespace | str, device: str | torch.device = "cpu",
+                 copy_threads: int | None = COPY_THREADS):
         for name, value in (("num_layers", num_layers), ("num_kv_heads", num_kv_heads),
                             ("head_dim", head_dim), ("block_size", block_size)):
             if not isinstance(value, int) or value < 1:
@@ -49,6 +52,7 @@ class DynamicCacheConnector:
         self.format = BlockFormat((num_layers, 2, block_size, num_kv_heads, head_dim), 2, dtype,
                                   "kv_first", quantize)
         self.namespace = complete_namespace(namespace, self.format)
+        self.copy_threads = check_copy_threads(copy_threads)   # as PagedKVConnector's
         self._staging = torch.empty(0, dtype=torch.uint8)
         self._worker = Worker()   # the in-place copies' thread (``in_place``)
         self._arenas = TensorArenas()   # memory of rebuilt caches, reused (``arenas``)
@@ -72,7 +76,8 @@ class DynamicCacheConnector:
             # stored (they get no view), one round trip fewer
             def fill(positions: list[int], views: list[memoryview]) -> list[int]:
                 return ops.gather_tokens_to_rows(tensors, positions, views,
-                                                 block_size=self.block_size, checksums=True)
+                                                 block_size=self.block_size, checksums=True,
+                                                 num_threads=self.copy_threads)
 
             results, written = put_in_place(self.store, keys, fmt.block_bytes, fill,
                                             self._worker)
@@ -106,13 +111,15 @@ class DynamicCacheConnector:
         from transformers import DynamicCache
 
         keys = self.keys_for(token_ids)
+        if keys and self._loads_in_place():
+            # NOTE: no match_prefix: the in-place load's GetReplicas answers which leading
+            # keys are stored (one round trip of the load's two), as PagedKVConnector's
+            return self._load_in_place(keys, config, to_first_missing=True)
         num_hit = self.store.match_prefix(keys) if keys else 0
         cache = DynamicCache(config=config)
         if num_hit == 0:
             return cache, LoadResult(0, 0, [])
         fmt = self.format
-        if self._loads_in_place():
-            return self._load_in_place(keys[:num_hit], config)
         rows = self._rows(num_hit)
         results = self.store.batch_get_into(keys[:num_hit], list(rows))
         num_ok = num_leading_arrived(results, fmt.block_bytes)
@@ -127,9 +134,12 @@ class DynamicCacheConnector:
         return self.format.quantize is None and self.device.type == "cpu" and \
             can_reserve(self.store)
 
-    def _load_in_place(self, keys: list[str], config: Any) -> tuple[Any, LoadResult]:
+    def _load_in_place(self, keys: list[str], config: Any, *, to_first_missing: bool = False
+                       ) -> tuple[Any, LoadResult]:
         """Blocks ``keys`` scattered (verified) from the store's segments into fresh
-        ``[1, H, S, D]`` tensors; the cache holds the leading run that arrived."""
+        ``[1, H, S, D]`` tensors; the cache holds the leading run that arrived.
+        ``to_first_missing``: ``keys`` is the request's whole chain, the first key not
+        stored ends it (``in_place.load_in_place``)."""
         from kvstore import ops
 
         tensors = self._fresh_tensors(len(keys))
@@ -137,10 +147,12 @@ class DynamicCacheConnector:
         def scatter(first: int, rows: Any, checksums: Any) -> list[bool] | None:
             ids = torch.arange(first, first + len(rows))
             return ops.scatter_rows_to_tokens(rows, tensors, ids, block_size=self.block_size,
-                                              checksums=checksums)
+                                              checksums=checksums,
+                                              num_threads=self.copy_threads)
 
         num_ok, failed = load_in_place(self.store, keys, self.format.block_bytes, scatter,
-                                       self._rows, self._worker)
+                                       self._rows, self._worker,
+                                       to_first_missing=to_first_missing)
         cache = self._install(tensors, num_ok, config)
         return cache, LoadResult(num_ok * self.block_size, num_ok * self.format.block_bytes,
                                  failed)

@@ -19,9 +19,10 @@ them are split off (see EDGE_KEYS).
 from __future__ import annotations
 
 import concurrent.futures
+import os
 from typing import Any, Callable, Sequence
 
-from kvstore._errors import KeyNotFoundError
+from kvstore._errors import InvalidArgumentError, KeyNotFoundError
 from kvstore.client.leased_views import lease_views
 from kvstore.client.reserve import reserve_puts
 from kvstore.client.store import KVStore
@@ -42,6 +43,25 @@ LEASE_BATCH = 4096
 EDGE_KEYS = 128
 #: Keys of the chunks in between: enough that a chunk's copy hides the RPCs beside it.
 MIDDLE_KEYS = RESERVE_BATCH
+#: Threads of one in-place copy (the fused gather + hash, the verified scatter), whatever
+#: torch's intra-op count is. NOTE: why two: a row's XXH3 is sequential, so one thread
+#: hashes and copies at one core's pace (the gather + hash was ~55% of a 2,048-token save,
+#: bench/RESULTS.md "Engine pipeline (15e)"); two threads split the rows and draw on a
+#: second core's share of the memory bandwidth. Not torch's count: engines and the
+#: benchmarks often pin torch to one thread for their compute, which the copy need not
+#: follow; a copy holds its threads for a few ms only.
+COPY_THREADS = 2
+
+
+def check_copy_threads(copy_threads: int | None) -> int | None:
+    """A connector's ``copy_threads``, checked: an int >= 1 (capped at the machine's CPU
+    count) or None (torch's intra-op count). InvalidArgumentError else."""
+    if copy_threads is None:
+        return None
+    if isinstance(copy_threads, bool) or not isinstance(copy_threads, int) or copy_threads < 1:
+        raise InvalidArgumentError(f"copy_threads must be None or an int >= 1, got "
+                                   f"{copy_threads!r}")
+    return min(copy_threads, os.cpu_count() or 1)
 
 
 def can_reserve(store: Any) -> bool:

@@ -131,15 +131,26 @@ def lib_for(device: torch.device) -> ctypes.CDLL:
     raise InvalidArgumentError(f"kvstore.ops runs on cpu or cuda tensors, not {device.type}")
 
 
-def exec_for(device: torch.device, num_bytes: int) -> ExecArg:
+def exec_for(device: torch.device, num_bytes: int, max_threads: int | None = None) -> ExecArg:
     """Execution context: on CPU, threads enough for num_bytes (about 1 MiB each, since a
-    thread start costs tens of microseconds) up to torch's intra-op count; on CUDA, the
-    caller's current stream of that device."""
+    thread start costs tens of microseconds) up to ``max_threads`` (None: torch's intra-op
+    count); on CUDA, the caller's current stream of that device."""
     if device.type == "cuda":
         index = device.index if device.index is not None else torch.cuda.current_device()
         return ExecArg(0, index, torch.cuda.current_stream(index).cuda_stream)
-    num_threads = max(1, min(torch.get_num_threads(), num_bytes >> 20))
+    limit = torch.get_num_threads() if max_threads is None else max_threads
+    num_threads = max(1, min(limit, num_bytes >> 20))
     return ExecArg(num_threads, 0, None)
+
+
+def check_num_threads(num_threads: int | None) -> int | None:
+    """A kernel call's ``num_threads`` argument, checked: None or an int >= 1
+    (InvalidArgumentError else)."""
+    if num_threads is not None and (isinstance(num_threads, bool) or
+                                    not isinstance(num_threads, int) or num_threads < 1):
+        raise InvalidArgumentError(f"num_threads must be None or an int >= 1, got "
+                                   f"{num_threads!r}")
+    return num_threads
 
 
 def pages_arg(layers: Sequence[torch.Tensor], ids: torch.Tensor, num_kv: int, page_elems: int,

@@ -52,8 +52,8 @@ def row_nbytes(layers: Sequence[torch.Tensor], *, layout: str | None = None) -> 
 
 
 def gather_pages_to_rows(layers: Sequence[torch.Tensor], block_ids: BlockIds, rows: Any, *,
-                         layout: str | None = None, checksums: bool = False
-                         ) -> list[int] | None:
+                         layout: str | None = None, checksums: bool = False,
+                         num_threads: int | None = None) -> list[int] | None:
     """Copy page ``block_ids[j]`` of every layer into row ``j``.
 
     ``rows``: a contiguous CPU tensor ``[len(block_ids), row_bytes]`` (any dtype, e.g.
@@ -66,25 +66,29 @@ def gather_pages_to_rows(layers: Sequence[torch.Tensor], block_ids: BlockIds, ro
     value for those bytes: what ``PutReservation.commit(checksums=...)`` takes); one
     thread per row. Else returns None.
 
+    ``num_threads``: the most threads the copy runs on (rows split between them, about one
+    per MiB at most); None: torch's intra-op count (``torch.get_num_threads()``).
+
     Raises InvalidArgumentError (a CUDA cache, wrong layout or ids, a read-only or too-small
     row, a wrong number of rows) before any byte is written.
     """
+    threads = _lib.check_num_threads(num_threads)
     geom = describe_layers(layers, layout)
     ids = check_block_ids(block_ids, geom.num_blocks, unique=False)
     ptrs, keep = _row_pointers(geom, rows, ids.numel(), writable=True)
     if not checksums:
-        _call("kvops_gather_blocks", geom, layers, ids, ptrs)
+        _call("kvops_gather_blocks", geom, layers, ids, ptrs, threads=threads)
         del keep
         return None
     digests = (_lib.ctypes.c_uint64 * ids.numel())()
-    _call("kvops_gather_blocks_hash", geom, layers, ids, ptrs, digests)
+    _call("kvops_gather_blocks_hash", geom, layers, ids, ptrs, digests, threads=threads)
     del keep
     return list(digests)
 
 
 def scatter_rows_to_pages(rows: Any, layers: Sequence[torch.Tensor], block_ids: BlockIds, *,
-                          layout: str | None = None, checksums: Sequence[int] | None = None
-                          ) -> list[bool] | None:
+                          layout: str | None = None, checksums: Sequence[int] | None = None,
+                          num_threads: int | None = None) -> list[bool] | None:
     """The inverse of ``gather_pages_to_rows``: row ``j`` into page ``block_ids[j]`` of every
     layer (rows may be read-only buffers). ``block_ids`` must be distinct.
 
@@ -94,25 +98,30 @@ def scatter_rows_to_pages(rows: Any, layers: Sequence[torch.Tensor], block_ids: 
     not match writes nothing: its page keeps what it held. Rows are read once from memory
     (each hashed, then copied while it is still in cache). Without: returns None.
 
+    ``num_threads``: as ``gather_pages_to_rows``.
+
     Raises InvalidArgumentError (as gather_pages_to_rows, a repeated id, bad checksums)
     before any page is written.
     """
+    threads = _lib.check_num_threads(num_threads)
     geom = describe_layers(layers, layout)
     ids = check_block_ids(block_ids, geom.num_blocks, unique=True)
     expected = _expected_digests(checksums, ids.numel())
     ptrs, keep = _row_pointers(geom, rows, ids.numel(), writable=False)
     if expected is None:
-        _call("kvops_scatter_blocks", geom, layers, ids, ptrs)
+        _call("kvops_scatter_blocks", geom, layers, ids, ptrs, threads=threads)
         del keep
         return None
     ok = (_lib.ctypes.c_uint8 * ids.numel())()
-    _call("kvops_scatter_blocks_verified", geom, layers, ids, ptrs, expected, ok)
+    _call("kvops_scatter_blocks_verified", geom, layers, ids, ptrs, expected, ok,
+          threads=threads)
     del keep
     return [bool(flag) for flag in ok]
 
 
 def gather_tokens_to_rows(tensors: Sequence[torch.Tensor], block_ids: BlockIds, rows: Any, *,
-                          block_size: int, checksums: bool = False) -> list[int] | None:
+                          block_size: int, checksums: bool = False,
+                          num_threads: int | None = None) -> list[int] | None:
     """Copy tokens ``[b * block_size, +block_size)`` (``b = block_ids[j]``) of every tensor
     into row ``j``, laid out ``[len(tensors), block_size, heads, head_dim]``: the stored block
     form for a transformers cache's tensors given as ``[k0, v0, k1, v1, ...]``.
@@ -122,36 +131,40 @@ def gather_tokens_to_rows(tensors: Sequence[torch.Tensor], block_ids: BlockIds, 
     each row at least ``len(tensors) * block_size * heads * head_dim`` elements. Raises
     InvalidArgumentError (mixed or non-CPU tensors, a block past the sequence, bad rows)
     before any byte is written. ``checksums=True``: returns each row's digest as
-    ``gather_pages_to_rows`` does (else None).
+    ``gather_pages_to_rows`` does (else None). ``num_threads``: as ``gather_pages_to_rows``.
     """
+    threads = _lib.check_num_threads(num_threads)
     geom, arg, keep = _tokens_arg(tensors, block_ids, block_size, unique=False)
     ptrs, keep_rows = _row_pointers(geom, rows, int(arg.num_blocks), writable=True)
     if not checksums:
-        _call_tokens("kvops_gather_tokens", geom, arg, ptrs)
+        _call_tokens("kvops_gather_tokens", geom, arg, ptrs, threads=threads)
         del keep, keep_rows
         return None
     digests = (_lib.ctypes.c_uint64 * int(arg.num_blocks))()
-    _call_tokens("kvops_gather_tokens_hash", geom, arg, ptrs, digests)
+    _call_tokens("kvops_gather_tokens_hash", geom, arg, ptrs, digests, threads=threads)
     del keep, keep_rows
     return list(digests)
 
 
 def scatter_rows_to_tokens(rows: Any, tensors: Sequence[torch.Tensor], block_ids: BlockIds,
-                           *, block_size: int, checksums: Sequence[int] | None = None
-                           ) -> list[bool] | None:
+                           *, block_size: int, checksums: Sequence[int] | None = None,
+                           num_threads: int | None = None) -> list[bool] | None:
     """The inverse of ``gather_tokens_to_rows``: row ``j`` into tokens ``[b * block_size,
     +block_size)`` of every tensor. ``block_ids`` must be distinct. ``checksums``: a
     verified scatter, as ``scatter_rows_to_pages`` (a row that does not match leaves its
-    tokens as they were). Errors as the gather (and bad checksums), before any write."""
+    tokens as they were). ``num_threads`` as the gather. Errors as the gather (and bad
+    checksums), before any write."""
+    threads = _lib.check_num_threads(num_threads)
     geom, arg, keep = _tokens_arg(tensors, block_ids, block_size, unique=True)
     expected = _expected_digests(checksums, int(arg.num_blocks))
     ptrs, keep_rows = _row_pointers(geom, rows, int(arg.num_blocks), writable=False)
     if expected is None:
-        _call_tokens("kvops_scatter_tokens", geom, arg, ptrs)
+        _call_tokens("kvops_scatter_tokens", geom, arg, ptrs, threads=threads)
         del keep, keep_rows
         return None
     ok = (_lib.ctypes.c_uint8 * int(arg.num_blocks))()
-    _call_tokens("kvops_scatter_tokens_verified", geom, arg, ptrs, expected, ok)
+    _call_tokens("kvops_scatter_tokens_verified", geom, arg, ptrs, expected, ok,
+                 threads=threads)
     del keep, keep_rows
     return [bool(flag) for flag in ok]
 
@@ -197,25 +210,27 @@ def _tokens_arg(tensors: Sequence[torch.Tensor], block_ids: BlockIds, block_size
     return geom, arg, [ptrs, ids, tensors]
 
 
-def _call_tokens(fn_name: str, geom: PagedGeometry, arg: Any, ptrs: Any, *out: Any) -> None:
+def _call_tokens(fn_name: str, geom: PagedGeometry, arg: Any, ptrs: Any, *out: Any,
+                 threads: int | None = None) -> None:
     """Run a tokens kernel; ``out``: its extra arrays, as ``_call``."""
     lib = _lib.cpu_lib()
     num_bytes = int(arg.num_blocks) * geom.num_layers * geom.page_elems * geom.dtype.itemsize
     status = getattr(lib, fn_name)(_lib.ctypes.byref(arg), geom.dtype.itemsize, ptrs, *out,
-                                   _lib.exec_for(geom.device, num_bytes))
+                                   _lib.exec_for(geom.device, num_bytes, threads))
     _lib.check_status(lib, status, fn_name)
 
 
 def _call(fn_name: str, geom: PagedGeometry, layers: Sequence[torch.Tensor],
-          ids: torch.Tensor, ptrs: Any, *out: Any) -> None:
-    """Run a paged kernel; ``out``: its extra arrays (digests, expected digests and flags)."""
+          ids: torch.Tensor, ptrs: Any, *out: Any, threads: int | None = None) -> None:
+    """Run a paged kernel; ``out``: its extra arrays (digests, expected digests and flags);
+    ``threads``: the most threads it runs on (None: torch's intra-op count)."""
     lib = _lib.cpu_lib()
     pages, _keep = _lib.pages_arg(list(layers), ids, geom.num_kv, geom.page_elems,
                                   geom.block_stride, geom.kv_stride)
     num_bytes = ids.numel() * geom.num_layers * geom.num_kv * geom.page_elems * \
         geom.dtype.itemsize
     status = getattr(lib, fn_name)(pages, geom.dtype.itemsize, ptrs, *out,
-                                   _lib.exec_for(geom.device, num_bytes))
+                                   _lib.exec_for(geom.device, num_bytes, threads))
     _lib.check_status(lib, status, fn_name)
 
 

@@ -117,13 +117,15 @@ class ShmTransport(Transport):
         return _each(lambda target, dst, timeout_s: self._read(target, dst, checked),
                      items, timeout_s)
 
-    def writable_range(self, target: Target) -> memoryview:
+    def writable_range(self, target: Target, checked: set[str] | None = None) -> memoryview:
         """A writable view of ``target``'s range in its mapped segment, its page tables
         populated, for a writer that fills the range itself (``kvstore.client.reserve``)
         instead of handing a source to ``write``. The view keeps the mapping alive; bytes
-        written through it are in the segment at once. Raises TransferError as ``write``
-        (segment gone or unlinked, range outside it)."""
-        mapping = self._range(target, None)
+        written through it are in the segment at once. ``checked``: as ``write_many``'s, the
+        names of segments already found linked by this batch's earlier calls (updated; None:
+        check every call). Raises TransferError as ``write`` (segment gone or unlinked,
+        range outside it)."""
+        mapping = self._range(target, checked)
         mapping.populator.ensure(target.offset, target.length)
         return mapping.segment.view[target.offset:target.offset + target.length]
 
