@@ -6,7 +6,7 @@ overlap, and give every byte back once everything is let go."""
 
 from __future__ import annotations
 
-from hypothesis import given, settings, strategies as st
+from hypothesis import example, given, settings, strategies as st
 
 from kvstore.master.allocator import aligned_size
 from kvstore.master.config import MasterConfig
@@ -60,6 +60,10 @@ ops = st.one_of(
 
 @settings(max_examples=150, deadline=None)
 @given(st.lists(ops, max_size=40))
+# NOTE: found by Hypothesis: a replay of a committed key's offset with another size, past
+# the grant's end, was answered ITEM_OK as if it were the committed object
+@example([("reserve", "w1", 64), ("commit", "w1", [("k0", 0, 1), ("k0", 0, 65)])])
+@example([("reserve", "w1", 64), ("commit", "w1", [("k0", 0, 65), ("k0", 0, 1)])])
 def test_random_reservations_keep_space_consistent(steps):
     config = MasterConfig(node_ttl_s=3.0, heartbeat_interval_s=1.0, pending_timeout_s=6.0,
                           reservation_ttl_s=2.0)

@@ -164,7 +164,7 @@ class ReservationBook:
                checksums, now_s: float, writer: str = ""):
         """Record ``keys[i]`` COMPLETE at ``offsets[i]`` (``sizes[i]`` bytes) of the
         reservation. Per key: ITEM_OK (also a replay by this writer of a key it committed at
-        that range: idempotent), ITEM_ALREADY_EXISTS (the key exists or is pending: a
+        that range with that size and checksum: idempotent), ITEM_ALREADY_EXISTS (the key exists or is pending: a
         success for content-addressed keys; its range stays unused), ITEM_INVALID (a bad
         key or size, a range outside the reservation, unaligned, or overlapping one
         committed before: nothing changed), ITEM_NOT_FOUND for every key when the
@@ -197,8 +197,12 @@ class ReservationBook:
             if problem is None:
                 obj = objects.get(key)
                 if obj is not None or key in pending:
+                    # NOTE: a replay names the same range, size and checksum; another
+                    # size at that offset is not the object committed there
                     if (obj is not None and obj.client_id == client_id
-                            and obj.replicas == [(segment, offset)]):
+                            and obj.replicas == [(segment, offset)]
+                            and obj.size_bytes == size
+                            and (not checksums or obj.checksum == checksums[i])):
                         # NOTE: a replay waits for the daemon like a first commit
                         if node.commit_push:
                             node.touched.add(node)
