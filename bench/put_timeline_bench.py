@@ -220,6 +220,11 @@ def _prefault(store, pool_bytes: int) -> None:
         group = keys[first:first + 64]
         assert not any(store.batch_put(group, [chunk] * len(group)))
     store.remove_prefix("prefault/", force=True)
+    # NOTE: a "+reserve" client's last prefault batch fits a reservation, which the full
+    # pool refuses, and a refused client stops reserving for a second
+    # (client/reservations.py RETRY_AFTER_S): without this wait the timed batches of a
+    # "+reserve" run went through PutStart
+    time.sleep(1.5)
 
 
 def _child(batches: int, scenarios: list[tuple[str, int, int]], ssd_dir: str,
