@@ -27,6 +27,8 @@ import sys
 import threading
 import time
 
+from _daemon_ready import wait_registered
+
 BATCH = 128
 SIZE = 65536
 
@@ -109,11 +111,7 @@ def drive(mode: str, n: int, out: str, profile: bool) -> None:
                 raise RuntimeError("the daemon exited before listening")
         with kvstore.connect(master.address, transport="shm", lease_ttl_s=1.0,
                              metadata="fast") as store:
-            deadline = time.monotonic() + 10
-            while not store.stats()["master"]["num_nodes"]:
-                if time.monotonic() > deadline:
-                    raise RuntimeError("the daemon did not register within 10 s")
-                time.sleep(0.05)
+            wait_registered(store, 10)
             value = np.random.default_rng(2).integers(0, 256, SIZE, dtype=np.uint8)
             for w in range(10):
                 store.batch_put([f"w/{w}/{j}" for j in range(BATCH)], [value] * BATCH)

@@ -28,6 +28,8 @@ import threading
 import time
 from pathlib import Path
 
+from _daemon_ready import wait_registered
+
 HERE = Path(__file__).resolve().parent
 _LISTENING = re.compile(r"^listening on (\S+):(\d+)\s*$")
 
@@ -105,10 +107,7 @@ def main() -> None:
     try:
         with kvstore.connect(master.address, transport="tcp", metadata="fast",
                              **options) as store:
-            for _ in range(200):
-                if store.stats()["master"]["num_nodes"]:
-                    break
-                time.sleep(0.05)  # NOTE: the daemon's registration, another process's
+            wait_registered(store, 10)
             value = np.random.default_rng(1).integers(0, 256, args.size, dtype=np.uint8)
             for i in range(200):
                 store.put(f"warm/{i}", value)

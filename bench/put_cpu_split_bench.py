@@ -22,6 +22,7 @@ import time
 from pathlib import Path
 
 import _rounds
+from _daemon_ready import wait_registered
 
 MiB = 1 << 20
 POOL_MIB = 2048
@@ -45,11 +46,7 @@ def child(batches: int, batch: int) -> dict:
     try:
         with kvstore.connect(master.address, transport="shm", lease_ttl_s=1.0,
                              metadata="fast") as store:
-            deadline = time.monotonic() + 10
-            while not store.stats()["master"]["num_nodes"]:
-                if time.monotonic() > deadline:
-                    raise RuntimeError("the daemon did not register within 10 s")
-                time.sleep(0.05)
+            wait_registered(store, 10)
             chunk = np.ones(4 * MiB, dtype=np.uint8)
             num_chunks = POOL_MIB // 4 * 9 // 10       # touch the pool's pages once
             for start in range(0, num_chunks, 64):

@@ -42,6 +42,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 import _rounds  # noqa: E402
+from _daemon_ready import wait_registered  # noqa: E402
 
 SIZE = 4 << 20
 STREAMS = 4
@@ -129,10 +130,7 @@ def child(per_round: int) -> dict:
     try:
         with kvstore.connect(master.address, transport="tcp", lease_ttl_s=1.0,
                              metadata="fast") as store:
-            for _ in range(200):
-                if store.stats()["master"]["num_nodes"]:
-                    break
-                time.sleep(0.05)
+            wait_registered(store, 10)
             value = np.random.default_rng(4).integers(0, 256, SIZE, dtype=np.uint8)
             out = np.empty_like(value)
             out_view = memoryview(out).cast("B")
