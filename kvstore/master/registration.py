@@ -49,8 +49,8 @@ def register_node(state, info, inventory, now_s: float) -> int:
     returns that registration's adoption count again.
 
     Raises Rejected: ALREADY_EXISTS if a live node has this id and the same (or no)
-    incarnation, unless it repeats the registration as above (a node that expired or was forgotten by a master restart may register
-    again); INVALID_ARGUMENT for an empty or
+    incarnation, unless it repeats the registration as above (a node that expired or was
+    forgotten by a master restart may register again); INVALID_ARGUMENT for an empty or
     over-long id, a bad data address, no segments, a duplicate or empty segment id, an
     unknown tier, a zero capacity, or inventory arrays of different lengths.
     """

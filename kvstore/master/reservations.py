@@ -164,8 +164,9 @@ class ReservationBook:
                checksums, now_s: float, writer: str = ""):
         """Record ``keys[i]`` COMPLETE at ``offsets[i]`` (``sizes[i]`` bytes) of the
         reservation. Per key: ITEM_OK (also a replay by this writer of a key it committed at
-        that range with that size and checksum: idempotent), ITEM_ALREADY_EXISTS (the key exists or is pending: a
-        success for content-addressed keys; its range stays unused), ITEM_INVALID (a bad
+        that range with that size and checksum: idempotent), ITEM_ALREADY_EXISTS (the key
+        exists or is pending: a success for content-addressed keys; its range stays
+        unused), ITEM_INVALID (a bad
         key or size, a range outside the reservation, unaligned, or overlapping one
         committed before: nothing changed), ITEM_NOT_FOUND for every key when the
         reservation is unknown, expired or another writer's (``client_id`` and the
