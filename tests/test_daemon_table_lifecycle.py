@@ -49,6 +49,22 @@ def _table_keys(daemon) -> set[str]:
     return set(daemon.daemon.objects.to_inventory().keys)
 
 
+def _restarted(master: ServerProcess, master_args: list[str]) -> ServerProcess:
+    """SIGKILL ``master`` and start a new one on the same address (empty state)."""
+    master.kill()
+    master.close()
+    return ServerProcess(master_args)
+
+
+def _pause_heartbeats(link) -> None:
+    """Stop the daemon's heartbeat thread (registrations run on it), so a test can drive
+    the link from its own thread; ``link.start_heartbeats()`` resumes it."""
+    link._stop.set()
+    link._wake.set()
+    link._thread.join(timeout=30)
+    link._stop.clear()
+
+
 def test_evictions_and_removes_reach_the_table_and_are_never_readopted():
     port = _free_port()
     master_args = ["master", "--port", str(port), "--heartbeat-interval", "100ms"]
@@ -72,9 +88,7 @@ def test_evictions_and_removes_reach_the_table_and_are_never_readopted():
         assert _wait_until(lambda: _table_keys(daemon) == survivors), \
             sorted(_table_keys(daemon) ^ survivors)[:5]
 
-        master.kill()
-        master.close()
-        master = ServerProcess(master_args)                     # same address, empty state
+        master = _restarted(master, master_args)                # same address, empty state
         assert _wait_until(lambda: any(n.num_objects == len(survivors)
                                        for n in _nodes(master.address)))
         with kvstore.connect(master.address, transport="tcp") as store:
@@ -88,13 +102,10 @@ def test_evictions_and_removes_reach_the_table_and_are_never_readopted():
             # NOTE: with the heartbeat thread paused: registrations run on that thread in the
             # daemon, and one from here racing its beats is not a case the daemon has
             link = daemon.daemon.master_link
-            link._stop.set()
-            link._wake.set()
-            link._thread.join(timeout=30)
+            _pause_heartbeats(link)
             before = link.num_registrations
             link._register_once()
             assert link.num_registrations == before + 1
-            link._stop.clear()
             link.start_heartbeats()
             assert [n.num_objects for n in _nodes(master.address)] == [len(survivors)]
             assert store.batch_get(ordered) == [values[key] for key in ordered]
@@ -114,13 +125,8 @@ def test_puts_placed_while_a_registration_reply_is_lost_survive_a_master_restart
                                         node_id="lost-reply", register_timeout_s=10))
     try:
         link = daemon.daemon.master_link
-        link._stop.set()                    # the heartbeat thread paused, as above
-        link._wake.set()
-        link._thread.join(timeout=30)
-        link._stop.clear()
-        master.kill()                       # a new master: the daemon registers again
-        master.close()
-        master = ServerProcess(master_args)
+        _pause_heartbeats(link)
+        master = _restarted(master, master_args)    # a new master: the daemon registers again
         table = link._table
         table.before_change()
         table.begin_registration()          # what an attempt in flight holds
@@ -136,9 +142,7 @@ def test_puts_placed_while_a_registration_reply_is_lost_survive_a_master_restart
         link.start_heartbeats()
         assert _wait_until(lambda: set(keys) <= _table_keys(daemon)), \
             sorted(set(keys) - _table_keys(daemon))
-        master.kill()
-        master.close()
-        master = ServerProcess(master_args)                     # same address, empty state
+        master = _restarted(master, master_args)                # same address, empty state
         assert _wait_until(lambda: any(n.num_objects == len(keys)
                                        for n in _nodes(master.address)))
         with kvstore.connect(master.address) as store:
