@@ -96,9 +96,10 @@ def test_evictions_and_removes_reach_the_table_and_are_never_readopted():
             ordered = sorted(survivors)
             assert store.batch_get(ordered) == [values[key] for key in ordered]
 
-            # a registration whose reply was lost: the master still lists this node, so the
-            # retry is refused ALREADY_EXISTS; the link unregisters the stale entry and
-            # registers again with its inventory, and nothing stored is lost
+            # a registration the master does not take as a repeat (a fresh token: the last
+            # one succeeded): the master still lists this node, so it is refused
+            # ALREADY_EXISTS; the link unregisters the stale entry and registers again with
+            # its inventory, and nothing stored is lost (a repeat after a lost reply: below)
             # NOTE: with the heartbeat thread paused: registrations run on that thread in the
             # daemon, and one from here racing its beats is not a case the daemon has
             link = daemon.daemon.master_link
