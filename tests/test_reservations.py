@@ -17,6 +17,7 @@ import pytest
 
 from client_cluster import payload
 from crash_servers import daemon_process, master_process, wait_adopted
+from reservation_helpers import inside, replica_of
 from servers import KVSTORE_BIN
 
 import kvstore
@@ -39,20 +40,6 @@ def _cluster(*master_args, dram="64MiB", port=0):
         master.close()
         raise
     return master, daemon
-
-
-def _replica(store, key):
-    """(segment_id, offset) of ``key``'s one replica, as the master lists it."""
-    (replica_set,) = store._master.get_replicas([key])
-    target = replica_set.targets[0]
-    return target.segment_id, target.offset
-
-
-def _inside(grant: ReservationGrant, segment_offset) -> bool:
-    segment_id, offset = segment_offset
-    whole = grant.target
-    return segment_id == whole.segment_id and whole.offset <= offset < whole.offset + \
-        whole.length
 
 
 def _node_reserved_bytes(store) -> int:
@@ -87,7 +74,7 @@ def test_reserved_puts_land_in_the_reservation_and_read_back(transport):
                 assert store._transfers.committer.num_ring_records == 2
             grant = space._grant
             for key in [*values, "single"]:
-                assert _inside(grant, _replica(store, key)), key
+                assert inside(grant, replica_of(store, key)), key
             for key, value in values.items():
                 assert store.get(key) == value
             assert store.get("single") == payload(64 << 10, seed=99)
@@ -96,7 +83,7 @@ def test_reserved_puts_land_in_the_reservation_and_read_back(transport):
             assert _node_reserved_bytes(store) == grant.target.length - used
             # a put the reservation does not take (a pin) goes through PutStart
             store.put("pinned", b"x" * 100, hard_pin=True)
-            assert not _inside(grant, _replica(store, "pinned"))
+            assert not inside(grant, replica_of(store, "pinned"))
             # a key that exists is a success, its value not overwritten
             store.put("k0", b"other bytes")
             assert store.get("k0") == values["k0"]
@@ -340,9 +327,9 @@ def test_eviction_never_hands_out_a_live_reservation():
             assert stats["evictions"] > 0, stats
             for i in range(64):
                 if filler.exists(f"fill/{i}"):
-                    assert not _inside(grant, _replica(filler, f"fill/{i}")), i
+                    assert not inside(grant, replica_of(filler, f"fill/{i}")), i
             holder.put("held/1", payload(1000, seed=1))
-            assert _inside(grant, _replica(holder, "held/1"))
+            assert inside(grant, replica_of(holder, "held/1"))
             assert holder.get("held/1") == payload(1000, seed=1)
     finally:
         daemon.close()
@@ -407,7 +394,7 @@ def test_a_reservation_is_not_used_once_half_its_ttl_passed():
             now[0] += first.ttl_s * 0.5
             store.put("b", b"b" * 100)
             assert space._grant is not first and space.num_reserved == 2
-            assert _inside(space._grant, _replica(store, "b"))
+            assert inside(space._grant, replica_of(store, "b"))
     finally:
         daemon.close()
         master.close()

@@ -24,6 +24,7 @@ import pytest
 
 from client_cluster import payload
 from crash_servers import daemon_process, data_plane, master_process, wait_adopted
+from reservation_helpers import inside, replica_of
 from standalone_daemon import standalone_daemon_fixture
 
 import kvstore
@@ -72,19 +73,6 @@ def _usable(sock) -> bool:
     return _reply(sock)[0] == Status.OK
 
 
-def _replica(store, key):
-    (replica_set,) = store._master.get_replicas([key])
-    target = replica_set.targets[0]
-    return target.segment_id, target.offset
-
-
-def _inside(grant: ReservationGrant, replica) -> bool:
-    segment_id, offset = replica
-    whole = grant.target
-    return segment_id == whole.segment_id and \
-        whole.offset <= offset < whole.offset + whole.length
-
-
 @pytest.mark.parametrize("design", [(), ("--no-client-commit",)],
                          ids=["daemon-commit", "master-push"])
 def test_a_reserved_tcp_put_sends_no_master_call_and_survives_a_master_crash(design,
@@ -110,7 +98,7 @@ def test_a_reserved_tcp_put_sends_no_master_call_and_survives_a_master_crash(des
             grant = store._reserved._grant
             assert store._reserved.num_reserved == 1
             for key, value in values.items():
-                assert _inside(grant, _replica(store, key)), key
+                assert inside(grant, replica_of(store, key)), key
                 assert store.get(key) == value
             # a key that exists is a success; its bytes are not overwritten
             store.put("wr/0", payload(SIZE, seed=99))
@@ -229,7 +217,7 @@ def test_an_expired_reservation_is_refused_and_the_put_goes_through_putstart():
                                             clock=lambda: frozen[0])
             store.put("before", payload(2000, seed=1))
             grant = store._reserved._grant
-            assert _inside(grant, _replica(store, "before"))
+            assert inside(grant, replica_of(store, "before"))
             deadline = time.monotonic() + 30
             while sum(n.reserved_bytes for n in store._master.list_nodes()):
                 assert time.monotonic() < deadline, "the reservation never expired"
@@ -289,7 +277,7 @@ def test_a_reservation_the_master_does_not_know_sends_the_put_through_putstart()
             store.put("second", payload(3000, seed=2))
             assert space._grant is not unknown          # forgotten
             assert store.get("second") == payload(3000, seed=2)
-            assert not _inside(grant, _replica(store, "second"))
+            assert not inside(grant, replica_of(store, "second"))
             assert store.get("first") == payload(3000, seed=1)
     finally:
         daemon.close()
