@@ -40,6 +40,8 @@ import kvstore
 from kvstore._process import ServerProcess
 from kvstore.client.checksum import checksum
 
+from _daemon_ready import wait_registered
+
 OUT_DIR = Path(__file__).resolve().parent / "out"
 SMALL_BYTES = 64 * 1024
 
@@ -97,10 +99,7 @@ def main() -> int:
     try:
         with kvstore.connect(master.address, transport="tcp", lease_ttl_s=1.0,
                              metadata="fast") as store:
-            for _ in range(200):
-                if store.stats()["master"]["num_nodes"]:
-                    break
-                time.sleep(0.05)
+            wait_registered(store, 10)
             value = np.random.default_rng(1).integers(0, 256, SMALL_BYTES, dtype=np.uint8)
             out = np.empty_like(value)
             store.put("timeline/read", value)
